@@ -1,0 +1,1 @@
+//! Legacy port-I/O devices.
