@@ -1,1 +1,4 @@
-//! placeholder
+//! ember-vmm: one KVM microVM per process.
+#![cfg(target_arch = "x86_64")]
+
+pub mod arch;
