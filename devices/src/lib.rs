@@ -2,7 +2,8 @@
 //!
 //! - [`bus`]: address-range dispatch used by vCPU exits.
 //! - [`legacy`]: port-I/O devices (8250 serial via vm-superio, i8042).
-//! - `virtio`: virtio devices and the virtio-mmio transport (kept apart).
+//! - [`virtio`]: virtio devices and the virtio-mmio transport (kept apart).
 
 pub mod bus;
 pub mod legacy;
+pub mod virtio;

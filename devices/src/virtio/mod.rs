@@ -1,0 +1,261 @@
+//! Virtio devices and the virtio-mmio (version 2) transport.
+//!
+//! The device logic ([`block`], [`net`], [`vsock`]) is independent of the
+//! transport ([`mmio`]). A device implements [`VirtioDevice`] (what the
+//! transport needs) and `event_manager::MutEventSubscriber` (what the VMM's
+//! event loop needs). The VMM keeps the device in one `Arc<Mutex<_>>` and hands
+//! clones of it to both:
+//!
+//! ```ignore
+//! let blk = Arc::new(Mutex::new(Block::new(cfg)?));
+//! let transport = MmioTransport::new(mem.clone(), blk.clone())?;
+//! // before the guest runs: ioeventfd per queue + irqfd
+//! for (i, evt) in blk.lock().unwrap().queue_events().iter().enumerate() {
+//!     vm.register_ioevent(evt, &IoEventAddress::Mmio(base + NOTIFY_REG_OFFSET), i as u32)?;
+//! }
+//! vm.register_irqfd(blk.lock().unwrap().interrupt().eventfd(), irq)?;
+//! mmio_bus.insert(Arc::new(Mutex::new(transport)), base, MMIO_LEN)?;
+//! event_manager.add_subscriber(blk);
+//! ```
+//!
+//! Activation: when the driver writes DRIVER_OK the transport (on a vCPU
+//! thread) validates the queues and calls [`VirtioDevice::activate`]; the
+//! device stores memory and queues and signals its activate eventfd, which
+//! the subscriber (event-loop thread) handles by registering its queue
+//! eventfds and backend fds.
+
+pub mod block;
+pub mod desc;
+pub mod mmio;
+pub mod net;
+pub mod rate_limiter;
+pub mod vsock;
+
+#[cfg(test)]
+pub(crate) mod test_utils;
+
+use std::io;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+pub use mmio::{MmioTransport, MMIO_LEN, NOTIFY_REG_OFFSET};
+
+/// VIRTIO_F_VERSION_1 (bit 32): the only transport feature we offer/require.
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+
+/// Virtio device ids.
+pub const TYPE_NET: u32 = 1;
+pub const TYPE_BLOCK: u32 = 2;
+pub const TYPE_VSOCK: u32 = 19;
+
+/// Interrupt status bit: a used buffer was added.
+pub const INT_VRING: u32 = 0x1;
+/// Interrupt status bit: configuration changed (also used with NEEDS_RESET).
+pub const INT_CONFIG: u32 = 0x2;
+
+/// Errors of the common virtio layer.
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    /// The transport passed the wrong number of queues.
+    #[error("expected {expected} queues, got {got}")]
+    QueueCount { expected: usize, got: usize },
+    /// Signalling the activate eventfd failed.
+    #[error("activate eventfd: {0}")]
+    EventFd(io::Error),
+    /// Already active (the driver must reset first).
+    #[error("device already activated")]
+    AlreadyActive,
+}
+
+/// The interrupt line of one device: the interrupt-status register bits and
+/// the eventfd the VMM registers as an irqfd.
+#[derive(Debug)]
+pub struct IrqTrigger {
+    status: AtomicU32,
+    evt: EventFd,
+}
+
+impl IrqTrigger {
+    /// A new trigger with a non-blocking eventfd.
+    pub fn new() -> io::Result<Self> {
+        Ok(Self {
+            status: AtomicU32::new(0),
+            evt: EventFd::new(EFD_NONBLOCK)?,
+        })
+    }
+
+    /// Current InterruptStatus register value.
+    pub fn status(&self) -> u32 {
+        self.status.load(Ordering::SeqCst)
+    }
+
+    /// InterruptACK: clears `bits`.
+    pub fn ack(&self, bits: u32) {
+        self.status.fetch_and(!bits, Ordering::SeqCst);
+    }
+
+    /// Clears everything (device reset).
+    pub fn clear(&self) {
+        self.status.store(0, Ordering::SeqCst);
+    }
+
+    /// Sets `bits` in the status register and pulses the irqfd.
+    pub fn trigger(&self, bits: u32) {
+        self.status.fetch_or(bits, Ordering::SeqCst);
+        if let Err(e) = self.evt.write(1) {
+            log::error!("virtio: failed to signal irqfd: {e}");
+        }
+    }
+
+    /// The eventfd to register with KVM as an irqfd.
+    pub fn eventfd(&self) -> &EventFd {
+        &self.evt
+    }
+}
+
+/// What the transport needs from a device.
+pub trait VirtioDevice: Send {
+    /// Virtio device id (`TYPE_*`).
+    fn device_type(&self) -> u32;
+    /// Maximum size of each queue (each a power of two); the count is the
+    /// number of queues.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// Features offered to the driver (includes [`VIRTIO_F_VERSION_1`]).
+    fn avail_features(&self) -> u64;
+    /// Features the driver accepted (a subset of `avail_features`), set by the
+    /// transport when the driver sets FEATURES_OK.
+    fn ack_features(&mut self, features: u64);
+    /// Features the driver accepted.
+    fn acked_features(&self) -> u64;
+    /// Reads device config space at `offset`. Out-of-range bytes read as 0.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Writes device config space. Devices here have read-only config.
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        log::debug!(
+            "virtio: ignored config write at {offset:#x} len {}",
+            data.len()
+        );
+    }
+    /// ConfigGeneration register: changes whenever config space changes.
+    fn config_generation(&self) -> u32 {
+        0
+    }
+    /// Starts the device with validated queues (one per `queue_max_sizes`).
+    fn activate(&mut self, mem: GuestMemoryMmap, queues: Vec<Queue>) -> Result<(), ActivateError>;
+    /// Whether the device is activated.
+    fn is_activated(&self) -> bool;
+    /// Device reset (driver wrote 0 to Status): drop queues and per-session
+    /// state; the device may be activated again.
+    fn reset(&mut self);
+    /// One eventfd per queue, signalled on QueueNotify (ioeventfd or the
+    /// transport's fallback).
+    fn queue_events(&self) -> &[EventFd];
+    /// The device's interrupt.
+    fn interrupt(&self) -> Arc<IrqTrigger>;
+}
+
+/// State common to all devices here; devices embed it.
+#[derive(Debug)]
+pub struct DeviceBase {
+    pub avail_features: u64,
+    pub acked_features: u64,
+    pub queue_max_sizes: Vec<u16>,
+    pub queue_evts: Vec<EventFd>,
+    pub irq: Arc<IrqTrigger>,
+    /// Signalled by `activate` and `reset` so the event loop (un)registers fds.
+    pub activate_evt: EventFd,
+    pub mem: Option<GuestMemoryMmap>,
+    pub queues: Vec<Queue>,
+    pub config_generation: u32,
+}
+
+impl DeviceBase {
+    /// New inactive state with non-blocking eventfds.
+    pub fn new(avail_features: u64, queue_max_sizes: &[u16]) -> io::Result<Self> {
+        let queue_evts = queue_max_sizes
+            .iter()
+            .map(|_| EventFd::new(EFD_NONBLOCK))
+            .collect::<io::Result<Vec<_>>>()?;
+        Ok(Self {
+            avail_features: avail_features | VIRTIO_F_VERSION_1,
+            acked_features: 0,
+            queue_max_sizes: queue_max_sizes.to_vec(),
+            queue_evts,
+            irq: Arc::new(IrqTrigger::new()?),
+            activate_evt: EventFd::new(EFD_NONBLOCK)?,
+            mem: None,
+            queues: Vec::new(),
+            config_generation: 0,
+        })
+    }
+
+    /// Stores memory and queues and wakes the event loop.
+    pub fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        queues: Vec<Queue>,
+    ) -> Result<(), ActivateError> {
+        if self.mem.is_some() {
+            return Err(ActivateError::AlreadyActive);
+        }
+        if queues.len() != self.queue_max_sizes.len() {
+            return Err(ActivateError::QueueCount {
+                expected: self.queue_max_sizes.len(),
+                got: queues.len(),
+            });
+        }
+        self.activate_evt.write(1).map_err(ActivateError::EventFd)?;
+        self.mem = Some(mem);
+        self.queues = queues;
+        Ok(())
+    }
+
+    /// Back to the inactive state.
+    pub fn reset(&mut self) {
+        self.mem = None;
+        self.queues.clear();
+        self.acked_features = 0;
+        self.irq.clear();
+        let _ = self.activate_evt.write(1);
+    }
+
+    /// Whether activated.
+    pub fn is_active(&self) -> bool {
+        self.mem.is_some()
+    }
+
+    /// Raises a used-buffer interrupt.
+    pub fn signal_used(&self) {
+        self.irq.trigger(INT_VRING);
+    }
+
+    /// Config changed: bump the generation and raise a config interrupt.
+    pub fn config_changed(&mut self) {
+        self.config_generation = self.config_generation.wrapping_add(1);
+        if self.is_active() {
+            self.irq.trigger(INT_CONFIG);
+        }
+    }
+}
+
+/// Copies `config[offset..]` into `data`; bytes outside `config` read as 0.
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    let Ok(off) = usize::try_from(offset) else {
+        return;
+    };
+    if off >= config.len() {
+        return;
+    }
+    let n = data.len().min(config.len() - off);
+    data[..n].copy_from_slice(&config[off..off + n]);
+}
+
+/// Drains an eventfd, ignoring "would block".
+pub(crate) fn drain_evt(evt: &EventFd) {
+    let _ = evt.read();
+}
