@@ -1,1 +1,127 @@
-fn main() {}
+//! `ember-vmm`: runs one microVM, configured by a Firecracker-shaped API on a
+//! unix socket and/or a JSON config file.
+
+use std::process;
+use std::sync::mpsc::TryRecvError;
+
+use clap::Parser;
+use vmm::actions::VmmAction;
+use vmm::api::server::{ApiRequest, ApiThread};
+use vmm::config::VmConfig;
+use vmm::controller::Controller;
+use vmm::{EventManager, ExitCode};
+
+/// Default API socket path.
+const DEFAULT_API_SOCK: &str = "/run/ember-vmm.socket";
+
+#[derive(Parser, Debug)]
+#[command(name = "ember-vmm", version, about = "ember microVM monitor: one KVM guest per process")]
+struct Args {
+    /// Unix socket for the per-VM API.
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_API_SOCK)]
+    api_sock: String,
+    /// Start the microVM from this JSON file (Firecracker's shape) at once.
+    #[arg(long, value_name = "PATH")]
+    config_file: Option<String>,
+    /// Do not serve the API (needs --config-file).
+    #[arg(long)]
+    no_api: bool,
+    /// Instance id reported by `GET /`.
+    #[arg(long, default_value = "anonymous-instance")]
+    id: String,
+    /// Write guest serial output here instead of stdout.
+    #[arg(long, value_name = "PATH")]
+    serial_out: Option<String>,
+}
+
+fn die(code: ExitCode, msg: impl std::fmt::Display) -> ! {
+    eprintln!("ember-vmm: {msg}");
+    process::exit(code as i32)
+}
+
+fn main() {
+    let args = match Args::try_parse() {
+        Ok(a) => a,
+        Err(e) => {
+            let code = match e.kind() {
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => 0,
+                _ => ExitCode::ArgParsing as i32,
+            };
+            let _ = e.print();
+            process::exit(code);
+        }
+    };
+    if args.no_api && args.config_file.is_none() {
+        die(ExitCode::ArgParsing, "--no-api needs --config-file");
+    }
+
+    let mut em = EventManager::new()
+        .unwrap_or_else(|e| die(ExitCode::GenericError, format!("event manager: {e}")));
+    let mut controller = Controller::new(args.id.clone(), args.serial_out.clone(), &mut em, None)
+        .unwrap_or_else(|e| die(ExitCode::GenericError, format!("controller: {e}")));
+
+    // The API comes up before the config file is applied, so a client can
+    // watch the instance from its first moment.
+    let api = if args.no_api {
+        None
+    } else {
+        Some(
+            ApiThread::spawn(&args.api_sock, &mut em).unwrap_or_else(|e| {
+                die(
+                    ExitCode::GenericError,
+                    format!("cannot serve the API on {}: {e}", args.api_sock),
+                )
+            }),
+        )
+    };
+
+    if let Some(path) = &args.config_file {
+        let text = std::fs::read_to_string(path).unwrap_or_else(|e| {
+            die(ExitCode::BadConfiguration, format!("cannot read {path}: {e}"))
+        });
+        let cfg: VmConfig = serde_json::from_str(&text).unwrap_or_else(|e| {
+            die(ExitCode::BadConfiguration, format!("invalid config file {path}: {e}"))
+        });
+        if let Err(e) = controller.set_config(cfg) {
+            die(ExitCode::BadConfiguration, format!("{path}: {e}"));
+        }
+        if let Err(e) = controller.handle(VmmAction::InstanceStart, &mut em) {
+            die(ExitCode::BadConfiguration, e);
+        }
+    }
+
+    let code = loop {
+        if let Err(e) = em.run() {
+            if e.to_string().contains("Interrupted") {
+                continue;
+            }
+            break (ExitCode::GenericError, format!("event loop: {e}"));
+        }
+        if let Some(api) = &api {
+            loop {
+                match api.requests.try_recv() {
+                    Ok(ApiRequest { action, reply }) => {
+                        let r = controller.handle(action, &mut em);
+                        let _ = reply.send(vmm::api::reply(r));
+                    }
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => break,
+                }
+            }
+        }
+        if let Some(done) = controller.check_exit() {
+            break done;
+        }
+    };
+    controller.shutdown();
+    if let Some(api) = api {
+        api.cleanup();
+    }
+    let (code, msg) = code;
+    if code == ExitCode::Ok {
+        eprintln!("ember-vmm: {msg}; exiting");
+    } else {
+        eprintln!("ember-vmm: {msg}; exiting with status {}", code as i32);
+    }
+    process::exit(code as i32);
+}

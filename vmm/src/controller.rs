@@ -1,0 +1,277 @@
+//! The VMM thread's state machine: configuration before boot, the running
+//! microVM after, and how the process ends.
+
+use std::fs::OpenOptions;
+use std::os::fd::FromRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{channel, Receiver};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use devices::legacy::serial::SerialOut;
+use event_manager::{EventOps, Events, MutEventSubscriber, SubscriberOps};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::actions::{ActionError, InstanceInfo, InstanceState, VmmAction, VmmData};
+use crate::builder::{build_and_boot, ExitSignals, RunningVm};
+use crate::stdin::SerialStdin;
+use crate::vstate::vcpu::{VcpuCommand, VcpuEvent, VcpuResponse};
+use crate::{EventManager, ExitCode};
+
+/// An EventFd watched by the event loop that only records that it fired.
+pub struct Waker {
+    evt: EventFd,
+    fired: Arc<AtomicBool>,
+}
+
+impl Waker {
+    /// Watches `evt`; `fired` is set when it is written.
+    pub fn new(evt: EventFd, fired: Arc<AtomicBool>) -> Self {
+        Waker { evt, fired }
+    }
+}
+
+impl MutEventSubscriber for Waker {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let _ = self.evt.read();
+        self.fired.store(true, Ordering::SeqCst);
+    }
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.evt, EventSet::IN)) {
+            eprintln!("ember-vmm: cannot watch an eventfd: {e}");
+        }
+    }
+}
+
+/// How long a vCPU gets to acknowledge pause/resume.
+const VCPU_ACK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Owns the VM configuration and, once booted, the running microVM.
+pub struct Controller {
+    id: String,
+    config: crate::config::VmConfig,
+    serial_out_path: Option<String>,
+    running: Option<RunningVm>,
+    vcpu_events: Receiver<VcpuEvent>,
+    signals: ExitSignals,
+    reset_fired: Arc<AtomicBool>,
+    vcpu_exit_fired: Arc<AtomicBool>,
+    vcpu_start_hook: Option<Arc<dyn Fn() + Send + Sync>>,
+}
+
+impl Controller {
+    /// A controller with default configuration. Registers its wakers with `em`.
+    pub fn new(
+        id: String,
+        serial_out_path: Option<String>,
+        em: &mut EventManager,
+        vcpu_start_hook: Option<Arc<dyn Fn() + Send + Sync>>,
+    ) -> std::io::Result<Self> {
+        let (tx, rx) = channel();
+        let signals = ExitSignals {
+            vcpu_events: tx,
+            vcpu_exit_evt: EventFd::new(EFD_NONBLOCK)?,
+            reset_evt: EventFd::new(EFD_NONBLOCK)?,
+        };
+        let reset_fired = Arc::new(AtomicBool::new(false));
+        let vcpu_exit_fired = Arc::new(AtomicBool::new(false));
+        em.add_subscriber(Arc::new(Mutex::new(Waker::new(
+            signals.reset_evt.try_clone()?,
+            reset_fired.clone(),
+        ))));
+        em.add_subscriber(Arc::new(Mutex::new(Waker::new(
+            signals.vcpu_exit_evt.try_clone()?,
+            vcpu_exit_fired.clone(),
+        ))));
+        Ok(Controller {
+            id,
+            config: Default::default(),
+            serial_out_path,
+            running: None,
+            vcpu_events: rx,
+            signals,
+            reset_fired,
+            vcpu_exit_fired,
+            vcpu_start_hook,
+        })
+    }
+
+    fn state(&self) -> InstanceState {
+        match &self.running {
+            None => InstanceState::NotStarted,
+            Some(r) if r.paused => InstanceState::Paused,
+            Some(_) => InstanceState::Running,
+        }
+    }
+
+    fn pre_boot(&self) -> Result<(), ActionError> {
+        if self.running.is_some() {
+            Err(ActionError::NotAllowedAfterBoot)
+        } else {
+            Ok(())
+        }
+    }
+
+    fn running(&mut self) -> Result<&mut RunningVm, ActionError> {
+        self.running.as_mut().ok_or(ActionError::NotAllowedBeforeBoot)
+    }
+
+    fn serial_out(&self) -> Result<SerialOut, ActionError> {
+        let path = self
+            .serial_out_path
+            .clone()
+            .or_else(|| self.config.serial.as_ref().and_then(|s| s.serial_out_path.clone()));
+        match path {
+            Some(p) => OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&p)
+                .map(|f| Box::new(f) as SerialOut)
+                .map_err(|err| ActionError::SerialOut { path: p, err }),
+            None => {
+                // Unbuffered: guest output must show up as it is written.
+                // SAFETY: dup(1) returns a new fd we own (or -1, checked).
+                let fd = unsafe { libc::dup(libc::STDOUT_FILENO) };
+                if fd < 0 {
+                    return Err(ActionError::SerialOut {
+                        path: "stdout".into(),
+                        err: std::io::Error::last_os_error(),
+                    });
+                }
+                // SAFETY: `fd` is a fresh descriptor owned by nobody else.
+                Ok(Box::new(unsafe { std::fs::File::from_raw_fd(fd) }))
+            }
+        }
+    }
+
+    /// Replaces the whole configuration (from `--config-file`).
+    pub fn set_config(&mut self, cfg: crate::config::VmConfig) -> Result<(), ActionError> {
+        self.pre_boot()?;
+        if let Some(b) = &cfg.boot_source {
+            b.validate()?;
+        }
+        cfg.machine_config.validate()?;
+        self.config = cfg;
+        Ok(())
+    }
+
+    /// Carries out one action.
+    pub fn handle(
+        &mut self,
+        action: VmmAction,
+        em: &mut EventManager,
+    ) -> Result<VmmData, ActionError> {
+        match action {
+            VmmAction::GetInstanceInfo => Ok(VmmData::InstanceInfo(InstanceInfo {
+                id: self.id.clone(),
+                state: self.state(),
+                vmm_version: env!("CARGO_PKG_VERSION").into(),
+                app_name: "ember".into(),
+            })),
+            VmmAction::GetVmConfig => Ok(VmmData::VmConfig(self.config.clone())),
+            VmmAction::GetMachineConfig => {
+                Ok(VmmData::MachineConfig(self.config.machine_config.clone()))
+            }
+            VmmAction::PutBootSource(b) => {
+                self.pre_boot()?;
+                b.validate()?;
+                self.config.boot_source = Some(b);
+                Ok(VmmData::Empty)
+            }
+            VmmAction::PutMachineConfig(m) => {
+                self.pre_boot()?;
+                m.validate()?;
+                self.config.machine_config = m;
+                Ok(VmmData::Empty)
+            }
+            VmmAction::PatchMachineConfig(u) => {
+                self.pre_boot()?;
+                self.config.machine_config = u.apply(&self.config.machine_config)?;
+                Ok(VmmData::Empty)
+            }
+            VmmAction::InstanceStart => {
+                self.pre_boot()?;
+                self.config.validate()?;
+                let out = self.serial_out()?;
+                let vm = build_and_boot(
+                    &self.config,
+                    out,
+                    &self.signals,
+                    self.vcpu_start_hook.clone(),
+                )?;
+                em.add_subscriber(Arc::new(Mutex::new(SerialStdin::new(vm.serial.clone()))));
+                self.running = Some(vm);
+                Ok(VmmData::Empty)
+            }
+            VmmAction::SendCtrlAltDel => {
+                let vm = self.running()?;
+                vm.i8042
+                    .lock()
+                    .expect("i8042 poisoned")
+                    .trigger_ctrl_alt_del()
+                    .map_err(ActionError::CtrlAltDel)?;
+                Ok(VmmData::Empty)
+            }
+            VmmAction::FlushMetrics => Ok(VmmData::Empty),
+            VmmAction::Pause => {
+                let vm = self.running()?;
+                if !vm.paused {
+                    for v in &vm.vcpus {
+                        v.send(VcpuCommand::Pause)?;
+                    }
+                    for v in &vm.vcpus {
+                        v.expect(VcpuResponse::Paused, VCPU_ACK_TIMEOUT)?;
+                    }
+                    vm.paused = true;
+                }
+                Ok(VmmData::Empty)
+            }
+            VmmAction::Resume => {
+                let vm = self.running()?;
+                if vm.paused {
+                    for v in &vm.vcpus {
+                        v.send(VcpuCommand::Resume)?;
+                    }
+                    for v in &vm.vcpus {
+                        v.expect(VcpuResponse::Resumed, VCPU_ACK_TIMEOUT)?;
+                    }
+                    vm.paused = false;
+                }
+                Ok(VmmData::Empty)
+            }
+        }
+    }
+
+    /// After each round of events: has the guest ended? Returns the exit
+    /// code and a message for the log.
+    pub fn check_exit(&mut self) -> Option<(ExitCode, String)> {
+        if self.reset_fired.swap(false, Ordering::SeqCst) {
+            return Some((ExitCode::Ok, "guest requested a reset (i8042)".into()));
+        }
+        if self.vcpu_exit_fired.swap(false, Ordering::SeqCst) {
+            if let Ok(ev) = self.vcpu_events.try_recv() {
+                let code = if ev.reason.is_clean() {
+                    ExitCode::Ok
+                } else {
+                    ExitCode::GuestError
+                };
+                return Some((code, format!("vCPU {}: {}", ev.id, ev.reason)));
+            }
+        }
+        None
+    }
+
+    /// Stops the vCPUs and flushes guest output.
+    pub fn shutdown(&mut self) {
+        if let Some(vm) = self.running.as_mut() {
+            vm.stop_vcpus();
+            vm.serial.lock().expect("serial poisoned").flush();
+        }
+    }
+
+    /// The running microVM, if booted.
+    pub fn vm(&self) -> Option<&RunningVm> {
+        self.running.as_ref()
+    }
+}
