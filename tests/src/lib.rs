@@ -1,1 +1,321 @@
-//! placeholder
+//! Helpers for ember's end-to-end tests: build and locate the binaries, run
+//! them with self-cleaning temp dirs, talk raw HTTP/1.1 over unix sockets.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Once;
+use std::time::{Duration, Instant};
+
+pub use ember_guests::{BZIMAGE, LINUX64_ELF, PVH_ELF};
+
+/// The workspace root.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+static BUILD: Once = Once::new();
+
+/// Path of a workspace binary (ember-vmm, ember-jailer, emberd), built on
+/// first use so `cargo test` alone is enough.
+pub fn bin(name: &str) -> PathBuf {
+    BUILD.call_once(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.current_dir(workspace_root())
+            .args(["build", "--quiet", "--bins"]);
+        if !cfg!(debug_assertions) {
+            cmd.arg("--release");
+        }
+        let st = cmd.status().expect("run cargo build");
+        assert!(st.success(), "cargo build --bins failed");
+    });
+    let exe = std::env::current_exe().expect("current_exe");
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let dir = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("test binary lives in target/<profile>/deps");
+    let p = dir.join(name);
+    assert!(p.exists(), "{} was not built", p.display());
+    p
+}
+
+/// A temp directory removed on drop.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    /// A fresh directory under the system temp dir.
+    pub fn new(tag: &str) -> Self {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let p = std::env::temp_dir().join(format!("ember-{tag}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).expect("create temp dir");
+        TempDir(p)
+    }
+    /// Its path.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+    /// A path inside it.
+    pub fn join(&self, s: &str) -> PathBuf {
+        self.0.join(s)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Polls `f` every 10 ms until it returns Some or `timeout` passes.
+pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if start.elapsed() > timeout {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Generous bound for anything a test waits on; hitting it fails the test
+/// instead of hanging CI. Not a performance assertion.
+pub const PATIENCE: Duration = Duration::from_secs(60);
+
+/// A child process killed (and reaped) on drop, with stdout/stderr in files.
+pub struct Proc {
+    pub child: Child,
+    pub stdout: PathBuf,
+    pub stderr: PathBuf,
+    status: Option<ExitStatus>,
+}
+
+impl Proc {
+    /// Spawns `cmd` with output captured into `dir`.
+    pub fn spawn(mut cmd: Command, dir: &Path, tag: &str) -> Self {
+        let stdout = dir.join(format!("{tag}.stdout"));
+        let stderr = dir.join(format!("{tag}.stderr"));
+        cmd.stdin(Stdio::null())
+            .stdout(std::fs::File::create(&stdout).expect("stdout file"))
+            .stderr(std::fs::File::create(&stderr).expect("stderr file"));
+        let child = cmd.spawn().expect("spawn");
+        Proc {
+            child,
+            stdout,
+            stderr,
+            status: None,
+        }
+    }
+
+    /// Everything written to stdout so far.
+    pub fn out(&self) -> String {
+        std::fs::read_to_string(&self.stdout).unwrap_or_default()
+    }
+
+    /// Everything written to stderr so far.
+    pub fn err(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    /// Waits until stdout contains `needle`; panics with the output if not.
+    pub fn expect_out(&mut self, needle: &str) {
+        let found = wait_for(PATIENCE, || {
+            if self.out().contains(needle) {
+                return Some(());
+            }
+            if self.try_status().is_some() && !self.out().contains(needle) {
+                // Exited without printing it.
+                return Some(());
+            }
+            None
+        });
+        assert!(
+            found.is_some() && self.out().contains(needle),
+            "stdout never contained {needle:?}\nstdout:\n{}\nstderr:\n{}",
+            self.out(),
+            self.err()
+        );
+    }
+
+    /// The exit status if the process has ended.
+    pub fn try_status(&mut self) -> Option<ExitStatus> {
+        if self.status.is_none() {
+            self.status = self.child.try_wait().ok().flatten();
+        }
+        self.status
+    }
+
+    /// Waits for the exit status (panics after [`PATIENCE`]).
+    pub fn wait(&mut self) -> ExitStatus {
+        match wait_for(PATIENCE, || self.try_status()) {
+            Some(s) => s,
+            None => panic!(
+                "process did not exit\nstdout:\n{}\nstderr:\n{}",
+                self.out(),
+                self.err()
+            ),
+        }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if self.try_status().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A parsed HTTP response.
+#[derive(Debug, Clone)]
+pub struct HttpResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl HttpResponse {
+    /// The body as JSON (panics if it is not).
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "body is not JSON ({e}): {:?}",
+                String::from_utf8_lossy(&self.body)
+            )
+        })
+    }
+    /// A header value (case-insensitive name).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Reads one response from `s` (Content-Length or chunked bodies).
+pub fn read_response(s: &mut UnixStream) -> std::io::Result<HttpResponse> {
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1];
+    while !buf.ends_with(b"\r\n\r\n") {
+        let n = s.read(&mut byte)?;
+        if n == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!("EOF in headers after {:?}", String::from_utf8_lossy(&buf)),
+            ));
+        }
+        buf.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&buf).to_string();
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap_or("");
+    let status: u16 = status_line
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("bad status line {status_line:?}")))?;
+    let headers: Vec<(String, String)> = lines
+        .filter(|l| !l.is_empty())
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect();
+    let get = |n: &str| {
+        headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(n))
+            .map(|(_, v)| v.clone())
+    };
+    let mut body = Vec::new();
+    if get("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
+        loop {
+            let mut line = Vec::new();
+            while !line.ends_with(b"\r\n") {
+                s.read_exact(&mut byte)?;
+                line.push(byte[0]);
+            }
+            let size = usize::from_str_radix(
+                String::from_utf8_lossy(&line[..line.len() - 2])
+                    .split(';')
+                    .next()
+                    .unwrap_or("")
+                    .trim(),
+                16,
+            )
+            .map_err(std::io::Error::other)?;
+            let mut chunk = vec![0u8; size + 2];
+            s.read_exact(&mut chunk)?;
+            if size == 0 {
+                break;
+            }
+            body.extend_from_slice(&chunk[..size]);
+        }
+    } else if let Some(len) = get("content-length").and_then(|v| v.parse::<usize>().ok()) {
+        body.resize(len, 0);
+        s.read_exact(&mut body)?;
+    }
+    Ok(HttpResponse {
+        status,
+        headers,
+        body,
+    })
+}
+
+/// Writes one request on an open connection.
+pub fn write_request(
+    s: &mut UnixStream,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> std::io::Result<()> {
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\n");
+    if let Some(b) = body {
+        req.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{b}",
+            b.len()
+        ));
+    } else {
+        req.push_str("\r\n");
+    }
+    s.write_all(req.as_bytes())
+}
+
+/// One request on a new connection.
+pub fn http(sock: &Path, method: &str, path: &str, body: Option<&str>) -> HttpResponse {
+    let mut s = UnixStream::connect(sock)
+        .unwrap_or_else(|e| panic!("connect {}: {e}", sock.display()));
+    s.set_read_timeout(Some(PATIENCE)).unwrap();
+    write_request(&mut s, method, path, body).expect("write request");
+    read_response(&mut s).expect("read response")
+}
+
+/// Waits until something accepts connections on `sock`.
+pub fn wait_for_socket(sock: &Path) {
+    let ok = wait_for(PATIENCE, || UnixStream::connect(sock).ok().map(|_| ()));
+    assert!(ok.is_some(), "nothing listens on {}", sock.display());
+}
+
+/// A Firecracker-shaped config for a test guest.
+pub fn vm_config(kernel: &str, boot_args: &str, vcpus: u8, mem_mib: u32) -> String {
+    serde_json::json!({
+        "boot-source": {"kernel_image_path": kernel, "boot_args": boot_args},
+        "machine-config": {"vcpu_count": vcpus, "mem_size_mib": mem_mib}
+    })
+    .to_string()
+}
