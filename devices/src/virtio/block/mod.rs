@@ -1,1 +1,644 @@
-//! TODO
+//! File-backed virtio-blk.
+//!
+//! - One request queue (max 256). Requests: IN, OUT, FLUSH, GET_ID; other
+//!   types get VIRTIO_BLK_S_UNSUPP.
+//! - Capacity is the file size in 512-byte sectors **rounded up**: the
+//!   partial last sector reads as the file's bytes padded with zeros, and
+//!   writes touching bytes past the end of the file fail with IOERR (the
+//!   file is never grown).
+//! - Read-only drives offer VIRTIO_BLK_F_RO and fail OUT with IOERR.
+//! - Malformed chains (no writable status byte, bad descriptors) are
+//!   returned to the guest with used length 0 and no status.
+//! - [`Block::update_path`] swaps the backing file (API PATCH after boot)
+//!   and raises a config-change interrupt.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::desc::{parse_chain, ParsedChain};
+use super::rate_limiter::{RateLimiter, RateLimiterConfig, RateLimiterError};
+use super::{drain_evt, read_config_bytes, ActivateError, DeviceBase, IrqTrigger, VirtioDevice, TYPE_BLOCK};
+
+/// Sector size.
+pub const SECTOR_SIZE: u64 = 512;
+/// Queue size.
+pub const QUEUE_SIZE: u16 = 256;
+
+pub const VIRTIO_BLK_F_RO: u64 = 1 << 5;
+pub const VIRTIO_BLK_F_FLUSH: u64 = 1 << 9;
+
+pub const VIRTIO_BLK_T_IN: u32 = 0;
+pub const VIRTIO_BLK_T_OUT: u32 = 1;
+pub const VIRTIO_BLK_T_FLUSH: u32 = 4;
+pub const VIRTIO_BLK_T_GET_ID: u32 = 8;
+
+pub const VIRTIO_BLK_S_OK: u8 = 0;
+pub const VIRTIO_BLK_S_IOERR: u8 = 1;
+pub const VIRTIO_BLK_S_UNSUPP: u8 = 2;
+
+/// Length of the GET_ID answer.
+pub const ID_LEN: usize = 20;
+/// Copy chunk between file and guest.
+const CHUNK: usize = 64 * 1024;
+
+const TOKEN_ACTIVATE: u32 = 0;
+const TOKEN_QUEUE: u32 = 1;
+const TOKEN_LIMITER: u32 = 2;
+
+/// Errors of the block device.
+#[derive(Debug, thiserror::Error)]
+pub enum BlockError {
+    #[error("opening {path}: {err}")]
+    Open { path: PathBuf, err: std::io::Error },
+    #[error("eventfd: {0}")]
+    EventFd(std::io::Error),
+    #[error("rate limiter: {0}")]
+    RateLimiter(#[from] RateLimiterError),
+}
+
+/// How the VMM describes a drive.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BlockConfig {
+    /// Drive id; its first 20 bytes answer GET_ID.
+    pub drive_id: String,
+    /// Backing file.
+    pub path: PathBuf,
+    pub read_only: bool,
+    pub rate_limiter: Option<RateLimiterConfig>,
+}
+
+#[derive(Debug)]
+struct Disk {
+    file: File,
+    size: u64,
+    read_only: bool,
+    id: [u8; ID_LEN],
+}
+
+impl Disk {
+    fn open(path: &Path, read_only: bool, id: [u8; ID_LEN]) -> Result<Self, BlockError> {
+        let err = |err| BlockError::Open {
+            path: path.to_path_buf(),
+            err,
+        };
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .open(path)
+            .map_err(err)?;
+        let size = file.metadata().map_err(err)?.len();
+        if size % SECTOR_SIZE != 0 {
+            log::warn!(
+                "virtio-blk: {} is {size} bytes, not a multiple of {SECTOR_SIZE}; the last sector is zero-padded and read-only past EOF",
+                path.display()
+            );
+        }
+        Ok(Self {
+            file,
+            size,
+            read_only,
+            id,
+        })
+    }
+
+    fn sectors(&self) -> u64 {
+        self.size.div_ceil(SECTOR_SIZE)
+    }
+
+    /// Executes a request; returns (status, bytes written to the data part).
+    fn execute(&mut self, mem: &GuestMemoryMmap, c: &ParsedChain, data_out: u64) -> (u8, u32) {
+        let mut hdr = [0u8; 16];
+        if c.read_at(mem, 0, &mut hdr).is_err() {
+            return (VIRTIO_BLK_S_IOERR, 0);
+        }
+        let rtype = u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
+        let sector = u64::from_le_bytes([hdr[8], hdr[9], hdr[10], hdr[11], hdr[12], hdr[13], hdr[14], hdr[15]]);
+        // writable bytes except the status byte
+        let data_in = c.writable_len() - 1;
+        match rtype {
+            VIRTIO_BLK_T_IN => match self.range(sector, data_in) {
+                Some(off) => match self.read_to_guest(mem, c, off, data_in) {
+                    Ok(()) => (VIRTIO_BLK_S_OK, data_in as u32),
+                    Err(_) => (VIRTIO_BLK_S_IOERR, 0),
+                },
+                None => (VIRTIO_BLK_S_IOERR, 0),
+            },
+            VIRTIO_BLK_T_OUT => {
+                if self.read_only {
+                    return (VIRTIO_BLK_S_IOERR, 0);
+                }
+                match self.range(sector, data_out) {
+                    // never write past the end of the file
+                    Some(off) if off + data_out <= self.size => {
+                        match self.write_from_guest(mem, c, off, data_out) {
+                            Ok(()) => (VIRTIO_BLK_S_OK, 0),
+                            Err(_) => (VIRTIO_BLK_S_IOERR, 0),
+                        }
+                    }
+                    _ => (VIRTIO_BLK_S_IOERR, 0),
+                }
+            }
+            VIRTIO_BLK_T_FLUSH => match self.file.sync_all() {
+                Ok(()) => (VIRTIO_BLK_S_OK, 0),
+                Err(_) => (VIRTIO_BLK_S_IOERR, 0),
+            },
+            VIRTIO_BLK_T_GET_ID => {
+                let n = (ID_LEN as u64).min(data_in) as usize;
+                match c.write_at(mem, 0, &self.id[..n]) {
+                    Ok(()) => (VIRTIO_BLK_S_OK, n as u32),
+                    Err(_) => (VIRTIO_BLK_S_IOERR, 0),
+                }
+            }
+            _ => (VIRTIO_BLK_S_UNSUPP, 0),
+        }
+    }
+
+    /// Byte offset of a `len`-byte transfer at `sector` if it is
+    /// sector-sized and within capacity.
+    fn range(&self, sector: u64, len: u64) -> Option<u64> {
+        if len % SECTOR_SIZE != 0 {
+            return None;
+        }
+        let end_sector = sector.checked_add(len / SECTOR_SIZE)?;
+        (end_sector <= self.sectors()).then_some(sector * SECTOR_SIZE)
+    }
+
+    fn read_to_guest(&self, mem: &GuestMemoryMmap, c: &ParsedChain, off: u64, len: u64) -> std::io::Result<()> {
+        let mut buf = vec![0u8; CHUNK.min(len as usize)];
+        let mut done = 0u64;
+        while done < len {
+            let n = (len - done).min(CHUNK as u64) as usize;
+            let chunk = &mut buf[..n];
+            chunk.fill(0);
+            let pos = off + done;
+            if pos < self.size {
+                let avail = ((self.size - pos).min(n as u64)) as usize;
+                self.file.read_exact_at(&mut chunk[..avail], pos)?;
+            }
+            c.write_at(mem, done, chunk)
+                .map_err(|e| std::io::Error::other(e.to_string()))?;
+            done += n as u64;
+        }
+        Ok(())
+    }
+
+    fn write_from_guest(&self, mem: &GuestMemoryMmap, c: &ParsedChain, off: u64, len: u64) -> std::io::Result<()> {
+        let mut buf = vec![0u8; CHUNK.min(len as usize)];
+        let mut done = 0u64;
+        while done < len {
+            let n = (len - done).min(CHUNK as u64) as usize;
+            let chunk = &mut buf[..n];
+            c.read_at(mem, 16 + done, chunk)
+                .map_err(|e| std::io::Error::other(e.to_string()))?;
+            self.file.write_all_at(chunk, off + done)?;
+            done += n as u64;
+        }
+        Ok(())
+    }
+}
+
+/// The virtio-blk device.
+#[derive(Debug)]
+pub struct Block {
+    base: DeviceBase,
+    config: BlockConfig,
+    disk: Disk,
+    limiter: RateLimiter,
+    registered: bool,
+}
+
+fn id_bytes(drive_id: &str) -> [u8; ID_LEN] {
+    let mut id = [0u8; ID_LEN];
+    let b = drive_id.as_bytes();
+    let n = b.len().min(ID_LEN);
+    id[..n].copy_from_slice(&b[..n]);
+    id
+}
+
+impl Block {
+    /// Opens the backing file.
+    pub fn new(config: BlockConfig) -> Result<Self, BlockError> {
+        let disk = Disk::open(&config.path, config.read_only, id_bytes(&config.drive_id))?;
+        let mut features = VIRTIO_BLK_F_FLUSH;
+        if config.read_only {
+            features |= VIRTIO_BLK_F_RO;
+        }
+        let limiter = RateLimiter::new(&config.rate_limiter.unwrap_or_default())?;
+        Ok(Self {
+            base: DeviceBase::new(features, &[QUEUE_SIZE]).map_err(BlockError::EventFd)?,
+            config,
+            disk,
+            limiter,
+            registered: false,
+        })
+    }
+
+    /// The drive's configuration.
+    pub fn config(&self) -> &BlockConfig {
+        &self.config
+    }
+
+    /// Capacity in 512-byte sectors (file size rounded up).
+    pub fn capacity(&self) -> u64 {
+        self.disk.sectors()
+    }
+
+    /// Replaces the backing file (same read-only mode) and notifies the guest
+    /// of the new capacity.
+    pub fn update_path(&mut self, path: &Path) -> Result<(), BlockError> {
+        let disk = Disk::open(path, self.config.read_only, self.disk.id)?;
+        self.disk = disk;
+        self.config.path = path.to_path_buf();
+        self.base.config_changed();
+        Ok(())
+    }
+
+    /// Replaces the rate limiter configuration.
+    pub fn update_rate_limiter(&mut self, cfg: &RateLimiterConfig) {
+        self.limiter.update(cfg);
+        self.config.rate_limiter = Some(*cfg);
+    }
+
+    /// Processes the request queue. Returns whether the guest was notified.
+    pub fn process_queue(&mut self) -> bool {
+        let Some(mem) = self.base.mem.clone() else {
+            return false;
+        };
+        let Some(queue) = self.base.queues.first_mut() else {
+            return false;
+        };
+        let mut used = false;
+        while !self.limiter.is_blocked() {
+            let Some(chain) = queue.pop_descriptor_chain(&mem) else {
+                break;
+            };
+            let head = chain.head_index();
+            let parsed = parse_chain(&mem, GuestAddress(queue.desc_table()), queue.size(), head);
+            let c = match parsed {
+                Ok(c) if c.writable_len() > 0 => c,
+                Ok(_) | Err(_) => {
+                    log::warn!("virtio-blk: dropping malformed request {head}: {parsed:?}");
+                    add_used(queue, &mem, head, 0);
+                    used = true;
+                    continue;
+                }
+            };
+            let data_out = c.readable_len().saturating_sub(16);
+            let bytes = data_out.max(c.writable_len() - 1);
+            if !self.limiter.consume(bytes) {
+                queue.go_to_previous_position();
+                break;
+            }
+            let (status, len) = self.disk.execute(&mem, &c, data_out);
+            let status_off = c.writable_len() - 1;
+            let len = match c.write_at(&mem, status_off, &[status]) {
+                Ok(()) => len + 1,
+                Err(_) => 0,
+            };
+            add_used(queue, &mem, head, len);
+            used = true;
+        }
+        if used && queue.needs_notification(&mem).unwrap_or(true) {
+            self.base.signal_used();
+            return true;
+        }
+        false
+    }
+
+    fn register(&mut self, ops: &mut EventOps) {
+        if self.registered {
+            return;
+        }
+        let r1 = ops.add(Events::with_data(&self.base.queue_evts[0], TOKEN_QUEUE, EventSet::IN));
+        let r2 = ops.add(Events::with_data_raw(self.limiter.as_raw_fd(), TOKEN_LIMITER, EventSet::IN));
+        if let Err(e) = r1.and(r2) {
+            log::error!("virtio-blk: registering events: {e:?}");
+        }
+        self.registered = true;
+    }
+}
+
+fn add_used(q: &mut Queue, mem: &GuestMemoryMmap, head: u16, len: u32) {
+    if let Err(e) = q.add_used(mem, head, len) {
+        log::error!("virtio: add_used({head}) failed: {e}");
+    }
+}
+
+impl VirtioDevice for Block {
+    fn device_type(&self) -> u32 {
+        TYPE_BLOCK
+    }
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.base.queue_max_sizes
+    }
+    fn avail_features(&self) -> u64 {
+        self.base.avail_features
+    }
+    fn ack_features(&mut self, features: u64) {
+        self.base.acked_features = features;
+    }
+    fn acked_features(&self) -> u64 {
+        self.base.acked_features
+    }
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.capacity().to_le_bytes(), offset, data);
+    }
+    fn config_generation(&self) -> u32 {
+        self.base.config_generation
+    }
+    fn activate(&mut self, mem: GuestMemoryMmap, queues: Vec<Queue>) -> Result<(), ActivateError> {
+        self.base.activate(mem, queues)
+    }
+    fn is_activated(&self) -> bool {
+        self.base.is_active()
+    }
+    fn reset(&mut self) {
+        self.base.reset();
+    }
+    fn queue_events(&self) -> &[EventFd] {
+        &self.base.queue_evts
+    }
+    fn interrupt(&self) -> Arc<IrqTrigger> {
+        self.base.irq.clone()
+    }
+}
+
+impl MutEventSubscriber for Block {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::with_data(&self.base.activate_evt, TOKEN_ACTIVATE, EventSet::IN)) {
+            log::error!("virtio-blk: registering activate event: {e:?}");
+        }
+        if self.base.is_active() {
+            self.register(ops);
+        }
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        match events.data() {
+            TOKEN_ACTIVATE => {
+                drain_evt(&self.base.activate_evt);
+                if self.base.is_active() {
+                    self.register(ops);
+                    self.process_queue();
+                }
+            }
+            TOKEN_QUEUE => {
+                drain_evt(&self.base.queue_evts[0]);
+                self.process_queue();
+            }
+            TOKEN_LIMITER => {
+                if let Err(e) = self.limiter.event_handler() {
+                    log::error!("virtio-blk: rate limiter: {e}");
+                }
+                self.process_queue();
+            }
+            t => log::warn!("virtio-blk: unexpected event {t}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::virtio::test_utils::{mem, write_desc, TestQueue};
+    use event_manager::SubscriberOps;
+    use crate::virtio::{INT_CONFIG, INT_VRING};
+    use vm_memory::Bytes;
+    use vmm_sys_util::tempfile::TempFile;
+
+    struct Env {
+        _file: TempFile,
+        m: GuestMemoryMmap,
+        q: TestQueue,
+        blk: Block,
+    }
+
+    fn env(content: &[u8], read_only: bool) -> Env {
+        let file = TempFile::new().unwrap();
+        file.as_file().write_all_at(content, 0).unwrap();
+        let m = mem(0x40000);
+        let q = TestQueue::new(&m, 0x1000, 16);
+        let mut blk = Block::new(BlockConfig {
+            drive_id: "rootfs".into(),
+            path: file.as_path().to_path_buf(),
+            read_only,
+            rate_limiter: None,
+        })
+        .unwrap();
+        blk.activate(m.clone(), vec![q.queue()]).unwrap();
+        Env { _file: file, m, q, blk }
+    }
+
+    fn hdr(m: &GuestMemoryMmap, at: u64, t: u32, sector: u64) {
+        m.write_obj(t, GuestAddress(at)).unwrap();
+        m.write_obj(0u32, GuestAddress(at + 4)).unwrap();
+        m.write_obj(sector, GuestAddress(at + 8)).unwrap();
+    }
+
+    fn status(m: &GuestMemoryMmap, at: u64) -> u8 {
+        m.read_obj(GuestAddress(at)).unwrap()
+    }
+
+    const H: u64 = 0x10000; // header
+    const D: u64 = 0x11000; // data
+    const S: u64 = 0x18000; // status
+
+    #[test]
+    fn read_write_flush_getid() {
+        let mut content = vec![0u8; 4096];
+        content[512..1024].fill(0xab);
+        let mut e = env(&content, false);
+        assert_eq!(e.blk.capacity(), 8);
+        let mut cap = [0u8; 8];
+        e.blk.read_config(0, &mut cap);
+        assert_eq!(u64::from_le_bytes(cap), 8);
+        assert_eq!(e.blk.avail_features() & VIRTIO_BLK_F_RO, 0);
+
+        // IN sector 1
+        hdr(&e.m, H, VIRTIO_BLK_T_IN, 1);
+        e.q.add_chain(&[(H, 16, false), (D, 512, true), (S, 1, true)]);
+        assert!(e.blk.process_queue());
+        assert_eq!(e.q.used_idx(), 1);
+        assert_eq!(e.q.used_elem(0), (0, 513));
+        assert_eq!(status(&e.m, S), VIRTIO_BLK_S_OK);
+        let mut b = vec![0u8; 512];
+        e.m.read_slice(&mut b, GuestAddress(D)).unwrap();
+        assert!(b.iter().all(|x| *x == 0xab));
+        assert_eq!(e.blk.interrupt().status() & INT_VRING, INT_VRING);
+
+        // OUT sector 7 with data split over two descriptors
+        e.m.write_slice(&[0x5a; 512], GuestAddress(D)).unwrap();
+        hdr(&e.m, H, VIRTIO_BLK_T_OUT, 7);
+        e.q.add_chain(&[(H, 16, false), (D, 256, false), (D + 256, 256, false), (S, 1, true)]);
+        e.blk.process_queue();
+        assert_eq!(e.q.used_elem(1).1, 1);
+        assert_eq!(status(&e.m, S), VIRTIO_BLK_S_OK);
+        let mut f = vec![0u8; 512];
+        e._file.as_file().read_exact_at(&mut f, 7 * 512).unwrap();
+        assert!(f.iter().all(|x| *x == 0x5a));
+
+        // FLUSH
+        hdr(&e.m, H, VIRTIO_BLK_T_FLUSH, 0);
+        e.q.add_chain(&[(H, 16, false), (S, 1, true)]);
+        e.blk.process_queue();
+        assert_eq!(status(&e.m, S), VIRTIO_BLK_S_OK);
+
+        // GET_ID
+        hdr(&e.m, H, VIRTIO_BLK_T_GET_ID, 0);
+        e.q.add_chain(&[(H, 16, false), (D, 20, true), (S, 1, true)]);
+        e.blk.process_queue();
+        assert_eq!(status(&e.m, S), VIRTIO_BLK_S_OK);
+        let mut id = [0u8; 20];
+        e.m.read_slice(&mut id, GuestAddress(D)).unwrap();
+        assert_eq!(&id[..7], b"rootfs\0");
+        assert_eq!(e.q.used_elem(3).1, 21);
+
+        // unsupported
+        hdr(&e.m, H, 11, 0);
+        e.q.add_chain(&[(H, 16, false), (S, 1, true)]);
+        e.blk.process_queue();
+        assert_eq!(status(&e.m, S), VIRTIO_BLK_S_UNSUPP);
+
+        // out of range and unaligned lengths
+        hdr(&e.m, H, VIRTIO_BLK_T_IN, 7);
+        e.q.add_chain(&[(H, 16, false), (D, 1024, true), (S, 1, true)]);
+        e.blk.process_queue();
+        assert_eq!(status(&e.m, S), VIRTIO_BLK_S_IOERR);
+        hdr(&e.m, H, VIRTIO_BLK_T_IN, u64::MAX);
+        e.q.add_chain(&[(H, 16, false), (D, 512, true), (S, 1, true)]);
+        e.blk.process_queue();
+        assert_eq!(status(&e.m, S), VIRTIO_BLK_S_IOERR);
+        hdr(&e.m, H, VIRTIO_BLK_T_IN, 0);
+        e.q.add_chain(&[(H, 16, false), (D, 100, true), (S, 1, true)]);
+        e.blk.process_queue();
+        assert_eq!(status(&e.m, S), VIRTIO_BLK_S_IOERR);
+        assert_eq!(e.q.used_idx(), 8);
+    }
+
+    #[test]
+    fn read_only_refuses_writes() {
+        let mut e = env(&[1u8; 1024], true);
+        assert_eq!(e.blk.avail_features() & VIRTIO_BLK_F_RO, VIRTIO_BLK_F_RO);
+        hdr(&e.m, H, VIRTIO_BLK_T_OUT, 0);
+        e.q.add_chain(&[(H, 16, false), (D, 512, false), (S, 1, true)]);
+        e.blk.process_queue();
+        assert_eq!(status(&e.m, S), VIRTIO_BLK_S_IOERR);
+        let mut f = [0u8; 4];
+        e._file.as_file().read_exact_at(&mut f, 0).unwrap();
+        assert_eq!(f, [1; 4]);
+    }
+
+    #[test]
+    fn partial_last_sector() {
+        let mut e = env(&[7u8; 1000], false);
+        assert_eq!(e.blk.capacity(), 2); // rounded up
+        e.m.write_slice(&[0xff; 512], GuestAddress(D)).unwrap();
+        hdr(&e.m, H, VIRTIO_BLK_T_IN, 1);
+        e.q.add_chain(&[(H, 16, false), (D, 512, true), (S, 1, true)]);
+        e.blk.process_queue();
+        assert_eq!(status(&e.m, S), VIRTIO_BLK_S_OK);
+        let mut b = vec![0u8; 512];
+        e.m.read_slice(&mut b, GuestAddress(D)).unwrap();
+        assert!(b[..488].iter().all(|x| *x == 7));
+        assert!(b[488..].iter().all(|x| *x == 0));
+        // a write covering bytes past EOF is refused, the file is not grown
+        hdr(&e.m, H, VIRTIO_BLK_T_OUT, 1);
+        e.q.add_chain(&[(H, 16, false), (D, 512, false), (S, 1, true)]);
+        e.blk.process_queue();
+        assert_eq!(status(&e.m, S), VIRTIO_BLK_S_IOERR);
+        assert_eq!(e._file.as_file().metadata().unwrap().len(), 1000);
+        // sector 0 is writable
+        hdr(&e.m, H, VIRTIO_BLK_T_OUT, 0);
+        e.q.add_chain(&[(H, 16, false), (D, 512, false), (S, 1, true)]);
+        e.blk.process_queue();
+        assert_eq!(status(&e.m, S), VIRTIO_BLK_S_OK);
+    }
+
+    #[test]
+    fn evil_requests_are_dropped() {
+        let mut e = env(&[0u8; 4096], false);
+        // no writable status byte
+        hdr(&e.m, H, VIRTIO_BLK_T_IN, 0);
+        e.q.add_chain(&[(H, 16, false)]);
+        // data outside guest memory
+        e.q.add_chain(&[(H, 16, false), (0x3ff00, 0x1000, true), (S, 1, true)]);
+        // huge length
+        e.q.add_chain(&[(H, 16, false), (D, u32::MAX, true), (S, 1, true)]);
+        // short header: status IOERR
+        e.q.add_chain(&[(H, 4, false), (S, 1, true)]);
+        e.m.write_obj(9u8, GuestAddress(S)).unwrap();
+        e.blk.process_queue();
+        assert_eq!(e.q.used_idx(), 4);
+        for i in 0..3 {
+            assert_eq!(e.q.used_elem(i).1, 0);
+        }
+        assert_eq!(status(&e.m, S), VIRTIO_BLK_S_IOERR);
+        // descriptor loop
+        let head = 10;
+        write_desc(&e.m, e.q.desc, head, H, 16, 1, head + 1);
+        write_desc(&e.m, e.q.desc, head + 1, S, 1, 3, head);
+        e.q.publish(head);
+        // head index beyond the queue
+        e.q.publish(200);
+        e.blk.process_queue();
+        assert_eq!(e.q.used_idx(), 5);
+        assert_eq!(e.q.used_elem(4), (u32::from(head), 0));
+        // bogus avail idx (far ahead): nothing processed, no panic
+        let before = e.q.used_idx();
+        e.q.set_avail_idx(e.q.used_idx().wrapping_add(1000));
+        e.blk.process_queue();
+        assert_eq!(e.q.used_idx(), before);
+    }
+
+    #[test]
+    fn update_path_changes_capacity() {
+        let mut e = env(&[0u8; 1024], false);
+        let other = TempFile::new().unwrap();
+        other.as_file().set_len(8192).unwrap();
+        e.blk.update_path(other.as_path()).unwrap();
+        assert_eq!(e.blk.capacity(), 16);
+        assert_eq!(e.blk.config_generation(), 1);
+        assert_eq!(e.blk.interrupt().status() & INT_CONFIG, INT_CONFIG);
+        assert!(e.blk.update_path(Path::new("/nonexistent/disk")).is_err());
+        assert_eq!(e.blk.capacity(), 16);
+    }
+
+    #[test]
+    fn rate_limited_requests_resume() {
+        let mut e = env(&[0u8; 4096], false);
+        e.blk.update_rate_limiter(&RateLimiterConfig {
+            bandwidth: None,
+            ops: Some(crate::virtio::rate_limiter::TokenBucketConfig {
+                size: 1,
+                one_time_burst: 0,
+                refill_time: 10,
+            }),
+        });
+        for _ in 0..3 {
+            hdr(&e.m, H, VIRTIO_BLK_T_FLUSH, 0);
+            e.q.add_chain(&[(H, 16, false), (S, 1, true)]);
+        }
+        e.blk.process_queue();
+        assert_eq!(e.q.used_idx(), 1);
+        // drive the event loop until the limiter lets the rest through
+        let mut em = event_manager::EventManager::<Arc<std::sync::Mutex<dyn MutEventSubscriber + Send>>>::new().unwrap();
+        let blk: Arc<std::sync::Mutex<Block>> = Arc::new(std::sync::Mutex::new(e.blk));
+        em.add_subscriber(blk.clone());
+        blk.lock().unwrap().base.activate_evt.write(1).unwrap();
+        for _ in 0..500 {
+            if e.q.used_idx() == 3 {
+                break;
+            }
+            em.run_with_timeout(100).unwrap();
+        }
+        assert_eq!(e.q.used_idx(), 3);
+    }
+}
