@@ -30,7 +30,12 @@ void triple_fault(void)
 		uint64_t base;
 	} __attribute__((packed)) empty_idt = { 0, 0 };
 
-	/* Any exception now escalates to #DF and then to a triple fault. */
-	__asm__ volatile("lidt %0; int3" : : "m"(empty_idt));
+	/*
+	 * Any exception now escalates to #DF and then to a triple fault.
+	 * ud2 rather than int3: on the nested PVM host int3 in guest ring 0
+	 * ends in KVM_EXIT_INTERNAL_ERROR (emulation failure), ud2 gives the
+	 * expected KVM_EXIT_SHUTDOWN.
+	 */
+	__asm__ volatile("lidt %0; ud2" : : "m"(empty_idt));
 	halt_forever();
 }
