@@ -170,7 +170,7 @@ fn build_bzimage(
 
     let sects = usize::from(setup[SETUP_SECTS_OFF]);
     assert_eq!(setup.len(), (sects + 1) * 512, "setup.bin size does not match setup_sects");
-    while pm.len() % 16 != 0 {
+    while !pm.len().is_multiple_of(16) {
         pm.push(0);
     }
     let syssize = u32::try_from(pm.len() / 16).expect("image too large");

@@ -75,17 +75,17 @@ mod tests {
         let r = BzImage::load(&gm, None, &mut f, Some(HIMEM)).unwrap();
         assert_eq!(r.kernel_load, HIMEM);
         let hdr = r.setup_header.unwrap();
-        assert_eq!({ hdr.header }, 0x5372_6448);
-        assert!({ hdr.version } >= 0x020c);
+        assert_eq!(hdr.header, 0x5372_6448);
+        assert!(hdr.version >= 0x020c);
         assert_eq!(hdr.loadflags & 1, 1);
-        assert_eq!({ hdr.xloadflags } & 1, 1);
-        assert_eq!({ hdr.code32_start }, 0x10_0000);
-        assert_eq!({ hdr.boot_flag }, 0xaa55);
-        assert_eq!({ hdr.cmdline_size }, 4095);
+        assert_eq!(hdr.xloadflags & 1, 1);
+        assert_eq!(hdr.code32_start, 0x10_0000);
+        assert_eq!(hdr.boot_flag, 0xaa55);
+        assert_eq!(hdr.cmdline_size, 4095);
         let len = std::fs::metadata(BZIMAGE).unwrap().len();
         let setup = (u64::from(hdr.setup_sects) + 1) * 512;
-        assert_eq!(u64::from({ hdr.syssize }) * 16, len - setup);
-        assert!(u64::from({ hdr.init_size }) >= len - setup);
+        assert_eq!(u64::from(hdr.syssize) * 16, len - setup);
+        assert!(u64::from(hdr.init_size) >= len - setup);
         assert_eq!(r.kernel_end, 0x10_0000 + len - setup);
     }
 
