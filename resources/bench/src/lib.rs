@@ -3,7 +3,9 @@
 //! - [`floor`]: `kvm-floor`, the smallest VMM that can boot the ember test
 //!   guest (one vCPU, port I/O only) — a lower bound for ember-vmm's boot time
 //!   and a way to exercise the guest without the real VMM.
+//! - [`lifecycle`]: the ember-vmm vs kvm-floor boot-to-exit benchmark.
 //! - [`stats`]: median / percentile helpers for the `lifecycle` benchmark.
 
 pub mod floor;
+pub mod lifecycle;
 pub mod stats;
