@@ -1,1 +1,282 @@
-//! placeholder
+//! `ember-jailer`: puts one VMM process in a jail and execs it.
+//!
+//! Steps, in Firecracker's jailer order (see [`run`]):
+//! 1. close inherited fds > 2 and clear the environment ([`sanitize`]);
+//! 2. parse and validate the arguments ([`args`], [`validate`]);
+//! 3. create `<base>/<exec name>/<id>/root` and put the VMM binary in it;
+//! 4. join `--netns`, install resource limits, set up cgroups;
+//! 5. new mount namespace, `pivot_root` into the jail, create `/dev/kvm`,
+//!    `/dev/net/tun`, `/dev/urandom` owned by uid:gid ([`jail`]);
+//! 6. `--daemonize`, `--new-pid-ns` ([`process`]), write `/<exec name>.pid`;
+//! 7. drop to uid:gid with no capabilities ([`privileges`]) and exec
+//!    `/<exec name>` with the arguments after `--`.
+
+pub mod args;
+pub mod cgroup;
+pub mod jail;
+pub mod privileges;
+pub mod process;
+pub mod rlimit;
+pub mod sanitize;
+pub mod validate;
+
+use std::convert::Infallible;
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+use args::Args;
+use cgroup::{CgroupPlan, CgroupSetting, CgroupVersion};
+use rlimit::ResourceLimits;
+
+/// Any jailer failure; one variant per module.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Command-line error.
+    #[error(transparent)]
+    Args(#[from] args::ArgsError),
+    /// Invalid id or path.
+    #[error(transparent)]
+    Validate(#[from] validate::ValidateError),
+    /// Sanitizing the process failed.
+    #[error(transparent)]
+    Sanitize(#[from] sanitize::SanitizeError),
+    /// Jail setup failed.
+    #[error(transparent)]
+    Jail(#[from] jail::JailError),
+    /// cgroup setup failed.
+    #[error(transparent)]
+    Cgroup(#[from] cgroup::CgroupError),
+    /// Resource limits failed.
+    #[error(transparent)]
+    Rlimit(#[from] rlimit::RlimitError),
+    /// Namespaces, daemonizing or exec failed.
+    #[error(transparent)]
+    Process(#[from] process::ProcessError),
+    /// Dropping privileges failed.
+    #[error(transparent)]
+    Privileges(#[from] privileges::PrivilegesError),
+}
+
+impl Error {
+    /// Process exit status for this error (distinct per area).
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Error::Args(_) => 2,
+            Error::Validate(_) => 3,
+            Error::Sanitize(_) => 4,
+            Error::Jail(_) => 5,
+            Error::Cgroup(_) => 6,
+            Error::Rlimit(_) => 7,
+            Error::Process(process::ProcessError::Exec(..)) => 10,
+            Error::Process(_) => 8,
+            Error::Privileges(_) => 9,
+        }
+    }
+}
+
+/// Fully validated jail configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Jail id.
+    pub id: String,
+    /// Canonical path of the VMM binary on the host.
+    pub exec_file: PathBuf,
+    /// Its file name: the binary is `/<exec_name>` inside the jail.
+    pub exec_name: String,
+    /// uid the VMM runs as.
+    pub uid: u32,
+    /// gid the VMM runs as.
+    pub gid: u32,
+    /// `<base>/<exec_name>/<id>/root` on the host.
+    pub jail_root: PathBuf,
+    /// Network namespace to join.
+    pub netns: Option<PathBuf>,
+    /// Detach from the caller.
+    pub daemonize: bool,
+    /// Run the VMM as pid 1 of a new PID namespace.
+    pub new_pid_ns: bool,
+    /// cgroup settings (empty: cgroups untouched).
+    pub cgroup_settings: Vec<CgroupSetting>,
+    /// cgroup version.
+    pub cgroup_version: CgroupVersion,
+    /// Parent cgroup, relative to the hierarchy root.
+    pub parent_cgroup: PathBuf,
+    /// Resource limits.
+    pub resource_limits: ResourceLimits,
+    /// Arguments for the VMM.
+    pub vmm_args: Vec<OsString>,
+}
+
+impl Config {
+    /// Validates parsed arguments (id first, then exec file, then paths),
+    /// creating the chroot base directory if missing.
+    pub fn from_args(a: Args) -> Result<Config, Error> {
+        validate::validate_id(&a.id)?;
+        let (exec_file, exec_name) = validate::validate_exec_file(&a.exec_file)?;
+        let base = validate::validate_chroot_base(&a.chroot_base_dir)?;
+        if let Some(ns) = &a.netns {
+            validate::refuse_parent_dir("--netns", ns)?;
+        }
+        let parent_cgroup = validate::validate_parent_cgroup(
+            a.parent_cgroup.as_deref().unwrap_or(cgroup::DEFAULT_PARENT),
+        )?;
+        let cgroup_settings = a
+            .cgroups
+            .iter()
+            .map(|s| CgroupSetting::parse(s))
+            .collect::<Result<Vec<_>, _>>()?;
+        let resource_limits = ResourceLimits::parse(&a.resource_limits)?;
+        Ok(Config {
+            jail_root: jail::jail_root(&base, &exec_name, &a.id),
+            id: a.id,
+            exec_file,
+            exec_name,
+            uid: a.uid,
+            gid: a.gid,
+            netns: a.netns,
+            daemonize: a.daemonize,
+            new_pid_ns: a.new_pid_ns,
+            cgroup_settings,
+            cgroup_version: if a.cgroup_version == 1 {
+                CgroupVersion::V1
+            } else {
+                CgroupVersion::V2
+            },
+            parent_cgroup,
+            resource_limits,
+            vmm_args: a.vmm_args,
+        })
+    }
+
+    /// Resolves the cgroup placement from /proc/mounts (None without
+    /// `--cgroup` settings).
+    pub fn cgroup_plan(&self) -> Result<Option<CgroupPlan>, Error> {
+        if self.cgroup_settings.is_empty() {
+            return Ok(None);
+        }
+        let text = std::fs::read_to_string(cgroup::PROC_MOUNTS)
+            .map_err(|e| cgroup::CgroupError::Mounts(cgroup::PROC_MOUNTS, e))?;
+        let mounts = cgroup::parse_mounts(&text);
+        Ok(Some(cgroup::plan(
+            self.cgroup_version,
+            &mounts,
+            &self.parent_cgroup,
+            &self.id,
+            &self.cgroup_settings,
+        )?))
+    }
+}
+
+/// Builds the jail and execs the VMM. Only returns on failure.
+///
+/// With `--new-pid-ns` the original process exits 0 once the child's pid
+/// is written; with `--daemonize` the caller sees exit 0 right after the
+/// first fork.
+pub fn run(cfg: &Config) -> Result<Infallible, Error> {
+    // Everything that needs the host's view happens before pivot_root.
+    let cgroup_plan = cfg.cgroup_plan()?;
+    jail::create_root(&cfg.jail_root)?;
+    jail::install_exec(&cfg.exec_file, &cfg.jail_root, &cfg.exec_name)?;
+    if let Some(ns) = &cfg.netns {
+        process::join_netns(ns)?;
+    }
+    cfg.resource_limits.install()?;
+    if let Some(plan) = &cgroup_plan {
+        cgroup::setup(plan)?;
+    }
+    let dev_null = if cfg.daemonize {
+        Some(process::open_dev_null()?)
+    } else {
+        None
+    };
+
+    jail::enter(&cfg.jail_root)?;
+    for w in jail::populate(cfg.uid, cfg.gid)? {
+        eprintln!("ember-jailer: warning: {w}");
+    }
+
+    if let Some(null) = &dev_null {
+        process::daemonize(null)?;
+    }
+    drop(dev_null);
+    if cfg.new_pid_ns {
+        match process::fork_into_new_pid_ns(cfg.daemonize)? {
+            process::PidNsFork::Parent(child) => {
+                let code = match jail::write_pid_file(&cfg.exec_name, child) {
+                    Ok(()) => 0,
+                    Err(e) => {
+                        eprintln!("ember-jailer: {e}");
+                        // SAFETY: kill of our own child.
+                        unsafe { libc::kill(child as libc::pid_t, libc::SIGKILL) };
+                        Error::from(e).exit_code()
+                    }
+                };
+                process::exit_now(code);
+            }
+            process::PidNsFork::Child => {}
+        }
+    } else {
+        jail::write_pid_file(&cfg.exec_name, std::process::id())?;
+    }
+
+    privileges::drop_privileges(cfg.uid, cfg.gid)?;
+    let exec_path = PathBuf::from("/").join(&cfg.exec_name);
+    Err(process::exec(&exec_path, &cfg.vmm_args).into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(id: &str, exec: &str) -> Args {
+        let dir = std::env::temp_dir();
+        Args {
+            id: id.into(),
+            exec_file: exec.into(),
+            uid: 1,
+            gid: 2,
+            chroot_base_dir: dir,
+            netns: None,
+            daemonize: false,
+            new_pid_ns: false,
+            cgroup_version: 2,
+            cgroups: vec![],
+            parent_cgroup: None,
+            resource_limits: vec![],
+            vmm_args: vec![],
+        }
+    }
+
+    #[test]
+    fn config_from_args() {
+        let c = Config::from_args(args("vm-1", "Cargo.toml")).unwrap();
+        assert_eq!(c.exec_name, "Cargo.toml");
+        assert!(c.jail_root.ends_with("Cargo.toml/vm-1/root"));
+        assert_eq!(c.parent_cgroup, PathBuf::from("ember"));
+        assert_eq!(c.resource_limits.no_file, 2048);
+        assert!(c.cgroup_plan().unwrap().is_none());
+    }
+
+    #[test]
+    fn config_errors_and_codes() {
+        let e = Config::from_args(args("bad id", "Cargo.toml")).unwrap_err();
+        assert_eq!(e.exit_code(), 3);
+        let e = Config::from_args(args("ok", "/nonexistent/vmm")).unwrap_err();
+        assert_eq!(e.exit_code(), 3);
+        let mut a = args("ok", "Cargo.toml");
+        a.netns = Some("/var/run/netns/../x".into());
+        assert!(Config::from_args(a)
+            .unwrap_err()
+            .to_string()
+            .contains("'..'"));
+        let mut a = args("ok", "Cargo.toml");
+        a.cgroups = vec!["nonsense".into()];
+        assert_eq!(Config::from_args(a).unwrap_err().exit_code(), 6);
+        let mut a = args("ok", "Cargo.toml");
+        a.resource_limits = vec!["cores=1".into()];
+        assert_eq!(Config::from_args(a).unwrap_err().exit_code(), 7);
+        let mut a = args("ok", "Cargo.toml");
+        a.parent_cgroup = Some("../x".into());
+        assert_eq!(Config::from_args(a).unwrap_err().exit_code(), 3);
+    }
+}
