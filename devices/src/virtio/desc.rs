@@ -75,7 +75,18 @@ fn read_desc(mem: &GuestMemoryMmap, table: GuestAddress, idx: u16) -> Result<Raw
     let mut b = [0u8; 16];
     mem.read_slice(&mut b, GuestAddress(addr))
         .map_err(|_| DescError::TableOutOfMemory(addr))?;
-    let u64_at = |o: usize| u64::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3], b[o + 4], b[o + 5], b[o + 6], b[o + 7]]);
+    let u64_at = |o: usize| {
+        u64::from_le_bytes([
+            b[o],
+            b[o + 1],
+            b[o + 2],
+            b[o + 3],
+            b[o + 4],
+            b[o + 5],
+            b[o + 6],
+            b[o + 7],
+        ])
+    };
     Ok(RawDesc {
         addr: u64_at(0),
         len: u32::from_le_bytes([b[8], b[9], b[10], b[11]]),
@@ -192,11 +203,7 @@ fn for_range(
             let from = offset.max(pos);
             let to = end.min(s_end);
             let n = (to - from) as usize;
-            let addr = s
-                .addr
-                .0
-                .checked_add(from - pos)
-                .ok_or(DescError::Memory)?;
+            let addr = s.addr.0.checked_add(from - pos).ok_or(DescError::Memory)?;
             f(GuestAddress(addr), done..done + n)?;
             done += n;
         }
@@ -227,12 +234,18 @@ impl ParsedChain {
         buf: &mut [u8],
     ) -> Result<(), DescError> {
         for_range(&self.readable, offset, buf.len(), |a, r| {
-            mem.read_slice(&mut buf[r], a).map_err(|_| DescError::Memory)
+            mem.read_slice(&mut buf[r], a)
+                .map_err(|_| DescError::Memory)
         })
     }
 
     /// Writes `buf` at `offset` of the writable part.
-    pub fn write_at(&self, mem: &GuestMemoryMmap, offset: u64, buf: &[u8]) -> Result<(), DescError> {
+    pub fn write_at(
+        &self,
+        mem: &GuestMemoryMmap,
+        offset: u64,
+        buf: &[u8],
+    ) -> Result<(), DescError> {
         for_range(&self.writable, offset, buf.len(), |a, r| {
             mem.write_slice(&buf[r], a).map_err(|_| DescError::Memory)
         })
@@ -276,7 +289,10 @@ mod tests {
         assert_eq!(parse_chain(&m, t, 4, 0), Err(DescError::TooManyDescriptors));
         // outside memory
         write_desc(&m, t, 0, 0xfff0, 0x20, 0, 0);
-        assert!(matches!(parse_chain(&m, t, 4, 0), Err(DescError::BufferOutOfMemory { .. })));
+        assert!(matches!(
+            parse_chain(&m, t, 4, 0),
+            Err(DescError::BufferOutOfMemory { .. })
+        ));
         // huge length
         write_desc(&m, t, 0, 0x0, u32::MAX, 0, 0);
         assert!(parse_chain(&m, t, 4, 0).is_err());
@@ -284,18 +300,45 @@ mod tests {
         write_desc(&m, t, 0, 0x2000, 1, VIRTQ_DESC_F_NEXT, 7);
         assert_eq!(parse_chain(&m, t, 4, 0), Err(DescError::BadIndex(7)));
         // readable after writable
-        write_desc(&m, t, 0, 0x2000, 1, VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE, 1);
+        write_desc(
+            &m,
+            t,
+            0,
+            0x2000,
+            1,
+            VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE,
+            1,
+        );
         write_desc(&m, t, 1, 0x2000, 1, 0, 0);
-        assert_eq!(parse_chain(&m, t, 4, 0), Err(DescError::ReadableAfterWritable));
+        assert_eq!(
+            parse_chain(&m, t, 4, 0),
+            Err(DescError::ReadableAfterWritable)
+        );
         // table outside memory
         assert!(parse_chain(&m, GuestAddress(0xfff8), 4, 0).is_err());
         // nested indirect
         write_desc(&m, t, 0, 0x3000, 32, VIRTQ_DESC_F_INDIRECT, 0);
-        write_desc(&m, GuestAddress(0x3000), 0, 0x3000, 32, VIRTQ_DESC_F_INDIRECT, 0);
+        write_desc(
+            &m,
+            GuestAddress(0x3000),
+            0,
+            0x3000,
+            32,
+            VIRTQ_DESC_F_INDIRECT,
+            0,
+        );
         assert_eq!(parse_chain(&m, t, 4, 0), Err(DescError::BadIndirect));
         // valid indirect
         write_desc(&m, GuestAddress(0x3000), 0, 0x4000, 4, VIRTQ_DESC_F_NEXT, 1);
-        write_desc(&m, GuestAddress(0x3000), 1, 0x5000, 4, VIRTQ_DESC_F_WRITE, 0);
+        write_desc(
+            &m,
+            GuestAddress(0x3000),
+            1,
+            0x5000,
+            4,
+            VIRTQ_DESC_F_WRITE,
+            0,
+        );
         let c = parse_chain(&m, t, 4, 0).unwrap();
         assert_eq!((c.readable_len(), c.writable_len()), (4, 4));
     }

@@ -56,7 +56,9 @@ pub struct MmioTransport {
     status: u32,
 }
 
-fn lock<'a>(d: &'a Arc<Mutex<dyn VirtioDevice + 'static>>) -> MutexGuard<'a, dyn VirtioDevice + 'static> {
+fn lock<'a>(
+    d: &'a Arc<Mutex<dyn VirtioDevice + 'static>>,
+) -> MutexGuard<'a, dyn VirtioDevice + 'static> {
     d.lock().unwrap_or_else(|e| e.into_inner())
 }
 
@@ -81,7 +83,10 @@ fn copy_queue(q: &Queue) -> Queue {
 impl MmioTransport {
     /// Wraps `device`. `mem` is what queues are validated against and what
     /// the device gets at activation.
-    pub fn new(mem: GuestMemoryMmap, device: Arc<Mutex<dyn VirtioDevice>>) -> Result<Self, MmioError> {
+    pub fn new(
+        mem: GuestMemoryMmap,
+        device: Arc<Mutex<dyn VirtioDevice>>,
+    ) -> Result<Self, MmioError> {
         let (queues, queue_evts, irq) = {
             let d = lock(&device);
             let queues = d
@@ -151,8 +156,7 @@ impl MmioTransport {
 
     fn queues_valid(&self) -> bool {
         self.queues.iter().zip(&self.queue_bad).all(|(q, bad)| {
-            !bad
-                && q.ready()
+            !bad && q.ready()
                 && q.desc_table() % 16 == 0
                 && q.avail_ring() % 2 == 0
                 && q.used_ring() % 4 == 0
@@ -205,7 +209,8 @@ impl MmioTransport {
             }
             self.status |= bit;
         }
-        if new & !(STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK) != 0 {
+        if new & !(STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK) != 0
+        {
             log::warn!("virtio-mmio: unknown status bits in {v:#x}");
         }
     }
@@ -243,8 +248,7 @@ impl MmioTransport {
 
     /// Queue fields may only change between FEATURES_OK and DRIVER_OK.
     fn queue_writable(&self) -> bool {
-        self.status & (STATUS_FEATURES_OK | STATUS_DRIVER_OK | STATUS_FAILED)
-            == STATUS_FEATURES_OK
+        self.status & (STATUS_FEATURES_OK | STATUS_DRIVER_OK | STATUS_FAILED) == STATUS_FEATURES_OK
     }
 
     fn write_reg(&mut self, offset: u64, v: u32) {
@@ -253,7 +257,10 @@ impl MmioTransport {
             0x20 => {
                 if self.status & (STATUS_DRIVER | STATUS_FEATURES_OK) == STATUS_DRIVER {
                     match self.driver_features_sel {
-                        0 => self.driver_features = (self.driver_features & !0xffff_ffff) | u64::from(v),
+                        0 => {
+                            self.driver_features =
+                                (self.driver_features & !0xffff_ffff) | u64::from(v)
+                        }
                         1 => {
                             self.driver_features =
                                 (self.driver_features & 0xffff_ffff) | (u64::from(v) << 32)
@@ -271,7 +278,10 @@ impl MmioTransport {
             0x30 => self.queue_sel = v,
             0x38 | 0x44 | 0x80 | 0x84 | 0x90 | 0x94 | 0xa0 | 0xa4 => {
                 if !self.queue_writable() {
-                    log::warn!("virtio-mmio: queue write at {offset:#x} in status {:#x}", self.status);
+                    log::warn!(
+                        "virtio-mmio: queue write at {offset:#x} in status {:#x}",
+                        self.status
+                    );
                     return;
                 }
                 let Some(i) = self.selected() else {
@@ -299,7 +309,11 @@ impl MmioTransport {
                                 (old & 0xffff_ffff) | (u64::from(v) << 32)
                             }
                         };
-                        let (lo, hi) = if offset & 4 == 0 { (Some(v), None) } else { (None, Some(v)) };
+                        let (lo, hi) = if offset & 4 == 0 {
+                            (Some(v), None)
+                        } else {
+                            (None, Some(v))
+                        };
                         let (want, got) = match offset {
                             0x80 | 0x84 => {
                                 let want = merge(q.desc_table());
@@ -351,8 +365,12 @@ impl MmioTransport {
                     _ => 0,
                 }
             }
-            0x34 => self.selected().map_or(0, |i| u32::from(self.queues[i].max_size())),
-            0x44 => self.selected().map_or(0, |i| u32::from(self.queues[i].ready())),
+            0x34 => self
+                .selected()
+                .map_or(0, |i| u32::from(self.queues[i].max_size())),
+            0x44 => self
+                .selected()
+                .map_or(0, |i| u32::from(self.queues[i].ready())),
             0x60 => self.irq.status(),
             0x70 => self.status,
             // no shared memory regions: length reads as all ones
@@ -369,7 +387,7 @@ impl BusDevice for MmioTransport {
             lock(&self.device).read_config(offset - 0x100, data);
             return;
         }
-        if data.len() != 4 || offset % 4 != 0 {
+        if data.len() != 4 || !offset.is_multiple_of(4) {
             data.fill(0);
             return;
         }
@@ -383,10 +401,13 @@ impl BusDevice for MmioTransport {
             return;
         }
         let Ok(b) = <[u8; 4]>::try_from(data) else {
-            log::warn!("virtio-mmio: {}-byte write at {offset:#x} ignored", data.len());
+            log::warn!(
+                "virtio-mmio: {}-byte write at {offset:#x} ignored",
+                data.len()
+            );
             return;
         };
-        if offset % 4 != 0 {
+        if !offset.is_multiple_of(4) {
             return;
         }
         self.write_reg(offset, u32::from_le_bytes(b));
@@ -424,7 +445,11 @@ mod tests {
         fn read_config(&self, offset: u64, data: &mut [u8]) {
             read_config_bytes(&[1, 2, 3, 4, 5, 6, 7, 8], offset, data)
         }
-        fn activate(&mut self, mem: GuestMemoryMmap, queues: Vec<Queue>) -> Result<(), ActivateError> {
+        fn activate(
+            &mut self,
+            mem: GuestMemoryMmap,
+            queues: Vec<Queue>,
+        ) -> Result<(), ActivateError> {
             self.activations += 1;
             self.base.activate(mem, queues)
         }
@@ -550,7 +575,10 @@ mod tests {
         w(&mut t, 0x70, 0xf);
         assert_eq!(r(&mut t, 0x70), 0xf);
         assert!(d.lock().unwrap().is_activated());
-        assert_eq!(d.lock().unwrap().base.acked_features, VIRTIO_F_VERSION_1 | 1 << 5);
+        assert_eq!(
+            d.lock().unwrap().base.acked_features,
+            VIRTIO_F_VERSION_1 | 1 << 5
+        );
         // queue writes after DRIVER_OK are ignored
         w(&mut t, 0x30, 0);
         w(&mut t, 0x38, 2);
@@ -559,7 +587,7 @@ mod tests {
         w(&mut t, 0x50, 1);
         assert_eq!(d.lock().unwrap().base.queue_evts[1].read().unwrap(), 1);
         w(&mut t, 0x50, 7); // unknown queue: ignored
-        // interrupts
+                            // interrupts
         d.lock().unwrap().base.signal_used();
         assert_eq!(r(&mut t, 0x60), INT_VRING);
         w(&mut t, 0x64, INT_VRING);
@@ -628,7 +656,11 @@ mod tests {
             x ^= x << 17;
             let off = (x % 0x140) & !3;
             let v = (x >> 20) as u32 % 64;
-            let v = if x & (1 << 60) != 0 { v } else { (x >> 8) as u32 };
+            let v = if x & (1 << 60) != 0 {
+                v
+            } else {
+                (x >> 8) as u32
+            };
             if x & (1 << 61) != 0 {
                 w(&mut t, off, v);
             } else {

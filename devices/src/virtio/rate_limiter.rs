@@ -117,8 +117,10 @@ impl TokenBucket {
     fn wait_time(&self, n: u64) -> Duration {
         let need = n.min(self.size).saturating_sub(self.budget).max(1);
         let ns = u128::from(need) * u128::from(self.refill_ms) * 1_000_000 / u128::from(self.size);
-        Duration::from_nanos(u64::try_from(ns).unwrap_or(u64::MAX))
-            .clamp(Duration::from_millis(1), Duration::from_millis(self.refill_ms))
+        Duration::from_nanos(u64::try_from(ns).unwrap_or(u64::MAX)).clamp(
+            Duration::from_millis(1),
+            Duration::from_millis(self.refill_ms),
+        )
     }
 
     /// Tokens currently in the bucket (after refill) plus the burst.
@@ -302,7 +304,7 @@ mod tests {
         // the op taken by the failed attempt was given back
         assert_eq!(rl.ops.as_mut().unwrap().available(t0), 1);
         assert!(!rl.consume_at(1, t0 + Duration::from_secs(1))); // blocked until timer
-        // wait for the timer (bounded by the poll timeout)
+                                                                 // wait for the timer (bounded by the poll timeout)
         let mut pfd = libc::pollfd {
             fd: rl.as_raw_fd(),
             events: libc::POLLIN,

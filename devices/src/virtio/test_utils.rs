@@ -10,7 +10,15 @@ pub fn mem(size: usize) -> GuestMemoryMmap {
 
 /// Writes descriptor `idx` of the table at `table` (ignores failures, so
 /// tests can aim descriptors anywhere).
-pub fn write_desc(m: &GuestMemoryMmap, table: GuestAddress, idx: u16, addr: u64, len: u32, flags: u16, next: u16) {
+pub fn write_desc(
+    m: &GuestMemoryMmap,
+    table: GuestAddress,
+    idx: u16,
+    addr: u64,
+    len: u32,
+    flags: u16,
+    next: u16,
+) {
     let mut b = [0u8; 16];
     b[0..8].copy_from_slice(&addr.to_le_bytes());
     b[8..12].copy_from_slice(&len.to_le_bytes());
@@ -65,7 +73,15 @@ impl TestQueue {
             if i + 1 < bufs.len() {
                 flags |= 1;
             }
-            write_desc(&self.mem, self.desc, idx, *addr, *len, flags, (idx + 1) % self.size);
+            write_desc(
+                &self.mem,
+                self.desc,
+                idx,
+                *addr,
+                *len,
+                flags,
+                (idx + 1) % self.size,
+            );
         }
         self.next_desc = (head + bufs.len() as u16) % self.size;
         self.publish(head);
@@ -87,7 +103,9 @@ impl TestQueue {
     /// Forces the avail idx (to test bogus values).
     pub fn set_avail_idx(&mut self, idx: u16) {
         self.avail_idx = idx;
-        self.mem.write_obj(idx, GuestAddress(self.avail.0 + 2)).unwrap();
+        self.mem
+            .write_obj(idx, GuestAddress(self.avail.0 + 2))
+            .unwrap();
     }
 
     pub fn used_idx(&self) -> u16 {

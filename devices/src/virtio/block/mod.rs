@@ -25,7 +25,9 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::desc::{parse_chain, ParsedChain};
 use super::rate_limiter::{RateLimiter, RateLimiterConfig, RateLimiterError};
-use super::{drain_evt, read_config_bytes, ActivateError, DeviceBase, IrqTrigger, VirtioDevice, TYPE_BLOCK};
+use super::{
+    drain_evt, read_config_bytes, ActivateError, DeviceBase, IrqTrigger, VirtioDevice, TYPE_BLOCK,
+};
 
 /// Sector size.
 pub const SECTOR_SIZE: u64 = 512;
@@ -120,7 +122,9 @@ impl Disk {
             return (VIRTIO_BLK_S_IOERR, 0);
         }
         let rtype = u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
-        let sector = u64::from_le_bytes([hdr[8], hdr[9], hdr[10], hdr[11], hdr[12], hdr[13], hdr[14], hdr[15]]);
+        let sector = u64::from_le_bytes([
+            hdr[8], hdr[9], hdr[10], hdr[11], hdr[12], hdr[13], hdr[14], hdr[15],
+        ]);
         // writable bytes except the status byte
         let data_in = c.writable_len() - 1;
         match rtype {
@@ -164,14 +168,20 @@ impl Disk {
     /// Byte offset of a `len`-byte transfer at `sector` if it is
     /// sector-sized and within capacity.
     fn range(&self, sector: u64, len: u64) -> Option<u64> {
-        if len % SECTOR_SIZE != 0 {
+        if !len.is_multiple_of(SECTOR_SIZE) {
             return None;
         }
         let end_sector = sector.checked_add(len / SECTOR_SIZE)?;
         (end_sector <= self.sectors()).then_some(sector * SECTOR_SIZE)
     }
 
-    fn read_to_guest(&self, mem: &GuestMemoryMmap, c: &ParsedChain, off: u64, len: u64) -> std::io::Result<()> {
+    fn read_to_guest(
+        &self,
+        mem: &GuestMemoryMmap,
+        c: &ParsedChain,
+        off: u64,
+        len: u64,
+    ) -> std::io::Result<()> {
         let mut buf = vec![0u8; CHUNK.min(len as usize)];
         let mut done = 0u64;
         while done < len {
@@ -190,7 +200,13 @@ impl Disk {
         Ok(())
     }
 
-    fn write_from_guest(&self, mem: &GuestMemoryMmap, c: &ParsedChain, off: u64, len: u64) -> std::io::Result<()> {
+    fn write_from_guest(
+        &self,
+        mem: &GuestMemoryMmap,
+        c: &ParsedChain,
+        off: u64,
+        len: u64,
+    ) -> std::io::Result<()> {
         let mut buf = vec![0u8; CHUNK.min(len as usize)];
         let mut done = 0u64;
         while done < len {
@@ -317,8 +333,16 @@ impl Block {
         if self.registered {
             return;
         }
-        let r1 = ops.add(Events::with_data(&self.base.queue_evts[0], TOKEN_QUEUE, EventSet::IN));
-        let r2 = ops.add(Events::with_data_raw(self.limiter.as_raw_fd(), TOKEN_LIMITER, EventSet::IN));
+        let r1 = ops.add(Events::with_data(
+            &self.base.queue_evts[0],
+            TOKEN_QUEUE,
+            EventSet::IN,
+        ));
+        let r2 = ops.add(Events::with_data_raw(
+            self.limiter.as_raw_fd(),
+            TOKEN_LIMITER,
+            EventSet::IN,
+        ));
         if let Err(e) = r1.and(r2) {
             log::error!("virtio-blk: registering events: {e:?}");
         }
@@ -373,7 +397,11 @@ impl VirtioDevice for Block {
 
 impl MutEventSubscriber for Block {
     fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::with_data(&self.base.activate_evt, TOKEN_ACTIVATE, EventSet::IN)) {
+        if let Err(e) = ops.add(Events::with_data(
+            &self.base.activate_evt,
+            TOKEN_ACTIVATE,
+            EventSet::IN,
+        )) {
             log::error!("virtio-blk: registering activate event: {e:?}");
         }
         if self.base.is_active() {
@@ -409,8 +437,8 @@ impl MutEventSubscriber for Block {
 mod tests {
     use super::*;
     use crate::virtio::test_utils::{mem, write_desc, TestQueue};
-    use event_manager::SubscriberOps;
     use crate::virtio::{INT_CONFIG, INT_VRING};
+    use event_manager::SubscriberOps;
     use vm_memory::Bytes;
     use vmm_sys_util::tempfile::TempFile;
 
@@ -434,7 +462,12 @@ mod tests {
         })
         .unwrap();
         blk.activate(m.clone(), vec![q.queue()]).unwrap();
-        Env { _file: file, m, q, blk }
+        Env {
+            _file: file,
+            m,
+            q,
+            blk,
+        }
     }
 
     fn hdr(m: &GuestMemoryMmap, at: u64, t: u32, sector: u64) {
@@ -477,7 +510,12 @@ mod tests {
         // OUT sector 7 with data split over two descriptors
         e.m.write_slice(&[0x5a; 512], GuestAddress(D)).unwrap();
         hdr(&e.m, H, VIRTIO_BLK_T_OUT, 7);
-        e.q.add_chain(&[(H, 16, false), (D, 256, false), (D + 256, 256, false), (S, 1, true)]);
+        e.q.add_chain(&[
+            (H, 16, false),
+            (D, 256, false),
+            (D + 256, 256, false),
+            (S, 1, true),
+        ]);
         e.blk.process_queue();
         assert_eq!(e.q.used_elem(1).1, 1);
         assert_eq!(status(&e.m, S), VIRTIO_BLK_S_OK);
@@ -629,7 +667,10 @@ mod tests {
         e.blk.process_queue();
         assert_eq!(e.q.used_idx(), 1);
         // drive the event loop until the limiter lets the rest through
-        let mut em = event_manager::EventManager::<Arc<std::sync::Mutex<dyn MutEventSubscriber + Send>>>::new().unwrap();
+        let mut em = event_manager::EventManager::<
+            Arc<std::sync::Mutex<dyn MutEventSubscriber + Send>>,
+        >::new()
+        .unwrap();
         let blk: Arc<std::sync::Mutex<Block>> = Arc::new(std::sync::Mutex::new(e.blk));
         em.add_subscriber(blk.clone());
         blk.lock().unwrap().base.activate_evt.write(1).unwrap();

@@ -26,7 +26,9 @@ pub use tap::Tap;
 
 use super::desc::parse_chain;
 use super::rate_limiter::{RateLimiter, RateLimiterConfig, RateLimiterError};
-use super::{drain_evt, read_config_bytes, ActivateError, DeviceBase, IrqTrigger, VirtioDevice, TYPE_NET};
+use super::{
+    drain_evt, read_config_bytes, ActivateError, DeviceBase, IrqTrigger, VirtioDevice, TYPE_NET,
+};
 
 /// virtio_net_hdr_v1 length.
 pub const VNET_HDR_LEN: usize = 12;
@@ -149,7 +151,8 @@ impl Net {
             0
         };
         Ok(Self {
-            base: DeviceBase::new(features, &[QUEUE_SIZE, QUEUE_SIZE]).map_err(NetError::EventFd)?,
+            base: DeviceBase::new(features, &[QUEUE_SIZE, QUEUE_SIZE])
+                .map_err(NetError::EventFd)?,
             rx_limiter: RateLimiter::new(&config.rx_rate_limiter.unwrap_or_default())?,
             tx_limiter: RateLimiter::new(&config.tx_rate_limiter.unwrap_or_default())?,
             config,
@@ -167,7 +170,11 @@ impl Net {
     }
 
     /// Replaces the rate limiters (API PATCH); `None` leaves one unchanged.
-    pub fn update_rate_limiters(&mut self, rx: Option<&RateLimiterConfig>, tx: Option<&RateLimiterConfig>) {
+    pub fn update_rate_limiters(
+        &mut self,
+        rx: Option<&RateLimiterConfig>,
+        tx: Option<&RateLimiterConfig>,
+    ) {
         if let Some(rx) = rx {
             self.rx_limiter.update(rx);
             self.config.rx_rate_limiter = Some(*rx);
@@ -306,11 +313,31 @@ impl Net {
         }
         let fd: RawFd = self.backend.as_raw_fd();
         let res = [
-            ops.add(Events::with_data(&self.base.queue_evts[RX], TOKEN_RX_QUEUE, EventSet::IN)),
-            ops.add(Events::with_data(&self.base.queue_evts[TX], TOKEN_TX_QUEUE, EventSet::IN)),
-            ops.add(Events::with_data_raw(fd, TOKEN_BACKEND, EventSet::IN | EventSet::EDGE_TRIGGERED)),
-            ops.add(Events::with_data_raw(self.rx_limiter.as_raw_fd(), TOKEN_RX_LIMITER, EventSet::IN)),
-            ops.add(Events::with_data_raw(self.tx_limiter.as_raw_fd(), TOKEN_TX_LIMITER, EventSet::IN)),
+            ops.add(Events::with_data(
+                &self.base.queue_evts[RX],
+                TOKEN_RX_QUEUE,
+                EventSet::IN,
+            )),
+            ops.add(Events::with_data(
+                &self.base.queue_evts[TX],
+                TOKEN_TX_QUEUE,
+                EventSet::IN,
+            )),
+            ops.add(Events::with_data_raw(
+                fd,
+                TOKEN_BACKEND,
+                EventSet::IN | EventSet::EDGE_TRIGGERED,
+            )),
+            ops.add(Events::with_data_raw(
+                self.rx_limiter.as_raw_fd(),
+                TOKEN_RX_LIMITER,
+                EventSet::IN,
+            )),
+            ops.add(Events::with_data_raw(
+                self.tx_limiter.as_raw_fd(),
+                TOKEN_TX_LIMITER,
+                EventSet::IN,
+            )),
         ];
         for r in res {
             if let Err(e) = r {
@@ -367,7 +394,11 @@ impl VirtioDevice for Net {
 
 impl MutEventSubscriber for Net {
     fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::with_data(&self.base.activate_evt, TOKEN_ACTIVATE, EventSet::IN)) {
+        if let Err(e) = ops.add(Events::with_data(
+            &self.base.activate_evt,
+            TOKEN_ACTIVATE,
+            EventSet::IN,
+        )) {
             log::error!("virtio-net: registering activate event: {e:?}");
         }
         if self.base.is_active() {
@@ -454,8 +485,15 @@ mod tests {
             Box::new(a),
         )
         .unwrap();
-        net.activate(m.clone(), vec![rxq.queue(), txq.queue()]).unwrap();
-        Env { m, rxq, txq, peer: b, net }
+        net.activate(m.clone(), vec![rxq.queue(), txq.queue()])
+            .unwrap();
+        Env {
+            m,
+            rxq,
+            txq,
+            peer: b,
+            net,
+        }
     }
 
     fn frame(n: usize, fill: u8) -> Vec<u8> {
@@ -473,7 +511,13 @@ mod tests {
         assert_eq!(b, MAC);
         assert_eq!(parse_mac("06:00:AC:10:00:02").unwrap(), MAC);
         assert_eq!(format_mac(&MAC), "06:00:ac:10:00:02");
-        for bad in ["", "06:00:ac:10:00", "06:00:ac:10:00:02:03", "0g:00:ac:10:00:02", "6:00:ac:10:00:02"] {
+        for bad in [
+            "",
+            "06:00:ac:10:00",
+            "06:00:ac:10:00:02:03",
+            "0g:00:ac:10:00:02",
+            "6:00:ac:10:00:02",
+        ] {
             assert!(parse_mac(bad).is_err(), "{bad}");
         }
     }
@@ -482,9 +526,12 @@ mod tests {
     fn tx_sends_frames() {
         let mut e = env();
         let f = frame(100, 0x42);
-        e.m.write_slice(&f[..VNET_HDR_LEN], GuestAddress(0x10000)).unwrap();
-        e.m.write_slice(&f[VNET_HDR_LEN..], GuestAddress(0x11000)).unwrap();
-        e.txq.add_chain(&[(0x10000, VNET_HDR_LEN as u32, false), (0x11000, 100, false)]);
+        e.m.write_slice(&f[..VNET_HDR_LEN], GuestAddress(0x10000))
+            .unwrap();
+        e.m.write_slice(&f[VNET_HDR_LEN..], GuestAddress(0x11000))
+            .unwrap();
+        e.txq
+            .add_chain(&[(0x10000, VNET_HDR_LEN as u32, false), (0x11000, 100, false)]);
         // evil: too short, and outside memory
         e.txq.add_chain(&[(0x10000, 4, false)]);
         e.txq.add_chain(&[(0x7ff00, 0x1000, false)]);
@@ -533,7 +580,13 @@ mod tests {
     #[test]
     fn event_loop_drives_rx_and_tx() {
         let e = env();
-        let Env { m, mut rxq, mut txq, peer, net } = e;
+        let Env {
+            m,
+            mut rxq,
+            mut txq,
+            peer,
+            net,
+        } = e;
         let net = Arc::new(Mutex::new(net));
         let mut em = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new().unwrap();
         em.add_subscriber(net.clone());
@@ -582,7 +635,8 @@ mod tests {
             let rxq = TestQueue::new(&m, 0x1000, 16);
             let mut txq = TestQueue::new(&m, 0x4000, 16);
             let mut net = Net::with_backend(NetConfig::default(), Box::new(tap)).unwrap();
-            net.activate(m.clone(), vec![rxq.queue(), txq.queue()]).unwrap();
+            net.activate(m.clone(), vec![rxq.queue(), txq.queue()])
+                .unwrap();
             // nothing to read yet: non-blocking
             assert!(!net.process_rx());
             // tx on a down interface is dropped by the kernel, not a crash
