@@ -1,0 +1,394 @@
+//! Per-connection state: input/output buffers, the request parser and the
+//! state machine that keeps responses in request order.
+//!
+//! A connection is in one of three states:
+//! - `Idle`: the next complete request may be dispatched;
+//! - `Waiting`: the handler answered [`Reply::Later`](crate::Reply::Later),
+//!   further pipelined requests are buffered (bounded) but not dispatched;
+//! - `Streaming`: a [`Body::Stream`](crate::Body::Stream) response is being
+//!   sent; same buffering rule until the stream is finished.
+
+use std::fmt;
+use std::io::{self, Read};
+use std::os::unix::io::AsRawFd;
+use std::os::unix::net::UnixStream;
+
+use event_manager::EventSet;
+
+use crate::request::{Limits, Parsed, Request, RequestError, RequestParser};
+use crate::response::{self, Framing, Response, WriteOpts};
+
+/// Bytes read from a socket per readiness event before yielding to others.
+const READ_BUDGET: usize = 256 * 1024;
+/// Size of one read call.
+const READ_CHUNK: usize = 64 * 1024;
+/// While this much output is unsent, no further request is dispatched.
+const OUT_HIGH_WATER: usize = 1024 * 1024;
+/// Extra input buffered beyond one header block while not dispatching.
+const IN_SLACK: usize = 64 * 1024;
+
+/// Errors on a connection's socket.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectionError {
+    /// Reading from the socket failed.
+    #[error("read failed: {0}")]
+    Read(io::Error),
+    /// Writing to the socket failed (e.g. the peer went away).
+    #[error("write failed: {0}")]
+    Write(io::Error),
+}
+
+/// Identifies one client connection for the lifetime of a server. Ids are
+/// never reused, so a late [`Responder::respond`](crate::Responder::respond)
+/// for a closed connection cannot reach a newer one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConnectionId(pub u64);
+
+impl fmt::Display for ConnectionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "conn#{}", self.0)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Idle,
+    Waiting(WriteOpts),
+    Streaming(WriteOpts, Framing),
+}
+
+/// One accepted client connection.
+#[derive(Debug)]
+pub(crate) struct Connection {
+    pub(crate) stream: UnixStream,
+    parser: RequestParser,
+    in_cap: usize,
+    inbuf: Vec<u8>,
+    out: Vec<u8>,
+    out_pos: usize,
+    state: State,
+    close_after_flush: bool,
+    peer_eof: bool,
+    continue_sent: bool,
+    pub(crate) dispatched_any: bool,
+    /// Event set currently registered with epoll.
+    pub(crate) interest: EventSet,
+}
+
+impl Connection {
+    pub(crate) fn new(stream: UnixStream, limits: Limits) -> Self {
+        Connection {
+            stream,
+            parser: RequestParser::new(limits),
+            in_cap: limits.max_header_bytes + IN_SLACK,
+            inbuf: Vec::new(),
+            out: Vec::new(),
+            out_pos: 0,
+            state: State::Idle,
+            close_after_flush: false,
+            peer_eof: false,
+            continue_sent: false,
+            dispatched_any: false,
+            interest: EventSet::IN,
+        }
+    }
+
+    /// Whether more input should be read now.
+    pub(crate) fn wants_read(&self) -> bool {
+        !self.peer_eof && !self.close_after_flush && self.inbuf.len() < self.in_cap
+    }
+
+    /// The epoll interest this connection needs.
+    pub(crate) fn desired_interest(&self) -> EventSet {
+        let mut set = EventSet::empty();
+        if self.wants_read() {
+            set |= EventSet::IN;
+        }
+        if self.pending_out() > 0 {
+            set |= EventSet::OUT;
+        }
+        set
+    }
+
+    /// Unsent output bytes.
+    pub(crate) fn pending_out(&self) -> usize {
+        self.out.len() - self.out_pos
+    }
+
+    /// Reads what is available (bounded); sets the EOF flag when the peer
+    /// has shut down its sending side.
+    pub(crate) fn read(&mut self) -> Result<(), ConnectionError> {
+        let mut total = 0;
+        while self.wants_read() && total < READ_BUDGET {
+            let old = self.inbuf.len();
+            let want = READ_CHUNK.min(self.in_cap.saturating_sub(old)).max(1);
+            self.inbuf.resize(old + want, 0);
+            let res = self.stream.read(&mut self.inbuf[old..]);
+            match res {
+                Ok(0) => {
+                    self.inbuf.truncate(old);
+                    self.peer_eof = true;
+                }
+                Ok(n) => {
+                    self.inbuf.truncate(old + n);
+                    total += n;
+                }
+                Err(e) => {
+                    self.inbuf.truncate(old);
+                    match e.kind() {
+                        io::ErrorKind::WouldBlock => break,
+                        io::ErrorKind::Interrupted => continue,
+                        _ => return Err(ConnectionError::Read(e)),
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn can_dispatch(&self) -> bool {
+        self.state == State::Idle && !self.close_after_flush && self.pending_out() < OUT_HIGH_WATER
+    }
+
+    /// Parses the next complete request from buffered input if the
+    /// connection is ready for one. Sends `100 Continue` when the current
+    /// request waits for it. Returns the request and how to answer it.
+    pub(crate) fn next_request(&mut self) -> Result<Option<(Request, WriteOpts)>, RequestError> {
+        if !self.can_dispatch() {
+            return Ok(None);
+        }
+        let (n, parsed) = self.parser.parse(&self.inbuf)?;
+        self.inbuf.drain(..n);
+        match parsed {
+            Parsed::Complete(req) => {
+                self.continue_sent = false;
+                self.dispatched_any = true;
+                let opts = WriteOpts {
+                    keep_alive: req.keep_alive(),
+                    head: req.method == crate::Method::Head,
+                    version: req.version,
+                };
+                Ok(Some((*req, opts)))
+            }
+            Parsed::Incomplete => {
+                if self.parser.awaiting_body_with_continue() && !self.continue_sent && !self.peer_eof {
+                    self.out.extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
+                    self.continue_sent = true;
+                }
+                Ok(None)
+            }
+        }
+    }
+
+    /// Queues the response to the request described by `opts`.
+    pub(crate) fn start_response(&mut self, resp: &Response, mut opts: WriteOpts) {
+        opts.keep_alive &= !resp.wants_close();
+        let framing = response::framing_for(resp, &opts);
+        response::serialize(resp, &opts, framing, &mut self.out);
+        if resp.is_stream() {
+            self.state = State::Streaming(opts, framing);
+        } else {
+            self.state = State::Idle;
+            if !opts.keep_alive {
+                self.close_after_flush = true;
+            }
+        }
+    }
+
+    /// Marks the current request as answered later.
+    pub(crate) fn wait(&mut self, opts: WriteOpts) {
+        self.state = State::Waiting(opts);
+    }
+
+    /// Delivers a deferred response; false if none was awaited.
+    pub(crate) fn respond_later(&mut self, resp: &Response) -> bool {
+        match self.state {
+            State::Waiting(opts) => {
+                self.start_response(resp, opts);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Whether a streamed response is in progress.
+    pub(crate) fn is_streaming(&self) -> bool {
+        matches!(self.state, State::Streaming(..))
+    }
+
+    /// Whether a Later or streamed response is outstanding.
+    #[cfg(test)]
+    pub(crate) fn is_busy(&self) -> bool {
+        self.state != State::Idle
+    }
+
+    /// Appends a chunk of the streamed response; false if not streaming.
+    pub(crate) fn push_chunk(&mut self, data: &[u8]) -> bool {
+        match self.state {
+            State::Streaming(_, framing) => {
+                response::encode_chunk(framing, data, &mut self.out);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Ends the streamed response; false if not streaming.
+    pub(crate) fn finish_stream(&mut self) -> bool {
+        match self.state {
+            State::Streaming(opts, framing) => {
+                response::encode_end(framing, &mut self.out);
+                self.state = State::Idle;
+                if !opts.keep_alive || framing == Framing::UntilClose {
+                    self.close_after_flush = true;
+                }
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Queues an error response generated by the layer and closes the
+    /// connection once it is sent. Buffered input is discarded.
+    pub(crate) fn fail(&mut self, resp: &Response, version: crate::Version) {
+        let opts = WriteOpts {
+            keep_alive: false,
+            head: false,
+            version,
+        };
+        response::serialize(resp, &opts, Framing::Length, &mut self.out);
+        self.state = State::Idle;
+        self.close_after_flush = true;
+        self.inbuf = Vec::new();
+    }
+
+    /// Writes buffered output until done or the socket is full.
+    pub(crate) fn flush(&mut self) -> Result<(), ConnectionError> {
+        while self.out_pos < self.out.len() {
+            let rest = &self.out[self.out_pos..];
+            // SAFETY: `rest` is a valid readable buffer of `rest.len()` bytes
+            // and the fd is owned by `self.stream`. MSG_NOSIGNAL avoids
+            // SIGPIPE when the peer is gone.
+            let n = unsafe {
+                libc::send(
+                    self.stream.as_raw_fd(),
+                    rest.as_ptr().cast(),
+                    rest.len(),
+                    libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+                )
+            };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                match e.kind() {
+                    io::ErrorKind::WouldBlock => break,
+                    io::ErrorKind::Interrupted => continue,
+                    _ => return Err(ConnectionError::Write(e)),
+                }
+            }
+            self.out_pos += n as usize;
+        }
+        if self.out_pos == self.out.len() {
+            self.out.clear();
+            self.out_pos = 0;
+        } else if self.out_pos > READ_CHUNK && self.out_pos * 2 > self.out.len() {
+            self.out.drain(..self.out_pos);
+            self.out_pos = 0;
+        }
+        Ok(())
+    }
+
+    /// Whether the connection is done and should be closed now.
+    pub(crate) fn finished(&self) -> bool {
+        if self.pending_out() > 0 {
+            return false;
+        }
+        self.close_after_flush || (self.peer_eof && self.state == State::Idle)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::request::Version;
+    use std::io::Write;
+
+    fn pair() -> (Connection, UnixStream) {
+        let (a, b) = UnixStream::pair().unwrap();
+        a.set_nonblocking(true).unwrap();
+        (Connection::new(a, Limits::default()), b)
+    }
+
+    fn read_all_available(s: &mut UnixStream) -> String {
+        s.set_nonblocking(true).unwrap();
+        let mut v = Vec::new();
+        let _ = s.read_to_end(&mut v);
+        String::from_utf8(v).unwrap()
+    }
+
+    #[test]
+    fn later_blocks_pipelined_requests_until_answered() {
+        let (mut c, mut peer) = pair();
+        peer.write_all(b"GET /a HTTP/1.1\r\n\r\nGET /b HTTP/1.1\r\n\r\n").unwrap();
+        c.read().unwrap();
+        let (req, opts) = c.next_request().unwrap().unwrap();
+        assert_eq!(req.path, "/a");
+        c.wait(opts);
+        assert!(c.is_busy());
+        assert!(c.next_request().unwrap().is_none());
+        assert!(c.respond_later(&Response::empty(204)));
+        assert!(!c.is_busy());
+        let (req, _) = c.next_request().unwrap().unwrap();
+        assert_eq!(req.path, "/b");
+        c.flush().unwrap();
+        assert_eq!(read_all_available(&mut peer), "HTTP/1.1 204 No Content\r\n\r\n");
+    }
+
+    #[test]
+    fn stream_chunks_and_finish() {
+        let (mut c, mut peer) = pair();
+        peer.write_all(b"GET /logs HTTP/1.1\r\n\r\n").unwrap();
+        c.read().unwrap();
+        let (_, opts) = c.next_request().unwrap().unwrap();
+        c.start_response(&Response::stream(200, "text/plain"), opts);
+        assert!(c.is_streaming());
+        assert!(c.push_chunk(b"abc"));
+        assert!(c.finish_stream());
+        assert!(!c.push_chunk(b"late"));
+        c.flush().unwrap();
+        let s = read_all_available(&mut peer);
+        assert!(s.ends_with("Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"), "{s}");
+        assert!(!c.finished());
+    }
+
+    #[test]
+    fn expect_continue_and_eof_closes() {
+        let (mut c, mut peer) = pair();
+        peer.write_all(b"PUT /x HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n")
+            .unwrap();
+        c.read().unwrap();
+        assert!(c.next_request().unwrap().is_none());
+        c.flush().unwrap();
+        assert_eq!(read_all_available(&mut peer), "HTTP/1.1 100 Continue\r\n\r\n");
+        peer.write_all(b"ok").unwrap();
+        peer.shutdown(std::net::Shutdown::Write).unwrap();
+        c.read().unwrap();
+        let (req, opts) = c.next_request().unwrap().unwrap();
+        assert_eq!(req.body, b"ok");
+        c.start_response(&Response::empty(204), opts);
+        assert!(!c.finished());
+        c.flush().unwrap();
+        assert!(c.finished());
+        assert_eq!(c.desired_interest(), EventSet::empty());
+    }
+
+    #[test]
+    fn fail_closes_after_flush() {
+        let (mut c, mut peer) = pair();
+        c.fail(&Response::fault(400, "nope"), Version::Http11);
+        assert!(!c.wants_read());
+        c.flush().unwrap();
+        assert!(c.finished());
+        let s = read_all_available(&mut peer);
+        assert!(s.contains("Connection: close"));
+    }
+}

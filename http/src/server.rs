@@ -1,0 +1,554 @@
+//! The epoll-driven server: listener, connections, handler dispatch and the
+//! thread-safe [`Responder`].
+
+use std::collections::{BTreeSet, HashMap};
+use std::fmt;
+use std::io;
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::io::{AsRawFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::Arc;
+
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::connection::{Connection, ConnectionId};
+use crate::request::{Limits, Request, Version, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_HEADER_BYTES};
+use crate::response::{self, Framing, Response, WriteOpts};
+
+/// Default maximum number of simultaneous connections.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 256;
+/// Default bound on unsent output of a streamed response.
+pub const DEFAULT_MAX_STREAM_BUFFER: usize = 16 * 1024 * 1024;
+/// Connections accepted per listener readiness event.
+const ACCEPT_BATCH: usize = 64;
+
+/// Errors from creating a server or from a [`Responder`].
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The socket path exists and is not a unix socket; it is left alone.
+    #[error("{0} exists and is not a socket")]
+    NotASocket(PathBuf),
+    /// Removing a stale socket file failed.
+    #[error("cannot remove stale socket {0}: {1}")]
+    RemoveStale(PathBuf, io::Error),
+    /// Binding the listening socket failed.
+    #[error("cannot bind {0}: {1}")]
+    Bind(PathBuf, io::Error),
+    /// Configuring the listening socket failed.
+    #[error("cannot configure listener: {0}")]
+    Listener(io::Error),
+    /// Creating or signalling the wake-up eventfd failed.
+    #[error("eventfd: {0}")]
+    EventFd(io::Error),
+    /// The server this responder belongs to has been dropped.
+    #[error("the HTTP server is gone")]
+    ServerGone,
+}
+
+/// What a [`Handler`] returns for a request.
+#[derive(Debug)]
+pub enum Reply {
+    /// Answer now.
+    Now(Response),
+    /// Answer later through [`Responder::respond`] (or
+    /// [`HttpServer::respond`]). Until then the connection keeps buffering
+    /// pipelined requests (bounded) but does not dispatch them.
+    Later,
+}
+
+impl From<Response> for Reply {
+    fn from(r: Response) -> Self {
+        Reply::Now(r)
+    }
+}
+
+/// Application logic plugged into an [`HttpServer`]. Called on the event
+/// loop thread; must not block.
+pub trait Handler {
+    /// Handles one complete request.
+    fn handle(&mut self, conn: ConnectionId, req: Request) -> Reply;
+
+    /// Called once when a connection that has had at least one request
+    /// dispatched is closed, for whatever reason (client disconnect, end of
+    /// keep-alive, error, slow stream consumer). Outstanding `Later` answers
+    /// and streams for `conn` are dropped from then on.
+    fn closed(&mut self, _conn: ConnectionId) {}
+}
+
+impl<F: FnMut(ConnectionId, Request) -> Reply> Handler for F {
+    fn handle(&mut self, conn: ConnectionId, req: Request) -> Reply {
+        self(conn, req)
+    }
+}
+
+/// Builds the error responses the layer generates itself (400, 413, 431,
+/// 501, 503) from a status and a message.
+pub type ErrorResponseFn = Arc<dyn Fn(u16, &str) -> Response + Send + Sync>;
+
+/// Server settings.
+#[derive(Clone)]
+pub struct ServerConfig {
+    /// Maximum request line + header block (431 beyond). Default 16 KiB.
+    pub max_header_bytes: usize,
+    /// Maximum request body (413 beyond). Default 1 MiB.
+    pub max_body_bytes: usize,
+    /// Maximum simultaneous connections; more are answered 503 and closed.
+    /// Default 256.
+    pub max_connections: usize,
+    /// A streaming connection whose unsent output exceeds this is closed
+    /// (slow consumer). Default 16 MiB.
+    pub max_stream_buffer: usize,
+    /// Error-body builder; default [`Response::fault`] (`{"fault_message": ...}`).
+    pub error_response: ErrorResponseFn,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_stream_buffer: DEFAULT_MAX_STREAM_BUFFER,
+            error_response: Arc::new(Response::fault),
+        }
+    }
+}
+
+impl fmt::Debug for ServerConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServerConfig")
+            .field("max_header_bytes", &self.max_header_bytes)
+            .field("max_body_bytes", &self.max_body_bytes)
+            .field("max_connections", &self.max_connections)
+            .field("max_stream_buffer", &self.max_stream_buffer)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug)]
+enum Msg {
+    Respond(ConnectionId, Response),
+    Chunk(ConnectionId, Vec<u8>),
+    Finish(ConnectionId),
+    Close(ConnectionId),
+}
+
+/// Thread-safe handle for answering `Reply::Later` requests and feeding
+/// streamed responses from any thread. Cheap to clone. Messages for
+/// connections that are already closed are silently dropped.
+#[derive(Clone, Debug)]
+pub struct Responder {
+    tx: Sender<Msg>,
+    wake: Arc<EventFd>,
+}
+
+impl Responder {
+    fn send(&self, msg: Msg) -> Result<(), ServerError> {
+        self.tx.send(msg).map_err(|_| ServerError::ServerGone)?;
+        self.wake.write(1).map_err(ServerError::EventFd)
+    }
+
+    /// Delivers the answer to a request that got `Reply::Later`. The
+    /// response may itself be a [`Body::Stream`](crate::Body::Stream).
+    pub fn respond(&self, conn: ConnectionId, resp: Response) -> Result<(), ServerError> {
+        self.send(Msg::Respond(conn, resp))
+    }
+
+    /// Pushes one chunk of a streamed response (empty chunks are skipped).
+    pub fn send_chunk(&self, conn: ConnectionId, data: impl Into<Vec<u8>>) -> Result<(), ServerError> {
+        self.send(Msg::Chunk(conn, data.into()))
+    }
+
+    /// Ends a streamed response; the connection then serves its next
+    /// pipelined request (or closes if not keep-alive).
+    pub fn finish(&self, conn: ConnectionId) -> Result<(), ServerError> {
+        self.send(Msg::Finish(conn))
+    }
+
+    /// Closes a connection right away (unsent output is dropped).
+    pub fn close(&self, conn: ConnectionId) -> Result<(), ServerError> {
+        self.send(Msg::Close(conn))
+    }
+}
+
+/// A single-threaded HTTP/1.1 server on a unix socket, driven by an
+/// `event_manager::EventManager` (it is a [`MutEventSubscriber`]).
+pub struct HttpServer<H: Handler> {
+    listener: UnixListener,
+    socket_path: Option<PathBuf>,
+    wake: Arc<EventFd>,
+    rx: Receiver<Msg>,
+    tx: Sender<Msg>,
+    conns: HashMap<ConnectionId, Connection>,
+    by_fd: HashMap<RawFd, ConnectionId>,
+    next_id: u64,
+    handler: H,
+    config: ServerConfig,
+}
+
+impl<H: Handler> fmt::Debug for HttpServer<H> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HttpServer")
+            .field("listener", &self.listener)
+            .field("socket_path", &self.socket_path)
+            .field("connections", &self.conns.len())
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<H: Handler> HttpServer<H> {
+    /// Binds `path` (removing a stale socket file there first; any other
+    /// kind of file is an error) and creates the server. The socket file is
+    /// removed again when the server is dropped.
+    pub fn new(path: impl AsRef<Path>, handler: H, config: ServerConfig) -> Result<Self, ServerError> {
+        let path = path.as_ref();
+        match std::fs::symlink_metadata(path) {
+            Ok(md) if md.file_type().is_socket() => std::fs::remove_file(path)
+                .map_err(|e| ServerError::RemoveStale(path.to_path_buf(), e))?,
+            Ok(_) => return Err(ServerError::NotASocket(path.to_path_buf())),
+            Err(_) => {}
+        }
+        let listener = UnixListener::bind(path).map_err(|e| ServerError::Bind(path.to_path_buf(), e))?;
+        let mut server = Self::from_listener(listener, handler, config)?;
+        server.socket_path = Some(path.to_path_buf());
+        Ok(server)
+    }
+
+    /// Creates the server on an already bound and listening socket (e.g.
+    /// inherited from a jailer). The socket file is not removed on drop.
+    pub fn from_listener(listener: UnixListener, handler: H, config: ServerConfig) -> Result<Self, ServerError> {
+        listener.set_nonblocking(true).map_err(ServerError::Listener)?;
+        let wake = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(ServerError::EventFd)?);
+        let (tx, rx) = channel();
+        Ok(HttpServer {
+            listener,
+            socket_path: None,
+            wake,
+            rx,
+            tx,
+            conns: HashMap::new(),
+            by_fd: HashMap::new(),
+            next_id: 1,
+            handler,
+            config,
+        })
+    }
+
+    /// Like [`HttpServer::from_listener`] for an owned listening fd.
+    pub fn from_owned_fd(fd: OwnedFd, handler: H, config: ServerConfig) -> Result<Self, ServerError> {
+        Self::from_listener(UnixListener::from(fd), handler, config)
+    }
+
+    /// A thread-safe handle for `Later` answers and streams.
+    pub fn responder(&self) -> Responder {
+        Responder {
+            tx: self.tx.clone(),
+            wake: self.wake.clone(),
+        }
+    }
+
+    /// Delivers the answer to a `Reply::Later` request (queued; written on
+    /// the next event loop iteration).
+    pub fn respond(&self, conn: ConnectionId, resp: Response) -> Result<(), ServerError> {
+        self.responder().respond(conn, resp)
+    }
+
+    /// The handler.
+    pub fn handler(&self) -> &H {
+        &self.handler
+    }
+
+    /// The handler, mutably.
+    pub fn handler_mut(&mut self) -> &mut H {
+        &mut self.handler
+    }
+
+    /// Number of open client connections.
+    pub fn connection_count(&self) -> usize {
+        self.conns.len()
+    }
+
+    /// The configuration in use.
+    pub fn config(&self) -> &ServerConfig {
+        &self.config
+    }
+
+    fn limits(&self) -> Limits {
+        Limits {
+            max_header_bytes: self.config.max_header_bytes,
+            max_body_bytes: self.config.max_body_bytes,
+        }
+    }
+
+    fn accept(&mut self, ops: &mut EventOps) {
+        for _ in 0..ACCEPT_BATCH {
+            let stream = match self.listener.accept() {
+                Ok((s, _)) => s,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                // WouldBlock, or out of fds etc.: try again on the next event.
+                Err(_) => return,
+            };
+            if stream.set_nonblocking(true).is_err() {
+                continue;
+            }
+            if self.conns.len() >= self.config.max_connections {
+                self.refuse(stream);
+                continue;
+            }
+            let id = ConnectionId(self.next_id);
+            self.next_id += 1;
+            if ops.add(Events::new(&stream, EventSet::IN)).is_err() {
+                continue;
+            }
+            self.by_fd.insert(stream.as_raw_fd(), id);
+            self.conns.insert(id, Connection::new(stream, self.limits()));
+        }
+    }
+
+    /// Best-effort 503 on a fresh socket, then close it.
+    fn refuse(&self, stream: UnixStream) {
+        let resp = (self.config.error_response)(503, "too many connections");
+        let opts = WriteOpts {
+            keep_alive: false,
+            head: false,
+            version: Version::Http11,
+        };
+        let mut out = Vec::new();
+        response::serialize(&resp, &opts, Framing::Length, &mut out);
+        // SAFETY: valid buffer and owned fd; non-blocking, no SIGPIPE.
+        unsafe {
+            libc::send(
+                stream.as_raw_fd(),
+                out.as_ptr().cast(),
+                out.len(),
+                libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+            );
+        }
+        // Let the client read the response before it sees the close.
+        let _ = stream.shutdown(std::net::Shutdown::Write);
+    }
+
+    fn on_connection_event(&mut self, id: ConnectionId, set: EventSet, ops: &mut EventOps) {
+        let hup = set.intersects(EventSet::HANG_UP | EventSet::ERROR);
+        let Some(conn) = self.conns.get_mut(&id) else {
+            return;
+        };
+        if set.intersects(EventSet::IN) || hup {
+            if conn.read().is_err() {
+                self.pump(id);
+                self.close(id, ops);
+                return;
+            }
+        }
+        if hup {
+            // The peer is fully gone: serve what it sent (side effects only),
+            // nothing can be written back.
+            self.pump(id);
+            self.close(id, ops);
+            return;
+        }
+        self.progress(id, ops);
+    }
+
+    /// Dispatches buffered requests as long as the connection allows it.
+    fn pump(&mut self, id: ConnectionId) {
+        loop {
+            let Some(conn) = self.conns.get_mut(&id) else {
+                return;
+            };
+            match conn.next_request() {
+                Ok(Some((req, opts))) => match self.handler.handle(id, req) {
+                    Reply::Now(resp) => conn.start_response(&resp, opts),
+                    Reply::Later => conn.wait(opts),
+                },
+                Ok(None) => return,
+                Err(e) => {
+                    let resp = (self.config.error_response)(e.status(), &e.to_string());
+                    conn.fail(&resp, Version::Http11);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Dispatch, write, and update epoll interest or close.
+    fn progress(&mut self, id: ConnectionId, ops: &mut EventOps) {
+        for _ in 0..2 {
+            self.pump(id);
+            let Some(conn) = self.conns.get_mut(&id) else {
+                return;
+            };
+            if conn.flush().is_err() {
+                self.close(id, ops);
+                return;
+            }
+        }
+        let Some(conn) = self.conns.get_mut(&id) else {
+            return;
+        };
+        if conn.finished() || (conn.is_streaming() && conn.pending_out() > self.config.max_stream_buffer) {
+            self.close(id, ops);
+            return;
+        }
+        let want = conn.desired_interest();
+        if want != conn.interest {
+            if ops.modify(Events::new(&conn.stream, want)).is_err() {
+                self.close(id, ops);
+                return;
+            }
+            conn.interest = want;
+        }
+    }
+
+    fn close(&mut self, id: ConnectionId, ops: &mut EventOps) {
+        let Some(conn) = self.conns.remove(&id) else {
+            return;
+        };
+        self.by_fd.remove(&conn.stream.as_raw_fd());
+        // Must leave epoll (and the event manager's fd table) before the fd
+        // is closed and possibly reused.
+        let _ = ops.remove(Events::empty(&conn.stream));
+        let notify = conn.dispatched_any;
+        drop(conn);
+        if notify {
+            self.handler.closed(id);
+        }
+    }
+
+    fn drain_messages(&mut self, ops: &mut EventOps) {
+        let _ = self.wake.read();
+        let mut touched = BTreeSet::new();
+        while let Ok(msg) = self.rx.try_recv() {
+            match msg {
+                Msg::Respond(id, resp) => {
+                    if let Some(c) = self.conns.get_mut(&id) {
+                        if c.respond_later(&resp) {
+                            touched.insert(id);
+                        }
+                    }
+                }
+                Msg::Chunk(id, data) => {
+                    if let Some(c) = self.conns.get_mut(&id) {
+                        if c.push_chunk(&data) {
+                            touched.insert(id);
+                        }
+                    }
+                }
+                Msg::Finish(id) => {
+                    if let Some(c) = self.conns.get_mut(&id) {
+                        if c.finish_stream() {
+                            touched.insert(id);
+                        }
+                    }
+                }
+                Msg::Close(id) => {
+                    touched.remove(&id);
+                    self.close(id, ops);
+                }
+            }
+        }
+        for id in touched {
+            self.progress(id, ops);
+        }
+    }
+}
+
+impl<H: Handler> MutEventSubscriber for HttpServer<H> {
+    fn init(&mut self, ops: &mut EventOps) {
+        // Registration can only fail if these fds are already registered;
+        // there is nothing useful to do about that here.
+        let _ = ops.add(Events::new(&self.listener, EventSet::IN));
+        let _ = ops.add(Events::new(self.wake.as_ref(), EventSet::IN));
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        let fd = events.fd();
+        if fd == self.listener.as_raw_fd() {
+            self.accept(ops);
+        } else if fd == self.wake.as_raw_fd() {
+            self.drain_messages(ops);
+        } else if let Some(&id) = self.by_fd.get(&fd) {
+            self.on_connection_event(id, events.event_set(), ops);
+        } else {
+            let _ = ops.remove(events);
+        }
+    }
+}
+
+impl<H: Handler> Drop for HttpServer<H> {
+    fn drop(&mut self) {
+        if let Some(path) = &self.socket_path {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use event_manager::{EventManager, SubscriberOps};
+    use std::io::{Read, Write};
+
+    fn temp_sock(name: &str) -> PathBuf {
+        std::env::temp_dir().join(format!("ember-http-unit-{}-{name}.sock", std::process::id()))
+    }
+
+    #[test]
+    fn stale_socket_is_replaced_and_removed_on_drop() {
+        let path = temp_sock("stale");
+        let old = UnixListener::bind(&path).unwrap();
+        drop(old);
+        let server = HttpServer::new(&path, |_: ConnectionId, _: Request| Reply::Now(Response::empty(204)), ServerConfig::default()).unwrap();
+        assert!(path.exists());
+        drop(server);
+        assert!(!path.exists());
+    }
+
+    #[test]
+    fn refuses_to_remove_regular_file() {
+        let path = temp_sock("regular");
+        std::fs::write(&path, b"x").unwrap();
+        let err = HttpServer::new(&path, |_: ConnectionId, _: Request| Reply::Later, ServerConfig::default()).unwrap_err();
+        assert!(matches!(err, ServerError::NotASocket(_)));
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn serves_on_same_thread_event_loop() {
+        let path = temp_sock("loop");
+        let server = HttpServer::new(
+            &path,
+            |_: ConnectionId, req: Request| Reply::Now(Response::text(200, req.path)),
+            ServerConfig::default(),
+        )
+        .unwrap();
+        let mut em = EventManager::<HttpServer<_>>::new().unwrap();
+        let sid = em.add_subscriber(server);
+        let mut client = UnixStream::connect(&path).unwrap();
+        client
+            .write_all(b"GET /hello HTTP/1.1\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut out = Vec::new();
+        client.set_nonblocking(true).unwrap();
+        for _ in 0..100 {
+            em.run_with_timeout(100).unwrap();
+            let mut buf = [0u8; 512];
+            match client.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+                Err(_) => {}
+            }
+        }
+        let s = String::from_utf8(out).unwrap();
+        assert!(s.starts_with("HTTP/1.1 200 OK\r\n"), "{s}");
+        assert!(s.ends_with("\r\n\r\n/hello"), "{s}");
+        assert_eq!(em.subscriber_mut(sid).unwrap().connection_count(), 0);
+        drop(em.remove_subscriber(sid).unwrap());
+        assert!(!path.exists());
+    }
+}
