@@ -20,6 +20,12 @@ pub const MMIO_LEN: u64 = 0x1000;
 /// Offset of QueueNotify (where the VMM puts the ioeventfds).
 pub const NOTIFY_REG_OFFSET: u64 = 0x50;
 
+/// The kernel command-line parameter announcing a device at `base` with
+/// interrupt `irq`: `virtio_mmio.device=4K@0x<base>:<irq>`.
+pub fn cmdline_param(base: u64, irq: u32) -> String {
+    format!("virtio_mmio.device=4K@{base:#x}:{irq}")
+}
+
 const MAGIC: u32 = 0x7472_6976; // "virt"
 const VERSION: u32 = 2;
 const VENDOR_ID: u32 = 0;
@@ -506,6 +512,14 @@ mod tests {
         w(t, 0x90, (base + 0x1000) as u32);
         w(t, 0xa0, (base + 0x2000) as u32);
         w(t, 0x44, 1);
+    }
+
+    #[test]
+    fn cmdline() {
+        assert_eq!(
+            cmdline_param(0xd000_1000, 6),
+            "virtio_mmio.device=4K@0xd0001000:6"
+        );
     }
 
     #[test]

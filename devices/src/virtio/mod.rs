@@ -42,7 +42,7 @@ use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-pub use mmio::{MmioTransport, MMIO_LEN, NOTIFY_REG_OFFSET};
+pub use mmio::{cmdline_param, MmioTransport, MMIO_LEN, NOTIFY_REG_OFFSET};
 
 /// VIRTIO_F_VERSION_1 (bit 32): the only transport feature we offer/require.
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
