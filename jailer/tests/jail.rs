@@ -755,3 +755,18 @@ fn help_and_version() {
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("ember-jailer "));
 }
+
+#[test]
+fn files_placed_in_the_jail_beforehand_are_visible() {
+    let j = TestJail::new("prepop");
+    // How a caller hands the VMM its kernel/rootfs: put them in the jail root
+    // (readable by the VMM's uid) before starting the jailer.
+    fs::create_dir_all(j.root()).unwrap();
+    fs::write(j.root().join("kernel.bin"), b"k").unwrap();
+    let (out, r) = j.run(&[], &[]);
+    assert_ok(&out);
+    assert_eq!(
+        r["root"],
+        format!("dev,{EXEC_NAME},{EXEC_NAME}.pid,kernel.bin,run")
+    );
+}
