@@ -338,12 +338,10 @@ impl<H: Handler> HttpServer<H> {
         let Some(conn) = self.conns.get_mut(&id) else {
             return;
         };
-        if set.intersects(EventSet::IN) || hup {
-            if conn.read().is_err() {
-                self.pump(id);
-                self.close(id, ops);
-                return;
-            }
+        if (set.intersects(EventSet::IN) || hup) && conn.read().is_err() {
+            self.pump(id);
+            self.close(id, ops);
+            return;
         }
         if hup {
             // The peer is fully gone: serve what it sent (side effects only),
