@@ -66,7 +66,7 @@ fn main() {
         None
     } else {
         Some(
-            ApiThread::spawn(&args.api_sock, &mut em).unwrap_or_else(|e| {
+            ApiThread::spawn(&args.api_sock, &mut em, None).unwrap_or_else(|e| {
                 die(
                     ExitCode::GenericError,
                     format!("cannot serve the API on {}: {e}", args.api_sock),
@@ -100,9 +100,9 @@ fn main() {
         if let Some(api) = &api {
             loop {
                 match api.requests.try_recv() {
-                    Ok(ApiRequest { action, reply }) => {
-                        let r = controller.handle(action, &mut em);
-                        let _ = reply.send(vmm::api::reply(r));
+                    Ok(ApiRequest { action, conn }) => {
+                        let (status, body) = vmm::api::reply(controller.handle(action, &mut em));
+                        api.answer(conn, status, body);
                     }
                     Err(TryRecvError::Empty) => break,
                     Err(TryRecvError::Disconnected) => break,
