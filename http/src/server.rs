@@ -339,36 +339,41 @@ impl<H: Handler> HttpServer<H> {
             return;
         };
         if (set.intersects(EventSet::IN) || hup) && conn.read().is_err() {
-            self.pump(id);
+            let _ = self.pump(id);
             self.close(id, ops);
             return;
         }
         if hup {
             // The peer is fully gone: serve what it sent (side effects only),
             // nothing can be written back.
-            self.pump(id);
+            let _ = self.pump(id);
             self.close(id, ops);
             return;
         }
         self.progress(id, ops);
     }
 
-    /// Dispatches buffered requests as long as the connection allows it.
-    fn pump(&mut self, id: ConnectionId) {
+    /// Dispatches buffered requests as long as the connection allows it;
+    /// returns how many were dispatched.
+    fn pump(&mut self, id: ConnectionId) -> usize {
+        let mut dispatched = 0;
         loop {
             let Some(conn) = self.conns.get_mut(&id) else {
-                return;
+                return dispatched;
             };
             match conn.next_request() {
-                Ok(Some((req, opts))) => match self.handler.handle(id, req) {
-                    Reply::Now(resp) => conn.start_response(&resp, opts),
-                    Reply::Later => conn.wait(opts),
-                },
-                Ok(None) => return,
+                Ok(Some((req, opts))) => {
+                    dispatched += 1;
+                    match self.handler.handle(id, req) {
+                        Reply::Now(resp) => conn.start_response(&resp, opts),
+                        Reply::Later => conn.wait(opts),
+                    }
+                }
+                Ok(None) => return dispatched,
                 Err(e) => {
                     let resp = (self.config.error_response)(e.status(), &e.to_string());
                     conn.fail(&resp, Version::Http11);
-                    return;
+                    return dispatched;
                 }
             }
         }
@@ -376,14 +381,20 @@ impl<H: Handler> HttpServer<H> {
 
     /// Dispatch, write, and update epoll interest or close.
     fn progress(&mut self, id: ConnectionId, ops: &mut EventOps) {
-        for _ in 0..2 {
-            self.pump(id);
+        loop {
+            let dispatched = self.pump(id);
             let Some(conn) = self.conns.get_mut(&id) else {
                 return;
             };
             if conn.flush().is_err() {
                 self.close(id, ops);
                 return;
+            }
+            // Dispatching may have stopped at the output high-water mark; if
+            // the output then drained completely no EPOLLOUT will follow, so
+            // go on here. Otherwise the next event resumes.
+            if dispatched == 0 || conn.pending_out() > 0 {
+                break;
             }
         }
         let Some(conn) = self.conns.get_mut(&id) else {

@@ -403,3 +403,73 @@ fn real_curl() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("Re-using existing connection") || err.contains("Reusing existing"), "{err}");
 }
+
+#[test]
+fn slow_stream_consumer_is_dropped_at_buffer_limit() {
+    let srv = TestServer::with_config(ServerConfig {
+        max_stream_buffer: 64 * 1024,
+        ..ServerConfig::default()
+    });
+    let mut s = srv.connect();
+    send(&mut s, b"GET /stream HTTP/1.1\r\n\r\n");
+    let conn = srv.wait_stream();
+    // Never read: the socket buffer fills, then the server's own buffer
+    // passes the limit and the connection is closed.
+    let chunk = vec![b'y'; 8192];
+    let mut closed = false;
+    for _ in 0..10_000 {
+        srv.responder.send_chunk(conn, chunk.clone()).unwrap();
+        if let Ok(ev) = srv.events.try_recv() {
+            if ev == Ev::Closed(conn) {
+                closed = true;
+                break;
+            }
+        }
+    }
+    if !closed {
+        srv.wait_closed(conn);
+    }
+    drop(s);
+    srv.wait_idle();
+}
+
+#[test]
+fn http10_stream_is_raw_until_close() {
+    let srv = TestServer::start();
+    let mut s = srv.connect();
+    send(&mut s, b"GET /stream HTTP/1.0\r\n\r\n");
+    let conn = srv.wait_stream();
+    srv.responder.send_chunk(conn, &b"raw "[..]).unwrap();
+    srv.responder.send_chunk(conn, &b"bytes"[..]).unwrap();
+    srv.responder.finish(conn).unwrap();
+    let mut all = Vec::new();
+    s.read_to_end(&mut all).unwrap();
+    let text = String::from_utf8(all).unwrap();
+    assert!(text.contains("Connection: close\r\n"), "{text}");
+    assert!(!text.contains("chunked"), "{text}");
+    assert!(text.ends_with("\r\n\r\nraw bytes"), "{text}");
+}
+
+#[test]
+fn many_pipelined_requests_with_backpressure() {
+    let srv = TestServer::start();
+    let s = srv.connect();
+    let mut w = s.try_clone().unwrap();
+    let n = 400;
+    // ~40 MB of responses requested up front; the server must stop
+    // dispatching while its output is unsent and resume as we read.
+    let writer = std::thread::spawn(move || {
+        for _ in 0..n {
+            send(&mut w, b"GET /big?n=100000 HTTP/1.1\r\n\r\n");
+        }
+        send(&mut w, b"GET /hello HTTP/1.1\r\n\r\n");
+    });
+    let mut s = s;
+    let mut buf = Vec::new();
+    for _ in 0..n {
+        let r = read_response(&mut s, &mut buf);
+        assert_eq!(r.body.len(), 100_000);
+    }
+    assert_eq!(read_response(&mut s, &mut buf).text(), "hello");
+    writer.join().unwrap();
+}
