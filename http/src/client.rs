@@ -98,11 +98,15 @@ pub fn request_with_headers(
     let mut stream = UnixStream::connect(socket_path)
         .map_err(|e| ClientError::Connect(socket_path.display().to_string(), e))?;
 
-    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nAccept: */*\r\nConnection: close\r\n");
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nAccept: */*\r\nConnection: close\r\n"
+    );
     for (name, value) in headers {
         head.push_str(&format!("{name}: {value}\r\n"));
     }
-    let has_ct = headers.iter().any(|(n, _)| n.eq_ignore_ascii_case("content-type"));
+    let has_ct = headers
+        .iter()
+        .any(|(n, _)| n.eq_ignore_ascii_case("content-type"));
     match body {
         Some(b) => {
             if !has_ct {
@@ -110,7 +114,9 @@ pub fn request_with_headers(
             }
             head.push_str(&format!("Content-Length: {}\r\n", b.len()));
         }
-        None if matches!(method, "PUT" | "POST" | "PATCH") => head.push_str("Content-Length: 0\r\n"),
+        None if matches!(method, "PUT" | "POST" | "PATCH") => {
+            head.push_str("Content-Length: 0\r\n")
+        }
         None => {}
     }
     head.push_str("\r\n");
@@ -141,10 +147,17 @@ fn remaining(deadline: Instant) -> Result<Duration, ClientError> {
 }
 
 fn is_timeout(e: &io::Error) -> bool {
-    matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut)
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
 }
 
-fn write_all_deadline(stream: &mut UnixStream, mut buf: &[u8], deadline: Instant) -> Result<(), ClientError> {
+fn write_all_deadline(
+    stream: &mut UnixStream,
+    mut buf: &[u8],
+    deadline: Instant,
+) -> Result<(), ClientError> {
     while !buf.is_empty() {
         stream.set_write_timeout(Some(remaining(deadline)?))?;
         match stream.write(buf) {
@@ -159,7 +172,11 @@ fn write_all_deadline(stream: &mut UnixStream, mut buf: &[u8], deadline: Instant
 }
 
 /// Reads more bytes into `buf`; returns false on EOF.
-fn fill(stream: &mut UnixStream, buf: &mut Vec<u8>, deadline: Instant) -> Result<bool, ClientError> {
+fn fill(
+    stream: &mut UnixStream,
+    buf: &mut Vec<u8>,
+    deadline: Instant,
+) -> Result<bool, ClientError> {
     let mut tmp = [0u8; 16 * 1024];
     loop {
         stream.set_read_timeout(Some(remaining(deadline)?))?;
@@ -186,7 +203,11 @@ enum BodyKind {
     UntilEof,
 }
 
-fn read_response(stream: &mut UnixStream, head_request: bool, deadline: Instant) -> Result<ClientResponse, ClientError> {
+fn read_response(
+    stream: &mut UnixStream,
+    head_request: bool,
+    deadline: Instant,
+) -> Result<ClientResponse, ClientError> {
     let mut buf = Vec::new();
     // Parse the head, skipping interim 1xx responses.
     let (status, headers, kind) = loop {
@@ -198,7 +219,12 @@ fn read_response(stream: &mut UnixStream, head_request: bool, deadline: Instant)
                 let headers: Headers = resp
                     .headers
                     .iter()
-                    .map(|h| (h.name.to_string(), String::from_utf8_lossy(h.value).into_owned()))
+                    .map(|h| {
+                        (
+                            h.name.to_string(),
+                            String::from_utf8_lossy(h.value).into_owned(),
+                        )
+                    })
                     .collect();
                 buf.drain(..n);
                 if (100..200).contains(&status) {
@@ -209,10 +235,9 @@ fn read_response(stream: &mut UnixStream, head_request: bool, deadline: Instant)
                 } else if headers.has_token("transfer-encoding", "chunked") {
                     BodyKind::Chunked
                 } else if let Some(cl) = headers.get("content-length") {
-                    let n: usize = cl
-                        .trim()
-                        .parse()
-                        .map_err(|_| ClientError::Malformed(format!("bad Content-Length {cl:?}")))?;
+                    let n: usize = cl.trim().parse().map_err(|_| {
+                        ClientError::Malformed(format!("bad Content-Length {cl:?}"))
+                    })?;
                     if n > MAX_RESPONSE_BODY {
                         return Err(ClientError::Malformed("response body too large".into()));
                     }
@@ -270,7 +295,11 @@ fn read_response(stream: &mut UnixStream, head_request: bool, deadline: Instant)
             buf
         }
     };
-    Ok(ClientResponse { status, headers, body })
+    Ok(ClientResponse {
+        status,
+        headers,
+        body,
+    })
 }
 
 #[cfg(test)]
@@ -280,8 +309,16 @@ mod tests {
     use std::thread;
 
     /// Serves one canned reply on a temp socket and returns the request seen.
-    fn canned(name: &str, reply: &'static [u8], req: Option<&[u8]>, method: &str) -> (Result<ClientResponse, ClientError>, String) {
-        let path = std::env::temp_dir().join(format!("ember-http-client-{}-{name}.sock", std::process::id()));
+    fn canned(
+        name: &str,
+        reply: &'static [u8],
+        req: Option<&[u8]>,
+        method: &str,
+    ) -> (Result<ClientResponse, ClientError>, String) {
+        let path = std::env::temp_dir().join(format!(
+            "ember-http-client-{}-{name}.sock",
+            std::process::id()
+        ));
         let _ = std::fs::remove_file(&path);
         let listener = UnixListener::bind(&path).unwrap();
         let t = thread::spawn(move || {
@@ -303,9 +340,17 @@ mod tests {
 
     #[test]
     fn content_length_response() {
-        let (r, seen) = canned("cl", b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-A: b\r\n\r\nhello", Some(b"{}"), "PUT");
+        let (r, seen) = canned(
+            "cl",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-A: b\r\n\r\nhello",
+            Some(b"{}"),
+            "PUT",
+        );
         let r = r.unwrap();
-        assert_eq!((r.status, r.text().as_str(), r.header("x-a")), (200, "hello", Some("b")));
+        assert_eq!(
+            (r.status, r.text().as_str(), r.header("x-a")),
+            (200, "hello", Some("b"))
+        );
         assert!(seen.starts_with("PUT /p?q=1 HTTP/1.1\r\n"));
         assert!(seen.contains("Content-Length: 2\r\n"));
     }
@@ -326,9 +371,19 @@ mod tests {
     fn until_eof_and_head_and_truncated() {
         let (r, _) = canned("eof", b"HTTP/1.1 200 OK\r\n\r\nall of it", None, "GET");
         assert_eq!(r.unwrap().body, b"all of it");
-        let (r, _) = canned("head", b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n", None, "HEAD");
+        let (r, _) = canned(
+            "head",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n",
+            None,
+            "HEAD",
+        );
         assert!(r.unwrap().body.is_empty());
-        let (r, _) = canned("trunc", b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nshort", None, "GET");
+        let (r, _) = canned(
+            "trunc",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nshort",
+            None,
+            "GET",
+        );
         assert!(matches!(r, Err(ClientError::Truncated)));
         let (r, _) = canned("bad", b"NOT HTTP\r\n\r\n", None, "GET");
         assert!(matches!(r, Err(ClientError::Malformed(_))));
@@ -336,7 +391,13 @@ mod tests {
 
     #[test]
     fn connect_error() {
-        let r = request("/nonexistent/ember.sock", "GET", "/", None, Duration::from_secs(1));
+        let r = request(
+            "/nonexistent/ember.sock",
+            "GET",
+            "/",
+            None,
+            Duration::from_secs(1),
+        );
         assert!(matches!(r, Err(ClientError::Connect(..))));
     }
 }

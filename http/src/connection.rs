@@ -171,7 +171,10 @@ impl Connection {
                 Ok(Some((*req, opts)))
             }
             Parsed::Incomplete => {
-                if self.parser.awaiting_body_with_continue() && !self.continue_sent && !self.peer_eof {
+                if self.parser.awaiting_body_with_continue()
+                    && !self.continue_sent
+                    && !self.peer_eof
+                {
                     self.out.extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
                     self.continue_sent = true;
                 }
@@ -328,7 +331,8 @@ mod tests {
     #[test]
     fn later_blocks_pipelined_requests_until_answered() {
         let (mut c, mut peer) = pair();
-        peer.write_all(b"GET /a HTTP/1.1\r\n\r\nGET /b HTTP/1.1\r\n\r\n").unwrap();
+        peer.write_all(b"GET /a HTTP/1.1\r\n\r\nGET /b HTTP/1.1\r\n\r\n")
+            .unwrap();
         c.read().unwrap();
         let (req, opts) = c.next_request().unwrap().unwrap();
         assert_eq!(req.path, "/a");
@@ -340,7 +344,10 @@ mod tests {
         let (req, _) = c.next_request().unwrap().unwrap();
         assert_eq!(req.path, "/b");
         c.flush().unwrap();
-        assert_eq!(read_all_available(&mut peer), "HTTP/1.1 204 No Content\r\n\r\n");
+        assert_eq!(
+            read_all_available(&mut peer),
+            "HTTP/1.1 204 No Content\r\n\r\n"
+        );
     }
 
     #[test]
@@ -356,7 +363,10 @@ mod tests {
         assert!(!c.push_chunk(b"late"));
         c.flush().unwrap();
         let s = read_all_available(&mut peer);
-        assert!(s.ends_with("Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"), "{s}");
+        assert!(
+            s.ends_with("Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"),
+            "{s}"
+        );
         assert!(!c.finished());
     }
 
@@ -368,7 +378,10 @@ mod tests {
         c.read().unwrap();
         assert!(c.next_request().unwrap().is_none());
         c.flush().unwrap();
-        assert_eq!(read_all_available(&mut peer), "HTTP/1.1 100 Continue\r\n\r\n");
+        assert_eq!(
+            read_all_available(&mut peer),
+            "HTTP/1.1 100 Continue\r\n\r\n"
+        );
         peer.write_all(b"ok").unwrap();
         peer.shutdown(std::net::Shutdown::Write).unwrap();
         c.read().unwrap();

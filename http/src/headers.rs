@@ -95,9 +95,12 @@ mod tests {
 
     #[test]
     fn case_insensitive_lookup_and_tokens() {
-        let mut h: Headers = [("Content-Type", "application/json"), ("Connection", "Keep-Alive, Upgrade")]
-            .into_iter()
-            .collect();
+        let mut h: Headers = [
+            ("Content-Type", "application/json"),
+            ("Connection", "Keep-Alive, Upgrade"),
+        ]
+        .into_iter()
+        .collect();
         assert_eq!(h.get("content-type"), Some("application/json"));
         assert!(h.has_token("CONNECTION", "keep-alive"));
         assert!(!h.has_token("connection", "close"));

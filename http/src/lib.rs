@@ -89,10 +89,11 @@ mod server;
 pub use connection::{ConnectionError, ConnectionId};
 pub use headers::Headers;
 pub use request::{
-    Limits, Method, Request, RequestError, Version, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_HEADER_BYTES,
+    Limits, Method, Request, RequestError, Version, DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_HEADER_BYTES,
 };
 pub use response::{reason_phrase, Body, Response, ResponseError};
 pub use server::{
-    ErrorResponseFn, Handler, HttpServer, Reply, Responder, ServerConfig, ServerError, DEFAULT_MAX_CONNECTIONS,
-    DEFAULT_MAX_STREAM_BUFFER,
+    ErrorResponseFn, Handler, HttpServer, Reply, Responder, ServerConfig, ServerError,
+    DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_STREAM_BUFFER,
 };

@@ -352,7 +352,12 @@ fn parse_head(buf: &[u8], limits: &Limits) -> Result<Option<(usize, Head)>, Requ
     let headers: Headers = parsed
         .headers
         .iter()
-        .map(|h| (h.name.to_string(), String::from_utf8_lossy(h.value).into_owned()))
+        .map(|h| {
+            (
+                h.name.to_string(),
+                String::from_utf8_lossy(h.value).into_owned(),
+            )
+        })
         .collect();
 
     let framing = body_framing(&headers, limits)?;
@@ -417,13 +422,18 @@ fn body_framing(headers: &Headers, limits: &Limits) -> Result<Framing, RequestEr
     }
     match length {
         None | Some(0) => Ok(Framing::None),
-        Some(n) if n > limits.max_body_bytes => Err(RequestError::BodyTooLarge(limits.max_body_bytes)),
+        Some(n) if n > limits.max_body_bytes => {
+            Err(RequestError::BodyTooLarge(limits.max_body_bytes))
+        }
         Some(n) => Ok(Framing::Length(n)),
     }
 }
 
 /// Splits a request target into a decoded path and decoded query pairs.
-fn parse_target(target: &str, method: &Method) -> Result<(String, Vec<(String, String)>), RequestError> {
+fn parse_target(
+    target: &str,
+    method: &Method,
+) -> Result<(String, Vec<(String, String)>), RequestError> {
     if target == "*" && *method == Method::Options {
         return Ok(("*".to_string(), Vec::new()));
     }
@@ -479,7 +489,9 @@ pub(crate) fn percent_decode(s: &str, plus_as_space: bool) -> Result<String, Req
                     .get(i + 1..i + 3)
                     .and_then(|h| std::str::from_utf8(h).ok())
                     .and_then(|h| u8::from_str_radix(h, 16).ok())
-                    .ok_or_else(|| RequestError::Malformed(format!("bad percent-encoding in {s:?}")))?;
+                    .ok_or_else(|| {
+                        RequestError::Malformed(format!("bad percent-encoding in {s:?}"))
+                    })?;
                 out.push(hex);
                 i += 3;
             }
@@ -554,7 +566,11 @@ impl ChunkedDecoder {
     /// Decodes from `input`, appending data to `body`. Returns bytes consumed
     /// and whether the terminating chunk and trailers were fully read. Bytes
     /// after the end are not consumed.
-    pub(crate) fn feed(&mut self, input: &[u8], body: &mut Vec<u8>) -> Result<(usize, bool), RequestError> {
+    pub(crate) fn feed(
+        &mut self,
+        input: &[u8],
+        body: &mut Vec<u8>,
+    ) -> Result<(usize, bool), RequestError> {
         let mut i = 0;
         while i < input.len() {
             if self.state == ChunkState::Done {
@@ -710,7 +726,11 @@ mod tests {
 
     /// Feeds `input` as two pieces split at every possible byte boundary,
     /// mimicking a connection buffer (unconsumed bytes stay in the buffer).
-    fn parse_split(input: &[u8], split: usize, limits: Limits) -> Result<Vec<Request>, RequestError> {
+    fn parse_split(
+        input: &[u8],
+        split: usize,
+        limits: Limits,
+    ) -> Result<Vec<Request>, RequestError> {
         let mut p = RequestParser::new(limits);
         let mut buf: Vec<u8> = Vec::new();
         let mut out = Vec::new();
@@ -804,7 +824,11 @@ DELETE /x HTTP/1.0\r\n\r\n";
 
     #[test]
     fn absolute_form_target() {
-        let r = parse_all(b"GET http://localhost/a/b?c=d HTTP/1.1\r\n\r\n", Limits::default()).unwrap();
+        let r = parse_all(
+            b"GET http://localhost/a/b?c=d HTTP/1.1\r\n\r\n",
+            Limits::default(),
+        )
+        .unwrap();
         assert_eq!(r[0].path, "/a/b");
         assert_eq!(r[0].query_param("c"), Some("d"));
     }
@@ -830,7 +854,9 @@ DELETE /x HTTP/1.0\r\n\r\n";
             many.extend_from_slice(format!("h{i}: v\r\n").as_bytes());
         }
         many.extend_from_slice(b"\r\n");
-        let err = RequestParser::new(Limits::default()).parse(&many).unwrap_err();
+        let err = RequestParser::new(Limits::default())
+            .parse(&many)
+            .unwrap_err();
         assert_eq!(err.status(), 431);
     }
 
@@ -854,11 +880,17 @@ DELETE /x HTTP/1.0\r\n\r\n";
             .unwrap_err();
         assert_eq!(err.status(), 413);
         let err = RequestParser::new(limits)
-            .parse(b"PUT / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nfffffffffffffffffffffff\r\n")
+            .parse(
+                b"PUT / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nfffffffffffffffffffffff\r\n",
+            )
             .unwrap_err();
         assert_eq!(err.status(), 413);
         // Exactly at the limit is fine.
-        let r = parse_all(b"PUT / HTTP/1.1\r\nContent-Length: 10\r\n\r\n0123456789", limits).unwrap();
+        let r = parse_all(
+            b"PUT / HTTP/1.1\r\nContent-Length: 10\r\n\r\n0123456789",
+            limits,
+        )
+        .unwrap();
         assert_eq!(r[0].body.len(), 10);
     }
 
@@ -896,7 +928,11 @@ DELETE /x HTTP/1.0\r\n\r\n";
 
     #[test]
     fn same_content_length_twice_is_fine() {
-        let r = parse_all(b"PUT / HTTP/1.1\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\nab", Limits::default()).unwrap();
+        let r = parse_all(
+            b"PUT / HTTP/1.1\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\nab",
+            Limits::default(),
+        )
+        .unwrap();
         assert_eq!(r[0].body, b"ab");
     }
 
@@ -915,7 +951,11 @@ DELETE /x HTTP/1.0\r\n\r\n";
 
     #[test]
     fn json_errors_are_clean() {
-        let r = parse_all(b"PUT / HTTP/1.1\r\nContent-Length: 5\r\n\r\n{bad}", Limits::default()).unwrap();
+        let r = parse_all(
+            b"PUT / HTTP/1.1\r\nContent-Length: 5\r\n\r\n{bad}",
+            Limits::default(),
+        )
+        .unwrap();
         let err = r[0].json::<serde_json::Value>().unwrap_err();
         assert_eq!(err.status(), 400);
         assert!(err.to_string().starts_with("invalid JSON body"));

@@ -68,7 +68,11 @@ impl Response {
 
     /// A `text/plain; charset=utf-8` response.
     pub fn text(status: u16, text: impl Into<String>) -> Self {
-        Self::bytes(status, "text/plain; charset=utf-8", text.into().into_bytes())
+        Self::bytes(
+            status,
+            "text/plain; charset=utf-8",
+            text.into().into_bytes(),
+        )
     }
 
     /// A response with an arbitrary body and content type.
@@ -293,7 +297,13 @@ mod tests {
     #[test]
     fn fault_and_close() {
         let r = Response::fault(400, "bad \"thing\"");
-        let s = ser(&r, WriteOpts { keep_alive: false, ..KA11 });
+        let s = ser(
+            &r,
+            WriteOpts {
+                keep_alive: false,
+                ..KA11
+            },
+        );
         assert!(s.starts_with("HTTP/1.1 400 Bad Request\r\n"));
         assert!(s.contains("Connection: close\r\n"));
         assert!(s.ends_with("\r\n\r\n{\"fault_message\":\"bad \\\"thing\\\"\"}"));
@@ -301,7 +311,10 @@ mod tests {
 
     #[test]
     fn no_content_has_no_length_and_head_has_no_body() {
-        assert_eq!(ser(&Response::empty(204), KA11), "HTTP/1.1 204 No Content\r\n\r\n");
+        assert_eq!(
+            ser(&Response::empty(204), KA11),
+            "HTTP/1.1 204 No Content\r\n\r\n"
+        );
         let r = Response::text(200, "hello");
         let s = ser(&r, WriteOpts { head: true, ..KA11 });
         assert!(s.ends_with("Content-Length: 5\r\n\r\n"));
@@ -330,10 +343,16 @@ mod tests {
         encode_chunk(Framing::Chunked, b"", &mut out);
         encode_end(Framing::Chunked, &mut out);
         assert_eq!(out, b"19\r\nhello world, this is long\r\n0\r\n\r\n");
-        let v10 = WriteOpts { version: Version::Http10, ..KA11 };
+        let v10 = WriteOpts {
+            version: Version::Http10,
+            ..KA11
+        };
         assert_eq!(framing_for(&r, &v10), Framing::UntilClose);
         assert!(ser(&r, v10).contains("Connection: close"));
-        let v10ka = WriteOpts { version: Version::Http10, ..KA11 };
+        let v10ka = WriteOpts {
+            version: Version::Http10,
+            ..KA11
+        };
         assert!(ser(&Response::empty(200), v10ka).contains("Connection: keep-alive"));
     }
 

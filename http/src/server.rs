@@ -159,7 +159,11 @@ impl Responder {
     }
 
     /// Pushes one chunk of a streamed response (empty chunks are skipped).
-    pub fn send_chunk(&self, conn: ConnectionId, data: impl Into<Vec<u8>>) -> Result<(), ServerError> {
+    pub fn send_chunk(
+        &self,
+        conn: ConnectionId,
+        data: impl Into<Vec<u8>>,
+    ) -> Result<(), ServerError> {
         self.send(Msg::Chunk(conn, data.into()))
     }
 
@@ -205,7 +209,11 @@ impl<H: Handler> HttpServer<H> {
     /// Binds `path` (removing a stale socket file there first; any other
     /// kind of file is an error) and creates the server. The socket file is
     /// removed again when the server is dropped.
-    pub fn new(path: impl AsRef<Path>, handler: H, config: ServerConfig) -> Result<Self, ServerError> {
+    pub fn new(
+        path: impl AsRef<Path>,
+        handler: H,
+        config: ServerConfig,
+    ) -> Result<Self, ServerError> {
         let path = path.as_ref();
         match std::fs::symlink_metadata(path) {
             Ok(md) if md.file_type().is_socket() => std::fs::remove_file(path)
@@ -213,7 +221,8 @@ impl<H: Handler> HttpServer<H> {
             Ok(_) => return Err(ServerError::NotASocket(path.to_path_buf())),
             Err(_) => {}
         }
-        let listener = UnixListener::bind(path).map_err(|e| ServerError::Bind(path.to_path_buf(), e))?;
+        let listener =
+            UnixListener::bind(path).map_err(|e| ServerError::Bind(path.to_path_buf(), e))?;
         let mut server = Self::from_listener(listener, handler, config)?;
         server.socket_path = Some(path.to_path_buf());
         Ok(server)
@@ -221,8 +230,14 @@ impl<H: Handler> HttpServer<H> {
 
     /// Creates the server on an already bound and listening socket (e.g.
     /// inherited from a jailer). The socket file is not removed on drop.
-    pub fn from_listener(listener: UnixListener, handler: H, config: ServerConfig) -> Result<Self, ServerError> {
-        listener.set_nonblocking(true).map_err(ServerError::Listener)?;
+    pub fn from_listener(
+        listener: UnixListener,
+        handler: H,
+        config: ServerConfig,
+    ) -> Result<Self, ServerError> {
+        listener
+            .set_nonblocking(true)
+            .map_err(ServerError::Listener)?;
         let wake = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(ServerError::EventFd)?);
         let (tx, rx) = channel();
         Ok(HttpServer {
@@ -240,7 +255,11 @@ impl<H: Handler> HttpServer<H> {
     }
 
     /// Like [`HttpServer::from_listener`] for an owned listening fd.
-    pub fn from_owned_fd(fd: OwnedFd, handler: H, config: ServerConfig) -> Result<Self, ServerError> {
+    pub fn from_owned_fd(
+        fd: OwnedFd,
+        handler: H,
+        config: ServerConfig,
+    ) -> Result<Self, ServerError> {
         Self::from_listener(UnixListener::from(fd), handler, config)
     }
 
@@ -306,7 +325,8 @@ impl<H: Handler> HttpServer<H> {
                 continue;
             }
             self.by_fd.insert(stream.as_raw_fd(), id);
-            self.conns.insert(id, Connection::new(stream, self.limits()));
+            self.conns
+                .insert(id, Connection::new(stream, self.limits()));
         }
     }
 
@@ -400,7 +420,9 @@ impl<H: Handler> HttpServer<H> {
         let Some(conn) = self.conns.get_mut(&id) else {
             return;
         };
-        if conn.finished() || (conn.is_streaming() && conn.pending_out() > self.config.max_stream_buffer) {
+        if conn.finished()
+            || (conn.is_streaming() && conn.pending_out() > self.config.max_stream_buffer)
+        {
             self.close(id, ops);
             return;
         }
@@ -504,7 +526,10 @@ mod tests {
     use std::io::{Read, Write};
 
     fn temp_sock(name: &str) -> PathBuf {
-        std::env::temp_dir().join(format!("ember-http-unit-{}-{name}.sock", std::process::id()))
+        std::env::temp_dir().join(format!(
+            "ember-http-unit-{}-{name}.sock",
+            std::process::id()
+        ))
     }
 
     #[test]
@@ -512,7 +537,12 @@ mod tests {
         let path = temp_sock("stale");
         let old = UnixListener::bind(&path).unwrap();
         drop(old);
-        let server = HttpServer::new(&path, |_: ConnectionId, _: Request| Reply::Now(Response::empty(204)), ServerConfig::default()).unwrap();
+        let server = HttpServer::new(
+            &path,
+            |_: ConnectionId, _: Request| Reply::Now(Response::empty(204)),
+            ServerConfig::default(),
+        )
+        .unwrap();
         assert!(path.exists());
         drop(server);
         assert!(!path.exists());
@@ -522,7 +552,12 @@ mod tests {
     fn refuses_to_remove_regular_file() {
         let path = temp_sock("regular");
         std::fs::write(&path, b"x").unwrap();
-        let err = HttpServer::new(&path, |_: ConnectionId, _: Request| Reply::Later, ServerConfig::default()).unwrap_err();
+        let err = HttpServer::new(
+            &path,
+            |_: ConnectionId, _: Request| Reply::Later,
+            ServerConfig::default(),
+        )
+        .unwrap_err();
         assert!(matches!(err, ServerError::NotASocket(_)));
         std::fs::remove_file(&path).unwrap();
     }

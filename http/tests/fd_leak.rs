@@ -21,7 +21,12 @@ fn no_fd_leak_over_many_connections() {
     for i in 0..300 {
         match i % 5 {
             // Plain one-shot requests.
-            0 | 1 => assert_eq!(client::request(&srv.path, "GET", "/hello", None, T).unwrap().status, 200),
+            0 | 1 => assert_eq!(
+                client::request(&srv.path, "GET", "/hello", None, T)
+                    .unwrap()
+                    .status,
+                200
+            ),
             // Keep-alive connection dropped by the client after a response.
             2 => {
                 let mut s = srv.connect();
@@ -31,7 +36,10 @@ fn no_fd_leak_over_many_connections() {
             // Disconnect mid-request.
             3 => {
                 let mut s = srv.connect();
-                send(&mut s, b"PUT /echo HTTP/1.1\r\nContent-Length: 100\r\n\r\nabc");
+                send(
+                    &mut s,
+                    b"PUT /echo HTTP/1.1\r\nContent-Length: 100\r\n\r\nabc",
+                );
             }
             // Malformed request.
             _ => {

@@ -15,7 +15,10 @@ fn keep_alive_serves_sequential_requests_on_one_connection() {
     let mut s = srv.connect();
     let mut buf = Vec::new();
     for i in 0..5 {
-        send(&mut s, format!("GET /json?x={i} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes());
+        send(
+            &mut s,
+            format!("GET /json?x={i} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes(),
+        );
         let r = read_response(&mut s, &mut buf);
         assert_eq!(r.status, 200);
         assert_eq!(r.header("connection"), None);
@@ -31,7 +34,10 @@ fn keep_alive_serves_sequential_requests_on_one_connection() {
     let mut s = srv.connect();
     send(&mut s, b"GET /close HTTP/1.1\r\n\r\n");
     let r = read_response(&mut s, &mut buf);
-    assert_eq!((r.text().as_str(), r.header("connection")), ("bye", Some("close")));
+    assert_eq!(
+        (r.text().as_str(), r.header("connection")),
+        ("bye", Some("close"))
+    );
     assert!(at_eof(&mut s));
 }
 
@@ -46,10 +52,16 @@ fn http10_closes_unless_keep_alive() {
     assert!(at_eof(&mut s));
 
     let mut s = srv.connect();
-    send(&mut s, b"GET /hello HTTP/1.0\r\nConnection: keep-alive\r\n\r\n");
+    send(
+        &mut s,
+        b"GET /hello HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
+    );
     let r = read_response(&mut s, &mut buf);
     assert_eq!(r.header("connection"), Some("keep-alive"));
-    send(&mut s, b"GET /hello HTTP/1.0\r\nConnection: keep-alive\r\n\r\n");
+    send(
+        &mut s,
+        b"GET /hello HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
+    );
     assert_eq!(read_response(&mut s, &mut buf).text(), "hello");
 }
 
@@ -71,7 +83,10 @@ DELETE /hello HTTP/1.1\r\n\r\n",
     let r2 = read_response(&mut s, &mut buf);
     let r3 = read_response(&mut s, &mut buf);
     assert_eq!(r1.text(), "hello");
-    assert_eq!((r2.text().as_str(), r2.header("content-type")), ("abc", Some("text/x")));
+    assert_eq!(
+        (r2.text().as_str(), r2.header("content-type")),
+        ("abc", Some("text/x"))
+    );
     let v: serde_json::Value = serde_json::from_slice(&r3.body).unwrap();
     assert_eq!(v["x"], "a b!");
     // HEAD: Content-Length of the GET body, no body bytes.
@@ -80,7 +95,10 @@ DELETE /hello HTTP/1.1\r\n\r\n",
     let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
     head.extend(buf.drain(..end));
     let head = String::from_utf8(head).unwrap();
-    assert!(head.starts_with("HTTP/1.1 200 OK\r\n") && head.contains("Content-Length: 5\r\n"), "{head}");
+    assert!(
+        head.starts_with("HTTP/1.1 200 OK\r\n") && head.contains("Content-Length: 5\r\n"),
+        "{head}"
+    );
     let r5 = read_response(&mut s, &mut buf);
     assert_eq!(r5.status, 404);
     assert_eq!(fault_message(&r5), "no route for /nope");
@@ -121,7 +139,10 @@ fn layer_errors_have_fault_json_bodies() {
 
     // 413 for chunked bodies that grow too large.
     let mut s = srv.connect();
-    send(&mut s, b"PUT /echo HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n50\r\n");
+    send(
+        &mut s,
+        b"PUT /echo HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n50\r\n",
+    );
     send(&mut s, &[b'z'; 80]);
     send(&mut s, b"\r\n50\r\n");
     let r = read_response(&mut s, &mut buf);
@@ -149,7 +170,10 @@ fn layer_errors_have_fault_json_bodies() {
 fn pluggable_error_body() {
     let config = ServerConfig {
         error_response: std::sync::Arc::new(|status, msg| {
-            Response::json(status, &serde_json::json!({"error": {"code": status, "message": msg}}))
+            Response::json(
+                status,
+                &serde_json::json!({"error": {"code": status, "message": msg}}),
+            )
         }),
         ..ServerConfig::default()
     };
@@ -170,7 +194,10 @@ fn expect_100_continue_and_chunked_request_body() {
     });
     let mut s = srv.connect();
     let mut buf = Vec::new();
-    send(&mut s, b"PUT /echo HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n");
+    send(
+        &mut s,
+        b"PUT /echo HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n",
+    );
     read_until(&mut s, &mut buf, b"\r\n\r\n");
     assert_eq!(buf, b"HTTP/1.1 100 Continue\r\n\r\n");
     buf.clear();
@@ -178,14 +205,20 @@ fn expect_100_continue_and_chunked_request_body() {
     assert_eq!(read_response(&mut s, &mut buf).text(), "12345");
 
     // Chunked body, split oddly across writes, then a pipelined request.
-    send(&mut s, b"POST /echo HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nWi");
+    send(
+        &mut s,
+        b"POST /echo HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nWi",
+    );
     send(&mut s, b"ki\r\n5;ext=x\r\npedia\r\n0\r\n");
     send(&mut s, b"Trailer: t\r\n\r\nGET /hello HTTP/1.1\r\n\r\n");
     assert_eq!(read_response(&mut s, &mut buf).text(), "Wikipedia");
     assert_eq!(read_response(&mut s, &mut buf).text(), "hello");
 
     // Too large with Expect: 413 right away, no 100, body never sent.
-    send(&mut s, b"PUT /echo HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 5000\r\n\r\n");
+    send(
+        &mut s,
+        b"PUT /echo HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 5000\r\n\r\n",
+    );
     let r = read_response(&mut s, &mut buf);
     assert_eq!(r.status, 413);
     assert!(at_eof(&mut s));
@@ -199,7 +232,10 @@ fn half_sent_request_does_not_block_other_clients() {
     send(&mut a, b"GET /hello HTTP/1.1\r\nHo");
     // Client B: half a body, then stalls.
     let mut b = srv.connect();
-    send(&mut b, b"PUT /echo HTTP/1.1\r\nContent-Length: 10\r\n\r\n12345");
+    send(
+        &mut b,
+        b"PUT /echo HTTP/1.1\r\nContent-Length: 10\r\n\r\n12345",
+    );
     // Client C: a stalled reader of a big response (never reads).
     let mut c = srv.connect();
     send(&mut c, b"GET /big?n=4000000 HTTP/1.1\r\n\r\n");
@@ -222,15 +258,26 @@ fn half_sent_request_does_not_block_other_clients() {
 fn later_answered_from_another_thread_keeps_order() {
     let srv = TestServer::start();
     let mut s = srv.connect();
-    send(&mut s, b"GET /later HTTP/1.1\r\n\r\nGET /hello HTTP/1.1\r\n\r\n");
+    send(
+        &mut s,
+        b"GET /later HTTP/1.1\r\n\r\nGET /hello HTTP/1.1\r\n\r\n",
+    );
     let conn = srv.wait_later();
     // Another client is served while the first waits.
-    assert_eq!(client::request(&srv.path, "GET", "/hello", None, T).unwrap().status, 200);
+    assert_eq!(
+        client::request(&srv.path, "GET", "/hello", None, T)
+            .unwrap()
+            .status,
+        200
+    );
     assert_eq!(*srv.log.lock().unwrap(), ["/later", "/hello"]);
     let responder = srv.responder.clone();
     std::thread::spawn(move || {
         responder
-            .respond(conn, Response::json(202, &serde_json::json!({"done": true})))
+            .respond(
+                conn,
+                Response::json(202, &serde_json::json!({"done": true})),
+            )
             .unwrap();
     })
     .join()
@@ -248,8 +295,17 @@ fn later_answered_from_another_thread_keeps_order() {
     drop(s);
     srv.wait_closed(conn);
     srv.responder.respond(conn, Response::empty(204)).unwrap();
-    srv.server.lock().unwrap().respond(conn, Response::empty(204)).unwrap();
-    assert_eq!(client::request(&srv.path, "GET", "/hello", None, T).unwrap().status, 200);
+    srv.server
+        .lock()
+        .unwrap()
+        .respond(conn, Response::empty(204))
+        .unwrap();
+    assert_eq!(
+        client::request(&srv.path, "GET", "/hello", None, T)
+            .unwrap()
+            .status,
+        200
+    );
 }
 
 #[test]
@@ -326,7 +382,12 @@ fn client_disconnect_mid_response() {
     drop(s);
     srv.wait_closed(conn);
     srv.wait_idle();
-    assert_eq!(client::request(&srv.path, "GET", "/hello", None, T).unwrap().text(), "hello");
+    assert_eq!(
+        client::request(&srv.path, "GET", "/hello", None, T)
+            .unwrap()
+            .text(),
+        "hello"
+    );
 }
 
 #[test]
@@ -349,7 +410,12 @@ fn max_connections_refused_politely() {
     assert_eq!(v["fault_message"], "too many connections");
     drop(held);
     srv.wait_idle();
-    assert_eq!(client::request(&srv.path, "GET", "/hello", None, T).unwrap().status, 200);
+    assert_eq!(
+        client::request(&srv.path, "GET", "/hello", None, T)
+            .unwrap()
+            .status,
+        200
+    );
 }
 
 #[test]
@@ -367,7 +433,11 @@ fn curl(srv: &TestServer, args: &[&str]) -> (String, String) {
         .args(args)
         .output()
         .expect("run curl");
-    assert!(out.status.success(), "curl failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "curl failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8(out.stdout).unwrap();
     let (body, code) = text.rsplit_once('\n').unwrap();
     (code.to_string(), body.to_string())
@@ -376,18 +446,45 @@ fn curl(srv: &TestServer, args: &[&str]) -> (String, String) {
 #[test]
 fn real_curl() {
     let srv = TestServer::start();
-    assert_eq!(curl(&srv, &["http://localhost/hello"]), ("200".into(), "hello".into()));
+    assert_eq!(
+        curl(&srv, &["http://localhost/hello"]),
+        ("200".into(), "hello".into())
+    );
     let (code, body) = curl(&srv, &["http://localhost/json?x=a%20b&y=1"]);
     assert_eq!(code, "200");
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["x"], "a b");
-    let (code, body) = curl(&srv, &["-X", "PUT", "-H", "Content-Type: application/json", "-d", r#"{"vcpu_count":2}"#, "http://localhost/config"]);
-    assert_eq!((code.as_str(), body.as_str()), ("200", r#"{"vcpu_count":2}"#));
+    let (code, body) = curl(
+        &srv,
+        &[
+            "-X",
+            "PUT",
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+            r#"{"vcpu_count":2}"#,
+            "http://localhost/config",
+        ],
+    );
+    assert_eq!(
+        (code.as_str(), body.as_str()),
+        ("200", r#"{"vcpu_count":2}"#)
+    );
     // curl sends chunked bodies when told to, and Expect: 100-continue.
-    let (code, body) = curl(&srv, &[
-        "-X", "PUT", "-H", "Transfer-Encoding: chunked", "-H", "Expect: 100-continue",
-        "--data-binary", "chunky body", "http://localhost/echo",
-    ]);
+    let (code, body) = curl(
+        &srv,
+        &[
+            "-X",
+            "PUT",
+            "-H",
+            "Transfer-Encoding: chunked",
+            "-H",
+            "Expect: 100-continue",
+            "--data-binary",
+            "chunky body",
+            "http://localhost/echo",
+        ],
+    );
     assert_eq!((code.as_str(), body.as_str()), ("200", "chunky body"));
     let (code, body) = curl(&srv, &["http://localhost/nothing"]);
     assert_eq!(code, "404");
@@ -401,7 +498,10 @@ fn real_curl() {
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout), "hellohello");
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("Re-using existing connection") || err.contains("Reusing existing"), "{err}");
+    assert!(
+        err.contains("Re-using existing connection") || err.contains("Reusing existing"),
+        "{err}"
+    );
 }
 
 #[test]

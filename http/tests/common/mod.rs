@@ -40,7 +40,8 @@ impl Handler for Toy {
             (_, "/hello") => Response::fault(405, "method not allowed"),
             (Method::Put | Method::Post, "/echo") => Response::bytes(
                 200,
-                req.header("content-type").unwrap_or("application/octet-stream"),
+                req.header("content-type")
+                    .unwrap_or("application/octet-stream"),
                 req.body.clone(),
             ),
             (Method::Get, "/json") => Response::json(
@@ -56,7 +57,10 @@ impl Handler for Toy {
                 Err(e) => Response::fault(e.status(), &e.to_string()),
             },
             (Method::Get, "/big") => {
-                let n: usize = req.query_param("n").and_then(|n| n.parse().ok()).unwrap_or(0);
+                let n: usize = req
+                    .query_param("n")
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or(0);
                 let _ = self.tx.send(Ev::Big(conn));
                 Response::bytes(200, "application/octet-stream", vec![b'x'; n])
             }
@@ -107,7 +111,10 @@ impl TestServer {
         let path = dir.join("api.sock");
         let (tx, events) = channel();
         let log = Arc::new(Mutex::new(Vec::new()));
-        let toy = Toy { tx, log: log.clone() };
+        let toy = Toy {
+            tx,
+            log: log.clone(),
+        };
         let server = HttpServer::new(&path, toy, config).unwrap();
         let responder = server.responder();
         let server = Arc::new(Mutex::new(server));
@@ -237,7 +244,12 @@ pub fn read_response(s: &mut UnixStream, buf: &mut Vec<u8>) -> Raw {
             let headers: Vec<(String, String)> = resp
                 .headers
                 .iter()
-                .map(|h| (h.name.to_string(), String::from_utf8_lossy(h.value).into_owned()))
+                .map(|h| {
+                    (
+                        h.name.to_string(),
+                        String::from_utf8_lossy(h.value).into_owned(),
+                    )
+                })
                 .collect();
             let len: usize = headers
                 .iter()
@@ -249,7 +261,11 @@ pub fn read_response(s: &mut UnixStream, buf: &mut Vec<u8>) -> Raw {
             }
             let body = buf[n..n + len].to_vec();
             buf.drain(..n + len);
-            return Raw { status, headers, body };
+            return Raw {
+                status,
+                headers,
+                body,
+            };
         }
         fill(s, buf);
     }
@@ -259,7 +275,11 @@ pub fn read_response(s: &mut UnixStream, buf: &mut Vec<u8>) -> Raw {
 pub fn fill(s: &mut UnixStream, buf: &mut Vec<u8>) {
     let mut tmp = [0u8; 64 * 1024];
     let n = s.read(&mut tmp).expect("read");
-    assert!(n > 0, "unexpected EOF; have {:?}", String::from_utf8_lossy(buf));
+    assert!(
+        n > 0,
+        "unexpected EOF; have {:?}",
+        String::from_utf8_lossy(buf)
+    );
     buf.extend_from_slice(&tmp[..n]);
 }
 
