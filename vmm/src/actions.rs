@@ -2,7 +2,10 @@
 
 use serde::Serialize;
 
-use crate::config::{BootSourceConfig, MachineConfig, MachineConfigUpdate, VmConfig};
+use crate::config::{
+    BootSourceConfig, DriveConfig, DriveUpdate, MachineConfig, MachineConfigUpdate,
+    NetworkInterfaceConfig, NetworkInterfaceUpdate, VmConfig, VsockDeviceConfig,
+};
 
 /// One request to the VMM thread.
 #[derive(Clone, Debug, PartialEq)]
@@ -13,6 +16,11 @@ pub enum VmmAction {
     PutBootSource(BootSourceConfig),
     PutMachineConfig(MachineConfig),
     PatchMachineConfig(MachineConfigUpdate),
+    PutDrive(String, DriveConfig),
+    PatchDrive(String, DriveUpdate),
+    PutNetworkInterface(String, NetworkInterfaceConfig),
+    PatchNetworkInterface(String, NetworkInterfaceUpdate),
+    PutVsock(VsockDeviceConfig),
     InstanceStart,
     SendCtrlAltDel,
     FlushMetrics,
@@ -62,6 +70,8 @@ pub enum ActionError {
     SerialOut { path: String, err: std::io::Error },
     #[error("Failed to send Ctrl-Alt-Del: {0}")]
     CtrlAltDel(devices::legacy::I8042Error),
+    #[error("Failed to update drive {id}: {msg}")]
+    DriveUpdate { id: String, msg: String },
     #[error("Failed to change the vCPU state: {0}")]
     Vcpu(#[from] crate::vstate::vcpu::VcpuError),
 }

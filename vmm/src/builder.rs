@@ -3,9 +3,19 @@
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
 
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
 use devices::bus::Bus;
 use devices::legacy::serial::SerialOut;
 use devices::legacy::{I8042Device, SerialDevice};
+use devices::virtio::block::{Block, BlockConfig, BlockError};
+use devices::virtio::mmio::MmioError;
+use devices::virtio::net::{Net, NetConfig, NetError};
+use devices::virtio::vsock::{Vsock, VsockConfig, VsockError};
+use devices::virtio::{cmdline_param, MmioTransport, VirtioDevice, MMIO_LEN, NOTIFY_REG_OFFSET};
+use event_manager::{MutEventSubscriber, SubscriberOps};
+use kvm_ioctls::IoEventAddress;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -18,6 +28,7 @@ use crate::config::{ConfigError, VmConfig};
 use crate::loader::{self, LoaderError};
 use crate::vstate::vcpu::{Vcpu, VcpuError, VcpuEvent, VcpuHandle};
 use crate::vstate::vm::{create_guest_memory, Vm, VmError};
+use crate::EventManager;
 
 /// Errors building the microVM.
 #[derive(Debug, thiserror::Error)]
@@ -38,8 +49,18 @@ pub enum BuildError {
     Vcpu(#[from] VcpuError),
     #[error("cannot create an eventfd: {0}")]
     EventFd(std::io::Error),
-    #[error("cannot place a legacy device on the bus: {0}")]
+    #[error("cannot place a device on the bus: {0}")]
     Bus(#[from] devices::bus::BusError),
+    #[error("drive {id}: {err}")]
+    Block { id: String, err: BlockError },
+    #[error("network interface {id}: {err}")]
+    Net { id: String, err: NetError },
+    #[error("vsock: {0}")]
+    Vsock(VsockError),
+    #[error("virtio-mmio transport: {0}")]
+    Mmio(#[from] MmioError),
+    #[error("KVM_IOEVENTFD failed: {0}")]
+    Ioevent(kvm_ioctls::Error),
 }
 
 /// How vCPUs and devices tell the VMM thread that the guest is done.
@@ -62,6 +83,12 @@ pub struct RunningVm {
     pub protocol: BootProtocol,
     pub bzimage: bool,
     pub paused: bool,
+    /// Block devices by drive id.
+    pub blocks: BTreeMap<String, Arc<Mutex<Block>>>,
+    /// Network devices by interface id.
+    pub nets: BTreeMap<String, Arc<Mutex<Net>>>,
+    /// The vsock device, if any.
+    pub vsock: Option<Arc<Mutex<Vsock>>>,
 }
 
 impl RunningVm {
@@ -77,6 +104,113 @@ fn evt() -> Result<EventFd, BuildError> {
     EventFd::new(EFD_NONBLOCK).map_err(BuildError::EventFd)
 }
 
+/// Places virtio devices on the MMIO bus, one 4 KiB window and IRQ each.
+struct VirtioAttacher<'a> {
+    vm: &'a Vm,
+    mem: &'a GuestMemoryMmap,
+    mmio: &'a mut Bus,
+    em: &'a mut EventManager,
+    cmdline: Vec<String>,
+    slot: u64,
+}
+
+impl VirtioAttacher<'_> {
+    fn attach<D>(&mut self, dev: Arc<Mutex<D>>) -> Result<(), BuildError>
+    where
+        D: VirtioDevice + MutEventSubscriber + Send + 'static,
+    {
+        let base = MMIO_MEM_START + self.slot * MMIO_DEVICE_SIZE;
+        let irq = IRQ_BASE + self.slot as u32;
+        {
+            let d = dev.lock().expect("virtio device poisoned");
+            for (i, e) in d.queue_events().iter().enumerate() {
+                self.vm
+                    .fd()
+                    .register_ioevent(e, &IoEventAddress::Mmio(base + NOTIFY_REG_OFFSET), i as u32)
+                    .map_err(BuildError::Ioevent)?;
+            }
+            self.vm.register_irqfd(d.interrupt().eventfd(), irq)?;
+        }
+        let transport = MmioTransport::new(self.mem.clone(), dev.clone())?;
+        self.mmio
+            .insert(Arc::new(Mutex::new(transport)), base, MMIO_LEN)?;
+        self.cmdline.push(cmdline_param(base, irq));
+        self.em.add_subscriber(dev);
+        self.slot += 1;
+        Ok(())
+    }
+}
+
+type Devices = (
+    BTreeMap<String, Arc<Mutex<Block>>>,
+    BTreeMap<String, Arc<Mutex<Net>>>,
+    Option<Arc<Mutex<Vsock>>>,
+);
+
+/// Creates the configured virtio devices: the root drive first (so it is
+/// /dev/vda), then the other drives, network interfaces and vsock.
+fn attach_virtio(cfg: &VmConfig, a: &mut VirtioAttacher) -> Result<Devices, BuildError> {
+    let mut blocks = BTreeMap::new();
+    let mut drives: Vec<_> = cfg.drives.iter().collect();
+    drives.sort_by_key(|d| !d.is_root_device);
+    for d in drives {
+        let blk = Block::new(BlockConfig {
+            drive_id: d.drive_id.clone(),
+            path: PathBuf::from(&d.path_on_host),
+            read_only: d.is_read_only,
+            rate_limiter: d.rate_limiter,
+        })
+        .map_err(|err| BuildError::Block {
+            id: d.drive_id.clone(),
+            err,
+        })?;
+        let blk = Arc::new(Mutex::new(blk));
+        a.attach(blk.clone())?;
+        if d.is_root_device {
+            let root = match &d.partuuid {
+                Some(u) => format!("root=PARTUUID={u}"),
+                None => "root=/dev/vda".to_string(),
+            };
+            a.cmdline.push(root);
+            a.cmdline
+                .push(if d.is_read_only { "ro" } else { "rw" }.to_string());
+        }
+        blocks.insert(d.drive_id.clone(), blk);
+    }
+    let mut nets = BTreeMap::new();
+    for n in &cfg.network_interfaces {
+        let net = Net::new(NetConfig {
+            iface_id: n.iface_id.clone(),
+            host_dev_name: n.host_dev_name.clone(),
+            guest_mac: n.mac(),
+            rx_rate_limiter: n.rx_rate_limiter,
+            tx_rate_limiter: n.tx_rate_limiter,
+        })
+        .map_err(|err| BuildError::Net {
+            id: n.iface_id.clone(),
+            err,
+        })?;
+        let net = Arc::new(Mutex::new(net));
+        a.attach(net.clone())?;
+        nets.insert(n.iface_id.clone(), net);
+    }
+    let vsock = match &cfg.vsock {
+        Some(v) => {
+            let dev = Vsock::new(VsockConfig {
+                vsock_id: v.vsock_id.clone().unwrap_or_else(|| "vsock".into()),
+                guest_cid: v.guest_cid,
+                uds_path: PathBuf::from(&v.uds_path),
+            })
+            .map_err(BuildError::Vsock)?;
+            let dev = Arc::new(Mutex::new(dev));
+            a.attach(dev.clone())?;
+            Some(dev)
+        }
+        None => None,
+    };
+    Ok((blocks, nets, vsock))
+}
+
 /// Builds and starts the microVM described by `cfg`. `vcpu_start_hook`
 /// runs first thing on every vCPU thread (seccomp goes there).
 pub fn build_and_boot(
@@ -84,6 +218,7 @@ pub fn build_and_boot(
     serial_out: SerialOut,
     exits: &ExitSignals,
     vcpu_start_hook: Option<Arc<dyn Fn() + Send + Sync>>,
+    em: &mut EventManager,
 ) -> Result<RunningVm, BuildError> {
     cfg.validate()?;
     let boot = cfg
@@ -102,18 +237,10 @@ pub fn build_and_boot(
         Some(p) => Some(loader::load_initrd(&mem, mem_size, p)?),
         None => None,
     };
-    let cmdline_len = loader::load_cmdline(&mem, boot.cmdline(), &[])?;
-    mptable::setup(&mem, MPTABLE_START, mc.vcpu_count)?;
-    match kernel.protocol {
-        BootProtocol::Linux64 => {
-            configure_linux(&mem, mem_size, cmdline_len, initrd, kernel.setup_header)?
-        }
-        BootProtocol::Pvh => configure_pvh(&mem, mem_size, initrd)?,
-    }
 
     // Legacy devices.
     let mut pio = Bus::new();
-    let mmio = Bus::new();
+    let mut mmio = Bus::new();
     let serial_irq = evt()?;
     vm.register_irqfd(&serial_irq, SERIAL_IRQ)?;
     let serial = Arc::new(Mutex::new(SerialDevice::new(serial_irq, serial_out)));
@@ -123,6 +250,27 @@ pub fn build_and_boot(
     let reset = exits.reset_evt.try_clone().map_err(BuildError::EventFd)?;
     let i8042 = Arc::new(Mutex::new(I8042Device::new(reset, kbd_irq)));
     pio.insert(i8042.clone(), I8042_PORT_BASE, 5)?;
+
+    // virtio devices, announced on the command line.
+    let mut attacher = VirtioAttacher {
+        vm: &vm,
+        mem: &mem,
+        mmio: &mut mmio,
+        em,
+        cmdline: Vec::new(),
+        slot: 0,
+    };
+    let (blocks, nets, vsock) = attach_virtio(cfg, &mut attacher)?;
+    let extra = std::mem::take(&mut attacher.cmdline);
+
+    let cmdline_len = loader::load_cmdline(&mem, boot.cmdline(), &extra)?;
+    mptable::setup(&mem, MPTABLE_START, mc.vcpu_count)?;
+    match kernel.protocol {
+        BootProtocol::Linux64 => {
+            configure_linux(&mem, mem_size, cmdline_len, initrd, kernel.setup_header)?
+        }
+        BootProtocol::Pvh => configure_pvh(&mem, mem_size, initrd)?,
+    }
 
     // vCPUs: create and configure all before starting any.
     crate::vstate::vcpu::register_kick_handler()?;
@@ -156,5 +304,8 @@ pub fn build_and_boot(
         protocol: kernel.protocol,
         bzimage: kernel.bzimage,
         paused: false,
+        blocks,
+        nets,
+        vsock,
     })
 }

@@ -4,7 +4,9 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::arch::layout::{CMDLINE_MAX_SIZE, MAX_VCPUS};
+use devices::virtio::rate_limiter::RateLimiterConfig;
+
+use crate::arch::layout::{CMDLINE_MAX_SIZE, IRQ_BASE, IRQ_MAX, MAX_VCPUS};
 
 /// Errors validating configuration.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -29,8 +31,36 @@ pub enum ConfigError {
     HugePages(String),
     #[error("Missing mandatory field: {0}")]
     Missing(&'static str),
-    #[error("{what} is not supported yet")]
-    NotSupportedYet { what: &'static str },
+    #[error("The id from the path ({path}) does not match the id from the body ({body})!")]
+    IdMismatch { path: String, body: String },
+    #[error("Invalid {what} id {id:?}: use 1 to 64 characters among ASCII letters, digits, '-' and '_'.")]
+    BadId { what: &'static str, id: String },
+    #[error("The drive file cannot be opened: {path}: {msg}")]
+    DriveFile { path: String, msg: String },
+    #[error("A root block device already exists ({0}); there can be only one.")]
+    RootDeviceExists(String),
+    #[error("Unsupported {what} {value:?}: ember supports {supported}.")]
+    Unsupported {
+        what: &'static str,
+        value: String,
+        supported: &'static str,
+    },
+    #[error("Invalid host_dev_name {0:?}: a TAP name has 1 to 15 characters and no '/' or whitespace.")]
+    TapName(String),
+    #[error("The host device name {0} is already used by another interface.")]
+    TapNameInUse(String),
+    #[error("Invalid guest MAC address {0:?}: expected six hex octets like 06:00:ac:10:00:02.")]
+    GuestMac(String),
+    #[error("The guest MAC address {0} is already used by another interface.")]
+    GuestMacInUse(String),
+    #[error("Invalid vsock guest_cid {0}: it must be at least 3.")]
+    VsockCid(u64),
+    #[error("Invalid vsock uds_path: {0}")]
+    VsockPath(String),
+    #[error("No {what} with id {id} exists.")]
+    NotFound { what: &'static str, id: String },
+    #[error("Too many devices: at most {0} virtio devices fit the IRQ lines.")]
+    TooManyDevices(usize),
 }
 
 /// Largest guest memory accepted (1 TiB).
@@ -203,7 +233,7 @@ pub struct SerialConfig {
 }
 
 /// The whole VM: `--config-file` input and `GET /vm/config` output.
-#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct VmConfig {
     #[serde(rename = "boot-source", default, skip_serializing_if = "Option::is_none")]
@@ -213,11 +243,11 @@ pub struct VmConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub serial: Option<SerialConfig>,
     #[serde(default)]
-    pub drives: Vec<serde_json::Value>,
+    pub drives: Vec<DriveConfig>,
     #[serde(rename = "network-interfaces", default)]
-    pub network_interfaces: Vec<serde_json::Value>,
+    pub network_interfaces: Vec<NetworkInterfaceConfig>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub vsock: Option<serde_json::Value>,
+    pub vsock: Option<VsockDeviceConfig>,
 }
 
 impl VmConfig {
@@ -228,18 +258,278 @@ impl VmConfig {
             .ok_or(ConfigError::Missing("boot-source"))?
             .validate()?;
         self.machine_config.validate()?;
-        if !self.drives.is_empty() {
-            return Err(ConfigError::NotSupportedYet { what: "drives" });
+        let mut probe = VmConfig::default();
+        for d in &self.drives {
+            probe.upsert_drive(d.clone())?;
         }
-        if !self.network_interfaces.is_empty() {
-            return Err(ConfigError::NotSupportedYet {
-                what: "network-interfaces",
-            });
+        for n in &self.network_interfaces {
+            probe.upsert_net(n.clone())?;
         }
-        if self.vsock.is_some() {
-            return Err(ConfigError::NotSupportedYet { what: "vsock" });
+        if let Some(v) = &self.vsock {
+            v.validate()?;
+        }
+        let n = self.device_count();
+        if n > MAX_VIRTIO_DEVICES {
+            return Err(ConfigError::TooManyDevices(MAX_VIRTIO_DEVICES));
         }
         Ok(())
+    }
+
+    /// How many virtio devices the config asks for.
+    pub fn device_count(&self) -> usize {
+        self.drives.len() + self.network_interfaces.len() + usize::from(self.vsock.is_some())
+    }
+
+    /// Adds or replaces a drive (`PUT /drives/{id}`).
+    pub fn upsert_drive(&mut self, d: DriveConfig) -> Result<(), ConfigError> {
+        d.validate()?;
+        if d.is_root_device {
+            if let Some(r) = self
+                .drives
+                .iter()
+                .find(|x| x.is_root_device && x.drive_id != d.drive_id)
+            {
+                return Err(ConfigError::RootDeviceExists(r.drive_id.clone()));
+            }
+        }
+        match self.drives.iter_mut().find(|x| x.drive_id == d.drive_id) {
+            Some(slot) => *slot = d,
+            None => {
+                if self.device_count() >= MAX_VIRTIO_DEVICES {
+                    return Err(ConfigError::TooManyDevices(MAX_VIRTIO_DEVICES));
+                }
+                self.drives.push(d)
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds or replaces a network interface (`PUT /network-interfaces/{id}`).
+    pub fn upsert_net(&mut self, n: NetworkInterfaceConfig) -> Result<(), ConfigError> {
+        let mac = n.validate()?;
+        for other in self.network_interfaces.iter().filter(|x| x.iface_id != n.iface_id) {
+            if other.host_dev_name == n.host_dev_name {
+                return Err(ConfigError::TapNameInUse(n.host_dev_name.clone()));
+            }
+            if let (Some(a), Some(b)) = (mac, other.mac()) {
+                if a == b {
+                    return Err(ConfigError::GuestMacInUse(
+                        n.guest_mac.clone().unwrap_or_default(),
+                    ));
+                }
+            }
+        }
+        match self
+            .network_interfaces
+            .iter_mut()
+            .find(|x| x.iface_id == n.iface_id)
+        {
+            Some(slot) => *slot = n,
+            None => {
+                if self.device_count() >= MAX_VIRTIO_DEVICES {
+                    return Err(ConfigError::TooManyDevices(MAX_VIRTIO_DEVICES));
+                }
+                self.network_interfaces.push(n)
+            }
+        }
+        Ok(())
+    }
+
+    /// Sets the vsock device (`PUT /vsock`).
+    pub fn set_vsock(&mut self, v: VsockDeviceConfig) -> Result<(), ConfigError> {
+        v.validate()?;
+        if self.vsock.is_none() && self.device_count() >= MAX_VIRTIO_DEVICES {
+            return Err(ConfigError::TooManyDevices(MAX_VIRTIO_DEVICES));
+        }
+        self.vsock = Some(v);
+        Ok(())
+    }
+}
+
+/// virtio-mmio devices get one IRQ line each, from IRQ_BASE to IRQ_MAX.
+pub const MAX_VIRTIO_DEVICES: usize = (IRQ_MAX - IRQ_BASE + 1) as usize;
+
+/// Checks an API resource id.
+pub fn validate_id(what: &'static str, id: &str) -> Result<(), ConfigError> {
+    let ok = !id.is_empty()
+        && id.len() <= 64
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::BadId {
+            what,
+            id: id.to_string(),
+        })
+    }
+}
+
+/// Checks that the id in a URL path matches the one in the body.
+pub fn check_path_id(path: &str, body: &str) -> Result<(), ConfigError> {
+    if path == body {
+        Ok(())
+    } else {
+        Err(ConfigError::IdMismatch {
+            path: path.into(),
+            body: body.into(),
+        })
+    }
+}
+
+/// `PUT /drives/{id}`.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct DriveConfig {
+    pub drive_id: String,
+    pub path_on_host: String,
+    pub is_root_device: bool,
+    #[serde(default)]
+    pub is_read_only: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partuuid: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_type: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub io_engine: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limiter: Option<RateLimiterConfig>,
+}
+
+fn check_drive_file(path: &str, read_only: bool) -> Result<(), ConfigError> {
+    let err = |msg: String| ConfigError::DriveFile {
+        path: path.into(),
+        msg,
+    };
+    if path.is_empty() {
+        return Err(err("empty path".into()));
+    }
+    let md = std::fs::metadata(path).map_err(|e| err(e.to_string()))?;
+    if md.is_dir() {
+        return Err(err("is a directory".into()));
+    }
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(!read_only)
+        .open(path)
+        .map(|_| ())
+        .map_err(|e| err(e.to_string()))
+}
+
+impl DriveConfig {
+    /// Id, file and option checks.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        validate_id("drive", &self.drive_id)?;
+        check_drive_file(&self.path_on_host, self.is_read_only)?;
+        if let Some(c) = &self.cache_type {
+            if c != "Unsafe" && c != "Writeback" {
+                return Err(ConfigError::Unsupported {
+                    what: "cache_type",
+                    value: c.clone(),
+                    supported: "\"Unsafe\" and \"Writeback\"",
+                });
+            }
+        }
+        if let Some(e) = &self.io_engine {
+            if e != "Sync" {
+                return Err(ConfigError::Unsupported {
+                    what: "io_engine",
+                    value: e.clone(),
+                    supported: "\"Sync\"",
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `PATCH /drives/{id}` (after boot): a new backing file and/or rate limiter.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct DriveUpdate {
+    pub drive_id: String,
+    #[serde(default)]
+    pub path_on_host: Option<String>,
+    #[serde(default)]
+    pub rate_limiter: Option<RateLimiterConfig>,
+}
+
+/// `PUT /network-interfaces/{id}`.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkInterfaceConfig {
+    pub iface_id: String,
+    pub host_dev_name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_mac: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rx_rate_limiter: Option<RateLimiterConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tx_rate_limiter: Option<RateLimiterConfig>,
+}
+
+impl NetworkInterfaceConfig {
+    /// The parsed guest MAC, if one is set and valid.
+    pub fn mac(&self) -> Option<[u8; 6]> {
+        self.guest_mac
+            .as_deref()
+            .and_then(|m| devices::virtio::net::parse_mac(m).ok())
+    }
+
+    /// Id, TAP name and MAC checks; returns the parsed MAC.
+    pub fn validate(&self) -> Result<Option<[u8; 6]>, ConfigError> {
+        validate_id("network interface", &self.iface_id)?;
+        let n = &self.host_dev_name;
+        if n.is_empty() || n.len() > 15 || n.contains('/') || n.chars().any(char::is_whitespace) {
+            return Err(ConfigError::TapName(n.clone()));
+        }
+        match &self.guest_mac {
+            None => Ok(None),
+            Some(m) => devices::virtio::net::parse_mac(m)
+                .map(Some)
+                .map_err(|_| ConfigError::GuestMac(m.clone())),
+        }
+    }
+}
+
+/// `PATCH /network-interfaces/{id}` (after boot): new rate limiters.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkInterfaceUpdate {
+    pub iface_id: String,
+    #[serde(default)]
+    pub rx_rate_limiter: Option<RateLimiterConfig>,
+    #[serde(default)]
+    pub tx_rate_limiter: Option<RateLimiterConfig>,
+}
+
+/// `PUT /vsock`.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct VsockDeviceConfig {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock_id: Option<String>,
+    pub guest_cid: u64,
+    pub uds_path: String,
+}
+
+impl VsockDeviceConfig {
+    /// CID and socket path checks.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.guest_cid < 3 || self.guest_cid > u64::from(u32::MAX) {
+            return Err(ConfigError::VsockCid(self.guest_cid));
+        }
+        if self.uds_path.is_empty() {
+            return Err(ConfigError::VsockPath("empty path".into()));
+        }
+        let p = Path::new(&self.uds_path);
+        match p.parent() {
+            Some(d) if !d.as_os_str().is_empty() && !d.is_dir() => Err(ConfigError::VsockPath(
+                format!("directory {} does not exist", d.display()),
+            )),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -293,6 +583,91 @@ mod tests {
             ..Default::default()
         };
         assert!(matches!(ok.validate(), Err(ConfigError::CmdlineTooLong(_))));
+    }
+
+    fn temp_file(name: &str) -> std::path::PathBuf {
+        let p = std::env::temp_dir().join(format!("ember-cfg-{}-{name}", std::process::id()));
+        std::fs::write(&p, vec![0u8; 1024]).unwrap();
+        p
+    }
+
+    #[test]
+    fn drives_upsert_and_single_root() {
+        let f = temp_file("drive");
+        let path = f.to_string_lossy().to_string();
+        let d = |id: &str, root: bool| DriveConfig {
+            drive_id: id.into(),
+            path_on_host: path.clone(),
+            is_root_device: root,
+            is_read_only: false,
+            partuuid: None,
+            cache_type: None,
+            io_engine: None,
+            rate_limiter: None,
+        };
+        let mut c = VmConfig::default();
+        c.upsert_drive(d("rootfs", true)).unwrap();
+        c.upsert_drive(d("rootfs", true)).unwrap();
+        c.upsert_drive(d("data", false)).unwrap();
+        assert_eq!(c.drives.len(), 2);
+        assert!(matches!(
+            c.upsert_drive(d("other", true)),
+            Err(ConfigError::RootDeviceExists(_))
+        ));
+        assert!(matches!(c.upsert_drive(d("bad id!", false)), Err(ConfigError::BadId { .. })));
+        let mut missing = d("m", false);
+        missing.path_on_host = "/nonexistent/disk".into();
+        assert!(matches!(c.upsert_drive(missing), Err(ConfigError::DriveFile { .. })));
+        let mut engine = d("e", false);
+        engine.io_engine = Some("Async".into());
+        assert!(matches!(c.upsert_drive(engine), Err(ConfigError::Unsupported { .. })));
+        std::fs::remove_file(f).unwrap();
+    }
+
+    #[test]
+    fn network_interfaces_are_checked() {
+        let n = |id: &str, tap: &str, mac: Option<&str>| NetworkInterfaceConfig {
+            iface_id: id.into(),
+            host_dev_name: tap.into(),
+            guest_mac: mac.map(String::from),
+            rx_rate_limiter: None,
+            tx_rate_limiter: None,
+        };
+        let mut c = VmConfig::default();
+        c.upsert_net(n("eth0", "tap0", Some("06:00:00:00:00:01"))).unwrap();
+        assert!(matches!(
+            c.upsert_net(n("eth1", "tap0", None)),
+            Err(ConfigError::TapNameInUse(_))
+        ));
+        assert!(matches!(
+            c.upsert_net(n("eth1", "tap1", Some("06:00:00:00:00:01"))),
+            Err(ConfigError::GuestMacInUse(_))
+        ));
+        assert!(matches!(
+            c.upsert_net(n("eth1", "a-very-long-tap-name", None)),
+            Err(ConfigError::TapName(_))
+        ));
+        assert!(matches!(
+            c.upsert_net(n("eth1", "tap1", Some("zz:00"))),
+            Err(ConfigError::GuestMac(_))
+        ));
+        c.upsert_net(n("eth1", "tap1", None)).unwrap();
+        assert_eq!(c.device_count(), 2);
+    }
+
+    #[test]
+    fn vsock_is_checked() {
+        let v = |cid: u64, p: &str| VsockDeviceConfig {
+            vsock_id: None,
+            guest_cid: cid,
+            uds_path: p.into(),
+        };
+        assert!(matches!(v(2, "/tmp/v.sock").validate(), Err(ConfigError::VsockCid(2))));
+        assert!(v(3, "/tmp/v.sock").validate().is_ok());
+        assert!(matches!(
+            v(3, "/nonexistent-dir/v.sock").validate(),
+            Err(ConfigError::VsockPath(_))
+        ));
     }
 
     #[test]

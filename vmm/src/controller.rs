@@ -15,6 +15,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::actions::{ActionError, InstanceInfo, InstanceState, VmmAction, VmmData};
 use crate::builder::{build_and_boot, ExitSignals, RunningVm};
+use crate::config::{check_path_id, ConfigError};
 use crate::stdin::SerialStdin;
 use crate::vstate::vcpu::{VcpuCommand, VcpuEvent, VcpuResponse};
 use crate::{EventManager, ExitCode};
@@ -190,6 +191,86 @@ impl Controller {
                 self.config.machine_config = u.apply(&self.config.machine_config)?;
                 Ok(VmmData::Empty)
             }
+            VmmAction::PutDrive(id, d) => {
+                self.pre_boot()?;
+                check_path_id(&id, &d.drive_id)?;
+                self.config.upsert_drive(d)?;
+                Ok(VmmData::Empty)
+            }
+            VmmAction::PatchDrive(id, u) => {
+                check_path_id(&id, &u.drive_id)?;
+                let vm = self.running.as_ref().ok_or(ActionError::NotAllowedBeforeBoot)?;
+                let blk = vm.blocks.get(&id).cloned().ok_or(ConfigError::NotFound {
+                    what: "drive",
+                    id: id.clone(),
+                })?;
+                let slot = self
+                    .config
+                    .drives
+                    .iter_mut()
+                    .find(|d| d.drive_id == id)
+                    .ok_or(ConfigError::NotFound {
+                        what: "drive",
+                        id: id.clone(),
+                    })?;
+                let mut updated = slot.clone();
+                if let Some(p) = &u.path_on_host {
+                    updated.path_on_host = p.clone();
+                }
+                if let Some(r) = u.rate_limiter {
+                    updated.rate_limiter = Some(r);
+                }
+                updated.validate()?;
+                let mut b = blk.lock().expect("block poisoned");
+                if let Some(p) = &u.path_on_host {
+                    b.update_path(std::path::Path::new(p))
+                        .map_err(|e| ActionError::DriveUpdate {
+                            id: id.clone(),
+                            msg: e.to_string(),
+                        })?;
+                }
+                if let Some(r) = &u.rate_limiter {
+                    b.update_rate_limiter(r);
+                }
+                *slot = updated;
+                Ok(VmmData::Empty)
+            }
+            VmmAction::PutNetworkInterface(id, n) => {
+                self.pre_boot()?;
+                check_path_id(&id, &n.iface_id)?;
+                self.config.upsert_net(n)?;
+                Ok(VmmData::Empty)
+            }
+            VmmAction::PatchNetworkInterface(id, u) => {
+                check_path_id(&id, &u.iface_id)?;
+                let vm = self.running.as_ref().ok_or(ActionError::NotAllowedBeforeBoot)?;
+                let net = vm.nets.get(&id).cloned().ok_or(ConfigError::NotFound {
+                    what: "network interface",
+                    id: id.clone(),
+                })?;
+                net.lock()
+                    .expect("net poisoned")
+                    .update_rate_limiters(u.rx_rate_limiter.as_ref(), u.tx_rate_limiter.as_ref());
+                if let Some(slot) = self
+                    .config
+                    .network_interfaces
+                    .iter_mut()
+                    .find(|n| n.iface_id == id)
+                {
+                    if u.rx_rate_limiter.is_some() {
+                        slot.rx_rate_limiter = u.rx_rate_limiter;
+                    }
+                    if u.tx_rate_limiter.is_some() {
+                        slot.tx_rate_limiter = u.tx_rate_limiter;
+                    }
+                }
+                Ok(VmmData::Empty)
+            }
+            VmmAction::PutVsock(v) => {
+                self.pre_boot()?;
+                self.config.set_vsock(v)?;
+                Ok(VmmData::Empty)
+            }
             VmmAction::InstanceStart => {
                 self.pre_boot()?;
                 self.config.validate()?;
@@ -199,6 +280,7 @@ impl Controller {
                     out,
                     &self.signals,
                     self.vcpu_start_hook.clone(),
+                    em,
                 )?;
                 em.add_subscriber(Arc::new(Mutex::new(SerialStdin::new(vm.serial.clone()))));
                 self.running = Some(vm);

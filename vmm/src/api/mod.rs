@@ -53,6 +53,12 @@ fn body<T: DeserializeOwned>(method: &str, b: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(b).map_err(|e| ApiError::BadJson(e.to_string()))
 }
 
+/// The `{id}` of `<prefix>{id}`: one non-empty path segment.
+fn resource_id(path: &str, prefix: &str) -> Option<String> {
+    let id = path.strip_prefix(prefix)?;
+    (!id.is_empty() && !id.contains('/')).then(|| id.to_string())
+}
+
 /// Maps a request to an action.
 pub fn parse(method: &str, path: &str, b: &[u8]) -> Result<VmmAction, ApiError> {
     let path_trim = path.trim_end_matches('/');
@@ -72,6 +78,26 @@ pub fn parse(method: &str, path: &str, b: &[u8]) -> Result<VmmAction, ApiError> 
             VmState::Paused => VmmAction::Pause,
             VmState::Resumed => VmmAction::Resume,
         },
+        ("PUT", "/vsock") => VmmAction::PutVsock(body(method, b)?),
+        ("PUT", p) if resource_id(p, "/drives/").is_some() => {
+            VmmAction::PutDrive(resource_id(p, "/drives/").unwrap_or_default(), body(method, b)?)
+        }
+        ("PATCH", p) if resource_id(p, "/drives/").is_some() => VmmAction::PatchDrive(
+            resource_id(p, "/drives/").unwrap_or_default(),
+            body(method, b)?,
+        ),
+        ("PUT", p) if resource_id(p, "/network-interfaces/").is_some() => {
+            VmmAction::PutNetworkInterface(
+                resource_id(p, "/network-interfaces/").unwrap_or_default(),
+                body(method, b)?,
+            )
+        }
+        ("PATCH", p) if resource_id(p, "/network-interfaces/").is_some() => {
+            VmmAction::PatchNetworkInterface(
+                resource_id(p, "/network-interfaces/").unwrap_or_default(),
+                body(method, b)?,
+            )
+        }
         _ => {
             return Err(ApiError::InvalidRoute {
                 method: method.into(),
@@ -121,6 +147,40 @@ mod tests {
         assert!(matches!(
             parse("PUT", "/machine-config", br#"{"vcpu_count":2,"mem_size_mib":64}"#),
             Ok(VmmAction::PutMachineConfig(_))
+        ));
+    }
+
+    #[test]
+    fn device_routes() {
+        let d = br#"{"drive_id":"rootfs","path_on_host":"/x","is_root_device":true}"#;
+        assert!(matches!(
+            parse("PUT", "/drives/rootfs", d),
+            Ok(VmmAction::PutDrive(id, _)) if id == "rootfs"
+        ));
+        assert!(matches!(
+            parse("PATCH", "/drives/rootfs", br#"{"drive_id":"rootfs","path_on_host":"/y"}"#),
+            Ok(VmmAction::PatchDrive(..))
+        ));
+        let n = br#"{"iface_id":"eth0","host_dev_name":"tap0","guest_mac":"06:00:00:00:00:01"}"#;
+        assert!(matches!(
+            parse("PUT", "/network-interfaces/eth0", n),
+            Ok(VmmAction::PutNetworkInterface(..))
+        ));
+        assert!(matches!(
+            parse("PUT", "/vsock", br#"{"guest_cid":3,"uds_path":"/tmp/v.sock"}"#),
+            Ok(VmmAction::PutVsock(_))
+        ));
+        assert!(matches!(
+            parse("PUT", "/drives/", d),
+            Err(ApiError::InvalidRoute { .. })
+        ));
+        assert!(matches!(
+            parse("PUT", "/drives/a/b", d),
+            Err(ApiError::InvalidRoute { .. })
+        ));
+        assert!(matches!(
+            parse("PUT", "/drives/x", br#"{"drive_id":"x"}"#),
+            Err(ApiError::BadJson(_))
         ));
     }
 
