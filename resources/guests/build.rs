@@ -21,6 +21,14 @@ const C_SOURCES: &[&str] = &[
     "serial.c",
     "string.c",
     "tests.c",
+    "timer.c",
+    "virtio/blk.c",
+    "virtio/evil.c",
+    "virtio/mmio.c",
+    "virtio/net.c",
+    "virtio/parse.c",
+    "virtio/probe.c",
+    "virtio/vsock.c",
 ];
 const ASM_SOURCES: &[&str] = &["arch/entry64.S", "arch/pvh.S"];
 const OTHER_SOURCES: &[&str] = &[
@@ -29,7 +37,11 @@ const OTHER_SOURCES: &[&str] = &[
     "include/boot.h",
     "include/bootinfo.h",
     "include/ember.h",
+    "include/virtio.h",
+    "hosttest/host_test.c",
 ];
+/// Pure helpers also compiled for the host (with -DHOST_TEST) and unit-tested.
+const HOST_TEST_SOURCES: &[&str] = &["hosttest/host_test.c", "virtio/parse.c", "string.c"];
 
 const CFLAGS: &[&str] = &[
     "-std=gnu11",
@@ -127,6 +139,8 @@ fn main() {
     let bzimage = out.join("ember-guest.bzImage");
     build_bzimage(&cc, &objcopy, &src, &include, &obj_dir, &linux64, &bzimage);
 
+    build_host_test(&cc, &src, &include, &out);
+
     let images = [&linux64, &pvh, &bzimage];
     if let Some(target) = target_dir(&out) {
         let dest = target.join("guests");
@@ -138,6 +152,22 @@ fn main() {
             println!("cargo:warning=cannot create {}", dest.display());
         }
     }
+}
+
+/// Builds `host-test`, a host program testing the guest's pure C helpers;
+/// `EMBER_GUEST_HOST_TEST` (compile time) holds its path.
+fn build_host_test(cc: &str, src: &Path, include: &Path, out: &Path) {
+    let exe = out.join("host-test");
+    let mut cmd = Command::new(cc);
+    cmd.args(["-std=gnu11", "-O1", "-Wall", "-Wextra", "-Werror", "-DHOST_TEST"])
+        .arg("-I")
+        .arg(include);
+    for f in HOST_TEST_SOURCES {
+        cmd.arg(src.join(f));
+    }
+    cmd.arg("-o").arg(&exe);
+    run(&mut cmd);
+    println!("cargo:rustc-env=EMBER_GUEST_HOST_TEST={}", exe.display());
 }
 
 fn build_bzimage(

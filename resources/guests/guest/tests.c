@@ -4,6 +4,7 @@
  * print "ember-guest: done" and reset the machine (i8042 0xfe).
  */
 #include "bootinfo.h"
+#include "virtio.h"
 
 #define DEFAULT_MODE "hello"
 #define MODE_MAX 64
@@ -47,22 +48,6 @@ static void mode_cpus(const struct bootinfo *bi)
 
 	if (cpus >= 0)
 		guest_log("cpus %d", cpus);
-}
-
-static uint32_t fnv1a32(const uint8_t *p, uint64_t len)
-{
-	uint32_t h = 0x811c9dc5u;
-
-	/* Word loads keep the (emulated) instruction count down. */
-	for (; len >= 8; len -= 8, p += 8) {
-		uint64_t w;
-		memcpy(&w, p, sizeof(w));
-		for (int i = 0; i < 8; i++, w >>= 8)
-			h = (h ^ (uint8_t)w) * 0x01000193u;
-	}
-	for (; len; len--, p++)
-		h = (h ^ *p) * 0x01000193u;
-	return h;
 }
 
 static void mode_initrd(const struct bootinfo *bi)
@@ -135,6 +120,17 @@ static const struct test_mode modes[] = {
 	{ "ticker", mode_ticker },
 	{ "wait-ctrlaltdel", mode_wait_ctrlaltdel },
 	{ "triple-fault", mode_triple_fault },
+	{ "virtio-probe", mode_virtio_probe },
+	{ "blk", mode_blk },
+	{ "net", mode_net },
+	{ "vsock", mode_vsock },
+	{ "evil-desc-oob", mode_evil_desc_oob },
+	{ "evil-desc-loop", mode_evil_desc_loop },
+	{ "evil-len", mode_evil_len },
+	{ "evil-queue-size", mode_evil_queue_size },
+	{ "evil-avail-idx", mode_evil_avail_idx },
+	{ "bench-blk", mode_bench_blk },
+	{ "bench-net", mode_bench_net },
 };
 
 void run_test(const struct bootinfo *bi)

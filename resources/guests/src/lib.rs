@@ -7,6 +7,107 @@
 //!
 //! The guest prints lines starting with `ember-guest: ` on COM1 and selects a
 //! test mode with `ember.test=<mode>` on the command line (default `hello`).
+//!
+//! # virtio modes
+//!
+//! The guest finds virtio-mmio (version 2) devices through
+//! `virtio_mmio.device=<size>@<base>:<irq>[:<id>]` words on its command line
+//! (size like `4K`, `0x1000` or `4096`; base in hex with `0x`), drives them
+//! by polling (split virtqueues, `VIRTIO_F_VERSION_1`, no interrupts) and
+//! uses the first device of the needed type. Every mode ends with
+//! `ember-guest: done` and a reset. Timeouts come from the PIT, so they are
+//! real time whatever the CPU speed. In the lines below, `<hex>` is
+//! lower-case hex without leading zeros, `<fnv>` is an FNV-1a 32 hash printed
+//! as `0x` + 8 hex digits.
+//!
+//! When the device a mode needs is not announced: `ember-guest: blk none`,
+//! `net none`, `vsock none` or `evil no block device`. When its
+//! initialisation fails: `<blk|net|vsock> init failed at
+//! <features|queues|driver-ok> status 0x<hex>`.
+//!
+//! ## `virtio-probe`
+//! - `ember-guest: virtio none` (no device announced), else per device in
+//!   cmdline order: `ember-guest: virtio 0x<base hex> irq <n> id <device id>
+//!   version <v>`, `ember-guest: virtio 0x<base> absent` (DeviceID 0) or
+//!   `ember-guest: virtio 0x<base> bad-magic 0x<value>`.
+//!
+//! ## `blk` (options: `ember.blk_write=1`)
+//! 1. `blk capacity <sectors> ro <0|1>`
+//! 2. `blk id <GET_ID string, up to 20 chars, non-printables as ?>`
+//! 3. `blk read fnv1a <fnv>`: sectors 0..min(8, capacity) (4 KiB normally)
+//! 4. `blk last-sector fnv1a <fnv>`: sector capacity-1 (512 bytes)
+//! 5. `blk beyond-end status <s>`: a read of sector `capacity`
+//! 6. only with `ember.blk_write=1`: writes 4 KiB at sector 8 (byte i =
+//!    (i*13 + 7) & 0xff); writable: `blk flush status <s>` (if FLUSH is
+//!    offered), then `blk write ok` | `blk write mismatch at <offset>` |
+//!    `blk write status <s>` | `blk write skipped capacity <n>` (< 16
+//!    sectors); read-only: `blk write status <s>` (1 = IOERR expected).
+//!
+//! In the status lines `<s>` is the status byte in decimal, `none` (used
+//! element without status, used length 0) or `timeout` (5 s); a failed step
+//! 3/4 prints `blk read status <s>` / `blk last-sector status <s>`.
+//!
+//! ## `bench-blk`
+//! 256 reads of 4 KiB (1 MiB), then `bench blk bytes 1048576`.
+//!
+//! ## `net` (options: `ember.ip=<a.b.c.d>` default 10.0.0.2,
+//! `ember.peer=<a.b.c.d>` default 10.0.0.1)
+//! 1. `net mac aa:bb:cc:dd:ee:ff` (config MAC) or `net mac none` (then
+//!    02:00:00:00:00:02 is used)
+//! 2. ARP request for the peer (5 tries, 1 s each): `net arp <peer mac>`
+//! 3. for n = 1..3: UDP `ember-ping <n>` from port 4000 to peer port 7 (5
+//!    tries, 1 s each), echo matched: `net udp-echo ok <n>`
+//!
+//! ARP requests for the guest's IP are answered meanwhile. Failures:
+//! `net timeout waiting for arp reply`, `net timeout waiting for udp-echo
+//! <n>`, `net timeout waiting for tx completion`, `net bad ember.ip <v>`.
+//!
+//! ## `bench-net`
+//! After ARP as above, 256 UDP datagrams of 1024 bytes to peer port 9:
+//! `bench net bytes 262144`.
+//!
+//! ## `vsock` (options: `ember.vsock_mode=guest|host|both` default both,
+//! `ember.vsock_port=<p>` default 52, `ember.vsock_listen=<p>` default 1234)
+//! 1. `vsock cid <guest cid>`
+//! 2. guest-initiated (guest/both): from guest port 49152 to host CID 2 port
+//!    `vsock_port`: `vsock guest-connect connected`, sends
+//!    `hello from guest\n`, then `vsock guest-connect echo ok` (or `... echo
+//!    mismatch got <n> bytes`, `vsock timeout waiting for guest-connect
+//!    echo`), full SHUTDOWN, waits up to 2 s for RST (sends RST itself
+//!    otherwise), `vsock guest-connect closed`. Refused: `vsock
+//!    guest-connect refused op <op>`; no answer in 5 s: `vsock timeout
+//!    waiting for guest-connect response`.
+//! 3. host-initiated (host/both): `vsock listening on port <p>`, then on
+//!    OP_REQUEST to that port: `vsock host-connect accepted`; every OP_RW
+//!    payload is echoed; on OP_SHUTDOWN it answers RST (on RST it just
+//!    stops) and prints `vsock host-connect echoed <bytes>`. No request in
+//!    60 s: `vsock timeout waiting for host-connect`; no packet for 10 s
+//!    while connected: `vsock timeout waiting for host-connect data` (then
+//!    RST and the echoed line).
+//!
+//! The guest advertises buf_alloc 65536 and counts consumed bytes in
+//! fwd_cnt (credit update after 32 KiB), answers CREDIT_REQUEST, and sends
+//! within the host's credit. Packets for unknown connections get an RST.
+//!
+//! ## Evil modes (first block device)
+//! Each prints `evil <name> sent` after the attack and then, after polling
+//! the used ring for up to 1 s, `evil <name> used-len <len|none> status
+//! <status byte|none>`. Then `evil device status 0x<hex>` (Status register
+//! after the attack), a reset + re-initialisation + 4 KiB read of sector 0:
+//! `evil recovered fnv1a <fnv>` (same hash as `blk read fnv1a`), or
+//! `evil recover failed` / `evil recover read status <s>`.
+//! - `evil-desc-oob`: names `desc-oob` (data descriptor at 0xfff00000, 4096
+//!   bytes) and `desc-wrap` (0xfffffffffffff000 + 0x2000 wraps).
+//! - `evil-desc-loop`: name `desc-loop` (descriptors 0 -> 1 -> 2 -> 0).
+//! - `evil-len`: name `len` (data descriptor length 0xffffffff).
+//! - `evil-avail-idx`: name `avail-idx` (avail idx = 1000 with queue size 16).
+//! - `evil-queue-size`: twice (QueueNum 3, then QueueNumMax*2): `evil
+//!   queue-num <n>` and `evil status 0x<Status after DRIVER_OK> ready
+//!   <QueueReady read-back>`; then uses the queue anyway: name
+//!   `queue-size`.
+//!
+//! A host test should assert: the VMM is still running/exits 0 and the
+//! guest printed `ember-guest: done`.
 
 /// ELF64 image without a PVH note; entered in long mode with RSI = zero page.
 pub const LINUX64_ELF: &str = concat!(env!("OUT_DIR"), "/ember-guest-linux64.elf");
@@ -31,7 +132,42 @@ pub const MODES: &[&str] = &[
     "ticker",
     "wait-ctrlaltdel",
     "triple-fault",
+    "virtio-probe",
+    "blk",
+    "net",
+    "vsock",
+    "evil-desc-oob",
+    "evil-desc-loop",
+    "evil-len",
+    "evil-queue-size",
+    "evil-avail-idx",
+    "bench-blk",
+    "bench-net",
 ];
+
+/// Output line of `virtio-probe` when no device is announced.
+pub const VIRTIO_NONE_LINE: &str = "ember-guest: virtio none";
+
+/// `virtio-probe` line for a present device.
+pub fn virtio_probe_line(base: u64, irq: u32, device_id: u32, version: u32) -> String {
+    format!("ember-guest: virtio {base:#x} irq {irq} id {device_id} version {version}")
+}
+
+/// The cmdline word announcing a virtio-mmio device (as ember-vmm writes it).
+pub fn virtio_mmio_cmdline(base: u64, irq: u32) -> String {
+    format!("virtio_mmio.device=4K@{base:#x}:{irq}")
+}
+
+/// FNV-1a (32-bit) as the guest computes it for `... fnv1a 0x<hash>` lines.
+pub fn fnv1a32(data: &[u8]) -> u32 {
+    data.iter()
+        .fold(0x811c_9dc5u32, |h, &b| (h ^ u32::from(b)).wrapping_mul(0x0100_0193))
+}
+
+/// The 4 KiB pattern the `blk` mode writes at sector 8 (`ember.blk_write=1`).
+pub fn blk_write_pattern() -> Vec<u8> {
+    (0..4096u32).map(|i| (i.wrapping_mul(13).wrapping_add(7) & 0xff) as u8).collect()
+}
 
 #[cfg(test)]
 mod tests {
@@ -44,6 +180,28 @@ mod tests {
 
     fn mem() -> GuestMemoryMmap<()> {
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap()
+    }
+
+    #[test]
+    fn c_helpers_pass_their_host_tests() {
+        let out = std::process::Command::new(env!("EMBER_GUEST_HOST_TEST")).output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "host-test failed:\n{stdout}\n{stderr}");
+        assert!(stdout.starts_with("ok "), "{stdout}");
+    }
+
+    #[test]
+    fn helper_lines_and_hash() {
+        assert_eq!(virtio_mmio_cmdline(0xd000_1000, 6), "virtio_mmio.device=4K@0xd0001000:6");
+        assert_eq!(
+            virtio_probe_line(0xd000_0000, 5, 2, 2),
+            "ember-guest: virtio 0xd0000000 irq 5 id 2 version 2"
+        );
+        assert_eq!(fnv1a32(b""), 0x811c_9dc5);
+        assert_eq!(fnv1a32(b"foobar"), 0xbf9c_f968);
+        let p = blk_write_pattern();
+        assert_eq!((p[0], p[1], p[20], p.len()), (7, 20, 11, 4096));
     }
 
     #[test]
