@@ -231,6 +231,7 @@ pub fn build_and_boot(
     let mem = create_guest_memory(mc.mem_size_mib as u64)?;
     let vm = Vm::new()?;
     vm.register_memory(&mem)?;
+    vm.setup_irqchip()?;
 
     let kernel = loader::load_kernel(&mem, &boot.kernel_image_path)?;
     let initrd = match &boot.initrd_path {

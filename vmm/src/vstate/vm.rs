@@ -51,8 +51,10 @@ pub struct Vm {
 }
 
 impl Vm {
-    /// Opens /dev/kvm, checks capabilities and creates the VM with its
-    /// irqchip and PIT.
+    /// Opens /dev/kvm, checks capabilities and creates the VM. Memory is
+    /// registered next ([`Vm::register_memory`]), then [`Vm::setup_irqchip`]:
+    /// memory slots added after the in-kernel LAPIC exists are much more
+    /// expensive on some hosts (nested KVM), so the order matters.
     pub fn new() -> Result<Self, VmError> {
         let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
         let v = kvm.get_api_version();
@@ -79,13 +81,17 @@ impl Vm {
             .map_err(VmError::SetTss)?;
         fd.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
             .map_err(VmError::SetIdentityMap)?;
-        fd.create_irq_chip().map_err(VmError::IrqChip)?;
+        Ok(Vm { kvm, fd })
+    }
+
+    /// Creates the in-kernel PIC/IOAPIC/LAPICs and the PIT.
+    pub fn setup_irqchip(&self) -> Result<(), VmError> {
+        self.fd.create_irq_chip().map_err(VmError::IrqChip)?;
         let pit = kvm_pit_config {
             flags: KVM_PIT_SPEAKER_DUMMY,
             ..Default::default()
         };
-        fd.create_pit2(pit).map_err(VmError::Pit)?;
-        Ok(Vm { kvm, fd })
+        self.fd.create_pit2(pit).map_err(VmError::Pit)
     }
 
     /// The /dev/kvm handle.
