@@ -43,6 +43,17 @@ common_start64:
 	movl	%edi, %r12d
 	movq	%rsi, %r13
 
+	/*
+	 * Only the bootstrap processor (initial APIC ID 0) runs the guest.
+	 * Some hosts (nested PVM) start every vCPU at the entry point instead
+	 * of leaving the APs waiting for INIT/SIPI; they would share our stack
+	 * and .bss, so park them (spinning) before touching memory.
+	 */
+	movl	$1, %eax
+	cpuid
+	shrl	$24, %ebx
+	jnz	ap_park
+
 	movq	$pml4, %rax
 	movq	%rax, %cr3
 	lgdt	gdt_desc(%rip)
@@ -75,6 +86,11 @@ common_start64:
 3:	cli
 	hlt
 	jmp	3b
+
+/* hlt would exit to the VMM (KVM_EXIT_HLT) on such hosts: spin instead. */
+ap_park:
+	pause
+	jmp	ap_park
 
 /* ------------------------------------------------------------------------ */
 	.section .rodata
