@@ -106,9 +106,17 @@ fn main() {
 
     let mut objs = Vec::new();
     for f in C_SOURCES.iter().chain(ASM_SOURCES) {
-        let obj = obj_dir.join(Path::new(f).file_name().unwrap()).with_extension("o");
+        let obj = obj_dir
+            .join(Path::new(f).file_name().unwrap())
+            .with_extension("o");
         let mut cmd = Command::new(&cc);
-        cmd.args(CFLAGS).arg("-I").arg(&include).arg("-c").arg(src.join(f)).arg("-o").arg(&obj);
+        cmd.args(CFLAGS)
+            .arg("-I")
+            .arg(&include)
+            .arg("-c")
+            .arg(src.join(f))
+            .arg("-o")
+            .arg(&obj);
         run(&mut cmd);
         objs.push(obj);
     }
@@ -132,7 +140,12 @@ fn main() {
     let pvh = out.join("ember-guest-pvh.elf");
     for (elf, lds) in [(&linux64, &lds_linux), (&pvh, &lds_pvh)] {
         let mut cmd = Command::new(&cc);
-        cmd.args(LDFLAGS).arg("-T").arg(lds).args(&objs).arg("-o").arg(elf);
+        cmd.args(LDFLAGS)
+            .arg("-T")
+            .arg(lds)
+            .args(&objs)
+            .arg("-o")
+            .arg(elf);
         run(&mut cmd);
     }
 
@@ -159,9 +172,16 @@ fn main() {
 fn build_host_test(cc: &str, src: &Path, include: &Path, out: &Path) {
     let exe = out.join("host-test");
     let mut cmd = Command::new(cc);
-    cmd.args(["-std=gnu11", "-O1", "-Wall", "-Wextra", "-Werror", "-DHOST_TEST"])
-        .arg("-I")
-        .arg(include);
+    cmd.args([
+        "-std=gnu11",
+        "-O1",
+        "-Wall",
+        "-Wextra",
+        "-Werror",
+        "-DHOST_TEST",
+    ])
+    .arg("-I")
+    .arg(include);
     for f in HOST_TEST_SOURCES {
         cmd.arg(src.join(f));
     }
@@ -191,15 +211,25 @@ fn build_bzimage(
         .arg("-o")
         .arg(&setup_obj);
     run(&mut cmd);
-    run(Command::new(objcopy).args(["-O", "binary", "-j", ".text"]).arg(&setup_obj).arg(&setup_bin));
-    run(Command::new(objcopy).args(["-O", "binary"]).arg(linux64).arg(&pm_bin));
+    run(Command::new(objcopy)
+        .args(["-O", "binary", "-j", ".text"])
+        .arg(&setup_obj)
+        .arg(&setup_bin));
+    run(Command::new(objcopy)
+        .args(["-O", "binary"])
+        .arg(linux64)
+        .arg(&pm_bin));
 
     let mut setup = fs::read(&setup_bin).expect("read setup.bin");
     let mut pm = fs::read(&pm_bin).expect("read vmlinux.bin");
     let elf = fs::read(linux64).expect("read linux64 elf");
 
     let sects = usize::from(setup[SETUP_SECTS_OFF]);
-    assert_eq!(setup.len(), (sects + 1) * 512, "setup.bin size does not match setup_sects");
+    assert_eq!(
+        setup.len(),
+        (sects + 1) * 512,
+        "setup.bin size does not match setup_sects"
+    );
     while !pm.len().is_multiple_of(16) {
         pm.push(0);
     }
@@ -239,18 +269,28 @@ fn target_dir(out: &Path) -> Option<PathBuf> {
             return Some(dir);
         }
     }
-    let profile_dir = out.ancestors().find(|p| p.join("build").is_dir() && p.file_name().is_some_and(|n| n != "build"))?;
+    let profile_dir = out
+        .ancestors()
+        .find(|p| p.join("build").is_dir() && p.file_name().is_some_and(|n| n != "build"))?;
     profile_dir.parent().map(Path::to_path_buf)
 }
 
 /// Copies `img` into `dest` atomically (debug and release builds may race).
 fn install(img: &Path, dest: &Path) {
     let name = img.file_name().unwrap();
-    let tmp = dest.join(format!(".{}.{}", name.to_string_lossy(), std::process::id()));
+    let tmp = dest.join(format!(
+        ".{}.{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
     let ok = fs::copy(img, &tmp).is_ok() && fs::rename(&tmp, dest.join(name)).is_ok();
     if !ok {
         let _ = fs::remove_file(&tmp);
-        println!("cargo:warning=cannot install {} into {}", img.display(), dest.display());
+        println!(
+            "cargo:warning=cannot install {} into {}",
+            img.display(),
+            dest.display()
+        );
     }
 }
 

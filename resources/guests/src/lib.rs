@@ -160,13 +160,16 @@ pub fn virtio_mmio_cmdline(base: u64, irq: u32) -> String {
 
 /// FNV-1a (32-bit) as the guest computes it for `... fnv1a 0x<hash>` lines.
 pub fn fnv1a32(data: &[u8]) -> u32 {
-    data.iter()
-        .fold(0x811c_9dc5u32, |h, &b| (h ^ u32::from(b)).wrapping_mul(0x0100_0193))
+    data.iter().fold(0x811c_9dc5u32, |h, &b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    })
 }
 
 /// The 4 KiB pattern the `blk` mode writes at sector 8 (`ember.blk_write=1`).
 pub fn blk_write_pattern() -> Vec<u8> {
-    (0..4096u32).map(|i| (i.wrapping_mul(13).wrapping_add(7) & 0xff) as u8).collect()
+    (0..4096u32)
+        .map(|i| (i.wrapping_mul(13).wrapping_add(7) & 0xff) as u8)
+        .collect()
 }
 
 #[cfg(test)]
@@ -184,16 +187,24 @@ mod tests {
 
     #[test]
     fn c_helpers_pass_their_host_tests() {
-        let out = std::process::Command::new(env!("EMBER_GUEST_HOST_TEST")).output().unwrap();
+        let out = std::process::Command::new(env!("EMBER_GUEST_HOST_TEST"))
+            .output()
+            .unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout);
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(out.status.success(), "host-test failed:\n{stdout}\n{stderr}");
+        assert!(
+            out.status.success(),
+            "host-test failed:\n{stdout}\n{stderr}"
+        );
         assert!(stdout.starts_with("ok "), "{stdout}");
     }
 
     #[test]
     fn helper_lines_and_hash() {
-        assert_eq!(virtio_mmio_cmdline(0xd000_1000, 6), "virtio_mmio.device=4K@0xd0001000:6");
+        assert_eq!(
+            virtio_mmio_cmdline(0xd000_1000, 6),
+            "virtio_mmio.device=4K@0xd0001000:6"
+        );
         assert_eq!(
             virtio_probe_line(0xd000_0000, 5, 2, 2),
             "ember-guest: virtio 0xd0000000 irq 5 id 2 version 2"
@@ -209,8 +220,14 @@ mod tests {
         let mut f = File::open(LINUX64_ELF).unwrap();
         let r = Elf::load(&mem(), None, &mut f, Some(HIMEM)).unwrap();
         // No PT_NOTE at all: linux-loader leaves its default (not "present").
-        assert!(!matches!(r.pvh_boot_cap, PvhBootCapability::PvhEntryPresent(_)));
-        assert!(r.kernel_load.0 > 0x10_0200, "ELF entry is elf_start64 in .text");
+        assert!(!matches!(
+            r.pvh_boot_cap,
+            PvhBootCapability::PvhEntryPresent(_)
+        ));
+        assert!(
+            r.kernel_load.0 > 0x10_0200,
+            "ELF entry is elf_start64 in .text"
+        );
         assert!(r.kernel_end > 0x10_0000 && r.kernel_end < 0x20_0000);
     }
 
