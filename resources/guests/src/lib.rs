@@ -77,7 +77,9 @@
 //!    otherwise), `vsock guest-connect closed`. Refused: `vsock
 //!    guest-connect refused op <op>`; no answer in 5 s: `vsock timeout
 //!    waiting for guest-connect response`.
-//! 3. host-initiated (host/both): `vsock listening on port <p>`, then on
+//! 3. host-initiated (host/both): `vsock listening on port <p>` (a host
+//!    test must connect only after this line: earlier requests are refused
+//!    with RST while the guest-initiated part runs), then on
 //!    OP_REQUEST to that port: `vsock host-connect accepted`; every OP_RW
 //!    payload is echoed; on OP_SHUTDOWN it answers RST (on RST it just
 //!    stops) and prints `vsock host-connect echoed <bytes>`. No request in
