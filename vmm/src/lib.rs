@@ -18,6 +18,7 @@ pub mod builder;
 pub mod config;
 pub mod controller;
 pub mod loader;
+pub mod logger;
 pub mod stdin;
 pub mod vstate;
 

@@ -32,6 +32,9 @@ struct Args {
     /// Write guest serial output here instead of stdout.
     #[arg(long, value_name = "PATH")]
     serial_out: Option<String>,
+    /// Log level on stderr: error, warn, info, debug or trace.
+    #[arg(long, default_value = "warn")]
+    log_level: String,
 }
 
 fn die(code: ExitCode, msg: impl std::fmt::Display) -> ! {
@@ -51,6 +54,12 @@ fn main() {
             process::exit(code);
         }
     };
+    match vmm::logger::parse_level(&args.log_level) {
+        Ok(l) => {
+            let _ = vmm::logger::init(l);
+        }
+        Err(e) => die(ExitCode::ArgParsing, e),
+    }
     if args.no_api && args.config_file.is_none() {
         die(ExitCode::ArgParsing, "--no-api needs --config-file");
     }
