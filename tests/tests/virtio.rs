@@ -136,12 +136,19 @@ fn a_hostile_guest_does_not_bring_the_vmm_down() {
         "evil-queue-size",
         "evil-avail-idx",
     ] {
+        let needs_reset = mode == "evil-avail-idx";
         let mut cfg = base_cfg(&format!("ember.test={mode}"));
         cfg["drives"] = json!([drive("d", &disk, false)]);
         let mut p = spawn_vm(&dir, cfg, None);
         let out = run_ok(&mut p);
         assert!(out.contains(" sent"), "{mode}: {out}");
         assert!(out.contains(&good), "{mode}: device did not recover:\n{out}");
+        // The VMM said what it refused.
+        assert!(p.err().contains("[WARN] virtio"), "{mode}: nothing logged:\n{}", p.err());
+        if needs_reset {
+            // A corrupt avail index makes the device ask for a reset.
+            assert!(out.contains("ember-guest: evil device status 0x4f"), "{out}");
+        }
         // Whatever the guest asked for, the backing file is untouched.
         assert_eq!(std::fs::read(&disk).unwrap(), data, "{mode}");
     }

@@ -378,7 +378,13 @@ impl MmioTransport {
                 .selected()
                 .map_or(0, |i| u32::from(self.queues[i].ready())),
             0x60 => self.irq.status(),
-            0x70 => self.status,
+            0x70 => {
+                if self.irq.needs_reset() {
+                    self.status | STATUS_NEEDS_RESET
+                } else {
+                    self.status
+                }
+            }
             // no shared memory regions: length reads as all ones
             0xb0 | 0xb4 => 0xffff_ffff,
             0xfc => lock(&self.device).config_generation(),

@@ -6,7 +6,7 @@
 //! event loop needs). The VMM keeps the device in one `Arc<Mutex<_>>` and hands
 //! clones of it to both:
 //!
-//! ```ignore
+//! ```text
 //! let blk = Arc::new(Mutex::new(Block::new(cfg)?));
 //! let transport = MmioTransport::new(mem.clone(), blk.clone())?;
 //! // before the guest runs: ioeventfd per queue + irqfd
@@ -77,6 +77,9 @@ pub enum ActivateError {
 pub struct IrqTrigger {
     status: AtomicU32,
     evt: EventFd,
+    /// Set by the device when the driver broke the protocol; the transport
+    /// shows it as DEVICE_NEEDS_RESET until the driver resets the device.
+    broken: std::sync::atomic::AtomicBool,
 }
 
 impl IrqTrigger {
@@ -85,7 +88,21 @@ impl IrqTrigger {
         Ok(Self {
             status: AtomicU32::new(0),
             evt: EventFd::new(EFD_NONBLOCK)?,
+            broken: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// The device gives up on the driver until it is reset: DEVICE_NEEDS_RESET
+    /// plus a configuration-change interrupt (virtio 1.2, 2.1.2).
+    pub fn mark_needs_reset(&self) {
+        if !self.broken.swap(true, Ordering::SeqCst) {
+            self.trigger(INT_CONFIG);
+        }
+    }
+
+    /// Whether the device asked for a reset.
+    pub fn needs_reset(&self) -> bool {
+        self.broken.load(Ordering::SeqCst)
     }
 
     /// Current InterruptStatus register value.
@@ -101,6 +118,7 @@ impl IrqTrigger {
     /// Clears everything (device reset).
     pub fn clear(&self) {
         self.status.store(0, Ordering::SeqCst);
+        self.broken.store(false, Ordering::SeqCst);
     }
 
     /// Sets `bits` in the status register and pulses the irqfd.
@@ -256,6 +274,69 @@ pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
 }
 
 /// Drains an eventfd, ignoring "would block".
+/// Pops the next available chain of `queue`. A driver that publishes more
+/// entries than the queue holds (a corrupt avail index) is broken: the
+/// device logs it, asks for a reset and leaves the queue alone until then.
+pub(crate) fn pop_chain<'a>(
+    name: &str,
+    queue: &mut virtio_queue::Queue,
+    mem: &'a GuestMemoryMmap,
+    irq: &IrqTrigger,
+) -> Option<virtio_queue::DescriptorChain<&'a GuestMemoryMmap>> {
+    use virtio_queue::QueueT;
+    if irq.needs_reset() {
+        return None;
+    }
+    match queue.avail_idx(mem, Ordering::Acquire) {
+        Ok(idx) => {
+            let pending = idx.0.wrapping_sub(queue.next_avail());
+            if pending > queue.size() {
+                log::warn!(
+                    "{name}: driver published {pending} entries on a queue of {}; device needs reset",
+                    queue.size()
+                );
+                irq.mark_needs_reset();
+                return None;
+            }
+        }
+        Err(e) => {
+            log::warn!("{name}: cannot read the avail ring ({e}); device needs reset");
+            irq.mark_needs_reset();
+            return None;
+        }
+    }
+    queue.pop_descriptor_chain(mem)
+}
+
 pub(crate) fn drain_evt(evt: &EventFd) {
     let _ = evt.read();
+}
+
+#[cfg(test)]
+mod pop_chain_tests {
+    use super::test_utils::{mem, TestQueue};
+    use super::*;
+
+    #[test]
+    fn corrupt_avail_index_asks_for_reset_until_cleared() {
+        let m = mem(0x10_0000);
+        let mut tq = TestQueue::new(&m, 0x1_0000, 16);
+        let mut q = tq.queue();
+        let irq = IrqTrigger::new().unwrap();
+        tq.add_chain(&[(0x8_0000, 512, true)]);
+        assert!(pop_chain("t", &mut q, &m, &irq).is_some());
+        assert!(pop_chain("t", &mut q, &m, &irq).is_none());
+        assert!(!irq.needs_reset());
+
+        tq.set_avail_idx(1000);
+        assert!(pop_chain("t", &mut q, &m, &irq).is_none());
+        assert!(irq.needs_reset());
+        assert_eq!(irq.status() & INT_CONFIG, INT_CONFIG);
+        // Stays broken even if the index looks sane again, until reset.
+        tq.set_avail_idx(2);
+        assert!(pop_chain("t", &mut q, &m, &irq).is_none());
+        irq.clear();
+        assert!(!irq.needs_reset());
+        assert!(pop_chain("t", &mut q, &m, &irq).is_some());
+    }
 }

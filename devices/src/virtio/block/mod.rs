@@ -288,12 +288,13 @@ impl Block {
         let Some(mem) = self.base.mem.clone() else {
             return false;
         };
+        let irq = self.base.irq.clone();
         let Some(queue) = self.base.queues.first_mut() else {
             return false;
         };
         let mut used = false;
         while !self.limiter.is_blocked() {
-            let Some(chain) = queue.pop_descriptor_chain(&mem) else {
+            let Some(chain) = crate::virtio::pop_chain("virtio-blk", queue, &mem, &irq) else {
                 break;
             };
             let head = chain.head_index();

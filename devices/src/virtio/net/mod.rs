@@ -191,6 +191,7 @@ impl Net {
         let Some(mem) = self.base.mem.clone() else {
             return false;
         };
+        let irq = self.base.irq.clone();
         let mut used = false;
         loop {
             let len = match self.rx_pending {
@@ -223,7 +224,7 @@ impl Net {
                 break;
             }
             let queue = &mut self.base.queues[RX];
-            let Some(chain) = queue.pop_descriptor_chain(&mem) else {
+            let Some(chain) = crate::virtio::pop_chain("virtio-net", queue, &mem, &irq) else {
                 break;
             };
             let head = chain.head_index();
@@ -259,10 +260,11 @@ impl Net {
         let Some(mem) = self.base.mem.clone() else {
             return false;
         };
+        let irq = self.base.irq.clone();
         let mut used = false;
         let queue = &mut self.base.queues[TX];
         while !self.tx_limiter.is_blocked() {
-            let Some(chain) = queue.pop_descriptor_chain(&mem) else {
+            let Some(chain) = crate::virtio::pop_chain("virtio-net", queue, &mem, &irq) else {
                 break;
             };
             let head = chain.head_index();

@@ -377,10 +377,11 @@ impl Vsock {
         let Some(mem) = self.base.mem.clone() else {
             return;
         };
+        let irq = self.base.irq.clone();
         let mut used = false;
         loop {
             let queue = &mut self.base.queues[TXQ];
-            let Some(chain) = queue.pop_descriptor_chain(&mem) else {
+            let Some(chain) = crate::virtio::pop_chain("virtio-vsock", queue, &mem, &irq) else {
                 break;
             };
             let head = chain.head_index();
@@ -440,6 +441,7 @@ impl Vsock {
         let Some(mem) = self.base.mem.clone() else {
             return;
         };
+        let irq = self.base.irq.clone();
         let mut used = false;
         let mut buf = vec![0u8; MAX_PAYLOAD];
         loop {
@@ -452,7 +454,7 @@ impl Vsock {
                 None
             };
             let queue = &mut self.base.queues[RXQ];
-            let Some(chain) = queue.pop_descriptor_chain(&mem) else {
+            let Some(chain) = crate::virtio::pop_chain("virtio-vsock", queue, &mem, &irq) else {
                 break;
             };
             let head = chain.head_index();
