@@ -13,6 +13,9 @@
  */
 #include "boot.h"
 
+#define MSR_IA32_APIC_BASE 0x1b
+#define APIC_BASE_BSP 0x100
+
 	.section .head.text, "ax"
 	.code32
 	.globl _head
@@ -44,15 +47,17 @@ common_start64:
 	movq	%rsi, %r13
 
 	/*
-	 * Only the bootstrap processor (initial APIC ID 0) runs the guest.
-	 * Some hosts (nested PVM) start every vCPU at the entry point instead
-	 * of leaving the APs waiting for INIT/SIPI; they would share our stack
-	 * and .bss, so park them (spinning) before touching memory.
+	 * Only the bootstrap processor runs the guest (IA32_APIC_BASE.BSP,
+	 * which KVM sets for vCPU 0; the CPUID APIC ID is not reliable when a
+	 * VMM passes the host's CPUID through). Some hosts (nested PVM) start
+	 * every vCPU at the entry point instead of leaving the APs waiting for
+	 * INIT/SIPI; they would share our stack and .bss, so park them
+	 * (spinning) before touching memory.
 	 */
-	movl	$1, %eax
-	cpuid
-	shrl	$24, %ebx
-	jnz	ap_park
+	movl	$MSR_IA32_APIC_BASE, %ecx
+	rdmsr
+	testl	$APIC_BASE_BSP, %eax
+	jz	ap_park
 
 	movq	$pml4, %rax
 	movq	%rax, %cr3
