@@ -272,6 +272,7 @@ fn vsock_connections_in_both_directions() {
     assert!(out.contains("ember-guest: vsock cid 3"), "{out}");
     assert!(out.contains("ember-guest: vsock host-connect accepted"), "{out}");
     assert!(out.contains("ember-guest: vsock host-connect echoed 3000"), "{out}");
+    assert!(!uds.exists(), "ember-vmm leaves no vsock socket behind");
 }
 
 #[test]

@@ -344,11 +344,15 @@ impl Controller {
         None
     }
 
-    /// Stops the vCPUs and flushes guest output.
+    /// Stops the vCPUs, flushes guest output and removes the vsock socket
+    /// (the process exits without running destructors).
     pub fn shutdown(&mut self) {
         if let Some(vm) = self.running.as_mut() {
             vm.stop_vcpus();
             vm.serial.lock().expect("serial poisoned").flush();
+            if let Some(v) = &self.config.vsock {
+                let _ = std::fs::remove_file(&v.uds_path);
+            }
         }
     }
 
