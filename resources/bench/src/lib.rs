@@ -1,11 +1,14 @@
-//! ember's performance floor and lifecycle benchmark.
+//! ember's performance floor, lifecycle and throughput benchmarks.
 //!
 //! - [`floor`]: `kvm-floor`, the smallest VMM that can boot the ember test
 //!   guest (one vCPU, port I/O only) — a lower bound for ember-vmm's boot time
 //!   and a way to exercise the guest without the real VMM.
 //! - [`lifecycle`]: the ember-vmm vs kvm-floor boot-to-exit benchmark.
-//! - [`stats`]: median / percentile helpers for the `lifecycle` benchmark.
+//! - [`stats`]: median / percentile helpers for the benchmarks.
+//! - [`throughput`]: virtio-blk / virtio-net throughput of the test guest
+//!   under ember-vmm next to the host's raw file / TAP throughput.
 
 pub mod floor;
 pub mod lifecycle;
 pub mod stats;
+pub mod throughput;
