@@ -1,1 +1,9 @@
-//! placeholder
+//! emberd: ember's supervisor daemon.
+//!
+//! One domain model ([`model`]) of images, instances and volumes, owned by
+//! the [`supervisor`] and persisted by the [`store`]. The REST faces (UniK in
+//! [`unik`]) are thin translators from HTTP to supervisor calls and back.
+
+pub mod compilers;
+pub mod model;
+pub mod store;

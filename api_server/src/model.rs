@@ -1,0 +1,269 @@
+//! ember's domain model: images, instances and volumes. The three REST
+//! faces (UniK, hyperd, Flintlock) translate to and from these types; no
+//! HTTP or API-specific naming lives here.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// Errors validating model input.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ModelError {
+    #[error("invalid {what} name {name:?}: use 1 to 64 characters among letters, digits, '-', '_' and '.', not starting with '.' or '-'")]
+    BadName { what: &'static str, name: String },
+    #[error("invalid mount point {0:?}: it must be an absolute path without '..', spaces or commas")]
+    BadMountPoint(String),
+    #[error("invalid environment variable name {0:?}")]
+    BadEnvName(String),
+}
+
+/// Checks a user-chosen resource name (it becomes part of paths and cmdlines).
+pub fn validate_name(what: &'static str, name: &str) -> Result<(), ModelError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with('.')
+        && !name.starts_with('-')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(ModelError::BadName {
+            what,
+            name: name.to_string(),
+        })
+    }
+}
+
+/// Checks a guest mount point.
+pub fn validate_mount_point(m: &str) -> Result<(), ModelError> {
+    let ok = m.starts_with('/')
+        && m.len() <= 128
+        && !m.split('/').any(|c| c == "..")
+        && !m.chars().any(|c| c.is_whitespace() || c == ',' || c == '"' || c == '@');
+    if ok {
+        Ok(())
+    } else {
+        Err(ModelError::BadMountPoint(m.to_string()))
+    }
+}
+
+/// Checks an environment variable name.
+pub fn validate_env_name(k: &str) -> Result<(), ModelError> {
+    let ok = !k.is_empty()
+        && k.len() <= 64
+        && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && !k.starts_with(|c: char| c.is_ascii_digit());
+    if ok {
+        Ok(())
+    } else {
+        Err(ModelError::BadEnvName(k.to_string()))
+    }
+}
+
+/// A bootable image: a kernel (and maybe an initrd) plus how to run it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Image {
+    pub id: String,
+    pub name: String,
+    /// Compiler triple parts.
+    pub provider: String,
+    pub base: String,
+    pub lang: String,
+    /// RFC 3339.
+    pub created: String,
+    pub size_mb: u64,
+    /// File names inside the image directory.
+    pub kernel: String,
+    pub initrd: Option<String>,
+    /// Kernel command line the image always gets.
+    pub boot_args: String,
+    /// Default application arguments (after `--`).
+    pub args: String,
+    /// Mount points that need a volume at run time.
+    pub mounts: Vec<String>,
+    pub default_memory_mb: u32,
+    /// e.g. "elf" or "bzimage+initramfs".
+    pub format: String,
+}
+
+impl Image {
+    /// `base-lang-provider`, the UniK compiler name.
+    pub fn compiler(&self) -> String {
+        format!("{}-{}-{}", self.base, self.lang, self.provider)
+    }
+}
+
+/// Lifecycle of an instance.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum InstanceState {
+    /// Being prepared or booting.
+    Pending,
+    /// Its VMM process is alive.
+    Running,
+    /// Not running (never started, stopped, or the guest exited).
+    Stopped,
+    /// Starting it failed, or its VMM crashed.
+    Error,
+}
+
+impl InstanceState {
+    /// Lower-case name as the APIs show it.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            InstanceState::Pending => "pending",
+            InstanceState::Running => "running",
+            InstanceState::Stopped => "stopped",
+            InstanceState::Error => "error",
+        }
+    }
+}
+
+/// The host process backing a running instance.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VmmProcess {
+    pub pid: i32,
+    /// Start time (clock ticks since boot, /proc/<pid>/stat field 22): with
+    /// the pid it identifies the process even if the pid is reused.
+    pub start_time: u64,
+}
+
+/// A running or stopped microVM made from an image.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Instance {
+    pub id: String,
+    pub name: String,
+    pub image_id: String,
+    pub image_name: String,
+    pub state: InstanceState,
+    pub created: String,
+    pub memory_mb: u32,
+    pub env: BTreeMap<String, String>,
+    /// mount point -> volume name.
+    pub mounts: BTreeMap<String, String>,
+    pub no_cleanup: bool,
+    pub debug_mode: bool,
+    pub process: Option<VmmProcess>,
+    /// Why the last start failed or the VMM died, for the APIs to show.
+    pub last_error: Option<String>,
+    /// Exit status of the last VMM process, when known.
+    pub last_exit: Option<i32>,
+}
+
+/// Volume content format.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum VolumeFormat {
+    Ext4,
+    Raw,
+}
+
+/// A disk image that instances can mount.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Volume {
+    pub id: String,
+    pub name: String,
+    pub size_mb: u64,
+    pub created: String,
+    pub format: VolumeFormat,
+    /// Instance id it is attached to.
+    pub attachment: Option<String>,
+    /// Where the instance sees it.
+    pub mount_point: Option<String>,
+}
+
+/// Everything emberd persists.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct State {
+    pub images: BTreeMap<String, Image>,
+    pub instances: BTreeMap<String, Instance>,
+    pub volumes: BTreeMap<String, Volume>,
+}
+
+/// Finds by exact id or exact name (never by substring).
+pub fn find<'a, T>(
+    map: &'a BTreeMap<String, T>,
+    key: &str,
+    name: impl Fn(&T) -> &str,
+) -> Option<&'a T> {
+    map.get(key).or_else(|| map.values().find(|v| name(v) == key))
+}
+
+impl State {
+    /// Image by id or name.
+    pub fn image(&self, key: &str) -> Option<&Image> {
+        find(&self.images, key, |i| &i.name)
+    }
+    /// Instance by id or name.
+    pub fn instance(&self, key: &str) -> Option<&Instance> {
+        find(&self.instances, key, |i| &i.name)
+    }
+    /// Volume by id or name.
+    pub fn volume(&self, key: &str) -> Option<&Volume> {
+        find(&self.volumes, key, |v| &v.name)
+    }
+}
+
+/// A new unique id with a readable prefix, e.g. `inst-01J...`.
+pub fn new_id(prefix: &str) -> String {
+    format!("{prefix}-{}", ulid::Ulid::new().to_string().to_lowercase())
+}
+
+/// Now, RFC 3339 in UTC.
+pub fn now_rfc3339() -> String {
+    time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| "1970-01-01T00:00:00Z".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_mount_points() {
+        assert!(validate_name("image", "hello-1.0_x").is_ok());
+        for bad in ["", ".x", "-x", "a/b", "a b", "x;y", &"a".repeat(65)] {
+            assert!(validate_name("image", bad).is_err(), "{bad}");
+        }
+        assert!(validate_mount_point("/data").is_ok());
+        for bad in ["data", "/a/../b", "/a b", "/a,b", "/a@b"] {
+            assert!(validate_mount_point(bad).is_err(), "{bad}");
+        }
+        assert!(validate_env_name("PATH_2").is_ok());
+        assert!(validate_env_name("2X").is_err());
+        assert!(validate_env_name("A=B").is_err());
+    }
+
+    #[test]
+    fn exact_lookup_by_id_or_name() {
+        let mut s = State::default();
+        s.volumes.insert(
+            "vol-1".into(),
+            Volume {
+                id: "vol-1".into(),
+                name: "data".into(),
+                size_mb: 1,
+                created: now_rfc3339(),
+                format: VolumeFormat::Raw,
+                attachment: None,
+                mount_point: None,
+            },
+        );
+        assert!(s.volume("vol-1").is_some());
+        assert!(s.volume("data").is_some());
+        assert!(s.volume("dat").is_none());
+        assert!(s.volume("vol").is_none());
+    }
+
+    #[test]
+    fn ids_are_unique_and_prefixed() {
+        let a = new_id("inst");
+        let b = new_id("inst");
+        assert!(a.starts_with("inst-"));
+        assert_ne!(a, b);
+        assert!(now_rfc3339().ends_with('Z'));
+    }
+}
