@@ -337,11 +337,9 @@ fn extract_tar<R: Read>(
         if fs::symlink_metadata(&full).is_ok() {
             return Err(ArchiveError::Conflict(link.rel.clone()));
         }
-        std::os::unix::fs::symlink(&link.target, &full).map_err(|source| {
-            ArchiveError::Write {
-                path: full.clone(),
-                source,
-            }
+        std::os::unix::fs::symlink(&link.target, &full).map_err(|source| ArchiveError::Write {
+            path: full.clone(),
+            source,
         })?;
         summary.symlinks += 1;
     }
@@ -652,7 +650,10 @@ mod tests {
         assert_eq!(mode_of(&dest.join("bin/app")), 0o755);
         assert_eq!(mode_of(&dest.join("etc/config.txt")), 0o644);
         assert_eq!(mode_of(&dest.join("deep/a/b/c.txt")), 0o600);
-        assert_eq!(fs::read_link(dest.join("etc/link")).unwrap(), Path::new("config.txt"));
+        assert_eq!(
+            fs::read_link(dest.join("etc/link")).unwrap(),
+            Path::new("config.txt")
+        );
         assert_eq!(fs::read(dest.join("etc/link")).unwrap(), b"key=value\n");
         assert_eq!(fs::read(dest.join("up/c.txt")).unwrap(), b"deep");
         assert_eq!(fs::read(dest.join("hard")).unwrap(), b"key=value\n");
@@ -852,7 +853,9 @@ mod tests {
     #[test]
     fn setuid_bits_and_ownership_dropped() {
         let t = TempDir::new();
-        let tar = Tar::new().file("suid", 0o4755, b"x").file("ro", 0o400, b"y");
+        let tar = Tar::new()
+            .file("suid", 0o4755, b"x")
+            .file("ro", 0o400, b"y");
         extract(&tar.tgz(), &t.0).unwrap();
         assert_eq!(mode_of(&t.0.join("suid")), 0o755);
         assert_eq!(mode_of(&t.0.join("ro")), 0o400);
@@ -906,7 +909,9 @@ mod tests {
         };
         let err = extract_tar_gz(&data[..], &t.0.join("a"), &limits).unwrap_err();
         assert!(matches!(err, ArchiveError::TooLarge(_)), "{err}");
-        let len = fs::metadata(t.0.join("a/bomb")).map(|m| m.len()).unwrap_or(0);
+        let len = fs::metadata(t.0.join("a/bomb"))
+            .map(|m| m.len())
+            .unwrap_or(0);
         assert!(len <= 1 << 20);
         // Spread over several files the total still counts.
         let chunk = vec![1u8; 400 << 10];
