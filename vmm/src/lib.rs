@@ -19,6 +19,7 @@ pub mod config;
 pub mod controller;
 pub mod loader;
 pub mod logger;
+pub mod seccomp;
 pub mod stdin;
 pub mod vstate;
 

@@ -3,12 +3,14 @@
 
 use std::process;
 use std::sync::mpsc::TryRecvError;
+use std::sync::Arc;
 
 use clap::Parser;
 use vmm::actions::VmmAction;
 use vmm::api::server::{ApiRequest, ApiThread};
 use vmm::config::VmConfig;
 use vmm::controller::Controller;
+use vmm::seccomp::ThreadKind;
 use vmm::{EventManager, ExitCode};
 
 /// Default API socket path.
@@ -35,6 +37,37 @@ struct Args {
     /// Log level on stderr: error, warn, info, debug or trace.
     #[arg(long, default_value = "warn")]
     log_level: String,
+    /// Do not install the per-thread seccomp filters (for debugging only).
+    #[arg(long)]
+    no_seccomp: bool,
+    /// Test-only: right after installing its filter, the named thread
+    /// (vmm, api or vcpu) makes a syscall outside it, socket(AF_INET), so
+    /// the process dies by SIGSYS. With --no-seccomp the call succeeds.
+    #[arg(long, value_name = "THREAD", hide = true, value_parser = ["vmm", "api", "vcpu"])]
+    seccomp_test_trigger: Option<String>,
+}
+
+/// Installs `kind`'s seccomp filters on the calling thread (unless
+/// `enabled` is false), then fires the test trigger if it names `kind`.
+/// A thread that cannot be confined takes the whole process down.
+fn confine(kind: ThreadKind, enabled: bool, trigger: Option<ThreadKind>) {
+    if enabled {
+        if let Err(e) = vmm::seccomp::install(kind) {
+            die(ExitCode::GenericError, format!("{} thread: {e}", kind.name()));
+        }
+    }
+    if trigger == Some(kind) {
+        eprintln!(
+            "ember-vmm: seccomp test trigger: the {} thread calls socket(AF_INET)",
+            kind.name()
+        );
+        let ok = vmm::seccomp::forbidden_syscall();
+        eprintln!(
+            "ember-vmm: seccomp test trigger: the {} thread survived (socket {})",
+            kind.name(),
+            if ok { "created" } else { "refused" }
+        );
+    }
 }
 
 fn die(code: ExitCode, msg: impl std::fmt::Display) -> ! {
@@ -64,10 +97,17 @@ fn main() {
         die(ExitCode::ArgParsing, "--no-api needs --config-file");
     }
 
+    let seccomp = !args.no_seccomp;
+    let trigger = args.seccomp_test_trigger.as_deref().and_then(ThreadKind::from_name);
+
     let mut em = EventManager::new()
         .unwrap_or_else(|e| die(ExitCode::GenericError, format!("event manager: {e}")));
-    let mut controller = Controller::new(args.id.clone(), args.serial_out.clone(), &mut em, None)
-        .unwrap_or_else(|e| die(ExitCode::GenericError, format!("controller: {e}")));
+    // Each vCPU thread confines itself before it first enters the guest.
+    let vcpu_hook: Arc<dyn Fn() + Send + Sync> =
+        Arc::new(move || confine(ThreadKind::Vcpu, seccomp, trigger));
+    let mut controller =
+        Controller::new(args.id.clone(), args.serial_out.clone(), &mut em, Some(vcpu_hook))
+            .unwrap_or_else(|e| die(ExitCode::GenericError, format!("controller: {e}")));
 
     // The API comes up before the config file is applied, so a client can
     // watch the instance from its first moment.
@@ -75,7 +115,12 @@ fn main() {
         None
     } else {
         Some(
-            ApiThread::spawn(&args.api_sock, &mut em, None).unwrap_or_else(|e| {
+            ApiThread::spawn(
+                &args.api_sock,
+                &mut em,
+                Some(Box::new(move || confine(ThreadKind::Api, seccomp, trigger))),
+            )
+            .unwrap_or_else(|e| {
                 die(
                     ExitCode::GenericError,
                     format!("cannot serve the API on {}: {e}", args.api_sock),
@@ -83,6 +128,12 @@ fn main() {
             }),
         )
     };
+
+    // The VMM thread confines itself before it reads the config file or
+    // handles any API request or guest event. The filter covers
+    // InstanceStart (KVM setup, device backends, spawning the vCPU threads,
+    // which inherit it and stack their own).
+    confine(ThreadKind::Vmm, seccomp, trigger);
 
     if let Some(path) = &args.config_file {
         let text = std::fs::read_to_string(path).unwrap_or_else(|e| {
