@@ -5,5 +5,13 @@
 //! [`unik`]) are thin translators from HTTP to supervisor calls and back.
 
 pub mod compilers;
+pub mod hub;
 pub mod model;
+pub mod multipart;
+pub mod process;
+pub mod server;
 pub mod store;
+pub mod supervisor;
+pub mod archive;
+pub mod volumes;
+pub mod unik;

@@ -1,1 +1,103 @@
-fn main() {}
+//! `emberd`: the ember supervisor daemon. Serves the UniK API on a unix
+//! socket and runs one jailed ember-vmm per instance.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use api_server::compilers;
+use api_server::process::Launcher;
+use api_server::server::Daemon;
+use api_server::store::Store;
+use api_server::supervisor::Supervisor;
+use clap::Parser;
+
+#[derive(Parser, Debug)]
+#[command(name = "emberd", version, about = "ember supervisor daemon: UniK API over a unix socket, one jailed microVM per instance")]
+struct Args {
+    /// Unix socket to serve the APIs on.
+    #[arg(long, default_value = "/run/ember/ember.sock")]
+    socket: PathBuf,
+    /// Where images, volumes, logs and state live.
+    #[arg(long, default_value = "/var/lib/ember")]
+    state_dir: PathBuf,
+    /// Jail base directory (keep it on the state directory's filesystem:
+    /// volumes are hard-linked into jails).
+    #[arg(long, default_value = "/srv/jailer")]
+    chroot_base_dir: PathBuf,
+    /// ember-vmm binary (default: next to emberd).
+    #[arg(long)]
+    vmm: Option<PathBuf>,
+    /// ember-jailer binary (default: next to emberd).
+    #[arg(long)]
+    jailer: Option<PathBuf>,
+    /// Run VMMs without the jailer (development only).
+    #[arg(long)]
+    no_jailer: bool,
+    /// uid the jailed VMMs run as.
+    #[arg(long, default_value_t = 10500)]
+    uid: u32,
+    /// gid the jailed VMMs run as.
+    #[arg(long, default_value_t = 10500)]
+    gid: u32,
+    /// Largest accepted request body (uploads), in MiB.
+    #[arg(long, default_value_t = 512)]
+    max_upload_mb: usize,
+}
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    STOP.store(true, Ordering::SeqCst);
+}
+
+fn sibling(name: &str) -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(|d| d.join(name)))
+        .unwrap_or_else(|| PathBuf::from(name))
+}
+
+fn die(msg: impl std::fmt::Display) -> ! {
+    eprintln!("emberd: {msg}");
+    std::process::exit(1)
+}
+
+fn main() {
+    let args = Args::parse();
+    let vmm = args.vmm.clone().unwrap_or_else(|| sibling("ember-vmm"));
+    let jailer = (!args.no_jailer).then(|| args.jailer.clone().unwrap_or_else(|| sibling("ember-jailer")));
+    for (what, p) in [("ember-vmm", Some(&vmm)), ("ember-jailer", jailer.as_ref())] {
+        if let Some(p) = p {
+            if !p.is_file() {
+                die(format!("{what} not found at {} (use --{})", p.display(), what.trim_start_matches("ember-")));
+            }
+        }
+    }
+    let store = Store::open(&args.state_dir).unwrap_or_else(|e| die(e));
+    let launcher = Launcher {
+        vmm_bin: std::fs::canonicalize(&vmm).unwrap_or(vmm),
+        jailer_bin: jailer,
+        chroot_base: args.chroot_base_dir.clone(),
+        uid: args.uid,
+        gid: args.gid,
+    };
+    let sup = Supervisor::new(store, launcher, compilers::registry()).unwrap_or_else(|e| die(e));
+    if let Some(dir) = args.socket.parent() {
+        if let Err(e) = std::fs::create_dir_all(dir) {
+            die(format!("cannot create {}: {e}", dir.display()));
+        }
+    }
+    let faces: Vec<Box<dyn api_server::server::Face>> = vec![Box::new(api_server::unik::Unik)];
+    let mut daemon = Daemon::new(&args.socket, sup, faces, args.max_upload_mb << 20)
+        .unwrap_or_else(|e| die(format!("cannot serve {}: {e}", args.socket.display())));
+    for sig in [libc::SIGTERM, libc::SIGINT] {
+        let _ = vmm_sys_util::signal::register_signal_handler(sig, on_signal);
+    }
+    eprintln!("emberd: serving on {}", args.socket.display());
+    if let Err(e) = daemon.run(&STOP) {
+        die(e);
+    }
+    drop(daemon);
+    let _ = std::fs::remove_file(Path::new(&args.socket));
+    eprintln!("emberd: stopped (instances keep running)");
+}

@@ -145,6 +145,12 @@ impl Registry {
     }
 }
 
+/// Every compiler this build of emberd offers.
+pub fn registry() -> Registry {
+    let r = Registry::new();
+    r
+}
+
 /// Errors rendering a command line.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum CmdlineError {

@@ -1,0 +1,361 @@
+//! Launching and tracking VMM processes. Each instance runs as
+//! `ember-jailer ... -- ember-vmm ...` in its own session, detached from
+//! emberd, so it survives an emberd restart; emberd finds it again by pid and
+//! process start time.
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::model::VmmProcess;
+
+/// Errors starting or stopping VMMs.
+#[derive(Debug, thiserror::Error)]
+pub enum ProcessError {
+    #[error("cannot prepare the jail at {path}: {err}")]
+    Jail { path: PathBuf, err: std::io::Error },
+    #[error("cannot place {what} in the jail: {err}")]
+    Place {
+        what: String,
+        err: std::io::Error,
+    },
+    #[error("cannot open the console log {path}: {err}")]
+    Log { path: PathBuf, err: std::io::Error },
+    #[error("cannot start {bin}: {err}")]
+    Spawn { bin: PathBuf, err: std::io::Error },
+    #[error("the VMM exited at once with status {status}: {log}")]
+    EarlyExit { status: String, log: String },
+}
+
+/// How VMMs are launched.
+#[derive(Clone, Debug)]
+pub struct Launcher {
+    pub vmm_bin: PathBuf,
+    /// None: run ember-vmm directly in a per-instance directory (no jail;
+    /// for development only).
+    pub jailer_bin: Option<PathBuf>,
+    pub chroot_base: PathBuf,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// A file to put into the jail root.
+#[derive(Clone, Debug)]
+pub struct JailFile {
+    /// Host file.
+    pub host: PathBuf,
+    /// Name inside the jail root (no slashes).
+    pub name: String,
+    /// Volumes are linked (the VM writes the real file); images are copied
+    /// or linked read-only.
+    pub writable: bool,
+}
+
+/// What to run.
+#[derive(Clone, Debug)]
+pub struct LaunchSpec {
+    pub id: String,
+    pub files: Vec<JailFile>,
+    /// ember-vmm config (Firecracker JSON) with jail-relative paths.
+    pub vm_config: serde_json::Value,
+    pub log_path: PathBuf,
+}
+
+/// A started VMM.
+#[derive(Clone, Debug)]
+pub struct Launched {
+    pub process: VmmProcess,
+    pub api_sock: PathBuf,
+}
+
+impl Launcher {
+    fn exec_name(&self) -> String {
+        self.vmm_bin
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "ember-vmm".into())
+    }
+
+    /// `<chroot base>/<exec name>/<id>`: everything the instance's jail uses.
+    pub fn jail_dir(&self, id: &str) -> PathBuf {
+        self.chroot_base.join(self.exec_name()).join(id)
+    }
+
+    /// The jail's root directory.
+    pub fn jail_root(&self, id: &str) -> PathBuf {
+        self.jail_dir(id).join("root")
+    }
+
+    /// The VMM's API socket as seen from the host.
+    pub fn api_sock(&self, id: &str) -> PathBuf {
+        self.jail_root(id).join("run").join("api.sock")
+    }
+
+    /// Removes the instance's jail directory (after its VMM is gone).
+    pub fn cleanup(&self, id: &str) {
+        let d = self.jail_dir(id);
+        if d.exists() {
+            if let Err(e) = fs::remove_dir_all(&d) {
+                log::warn!("cannot remove jail {}: {e}", d.display());
+            }
+        }
+    }
+
+    fn place(&self, f: &JailFile, root: &Path) -> Result<(), ProcessError> {
+        let dst = root.join(&f.name);
+        let err = |err| ProcessError::Place {
+            what: f.name.clone(),
+            err,
+        };
+        let _ = fs::remove_file(&dst);
+        if f.writable {
+            // The VM must write the real volume file: a hard link, which
+            // needs the state dir and the chroot base on one filesystem.
+            fs::hard_link(&f.host, &dst).map_err(|e| {
+                err(std::io::Error::new(
+                    e.kind(),
+                    format!(
+                        "{e} (volumes are hard-linked into the jail: keep the state directory and the chroot base on one filesystem)"
+                    ),
+                ))
+            })?;
+            std::os::unix::fs::chown(&dst, Some(self.uid), Some(self.gid)).map_err(err)?;
+        } else if fs::hard_link(&f.host, &dst).is_err() {
+            fs::copy(&f.host, &dst).map_err(err)?;
+        }
+        if !f.writable {
+            // Readable by the VMM's user; never writable by it.
+            let mode = fs::metadata(&dst).map_err(err)?.mode() & 0o777;
+            if mode & 0o004 == 0 {
+                fs::set_permissions(&dst, fs::Permissions::from_mode(0o644)).map_err(err)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Prepares the jail and starts the VMM, detached. Console output goes
+    /// to `spec.log_path` (appended).
+    pub fn launch(&self, spec: &LaunchSpec) -> Result<Launched, ProcessError> {
+        let jail_err = |path: &Path| {
+            let path = path.to_path_buf();
+            move |err| ProcessError::Jail { path, err }
+        };
+        self.cleanup(&spec.id);
+        let root = self.jail_root(&spec.id);
+        fs::create_dir_all(&root).map_err(jail_err(&root))?;
+        for f in &spec.files {
+            self.place(f, &root)?;
+        }
+        let cfg_path = root.join("vm.json");
+        fs::write(&cfg_path, spec.vm_config.to_string()).map_err(jail_err(&cfg_path))?;
+
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&spec.log_path)
+            .map_err(|err| ProcessError::Log {
+                path: spec.log_path.clone(),
+                err,
+            })?;
+        let mut cmd;
+        match &self.jailer_bin {
+            Some(jailer) => {
+                cmd = Command::new(jailer);
+                cmd.arg("--id")
+                    .arg(&spec.id)
+                    .arg("--exec-file")
+                    .arg(&self.vmm_bin)
+                    .arg("--uid")
+                    .arg(self.uid.to_string())
+                    .arg("--gid")
+                    .arg(self.gid.to_string())
+                    .arg("--chroot-base-dir")
+                    .arg(&self.chroot_base)
+                    .arg("--")
+                    .args(["--api-sock", "/run/api.sock", "--config-file", "/vm.json"])
+                    .args(["--id", &spec.id]);
+            }
+            None => {
+                let run = root.join("run");
+                fs::create_dir_all(&run).map_err(jail_err(&run))?;
+                cmd = Command::new(&self.vmm_bin);
+                cmd.current_dir(&root)
+                    .arg("--api-sock")
+                    .arg(run.join("api.sock"))
+                    .args(["--config-file", "vm.json", "--id", &spec.id]);
+            }
+        }
+        let log2 = log.try_clone().map_err(|err| ProcessError::Log {
+            path: spec.log_path.clone(),
+            err,
+        })?;
+        cmd.stdin(Stdio::null()).stdout(log).stderr(log2);
+        // SAFETY: setsid is async-signal-safe; it detaches the VMM from
+        // emberd's session so it outlives emberd.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::setsid() < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let bin = self.jailer_bin.clone().unwrap_or_else(|| self.vmm_bin.clone());
+        let mut child = cmd.spawn().map_err(|err| ProcessError::Spawn { bin, err })?;
+        let pid = child.id() as i32;
+        // The jailer execs the VMM in place (same pid). Catch immediate
+        // failures (bad config, jail errors) so the caller gets the reason.
+        let deadline = Instant::now() + Duration::from_millis(300);
+        while Instant::now() < deadline {
+            if let Ok(Some(st)) = child.try_wait() {
+                let log = tail(&spec.log_path, 2048);
+                if st.success() {
+                    // A guest that finished this fast is not an error.
+                    break;
+                }
+                return Err(ProcessError::EarlyExit {
+                    status: st.to_string(),
+                    log,
+                });
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // Forget the Child: emberd reaps it through its pidfd watcher.
+        std::mem::forget(child);
+        let start_time = proc_start_time(pid).unwrap_or(0);
+        Ok(Launched {
+            process: VmmProcess { pid, start_time },
+            api_sock: self.api_sock(&spec.id),
+        })
+    }
+}
+
+/// The last `max` bytes of a file, lossily as text.
+pub fn tail(path: &Path, max: u64) -> String {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut f) = fs::File::open(path) else {
+        return String::new();
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let _ = f.seek(SeekFrom::Start(len.saturating_sub(max)));
+    let mut s = Vec::new();
+    let _ = f.read_to_end(&mut s);
+    String::from_utf8_lossy(&s).trim().to_string()
+}
+
+/// Field 22 of /proc/<pid>/stat (start time in clock ticks), if alive.
+pub fn proc_start_time(pid: i32) -> Option<u64> {
+    let s = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may contain spaces: parse after the ')'.
+    let rest = &s[s.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // rest starts at field 3 (state); field 22 is index 19.
+    if fields.first() == Some(&"Z") {
+        return None;
+    }
+    fields.get(19)?.parse().ok()
+}
+
+/// Whether `p` is still the live process emberd started.
+pub fn is_alive(p: &VmmProcess) -> bool {
+    match proc_start_time(p.pid) {
+        Some(t) => p.start_time == 0 || t == p.start_time,
+        None => false,
+    }
+}
+
+/// Kills the VMM (SIGKILL) and waits up to `timeout` for it to be gone.
+/// Reaps it when it is emberd's child.
+pub fn kill_and_wait(p: &VmmProcess, timeout: Duration) -> bool {
+    if !is_alive(p) {
+        reap(p.pid);
+        return true;
+    }
+    // SAFETY: plain kill(2) on a pid we verified by start time.
+    unsafe { libc::kill(p.pid, libc::SIGKILL) };
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        reap(p.pid);
+        if !is_alive(p) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    false
+}
+
+/// waitpid(WNOHANG) if `pid` is our child; returns its exit code if reaped.
+pub fn reap(pid: i32) -> Option<i32> {
+    let mut status = 0;
+    // SAFETY: waitpid with WNOHANG on a specific pid; ECHILD is fine.
+    let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+    if r == pid {
+        if libc::WIFEXITED(status) {
+            Some(libc::WEXITSTATUS(status))
+        } else if libc::WIFSIGNALED(status) {
+            Some(128 + libc::WTERMSIG(status))
+        } else {
+            None
+        }
+    } else {
+        None
+    }
+}
+
+/// Opens a pidfd for `pid` (readable when the process exits).
+pub fn pidfd_open(pid: i32) -> std::io::Result<std::os::fd::OwnedFd> {
+    // SAFETY: pidfd_open returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    use std::os::fd::FromRawFd;
+    // SAFETY: fd is a fresh descriptor we own.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Appends a line to an instance's console log (emberd's own notes).
+pub fn log_note(path: &Path, msg: &str) {
+    if let Ok(mut f) = fs::OpenOptions::new().create(true).append(true).open(path) {
+        let _ = writeln!(f, "emberd: {msg}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_start_time_is_readable() {
+        let me = std::process::id() as i32;
+        let t = proc_start_time(me).unwrap();
+        assert!(is_alive(&VmmProcess { pid: me, start_time: t }));
+        assert!(!is_alive(&VmmProcess {
+            pid: me,
+            start_time: t + 1
+        }));
+        assert!(proc_start_time(i32::MAX).is_none());
+    }
+
+    #[test]
+    fn killing_a_child_reaps_it() {
+        let c = Command::new("sleep").arg("30").spawn().unwrap();
+        let pid = c.id() as i32;
+        std::mem::forget(c);
+        let p = VmmProcess {
+            pid,
+            start_time: proc_start_time(pid).unwrap(),
+        };
+        assert!(kill_and_wait(&p, Duration::from_secs(5)));
+        assert!(!is_alive(&p));
+    }
+
+    #[test]
+    fn tail_of_missing_file_is_empty() {
+        assert_eq!(tail(Path::new("/nonexistent/x"), 10), "");
+    }
+}

@@ -1,0 +1,350 @@
+//! emberd's event loop plumbing, shared by the API faces: the HTTP server,
+//! worker jobs whose results are applied on the loop thread, the VMM exit
+//! watcher (pidfds in epoll) and streaming log followers.
+
+use std::collections::HashMap;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ember_http::{ConnectionId, Handler, Reply, Request, Responder, Response};
+use event_manager::{EventOps, Events, MutEventSubscriber};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::model::VmmProcess;
+use crate::process;
+use crate::supervisor::{ErrorKind, Supervisor, SupervisorError, WatchSender};
+
+/// The supervisor as shared by the loop's subscribers (one thread uses it).
+pub type Shared = Arc<Mutex<Supervisor>>;
+
+/// Work finished on a worker thread, applied on the loop thread.
+pub type Finish = Box<dyn FnOnce(&mut Supervisor) -> Response + Send>;
+
+/// Runs long work off the event loop.
+#[derive(Clone)]
+pub struct Jobs {
+    tx: Sender<(ConnectionId, Finish)>,
+    wake: Arc<EventFd>,
+}
+
+impl Jobs {
+    /// Runs `work` on a new thread; its result is applied and answered on
+    /// the loop thread.
+    pub fn spawn<F>(&self, conn: ConnectionId, what: &str, work: F)
+    where
+        F: FnOnce() -> Finish + Send + 'static,
+    {
+        let tx = self.tx.clone();
+        let wake = self.wake.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("emberd-{what}"))
+            .spawn(move || {
+                let fin = work();
+                let _ = tx.send((conn, fin));
+                let _ = wake.write(1);
+            });
+        if let Err(e) = spawned {
+            let msg = format!("cannot start a worker thread: {e}");
+            let _ = self.tx.send((
+                conn,
+                Box::new(move |_: &mut Supervisor| Response::json(500, &serde_json::json!({"Error": msg}))),
+            ));
+            let _ = self.wake.write(1);
+        }
+    }
+}
+
+struct JobsSubscriber {
+    rx: Receiver<(ConnectionId, Finish)>,
+    wake: Arc<EventFd>,
+    sup: Shared,
+    responder: Responder,
+}
+
+impl MutEventSubscriber for JobsSubscriber {
+    fn process(&mut self, _: Events, _: &mut EventOps) {
+        let _ = self.wake.read();
+        while let Ok((conn, fin)) = self.rx.try_recv() {
+            let resp = {
+                let mut sup = self.sup.lock().unwrap_or_else(|p| p.into_inner());
+                fin(&mut sup)
+            };
+            let _ = self.responder.respond(conn, resp);
+        }
+    }
+    fn init(&mut self, ops: &mut EventOps) {
+        let _ = ops.add(Events::new(self.wake.as_ref(), EventSet::IN));
+    }
+}
+
+/// Watches VMM processes through pidfds and tells the supervisor when one
+/// ends.
+struct ExitWatcher {
+    rx: Receiver<(String, VmmProcess)>,
+    wake: EventFd,
+    watched: HashMap<RawFd, (String, i32, OwnedFd)>,
+    sup: Shared,
+}
+
+impl ExitWatcher {
+    fn gone(&self, id: &str, pid: i32) {
+        let code = process::reap(pid);
+        let mut sup = self.sup.lock().unwrap_or_else(|p| p.into_inner());
+        sup.vmm_exited(id, pid, code);
+    }
+}
+
+impl MutEventSubscriber for ExitWatcher {
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        let fd = events.fd();
+        if fd == self.wake.as_raw_fd() {
+            let _ = self.wake.read();
+            while let Ok((id, p)) = self.rx.try_recv() {
+                match process::pidfd_open(p.pid) {
+                    Ok(pfd) if process::is_alive(&p) => {
+                        let raw = pfd.as_raw_fd();
+                        if ops.add(Events::new_raw(raw, EventSet::IN)).is_ok() {
+                            self.watched.insert(raw, (id, p.pid, pfd));
+                        }
+                    }
+                    _ => self.gone(&id, p.pid),
+                }
+            }
+            return;
+        }
+        if let Some((id, pid, pfd)) = self.watched.remove(&fd) {
+            let _ = ops.remove(Events::new_raw(pfd.as_raw_fd(), EventSet::IN));
+            self.gone(&id, pid);
+        }
+    }
+    fn init(&mut self, ops: &mut EventOps) {
+        let _ = ops.add(Events::new(&self.wake, EventSet::IN));
+    }
+}
+
+/// A streaming log reader bound to one connection.
+struct Follower {
+    stop: Arc<AtomicBool>,
+    /// Instance to delete when the client goes away.
+    delete_on_close: Option<String>,
+}
+
+/// Decides what a request means; one per API face.
+pub trait Face: Send {
+    /// Handles `req` if it belongs to this face (None: not mine).
+    fn handle(&mut self, ctx: &mut Ctx, req: &Request) -> Option<Reply>;
+}
+
+/// What a face gets to work with.
+pub struct Ctx<'a> {
+    pub sup: &'a mut Supervisor,
+    pub jobs: &'a Jobs,
+    pub conn: ConnectionId,
+    follow: &'a mut Option<(PathBuf, Option<String>)>,
+}
+
+impl Ctx<'_> {
+    /// Streams `log` to this connection as it grows (chunked). With
+    /// `delete_on_close`, that instance is deleted when the client leaves.
+    pub fn follow_log(&mut self, log: PathBuf, delete_on_close: Option<String>) -> Reply {
+        *self.follow = Some((log, delete_on_close));
+        Reply::Now(Response::stream(200, "text/plain; charset=utf-8"))
+    }
+}
+
+/// The HTTP handler: tries each face in order; answers 404 otherwise.
+pub struct Router {
+    faces: Vec<Box<dyn Face>>,
+    sup: Shared,
+    jobs: Jobs,
+    responder: Option<Responder>,
+    followers: HashMap<ConnectionId, Follower>,
+}
+
+impl Router {
+    fn start_follower(&mut self, conn: ConnectionId, log: PathBuf, delete: Option<String>) {
+        let Some(responder) = self.responder.clone() else {
+            return;
+        };
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let _ = std::thread::Builder::new()
+            .name("emberd-logs".into())
+            .spawn(move || follow(log, responder, conn, stop2));
+        self.followers.insert(
+            conn,
+            Follower {
+                stop,
+                delete_on_close: delete,
+            },
+        );
+    }
+}
+
+/// Sends what the log has, then what is appended, until stopped or the log
+/// is removed (instance deleted).
+fn follow(log: PathBuf, responder: Responder, conn: ConnectionId, stop: Arc<AtomicBool>) {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut pos = 0u64;
+    let mut buf = vec![0u8; 64 * 1024];
+    while !stop.load(Ordering::SeqCst) {
+        let Ok(mut f) = std::fs::File::open(&log) else {
+            let _ = responder.finish(conn);
+            return;
+        };
+        if f.seek(SeekFrom::Start(pos)).is_ok() {
+            loop {
+                match f.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        pos += n as u64;
+                        if responder.send_chunk(conn, buf[..n].to_vec()).is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+impl Handler for Router {
+    fn handle(&mut self, conn: ConnectionId, req: Request) -> Reply {
+        let mut follow = None;
+        let reply = {
+            let mut sup = self.sup.lock().unwrap_or_else(|p| p.into_inner());
+            let mut ctx = Ctx {
+                sup: &mut sup,
+                jobs: &self.jobs,
+                conn,
+                follow: &mut follow,
+            };
+            self.faces
+                .iter_mut()
+                .find_map(|f| f.handle(&mut ctx, &req))
+        };
+        if let Some((log, delete)) = follow {
+            self.start_follower(conn, log, delete);
+        }
+        reply.unwrap_or_else(|| {
+            Reply::Now(Response::json(
+                404,
+                &serde_json::json!({"Error": format!("no route for {} {}", req.method, req.path)}),
+            ))
+        })
+    }
+
+    fn closed(&mut self, conn: ConnectionId) {
+        if let Some(f) = self.followers.remove(&conn) {
+            f.stop.store(true, Ordering::SeqCst);
+            if let Some(id) = f.delete_on_close {
+                let mut sup = self.sup.lock().unwrap_or_else(|p| p.into_inner());
+                if let Err(e) = sup.delete_instance(&id, true) {
+                    log::warn!("deleting {id} after its log client left: {e}");
+                }
+            }
+        }
+    }
+}
+
+/// HTTP status for a supervisor error.
+pub fn status_of(e: &SupervisorError) -> u16 {
+    match e.kind() {
+        ErrorKind::Invalid => 400,
+        ErrorKind::NotFound => 404,
+        ErrorKind::Conflict => 409,
+        ErrorKind::Internal => 500,
+    }
+}
+
+/// The running daemon's event loop.
+pub struct Daemon {
+    em: event_manager::EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>,
+}
+
+/// Errors starting the daemon.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Http(#[from] ember_http::ServerError),
+    #[error("event loop: {0}")]
+    Events(String),
+}
+
+impl Daemon {
+    /// Serves `faces` over `sock` for `sup`.
+    pub fn new(
+        sock: &std::path::Path,
+        sup: Supervisor,
+        faces: Vec<Box<dyn Face>>,
+        max_body: usize,
+    ) -> Result<Self, DaemonError> {
+        use event_manager::SubscriberOps;
+        let mut em: event_manager::EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
+            event_manager::EventManager::new().map_err(|e| DaemonError::Events(e.to_string()))?;
+        let sup: Shared = Arc::new(Mutex::new(sup));
+        let (jtx, jrx) = channel();
+        let jwake = Arc::new(EventFd::new(EFD_NONBLOCK)?);
+        let jobs = Jobs {
+            tx: jtx,
+            wake: jwake.clone(),
+        };
+        let router = Router {
+            faces,
+            sup: sup.clone(),
+            jobs,
+            responder: None,
+            followers: HashMap::new(),
+        };
+        let config = ember_http::ServerConfig {
+            max_body_bytes: max_body,
+            error_response: Arc::new(|status, msg| {
+                Response::json(status, &serde_json::json!({"Error": msg}))
+            }),
+            ..Default::default()
+        };
+        let mut server = ember_http::HttpServer::new(sock, router, config)?;
+        let responder = server.responder();
+        server.handler_mut().responder = Some(responder.clone());
+        em.add_subscriber(Arc::new(Mutex::new(server)));
+        em.add_subscriber(Arc::new(Mutex::new(JobsSubscriber {
+            rx: jrx,
+            wake: jwake,
+            sup: sup.clone(),
+            responder,
+        })));
+        let (wtx, wrx) = channel();
+        let wwake = EventFd::new(EFD_NONBLOCK)?;
+        sup.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .set_watcher(WatchSender::new(wtx, wwake.try_clone()?));
+        em.add_subscriber(Arc::new(Mutex::new(ExitWatcher {
+            rx: wrx,
+            wake: wwake,
+            watched: HashMap::new(),
+            sup,
+        })));
+        Ok(Daemon { em })
+    }
+
+    /// Runs until `stop` is set (checked after every round of events).
+    pub fn run(&mut self, stop: &AtomicBool) -> Result<(), DaemonError> {
+        while !stop.load(Ordering::SeqCst) {
+            if let Err(e) = self.em.run_with_timeout(500) {
+                let s = e.to_string();
+                if !s.contains("Interrupted") {
+                    return Err(DaemonError::Events(s));
+                }
+            }
+        }
+        Ok(())
+    }
+}

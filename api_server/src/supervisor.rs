@@ -1,0 +1,898 @@
+//! The supervisor: the one owner of ember's model. It validates requests,
+//! keeps the state consistent and persisted, and starts/stops VMMs. Heavy
+//! work (extracting uploads, compiling, building filesystems, hub transfers)
+//! is split into a `prepare_*` step (here, on the event-loop thread), pure
+//! work done on a worker thread by the caller, and a `finish_*` step (here
+//! again), so the event loop never blocks on it.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::Sender;
+use std::time::Duration;
+
+use crate::compilers::{self, CompileOutput, Registry};
+use crate::model::*;
+use crate::process::{self, JailFile, LaunchSpec, Launcher};
+use crate::store::{Store, StoreError};
+
+/// How a failed request should be reported.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorKind {
+    Invalid,
+    NotFound,
+    Conflict,
+    Internal,
+}
+
+/// Errors from supervisor operations.
+#[derive(Debug, thiserror::Error)]
+pub enum SupervisorError {
+    #[error("{what} {key} not found")]
+    NotFound { what: &'static str, key: String },
+    #[error("{what} {name} already exists{hint}")]
+    Exists {
+        what: &'static str,
+        name: String,
+        hint: &'static str,
+    },
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Lookup(#[from] compilers::LookupError),
+    #[error(transparent)]
+    Cmdline(#[from] compilers::CmdlineError),
+    #[error("cannot save state: {0}")]
+    Store(#[from] StoreError),
+    #[error("cannot start the instance: {0}")]
+    Launch(#[from] process::ProcessError),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl SupervisorError {
+    /// The class of error, for status codes.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            SupervisorError::NotFound { .. } => ErrorKind::NotFound,
+            SupervisorError::Exists { .. } | SupervisorError::Conflict(_) => ErrorKind::Conflict,
+            SupervisorError::Invalid(_)
+            | SupervisorError::Model(_)
+            | SupervisorError::Lookup(_)
+            | SupervisorError::Cmdline(_) => ErrorKind::Invalid,
+            SupervisorError::Store(_)
+            | SupervisorError::Launch(_)
+            | SupervisorError::Internal(_) => ErrorKind::Internal,
+        }
+    }
+}
+
+type Result<T> = std::result::Result<T, SupervisorError>;
+
+fn not_found(what: &'static str, key: &str) -> SupervisorError {
+    SupervisorError::NotFound {
+        what,
+        key: key.to_string(),
+    }
+}
+
+/// A request to run an instance.
+#[derive(Clone, Debug, Default)]
+pub struct RunRequest {
+    pub name: String,
+    pub image: String,
+    /// mount point -> volume (id or name).
+    pub mounts: BTreeMap<String, String>,
+    pub env: BTreeMap<String, String>,
+    /// 0: the image's default.
+    pub memory_mb: u32,
+    pub no_cleanup: bool,
+    pub debug_mode: bool,
+}
+
+/// Everything a worker needs to build an image.
+pub struct ImageJob {
+    pub id: String,
+    pub name: String,
+    pub provider: String,
+    pub base: String,
+    pub lang: String,
+    pub args: String,
+    pub mounts: Vec<String>,
+    pub force: bool,
+    pub compiler: std::sync::Arc<dyn compilers::Compiler>,
+    /// Scratch directory for this job (removed by `finish_image`).
+    pub staging: PathBuf,
+}
+
+impl ImageJob {
+    /// Where the worker extracts the sources.
+    pub fn src_dir(&self) -> PathBuf {
+        self.staging.join("src")
+    }
+    /// Where the worker writes the image files.
+    pub fn out_dir(&self) -> PathBuf {
+        self.staging.join("image")
+    }
+}
+
+/// Everything a worker needs to build a volume.
+pub struct VolumeJob {
+    pub id: String,
+    pub name: String,
+    pub size_mb: Option<u64>,
+    pub format: VolumeFormat,
+    /// The image file to create (already its final path's sibling in staging).
+    pub staging_file: PathBuf,
+    pub staging: PathBuf,
+}
+
+/// Tells the exit watcher about a VMM to watch (and wakes it).
+pub struct WatchSender {
+    tx: Sender<(String, VmmProcess)>,
+    wake: vmm_sys_util::eventfd::EventFd,
+}
+
+impl WatchSender {
+    /// A sender whose messages are announced on `wake`.
+    pub fn new(tx: Sender<(String, VmmProcess)>, wake: vmm_sys_util::eventfd::EventFd) -> Self {
+        WatchSender { tx, wake }
+    }
+
+    /// Hands over one VMM.
+    pub fn send(&self, id: String, p: VmmProcess) {
+        let _ = self.tx.send((id, p));
+        let _ = self.wake.write(1);
+    }
+}
+
+/// The supervisor.
+pub struct Supervisor {
+    store: Store,
+    state: State,
+    launcher: Launcher,
+    compilers: Registry,
+    watch: Option<WatchSender>,
+}
+
+impl Supervisor {
+    /// Loads the state and re-adopts VMMs that are still alive; marks the
+    /// others stopped.
+    pub fn new(store: Store, launcher: Launcher, compilers: Registry) -> Result<Self> {
+        let state = store.load()?;
+        let mut s = Supervisor {
+            store,
+            state,
+            launcher,
+            compilers,
+            watch: None,
+        };
+        let mut changed = false;
+        for inst in s.state.instances.values_mut() {
+            match &inst.process {
+                Some(p) if process::is_alive(p) => {
+                    inst.state = InstanceState::Running;
+                }
+                Some(_) => {
+                    inst.process = None;
+                    if inst.state == InstanceState::Running || inst.state == InstanceState::Pending {
+                        inst.state = InstanceState::Stopped;
+                        inst.last_error = Some("the VMM ended while emberd was not running".into());
+                    }
+                    s.launcher.cleanup(&inst.id);
+                    changed = true;
+                }
+                None => {
+                    if inst.state == InstanceState::Running || inst.state == InstanceState::Pending {
+                        inst.state = InstanceState::Stopped;
+                        changed = true;
+                    }
+                }
+            }
+        }
+        // Leftover scratch space from builds interrupted by a restart.
+        if let Ok(rd) = std::fs::read_dir(s.store.staging_dir()) {
+            for e in rd.flatten() {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+        if changed {
+            s.store.save(&s.state)?;
+        }
+        Ok(s)
+    }
+
+    /// Connects the exit watcher and hands it every live VMM.
+    pub fn set_watcher(&mut self, w: WatchSender) {
+        for inst in self.state.instances.values() {
+            if let Some(p) = &inst.process {
+                w.send(inst.id.clone(), p.clone());
+            }
+        }
+        self.watch = Some(w);
+    }
+
+    /// Read access to the model.
+    pub fn state(&self) -> &State {
+        &self.state
+    }
+
+    /// The compilers.
+    pub fn compilers(&self) -> &Registry {
+        &self.compilers
+    }
+
+    /// The store (paths).
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The launcher (paths).
+    pub fn launcher(&self) -> &Launcher {
+        &self.launcher
+    }
+
+    fn save(&self) -> Result<()> {
+        self.store.save(&self.state)?;
+        Ok(())
+    }
+
+    fn staging(&self, id: &str) -> Result<PathBuf> {
+        let p = self.store.staging_dir().join(id);
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).map_err(|e| SupervisorError::Internal(e.to_string()))?;
+        Ok(p)
+    }
+
+    // ----- images -----
+
+    /// Image by id or name.
+    pub fn image(&self, key: &str) -> Result<&Image> {
+        self.state.image(key).ok_or_else(|| not_found("image", key))
+    }
+
+    /// Validates an image build and reserves its scratch space.
+    #[allow(clippy::too_many_arguments)]
+    pub fn prepare_image(
+        &self,
+        name: &str,
+        provider: &str,
+        base: &str,
+        lang: &str,
+        force: bool,
+        args: &str,
+        mounts: &[String],
+    ) -> Result<ImageJob> {
+        validate_name("image", name)?;
+        let compiler = self.compilers.find(provider, base, lang)?;
+        if !force && self.state.image(name).is_some() {
+            return Err(SupervisorError::Exists {
+                what: "image",
+                name: name.into(),
+                hint: "; use force=true to replace it",
+            });
+        }
+        for m in mounts {
+            validate_mount_point(m)?;
+        }
+        if args.contains('"') || args.chars().any(|c| c.is_control()) {
+            return Err(SupervisorError::Invalid(
+                "args may not contain double quotes or control characters".into(),
+            ));
+        }
+        let id = new_id("img");
+        let staging = self.staging(&id)?;
+        Ok(ImageJob {
+            id,
+            name: name.into(),
+            provider: provider.into(),
+            base: base.into(),
+            lang: lang.into(),
+            args: args.into(),
+            mounts: mounts.to_vec(),
+            force,
+            compiler,
+            staging,
+        })
+    }
+
+    /// Installs a built image (or cleans up after a failed build).
+    pub fn finish_image(
+        &mut self,
+        job: ImageJob,
+        built: std::result::Result<CompileOutput, SupervisorError>,
+    ) -> Result<Image> {
+        let cleanup = |j: &ImageJob| {
+            let _ = std::fs::remove_dir_all(&j.staging);
+        };
+        let out = match built {
+            Ok(o) => o,
+            Err(e) => {
+                cleanup(&job);
+                return Err(e);
+            }
+        };
+        // Re-check: another build of the same name may have finished first.
+        let existing = self.state.image(&job.name).map(|i| i.id.clone());
+        if let Some(old) = &existing {
+            if !job.force {
+                cleanup(&job);
+                return Err(SupervisorError::Exists {
+                    what: "image",
+                    name: job.name.clone(),
+                    hint: "; use force=true to replace it",
+                });
+            }
+            if self.image_in_use(old) {
+                cleanup(&job);
+                return Err(SupervisorError::Conflict(format!(
+                    "image {} is used by instances; delete them first",
+                    job.name
+                )));
+            }
+        }
+        let dir = self.store.image_dir(&job.id);
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::rename(job.out_dir(), &dir).map_err(|e| {
+            cleanup(&job);
+            SupervisorError::Internal(format!("cannot install image files: {e}"))
+        })?;
+        cleanup(&job);
+        let size = dir_size(&dir);
+        let img = Image {
+            id: job.id.clone(),
+            name: job.name.clone(),
+            provider: job.provider.clone(),
+            base: job.base.clone(),
+            lang: job.lang.clone(),
+            created: now_rfc3339(),
+            size_mb: size.div_ceil(1 << 20).max(1),
+            kernel: out.kernel,
+            initrd: out.initrd,
+            boot_args: out.boot_args,
+            args: job.args.clone(),
+            mounts: job.mounts.clone(),
+            default_memory_mb: out.default_memory_mb,
+            format: out.format,
+        };
+        if let Some(old) = existing {
+            self.state.images.remove(&old);
+            let _ = std::fs::remove_dir_all(self.store.image_dir(&old));
+        }
+        self.state.images.insert(img.id.clone(), img.clone());
+        self.save()?;
+        Ok(img)
+    }
+
+    /// Installs an image whose files are already in `dir` (hub pull).
+    pub fn install_image(&mut self, mut img: Image, dir: &Path, force: bool) -> Result<Image> {
+        validate_name("image", &img.name)?;
+        if let Some(old) = self.state.image(&img.name).map(|i| i.id.clone()) {
+            if !force {
+                return Err(SupervisorError::Exists {
+                    what: "image",
+                    name: img.name.clone(),
+                    hint: "; use force=true to overwrite it",
+                });
+            }
+            if self.image_in_use(&old) {
+                return Err(SupervisorError::Conflict(format!(
+                    "image {} is used by instances; delete them first",
+                    img.name
+                )));
+            }
+            self.state.images.remove(&old);
+            let _ = std::fs::remove_dir_all(self.store.image_dir(&old));
+        }
+        img.id = new_id("img");
+        let dest = self.store.image_dir(&img.id);
+        std::fs::rename(dir, &dest)
+            .map_err(|e| SupervisorError::Internal(format!("cannot install image files: {e}")))?;
+        self.state.images.insert(img.id.clone(), img.clone());
+        self.save()?;
+        Ok(img)
+    }
+
+    fn image_in_use(&self, image_id: &str) -> bool {
+        self.state.instances.values().any(|i| i.image_id == image_id)
+    }
+
+    /// Deletes an image; with `force`, its instances go too.
+    pub fn delete_image(&mut self, key: &str, force: bool) -> Result<()> {
+        let img = self.image(key)?.clone();
+        let users: Vec<String> = self
+            .state
+            .instances
+            .values()
+            .filter(|i| i.image_id == img.id)
+            .map(|i| i.id.clone())
+            .collect();
+        if !users.is_empty() && !force {
+            return Err(SupervisorError::Conflict(format!(
+                "image {} is used by {} instance(s); use force=true to delete them too",
+                img.name,
+                users.len()
+            )));
+        }
+        for u in users {
+            self.delete_instance(&u, true)?;
+        }
+        self.state.images.remove(&img.id);
+        self.save()?;
+        let _ = std::fs::remove_dir_all(self.store.image_dir(&img.id));
+        Ok(())
+    }
+
+    // ----- instances -----
+
+    /// Instance by id or name.
+    pub fn instance(&self, key: &str) -> Result<&Instance> {
+        self.state.instance(key).ok_or_else(|| not_found("instance", key))
+    }
+
+    /// Creates an instance and starts it.
+    pub fn run_instance(&mut self, req: RunRequest) -> Result<Instance> {
+        validate_name("instance", &req.name)?;
+        if self.state.instance(&req.name).is_some() {
+            return Err(SupervisorError::Exists {
+                what: "instance",
+                name: req.name.clone(),
+                hint: "",
+            });
+        }
+        let img = self.image(&req.image)?.clone();
+        for k in req.env.keys() {
+            validate_env_name(k)?;
+        }
+        // Every mount point of the image needs a volume, and only those.
+        for m in &img.mounts {
+            if !req.mounts.contains_key(m) {
+                return Err(SupervisorError::Invalid(format!(
+                    "required mount point missing: {m} (image {} needs volumes for {})",
+                    img.name,
+                    img.mounts.join(", ")
+                )));
+            }
+        }
+        let mut mounts = BTreeMap::new();
+        for (m, v) in &req.mounts {
+            if !img.mounts.contains(m) {
+                return Err(SupervisorError::Invalid(format!(
+                    "image {} has no mount point {m} (it has: {})",
+                    img.name,
+                    if img.mounts.is_empty() {
+                        "none".to_string()
+                    } else {
+                        img.mounts.join(", ")
+                    }
+                )));
+            }
+            let vol = self.state.volume(v).ok_or_else(|| not_found("volume", v))?;
+            if let Some(a) = &vol.attachment {
+                return Err(SupervisorError::Conflict(format!(
+                    "volume {} is already attached to instance {a}",
+                    vol.name
+                )));
+            }
+            mounts.insert(m.clone(), vol.name.clone());
+        }
+        let memory_mb = if req.memory_mb == 0 {
+            img.default_memory_mb
+        } else {
+            req.memory_mb
+        };
+        if !(1..=1 << 20).contains(&memory_mb) {
+            return Err(SupervisorError::Invalid(format!(
+                "MemoryMb {memory_mb} is out of range (1 to 1048576)"
+            )));
+        }
+        // The command line must render before anything is created.
+        compilers::render_cmdline(&img.boot_args, &[], &req.env, &img.args)?;
+        let inst = Instance {
+            id: new_id("inst"),
+            name: req.name.clone(),
+            image_id: img.id.clone(),
+            image_name: img.name.clone(),
+            state: InstanceState::Pending,
+            created: now_rfc3339(),
+            memory_mb,
+            env: req.env.clone(),
+            mounts: mounts.clone(),
+            no_cleanup: req.no_cleanup,
+            debug_mode: req.debug_mode,
+            process: None,
+            last_error: None,
+            last_exit: None,
+        };
+        for (m, v) in &mounts {
+            let id = self.state.volume(v).map(|x| x.id.clone()).unwrap_or_default();
+            if let Some(vol) = self.state.volumes.get_mut(&id) {
+                vol.attachment = Some(inst.id.clone());
+                vol.mount_point = Some(m.clone());
+            }
+        }
+        let id = inst.id.clone();
+        self.state.instances.insert(id.clone(), inst);
+        self.save()?;
+        self.start_instance(&id)?;
+        Ok(self.instance(&id)?.clone())
+    }
+
+    fn launch_spec(&self, inst: &Instance) -> Result<LaunchSpec> {
+        let img = self
+            .state
+            .images
+            .get(&inst.image_id)
+            .ok_or_else(|| not_found("image", &inst.image_name))?;
+        let dir = self.store.image_dir(&img.id);
+        let mut files = vec![JailFile {
+            host: dir.join(&img.kernel),
+            name: "kernel".into(),
+            writable: false,
+        }];
+        let mut boot = serde_json::json!({"kernel_image_path": "kernel"});
+        if let Some(i) = &img.initrd {
+            files.push(JailFile {
+                host: dir.join(i),
+                name: "initrd".into(),
+                writable: false,
+            });
+            boot["initrd_path"] = "initrd".into();
+        }
+        let mut drives = Vec::new();
+        let mut mount_idx = Vec::new();
+        for (i, (m, vname)) in inst.mounts.iter().enumerate() {
+            let vol = self
+                .state
+                .volume(vname)
+                .ok_or_else(|| not_found("volume", vname))?;
+            let file = format!("{}.img", vol.id);
+            files.push(JailFile {
+                host: self.store.volume_path(&vol.id),
+                name: file.clone(),
+                writable: true,
+            });
+            drives.push(serde_json::json!({
+                "drive_id": vol.id, "path_on_host": file,
+                "is_root_device": false, "is_read_only": false
+            }));
+            mount_idx.push((m.clone(), i));
+        }
+        boot["boot_args"] =
+            compilers::render_cmdline(&img.boot_args, &mount_idx, &inst.env, &img.args)?.into();
+        let cfg = serde_json::json!({
+            "boot-source": boot,
+            "machine-config": {"vcpu_count": 1, "mem_size_mib": inst.memory_mb},
+            "drives": drives,
+        });
+        Ok(LaunchSpec {
+            id: inst.id.clone(),
+            files,
+            vm_config: cfg,
+            log_path: self.store.log_path(&inst.id),
+        })
+    }
+
+    /// Starts a stopped instance (no-op if it is running).
+    pub fn start_instance(&mut self, key: &str) -> Result<Instance> {
+        let inst = self.instance(key)?.clone();
+        if let Some(p) = &inst.process {
+            if process::is_alive(p) {
+                return Ok(inst);
+            }
+        }
+        let spec = self.launch_spec(&inst)?;
+        process::log_note(&spec.log_path, &format!("starting instance {}", inst.name));
+        let result = self.launcher.launch(&spec);
+        let entry = self
+            .state
+            .instances
+            .get_mut(&inst.id)
+            .ok_or_else(|| not_found("instance", key))?;
+        match result {
+            Ok(l) => {
+                entry.state = InstanceState::Running;
+                entry.process = Some(l.process.clone());
+                entry.last_error = None;
+                entry.last_exit = None;
+                if let Some(w) = &self.watch {
+                    w.send(inst.id.clone(), l.process);
+                }
+                let out = entry.clone();
+                self.save()?;
+                Ok(out)
+            }
+            Err(e) => {
+                entry.state = InstanceState::Error;
+                entry.process = None;
+                entry.last_error = Some(e.to_string());
+                self.save()?;
+                self.launcher.cleanup(&inst.id);
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Stops an instance: its VMM is killed and its jail removed.
+    pub fn stop_instance(&mut self, key: &str) -> Result<Instance> {
+        let inst = self.instance(key)?.clone();
+        if let Some(p) = &inst.process {
+            if !process::kill_and_wait(p, Duration::from_secs(10)) {
+                return Err(SupervisorError::Internal(format!(
+                    "the VMM of {} (pid {}) did not die",
+                    inst.name, p.pid
+                )));
+            }
+            process::log_note(&self.store.log_path(&inst.id), "instance stopped");
+        }
+        self.launcher.cleanup(&inst.id);
+        let entry = self
+            .state
+            .instances
+            .get_mut(&inst.id)
+            .ok_or_else(|| not_found("instance", key))?;
+        entry.process = None;
+        entry.state = InstanceState::Stopped;
+        let out = entry.clone();
+        self.save()?;
+        Ok(out)
+    }
+
+    /// Deletes an instance; a running one needs `force`.
+    pub fn delete_instance(&mut self, key: &str, force: bool) -> Result<()> {
+        let inst = self.instance(key)?.clone();
+        let running = inst.process.as_ref().is_some_and(process::is_alive);
+        if running && !force {
+            return Err(SupervisorError::Conflict(format!(
+                "instance {} is running; stop it first or use force=true",
+                inst.name
+            )));
+        }
+        self.stop_instance(&inst.id)?;
+        for v in self.state.volumes.values_mut() {
+            if v.attachment.as_deref() == Some(&inst.id) {
+                v.attachment = None;
+                v.mount_point = None;
+            }
+        }
+        self.state.instances.remove(&inst.id);
+        self.save()?;
+        let _ = std::fs::remove_file(self.store.log_path(&inst.id));
+        Ok(())
+    }
+
+    /// Called by the exit watcher when a VMM process is gone.
+    pub fn vmm_exited(&mut self, id: &str, pid: i32, code: Option<i32>) {
+        let Some(entry) = self.state.instances.get_mut(id) else {
+            return;
+        };
+        if entry.process.as_ref().map(|p| p.pid) != Some(pid) {
+            return; // an older process of a restarted instance
+        }
+        entry.process = None;
+        entry.last_exit = code;
+        match code {
+            Some(0) | None => {
+                entry.state = InstanceState::Stopped;
+            }
+            Some(c) => {
+                entry.state = InstanceState::Error;
+                let tail = process::tail(&self.store.log_path(id), 400);
+                entry.last_error = Some(format!("the VMM exited with status {c}: {tail}"));
+            }
+        }
+        process::log_note(
+            &self.store.log_path(id),
+            &format!(
+                "VMM exited{}",
+                code.map(|c| format!(" with status {c}")).unwrap_or_default()
+            ),
+        );
+        self.launcher.cleanup(id);
+        if let Err(e) = self.save() {
+            log::error!("{e}");
+        }
+    }
+
+    /// The console log of an instance.
+    pub fn log_path(&self, key: &str) -> Result<PathBuf> {
+        Ok(self.store.log_path(&self.instance(key)?.id))
+    }
+
+    // ----- volumes -----
+
+    /// Volume by id or name.
+    pub fn volume(&self, key: &str) -> Result<&Volume> {
+        self.state.volume(key).ok_or_else(|| not_found("volume", key))
+    }
+
+    /// Validates a volume creation and reserves scratch space.
+    pub fn prepare_volume(
+        &self,
+        name: &str,
+        size_mb: Option<u64>,
+        format: VolumeFormat,
+        has_data: bool,
+    ) -> Result<VolumeJob> {
+        validate_name("volume", name)?;
+        if self.state.volume(name).is_some() {
+            return Err(SupervisorError::Exists {
+                what: "volume",
+                name: name.into(),
+                hint: "",
+            });
+        }
+        if !has_data && size_mb.is_none() {
+            return Err(SupervisorError::Invalid(
+                "an empty volume needs size (MB) in the query".into(),
+            ));
+        }
+        if let Some(s) = size_mb {
+            if s == 0 || s > 1 << 20 {
+                return Err(SupervisorError::Invalid(format!(
+                    "size {s} MB is out of range (1 to 1048576)"
+                )));
+            }
+        }
+        let id = new_id("vol");
+        let staging = self.staging(&id)?;
+        Ok(VolumeJob {
+            staging_file: staging.join("volume.img"),
+            id,
+            name: name.into(),
+            size_mb,
+            format,
+            staging,
+        })
+    }
+
+    /// Installs a built volume (or cleans up after a failure).
+    pub fn finish_volume(
+        &mut self,
+        job: VolumeJob,
+        built: std::result::Result<u64, SupervisorError>,
+    ) -> Result<Volume> {
+        let cleanup = |j: &VolumeJob| {
+            let _ = std::fs::remove_dir_all(&j.staging);
+        };
+        let size_mb = match built {
+            Ok(s) => s,
+            Err(e) => {
+                cleanup(&job);
+                return Err(e);
+            }
+        };
+        if self.state.volume(&job.name).is_some() {
+            cleanup(&job);
+            return Err(SupervisorError::Exists {
+                what: "volume",
+                name: job.name.clone(),
+                hint: "",
+            });
+        }
+        let dest = self.store.volume_path(&job.id);
+        std::fs::rename(&job.staging_file, &dest).map_err(|e| {
+            cleanup(&job);
+            SupervisorError::Internal(format!("cannot install the volume: {e}"))
+        })?;
+        cleanup(&job);
+        let v = Volume {
+            id: job.id.clone(),
+            name: job.name.clone(),
+            size_mb,
+            created: now_rfc3339(),
+            format: job.format,
+            attachment: None,
+            mount_point: None,
+        };
+        self.state.volumes.insert(v.id.clone(), v.clone());
+        self.save()?;
+        Ok(v)
+    }
+
+    /// Deletes a volume; an attached one needs `force` and a stopped instance.
+    pub fn delete_volume(&mut self, key: &str, force: bool) -> Result<()> {
+        let v = self.volume(key)?.clone();
+        if let Some(inst) = &v.attachment {
+            if !force {
+                return Err(SupervisorError::Conflict(format!(
+                    "volume {} is attached to instance {inst}; detach it or use force=true",
+                    v.name
+                )));
+            }
+            self.detach_volume(&v.id)?;
+        }
+        self.state.volumes.remove(&v.id);
+        self.save()?;
+        let _ = std::fs::remove_file(self.store.volume_path(&v.id));
+        Ok(())
+    }
+
+    fn running(&self, inst: &Instance) -> bool {
+        inst.process.as_ref().is_some_and(process::is_alive)
+    }
+
+    /// Attaches a volume to a stopped instance at `mount`.
+    pub fn attach_volume(&mut self, vol: &str, inst: &str, mount: &str) -> Result<Volume> {
+        validate_mount_point(mount)?;
+        let v = self.volume(vol)?.clone();
+        let i = self.instance(inst)?.clone();
+        if let Some(a) = &v.attachment {
+            return Err(SupervisorError::Conflict(format!(
+                "volume {} is already attached to instance {a}",
+                v.name
+            )));
+        }
+        if self.running(&i) {
+            return Err(SupervisorError::Conflict(format!(
+                "instance {} is running; ember attaches volumes to stopped instances (stop it first)",
+                i.name
+            )));
+        }
+        if i.mounts.contains_key(mount) {
+            return Err(SupervisorError::Conflict(format!(
+                "instance {} already has a volume at {mount}",
+                i.name
+            )));
+        }
+        if let Some(e) = self.state.instances.get_mut(&i.id) {
+            e.mounts.insert(mount.to_string(), v.name.clone());
+        }
+        let e = self
+            .state
+            .volumes
+            .get_mut(&v.id)
+            .ok_or_else(|| not_found("volume", vol))?;
+        e.attachment = Some(i.id.clone());
+        e.mount_point = Some(mount.to_string());
+        let out = e.clone();
+        self.save()?;
+        Ok(out)
+    }
+
+    /// Detaches a volume from its (stopped) instance.
+    pub fn detach_volume(&mut self, vol: &str) -> Result<Volume> {
+        let v = self.volume(vol)?.clone();
+        let Some(inst_id) = v.attachment.clone() else {
+            return Err(SupervisorError::Conflict(format!(
+                "volume {} is not attached",
+                v.name
+            )));
+        };
+        if let Some(i) = self.state.instances.get(&inst_id) {
+            if self.running(i) {
+                return Err(SupervisorError::Conflict(format!(
+                    "instance {} is running; stop it before detaching {}",
+                    i.name, v.name
+                )));
+            }
+        }
+        if let Some(i) = self.state.instances.get_mut(&inst_id) {
+            i.mounts.retain(|_, name| name != &v.name);
+        }
+        let e = self
+            .state
+            .volumes
+            .get_mut(&v.id)
+            .ok_or_else(|| not_found("volume", vol))?;
+        e.attachment = None;
+        e.mount_point = None;
+        let out = e.clone();
+        self.save()?;
+        Ok(out)
+    }
+}
+
+fn dir_size(p: &Path) -> u64 {
+    std::fs::read_dir(p)
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| if m.is_dir() { 0 } else { m.len() })
+                .sum()
+        })
+        .unwrap_or(0)
+}

@@ -1,0 +1,624 @@
+//! The UniK REST API (../shared/seeds/unik-api.md): routes, PascalCase JSON
+//! and status codes, translated to and from the supervisor's model.
+//!
+//! Differences from the original daemon, on purpose: names are matched
+//! exactly (by id or name), never by substring; "not found" is 404 (the
+//! original answered 500); `remote-delete` deletes (the original pushed).
+//! Both `follow` and the seed's spelling `fallow` are accepted for logs.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use ember_http::{Method, Reply, Request, Response};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::compilers::PROVIDER;
+use crate::model::{Image, Instance, Volume, VolumeFormat};
+use crate::multipart::{parse_form, Form};
+use crate::server::{status_of, Ctx, Face, Finish};
+use crate::supervisor::{RunRequest, Supervisor, SupervisorError};
+
+/// Errors specific to decoding UniK requests.
+#[derive(Debug, thiserror::Error)]
+pub enum UnikError {
+    #[error("invalid form body: {0}")]
+    Form(#[from] crate::multipart::FormError),
+    #[error("invalid JSON body: {0}")]
+    Json(String),
+    #[error("missing {0}")]
+    Missing(&'static str),
+    #[error("invalid {what}: {value:?}")]
+    BadParam { what: &'static str, value: String },
+}
+
+const INFRASTRUCTURE: &str = "EMBER";
+
+/// UniK's Image object.
+pub fn image_json(i: &Image) -> Value {
+    let mappings: Vec<Value> = i
+        .mounts
+        .iter()
+        .enumerate()
+        .map(|(n, m)| json!({"MountPoint": m, "DeviceName": format!("/dev/vd{}", (b'a' + n as u8) as char)}))
+        .collect();
+    json!({
+        "Id": i.id,
+        "Name": i.name,
+        "SizeMb": i.size_mb,
+        "Infrastructure": INFRASTRUCTURE,
+        "Created": i.created,
+        "StageSpec": {"ImageFormat": i.format, "XenVirtualizationType": ""},
+        "RunSpec": {
+            "DeviceMappings": mappings,
+            "DefaultInstanceMemory": i.default_memory_mb,
+            "MinInstanceDiskMB": 0,
+            "StorageDriver": "VIRTIO",
+            "VsphereNetworkType": "",
+            "Compiler": i.compiler(),
+        }
+    })
+}
+
+/// UniK's Instance object.
+pub fn instance_json(i: &Instance) -> Value {
+    json!({
+        "Id": i.id,
+        "Name": i.name,
+        "State": i.state.as_str(),
+        "IpAddress": "",
+        "ImageId": i.image_id,
+        "Infrastructure": INFRASTRUCTURE,
+        "Created": i.created,
+    })
+}
+
+/// UniK's Volume object.
+pub fn volume_json(v: &Volume) -> Value {
+    json!({
+        "Id": v.id,
+        "Name": v.name,
+        "SizeMb": v.size_mb,
+        "Attachment": v.attachment.clone().unwrap_or_default(),
+        "Infrastructure": INFRASTRUCTURE,
+        "Created": v.created,
+    })
+}
+
+fn error(status: u16, msg: impl std::fmt::Display) -> Response {
+    Response::json(status, &json!({"Error": msg.to_string()}))
+}
+
+fn sup_error(e: &SupervisorError) -> Response {
+    error(status_of(e), e)
+}
+
+fn now(r: Response) -> Option<Reply> {
+    Some(Reply::Now(r))
+}
+
+fn truthy(v: Option<&str>) -> bool {
+    matches!(
+        v.map(|s| s.trim().to_ascii_lowercase()).as_deref(),
+        Some("true" | "1" | "yes" | "on")
+    )
+}
+
+/// A parameter from the query string, else from the form.
+fn param(req: &Request, form: &Form, name: &str) -> Option<String> {
+    req.query_param(name)
+        .map(|s| s.to_string())
+        .or_else(|| form.text(name))
+}
+
+fn segments(path: &str) -> Vec<&str> {
+    path.trim_matches('/').split('/').filter(|s| !s.is_empty()).collect()
+}
+
+/// `POST /instances/run` body.
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct RunBody {
+    instance_name: String,
+    image_name: String,
+    #[serde(default)]
+    mounts: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    env: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    memory_mb: i64,
+    #[serde(default)]
+    no_cleanup: bool,
+    #[serde(default)]
+    debug_mode: bool,
+}
+
+/// The UniK face.
+#[derive(Default)]
+pub struct Unik;
+
+impl Face for Unik {
+    fn handle(&mut self, ctx: &mut Ctx, req: &Request) -> Option<Reply> {
+        let seg = segments(&req.path);
+        let m = &req.method;
+        match (m, seg.as_slice()) {
+            (Method::Get, ["available_compilers"]) => {
+                now(Response::json(200, &ctx.sup.compilers().names()))
+            }
+            (Method::Get, ["available_providers"]) => now(Response::json(200, &[PROVIDER])),
+            (Method::Get, ["describe_compiler"]) => now(describe(ctx.sup, req)),
+            (Method::Get, ["images"]) => {
+                let v: Vec<Value> = ctx.sup.state().images.values().map(image_json).collect();
+                now(Response::json(200, &v))
+            }
+            (Method::Get, ["images", name]) => now(match ctx.sup.image(name) {
+                Ok(i) => Response::json(200, &image_json(i)),
+                Err(e) => sup_error(&e),
+            }),
+            (Method::Post, ["images", name, "create"]) => Some(create_image(ctx, req, name)),
+            (Method::Delete, ["images", name]) => {
+                now(match ctx.sup.delete_image(name, truthy(req.query_param("force"))) {
+                    Ok(()) => Response::empty(204),
+                    Err(e) => sup_error(&e),
+                })
+            }
+            (Method::Post, ["images", "push", name]) => Some(hub_push(ctx, req, name)),
+            (Method::Post, ["images", "pull", name]) => Some(hub_pull(ctx, req, name)),
+            (Method::Post, ["images", "remote-delete", name]) => {
+                Some(hub_delete(ctx, req, name))
+            }
+            (Method::Get, ["instances"]) => {
+                let v: Vec<Value> = ctx.sup.state().instances.values().map(instance_json).collect();
+                now(Response::json(200, &v))
+            }
+            (Method::Post, ["instances", "run"]) => now(run(ctx.sup, req)),
+            (Method::Get, ["instances", id]) => now(match ctx.sup.instance(id) {
+                Ok(i) => Response::json(200, &instance_json(i)),
+                Err(e) => sup_error(&e),
+            }),
+            (Method::Delete, ["instances", id]) => {
+                now(match ctx.sup.delete_instance(id, truthy(req.query_param("force"))) {
+                    Ok(()) => Response::empty(204),
+                    Err(e) => sup_error(&e),
+                })
+            }
+            (Method::Post, ["instances", id, "start"]) => now(match ctx.sup.start_instance(id) {
+                Ok(i) => Response::json(200, &instance_json(&i)),
+                Err(e) => sup_error(&e),
+            }),
+            (Method::Post, ["instances", id, "stop"]) => now(match ctx.sup.stop_instance(id) {
+                Ok(i) => Response::json(200, &instance_json(&i)),
+                Err(e) => sup_error(&e),
+            }),
+            (Method::Get, ["instances", id, "logs"]) => Some(logs(ctx, req, id)),
+            (Method::Get, ["volumes"]) => {
+                let v: Vec<Value> = ctx.sup.state().volumes.values().map(volume_json).collect();
+                now(Response::json(200, &v))
+            }
+            (Method::Get, ["volumes", name]) => now(match ctx.sup.volume(name) {
+                Ok(v) => Response::json(200, &volume_json(v)),
+                Err(e) => sup_error(&e),
+            }),
+            (Method::Post, ["volumes", name]) => Some(create_volume(ctx, req, name)),
+            (Method::Delete, ["volumes", name]) => {
+                now(match ctx.sup.delete_volume(name, truthy(req.query_param("force"))) {
+                    Ok(()) => Response::empty(204),
+                    Err(e) => sup_error(&e),
+                })
+            }
+            (Method::Post, ["volumes", name, "attach", inst]) => {
+                let Some(mount) = req.query_param("mount") else {
+                    return now(error(400, "missing mount (query parameter: the mount point)"));
+                };
+                now(match ctx.sup.attach_volume(name, inst, mount) {
+                    Ok(v) => Response::text(202, v.name),
+                    Err(e) => sup_error(&e),
+                })
+            }
+            (Method::Post, ["volumes", name, "detach"]) => now(match ctx.sup.detach_volume(name) {
+                Ok(v) => Response::text(202, v.name),
+                Err(e) => sup_error(&e),
+            }),
+            // Known paths with the wrong method.
+            (
+                _,
+                ["available_compilers" | "available_providers" | "describe_compiler" | "images"
+                | "instances" | "volumes", ..],
+            ) => now(error(
+                405,
+                format!("method {m} is not allowed on {}", req.path),
+            )),
+            _ => None,
+        }
+    }
+}
+
+fn describe(sup: &Supervisor, req: &Request) -> Response {
+    let (Some(p), Some(b), Some(l)) = (
+        req.query_param("provider"),
+        req.query_param("base"),
+        req.query_param("lang"),
+    ) else {
+        return error(400, "describe_compiler needs provider, base and lang");
+    };
+    match sup.compilers().find(p, b, l) {
+        Ok(c) => Response::text(200, c.description()),
+        Err(e) => error(400, e),
+    }
+}
+
+fn create_image(ctx: &mut Ctx, req: &Request, name: &str) -> Reply {
+    let form = match parse_form(req.header("content-type"), &req.body) {
+        Ok(f) => f,
+        Err(e) => return Reply::Now(error(400, UnikError::Form(e))),
+    };
+    let get = |k: &str| param(req, &form, k);
+    let (Some(provider), Some(base), Some(lang)) = (get("provider"), get("base"), get("lang"))
+    else {
+        return Reply::Now(error(
+            400,
+            "image create needs provider, base and lang (form fields or query)",
+        ));
+    };
+    let Some(tar) = form.part("tarfile").map(|p| p.data.clone()) else {
+        return Reply::Now(error(400, "missing tarfile (multipart file field)"));
+    };
+    let mounts: Vec<String> = get("mounts")
+        .map(|m| {
+            m.split(',')
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+                .collect()
+        })
+        .unwrap_or_default();
+    let args = get("args").unwrap_or_default();
+    let force = truthy(get("force").as_deref());
+    let job = match ctx
+        .sup
+        .prepare_image(name, &provider, &base, &lang, force, &args, &mounts)
+    {
+        Ok(j) => j,
+        Err(e) => return Reply::Now(sup_error(&e)),
+    };
+    ctx.jobs.spawn(ctx.conn, "compile", move || {
+        let built = build_image(&job, &tar);
+        Box::new(move |sup: &mut Supervisor| match sup.finish_image(job, built) {
+            Ok(img) => Response::json(201, &image_json(&img)),
+            Err(e) => sup_error(&e),
+        }) as Finish
+    });
+    Reply::Later
+}
+
+/// Worker side of an image build: extract, compile.
+fn build_image(
+    job: &crate::supervisor::ImageJob,
+    tar: &[u8],
+) -> Result<crate::compilers::CompileOutput, SupervisorError> {
+    crate::archive::extract_tar_gz(tar, &job.src_dir(), &Default::default())
+        .map_err(|e| SupervisorError::Invalid(format!("tarfile: {e}")))?;
+    std::fs::create_dir_all(job.out_dir()).map_err(|e| SupervisorError::Internal(e.to_string()))?;
+    job.compiler
+        .compile(&crate::compilers::CompileInput {
+            src_dir: &job.src_dir(),
+            out_dir: &job.out_dir(),
+        })
+        .map_err(|e| match e {
+            crate::compilers::CompileError::Tool { .. } | crate::compilers::CompileError::Io(_) => {
+                SupervisorError::Internal(e.to_string())
+            }
+            other => SupervisorError::Invalid(other.to_string()),
+        })
+}
+
+fn run(sup: &mut Supervisor, req: &Request) -> Response {
+    let body: RunBody = match serde_json::from_slice(&req.body) {
+        Ok(b) => b,
+        Err(e) => return error(400, UnikError::Json(e.to_string())),
+    };
+    let memory_mb = match u32::try_from(body.memory_mb) {
+        Ok(m) => m,
+        Err(_) => {
+            return error(
+                400,
+                UnikError::BadParam {
+                    what: "MemoryMb",
+                    value: body.memory_mb.to_string(),
+                },
+            )
+        }
+    };
+    let r = RunRequest {
+        name: body.instance_name,
+        image: body.image_name,
+        mounts: body.mounts.unwrap_or_default(),
+        env: body.env.unwrap_or_default(),
+        memory_mb,
+        no_cleanup: body.no_cleanup,
+        debug_mode: body.debug_mode,
+    };
+    match sup.run_instance(r) {
+        Ok(i) => Response::json(201, &instance_json(&i)),
+        Err(e) => sup_error(&e),
+    }
+}
+
+fn logs(ctx: &mut Ctx, req: &Request, id: &str) -> Reply {
+    let inst = match ctx.sup.instance(id) {
+        Ok(i) => i.clone(),
+        Err(e) => return Reply::Now(sup_error(&e)),
+    };
+    let path = ctx.sup.store().log_path(&inst.id);
+    let follow = truthy(req.query_param("follow")) || truthy(req.query_param("fallow"));
+    if follow {
+        let delete = truthy(req.query_param("delete")).then(|| inst.id.clone());
+        return ctx.follow_log(path, delete);
+    }
+    match std::fs::read(&path) {
+        Ok(b) => Reply::Now(Response::bytes(200, "text/plain; charset=utf-8", b)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Reply::Now(Response::bytes(200, "text/plain; charset=utf-8", Vec::new()))
+        }
+        Err(e) => Reply::Now(error(500, format!("cannot read the log: {e}"))),
+    }
+}
+
+fn create_volume(ctx: &mut Ctx, req: &Request, name: &str) -> Reply {
+    let form = match parse_form(req.header("content-type"), &req.body) {
+        Ok(f) => f,
+        Err(e) => return Reply::Now(error(400, UnikError::Form(e))),
+    };
+    let size_mb = match req.query_param("size").or(form.text("size").as_deref().map(|_| "")) {
+        None => None,
+        Some(_) => {
+            let raw = param(req, &form, "size").unwrap_or_default();
+            match raw.parse::<u64>() {
+                Ok(0) => None,
+                Ok(s) => Some(s),
+                Err(_) => {
+                    return Reply::Now(error(
+                        400,
+                        UnikError::BadParam {
+                            what: "size",
+                            value: raw,
+                        },
+                    ))
+                }
+            }
+        }
+    };
+    if let Some(p) = param(req, &form, "provider") {
+        if !p.is_empty() && p != PROVIDER {
+            return Reply::Now(error(
+                400,
+                format!("unknown provider {p:?}; available providers: {PROVIDER}"),
+            ));
+        }
+    }
+    let raw = truthy(param(req, &form, "raw").as_deref());
+    let data = form.part("tarfile").map(|p| p.data.clone());
+    let format = if raw {
+        VolumeFormat::Raw
+    } else {
+        VolumeFormat::Ext4
+    };
+    let job = match ctx.sup.prepare_volume(name, size_mb, format, data.is_some()) {
+        Ok(j) => j,
+        Err(e) => return Reply::Now(sup_error(&e)),
+    };
+    ctx.jobs.spawn(ctx.conn, "volume", move || {
+        let built = build_volume(&job, data.as_deref(), raw);
+        Box::new(move |sup: &mut Supervisor| match sup.finish_volume(job, built) {
+            Ok(v) => Response::json(201, &volume_json(&v)),
+            Err(e) => sup_error(&e),
+        }) as Finish
+    });
+    Reply::Later
+}
+
+/// Worker side of a volume build.
+fn build_volume(
+    job: &crate::supervisor::VolumeJob,
+    data: Option<&[u8]>,
+    raw: bool,
+) -> Result<u64, SupervisorError> {
+    use crate::volumes;
+    let vol_err = |e: volumes::VolumeError| match e {
+        volumes::VolumeError::TooSmall { .. }
+        | volumes::VolumeError::RawTooLarge(_)
+        | volumes::VolumeError::EmptyRaw
+        | volumes::VolumeError::InvalidSize(_) => {
+            SupervisorError::Invalid(e.to_string())
+        }
+        other => SupervisorError::Internal(other.to_string()),
+    };
+    match (data, raw) {
+        (None, _) => {
+            let size = job.size_mb.unwrap_or(1);
+            if raw {
+                volumes::create_raw(&job.staging_file, std::io::empty(), Some(size)).map_err(vol_err)
+            } else {
+                volumes::create_empty_ext4(&job.staging_file, size).map_err(vol_err)?;
+                Ok(size)
+            }
+        }
+        (Some(bytes), true) => {
+            volumes::create_raw(&job.staging_file, bytes, job.size_mb).map_err(vol_err)
+        }
+        (Some(bytes), false) => {
+            let dir = job.staging.join("content");
+            crate::archive::extract_tar_gz(bytes, &dir, &Default::default())
+                .map_err(|e| SupervisorError::Invalid(format!("tarfile: {e}")))?;
+            volumes::create_ext4_from_dir(&job.staging_file, &dir, job.size_mb).map_err(vol_err)
+        }
+    }
+}
+
+fn hub_config(req: &Request) -> Result<crate::hub::Hub, Response> {
+    let v: Value = serde_json::from_slice(&req.body)
+        .map_err(|e| error(400, format!("hub config must be JSON {{url, user, pass}}: {e}")))?;
+    let cfg = crate::hub::HubConfig::from_json(&v).map_err(|e| error(400, e))?;
+    crate::hub::Hub::new(cfg).map_err(|e| error(400, e))
+}
+
+fn hub_status(e: &crate::hub::HubError) -> u16 {
+    use crate::hub::HubError;
+    match e {
+        HubError::NotFound(_) => 404,
+        HubError::Config(_) | HubError::Invalid(_) => 400,
+        HubError::Auth { .. } => 403,
+        _ => 502,
+    }
+}
+
+/// Packs an image directory as tar.gz for the hub.
+fn pack_image(dir: &Path, out: &Path) -> std::io::Result<()> {
+    let f = std::fs::File::create(out)?;
+    let gz = flate2::write::GzEncoder::new(f, flate2::Compression::fast());
+    let mut t = tar::Builder::new(gz);
+    t.append_dir_all(".", dir)?;
+    t.into_inner()?.finish()?.sync_all()
+}
+
+fn hub_push(ctx: &mut Ctx, req: &Request, name: &str) -> Reply {
+    let hub = match hub_config(req) {
+        Ok(h) => h,
+        Err(r) => return Reply::Now(r),
+    };
+    let img = match ctx.sup.image(name) {
+        Ok(i) => i.clone(),
+        Err(e) => return Reply::Now(sup_error(&e)),
+    };
+    let dir = ctx.sup.store().image_dir(&img.id);
+    let scratch = ctx
+        .sup
+        .store()
+        .staging_dir()
+        .join(format!("push-{}", crate::model::new_id("job")));
+    let meta = serde_json::to_string(&img).unwrap_or_default();
+    ctx.jobs.spawn(ctx.conn, "push", move || {
+        let res = (|| -> Result<(), Response> {
+            std::fs::create_dir_all(&scratch).map_err(|e| error(500, e))?;
+            let art = scratch.join("image.tar.gz");
+            pack_image(&dir, &art).map_err(|e| error(500, format!("cannot pack the image: {e}")))?;
+            hub.push(&img.name, &meta, &art)
+                .map_err(|e| error(hub_status(&e), e))
+        })();
+        let _ = std::fs::remove_dir_all(&scratch);
+        Box::new(move |_: &mut Supervisor| match res {
+            Ok(()) => Response::empty(202),
+            Err(r) => r,
+        }) as Finish
+    });
+    Reply::Later
+}
+
+fn hub_pull(ctx: &mut Ctx, req: &Request, name: &str) -> Reply {
+    if let Some(p) = req.query_param("provider") {
+        if p != PROVIDER {
+            return Reply::Now(error(
+                400,
+                format!("unknown provider {p:?}; available providers: {PROVIDER}"),
+            ));
+        }
+    }
+    let force = truthy(req.query_param("force"));
+    if !force && ctx.sup.state().image(name).is_some() {
+        return Reply::Now(error(
+            409,
+            format!("image {name} already exists; use force=true to overwrite it"),
+        ));
+    }
+    let hub = match hub_config(req) {
+        Ok(h) => h,
+        Err(r) => return Reply::Now(r),
+    };
+    let scratch = ctx
+        .sup
+        .store()
+        .staging_dir()
+        .join(format!("pull-{}", crate::model::new_id("job")));
+    let name = name.to_string();
+    ctx.jobs.spawn(ctx.conn, "pull", move || {
+        let res = (|| -> Result<(Image, std::path::PathBuf), Response> {
+            std::fs::create_dir_all(&scratch).map_err(|e| error(500, e))?;
+            let art = scratch.join("image.tar.gz");
+            let meta = hub.pull(&name, &art).map_err(|e| error(hub_status(&e), e))?;
+            let mut img: Image = serde_json::from_str(&meta)
+                .map_err(|e| error(502, format!("the hub's image metadata is not ember's: {e}")))?;
+            img.name = name.clone();
+            let dir = scratch.join("image");
+            let f = std::fs::File::open(&art).map_err(|e| error(500, e))?;
+            crate::archive::extract_tar_gz(f, &dir, &Default::default())
+                .map_err(|e| error(502, format!("the hub's image archive: {e}")))?;
+            Ok((img, dir))
+        })();
+        Box::new(move |sup: &mut Supervisor| {
+            let r = match res {
+                Ok((img, dir)) => match sup.install_image(img, &dir, force) {
+                    Ok(i) => Response::json(202, &image_json(&i)),
+                    Err(e) => sup_error(&e),
+                },
+                Err(r) => r,
+            };
+            let _ = std::fs::remove_dir_all(&scratch);
+            r
+        }) as Finish
+    });
+    Reply::Later
+}
+
+fn hub_delete(ctx: &mut Ctx, req: &Request, name: &str) -> Reply {
+    let hub = match hub_config(req) {
+        Ok(h) => h,
+        Err(r) => return Reply::Now(r),
+    };
+    let name = name.to_string();
+    ctx.jobs.spawn(ctx.conn, "remote-delete", move || {
+        let res = hub.remote_delete(&name);
+        Box::new(move |_: &mut Supervisor| match res {
+            Ok(()) => Response::empty(202),
+            Err(e) => error(hub_status(&e), e),
+        }) as Finish
+    });
+    Reply::Later
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_shapes_are_pascal_case() {
+        let img = Image {
+            id: "img-1".into(),
+            name: "hello".into(),
+            provider: "ember".into(),
+            base: "ember".into(),
+            lang: "c".into(),
+            created: "2026-01-01T00:00:00Z".into(),
+            size_mb: 1,
+            kernel: "kernel.elf".into(),
+            initrd: None,
+            boot_args: "console=ttyS0".into(),
+            args: String::new(),
+            mounts: vec!["/data".into(), "/logs".into()],
+            default_memory_mb: 64,
+            format: "elf-pvh".into(),
+        };
+        let j = image_json(&img);
+        assert_eq!(j["Infrastructure"], "EMBER");
+        assert_eq!(j["RunSpec"]["Compiler"], "ember-c-ember");
+        assert_eq!(j["RunSpec"]["DeviceMappings"][1]["DeviceName"], "/dev/vdb");
+        assert_eq!(j["RunSpec"]["DefaultInstanceMemory"], 64);
+    }
+
+    #[test]
+    fn truthiness_and_segments() {
+        assert!(truthy(Some("true")));
+        assert!(truthy(Some("1")));
+        assert!(!truthy(Some("false")));
+        assert!(!truthy(None));
+        assert_eq!(segments("/images/a/create/"), vec!["images", "a", "create"]);
+    }
+}
