@@ -48,6 +48,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use rusty_s3::actions::{
@@ -931,7 +932,10 @@ fn temp_path(dest: &Path) -> Result<PathBuf, HubError> {
     })?;
     let mut tmp_name = std::ffi::OsString::from(".");
     tmp_name.push(name);
-    tmp_name.push(format!(".part-{}", std::process::id()));
+    // Unique per process and call, so concurrent pulls never share it.
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let seq = SEQ.fetch_add(1, Ordering::Relaxed);
+    tmp_name.push(format!(".part-{}-{seq}", std::process::id()));
     Ok(dest.with_file_name(tmp_name))
 }
 
@@ -1154,6 +1158,7 @@ mod tests {
             .unwrap()
             .to_string_lossy()
             .starts_with(".img.tar.gz.part-"));
+        assert_ne!(t, temp_path(Path::new("/var/lib/x/img.tar.gz")).unwrap());
         assert!(temp_path(Path::new("/")).is_err());
     }
 
