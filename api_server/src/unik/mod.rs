@@ -467,6 +467,7 @@ fn hub_status(e: &crate::hub::HubError) -> u16 {
         HubError::NotFound(_) => 404,
         HubError::Config(_) | HubError::Invalid(_) => 400,
         HubError::Auth { .. } => 403,
+        HubError::Io { .. } => 500,
         _ => 502,
     }
 }
