@@ -31,6 +31,9 @@
 //!   read-only-compatible feature a simple reader may ignore, and extents are
 //!   what every current ext4 reader expects.
 //!
+//! Every `create_*` function replaces `path` on success; when it fails
+//! after it started writing `path`, the partial image is removed.
+//!
 //! The binaries come from e2fsprogs (`mkfs.ext4`; the tests also use
 //! `debugfs` and `dumpe2fs`). They are looked up in `PATH` and in the usual
 //! sbin directories.
