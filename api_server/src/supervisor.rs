@@ -527,6 +527,14 @@ impl Supervisor {
             .images
             .get(&inst.image_id)
             .ok_or_else(|| not_found("image", &inst.image_name))?;
+        if img.kernel.is_empty() {
+            return Err(SupervisorError::Invalid(format!(
+                "image {} has no kernel: emberd found no Linux kernel when it was built (set {} or put one at {}, then rebuild the image)",
+                img.name,
+                crate::compilers::linux::KERNEL_ENV,
+                crate::compilers::linux::KERNEL_PATH
+            )));
+        }
         let dir = self.store.image_dir(&img.id);
         let mut files = vec![JailFile {
             host: dir.join(&img.kernel),

@@ -8,6 +8,8 @@
 //! device (in the order the devices are announced) that holds the volume for
 //! that mount point.
 
+pub mod linux;
+
 use std::path::Path;
 use std::sync::Arc;
 
@@ -145,9 +147,82 @@ impl Registry {
     }
 }
 
+/// The `linux` base: the user's program becomes `/init` of an initramfs for
+/// a stock Linux kernel (found on the host, see [`linux::find_kernel`]).
+pub struct LinuxCompiler {
+    pub lang: linux::LinuxLang,
+}
+
+/// Kernel command line of `linux` images.
+pub const LINUX_BOOT_ARGS: &str =
+    "console=ttyS0 reboot=k panic=1 pci=off i8042.noaux i8042.nomux i8042.dumbkbd";
+
+impl Compiler for LinuxCompiler {
+    fn base(&self) -> &str {
+        "linux"
+    }
+    fn lang(&self) -> &str {
+        match self.lang {
+            linux::LinuxLang::C => "c",
+            linux::LinuxLang::Binary => "binary",
+        }
+    }
+    fn description(&self) -> String {
+        match self.lang {
+            linux::LinuxLang::C => linux::DESCRIPTION_C.to_string(),
+            linux::LinuxLang::Binary => linux::DESCRIPTION_BINARY.to_string(),
+        }
+    }
+    fn compile(&self, input: &CompileInput) -> Result<CompileOutput, CompileError> {
+        use linux::LinuxBuildError as E;
+        let info = linux::build_initramfs(input.src_dir, self.lang, &input.out_dir.join("initrd.img"))
+            .map_err(|e| match e {
+                E::CompileFailed { output, .. } => CompileError::Failed { output },
+                E::NoSources => CompileError::NoSources("no *.c files in the tarfile".into()),
+                E::Gcc(err) => CompileError::Tool {
+                    tool: "gcc".into(),
+                    msg: err.to_string(),
+                },
+                E::Io { .. } => CompileError::Io(std::io::Error::other(e.to_string())),
+                other => CompileError::BadInput(other.to_string()),
+            })?;
+        // The kernel is the host's: copied in now so the image is complete.
+        let mut log = info.log;
+        let kernel = match linux::find_kernel() {
+            Some(k) => {
+                std::fs::copy(&k, input.out_dir.join("vmlinuz"))?;
+                log.push_str(&format!("\nkernel: {}", k.display()));
+                "vmlinuz".to_string()
+            }
+            None => {
+                log.push_str(&format!(
+                    "\nno Linux kernel found (set {} or install one at {}); instances of this image cannot start until the image is rebuilt with one",
+                    linux::KERNEL_ENV,
+                    linux::KERNEL_PATH
+                ));
+                String::new()
+            }
+        };
+        Ok(CompileOutput {
+            kernel,
+            initrd: Some("initrd.img".into()),
+            boot_args: LINUX_BOOT_ARGS.into(),
+            format: "bzimage+initramfs".into(),
+            default_memory_mb: 128,
+            log,
+        })
+    }
+}
+
 /// Every compiler this build of emberd offers.
 pub fn registry() -> Registry {
-    let r = Registry::new();
+    let mut r = Registry::new();
+    r.add(Arc::new(LinuxCompiler {
+        lang: linux::LinuxLang::C,
+    }));
+    r.add(Arc::new(LinuxCompiler {
+        lang: linux::LinuxLang::Binary,
+    }));
     r
 }
 
