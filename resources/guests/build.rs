@@ -6,6 +6,11 @@
 //!
 //! The images land in OUT_DIR and are copied to `<target dir>/guests/`.
 //! Set `EMBER_GUEST_CC` / `EMBER_GUEST_OBJCOPY` to override the tools.
+//!
+//! The boot code (arch/entry64.S, arch/pvh.S, guest.lds.S), serial.c,
+//! format.c, string.c, cpu.c, bootinfo.c, timer.c and virtio/{mmio,parse,
+//! blkdev}.c are also compiled into the unikernel runtime
+//! (`resources/unikernel/`, built by `api_server/build.rs`).
 
 use std::env;
 use std::fs;
@@ -23,6 +28,7 @@ const C_SOURCES: &[&str] = &[
     "tests.c",
     "timer.c",
     "virtio/blk.c",
+    "virtio/blkdev.c",
     "virtio/evil.c",
     "virtio/mmio.c",
     "virtio/net.c",

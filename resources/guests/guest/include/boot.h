@@ -15,6 +15,9 @@
 #define SEL_DATA 0x10
 #define SEL_CODE32 0x18
 
+/* The unikernel runtime (resources/unikernel) builds with a larger stack. */
+#ifndef STACK_SIZE
 #define STACK_SIZE 16384
+#endif
 
 #endif

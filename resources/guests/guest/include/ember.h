@@ -1,4 +1,9 @@
-/* Common declarations for the ember test guest. */
+/*
+ * Common declarations for the ember test guest. The boot code, serial,
+ * format, string, cpu, timer and virtio transport/blk driver files are also
+ * compiled into the unikernel runtime (resources/unikernel, built by
+ * api_server/build.rs): keep them free of test-mode dependencies.
+ */
 #ifndef EMBER_H
 #define EMBER_H
 
@@ -9,7 +14,10 @@
 
 #include "boot.h"
 
+/* The unikernel runtime (resources/unikernel) overrides it. */
+#ifndef LOG_PREFIX
 #define LOG_PREFIX "ember-guest: "
+#endif
 
 static inline void outb(uint16_t port, uint8_t val)
 {
@@ -44,7 +52,8 @@ void serial_init(void);
 void serial_putc(char c);
 void serial_puts(const char *s);
 
-/* format.c */
+/* format.c: fmt_vprintf formats to any sink (put(c, ctx) per character). */
+void fmt_vprintf(void (*put)(char c, void *ctx), void *ctx, const char *fmt, va_list ap);
 void kvprintf(const char *fmt, va_list ap);
 void kprintf(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 /* Prints "ember-guest: <formatted>\n". */

@@ -116,6 +116,12 @@ struct virtio_dev {
 	uint64_t driver_features;
 	int nqueues;
 	struct virtq vq[VIRTIO_MAX_QUEUES];
+	/*
+	 * Queue memory (VIRTQ_PAGE per queue, page aligned) when the caller
+	 * drives several devices at once; NULL: the shared static pages of
+	 * virtq_page(). Set after virtio_probe (which clears the struct).
+	 */
+	uint8_t *qmem;
 };
 
 /* One element of a descriptor chain to add. */
@@ -223,7 +229,8 @@ void mode_evil_len(const struct bootinfo *bi);
 void mode_evil_queue_size(const struct bootinfo *bi);
 void mode_evil_avail_idx(const struct bootinfo *bi);
 
-/* blk.c, used by the evil modes too. */
+/* blkdev.c: the virtio-blk request path, used by the blk and evil modes and
+ * by the unikernel runtime. */
 #define BLK_SECTOR 512
 #define VIRTIO_BLK_F_RO (1ull << 5)
 #define VIRTIO_BLK_F_FLUSH (1ull << 9)

@@ -102,7 +102,7 @@ bool virtq_setup(struct virtio_dev *d, uint16_t q, uint16_t size)
 		size &= (uint16_t)(size - 1);
 
 	struct virtq *vq = &d->vq[q];
-	uint8_t *page = virtq_page(q);
+	uint8_t *page = d->qmem ? d->qmem + (size_t)q * VIRTQ_PAGE : virtq_page(q);
 	memset(page, 0, VIRTQ_PAGE);
 	vq->index = q;
 	vq->size = size;
