@@ -1,0 +1,550 @@
+//! The `ember-c-ember` compiler: a tar.gz of C sources compiled with the
+//! host's gcc against ember's own unikernel runtime (`resources/unikernel/`,
+//! built by `build.rs` and embedded here) into a PVH-bootable `kernel.elf`.
+
+use super::{CompileError, CompileInput, CompileOutput, Compiler};
+use std::io::Read;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+include!(concat!(env!("OUT_DIR"), "/runtime_files.rs"));
+
+/// The kernel file name in `out_dir`.
+pub const KERNEL: &str = "kernel.elf";
+/// Kernel command line every instance gets.
+pub const BOOT_ARGS: &str = "console=ttyS0";
+/// Default guest memory.
+pub const DEFAULT_MEMORY_MB: u32 = 64;
+/// gcc is killed after this long.
+pub const GCC_TIMEOUT: Duration = Duration::from_secs(120);
+/// At most this much of gcc's messages is kept.
+pub const MAX_OUTPUT: usize = 64 * 1024;
+/// gcc may not write files larger than this (RLIMIT_FSIZE).
+pub const MAX_FILE_BYTES: u64 = 256 << 20;
+/// At most this many `.c` files.
+pub const MAX_SOURCES: usize = 4096;
+/// Directory depth scanned for sources.
+const MAX_DEPTH: usize = 32;
+
+/// Flags for user code (freestanding, no SSE: the guest CPU is emulated).
+const USER_CFLAGS: &[&str] = &[
+    "-std=gnu11",
+    "-O2",
+    "-Wall",
+    "-ffreestanding",
+    "-mgeneral-regs-only",
+    "-mno-red-zone",
+    "-mcmodel=small",
+    "-fno-pic",
+    "-fno-pie",
+    "-fno-stack-protector",
+    "-fno-strict-aliasing",
+    "-fno-asynchronous-unwind-tables",
+    "-fno-unwind-tables",
+    "-fcf-protection=none",
+    "-fno-common",
+    "-fdiagnostics-color=never",
+    "-nostdinc",
+];
+const USER_LDFLAGS: &[&str] = &[
+    "-nostdlib",
+    "-static",
+    "-no-pie",
+    "-Wl,--build-id=none",
+    "-Wl,-z,max-page-size=0x1000",
+    "-Wl,-z,noexecstack",
+    "-Wl,--no-warn-rwx-segments",
+];
+
+/// `ember-c-ember`.
+#[derive(Clone, Debug)]
+pub struct EmberC {
+    gcc: String,
+}
+
+impl Default for EmberC {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl EmberC {
+    /// Uses `gcc` from PATH (or `EMBER_GCC` when set).
+    pub fn new() -> Self {
+        Self {
+            gcc: std::env::var("EMBER_GCC").unwrap_or_else(|_| "gcc".into()),
+        }
+    }
+
+    /// Uses the given gcc.
+    pub fn with_gcc(gcc: impl Into<String>) -> Self {
+        Self { gcc: gcc.into() }
+    }
+}
+
+impl Compiler for EmberC {
+    fn base(&self) -> &str {
+        "ember"
+    }
+
+    fn lang(&self) -> &str {
+        "c"
+    }
+
+    fn description(&self) -> String {
+        DESCRIPTION.to_string()
+    }
+
+    fn compile(&self, input: &CompileInput) -> Result<CompileOutput, CompileError> {
+        let (sources, include_dirs) = scan_sources(input.src_dir)?;
+        if sources.is_empty() {
+            return Err(CompileError::NoSources(
+                "the ember base needs at least one .c file (with int main(int argc, char **argv))"
+                    .into(),
+            ));
+        }
+        std::fs::create_dir_all(input.out_dir)?;
+        let work = WorkDir::new(input.out_dir)?;
+        let rt = work.path().join("runtime");
+        write_runtime(&rt)?;
+        let gcc_include = self.gcc_include_dir()?;
+
+        let kernel = input.out_dir.join(KERNEL);
+        let _ = std::fs::remove_file(&kernel);
+        let mut cmd = Command::new(&self.gcc);
+        cmd.current_dir(input.src_dir)
+            .env("TMPDIR", work.path())
+            .env("LC_ALL", "C")
+            .args(USER_CFLAGS)
+            .arg("-isystem")
+            .arg(&gcc_include)
+            .arg("-I")
+            .arg(rt.join("include"));
+        for d in &include_dirs {
+            cmd.arg("-I").arg(d);
+        }
+        cmd.args(USER_LDFLAGS)
+            .arg("-T")
+            .arg(rt.join("ember.lds"))
+            .arg(rt.join("crt0.o"))
+            .args(&sources)
+            .arg(rt.join("libember.a"))
+            .arg("-lgcc")
+            .arg("-o")
+            .arg(&kernel);
+        let run = run_bounded(cmd, work.path(), GCC_TIMEOUT)?;
+        let output = clean_paths(&run.output, input.src_dir, &rt);
+        if run.timed_out {
+            return Err(CompileError::Failed {
+                output: format!(
+                    "{output}gcc did not finish within {} s and was stopped",
+                    GCC_TIMEOUT.as_secs()
+                ),
+            });
+        }
+        if !run.success || !kernel.is_file() {
+            let _ = std::fs::remove_file(&kernel);
+            return Err(CompileError::Failed { output });
+        }
+        Ok(CompileOutput {
+            kernel: KERNEL.into(),
+            initrd: None,
+            boot_args: BOOT_ARGS.into(),
+            format: "elf-pvh".into(),
+            default_memory_mb: DEFAULT_MEMORY_MB,
+            log: output,
+        })
+    }
+}
+
+impl EmberC {
+    /// gcc's own freestanding headers (stddef.h, stdint.h, stdarg.h, ...).
+    fn gcc_include_dir(&self) -> Result<PathBuf, CompileError> {
+        let tool = |msg: String| CompileError::Tool {
+            tool: self.gcc.clone(),
+            msg,
+        };
+        let out = Command::new(&self.gcc)
+            .arg("-print-file-name=include")
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| tool(e.to_string()))?;
+        if !out.status.success() {
+            return Err(tool(String::from_utf8_lossy(&out.stderr).into_owned()));
+        }
+        let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        if !dir.join("stddef.h").is_file() {
+            return Err(tool(format!(
+                "gcc's include directory {} has no stddef.h",
+                dir.display()
+            )));
+        }
+        Ok(dir)
+    }
+}
+
+/// Writes the embedded runtime (crt0.o, libember.a, ember.lds, include/) into `dir`.
+pub fn write_runtime(dir: &Path) -> std::io::Result<()> {
+    for (name, data) in RUNTIME_FILES {
+        let p = dir.join(name);
+        if let Some(parent) = p.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        std::fs::write(p, data)?;
+    }
+    Ok(())
+}
+
+/// Every `.c` file under `root` (sorted, relative paths) and the directories
+/// holding headers (the root always included). Symlinks are not followed.
+fn scan_sources(root: &Path) -> Result<(Vec<PathBuf>, Vec<PathBuf>), CompileError> {
+    let mut sources = Vec::new();
+    let mut include_dirs = vec![root.to_path_buf()];
+    let mut stack = vec![(root.to_path_buf(), 0usize)];
+    while let Some((dir, depth)) = stack.pop() {
+        let mut has_header = false;
+        let mut entries: Vec<_> = std::fs::read_dir(&dir)?.collect::<Result<_, _>>()?;
+        entries.sort_by_key(|e| e.file_name());
+        for e in entries {
+            let ft = e.file_type()?;
+            let path = e.path();
+            let ext = path.extension().and_then(|x| x.to_str());
+            if ft.is_dir() {
+                if depth + 1 > MAX_DEPTH {
+                    return Err(CompileError::BadInput(format!(
+                        "source tree deeper than {MAX_DEPTH} directories"
+                    )));
+                }
+                stack.push((path, depth + 1));
+            } else if ft.is_file() || ft.is_symlink() {
+                match ext {
+                    Some("c") if ft.is_file() => {
+                        if sources.len() == MAX_SOURCES {
+                            return Err(CompileError::BadInput(format!(
+                                "more than {MAX_SOURCES} .c files"
+                            )));
+                        }
+                        let rel = path.strip_prefix(root).unwrap_or(&path).to_path_buf();
+                        sources.push(rel);
+                    }
+                    Some("h") => has_header = true,
+                    _ => {}
+                }
+            }
+        }
+        if has_header && dir != root {
+            include_dirs.push(dir);
+        }
+    }
+    sources.sort();
+    include_dirs[1..].sort();
+    Ok((sources, include_dirs))
+}
+
+/// A private directory for one compilation, removed on drop.
+struct WorkDir(PathBuf);
+
+impl WorkDir {
+    fn new(parent: &Path) -> std::io::Result<Self> {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let p = parent.join(format!(".ember-build-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p)?;
+        Ok(Self(p))
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+struct RunResult {
+    success: bool,
+    timed_out: bool,
+    output: String,
+}
+
+/// Runs `cmd` in its own process group with stdout+stderr into one file in
+/// `work`, killing the group after `timeout`; keeps [`MAX_OUTPUT`] bytes.
+fn run_bounded(mut cmd: Command, work: &Path, timeout: Duration) -> Result<RunResult, CompileError> {
+    let log_path = work.join("gcc.log");
+    let log = std::fs::File::create(&log_path)?;
+    cmd.stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .process_group(0);
+    // SAFETY: setrlimit is async-signal-safe; the closure touches no other state.
+    unsafe {
+        cmd.pre_exec(|| {
+            let lim = libc::rlimit {
+                rlim_cur: MAX_FILE_BYTES,
+                rlim_max: MAX_FILE_BYTES,
+            };
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let program = cmd.get_program().to_string_lossy().into_owned();
+    let mut child = cmd.spawn().map_err(|e| CompileError::Tool {
+        tool: program,
+        msg: e.to_string(),
+    })?;
+    let pgid = child.id() as libc::pid_t;
+    let start = Instant::now();
+    let (status, timed_out) = loop {
+        if let Some(st) = child.try_wait()? {
+            break (Some(st), false);
+        }
+        if start.elapsed() >= timeout {
+            // SAFETY: signals only the process group we created for gcc.
+            unsafe {
+                libc::kill(-pgid, libc::SIGKILL);
+            }
+            let _ = child.wait();
+            break (None, true);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    // Reap any stragglers of the group (cc1, as, collect2, ld).
+    // SAFETY: as above; ESRCH when the group is gone is fine.
+    unsafe {
+        libc::kill(-pgid, libc::SIGKILL);
+    }
+    let mut buf = Vec::new();
+    std::fs::File::open(&log_path)?
+        .take(MAX_OUTPUT as u64 + 1)
+        .read_to_end(&mut buf)?;
+    let mut output = String::from_utf8_lossy(&buf[..buf.len().min(MAX_OUTPUT)]).into_owned();
+    if buf.len() > MAX_OUTPUT {
+        output.push_str("\n[output truncated]\n");
+    }
+    Ok(RunResult {
+        success: status.is_some_and(|s| s.success()),
+        timed_out,
+        output,
+    })
+}
+
+/// Replaces the temporary runtime path and the source dir in gcc's messages.
+fn clean_paths(output: &str, src: &Path, rt: &Path) -> String {
+    let mut s = output.replace(&format!("{}/", rt.display()), "<ember>/");
+    s = s.replace(&format!("{}/", src.display()), "");
+    s
+}
+
+const DESCRIPTION: &str = "\
+ember-c-ember: C programs on ember's own unikernel runtime.
+
+The base `ember` is a small unikernel written in this repository: it boots
+through PVH on one vCPU, prints to the serial console, passes arguments,
+environment and volumes from the kernel command line, drives virtio-blk
+volumes and ends with an exit status. Your program is the whole guest: it
+runs alone in ring 0, with no processes, threads, interrupts or system calls.
+
+What to upload: a tar.gz of C sources. Every *.c file in the tree (in any
+directory) is compiled with gcc and linked into one kernel; exactly one must
+define `int main(int argc, char **argv)`. Directories holding *.h files are on
+the include path. Compile errors (gcc's messages) are returned with a 400.
+
+Compiler flags: -std=gnu11 -O2 -Wall -ffreestanding -mgeneral-regs-only
+-mno-red-zone -fno-pic -fno-stack-protector -nostdinc, linked with
+-nostdlib -static -no-pie against the runtime (crt0.o, libember.a, -lgcc).
+
+Headers: <ember.h> declares everything; <stdio.h>, <stdlib.h>, <string.h>,
+<ctype.h> and <assert.h> are shims for it, and gcc's freestanding headers
+(<stdint.h>, <stddef.h>, <stdarg.h>, <stdbool.h>, <limits.h>) work. Provided:
+printf/fprintf/sprintf/snprintf/vsnprintf (%d %i %u %x %X %o %s %c %p %%,
+l/ll/z/h modifiers, width, '-' and '0' flags; stdout and stderr both go to
+the console), puts, putchar, fputs, fputc; memcpy, memmove, memset, memcmp,
+memchr, strlen, strnlen, strcmp, strncmp, strcpy, strncpy, strcat, strncat,
+strchr, strrchr, strstr, strdup; atoi, atol, strtol, strtoul, abs, labs;
+getenv and environ; malloc, calloc, realloc (a bump allocator over the free
+RAM; free only gives back the most recent block); exit, abort, assert;
+isdigit and friends, toupper, tolower. Nothing else from libc (no files
+through stdio, no time, no sockets).
+
+Arguments and environment: the instance's args become argv[1..] (argv[0] is
+\"ember\"; double quotes group words with spaces). Each env entry KEY=VALUE is
+visible through getenv(\"KEY\"). The kernel command line is
+`console=ttyS0 ember.mount=<mount point>:<n>... KEY=VALUE... -- <args>`.
+
+Volumes: each attached volume has a mount point. Raw access:
+ember_volume_read(mount, offset, buf, len), ember_volume_write(...) (any
+offset and length; sector read-modify-write is done for you),
+ember_volume_size(mount), ember_volume_flush(mount). ext2/3/4 volumes (such
+as the ones emberd creates) can be read, read-only, by path:
+ember_read_file(\"/data/hello.txt\", buf, max), ember_file_size(path),
+ember_list_dir(\"/data\", callback, ctx). Errors are negative EMBER_E*
+values; ember_strerror(err) names them.
+
+Exit: returning from main or calling exit(n) flushes written volumes,
+prints `ember: exit <n>` on the console and powers the VM off (the instance
+stops; the status is in its console log). abort() and failed assertions
+exit with 134.
+
+Limits: no floating point (float/double do not compile: the guest CPU runs
+integer code only), no threads, one CPU, a 256 KiB stack, heap = the
+instance's memory (default 64 MB) minus the program. The CPU is slow (it may
+be emulated): keep work and I/O small. gcc is stopped after 120 s.
+";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Tmp(PathBuf);
+    impl Tmp {
+        fn new(tag: &str) -> Self {
+            static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+            let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let p = std::env::temp_dir().join(format!(
+                "ember-c-test-{tag}-{}-{n}",
+                std::process::id()
+            ));
+            let _ = std::fs::remove_dir_all(&p);
+            std::fs::create_dir_all(&p).unwrap();
+            Tmp(p)
+        }
+    }
+    impl Drop for Tmp {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn compile(files: &[(&str, &str)]) -> (Tmp, Result<CompileOutput, CompileError>) {
+        let t = Tmp::new("compile");
+        let src = t.0.join("src");
+        let out = t.0.join("out");
+        for (name, text) in files {
+            let p = src.join(name);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, text).unwrap();
+        }
+        std::fs::create_dir_all(&src).unwrap();
+        let r = EmberC::new().compile(&CompileInput {
+            src_dir: &src,
+            out_dir: &out,
+        });
+        (t, r)
+    }
+
+    #[test]
+    fn runtime_is_embedded() {
+        let names: Vec<&str> = RUNTIME_FILES.iter().map(|(n, _)| *n).collect();
+        for n in ["crt0.o", "libember.a", "ember.lds", "include/ember.h", "include/stdio.h"] {
+            assert!(names.contains(&n), "{n} missing from {names:?}");
+        }
+        let (_, crt0) = RUNTIME_FILES.iter().find(|(n, _)| *n == "crt0.o").unwrap();
+        assert_eq!(&crt0[..4], b"\x7fELF");
+    }
+
+    #[test]
+    fn names_and_description() {
+        let c = EmberC::new();
+        assert_eq!(c.name(), "ember-c-ember");
+        let d = c.description();
+        for w in ["tar.gz", "main", "getenv", "ember_read_file", "floating point", "exit"] {
+            assert!(d.contains(w), "description lacks {w}");
+        }
+    }
+
+    #[test]
+    fn hello_world_compiles_to_a_pvh_elf() {
+        let (t, r) = compile(&[
+            (
+                "main.c",
+                "#include <stdio.h>\n#include \"util/greet.h\"\n\
+                 int main(int argc, char **argv) { printf(\"%s %d\\n\", greeting(), argc); return 0; }\n",
+            ),
+            ("util/greet.h", "const char *greeting(void);\n"),
+            ("util/greet.c", "#include <greet.h>\nconst char *greeting(void) { return \"hi\"; }\n"),
+        ]);
+        let out = r.unwrap();
+        assert_eq!(out.kernel, KERNEL);
+        assert_eq!(out.format, "elf-pvh");
+        assert_eq!(out.boot_args, "console=ttyS0");
+        assert_eq!(out.default_memory_mb, 64);
+        let elf = std::fs::read(t.0.join("out").join(KERNEL)).unwrap();
+        assert_eq!(&elf[..4], b"\x7fELF");
+        // The Xen PVH note (name "Xen", type 18) is in the image.
+        assert!(elf.windows(12).any(|w| w == [4, 0, 0, 0, 4, 0, 0, 0, 18, 0, 0, 0]));
+        // Nothing left behind but the kernel.
+        let left: Vec<_> = std::fs::read_dir(t.0.join("out")).unwrap().collect();
+        assert_eq!(left.len(), 1, "{left:?}");
+    }
+
+    #[test]
+    fn compile_error_reports_gcc_messages() {
+        let (_t, r) = compile(&[("bad.c", "int main(void) { return undefined_thing; }\n")]);
+        match r {
+            Err(CompileError::Failed { output }) => {
+                assert!(output.contains("undefined_thing"), "{output}");
+                assert!(output.contains("bad.c"), "{output}");
+                assert!(!output.contains("ember-c-test"), "temp paths leak: {output}");
+            }
+            other => panic!("expected Failed, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn link_errors_and_missing_sources() {
+        let (_t, r) = compile(&[("x.c", "int helper(void) { return 1; }\n")]);
+        match r {
+            Err(CompileError::Failed { output }) => assert!(output.contains("main"), "{output}"),
+            other => panic!("expected Failed, got {other:?}"),
+        }
+        let (_t, r) = compile(&[("README", "no C here")]);
+        assert!(matches!(r, Err(CompileError::NoSources(_))), "{r:?}");
+    }
+
+    #[test]
+    fn floating_point_and_hosted_headers_are_refused() {
+        let (_t, r) = compile(&[(
+            "f.c",
+            "#include <math.h>\nint main(void) { return 0; }\n",
+        )]);
+        assert!(
+            matches!(&r, Err(CompileError::Failed { output }) if output.contains("math.h")),
+            "{r:?}"
+        );
+        let (_t, r) = compile(&[(
+            "f.c",
+            "double half(double x) { return x / 2; }\nint main(void) { return (int)half(4); }\n",
+        )]);
+        assert!(matches!(r, Err(CompileError::Failed { .. })), "{r:?}");
+    }
+
+    #[test]
+    fn internal_runtime_names_do_not_clash() {
+        // serial_putc and blk_request are runtime internals, made local.
+        let (_t, r) = compile(&[(
+            "m.c",
+            "int serial_putc(int c) { return c; }\nint blk_request(void) { return 0; }\n\
+             int main(void) { return serial_putc(0) + blk_request(); }\n",
+        )]);
+        r.unwrap();
+    }
+
+    #[test]
+    fn missing_gcc_is_a_tool_error() {
+        let t = Tmp::new("nogcc");
+        std::fs::write(t.0.join("m.c"), "int main(void){return 0;}").unwrap();
+        let r = EmberC::with_gcc("/nonexistent/gcc").compile(&CompileInput {
+            src_dir: &t.0,
+            out_dir: &t.0.join("out"),
+        });
+        assert!(matches!(r, Err(CompileError::Tool { .. })), "{r:?}");
+    }
+}

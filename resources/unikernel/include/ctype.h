@@ -1,0 +1,5 @@
+/* <ctype.h> of the ember unikernel runtime: everything is declared in <ember.h>. */
+#ifndef EMBER_SHIM_CTYPE_H
+#define EMBER_SHIM_CTYPE_H
+#include <ember.h>
+#endif

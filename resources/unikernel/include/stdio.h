@@ -1,0 +1,5 @@
+/* <stdio.h> of the ember unikernel runtime: everything is declared in <ember.h>. */
+#ifndef EMBER_SHIM_STDIO_H
+#define EMBER_SHIM_STDIO_H
+#include <ember.h>
+#endif

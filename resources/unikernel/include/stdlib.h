@@ -1,0 +1,5 @@
+/* <stdlib.h> of the ember unikernel runtime: everything is declared in <ember.h>. */
+#ifndef EMBER_SHIM_STDLIB_H
+#define EMBER_SHIM_STDLIB_H
+#include <ember.h>
+#endif

@@ -1,0 +1,270 @@
+/*
+ * Program start and end: boot information, the command line (argv, the
+ * environment, mounts), the heap, exit.
+ *
+ * arch/entry64.S (PVH via arch/pvh.S) calls ember_main(proto, info_paddr)
+ * on the runtime's own page tables and stack with .bss cleared.
+ */
+#include "rt.h"
+
+#define MAX_WORDS 256
+#define MAX_ARGS 128
+#define MAX_ENV 128
+#define CMDLINE_MAX 4096
+#define HEAP_ALIGN 16
+
+int main(int argc, char **argv);
+void ember_main(uint32_t proto, uint64_t info_paddr) __attribute__((noreturn));
+
+struct bootinfo rt_bootinfo;
+char **environ;
+
+static char cmd_copy[CMDLINE_MAX + 1];
+static char *words[MAX_WORDS];
+static char *argv_tab[MAX_ARGS + 2];
+static char *env_tab[MAX_ENV + 1];
+
+static uintptr_t heap_next, heap_end, heap_last;
+
+extern char _end[]; /* end of the program image (linker script) */
+
+static bool is_space(char c)
+{
+	return c == ' ' || c == '\t' || c == '\n' || c == '\r';
+}
+
+/*
+ * Splits the command line into words in place: whitespace separates words,
+ * double quotes group (and are removed), like the kernel's own parsing.
+ */
+static int split_words(char *s, char **out, int max)
+{
+	int n = 0;
+
+	while (*s) {
+		while (is_space(*s))
+			s++;
+		if (!*s)
+			break;
+		char *w = s, *d = s;
+		bool quoted = false;
+		while (*s && (quoted || !is_space(*s))) {
+			if (*s == '"')
+				quoted = !quoted;
+			else
+				*d++ = *s;
+			s++;
+		}
+		bool more = *s != '\0';
+		if (more)
+			s++;
+		*d = '\0';
+		if (n < max)
+			out[n++] = w;
+	}
+	return n;
+}
+
+static bool starts_with(const char *s, const char *prefix)
+{
+	return strncmp(s, prefix, strlen(prefix)) == 0;
+}
+
+/* `ember.mount=<mount point>:<n>`: split at the last ':'. */
+static void add_mount_word(char *val)
+{
+	char *colon = strrchr(val, ':');
+	char *end;
+
+	if (!colon || colon == val || colon[1] == '\0') {
+		kprintf("ember: ignoring bad ember.mount=%s\n", val);
+		return;
+	}
+	*colon = '\0';
+	long n = strtol(colon + 1, &end, 10);
+	if (*end || n < 0 || n >= VIRTIO_MAX_DEVICES) {
+		kprintf("ember: ignoring bad ember.mount=%s:%s\n", val, colon + 1);
+		return;
+	}
+	rt_add_mount(val, (int)n);
+}
+
+/* An environment word: KEY=VALUE with a non-empty KEY without dots. */
+static bool is_env_word(const char *w)
+{
+	const char *eq = strchr(w, '=');
+
+	if (!eq || eq == w)
+		return false;
+	for (const char *p = w; p < eq; p++)
+		if (*p == '.')
+			return false;
+	return true;
+}
+
+static int parse_cmdline(const char *cmdline)
+{
+	int argc = 0, envc = 0;
+	bool after_dashes = false;
+
+	strncpy(cmd_copy, cmdline, CMDLINE_MAX);
+	cmd_copy[CMDLINE_MAX] = '\0';
+	int n = split_words(cmd_copy, words, MAX_WORDS);
+
+	argv_tab[argc++] = "ember";
+	for (int i = 0; i < n; i++) {
+		char *w = words[i];
+		/* The VMM appends its device words after the user's command line. */
+		if (starts_with(w, "virtio_mmio.device="))
+			continue;
+		if (after_dashes) {
+			if (argc < MAX_ARGS)
+				argv_tab[argc++] = w;
+		} else if (strcmp(w, "--") == 0) {
+			after_dashes = true;
+		} else if (starts_with(w, "ember.mount=")) {
+			add_mount_word(w + strlen("ember.mount="));
+		} else if (is_env_word(w)) {
+			if (envc < MAX_ENV)
+				env_tab[envc++] = w;
+		}
+	}
+	argv_tab[argc] = NULL;
+	env_tab[envc] = NULL;
+	environ = env_tab;
+	return argc;
+}
+
+/* The heap: the RAM region holding the end of the image, up to its end. */
+static void heap_init(const struct bootinfo *bi)
+{
+	uintptr_t start = ((uintptr_t)_end + 4095) & ~(uintptr_t)4095;
+
+	for (uint32_t i = 0; i < bi->nr_mem; i++) {
+		const struct mem_entry *m = &bi->mem[i];
+		if (m->type != MEM_TYPE_RAM || start < m->addr || start >= m->addr + m->size)
+			continue;
+		uint64_t end = m->addr + m->size;
+		if (bi->has_initrd && bi->initrd_addr > start && bi->initrd_addr < end)
+			end = bi->initrd_addr;
+		/* Stay inside the 4 GiB identity map. */
+		if (end > 0x100000000ull)
+			end = 0x100000000ull;
+		heap_next = start;
+		heap_end = (uintptr_t)end;
+		return;
+	}
+}
+
+void *rt_alloc_aligned(size_t size, size_t align)
+{
+	uintptr_t p = (heap_next + align - 1) & ~(uintptr_t)(align - 1);
+
+	if (p < heap_next || size > heap_end - p || p > heap_end)
+		return NULL;
+	heap_last = p;
+	heap_next = p + size;
+	return (void *)p;
+}
+
+/* Each block is preceded by 16 bytes holding its size (for realloc). */
+void *malloc(size_t size)
+{
+	if (size > heap_end - heap_next)
+		return NULL;
+	size = (size + HEAP_ALIGN - 1) & ~(size_t)(HEAP_ALIGN - 1);
+	uint8_t *p = rt_alloc_aligned(size + HEAP_ALIGN, HEAP_ALIGN);
+	if (!p)
+		return NULL;
+	memcpy(p, &size, sizeof(size));
+	heap_last = (uintptr_t)(p + HEAP_ALIGN);
+	return p + HEAP_ALIGN;
+}
+
+void *calloc(size_t n, size_t size)
+{
+	if (size && n > (size_t)-1 / size)
+		return NULL;
+	void *p = malloc(n * size);
+	if (p)
+		memset(p, 0, n * size);
+	return p;
+}
+
+static size_t block_size(const void *p)
+{
+	size_t size;
+
+	memcpy(&size, (const uint8_t *)p - HEAP_ALIGN, sizeof(size));
+	return size;
+}
+
+void *realloc(void *p, size_t size)
+{
+	if (!p)
+		return malloc(size);
+	size_t old = block_size(p);
+	if (size <= old)
+		return p;
+	/* The most recent block grows in place. */
+	size_t want = (size + HEAP_ALIGN - 1) & ~(size_t)(HEAP_ALIGN - 1);
+	if ((uintptr_t)p == heap_last && want - old <= heap_end - heap_next) {
+		heap_next += want - old;
+		memcpy((uint8_t *)p - HEAP_ALIGN, &want, sizeof(want));
+		return p;
+	}
+	void *q = malloc(size);
+	if (q)
+		memcpy(q, p, old);
+	return q;
+}
+
+void free(void *p)
+{
+	if (p && (uintptr_t)p == heap_last) {
+		heap_next = (uintptr_t)p - HEAP_ALIGN;
+		heap_last = 0;
+	}
+}
+
+char *getenv(const char *name)
+{
+	size_t n = strlen(name);
+
+	for (char **e = environ; e && *e; e++)
+		if (strncmp(*e, name, n) == 0 && (*e)[n] == '=')
+			return *e + n + 1;
+	return NULL;
+}
+
+void exit(int status)
+{
+	rt_volumes_flush();
+	kprintf("ember: exit %d\n", status);
+	system_reset();
+}
+
+void abort(void)
+{
+	serial_puts("ember: abort\n");
+	exit(134);
+}
+
+void __ember_assert_fail(const char *expr, const char *file, int line)
+	__attribute__((noreturn));
+void __ember_assert_fail(const char *expr, const char *file, int line)
+{
+	kprintf("ember: assertion failed: %s (%s:%d)\n", expr, file, line);
+	abort();
+}
+
+void ember_main(uint32_t proto, uint64_t info_paddr)
+{
+	serial_init();
+	bootinfo_parse(&rt_bootinfo, (int)proto, info_paddr);
+	if (!rt_bootinfo.info_valid)
+		serial_puts("ember: warning: no valid boot information\n");
+	heap_init(&rt_bootinfo);
+	int argc = parse_cmdline(rt_bootinfo.cmdline);
+	exit(main(argc, argv_tab));
+}
