@@ -46,12 +46,7 @@ const RT_C: &[&str] = &[
 const RT_OTHER: &[&str] = &["src/rt.h", "exports.txt"];
 /// Headers users get (resources/unikernel/include).
 const RT_HEADERS: &[&str] = &[
-    "ember.h",
-    "stdio.h",
-    "stdlib.h",
-    "string.h",
-    "ctype.h",
-    "assert.h",
+    "ember.h", "stdio.h", "stdlib.h", "string.h", "ctype.h", "assert.h",
 ];
 /// Global symbols of crt0.o (the entry points the linker script names).
 const CRT0_EXPORTS: &[&str] = &["elf_start64", "pvh_start32", "startup_64"];
@@ -106,7 +101,10 @@ fn main() {
         println!("cargo:rerun-if-changed={}", rt.join(f).display());
     }
     for h in RT_HEADERS {
-        println!("cargo:rerun-if-changed={}", rt.join("include").join(h).display());
+        println!(
+            "cargo:rerun-if-changed={}",
+            rt.join("include").join(h).display()
+        );
     }
 
     check_tool(&cc, "gcc (x86_64, with binutils)");
@@ -181,8 +179,12 @@ fn main() {
     );
     for f in &files {
         let abs = dest.join(f);
-        writeln!(src, "    ({f:?}, include_bytes!({:?})),", abs.display().to_string())
-            .expect("format");
+        writeln!(
+            src,
+            "    ({f:?}, include_bytes!({:?})),",
+            abs.display().to_string()
+        )
+        .expect("format");
     }
     src.push_str("];\n");
     fs::write(out.join("runtime_files.rs"), src).expect("write runtime_files.rs");

@@ -275,7 +275,11 @@ struct RunResult {
 
 /// Runs `cmd` in its own process group with stdout+stderr into one file in
 /// `work`, killing the group after `timeout`; keeps [`MAX_OUTPUT`] bytes.
-fn run_bounded(mut cmd: Command, work: &Path, timeout: Duration) -> Result<RunResult, CompileError> {
+fn run_bounded(
+    mut cmd: Command,
+    work: &Path,
+    timeout: Duration,
+) -> Result<RunResult, CompileError> {
     let log_path = work.join("gcc.log");
     let log = std::fs::File::create(&log_path)?;
     cmd.stdin(Stdio::null())
@@ -408,10 +412,8 @@ mod tests {
         fn new(tag: &str) -> Self {
             static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
             let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            let p = std::env::temp_dir().join(format!(
-                "ember-c-test-{tag}-{}-{n}",
-                std::process::id()
-            ));
+            let p =
+                std::env::temp_dir().join(format!("ember-c-test-{tag}-{}-{n}", std::process::id()));
             let _ = std::fs::remove_dir_all(&p);
             std::fs::create_dir_all(&p).unwrap();
             Tmp(p)
@@ -443,7 +445,13 @@ mod tests {
     #[test]
     fn runtime_is_embedded() {
         let names: Vec<&str> = RUNTIME_FILES.iter().map(|(n, _)| *n).collect();
-        for n in ["crt0.o", "libember.a", "ember.lds", "include/ember.h", "include/stdio.h"] {
+        for n in [
+            "crt0.o",
+            "libember.a",
+            "ember.lds",
+            "include/ember.h",
+            "include/stdio.h",
+        ] {
             assert!(names.contains(&n), "{n} missing from {names:?}");
         }
         let (_, crt0) = RUNTIME_FILES.iter().find(|(n, _)| *n == "crt0.o").unwrap();
@@ -455,7 +463,14 @@ mod tests {
         let c = EmberC::new();
         assert_eq!(c.name(), "ember-c-ember");
         let d = c.description();
-        for w in ["tar.gz", "main", "getenv", "ember_read_file", "floating point", "exit"] {
+        for w in [
+            "tar.gz",
+            "main",
+            "getenv",
+            "ember_read_file",
+            "floating point",
+            "exit",
+        ] {
             assert!(d.contains(w), "description lacks {w}");
         }
     }
@@ -479,7 +494,9 @@ mod tests {
         let elf = std::fs::read(t.0.join("out").join(KERNEL)).unwrap();
         assert_eq!(&elf[..4], b"\x7fELF");
         // The Xen PVH note (name "Xen", type 18) is in the image.
-        assert!(elf.windows(12).any(|w| w == [4, 0, 0, 0, 4, 0, 0, 0, 18, 0, 0, 0]));
+        assert!(elf
+            .windows(12)
+            .any(|w| w == [4, 0, 0, 0, 4, 0, 0, 0, 18, 0, 0, 0]));
         // Nothing left behind but the kernel.
         let left: Vec<_> = std::fs::read_dir(t.0.join("out")).unwrap().collect();
         assert_eq!(left.len(), 1, "{left:?}");
@@ -492,7 +509,10 @@ mod tests {
             Err(CompileError::Failed { output }) => {
                 assert!(output.contains("undefined_thing"), "{output}");
                 assert!(output.contains("bad.c"), "{output}");
-                assert!(!output.contains("ember-c-test"), "temp paths leak: {output}");
+                assert!(
+                    !output.contains("ember-c-test"),
+                    "temp paths leak: {output}"
+                );
             }
             other => panic!("expected Failed, got {other:?}"),
         }
@@ -511,10 +531,7 @@ mod tests {
 
     #[test]
     fn floating_point_and_hosted_headers_are_refused() {
-        let (_t, r) = compile(&[(
-            "f.c",
-            "#include <math.h>\nint main(void) { return 0; }\n",
-        )]);
+        let (_t, r) = compile(&[("f.c", "#include <math.h>\nint main(void) { return 0; }\n")]);
         assert!(
             matches!(&r, Err(CompileError::Failed { output }) if output.contains("math.h")),
             "{r:?}"

@@ -141,6 +141,8 @@ long ember_volume_flush(const char *mount);
  */
 /* Copies up to `max` bytes of the file; returns the bytes copied or an error. */
 long ember_read_file(const char *path, void *buf, unsigned long max);
+/* Copies up to `len` bytes from `offset` on; 0 at or beyond the end of the file. */
+long ember_pread_file(const char *path, unsigned long offset, void *buf, unsigned long len);
 /* The file's size in bytes, or an error (EMBER_EISDIR for a directory). */
 long ember_file_size(const char *path);
 /*

@@ -282,22 +282,27 @@ static int map_block(struct rt_volume *v, const struct inode *in, uint32_t lb, u
 	return err;
 }
 
-/* Reads up to len bytes of the inode's data from offset 0; returns the count. */
-static long read_data(struct rt_volume *v, const struct inode *in, uint8_t *buf, uint64_t len)
+/* Reads up to len bytes of the inode's data from offset off; returns the count. */
+static long read_data(struct rt_volume *v, const struct inode *in, uint64_t off, uint8_t *buf,
+		      uint64_t len)
 {
 	uint32_t bs = v->fs.block_size;
 
-	if (len > in->size)
-		len = in->size;
+	if (off >= in->size)
+		return 0;
+	if (len > in->size - off)
+		len = in->size - off;
 	if (in->flags & INODE_FL_INLINE_DATA) {
-		if (len > sizeof(in->block))
+		if (in->size > sizeof(in->block))
 			return EMBER_EFS; /* the rest lives in an xattr */
-		memcpy(buf, in->block, len);
+		memcpy(buf, in->block + off, len);
 		return (long)len;
 	}
 	uint64_t done = 0;
 	while (done < len) {
-		uint64_t lb = done / bs;
+		uint64_t pos = off + done;
+		uint64_t lb = pos / bs;
+		uint32_t within = (uint32_t)(pos % bs);
 		if (lb > 0xffffffffu)
 			return EMBER_EFS;
 		uint64_t phys;
@@ -308,22 +313,25 @@ static long read_data(struct rt_volume *v, const struct inode *in, uint8_t *buf,
 		if (run == 0)
 			run = 1;
 		uint64_t want = len - done;
-		uint64_t whole = want / bs; /* full blocks still wanted */
-		if (phys && whole) {
+		if (!phys) {
+			uint64_t hole = (uint64_t)run * bs - within;
+			uint64_t n = hole < want ? hole : want;
+			memset(buf + done, 0, n);
+			done += n;
+		} else if (within == 0 && want >= bs) {
+			/* Whole blocks straight into the caller's buffer. */
+			uint64_t whole = want / bs;
 			uint64_t n = whole < run ? whole : run;
 			if (rt_volume_read(v, phys * bs, buf + done, n * bs) != (long)(n * bs))
 				return EMBER_EIO;
 			done += n * bs;
-		} else if (!phys) {
-			uint64_t n = (uint64_t)run * bs < want ? (uint64_t)run * bs : want;
-			memset(buf + done, 0, n);
-			done += n;
 		} else {
 			const uint8_t *b = get_block(v, phys);
 			if (!b)
 				return EMBER_EIO;
-			memcpy(buf + done, b, want);
-			done += want;
+			uint64_t n = bs - within < want ? bs - within : want;
+			memcpy(buf + done, b + within, n);
+			done += n;
 		}
 	}
 	return (long)done;
@@ -454,7 +462,22 @@ long ember_read_file(const char *path, void *buf, unsigned long max)
 		return EMBER_EISDIR;
 	if (!buf && max)
 		return EMBER_EINVAL;
-	return read_data(v, &in, buf, max);
+	return read_data(v, &in, 0, buf, max);
+}
+
+long ember_pread_file(const char *path, unsigned long offset, void *buf, unsigned long len)
+{
+	struct rt_volume *v;
+	struct inode in;
+	int err = open_path(path, &v, &in);
+
+	if (err)
+		return err;
+	if (is_dir(&in))
+		return EMBER_EISDIR;
+	if (!buf && len)
+		return EMBER_EINVAL;
+	return read_data(v, &in, offset, buf, len);
 }
 
 long ember_file_size(const char *path)
