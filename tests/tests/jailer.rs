@@ -398,3 +398,177 @@ fn bad_ids_and_dotted_paths_are_refused_for_ember_vmm() {
     let left: Vec<_> = std::fs::read_dir(base.path()).unwrap().collect();
     assert!(left.is_empty(), "{left:?}");
 }
+
+#[test]
+fn block_and_vsock_devices_work_inside_the_jail() {
+    // A drive at a jail path: the guest reads and writes it.
+    let j = Jail::new("blk");
+    let data: Vec<u8> = (0..32 * 1024u32).map(|i| (i * 7 + i / 509) as u8).collect();
+    j.place("/disk.img", &data);
+    j.place("/kernel.elf", &std::fs::read(PVH_ELF).unwrap());
+    let mut cfg: serde_json::Value = serde_json::from_str(&vm_config(
+        "/kernel.elf",
+        "ember.test=blk ember.blk_write=1",
+        1,
+        32,
+    ))
+    .unwrap();
+    cfg["drives"] = serde_json::json!([{"drive_id": "d0", "path_on_host": "/disk.img",
+        "is_root_device": false, "is_read_only": false}]);
+    j.place("/vm.json", cfg.to_string().as_bytes());
+    let logs = TempDir::new("jail-logs");
+    let mut p = j.spawn(&[], &["--no-api", "--config-file", "/vm.json"], &logs);
+    assert_eq!(p.wait().code(), Some(0), "{}\n{}", p.out(), p.err());
+    assert!(p.out().contains("ember-guest: blk write ok"), "{}", p.out());
+    assert!(
+        p.out().contains("ember-guest: blk flush status 0"),
+        "{}",
+        p.out()
+    );
+    assert_ne!(
+        std::fs::read(j.host("/disk.img")).unwrap(),
+        data,
+        "the write did not land"
+    );
+    j.remove();
+
+    // vsock: the guest connects to port 52, which the VMM forwards to
+    // "/run/v.sock_52" inside the jail; the host listens there.
+    let j = Jail::new("vsock");
+    j.place("/kernel.elf", &std::fs::read(PVH_ELF).unwrap());
+    let mut cfg: serde_json::Value = serde_json::from_str(&vm_config(
+        "/kernel.elf",
+        "ember.test=vsock ember.vsock_mode=guest ember.vsock_port=52",
+        1,
+        32,
+    ))
+    .unwrap();
+    cfg["vsock"] = serde_json::json!({"guest_cid": 3, "uds_path": "/run/v.sock"});
+    j.place("/vm.json", cfg.to_string().as_bytes());
+    // The jailer creates /run; make it now so the listener can live there.
+    std::fs::create_dir_all(j.host("/run")).unwrap();
+    let listen_at = j.host("/run/v.sock_52");
+    let listener = std::os::unix::net::UnixListener::bind(&listen_at).unwrap();
+    std::os::unix::fs::chown(&listen_at, Some(UID), Some(GID)).unwrap();
+    let echo = std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        let (mut s, _) = listener.accept().expect("guest connection");
+        s.set_read_timeout(Some(PATIENCE)).unwrap();
+        let mut line = vec![0u8; "hello from guest\n".len()];
+        s.read_exact(&mut line).unwrap();
+        s.write_all(&line).unwrap();
+        String::from_utf8(line).unwrap()
+    });
+    let mut p = j.spawn(&[], &["--no-api", "--config-file", "/vm.json"], &logs);
+    assert_eq!(echo.join().unwrap(), "hello from guest\n");
+    assert_eq!(p.wait().code(), Some(0), "{}\n{}", p.out(), p.err());
+    assert!(
+        p.out().contains("ember-guest: vsock guest-connect echo ok"),
+        "{}",
+        p.out()
+    );
+    j.remove();
+}
+
+/// A network namespace with a TAP owned by the VMM's user, removed on drop.
+struct NetNs {
+    name: String,
+}
+
+impl NetNs {
+    fn new(tap: &str, host_ip: &str) -> Self {
+        let name = format!("ember-j{}-{tap}", std::process::id());
+        let ip = |args: &[&str]| {
+            let st = Command::new("ip").args(args).status().expect("run ip");
+            assert!(st.success(), "ip {args:?} failed");
+        };
+        ip(&["netns", "add", &name]);
+        let ns = NetNs { name };
+        let (uid, gid) = (UID.to_string(), GID.to_string());
+        ip(&["-n", &ns.name, "link", "set", "lo", "up"]);
+        ip(&[
+            "-n", &ns.name, "tuntap", "add", "dev", tap, "mode", "tap", "user", &uid, "group", &gid,
+        ]);
+        ip(&[
+            "-n",
+            &ns.name,
+            "addr",
+            "add",
+            &format!("{host_ip}/24"),
+            "dev",
+            tap,
+        ]);
+        ip(&["-n", &ns.name, "link", "set", tap, "up"]);
+        ns
+    }
+
+    fn path(&self) -> String {
+        format!("/var/run/netns/{}", self.name)
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+#[test]
+fn an_unprivileged_jailed_vmm_uses_a_tap_prepared_for_it() {
+    let ns = NetNs::new("embjtap0", "10.0.1.1");
+    // UDP echo on 10.0.1.1:7 inside the namespace, bounded in time.
+    let path = ns.path();
+    let echo = std::thread::spawn(move || {
+        use std::os::fd::AsRawFd;
+        let f = std::fs::File::open(&path).expect("open netns");
+        // SAFETY: setns on this thread only, with a valid netns fd.
+        let r = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
+        let s = std::net::UdpSocket::bind("10.0.1.1:7").expect("bind echo");
+        s.set_read_timeout(Some(PATIENCE)).unwrap();
+        let mut n = 0;
+        let mut buf = [0u8; 2048];
+        while n < 3 {
+            match s.recv_from(&mut buf) {
+                Ok((len, peer)) => {
+                    s.send_to(&buf[..len], peer).unwrap();
+                    n += 1;
+                }
+                Err(_) => break,
+            }
+        }
+        n
+    });
+    let j = Jail::new("net");
+    j.place("/kernel.elf", &std::fs::read(PVH_ELF).unwrap());
+    let mut cfg: serde_json::Value = serde_json::from_str(&vm_config(
+        "/kernel.elf",
+        "ember.test=net ember.ip=10.0.1.2 ember.peer=10.0.1.1",
+        1,
+        32,
+    ))
+    .unwrap();
+    cfg["network-interfaces"] = serde_json::json!([{
+        "iface_id": "eth0", "host_dev_name": "embjtap0", "guest_mac": "06:00:0a:00:01:02"
+    }]);
+    j.place("/vm.json", cfg.to_string().as_bytes());
+    let logs = TempDir::new("jail-logs");
+    let mut p = j.spawn(
+        &["--netns", &ns.path()],
+        &["--no-api", "--config-file", "/vm.json"],
+        &logs,
+    );
+    assert_eq!(p.wait().code(), Some(0), "{}\n{}", p.out(), p.err());
+    for n in 1..=3 {
+        assert!(
+            p.out()
+                .contains(&format!("ember-guest: net udp-echo ok {n}")),
+            "{}",
+            p.out()
+        );
+    }
+    assert_eq!(echo.join().unwrap(), 3);
+    j.remove();
+}
