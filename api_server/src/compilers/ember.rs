@@ -62,6 +62,7 @@ const USER_LDFLAGS: &[&str] = &[
 #[derive(Clone, Debug)]
 pub struct EmberC {
     gcc: String,
+    timeout: Duration,
 }
 
 impl Default for EmberC {
@@ -75,12 +76,22 @@ impl EmberC {
     pub fn new() -> Self {
         Self {
             gcc: std::env::var("EMBER_GCC").unwrap_or_else(|_| "gcc".into()),
+            timeout: GCC_TIMEOUT,
         }
     }
 
     /// Uses the given gcc.
     pub fn with_gcc(gcc: impl Into<String>) -> Self {
-        Self { gcc: gcc.into() }
+        Self {
+            gcc: gcc.into(),
+            timeout: GCC_TIMEOUT,
+        }
+    }
+
+    /// Changes how long gcc may run (default [`GCC_TIMEOUT`]).
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
     }
 }
 
@@ -134,13 +145,13 @@ impl Compiler for EmberC {
             .arg("-lgcc")
             .arg("-o")
             .arg(&kernel);
-        let run = run_bounded(cmd, work.path(), GCC_TIMEOUT)?;
+        let run = run_bounded(cmd, work.path(), self.timeout)?;
         let output = clean_paths(&run.output, input.src_dir, &rt);
         if run.timed_out {
             return Err(CompileError::Failed {
                 output: format!(
                     "{output}gcc did not finish within {} s and was stopped",
-                    GCC_TIMEOUT.as_secs()
+                    self.timeout.as_secs()
                 ),
             });
         }
@@ -388,13 +399,15 @@ ember_volume_read(mount, offset, buf, len), ember_volume_write(...) (any
 offset and length; sector read-modify-write is done for you),
 ember_volume_size(mount), ember_volume_flush(mount). ext2/3/4 volumes (such
 as the ones emberd creates) can be read, read-only, by path:
-ember_read_file(\"/data/hello.txt\", buf, max), ember_file_size(path),
+ember_read_file(\"/data/hello.txt\", buf, max), ember_pread_file(path,
+offset, buf, len), ember_file_size(path),
 ember_list_dir(\"/data\", callback, ctx). Errors are negative EMBER_E*
 values; ember_strerror(err) names them.
 
 Exit: returning from main or calling exit(n) flushes written volumes,
-prints `ember: exit <n>` on the console and powers the VM off (the instance
-stops; the status is in its console log). abort() and failed assertions
+prints `ember: exit <n>` on the console and resets the VM, which stops the
+instance (the status is in its console log; a CPU fault such as a division
+by zero also stops it, as a crash). abort() and failed assertions
 exit with 134.
 
 Limits: no floating point (float/double do not compile: the guest CPU runs
@@ -552,6 +565,92 @@ mod tests {
              int main(void) { return serial_putc(0) + blk_request(); }\n",
         )]);
         r.unwrap();
+    }
+
+    /// A fake gcc: answers -print-file-name=include, then runs `body`.
+    fn fake_gcc(t: &Tmp, body: &str) -> String {
+        let inc = t.0.join("inc");
+        std::fs::create_dir_all(&inc).unwrap();
+        std::fs::write(inc.join("stddef.h"), "").unwrap();
+        let script = t.0.join("fake-gcc");
+        std::fs::write(
+            &script,
+            format!(
+                "#!/bin/sh\nif [ \"$1\" = -print-file-name=include ]; then echo {}; exit 0; fi\n{body}\n",
+                inc.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        script.display().to_string()
+    }
+
+    fn compile_with(c: &EmberC, t: &Tmp) -> Result<CompileOutput, CompileError> {
+        let src = t.0.join("src");
+        std::fs::create_dir_all(&src).unwrap();
+        std::fs::write(src.join("m.c"), "int main(void){return 0;}").unwrap();
+        c.compile(&CompileInput {
+            src_dir: &src,
+            out_dir: &t.0.join("out"),
+        })
+    }
+
+    #[test]
+    fn hung_gcc_is_killed_with_its_children() {
+        let t = Tmp::new("hang");
+        let pidfile = t.0.join("child.pid");
+        let gcc = fake_gcc(
+            &t,
+            &format!(
+                "echo started; sleep 600 & echo $! > {}; wait",
+                pidfile.display()
+            ),
+        );
+        let c = EmberC::with_gcc(gcc).with_timeout(Duration::from_millis(500));
+        match compile_with(&c, &t) {
+            Err(CompileError::Failed { output }) => {
+                assert!(output.contains("started"), "{output}");
+                assert!(output.contains("did not finish"), "{output}");
+            }
+            other => panic!("expected Failed, got {other:?}"),
+        }
+        // The grandchild (like cc1 under gcc) is gone too.
+        let pid: i32 = std::fs::read_to_string(&pidfile)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        // Alive = /proc entry present and not a zombie (reaping is init's job).
+        let alive = || {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .map(|st| {
+                    !st.rsplit(')')
+                        .next()
+                        .unwrap_or("")
+                        .trim_start()
+                        .starts_with('Z')
+                })
+                .unwrap_or(false)
+        };
+        while alive() {
+            assert!(Instant::now() < deadline, "sleep {pid} survived");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    #[test]
+    fn gcc_output_is_bounded() {
+        let t = Tmp::new("chatty");
+        let gcc = fake_gcc(&t, "yes 'error: too much' | head -c 1000000 >&2; exit 1");
+        match compile_with(&EmberC::with_gcc(gcc), &t) {
+            Err(CompileError::Failed { output }) => {
+                assert!(output.len() < MAX_OUTPUT + 100, "{}", output.len());
+                assert!(output.ends_with("[output truncated]\n"));
+            }
+            other => panic!("expected Failed, got {other:?}"),
+        }
     }
 
     #[test]
