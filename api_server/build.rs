@@ -43,6 +43,7 @@ const RT_C: &[&str] = &[
     "src/volume.c",
     "src/ext4.c",
 ];
+const RT_ASM: &[&str] = &["src/traps.S"];
 const RT_OTHER: &[&str] = &["src/rt.h", "exports.txt"];
 /// Headers users get (resources/unikernel/include).
 const RT_HEADERS: &[&str] = &[
@@ -97,7 +98,7 @@ fn main() {
     for f in GUEST_C.iter().chain(GUEST_ASM).chain(GUEST_OTHER) {
         println!("cargo:rerun-if-changed={}", guest.join(f).display());
     }
-    for f in RT_C.iter().chain(RT_OTHER) {
+    for f in RT_C.iter().chain(RT_ASM).chain(RT_OTHER) {
         println!("cargo:rerun-if-changed={}", rt.join(f).display());
     }
     for h in RT_HEADERS {
@@ -137,7 +138,7 @@ fn main() {
         compile(&cc, &[&guest_inc], &guest.join(f), &o);
         objs.push(o);
     }
-    for f in RT_C {
+    for f in RT_C.iter().chain(RT_ASM) {
         let o = obj_path(&obj, "rt", f);
         // Runtime files: public <ember.h> first, the guest's headers by name.
         compile(&cc, &[&rt_inc, &guest_inc], &rt.join(f), &o);

@@ -18,6 +18,7 @@ const PROGRAM: &str = r#"
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <assert.h>
 #include "fnv.h"
 
 static void show(const char *name, int is_dir, void *ctx)
@@ -103,6 +104,15 @@ int main(int argc, char **argv)
 	/* fs <paths to read> -- <dirs to list> ; raw <mount> */
 	if (strcmp(argv[1], "raw") == 0)
 		return cmd_raw(argv[2]);
+	if (strcmp(argv[1], "fault") == 0) {
+		volatile int zero = 0, n = 1000;
+		printf("dividing\n");
+		return n / zero;
+	}
+	if (strcmp(argv[1], "assert") == 0) {
+		assert(argc == 99);
+		return 0;
+	}
 	int i = 2;
 	for (; i < argc && strcmp(argv[i], "+") != 0; i++)
 		status |= cmd_read(argv[i]);
@@ -320,6 +330,26 @@ fn args_env_and_exit_status() {
             "argv[3]=<last>",
             "ember: exit 0",
         ],
+    );
+}
+
+#[test]
+fn faults_and_failed_assertions_end_the_program() {
+    let t = TempDir::new("fault");
+    let kernel = build_program(&t);
+    let out = boot(&t, &kernel, "console=ttyS0 -- fault", &[]);
+    assert_lines(&out, &["dividing", "ember: exit 139"]);
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("ember: fault vector 0 (divide error) error 0x0 rip 0x")),
+        "{out}"
+    );
+    let out = boot(&t, &kernel, "console=ttyS0 -- assert", &[]);
+    assert_lines(&out, &["ember: abort", "ember: exit 134"]);
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("ember: assertion failed: argc == 99 (main.c:")),
+        "{out}"
     );
 }
 

@@ -406,8 +406,9 @@ values; ember_strerror(err) names them.
 
 Exit: returning from main or calling exit(n) flushes written volumes,
 prints `ember: exit <n>` on the console and resets the VM, which stops the
-instance (the status is in its console log; a CPU fault such as a division
-by zero also stops it, as a crash). abort() and failed assertions
+instance (the status is in its console log). A CPU fault (division by zero,
+invalid opcode, ...) prints `ember: fault vector <v> (<name>) ... rip <addr>`
+and exits with 139. abort() and failed assertions
 exit with 134.
 
 Limits: no floating point (float/double do not compile: the guest CPU runs

@@ -14,7 +14,9 @@
  * group words with spaces ("a b" or KEY="a b"); the quotes are removed.
  *
  * Returning from main or calling exit(n) prints `ember: exit <n>` on the
- * console and resets the machine (the VMM then exits 0).
+ * console and resets the machine (the VMM then exits 0). A CPU exception
+ * prints `ember: fault vector <v> (<name>) error .. rip .. rsp ..` and
+ * exits with status 139.
  *
  * The <stdio.h>, <stdlib.h>, <string.h> and <ctype.h> shims include this
  * header, so simple C programs compile unchanged.

@@ -258,8 +258,80 @@ void __ember_assert_fail(const char *expr, const char *file, int line)
 	abort();
 }
 
+/* ---- CPU exceptions: report and end the program (status 139) ---- */
+
+#define FAULT_STATUS 139
+#define NR_TRAPS 32
+
+struct trap_frame {
+	uint64_t vector;
+	uint64_t error;
+	uint64_t rip;
+	uint64_t cs;
+	uint64_t rflags;
+	uint64_t rsp;
+	uint64_t ss;
+};
+
+extern const uint64_t rt_trap_stubs[NR_TRAPS];
+void rt_trap(const struct trap_frame *f) __attribute__((noreturn));
+
+static struct {
+	uint16_t off_lo, sel;
+	uint8_t ist, type;
+	uint16_t off_mid;
+	uint32_t off_hi, zero;
+} __attribute__((packed)) idt[NR_TRAPS] __attribute__((aligned(16)));
+
+static const char *const trap_names[NR_TRAPS] = {
+	[0] = "divide error",	     [1] = "debug",		  [2] = "NMI",
+	[3] = "breakpoint",	     [4] = "overflow",		  [5] = "bound range",
+	[6] = "invalid opcode",	     [7] = "device not available", [8] = "double fault",
+	[10] = "invalid TSS",	     [11] = "segment not present", [12] = "stack fault",
+	[13] = "general protection", [14] = "page fault",	  [16] = "x87 error",
+	[17] = "alignment check",    [18] = "machine check",	  [19] = "SIMD error",
+};
+
+static void traps_init(void)
+{
+	for (int i = 0; i < NR_TRAPS; i++) {
+		uint64_t a = rt_trap_stubs[i];
+		idt[i].off_lo = (uint16_t)a;
+		idt[i].sel = SEL_CODE64;
+		idt[i].ist = 0;
+		idt[i].type = 0x8e; /* present, DPL 0, 64-bit interrupt gate */
+		idt[i].off_mid = (uint16_t)(a >> 16);
+		idt[i].off_hi = (uint32_t)(a >> 32);
+		idt[i].zero = 0;
+	}
+	struct {
+		uint16_t limit;
+		uint64_t base;
+	} __attribute__((packed)) desc = { sizeof(idt) - 1, (uint64_t)(uintptr_t)idt };
+	__asm__ volatile("lidt %0" : : "m"(desc));
+}
+
+void rt_trap(const struct trap_frame *f)
+{
+	static int nested;
+	const char *name = f->vector < NR_TRAPS && trap_names[f->vector] ? trap_names[f->vector]
+									 : "exception";
+
+	if (nested++) /* a fault while reporting one */
+		system_reset();
+	kprintf("ember: fault vector %u (%s) error 0x%lx rip 0x%lx rsp 0x%lx\n",
+		(unsigned)f->vector, name, f->error, f->rip, f->rsp);
+	if (f->vector == 14) {
+		uint64_t cr2;
+		__asm__ volatile("mov %%cr2, %0" : "=r"(cr2));
+		kprintf("ember: fault address 0x%lx\n", cr2);
+	}
+	exit(FAULT_STATUS);
+}
+
 void ember_main(uint32_t proto, uint64_t info_paddr)
 {
+	traps_init();
 	serial_init();
 	bootinfo_parse(&rt_bootinfo, (int)proto, info_paddr);
 	if (!rt_bootinfo.info_valid)
