@@ -74,8 +74,10 @@ fn main() {
         }
     }
     let store = Store::open(&args.state_dir).unwrap_or_else(|e| die(e));
+    let vmm = std::fs::canonicalize(&vmm).unwrap_or(vmm);
     let launcher = Launcher {
-        vmm_bin: std::fs::canonicalize(&vmm).unwrap_or(vmm),
+        libs: api_server::process::shared_libraries(&vmm),
+        vmm_bin: vmm,
         jailer_bin: jailer,
         chroot_base: args.chroot_base_dir.clone(),
         uid: args.uid,

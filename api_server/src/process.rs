@@ -41,6 +41,34 @@ pub struct Launcher {
     pub chroot_base: PathBuf,
     pub uid: u32,
     pub gid: u32,
+    /// Shared libraries the VMM needs (a dynamically linked ember-vmm finds
+    /// no /lib inside the jail): placed at the same paths in every jail,
+    /// root-owned and read-only. See [`shared_libraries`].
+    pub libs: Vec<PathBuf>,
+}
+
+/// The shared libraries (and the dynamic loader) `bin` needs, from `ldd`.
+/// Empty for a static binary.
+pub fn shared_libraries(bin: &Path) -> Vec<PathBuf> {
+    let Ok(out) = Command::new("ldd").arg(bin).output() else {
+        return Vec::new();
+    };
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut libs: Vec<PathBuf> = text
+        .lines()
+        .filter_map(|l| {
+            // "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)" or
+            // "/lib64/ld-linux-x86-64.so.2 (0x...)"
+            let path = match l.split_once("=>") {
+                Some((_, rest)) => rest.split_whitespace().next()?,
+                None => l.split_whitespace().next()?,
+            };
+            path.starts_with('/').then(|| PathBuf::from(path))
+        })
+        .collect();
+    libs.sort();
+    libs.dedup();
+    libs
 }
 
 /// A file to put into the jail root.
@@ -149,6 +177,24 @@ impl Launcher {
         fs::create_dir_all(&root).map_err(jail_err(&root))?;
         for f in &spec.files {
             self.place(f, &root)?;
+        }
+        if self.jailer_bin.is_some() {
+            for lib in &self.libs {
+                let rel = lib.strip_prefix("/").unwrap_or(lib);
+                let dst = root.join(rel);
+                let err = |err| ProcessError::Place {
+                    what: lib.display().to_string(),
+                    err,
+                };
+                if let Some(d) = dst.parent() {
+                    fs::create_dir_all(d).map_err(err)?;
+                }
+                // Resolve symlinks (ld-linux is usually one) to the real file.
+                let real = fs::canonicalize(lib).map_err(err)?;
+                if fs::hard_link(&real, &dst).is_err() {
+                    fs::copy(&real, &dst).map_err(err)?;
+                }
+            }
         }
         let cfg_path = root.join("vm.json");
         fs::write(&cfg_path, spec.vm_config.to_string()).map_err(jail_err(&cfg_path))?;
@@ -352,6 +398,14 @@ mod tests {
         };
         assert!(kill_and_wait(&p, Duration::from_secs(5)));
         assert!(!is_alive(&p));
+    }
+
+    #[test]
+    fn finds_the_shared_libraries_of_a_dynamic_binary() {
+        let libs = shared_libraries(Path::new("/bin/sh"));
+        assert!(libs.iter().any(|l| l.to_string_lossy().contains("libc.so")), "{libs:?}");
+        assert!(libs.iter().all(|l| l.is_absolute()));
+        assert!(shared_libraries(Path::new("/nonexistent")).is_empty());
     }
 
     #[test]
