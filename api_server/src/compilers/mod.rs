@@ -8,6 +8,7 @@
 //! device (in the order the devices are announced) that holds the volume for
 //! that mount point.
 
+pub mod ember;
 pub mod linux;
 
 use std::path::Path;
