@@ -288,3 +288,232 @@ fn api_has_kernel(d: &Emberd) -> bool {
             .map(|rd| rd.flatten().any(|e| e.file_name().to_string_lossy().starts_with("vmlinuz-")))
             .unwrap_or(false)
 }
+
+fn c_image(d: &Emberd, name: &str, main_c: &str, extra: &[&str]) -> Value {
+    let tgz = make_tar(d.dir.path(), &[("main.c", main_c.as_bytes())]);
+    let form = format!("tarfile=@{}", tgz.display());
+    let mut args: Vec<String> = ["-X", "POST", "-F", &form, "-F", "provider=ember", "-F", "base=ember", "-F", "lang=c"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    for e in extra {
+        args.push("-F".into());
+        args.push(e.to_string());
+    }
+    args.push(format!("http://localhost/images/{name}/create"));
+    let a: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+    let (c, v) = d.json(&a);
+    assert_eq!(c, 201, "image {name}: {v}");
+    v
+}
+
+fn run_instance(d: &Emberd, body: Value) -> Value {
+    let (c, v) = d.json(&["-X", "POST", "-d", &body.to_string(), "http://localhost/instances/run"]);
+    assert_eq!(c, 201, "run: {v}");
+    v
+}
+
+fn instance_state(d: &Emberd, name: &str) -> String {
+    d.json(&[&format!("http://localhost/instances/{name}")]).1["State"]
+        .as_str()
+        .unwrap_or("")
+        .to_string()
+}
+
+fn wait_state(d: &Emberd, name: &str, want: &str) {
+    let ok = wait_for(PATIENCE, || (instance_state(d, name) == want).then_some(()));
+    assert!(ok.is_some(), "{name} never reached {want}: {}", instance_state(d, name));
+}
+
+fn logs(d: &Emberd, name: &str) -> String {
+    d.curl(&[&format!("http://localhost/instances/{name}/logs")]).1
+}
+
+fn wait_logs(d: &Emberd, name: &str, needle: &str) -> String {
+    let r = wait_for(PATIENCE, || {
+        let l = logs(d, name);
+        l.contains(needle).then_some(l)
+    });
+    r.unwrap_or_else(|| panic!("logs of {name} never showed {needle:?}:\n{}", logs(d, name)))
+}
+
+/// Live ember-vmm processes whose command line mentions `id`.
+fn vmm_processes(id: &str) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).contains(id))
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
+const HELLO_C: &str = r#"#include <stdio.h>
+#include <stdlib.h>
+int main(int argc, char **argv) {
+    printf("hello from ember, argc=%d\n", argc);
+    for (int i = 1; i < argc; i++) printf("arg %d: %s\n", i, argv[i]);
+    const char *g = getenv("GREETING");
+    printf("GREETING=%s\n", g ? g : "(unset)");
+    return 0;
+}
+"#;
+
+const IDLE_C: &str = r#"#include <stdio.h>
+int main(void) {
+    printf("idle instance up\n");
+    for (;;) __asm__ volatile("cli; hlt");
+}
+"#;
+
+#[test]
+fn hello_unikernel_compiles_runs_logs_and_is_cleaned_up() {
+    let d = Emberd::start();
+    let img = c_image(&d, "hello", HELLO_C, &["args=one two"]);
+    assert_eq!(img["RunSpec"]["Compiler"], "ember-c-ember");
+    let inst = run_instance(
+        &d,
+        serde_json::json!({"InstanceName": "hello-1", "ImageName": "hello",
+                           "Env": {"GREETING": "hi there"}, "MemoryMb": 32}),
+    );
+    assert_eq!(inst["Name"], "hello-1");
+    assert_eq!(inst["ImageId"], img["Id"]);
+    let id = inst["Id"].as_str().unwrap().to_string();
+    // The program runs to its end; the instance then reads stopped.
+    let l = wait_logs(&d, "hello-1", "ember: exit 0");
+    assert!(l.contains("hello from ember, argc=3"), "{l}");
+    assert!(l.contains("arg 1: one") && l.contains("arg 2: two"), "{l}");
+    assert!(l.contains("GREETING=hi there"), "{l}");
+    wait_state(&d, "hello-1", "stopped");
+    // It can be started again.
+    let (c, v) = d.json(&["-X", "POST", "http://localhost/instances/hello-1/start"]);
+    assert_eq!(c, 200, "{v}");
+    wait_state(&d, "hello-1", "stopped");
+    assert_eq!(logs(&d, "hello-1").matches("ember: exit 0").count(), 2);
+    // Delete leaves no process, jail or log behind.
+    assert_eq!(d.curl(&["-X", "DELETE", "http://localhost/instances/hello-1"]).0, 204);
+    assert_eq!(d.json(&["http://localhost/instances/hello-1"]).0, 404);
+    assert!(vmm_processes(&id).is_empty());
+    assert!(!d.dir.join("jail").join("ember-vmm").join(&id).exists());
+    assert!(!d.dir.join("state").join("logs").join(format!("{id}.log")).exists());
+    // The image can go now.
+    assert_eq!(d.curl(&["-X", "DELETE", "http://localhost/images/hello"]).0, 204);
+}
+
+#[test]
+fn running_instance_survives_emberd_kill_9_and_stops_cleanly() {
+    let mut d = Emberd::start();
+    c_image(&d, "idle", IDLE_C, &[]);
+    let inst = run_instance(&d, serde_json::json!({"InstanceName": "idle-1", "ImageName": "idle"}));
+    let id = inst["Id"].as_str().unwrap().to_string();
+    wait_logs(&d, "idle-1", "idle instance up");
+    assert_eq!(instance_state(&d, "idle-1"), "running");
+    let pids = vmm_processes(&id);
+    assert_eq!(pids.len(), 1, "{pids:?}");
+    // emberd dies hard; the VMM does not.
+    d.kill9();
+    assert_eq!(vmm_processes(&id), pids);
+    d.restart();
+    assert_eq!(instance_state(&d, "idle-1"), "running");
+    // Deleting a running instance needs force; stop works on the adopted VMM.
+    assert_eq!(d.curl(&["-X", "DELETE", "http://localhost/instances/idle-1"]).0, 409);
+    let (c, v) = d.json(&["-X", "POST", "http://localhost/instances/idle-1/stop"]);
+    assert_eq!(c, 200, "{v}");
+    assert_eq!(v["State"], "stopped");
+    assert!(vmm_processes(&id).is_empty());
+    assert!(!d.dir.join("jail").join("ember-vmm").join(&id).exists());
+    // Start again, then a forced delete of the running instance.
+    let (c, _) = d.json(&["-X", "POST", "http://localhost/instances/idle-1/start"]);
+    assert_eq!(c, 200);
+    wait_state(&d, "idle-1", "running");
+    assert_eq!(vmm_processes(&id).len(), 1);
+    assert_eq!(d.curl(&["-X", "DELETE", "http://localhost/instances/idle-1?force=true"]).0, 204);
+    assert!(vmm_processes(&id).is_empty());
+    assert!(!d.dir.join("jail").join("ember-vmm").join(&id).exists());
+}
+
+#[test]
+fn logs_follow_streams_and_delete_on_disconnect() {
+    let d = Emberd::start();
+    c_image(&d, "idle", IDLE_C, &[]);
+    let inst = run_instance(&d, serde_json::json!({"InstanceName": "f1", "ImageName": "idle"}));
+    let id = inst["Id"].as_str().unwrap().to_string();
+    let mut s = UnixStream::connect(&d.sock).unwrap();
+    s.set_read_timeout(Some(PATIENCE)).unwrap();
+    s.write_all(b"GET /instances/f1/logs?fallow=true&delete=true HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    // Read the chunked stream until the guest's line shows up.
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let found = loop {
+        use std::io::Read;
+        let n = s.read(&mut buf).unwrap_or(0);
+        if n == 0 {
+            break false;
+        }
+        got.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&got);
+        if text.contains("idle instance up") {
+            assert!(text.contains("Transfer-Encoding: chunked") || text.contains("transfer-encoding: chunked"), "{text}");
+            break true;
+        }
+    };
+    assert!(found, "{}", String::from_utf8_lossy(&got));
+    // The client leaves: the instance goes with it.
+    drop(s);
+    let gone = wait_for(PATIENCE, || (d.json(&["http://localhost/instances/f1"]).0 == 404).then_some(()));
+    assert!(gone.is_some(), "instance not deleted after the log client left");
+    assert!(vmm_processes(&id).is_empty());
+}
+
+#[test]
+fn a_volume_from_a_tar_is_read_by_the_guest() {
+    let d = Emberd::start();
+    let reader = r#"#include <stdio.h>
+#include <ember.h>
+int main(void) {
+    char buf[256];
+    long n = ember_read_file("/data/greeting.txt", buf, sizeof buf - 1);
+    if (n < 0) { printf("read failed: %s\n", ember_strerror(n)); return 1; }
+    buf[n] = 0;
+    printf("volume says: %s", buf);
+    return 0;
+}
+"#;
+    c_image(&d, "reader", reader, &["mounts=/data"]);
+    let tgz = make_tar(d.dir.path(), &[("greeting.txt", b"hello from a tar volume\n")]);
+    let form = format!("tarfile=@{}", tgz.display());
+    let (c, v) = d.json(&["-X", "POST", "-F", &form, "http://localhost/volumes/greet"]);
+    assert_eq!(c, 201, "{v}");
+    // Without the volume the run is refused.
+    let (c, v) = d.json(&[
+        "-X", "POST", "-d", r#"{"InstanceName":"r0","ImageName":"reader"}"#,
+        "http://localhost/instances/run",
+    ]);
+    assert_eq!(c, 400, "{v}");
+    run_instance(
+        &d,
+        serde_json::json!({"InstanceName": "r1", "ImageName": "reader", "Mounts": {"/data": "greet"}}),
+    );
+    let l = wait_logs(&d, "r1", "ember: exit");
+    assert!(l.contains("volume says: hello from a tar volume"), "{l}");
+    assert!(l.contains("ember: exit 0"), "{l}");
+    wait_state(&d, "r1", "stopped");
+    // The volume is attached; detach and attach again (instance stopped).
+    let (_, v) = d.json(&["http://localhost/volumes/greet"]);
+    assert!(v["Attachment"].as_str().unwrap().starts_with("inst-"), "{v}");
+    assert_eq!(d.json(&["-X", "DELETE", "http://localhost/volumes/greet"]).0, 409);
+    let (c, body) = d.curl(&["-X", "POST", "http://localhost/volumes/greet/detach"]);
+    assert_eq!((c, body.as_str()), (202, "greet"));
+    let (c, body) = d.curl(&["-X", "POST", "http://localhost/volumes/greet/attach/r1?mount=/data"]);
+    assert_eq!((c, body.as_str()), (202, "greet"));
+    let (c, _) = d.json(&["-X", "POST", "http://localhost/instances/r1/start"]);
+    assert_eq!(c, 200);
+    wait_state(&d, "r1", "stopped");
+    assert_eq!(logs(&d, "r1").matches("volume says: hello from a tar volume").count(), 2);
+    assert_eq!(d.curl(&["-X", "DELETE", "http://localhost/instances/r1"]).0, 204);
+    assert_eq!(d.json(&["http://localhost/volumes/greet"]).1["Attachment"], "");
+}

@@ -118,6 +118,24 @@ pub fn load_initrd(
     Ok(InitrdInfo { addr, size })
 }
 
+/// Splits a command line at its first lone `--` word: (kernel part, init part).
+fn split_init_args(cmdline: &str) -> (&str, Option<&str>) {
+    let t = cmdline.trim();
+    if t == "--" {
+        return ("", Some(""));
+    }
+    if let Some(rest) = t.strip_prefix("-- ") {
+        return ("", Some(rest.trim()));
+    }
+    if let Some(stripped) = t.strip_suffix(" --") {
+        return (stripped.trim(), Some(""));
+    }
+    match t.find(" -- ") {
+        Some(i) => (t[..i].trim(), Some(t[i + 4..].trim())),
+        None => (t, None),
+    }
+}
+
 /// Builds the command line and writes it at CMDLINE_START; returns its length.
 pub fn load_cmdline(
     mem: &GuestMemoryMmap,
@@ -125,11 +143,19 @@ pub fn load_cmdline(
     extra: &[String],
 ) -> Result<usize, LoaderError> {
     let mut c = Cmdline::new(CMDLINE_MAX_SIZE).map_err(LoaderError::Cmdline)?;
-    if !base.trim().is_empty() {
-        c.insert_str(base.trim()).map_err(LoaderError::Cmdline)?;
+    // Words after a lone "--" belong to init: device parameters go before it.
+    let (kernel_part, init_part) = split_init_args(base);
+    if !kernel_part.is_empty() {
+        c.insert_str(kernel_part).map_err(LoaderError::Cmdline)?;
     }
     for e in extra {
         c.insert_str(e).map_err(LoaderError::Cmdline)?;
+    }
+    if let Some(init) = init_part {
+        c.insert_str("--").map_err(LoaderError::Cmdline)?;
+        if !init.is_empty() {
+            c.insert_str(init).map_err(LoaderError::Cmdline)?;
+        }
     }
     let cstr = c.as_cstring().map_err(LoaderError::Cmdline)?;
     loader::load_cmdline(mem, GuestAddress(CMDLINE_START), &c)
@@ -151,6 +177,22 @@ mod tests {
         m.read_slice(&mut buf, GuestAddress(CMDLINE_START)).unwrap();
         assert_eq!(&buf[..n], b"console=ttyS0 a=b");
         assert_eq!(buf[n], 0);
+    }
+
+    #[test]
+    fn device_words_go_before_init_args() {
+        let m = create_guest_memory(4).unwrap();
+        let extra = ["virtio_mmio.device=4K@0xd0000000:5".to_string()];
+        let n = load_cmdline(&m, "console=ttyS0 A=b -- one two", &extra).unwrap();
+        let mut buf = vec![0u8; n];
+        m.read_slice(&mut buf, GuestAddress(CMDLINE_START)).unwrap();
+        assert_eq!(
+            String::from_utf8(buf).unwrap(),
+            "console=ttyS0 A=b virtio_mmio.device=4K@0xd0000000:5 -- one two"
+        );
+        assert_eq!(split_init_args("-- x"), ("", Some("x")));
+        assert_eq!(split_init_args("a --"), ("a", Some("")));
+        assert_eq!(split_init_args("a --b"), ("a --b", None));
     }
 
     #[test]

@@ -218,6 +218,7 @@ impl Compiler for LinuxCompiler {
 /// Every compiler this build of emberd offers.
 pub fn registry() -> Registry {
     let mut r = Registry::new();
+    r.add(Arc::new(ember::EmberC::new()));
     r.add(Arc::new(LinuxCompiler {
         lang: linux::LinuxLang::C,
     }));
