@@ -83,6 +83,8 @@ fn main() {
         uid: args.uid,
         gid: args.gid,
     };
+    // Builds run as the VMMs' unprivileged user, never as root.
+    compilers::set_build_user(args.uid, args.gid);
     let sup = Supervisor::new(store, launcher, compilers::registry()).unwrap_or_else(|e| die(e));
     if let Some(dir) = args.socket.parent() {
         if let Err(e) = std::fs::create_dir_all(dir) {

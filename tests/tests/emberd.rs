@@ -517,3 +517,22 @@ int main(void) {
     assert_eq!(d.curl(&["-X", "DELETE", "http://localhost/instances/r1"]).0, 204);
     assert_eq!(d.json(&["http://localhost/volumes/greet"]).1["Attachment"], "");
 }
+
+#[test]
+fn builds_run_unprivileged_and_cannot_read_host_secrets() {
+    let d = Emberd::start();
+    // As root, gcc would print the file's lines in its errors; as the build
+    // user it cannot open it.
+    let tgz = make_tar(d.dir.path(), &[("main.c", b"#include \"/etc/shadow\"\nint main(void){return 0;}\n")]);
+    let form = format!("tarfile=@{}", tgz.display());
+    for base in ["ember", "linux"] {
+        let (c, v) = d.json(&[
+            "-X", "POST", "-F", &form, "-F", "provider=ember", "-F", &format!("base={base}"),
+            "-F", "lang=c", &format!("http://localhost/images/leak-{base}/create"),
+        ]);
+        assert_eq!(c, 400, "{base}: {v}");
+        let msg = v["Error"].as_str().unwrap_or_default();
+        assert!(msg.contains("Permission denied"), "{base}: {msg}");
+        assert!(!msg.contains("root:"), "{base}: host secret leaked: {msg}");
+    }
+}

@@ -124,7 +124,7 @@ impl Compiler for EmberC {
 
         let kernel = input.out_dir.join(KERNEL);
         let _ = std::fs::remove_file(&kernel);
-        let mut cmd = Command::new(&self.gcc);
+        let mut cmd = super::tool(&self.gcc);
         cmd.current_dir(input.src_dir)
             .env("TMPDIR", work.path())
             .env("LC_ALL", "C")
@@ -177,7 +177,7 @@ impl EmberC {
             tool: self.gcc.clone(),
             msg,
         };
-        let out = Command::new(&self.gcc)
+        let out = super::tool(&self.gcc)
             .arg("-print-file-name=include")
             .stdin(Stdio::null())
             .output()

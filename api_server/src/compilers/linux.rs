@@ -22,7 +22,7 @@ use std::fs::{self, File};
 use std::io::{self, BufWriter, Read, Write};
 use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 
 use flate2::write::GzEncoder;
 use flate2::Compression;
@@ -184,6 +184,8 @@ pub fn build_initramfs(
         }
         LinuxLang::C => {
             let tmp = ScratchDir::new()?;
+            // gcc runs as the build user (see compilers::tool).
+            super::hand_over(&[&tmp.0]).map_err(io_err(&tmp.0))?;
             let bin = tmp.0.join("init");
             let log = compile_c(src_dir, &bin)?;
             let name = "the compiled program".to_string();
@@ -452,7 +454,7 @@ fn compile_c(src_dir: &Path, bin: &Path) -> Result<String, LinuxBuildError> {
     }
     let mut include = OsString::from("-I");
     include.push(src_dir);
-    let out = Command::new("gcc")
+    let out = super::tool("gcc")
         .current_dir(src_dir)
         .env("LC_ALL", "C")
         .args(["-static", "-O2", "-o"])
@@ -655,6 +657,7 @@ fn trim_zeros(d: &[u8]) -> &[u8] {
 mod tests {
     use super::*;
     use std::collections::BTreeMap;
+    use std::process::Command;
     use std::sync::atomic::{AtomicU32, Ordering as AtOrd};
 
     struct TempDir(PathBuf);

@@ -12,7 +12,8 @@ pub mod ember;
 pub mod linux;
 
 use std::path::Path;
-use std::sync::Arc;
+use std::process::Command;
+use std::sync::{Arc, OnceLock};
 
 /// The one provider ember offers.
 pub const PROVIDER: &str = "ember";
@@ -146,6 +147,49 @@ impl Registry {
                 available: langs.join(", "),
             })
     }
+}
+
+static BUILD_USER: OnceLock<(u32, u32)> = OnceLock::new();
+
+/// Runs every compiler tool as `uid:gid` from now on (emberd runs as root;
+/// user code must not make gcc read host files such as /etc/shadow into an
+/// image or an error message). Set once at start-up.
+pub fn set_build_user(uid: u32, gid: u32) {
+    let _ = BUILD_USER.set((uid, gid));
+}
+
+/// A command for a build tool, running as the build user when one is set.
+pub fn tool(program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut c = Command::new(program);
+    if let Some((uid, gid)) = BUILD_USER.get() {
+        use std::os::unix::process::CommandExt;
+        // std also drops supplementary groups when root sets a uid.
+        c.uid(*uid).gid(*gid);
+    }
+    c
+}
+
+/// Gives the build user the build's directories (recursively, links not
+/// followed). A no-op without a build user.
+pub fn hand_over(dirs: &[&Path]) -> std::io::Result<()> {
+    let Some((uid, gid)) = BUILD_USER.get().copied() else {
+        return Ok(());
+    };
+    fn walk(p: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
+        std::os::unix::fs::lchown(p, Some(uid), Some(gid))?;
+        let md = std::fs::symlink_metadata(p)?;
+        if md.is_dir() {
+            for e in std::fs::read_dir(p)? {
+                walk(&e?.path(), uid, gid)?;
+            }
+        }
+        Ok(())
+    }
+    for d in dirs {
+        std::fs::create_dir_all(d)?;
+        walk(d, uid, gid)?;
+    }
+    Ok(())
 }
 
 /// The `linux` base: the user's program becomes `/init` of an initramfs for
