@@ -319,3 +319,172 @@ pub fn vm_config(kernel: &str, boot_args: &str, vcpus: u8, mem_mib: u32) -> Stri
     })
     .to_string()
 }
+
+/// The Python interpreter for helper servers: `$EMBER_PYTHON` or `python3`.
+pub fn python() -> String {
+    std::env::var("EMBER_PYTHON").unwrap_or_else(|_| "python3".to_string())
+}
+
+fn moto_importable() -> bool {
+    Command::new(python())
+        .args(["-c", "import moto.server, flask, flask_cors"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+/// Makes sure moto's standalone server (PyPI `moto[server]`) can run,
+/// installing it once with pip if it is missing (as
+/// resources/ci/install-moto.sh does ahead of time). Panics with a clear
+/// message if that does not work.
+pub fn ensure_moto() {
+    static READY: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    let r = READY.get_or_init(|| {
+        if moto_importable() {
+            return Ok(());
+        }
+        eprintln!("moto is not installed; running resources/ci/install-moto.sh");
+        let out = Command::new("bash")
+            .arg(workspace_root().join("resources/ci/install-moto.sh"))
+            .stdin(Stdio::null())
+            .output();
+        match out {
+            Ok(o) if o.status.success() && moto_importable() => Ok(()),
+            Ok(o) => Err(format!(
+                "install-moto.sh failed ({}): {}",
+                o.status,
+                String::from_utf8_lossy(&o.stderr)
+            )),
+            Err(e) => Err(format!("cannot run bash: {e}")),
+        }
+    });
+    if let Err(e) = r {
+        panic!(
+            "these tests need moto's S3 server (PyPI 'moto[server]'; run \
+             resources/ci/install-moto.sh): {e}"
+        );
+    }
+}
+
+/// moto's S3-protocol server on 127.0.0.1 with a port the kernel picks;
+/// killed (and reaped) on drop. Its output is drained in the background.
+pub struct MotoServer {
+    child: Child,
+    /// The TCP port it listens on.
+    pub port: u16,
+}
+
+impl MotoServer {
+    /// Starts moto and waits until its port accepts connections.
+    pub fn start() -> Self {
+        use std::io::BufRead;
+        ensure_moto();
+        let mut child = Command::new(python())
+            .args(["-m", "moto.server", "-H", "127.0.0.1", "-p", "0"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start moto: {e}"));
+        // Werkzeug prints "Running on http://127.0.0.1:PORT".
+        let (tx, rx) = std::sync::mpsc::channel::<String>();
+        let pipes: Vec<Box<dyn Read + Send>> = [
+            child.stdout.take().map(|p| Box::new(p) as Box<dyn Read + Send>),
+            child.stderr.take().map(|p| Box::new(p) as Box<dyn Read + Send>),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        for pipe in pipes {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for line in std::io::BufReader::new(pipe).lines() {
+                    let Ok(line) = line else { break };
+                    let _ = tx.send(line);
+                }
+            });
+        }
+        drop(tx);
+        let deadline = Instant::now() + Duration::from_secs(90);
+        let mut seen = Vec::new();
+        let port = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) => {
+                    if let Some(rest) = line.split("http://127.0.0.1:").nth(1) {
+                        let digits: String =
+                            rest.chars().take_while(|c| c.is_ascii_digit()).collect();
+                        if let Ok(p) = digits.parse::<u16>() {
+                            break p;
+                        }
+                    }
+                    seen.push(line);
+                }
+                Err(_) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!("moto did not report its port; its output: {seen:?}");
+                }
+            }
+        };
+        std::thread::spawn(move || for _ in rx {});
+        let moto = MotoServer { child, port };
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        while std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "moto's port {port} never accepted connections"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        moto
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// HEAD of an object through boto3 (installed with moto), signed with
+    /// dummy credentials (moto checks none): `None` if the object does not
+    /// exist, else `{"ContentLength": n, "Metadata": {...}}`.
+    pub fn head_object(&self, bucket: &str, key: &str) -> Option<serde_json::Value> {
+        let script = r#"
+import json, sys, boto3, botocore
+s3 = boto3.client("s3", endpoint_url=sys.argv[1], region_name="us-east-1",
+                  aws_access_key_id="test", aws_secret_access_key="test")
+try:
+    h = s3.head_object(Bucket=sys.argv[2], Key=sys.argv[3])
+    print(json.dumps({"ContentLength": h["ContentLength"], "Metadata": h.get("Metadata", {})}))
+except botocore.exceptions.ClientError as e:
+    if e.response["Error"]["Code"] in ("404", "NoSuchKey", "NoSuchBucket"):
+        print("null")
+    else:
+        raise
+"#;
+        let out = Command::new(python())
+            .args(["-c", script])
+            .arg(self.url())
+            .args([bucket, key])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", python()));
+        assert!(
+            out.status.success(),
+            "boto3 head_object {bucket}/{key} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("boto3 printed no JSON ({e}): {:?}", out.stdout));
+        (!v.is_null()).then_some(v)
+    }
+}
+
+impl Drop for MotoServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
