@@ -1,0 +1,621 @@
+//! Host network devices for microVM interfaces: persistent TAPs and static
+//! guest addresses.
+//!
+//! * [`tap_name`] derives a deterministic host TAP name (at most 15 bytes,
+//!   the kernel's `IFNAMSIZ - 1`) from an instance id and interface index.
+//! * [`create_tap`] makes a *persistent* TAP (`IFF_TAP | IFF_NO_PI |
+//!   IFF_VNET_HDR`), optionally owned by the jailed VMM's uid:gid so the
+//!   VMM can attach to it without `CAP_NET_ADMIN`, brings it up, and can do
+//!   all of that inside another network namespace. [`delete_tap`] and
+//!   [`tap_exists`] complete the lifecycle.
+//! * [`StaticAddress`] validates a Flintlock static address (CIDR, optional
+//!   gateway, nameservers) and [`kernel_ip_param`] turns it into the Linux
+//!   `ip=` boot parameter so a Linux guest configures the interface itself.
+//!
+//! Everything here uses plain ioctls (no netlink, no external commands).
+//! Namespace switches happen on a short-lived dedicated thread: `setns`
+//! with `CLONE_NEWNET` only affects the calling thread, so the caller's
+//! threads never change namespace.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::net::{IpAddr, Ipv4Addr};
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::io::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+/// Errors from TAP management and address handling.
+#[derive(Debug, thiserror::Error)]
+pub enum NetdevError {
+    /// The interface name breaks the kernel's naming rules.
+    #[error("invalid interface name {name:?}: {reason}")]
+    InvalidName { name: String, reason: &'static str },
+    /// `/dev/net/tun` could not be opened.
+    #[error("cannot open /dev/net/tun (is the tun module loaded?): {0}")]
+    TunOpen(#[source] io::Error),
+    /// The network namespace file could not be opened or entered.
+    #[error("cannot enter network namespace {path}: {source}")]
+    Netns {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// A device with this name already exists (`create_tap`).
+    #[error("network device {0:?} already exists")]
+    AlreadyExists(String),
+    /// No device with this name exists (`delete_tap`).
+    #[error("TAP device {0:?} does not exist")]
+    NotFound(String),
+    /// The device is attached to another process (`delete_tap`).
+    #[error("TAP device {0:?} is busy: another process (a VMM still running?) has it open")]
+    Busy(String),
+    /// The device exists but is not a single-queue TAP.
+    #[error("network device {0:?} exists but is not a single-queue TAP")]
+    NotATap(String),
+    /// EPERM/EACCES from the kernel.
+    #[error(
+        "permission denied to {op} TAP {name:?}: needs CAP_NET_ADMIN \
+         (or the TAP belongs to another user)"
+    )]
+    PermissionDenied { op: &'static str, name: String },
+    /// Any other failing ioctl or socket call.
+    #[error("{op} on {name:?} failed: {source}")]
+    Os {
+        op: &'static str,
+        name: String,
+        #[source]
+        source: io::Error,
+    },
+    /// The namespace worker thread could not be spawned or panicked.
+    #[error("network namespace worker thread failed: {0}")]
+    Worker(String),
+    /// A static address, gateway or nameserver is malformed.
+    #[error("invalid static address: {0}")]
+    InvalidAddress(String),
+    /// A hostname cannot be used in the kernel `ip=` parameter.
+    #[error("invalid hostname {0:?}: letters, digits, '-' and '.' only, at most 64 bytes")]
+    InvalidHostname(String),
+}
+
+/// Longest interface name the kernel accepts (`IFNAMSIZ - 1`).
+pub const MAX_IFNAME_LEN: usize = 15;
+
+const IFNAMSIZ: usize = 16;
+const IFF_TAP: i16 = 0x0002;
+const IFF_NO_PI: i16 = 0x1000;
+const IFF_VNET_HDR: i16 = 0x4000;
+/// Fail TUNSETIFF with EBUSY when the device already exists.
+const IFF_TUN_EXCL: i16 = 0x8000_u16 as i16;
+const TAP_FLAGS: i16 = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR;
+
+// _IOW('T', n, int)
+const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+const TUNSETPERSIST: libc::c_ulong = 0x4004_54cb;
+const TUNSETOWNER: libc::c_ulong = 0x4004_54cc;
+const TUNSETGROUP: libc::c_ulong = 0x4004_54ce;
+
+/// `struct ifreq` with the `short ifr_flags` member of its union (40 bytes).
+#[repr(C)]
+struct IfReq {
+    name: [u8; IFNAMSIZ],
+    flags: i16,
+    _pad: [u8; 22],
+}
+
+impl IfReq {
+    fn new(name: &str, flags: i16) -> Self {
+        let mut req = IfReq {
+            name: [0; IFNAMSIZ],
+            flags,
+            _pad: [0; 22],
+        };
+        // validate_ifname guarantees len <= 15, leaving the NUL.
+        let bytes = name.as_bytes();
+        let n = bytes.len().min(MAX_IFNAME_LEN);
+        req.name[..n].copy_from_slice(&bytes[..n]);
+        req
+    }
+}
+
+/// Deterministic host TAP name for interface `index` of `instance_id`.
+///
+/// The form is `emb` + 8 lowercase base-36 characters of the 64-bit FNV-1a
+/// hash of `instance_id` + `index` in decimal, e.g. `emb0k3x9a7b0` for
+/// eth0 and `emb0k3x9a7b1` for eth1: at most 15 characters for any index
+/// below 10 000. The hash part has a fixed width, so two different indexes
+/// of one instance never collide, and different instances collide only if
+/// their hashes agree on ~41 bits. Indexes of 10 000 or more (never used in
+/// practice) fall back to `emx` + 12 base-36 characters of the hash of
+/// `instance_id`, a NUL byte and `index`.
+///
+/// The hash is FNV-1a, fixed here, so names are stable across emberd builds
+/// and restarts (a restarted daemon finds its TAPs again).
+pub fn tap_name(instance_id: &str, index: usize) -> String {
+    if index < 10_000 {
+        let h = fnv1a(instance_id.as_bytes());
+        format!("emb{}{}", base36(h, 8), index)
+    } else {
+        let mut key = instance_id.as_bytes().to_vec();
+        key.push(0);
+        key.extend_from_slice(index.to_string().as_bytes());
+        format!("emx{}", base36(fnv1a(&key), 12))
+    }
+}
+
+fn fnv1a(data: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in data {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+/// The low `width` base-36 digits of `v`, most significant first.
+fn base36(mut v: u64, width: usize) -> String {
+    const DIGITS: &[u8; 36] = b"0123456789abcdefghijklmnopqrstuvwxyz";
+    let mut out = vec![b'0'; width];
+    for slot in out.iter_mut().rev() {
+        *slot = DIGITS[(v % 36) as usize];
+        v /= 36;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Checks a network interface name against the kernel's rules: 1 to 15
+/// bytes, not `.` or `..`, no `/`, `:`, whitespace or NUL.
+pub fn validate_ifname(name: &str) -> Result<(), NetdevError> {
+    let bad = |reason| {
+        Err(NetdevError::InvalidName {
+            name: name.to_string(),
+            reason,
+        })
+    };
+    if name.is_empty() {
+        return bad("empty");
+    }
+    if name.len() > MAX_IFNAME_LEN {
+        return bad("longer than 15 bytes");
+    }
+    if name == "." || name == ".." {
+        return bad("'.' and '..' are reserved");
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|&c| c == '/' || c == ':' || c == '\0' || c.is_whitespace())
+    {
+        return Err(NetdevError::InvalidName {
+            name: name.to_string(),
+            reason: match c {
+                '/' => "contains '/'",
+                ':' => "contains ':'",
+                '\0' => "contains NUL",
+                _ => "contains whitespace",
+            },
+        });
+    }
+    Ok(())
+}
+
+/// Creates the persistent TAP `name` and brings it up.
+///
+/// * `owner`: `(uid, gid)` set with TUNSETOWNER/TUNSETGROUP, so a process
+///   with that uid (or gid) can attach to the TAP without any capability —
+///   the jailed VMM's credentials. `None` leaves the TAP root-only.
+/// * `netns`: a network namespace file (`/var/run/netns/NAME`,
+///   `/proc/PID/ns/net`) to create the TAP in; `None` uses the caller's.
+///
+/// Fails with [`NetdevError::AlreadyExists`] if any device with that name
+/// exists (delete it first to re-create). On any failure nothing is left
+/// behind: the TAP is made persistent only as the last step.
+pub fn create_tap(
+    name: &str,
+    owner: Option<(u32, u32)>,
+    netns: Option<&Path>,
+) -> Result<(), NetdevError> {
+    validate_ifname(name)?;
+    let name = name.to_string();
+    in_netns(netns, move || create_tap_here(&name, owner))?
+}
+
+/// Deletes the persistent TAP `name` (clears TUNSETPERSIST; the kernel
+/// removes the device when the last file descriptor closes).
+///
+/// Errors: [`NetdevError::NotFound`] if it does not exist,
+/// [`NetdevError::Busy`] while a VMM still has it open,
+/// [`NetdevError::NotATap`] for a device of another kind.
+pub fn delete_tap(name: &str, netns: Option<&Path>) -> Result<(), NetdevError> {
+    validate_ifname(name)?;
+    let name = name.to_string();
+    in_netns(netns, move || delete_tap_here(&name))?
+}
+
+/// Whether a network device called `name` exists (in `netns` if given).
+/// Invalid names and unreadable namespaces answer `false`.
+pub fn tap_exists(name: &str, netns: Option<&Path>) -> bool {
+    if validate_ifname(name).is_err() {
+        return false;
+    }
+    let name = name.to_string();
+    in_netns(netns, move || ifindex(&name).is_some()).unwrap_or(false)
+}
+
+/// Runs `f` in the network namespace `netns` (on a dedicated thread that
+/// is discarded afterwards), or directly when `netns` is `None`.
+fn in_netns<T, F>(netns: Option<&Path>, f: F) -> Result<T, NetdevError>
+where
+    T: Send + 'static,
+    F: FnOnce() -> T + Send + 'static,
+{
+    let Some(path) = netns else {
+        return Ok(f());
+    };
+    // Open here so a bad path is reported without spawning anything.
+    let ns = File::open(path).map_err(|source| NetdevError::Netns {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let path = path.to_path_buf();
+    let handle = std::thread::Builder::new()
+        .name("netns-worker".into())
+        .spawn(move || {
+            // SAFETY: setns on a valid open namespace fd; CLONE_NEWNET
+            // changes only this thread, which ends after `f`.
+            let r = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+            if r != 0 {
+                return Err(NetdevError::Netns {
+                    path,
+                    source: io::Error::last_os_error(),
+                });
+            }
+            Ok(f())
+        })
+        .map_err(|e| NetdevError::Worker(e.to_string()))?;
+    handle
+        .join()
+        .map_err(|_| NetdevError::Worker("panicked".into()))?
+}
+
+fn open_tun() -> Result<File, NetdevError> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open("/dev/net/tun")
+        .map_err(NetdevError::TunOpen)
+}
+
+/// `ioctl(fd, req, value)` for the TUN ioctls that take an integer value.
+fn tun_ioctl_val(
+    tun: &File,
+    req: libc::c_ulong,
+    val: libc::c_ulong,
+    op: &'static str,
+    name: &str,
+) -> Result<(), NetdevError> {
+    // SAFETY: these TUN ioctls take a plain integer argument.
+    let r = unsafe { libc::ioctl(tun.as_raw_fd(), req as _, val) };
+    if r < 0 {
+        return Err(os_error(op, name, io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+fn tun_setiff(tun: &File, name: &str, flags: i16) -> Result<(), io::Error> {
+    let mut req = IfReq::new(name, flags);
+    // SAFETY: TUNSETIFF reads/writes a `struct ifreq`, which `IfReq` lays
+    // out and which outlives the call.
+    let r = unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETIFF as _, &mut req) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn os_error(op: &'static str, name: &str, source: io::Error) -> NetdevError {
+    match source.raw_os_error() {
+        Some(libc::EPERM) | Some(libc::EACCES) => NetdevError::PermissionDenied {
+            op,
+            name: name.to_string(),
+        },
+        _ => NetdevError::Os {
+            op,
+            name: name.to_string(),
+            source,
+        },
+    }
+}
+
+fn create_tap_here(name: &str, owner: Option<(u32, u32)>) -> Result<(), NetdevError> {
+    let tun = open_tun()?;
+    tun_setiff(&tun, name, TAP_FLAGS | IFF_TUN_EXCL).map_err(|e| match e.raw_os_error() {
+        // With IFF_TUN_EXCL, EBUSY means "a device of that name exists".
+        Some(libc::EBUSY) | Some(libc::EEXIST) => NetdevError::AlreadyExists(name.to_string()),
+        Some(libc::EINVAL) if ifindex(name).is_some() => {
+            NetdevError::AlreadyExists(name.to_string())
+        }
+        _ => os_error("create (TUNSETIFF)", name, e),
+    })?;
+    if let Some((uid, gid)) = owner {
+        tun_ioctl_val(&tun, TUNSETOWNER, libc::c_ulong::from(uid), "TUNSETOWNER", name)?;
+        tun_ioctl_val(&tun, TUNSETGROUP, libc::c_ulong::from(gid), "TUNSETGROUP", name)?;
+    }
+    set_up(name)?;
+    // Last: until now, closing `tun` (on any error) removes the device.
+    tun_ioctl_val(&tun, TUNSETPERSIST, 1, "TUNSETPERSIST", name)?;
+    Ok(())
+}
+
+fn delete_tap_here(name: &str) -> Result<(), NetdevError> {
+    if ifindex(name).is_none() {
+        return Err(NetdevError::NotFound(name.to_string()));
+    }
+    let tun = open_tun()?;
+    tun_setiff(&tun, name, TAP_FLAGS).map_err(|e| match e.raw_os_error() {
+        Some(libc::EBUSY) => NetdevError::Busy(name.to_string()),
+        Some(libc::EINVAL) => NetdevError::NotATap(name.to_string()),
+        _ => os_error("attach (TUNSETIFF)", name, e),
+    })?;
+    tun_ioctl_val(&tun, TUNSETPERSIST, 0, "TUNSETPERSIST 0", name)?;
+    drop(tun);
+    Ok(())
+}
+
+/// Interface index of `name` in the current thread's namespace.
+fn ifindex(name: &str) -> Option<u32> {
+    let c = std::ffi::CString::new(name).ok()?;
+    // SAFETY: if_nametoindex reads a NUL-terminated string.
+    let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    (idx != 0).then_some(idx)
+}
+
+/// Sets IFF_UP on `name` with SIOCGIFFLAGS/SIOCSIFFLAGS on an AF_INET
+/// socket (created in the current thread's namespace).
+fn set_up(name: &str) -> Result<(), NetdevError> {
+    // SAFETY: plain socket(2) call; the fd is owned right below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(os_error("socket(AF_INET)", name, io::Error::last_os_error()));
+    }
+    // SAFETY: `fd` is a fresh descriptor nobody else owns.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut req = IfReq::new(name, 0);
+    // SAFETY: SIOCGIFFLAGS fills ifr_flags of a valid `struct ifreq`.
+    let r = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS as _, &mut req) };
+    if r < 0 {
+        return Err(os_error("SIOCGIFFLAGS", name, io::Error::last_os_error()));
+    }
+    req.flags |= libc::IFF_UP as i16;
+    // SAFETY: SIOCSIFFLAGS reads ifr_name/ifr_flags of a valid `struct ifreq`.
+    let r = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS as _, &req) };
+    if r < 0 {
+        return Err(os_error("SIOCSIFFLAGS (up)", name, io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+/// A Flintlock static address: `cidr` such as `192.168.10.5/24` (IPv4) or
+/// `fd00::5/64` (IPv6), an optional gateway of the same family, and
+/// nameservers (any family).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StaticAddress {
+    pub cidr: String,
+    pub gateway: Option<String>,
+    pub nameservers: Vec<String>,
+}
+
+impl StaticAddress {
+    /// Builds and validates a static address. An empty gateway string
+    /// counts as none (protojson sends `""` for unset fields).
+    pub fn parse(
+        cidr: &str,
+        gateway: Option<&str>,
+        nameservers: &[String],
+    ) -> Result<Self, NetdevError> {
+        let addr = StaticAddress {
+            cidr: cidr.trim().to_string(),
+            gateway: gateway
+                .map(str::trim)
+                .filter(|g| !g.is_empty())
+                .map(str::to_string),
+            nameservers: nameservers.iter().map(|s| s.trim().to_string()).collect(),
+        };
+        addr.validate()?;
+        Ok(addr)
+    }
+
+    /// Checks the CIDR (address and prefix length for its family), that
+    /// the gateway has the address's family, and that every nameserver is
+    /// an IP address.
+    pub fn validate(&self) -> Result<(), NetdevError> {
+        let (ip, _) = self.ip_prefix()?;
+        if let Some(gw) = self.gateway_ip()? {
+            if gw.is_ipv4() != ip.is_ipv4() {
+                return Err(NetdevError::InvalidAddress(format!(
+                    "gateway {gw} and address {ip} are of different IP families"
+                )));
+            }
+            if gw.is_unspecified() {
+                return Err(NetdevError::InvalidAddress(format!(
+                    "gateway {gw} is unspecified"
+                )));
+            }
+        }
+        self.nameserver_ips()?;
+        Ok(())
+    }
+
+    /// The address and prefix length of the CIDR.
+    pub fn ip_prefix(&self) -> Result<(IpAddr, u8), NetdevError> {
+        let bad = |why: &str| NetdevError::InvalidAddress(format!("{:?}: {why}", self.cidr));
+        let (ip, len) = self
+            .cidr
+            .split_once('/')
+            .ok_or_else(|| bad("not CIDR notation (ADDRESS/PREFIX)"))?;
+        let ip: IpAddr = ip.parse().map_err(|_| bad("not an IP address"))?;
+        if len.is_empty() || !len.bytes().all(|b| b.is_ascii_digit()) || len.len() > 3 {
+            return Err(bad("prefix length is not a number"));
+        }
+        let len: u8 = len.parse().map_err(|_| bad("prefix length is not a number"))?;
+        let max = if ip.is_ipv4() { 32 } else { 128 };
+        if len > max {
+            return Err(bad(&format!("prefix length above {max}")));
+        }
+        if ip.is_unspecified() {
+            return Err(bad("unspecified address"));
+        }
+        Ok((ip, len))
+    }
+
+    /// The parsed gateway, if any.
+    pub fn gateway_ip(&self) -> Result<Option<IpAddr>, NetdevError> {
+        match &self.gateway {
+            None => Ok(None),
+            Some(g) => g.parse().map(Some).map_err(|_| {
+                NetdevError::InvalidAddress(format!("gateway {g:?} is not an IP address"))
+            }),
+        }
+    }
+
+    /// The parsed nameservers, in order.
+    pub fn nameserver_ips(&self) -> Result<Vec<IpAddr>, NetdevError> {
+        self.nameservers
+            .iter()
+            .map(|n| {
+                n.parse().map_err(|_| {
+                    NetdevError::InvalidAddress(format!("nameserver {n:?} is not an IP address"))
+                })
+            })
+            .collect()
+    }
+
+    /// IPv4 netmask of the prefix (e.g. 255.255.255.0 for /24); `None` for
+    /// IPv6 or an invalid CIDR.
+    pub fn netmask_v4(&self) -> Option<Ipv4Addr> {
+        match self.ip_prefix().ok()? {
+            (IpAddr::V4(_), len) => Some(prefix_to_mask(len)),
+            _ => None,
+        }
+    }
+}
+
+fn prefix_to_mask(len: u8) -> Ipv4Addr {
+    let bits = if len == 0 {
+        0
+    } else {
+        u32::MAX << (32 - u32::from(len.min(32)))
+    };
+    Ipv4Addr::from(bits)
+}
+
+/// Linux kernel `ip=` boot parameter configuring `device_name` (e.g.
+/// `eth0`) statically at boot:
+/// `ip=<client>::<gateway>:<netmask>:<hostname>:<device>:off[:<dns0>[:<dns1>]]`.
+///
+/// The kernel's parser is IPv4-only: an IPv6 address is an error, IPv6
+/// nameservers are skipped and at most the first two IPv4 ones are used.
+/// An empty `hostname` leaves the field empty.
+pub fn kernel_ip_param(
+    addr: &StaticAddress,
+    device_name: &str,
+    hostname: &str,
+) -> Result<String, NetdevError> {
+    addr.validate()?;
+    validate_ifname(device_name)?;
+    validate_hostname(hostname)?;
+    let (ip, len) = addr.ip_prefix()?;
+    let IpAddr::V4(ip) = ip else {
+        return Err(NetdevError::InvalidAddress(format!(
+            "{:?}: the kernel ip= parameter supports IPv4 only",
+            addr.cidr
+        )));
+    };
+    let gw = addr
+        .gateway_ip()?
+        .map(|g| g.to_string())
+        .unwrap_or_default();
+    let mut out = format!(
+        "ip={ip}::{gw}:{}:{hostname}:{device_name}:off",
+        prefix_to_mask(len)
+    );
+    for dns in addr
+        .nameserver_ips()?
+        .into_iter()
+        .filter(IpAddr::is_ipv4)
+        .take(2)
+    {
+        out.push(':');
+        out.push_str(&dns.to_string());
+    }
+    Ok(out)
+}
+
+/// Hostnames usable in `ip=`: empty, or at most 64 bytes of ASCII letters,
+/// digits, `-` and `.`.
+pub fn validate_hostname(hostname: &str) -> Result<(), NetdevError> {
+    let ok = hostname.len() <= 64
+        && hostname
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+    if ok {
+        Ok(())
+    } else {
+        Err(NetdevError::InvalidHostname(hostname.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tap_names_are_short_stable_and_distinct() {
+        let a0 = tap_name("01HZX8Q4W3KJ5V7Y2N6M9P0R1S", 0);
+        assert_eq!(a0, tap_name("01HZX8Q4W3KJ5V7Y2N6M9P0R1S", 0));
+        assert!(a0.starts_with("emb") && a0.ends_with('0'), "{a0}");
+        assert_eq!(a0.len(), 12);
+        let mut seen = std::collections::HashSet::new();
+        for id in ["a", "b", "default/vm1", "default/vm2", ""] {
+            for idx in [0usize, 1, 9, 10, 99, 9999, 10_000, usize::MAX] {
+                let n = tap_name(id, idx);
+                assert!(n.len() <= MAX_IFNAME_LEN, "{n}");
+                validate_ifname(&n).unwrap();
+                assert!(seen.insert(n.clone()), "duplicate {n}");
+            }
+        }
+        // The hash is pinned: names survive daemon rebuilds.
+        assert_eq!(fnv1a(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv1a(b"a"), 0xaf63_dc4c_8601_ec8c);
+    }
+
+    #[test]
+    fn base36_pads_and_truncates() {
+        assert_eq!(base36(0, 4), "0000");
+        assert_eq!(base36(35, 2), "0z");
+        assert_eq!(base36(36, 2), "10");
+        assert_eq!(base36(36 * 36, 2), "00");
+    }
+
+    #[test]
+    fn ifname_rules() {
+        for ok in ["a", "eth0", "emb123456789012", "tap-1.x_y"] {
+            validate_ifname(ok).unwrap();
+        }
+        for bad in ["", ".", "..", "a/b", "a b", "a:b", "a\tb", "a\0", "0123456789abcdef"] {
+            assert!(validate_ifname(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn netmasks() {
+        assert_eq!(prefix_to_mask(0), Ipv4Addr::new(0, 0, 0, 0));
+        assert_eq!(prefix_to_mask(8), Ipv4Addr::new(255, 0, 0, 0));
+        assert_eq!(prefix_to_mask(20), Ipv4Addr::new(255, 255, 240, 0));
+        assert_eq!(prefix_to_mask(32), Ipv4Addr::new(255, 255, 255, 255));
+    }
+
+    #[test]
+    fn ifreq_layout() {
+        assert_eq!(std::mem::size_of::<IfReq>(), 40);
+    }
+}
