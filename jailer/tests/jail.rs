@@ -173,9 +173,25 @@ impl TestJail {
         (out, report)
     }
 
+    /// The pid the jailer recorded. With --daemonize the jailer returns
+    /// before its detached child writes the file, so wait for it (bounded).
     fn pid_file(&self) -> u32 {
         let p = self.root().join(format!("{EXEC_NAME}.pid"));
-        fs::read_to_string(&p).unwrap().trim().parse().unwrap()
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            if let Some(pid) = fs::read_to_string(&p)
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+            {
+                return pid;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} never appeared",
+                p.display()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
     }
 }
 
