@@ -200,8 +200,10 @@ pub fn validate_ifname(name: &str) -> Result<(), NetdevError> {
 /// Creates the persistent TAP `name` and brings it up.
 ///
 /// * `owner`: `(uid, gid)` set with TUNSETOWNER/TUNSETGROUP, so a process
-///   with that uid (or gid) can attach to the TAP without any capability —
-///   the jailed VMM's credentials. `None` leaves the TAP root-only.
+///   with that effective uid *and* that gid among its groups can attach to
+///   the TAP without any capability — the jailed VMM's credentials. Anyone
+///   else needs `CAP_NET_ADMIN`. With `None` the kernel checks nothing
+///   beyond access to `/dev/net/tun`: any user who can open it may attach.
 /// * `netns`: a network namespace file (`/var/run/netns/NAME`,
 ///   `/proc/PID/ns/net`) to create the TAP in; `None` uses the caller's.
 ///
