@@ -15,6 +15,8 @@ pub enum ModelError {
     BadMountPoint(String),
     #[error("invalid environment variable name {0:?}")]
     BadEnvName(String),
+    #[error("the image names {0:?} as a file, which is not a regular file inside the image")]
+    BadImageFile(String),
 }
 
 /// Checks a user-chosen resource name (it becomes part of paths and cmdlines).
@@ -88,7 +90,36 @@ pub struct Image {
     pub format: String,
 }
 
+/// Checks that `name` is a plain file name (no directories) of a regular
+/// file (not a link) inside `dir`.
+pub fn check_image_file(dir: &std::path::Path, name: &str) -> Result<(), ModelError> {
+    let bad = || ModelError::BadImageFile(name.to_string());
+    if name.is_empty()
+        || name == "."
+        || name == ".."
+        || name.contains('/')
+        || name.contains('\0')
+        || name.len() > 255
+    {
+        return Err(bad());
+    }
+    match std::fs::symlink_metadata(dir.join(name)) {
+        Ok(m) if m.file_type().is_file() => Ok(()),
+        _ => Err(bad()),
+    }
+}
+
 impl Image {
+    /// Its kernel and initrd are regular files inside `dir` (an image from a
+    /// hub is untrusted: it must not name host files).
+    pub fn check_files(&self, dir: &std::path::Path) -> Result<(), ModelError> {
+        check_image_file(dir, &self.kernel)?;
+        if let Some(i) = &self.initrd {
+            check_image_file(dir, i)?;
+        }
+        Ok(())
+    }
+
     /// `base-lang-provider`, the UniK compiler name.
     pub fn compiler(&self) -> String {
         format!("{}-{}-{}", self.base, self.lang, self.provider)
@@ -235,6 +266,19 @@ mod tests {
         assert!(validate_env_name("PATH_2").is_ok());
         assert!(validate_env_name("2X").is_err());
         assert!(validate_env_name("A=B").is_err());
+    }
+
+    #[test]
+    fn image_files_must_stay_inside_the_image() {
+        let d = std::env::temp_dir().join(format!("ember-imgfile-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join("kernel.elf"), b"x").unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", d.join("link")).unwrap();
+        assert!(check_image_file(&d, "kernel.elf").is_ok());
+        for bad in ["", ".", "..", "/etc/shadow", "../x", "a/b", "link", "missing"] {
+            assert!(check_image_file(&d, bad).is_err(), "{bad}");
+        }
+        std::fs::remove_dir_all(&d).unwrap();
     }
 
     #[test]

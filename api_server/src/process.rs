@@ -5,7 +5,7 @@
 
 use std::fs;
 use std::io::Write;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -152,15 +152,15 @@ impl Launcher {
                 ))
             })?;
             std::os::unix::fs::chown(&dst, Some(self.uid), Some(self.gid)).map_err(err)?;
-        } else if fs::hard_link(&f.host, &dst).is_err() {
-            fs::copy(&f.host, &dst).map_err(err)?;
-        }
-        if !f.writable {
-            // Readable by the VMM's user; never writable by it.
-            let mode = fs::metadata(&dst).map_err(err)?.mode() & 0o777;
-            if mode & 0o004 == 0 {
-                fs::set_permissions(&dst, fs::Permissions::from_mode(0o644)).map_err(err)?;
+        } else {
+            // A private copy, readable by the VMM's user and never writable
+            // by it. Not a hard link: changing the link's mode would change
+            // the original's.
+            if fs::symlink_metadata(&f.host).map_err(err)?.file_type().is_symlink() {
+                return Err(err(std::io::Error::other("refusing to place a symlink")));
             }
+            fs::copy(&f.host, &dst).map_err(err)?;
+            fs::set_permissions(&dst, fs::Permissions::from_mode(0o644)).map_err(err)?;
         }
         Ok(())
     }

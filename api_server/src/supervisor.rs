@@ -370,6 +370,8 @@ impl Supervisor {
     /// Installs an image whose files are already in `dir` (hub pull).
     pub fn install_image(&mut self, mut img: Image, dir: &Path, force: bool) -> Result<Image> {
         validate_name("image", &img.name)?;
+        // Untrusted (hub) metadata: checked before anything local changes.
+        img.check_files(dir)?;
         if let Some(old) = self.state.image(&img.name).map(|i| i.id.clone()) {
             if !force {
                 return Err(SupervisorError::Exists {
@@ -536,6 +538,7 @@ impl Supervisor {
             )));
         }
         let dir = self.store.image_dir(&img.id);
+        img.check_files(&dir)?;
         let mut files = vec![JailFile {
             host: dir.join(&img.kernel),
             name: "kernel".into(),

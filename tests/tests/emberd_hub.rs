@@ -506,12 +506,7 @@ s3.copy_object(Bucket="unikhub", Key=key, CopySource={"Bucket": "unikhub", "Key"
 /// image directory (absolute paths, `..`) must be refused at pull time:
 /// otherwise running the image hard-links that host file into the jail and
 /// makes it world-readable (chmod 0644 on the shared inode).
-///
-/// Ignored until api_server validates the pulled Image JSON (hub_pull /
-/// Supervisor::install_image / launch_spec): today the pull answers 202 and
-/// the run chmods the host file to 0644.
 #[test]
-#[ignore = "api_server bug: a hub-pulled image's kernel path may leave its directory"]
 fn a_hub_image_cannot_point_outside_its_directory() {
     use std::os::unix::fs::PermissionsExt;
     let moto = MotoServer::start();
