@@ -253,7 +253,8 @@ impl HubConfig {
 /// Parses and checks a hub URL: http or https, a host, no credentials.
 fn parse_endpoint(raw: &str) -> Result<Url, HubError> {
     let url = Url::parse(raw.trim())
-        .map_err(|e| HubError::Config(format!("hub url {raw:?} is not a URL: {e}")))?;
+        // The text is not echoed: it may carry a password typed into it.
+        .map_err(|e| HubError::Config(format!("hub url is not a URL: {e}")))?;
     match url.scheme() {
         "http" | "https" => {}
         s => {
