@@ -15,3 +15,5 @@ pub mod supervisor;
 pub mod archive;
 pub mod volumes;
 pub mod unik;
+pub mod netdev;
+pub mod cidata;

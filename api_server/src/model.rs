@@ -127,7 +127,7 @@ impl Image {
 }
 
 /// Lifecycle of an instance.
-#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum InstanceState {
     /// Being prepared or booting.
@@ -135,6 +135,7 @@ pub enum InstanceState {
     /// Its VMM process is alive.
     Running,
     /// Not running (never started, stopped, or the guest exited).
+    #[default]
     Stopped,
     /// Starting it failed, or its VMM crashed.
     Error,
@@ -161,8 +162,25 @@ pub struct VmmProcess {
     pub start_time: u64,
 }
 
+/// A volume attached to an instance without a mount point (a root disk, a
+/// cloud-init seed disk...).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Disk {
+    /// Volume name.
+    pub volume: String,
+    pub read_only: bool,
+}
+
+/// A network interface: a host TAP device and the guest's MAC. The guest
+/// sees them as eth0, eth1, ... in order.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NetInterface {
+    pub host_dev_name: String,
+    pub guest_mac: Option<String>,
+}
+
 /// A running or stopped microVM made from an image.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Instance {
     pub id: String,
     pub name: String,
@@ -181,6 +199,44 @@ pub struct Instance {
     pub last_error: Option<String>,
     /// Exit status of the last VMM process, when known.
     pub last_exit: Option<i32>,
+    /// vCPUs (0, as in state written before this field existed, means 1).
+    #[serde(default)]
+    pub vcpus: u8,
+    /// Free-form labels (Flintlock labels, hyperd pod labels).
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Data a REST face keeps with the instance; opaque to the supervisor.
+    #[serde(default)]
+    pub annotations: BTreeMap<String, String>,
+    /// Volume (name) booted as the root block device (/dev/vda).
+    #[serde(default)]
+    pub root_volume: Option<Disk>,
+    /// Further volumes attached without a mount point, after the mounted ones.
+    #[serde(default)]
+    pub disks: Vec<Disk>,
+    /// Network interfaces (eth0, eth1, ...).
+    #[serde(default)]
+    pub interfaces: Vec<NetInterface>,
+    /// Kernel arguments of this instance, after the image's.
+    #[serde(default)]
+    pub boot_args: String,
+}
+
+impl Instance {
+    /// Volumes in block-device order: root, mounted (by mount point), disks.
+    pub fn volumes_in_order(&self) -> Vec<(Option<&str>, &str, bool)> {
+        let mut v: Vec<(Option<&str>, &str, bool)> = Vec::new();
+        if let Some(r) = &self.root_volume {
+            v.push((None, r.volume.as_str(), r.read_only));
+        }
+        for (m, vol) in &self.mounts {
+            v.push((Some(m.as_str()), vol.as_str(), false));
+        }
+        for d in &self.disks {
+            v.push((None, d.volume.as_str(), d.read_only));
+        }
+        v
+    }
 }
 
 /// Volume content format.

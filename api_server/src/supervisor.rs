@@ -91,6 +91,16 @@ pub struct RunRequest {
     pub memory_mb: u32,
     pub no_cleanup: bool,
     pub debug_mode: bool,
+    /// 0: one.
+    pub vcpus: u8,
+    pub labels: BTreeMap<String, String>,
+    pub annotations: BTreeMap<String, String>,
+    pub root_volume: Option<Disk>,
+    pub disks: Vec<Disk>,
+    pub interfaces: Vec<NetInterface>,
+    pub boot_args: String,
+    /// Create the instance stopped instead of starting it.
+    pub create_only: bool,
 }
 
 /// Everything a worker needs to build an image.
@@ -493,21 +503,84 @@ impl Supervisor {
         }
         // The command line must render before anything is created.
         compilers::render_cmdline(&img.boot_args, &[], &req.env, &img.args)?;
+        if req.vcpus > 32 {
+            return Err(SupervisorError::Invalid(format!(
+                "{} vCPUs are too many (at most 32)",
+                req.vcpus
+            )));
+        }
+        // Root and extra disks: volumes that exist and are free.
+        let mut extra: Vec<&Disk> = req.root_volume.iter().collect();
+        extra.extend(req.disks.iter());
+        let mut seen = std::collections::BTreeSet::new();
+        for d in &extra {
+            let vol = self
+                .state
+                .volume(&d.volume)
+                .ok_or_else(|| not_found("volume", &d.volume))?;
+            if let Some(a) = &vol.attachment {
+                return Err(SupervisorError::Conflict(format!(
+                    "volume {} is already attached to instance {a}",
+                    vol.name
+                )));
+            }
+            if !seen.insert(vol.id.clone()) || mounts.values().any(|m| m == &vol.name) {
+                return Err(SupervisorError::Invalid(format!(
+                    "volume {} is used twice",
+                    vol.name
+                )));
+            }
+        }
+        let canonical = |d: &Disk| Disk {
+            volume: self
+                .state
+                .volume(&d.volume)
+                .map(|v| v.name.clone())
+                .unwrap_or_default(),
+            read_only: d.read_only,
+        };
+        let root_volume = req.root_volume.as_ref().map(canonical);
+        let disks: Vec<Disk> = req.disks.iter().map(canonical).collect();
+        for n in &req.interfaces {
+            if n.host_dev_name.is_empty()
+                || n.host_dev_name.len() > 15
+                || n.host_dev_name.contains(['/', ' ', ':'])
+            {
+                return Err(SupervisorError::Invalid(format!(
+                    "invalid TAP device name {:?} (1 to 15 characters, no '/', ':' or spaces)",
+                    n.host_dev_name
+                )));
+            }
+        }
+        if req.boot_args.contains('"') || req.boot_args.chars().any(|c| c.is_control()) {
+            return Err(SupervisorError::Invalid(
+                "kernel arguments may not contain double quotes or control characters".into(),
+            ));
+        }
         let inst = Instance {
             id: new_id("inst"),
             name: req.name.clone(),
             image_id: img.id.clone(),
             image_name: img.name.clone(),
-            state: InstanceState::Pending,
+            state: if req.create_only {
+                InstanceState::Stopped
+            } else {
+                InstanceState::Pending
+            },
             created: now_rfc3339(),
             memory_mb,
             env: req.env.clone(),
             mounts: mounts.clone(),
             no_cleanup: req.no_cleanup,
             debug_mode: req.debug_mode,
-            process: None,
-            last_error: None,
-            last_exit: None,
+            vcpus: req.vcpus.max(1),
+            labels: req.labels.clone(),
+            annotations: req.annotations.clone(),
+            root_volume,
+            disks,
+            interfaces: req.interfaces.clone(),
+            boot_args: req.boot_args.clone(),
+            ..Default::default()
         };
         for (m, v) in &mounts {
             let id = self.state.volume(v).map(|x| x.id.clone()).unwrap_or_default();
@@ -516,10 +589,19 @@ impl Supervisor {
                 vol.mount_point = Some(m.clone());
             }
         }
+        for d in inst.root_volume.iter().chain(inst.disks.iter()) {
+            let id = self.state.volume(&d.volume).map(|x| x.id.clone()).unwrap_or_default();
+            if let Some(vol) = self.state.volumes.get_mut(&id) {
+                vol.attachment = Some(inst.id.clone());
+                vol.mount_point = None;
+            }
+        }
         let id = inst.id.clone();
         self.state.instances.insert(id.clone(), inst);
         self.save()?;
-        self.start_instance(&id)?;
+        if !req.create_only {
+            self.start_instance(&id)?;
+        }
         Ok(self.instance(&id)?.clone())
     }
 
@@ -555,7 +637,8 @@ impl Supervisor {
         }
         let mut drives = Vec::new();
         let mut mount_idx = Vec::new();
-        for (i, (m, vname)) in inst.mounts.iter().enumerate() {
+        let root_name = inst.root_volume.as_ref().map(|d| d.volume.clone());
+        for (i, (mount, vname, read_only)) in inst.volumes_in_order().into_iter().enumerate() {
             let vol = self
                 .state
                 .volume(vname)
@@ -566,18 +649,35 @@ impl Supervisor {
                 name: file.clone(),
                 writable: true,
             });
+            let is_root = i == 0 && root_name.as_deref() == Some(vname);
             drives.push(serde_json::json!({
                 "drive_id": vol.id, "path_on_host": file,
-                "is_root_device": false, "is_read_only": false
+                "is_root_device": is_root, "is_read_only": read_only
             }));
-            mount_idx.push((m.clone(), i));
+            if let Some(m) = mount {
+                mount_idx.push((m.to_string(), i));
+            }
         }
+        let base_args = format!("{} {}", img.boot_args, inst.boot_args);
         boot["boot_args"] =
-            compilers::render_cmdline(&img.boot_args, &mount_idx, &inst.env, &img.args)?.into();
+            compilers::render_cmdline(base_args.trim(), &mount_idx, &inst.env, &img.args)?.into();
+        let nets: Vec<serde_json::Value> = inst
+            .interfaces
+            .iter()
+            .enumerate()
+            .map(|(i, n)| {
+                let mut v = serde_json::json!({"iface_id": format!("eth{i}"), "host_dev_name": n.host_dev_name});
+                if let Some(m) = &n.guest_mac {
+                    v["guest_mac"] = m.clone().into();
+                }
+                v
+            })
+            .collect();
         let cfg = serde_json::json!({
             "boot-source": boot,
-            "machine-config": {"vcpu_count": 1, "mem_size_mib": inst.memory_mb},
+            "machine-config": {"vcpu_count": inst.vcpus.max(1), "mem_size_mib": inst.memory_mb},
             "drives": drives,
+            "network-interfaces": nets,
         });
         Ok(LaunchSpec {
             id: inst.id.clone(),
@@ -906,4 +1006,132 @@ fn dir_size(p: &Path) -> u64 {
                 .sum()
         })
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sup(tag: &str) -> (Supervisor, PathBuf) {
+        let root = std::env::temp_dir().join(format!("emberd-sup-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let store = Store::open(&root.join("state")).unwrap();
+        let launcher = Launcher {
+            vmm_bin: "/nonexistent/ember-vmm".into(),
+            jailer_bin: None,
+            chroot_base: root.join("jail"),
+            uid: 1,
+            gid: 1,
+            libs: vec![],
+        };
+        (Supervisor::new(store, launcher, Registry::new()).unwrap(), root)
+    }
+
+    fn add_volume(s: &mut Supervisor, name: &str) {
+        let v = Volume {
+            id: new_id("vol"),
+            name: name.into(),
+            size_mb: 1,
+            created: now_rfc3339(),
+            format: VolumeFormat::Raw,
+            attachment: None,
+            mount_point: None,
+        };
+        std::fs::write(s.store.volume_path(&v.id), [0u8; 512]).unwrap();
+        s.state.volumes.insert(v.id.clone(), v);
+    }
+
+    #[test]
+    fn launch_spec_orders_devices_and_renders_everything() {
+        let (mut s, root) = sup("spec");
+        let img = Image {
+            id: "img-t".into(),
+            name: "t".into(),
+            provider: "ember".into(),
+            base: "ember".into(),
+            lang: "c".into(),
+            created: now_rfc3339(),
+            size_mb: 1,
+            kernel: "kernel.elf".into(),
+            initrd: None,
+            boot_args: "console=ttyS0".into(),
+            args: "a1".into(),
+            mounts: vec!["/data".into()],
+            default_memory_mb: 64,
+            format: "elf-pvh".into(),
+        };
+        let dir = s.store.image_dir(&img.id);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("kernel.elf"), b"k").unwrap();
+        s.state.images.insert(img.id.clone(), img);
+        for v in ["rootfs", "data", "seed"] {
+            add_volume(&mut s, v);
+        }
+        let mut mounts = BTreeMap::new();
+        mounts.insert("/data".to_string(), "data".to_string());
+        let inst = s
+            .run_instance(RunRequest {
+                name: "vm1".into(),
+                image: "t".into(),
+                mounts,
+                vcpus: 2,
+                root_volume: Some(Disk {
+                    volume: "rootfs".into(),
+                    read_only: false,
+                }),
+                disks: vec![Disk {
+                    volume: "seed".into(),
+                    read_only: true,
+                }],
+                interfaces: vec![NetInterface {
+                    host_dev_name: "tap0".into(),
+                    guest_mac: Some("06:00:00:00:00:01".into()),
+                }],
+                boot_args: "ip=10.0.0.2::10.0.0.1:255.255.255.0::eth0:off".into(),
+                create_only: true,
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(inst.state, InstanceState::Stopped);
+        let spec = s.launch_spec(&inst).unwrap();
+        let c = &spec.vm_config;
+        let drives = c["drives"].as_array().unwrap();
+        assert_eq!(drives.len(), 3);
+        assert_eq!(drives[0]["is_root_device"], true);
+        assert_eq!(drives[2]["is_read_only"], true);
+        let args = c["boot-source"]["boot_args"].as_str().unwrap();
+        assert!(args.starts_with("console=ttyS0 ip=10.0.0.2"), "{args}");
+        assert!(args.contains("ember.mount=/data:1"), "{args}");
+        assert!(args.ends_with("-- a1"), "{args}");
+        assert_eq!(c["machine-config"]["vcpu_count"], 2);
+        assert_eq!(c["network-interfaces"][0]["host_dev_name"], "tap0");
+        assert_eq!(c["network-interfaces"][0]["iface_id"], "eth0");
+        // Every volume is now attached; reuse is refused.
+        assert!(s.state.volumes.values().all(|v| v.attachment.is_some()));
+        let again = s.run_instance(RunRequest {
+            name: "vm2".into(),
+            image: "t".into(),
+            root_volume: Some(Disk {
+                volume: "rootfs".into(),
+                read_only: false,
+            }),
+            create_only: true,
+            ..Default::default()
+        });
+        assert!(matches!(again, Err(SupervisorError::Invalid(_)) | Err(SupervisorError::Conflict(_))));
+        // Deleting frees them.
+        s.delete_instance("vm1", false).unwrap();
+        assert!(s.state.volumes.values().all(|v| v.attachment.is_none()));
+        let _ = std::fs::remove_dir_all(root);
+    }
+
+    #[test]
+    fn old_state_without_new_fields_loads() {
+        let j = r#"{"id":"inst-1","name":"a","image_id":"i","image_name":"n","state":"running",
+            "created":"x","memory_mb":64,"env":{},"mounts":{},"no_cleanup":false,"debug_mode":false,
+            "process":null,"last_error":null,"last_exit":null}"#;
+        let i: Instance = serde_json::from_str(j).unwrap();
+        assert_eq!(i.vcpus, 0);
+        assert!(i.interfaces.is_empty() && i.root_volume.is_none());
+    }
 }

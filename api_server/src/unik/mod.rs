@@ -338,6 +338,7 @@ fn run(sup: &mut Supervisor, req: &Request) -> Response {
         memory_mb,
         no_cleanup: body.no_cleanup,
         debug_mode: body.debug_mode,
+        ..Default::default()
     };
     match sup.run_instance(r) {
         Ok(i) => Response::json(201, &instance_json(&i)),
