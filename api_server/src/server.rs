@@ -25,10 +25,19 @@ pub type Shared = Arc<Mutex<Supervisor>>;
 /// Work finished on a worker thread, applied on the loop thread.
 pub type Finish = Box<dyn FnOnce(&mut Supervisor) -> Response + Send>;
 
+/// Background work finished on a worker thread, applied on the loop thread;
+/// it may schedule more background work.
+pub type BgFinish = Box<dyn FnOnce(&mut Supervisor, &Jobs) + Send>;
+
+enum Done {
+    Reply(ConnectionId, Finish),
+    Background(BgFinish),
+}
+
 /// Runs long work off the event loop.
 #[derive(Clone)]
 pub struct Jobs {
-    tx: Sender<(ConnectionId, Finish)>,
+    tx: Sender<Done>,
     wake: Arc<EventFd>,
 }
 
@@ -45,36 +54,62 @@ impl Jobs {
             .name(format!("emberd-{what}"))
             .spawn(move || {
                 let fin = work();
-                let _ = tx.send((conn, fin));
+                let _ = tx.send(Done::Reply(conn, fin));
                 let _ = wake.write(1);
             });
         if let Err(e) = spawned {
             let msg = format!("cannot start a worker thread: {e}");
-            let _ = self.tx.send((
+            let _ = self.tx.send(Done::Reply(
                 conn,
                 Box::new(move |_: &mut Supervisor| Response::json(500, &serde_json::json!({"Error": msg}))),
             ));
             let _ = self.wake.write(1);
         }
     }
+
+    /// Runs `work` on a new thread after `delay`; its result is applied on
+    /// the loop thread, with no client waiting (reconcile loops).
+    pub fn spawn_background<F>(&self, what: &str, delay: Duration, work: F)
+    where
+        F: FnOnce() -> BgFinish + Send + 'static,
+    {
+        let tx = self.tx.clone();
+        let wake = self.wake.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("emberd-{what}"))
+            .spawn(move || {
+                std::thread::sleep(delay);
+                let fin = work();
+                let _ = tx.send(Done::Background(fin));
+                let _ = wake.write(1);
+            });
+        if let Err(e) = spawned {
+            log::error!("cannot start a background worker for {what}: {e}");
+        }
+    }
 }
 
 struct JobsSubscriber {
-    rx: Receiver<(ConnectionId, Finish)>,
+    rx: Receiver<Done>,
     wake: Arc<EventFd>,
     sup: Shared,
     responder: Responder,
+    jobs: Jobs,
 }
 
 impl MutEventSubscriber for JobsSubscriber {
     fn process(&mut self, _: Events, _: &mut EventOps) {
         let _ = self.wake.read();
-        while let Ok((conn, fin)) = self.rx.try_recv() {
-            let resp = {
-                let mut sup = self.sup.lock().unwrap_or_else(|p| p.into_inner());
-                fin(&mut sup)
-            };
-            let _ = self.responder.respond(conn, resp);
+        while let Ok(done) = self.rx.try_recv() {
+            let mut sup = self.sup.lock().unwrap_or_else(|p| p.into_inner());
+            match done {
+                Done::Reply(conn, fin) => {
+                    let resp = fin(&mut sup);
+                    drop(sup);
+                    let _ = self.responder.respond(conn, resp);
+                }
+                Done::Background(fin) => fin(&mut sup, &self.jobs),
+            }
         }
     }
     fn init(&mut self, ops: &mut EventOps) {
@@ -138,6 +173,8 @@ struct Follower {
 pub trait Face: Send {
     /// Handles `req` if it belongs to this face (None: not mine).
     fn handle(&mut self, ctx: &mut Ctx, req: &Request) -> Option<Reply>;
+    /// Called once at start-up, e.g. to resume unfinished reconciliation.
+    fn resume(&mut self, _sup: &mut Supervisor, _jobs: &Jobs) {}
 }
 
 /// What a face gets to work with.
@@ -300,7 +337,7 @@ impl Daemon {
         let router = Router {
             faces,
             sup: sup.clone(),
-            jobs,
+            jobs: jobs.clone(),
             responder: None,
             followers: HashMap::new(),
         };
@@ -314,12 +351,20 @@ impl Daemon {
         let mut server = ember_http::HttpServer::new(sock, router, config)?;
         let responder = server.responder();
         server.handler_mut().responder = Some(responder.clone());
+        // Faces that need to resume work after a restart (reconcile loops).
+        {
+            let mut router_sup = sup.lock().unwrap_or_else(|p| p.into_inner());
+            for f in server.handler_mut().faces.iter_mut() {
+                f.resume(&mut router_sup, &jobs);
+            }
+        }
         em.add_subscriber(Arc::new(Mutex::new(server)));
         em.add_subscriber(Arc::new(Mutex::new(JobsSubscriber {
             rx: jrx,
             wake: jwake,
             sup: sup.clone(),
             responder,
+            jobs,
         })));
         let (wtx, wrx) = channel();
         let wwake = EventFd::new(EFD_NONBLOCK)?;

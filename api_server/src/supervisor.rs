@@ -445,7 +445,7 @@ impl Supervisor {
         self.state.instance(key).ok_or_else(|| not_found("instance", key))
     }
 
-    /// Creates an instance and starts it.
+    /// Creates an instance and starts it (unless `req.create_only`).
     pub fn run_instance(&mut self, req: RunRequest) -> Result<Instance> {
         validate_name("instance", &req.name)?;
         if self.state.instance(&req.name).is_some() {
@@ -455,6 +455,114 @@ impl Supervisor {
                 hint: "",
             });
         }
+        let inst = self.build_instance(&req, new_id("inst"), now_rfc3339(), None)?;
+        self.commit_instance(inst, req.create_only)
+    }
+
+    /// Records an instance that is not ready to run yet (its image and
+    /// volumes are still being built), e.g. a Flintlock microVM in PENDING.
+    pub fn reserve_instance(
+        &mut self,
+        name: &str,
+        labels: BTreeMap<String, String>,
+        annotations: BTreeMap<String, String>,
+    ) -> Result<Instance> {
+        validate_name("instance", name)?;
+        if self.state.instance(name).is_some() {
+            return Err(SupervisorError::Exists {
+                what: "instance",
+                name: name.into(),
+                hint: "",
+            });
+        }
+        let inst = Instance {
+            id: new_id("inst"),
+            name: name.into(),
+            state: InstanceState::Pending,
+            created: now_rfc3339(),
+            labels,
+            annotations,
+            vcpus: 1,
+            ..Default::default()
+        };
+        self.state.instances.insert(inst.id.clone(), inst.clone());
+        self.save()?;
+        Ok(inst)
+    }
+
+    /// Fills a reserved instance from `req` (its name and id are kept) and
+    /// starts it unless `req.create_only`.
+    pub fn configure_instance(&mut self, key: &str, req: RunRequest) -> Result<Instance> {
+        let old = self.instance(key)?.clone();
+        if !old.image_id.is_empty() {
+            return Err(SupervisorError::Conflict(format!(
+                "instance {} is already configured",
+                old.name
+            )));
+        }
+        let mut inst = self.build_instance(&req, old.id.clone(), old.created.clone(), Some(&old))?;
+        inst.name = old.name.clone();
+        let mut ann = old.annotations.clone();
+        ann.extend(req.annotations.clone());
+        inst.annotations = ann;
+        self.state.instances.remove(&old.id);
+        self.commit_instance(inst, req.create_only)
+    }
+
+    /// Updates the face data kept with an instance.
+    pub fn set_annotations(
+        &mut self,
+        key: &str,
+        f: impl FnOnce(&mut BTreeMap<String, String>),
+    ) -> Result<Instance> {
+        let id = self.instance(key)?.id.clone();
+        let e = self
+            .state
+            .instances
+            .get_mut(&id)
+            .ok_or_else(|| not_found("instance", key))?;
+        f(&mut e.annotations);
+        let out = e.clone();
+        self.save()?;
+        Ok(out)
+    }
+
+    fn commit_instance(&mut self, inst: Instance, create_only: bool) -> Result<Instance> {
+        for (m, v) in &inst.mounts {
+            let id = self.state.volume(v).map(|x| x.id.clone()).unwrap_or_default();
+            if let Some(vol) = self.state.volumes.get_mut(&id) {
+                vol.attachment = Some(inst.id.clone());
+                vol.mount_point = Some(m.clone());
+            }
+        }
+        for d in inst.root_volume.iter().chain(inst.disks.iter()) {
+            let id = self.state.volume(&d.volume).map(|x| x.id.clone()).unwrap_or_default();
+            if let Some(vol) = self.state.volumes.get_mut(&id) {
+                vol.attachment = Some(inst.id.clone());
+                vol.mount_point = None;
+            }
+        }
+        let id = inst.id.clone();
+        self.state.instances.insert(id.clone(), inst);
+        self.save()?;
+        if !create_only {
+            self.start_instance(&id)?;
+        }
+        Ok(self.instance(&id)?.clone())
+    }
+
+    /// Validates `req` and builds the instance record (no state changes).
+    fn build_instance(
+        &self,
+        req: &RunRequest,
+        id: String,
+        created: String,
+        replacing: Option<&Instance>,
+    ) -> Result<Instance> {
+        let mine = |a: &Option<String>| match (a, replacing) {
+            (Some(a), Some(r)) => a == &r.id,
+            _ => false,
+        };
         let img = self.image(&req.image)?.clone();
         for k in req.env.keys() {
             validate_env_name(k)?;
@@ -483,7 +591,7 @@ impl Supervisor {
                 )));
             }
             let vol = self.state.volume(v).ok_or_else(|| not_found("volume", v))?;
-            if let Some(a) = &vol.attachment {
+            if let Some(a) = vol.attachment.as_ref().filter(|_| !mine(&vol.attachment)) {
                 return Err(SupervisorError::Conflict(format!(
                     "volume {} is already attached to instance {a}",
                     vol.name
@@ -518,7 +626,7 @@ impl Supervisor {
                 .state
                 .volume(&d.volume)
                 .ok_or_else(|| not_found("volume", &d.volume))?;
-            if let Some(a) = &vol.attachment {
+            if let Some(a) = vol.attachment.as_ref().filter(|_| !mine(&vol.attachment)) {
                 return Err(SupervisorError::Conflict(format!(
                     "volume {} is already attached to instance {a}",
                     vol.name
@@ -558,7 +666,7 @@ impl Supervisor {
             ));
         }
         let inst = Instance {
-            id: new_id("inst"),
+            id,
             name: req.name.clone(),
             image_id: img.id.clone(),
             image_name: img.name.clone(),
@@ -567,7 +675,7 @@ impl Supervisor {
             } else {
                 InstanceState::Pending
             },
-            created: now_rfc3339(),
+            created,
             memory_mb,
             env: req.env.clone(),
             mounts: mounts.clone(),
@@ -582,27 +690,7 @@ impl Supervisor {
             boot_args: req.boot_args.clone(),
             ..Default::default()
         };
-        for (m, v) in &mounts {
-            let id = self.state.volume(v).map(|x| x.id.clone()).unwrap_or_default();
-            if let Some(vol) = self.state.volumes.get_mut(&id) {
-                vol.attachment = Some(inst.id.clone());
-                vol.mount_point = Some(m.clone());
-            }
-        }
-        for d in inst.root_volume.iter().chain(inst.disks.iter()) {
-            let id = self.state.volume(&d.volume).map(|x| x.id.clone()).unwrap_or_default();
-            if let Some(vol) = self.state.volumes.get_mut(&id) {
-                vol.attachment = Some(inst.id.clone());
-                vol.mount_point = None;
-            }
-        }
-        let id = inst.id.clone();
-        self.state.instances.insert(id.clone(), inst);
-        self.save()?;
-        if !req.create_only {
-            self.start_instance(&id)?;
-        }
-        Ok(self.instance(&id)?.clone())
+        Ok(inst)
     }
 
     fn launch_spec(&self, inst: &Instance) -> Result<LaunchSpec> {
@@ -695,7 +783,27 @@ impl Supervisor {
                 return Ok(inst);
             }
         }
+        if inst.image_id.is_empty() {
+            return Err(SupervisorError::Conflict(format!(
+                "instance {} is not ready yet (its image and volumes are being built)",
+                inst.name
+            )));
+        }
         let spec = self.launch_spec(&inst)?;
+        // TAPs are persistent and owned by the VMMs' user, so the jailed VMM
+        // (no capabilities) can attach to them.
+        for n in &inst.interfaces {
+            if !crate::netdev::tap_exists(&n.host_dev_name, None) {
+                crate::netdev::create_tap(
+                    &n.host_dev_name,
+                    Some((self.launcher.uid, self.launcher.gid)),
+                    None,
+                )
+                .map_err(|e| {
+                    SupervisorError::Internal(format!("TAP {}: {e}", n.host_dev_name))
+                })?;
+            }
+        }
         process::log_note(&spec.log_path, &format!("starting instance {}", inst.name));
         let result = self.launcher.launch(&spec);
         let entry = self
@@ -763,6 +871,13 @@ impl Supervisor {
             )));
         }
         self.stop_instance(&inst.id)?;
+        for n in &inst.interfaces {
+            if crate::netdev::tap_exists(&n.host_dev_name, None) {
+                if let Err(e) = crate::netdev::delete_tap(&n.host_dev_name, None) {
+                    log::warn!("cannot delete TAP {}: {e}", n.host_dev_name);
+                }
+            }
+        }
         for v in self.state.volumes.values_mut() {
             if v.attachment.as_deref() == Some(&inst.id) {
                 v.attachment = None;
@@ -900,6 +1015,40 @@ impl Supervisor {
             mount_point: None,
         };
         self.state.volumes.insert(v.id.clone(), v.clone());
+        self.save()?;
+        Ok(v)
+    }
+
+    /// Installs a volume image file built elsewhere (moved into place).
+    pub fn install_volume_file(
+        &mut self,
+        name: &str,
+        file: &Path,
+        format: VolumeFormat,
+    ) -> Result<Volume> {
+        validate_name("volume", name)?;
+        if self.state.volume(name).is_some() {
+            return Err(SupervisorError::Exists {
+                what: "volume",
+                name: name.into(),
+                hint: "",
+            });
+        }
+        let id = new_id("vol");
+        let dest = self.store.volume_path(&id);
+        std::fs::rename(file, &dest)
+            .map_err(|e| SupervisorError::Internal(format!("cannot install volume {name}: {e}")))?;
+        let size = std::fs::metadata(&dest).map(|m| m.len()).unwrap_or(0);
+        let v = Volume {
+            id: id.clone(),
+            name: name.into(),
+            size_mb: size.div_ceil(1 << 20).max(1),
+            created: now_rfc3339(),
+            format,
+            attachment: None,
+            mount_point: None,
+        };
+        self.state.volumes.insert(id, v.clone());
         self.save()?;
         Ok(v)
     }
