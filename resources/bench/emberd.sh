@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# emberd benchmark: instance starts per second through emberd's API (a hello
+# C unikernel: run, wait for stopped, delete; and bursts), API requests per
+# second (keep-alive and a new connection per request), next to the spawn
+# rate of the same kernel under ember-jailer + ember-vmm and under bare
+# ember-vmm, measured in the same run. Needs root.
+#
+# Usage: resources/bench/emberd.sh [--runs N] [--burst K] [--requests M] [other `emberd-bench` options]
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+
+cargo build --release -p vmm -p jailer -p api_server -p ember-bench
+
+target_dir="${CARGO_TARGET_DIR:-target}"
+exec "$target_dir/release/emberd-bench" \
+    --emberd "$target_dir/release/emberd" \
+    --vmm "$target_dir/release/ember-vmm" \
+    --jailer "$target_dir/release/ember-jailer" \
+    "$@"

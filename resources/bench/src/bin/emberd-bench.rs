@@ -1,0 +1,122 @@
+//! emberd-bench: instance starts per second through emberd's API (a hello C
+//! unikernel), API requests per second, and the spawn rate of the same
+//! kernel under ember-jailer + ember-vmm and under bare ember-vmm, measured
+//! in the same run.
+//!
+//! Usage: emberd-bench [--runs N] [--burst K] [--burst-rounds R]
+//!                     [--requests M] [--api-path PATH] [--poll-ms MS]
+//!                     [--no-jailer] [--emberd PATH] [--vmm PATH]
+//!                     [--jailer PATH] [--uid UID] [--gid GID]
+//!
+//! Defaults: 20 runs, 3 bursts of 5, 2000 requests of GET /instances, 2 ms
+//! status polls, uid/gid 10502, emberd / ember-vmm / ember-jailer next to
+//! this binary. Needs root (emberd runs the jailer).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use ember_bench::emberd::{self, EmberdBenchConfig};
+use ember_bench::throughput::vmrun;
+
+const USAGE: &str = "usage: emberd-bench [--runs N] [--burst K] [--burst-rounds R] [--requests M] \
+[--api-path PATH] [--poll-ms MS] [--no-jailer] [--emberd PATH] [--vmm PATH] [--jailer PATH] \
+[--uid UID] [--gid GID]";
+
+fn parse_args(args: &[String]) -> Result<EmberdBenchConfig, String> {
+    let bin_dir = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(PathBuf::from))
+        .unwrap_or_default();
+    let mut cfg = EmberdBenchConfig {
+        runs: 20,
+        burst: 5,
+        burst_rounds: 3,
+        requests: 2000,
+        api_path: "/instances".into(),
+        emberd: bin_dir.join("emberd"),
+        vmm: bin_dir.join("ember-vmm"),
+        jailer: bin_dir.join("ember-jailer"),
+        uid: 10502,
+        gid: 10502,
+        poll: Duration::from_millis(2),
+        with_jailer: true,
+    };
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut value = || it.next().cloned().ok_or_else(|| format!("{a} needs a value"));
+        let num = |v: String| v.parse::<usize>().map_err(|e| format!("{a}: {e}"));
+        match a.as_str() {
+            "--runs" => cfg.runs = num(value()?)?,
+            "--burst" => cfg.burst = num(value()?)?,
+            "--burst-rounds" => cfg.burst_rounds = num(value()?)?,
+            "--requests" => cfg.requests = num(value()?)?,
+            "--api-path" => cfg.api_path = value()?,
+            "--poll-ms" => cfg.poll = Duration::from_millis(num(value()?)? as u64),
+            "--no-jailer" => cfg.with_jailer = false,
+            "--emberd" => cfg.emberd = value()?.into(),
+            "--vmm" => cfg.vmm = value()?.into(),
+            "--jailer" => cfg.jailer = value()?.into(),
+            "--uid" => cfg.uid = value()?.parse().map_err(|e| format!("--uid: {e}"))?,
+            "--gid" => cfg.gid = value()?.parse().map_err(|e| format!("--gid: {e}"))?,
+            "-h" | "--help" => return Err(String::new()),
+            other => return Err(format!("unknown argument {other}")),
+        }
+    }
+    if cfg.runs == 0 {
+        return Err("--runs must be at least 1".into());
+    }
+    if !cfg.api_path.starts_with('/') {
+        return Err("--api-path must start with /".into());
+    }
+    if cfg.runs > 10_000 || cfg.burst > 100 || cfg.burst_rounds > 1000 || cfg.requests > 10_000_000 {
+        return Err("refusing absurd counts (runs <= 10000, burst <= 100, rounds <= 1000)".into());
+    }
+    Ok(cfg)
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let cfg = match parse_args(&args) {
+        Ok(c) => c,
+        Err(msg) => {
+            if !msg.is_empty() {
+                eprintln!("emberd-bench: {msg}");
+            }
+            eprintln!("{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    vmrun::install_interrupt_handler();
+    println!(
+        "emberd-bench: {} interleaved rounds (+1 warm-up) of [API start{}, ember-vmm --no-api], \
+         {} bursts of {}, 2 x {} GET {}; emberd {}",
+        cfg.runs,
+        if cfg.with_jailer { ", ember-jailer + ember-vmm" } else { "" },
+        cfg.burst_rounds,
+        cfg.burst,
+        cfg.requests,
+        cfg.api_path,
+        cfg.emberd.display()
+    );
+    println!(
+        "API start = POST /instances/run, poll GET /instances/<name> every {} ms until stopped, \
+         check the log for {:?}, DELETE. Rates = runs / sum of per-run wall times. \
+         The jailer runs use emberd's jail layout and VMM arguments (API socket on), \
+         without emberd; VMM-only runs use --no-api.",
+        cfg.poll.as_millis(),
+        emberd::EXIT_LINE
+    );
+    let result = emberd::run(&cfg, &mut |msg| println!("  {msg}"));
+    match result {
+        Ok(report) => {
+            println!();
+            print!("{}", report.render());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("emberd-bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

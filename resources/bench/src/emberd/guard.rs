@@ -1,0 +1,245 @@
+//! Cleanup for the emberd benchmark: a temporary directory holding emberd's
+//! socket, state dir and jail base, the emberd process, and every VMM it
+//! started. Dropping the guard kills emberd, then each VMM it finds (the
+//! pids in emberd's `state.json`, checked by start time, and any process
+//! whose command line names an instance id the benchmark saw), and removes
+//! the directory. The release profile aborts on panic, so the benchmark
+//! returns errors instead of panicking and this runs on every exit path it
+//! controls (SIGINT/SIGTERM set a flag its wait loops check).
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::process::Child;
+use std::time::{Duration, Instant};
+
+/// How long to wait for killed processes to be gone.
+const KILL_WAIT: Duration = Duration::from_secs(10);
+
+/// Errors setting up the guard.
+#[derive(Debug, thiserror::Error)]
+pub enum GuardError {
+    #[error("cannot create {0}: {1}")]
+    Create(PathBuf, #[source] io::Error),
+}
+
+/// Owns the benchmark's temporary directory and processes.
+pub struct Guard {
+    root: PathBuf,
+    emberd: Option<Child>,
+    /// Instance (and jail) ids the benchmark has seen.
+    ids: Vec<String>,
+}
+
+impl Guard {
+    /// Creates `root` afresh (a stale one from a killed run is removed).
+    pub fn new(root: PathBuf) -> Result<Guard, GuardError> {
+        let _ = fs::remove_dir_all(&root);
+        fs::create_dir_all(&root).map_err(|e| GuardError::Create(root.clone(), e))?;
+        Ok(Guard {
+            root,
+            emberd: None,
+            ids: Vec::new(),
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn sock(&self) -> PathBuf {
+        self.root.join("ember.sock")
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.root.join("state")
+    }
+
+    /// emberd's `--chroot-base-dir`.
+    pub fn jail_base(&self) -> PathBuf {
+        self.root.join("jail")
+    }
+
+    /// emberd's stdout and stderr.
+    pub fn emberd_log(&self) -> PathBuf {
+        self.root.join("emberd.log")
+    }
+
+    pub fn set_emberd(&mut self, child: Child) {
+        self.emberd = Some(child);
+    }
+
+    pub fn emberd_mut(&mut self) -> Option<&mut Child> {
+        self.emberd.as_mut()
+    }
+
+    /// Remembers an instance id, so a VMM of it is killed even if emberd
+    /// lost track of it.
+    pub fn track(&mut self, id: &str) {
+        if !id.is_empty() && !self.ids.iter().any(|i| i == id) {
+            self.ids.push(id.to_string());
+        }
+    }
+
+    /// Kills emberd and every VMM left behind; returns the pids of the VMMs
+    /// that were still alive (none after a clean run).
+    pub fn kill_all(&mut self) -> Vec<i32> {
+        if let Some(mut c) = self.emberd.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let mut pids: Vec<i32> = fs::read_to_string(self.state_dir().join("state.json"))
+            .map(|s| state_pids(&s))
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|&(pid, start)| proc_start_time(pid).is_some_and(|t| start == 0 || t == start))
+            .map(|(pid, _)| pid)
+            .collect();
+        pids.extend(processes_naming(&self.ids));
+        pids.sort_unstable();
+        pids.dedup();
+        for &pid in &pids {
+            // SAFETY: kill(2) on a pid that was alive and ours a moment ago.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        let deadline = Instant::now() + KILL_WAIT;
+        while pids.iter().any(|&p| proc_start_time(p).is_some()) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        pids
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let left = self.kill_all();
+        if !left.is_empty() {
+            eprintln!("emberd-bench: killed leftover VMM processes {left:?}");
+        }
+        let _ = fs::remove_dir_all(&self.root);
+    }
+}
+
+/// `(pid, start time)` of every instance process in emberd's state file.
+pub fn state_pids(state_json: &str) -> Vec<(i32, u64)> {
+    let v: serde_json::Value = serde_json::from_str(state_json).unwrap_or_default();
+    let Some(insts) = v.get("instances").and_then(|i| i.as_object()) else {
+        return Vec::new();
+    };
+    insts
+        .values()
+        .filter_map(|i| {
+            let p = i.get("process")?;
+            let pid = i32::try_from(p.get("pid")?.as_i64()?).ok()?;
+            let start = p.get("start_time").and_then(|s| s.as_u64()).unwrap_or(0);
+            (pid > 1).then_some((pid, start))
+        })
+        .collect()
+}
+
+/// Whether a NUL-separated command line has an argument equal to one of
+/// `ids`.
+pub fn cmdline_names(cmdline: &[u8], ids: &[String]) -> bool {
+    cmdline
+        .split(|&b| b == 0)
+        .any(|arg| ids.iter().any(|id| id.as_bytes() == arg))
+}
+
+/// Live processes (not zombies) whose command line names one of `ids`.
+fn processes_naming(ids: &[String]) -> Vec<i32> {
+    if ids.is_empty() {
+        return Vec::new();
+    }
+    let me = std::process::id() as i32;
+    let Ok(rd) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    rd.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|&pid| pid != me && proc_start_time(pid).is_some())
+        .filter(|pid| {
+            fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| cmdline_names(&c, ids))
+        })
+        .collect()
+}
+
+/// Field 22 of /proc/<pid>/stat (start time in clock ticks); None if the
+/// process is gone or a zombie.
+pub fn proc_start_time(pid: i32) -> Option<u64> {
+    let s = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parse_start_time(&s)
+}
+
+fn parse_start_time(stat: &str) -> Option<u64> {
+    // The command name (field 2) may hold spaces or ')': parse after the
+    // last ')'. What follows starts at field 3 (state).
+    let rest = stat.get(stat.rfind(')')? + 1..)?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    if matches!(fields.first(), Some(&"Z") | Some(&"X") | None) {
+        return None;
+    }
+    fields.get(19)?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::process::CommandExt;
+
+    #[test]
+    fn pids_from_state() {
+        let s = r#"{"images":{},"instances":{
+            "inst-a":{"process":{"pid":1234,"start_time":99}},
+            "inst-b":{"process":null},
+            "inst-c":{"process":{"pid":1,"start_time":5}},
+            "inst-d":{"name":"no process field"}}}"#;
+        assert_eq!(state_pids(s), vec![(1234, 99)]);
+        assert!(state_pids("not json").is_empty());
+        assert!(state_pids("{}").is_empty());
+    }
+
+    #[test]
+    fn cmdline_matching_is_per_argument() {
+        let ids = vec!["inst-01".to_string()];
+        assert!(cmdline_names(b"/ember-vmm\0--id\0inst-01\0", &ids));
+        assert!(!cmdline_names(b"/ember-vmm\0--id\0inst-012\0", &ids));
+        assert!(!cmdline_names(b"", &ids));
+    }
+
+    #[test]
+    fn stat_parsing() {
+        let mut fields = vec!["S"; 20];
+        fields[19] = "4242";
+        let line = format!("77 (a (weird) name) {}", fields.join(" "));
+        assert_eq!(parse_start_time(&line), Some(4242));
+        let zombie = line.replace(") S ", ") Z ");
+        assert_eq!(parse_start_time(&zombie), None);
+        assert_eq!(parse_start_time("garbage"), None);
+        let me = std::process::id() as i32;
+        assert!(proc_start_time(me).is_some());
+    }
+
+    #[test]
+    fn guard_kills_named_processes_and_removes_its_dir() {
+        let root = std::env::temp_dir().join(format!("ember-bench-guard-{}", std::process::id()));
+        let mut g = Guard::new(root.clone()).unwrap();
+        fs::create_dir_all(g.state_dir()).unwrap();
+        let id = format!("bench-guard-test-{}", std::process::id());
+        let c = std::process::Command::new("sleep")
+            .arg0(&id)
+            .arg("60")
+            .spawn()
+            .unwrap();
+        let pid = c.id() as i32;
+        g.track(&id);
+        // The child's reaper is this test: kill_all waits for a zombie.
+        let reaper = std::thread::spawn(move || {
+            let mut c = c;
+            c.wait().unwrap()
+        });
+        assert_eq!(g.kill_all(), vec![pid]);
+        assert!(!reaper.join().unwrap().success());
+        drop(g);
+        assert!(!root.exists());
+    }
+}
