@@ -4,11 +4,11 @@
 //! in the same run.
 //!
 //! Usage: emberd-bench [--runs N] [--burst K] [--burst-rounds R]
-//!                     [--requests M] [--api-path PATH] [--poll-ms MS]
+//!                     [--idle-runs N] [--requests M] [--api-path PATH] [--poll-ms MS]
 //!                     [--no-jailer] [--emberd PATH] [--vmm PATH]
 //!                     [--jailer PATH] [--uid UID] [--gid GID]
 //!
-//! Defaults: 20 runs, 3 bursts of 5, 2000 requests of GET /instances, 2 ms
+//! Defaults: 20 runs, 3 bursts of 5, 5 starts of a guest that stays up, 2000 requests of GET /instances, 2 ms
 //! status polls, uid/gid 10502, emberd / ember-vmm / ember-jailer next to
 //! this binary. Needs root (emberd runs the jailer).
 
@@ -19,7 +19,8 @@ use std::time::Duration;
 use ember_bench::emberd::{self, EmberdBenchConfig};
 use ember_bench::throughput::vmrun;
 
-const USAGE: &str = "usage: emberd-bench [--runs N] [--burst K] [--burst-rounds R] [--requests M] \
+const USAGE: &str =
+    "usage: emberd-bench [--runs N] [--burst K] [--burst-rounds R] [--idle-runs N] [--requests M] \
 [--api-path PATH] [--poll-ms MS] [--no-jailer] [--emberd PATH] [--vmm PATH] [--jailer PATH] \
 [--uid UID] [--gid GID]";
 
@@ -41,16 +42,22 @@ fn parse_args(args: &[String]) -> Result<EmberdBenchConfig, String> {
         gid: 10502,
         poll: Duration::from_millis(2),
         with_jailer: true,
+        idle_runs: 5,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
-        let mut value = || it.next().cloned().ok_or_else(|| format!("{a} needs a value"));
+        let mut value = || {
+            it.next()
+                .cloned()
+                .ok_or_else(|| format!("{a} needs a value"))
+        };
         let num = |v: String| v.parse::<usize>().map_err(|e| format!("{a}: {e}"));
         match a.as_str() {
             "--runs" => cfg.runs = num(value()?)?,
             "--burst" => cfg.burst = num(value()?)?,
             "--burst-rounds" => cfg.burst_rounds = num(value()?)?,
             "--requests" => cfg.requests = num(value()?)?,
+            "--idle-runs" => cfg.idle_runs = num(value()?)?,
             "--api-path" => cfg.api_path = value()?,
             "--poll-ms" => cfg.poll = Duration::from_millis(num(value()?)? as u64),
             "--no-jailer" => cfg.with_jailer = false,
@@ -69,7 +76,12 @@ fn parse_args(args: &[String]) -> Result<EmberdBenchConfig, String> {
     if !cfg.api_path.starts_with('/') {
         return Err("--api-path must start with /".into());
     }
-    if cfg.runs > 10_000 || cfg.burst > 100 || cfg.burst_rounds > 1000 || cfg.requests > 10_000_000 {
+    if cfg.runs > 10_000
+        || cfg.burst > 100
+        || cfg.burst_rounds > 1000
+        || cfg.idle_runs > 10_000
+        || cfg.requests > 10_000_000
+    {
         return Err("refusing absurd counts (runs <= 10000, burst <= 100, rounds <= 1000)".into());
     }
     Ok(cfg)
@@ -90,11 +102,16 @@ fn main() -> ExitCode {
     vmrun::install_interrupt_handler();
     println!(
         "emberd-bench: {} interleaved rounds (+1 warm-up) of [API start{}, ember-vmm --no-api], \
-         {} bursts of {}, 2 x {} GET {}; emberd {}",
+         {} bursts of {}, {} starts of a guest that stays up, 2 x {} GET {}; emberd {}",
         cfg.runs,
-        if cfg.with_jailer { ", ember-jailer + ember-vmm" } else { "" },
+        if cfg.with_jailer {
+            ", ember-jailer + ember-vmm"
+        } else {
+            ""
+        },
         cfg.burst_rounds,
         cfg.burst,
+        cfg.idle_runs,
         cfg.requests,
         cfg.api_path,
         cfg.emberd.display()

@@ -237,6 +237,14 @@ mod tests {
             let mut c = c;
             c.wait().unwrap()
         });
+        // spawn() can return while the child is still inside execve, with
+        // an empty /proc/<pid>/cmdline: wait for the new image's arguments.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c.is_empty())
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(1));
+        }
         assert_eq!(g.kill_all(), vec![pid]);
         assert!(!reaper.join().unwrap().success());
         drop(g);

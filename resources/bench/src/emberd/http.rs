@@ -157,7 +157,10 @@ fn remaining(deadline: Instant) -> Option<Duration> {
 }
 
 fn is_timeout(e: &io::Error) -> bool {
-    matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut)
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
 }
 
 /// The bytes of one request.
@@ -175,7 +178,9 @@ pub fn encode_request(
     for (n, v) in headers {
         head.push_str(&format!("{n}: {v}\r\n"));
     }
-    let has_ct = headers.iter().any(|(n, _)| n.eq_ignore_ascii_case("content-type"));
+    let has_ct = headers
+        .iter()
+        .any(|(n, _)| n.eq_ignore_ascii_case("content-type"));
     match body {
         Some(b) => {
             if !has_ct {
@@ -331,7 +336,13 @@ mod tests {
         assert!(s.ends_with("Content-Length: 2\r\n\r\n{}"), "{s}");
         let m = encode_request("DELETE", "/x", &[], None, true);
         assert!(!String::from_utf8(m).unwrap().contains("Content-Length"));
-        let m = encode_request("POST", "/x", &[("content-type", "text/plain")], Some(b"a"), true);
+        let m = encode_request(
+            "POST",
+            "/x",
+            &[("content-type", "text/plain")],
+            Some(b"a"),
+            true,
+        );
         assert!(!String::from_utf8(m).unwrap().contains("application/json"));
     }
 
@@ -343,10 +354,16 @@ mod tests {
         let (r, used2) = parse_response(&two[used..], false, false).unwrap().unwrap();
         assert_eq!((r.status, r.body.len()), (204, 0));
         assert_eq!(used + used2, two.len());
-        assert!(parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nab", false, false)
+        assert!(parse_response(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nab",
+            false,
+            false
+        )
+        .unwrap()
+        .is_none());
+        assert!(parse_response(b"HTTP/1.1 200 O", false, false)
             .unwrap()
             .is_none());
-        assert!(parse_response(b"HTTP/1.1 200 O", false, false).unwrap().is_none());
         let (r, _) = parse_response(
             b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\nConnection: close\r\nContent-Length: 1\r\n\r\nx",
             false,
@@ -356,14 +373,25 @@ mod tests {
         .unwrap();
         assert_eq!((r.status, r.text().as_str(), r.closes), (201, "x", true));
         // No length: the body runs to EOF.
-        assert!(parse_response(b"HTTP/1.1 200 OK\r\n\r\nabc", false, false).unwrap().is_none());
-        let (r, _) = parse_response(b"HTTP/1.1 200 OK\r\n\r\nabc", false, true).unwrap().unwrap();
+        assert!(parse_response(b"HTTP/1.1 200 OK\r\n\r\nabc", false, false)
+            .unwrap()
+            .is_none());
+        let (r, _) = parse_response(b"HTTP/1.1 200 OK\r\n\r\nabc", false, true)
+            .unwrap()
+            .unwrap();
         assert_eq!((r.text().as_str(), r.closes), ("abc", true));
         assert!(matches!(
-            parse_response(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", false, false),
+            parse_response(
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+                false,
+                false
+            ),
             Err(HttpError::Malformed(_))
         ));
-        assert!(matches!(parse_response(b"NOPE\r\n\r\n", false, false), Err(HttpError::Malformed(_))));
+        assert!(matches!(
+            parse_response(b"NOPE\r\n\r\n", false, false),
+            Err(HttpError::Malformed(_))
+        ));
     }
 
     #[test]
@@ -383,7 +411,8 @@ Content-Type: application/gzip\r\n\r\n"
 
     #[test]
     fn keep_alive_round_trips_then_close() {
-        let path = std::env::temp_dir().join(format!("ember-bench-http-{}.sock", std::process::id()));
+        let path =
+            std::env::temp_dir().join(format!("ember-bench-http-{}.sock", std::process::id()));
         let _ = std::fs::remove_file(&path);
         let listener = UnixListener::bind(&path).unwrap();
         let server = std::thread::spawn(move || {

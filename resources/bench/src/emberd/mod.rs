@@ -6,8 +6,9 @@
 //! The sequential API starts, the jailer runs and the bare VMM runs are
 //! interleaved round by round so all three see the same machine load; their
 //! rates are `runs / sum of per-run wall times`. Then come the bursts (K
-//! runs sent back to back, then waiting for all to stop) and the request
-//! loops. Nothing here asserts on time.
+//! runs sent back to back, then waiting for all to stop), starts of a guest
+//! that keeps running (run, wait for its line, forced delete) and the
+//! request loops. Nothing here asserts on time.
 
 pub mod guard;
 pub mod http;
@@ -26,10 +27,17 @@ use http::{Conn, HttpError, Multipart};
 
 /// The hello program the image is built from.
 pub const HELLO_C: &str = "#include <stdio.h>\nint main(void){ printf(\"hi\\n\"); return 0; }\n";
+/// A program that prints a line and then keeps running (halted).
+pub const IDLE_C: &str =
+    "#include <stdio.h>\nint main(void){ printf(\"idle up\\n\"); for(;;) __asm__ volatile(\"cli; hlt\"); }\n";
+/// What [`IDLE_C`] prints.
+pub const IDLE_LINE: &str = "idle up";
 /// The line the ember runtime prints when main returns 0.
 pub const EXIT_LINE: &str = "ember: exit 0";
-/// Name of the image the benchmark creates.
+/// Name of the hello image the benchmark creates.
 pub const IMAGE: &str = "hello";
+/// Name of the long-running image.
+pub const IDLE_IMAGE: &str = "idle";
 
 /// Bound on a single API request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
@@ -43,7 +51,9 @@ const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// Errors of the emberd benchmark.
 #[derive(Debug, thiserror::Error)]
 pub enum EmberdBenchError {
-    #[error("{0} not found (build it with `cargo build --release -p vmm -p jailer -p api_server`)")]
+    #[error(
+        "{0} not found (build it with `cargo build --release -p vmm -p jailer -p api_server`)"
+    )]
     Missing(PathBuf),
     #[error(transparent)]
     Guard(#[from] guard::GuardError),
@@ -128,6 +138,8 @@ pub struct EmberdBenchConfig {
     pub poll: Duration,
     /// Also measure ember-jailer + ember-vmm without emberd.
     pub with_jailer: bool,
+    /// API starts of a guest that keeps running (0: skip).
+    pub idle_runs: usize,
 }
 
 /// One sequential API start.
@@ -166,6 +178,8 @@ pub struct Report {
     pub memory_mb: u64,
     pub cmdline: String,
     pub api: Vec<ApiStart>,
+    /// Starts of the long-running guest (`stopped` holds "up observed").
+    pub idle: Vec<ApiStart>,
     pub bursts: Vec<Burst>,
     pub burst_size: usize,
     pub jailer: Vec<Duration>,
@@ -230,7 +244,10 @@ impl Report {
         };
         let mut s = String::new();
         if let Some(b) = self.build {
-            s += &format!("image build (POST /images/{IMAGE}/create): {:.1} ms\n", b.as_secs_f64() * 1e3);
+            s += &format!(
+                "image build (POST /images/{IMAGE}/create): {:.1} ms\n",
+                b.as_secs_f64() * 1e3
+            );
         }
         s += &format!(
             "{:<40} {:>7} {:>10} {:>12} {:>12} {:>12} {:>12}\n",
@@ -238,10 +255,49 @@ impl Report {
         );
         let n = self.api.len().to_string();
         let col = |f: fn(&ApiStart) -> Duration| self.api.iter().map(f).collect::<Vec<_>>();
-        s += &row("API start: run, stopped, logs, delete", n.clone(), self.api_rate(), &col(|a| a.total));
-        s += &row("  POST /instances/run answered", n.clone(), None, &col(|a| a.post));
-        s += &row("  run sent -> stopped observed", n.clone(), None, &col(|a| a.stopped));
+        s += &row(
+            "API start: run, stopped, logs, delete",
+            n.clone(),
+            self.api_rate(),
+            &col(|a| a.total),
+        );
+        s += &row(
+            "  POST /instances/run answered",
+            n.clone(),
+            None,
+            &col(|a| a.post),
+        );
+        s += &row(
+            "  run sent -> stopped observed",
+            n.clone(),
+            None,
+            &col(|a| a.stopped),
+        );
         s += &row("  DELETE answered", n, None, &col(|a| a.delete));
+        if !self.idle.is_empty() {
+            let n = self.idle.len().to_string();
+            let col = |f: fn(&ApiStart) -> Duration| self.idle.iter().map(f).collect::<Vec<_>>();
+            let total = col(|a| a.total);
+            s += &row(
+                "API start, guest stays up: run, up, del",
+                n.clone(),
+                rate(total.len(), sum(&total)),
+                &total,
+            );
+            s += &row(
+                "  POST /instances/run answered",
+                n.clone(),
+                None,
+                &col(|a| a.post),
+            );
+            s += &row(
+                "  run sent -> guest line in the log",
+                n.clone(),
+                None,
+                &col(|a| a.stopped),
+            );
+            s += &row("  DELETE ?force=true answered", n, None, &col(|a| a.delete));
+        }
         if !self.bursts.is_empty() {
             let walls: Vec<Duration> = self.bursts.iter().map(|b| b.wall).collect();
             let posts: Vec<Duration> = self.bursts.iter().map(|b| b.posts).collect();
@@ -252,7 +308,12 @@ impl Report {
                 self.burst_rate(),
                 &walls,
             );
-            s += &row(&format!("  {} POSTs answered", self.burst_size), n, None, &posts);
+            s += &row(
+                &format!("  {} POSTs answered", self.burst_size),
+                n,
+                None,
+                &posts,
+            );
         }
         if !self.jailer.is_empty() {
             s += &row(
@@ -268,7 +329,10 @@ impl Report {
             self.vmm_rate(),
             &self.vmm,
         );
-        for (name, l) in [("keep-alive", &self.keep_alive), ("new connection each", &self.fresh)] {
+        for (name, l) in [
+            ("keep-alive", &self.keep_alive),
+            ("new connection each", &self.fresh),
+        ] {
             if let Some(l) = l {
                 s += &row(
                     &format!("GET {} ({name})", self.api_path),
@@ -347,17 +411,19 @@ impl Client {
         for attempt in 0..2 {
             let reused = self.conn.as_ref().is_some_and(|c| !c.is_closed());
             if !reused {
-                self.conn = Some(Conn::connect(&self.sock).map_err(|err| EmberdBenchError::Http {
-                    what: what(),
-                    err,
-                })?);
+                self.conn = Some(
+                    Conn::connect(&self.sock)
+                        .map_err(|err| EmberdBenchError::Http { what: what(), err })?,
+                );
             }
             let Some(conn) = self.conn.as_mut() else {
                 continue;
             };
             match conn.request(method, path, headers, body, true, timeout) {
                 Ok(r) => return Ok(r),
-                Err(HttpError::Truncated) if reused && attempt == 0 && matches!(method, "GET" | "DELETE") => {
+                Err(HttpError::Truncated)
+                    if reused && attempt == 0 && matches!(method, "GET" | "DELETE") =>
+                {
                     self.conn = None;
                 }
                 Err(err) => {
@@ -392,7 +458,9 @@ impl Client {
     }
 
     fn state(&mut self, name: &str) -> Result<String> {
-        let v = self.expect("GET", &format!("/instances/{name}"), None, 200)?.json();
+        let v = self
+            .expect("GET", &format!("/instances/{name}"), None, 200)?
+            .json();
         Ok(v["State"].as_str().unwrap_or_default().to_string())
     }
 
@@ -402,9 +470,15 @@ impl Client {
             .text())
     }
 
-    /// `POST /instances/run`; returns the instance id.
+    /// `POST /instances/run` of the hello image; returns the instance id.
     fn run(&mut self, name: &str, memory_mb: u64) -> Result<String> {
-        let body = json!({"InstanceName": name, "ImageName": IMAGE, "MemoryMb": memory_mb}).to_string();
+        self.run_image(name, IMAGE, memory_mb)
+    }
+
+    /// `POST /instances/run`; returns the instance id.
+    fn run_image(&mut self, name: &str, image: &str, memory_mb: u64) -> Result<String> {
+        let body =
+            json!({"InstanceName": name, "ImageName": image, "MemoryMb": memory_mb}).to_string();
         let v = self
             .expect("POST", "/instances/run", Some(body.as_bytes()), 201)?
             .json();
@@ -419,11 +493,32 @@ impl Client {
 
     /// Checks the log of a stopped instance for the exit line (bounded).
     fn check_exit_line(&mut self, name: &str, state: &str) -> Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(5);
+        self.wait_log(
+            name,
+            EXIT_LINE,
+            state,
+            Duration::from_secs(5),
+            Duration::from_millis(5),
+        )
+    }
+
+    /// Polls the log of `name` until it contains `needle` (bounded).
+    fn wait_log(
+        &mut self,
+        name: &str,
+        needle: &str,
+        state: &str,
+        timeout: Duration,
+        poll: Duration,
+    ) -> Result<()> {
+        let deadline = Instant::now() + timeout;
         loop {
             let log = self.logs(name)?;
-            if log.contains(EXIT_LINE) {
+            if log.contains(needle) {
                 return Ok(());
+            }
+            if interrupted() {
+                return Err(EmberdBenchError::Interrupted);
             }
             if Instant::now() > deadline {
                 return Err(EmberdBenchError::BadInstance {
@@ -432,8 +527,59 @@ impl Client {
                     log,
                 });
             }
-            std::thread::sleep(Duration::from_millis(5));
+            std::thread::sleep(poll);
         }
+    }
+
+    /// Builds an image from one C file; returns its id, default memory and
+    /// the build time.
+    fn create_image(
+        &mut self,
+        dir: &Path,
+        name: &str,
+        source: &str,
+    ) -> Result<(String, u64, Duration)> {
+        let tgz = c_tarball(dir, name, source)?;
+        let (ct, body) = Multipart::new("emberdbenchboundary7d1f")
+            .text("provider", "ember")
+            .text("base", "ember")
+            .text("lang", "c")
+            .file(
+                "tarfile",
+                &format!("{name}.tar.gz"),
+                "application/gzip",
+                &tgz,
+            )
+            .finish();
+        let path = format!("/images/{name}/create");
+        let t0 = Instant::now();
+        let r = self.call(
+            "POST",
+            &path,
+            &[("Content-Type", &ct)],
+            Some(&body),
+            BUILD_TIMEOUT,
+        )?;
+        let took = t0.elapsed();
+        if r.status != 201 {
+            return Err(EmberdBenchError::Status {
+                what: format!("POST {path}"),
+                status: r.status,
+                body: r.text(),
+            });
+        }
+        let img = r.json();
+        let id = img["Id"].as_str().unwrap_or_default().to_string();
+        let mem = img["RunSpec"]["DefaultInstanceMemory"]
+            .as_u64()
+            .unwrap_or(0);
+        if id.is_empty() || mem == 0 {
+            return Err(EmberdBenchError::Unexpected {
+                what: format!("POST {path}"),
+                detail: img.to_string(),
+            });
+        }
+        Ok((id, mem, took))
     }
 }
 
@@ -483,7 +629,13 @@ fn wait_stopped(c: &mut Client, names: &[String], poll: Duration) -> Result<Vec<
 }
 
 /// One sequential API start: run, wait for `stopped`, check the log, delete.
-fn api_start(c: &mut Client, g: &mut Guard, name: &str, cfg: &EmberdBenchConfig, mem: u64) -> Result<ApiStart> {
+fn api_start(
+    c: &mut Client,
+    g: &mut Guard,
+    name: &str,
+    cfg: &EmberdBenchConfig,
+    mem: u64,
+) -> Result<ApiStart> {
     let t0 = Instant::now();
     let id = c.run(name, mem)?;
     g.track(&id);
@@ -505,10 +657,57 @@ fn api_start(c: &mut Client, g: &mut Guard, name: &str, cfg: &EmberdBenchConfig,
     })
 }
 
+/// One start of the long-running guest: run, wait for its line in the log,
+/// forced delete (stops the VMM).
+fn idle_start(
+    c: &mut Client,
+    g: &mut Guard,
+    name: &str,
+    cfg: &EmberdBenchConfig,
+    mem: u64,
+) -> Result<ApiStart> {
+    let t0 = Instant::now();
+    let id = c.run_image(name, IDLE_IMAGE, mem)?;
+    g.track(&id);
+    let post = t0.elapsed();
+    c.wait_log(name, IDLE_LINE, "running", RUN_TIMEOUT, cfg.poll)?;
+    let up = t0.elapsed();
+    let state = c.state(name)?;
+    if state != "running" {
+        return Err(EmberdBenchError::BadInstance {
+            name: name.into(),
+            log: c.logs(name).unwrap_or_default(),
+            state,
+        });
+    }
+    let t1 = Instant::now();
+    c.expect(
+        "DELETE",
+        &format!("/instances/{name}?force=true"),
+        None,
+        204,
+    )?;
+    let delete = t1.elapsed();
+    Ok(ApiStart {
+        post,
+        stopped: up,
+        delete,
+        total: t0.elapsed(),
+    })
+}
+
 /// One burst: `k` runs back to back, then wait for all to stop; the
 /// instances are deleted afterwards (not timed).
-fn burst(c: &mut Client, g: &mut Guard, round: usize, cfg: &EmberdBenchConfig, mem: u64) -> Result<Burst> {
-    let names: Vec<String> = (0..cfg.burst).map(|i| format!("burst-{round}-{i}")).collect();
+fn burst(
+    c: &mut Client,
+    g: &mut Guard,
+    round: usize,
+    cfg: &EmberdBenchConfig,
+    mem: u64,
+) -> Result<Burst> {
+    let names: Vec<String> = (0..cfg.burst)
+        .map(|i| format!("burst-{round}-{i}"))
+        .collect();
     let t0 = Instant::now();
     for n in &names {
         let id = c.run(n, mem)?;
@@ -541,7 +740,10 @@ fn request_loop(sock: &Path, path: &str, m: usize, keep_alive: bool) -> Result<R
         let t = Instant::now();
         let r = if keep_alive {
             if conn.as_ref().is_none_or(Conn::is_closed) {
-                conn = Some(Conn::connect(sock).map_err(|err| EmberdBenchError::Http { what: what(), err })?);
+                conn = Some(
+                    Conn::connect(sock)
+                        .map_err(|err| EmberdBenchError::Http { what: what(), err })?,
+                );
             }
             match conn.as_mut() {
                 Some(c) => c.request("GET", path, &[], None, true, REQUEST_TIMEOUT),
@@ -566,12 +768,12 @@ fn request_loop(sock: &Path, path: &str, m: usize, keep_alive: bool) -> Result<R
     })
 }
 
-/// The hello source as a tar.gz (made with `tar`, as users do).
-fn hello_tarball(dir: &Path) -> Result<Vec<u8>> {
-    let src = dir.join("hello-src");
+/// A tar.gz holding `main.c` (made with `tar`, as users do).
+fn c_tarball(dir: &Path, name: &str, source: &str) -> Result<Vec<u8>> {
+    let src = dir.join(format!("{name}-src"));
     std::fs::create_dir_all(&src).map_err(io_err(format!("create {}", src.display())))?;
-    std::fs::write(src.join("main.c"), HELLO_C).map_err(io_err("write main.c"))?;
-    let out = dir.join("hello.tar.gz");
+    std::fs::write(src.join("main.c"), source).map_err(io_err("write main.c"))?;
+    let out = dir.join(format!("{name}.tar.gz"));
     let st = Command::new("tar")
         .arg("czf")
         .arg(&out)
@@ -649,7 +851,8 @@ pub fn instance_cmdline(boot_args: &str, args: &str) -> String {
 /// state file.
 fn image_boot(g: &Guard, image_id: &str) -> Result<(PathBuf, String)> {
     let path = g.state_dir().join("state.json");
-    let text = std::fs::read_to_string(&path).map_err(io_err(format!("read {}", path.display())))?;
+    let text =
+        std::fs::read_to_string(&path).map_err(io_err(format!("read {}", path.display())))?;
     let v: Value = serde_json::from_str(&text).unwrap_or_default();
     let img = &v["images"][image_id];
     let kernel = img["kernel"].as_str().unwrap_or_default();
@@ -663,7 +866,10 @@ fn image_boot(g: &Guard, image_id: &str) -> Result<(PathBuf, String)> {
         img["boot_args"].as_str().unwrap_or_default(),
         img["args"].as_str().unwrap_or_default(),
     );
-    Ok((g.state_dir().join("images").join(image_id).join(kernel), cmdline))
+    Ok((
+        g.state_dir().join("images").join(image_id).join(kernel),
+        cmdline,
+    ))
 }
 
 /// ember-vmm's config for one run of the image.
@@ -730,10 +936,19 @@ fn shared_libraries(bin: &Path) -> Vec<PathBuf> {
 /// the kernel, the VMM's libraries and the config, `ember-jailer ... --
 /// --api-sock /run/api.sock --config-file /vm.json --id ID`), minus
 /// emberd's detaching; the jail is removed afterwards. All of it is timed.
-fn jailer_once(cfg: &EmberdBenchConfig, s: &JailerSetup, g: &mut Guard, id: &str) -> Result<Duration> {
+fn jailer_once(
+    cfg: &EmberdBenchConfig,
+    s: &JailerSetup,
+    g: &mut Guard,
+    id: &str,
+) -> Result<Duration> {
     g.track(id);
     let t0 = Instant::now();
-    let exec_name = cfg.vmm.file_name().map(PathBuf::from).unwrap_or_else(|| "ember-vmm".into());
+    let exec_name = cfg
+        .vmm
+        .file_name()
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "ember-vmm".into());
     let jail = s.base.join(exec_name).join(id);
     let root = jail.join("root");
     let result = (|| {
@@ -747,7 +962,8 @@ fn jailer_once(cfg: &EmberdBenchConfig, s: &JailerSetup, g: &mut Guard, id: &str
             if let Some(d) = dst.parent() {
                 std::fs::create_dir_all(d).map_err(io_err(format!("create {}", d.display())))?;
             }
-            let real = std::fs::canonicalize(lib).map_err(io_err(format!("resolve {}", lib.display())))?;
+            let real =
+                std::fs::canonicalize(lib).map_err(io_err(format!("resolve {}", lib.display())))?;
             if std::fs::hard_link(&real, &dst).is_err() {
                 std::fs::copy(&real, &dst).map_err(io_err(format!("place {}", lib.display())))?;
             }
@@ -760,7 +976,15 @@ fn jailer_once(cfg: &EmberdBenchConfig, s: &JailerSetup, g: &mut Guard, id: &str
             .args(["--uid", &cfg.uid.to_string(), "--gid", &cfg.gid.to_string()])
             .arg("--chroot-base-dir")
             .arg(&s.base)
-            .args(["--", "--api-sock", "/run/api.sock", "--config-file", "/vm.json", "--id", id]);
+            .args([
+                "--",
+                "--api-sock",
+                "/run/api.sock",
+                "--config-file",
+                "/vm.json",
+                "--id",
+                id,
+            ]);
         let r = vmrun::run("ember-jailer", cmd, RUN_TIMEOUT)?;
         check_run("ember-jailer + ember-vmm", &r)
     })();
@@ -798,7 +1022,11 @@ pub fn run(cfg: &EmberdBenchConfig, progress: &mut dyn FnMut(&str)) -> Result<Re
     }
 }
 
-fn run_in(cfg: &EmberdBenchConfig, g: &mut Guard, progress: &mut dyn FnMut(&str)) -> Result<Report> {
+fn run_in(
+    cfg: &EmberdBenchConfig,
+    g: &mut Guard,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Report> {
     let mut report = Report {
         burst_size: cfg.burst,
         api_path: cfg.api_path.clone(),
@@ -809,39 +1037,14 @@ fn run_in(cfg: &EmberdBenchConfig, g: &mut Guard, progress: &mut dyn FnMut(&str)
     let mut c = Client::new(&g.sock());
 
     // The image.
-    let tgz = hello_tarball(g.root())?;
-    let (ct, body) = Multipart::new("emberdbenchboundary7d1f")
-        .text("provider", "ember")
-        .text("base", "ember")
-        .text("lang", "c")
-        .file("tarfile", "hello.tar.gz", "application/gzip", &tgz)
-        .finish();
-    let path = format!("/images/{IMAGE}/create");
-    let t0 = Instant::now();
-    let r = c.call("POST", &path, &[("Content-Type", &ct)], Some(&body), BUILD_TIMEOUT)?;
-    report.build = Some(t0.elapsed());
-    if r.status != 201 {
-        return Err(EmberdBenchError::Status {
-            what: format!("POST {path}"),
-            status: r.status,
-            body: r.text(),
-        });
-    }
-    let img = r.json();
-    let image_id = img["Id"].as_str().unwrap_or_default().to_string();
-    let mem = img["RunSpec"]["DefaultInstanceMemory"].as_u64().unwrap_or(0);
-    if image_id.is_empty() || mem == 0 {
-        return Err(EmberdBenchError::Unexpected {
-            what: format!("POST {path}"),
-            detail: img.to_string(),
-        });
-    }
+    let (image_id, mem, took) = c.create_image(g.root(), IMAGE, HELLO_C)?;
+    report.build = Some(took);
     report.memory_mb = mem;
     let (kernel, cmdline) = image_boot(g, &image_id)?;
     report.cmdline = cmdline.clone();
     progress(&format!(
         "image {IMAGE} ({image_id}) built in {:.0} ms: {}, cmdline {cmdline:?}, {mem} MiB",
-        t0.elapsed().as_secs_f64() * 1e3,
+        took.as_secs_f64() * 1e3,
         kernel.display()
     ));
 
@@ -868,9 +1071,13 @@ fn run_in(cfg: &EmberdBenchConfig, g: &mut Guard, progress: &mut dyn FnMut(&str)
         if interrupted() {
             return Err(EmberdBenchError::Interrupted);
         }
-        report.api.push(api_start(&mut c, g, &format!("seq-{i}"), cfg, mem)?);
+        report
+            .api
+            .push(api_start(&mut c, g, &format!("seq-{i}"), cfg, mem)?);
         if let Some(s) = &jailer {
-            report.jailer.push(jailer_once(cfg, s, g, &format!("emberd-bench-jail-{i}"))?);
+            report
+                .jailer
+                .push(jailer_once(cfg, s, g, &format!("emberd-bench-jail-{i}"))?);
         }
         report.vmm.push(vmm_once(cfg, &vmm_cfg_path)?);
     }
@@ -880,7 +1087,24 @@ fn run_in(cfg: &EmberdBenchConfig, g: &mut Guard, progress: &mut dyn FnMut(&str)
         for round in 1..=cfg.burst_rounds {
             report.bursts.push(burst(&mut c, g, round, cfg, mem)?);
         }
-        progress(&format!("{} bursts of {} done", cfg.burst_rounds, cfg.burst));
+        progress(&format!(
+            "{} bursts of {} done",
+            cfg.burst_rounds, cfg.burst
+        ));
+    }
+
+    if cfg.idle_runs > 0 {
+        let (_, idle_mem, _) = c.create_image(g.root(), IDLE_IMAGE, IDLE_C)?;
+        idle_start(&mut c, g, "idle-warmup", cfg, idle_mem)?;
+        for i in 1..=cfg.idle_runs {
+            report
+                .idle
+                .push(idle_start(&mut c, g, &format!("idle-{i}"), cfg, idle_mem)?);
+        }
+        progress(&format!(
+            "{} starts of a long-running guest done",
+            cfg.idle_runs
+        ));
     }
 
     if cfg.requests > 0 {
@@ -907,7 +1131,10 @@ mod tests {
     #[test]
     fn cmdline_like_emberd() {
         assert_eq!(instance_cmdline(" console=ttyS0 ", ""), "console=ttyS0");
-        assert_eq!(instance_cmdline("console=ttyS0", "a b"), "console=ttyS0 -- a b");
+        assert_eq!(
+            instance_cmdline("console=ttyS0", "a b"),
+            "console=ttyS0 -- a b"
+        );
         assert_eq!(instance_cmdline("", " x "), "-- x");
     }
 
@@ -934,13 +1161,23 @@ mod tests {
         };
         let r = Report {
             api: vec![a(100), a(100)],
-            bursts: vec![Burst { wall: ms(250), posts: ms(50) }],
+            idle: vec![a(400)],
+            bursts: vec![Burst {
+                wall: ms(250),
+                posts: ms(50),
+            }],
             burst_size: 5,
             jailer: vec![ms(50), ms(50)],
             vmm: vec![ms(25), ms(25)],
             api_path: "/instances".into(),
-            keep_alive: Some(RequestLoop { wall: ms(100), samples: vec![ms(1); 100] }),
-            fresh: Some(RequestLoop { wall: ms(200), samples: vec![ms(2); 100] }),
+            keep_alive: Some(RequestLoop {
+                wall: ms(100),
+                samples: vec![ms(1); 100],
+            }),
+            fresh: Some(RequestLoop {
+                wall: ms(200),
+                samples: vec![ms(2); 100],
+            }),
             ..Default::default()
         };
         assert_eq!(r.api_rate(), Some(10.0));
@@ -948,13 +1185,32 @@ mod tests {
         assert_eq!(r.jailer_rate(), Some(20.0));
         assert_eq!(r.vmm_rate(), Some(40.0));
         let text = r.render();
-        assert!(text.contains("API sequential / VMM-only    0.250"), "{text}");
-        assert!(text.contains("API burst / VMM-only         0.500"), "{text}");
-        assert!(text.contains("API sequential / jailer+VMM  0.500"), "{text}");
-        assert!(text.contains("jailer+VMM / VMM-only        0.500"), "{text}");
-        assert!(text.contains("requests keep-alive / new connection  2.000"), "{text}");
+        assert!(
+            text.contains("API sequential / VMM-only    0.250"),
+            "{text}"
+        );
+        assert!(
+            text.contains("API burst / VMM-only         0.500"),
+            "{text}"
+        );
+        assert!(
+            text.contains("API sequential / jailer+VMM  0.500"),
+            "{text}"
+        );
+        assert!(
+            text.contains("jailer+VMM / VMM-only        0.500"),
+            "{text}"
+        );
+        assert!(
+            text.contains("requests keep-alive / new connection  2.000"),
+            "{text}"
+        );
         assert!(text.contains("GET /instances (keep-alive)"), "{text}");
         assert!(text.contains("cleanup: no VMM left behind"), "{text}");
+        assert!(
+            text.contains("API start, guest stays up: run, up, del        1       2.50"),
+            "{text}"
+        );
     }
 
     #[test]
@@ -979,8 +1235,12 @@ mod tests {
             gid: 10502,
             poll: ms(2),
             with_jailer: true,
+            idle_runs: 1,
         };
-        let e = run(&cfg, &mut |_| {}).err().map(|e| e.to_string()).unwrap_or_default();
+        let e = run(&cfg, &mut |_| {})
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
         assert!(e.contains("/nonexistent/emberd not found"), "{e}");
     }
 }
