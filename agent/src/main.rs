@@ -238,13 +238,18 @@ fn main() {
             return;
         }
         log::info!("signal {sig}: removing containers and exiting");
-        for e in srv.containers().remove_all() {
-            log::warn!("{e}");
-        }
-        if let Some(p) = &socket {
-            remove_socket(p);
-        }
-        std::process::exit(0);
+        // On another thread: this one must keep reaping the killed processes.
+        let srv = Arc::clone(&srv);
+        let socket = socket.clone();
+        let _ = std::thread::Builder::new().name("shutdown".into()).spawn(move || {
+            for e in srv.containers().remove_all() {
+                log::warn!("{e}");
+            }
+            if let Some(p) = &socket {
+                remove_socket(p);
+            }
+            std::process::exit(0);
+        });
     })
 }
 

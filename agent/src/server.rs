@@ -303,7 +303,9 @@ fn handled_signals() -> libc::sigset_t {
 }
 
 /// Reaps children on SIGCHLD (and every second regardless); calls
-/// `on_term` for SIGTERM, SIGINT and SIGHUP. Never returns.
+/// `on_term` for SIGTERM, SIGINT and SIGHUP. `on_term` must not wait for
+/// processes to exit (this thread is the one that reaps them): hand such
+/// work to another thread. Never returns.
 pub fn signal_loop(containers: &Containers, on_term: impl Fn(i32)) -> ! {
     let set = handled_signals();
     let timeout = libc::timespec {

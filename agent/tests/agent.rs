@@ -1,0 +1,516 @@
+//! ember-agent on the host: the binary serves on a unix socket and runs
+//! containers as chrooted processes in temp roots (run as root).
+//!
+//! The full pod boot (a Linux guest with ember-agent as /init under
+//! ember-vmm, talking over vsock) is not tested here: this machine's nested
+//! "PVM" KVM cannot boot Linux.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use ember_agent::client::ClientError;
+use ember_agent::protocol::{cmd, AgentMessage, MAX_PAYLOAD};
+use ember_agent::{Event, Exec, Rootfs, StartContainer};
+
+fn dir_start(id: &str, root: &std::path::Path, cmd: &[&str]) -> StartContainer {
+    StartContainer {
+        id: id.into(),
+        rootfs: Rootfs::Dir {
+            path: root.to_string_lossy().into_owned(),
+        },
+        cmd: cmd.iter().map(|s| s.to_string()).collect(),
+        env: vec![],
+        workdir: None,
+        user: None,
+    }
+}
+
+fn expect_err<T: std::fmt::Debug>(r: Result<T, ClientError>, want: &str) {
+    match r {
+        Err(ClientError::Agent(m)) => assert!(m.contains(want), "{m:?} lacks {want:?}"),
+        other => panic!("expected an error containing {want:?}, got {other:?}"),
+    }
+}
+
+fn set(items: &[&str]) -> Vec<String> {
+    let mut v: Vec<String> = items.iter().map(|s| s.to_string()).collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn dir_rootfs_runs_chrooted_with_env_workdir_and_exit_code() {
+    let tmp = TempDir::new("dir");
+    let Some(root) = make_rootfs(tmp.path()) else {
+        return;
+    };
+    let agent = Agent::start(tmp.path());
+    let mut c = agent.client();
+    assert!(!c.ready().pid1);
+    assert_eq!(c.ping().unwrap(), env!("CARGO_PKG_VERSION"));
+    // A second connection sees the exit events too.
+    let mut watcher = agent.client();
+
+    let mut req = dir_start("c1", &root, &["probe", "info", "7", "/tmp/out"]);
+    req.env = vec![
+        ("PATH".into(), "/bin".into()),
+        ("GREETING".into(), "hello world".into()),
+    ];
+    req.workdir = Some("/work".into());
+    let pid = c.start_container(req).unwrap();
+    assert!(pid > 1);
+    assert_eq!(c.wait("c1", None).unwrap(), 7);
+    // Waiting again answers at once with the recorded code.
+    assert_eq!(c.wait("c1", Some(Duration::from_secs(1))).unwrap(), 7);
+
+    let log = log_of(&mut c, "c1");
+    eprintln!("--- c1 log ---\n{log}");
+    assert_eq!(
+        lines_with(&log, "argv["),
+        set(&["0]=probe", "1]=info", "2]=7", "3]=/tmp/out"])
+    );
+    // The environment is exactly what was asked for.
+    assert_eq!(
+        lines_with(&log, "env="),
+        set(&["GREETING=hello world", "PATH=/bin"])
+    );
+    assert!(log.contains("cwd=/work\n"));
+    // chroot: `/` is the temp root.
+    assert_eq!(lines_with(&log, "root="), set(&["bin", "data", "tmp", "work"]));
+    assert!(log.contains("uid=0 gid=0\n"));
+    assert!(log.contains("to-stderr\n"), "stderr goes to the log too");
+    // The file landed in the temp root, and READFILE finds it.
+    assert_eq!(
+        std::fs::read_to_string(root.join("tmp/out")).unwrap(),
+        "written by probe\n"
+    );
+    assert_eq!(c.read_file("c1", "/tmp/out").unwrap(), b"written by probe\n");
+
+    // READLOG pages by offset.
+    let (tail, next) = c.read_log("c1", 5).unwrap();
+    assert_eq!(tail, log.as_bytes()[5..]);
+    assert_eq!(next, log.len() as u64);
+    let (empty, same) = c.read_log("c1", next).unwrap();
+    assert!(empty.is_empty());
+    assert_eq!(same, next);
+
+    let exited = Event::Exited {
+        id: "c1".into(),
+        code: 7,
+    };
+    assert_eq!(c.next_event().unwrap(), exited);
+    assert_eq!(watcher.next_event().unwrap(), exited);
+
+    c.remove_container("c1").unwrap();
+    assert!(!agent.state_dir.join("logs/c1.log").exists());
+    // The id can be used again after removal.
+    c.start_container(dir_start("c1", &root, &["/bin/probe", "info", "0"]))
+        .unwrap();
+    assert_eq!(c.wait("c1", None).unwrap(), 0);
+}
+
+#[test]
+fn numeric_user_is_applied() {
+    let tmp = TempDir::new("user");
+    let Some(root) = make_rootfs(tmp.path()) else {
+        return;
+    };
+    let agent = Agent::start(tmp.path());
+    let mut c = agent.client();
+    let mut req = dir_start("u1", &root, &["/bin/probe", "info", "0"]);
+    req.user = Some("1234:5678".into());
+    c.start_container(req).unwrap();
+    assert_eq!(c.wait("u1", None).unwrap(), 0);
+    assert!(log_of(&mut c, "u1").contains("uid=1234 gid=5678\n"));
+    let mut req = dir_start("u2", &root, &["/bin/probe", "info", "0"]);
+    req.user = Some("4321".into());
+    c.start_container(req).unwrap();
+    assert_eq!(c.wait("u2", None).unwrap(), 0);
+    assert!(log_of(&mut c, "u2").contains("uid=4321 gid=4321\n"));
+}
+
+#[test]
+fn stop_signal_and_sigkill_after_timeout() {
+    let tmp = TempDir::new("stop");
+    let Some(root) = make_rootfs(tmp.path()) else {
+        return;
+    };
+    let agent = Agent::start(tmp.path());
+    let mut c = agent.client();
+
+    // A sleeper dies of SIGTERM: 128 + 15.
+    let pid = c
+        .start_container(dir_start("sleeper", &root, &["/bin/probe", "sleep"]))
+        .unwrap();
+    assert!(alive(pid));
+    assert_eq!(
+        c.stop_container("sleeper", libc::SIGTERM, Duration::from_secs(60))
+            .unwrap(),
+        143
+    );
+    assert!(!alive(pid));
+    // Stopping again reports the same code.
+    assert_eq!(
+        c.stop_container("sleeper", libc::SIGTERM, Duration::from_secs(1))
+            .unwrap(),
+        143
+    );
+    assert_eq!(
+        c.next_event().unwrap(),
+        Event::Exited {
+            id: "sleeper".into(),
+            code: 143
+        }
+    );
+
+    // One that ignores SIGTERM is SIGKILLed after the timeout: 128 + 9.
+    c.start_container(dir_start("stubborn", &root, &["/bin/probe", "stubborn"]))
+        .unwrap();
+    wait_for_log(&mut c, "stubborn", "ignoring TERM");
+    assert_eq!(
+        c.stop_container("stubborn", libc::SIGTERM, Duration::from_millis(200))
+            .unwrap(),
+        137
+    );
+
+    // SIGNALPROCESS delivers any signal.
+    c.start_container(dir_start("usr1", &root, &["/bin/probe", "sleep"]))
+        .unwrap();
+    c.signal("usr1", libc::SIGUSR1).unwrap();
+    assert_eq!(c.wait("usr1", None).unwrap(), 128 + libc::SIGUSR1);
+    // A process that has exited cannot be signalled.
+    assert!(matches!(c.signal("usr1", 9), Err(ClientError::Agent(_))));
+
+    // WAITPROCESS with a timeout on a running process is an error, not a hang.
+    c.start_container(dir_start("long", &root, &["/bin/probe", "sleep"]))
+        .unwrap();
+    match c.wait("long", Some(Duration::from_millis(50))) {
+        Err(ClientError::Agent(m)) => assert!(m.contains("timeout"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn exec_joins_the_container_root() {
+    let tmp = TempDir::new("exec");
+    let Some(root) = make_rootfs(tmp.path()) else {
+        return;
+    };
+    let agent = Agent::start(tmp.path());
+    let mut c = agent.client();
+    let main_pid = c
+        .start_container(dir_start("box", &root, &["/bin/probe", "sleep"]))
+        .unwrap();
+
+    let epid = c
+        .exec(Exec {
+            container: "box".into(),
+            id: "e1".into(),
+            cmd: vec!["probe".into(), "info".into(), "3".into()],
+            env: vec![("PATH".into(), "/bin".into()), ("X".into(), "1".into())],
+            workdir: Some("/data".into()),
+            user: None,
+        })
+        .unwrap();
+    assert_ne!(epid, main_pid);
+    assert_eq!(c.wait("e1", None).unwrap(), 3);
+    let log = log_of(&mut c, "e1");
+    assert_eq!(lines_with(&log, "root="), set(&["bin", "data", "tmp", "work"]));
+    assert_eq!(lines_with(&log, "env="), set(&["PATH=/bin", "X=1"]));
+    assert!(log.contains("cwd=/data\n"));
+
+    // WRITEFILE puts a file in the root; an exec'd process reads it.
+    c.write_file("box", "/data/msg", b"hello from the host\n", 0o600)
+        .unwrap();
+    c.exec(Exec {
+        container: "box".into(),
+        id: "e2".into(),
+        cmd: vec!["/bin/probe".into(), "cat".into(), "/data/msg".into()],
+        env: vec![],
+        workdir: None,
+        user: None,
+    })
+    .unwrap();
+    assert_eq!(c.wait("e2", None).unwrap(), 0);
+    assert_eq!(log_of(&mut c, "e2"), "hello from the host\n");
+
+    // The main process is untouched by the execs.
+    assert!(alive(main_pid));
+    // An exec'd sleeper goes down with the container.
+    let e3 = c
+        .exec(Exec {
+            container: "box".into(),
+            id: "e3".into(),
+            cmd: vec!["/bin/probe".into(), "sleep".into()],
+            env: vec![],
+            workdir: None,
+            user: None,
+        })
+        .unwrap();
+    c.remove_container("box").unwrap();
+    assert!(!alive(main_pid));
+    assert!(!alive(e3));
+    match c.wait("box", None) {
+        Err(ClientError::Agent(m)) => assert!(m.starts_with("no such process"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn block_device_rootfs_is_mounted_and_unmounted() {
+    let tmp = TempDir::new("blk");
+    let Some(root) = make_rootfs(tmp.path()) else {
+        return;
+    };
+    let image = tmp.path().join("rootfs.ext4");
+    let mkfs = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-d"])
+        .arg(&root)
+        .arg(&image)
+        .arg("16M")
+        .output();
+    match mkfs {
+        Ok(o) if o.status.success() => {}
+        Ok(o) => {
+            eprintln!(
+                "SKIP: mkfs.ext4 -d failed: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+            return;
+        }
+        Err(e) => {
+            eprintln!("SKIP: no mkfs.ext4: {e}");
+            return;
+        }
+    }
+    let lo = match LoopDev::attach(&image) {
+        Ok(l) => l,
+        Err(why) => {
+            eprintln!("SKIP: loop devices are not available here: {why}");
+            return;
+        }
+    };
+    let agent = Agent::start(tmp.path());
+    let mut c = agent.client();
+    let start = StartContainer {
+        id: "blk".into(),
+        rootfs: Rootfs::BlockDevice {
+            path: lo.0.clone(),
+            fstype: "ext4".into(),
+            readonly: false,
+        },
+        cmd: vec!["/bin/probe".into(), "info".into(), "5".into(), "/tmp/out".into()],
+        env: vec![],
+        workdir: Some("/work".into()),
+        user: None,
+    };
+    c.start_container(start).unwrap();
+    assert_eq!(c.wait("blk", None).unwrap(), 5);
+    let mountpoint = agent.run_dir.join("blk/root");
+    assert_eq!(mounts_under(&agent.run_dir), vec![mountpoint.clone()]);
+    let log = log_of(&mut c, "blk");
+    // The image's root, lost+found included, not the source directory.
+    assert_eq!(
+        lines_with(&log, "root="),
+        set(&["bin", "data", "lost+found", "tmp", "work"])
+    );
+    assert_eq!(c.read_file("blk", "/tmp/out").unwrap(), b"written by probe\n");
+    assert!(!root.join("tmp/out").exists());
+
+    c.remove_container("blk").unwrap();
+    assert!(mounts_under(&agent.run_dir).is_empty());
+    assert!(!agent.run_dir.join("blk").exists());
+
+    // A device that does not exist is an error and leaves nothing behind.
+    let bad = StartContainer {
+        id: "nodev".into(),
+        rootfs: Rootfs::BlockDevice {
+            path: "/dev/ember-agent-no-such-device".into(),
+            fstype: "ext4".into(),
+            readonly: false,
+        },
+        cmd: vec!["/bin/probe".into()],
+        env: vec![],
+        workdir: None,
+        user: None,
+    };
+    match c.start_container(bad) {
+        Err(ClientError::Agent(m)) => assert!(m.contains("mounting"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(!agent.run_dir.join("nodev").exists());
+    // The same device mounted read-only works too.
+    let ro = StartContainer {
+        id: "ro".into(),
+        rootfs: Rootfs::BlockDevice {
+            path: lo.0.clone(),
+            fstype: "ext4".into(),
+            readonly: true,
+        },
+        cmd: vec!["/bin/probe".into(), "info".into(), "0".into(), "/tmp/ro".into()],
+        env: vec![],
+        workdir: None,
+        user: None,
+    };
+    c.start_container(ro).unwrap();
+    // fopen on a read-only filesystem fails: exit 98.
+    assert_eq!(c.wait("ro", None).unwrap(), 98);
+    assert!(log_of(&mut c, "ro").contains("Read-only file system"));
+    drop(c);
+    drop(agent);
+    assert!(mounts_under(tmp.path()).is_empty(), "DESTROYPOD unmounts");
+}
+
+#[test]
+fn bad_requests_get_error_replies_and_the_agent_keeps_serving() {
+    let tmp = TempDir::new("bad");
+    let Some(root) = make_rootfs(tmp.path()) else {
+        return;
+    };
+    let agent = Agent::start(tmp.path());
+    let mut c = agent.client();
+
+    let r = c.start_container(dir_start("x", std::path::Path::new("/nonexistent-ember"), &["/bin/probe"]));
+    expect_err(r, "rootfs directory");
+    let r = c.start_container(dir_start("x", &root, &[]));
+    expect_err(r, "bad parameter: empty cmd");
+    let r = c.start_container(dir_start("../x", &root, &["/bin/probe"]));
+    expect_err(r, "bad parameter: invalid id");
+    let r = c.start_container(dir_start("x", &root, &["/bin/nope"]));
+    expect_err(r, "execve failed");
+    let r = c.start_container(dir_start("x", &root, &["nope"]));
+    expect_err(r, "No such file or directory");
+    let mut wd = dir_start("x", &root, &["/bin/probe"]);
+    wd.workdir = Some("/no/such/dir".into());
+    let r = c.start_container(wd);
+    expect_err(r, "chdir failed");
+    let mut user = dir_start("x", &root, &["/bin/probe"]);
+    user.user = Some("root".into());
+    let r = c.start_container(user);
+    expect_err(r, "not numeric");
+    let r = c.exec(Exec {
+        container: "ghost".into(),
+        id: "e".into(),
+        cmd: vec!["/bin/probe".into()],
+        env: vec![],
+        workdir: None,
+        user: None,
+    });
+    expect_err(r, "no such container: ghost");
+    let r = c.wait("ghost", None);
+    expect_err(r, "no such process: ghost");
+    let r = c.stop_container("ghost", 15, Duration::from_secs(1));
+    expect_err(r, "no such container");
+    let r = c.remove_container("ghost");
+    expect_err(r, "no such container");
+
+    // Failed starts left nothing registered: "x" is free.
+    c.start_container(dir_start("x", &root, &["/bin/probe", "sleep"]))
+        .unwrap();
+    let r = c.start_container(dir_start("x", &root, &["/bin/probe"]));
+    expect_err(r, "conflict");
+    let r = c.exec(Exec {
+        container: "x".into(),
+        id: "x".into(),
+        cmd: vec!["/bin/probe".into()],
+        env: vec![],
+        workdir: None,
+        user: None,
+    });
+    expect_err(r, "conflict");
+    let r = c.stop_container("x", 0, Duration::from_secs(1));
+    expect_err(r, "invalid signal");
+    let r = c.read_file("x", "/../../etc/hostname");
+    expect_err(r, "reading");
+    let r = c.read_file("x", "/bin");
+    expect_err(r, "not a regular file");
+    let r = c.read_log("ghost", 0);
+    expect_err(r, "no such process");
+    assert_eq!(c.ping().unwrap(), env!("CARGO_PKG_VERSION"));
+
+    // Malformed frames on a raw connection.
+    let mut s = agent.connect();
+    assert!(matches!(recv_reply(&mut s), AgentMessage::Ready(_)));
+    let error = |m: AgentMessage| match m {
+        AgentMessage::Error(e) => e.message,
+        other => panic!("expected ERROR, got {other:?}"),
+    };
+    send_frame(&mut s, cmd::NEWCONTAINER, b"{this is not json");
+    assert!(error(recv_reply(&mut s)).contains("bad payload for command 17"));
+    send_frame(&mut s, cmd::NEWCONTAINER, br#"{"id":"y","rootfs":{"type":"nfs"},"cmd":[]}"#);
+    assert!(error(recv_reply(&mut s)).contains("bad payload"));
+    send_frame(&mut s, 999, b"{}");
+    assert!(error(recv_reply(&mut s)).contains("unknown command 999"));
+    send_frame(&mut s, cmd::ACK, b"{}");
+    assert!(error(recv_reply(&mut s)).contains("unknown command 9"));
+    let wf = br#"{"container":"x","path":"/tmp/f","data":"not base64!"}"#;
+    send_frame(&mut s, cmd::WRITEFILE, wf);
+    assert!(error(recv_reply(&mut s)).contains("bad parameter: data"));
+    // Still in sync: a good request on the same connection works.
+    send_frame(&mut s, cmd::PING, b"");
+    assert!(matches!(recv_reply(&mut s), AgentMessage::Ok(_)));
+    // An oversized length: ERROR, then the connection is closed.
+    let mut hdr = cmd::PING.to_be_bytes().to_vec();
+    hdr.extend_from_slice(&(MAX_PAYLOAD + 1).to_be_bytes());
+    send_raw(&mut s, &hdr);
+    assert!(error(recv_reply(&mut s)).contains("exceeds"));
+    assert!(read_to_end(&mut s).is_empty());
+
+    // A frame cut short, then the peer goes away.
+    let mut s = agent.connect();
+    assert!(matches!(recv_reply(&mut s), AgentMessage::Ready(_)));
+    let mut partial = cmd::PING.to_be_bytes().to_vec();
+    partial.extend_from_slice(&100u32.to_be_bytes());
+    partial.extend_from_slice(b"{\"x\"");
+    send_raw(&mut s, &partial);
+    drop(s);
+
+    // The agent keeps serving, old connection and new.
+    assert_eq!(c.ping().unwrap(), env!("CARGO_PKG_VERSION"));
+    let mut c2 = agent.client();
+    assert_eq!(c2.ping().unwrap(), env!("CARGO_PKG_VERSION"));
+    assert_eq!(
+        c2.stop_container("x", libc::SIGKILL, Duration::from_secs(60))
+            .unwrap(),
+        137
+    );
+}
+
+#[test]
+fn destroy_pod_and_sigterm_kill_containers_and_exit() {
+    let tmp = TempDir::new("destroy");
+    let Some(root) = make_rootfs(tmp.path()) else {
+        return;
+    };
+    // DESTROYPOD: answered, containers killed, the agent exits 0.
+    let mut agent = Agent::start(tmp.path());
+    let mut c = agent.client();
+    let p1 = c
+        .start_container(dir_start("a", &root, &["/bin/probe", "sleep"]))
+        .unwrap();
+    let p2 = c
+        .start_container(dir_start("b", &root, &["/bin/probe", "stubborn"]))
+        .unwrap();
+    c.destroy_pod().unwrap();
+    let st = agent.wait_exit();
+    assert!(st.success(), "{st}");
+    assert!(!alive(p1) && !alive(p2));
+    assert!(!agent.sock.exists());
+    drop(agent);
+
+    // SIGTERM to the agent on a host: the same cleanup.
+    let mut agent = Agent::start(tmp.path());
+    let mut c = agent.client();
+    let p3 = c
+        .start_container(dir_start("c", &root, &["/bin/probe", "sleep"]))
+        .unwrap();
+    // SAFETY: kill(2) to our own child.
+    assert_eq!(unsafe { libc::kill(agent.pid() as i32, libc::SIGTERM) }, 0);
+    let st = agent.wait_exit();
+    assert!(st.success(), "{st}");
+    assert!(!alive(p3));
+    assert!(!agent.sock.exists());
+}
