@@ -636,6 +636,9 @@ fn api_start(
     cfg: &EmberdBenchConfig,
     mem: u64,
 ) -> Result<ApiStart> {
+    if interrupted() {
+        return Err(EmberdBenchError::Interrupted);
+    }
     let t0 = Instant::now();
     let id = c.run(name, mem)?;
     g.track(&id);
@@ -666,6 +669,9 @@ fn idle_start(
     cfg: &EmberdBenchConfig,
     mem: u64,
 ) -> Result<ApiStart> {
+    if interrupted() {
+        return Err(EmberdBenchError::Interrupted);
+    }
     let t0 = Instant::now();
     let id = c.run_image(name, IDLE_IMAGE, mem)?;
     g.track(&id);
@@ -705,6 +711,9 @@ fn burst(
     cfg: &EmberdBenchConfig,
     mem: u64,
 ) -> Result<Burst> {
+    if interrupted() {
+        return Err(EmberdBenchError::Interrupted);
+    }
     let names: Vec<String> = (0..cfg.burst)
         .map(|i| format!("burst-{round}-{i}"))
         .collect();
