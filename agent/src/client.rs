@@ -8,12 +8,14 @@
 
 use std::collections::VecDeque;
 use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
 use std::time::Duration;
 
 use crate::b64;
 use crate::protocol::{
     read_frame, write_frame, AgentMessage, Event, Exec, OkReply, ProtocolError, ReadFile, ReadLog,
-    Ready, RemoveContainer, Request, Signal, StartContainer, StopContainer, Wait, WriteFile,
+    Ready, RemoveContainer, CONTROL_PORT, Request, Signal, StartContainer, StopContainer, Wait, WriteFile,
 };
 
 /// A client-side failure.
@@ -34,6 +36,61 @@ pub enum ClientError {
     /// The agent's base64 data is invalid.
     #[error("bad data from the agent: {0}")]
     Base64(#[from] b64::Base64Error),
+    /// The VMM's hybrid-vsock socket refused `CONNECT <port>`.
+    #[error("vsock handshake with {path}: {reason}")]
+    Handshake {
+        /// The VMM's vsock unix socket.
+        path: String,
+        /// What went wrong.
+        reason: String,
+    },
+}
+
+/// Opens a host-initiated connection to guest vsock `port` through the
+/// VMM's hybrid-vsock unix socket (`CONNECT <port>\n`, answered `OK <n>\n`;
+/// see `devices::virtio::vsock`). `timeout` bounds the handshake and stays
+/// set as the stream's read timeout.
+pub fn connect_vsock_uds(
+    uds_path: &Path,
+    port: u32,
+    timeout: Option<Duration>,
+) -> Result<UnixStream, ClientError> {
+    let fail = |reason: String| ClientError::Handshake {
+        path: uds_path.display().to_string(),
+        reason,
+    };
+    let mut s = UnixStream::connect(uds_path).map_err(|e| fail(format!("connect: {e}")))?;
+    s.set_read_timeout(timeout)
+        .map_err(|e| fail(format!("set_read_timeout: {e}")))?;
+    s.write_all(format!("CONNECT {port}\n").as_bytes())
+        .map_err(|e| fail(format!("write: {e}")))?;
+    // Byte by byte, so nothing after the line is consumed.
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    loop {
+        match s.read(&mut b) {
+            Ok(0) => return Err(fail("closed before OK (is the guest listening?)".into())),
+            Ok(_) if b[0] == b'\n' => break,
+            Ok(_) if line.len() < 64 => line.push(b[0]),
+            Ok(_) => return Err(fail("answer line too long".into())),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(fail(format!("read: {e}"))),
+        }
+    }
+    let line = String::from_utf8_lossy(&line);
+    if line.starts_with("OK ") {
+        Ok(s)
+    } else {
+        Err(fail(format!("unexpected answer {line:?}")))
+    }
+}
+
+impl AgentClient<UnixStream> {
+    /// Connects to the agent of a VM through the VMM's hybrid-vsock unix
+    /// socket, on the control port 2718, and reads READY.
+    pub fn connect_vsock_uds(uds_path: &Path, timeout: Option<Duration>) -> Result<Self, ClientError> {
+        AgentClient::new(connect_vsock_uds(uds_path, CONTROL_PORT, timeout)?)
+    }
 }
 
 /// A blocking connection to one agent.

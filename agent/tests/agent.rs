@@ -514,3 +514,112 @@ fn destroy_pod_and_sigterm_kill_containers_and_exit() {
     assert!(!alive(p3));
     assert!(!agent.sock.exists());
 }
+
+/// emberd's path to a guest agent: the VMM's hybrid-vsock unix socket.
+/// A fake VMM here answers `CONNECT 2718` and splices the stream to the
+/// agent's unix socket.
+#[test]
+fn client_connects_through_a_hybrid_vsock_socket() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::unix::net::{UnixListener, UnixStream};
+
+    let tmp = TempDir::new("hybrid");
+    let Some(root) = make_rootfs(tmp.path()) else {
+        return;
+    };
+    let agent = Agent::start(tmp.path());
+    let uds = tmp.path().join("vsock.sock");
+    let listener = UnixListener::bind(&uds).unwrap();
+    let agent_sock = agent.sock.clone();
+    let fake_vmm = std::thread::spawn(move || {
+        for round in 0..2 {
+            let (host, _) = listener.accept().unwrap();
+            let mut reader = BufReader::new(host.try_clone().unwrap());
+            let mut line = String::new();
+            reader.read_line(&mut line).unwrap();
+            let mut host = host;
+            if round == 0 {
+                // A port nobody listens on: the VMM hangs up.
+                assert_eq!(line, "CONNECT 9\n");
+                continue;
+            }
+            assert_eq!(line, "CONNECT 2718\n");
+            host.write_all(b"OK 1073741824\n").unwrap();
+            let guest = UnixStream::connect(&agent_sock).unwrap();
+            let (mut g_r, mut g_w) = (guest.try_clone().unwrap(), guest);
+            let mut h_w = host;
+            let up = std::thread::spawn(move || {
+                let _ = std::io::copy(&mut reader, &mut g_w);
+                let _ = g_w.shutdown(std::net::Shutdown::Write);
+            });
+            let _ = std::io::copy(&mut g_r, &mut h_w);
+            let _ = h_w.shutdown(std::net::Shutdown::Both);
+            up.join().unwrap();
+        }
+    });
+
+    match ember_agent::client::connect_vsock_uds(&uds, 9, Some(READ_TIMEOUT)) {
+        Err(ClientError::Handshake { reason, .. }) => assert!(reason.contains("closed"), "{reason}"),
+        other => panic!("{other:?}"),
+    }
+    let mut c =
+        ember_agent::AgentClient::connect_vsock_uds(&uds, Some(READ_TIMEOUT)).expect("READY via vsock");
+    c.start_container(dir_start("v", &root, &["/bin/probe", "info", "4"]))
+        .unwrap();
+    assert_eq!(c.wait("v", None).unwrap(), 4);
+    assert!(log_of(&mut c, "v").contains("argv[1]=info"));
+    drop(c);
+    fake_vmm.join().unwrap();
+}
+
+/// The PID 1 path, in fresh pid/mount/uts namespaces (the host's mounts and
+/// hostname are untouched): READY says pid1, /proc is mounted, containers
+/// run, and an orphan re-parented to the agent is reaped when it dies.
+#[test]
+fn as_pid1_it_serves_and_reaps_orphans() {
+    let tmp = TempDir::new("pid1");
+    let Some(root) = make_rootfs(tmp.path()) else {
+        return;
+    };
+    if !Command::new("unshare")
+        .args(["--pid", "--fork", "--mount", "true"])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+    {
+        eprintln!("SKIP: unshare --pid --fork --mount does not work here");
+        return;
+    }
+    let agent = Agent::start_as_pid1(tmp.path());
+    let mut c = agent.client();
+    assert!(c.ready().pid1, "the agent should be PID 1 in its namespace");
+
+    // The unshare process's only child is the agent.
+    let unshare_pid = agent.pid();
+    let agent_pid = processes()
+        .into_iter()
+        .find(|(_, ppid, _)| *ppid == unshare_pid)
+        .map(|(pid, _, _)| pid)
+        .expect("the agent process");
+
+    c.start_container(dir_start("o", &root, &["/bin/probe", "orphan"]))
+        .unwrap();
+    assert_eq!(c.wait("o", None).unwrap(), 0);
+    assert!(log_of(&mut c, "o").contains("forked "));
+    // The container's main process is gone; its child now belongs to the agent.
+    let orphan = processes()
+        .into_iter()
+        .find(|(_, ppid, name)| *ppid == agent_pid && name == "probe")
+        .map(|(pid, _, _)| pid)
+        .expect("the orphan, re-parented to the agent");
+    // SAFETY: kill(2) of a process this test created.
+    assert_eq!(unsafe { libc::kill(orphan as i32, libc::SIGKILL) }, 0);
+    // Reaped: /proc/<pid> disappears (a zombie would stay).
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while std::path::Path::new(&format!("/proc/{orphan}")).exists() {
+        assert!(std::time::Instant::now() < deadline, "orphan {orphan} never reaped");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Still serving.
+    assert_eq!(c.ping().unwrap(), env!("CARGO_PKG_VERSION"));
+}

@@ -62,6 +62,14 @@ int main(int argc, char **argv) {
         fflush(stdout);
         for (;;) pause();
     }
+    if (!strcmp(mode, "orphan")) {
+        pid_t pid = fork();
+        if (pid == 0) {
+            for (;;) pause();
+        }
+        printf("forked %d\n", (int)pid);
+        return 0;
+    }
     if (!strcmp(mode, "cat") && argc > 2) {
         FILE *f = fopen(argv[2], "r");
         if (!f) { perror("fopen"); return 97; }
@@ -157,6 +165,9 @@ pub fn make_rootfs(dir: &Path) -> Option<PathBuf> {
 /// The agent binary serving on `<dir>/agent.sock`.
 pub struct Agent {
     pub child: Option<Child>,
+    /// Started as PID 1 of a new pid namespace: never sent DESTROYPOD (that
+    /// would reboot), killed instead.
+    pub pid1_ns: bool,
     pub sock: PathBuf,
     pub state_dir: PathBuf,
     pub run_dir: PathBuf,
@@ -164,10 +175,32 @@ pub struct Agent {
 
 impl Agent {
     pub fn start(dir: &Path) -> Agent {
+        Agent::start_with(dir, &[])
+    }
+
+    /// As PID 1 of new pid, mount and uts namespaces (`unshare`), so the
+    /// PID 1 duties run without touching the host.
+    pub fn start_as_pid1(dir: &Path) -> Agent {
+        Agent::start_with(
+            dir,
+            &["unshare", "--pid", "--fork", "--mount", "--uts", "--kill-child"],
+        )
+    }
+
+    fn start_with(dir: &Path, wrapper: &[&str]) -> Agent {
         let sock = dir.join("agent.sock");
         let state_dir = dir.join("state");
         let run_dir = dir.join("run");
-        let child = Command::new(env!("CARGO_BIN_EXE_ember-agent"))
+        let agent_bin = env!("CARGO_BIN_EXE_ember-agent");
+        let mut cmd = match wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(agent_bin);
+                c
+            }
+            None => Command::new(agent_bin),
+        };
+        let child = cmd
             .arg("--unix")
             .arg(&sock)
             .arg("--state-dir")
@@ -180,6 +213,7 @@ impl Agent {
             .expect("spawning ember-agent");
         let mut agent = Agent {
             child: Some(child),
+            pid1_ns: !wrapper.is_empty(),
             sock,
             state_dir,
             run_dir,
@@ -232,6 +266,15 @@ impl Agent {
 impl Drop for Agent {
     fn drop(&mut self) {
         if self.child.is_none() {
+            return;
+        }
+        if self.pid1_ns {
+            // SIGKILL to unshare; --kill-child takes the namespace's init,
+            // and with it every process of the namespace, down too.
+            if let Some(mut child) = self.child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
             return;
         }
         // Let the agent kill and unmount its containers, then make sure it is gone.
@@ -342,6 +385,32 @@ pub fn recv_reply(s: &mut UnixStream) -> AgentMessage {
             m => return m,
         }
     }
+}
+
+/// `(pid, ppid, name)` of every process, from /proc/*/status.
+pub fn processes() -> Vec<(u32, u32, String)> {
+    let mut v = Vec::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return v;
+    };
+    for e in dir.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(status) = std::fs::read_to_string(e.path().join("status")) else {
+            continue;
+        };
+        let field = |k: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(k))
+                .map(|v| v.trim().to_string())
+                .unwrap_or_default()
+        };
+        let ppid = field("PPid:").parse().unwrap_or(0);
+        v.push((pid, ppid, field("Name:")));
+    }
+    v
 }
 
 /// Whether the process `pid` still exists (zombies count as gone).
