@@ -10,9 +10,21 @@ set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 
-cargo build --release -p vmm -p jailer -p api_server -p ember-bench
-
 target_dir="${CARGO_TARGET_DIR:-target}"
+
+if ! cargo build --release -p vmm -p jailer -p api_server -p ember-bench; then
+    # Like lifecycle.sh: a crate mid-edit elsewhere should not stop the
+    # benchmark when earlier release binaries exist; say so loudly.
+    cargo build --release -p ember-bench
+    for b in emberd ember-vmm ember-jailer; do
+        if [[ ! -x "$target_dir/release/$b" ]]; then
+            echo "emberd.sh: building failed and $target_dir/release/$b does not exist" >&2
+            exit 1
+        fi
+    done
+    echo "emberd.sh: building failed; benchmarking the binaries already in $target_dir/release (they may be stale)" >&2
+fi
+
 exec "$target_dir/release/emberd-bench" \
     --emberd "$target_dir/release/emberd" \
     --vmm "$target_dir/release/ember-vmm" \
