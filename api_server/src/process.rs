@@ -27,8 +27,6 @@ pub enum ProcessError {
     Log { path: PathBuf, err: std::io::Error },
     #[error("cannot start {bin}: {err}")]
     Spawn { bin: PathBuf, err: std::io::Error },
-    #[error("the VMM exited at once with status {status}: {log}")]
-    EarlyExit { status: String, log: String },
 }
 
 /// How VMMs are launched.
@@ -251,28 +249,15 @@ impl Launcher {
             });
         }
         let bin = self.jailer_bin.clone().unwrap_or_else(|| self.vmm_bin.clone());
-        let mut child = cmd.spawn().map_err(|err| ProcessError::Spawn { bin, err })?;
+        let child = cmd.spawn().map_err(|err| ProcessError::Spawn { bin, err })?;
         let pid = child.id() as i32;
-        // The jailer execs the VMM in place (same pid). Catch immediate
-        // failures (bad config, jail errors) so the caller gets the reason.
-        let deadline = Instant::now() + Duration::from_millis(300);
-        while Instant::now() < deadline {
-            if let Ok(Some(st)) = child.try_wait() {
-                let log = tail(&spec.log_path, 2048);
-                if st.success() {
-                    // A guest that finished this fast is not an error.
-                    break;
-                }
-                return Err(ProcessError::EarlyExit {
-                    status: st.to_string(),
-                    log,
-                });
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        // Identify the process now (a zombie still has its start time), so a
+        // reused pid can never be mistaken for it. Nothing waits here: the
+        // event loop's pidfd watcher reports an early exit (with the log's
+        // tail) like any other.
+        let start_time = proc_stat(pid).map(|(_, t)| t).unwrap_or(0);
         // Forget the Child: emberd reaps it through its pidfd watcher.
         std::mem::forget(child);
-        let start_time = proc_start_time(pid).unwrap_or(0);
         Ok(Launched {
             process: VmmProcess { pid, start_time },
             api_sock: self.api_sock(&spec.id),
@@ -293,25 +278,30 @@ pub fn tail(path: &Path, max: u64) -> String {
     String::from_utf8_lossy(&s).trim().to_string()
 }
 
-/// Field 22 of /proc/<pid>/stat (start time in clock ticks), if alive.
-pub fn proc_start_time(pid: i32) -> Option<u64> {
+/// State letter and start time (field 22, clock ticks since boot) from
+/// /proc/<pid>/stat; zombies included.
+pub fn proc_stat(pid: i32) -> Option<(char, u64)> {
     let s = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name (field 2) may contain spaces: parse after the ')'.
     let rest = &s[s.rfind(')')? + 2..];
     let fields: Vec<&str> = rest.split_whitespace().collect();
     // rest starts at field 3 (state); field 22 is index 19.
-    if fields.first() == Some(&"Z") {
-        return None;
-    }
-    fields.get(19)?.parse().ok()
+    let state = fields.first()?.chars().next()?;
+    Some((state, fields.get(19)?.parse().ok()?))
 }
 
-/// Whether `p` is still the live process emberd started.
-pub fn is_alive(p: &VmmProcess) -> bool {
-    match proc_start_time(p.pid) {
-        Some(t) => p.start_time == 0 || t == p.start_time,
-        None => false,
+/// Start time of a live (not zombie) process.
+pub fn proc_start_time(pid: i32) -> Option<u64> {
+    match proc_stat(pid) {
+        Some((state, t)) if state != 'Z' => Some(t),
+        _ => None,
     }
+}
+
+/// Whether `p` is still the live process emberd started. A record without
+/// a start time (0) is never trusted: the pid may have been reused.
+pub fn is_alive(p: &VmmProcess) -> bool {
+    p.start_time != 0 && proc_start_time(p.pid) == Some(p.start_time)
 }
 
 /// Kills the VMM (SIGKILL) and waits up to `timeout` for it to be gone.
