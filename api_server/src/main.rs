@@ -42,6 +42,12 @@ struct Args {
     /// Largest accepted request body (uploads), in MiB.
     #[arg(long, default_value_t = 512)]
     max_upload_mb: usize,
+    /// Flintlock: reconcile attempts before a MicroVM is FAILED.
+    #[arg(long, default_value_t = 10)]
+    flintlock_max_retries: u32,
+    /// Flintlock: back-off unit in milliseconds (retry n waits n units).
+    #[arg(long, default_value_t = 2000)]
+    flintlock_backoff_ms: u64,
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -91,7 +97,15 @@ fn main() {
             die(format!("cannot create {}: {e}", dir.display()));
         }
     }
-    let faces: Vec<Box<dyn api_server::server::Face>> = vec![Box::new(api_server::unik::Unik)];
+    let flintlock = api_server::flintlock::Flintlock {
+        policy: api_server::flintlock::RetryPolicy {
+            max_retries: args.flintlock_max_retries.max(1),
+            backoff: std::time::Duration::from_millis(args.flintlock_backoff_ms),
+        },
+    };
+    // Order matters where paths could overlap: see README "Routing".
+    let faces: Vec<Box<dyn api_server::server::Face>> =
+        vec![Box::new(flintlock), Box::new(api_server::unik::Unik)];
     let mut daemon = Daemon::new(&args.socket, sup, faces, args.max_upload_mb << 20)
         .unwrap_or_else(|e| die(format!("cannot serve {}: {e}", args.socket.display())));
     for sig in [libc::SIGTERM, libc::SIGINT] {
