@@ -25,7 +25,9 @@
 //!   annotation, or a `RepoTags` entry. Names compare after docker-style
 //!   normalization (`busybox` = `busybox:latest` =
 //!   `docker.io/library/busybox:latest`). As a last resort a `name:tag`
-//!   reference matches the one manifest whose `ref.name` is just `tag`.
+//!   reference matches the one manifest whose `ref.name` is just `tag`
+//!   (and that has no `io.containerd.image.name`), as `skopeo` layouts
+//!   record only the tag.
 //!   Without a reference the first image is used. Nested indexes (multi
 //!   platform images) resolve to linux/amd64.
 //! * Every blob is verified when the image is opened: manifests, configs
@@ -163,7 +165,9 @@ pub enum OciError {
         source: ArchiveError,
     },
     /// Neither an OCI layout nor a `docker save` image.
-    #[error("{0} is not an OCI image layout or docker save archive (no index.json or manifest.json)")]
+    #[error(
+        "{0} is not an OCI image layout or docker save archive (no index.json or manifest.json)"
+    )]
     NotAnImage(PathBuf),
     /// A JSON document is not valid.
     #[error("invalid {what}: {source}")]
@@ -486,7 +490,10 @@ pub fn open_with(
             .read_to_end(&mut magic)
             .map_err(io_err(source))?;
         if magic == ZSTD_MAGIC {
-            return Err(OciError::Zstd(format!("image archive {}", source.display())));
+            return Err(OciError::Zstd(format!(
+                "image archive {}",
+                source.display()
+            )));
         }
         let f = File::open(source).map_err(io_err(source))?;
         let scratch = ScratchDir::new(&cfg.scratch_dir)?;
@@ -519,7 +526,10 @@ fn hex(bytes: &[u8]) -> String {
 fn digest_hex(digest: &str) -> Result<&str, OciError> {
     let bad = || OciError::BadDigest(digest.to_string());
     let h = digest.strip_prefix("sha256:").ok_or_else(bad)?;
-    if h.len() == 64 && h.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+    if h.len() == 64
+        && h.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
         Ok(h)
     } else {
         Err(bad())
@@ -586,7 +596,9 @@ fn read_json_file(path: &Path, what: &str) -> Result<(Vec<u8>, Value), OciError>
         .read_to_end(&mut bytes)
         .map_err(io_err(path))?;
     if bytes.len() as u64 > MAX_JSON {
-        return Err(OciError::Invalid(format!("{what} is larger than {MAX_JSON} bytes")));
+        return Err(OciError::Invalid(format!(
+            "{what} is larger than {MAX_JSON} bytes"
+        )));
     }
     let v = serde_json::from_slice(&bytes).map_err(|source| OciError::Json {
         what: what.to_string(),
@@ -746,17 +758,26 @@ fn select_descriptor<'a>(
         n.extend(extra_names.get(&d.digest).cloned().unwrap_or_default());
         n
     };
-    if let Some(d) = manifests
-        .iter()
-        .find(|d| names_of(d).iter().any(|n| n == reference || normalize_ref(n) == want))
-    {
+    if let Some(d) = manifests.iter().find(|d| {
+        names_of(d)
+            .iter()
+            .any(|n| n == reference || normalize_ref(n) == want)
+    }) {
         return Ok(d);
     }
-    // `name:tag` against a bare `ref.name` of `tag`, when unambiguous.
-    if let Some((_, tag)) = want.rsplit_once(':') {
+    // An explicit `name:tag` against a bare `ref.name` of `tag` (layouts
+    // that record only the tag), when unambiguous and no full name is known.
+    let explicit_tag = match reference.rsplit_once(':') {
+        Some((name, tag)) if !tag.contains('/') && !name.is_empty() => Some(tag),
+        _ => None,
+    };
+    if let Some(tag) = explicit_tag {
         let hits: Vec<&Descriptor> = manifests
             .iter()
-            .filter(|d| d.annotations.get(ANNOTATION_REF_NAME).map(String::as_str) == Some(tag))
+            .filter(|d| {
+                !d.annotations.contains_key(ANNOTATION_CONTAINERD_NAME)
+                    && d.annotations.get(ANNOTATION_REF_NAME).map(String::as_str) == Some(tag)
+            })
             .collect();
         if let [d] = hits.as_slice() {
             return Ok(d);
@@ -817,7 +838,12 @@ fn check_layer_media_type(m: &str, digest: &str) -> Result<(), OciError> {
     let ok = m.is_empty()
         || m.starts_with("application/vnd.oci.image.layer.")
         || m.starts_with("application/vnd.docker.image.rootfs.");
-    if ok && (m.is_empty() || m.ends_with(".tar") || m.ends_with("tar+gzip") || m.ends_with("tar.gzip")) {
+    if ok
+        && (m.is_empty()
+            || m.ends_with(".tar")
+            || m.ends_with("tar+gzip")
+            || m.ends_with("tar.gzip"))
+    {
         Ok(())
     } else {
         Err(OciError::UnsupportedMediaType(m.to_string()))
@@ -833,7 +859,12 @@ struct ConfigInfo {
 }
 
 fn config_info(v: &Value) -> ConfigInfo {
-    let s = |k: &str| v.get(k).and_then(Value::as_str).unwrap_or_default().to_string();
+    let s = |k: &str| {
+        v.get(k)
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string()
+    };
     ConfigInfo {
         config: v
             .get("config")
@@ -877,11 +908,17 @@ fn safe_rel(p: &str) -> Result<PathBuf, OciError> {
         match c {
             Component::Normal(s) => out.push(s),
             Component::CurDir => {}
-            _ => return Err(OciError::Invalid(format!("unsafe path {p:?} in manifest.json"))),
+            _ => {
+                return Err(OciError::Invalid(format!(
+                    "unsafe path {p:?} in manifest.json"
+                )))
+            }
         }
     }
     if out.as_os_str().is_empty() {
-        return Err(OciError::Invalid(format!("empty path {p:?} in manifest.json")));
+        return Err(OciError::Invalid(format!(
+            "empty path {p:?} in manifest.json"
+        )));
     }
     Ok(out)
 }
@@ -947,14 +984,22 @@ fn open_oci(root: &Path, reference: Option<&str>) -> Result<OciImage, OciError> 
             path,
         });
     }
-    let mut repo_tags: Vec<String> = tags_by_config.get(&cdesc.digest).cloned().unwrap_or_default();
-    for n in desc_names(top) {
+    let mut repo_tags: Vec<String> = tags_by_config
+        .get(&cdesc.digest)
+        .cloned()
+        .unwrap_or_default();
+    // The full containerd name when there is one (`ref.name` is then often
+    // just the tag), else `ref.name`.
+    if let Some(n) = desc_names(top).into_iter().next() {
         let f = if n.contains('/') || n.contains(':') {
             familiar(&n)
         } else {
             n
         };
-        if !repo_tags.iter().any(|t| normalize_ref(t) == normalize_ref(&f)) {
+        if !repo_tags
+            .iter()
+            .any(|t| normalize_ref(t) == normalize_ref(&f))
+        {
             repo_tags.push(f);
         }
     }
@@ -995,7 +1040,8 @@ fn open_docker(root: &Path, reference: Option<&str>) -> Result<OciImage, OciErro
                         .flatten()
                         .any(|t| t == r || normalize_ref(t) == want)
                         || config_digest_of(e).is_some_and(|d| {
-                            d == r || (r.len() >= 12 && d.trim_start_matches("sha256:").starts_with(r))
+                            d == r
+                                || (r.len() >= 12 && d.trim_start_matches("sha256:").starts_with(r))
                         })
                 })
                 .ok_or_else(|| OciError::RefNotFound {
@@ -1170,7 +1216,9 @@ fn resolve_in_root(root: &Path, path: &str) -> Result<PathBuf, OciError> {
         if md.file_type().is_symlink() {
             hops += 1;
             if hops > MAX_SYMLINK_HOPS {
-                return Err(OciError::Invalid(format!("too many symlinks resolving {path:?}")));
+                return Err(OciError::Invalid(format!(
+                    "too many symlinks resolving {path:?}"
+                )));
             }
             let target = fs::read_link(&full).map_err(io_err(&full))?;
             cur.pop();
@@ -1256,7 +1304,11 @@ impl Applier<'_> {
         let cap = self
             .limits
             .max_bytes
-            .saturating_add(self.limits.max_entries.saturating_mul(STREAM_OVERHEAD_PER_ENTRY))
+            .saturating_add(
+                self.limits
+                    .max_entries
+                    .saturating_mul(STREAM_OVERHEAD_PER_ENTRY),
+            )
             .saturating_add(STREAM_OVERHEAD);
         let reader: Box<dyn Read> = match layer.compression {
             Compression::None => Box::new(BufReader::new(f)),
@@ -1280,7 +1332,8 @@ impl Applier<'_> {
             if self.summary.entries > self.limits.max_entries {
                 return Err(lerr(ArchiveError::TooManyEntries(self.limits.max_entries)));
             }
-            self.apply_entry(&mut entry, &mut this_layer).map_err(lerr)?;
+            self.apply_entry(&mut entry, &mut this_layer)
+                .map_err(lerr)?;
         }
         self.summary.layers += 1;
         Ok(())
@@ -1302,7 +1355,10 @@ impl Applier<'_> {
         let kind = entry.header().entry_type();
         if matches!(
             kind,
-            EntryType::XGlobalHeader | EntryType::XHeader | EntryType::GNULongName | EntryType::GNULongLink
+            EntryType::XGlobalHeader
+                | EntryType::XHeader
+                | EntryType::GNULongName
+                | EntryType::GNULongLink
         ) {
             return Ok(());
         }
@@ -1731,7 +1787,9 @@ fn append_entry<W: Write>(
 /// gzip, diff_id of the tar, gzip size).
 fn write_tar_gz(
     out: &Path,
-    fill: impl FnOnce(&mut tar::Builder<&mut HashWriter<flate2::write::GzEncoder<HashWriter<File>>>>) -> Result<(), OciError>,
+    fill: impl FnOnce(
+        &mut tar::Builder<&mut HashWriter<flate2::write::GzEncoder<HashWriter<File>>>>,
+    ) -> Result<(), OciError>,
 ) -> Result<(String, String, u64), OciError> {
     let file = File::create(out).map_err(io_err(out))?;
     let gz = flate2::write::GzEncoder::new(HashWriter::new(file), flate2::Compression::default());
@@ -1792,7 +1850,9 @@ fn store_layer_file(dir: &Path, src: &Path) -> Result<NewLayer, OciError> {
     let (digest, size) = hash_file(src)?;
     let f = File::open(src).map_err(io_err(src))?;
     let (diff_id, _) = match sniff_compression(src, "layer")? {
-        Compression::Gzip => hash_reader(flate2::read::MultiGzDecoder::new(BufReader::new(f)), src)?,
+        Compression::Gzip => {
+            hash_reader(flate2::read::MultiGzDecoder::new(BufReader::new(f)), src)?
+        }
         Compression::None => (digest.clone(), size),
     };
     let media_type = if diff_id == digest {
@@ -1885,7 +1945,11 @@ fn write_image(
         .and_then(Value::as_array)
         .cloned()
         .unwrap_or_default();
-    manifests.retain(|m| m.pointer("/annotations/org.opencontainers.image.ref.name").and_then(Value::as_str) != Some(ref_name));
+    manifests.retain(|m| {
+        m.pointer("/annotations/org.opencontainers.image.ref.name")
+            .and_then(Value::as_str)
+            != Some(ref_name)
+    });
     manifests.push(json!({
         "mediaType": MEDIA_OCI_MANIFEST,
         "digest": mdigest,
@@ -2111,12 +2175,21 @@ mod tests {
     #[test]
     fn normalize_refs() {
         assert_eq!(normalize_ref("busybox"), "docker.io/library/busybox:latest");
-        assert_eq!(normalize_ref("busybox:1.36"), "docker.io/library/busybox:1.36");
+        assert_eq!(
+            normalize_ref("busybox:1.36"),
+            "docker.io/library/busybox:1.36"
+        );
         assert_eq!(normalize_ref("me/app:v1"), "docker.io/me/app:v1");
         assert_eq!(normalize_ref("ghcr.io/x/y"), "ghcr.io/x/y:latest");
         assert_eq!(normalize_ref("localhost:5000/y:2"), "localhost:5000/y:2");
-        assert_eq!(normalize_ref("docker.io/library/busybox:latest"), "docker.io/library/busybox:latest");
-        assert_eq!(familiar("docker.io/library/busybox:latest"), "busybox:latest");
+        assert_eq!(
+            normalize_ref("docker.io/library/busybox:latest"),
+            "docker.io/library/busybox:latest"
+        );
+        assert_eq!(
+            familiar("docker.io/library/busybox:latest"),
+            "busybox:latest"
+        );
         assert_eq!(familiar("ghcr.io/x/y:1"), "ghcr.io/x/y:1");
     }
 
@@ -2131,7 +2204,10 @@ mod tests {
             format!("sha256:{}", "a".repeat(63)),
             h.clone(),
         ] {
-            assert!(matches!(digest_hex(&bad), Err(OciError::BadDigest(_))), "{bad}");
+            assert!(
+                matches!(digest_hex(&bad), Err(OciError::BadDigest(_))),
+                "{bad}"
+            );
         }
     }
 
@@ -2162,13 +2238,34 @@ mod tests {
         std::os::unix::fs::symlink("../../../../boot", r.join("b")).unwrap();
         std::os::unix::fs::symlink("loop", r.join("loop")).unwrap();
         std::os::unix::fs::symlink("/etc/passwd", r.join("host")).unwrap();
-        assert_eq!(resolve_in_root(r, "boot/vmlinux").unwrap(), Path::new("boot/real/vmlinux-1"));
-        assert_eq!(resolve_in_root(r, "/b/vmlinux").unwrap(), Path::new("boot/real/vmlinux-1"));
-        assert_eq!(resolve_in_root(r, "../../boot/real/../vmlinux").unwrap(), Path::new("boot/real/vmlinux-1"));
-        assert!(matches!(resolve_in_root(r, "host"), Err(OciError::NotFound(_))));
-        assert!(matches!(resolve_in_root(r, "loop"), Err(OciError::Invalid(_))));
-        assert!(matches!(resolve_in_root(r, "boot/real/vmlinux-1/x"), Err(OciError::NotFound(_))));
-        assert!(matches!(resolve_in_root(r, "/"), Err(OciError::NotAFile(_))));
+        assert_eq!(
+            resolve_in_root(r, "boot/vmlinux").unwrap(),
+            Path::new("boot/real/vmlinux-1")
+        );
+        assert_eq!(
+            resolve_in_root(r, "/b/vmlinux").unwrap(),
+            Path::new("boot/real/vmlinux-1")
+        );
+        assert_eq!(
+            resolve_in_root(r, "../../boot/real/../vmlinux").unwrap(),
+            Path::new("boot/real/vmlinux-1")
+        );
+        assert!(matches!(
+            resolve_in_root(r, "host"),
+            Err(OciError::NotFound(_))
+        ));
+        assert!(matches!(
+            resolve_in_root(r, "loop"),
+            Err(OciError::Invalid(_))
+        ));
+        assert!(matches!(
+            resolve_in_root(r, "boot/real/vmlinux-1/x"),
+            Err(OciError::NotFound(_))
+        ));
+        assert!(matches!(
+            resolve_in_root(r, "/"),
+            Err(OciError::NotAFile(_))
+        ));
     }
 
     #[test]
@@ -2183,8 +2280,14 @@ mod tests {
 
     #[test]
     fn layer_media_types() {
-        for ok in [MEDIA_OCI_LAYER_GZIP, MEDIA_OCI_LAYER_TAR, MEDIA_DOCKER_LAYER_GZIP, MEDIA_DOCKER_LAYER_TAR,
-            "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip", ""] {
+        for ok in [
+            MEDIA_OCI_LAYER_GZIP,
+            MEDIA_OCI_LAYER_TAR,
+            MEDIA_DOCKER_LAYER_GZIP,
+            MEDIA_DOCKER_LAYER_TAR,
+            "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
+            "",
+        ] {
             check_layer_media_type(ok, "d").unwrap();
         }
         assert!(matches!(
