@@ -1131,6 +1131,7 @@ impl OciImage {
         let mut ap = Applier {
             dest,
             limits,
+            // SAFETY: geteuid has no preconditions and cannot fail.
             owners: unsafe { libc::geteuid() } == 0,
             summary: UnpackSummary::default(),
             dir_meta: BTreeMap::new(),
