@@ -19,3 +19,4 @@ pub mod unik;
 pub mod netdev;
 pub mod cidata;
 pub mod flintlock;
+pub mod hyperd;

@@ -261,12 +261,62 @@ pub struct Volume {
     pub mount_point: Option<String>,
 }
 
+/// Lifecycle of a pod (hyperd's words).
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum PodState {
+    #[default]
+    Pending,
+    Running,
+    Failed,
+    Succeeded,
+}
+
+impl PodState {
+    /// Lower-case name.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            PodState::Pending => "pending",
+            PodState::Running => "running",
+            PodState::Failed => "failed",
+            PodState::Succeeded => "succeeded",
+        }
+    }
+}
+
+/// One container of a pod.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PodContainer {
+    pub id: String,
+    pub name: String,
+    pub image: String,
+    pub state: String,
+}
+
+/// A group of containers run together in one VM (hyperd's pod).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Pod {
+    pub id: String,
+    pub name: String,
+    /// The pod spec as given (JSON).
+    pub spec: String,
+    /// Instance id of the VM that runs it, if any.
+    pub vm: Option<String>,
+    pub state: PodState,
+    pub created: String,
+    pub containers: Vec<PodContainer>,
+    /// Why the last start failed.
+    pub last_error: Option<String>,
+}
+
 /// Everything emberd persists.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct State {
     pub images: BTreeMap<String, Image>,
     pub instances: BTreeMap<String, Instance>,
     pub volumes: BTreeMap<String, Volume>,
+    #[serde(default)]
+    pub pods: BTreeMap<String, Pod>,
 }
 
 /// Finds by exact id or exact name (never by substring).
@@ -291,6 +341,21 @@ impl State {
     pub fn volume(&self, key: &str) -> Option<&Volume> {
         find(&self.volumes, key, |v| &v.name)
     }
+}
+
+/// hyperd-style id: `prefix-` and 10 random letters.
+pub fn hyper_id(prefix: &str) -> String {
+    let u = ulid::Ulid::new();
+    let mut n = u.random() ^ u128::from(u.timestamp_ms());
+    let mut s = String::with_capacity(prefix.len() + 11);
+    s.push_str(prefix);
+    s.push('-');
+    for _ in 0..10 {
+        let c = (n % 52) as u8;
+        n /= 52;
+        s.push(if c < 26 { (b'a' + c) as char } else { (b'A' + c - 26) as char });
+    }
+    s
 }
 
 /// A new unique id with a readable prefix, e.g. `inst-01J...`.
@@ -356,6 +421,14 @@ mod tests {
         assert!(s.volume("data").is_some());
         assert!(s.volume("dat").is_none());
         assert!(s.volume("vol").is_none());
+    }
+
+    #[test]
+    fn hyper_ids() {
+        let a = hyper_id("pod");
+        assert_eq!(a.len(), 14);
+        assert!(a.starts_with("pod-") && a[4..].chars().all(|c| c.is_ascii_alphabetic()));
+        assert_ne!(a, hyper_id("pod"));
     }
 
     #[test]

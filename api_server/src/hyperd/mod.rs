@@ -1,0 +1,509 @@
+//! The hyperd API (../shared/seeds/hyperd-api.md): pods, VMs, containers,
+//! images, `/info`, `/auth`. Command replies use hyperd's envelope
+//! `{"ID", "Code", "Cause"}`; like the original, the HTTP status of an error
+//! follows its message: "no such" 404, "bad parameter" 400, "conflict" 409,
+//! anything else 500.
+//!
+//! Pods are model records; a pod's VM is an ember instance (annotated with
+//! its hyperd `vm-` id) that boots Linux with `ember-agent` as init. Booting
+//! Linux needs a host kernel and a KVM that can run it (not this project's
+//! CI machine), so starting a pod or creating a VM answers a clear error
+//! where there is no kernel.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use ember_http::{Method, Reply, Request, Response};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::model::{PodContainer, PodState};
+use crate::server::{Ctx, Face};
+use crate::supervisor::{ErrorKind, Supervisor, SupervisorError};
+
+/// Errors from hyperd requests; the message decides the status.
+#[derive(Debug, thiserror::Error)]
+pub enum HyperdError {
+    #[error("bad parameter: {0}")]
+    BadParameter(String),
+    #[error("no such {0}")]
+    NoSuch(String),
+    #[error("conflict: {0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Other(String),
+}
+
+impl From<SupervisorError> for HyperdError {
+    fn from(e: SupervisorError) -> Self {
+        match e.kind() {
+            ErrorKind::NotFound => HyperdError::NoSuch(e.to_string().replace(" not found", "")),
+            ErrorKind::Invalid => HyperdError::BadParameter(e.to_string()),
+            ErrorKind::Conflict => HyperdError::Conflict(e.to_string()),
+            ErrorKind::Internal => HyperdError::Other(e.to_string()),
+        }
+    }
+}
+
+/// The HTTP status hyperd gave an error message.
+pub fn status_for(msg: &str) -> u16 {
+    let m = msg.to_ascii_lowercase();
+    if m.contains("no such") {
+        404
+    } else if m.contains("bad parameter") {
+        400
+    } else if m.contains("conflict") {
+        409
+    } else {
+        500
+    }
+}
+
+/// `{"ID", "Code", "Cause"}` for success.
+pub fn ok(id: &str) -> Response {
+    Response::json(200, &json!({"ID": id, "Code": 0, "Cause": ""}))
+}
+
+/// The envelope for an error.
+pub fn fail(e: &HyperdError) -> Response {
+    let msg = e.to_string();
+    Response::json(status_for(&msg), &json!({"ID": "", "Code": 1, "Cause": msg}))
+}
+
+/// A pod spec (only what ember reads; unknown fields are ignored, as the
+/// seed's open schema asks).
+#[derive(Debug, Default, Deserialize)]
+pub struct PodSpec {
+    #[serde(default)]
+    pub id: String,
+    #[serde(default)]
+    pub hostname: String,
+    #[serde(default)]
+    pub containers: Vec<ContainerSpec>,
+    #[serde(default)]
+    pub resource: Option<Resource>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// A container in a pod spec.
+#[derive(Debug, Default, Deserialize)]
+pub struct ContainerSpec {
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub image: String,
+    #[serde(default)]
+    pub command: Vec<String>,
+    #[serde(default)]
+    pub entrypoint: Vec<String>,
+    #[serde(default)]
+    pub workdir: String,
+}
+
+/// Pod resources (defaults: 1 vCPU, 128 MB).
+#[derive(Debug, Default, Deserialize)]
+pub struct Resource {
+    #[serde(default)]
+    pub vcpu: u32,
+    #[serde(default)]
+    pub memory: u32,
+}
+
+/// Parses and checks a pod spec.
+pub fn parse_pod(text: &str) -> Result<PodSpec, HyperdError> {
+    let mut spec: PodSpec = serde_json::from_str(text)
+        .map_err(|e| HyperdError::BadParameter(format!("pod spec is not valid JSON: {e}")))?;
+    if spec.containers.is_empty() {
+        return Err(HyperdError::BadParameter("a pod needs at least one container".into()));
+    }
+    for (i, c) in spec.containers.iter_mut().enumerate() {
+        if c.image.is_empty() {
+            return Err(HyperdError::BadParameter(format!("container {i} has no image")));
+        }
+        if c.name.is_empty() {
+            c.name = format!("{}-{i}", c.image.split([':', '/']).next_back().unwrap_or("c"));
+        }
+    }
+    if let Some(r) = &spec.resource {
+        if r.vcpu > 32 {
+            return Err(HyperdError::BadParameter(format!("resource.vcpu {} is more than 32", r.vcpu)));
+        }
+    }
+    Ok(spec)
+}
+
+fn memtotal() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .map(|kb| kb * 1024)
+        .unwrap_or(0)
+}
+
+fn os_name() -> String {
+    std::fs::read_to_string("/etc/os-release")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("PRETTY_NAME=").map(|v| v.trim_matches('"').to_string()))
+        })
+        .unwrap_or_else(|| "Linux".into())
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// Where registry credentials are kept (mode 0600).
+fn auth_path(sup: &Supervisor) -> PathBuf {
+    sup.store().root().join("auth.json")
+}
+
+const VM_ANN: &str = "hyperd.vm";
+const POD_ANN: &str = "hyperd.pod";
+
+/// The hyperd face.
+#[derive(Default)]
+pub struct Hyperd;
+
+impl Hyperd {
+    fn pod_create(&mut self, ctx: &mut Ctx, req: &Request) -> Response {
+        let text = match req.query_param("podArgs") {
+            Some(a) => a.to_string(),
+            None => String::from_utf8_lossy(&req.body).to_string(),
+        };
+        if text.trim().is_empty() {
+            return fail(&HyperdError::BadParameter("podArgs (the pod JSON) is required".into()));
+        }
+        let spec = match parse_pod(&text) {
+            Ok(s) => s,
+            Err(e) => return fail(&e),
+        };
+        let name = if spec.id.is_empty() {
+            crate::model::hyper_id("pod")
+        } else {
+            spec.id.clone()
+        };
+        let containers = spec
+            .containers
+            .iter()
+            .map(|c| PodContainer {
+                id: crate::model::hyper_id("container"),
+                name: c.name.clone(),
+                image: c.image.clone(),
+                state: "pending".into(),
+            })
+            .collect();
+        match ctx.sup.create_pod(&name, &text, containers) {
+            Ok(p) => ok(&p.id),
+            Err(e) => fail(&e.into()),
+        }
+    }
+
+    fn pod_start(&mut self, ctx: &mut Ctx, req: &Request) -> Response {
+        let Some(id) = req.query_param("podId") else {
+            return fail(&HyperdError::BadParameter("podId is required".into()));
+        };
+        let pod = match ctx.sup.pod(id) {
+            Ok(p) => p.clone(),
+            Err(e) => return fail(&e.into()),
+        };
+        if pod.state == PodState::Running {
+            return fail(&HyperdError::Conflict(format!("pod {} is already running", pod.id)));
+        }
+        if let Some(vm) = req.query_param("vmId").filter(|v| !v.is_empty()) {
+            if !vm_exists(ctx.sup, vm) {
+                return fail(&HyperdError::NoSuch(format!("vm {vm}")));
+            }
+        }
+        let e = pod_vm_unavailable();
+        let msg = e.to_string();
+        let _ = ctx.sup.update_pod(&pod.id, |p| {
+            p.state = PodState::Failed;
+            p.last_error = Some(msg);
+        });
+        fail(&e)
+    }
+
+    fn pod_stop(&mut self, ctx: &mut Ctx, req: &Request) -> Response {
+        let Some(id) = req.query_param("podId") else {
+            return fail(&HyperdError::BadParameter("podId is required".into()));
+        };
+        let stop_vm = match req.query_param("stopVM").unwrap_or("yes") {
+            "yes" => true,
+            "no" => false,
+            other => {
+                return fail(&HyperdError::BadParameter(format!("stopVM must be yes or no, not {other:?}")))
+            }
+        };
+        let pod = match ctx.sup.pod(id) {
+            Ok(p) => p.clone(),
+            Err(e) => return fail(&e.into()),
+        };
+        if pod.state != PodState::Running {
+            return fail(&HyperdError::Conflict(format!("pod {} is not running", pod.id)));
+        }
+        if let (true, Some(vm)) = (stop_vm, &pod.vm) {
+            if let Err(e) = ctx.sup.delete_instance(vm, true) {
+                return fail(&e.into());
+            }
+        }
+        match ctx.sup.update_pod(&pod.id, |p| {
+            p.state = PodState::Succeeded;
+            if stop_vm {
+                p.vm = None;
+            }
+        }) {
+            Ok(p) => ok(&p.id),
+            Err(e) => fail(&e.into()),
+        }
+    }
+
+    fn pod_delete(&mut self, ctx: &mut Ctx, req: &Request) -> Response {
+        let Some(id) = req.query_param("podId") else {
+            return fail(&HyperdError::BadParameter("podId is required".into()));
+        };
+        let pod = match ctx.sup.pod(id) {
+            Ok(p) => p.clone(),
+            Err(e) => return fail(&e.into()),
+        };
+        if let Some(vm) = &pod.vm {
+            if ctx.sup.instance(vm).is_ok() {
+                if let Err(e) = ctx.sup.delete_instance(vm, true) {
+                    return fail(&e.into());
+                }
+            }
+        }
+        match ctx.sup.remove_pod(&pod.id) {
+            Ok(p) => ok(&p.id),
+            Err(e) => fail(&e.into()),
+        }
+    }
+
+    fn list(&mut self, ctx: &mut Ctx, req: &Request) -> Response {
+        let item = req.query_param("item").unwrap_or("");
+        let sup = &ctx.sup;
+        match item {
+            "pod" => {
+                let data: Vec<String> = sup
+                    .state()
+                    .pods
+                    .values()
+                    .map(|p| {
+                        let vm = p.vm.as_ref().and_then(|v| vm_id_of(sup, v)).unwrap_or_default();
+                        format!("{}:{}:{}:{}", p.id, p.name, vm, p.state.as_str())
+                    })
+                    .collect();
+                Response::json(200, &json!({"item": "pod", "podData": data}))
+            }
+            "container" => {
+                let data: Vec<String> = sup
+                    .state()
+                    .pods
+                    .values()
+                    .flat_map(|p| {
+                        p.containers
+                            .iter()
+                            .map(move |c| format!("{}:{}:{}:{}", c.id, c.name, p.id, c.state))
+                    })
+                    .collect();
+                Response::json(200, &json!({"item": "container", "cData": data}))
+            }
+            "vm" => {
+                let data: Vec<String> = sup
+                    .state()
+                    .instances
+                    .values()
+                    .filter_map(|i| {
+                        let vm = i.annotations.get(VM_ANN)?;
+                        let pod = i.annotations.get(POD_ANN).cloned().unwrap_or_default();
+                        let status = if pod.is_empty() { "idle" } else { "associated" };
+                        Some(format!("{vm}:{pod}:{status}"))
+                    })
+                    .collect();
+                Response::json(200, &json!({"item": "vm", "vmData": data}))
+            }
+            other => Response::json(
+                400,
+                &json!({"ID": "", "Code": 1, "Cause": format!("bad parameter: Can not support {other} list!")}),
+            ),
+        }
+    }
+
+    fn info(&mut self, ctx: &mut Ctx) -> Response {
+        let s = ctx.sup.state();
+        let containers: usize = s.pods.values().map(|p| p.containers.len()).sum();
+        let root = ctx.sup.store().root().display().to_string();
+        Response::json(
+            200,
+            &json!({
+                "ID": hostname(),
+                "Containers": containers,
+                "Images": 0,
+                "Driver": "ember",
+                "DriverStatus": [["Root Dir", root]],
+                "DockerRootDir": root,
+                "IndexServerAddress": "",
+                "ExecutionDriver": "ember-vmm",
+                "MemTotal": memtotal(),
+                "Pods": s.pods.len(),
+                "Operating System": os_name(),
+                "Name": hostname(),
+            }),
+        )
+    }
+
+    fn auth(&mut self, ctx: &mut Ctx, req: &Request) -> Response {
+        #[derive(Deserialize)]
+        struct Auth {
+            #[serde(default)]
+            username: String,
+            #[serde(default)]
+            password: String,
+            #[serde(default)]
+            email: String,
+            #[serde(default)]
+            serveraddress: String,
+        }
+        let a: Auth = match serde_json::from_slice(&req.body) {
+            Ok(a) => a,
+            Err(e) => return fail(&HyperdError::BadParameter(format!("auth body is not valid JSON: {e}"))),
+        };
+        if a.username.is_empty() {
+            return fail(&HyperdError::BadParameter("username is required".into()));
+        }
+        let server = if a.serveraddress.is_empty() {
+            "https://index.docker.io/v1/".to_string()
+        } else {
+            a.serveraddress.clone()
+        };
+        let path = auth_path(ctx.sup);
+        let mut all: serde_json::Map<String, Value> = std::fs::read(&path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        all.insert(
+            server,
+            json!({"username": a.username, "password": a.password, "email": a.email}),
+        );
+        let data = serde_json::to_vec(&Value::Object(all)).unwrap_or_default();
+        if let Err(e) = write_private(&path, &data) {
+            return fail(&HyperdError::Other(format!("cannot store credentials: {e}")));
+        }
+        Response::json(200, &json!({"Status": "Login Succeeded", "IdentityToken": ""}))
+    }
+}
+
+/// Writes `data` atomically to a file only root can read (0600).
+fn write_private(path: &std::path::Path, data: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+fn vm_id_of(sup: &Supervisor, inst: &str) -> Option<String> {
+    sup.instance(inst).ok()?.annotations.get(VM_ANN).cloned()
+}
+
+fn vm_exists(sup: &Supervisor, vm: &str) -> bool {
+    sup.state()
+        .instances
+        .values()
+        .any(|i| i.annotations.get(VM_ANN).map(String::as_str) == Some(vm))
+}
+
+/// Why a pod VM cannot be made on this host.
+fn pod_vm_unavailable() -> HyperdError {
+    match crate::compilers::linux::find_kernel() {
+        None => HyperdError::Other(format!(
+            "pod VMs boot Linux with ember-agent as init, and no Linux kernel was found (set {} or install one at {})",
+            crate::compilers::linux::KERNEL_ENV,
+            crate::compilers::linux::KERNEL_PATH
+        )),
+        Some(k) => HyperdError::Other(format!(
+            "pod VMs (Linux {} with ember-agent as init) are not wired into emberd yet",
+            k.display()
+        )),
+    }
+}
+
+impl Face for Hyperd {
+    fn handle(&mut self, ctx: &mut Ctx, req: &Request) -> Option<Reply> {
+        let path = req.path.trim_end_matches('/');
+        let r = match (&req.method, path) {
+            (Method::Get, "/info") => self.info(ctx),
+            (Method::Get, "/list") => self.list(ctx, req),
+            (Method::Post, "/pod/create") => self.pod_create(ctx, req),
+            (Method::Post, "/pod/start") => self.pod_start(ctx, req),
+            (Method::Post, "/pod/stop") => self.pod_stop(ctx, req),
+            (Method::Delete, "/pod") => self.pod_delete(ctx, req),
+            (Method::Post, "/vm/create") => fail(&pod_vm_unavailable()),
+            (Method::Delete, "/vm") => match req.query_param("vm") {
+                None => fail(&HyperdError::BadParameter("vm is required".into())),
+                Some(vm) => {
+                    let inst = ctx
+                        .sup
+                        .state()
+                        .instances
+                        .values()
+                        .find(|i| i.annotations.get(VM_ANN).map(String::as_str) == Some(vm))
+                        .map(|i| i.id.clone());
+                    match inst {
+                        None => fail(&HyperdError::NoSuch(format!("vm {vm}"))),
+                        Some(i) => match ctx.sup.delete_instance(&i, true) {
+                            Ok(()) => ok(vm),
+                            Err(e) => fail(&e.into()),
+                        },
+                    }
+                }
+            },
+            (Method::Post, "/auth") => self.auth(ctx, req),
+            (_, "/info" | "/list" | "/pod/create" | "/pod/start" | "/pod/stop" | "/pod" | "/vm/create"
+                | "/vm" | "/auth") => Response::json(
+                405,
+                &json!({"ID": "", "Code": 1, "Cause": format!("method {} is not allowed on {}", req.method, req.path)}),
+            ),
+            _ => return None,
+        };
+        Some(Reply::Now(r))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_follow_the_message() {
+        assert_eq!(status_for(&HyperdError::NoSuch("pod x".into()).to_string()), 404);
+        assert_eq!(status_for(&HyperdError::BadParameter("x".into()).to_string()), 400);
+        assert_eq!(status_for(&HyperdError::Conflict("x".into()).to_string()), 409);
+        assert_eq!(status_for("boom"), 500);
+    }
+
+    #[test]
+    fn pod_specs() {
+        let p = parse_pod(r#"{"id":"web","containers":[{"image":"busybox:latest"}],"x":1}"#).unwrap();
+        assert_eq!(p.containers[0].name, "latest-0");
+        assert!(parse_pod("{}").is_err());
+        assert!(parse_pod(r#"{"containers":[{"name":"a"}]}"#).is_err());
+        assert!(parse_pod("nope").is_err());
+        assert!(parse_pod(r#"{"containers":[{"image":"a"}],"resource":{"vcpu":99}}"#).is_err());
+    }
+}
