@@ -257,7 +257,8 @@ impl ImageConfigChanges {
             c.exposed_ports.sort();
         }
         if let Some(v) = &self.labels {
-            c.labels.extend(v.iter().map(|(k, v)| (k.clone(), v.clone())));
+            c.labels
+                .extend(v.iter().map(|(k, v)| (k.clone(), v.clone())));
         }
     }
 }
@@ -265,10 +266,7 @@ impl ImageConfigChanges {
 /// Sets `KEY=value` in an env list (replacing the same key).
 fn set_env(env: &mut Vec<String>, kv: &str) {
     let key = kv.split('=').next().unwrap_or(kv);
-    if let Some(slot) = env
-        .iter_mut()
-        .find(|e| e.split('=').next() == Some(key))
-    {
+    if let Some(slot) = env.iter_mut().find(|e| e.split('=').next() == Some(key)) {
         *slot = kv.to_string();
     } else {
         env.push(kv.to_string());
@@ -297,11 +295,16 @@ pub fn parse_name(s: &str) -> Result<(String, String)> {
         && repo
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-/:".contains(&b))
-        && repo.as_bytes().first().is_some_and(u8::is_ascii_alphanumeric)
+        && repo
+            .as_bytes()
+            .first()
+            .is_some_and(u8::is_ascii_alphanumeric)
         && !repo.ends_with('/')
         && !repo.contains("//");
     if !repo_ok {
-        return Err(bad("the repository must be lowercase letters, digits and . _ - / separators"));
+        return Err(bad(
+            "the repository must be lowercase letters, digits and . _ - / separators",
+        ));
     }
     let tag_ok = !tag.is_empty()
         && tag.len() <= 128
@@ -501,7 +504,11 @@ impl ImageStore {
             log::warn!("image store: {e}");
             Vec::new()
         });
-        v.sort_by(|a, b| b.created.cmp(&a.created).then_with(|| a.name().cmp(&b.name())));
+        v.sort_by(|a, b| {
+            b.created
+                .cmp(&a.created)
+                .then_with(|| a.name().cmp(&b.name()))
+        });
         v
     }
 
@@ -517,7 +524,8 @@ impl ImageStore {
     /// Opens a stored image (e.g. to unpack it).
     pub fn open_image(&self, name_or_id: &str) -> Result<OciImage> {
         let rec = self.get(name_or_id)?;
-        oci::open_with(&self.image_dir(&rec), Some(LAYOUT_REF), &self.open_config()).map_err(from_oci)
+        oci::open_with(&self.image_dir(&rec), Some(LAYOUT_REF), &self.open_config())
+            .map_err(from_oci)
     }
 
     /// Moves the layout at `layout` (holding image `digest` as
@@ -534,7 +542,9 @@ impl ImageStore {
         let id = digest
             .strip_prefix("sha256:")
             .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
-            .ok_or_else(|| ImageStoreError::Internal(format!("unexpected manifest digest {digest:?}")))?
+            .ok_or_else(|| {
+                ImageStoreError::Internal(format!("unexpected manifest digest {digest:?}"))
+            })?
             .to_string();
         let virtual_size = layout_virtual_size(layout, digest)?;
         let rec = ImageRecord {
@@ -616,7 +626,8 @@ impl ImageStore {
         let by_id = idx.len() > 1
             || idx.first().is_some_and(|&i| {
                 let r = &records[i];
-                !(r.is_named() && parse_name(name_or_id).ok() == Some((r.repo.clone(), r.tag.clone())))
+                !(r.is_named()
+                    && parse_name(name_or_id).ok() == Some((r.repo.clone(), r.tag.clone())))
             });
         if by_id && idx.len() > 1 && !force {
             let names: Vec<String> = idx.iter().map(|&i| records[i].name()).collect();
@@ -647,7 +658,12 @@ impl ImageStore {
     /// if needed; its other images stay, one with the same `ref.name` is
     /// replaced) as `ref_name` (default: the image's `repo:tag`). Layer
     /// blobs are copied unchanged. Returns the manifest digest written.
-    pub fn push(&self, name_or_id: &str, dest_layout: &Path, ref_name: Option<&str>) -> Result<String> {
+    pub fn push(
+        &self,
+        name_or_id: &str,
+        dest_layout: &Path,
+        ref_name: Option<&str>,
+    ) -> Result<String> {
         let rec = self.get(name_or_id)?;
         let ref_name = match ref_name {
             Some(r) => r.to_string(),
@@ -770,14 +786,18 @@ impl ImageStore {
             dockerfile
         };
         let df = context_path(&ctx, dockerfile).map_err(|_| {
-            ImageStoreError::Invalid(format!("Dockerfile {dockerfile:?} is not in the build context"))
+            ImageStoreError::Invalid(format!(
+                "Dockerfile {dockerfile:?} is not in the build context"
+            ))
         })?;
         let mut text = String::new();
         File::open(&df)
             .and_then(|f| f.take(MAX_DOCKERFILE + 1).read_to_string(&mut text))
             .map_err(|e| ImageStoreError::Invalid(format!("Dockerfile {dockerfile:?}: {e}")))?;
         if text.len() as u64 > MAX_DOCKERFILE {
-            return Err(ImageStoreError::Invalid("the Dockerfile is larger than 1 MiB".into()));
+            return Err(ImageStoreError::Invalid(
+                "the Dockerfile is larger than 1 MiB".into(),
+            ));
         }
         let steps = parse_dockerfile(&text)?;
 
@@ -797,7 +817,9 @@ impl ImageStore {
         };
         let total = steps.len();
         for (i, st) in steps.iter().enumerate() {
-            progress(&json!({"stream": format!("Step {}/{} : {}\n", i + 1, total, st.text)}).to_string());
+            progress(
+                &json!({"stream": format!("Step {}/{} : {}\n", i + 1, total, st.text)}).to_string(),
+            );
             b.step(st).map_err(|e| match e {
                 ImageStoreError::Invalid(m) => {
                     ImageStoreError::Invalid(format!("Dockerfile line {}: {m}", st.line))
@@ -813,9 +835,13 @@ impl ImageStore {
         let digest = oci::write_layout(&layout, &rootfs, &config, LAYOUT_REF).map_err(from_oci)?;
         let rec = self.add_image(&layout, &digest, &repo, &tagname, &config)?;
         progress(&json!({"stream": format!(" ---> {}\n", rec.short_id())}).to_string());
-        progress(&json!({"stream": format!("Successfully built {}\n", rec.short_id())}).to_string());
+        progress(
+            &json!({"stream": format!("Successfully built {}\n", rec.short_id())}).to_string(),
+        );
         if rec.is_named() {
-            progress(&json!({"stream": format!("Successfully tagged {}\n", rec.name())}).to_string());
+            progress(
+                &json!({"stream": format!("Successfully tagged {}\n", rec.name())}).to_string(),
+            );
         }
         Ok(rec)
     }
@@ -901,8 +927,20 @@ struct Step {
 }
 
 const SUPPORTED: &[&str] = &[
-    "FROM", "COPY", "ADD", "ENV", "CMD", "ENTRYPOINT", "WORKDIR", "LABEL", "EXPOSE", "USER",
-    "VOLUME", "STOPSIGNAL", "ARG", "MAINTAINER",
+    "FROM",
+    "COPY",
+    "ADD",
+    "ENV",
+    "CMD",
+    "ENTRYPOINT",
+    "WORKDIR",
+    "LABEL",
+    "EXPOSE",
+    "USER",
+    "VOLUME",
+    "STOPSIGNAL",
+    "ARG",
+    "MAINTAINER",
 ];
 
 /// Splits a Dockerfile into steps and checks every instruction is one the
@@ -948,11 +986,9 @@ fn parse_dockerfile(text: &str) -> Result<Vec<Step>> {
                     "RUN is not supported: ember builds without running containers".into(),
                 ))
             }
-            "HEALTHCHECK" | "SHELL" | "ONBUILD" => {
-                return Err(at(format!(
-                    "{keyword} is not supported by ember's builder (no containers run during builds)"
-                )))
-            }
+            "HEALTHCHECK" | "SHELL" | "ONBUILD" => return Err(at(format!(
+                "{keyword} is not supported by ember's builder (no containers run during builds)"
+            ))),
             k if SUPPORTED.contains(&k) => {}
             _ => {
                 return Err(ImageStoreError::Invalid(format!(
@@ -963,7 +999,9 @@ fn parse_dockerfile(text: &str) -> Result<Vec<Step>> {
         if keyword == "FROM" {
             froms += 1;
             if froms > 1 {
-                return Err(at("multi-stage builds (a second FROM) are not supported".into()));
+                return Err(at(
+                    "multi-stage builds (a second FROM) are not supported".into()
+                ));
             }
         } else if froms == 0 && keyword != "ARG" {
             return Err(ImageStoreError::Invalid(format!(
@@ -982,7 +1020,9 @@ fn parse_dockerfile(text: &str) -> Result<Vec<Step>> {
         });
     }
     if froms == 0 {
-        return Err(ImageStoreError::Invalid("the Dockerfile has no FROM".into()));
+        return Err(ImageStoreError::Invalid(
+            "the Dockerfile has no FROM".into(),
+        ));
     }
     Ok(steps)
 }
@@ -1003,7 +1043,9 @@ fn words(s: &str, vars: &BTreeMap<String, String>) -> Result<Vec<String>> {
     let mut cur = String::new();
     let mut in_word = false;
     let mut chars = s.chars().peekable();
-    let expand = |chars: &mut std::iter::Peekable<std::str::Chars>, cur: &mut String| -> Result<()> {
+    let expand = |chars: &mut std::iter::Peekable<std::str::Chars>,
+                  cur: &mut String|
+     -> Result<()> {
         let name: String = if chars.peek() == Some(&'{') {
             chars.next();
             let mut n = String::new();
@@ -1033,9 +1075,16 @@ fn words(s: &str, vars: &BTreeMap<String, String>) -> Result<Vec<String>> {
         };
         // ${VAR:-default} and ${VAR:+alt}
         let value = if let Some((n, d)) = name.split_once(":-") {
-            vars.get(n).filter(|v| !v.is_empty()).cloned().unwrap_or_else(|| d.to_string())
+            vars.get(n)
+                .filter(|v| !v.is_empty())
+                .cloned()
+                .unwrap_or_else(|| d.to_string())
         } else if let Some((n, a)) = name.split_once(":+") {
-            if vars.get(n).is_some_and(|v| !v.is_empty()) { a.to_string() } else { String::new() }
+            if vars.get(n).is_some_and(|v| !v.is_empty()) {
+                a.to_string()
+            } else {
+                String::new()
+            }
         } else {
             vars.get(&name).cloned().unwrap_or_default()
         };
@@ -1062,7 +1111,11 @@ fn words(s: &str, vars: &BTreeMap<String, String>) -> Result<Vec<String>> {
                     match chars.next() {
                         Some('\'') => break,
                         Some(c) => cur.push(c),
-                        None => return Err(ImageStoreError::Invalid(format!("unterminated quote in {s:?}"))),
+                        None => {
+                            return Err(ImageStoreError::Invalid(format!(
+                                "unterminated quote in {s:?}"
+                            )))
+                        }
                     }
                 }
             }
@@ -1078,7 +1131,11 @@ fn words(s: &str, vars: &BTreeMap<String, String>) -> Result<Vec<String>> {
                         }
                         Some('$') => expand(&mut chars, &mut cur)?,
                         Some(c) => cur.push(c),
-                        None => return Err(ImageStoreError::Invalid(format!("unterminated quote in {s:?}"))),
+                        None => {
+                            return Err(ImageStoreError::Invalid(format!(
+                                "unterminated quote in {s:?}"
+                            )))
+                        }
                     }
                 }
             }
@@ -1132,7 +1189,9 @@ fn context_path(ctx: &Path, rel: &str) -> Result<PathBuf> {
         .map_err(|_| ImageStoreError::NotFound(format!("{rel:?} in the build context")))?;
     let root = fs::canonicalize(ctx).map_err(internal(ctx.display()))?;
     if !real.starts_with(&root) {
-        return Err(ImageStoreError::Invalid(format!("{rel:?} is outside the build context")));
+        return Err(ImageStoreError::Invalid(format!(
+            "{rel:?} is outside the build context"
+        )));
     }
     Ok(real)
 }
@@ -1155,7 +1214,10 @@ fn context_sources(ctx: &Path, src: &str) -> Result<Vec<PathBuf>> {
     let last = p.file_name().map(|n| n.to_string_lossy().to_string());
     match last {
         Some(l) if l.contains(['*', '?']) => {
-            let parent = p.parent().map(|q| q.to_string_lossy().to_string()).unwrap_or_default();
+            let parent = p
+                .parent()
+                .map(|q| q.to_string_lossy().to_string())
+                .unwrap_or_default();
             let dir = context_path(ctx, if parent.is_empty() { "." } else { &parent })?;
             let mut hits = Vec::new();
             for e in fs::read_dir(&dir).map_err(internal(dir.display()))? {
@@ -1168,7 +1230,9 @@ fn context_sources(ctx: &Path, src: &str) -> Result<Vec<PathBuf>> {
             }
             hits.sort();
             if hits.is_empty() {
-                return Err(ImageStoreError::NotFound(format!("no file matches {src:?} in the build context")));
+                return Err(ImageStoreError::NotFound(format!(
+                    "no file matches {src:?} in the build context"
+                )));
             }
             Ok(hits)
         }
@@ -1177,9 +1241,9 @@ fn context_sources(ctx: &Path, src: &str) -> Result<Vec<PathBuf>> {
 }
 
 /// Resolves the absolute image path `path` below `root` like a chroot
-/// would (symlinks followed inside the root, `..` stops at it), except a
-/// symlink as the last component. Missing components are kept as named.
-/// The result has no symlink in its parents.
+/// would: symlinks (the last component's too) are followed inside the
+/// root, `..` stops at it. Missing components are kept as named. The
+/// result is free of symlinks (it may not exist yet).
 fn resolve_in_rootfs(root: &Path, path: &str) -> Result<PathBuf> {
     let mut todo: Vec<std::ffi::OsString> = Path::new(path)
         .components()
@@ -1198,15 +1262,14 @@ fn resolve_in_rootfs(root: &Path, path: &str) -> Result<PathBuf> {
             continue;
         }
         cur.push(c);
-        if todo.is_empty() {
-            break; // the last component is never followed
-        }
         let full: PathBuf = cur.iter().fold(root.to_path_buf(), |p, c| p.join(c));
         match fs::symlink_metadata(&full) {
             Ok(md) if md.file_type().is_symlink() => {
                 hops += 1;
                 if hops > MAX_SYMLINK_HOPS {
-                    return Err(ImageStoreError::Invalid(format!("too many symlinks in {path:?}")));
+                    return Err(ImageStoreError::Invalid(format!(
+                        "too many symlinks in {path:?}"
+                    )));
                 }
                 let target = fs::read_link(&full).map_err(internal(full.display()))?;
                 cur.pop();
@@ -1224,7 +1287,7 @@ fn resolve_in_rootfs(root: &Path, path: &str) -> Result<PathBuf> {
                 t.reverse();
                 todo.extend(t);
             }
-            Ok(md) if !md.is_dir() => {
+            Ok(md) if !md.is_dir() && !todo.is_empty() => {
                 return Err(ImageStoreError::Invalid(format!(
                     "{path:?}: a parent in the image is not a directory"
                 )))
@@ -1252,7 +1315,8 @@ fn ensure_dir(dir: &Path, mode: u32) -> Result<()> {
         .mode(mode & 0o7777)
         .create(dir)
         .map_err(internal(dir.display()))?;
-    fs::set_permissions(dir, fs::Permissions::from_mode(mode & 0o7777)).map_err(internal(dir.display()))
+    fs::set_permissions(dir, fs::Permissions::from_mode(mode & 0o7777))
+        .map_err(internal(dir.display()))
 }
 
 fn remove_any(p: &Path) -> Result<()> {
@@ -1399,7 +1463,9 @@ impl Builder<'_> {
                 kv.split_once('=')
                     .filter(|(k, _)| !k.is_empty())
                     .map(|(k, v)| (k.to_string(), v.to_string()))
-                    .ok_or_else(|| ImageStoreError::Invalid(format!("{what}: {kv:?} is not KEY=value")))
+                    .ok_or_else(|| {
+                        ImageStoreError::Invalid(format!("{what}: {kv:?} is not KEY=value"))
+                    })
             })
             .collect()
     }
@@ -1460,18 +1526,17 @@ impl Builder<'_> {
                 };
                 let abs = self.image_path(p);
                 let dir = resolve_in_rootfs(self.rootfs, &abs)?;
-                let dir = match fs::symlink_metadata(&dir) {
-                    // A symlink to a directory: follow it inside the root.
-                    Ok(md) if md.file_type().is_symlink() => resolve_in_rootfs(self.rootfs, &format!("{abs}/."))?,
-                    _ => dir,
-                };
                 ensure_dir(&dir, 0o755)?;
                 self.config.working_dir = normalize_abs(&abs);
                 Ok(())
             }
             "EXPOSE" => {
                 for p in self.words(args)? {
-                    let p = if p.contains('/') { p } else { format!("{p}/tcp") };
+                    let p = if p.contains('/') {
+                        p
+                    } else {
+                        format!("{p}/tcp")
+                    };
                     if !self.config.exposed_ports.contains(&p) {
                         self.config.exposed_ports.push(p);
                     }
@@ -1501,7 +1566,9 @@ impl Builder<'_> {
                 Ok(())
             }
             "MAINTAINER" => Ok(()),
-            other => Err(ImageStoreError::Unsupported(format!("{other} is not supported"))),
+            other => Err(ImageStoreError::Unsupported(format!(
+                "{other} is not supported"
+            ))),
         }
     }
 
@@ -1511,7 +1578,11 @@ impl Builder<'_> {
         let image = match w.as_slice() {
             [i] => i.as_str(),
             [i, as_, _] if as_.eq_ignore_ascii_case("as") => i.as_str(),
-            _ => return Err(ImageStoreError::Invalid("FROM takes an image [AS name]".into())),
+            _ => {
+                return Err(ImageStoreError::Invalid(
+                    "FROM takes an image [AS name]".into(),
+                ))
+            }
         };
         if image == "scratch" {
             return Ok(());
@@ -1551,9 +1622,13 @@ impl Builder<'_> {
                     }
                 }
                 "chmod" => {
-                    o.chmod = Some(u32::from_str_radix(v, 8).map_err(|_| {
-                        ImageStoreError::Invalid(format!("{what} --chmod={v}: not an octal mode"))
-                    })? & 0o7777)
+                    o.chmod = Some(
+                        u32::from_str_radix(v, 8).map_err(|_| {
+                            ImageStoreError::Invalid(format!(
+                                "{what} --chmod={v}: not an octal mode"
+                            ))
+                        })? & 0o7777,
+                    )
                 }
                 "link" => {}
                 "from" => {
@@ -1561,7 +1636,11 @@ impl Builder<'_> {
                         "{what} --from is not supported (single-stage builds only)"
                     )))
                 }
-                _ => return Err(ImageStoreError::Invalid(format!("{what}: unknown flag --{k}"))),
+                _ => {
+                    return Err(ImageStoreError::Invalid(format!(
+                        "{what}: unknown flag --{k}"
+                    )))
+                }
             }
         }
         let mut list = match json_form(rest) {
@@ -1573,12 +1652,18 @@ impl Builder<'_> {
             None => self.words(rest)?,
         };
         if list.len() < 2 {
-            return Err(ImageStoreError::Invalid(format!("{what} needs a source and a destination")));
+            return Err(ImageStoreError::Invalid(format!(
+                "{what} needs a source and a destination"
+            )));
         }
         let dest = list.pop().unwrap_or_default();
         for s in &list {
             let lower = s.to_ascii_lowercase();
-            if lower.starts_with("http://") || lower.starts_with("https://") || lower.starts_with("git@") || lower.contains("://") {
+            if lower.starts_with("http://")
+                || lower.starts_with("https://")
+                || lower.starts_with("git@")
+                || lower.contains("://")
+            {
                 return Err(ImageStoreError::Unsupported(format!(
                     "{what} {s}: sources from URLs are not supported (ember builds offline, from the context only)"
                 )));
@@ -1595,12 +1680,9 @@ impl Builder<'_> {
                 "{what} with several sources needs a destination ending in '/'"
             )));
         }
-        let mut target = resolve_in_rootfs(self.rootfs, &abs)?;
-        if fs::symlink_metadata(&target).is_ok_and(|m| m.file_type().is_symlink()) {
-            // The destination itself is a symlink (e.g. /bin -> usr/bin):
-            // follow it inside the root.
-            target = resolve_in_rootfs(self.rootfs, &format!("{abs}/."))?;
-        }
+        // Symlinks of the base (e.g. /bin -> usr/bin) are followed inside
+        // the root, like Docker does.
+        let target = resolve_in_rootfs(self.rootfs, &abs)?;
         let target_is_dir = dest_is_dir || fs::symlink_metadata(&target).is_ok_and(|m| m.is_dir());
         for src in sources {
             let md = fs::symlink_metadata(&src).map_err(internal(src.display()))?;
@@ -1615,7 +1697,12 @@ impl Builder<'_> {
                         let x = self.tmp.join(format!("add-{}", self.n_tmp));
                         let f = File::open(&src).map_err(internal(src.display()))?;
                         archive::extract_tar_gz(BufReader::new(f), &x, &ExtractLimits::default())
-                            .map_err(|e| ImageStoreError::Invalid(format!("ADD {}: {e}", display_rel(self.ctx, &src))))?;
+                            .map_err(|e| {
+                            ImageStoreError::Invalid(format!(
+                                "ADD {}: {e}",
+                                display_rel(self.ctx, &src)
+                            ))
+                        })?;
                         let r = copy_entry(&x, &target, o);
                         let _ = fs::remove_dir_all(&x);
                         r?;
@@ -1782,7 +1869,8 @@ mod tests {
 
     /// A one-image OCI layout named `name` with `files`.
     fn layout(t: &Tmp, name: &str, files: &[(&str, &str)], cfg: &ImageConfig) -> PathBuf {
-        let root = t.0.join(format!("src-rootfs-{}", name.replace([':', '/'], "_")));
+        let root =
+            t.0.join(format!("src-rootfs-{}", name.replace([':', '/'], "_")));
         for (p, c) in files {
             write(&root.join(p), c, 0o644);
         }
@@ -1797,7 +1885,10 @@ mod tests {
 
     #[test]
     fn names() {
-        assert_eq!(parse_name("busybox").unwrap(), ("busybox".into(), "latest".into()));
+        assert_eq!(
+            parse_name("busybox").unwrap(),
+            ("busybox".into(), "latest".into())
+        );
         assert_eq!(
             parse_name("docker.io/library/busybox:1.36").unwrap(),
             ("busybox".into(), "1.36".into())
@@ -1807,7 +1898,10 @@ mod tests {
             ("localhost:5000/a/b".into(), "latest".into())
         );
         for bad in ["", "Upper", "a@sha256:00", "a:", "a:-x", "/a", "a//b"] {
-            assert!(matches!(parse_name(bad), Err(ImageStoreError::Invalid(_))), "{bad}");
+            assert!(
+                matches!(parse_name(bad), Err(ImageStoreError::Invalid(_))),
+                "{bad}"
+            );
         }
         assert_eq!(id_prefix("sha256:ABCD"), Some("abcd".into()));
         assert_eq!(id_prefix("abc"), None);
@@ -1829,7 +1923,10 @@ mod tests {
         );
         assert!(parse_dockerfile("COPY a b\n").is_err());
         assert!(parse_dockerfile("FROM scratch\nFROM scratch\n").is_err());
-        assert!(matches!(parse_dockerfile("FROM scratch\nFOO x\n"), Err(ImageStoreError::Invalid(_))));
+        assert!(matches!(
+            parse_dockerfile("FROM scratch\nFOO x\n"),
+            Err(ImageStoreError::Invalid(_))
+        ));
         let mut v = BTreeMap::new();
         v.insert("A".to_string(), "1".to_string());
         assert_eq!(
@@ -1860,14 +1957,25 @@ mod tests {
         assert_eq!(s.list(), vec![rec.clone()]);
         assert_eq!(
             hyperd_list_entry(&rec),
-            format!("busybox:1.0:{}:{}:{}", &rec.id[..12], rec.created, rec.virtual_size)
+            format!(
+                "busybox:1.0:{}:{}:{}",
+                &rec.id[..12],
+                rec.created,
+                rec.virtual_size
+            )
         );
         assert_eq!(s.get("busybox:1.0").unwrap(), rec);
         assert_eq!(s.get("docker.io/library/busybox:1.0").unwrap(), rec);
         assert_eq!(s.get(&rec.id[..4]).unwrap(), rec);
         assert_eq!(s.get(&format!("sha256:{}", &rec.id[..12])).unwrap(), rec);
-        assert!(matches!(s.get("busybox"), Err(ImageStoreError::NotFound(_))));
-        assert!(matches!(s.get(&rec.id[..3]), Err(ImageStoreError::NotFound(_))));
+        assert!(matches!(
+            s.get("busybox"),
+            Err(ImageStoreError::NotFound(_))
+        ));
+        assert!(matches!(
+            s.get(&rec.id[..3]),
+            Err(ImageStoreError::NotFound(_))
+        ));
 
         // A tarball of the layout, named by the argument.
         let tarball = t.0.join("image.tar");
@@ -1876,7 +1984,9 @@ mod tests {
             b.append_dir_all(".", &src).unwrap();
             b.finish().unwrap();
         }
-        let rec2 = s.import(&tarball, Some("busybox:1.0"), Some("other")).unwrap();
+        let rec2 = s
+            .import(&tarball, Some("busybox:1.0"), Some("other"))
+            .unwrap();
         assert_eq!(rec2.name(), "other:latest");
         assert_ne!(rec2.id, rec.id);
         assert_eq!(s.list().len(), 2);
@@ -1906,7 +2016,10 @@ mod tests {
         let removed = s.remove(&rec.id[..8], true).unwrap();
         assert_eq!(removed.len(), 2);
         assert!(!s.image_dir(&rec).exists());
-        assert!(matches!(s.get("busybox:1.0"), Err(ImageStoreError::NotFound(_))));
+        assert!(matches!(
+            s.get("busybox:1.0"),
+            Err(ImageStoreError::NotFound(_))
+        ));
         s.remove(&old.id, false).unwrap();
         s.remove("other", false).unwrap();
         assert!(s.list().is_empty());
@@ -1982,14 +2095,27 @@ mod tests {
         assert!(!exists(&ext4, "/Dockerfile"));
 
         // FROM the first image, with a Dockerfile elsewhere in the context.
-        let df2 = "FROM first:v1\nCOPY new.txt ./\nCOPY hello.txt /app/hello.txt\nENTRYPOINT echo $A\n";
-        let ctx2 = context(&[("build/Custom", df2), ("new.txt", "new\n"), ("hello.txt", "changed\n")], &[]);
-        let rec2 = s.build(&ctx2, "build/Custom", "second", &mut |_| {}).unwrap();
+        let df2 =
+            "FROM first:v1\nCOPY new.txt ./\nCOPY hello.txt /app/hello.txt\nENTRYPOINT echo $A\n";
+        let ctx2 = context(
+            &[
+                ("build/Custom", df2),
+                ("new.txt", "new\n"),
+                ("hello.txt", "changed\n"),
+            ],
+            &[],
+        );
+        let rec2 = s
+            .build(&ctx2, "build/Custom", "second", &mut |_| {})
+            .unwrap();
         assert_eq!(rec2.name(), "second:latest");
         assert_eq!(rec2.config.env, rec.config.env);
         assert_eq!(rec2.config.workdir, "/app");
         assert_eq!(rec2.config.entrypoint, vec!["/bin/sh", "-c", "echo $A"]);
-        assert!(rec2.config.cmd.is_empty(), "ENTRYPOINT drops the inherited CMD");
+        assert!(
+            rec2.config.cmd.is_empty(),
+            "ENTRYPOINT drops the inherited CMD"
+        );
         let ext4b = t.0.join("second.ext4");
         s.rootfs_ext4("second", &ext4b, Some(8)).unwrap();
         assert_eq!(cat(&ext4b, "/app/new.txt"), "new");
@@ -2008,13 +2134,19 @@ mod tests {
         };
         let e = build("FROM scratch\nCOPY f /f\nRUN make\n");
         assert!(matches!(e, ImageStoreError::Unsupported(_)));
-        assert!(e.to_string().contains("line 3") && e.to_string().contains("RUN is not supported"), "{e}");
+        assert!(
+            e.to_string().contains("line 3") && e.to_string().contains("RUN is not supported"),
+            "{e}"
+        );
         let e = build("FROM scratch\nADD https://example.com/x.tar /x\n");
         assert!(matches!(e, ImageStoreError::Unsupported(_)));
         assert!(e.to_string().contains("URL"), "{e}");
         let e = build("FROM scratch\nCOPY ../x /x\n");
         assert!(matches!(e, ImageStoreError::Invalid(_)), "{e}");
-        assert!(e.to_string().contains("outside the build context") && e.to_string().contains("line 2"), "{e}");
+        assert!(
+            e.to_string().contains("outside the build context") && e.to_string().contains("line 2"),
+            "{e}"
+        );
         let e = build("FROM scratch\nCOPY missing /x\n");
         assert!(matches!(e, ImageStoreError::NotFound(_)), "{e}");
         let e = build("FROM nothere:1\n");
@@ -2036,6 +2168,35 @@ mod tests {
     }
 
     #[test]
+    fn build_follows_base_symlinks_inside_the_root() {
+        let t = Tmp::new("links");
+        let s = store(&t);
+        let root = t.0.join("base-rootfs");
+        fs::create_dir_all(root.join("usr/bin")).unwrap();
+        fs::create_dir_all(root.join("usr/lib")).unwrap();
+        std::os::unix::fs::symlink("usr/bin", root.join("bin")).unwrap();
+        std::os::unix::fs::symlink("/usr/lib", root.join("lib")).unwrap();
+        // A link that tries to climb out of the root stays inside it.
+        std::os::unix::fs::symlink("../../../../../../tmp/escape", root.join("esc")).unwrap();
+        let dir = t.0.join("layout");
+        oci::write_layout(&dir, &root, &ImageConfig::default(), "links:1").unwrap();
+        s.import(&dir, None, None).unwrap();
+        let df = "FROM links:1\nCOPY f /bin/\nCOPY f /lib/g\nCOPY f /esc/h\nWORKDIR /lib/w\n";
+        let ctx = context(&[("Dockerfile", df), ("f", "F\n")], &[]);
+        let rec = s.build(&ctx, "", "linked", &mut |_| {}).unwrap();
+        assert_eq!(rec.config.workdir, "/lib/w");
+        let ext4 = t.0.join("l.ext4");
+        s.rootfs_ext4("linked", &ext4, None).unwrap();
+        assert_eq!(cat(&ext4, "/usr/bin/f"), "F");
+        assert_eq!(cat(&ext4, "/usr/lib/g"), "F");
+        assert_eq!(cat(&ext4, "/tmp/escape/h"), "F");
+        assert!(exists(&ext4, "/usr/lib/w"));
+        assert!(debugfs(&ext4, "stat /bin").contains("Type: symlink"));
+        assert!(debugfs(&ext4, "stat /lib").contains("Type: symlink"));
+        assert!(!Path::new("/tmp/escape/h").exists());
+    }
+
+    #[test]
     fn build_add_extracts_tars() {
         let t = Tmp::new("add");
         let s = store(&t);
@@ -2043,7 +2204,10 @@ mod tests {
         let ctx = context(
             &[("Dockerfile", df), ("note.txt", "just a file\n")],
             &[
-                ("files.tar.gz", tar_of(&[("inner/x", "X\n"), ("y", "Y\n")], true)),
+                (
+                    "files.tar.gz",
+                    tar_of(&[("inner/x", "X\n"), ("y", "Y\n")], true),
+                ),
                 ("plain.tar", tar_of(&[("p", "P\n")], false)),
             ],
         );
@@ -2062,15 +2226,29 @@ mod tests {
     fn push_and_reimport() {
         let t = Tmp::new("push");
         let s = store(&t);
-        let src = layout(&t, "app:1", &[("etc/app.conf", "conf\n")], &ImageConfig::default());
+        let src = layout(
+            &t,
+            "app:1",
+            &[("etc/app.conf", "conf\n")],
+            &ImageConfig::default(),
+        );
         let rec = s.import(&src, None, None).unwrap();
         let other = s
-            .build(&context(&[("Dockerfile", "FROM scratch\nCOPY f /f\n"), ("f", "f\n")], &[]), "", "b:2", &mut |_| {})
+            .build(
+                &context(
+                    &[("Dockerfile", "FROM scratch\nCOPY f /f\n"), ("f", "f\n")],
+                    &[],
+                ),
+                "",
+                "b:2",
+                &mut |_| {},
+            )
             .unwrap();
         let dest = t.0.join("pushed");
         s.push(&rec.id[..6], &dest, Some("pushed:v2")).unwrap();
         s.push("b:2", &dest, None).unwrap();
-        let index: Value = serde_json::from_slice(&fs::read(dest.join("index.json")).unwrap()).unwrap();
+        let index: Value =
+            serde_json::from_slice(&fs::read(dest.join("index.json")).unwrap()).unwrap();
         let names: Vec<&str> = index["manifests"]
             .as_array()
             .unwrap()
@@ -2097,11 +2275,19 @@ mod tests {
             cmd: vec!["/old".into()],
             ..Default::default()
         };
-        let src = layout(&t, "base:1", &[("a", "a\n"), ("b", "b\n"), ("d/e", "e\n")], &cfg);
+        let src = layout(
+            &t,
+            "base:1",
+            &[("a", "a\n"), ("b", "b\n"), ("d/e", "e\n")],
+            &cfg,
+        );
         s.import(&src, None, None).unwrap();
         // The container's tree: the base unpacked, then changed.
         let upper = t.0.join("container-rootfs");
-        s.open_image("base:1").unwrap().unpack(&upper, &ExtractLimits::default()).unwrap();
+        s.open_image("base:1")
+            .unwrap()
+            .unpack(&upper, &ExtractLimits::default())
+            .unwrap();
         write(&upper.join("a"), "changed\n", 0o644);
         fs::remove_file(upper.join("b")).unwrap();
         write(&upper.join("c"), "new\n", 0o755);
@@ -2109,7 +2295,9 @@ mod tests {
             "Env": ["B=2", "A=3"], "Cmd": ["date"], "WorkingDir": "", "Entrypoint": null
         }));
         assert_eq!(changes.working_dir, None);
-        let rec = s.commit(Some("base:1"), &upper, "committed", "v1", &changes).unwrap();
+        let rec = s
+            .commit(Some("base:1"), &upper, "committed", "v1", &changes)
+            .unwrap();
         assert_eq!(rec.name(), "committed:v1");
         assert_eq!(rec.config.env, vec!["A=3", "B=2"]);
         assert_eq!(rec.config.cmd, vec!["date"]);
@@ -2132,7 +2320,13 @@ mod tests {
         assert_eq!(cat(&ext4f, "/a"), "changed");
         assert!(!exists(&ext4f, "/b"));
         assert!(matches!(
-            s.commit(Some("nope"), &upper, "x", "", &ImageConfigChanges::default()),
+            s.commit(
+                Some("nope"),
+                &upper,
+                "x",
+                "",
+                &ImageConfigChanges::default()
+            ),
             Err(ImageStoreError::NotFound(_))
         ));
     }
