@@ -827,6 +827,9 @@ impl ImageStore {
                 ImageStoreError::NotFound(m) => {
                     ImageStoreError::NotFound(format!("{m} (Dockerfile line {})", st.line))
                 }
+                ImageStoreError::Unsupported(m) if !m.starts_with("Dockerfile line") => {
+                    ImageStoreError::Unsupported(format!("Dockerfile line {}: {m}", st.line))
+                }
                 other => other,
             })?;
         }
@@ -986,9 +989,11 @@ fn parse_dockerfile(text: &str) -> Result<Vec<Step>> {
                     "RUN is not supported: ember builds without running containers".into(),
                 ))
             }
-            "HEALTHCHECK" | "SHELL" | "ONBUILD" => return Err(at(format!(
+            "HEALTHCHECK" | "SHELL" | "ONBUILD" => {
+                return Err(at(format!(
                 "{keyword} is not supported by ember's builder (no containers run during builds)"
-            ))),
+            )))
+            }
             k if SUPPORTED.contains(&k) => {}
             _ => {
                 return Err(ImageStoreError::Invalid(format!(
@@ -2140,7 +2145,10 @@ mod tests {
         );
         let e = build("FROM scratch\nADD https://example.com/x.tar /x\n");
         assert!(matches!(e, ImageStoreError::Unsupported(_)));
-        assert!(e.to_string().contains("URL"), "{e}");
+        assert!(
+            e.to_string().contains("URL") && e.to_string().contains("line 2"),
+            "{e}"
+        );
         let e = build("FROM scratch\nCOPY ../x /x\n");
         assert!(matches!(e, ImageStoreError::Invalid(_)), "{e}");
         assert!(
