@@ -177,7 +177,7 @@ impl ImageRecord {
         format!("sha256:{}", self.id)
     }
 
-    fn is_named(&self) -> bool {
+    pub fn is_named(&self) -> bool {
         self.repo != NONE
     }
 }

@@ -20,3 +20,4 @@ pub mod netdev;
 pub mod cidata;
 pub mod flintlock;
 pub mod hyperd;
+pub mod images_store;

@@ -103,9 +103,12 @@ fn main() {
             backoff: std::time::Duration::from_millis(args.flintlock_backoff_ms),
         },
     };
+    let images = api_server::images_store::ImageStore::open(&args.state_dir.join("container-images"))
+        .unwrap_or_else(|e| die(format!("container image store: {e}")));
+    let hyperd = api_server::hyperd::Hyperd::new(images);
     // Order matters where paths could overlap: see README "Routing".
     let faces: Vec<Box<dyn api_server::server::Face>> =
-        vec![Box::new(flintlock), Box::new(api_server::hyperd::Hyperd), Box::new(api_server::unik::Unik)];
+        vec![Box::new(flintlock), Box::new(hyperd), Box::new(api_server::unik::Unik)];
     let mut daemon = Daemon::new(&args.socket, sup, faces, args.max_upload_mb << 20)
         .unwrap_or_else(|e| die(format!("cannot serve {}: {e}", args.socket.display())));
     for sig in [libc::SIGTERM, libc::SIGINT] {

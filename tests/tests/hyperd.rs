@@ -44,9 +44,28 @@ fn enc(s: &str) -> String {
         .collect()
 }
 
+fn make_oci(out: &std::path::Path, spec: Value) {
+    let script = workspace_root().join("tests/fixtures/make_oci.py");
+    let st = Command::new("python3").arg(script).arg(out).arg(spec.to_string()).status().unwrap();
+    assert!(st.success());
+}
+
+/// Imports a one-layer image named `name` from an OCI layout on disk.
+fn import(d: &Emberd, name: &str) -> String {
+    let layout = d.dir.join(&format!("layout-{}", name.replace([':', '/'], "-")));
+    make_oci(&layout, serde_json::json!({"ref": name, "layers": [{"dirs": ["bin"], "files": {"bin/hello": "hi\n"}}],
+        "config": {"Cmd": ["/bin/hello"]}}));
+    let r = http(&d.sock, "POST", &format!("/image/create?imageName={}", enc(layout.to_str().unwrap())), None);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    String::from_utf8_lossy(&r.body).to_string()
+}
+
 #[test]
 fn pods_lists_and_envelopes() {
     let d = start();
+    for img in ["nginx:latest", "busybox:latest", "redis:latest"] {
+        import(&d, img);
+    }
     let spec = r#"{"id":"web","containers":[{"name":"nginx","image":"nginx:latest"},{"image":"busybox"}],"resource":{"vcpu":1,"memory":128}}"#;
     let (c, v) = d.req("POST", &format!("/pod/create?podArgs={}", enc(spec)), None);
     assert_eq!(c, 200, "{v}");
@@ -66,6 +85,9 @@ fn pods_lists_and_envelopes() {
     assert!(v["Cause"].as_str().unwrap().contains("bad parameter"));
     let (c, _) = d.req("POST", "/pod/create", None);
     assert_eq!(c, 400);
+    let (c, v) = d.req("POST", "/pod/create", Some(r#"{"id":"x","containers":[{"image":"nosuch:1"}]}"#));
+    assert_eq!(c, 404, "{v}");
+    assert!(v["Cause"].as_str().unwrap().contains("no such"), "{v}");
 
     let (c, v) = d.req("GET", "/list?item=pod", None);
     assert_eq!(c, 200);
@@ -134,4 +156,94 @@ fn info_and_auth() {
     // Wrong methods are answered by hyperd, not passed on.
     let (c, _) = d.req("PUT", "/info", None);
     assert_eq!(c, 405);
+}
+
+fn tar_context(dir: &std::path::Path, files: &[(&str, &str)]) -> Vec<u8> {
+    let ctx = dir.join("ctx");
+    for (n, c) in files {
+        let p = ctx.join(n);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, c).unwrap();
+    }
+    let out = Command::new("tar").arg("cf").arg("-").arg("-C").arg(&ctx).arg(".").output().unwrap();
+    assert!(out.status.success());
+    out.stdout
+}
+
+fn post_bytes(d: &Emberd, path: &str, body: &[u8]) -> (u16, String) {
+    use std::io::Write;
+    let mut s = std::os::unix::net::UnixStream::connect(&d.sock).unwrap();
+    s.set_read_timeout(Some(PATIENCE)).unwrap();
+    let head = format!("POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/tar\r\nContent-Length: {}\r\n\r\n", body.len());
+    s.write_all(head.as_bytes()).unwrap();
+    s.write_all(body).unwrap();
+    let r = read_response(&mut s).unwrap();
+    (r.status, String::from_utf8_lossy(&r.body).to_string())
+}
+
+#[test]
+fn images_import_build_push_remove() {
+    let d = start();
+    let out = import(&d, "base:1");
+    assert!(out.contains("Imported"), "{out}");
+    let (c, v) = d.req("GET", "/images/get", None);
+    assert_eq!(c, 200);
+    let list = v["imagesList"].as_array().unwrap();
+    assert_eq!(list.len(), 1, "{v}");
+    let entry = list[0].as_str().unwrap();
+    let parts: Vec<&str> = entry.split(':').collect();
+    assert_eq!((parts.len(), parts[0], parts[1]), (5, "base", "1"), "{entry}");
+    // The UniK face never sees /images/get.
+    assert!(v.get("Error").is_none());
+
+    // Build from the imported image with the Dockerfile subset.
+    let ctx = tar_context(d.dir.path(), &[
+        ("Dockerfile", "FROM base:1\nCOPY app.txt /app/app.txt\nENV GREETING=hello\nWORKDIR /app\nCMD [\"/bin/hello\"]\n"),
+        ("app.txt", "built by ember\n"),
+    ]);
+    let (c, body) = post_bytes(&d, "/image/build?t=app:2", &ctx);
+    assert_eq!(c, 200, "{body}");
+    assert!(body.contains("Step 1/5 : FROM base:1") && body.contains("Successfully built"), "{body}");
+    for line in body.lines() {
+        serde_json::from_str::<Value>(line).expect("every progress line is JSON");
+    }
+    // RUN is refused with its line.
+    let bad = tar_context(&d.dir.join("bad"), &[("Dockerfile", "FROM scratch\nRUN make\n")]);
+    let (c, body) = post_bytes(&d, "/image/build?t=bad:1", &bad);
+    assert_eq!(c, 400, "{body}");
+    assert!(body.contains("RUN") && body.contains("error"), "{body}");
+    let (c, _) = d.req("POST", "/image/build", None);
+    assert_eq!(c, 400);
+
+    // Push to a local OCI layout, then import it back under another name.
+    let dest = d.dir.join("pushed");
+    let (c, v) = d.req("POST", &format!("/image/push?remote={}&tag=app:2", enc(dest.to_str().unwrap())), None);
+    assert_eq!(c, 200, "{v}");
+    assert!(dest.join("index.json").exists());
+    let r = http(&d.sock, "POST", &format!("/image/create?imageName={}", enc(dest.to_str().unwrap())), None);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let (c, _) = d.req("POST", "/image/push?remote=relative/dir&tag=app:2", None);
+    assert_eq!(c, 400);
+
+    // No registry: a pull by name is a clear error.
+    let r = http(&d.sock, "POST", "/image/create?imageName=ubuntu", None);
+    assert_eq!(r.status, 500);
+    assert!(String::from_utf8_lossy(&r.body).contains("no registry access"));
+
+    // Remove, in use by a pod first.
+    let (c, v) = d.req("POST", "/pod/create", Some(r#"{"id":"p","containers":[{"image":"base:1"}]}"#));
+    assert_eq!(c, 200, "{v}");
+    let (c, v) = d.req("DELETE", "/image?imageId=base:1", None);
+    assert_eq!(c, 409, "{v}");
+    let (c, _) = d.req("DELETE", "/pod?podId=p", None);
+    assert_eq!(c, 200);
+    let (c, v) = d.req("DELETE", "/image?imageId=base:1", None);
+    assert_eq!(c, 200, "{v}");
+    let (c, _) = d.req("DELETE", "/image?imageId=base:1", None);
+    assert_eq!(c, 404);
+    // Commit needs a running container.
+    let (c, _) = d.req("POST", "/container/commit?container=nope&repo=x", Some("{}"));
+    assert_eq!(c, 404);
+    let (_, v) = d.req("GET", "/info", None);
+    assert!(v["Images"].as_u64().unwrap() >= 1);
 }

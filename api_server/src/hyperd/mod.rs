@@ -17,8 +17,11 @@ use ember_http::{Method, Reply, Request, Response};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use std::sync::Arc;
+
+use crate::images_store::{ImageConfigChanges, ImageStore, ImageStoreError};
 use crate::model::{PodContainer, PodState};
-use crate::server::{Ctx, Face};
+use crate::server::{Ctx, Face, Finish};
 use crate::supervisor::{ErrorKind, Supervisor, SupervisorError};
 
 /// Errors from hyperd requests; the message decides the status.
@@ -169,11 +172,225 @@ fn auth_path(sup: &Supervisor) -> PathBuf {
 const VM_ANN: &str = "hyperd.vm";
 const POD_ANN: &str = "hyperd.pod";
 
+impl From<ImageStoreError> for HyperdError {
+    fn from(e: ImageStoreError) -> Self {
+        // The store's messages already carry hyperd's words.
+        match e {
+            ImageStoreError::NotFound(m) => HyperdError::NoSuch(format!("image: {m}")),
+            ImageStoreError::Invalid(m) => HyperdError::BadParameter(m),
+            ImageStoreError::Conflict(m) => HyperdError::Conflict(m),
+            // RUN, URLs, zstd...: what the user asked for, not a server fault.
+            ImageStoreError::Unsupported(m) => HyperdError::BadParameter(m),
+            other => HyperdError::Other(other.to_string()),
+        }
+    }
+}
+
+/// JSON lines, hyperd's progress format, with the status an error implies.
+fn lines(status: u16, items: &[Value]) -> Response {
+    let mut body = Vec::new();
+    for v in items {
+        body.extend_from_slice(v.to_string().as_bytes());
+        body.push(b'\n');
+    }
+    Response::bytes(status, "application/json", body)
+}
+
+fn fail_lines(e: &HyperdError, mut progress: Vec<Value>) -> Response {
+    let msg = e.to_string();
+    progress.push(json!({"error": msg, "errorDetail": {"message": msg}}));
+    lines(status_for(&msg), &progress)
+}
+
 /// The hyperd face.
-#[derive(Default)]
-pub struct Hyperd;
+pub struct Hyperd {
+    images: Arc<ImageStore>,
+}
 
 impl Hyperd {
+    /// A face whose container images live in `images`.
+    pub fn new(images: ImageStore) -> Self {
+        Hyperd {
+            images: Arc::new(images),
+        }
+    }
+
+    fn images_get(&self, req: &Request) -> Response {
+        let all = req.query_param("all") == Some("yes");
+        let list: Vec<String> = self
+            .images
+            .list()
+            .iter()
+            .filter(|r| all || r.is_named())
+            .map(crate::images_store::hyperd_list_entry)
+            .collect();
+        Response::json(200, &json!({"imagesList": list}))
+    }
+
+    fn image_create(&self, ctx: &mut Ctx, req: &Request) -> Reply {
+        let name = req.query_param("imageName").unwrap_or("").to_string();
+        let store = self.images.clone();
+        let body = req.body.clone();
+        let source = std::path::Path::new(&name);
+        let (path, tag): (Option<PathBuf>, Option<String>) = if !body.is_empty() {
+            // An uploaded tarball, named by imageName.
+            (None, (!name.is_empty()).then(|| name.clone()))
+        } else if source.is_absolute() && source.exists() {
+            (Some(source.to_path_buf()), None)
+        } else if name.is_empty() {
+            return Reply::Now(fail(&HyperdError::BadParameter(
+                "imageName (a path to an OCI layout or docker save tarball) or an uploaded tarball is required".into(),
+            )));
+        } else {
+            return Reply::Now(fail_lines(
+                &HyperdError::Other(format!(
+                    "cannot pull {name}: emberd has no registry access; import an OCI image layout or a docker save tarball instead (imageName=/absolute/path, or upload the tarball as the request body)"
+                )),
+                vec![json!({"status": format!("Pulling {name}")})],
+            ));
+        };
+        let staging = ctx
+            .sup
+            .store()
+            .staging_dir()
+            .join(crate::model::new_id("import"));
+        ctx.jobs.spawn(ctx.conn, "image-import", move || {
+            let res = (|| -> Result<crate::images_store::ImageRecord, HyperdError> {
+                let src = match path {
+                    Some(p) => p,
+                    None => {
+                        std::fs::create_dir_all(&staging).map_err(|e| HyperdError::Other(e.to_string()))?;
+                        let f = staging.join("upload.tar");
+                        std::fs::write(&f, &body).map_err(|e| HyperdError::Other(e.to_string()))?;
+                        f
+                    }
+                };
+                Ok(store.import(&src, None, tag.as_deref())?)
+            })();
+            let _ = std::fs::remove_dir_all(&staging);
+            Box::new(move |_: &mut Supervisor| match res {
+                Ok(r) => lines(
+                    200,
+                    &[
+                        json!({"status": "Importing"}),
+                        json!({"status": format!("Imported {} as {}", r.short_id(), r.name())}),
+                    ],
+                ),
+                Err(e) => fail_lines(&e, vec![json!({"status": "Importing"})]),
+            }) as Finish
+        });
+        Reply::Later
+    }
+
+    fn image_remove(&self, ctx: &mut Ctx, req: &Request) -> Response {
+        let Some(id) = req.query_param("imageId") else {
+            return fail(&HyperdError::BadParameter("imageId is required".into()));
+        };
+        let force = req.query_param("force") == Some("yes");
+        let rec = match self.images.get(id) {
+            Ok(r) => r,
+            Err(e) => return fail(&e.into()),
+        };
+        let used = ctx.sup.state().pods.values().any(|p| {
+            p.containers
+                .iter()
+                .any(|c| self.images.get(&c.image).map(|r| r.id == rec.id).unwrap_or(false))
+        });
+        if used && !force {
+            return fail(&HyperdError::Conflict(format!(
+                "image {id} is used by a pod; remove the pod or use force=yes"
+            )));
+        }
+        match self.images.remove(id, force) {
+            Ok(_) => ok(id),
+            Err(e) => fail(&e.into()),
+        }
+    }
+
+    fn image_build(&self, ctx: &mut Ctx, req: &Request) -> Reply {
+        let tag = req.query_param("t").unwrap_or("").to_string();
+        let dockerfile = req.query_param("dockerfile").unwrap_or("Dockerfile").to_string();
+        if req.query_param("remote").is_some_and(|r| !r.is_empty()) {
+            return Reply::Now(fail(&HyperdError::BadParameter(
+                "remote build sources are not supported: send the build context as a tar body".into(),
+            )));
+        }
+        if req.body.is_empty() {
+            return Reply::Now(fail(&HyperdError::BadParameter(
+                "the build context (a tar archive) is required as the request body".into(),
+            )));
+        }
+        let store = self.images.clone();
+        let body = req.body.clone();
+        ctx.jobs.spawn(ctx.conn, "image-build", move || {
+            let mut progress = Vec::new();
+            let res = store.build(&body, &dockerfile, &tag, &mut |line: &str| {
+                progress.push(serde_json::from_str(line).unwrap_or_else(|_| json!({"stream": line})));
+            });
+            Box::new(move |_: &mut Supervisor| match res {
+                Ok(r) => {
+                    progress.push(json!({"stream": format!("Successfully built {}\n", r.short_id())}));
+                    lines(200, &progress)
+                }
+                Err(e) => fail_lines(&e.into(), progress),
+            }) as Finish
+        });
+        Reply::Later
+    }
+
+    fn image_push(&self, ctx: &mut Ctx, req: &Request) -> Reply {
+        let Some(remote) = req.query_param("remote").map(str::to_string) else {
+            return Reply::Now(fail(&HyperdError::BadParameter("remote is required".into())));
+        };
+        let dest = PathBuf::from(&remote);
+        if !dest.is_absolute() {
+            return Reply::Now(fail(&HyperdError::BadParameter(format!(
+                "remote {remote:?} must be an absolute path to a local OCI layout directory (emberd has no registry access)"
+            ))));
+        }
+        let tag = req.query_param("tag").map(str::to_string);
+        let store = self.images.clone();
+        ctx.jobs.spawn(ctx.conn, "image-push", move || {
+            // The image is the layout's last path component unless a tag names it.
+            let name = tag.clone().unwrap_or_default();
+            let res = if name.is_empty() {
+                Err(HyperdError::BadParameter("tag (the image to push) is required".into()))
+            } else {
+                store.push(&name, &dest, None).map_err(HyperdError::from)
+            };
+            Box::new(move |_: &mut Supervisor| match res {
+                Ok(d) => lines(
+                    200,
+                    &[
+                        json!({"status": format!("Pushing {name} to {}", dest.display())}),
+                        json!({"status": format!("Pushed {d}")}),
+                    ],
+                ),
+                Err(e) => fail_lines(&e, vec![]),
+            }) as Finish
+        });
+        Reply::Later
+    }
+
+    fn commit(&self, ctx: &mut Ctx, req: &Request) -> Response {
+        let Some(cid) = req.query_param("container") else {
+            return fail(&HyperdError::BadParameter("container is required".into()));
+        };
+        let found = ctx
+            .sup
+            .state()
+            .pods
+            .values()
+            .find_map(|p| p.containers.iter().find(|c| c.id == cid || c.name == cid).map(|c| (p.clone(), c.clone())));
+        let Some((pod, c)) = found else {
+            return fail(&HyperdError::NoSuch(format!("container {cid}")));
+        };
+        let _ = ImageConfigChanges::from_docker_json(&serde_json::from_slice(&req.body).unwrap_or(Value::Null));
+        fail(&HyperdError::Conflict(format!(
+            "container {} of pod {} is not running: a commit needs its root filesystem from a running pod VM",
+            c.name, pod.id
+        )))
+    }
     fn pod_create(&mut self, ctx: &mut Ctx, req: &Request) -> Response {
         let text = match req.query_param("podArgs") {
             Some(a) => a.to_string(),
@@ -191,6 +408,11 @@ impl Hyperd {
         } else {
             spec.id.clone()
         };
+        for c in &spec.containers {
+            if let Err(e) = self.images.get(&c.image) {
+                return fail(&e.into());
+            }
+        }
         let containers = spec
             .containers
             .iter()
@@ -346,7 +568,7 @@ impl Hyperd {
             &json!({
                 "ID": hostname(),
                 "Containers": containers,
-                "Images": 0,
+                "Images": self.images.list().len(),
                 "Driver": "ember",
                 "DriverStatus": [["Root Dir", root]],
                 "DockerRootDir": root,
@@ -474,8 +696,15 @@ impl Face for Hyperd {
                 }
             },
             (Method::Post, "/auth") => self.auth(ctx, req),
+            (Method::Get, "/images/get") => self.images_get(req),
+            (Method::Post, "/image/create") => return Some(self.image_create(ctx, req)),
+            (Method::Delete, "/image") => self.image_remove(ctx, req),
+            (Method::Post, "/image/build") => return Some(self.image_build(ctx, req)),
+            (Method::Post, "/image/push" | "/images/push") => return Some(self.image_push(ctx, req)),
+            (Method::Post, "/container/commit") => self.commit(ctx, req),
             (_, "/info" | "/list" | "/pod/create" | "/pod/start" | "/pod/stop" | "/pod" | "/vm/create"
-                | "/vm" | "/auth") => Response::json(
+                | "/vm" | "/auth" | "/images/get" | "/image/create" | "/image" | "/image/build"
+                | "/image/push" | "/container/commit") => Response::json(
                 405,
                 &json!({"ID": "", "Code": 1, "Cause": format!("method {} is not allowed on {}", req.method, req.path)}),
             ),
