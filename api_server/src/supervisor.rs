@@ -872,9 +872,18 @@ impl Supervisor {
         }
         self.stop_instance(&inst.id)?;
         for n in &inst.interfaces {
-            if crate::netdev::tap_exists(&n.host_dev_name, None) {
-                if let Err(e) = crate::netdev::delete_tap(&n.host_dev_name, None) {
-                    log::warn!("cannot delete TAP {}: {e}", n.host_dev_name);
+            // The killed VMM's file descriptors may still be closing: a busy
+            // TAP gets a few short retries.
+            for attempt in 0..20 {
+                if !crate::netdev::tap_exists(&n.host_dev_name, None) {
+                    break;
+                }
+                match crate::netdev::delete_tap(&n.host_dev_name, None) {
+                    Ok(()) => break,
+                    Err(e) if attempt == 19 => {
+                        log::warn!("cannot delete TAP {}: {e}", n.host_dev_name)
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
                 }
             }
         }

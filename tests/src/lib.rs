@@ -488,3 +488,116 @@ impl Drop for MotoServer {
         let _ = self.child.wait();
     }
 }
+
+/// A running emberd with its own state dir, jail base and socket, driven
+/// like users drive it (curl over the unix socket); killed on drop. Every
+/// curl response (headers and body) is kept for checks such as "a secret
+/// never shows".
+pub struct Emberd {
+    pub proc_: Option<Proc>,
+    pub sock: PathBuf,
+    pub dir: TempDir,
+    args: Vec<String>,
+    seen: std::cell::RefCell<Vec<String>>,
+}
+
+impl Emberd {
+    /// Starts emberd in a fresh temp dir; VMMs and builds run as `uid:uid`;
+    /// `extra` are more emberd flags.
+    pub fn start(tag: &str, uid: u32, extra: &[&str]) -> Self {
+        let dir = TempDir::new(tag);
+        let sock = dir.join("ember.sock");
+        let mut args: Vec<String> = vec![
+            "--socket".into(),
+            sock.display().to_string(),
+            "--state-dir".into(),
+            dir.join("state").display().to_string(),
+            "--chroot-base-dir".into(),
+            dir.join("jail").display().to_string(),
+            "--uid".into(),
+            uid.to_string(),
+            "--gid".into(),
+            uid.to_string(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let mut d = Emberd {
+            proc_: None,
+            sock,
+            dir,
+            args,
+            seen: std::cell::RefCell::new(Vec::new()),
+        };
+        d.restart();
+        d
+    }
+
+    /// Starts emberd again on the same state (after [`Emberd::kill9`]).
+    pub fn restart(&mut self) {
+        let mut cmd = Command::new(bin("emberd"));
+        cmd.args(&self.args).env("RUST_LOG", "trace");
+        self.proc_ = Some(Proc::spawn(cmd, self.dir.path(), "emberd"));
+        wait_for_socket(&self.sock);
+    }
+
+    /// Kills emberd hard (its VMMs live on).
+    pub fn kill9(&mut self) {
+        if let Some(mut p) = self.proc_.take() {
+            let _ = p.child.kill();
+            let _ = p.child.wait();
+        }
+    }
+
+    /// emberd's stderr so far.
+    pub fn err(&self) -> String {
+        self.proc_.as_ref().map(|p| p.err()).unwrap_or_default()
+    }
+
+    /// emberd's stdout so far.
+    pub fn out(&self) -> String {
+        self.proc_.as_ref().map(|p| p.out()).unwrap_or_default()
+    }
+
+    /// curl with `args`; (status, body). Status 0: curl itself failed.
+    pub fn curl(&self, args: &[&str]) -> (u16, String) {
+        let n = self.seen.borrow().len();
+        let headers = self.dir.join(&format!("headers-{n}"));
+        let out = Command::new("curl")
+            .args(["-s", "-S", "--max-time", "120", "--unix-socket"])
+            .arg(&self.sock)
+            .arg("-D")
+            .arg(&headers)
+            .args(["-w", "\n%{http_code}"])
+            .args(args)
+            .output()
+            .expect("run curl");
+        let s = String::from_utf8_lossy(&out.stdout).to_string();
+        let (body, code) = s.rsplit_once('\n').unwrap_or(("", "0"));
+        let head = std::fs::read_to_string(&headers).unwrap_or_default();
+        let _ = std::fs::remove_file(&headers);
+        self.seen.borrow_mut().push(format!("{head}{body}"));
+        (code.trim().parse().unwrap_or(0), body.to_string())
+    }
+
+    /// [`Emberd::curl`] with the body parsed as JSON (a string if it is not).
+    pub fn json(&self, args: &[&str]) -> (u16, serde_json::Value) {
+        let (c, b) = self.curl(args);
+        (c, serde_json::from_str(&b).unwrap_or(serde_json::Value::String(b)))
+    }
+
+    /// One raw HTTP request (our own client, not curl).
+    pub fn req(&self, method: &str, path: &str, body: Option<&str>) -> (u16, serde_json::Value) {
+        let r = http(&self.sock, method, path, body);
+        (r.status, serde_json::from_slice(&r.body).unwrap_or(serde_json::Value::Null))
+    }
+
+    /// Every curl response so far (headers and body).
+    pub fn responses(&self) -> Vec<String> {
+        self.seen.borrow().clone()
+    }
+}
+
+impl Drop for Emberd {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}

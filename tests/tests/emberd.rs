@@ -9,69 +9,8 @@ use std::process::Command;
 use ember_tests::*;
 use serde_json::Value;
 
-/// A running emberd with its own state dir and jail base, killed on drop.
-pub struct Emberd {
-    pub proc_: Option<Proc>,
-    pub sock: PathBuf,
-    pub dir: TempDir,
-}
-
-impl Emberd {
-    pub fn start() -> Self {
-        let dir = TempDir::new("emberd");
-        let mut d = Emberd {
-            proc_: None,
-            sock: dir.join("ember.sock"),
-            dir,
-        };
-        d.restart();
-        d
-    }
-
-    pub fn restart(&mut self) {
-        let mut cmd = Command::new(bin("emberd"));
-        cmd.arg("--socket")
-            .arg(&self.sock)
-            .arg("--state-dir")
-            .arg(self.dir.join("state"))
-            .arg("--chroot-base-dir")
-            .arg(self.dir.join("jail"))
-            .args(["--uid", "10501", "--gid", "10501"]);
-        self.proc_ = Some(Proc::spawn(cmd, self.dir.path(), "emberd"));
-        wait_for_socket(&self.sock);
-    }
-
-    pub fn kill9(&mut self) {
-        if let Some(mut p) = self.proc_.take() {
-            let _ = p.child.kill();
-            let _ = p.child.wait();
-        }
-    }
-
-    /// curl with `args`; returns (status, body).
-    pub fn curl(&self, args: &[&str]) -> (u16, String) {
-        let out = Command::new("curl")
-            .args(["-s", "-S", "--max-time", "120", "--unix-socket"])
-            .arg(&self.sock)
-            .args(["-w", "\n%{http_code}"])
-            .args(args)
-            .output()
-            .expect("run curl");
-        let s = String::from_utf8_lossy(&out.stdout).to_string();
-        let (body, code) = s.rsplit_once('\n').unwrap_or(("", "0"));
-        (code.trim().parse().unwrap_or(0), body.to_string())
-    }
-
-    pub fn json(&self, args: &[&str]) -> (u16, Value) {
-        let (c, b) = self.curl(args);
-        (c, serde_json::from_str(&b).unwrap_or(Value::String(b)))
-    }
-}
-
-impl Drop for Emberd {
-    fn drop(&mut self) {
-        self.kill9();
-    }
+fn start() -> Emberd {
+    Emberd::start("emberd", 10501, &[])
 }
 
 fn make_tar(dir: &Path, files: &[(&str, &[u8])]) -> PathBuf {
@@ -96,7 +35,7 @@ fn make_tar(dir: &Path, files: &[(&str, &[u8])]) -> PathBuf {
 
 #[test]
 fn compilers_and_providers() {
-    let d = Emberd::start();
+    let d = start();
     let (c, v) = d.json(&["http://localhost/available_providers"]);
     assert_eq!((c, v), (200, serde_json::json!(["ember"])));
     let (c, v) = d.json(&["http://localhost/available_compilers"]);
@@ -112,7 +51,7 @@ fn compilers_and_providers() {
 
 #[test]
 fn volumes_lifecycle_and_bad_input() {
-    let d = Emberd::start();
+    let d = start();
     let u = |p: &str| format!("http://localhost{p}");
     // Empty volume needs a size.
     let (c, v) = d.json(&["-X", "POST", &u("/volumes/empty1")]);
@@ -173,7 +112,7 @@ fn volumes_lifecycle_and_bad_input() {
 
 #[test]
 fn unknown_routes_and_a_stalled_client() {
-    let d = Emberd::start();
+    let d = start();
     let mut stalled = UnixStream::connect(&d.sock).unwrap();
     stalled
         .write_all(b"POST /volumes/x HTTP/1.1\r\nContent-Length: 1000\r\n\r\npartial")
@@ -200,7 +139,7 @@ fn unknown_routes_and_a_stalled_client() {
 
 #[test]
 fn state_survives_kill_9() {
-    let mut d = Emberd::start();
+    let mut d = start();
     let (c, _) = d.json(&["-X", "POST", "http://localhost/volumes/keep?size=4"]);
     assert_eq!(c, 201);
     d.kill9();
@@ -212,7 +151,7 @@ fn state_survives_kill_9() {
 
 #[test]
 fn linux_base_images_build_here() {
-    let d = Emberd::start();
+    let d = start();
     let (c, v) = d.json(&["http://localhost/available_compilers"]);
     assert_eq!(c, 200);
     let names: Vec<&str> = v.as_array().unwrap().iter().filter_map(|x| x.as_str()).collect();
@@ -371,7 +310,7 @@ int main(void) {
 
 #[test]
 fn hello_unikernel_compiles_runs_logs_and_is_cleaned_up() {
-    let d = Emberd::start();
+    let d = start();
     let img = c_image(&d, "hello", HELLO_C, &["args=one two"]);
     assert_eq!(img["RunSpec"]["Compiler"], "ember-c-ember");
     let inst = run_instance(
@@ -405,7 +344,7 @@ fn hello_unikernel_compiles_runs_logs_and_is_cleaned_up() {
 
 #[test]
 fn running_instance_survives_emberd_kill_9_and_stops_cleanly() {
-    let mut d = Emberd::start();
+    let mut d = start();
     c_image(&d, "idle", IDLE_C, &[]);
     let inst = run_instance(&d, serde_json::json!({"InstanceName": "idle-1", "ImageName": "idle"}));
     let id = inst["Id"].as_str().unwrap().to_string();
@@ -437,7 +376,7 @@ fn running_instance_survives_emberd_kill_9_and_stops_cleanly() {
 
 #[test]
 fn logs_follow_streams_and_delete_on_disconnect() {
-    let d = Emberd::start();
+    let d = start();
     c_image(&d, "idle", IDLE_C, &[]);
     let inst = run_instance(&d, serde_json::json!({"InstanceName": "f1", "ImageName": "idle"}));
     let id = inst["Id"].as_str().unwrap().to_string();
@@ -471,7 +410,7 @@ fn logs_follow_streams_and_delete_on_disconnect() {
 
 #[test]
 fn a_volume_from_a_tar_is_read_by_the_guest() {
-    let d = Emberd::start();
+    let d = start();
     let reader = r#"#include <stdio.h>
 #include <ember.h>
 int main(void) {
@@ -520,7 +459,7 @@ int main(void) {
 
 #[test]
 fn builds_run_unprivileged_and_cannot_read_host_secrets() {
-    let d = Emberd::start();
+    let d = start();
     // As root, gcc would print the file's lines in its errors; as the build
     // user it cannot open it.
     let tgz = make_tar(d.dir.path(), &[("main.c", b"#include \"/etc/shadow\"\nint main(void){return 0;}\n")]);
@@ -549,7 +488,7 @@ fn linux_image_boots_where_kvm_runs_linux() {
         std::env::var_os("EMBER_LINUX_KERNEL").is_some(),
         "set EMBER_LINUX_KERNEL to a bzImage/vmlinux"
     );
-    let d = Emberd::start();
+    let d = start();
     let tgz = make_tar(
         d.dir.path(),
         &[(

@@ -6,7 +6,6 @@
 //! gets from emberd, and checks at its end that no hub password it used
 //! shows up in them or in emberd's stdout/stderr.
 
-use std::cell::RefCell;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -22,64 +21,19 @@ const ODD_PASS: &str = "pw-Zq8xVt3Kf-never-printed";
 
 /// A running emberd with its own state dir and jail base, killed on drop.
 /// Remembers every response it gave.
-struct Emberd {
-    proc_: Option<Proc>,
-    sock: PathBuf,
-    dir: TempDir,
-    seen: RefCell<Vec<String>>,
+fn start() -> Emberd {
+    Emberd::start("emberd-hub", 10501, &[])
 }
 
-impl Emberd {
-    fn start() -> Self {
-        let dir = TempDir::new("emberd-hub");
-        let mut cmd = Command::new(bin("emberd"));
-        let sock = dir.join("ember.sock");
-        cmd.arg("--socket")
-            .arg(&sock)
-            .arg("--state-dir")
-            .arg(dir.join("state"))
-            .arg("--chroot-base-dir")
-            .arg(dir.join("jail"))
-            .args(["--uid", "10501", "--gid", "10501"])
-            // Should a logger ever be wired up, let it say everything.
-            .env("RUST_LOG", "trace");
-        let proc_ = Some(Proc::spawn(cmd, dir.path(), "emberd"));
-        wait_for_socket(&sock);
-        Emberd {
-            proc_,
-            sock,
-            dir,
-            seen: RefCell::new(Vec::new()),
-        }
-    }
+/// The hub tests' shorthand calls on the shared harness.
+trait HubCalls {
+    fn post(&self, path: &str, body: &str) -> (u16, Value);
+    fn get(&self, path: &str) -> (u16, Value);
+    fn delete(&self, path: &str) -> u16;
+    fn assert_never_shown(&self, secret: &str);
+}
 
-    /// curl with `args`; returns (status, body). Status 0: curl failed
-    /// (e.g. its --max-time passed).
-    fn curl(&self, args: &[&str]) -> (u16, String) {
-        let n = self.seen.borrow().len();
-        let headers = self.dir.join(&format!("headers-{n}"));
-        let out = Command::new("curl")
-            .args(["-s", "-S", "--max-time", "120", "--unix-socket"])
-            .arg(&self.sock)
-            .arg("-D")
-            .arg(&headers)
-            .args(["-w", "\n%{http_code}"])
-            .args(args)
-            .output()
-            .expect("run curl");
-        let s = String::from_utf8_lossy(&out.stdout).to_string();
-        let (body, code) = s.rsplit_once('\n').unwrap_or(("", "0"));
-        let head = std::fs::read_to_string(&headers).unwrap_or_default();
-        let _ = std::fs::remove_file(&headers);
-        self.seen.borrow_mut().push(format!("{head}{body}"));
-        (code.trim().parse().unwrap_or(0), body.to_string())
-    }
-
-    fn json(&self, args: &[&str]) -> (u16, Value) {
-        let (c, b) = self.curl(args);
-        (c, serde_json::from_str(&b).unwrap_or(Value::String(b)))
-    }
-
+impl HubCalls for Emberd {
     /// POSTs `body` (as JSON) to `path`.
     fn post(&self, path: &str, body: &str) -> (u16, Value) {
         self.json(&[
@@ -104,21 +58,11 @@ impl Emberd {
     /// Asserts that `secret` appears in no response and not in emberd's
     /// output.
     fn assert_never_shown(&self, secret: &str) {
-        for (i, r) in self.seen.borrow().iter().enumerate() {
+        for (i, r) in self.responses().iter().enumerate() {
             assert!(!r.contains(secret), "response {i} shows the password: {r}");
         }
-        let p = self.proc_.as_ref().expect("emberd runs");
-        assert!(!p.err().contains(secret), "emberd's stderr shows the password:\n{}", p.err());
-        assert!(!p.out().contains(secret), "emberd's stdout shows the password:\n{}", p.out());
-    }
-}
-
-impl Drop for Emberd {
-    fn drop(&mut self) {
-        if let Some(mut p) = self.proc_.take() {
-            let _ = p.child.kill();
-            let _ = p.child.wait();
-        }
+        assert!(!self.err().contains(secret), "emberd's stderr shows the password:\n{}", self.err());
+        assert!(!self.out().contains(secret), "emberd's stdout shows the password:\n{}", self.out());
     }
 }
 
@@ -238,7 +182,7 @@ const TINY_C: &str = "int main(void) { return 0; }\n";
 #[test]
 fn push_delete_pull_run_round_trip() {
     let moto = MotoServer::start();
-    let d = Emberd::start();
+    let d = start();
     let img = c_image(&d, "hello", HELLO_C, &["args=one two", "mounts=/data"]);
     assert_eq!(img["RunSpec"]["Compiler"], "ember-c-ember");
 
@@ -304,7 +248,7 @@ fn push_delete_pull_run_round_trip() {
 #[test]
 fn pull_over_a_local_image_needs_force() {
     let moto = MotoServer::start();
-    let d = Emberd::start();
+    let d = start();
     let img = c_image(&d, "tiny", TINY_C, &[]);
     let (c, v) = d.post("/images/push/tiny", &hub_body(&moto, ODD_PASS));
     assert_eq!(c, 202, "push: {v}");
@@ -335,7 +279,7 @@ fn pull_over_a_local_image_needs_force() {
 #[test]
 fn remote_delete_then_pull_and_delete_are_not_found() {
     let moto = MotoServer::start();
-    let d = Emberd::start();
+    let d = start();
     c_image(&d, "tiny", TINY_C, &[]);
     c_image(&d, "keep", TINY_C, &[]);
     let hub = hub_body(&moto, ODD_PASS);
@@ -372,7 +316,7 @@ fn remote_delete_then_pull_and_delete_are_not_found() {
 #[test]
 fn bad_hub_requests_are_refused() {
     let moto = MotoServer::start();
-    let d = Emberd::start();
+    let d = start();
     c_image(&d, "tiny", TINY_C, &[]);
     let good = hub_body(&moto, ODD_PASS);
 
@@ -440,7 +384,7 @@ fn bad_hub_requests_are_refused() {
 #[test]
 fn the_hub_password_is_never_shown() {
     let moto = MotoServer::start();
-    let d = Emberd::start();
+    let d = start();
     c_image(&d, "tiny", TINY_C, &[]);
     let dead_url = format!("http://127.0.0.1:{}/unikhub", closed_port());
     let bodies = [
@@ -474,7 +418,7 @@ fn the_hub_password_is_never_shown() {
     assert_eq!(d.post("/images/push/tiny", &bodies[0]).0, 202);
     assert_eq!(d.post("/images/pull/tiny?force=true", &bodies[1]).0, 202);
     assert_eq!(d.post("/images/remote-delete/tiny", &bodies[0]).0, 202);
-    assert!(d.seen.borrow().len() > 50);
+    assert!(d.responses().len() > 50);
     assert_staging_empty(&d);
     d.assert_never_shown(ODD_PASS);
 }
@@ -510,7 +454,7 @@ s3.copy_object(Bucket="unikhub", Key=key, CopySource={"Bucket": "unikhub", "Key"
 fn a_hub_image_cannot_point_outside_its_directory() {
     use std::os::unix::fs::PermissionsExt;
     let moto = MotoServer::start();
-    let d = Emberd::start();
+    let d = start();
     c_image(&d, "tiny", TINY_C, &[]);
     let secret = d.dir.join("host-secret");
     std::fs::write(&secret, b"not for the guest\n").unwrap();

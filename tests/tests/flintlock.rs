@@ -9,31 +9,12 @@ use std::process::Command;
 use ember_tests::*;
 use serde_json::{json, Value};
 
-struct Emberd {
-    _p: Proc,
-    sock: PathBuf,
-    dir: TempDir,
-}
-
-impl Emberd {
-    fn start() -> Self {
-        let dir = TempDir::new("flintlock");
-        let sock = dir.join("ember.sock");
-        let mut cmd = Command::new(bin("emberd"));
-        cmd.arg("--socket").arg(&sock)
-            .arg("--state-dir").arg(dir.join("state"))
-            .arg("--chroot-base-dir").arg(dir.join("jail"))
-            .args(["--uid", "10503", "--gid", "10503"])
-            .args(["--flintlock-max-retries", "3", "--flintlock-backoff-ms", "100"]);
-        let p = Proc::spawn(cmd, dir.path(), "emberd");
-        wait_for_socket(&sock);
-        Emberd { _p: p, sock, dir }
-    }
-    fn req(&self, method: &str, path: &str, body: Option<&Value>) -> (u16, Value) {
-        let b = body.map(|b| b.to_string());
-        let r = http(&self.sock, method, path, b.as_deref());
-        (r.status, serde_json::from_slice(&r.body).unwrap_or(Value::Null))
-    }
+fn start() -> Emberd {
+    Emberd::start(
+        "flintlock",
+        10503,
+        &["--flintlock-max-retries", "3", "--flintlock-backoff-ms", "100"],
+    )
 }
 
 fn make_oci(out: &Path, spec: Value) {
@@ -84,9 +65,9 @@ fn debugfs(img: &Path, cmd: &str) -> String {
 
 #[test]
 fn create_reconciles_to_created_and_delete_removes_everything() {
-    let d = Emberd::start();
+    let d = start();
     let (kernel, root) = images(d.dir.path());
-    let (c, v) = d.req("POST", "/v1alpha1/microvm", Some(&spec(&kernel, &root, "vm1", "idle")));
+    let (c, v) = d.req("POST", "/v1alpha1/microvm", Some(&spec(&kernel, &root, "vm1", "idle").to_string()));
     assert_eq!(c, 200, "{v}");
     let m = &v["microvm"];
     assert_eq!(m["status"]["state"], "PENDING");
@@ -136,7 +117,7 @@ fn create_reconciles_to_created_and_delete_removes_everything() {
     let (_, l) = d.req("GET", "/v1alpha1/microvm/default", None);
     assert_eq!(l["microvm"].as_array().unwrap().len(), 0);
     // A duplicate name in the namespace.
-    let (c, e) = d.req("POST", "/v1alpha1/microvm", Some(&spec(&kernel, &root, "vm1", "idle")));
+    let (c, e) = d.req("POST", "/v1alpha1/microvm", Some(&spec(&kernel, &root, "vm1", "idle").to_string()));
     assert_eq!(c, 409, "{e}");
     assert_eq!(e["code"], 6);
 
@@ -145,7 +126,8 @@ fn create_reconciles_to_created_and_delete_removes_everything() {
     assert_eq!(c, 200);
     let (_, l) = d.req("GET", &format!("/v1alpha1/microvm/{uid}"), None);
     assert_eq!(l["microvm"].as_array().map(|a| a.len()), Some(0), "{l}");
-    assert!(!Path::new(&format!("/sys/class/net/{tap}")).exists(), "TAP {tap} left behind");
+    let gone = wait_for(PATIENCE, || (!Path::new(&format!("/sys/class/net/{tap}")).exists()).then_some(()));
+    assert!(gone.is_some(), "TAP {tap} left behind");
     assert_eq!(http(&d.sock, "GET", &format!("/instances/{name}"), None).status, 404);
     assert_eq!(http(&d.sock, "GET", "/volumes", None).json().as_array().unwrap().len(), 0);
     assert_eq!(http(&d.sock, "GET", "/images", None).json().as_array().unwrap().len(), 0);
@@ -155,10 +137,10 @@ fn create_reconciles_to_created_and_delete_removes_everything() {
 
 #[test]
 fn a_missing_kernel_reconciles_to_failed() {
-    let d = Emberd::start();
+    let d = start();
     let (_, root) = images(d.dir.path());
     let missing = d.dir.join("no-such-kernel-oci");
-    let (c, v) = d.req("POST", "/v1alpha1/microvm", Some(&spec(&missing, &root, "bad", "hello")));
+    let (c, v) = d.req("POST", "/v1alpha1/microvm", Some(&spec(&missing, &root, "bad", "hello").to_string()));
     assert_eq!(c, 200, "{v}");
     let uid = v["microvm"]["spec"]["uid"].as_str().unwrap().to_string();
     let v = wait_state(&d, &uid, "FAILED");
@@ -170,7 +152,7 @@ fn a_missing_kernel_reconciles_to_failed() {
 
 #[test]
 fn bad_specs_are_invalid_argument() {
-    let d = Emberd::start();
+    let d = start();
     let (kernel, root) = images(d.dir.path());
     let cases: Vec<(Value, &str)> = vec![
         (json!({"vcpu": 0, "id": "x"}), "kernel"),
@@ -182,7 +164,7 @@ fn bad_specs_are_invalid_argument() {
         ({ let mut s = spec(&kernel, &root, "x", "hello"); s["metadata"] = json!({"nope": "eA=="}); s }, "metadata"),
     ];
     for (body, needle) in cases {
-        let (c, e) = d.req("POST", "/v1alpha1/microvm", Some(&body));
+        let (c, e) = d.req("POST", "/v1alpha1/microvm", Some(&body.to_string()));
         assert_eq!(c, 400, "{needle}: {e}");
         assert_eq!(e["code"], 3, "{e}");
         assert!(e["message"].as_str().unwrap().contains(needle), "{needle}: {e}");

@@ -3,36 +3,13 @@
 //! cannot boot, so starting one answers a clear error.
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::PathBuf;
 use std::process::Command;
 
 use ember_tests::*;
 use serde_json::Value;
 
-struct Emberd {
-    p: Proc,
-    sock: PathBuf,
-    dir: TempDir,
-}
-
 fn start() -> Emberd {
-    let dir = TempDir::new("hyperd");
-    let sock = dir.join("ember.sock");
-    let mut cmd = Command::new(bin("emberd"));
-    cmd.arg("--socket").arg(&sock)
-        .arg("--state-dir").arg(dir.join("state"))
-        .arg("--chroot-base-dir").arg(dir.join("jail"))
-        .args(["--uid", "10504", "--gid", "10504"]);
-    let p = Proc::spawn(cmd, dir.path(), "emberd");
-    wait_for_socket(&sock);
-    Emberd { p, sock, dir }
-}
-
-impl Emberd {
-    fn req(&self, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
-        let r = http(&self.sock, method, path, body);
-        (r.status, serde_json::from_slice(&r.body).unwrap_or(Value::Null))
-    }
+    Emberd::start("hyperd", 10504, &[])
 }
 
 fn enc(s: &str) -> String {
@@ -152,7 +129,7 @@ fn info_and_auth() {
     assert!(std::fs::read_to_string(&f).unwrap().contains("hello"));
     let (c, _) = d.req("POST", "/auth", Some(r#"{"password":"x"}"#));
     assert_eq!(c, 400);
-    assert!(!d.p.err().contains(secret) && !d.p.out().contains(secret));
+    assert!(!d.err().contains(secret) && !d.out().contains(secret));
     // Wrong methods are answered by hyperd, not passed on.
     let (c, _) = d.req("PUT", "/info", None);
     assert_eq!(c, 405);
