@@ -597,7 +597,37 @@ impl Emberd {
 }
 
 impl Drop for Emberd {
+    /// Kills emberd and, so that even a failed test leaves nothing behind,
+    /// every VMM and TAP its state names.
     fn drop(&mut self) {
         self.kill9();
+        let state: serde_json::Value = std::fs::read(self.dir.join("state").join("state.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        if let Some(insts) = state["instances"].as_object() {
+            for inst in insts.values() {
+                if let Some(pid) = inst["process"]["pid"].as_i64() {
+                    let start = inst["process"]["start_time"].as_u64().unwrap_or(0);
+                    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+                    let same = stat
+                        .rsplit_once(')')
+                        .and_then(|(_, r)| r.split_whitespace().nth(19)?.parse::<u64>().ok())
+                        == Some(start);
+                    if start != 0 && same {
+                        // SAFETY: kill(2) on the VMM this emberd started (pid and start time match).
+                        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+                    }
+                }
+                for n in inst["interfaces"].as_array().into_iter().flatten() {
+                    if let Some(tap) = n["host_dev_name"].as_str() {
+                        let _ = Command::new("ip")
+                            .args(["link", "del", tap])
+                            .stderr(Stdio::null())
+                            .status();
+                    }
+                }
+            }
+        }
     }
 }
