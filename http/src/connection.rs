@@ -73,6 +73,8 @@ pub(crate) struct Connection {
     pub(crate) dispatched_any: bool,
     /// Event set currently registered with epoll.
     pub(crate) interest: EventSet,
+    /// Last time bytes moved in either direction (or the peer closed).
+    last_activity: std::time::Instant,
 }
 
 impl Connection {
@@ -90,7 +92,14 @@ impl Connection {
             continue_sent: false,
             dispatched_any: false,
             interest: EventSet::IN,
+            last_activity: std::time::Instant::now(),
         }
+    }
+
+    /// How long the connection has made no progress while it is the
+    /// client's turn (no Later reply or stream outstanding); None otherwise.
+    pub(crate) fn stalled_for(&self, now: std::time::Instant) -> Option<std::time::Duration> {
+        (self.state == State::Idle).then(|| now.saturating_duration_since(self.last_activity))
     }
 
     /// Whether more input should be read now.
@@ -128,10 +137,12 @@ impl Connection {
                 Ok(0) => {
                     self.inbuf.truncate(old);
                     self.peer_eof = true;
+                    self.last_activity = std::time::Instant::now();
                 }
                 Ok(n) => {
                     self.inbuf.truncate(old + n);
                     total += n;
+                    self.last_activity = std::time::Instant::now();
                 }
                 Err(e) => {
                     self.inbuf.truncate(old);
@@ -289,6 +300,9 @@ impl Connection {
                 }
             }
             self.out_pos += n as usize;
+            if n > 0 {
+                self.last_activity = std::time::Instant::now();
+            }
         }
         if self.out_pos == self.out.len() {
             self.out.clear();

@@ -26,6 +26,9 @@ pub const DEFAULT_MAX_STREAM_BUFFER: usize = 16 * 1024 * 1024;
 /// Connections accepted per listener readiness event.
 const ACCEPT_BATCH: usize = 64;
 
+/// Default [`ServerConfig::idle_timeout`].
+pub const DEFAULT_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Errors from creating a server or from a [`Responder`].
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -44,6 +47,9 @@ pub enum ServerError {
     /// Creating or signalling the wake-up eventfd failed.
     #[error("eventfd: {0}")]
     EventFd(io::Error),
+    /// Creating or arming the idle-sweep timer failed.
+    #[error("cannot set up the idle timer: {0}")]
+    Timer(io::Error),
     /// The server this responder belongs to has been dropped.
     #[error("the HTTP server is gone")]
     ServerGone,
@@ -104,6 +110,12 @@ pub struct ServerConfig {
     pub max_stream_buffer: usize,
     /// Error-body builder; default [`Response::fault`] (`{"fault_message": ...}`).
     pub error_response: ErrorResponseFn,
+    /// A connection that makes no progress for this long while it is the
+    /// client's turn (sending a request, or reading a response) is closed, so
+    /// stalled clients cannot hold every connection slot. Connections
+    /// waiting for a deferred reply or reading a stream are exempt. None:
+    /// never. Default 60 s.
+    pub idle_timeout: Option<std::time::Duration>,
 }
 
 impl Default for ServerConfig {
@@ -114,6 +126,7 @@ impl Default for ServerConfig {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_stream_buffer: DEFAULT_MAX_STREAM_BUFFER,
             error_response: Arc::new(Response::fault),
+            idle_timeout: Some(DEFAULT_IDLE_TIMEOUT),
         }
     }
 }
@@ -125,6 +138,7 @@ impl fmt::Debug for ServerConfig {
             .field("max_body_bytes", &self.max_body_bytes)
             .field("max_connections", &self.max_connections)
             .field("max_stream_buffer", &self.max_stream_buffer)
+            .field("idle_timeout", &self.idle_timeout)
             .finish_non_exhaustive()
     }
 }
@@ -192,6 +206,8 @@ pub struct HttpServer<H: Handler> {
     next_id: u64,
     handler: H,
     config: ServerConfig,
+    /// Ticks the idle sweep.
+    sweep: vmm_sys_util::timerfd::TimerFd,
 }
 
 impl<H: Handler> fmt::Debug for HttpServer<H> {
@@ -239,6 +255,14 @@ impl<H: Handler> HttpServer<H> {
             .set_nonblocking(true)
             .map_err(ServerError::Listener)?;
         let wake = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(ServerError::EventFd)?);
+        let mut sweep = vmm_sys_util::timerfd::TimerFd::new()
+            .map_err(|e| ServerError::Timer(io::Error::from_raw_os_error(e.errno())))?;
+        if let Some(t) = config.idle_timeout {
+            let tick = (t / 4).clamp(std::time::Duration::from_millis(50), std::time::Duration::from_secs(5));
+            sweep
+                .reset(tick, Some(tick))
+                .map_err(|e| ServerError::Timer(io::Error::from_raw_os_error(e.errno())))?;
+        }
         let (tx, rx) = channel();
         Ok(HttpServer {
             listener,
@@ -251,6 +275,7 @@ impl<H: Handler> HttpServer<H> {
             next_id: 1,
             handler,
             config,
+            sweep,
         })
     }
 
@@ -451,6 +476,24 @@ impl<H: Handler> HttpServer<H> {
         }
     }
 
+    /// Closes connections that stalled on the client's side.
+    fn sweep_idle(&mut self, ops: &mut EventOps) {
+        let _ = self.sweep.wait();
+        let Some(limit) = self.config.idle_timeout else {
+            return;
+        };
+        let now = std::time::Instant::now();
+        let stale: Vec<ConnectionId> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.stalled_for(now).is_some_and(|d| d > limit))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in stale {
+            self.close(id, ops);
+        }
+    }
+
     fn drain_messages(&mut self, ops: &mut EventOps) {
         let _ = self.wake.read();
         let mut touched = BTreeSet::new();
@@ -495,6 +538,7 @@ impl<H: Handler> MutEventSubscriber for HttpServer<H> {
         // there is nothing useful to do about that here.
         let _ = ops.add(Events::new(&self.listener, EventSet::IN));
         let _ = ops.add(Events::new(self.wake.as_ref(), EventSet::IN));
+        let _ = ops.add(Events::new(&self.sweep, EventSet::IN));
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
@@ -503,6 +547,8 @@ impl<H: Handler> MutEventSubscriber for HttpServer<H> {
             self.accept(ops);
         } else if fd == self.wake.as_raw_fd() {
             self.drain_messages(ops);
+        } else if fd == self.sweep.as_raw_fd() {
+            self.sweep_idle(ops);
         } else if let Some(&id) = self.by_fd.get(&fd) {
             self.on_connection_event(id, events.event_set(), ops);
         } else {

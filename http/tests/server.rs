@@ -573,3 +573,43 @@ fn many_pipelined_requests_with_backpressure() {
     assert_eq!(read_response(&mut s, &mut buf).text(), "hello");
     writer.join().unwrap();
 }
+
+#[test]
+fn stalled_clients_are_closed_after_the_idle_timeout() {
+    let srv = TestServer::with_config(ServerConfig {
+        max_connections: 3,
+        idle_timeout: Some(Duration::from_millis(300)),
+        ..ServerConfig::default()
+    });
+    let mut buf = Vec::new();
+    // A: half a request, then nothing.
+    let mut a = srv.connect();
+    send(&mut a, b"GET /hel");
+    // B: one request answered, then an idle keep-alive connection.
+    let mut b = srv.connect();
+    send(&mut b, b"GET /hello HTTP/1.1\r\n\r\n");
+    assert_eq!(read_response(&mut b, &mut buf).status, 200);
+    // C: waits for a deferred reply; the server must not drop it.
+    let mut c = srv.connect();
+    send(&mut c, b"GET /later HTTP/1.1\r\n\r\n");
+    let conn = srv.wait_later();
+    // Every slot is taken now.
+    assert_eq!(
+        client::request(&srv.path, "GET", "/hello", None, T).unwrap().status,
+        503
+    );
+    // The stalled ones are closed (read timeouts bound the wait)...
+    for s in [&mut a, &mut b] {
+        s.set_read_timeout(Some(T)).unwrap();
+        assert!(at_eof(s), "a stalled client was not closed");
+    }
+    // ...which frees their slots for new clients.
+    assert_eq!(
+        client::request(&srv.path, "GET", "/hello", None, T).unwrap().status,
+        200
+    );
+    // C is still there and gets its answer.
+    srv.responder.respond(conn, Response::empty(204)).unwrap();
+    c.set_read_timeout(Some(T)).unwrap();
+    assert_eq!(read_response(&mut c, &mut buf).status, 204);
+}
