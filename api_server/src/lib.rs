@@ -21,3 +21,5 @@ pub mod cidata;
 pub mod flintlock;
 pub mod hyperd;
 pub mod images_store;
+#[cfg(test)]
+mod test_util;

@@ -658,27 +658,8 @@ mod tests {
     use super::*;
     use std::collections::BTreeMap;
     use std::process::Command;
-    use std::sync::atomic::{AtomicU32, Ordering as AtOrd};
 
-    struct TempDir(PathBuf);
-    impl TempDir {
-        fn new() -> Self {
-            static N: AtomicU32 = AtomicU32::new(0);
-            let p = std::env::temp_dir().join(format!(
-                "ember-linux-test-{}-{}",
-                std::process::id(),
-                N.fetch_add(1, AtOrd::SeqCst)
-            ));
-            let _ = fs::remove_dir_all(&p);
-            fs::create_dir_all(&p).unwrap();
-            TempDir(p)
-        }
-    }
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = fs::remove_dir_all(&self.0);
-        }
-    }
+    use crate::test_util::TempDir;
 
     const HELLO: &str = r#"
 #include <stdio.h>
