@@ -246,6 +246,28 @@ impl DeviceBase {
         self.mem.is_some()
     }
 
+    /// Subscriber start-up shared by every device: watch the activate
+    /// eventfd (token [`TOKEN_ACTIVATE`]). Returns whether the device is
+    /// already active, in which case the caller registers its queue and
+    /// backend fds now.
+    pub(crate) fn watch_activation(&self, ops: &mut event_manager::EventOps, name: &str) -> bool {
+        if let Err(e) = ops.add(event_manager::Events::with_data(
+            &self.activate_evt,
+            TOKEN_ACTIVATE,
+            vmm_sys_util::epoll::EventSet::IN,
+        )) {
+            log::error!("{name}: registering activate event: {e:?}");
+        }
+        self.is_active()
+    }
+
+    /// Handles the activate event: consumes it and tells whether the device
+    /// is now active (the caller then registers its fds).
+    pub(crate) fn on_activation(&self) -> bool {
+        drain_evt(&self.activate_evt);
+        self.is_active()
+    }
+
     /// Raises a used-buffer interrupt.
     pub fn signal_used(&self) {
         self.irq.trigger(INT_VRING);
@@ -307,6 +329,9 @@ pub(crate) fn pop_chain<'a>(
     }
     queue.pop_descriptor_chain(mem)
 }
+
+/// Event-loop token of every device's activate eventfd.
+pub(crate) const TOKEN_ACTIVATE: u32 = 0;
 
 pub(crate) fn drain_evt(evt: &EventFd) {
     let _ = evt.read();

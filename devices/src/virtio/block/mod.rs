@@ -51,7 +51,7 @@ pub const ID_LEN: usize = 20;
 /// Copy chunk between file and guest.
 const CHUNK: usize = 64 * 1024;
 
-const TOKEN_ACTIVATE: u32 = 0;
+use crate::virtio::TOKEN_ACTIVATE;
 const TOKEN_QUEUE: u32 = 1;
 const TOKEN_LIMITER: u32 = 2;
 
@@ -398,14 +398,7 @@ impl VirtioDevice for Block {
 
 impl MutEventSubscriber for Block {
     fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::with_data(
-            &self.base.activate_evt,
-            TOKEN_ACTIVATE,
-            EventSet::IN,
-        )) {
-            log::error!("virtio-blk: registering activate event: {e:?}");
-        }
-        if self.base.is_active() {
+        if self.base.watch_activation(ops, "virtio-blk") {
             self.register(ops);
         }
     }
@@ -413,8 +406,7 @@ impl MutEventSubscriber for Block {
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         match events.data() {
             TOKEN_ACTIVATE => {
-                drain_evt(&self.base.activate_evt);
-                if self.base.is_active() {
+                if self.base.on_activation() {
                     self.register(ops);
                     self.process_queue();
                 }

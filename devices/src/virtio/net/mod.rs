@@ -41,7 +41,7 @@ pub const VIRTIO_NET_F_MAC: u64 = 1 << 5;
 const RX: usize = 0;
 const TX: usize = 1;
 
-const TOKEN_ACTIVATE: u32 = 0;
+use crate::virtio::TOKEN_ACTIVATE;
 const TOKEN_RX_QUEUE: u32 = 1;
 const TOKEN_TX_QUEUE: u32 = 2;
 const TOKEN_BACKEND: u32 = 3;
@@ -396,14 +396,7 @@ impl VirtioDevice for Net {
 
 impl MutEventSubscriber for Net {
     fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::with_data(
-            &self.base.activate_evt,
-            TOKEN_ACTIVATE,
-            EventSet::IN,
-        )) {
-            log::error!("virtio-net: registering activate event: {e:?}");
-        }
-        if self.base.is_active() {
+        if self.base.watch_activation(ops, "virtio-net") {
             self.register(ops);
         }
     }
@@ -411,8 +404,7 @@ impl MutEventSubscriber for Net {
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         match events.data() {
             TOKEN_ACTIVATE => {
-                drain_evt(&self.base.activate_evt);
-                if self.base.is_active() {
+                if self.base.on_activation() {
                     self.register(ops);
                     self.process_tx();
                     self.process_rx();

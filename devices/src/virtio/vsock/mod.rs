@@ -58,7 +58,7 @@ const RXQ: usize = 0;
 const TXQ: usize = 1;
 const EVQ: usize = 2;
 
-const TOKEN_ACTIVATE: u32 = 0;
+use crate::virtio::TOKEN_ACTIVATE;
 const TOKEN_RXQ: u32 = 1;
 const TOKEN_TXQ: u32 = 2;
 const TOKEN_EVQ: u32 = 3;
@@ -719,14 +719,7 @@ impl VirtioDevice for Vsock {
 
 impl MutEventSubscriber for Vsock {
     fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::with_data(
-            &self.base.activate_evt,
-            TOKEN_ACTIVATE,
-            EventSet::IN,
-        )) {
-            log::error!("virtio-vsock: registering activate event: {e:?}");
-        }
-        if self.base.is_active() {
+        if self.base.watch_activation(ops, "virtio-vsock") {
             self.register(ops);
         }
     }
@@ -734,8 +727,7 @@ impl MutEventSubscriber for Vsock {
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         match events.data() {
             TOKEN_ACTIVATE => {
-                drain_evt(&self.base.activate_evt);
-                if self.base.is_active() {
+                if self.base.on_activation() {
                     self.register(ops);
                 }
             }
