@@ -51,6 +51,36 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// A scratch directory (under the store's staging area), removed with
+/// everything in it when dropped, on success and failure paths alike.
+#[derive(Debug)]
+pub struct Scratch(PathBuf);
+
+impl Scratch {
+    /// Creates `path` afresh (an old one is removed first).
+    pub fn create(path: PathBuf) -> std::io::Result<Scratch> {
+        let _ = fs::remove_dir_all(&path);
+        fs::create_dir_all(&path)?;
+        Ok(Scratch(path))
+    }
+
+    /// Its path.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    /// A path inside it.
+    pub fn join(&self, p: impl AsRef<Path>) -> PathBuf {
+        self.0.join(p)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
 /// The state directory and its layout.
 #[derive(Clone, Debug)]
 pub struct Store {
@@ -154,6 +184,17 @@ mod tests {
             .filter(|e| e.file_name().to_string_lossy().contains(".tmp-"))
             .collect();
         assert!(leftovers.is_empty());
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn scratch_is_removed_on_drop() {
+        let d = tmp("scratch");
+        let s = Scratch::create(d.join("x")).unwrap();
+        fs::write(s.join("f"), b"1").unwrap();
+        let p = s.path().to_path_buf();
+        drop(s);
+        assert!(!p.exists());
         fs::remove_dir_all(&d).unwrap();
     }
 

@@ -13,7 +13,7 @@ use std::time::Duration;
 use crate::compilers::{self, CompileOutput, Registry};
 use crate::model::*;
 use crate::process::{self, JailFile, LaunchSpec, Launcher};
-use crate::store::{Store, StoreError};
+use crate::store::{Scratch, Store, StoreError};
 
 /// How a failed request should be reported.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -114,8 +114,8 @@ pub struct ImageJob {
     pub mounts: Vec<String>,
     pub force: bool,
     pub compiler: std::sync::Arc<dyn compilers::Compiler>,
-    /// Scratch directory for this job (removed by `finish_image`).
-    pub staging: PathBuf,
+    /// Scratch directory for this job, removed when the job is dropped.
+    pub staging: Scratch,
 }
 
 impl ImageJob {
@@ -137,7 +137,8 @@ pub struct VolumeJob {
     pub format: VolumeFormat,
     /// The image file to create (already its final path's sibling in staging).
     pub staging_file: PathBuf,
-    pub staging: PathBuf,
+    /// Scratch directory for this job, removed when the job is dropped.
+    pub staging: Scratch,
 }
 
 /// Tells the exit watcher about a VMM to watch (and wakes it).
@@ -250,11 +251,9 @@ impl Supervisor {
         Ok(())
     }
 
-    fn staging(&self, id: &str) -> Result<PathBuf> {
-        let p = self.store.staging_dir().join(id);
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).map_err(|e| SupervisorError::Internal(e.to_string()))?;
-        Ok(p)
+    fn staging(&self, id: &str) -> Result<Scratch> {
+        Scratch::create(self.store.staging_dir().join(id))
+            .map_err(|e| SupervisorError::Internal(e.to_string()))
     }
 
     // ----- images -----
@@ -315,21 +314,12 @@ impl Supervisor {
         job: ImageJob,
         built: std::result::Result<CompileOutput, SupervisorError>,
     ) -> Result<Image> {
-        let cleanup = |j: &ImageJob| {
-            let _ = std::fs::remove_dir_all(&j.staging);
-        };
-        let out = match built {
-            Ok(o) => o,
-            Err(e) => {
-                cleanup(&job);
-                return Err(e);
-            }
-        };
+        // Every return drops `job`, and with it the staging directory.
+        let out = built?;
         // Re-check: another build of the same name may have finished first.
         let existing = self.state.image(&job.name).map(|i| i.id.clone());
         if let Some(old) = &existing {
             if !job.force {
-                cleanup(&job);
                 return Err(SupervisorError::Exists {
                     what: "image",
                     name: job.name.clone(),
@@ -337,7 +327,6 @@ impl Supervisor {
                 });
             }
             if self.image_in_use(old) {
-                cleanup(&job);
                 return Err(SupervisorError::Conflict(format!(
                     "image {} is used by instances; delete them first",
                     job.name
@@ -346,11 +335,8 @@ impl Supervisor {
         }
         let dir = self.store.image_dir(&job.id);
         let _ = std::fs::remove_dir_all(&dir);
-        std::fs::rename(job.out_dir(), &dir).map_err(|e| {
-            cleanup(&job);
-            SupervisorError::Internal(format!("cannot install image files: {e}"))
-        })?;
-        cleanup(&job);
+        std::fs::rename(job.out_dir(), &dir)
+            .map_err(|e| SupervisorError::Internal(format!("cannot install image files: {e}")))?;
         let size = dir_size(&dir);
         let img = Image {
             id: job.id.clone(),
@@ -1032,48 +1018,14 @@ impl Supervisor {
         })
     }
 
-    /// Installs a built volume (or cleans up after a failure).
+    /// Installs a built volume (the job's staging directory goes either way).
     pub fn finish_volume(
         &mut self,
         job: VolumeJob,
         built: std::result::Result<u64, SupervisorError>,
     ) -> Result<Volume> {
-        let cleanup = |j: &VolumeJob| {
-            let _ = std::fs::remove_dir_all(&j.staging);
-        };
-        let size_mb = match built {
-            Ok(s) => s,
-            Err(e) => {
-                cleanup(&job);
-                return Err(e);
-            }
-        };
-        if self.state.volume(&job.name).is_some() {
-            cleanup(&job);
-            return Err(SupervisorError::Exists {
-                what: "volume",
-                name: job.name.clone(),
-                hint: "",
-            });
-        }
-        let dest = self.store.volume_path(&job.id);
-        std::fs::rename(&job.staging_file, &dest).map_err(|e| {
-            cleanup(&job);
-            SupervisorError::Internal(format!("cannot install the volume: {e}"))
-        })?;
-        cleanup(&job);
-        let v = Volume {
-            id: job.id.clone(),
-            name: job.name.clone(),
-            size_mb,
-            created: now_rfc3339(),
-            format: job.format,
-            attachment: None,
-            mount_point: None,
-        };
-        self.state.volumes.insert(v.id.clone(), v.clone());
-        self.save()?;
-        Ok(v)
+        let size_mb = built?;
+        self.install_volume(job.id.clone(), &job.name, &job.staging_file, job.format, size_mb)
     }
 
     /// Installs a volume image file built elsewhere (moved into place).
@@ -1083,6 +1035,19 @@ impl Supervisor {
         file: &Path,
         format: VolumeFormat,
     ) -> Result<Volume> {
+        let size = std::fs::metadata(file).map(|m| m.len()).unwrap_or(0);
+        self.install_volume(new_id("vol"), name, file, format, size.div_ceil(1 << 20).max(1))
+    }
+
+    /// Moves `file` into place as volume `id` named `name` and records it.
+    fn install_volume(
+        &mut self,
+        id: String,
+        name: &str,
+        file: &Path,
+        format: VolumeFormat,
+        size_mb: u64,
+    ) -> Result<Volume> {
         validate_name("volume", name)?;
         if self.state.volume(name).is_some() {
             return Err(SupervisorError::Exists {
@@ -1091,15 +1056,13 @@ impl Supervisor {
                 hint: "",
             });
         }
-        let id = new_id("vol");
         let dest = self.store.volume_path(&id);
         std::fs::rename(file, &dest)
             .map_err(|e| SupervisorError::Internal(format!("cannot install volume {name}: {e}")))?;
-        let size = std::fs::metadata(&dest).map(|m| m.len()).unwrap_or(0);
         let v = Volume {
             id: id.clone(),
             name: name.into(),
-            size_mb: size.div_ceil(1 << 20).max(1),
+            size_mb,
             created: now_rfc3339(),
             format,
             attachment: None,

@@ -146,6 +146,9 @@ fn a_missing_kernel_reconciles_to_failed() {
     let v = wait_state(&d, &uid, "FAILED");
     assert_eq!(v["microvm"]["status"]["retry"], 3);
     assert!(v["microvm"]["status"]["error"].as_str().unwrap().contains("no-such-kernel-oci"), "{v}");
+    // Failed attempts leave no scratch files behind.
+    let staging = d.dir.join("state").join("staging").join(format!("flintlock-{}", uid.to_lowercase()));
+    assert!(!staging.exists(), "{} left behind", staging.display());
     let (c, _) = d.req("DELETE", &format!("/v1alpha1/microvm/{uid}"), None);
     assert_eq!(c, 200);
 }

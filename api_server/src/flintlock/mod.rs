@@ -359,9 +359,10 @@ pub fn microvm_json(sup: &Supervisor, inst: &Instance) -> Value {
     json!({"version": 1 + retry, "spec": spec, "status": status})
 }
 
-/// Files produced by a reconcile attempt's worker.
+/// Files produced by a reconcile attempt's worker. Dropping it removes
+/// the staging directory, whatever became of the attempt.
 struct Artifacts {
-    staging: PathBuf,
+    _staging: crate::store::Scratch,
     kernel_dir: PathBuf,
     kernel: String,
     initrd: Option<String>,
@@ -372,7 +373,8 @@ struct Artifacts {
 
 /// Worker side: builds everything a MicroVM needs from its spec.
 fn build(spec: &Spec, uid: &str, staging: PathBuf) -> Result<Artifacts, String> {
-    let _ = std::fs::remove_dir_all(&staging);
+    // Removed on every path out of here that does not hand it over.
+    let staging = crate::store::Scratch::create(staging).map_err(|e| e.to_string())?;
     let kernel_dir = staging.join("image");
     std::fs::create_dir_all(&kernel_dir).map_err(|e| e.to_string())?;
     let k = spec.kernel.as_ref().ok_or("no kernel")?;
@@ -409,7 +411,7 @@ fn build(spec: &Spec, uid: &str, staging: PathBuf) -> Result<Artifacts, String> 
     let cid = staging.join("cidata.img");
     crate::cidata::build_cidata(&cid, &files).map_err(|e| format!("cidata disk: {e}"))?;
     Ok(Artifacts {
-        staging,
+        _staging: staging,
         kernel_dir,
         kernel: "kernel".into(),
         initrd,
@@ -510,7 +512,6 @@ fn install_and_start(sup: &mut Supervisor, spec: &Spec, uid: &str, a: Artifacts)
             }
         }
     }
-    let _ = std::fs::remove_dir_all(&a.staging);
     sup.configure_instance(
         &name,
         RunRequest {
@@ -551,10 +552,7 @@ pub fn schedule(sup: &Supervisor, jobs: &Jobs, uid: &str, delay: Duration, polic
         let built = build(&spec, &uid, staging);
         Box::new(move |sup: &mut Supervisor, jobs: &Jobs| {
             let Some(state) = record(sup, &uid).and_then(|i| i.annotations.get(ANN_STATE).cloned()) else {
-                if let Ok(a) = &built {
-                    let _ = std::fs::remove_dir_all(&a.staging);
-                }
-                return; // deleted meanwhile
+                return; // deleted meanwhile (dropping `built` removes its files)
             };
             if state != "PENDING" {
                 return;

@@ -298,7 +298,7 @@ fn build_image(
     crate::archive::extract_tar_gz(tar, &job.src_dir(), &Default::default())
         .map_err(|e| SupervisorError::Invalid(format!("tarfile: {e}")))?;
     std::fs::create_dir_all(job.out_dir()).map_err(|e| SupervisorError::Internal(e.to_string()))?;
-    crate::compilers::hand_over(&[&job.staging, &job.src_dir(), &job.out_dir()])
+    crate::compilers::hand_over(&[job.staging.path(), &job.src_dir(), &job.out_dir()])
         .map_err(|e| SupervisorError::Internal(format!("cannot prepare the build directory: {e}")))?;
     job.compiler
         .compile(&crate::compilers::CompileInput {
