@@ -631,3 +631,62 @@ impl Drop for Emberd {
         }
     }
 }
+
+/// A tar.gz of `files` (path, content) written under `dir`.
+pub fn make_tar(dir: &Path, files: &[(&str, &[u8])]) -> PathBuf {
+    let src = dir.join("tar-src");
+    for (name, data) in files {
+        let p = src.join(name);
+        std::fs::create_dir_all(p.parent().expect("a file path has a parent")).unwrap();
+        std::fs::write(&p, data).unwrap();
+    }
+    let out = dir.join("data.tar.gz");
+    let st = Command::new("tar")
+        .arg("czf")
+        .arg(&out)
+        .arg("-C")
+        .arg(&src)
+        .arg(".")
+        .status()
+        .unwrap();
+    assert!(st.success());
+    out
+}
+
+impl Emberd {
+    /// Builds an `ember-c-ember` image `name` from one C file, with more
+    /// form fields in `extra` (e.g. "mounts=/data"); asserts 201.
+    pub fn c_image(&self, name: &str, main_c: &str, extra: &[&str]) -> serde_json::Value {
+        let tgz = make_tar(self.dir.path(), &[("main.c", main_c.as_bytes())]);
+        let form = format!("tarfile=@{}", tgz.display());
+        let mut args: Vec<String> = [
+            "-X", "POST", "-F", &form, "-F", "provider=ember", "-F", "base=ember", "-F", "lang=c",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        for e in extra {
+            args.push("-F".into());
+            args.push(e.to_string());
+        }
+        args.push(format!("http://localhost/images/{name}/create"));
+        let a: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+        let (c, v) = self.json(&a);
+        assert_eq!(c, 201, "image {name}: {v}");
+        v
+    }
+
+    /// An instance's console log so far.
+    pub fn logs(&self, name: &str) -> String {
+        self.curl(&[&format!("http://localhost/instances/{name}/logs")]).1
+    }
+
+    /// Waits until the log of `name` contains `needle`; returns the log.
+    pub fn wait_logs(&self, name: &str, needle: &str) -> String {
+        let r = wait_for(PATIENCE, || {
+            let l = self.logs(name);
+            l.contains(needle).then_some(l)
+        });
+        r.unwrap_or_else(|| panic!("logs of {name} never showed {needle:?}:\n{}", self.logs(name)))
+    }
+}

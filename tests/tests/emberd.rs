@@ -3,7 +3,7 @@
 
 use std::io::Write;
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use ember_tests::*;
@@ -11,26 +11,6 @@ use serde_json::Value;
 
 fn start() -> Emberd {
     Emberd::start("emberd", 10501, &[])
-}
-
-fn make_tar(dir: &Path, files: &[(&str, &[u8])]) -> PathBuf {
-    let src = dir.join("tar-src");
-    for (name, data) in files {
-        let p = src.join(name);
-        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-        std::fs::write(&p, data).unwrap();
-    }
-    let out = dir.join("data.tar.gz");
-    let st = Command::new("tar")
-        .arg("czf")
-        .arg(&out)
-        .arg("-C")
-        .arg(&src)
-        .arg(".")
-        .status()
-        .unwrap();
-    assert!(st.success());
-    out
 }
 
 #[test]
@@ -228,24 +208,6 @@ fn api_has_kernel(d: &Emberd) -> bool {
             .unwrap_or(false)
 }
 
-fn c_image(d: &Emberd, name: &str, main_c: &str, extra: &[&str]) -> Value {
-    let tgz = make_tar(d.dir.path(), &[("main.c", main_c.as_bytes())]);
-    let form = format!("tarfile=@{}", tgz.display());
-    let mut args: Vec<String> = ["-X", "POST", "-F", &form, "-F", "provider=ember", "-F", "base=ember", "-F", "lang=c"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-    for e in extra {
-        args.push("-F".into());
-        args.push(e.to_string());
-    }
-    args.push(format!("http://localhost/images/{name}/create"));
-    let a: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
-    let (c, v) = d.json(&a);
-    assert_eq!(c, 201, "image {name}: {v}");
-    v
-}
-
 fn run_instance(d: &Emberd, body: Value) -> Value {
     let (c, v) = d.json(&["-X", "POST", "-d", &body.to_string(), "http://localhost/instances/run"]);
     assert_eq!(c, 201, "run: {v}");
@@ -262,18 +224,6 @@ fn instance_state(d: &Emberd, name: &str) -> String {
 fn wait_state(d: &Emberd, name: &str, want: &str) {
     let ok = wait_for(PATIENCE, || (instance_state(d, name) == want).then_some(()));
     assert!(ok.is_some(), "{name} never reached {want}: {}", instance_state(d, name));
-}
-
-fn logs(d: &Emberd, name: &str) -> String {
-    d.curl(&[&format!("http://localhost/instances/{name}/logs")]).1
-}
-
-fn wait_logs(d: &Emberd, name: &str, needle: &str) -> String {
-    let r = wait_for(PATIENCE, || {
-        let l = logs(d, name);
-        l.contains(needle).then_some(l)
-    });
-    r.unwrap_or_else(|| panic!("logs of {name} never showed {needle:?}:\n{}", logs(d, name)))
 }
 
 /// Live ember-vmm processes whose command line mentions `id`.
@@ -311,7 +261,7 @@ int main(void) {
 #[test]
 fn hello_unikernel_compiles_runs_logs_and_is_cleaned_up() {
     let d = start();
-    let img = c_image(&d, "hello", HELLO_C, &["args=one two"]);
+    let img = d.c_image("hello", HELLO_C, &["args=one two"]);
     assert_eq!(img["RunSpec"]["Compiler"], "ember-c-ember");
     let inst = run_instance(
         &d,
@@ -322,7 +272,7 @@ fn hello_unikernel_compiles_runs_logs_and_is_cleaned_up() {
     assert_eq!(inst["ImageId"], img["Id"]);
     let id = inst["Id"].as_str().unwrap().to_string();
     // The program runs to its end; the instance then reads stopped.
-    let l = wait_logs(&d, "hello-1", "ember: exit 0");
+    let l = d.wait_logs("hello-1", "ember: exit 0");
     assert!(l.contains("hello from ember, argc=3"), "{l}");
     assert!(l.contains("arg 1: one") && l.contains("arg 2: two"), "{l}");
     assert!(l.contains("GREETING=hi there"), "{l}");
@@ -331,7 +281,7 @@ fn hello_unikernel_compiles_runs_logs_and_is_cleaned_up() {
     let (c, v) = d.json(&["-X", "POST", "http://localhost/instances/hello-1/start"]);
     assert_eq!(c, 200, "{v}");
     wait_state(&d, "hello-1", "stopped");
-    assert_eq!(logs(&d, "hello-1").matches("ember: exit 0").count(), 2);
+    assert_eq!(d.logs("hello-1").matches("ember: exit 0").count(), 2);
     // Delete leaves no process, jail or log behind.
     assert_eq!(d.curl(&["-X", "DELETE", "http://localhost/instances/hello-1"]).0, 204);
     assert_eq!(d.json(&["http://localhost/instances/hello-1"]).0, 404);
@@ -345,10 +295,10 @@ fn hello_unikernel_compiles_runs_logs_and_is_cleaned_up() {
 #[test]
 fn running_instance_survives_emberd_kill_9_and_stops_cleanly() {
     let mut d = start();
-    c_image(&d, "idle", IDLE_C, &[]);
+    d.c_image("idle", IDLE_C, &[]);
     let inst = run_instance(&d, serde_json::json!({"InstanceName": "idle-1", "ImageName": "idle"}));
     let id = inst["Id"].as_str().unwrap().to_string();
-    wait_logs(&d, "idle-1", "idle instance up");
+    d.wait_logs("idle-1", "idle instance up");
     assert_eq!(instance_state(&d, "idle-1"), "running");
     let pids = vmm_processes(&id);
     assert_eq!(pids.len(), 1, "{pids:?}");
@@ -377,7 +327,7 @@ fn running_instance_survives_emberd_kill_9_and_stops_cleanly() {
 #[test]
 fn logs_follow_streams_and_delete_on_disconnect() {
     let d = start();
-    c_image(&d, "idle", IDLE_C, &[]);
+    d.c_image("idle", IDLE_C, &[]);
     let inst = run_instance(&d, serde_json::json!({"InstanceName": "f1", "ImageName": "idle"}));
     let id = inst["Id"].as_str().unwrap().to_string();
     let mut s = UnixStream::connect(&d.sock).unwrap();
@@ -422,7 +372,7 @@ int main(void) {
     return 0;
 }
 "#;
-    c_image(&d, "reader", reader, &["mounts=/data"]);
+    d.c_image("reader", reader, &["mounts=/data"]);
     let tgz = make_tar(d.dir.path(), &[("greeting.txt", b"hello from a tar volume\n")]);
     let form = format!("tarfile=@{}", tgz.display());
     let (c, v) = d.json(&["-X", "POST", "-F", &form, "http://localhost/volumes/greet"]);
@@ -437,7 +387,7 @@ int main(void) {
         &d,
         serde_json::json!({"InstanceName": "r1", "ImageName": "reader", "Mounts": {"/data": "greet"}}),
     );
-    let l = wait_logs(&d, "r1", "ember: exit");
+    let l = d.wait_logs("r1", "ember: exit");
     assert!(l.contains("volume says: hello from a tar volume"), "{l}");
     assert!(l.contains("ember: exit 0"), "{l}");
     wait_state(&d, "r1", "stopped");
@@ -452,7 +402,7 @@ int main(void) {
     let (c, _) = d.json(&["-X", "POST", "http://localhost/instances/r1/start"]);
     assert_eq!(c, 200);
     wait_state(&d, "r1", "stopped");
-    assert_eq!(logs(&d, "r1").matches("volume says: hello from a tar volume").count(), 2);
+    assert_eq!(d.logs("r1").matches("volume says: hello from a tar volume").count(), 2);
     assert_eq!(d.curl(&["-X", "DELETE", "http://localhost/instances/r1"]).0, 204);
     assert_eq!(d.json(&["http://localhost/volumes/greet"]).1["Attachment"], "");
 }
@@ -503,6 +453,6 @@ fn linux_image_boots_where_kvm_runs_linux() {
     ]);
     assert_eq!(c, 201, "{v}");
     run_instance(&d, serde_json::json!({"InstanceName": "lx-1", "ImageName": "lx", "MemoryMb": 256}));
-    let l = wait_logs(&d, "lx-1", "linux init says hello");
+    let l = d.wait_logs("lx-1", "linux init says hello");
     assert!(l.contains("argc=3"), "{l}");
 }

@@ -6,7 +6,6 @@
 //! gets from emberd, and checks at its end that no hub password it used
 //! shows up in them or in emberd's stdout/stderr.
 
-use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use ember_tests::*;
@@ -77,58 +76,6 @@ fn hub_body_pascal(moto: &MotoServer, pass: &str) -> String {
         .to_string()
 }
 
-fn make_tar(dir: &Path, files: &[(&str, &[u8])]) -> PathBuf {
-    let src = dir.join("tar-src");
-    for (name, data) in files {
-        let p = src.join(name);
-        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-        std::fs::write(&p, data).unwrap();
-    }
-    let out = dir.join("data.tar.gz");
-    let st = Command::new("tar")
-        .arg("czf")
-        .arg(&out)
-        .arg("-C")
-        .arg(&src)
-        .arg(".")
-        .status()
-        .unwrap();
-    assert!(st.success());
-    out
-}
-
-fn c_image(d: &Emberd, name: &str, main_c: &str, extra: &[&str]) -> Value {
-    let tgz = make_tar(d.dir.path(), &[("main.c", main_c.as_bytes())]);
-    let form = format!("tarfile=@{}", tgz.display());
-    let mut args: Vec<String> = [
-        "-X", "POST", "-F", &form, "-F", "provider=ember", "-F", "base=ember", "-F", "lang=c",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    for e in extra {
-        args.push("-F".into());
-        args.push(e.to_string());
-    }
-    args.push(format!("http://localhost/images/{name}/create"));
-    let a: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
-    let (c, v) = d.json(&a);
-    assert_eq!(c, 201, "image {name}: {v}");
-    v
-}
-
-fn logs(d: &Emberd, name: &str) -> String {
-    d.curl(&[&format!("http://localhost/instances/{name}/logs")]).1
-}
-
-fn wait_logs(d: &Emberd, name: &str, needle: &str) -> String {
-    let r = wait_for(PATIENCE, || {
-        let l = logs(d, name);
-        l.contains(needle).then_some(l)
-    });
-    r.unwrap_or_else(|| panic!("logs of {name} never showed {needle:?}:\n{}", logs(d, name)))
-}
-
 /// The `Error` text of a JSON error answer (panics if there is none).
 fn error_text(v: &Value) -> &str {
     v["Error"]
@@ -183,7 +130,7 @@ const TINY_C: &str = "int main(void) { return 0; }\n";
 fn push_delete_pull_run_round_trip() {
     let moto = MotoServer::start();
     let d = start();
-    let img = c_image(&d, "hello", HELLO_C, &["args=one two", "mounts=/data"]);
+    let img = d.c_image("hello", HELLO_C, &["args=one two", "mounts=/data"]);
     assert_eq!(img["RunSpec"]["Compiler"], "ember-c-ember");
 
     let (c, v) = d.post("/images/push/hello", &hub_body(&moto, PASS));
@@ -228,7 +175,7 @@ fn push_delete_pull_run_round_trip() {
     let (c, inst) = d.post("/instances/run", &run.to_string());
     assert_eq!(c, 201, "run: {inst}");
     assert_eq!(inst["ImageId"], got["Id"]);
-    let l = wait_logs(&d, "pulled-1", "ember: exit");
+    let l = d.wait_logs("pulled-1", "ember: exit");
     assert!(l.contains("hello from the hub, argc=3"), "{l}");
     assert!(l.contains("arg 1: one") && l.contains("arg 2: two"), "{l}");
     assert!(l.contains("GREETING=round trip"), "{l}");
@@ -249,7 +196,7 @@ fn push_delete_pull_run_round_trip() {
 fn pull_over_a_local_image_needs_force() {
     let moto = MotoServer::start();
     let d = start();
-    let img = c_image(&d, "tiny", TINY_C, &[]);
+    let img = d.c_image("tiny", TINY_C, &[]);
     let (c, v) = d.post("/images/push/tiny", &hub_body(&moto, ODD_PASS));
     assert_eq!(c, 202, "push: {v}");
 
@@ -280,8 +227,8 @@ fn pull_over_a_local_image_needs_force() {
 fn remote_delete_then_pull_and_delete_are_not_found() {
     let moto = MotoServer::start();
     let d = start();
-    c_image(&d, "tiny", TINY_C, &[]);
-    c_image(&d, "keep", TINY_C, &[]);
+    d.c_image("tiny", TINY_C, &[]);
+    d.c_image("keep", TINY_C, &[]);
     let hub = hub_body(&moto, ODD_PASS);
     assert_eq!(d.post("/images/push/tiny", &hub).0, 202);
     assert_eq!(d.post("/images/push/keep", &hub).0, 202);
@@ -317,7 +264,7 @@ fn remote_delete_then_pull_and_delete_are_not_found() {
 fn bad_hub_requests_are_refused() {
     let moto = MotoServer::start();
     let d = start();
-    c_image(&d, "tiny", TINY_C, &[]);
+    d.c_image("tiny", TINY_C, &[]);
     let good = hub_body(&moto, ODD_PASS);
 
     // Bodies that are not a hub config: 400 with a JSON error, for all three.
@@ -385,7 +332,7 @@ fn bad_hub_requests_are_refused() {
 fn the_hub_password_is_never_shown() {
     let moto = MotoServer::start();
     let d = start();
-    c_image(&d, "tiny", TINY_C, &[]);
+    d.c_image("tiny", TINY_C, &[]);
     let dead_url = format!("http://127.0.0.1:{}/unikhub", closed_port());
     let bodies = [
         hub_body(&moto, ODD_PASS),
@@ -455,7 +402,7 @@ fn a_hub_image_cannot_point_outside_its_directory() {
     use std::os::unix::fs::PermissionsExt;
     let moto = MotoServer::start();
     let d = start();
-    c_image(&d, "tiny", TINY_C, &[]);
+    d.c_image("tiny", TINY_C, &[]);
     let secret = d.dir.join("host-secret");
     std::fs::write(&secret, b"not for the guest\n").unwrap();
     let abs = secret.to_str().unwrap().to_string();
