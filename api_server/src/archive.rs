@@ -293,14 +293,7 @@ fn extract_tar<R: Read>(
                     target: target.clone(),
                     reason,
                 };
-                let target_rel = match normalize(&target) {
-                    Ok(t) if !t.as_os_str().is_empty() => t,
-                    Ok(_) => return Err(bad("hard link to the archive root")),
-                    Err(ArchiveError::AbsolutePath(_)) => {
-                        return Err(bad("absolute hard-link target"))
-                    }
-                    Err(_) => return Err(bad("hard-link target leaves the destination")),
-                };
+                let target_rel = hard_link_target(&raw_path, &target)?;
                 if symlink_prefix(&target_rel, &symlink_set).is_some()
                     || symlink_set.contains(&target_rel)
                 {
@@ -394,9 +387,25 @@ fn copy_limited(
     }
 }
 
+/// The normalized target of the hard link at `raw`: a relative path inside
+/// the destination, not its root.
+pub(crate) fn hard_link_target(raw: &Path, target: &Path) -> Result<PathBuf, ArchiveError> {
+    let bad = |reason| ArchiveError::BadLink {
+        path: raw.to_path_buf(),
+        target: target.to_path_buf(),
+        reason,
+    };
+    match normalize(target) {
+        Ok(t) if !t.as_os_str().is_empty() => Ok(t),
+        Ok(_) => Err(bad("hard link to the root")),
+        Err(ArchiveError::AbsolutePath(_)) => Err(bad("absolute hard-link target")),
+        Err(_) => Err(bad("hard-link target leaves the destination")),
+    }
+}
+
 /// Normalizes an archive path: refuses absolute paths and `..`, drops `.`.
 /// The archive root normalizes to the empty path.
-fn normalize(path: &Path) -> Result<PathBuf, ArchiveError> {
+pub(crate) fn normalize(path: &Path) -> Result<PathBuf, ArchiveError> {
     let mut out = PathBuf::new();
     for c in path.components() {
         match c {

@@ -1283,22 +1283,6 @@ fn write_err(path: &Path) -> impl FnOnce(io::Error) -> ArchiveError + '_ {
     }
 }
 
-/// Like archive.rs: relative, no `..`, `.` dropped; root is empty.
-fn normalize(path: &Path) -> Result<PathBuf, ArchiveError> {
-    let mut out = PathBuf::new();
-    for c in path.components() {
-        match c {
-            Component::Normal(part) => out.push(part),
-            Component::CurDir => {}
-            Component::ParentDir => return Err(ArchiveError::ParentDir(path.to_path_buf())),
-            Component::RootDir | Component::Prefix(_) => {
-                return Err(ArchiveError::AbsolutePath(path.to_path_buf()))
-            }
-        }
-    }
-    Ok(out)
-}
-
 impl Applier<'_> {
     fn apply_layer(&mut self, layer: &Layer) -> Result<(), OciError> {
         let f = File::open(&layer.path).map_err(io_err(&layer.path))?;
@@ -1364,7 +1348,7 @@ impl Applier<'_> {
             return Ok(());
         }
         let raw = entry.path().map_err(ArchiveError::Read)?.into_owned();
-        let rel = normalize(&raw)?;
+        let rel = archive::normalize(&raw)?;
         let header = entry.header();
         let meta = Meta {
             mode: header.mode().map_err(ArchiveError::Read)? & 0o7777,
@@ -1454,14 +1438,7 @@ impl Applier<'_> {
                     target: target.clone(),
                     reason,
                 };
-                let target_rel = match normalize(&target) {
-                    Ok(t) if !t.as_os_str().is_empty() => t,
-                    Ok(_) => return Err(bad("hard link to the root")),
-                    Err(ArchiveError::AbsolutePath(_)) => {
-                        return Err(bad("absolute hard-link target"))
-                    }
-                    Err(_) => return Err(bad("hard-link target leaves the destination")),
-                };
+                let target_rel = archive::hard_link_target(&raw, &target)?;
                 if target_rel == rel {
                     return Ok(());
                 }
