@@ -341,56 +341,62 @@ fn le64(b: &[u8], off: usize) -> u64 {
     u64::from_le_bytes(a)
 }
 
-/// Checks that `path` is a 64-bit little-endian x86_64 executable
-/// (`ET_EXEC`, or `ET_DYN` for static-pie) without `PT_INTERP`.
-fn check_static_elf(path: &Path, name: &str) -> Result<(), LinuxBuildError> {
-    let bad = |reason: &str| LinuxBuildError::BadElf {
-        file: name.to_string(),
-        reason: reason.to_string(),
-    };
-    let f = File::open(path).map_err(io_err(path))?;
+/// What [`inspect_elf`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Elf {
+    /// An x86_64 executable without `PT_INTERP`.
+    Static,
+    /// An x86_64 executable that asks for this ELF interpreter
+    /// (`<unreadable>` when the string could not be read).
+    Dynamic { interp: String },
+    /// Not something Linux can run as an x86_64 program; why.
+    Unusable(&'static str),
+}
+
+/// Classifies `path`: a 64-bit little-endian x86_64 executable (`ET_EXEC`,
+/// or `ET_DYN` for PIE and static-pie), static or with its `PT_INTERP`.
+/// Only reading the file can fail.
+pub(crate) fn inspect_elf(path: &Path) -> io::Result<Elf> {
+    let f = File::open(path)?;
     let mut eh = [0u8; 64];
-    if !read_at(&f, 0, &mut eh).map_err(io_err(path))? || &eh[..4] != b"\x7fELF" {
-        return Err(bad("not an ELF executable"));
+    if !read_at(&f, 0, &mut eh)? || &eh[..4] != b"\x7fELF" {
+        return Ok(Elf::Unusable("not an ELF executable"));
     }
     if eh[4] != 2 {
-        return Err(bad("not a 64-bit ELF (x86_64 is required)"));
+        return Ok(Elf::Unusable("not a 64-bit ELF (x86_64 is required)"));
     }
     if eh[5] != 1 {
-        return Err(bad("not a little-endian ELF"));
+        return Ok(Elf::Unusable("not a little-endian ELF"));
     }
     if le16(&eh, 18) != EM_X86_64 {
-        return Err(bad("not an x86_64 ELF"));
+        return Ok(Elf::Unusable("not an x86_64 ELF"));
     }
     match le16(&eh, 16) {
         2 | 3 => {}
         1 => {
-            return Err(bad(
+            return Ok(Elf::Unusable(
                 "a relocatable object file (.o), not a linked executable",
             ))
         }
-        _ => return Err(bad("not an executable ELF")),
+        _ => return Ok(Elf::Unusable("not an executable ELF")),
     }
-    let len = f.metadata().map_err(io_err(path))?.len();
+    let len = f.metadata()?.len();
     let phoff = le64(&eh, 32);
     let phentsize = u64::from(le16(&eh, 54));
     let phnum = u64::from(le16(&eh, 56));
     if phnum == 0 {
-        return Err(bad("no program headers"));
+        return Ok(Elf::Unusable("no program headers"));
     }
     if phnum == 0xffff || phentsize < 56 {
-        return Err(bad("unsupported program header table"));
+        return Ok(Elf::Unusable("unsupported program header table"));
     }
     let mut ph = [0u8; 56];
     for i in 0..phnum {
-        let off = phentsize
-            .checked_mul(i)
-            .and_then(|o| o.checked_add(phoff))
-            .ok_or_else(|| bad("corrupt program header table"))?;
-        if off.checked_add(56).is_none_or(|end| end > len)
-            || !read_at(&f, off, &mut ph).map_err(io_err(path))?
-        {
-            return Err(bad("truncated program header table"));
+        let Some(off) = phentsize.checked_mul(i).and_then(|o| o.checked_add(phoff)) else {
+            return Ok(Elf::Unusable("corrupt program header table"));
+        };
+        if off.checked_add(56).is_none_or(|end| end > len) || !read_at(&f, off, &mut ph)? {
+            return Ok(Elf::Unusable("truncated program header table"));
         }
         if le32(&ph, 0) == PT_INTERP {
             let p_off = le64(&ph, 8);
@@ -402,13 +408,26 @@ fn check_static_elf(path: &Path, name: &str) -> Result<(), LinuxBuildError> {
             } else {
                 "<unreadable>".to_string()
             };
-            return Err(LinuxBuildError::Dynamic {
-                file: name.to_string(),
-                interp,
-            });
+            return Ok(Elf::Dynamic { interp });
         }
     }
-    Ok(())
+    Ok(Elf::Static)
+}
+
+/// Checks that `path` is a 64-bit little-endian x86_64 executable
+/// (`ET_EXEC`, or `ET_DYN` for static-pie) without `PT_INTERP`.
+fn check_static_elf(path: &Path, name: &str) -> Result<(), LinuxBuildError> {
+    match inspect_elf(path).map_err(io_err(path))? {
+        Elf::Static => Ok(()),
+        Elf::Dynamic { interp } => Err(LinuxBuildError::Dynamic {
+            file: name.to_string(),
+            interp,
+        }),
+        Elf::Unusable(reason) => Err(LinuxBuildError::BadElf {
+            file: name.to_string(),
+            reason: reason.to_string(),
+        }),
+    }
 }
 
 /// Collects `*.c` files below `dir` (relative paths, sorted), not following
@@ -480,46 +499,101 @@ fn compile_c(src_dir: &Path, bin: &Path) -> Result<String, LinuxBuildError> {
     Ok(log)
 }
 
-/// One initramfs entry before the file.
-struct Node {
-    name: &'static str,
-    mode: u32,
-    rdev: Option<(u32, u32)>,
+/// One entry of a newc initramfs, for [`write_newc`].
+pub(crate) struct CpioEntry<'a> {
+    /// The path without its leading `/` (`dev/console`), as the kernel's
+    /// `gen_init_cpio` stores names.
+    pub(crate) name: &'a str,
+    /// Permission bits (`0o755`, `0o1777`); the file type comes from `body`.
+    pub(crate) perm: u32,
+    pub(crate) body: CpioBody<'a>,
+}
+
+/// What a [`CpioEntry`] is.
+pub(crate) enum CpioBody<'a> {
+    Dir,
+    CharDev {
+        major: u32,
+        minor: u32,
+    },
+    /// A regular file: exactly `size` bytes are copied from `src`.
+    File {
+        src: &'a mut dyn Read,
+        size: u32,
+    },
+}
+
+impl<'a> CpioEntry<'a> {
+    pub(crate) const fn dir(name: &'a str, perm: u32) -> Self {
+        CpioEntry {
+            name,
+            perm,
+            body: CpioBody::Dir,
+        }
+    }
+
+    pub(crate) const fn char_dev(name: &'a str, perm: u32, major: u32, minor: u32) -> Self {
+        CpioEntry {
+            name,
+            perm,
+            body: CpioBody::CharDev { major, minor },
+        }
+    }
+}
+
+/// Writes `entries` in order, then the trailer, as newc cpio to `w`. Inodes
+/// are numbered from 1, owners are 0:0 and timestamps 0, so the same entries
+/// give the same bytes. Parent directories must come before their entries.
+pub(crate) fn write_newc<'a>(
+    w: &mut dyn Write,
+    entries: impl IntoIterator<Item = CpioEntry<'a>>,
+) -> io::Result<()> {
+    for (ino, e) in (1u32..).zip(entries) {
+        let (kind, nlink) = match e.body {
+            CpioBody::Dir => (0o040000, 2),
+            CpioBody::CharDev { .. } => (0o020000, 1),
+            CpioBody::File { .. } => (0o100000, 1),
+        };
+        let mut b = cpio::newc::Builder::new(e.name)
+            .ino(ino)
+            .mode(kind | (e.perm & 0o7777))
+            .uid(0)
+            .gid(0)
+            .nlink(nlink);
+        match e.body {
+            CpioBody::Dir => b.write(&mut *w, 0).finish()?,
+            CpioBody::CharDev { major, minor } => {
+                b = b.rdev_major(major).rdev_minor(minor);
+                b.write(&mut *w, 0).finish()?
+            }
+            CpioBody::File { src, size } => {
+                let mut fw = b.write(&mut *w, size);
+                let copied = io::copy(&mut src.take(u64::from(size)), &mut fw)?;
+                if copied != u64::from(size) {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        format!("{} changed size while it was packed", e.name),
+                    ));
+                }
+                fw.finish()?
+            }
+        };
+    }
+    cpio::newc::trailer(w)?;
+    Ok(())
 }
 
 /// The fixed skeleton: directories and the console device.
-const SKELETON: [Node; 6] = [
-    Node {
-        name: "dev",
-        mode: 0o040755,
-        rdev: None,
-    },
-    Node {
-        name: "dev/console",
-        mode: 0o020600,
-        rdev: Some((5, 1)),
-    },
-    Node {
-        name: "proc",
-        mode: 0o040755,
-        rdev: None,
-    },
-    Node {
-        name: "sys",
-        mode: 0o040755,
-        rdev: None,
-    },
-    Node {
-        name: "tmp",
-        mode: 0o041777,
-        rdev: None,
-    },
-    Node {
-        name: "mnt",
-        mode: 0o040755,
-        rdev: None,
-    },
-];
+fn skeleton<'a>() -> [CpioEntry<'a>; 6] {
+    [
+        CpioEntry::dir("dev", 0o755),
+        CpioEntry::char_dev("dev/console", 0o600, 5, 1),
+        CpioEntry::dir("proc", 0o755),
+        CpioEntry::dir("sys", 0o755),
+        CpioEntry::dir("tmp", 0o1777),
+        CpioEntry::dir("mnt", 0o755),
+    ]
+}
 
 /// Writes the gzip-compressed newc initramfs with `init` as `/init`;
 /// returns (init size, image size).
@@ -530,36 +604,15 @@ fn write_initramfs(init: &Path, out: &Path) -> Result<(u64, u64), LinuxBuildErro
     let res = (|| -> io::Result<u64> {
         let file = File::create(out)?;
         let mut gz = GzEncoder::new(BufWriter::new(file), Compression::default());
-        let mut ino = 1u32;
-        for node in &SKELETON {
-            let mut b = cpio::newc::Builder::new(node.name)
-                .ino(ino)
-                .mode(node.mode)
-                .uid(0)
-                .gid(0)
-                .nlink(if node.rdev.is_none() { 2 } else { 1 });
-            if let Some((major, minor)) = node.rdev {
-                b = b.rdev_major(major).rdev_minor(minor);
-            }
-            b.write(&mut gz, 0).finish()?;
-            ino += 1;
-        }
-        let mut w = cpio::newc::Builder::new("init")
-            .ino(ino)
-            .mode(0o100755)
-            .uid(0)
-            .gid(0)
-            .nlink(1)
-            .write(&mut gz, init_size32);
-        let copied = io::copy(&mut (&mut src).take(u64::from(init_size32)), &mut w)?;
-        if copied != init_size {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "the program changed size while it was packed",
-            ));
-        }
-        w.finish()?;
-        cpio::newc::trailer(&mut gz)?;
+        let init = CpioEntry {
+            name: "init",
+            perm: 0o755,
+            body: CpioBody::File {
+                src: &mut src,
+                size: init_size32,
+            },
+        };
+        write_newc(&mut gz, skeleton().into_iter().chain([init]))?;
         let mut inner = gz.finish()?;
         inner.flush()?;
         let file = inner.into_inner().map_err(|e| e.into_error())?;
