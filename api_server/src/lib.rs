@@ -21,5 +21,6 @@ pub mod cidata;
 pub mod flintlock;
 pub mod hyperd;
 pub mod images_store;
+pub mod pod_initramfs;
 #[cfg(test)]
 mod test_util;
