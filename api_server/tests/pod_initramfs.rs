@@ -1,0 +1,207 @@
+//! The pod initramfs built from the workspace's real `ember-agent` is
+//! self-contained: extracted into an empty directory, `chroot DIR /init
+//! --version` runs the agent with nothing from the host but the kernel.
+//! The chroot part needs root and is skipped (with a message) otherwise.
+
+use std::fs;
+use std::io::Read;
+use std::os::unix::fs::{symlink, PermissionsExt};
+use std::path::{Component, Path, PathBuf};
+use std::process::Command;
+
+use api_server::pod_initramfs::{build, find_agent, AGENT_ENV};
+
+/// A temporary directory removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> Self {
+        let p = std::env::temp_dir().join(format!("ember-pod-initramfs-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&p);
+        fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// `target/<profile>/ember-agent`, built first when it is missing.
+fn agent_binary() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    // target/<profile>/deps/pod_initramfs-<hash>
+    let profile_dir = exe.parent().and_then(Path::parent).unwrap();
+    let agent = profile_dir.join("ember-agent");
+    if !agent.is_file() {
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.current_dir(env!("CARGO_MANIFEST_DIR")).args([
+            "build",
+            "-p",
+            "ember-agent",
+            "--bin",
+            "ember-agent",
+        ]);
+        if profile_dir.file_name().is_some_and(|n| n == "release") {
+            cmd.arg("--release");
+        }
+        let st = cmd.status().expect("run cargo build for ember-agent");
+        assert!(st.success(), "cargo build -p ember-agent failed");
+    }
+    assert!(
+        agent.is_file(),
+        "{} missing after building it",
+        agent.display()
+    );
+    agent
+}
+
+/// One entry of interest that is not extracted.
+struct Device {
+    name: String,
+    mode: u32,
+    rdev: (u32, u32),
+}
+
+/// Unpacks the gzip newc archive `img` into `dir` (files, directories and
+/// symlinks); returns the device nodes, which are skipped.
+fn extract(img: &Path, dir: &Path) -> Vec<Device> {
+    let gz = flate2::read::GzDecoder::new(fs::File::open(img).unwrap());
+    let mut r: Box<dyn Read> = Box::new(gz);
+    let mut devices = Vec::new();
+    loop {
+        let mut rd = cpio::newc::Reader::new(r).unwrap();
+        let e = rd.entry();
+        if e.is_trailer() {
+            break;
+        }
+        let name = e.name().to_string();
+        let mode = e.mode();
+        let rdev = (e.rdev_major(), e.rdev_minor());
+        let rel = Path::new(&name);
+        assert!(
+            rel.components().all(|c| matches!(c, Component::Normal(_))),
+            "unsafe entry name {name:?}"
+        );
+        let path = dir.join(rel);
+        let perm = fs::Permissions::from_mode(mode & 0o7777);
+        match mode & 0o170000 {
+            0o040000 => {
+                fs::create_dir(&path).unwrap_or_else(|e| panic!("{name}: {e}"));
+                fs::set_permissions(&path, perm).unwrap();
+            }
+            0o100000 => {
+                let mut data = Vec::new();
+                rd.read_to_end(&mut data).unwrap();
+                fs::write(&path, data).unwrap_or_else(|e| panic!("{name}: {e}"));
+                fs::set_permissions(&path, perm).unwrap();
+            }
+            0o120000 => {
+                let mut target = String::new();
+                rd.read_to_string(&mut target).unwrap();
+                symlink(&target, &path).unwrap_or_else(|e| panic!("{name}: {e}"));
+            }
+            _ => devices.push(Device { name, mode, rdev }),
+        }
+        r = rd.finish().unwrap();
+    }
+    devices
+}
+
+/// coreutils' `chroot`, from `$PATH` or the sbin directories (it runs with
+/// an empty environment, so the name alone would not be found).
+fn chroot_command() -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin"].map(PathBuf::from))
+        .map(|d| d.join("chroot"))
+        .find(|p| p.is_file())
+        .expect("chroot (coreutils) not found")
+}
+
+#[test]
+fn real_agent_initramfs_is_self_contained() {
+    let agent = agent_binary();
+    let t = TempDir::new();
+    let img = t.0.join("pod-initrd.gz");
+    let info = build(&agent, &img).unwrap();
+    assert_eq!(info.size, fs::metadata(&img).unwrap().len());
+    println!(
+        "pod initramfs from {}: {} bytes, {:?}",
+        agent.display(),
+        info.size,
+        info.files
+    );
+    for p in [
+        "/dev/console",
+        "/init",
+        "/proc",
+        "/sys",
+        "/run",
+        "/tmp",
+        "/etc",
+        "/mnt",
+    ] {
+        assert!(info.files.iter().any(|f| f == p), "{p} missing");
+    }
+
+    // $EMBER_AGENT_BIN wins when it names a file (this is the file's only test).
+    std::env::set_var(AGENT_ENV, &agent);
+    assert_eq!(find_agent(), Some(agent.clone()));
+    std::env::remove_var(AGENT_ENV);
+
+    let root = t.0.join("root");
+    fs::create_dir(&root).unwrap();
+    let devices = extract(&img, &root);
+    assert_eq!(devices.len(), 1);
+    assert_eq!(devices[0].name, "dev/console");
+    assert_eq!(devices[0].mode, 0o020600, "a 0600 character device");
+    assert_eq!(devices[0].rdev, (5, 1));
+    assert_eq!(
+        fs::read(root.join("init")).unwrap(),
+        fs::read(&agent).unwrap()
+    );
+
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        println!("skipping chroot /init --version: not running as root");
+        return;
+    }
+    let chroot = chroot_command();
+    let out = Command::new(&chroot)
+        .arg(&root)
+        .args(["/init", "--version"])
+        .env_clear()
+        .output()
+        .expect("run chroot");
+    assert!(
+        out.status.success(),
+        "chroot /init --version: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("ember-agent {}\n", env!("CARGO_PKG_VERSION"))
+    );
+
+    // The libraries are what makes it work: a dynamic agent alone does not run.
+    let skeleton_and_init = 9;
+    if info.files.len() > skeleton_and_init {
+        let bare = t.0.join("bare");
+        fs::create_dir(&bare).unwrap();
+        fs::copy(&agent, bare.join("init")).unwrap();
+        let st = Command::new(&chroot)
+            .arg(&bare)
+            .args(["/init", "--version"])
+            .env_clear()
+            .output()
+            .expect("run chroot");
+        assert!(!st.status.success(), "the agent ran without its libraries");
+    } else {
+        println!("the agent is statically linked: no libraries in the image");
+    }
+}
