@@ -35,6 +35,7 @@ const C_SOURCES: &[&str] = &[
     "virtio/parse.c",
     "virtio/probe.c",
     "virtio/vsock.c",
+    "virtio/vsockdev.c",
 ];
 const ASM_SOURCES: &[&str] = &["arch/entry64.S", "arch/pvh.S"];
 const OTHER_SOURCES: &[&str] = &[
@@ -44,6 +45,7 @@ const OTHER_SOURCES: &[&str] = &[
     "include/bootinfo.h",
     "include/ember.h",
     "include/virtio.h",
+    "include/vsock.h",
     "hosttest/host_test.c",
 ];
 /// Pure helpers also compiled for the host (with -DHOST_TEST) and unit-tested.
