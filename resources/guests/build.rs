@@ -23,6 +23,8 @@ const C_SOURCES: &[&str] = &[
     "cpu.c",
     "format.c",
     "mptable.c",
+    "podagent.c",
+    "podjson.c",
     "serial.c",
     "string.c",
     "tests.c",
@@ -44,12 +46,18 @@ const OTHER_SOURCES: &[&str] = &[
     "include/boot.h",
     "include/bootinfo.h",
     "include/ember.h",
+    "include/podjson.h",
     "include/virtio.h",
     "include/vsock.h",
     "hosttest/host_test.c",
 ];
 /// Pure helpers also compiled for the host (with -DHOST_TEST) and unit-tested.
-const HOST_TEST_SOURCES: &[&str] = &["hosttest/host_test.c", "virtio/parse.c", "string.c"];
+const HOST_TEST_SOURCES: &[&str] = &[
+    "hosttest/host_test.c",
+    "virtio/parse.c",
+    "string.c",
+    "podjson.c",
+];
 
 const CFLAGS: &[&str] = &[
     "-std=gnu11",

@@ -87,9 +87,58 @@
 //!    while connected: `vsock timeout waiting for host-connect data` (then
 //!    RST and the echoed line).
 //!
-//! The guest advertises buf_alloc 65536 and counts consumed bytes in
-//! fwd_cnt (credit update after 32 KiB), answers CREDIT_REQUEST, and sends
-//! within the host's credit. Packets for unknown connections get an RST.
+//! In both vsock modes (`vsock`, `pod-agent`) the guest advertises
+//! buf_alloc 65536 and counts consumed bytes in fwd_cnt (credit update
+//! after 32 KiB), answers CREDIT_REQUEST, and sends within the host's
+//! credit. Packets for unknown connections get an RST.
+//!
+//! ## `pod-agent` (options: `ember.vsock_listen=<p>` default 2718)
+//! Plays the in-guest agent's wire protocol (`agent/src/protocol.rs`) over
+//! real virtio-vsock, so that the host side of a pod VM (emberd, ember-vmm
+//! and its hybrid vsock socket, the agent client) is tested here. It is not
+//! the agent: containers are only records, and the real ember-agent (the
+//! `agent/` crate) is tested on the host and needs a Linux guest.
+//! 1. `pod-agent initrd size <n> fnv1a <fnv>` (size in decimal, hash as in
+//!    `initrd`) or `pod-agent initrd none`
+//! 2. `pod-agent disks <n>`: the virtio-blk devices on the cmdline
+//! 3. `pod-agent listening on port <p>`; one host connection at a time
+//!    (other requests get an RST): `pod-agent connection accepted`, then
+//!    READY (cmd 8) `{"version":"pod-agent-guest","pid1":true}` is sent.
+//! 4. per frame received: `pod-agent recv cmd <n> len <len>` and `pod-agent
+//!    payload <first 400 bytes, non-printables as ?>`, then the reply.
+//! 5. when the host closes (SHUTDOWN, answered with RST, or RST): `pod-agent
+//!    connection closed` and back to 3; the containers are kept. There is no
+//!    timeout: the mode runs until DESTROYPOD.
+//!
+//! Frames are `cmd: u32 BE | length: u32 BE | length bytes of JSON`, in any
+//! split over vsock packets. A length over 8192 gets only the recv line,
+//! ERROR `frame payload of <len> bytes exceeds the 8192-byte limit` and an
+//! RST (then 5). Replies: ACK (9), ERROR (10) `{"message":"<m>"}`; exit
+//! events (23) are `{"event":"exited","id":"<id>","code":<c>}`. Ids and
+//! paths are JSON strings without escapes; ids are `[A-Za-z0-9_.-]`, 1-64
+//! chars (else `bad <CMD> payload: no valid id`); an unknown id gives `no
+//! such container <id>`.
+//! - PING (12): ACK `{"version":"pod-agent-guest"}`.
+//! - NEWCONTAINER (17), rootfs path `/dev/vd<letter>` = the (letter -
+//!   'a')-th virtio-blk device in cmdline order, whose bytes 1024..2047 (the
+//!   superblock) must hold the ext4 magic 0xef53 (u16 LE) at offset 56:
+//!   `pod-agent container <id> rootfs <path> ext4 ok`, ACK `{"pid":<100 +
+//!   slot>}` (8 slots, the lowest free one). Errors: `no such device
+//!   <path>`, `<path> is not ext4`, `cannot read <path>: status <s>`,
+//!   `container <id> exists` (running or exited: until removed), `too many
+//!   containers (8)`, `bad NEWCONTAINER payload: no valid rootfs path`. With
+//!   the env pair `["EMBER_STUB_EXIT","<0-255>"]` the container exits at
+//!   once: its exit event follows the ACK.
+//! - KILLCONTAINER (18), `signal` 1..64 (default 15): a running container
+//!   exits with code 128 + signal: its exit event, then ACK
+//!   `{"id":"<id>","code":<c>}`; an exited one: the ACK with its code only.
+//! - WAITPROCESS (64): exited: ACK `{"id":"<id>","code":<c>}`; running:
+//!   ERROR `pod-agent guest cannot wait for a running process`.
+//! - REMOVECONTAINER (22): forgets the container (running or not), ACK `{}`.
+//! - DESTROYPOD (4): ACK `{}`, `pod-agent destroy`, a full SHUTDOWN (the
+//!   host answers RST once the ACK is written to its socket; the guest
+//!   sends RST after 2 s otherwise), then `done` and the reset.
+//! - anything else: ERROR `unsupported command <n>`.
 //!
 //! ## Evil modes (first block device)
 //! Each prints `evil <name> sent` after the attack and then, after polling
@@ -138,6 +187,7 @@ pub const MODES: &[&str] = &[
     "blk",
     "net",
     "vsock",
+    "pod-agent",
     "evil-desc-oob",
     "evil-desc-loop",
     "evil-len",

@@ -1,11 +1,13 @@
 /*
- * Host-side unit tests of the guest's pure helpers (virtio/parse.c and
- * cmdline_param), built by build.rs with the host compiler and -DHOST_TEST
- * and run by a Rust #[test]. Prints "ok <n>" and exits 0 when all pass.
+ * Host-side unit tests of the guest's pure helpers (virtio/parse.c,
+ * cmdline_param and the pod-agent JSON scanner podjson.c), built by
+ * build.rs with the host compiler and -DHOST_TEST and run by a Rust
+ * #[test]. Prints "ok <n>" and exits 0 when all pass.
  */
 #include <stdio.h>
 #include <string.h>
 
+#include "podjson.h"
 #include "virtio.h"
 
 static int failures, checks;
@@ -145,6 +147,74 @@ static void test_checksums(void)
 	CHECK(fnv1a32(buf, sizeof(buf)) == h);
 }
 
+#define JGET(o, k, v) json_get(o, strlen(o), k, v)
+#define JIDX(a, i, v) json_index(a, strlen(a), i, v)
+
+/* json_get + json_string on text; "" when absent or not a plain string. */
+static const char *jget(const char *obj, const char *key)
+{
+	static char out[64];
+	struct json_span v;
+
+	if (!json_get(obj, strlen(obj), key, &v) || !json_string(v, out, sizeof(out)))
+		return "";
+	return out;
+}
+
+static void test_json(void)
+{
+	const char *req = " {\"id\":\"c1\",\"rootfs\":{\"type\":\"block_device\","
+			  "\"path\":\"/dev/vdb\",\"fstype\":\"ext4\",\"readonly\":false},"
+			  "\"cmd\":[\"/bin/sh\"],\"env\":[[\"path\",\"id\"],"
+			  "[\"EMBER_STUB_EXIT\",\"3\"]],\"workdir\":\"/\"}\n";
+	struct json_span v, rootfs, env, pair;
+	uint32_t x;
+	char s[16];
+
+	CHECK(strcmp(jget(req, "id"), "c1") == 0);
+	CHECK(strcmp(jget(req, "workdir"), "/") == 0);
+	/* "path" exists only inside rootfs (and as a string in env) */
+	CHECK(!json_get(req, strlen(req), "path", &v));
+	CHECK(json_get(req, strlen(req), "rootfs", &rootfs) && rootfs.p[0] == '{' &&
+	      rootfs.p[rootfs.len - 1] == '}');
+	CHECK(json_get(rootfs.p, rootfs.len, "path", &v) && json_string(v, s, sizeof(s)) &&
+	      strcmp(s, "/dev/vdb") == 0);
+	CHECK(json_get(rootfs.p, rootfs.len, "readonly", &v) && v.len == 5 &&
+	      memcmp(v.p, "false", 5) == 0);
+	CHECK(json_get(req, strlen(req), "env", &env));
+	CHECK(json_index(env.p, env.len, 1, &pair) && json_index(pair.p, pair.len, 1, &v) &&
+	      json_string(v, s, sizeof(s)) && strcmp(s, "3") == 0);
+	CHECK(!json_index(env.p, env.len, 2, &pair));
+	CHECK(JIDX("[ ]", 0, &v) == false);
+	CHECK(JIDX("[1, {\"a\":[2]} ,3]", 2, &v) && v.len == 1 && v.p[0] == '3');
+
+	/* numbers */
+	CHECK(JGET("{\"signal\": 15 }", "signal", &v) && json_uint(v, &x) && x == 15);
+	CHECK(JGET("{\"n\":-1}", "n", &v) && !json_uint(v, &x));
+	CHECK(JGET("{\"n\":4294967296}", "n", &v) && !json_uint(v, &x));
+	CHECK(JGET("{\"n\":\"7\"}", "n", &v) && !json_uint(v, &x));
+
+	/* strings: escapes refused, size enforced, keys inside strings ignored */
+	CHECK(strcmp(jget("{\"id\":\"a\\\"b\"}", "id"), "") == 0);
+	CHECK(strcmp(jget("{\"x\":\"\\\"id\\\":1\",\"id\":\"ok\"}", "id"), "ok") == 0);
+	CHECK(JGET("{\"id\":\"abcdefghijklmnop\"}", "id", &v) && !json_string(v, s, 16));
+	CHECK(JGET("{\"id\":\"abcdefghijklmno\"}", "id", &v) && json_string(v, s, 16));
+	CHECK(JGET("{\"id\":7}", "id", &v) && !json_string(v, s, sizeof(s)));
+
+	/* malformed or not an object */
+	CHECK(!JGET("", "id", &v));
+	CHECK(!JGET("{}", "id", &v));
+	CHECK(!JGET("[\"id\"]", "id", &v));
+	CHECK(!JGET("{\"id\":\"c1\"", "id", &v));
+	CHECK(!JGET("{\"id\":\"c1\"}}", "id", &v));
+	CHECK(!JGET("{\"id\" \"c1\"}", "id", &v));
+	CHECK(!JGET("{\"id\":\"c1\",}", "id", &v));
+	CHECK(!JGET("{\"id\":}", "id", &v));
+	CHECK(!JGET("{id:1}", "id", &v));
+	CHECK(JGET("{\"a\":[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]}", "a", &v)); /* depth 16 */
+	CHECK(!JGET("{\"a\":[[[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]]}", "a", &v));
+}
+
 int main(void)
 {
 	test_memparse();
@@ -152,6 +222,7 @@ int main(void)
 	test_cmdline();
 	test_numbers();
 	test_checksums();
+	test_json();
 	if (failures) {
 		fprintf(stderr, "%d of %d checks failed\n", failures, checks);
 		return 1;
