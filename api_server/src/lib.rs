@@ -21,6 +21,7 @@ pub mod cidata;
 pub mod flintlock;
 pub mod hyperd;
 pub mod images_store;
+pub mod ext4;
 pub mod pod_initramfs;
 #[cfg(test)]
 mod test_util;
