@@ -87,6 +87,35 @@ impl Jobs {
             log::error!("cannot start a background worker for {what}: {e}");
         }
     }
+
+    /// Runs `f` on the loop thread, with no reply awaited (from any thread).
+    pub fn post<F>(&self, f: F)
+    where
+        F: FnOnce(&mut Supervisor) + Send + 'static,
+    {
+        let _ = self
+            .tx
+            .send(Done::Background(Box::new(move |sup: &mut Supervisor, _: &Jobs| f(sup))));
+        let _ = self.wake.write(1);
+    }
+
+    /// From a worker thread: runs `f` on the loop thread and waits for its
+    /// result, so a worker can interleave blocking work with changes to the
+    /// model. `None` if the loop has gone away. Never call it on the loop
+    /// thread itself (it would wait for itself).
+    pub fn call<T, F>(&self, f: F) -> Option<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Supervisor, &Jobs) -> T + Send + 'static,
+    {
+        let (tx, rx) = channel();
+        let sent = self.tx.send(Done::Background(Box::new(move |sup: &mut Supervisor, jobs: &Jobs| {
+            let _ = tx.send(f(sup, jobs));
+        })));
+        sent.ok()?;
+        let _ = self.wake.write(1);
+        rx.recv().ok()
+    }
 }
 
 struct JobsSubscriber {
