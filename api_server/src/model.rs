@@ -220,6 +220,10 @@ pub struct Instance {
     /// Kernel arguments of this instance, after the image's.
     #[serde(default)]
     pub boot_args: String,
+    /// A virtio-vsock device (guest CID 3) whose host side is the hybrid
+    /// unix socket `run/vsock.sock` in the instance's jail.
+    #[serde(default)]
+    pub vsock: bool,
 }
 
 impl Instance {
@@ -290,7 +294,15 @@ pub struct PodContainer {
     pub id: String,
     pub name: String,
     pub image: String,
+    /// pending, running, succeeded (exit 0) or failed.
     pub state: String,
+    /// Exit code of its main process (status, or 128 + signal), once known.
+    #[serde(default)]
+    pub exit_code: Option<i32>,
+    /// Volume (name) holding its root filesystem, once built; kept after
+    /// the pod stops, for `/container/commit`.
+    #[serde(default)]
+    pub rootfs: Option<String>,
 }
 
 /// A group of containers run together in one VM (hyperd's pod).

@@ -121,6 +121,11 @@ impl Launcher {
         self.jail_root(id).join("run").join("api.sock")
     }
 
+    /// The host side of the instance's vsock device, as seen from the host.
+    pub fn vsock_uds(&self, id: &str) -> PathBuf {
+        self.jail_root(id).join(crate::supervisor::VSOCK_UDS)
+    }
+
     /// Removes the instance's jail directory (after its VMM is gone).
     pub fn cleanup(&self, id: &str) {
         let d = self.jail_dir(id);

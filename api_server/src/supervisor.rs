@@ -72,6 +72,12 @@ impl SupervisorError {
 
 type Result<T> = std::result::Result<T, SupervisorError>;
 
+/// The guest CID of an instance's vsock device.
+pub const VSOCK_GUEST_CID: u32 = 3;
+/// Its hybrid-vsock unix socket, relative to the jail root (the VMM's
+/// working directory without the jailer).
+pub const VSOCK_UDS: &str = "run/vsock.sock";
+
 fn not_found(what: &'static str, key: &str) -> SupervisorError {
     SupervisorError::NotFound {
         what,
@@ -101,6 +107,8 @@ pub struct RunRequest {
     pub boot_args: String,
     /// Create the instance stopped instead of starting it.
     pub create_only: bool,
+    /// Give it a vsock device (see [`Instance::vsock`]).
+    pub vsock: bool,
 }
 
 /// Everything a worker needs to build an image.
@@ -674,6 +682,7 @@ impl Supervisor {
             disks,
             interfaces: req.interfaces.clone(),
             boot_args: req.boot_args.clone(),
+            vsock: req.vsock,
             ..Default::default()
         };
         Ok(inst)
@@ -747,12 +756,15 @@ impl Supervisor {
                 v
             })
             .collect();
-        let cfg = serde_json::json!({
+        let mut cfg = serde_json::json!({
             "boot-source": boot,
             "machine-config": {"vcpu_count": inst.vcpus.max(1), "mem_size_mib": inst.memory_mb},
             "drives": drives,
             "network-interfaces": nets,
         });
+        if inst.vsock {
+            cfg["vsock"] = serde_json::json!({"guest_cid": VSOCK_GUEST_CID, "uds_path": VSOCK_UDS});
+        }
         Ok(LaunchSpec {
             id: inst.id.clone(),
             files,
