@@ -98,8 +98,10 @@
 //! and its hybrid vsock socket, the agent client) is tested here. It is not
 //! the agent: containers are only records, and the real ember-agent (the
 //! `agent/` crate) is tested on the host and needs a Linux guest.
-//! 1. `pod-agent initrd size <n> fnv1a <fnv>` (size in decimal, hash as in
-//!    `initrd`) or `pod-agent initrd none`
+//! 1. `pod-agent initrd size <n> head-fnv1a <fnv>` (size in decimal; the
+//!    hash covers the first min(n, 4096) bytes only, since a pod initramfs
+//!    is megabytes and hashing it in emulated ring 0 takes tens of seconds)
+//!    or `pod-agent initrd none`
 //! 2. `pod-agent disks <n>`: the virtio-blk devices on the cmdline
 //! 3. `pod-agent listening on port <p>`; one host connection at a time
 //!    (other requests get an RST): `pod-agent connection accepted`, then
