@@ -44,6 +44,8 @@
 //! * [`ImageStore::commit`] with a base image stores the base's layers plus
 //!   one [`oci::diff_layer`] layer (with whiteouts) of the container's tree;
 //!   without a base, the tree as a single layer.
+//!   [`ImageStore::commit_ext4`] does the same for a container whose root
+//!   filesystem is an ext4 image, read with [`ext4::extract`].
 //!
 //! ## Errors
 //!
@@ -65,6 +67,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::archive::{self, ExtractLimits};
+use crate::ext4::{self, Ext4Error};
 use crate::oci::{self, ImageConfig, OciError, OciImage, OpenConfig};
 use crate::store::write_atomic;
 
@@ -114,6 +117,23 @@ fn from_oci(e: OciError) -> ImageStoreError {
         OciError::Zstd(_) => ImageStoreError::Unsupported(e.to_string()),
         OciError::Io { .. } | OciError::Volume(_) => ImageStoreError::Internal(e.to_string()),
         other => ImageStoreError::Invalid(other.to_string()),
+    }
+}
+
+/// Maps an [`Ext4Error`] of a container's root filesystem `rootfs`: what
+/// the image holds is the container's doing (`Invalid`), the host's tools
+/// and files are the daemon's (`Internal`).
+fn from_ext4(rootfs: &Path, e: Ext4Error) -> ImageStoreError {
+    let msg = format!("container root filesystem {}: {e}", rootfs.display());
+    match e {
+        Ext4Error::NotExt4(_) | Ext4Error::Unsafe { .. } | Ext4Error::TooLarge(_) => {
+            ImageStoreError::Invalid(msg)
+        }
+        Ext4Error::ToolMissing
+        | Ext4Error::Io { .. }
+        | Ext4Error::OutNotDir(_)
+        | Ext4Error::OutNotEmpty(_)
+        | Ext4Error::Debugfs { .. } => ImageStoreError::Internal(msg),
     }
 }
 
@@ -728,6 +748,41 @@ impl ImageStore {
             }
         };
         self.add_image(&layout, &digest, &repo, &tag, &config)
+    }
+
+    /// [`ImageStore::commit`] of a container whose root filesystem is the
+    /// ext4 image `rootfs` (as [`ImageStore::rootfs_ext4`] made it): the
+    /// tree is read out with [`ext4::extract`] (no mounting; the root's
+    /// `lost+found` is left out, devices, FIFOs and sockets are skipped)
+    /// into a scratch directory of the store, then committed. The image
+    /// must not change meanwhile: stop or pause the VM using it first.
+    pub fn commit_ext4(
+        &self,
+        lower: Option<&str>,
+        rootfs: &Path,
+        repo: &str,
+        tag: &str,
+        changes: &ImageConfigChanges,
+    ) -> Result<ImageRecord> {
+        // Cheap checks before a possibly long extraction.
+        if tag.is_empty() {
+            parse_name(repo)?;
+        } else {
+            parse_name(&format!("{repo}:{tag}"))?;
+        }
+        if let Some(base) = lower {
+            self.get(base)?;
+        }
+        if !fs::metadata(rootfs).is_ok_and(|m| m.is_file()) {
+            return Err(ImageStoreError::NotFound(format!(
+                "container root filesystem {}",
+                rootfs.display()
+            )));
+        }
+        let tmp = self.temp_dir("commit-ext4")?;
+        let tree = tmp.path().join("rootfs");
+        ext4::extract(rootfs, &tree).map_err(|e| from_ext4(rootfs, e))?;
+        self.commit(lower, &tree, repo, tag, changes)
     }
 
     /// Builds an ext4 image of `name_or_id`'s root filesystem at `out`
@@ -2337,5 +2392,122 @@ mod tests {
             ),
             Err(ImageStoreError::NotFound(_))
         ));
+    }
+
+    #[test]
+    fn commit_ext4_diffs_a_changed_rootfs_image() {
+        let t = Tmp::new("commit-ext4");
+        let s = store(&t);
+        let cfg = ImageConfig {
+            env: vec!["A=1".into()],
+            cmd: vec!["/old".into()],
+            ..Default::default()
+        };
+        let src = layout(
+            &t,
+            "base:1",
+            &[("a", "a\n"), ("b", "b\n"), ("d/e", "e\n")],
+            &cfg,
+        );
+        s.import(&src, None, None).unwrap();
+        // The container's root filesystem as emberd makes it, read back...
+        let rootfs = t.0.join("rootfs.ext4");
+        s.rootfs_ext4("base:1", &rootfs, None).unwrap();
+        let tree = t.0.join("tree");
+        ext4::extract(&rootfs, &tree).unwrap();
+        assert!(!tree.join("lost+found").exists());
+        assert_eq!(fs::read(tree.join("d/e")).unwrap(), b"e\n");
+        // ... changed as a container would, and made an ext4 image again.
+        write(&tree.join("a"), "changed\n", 0o644);
+        fs::remove_file(tree.join("b")).unwrap();
+        write(&tree.join("c"), "new\n", 0o755);
+        write(&tree.join("n/f"), "nested\n", 0o600);
+        std::os::unix::fs::symlink("/a", tree.join("l")).unwrap();
+        let changed = t.0.join("changed.ext4");
+        crate::volumes::create_ext4_from_dir(&changed, &tree, None).unwrap();
+
+        let changes = ImageConfigChanges::from_docker_json(&json!({
+            "Env": ["B=2"], "Cmd": ["date"]
+        }));
+        let rec = s
+            .commit_ext4(Some("base:1"), &changed, "committed", "v2", &changes)
+            .unwrap();
+        assert_eq!(rec.name(), "committed:v2");
+        assert_eq!(rec.config.env, vec!["A=1", "B=2"]);
+        assert_eq!(rec.config.cmd, vec!["date"]);
+        let img = s.open_image("committed:v2").unwrap();
+        assert_eq!(img.layers().len(), 2);
+        assert_eq!(img.config.cmd, vec!["date"]);
+
+        // The diff layer: what changed, a whiteout for b, nothing else (no
+        // lost+found, not the unchanged d/e).
+        let top = img.layers().last().unwrap();
+        let blob = s
+            .image_dir(&rec)
+            .join("blobs/sha256")
+            .join(top.digest.trim_start_matches("sha256:"));
+        let mut ar = tar::Archive::new(flate2::read::GzDecoder::new(File::open(blob).unwrap()));
+        let mut got = BTreeMap::new();
+        for e in ar.entries().unwrap() {
+            let mut e = e.unwrap();
+            let path = e.path().unwrap().to_string_lossy().to_string();
+            let path = path
+                .trim_start_matches("./")
+                .trim_end_matches('/')
+                .to_string();
+            let kind = e.header().entry_type();
+            let mode = e.header().mode().unwrap() & 0o7777;
+            let mut data = String::new();
+            if kind.is_symlink() {
+                data = e
+                    .link_name()
+                    .unwrap()
+                    .unwrap()
+                    .to_string_lossy()
+                    .to_string();
+            } else {
+                e.read_to_string(&mut data).unwrap();
+            }
+            got.insert(path, (kind, mode, data));
+        }
+        let keys: Vec<&str> = got.keys().map(String::as_str).collect();
+        assert_eq!(keys, [".wh.b", "a", "c", "l", "n", "n/f"]);
+        assert_eq!(got["a"].2, "changed\n");
+        assert_eq!((got["c"].1, got["c"].2.as_str()), (0o755, "new\n"));
+        assert_eq!((got["n/f"].1, got["n/f"].2.as_str()), (0o600, "nested\n"));
+        assert!(got["n"].0.is_dir());
+        assert!(got["l"].0.is_symlink());
+        assert_eq!(got["l"].2, "/a");
+        assert_eq!(got[".wh.b"].2, "");
+
+        // The new image as a root filesystem again.
+        let back = t.0.join("back.ext4");
+        s.rootfs_ext4("committed:v2", &back, None).unwrap();
+        assert_eq!(cat(&back, "/a"), "changed");
+        assert_eq!(cat(&back, "/n/f"), "nested");
+        assert_eq!(cat(&back, "/d/e"), "e");
+        assert!(!exists(&back, "/b"));
+
+        // Refusals, the cheap ones before any extraction.
+        let none = ImageConfigChanges::default();
+        assert!(matches!(
+            s.commit_ext4(Some("nope"), &changed, "x", "", &none),
+            Err(ImageStoreError::NotFound(_))
+        ));
+        assert!(matches!(
+            s.commit_ext4(None, &t.0.join("missing.ext4"), "x", "", &none),
+            Err(ImageStoreError::NotFound(_))
+        ));
+        assert!(matches!(
+            s.commit_ext4(None, &changed, "Bad Name", "", &none),
+            Err(ImageStoreError::Invalid(_))
+        ));
+        let junk = t.0.join("junk.ext4");
+        fs::write(&junk, vec![7u8; 8192]).unwrap();
+        let e = s.commit_ext4(None, &junk, "x", "", &none).unwrap_err();
+        assert!(matches!(e, ImageStoreError::Invalid(_)), "{e}");
+        assert!(e.to_string().contains("not an ext4"), "{e}");
+        // Nothing left in the store's scratch directory.
+        assert_eq!(fs::read_dir(s.root().join("tmp")).unwrap().count(), 0);
     }
 }
