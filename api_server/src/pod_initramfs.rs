@@ -169,6 +169,13 @@ fn agent_libraries(agent: &Path) -> Result<Vec<PathBuf>, PodInitramfsError> {
             interp.display()
         )));
     }
+    let missing = crate::process::missing_libraries(agent);
+    if !missing.is_empty() {
+        return Err(bad(format!(
+            "ldd cannot find its shared libraries {} (the VM would fail to run it)",
+            missing.join(", ")
+        )));
+    }
     let libs = crate::process::shared_libraries(agent);
     if libs.is_empty() {
         return Err(PodInitramfsError::NoLibraries(agent.to_path_buf()));

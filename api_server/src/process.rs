@@ -46,12 +46,34 @@ pub struct Launcher {
 }
 
 /// The shared libraries (and the dynamic loader) `bin` needs, from `ldd`.
-/// Empty for a static binary.
+/// Empty for a static binary. Libraries ldd cannot find are left out: see
+/// [`missing_libraries`].
 pub fn shared_libraries(bin: &Path) -> Vec<PathBuf> {
-    let Ok(out) = Command::new("ldd").arg(bin).output() else {
-        return Vec::new();
-    };
-    let text = String::from_utf8_lossy(&out.stdout);
+    parse_ldd(&ldd(bin)).0
+}
+
+/// The libraries `bin` needs that ldd cannot find (`libx.so => not found`).
+pub fn missing_libraries(bin: &Path) -> Vec<String> {
+    parse_ldd(&ldd(bin)).1
+}
+
+fn ldd(bin: &Path) -> String {
+    Command::new("ldd")
+        .arg(bin)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+}
+
+/// ldd's output as (found paths, sorted and unique; names not found).
+fn parse_ldd(text: &str) -> (Vec<PathBuf>, Vec<String>) {
+    let missing = text
+        .lines()
+        .filter_map(|l| {
+            let (name, rest) = l.split_once("=>")?;
+            (rest.trim() == "not found").then(|| name.trim().to_string())
+        })
+        .collect();
     let mut libs: Vec<PathBuf> = text
         .lines()
         .filter_map(|l| {
@@ -66,7 +88,7 @@ pub fn shared_libraries(bin: &Path) -> Vec<PathBuf> {
         .collect();
     libs.sort();
     libs.dedup();
-    libs
+    (libs, missing)
 }
 
 /// A file to put into the jail root.
@@ -368,6 +390,19 @@ pub fn log_note(path: &Path, msg: &str) {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn ldd_output_is_parsed() {
+        let text = "\tlinux-vdso.so.1 (0x00007ffc)\n\tlibfoo.so.1 => not found\n\tlibc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x00007f)\n\t/lib64/ld-linux-x86-64.so.2 (0x00007f)\n\tlibc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x00007f)\n";
+        let (found, missing) = parse_ldd(text);
+        assert_eq!(
+            found,
+            [PathBuf::from("/lib/x86_64-linux-gnu/libc.so.6"), PathBuf::from("/lib64/ld-linux-x86-64.so.2")]
+        );
+        assert_eq!(missing, ["libfoo.so.1"]);
+        assert_eq!(parse_ldd("\tnot a dynamic executable\n"), (vec![], vec![]));
+    }
+
     use super::*;
 
     #[test]
