@@ -21,21 +21,21 @@
 //! new when it makes it, and lies below the destination.
 //!
 //! The listing is one debugfs run per tree level with `ls -l` and `ls -p`
-//! of each directory. `ls -l` escapes bytes in names (`\xNN` since
-//! e2fsprogs 1.47, `M-`/`^` notation before) except in a directory's first
-//! two entries; `ls -p` prints names raw. A name with a newline could fake
-//! listing lines in either, but not in both at once: the raw `ls -p` text
-//! must equal, byte for byte, what the parsed `ls -l` entries predict, or
-//! the directory is refused. Names with newlines in them are thus read
-//! exactly; so is every other byte.
+//! of each directory. `ls -l` escapes bytes in names (`\xNN` in e2fsprogs
+//! 1.47, `M-`/`^` notation in older versions; both are understood) except
+//! in a directory's first two entries; `ls -p` prints names raw. A name
+//! with a newline could fake listing lines in either, but not in both at
+//! once: the raw `ls -p` text must equal, byte for byte, what the parsed
+//! `ls -l` entries predict, or the directory is refused. Names with
+//! newlines in them are thus read exactly; so is every other byte.
 //!
 //! Then each entry of the root directory is dumped with
 //! `rdump <inode> <staging>` (the staging directory is `out/lost+found`,
 //! the one name that cannot collide, see below) and renamed into place.
 //! This does not depend on what `rdump /` does with the root: e2fsprogs
 //! 1.47 dumps the root's entries straight into the destination (and gives
-//! the destination the root's owner, mode and times), older versions fail
-//! with "while making directory <dest>/".
+//! the destination the root's owner, mode and times), while older versions
+//! (by their source) try `mkdir("<dest>/")` and fail.
 //!
 //! The image must not change while `extract` runs (stop or pause the VM
 //! first): the checks hold for the image as listed.
@@ -55,10 +55,10 @@
 //!   copy; `extract` links them again).
 //! * `out` itself gets the root directory's owner, mode and times.
 //!
-//! Left out: the root's `lost+found` (mkfs makes it; it is not part of the
-//! container's tree), devices, FIFOs and sockets (rdump skips them; they are
-//! counted in [`ExtractStats::skipped`]), extended attributes, ACLs and
-//! file capabilities (rdump has none of them).
+//! Left out: the root's `lost+found`, whatever its kind (mkfs makes it; it
+//! is not part of the container's tree), devices, FIFOs and sockets (rdump
+//! skips them; they are counted in [`ExtractStats::skipped`]), extended
+//! attributes, ACLs and file capabilities (rdump has none of them).
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::{CString, OsStr};
