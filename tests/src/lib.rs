@@ -632,6 +632,29 @@ impl Drop for Emberd {
     }
 }
 
+/// Percent-encodes `s` for a query string.
+pub fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// Writes an OCI image layout at `out` with `tests/fixtures/make_oci.py`
+/// (standard-library Python, independent of ember's OCI code).
+pub fn make_oci(out: &Path, spec: &serde_json::Value) {
+    let script = workspace_root().join("tests/fixtures/make_oci.py");
+    let st = Command::new("python3")
+        .arg(script)
+        .arg(out)
+        .arg(spec.to_string())
+        .status()
+        .expect("run python3");
+    assert!(st.success(), "make_oci.py failed for {spec}");
+}
+
 /// A tar.gz of `files` (path, content) written under `dir`.
 pub fn make_tar(dir: &Path, files: &[(&str, &[u8])]) -> PathBuf {
     let src = dir.join("tar-src");
@@ -674,6 +697,21 @@ impl Emberd {
         let (c, v) = self.json(&a);
         assert_eq!(c, 201, "image {name}: {v}");
         v
+    }
+
+    /// Imports the OCI layout `spec` (see [`make_oci`]) as container image
+    /// `name` through hyperd's `/image/create`; asserts 200 and returns the
+    /// progress lines.
+    pub fn hyperd_import(&self, name: &str, spec: serde_json::Value) -> String {
+        let layout = self.dir.join(&format!("layout-{}", name.replace([':', '/'], "-")));
+        let mut spec = spec;
+        spec["ref"] = name.into();
+        make_oci(&layout, &spec);
+        let path = format!("/image/create?imageName={}", urlencode(&layout.display().to_string()));
+        let r = http(&self.sock, "POST", &path, None);
+        let body = String::from_utf8_lossy(&r.body).to_string();
+        assert_eq!(r.status, 200, "import {name}: {body}");
+        body
     }
 
     /// An instance's console log so far.

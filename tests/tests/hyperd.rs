@@ -1,6 +1,7 @@
 //! The hyperd face of emberd over its unix socket: envelopes, pods, the
-//! colon-joined lists, /info, /auth; pod VMs need Linux, which this host
-//! cannot boot, so starting one answers a clear error.
+//! colon-joined lists, /info, /auth, container images. This emberd has no
+//! pod kernel, so starting a pod or creating a VM answers a clear error;
+//! pods in real pod VMs are tests/tests/hyperd_pods.rs.
 
 use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
@@ -13,28 +14,16 @@ fn start() -> Emberd {
 }
 
 fn enc(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' => (b as char).to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
-fn make_oci(out: &std::path::Path, spec: Value) {
-    let script = workspace_root().join("tests/fixtures/make_oci.py");
-    let st = Command::new("python3").arg(script).arg(out).arg(spec.to_string()).status().unwrap();
-    assert!(st.success());
+    urlencode(s)
 }
 
 /// Imports a one-layer image named `name` from an OCI layout on disk.
 fn import(d: &Emberd, name: &str) -> String {
-    let layout = d.dir.join(&format!("layout-{}", name.replace([':', '/'], "-")));
-    make_oci(&layout, serde_json::json!({"ref": name, "layers": [{"dirs": ["bin"], "files": {"bin/hello": "hi\n"}}],
-        "config": {"Cmd": ["/bin/hello"]}}));
-    let r = http(&d.sock, "POST", &format!("/image/create?imageName={}", enc(layout.to_str().unwrap())), None);
-    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-    String::from_utf8_lossy(&r.body).to_string()
+    d.hyperd_import(
+        name,
+        serde_json::json!({"layers": [{"dirs": ["bin"], "files": {"bin/hello": "hi\n"}}],
+            "config": {"Cmd": ["/bin/hello"]}}),
+    )
 }
 
 #[test]
