@@ -2,7 +2,9 @@
 //!
 //! One domain model ([`model`]) of images, instances and volumes, owned by
 //! the [`supervisor`] and persisted by the [`store`]. The REST faces (UniK in
-//! [`unik`]) are thin translators from HTTP to supervisor calls and back.
+//! [`unik`], Flintlock in [`flintlock`], hyperd in [`hyperd`]) are thin
+//! translators from HTTP to supervisor calls and back; hyperd's pods run in
+//! pod VMs managed by [`pods`].
 
 pub mod compilers;
 pub mod hub;
@@ -22,6 +24,7 @@ pub mod flintlock;
 pub mod hyperd;
 pub mod images_store;
 pub mod ext4;
+pub mod pods;
 pub mod pod_initramfs;
 #[cfg(test)]
 mod test_util;

@@ -1,5 +1,6 @@
-//! `emberd`: the ember supervisor daemon. Serves the UniK API on a unix
-//! socket and runs one jailed ember-vmm per instance.
+//! `emberd`: the ember supervisor daemon. Serves the UniK, hyperd and
+//! Flintlock APIs on a unix socket and runs one jailed ember-vmm per
+//! instance (and per hyperd pod).
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -12,7 +13,7 @@ use api_server::supervisor::Supervisor;
 use clap::Parser;
 
 #[derive(Parser, Debug)]
-#[command(name = "emberd", version, about = "ember supervisor daemon: UniK API over a unix socket, one jailed microVM per instance")]
+#[command(name = "emberd", version, about = "ember supervisor daemon: UniK, hyperd and Flintlock APIs over a unix socket, one jailed microVM per instance")]
 struct Args {
     /// Unix socket to serve the APIs on.
     #[arg(long, default_value = "/run/ember/ember.sock")]
@@ -48,6 +49,27 @@ struct Args {
     /// Flintlock: back-off unit in milliseconds (retry n waits n units).
     #[arg(long, default_value_t = 2000)]
     flintlock_backoff_ms: u64,
+    /// hyperd: kernel for pod VMs (default: the `linux` base's kernel,
+    /// $EMBER_LINUX_KERNEL, /var/lib/ember/kernels/vmlinuz or /boot).
+    #[arg(long)]
+    pod_kernel: Option<PathBuf>,
+    /// hyperd: ember-agent binary put in the pod VMs' initramfs (default:
+    /// $EMBER_AGENT_BIN, then next to emberd).
+    #[arg(long)]
+    pod_agent: Option<PathBuf>,
+    /// hyperd: more kernel arguments for every pod VM.
+    #[arg(long, default_value = "")]
+    pod_boot_args: String,
+    /// hyperd: seconds a pod VM may take to boot and answer from its agent.
+    #[arg(long, default_value_t = 60)]
+    pod_agent_timeout: u64,
+    /// hyperd: seconds between SIGTERM and SIGKILL when a pod stops.
+    #[arg(long, default_value_t = 10)]
+    pod_stop_timeout: u64,
+    /// hyperd: size in MB of each container's root disk (sparse); an image
+    /// that does not fit gets a disk that just fits it.
+    #[arg(long, default_value_t = 1024)]
+    pod_rootfs_mb: u64,
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -81,6 +103,10 @@ fn main() {
     }
     let store = Store::open(&args.state_dir).unwrap_or_else(|e| die(e));
     let vmm = std::fs::canonicalize(&vmm).unwrap_or(vmm);
+    let missing = api_server::process::missing_libraries(&vmm);
+    if !missing.is_empty() {
+        die(format!("{} needs shared libraries that are not installed: {}", vmm.display(), missing.join(", ")));
+    }
     let launcher = Launcher {
         libs: api_server::process::shared_libraries(&vmm),
         vmm_bin: vmm,
@@ -105,7 +131,21 @@ fn main() {
     };
     let images = api_server::images_store::ImageStore::open(&args.state_dir.join("container-images"))
         .unwrap_or_else(|e| die(format!("container image store: {e}")));
-    let hyperd = api_server::hyperd::Hyperd::new(images);
+    if args.pod_boot_args.contains('"') || args.pod_boot_args.chars().any(char::is_control) {
+        die("--pod-boot-args may not contain double quotes or control characters");
+    }
+    if !(1..=1 << 20).contains(&args.pod_rootfs_mb) {
+        die("--pod-rootfs-mb must be from 1 to 1048576");
+    }
+    let pod_vms = api_server::pods::PodVmConfig {
+        kernel: args.pod_kernel.clone(),
+        agent: args.pod_agent.clone(),
+        boot_args: args.pod_boot_args.clone(),
+        agent_timeout: std::time::Duration::from_secs(args.pod_agent_timeout.max(1)),
+        stop_timeout: std::time::Duration::from_secs(args.pod_stop_timeout),
+        rootfs_mb: args.pod_rootfs_mb,
+    };
+    let hyperd = api_server::hyperd::Hyperd::new(images, pod_vms);
     // Order matters where paths could overlap: see README "Routing".
     let faces: Vec<Box<dyn api_server::server::Face>> =
         vec![Box::new(flintlock), Box::new(hyperd), Box::new(api_server::unik::Unik)];

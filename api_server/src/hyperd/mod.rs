@@ -4,11 +4,10 @@
 //! follows its message: "no such" 404, "bad parameter" 400, "conflict" 409,
 //! anything else 500.
 //!
-//! Pods are model records; a pod's VM is an ember instance (annotated with
-//! its hyperd `vm-` id) that boots Linux with `ember-agent` as init. Booting
-//! Linux needs a host kernel and a KVM that can run it (not this project's
-//! CI machine), so starting a pod or creating a VM answers a clear error
-//! where there is no kernel.
+//! This face only translates: pods are model records, and their VMs are run
+//! by [`crate::pods`] (a Linux kernel with `ember-agent` as init, one ext4
+//! disk per container, the agent over vsock). Without a kernel for pod VMs,
+//! starting a pod or creating a VM answers a clear error.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -21,7 +20,8 @@ use std::sync::Arc;
 
 use crate::images_store::{ImageConfigChanges, ImageStore, ImageStoreError};
 use crate::model::{PodContainer, PodState};
-use crate::server::{Ctx, Face, Finish};
+use crate::pods::{ContainerPlan, PodError, PodPlan, PodVmConfig, Pods, POD_ANN, VM_ANN};
+use crate::server::{Ctx, Face, Finish, Jobs};
 use crate::supervisor::{ErrorKind, Supervisor, SupervisorError};
 
 /// Errors from hyperd requests; the message decides the status.
@@ -35,6 +35,17 @@ pub enum HyperdError {
     Conflict(String),
     #[error("{0}")]
     Other(String),
+}
+
+impl From<PodError> for HyperdError {
+    fn from(e: PodError) -> Self {
+        match e {
+            PodError::NoSuch(m) => HyperdError::NoSuch(m),
+            PodError::Invalid(m) => HyperdError::BadParameter(m),
+            PodError::Conflict(m) => HyperdError::Conflict(m),
+            other => HyperdError::Other(other.to_string()),
+        }
+    }
 }
 
 impl From<SupervisorError> for HyperdError {
@@ -102,6 +113,17 @@ pub struct ContainerSpec {
     pub entrypoint: Vec<String>,
     #[serde(default)]
     pub workdir: String,
+    #[serde(default)]
+    pub envs: Vec<EnvSpec>,
+}
+
+/// One `{"env": NAME, "value": VALUE}` of a container.
+#[derive(Debug, Default, Deserialize)]
+pub struct EnvSpec {
+    #[serde(default)]
+    pub env: String,
+    #[serde(default)]
+    pub value: String,
 }
 
 /// Pod resources (defaults: 1 vCPU, 128 MB).
@@ -128,9 +150,37 @@ pub fn parse_pod(text: &str) -> Result<PodSpec, HyperdError> {
             c.name = format!("{}-{i}", c.image.split([':', '/']).next_back().unwrap_or("c"));
         }
     }
+    if spec.containers.len() > 26 {
+        return Err(HyperdError::BadParameter(format!(
+            "a pod has at most 26 containers (one disk each), not {}",
+            spec.containers.len()
+        )));
+    }
     if let Some(r) = &spec.resource {
         if r.vcpu > 32 {
             return Err(HyperdError::BadParameter(format!("resource.vcpu {} is more than 32", r.vcpu)));
+        }
+        if r.memory > 1 << 20 {
+            return Err(HyperdError::BadParameter(format!("resource.memory {} MB is more than 1048576", r.memory)));
+        }
+    }
+    let host_ok = |h: &str| {
+        h.len() <= 63 && h.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+    };
+    if !host_ok(&spec.hostname) {
+        return Err(HyperdError::BadParameter(format!(
+            "hostname {:?} is not a host name (letters, digits, '-' and '.', at most 63)",
+            spec.hostname
+        )));
+    }
+    for c in &spec.containers {
+        for e in &c.envs {
+            if e.env.is_empty() || e.env.contains('=') || e.env.chars().any(char::is_control) {
+                return Err(HyperdError::BadParameter(format!(
+                    "container {}: bad environment variable name {:?}",
+                    c.name, e.env
+                )));
+            }
         }
     }
     Ok(spec)
@@ -169,9 +219,6 @@ fn auth_path(sup: &Supervisor) -> PathBuf {
     sup.store().root().join("auth.json")
 }
 
-const VM_ANN: &str = "hyperd.vm";
-const POD_ANN: &str = "hyperd.pod";
-
 impl From<ImageStoreError> for HyperdError {
     fn from(e: ImageStoreError) -> Self {
         // The store's messages already carry hyperd's words.
@@ -205,14 +252,48 @@ fn fail_lines(e: &HyperdError, mut progress: Vec<Value>) -> Response {
 /// The hyperd face.
 pub struct Hyperd {
     images: Arc<ImageStore>,
+    pods: Arc<Pods>,
 }
 
 impl Hyperd {
-    /// A face whose container images live in `images`.
-    pub fn new(images: ImageStore) -> Self {
+    /// A face whose container images live in `images` and whose pod VMs are
+    /// made as `pod_vms` says.
+    pub fn new(images: ImageStore, pod_vms: PodVmConfig) -> Self {
+        let images = Arc::new(images);
         Hyperd {
-            images: Arc::new(images),
+            pods: Pods::new(pod_vms, images.clone()),
+            images,
         }
+    }
+
+    /// The start plan of a pod: its stored spec with the model's container
+    /// ids.
+    fn plan(&self, pod: &crate::model::Pod) -> Result<PodPlan, HyperdError> {
+        let spec = parse_pod(&pod.spec)?;
+        if spec.containers.len() != pod.containers.len() {
+            return Err(HyperdError::Other(format!("pod {} does not match its spec", pod.id)));
+        }
+        let (vcpu, memory) = spec.resource.as_ref().map(|r| (r.vcpu, r.memory)).unwrap_or((0, 0));
+        Ok(PodPlan {
+            pod_id: pod.id.clone(),
+            hostname: if spec.hostname.is_empty() { pod.name.clone() } else { spec.hostname.clone() },
+            vcpus: if vcpu == 0 { 1 } else { vcpu as u8 },
+            memory_mb: if memory == 0 { 128 } else { memory },
+            containers: spec
+                .containers
+                .iter()
+                .zip(&pod.containers)
+                .map(|(s, c)| ContainerPlan {
+                    id: c.id.clone(),
+                    name: c.name.clone(),
+                    image: c.image.clone(),
+                    command: s.command.clone(),
+                    entrypoint: s.entrypoint.clone(),
+                    workdir: s.workdir.clone(),
+                    env: s.envs.iter().map(|e| (e.env.clone(), e.value.clone())).collect(),
+                })
+                .collect(),
+        })
     }
 
     fn images_get(&self, req: &Request) -> Response {
@@ -372,25 +453,44 @@ impl Hyperd {
         Reply::Later
     }
 
-    fn commit(&self, ctx: &mut Ctx, req: &Request) -> Response {
-        let Some(cid) = req.query_param("container") else {
-            return fail(&HyperdError::BadParameter("container is required".into()));
+    fn commit(&self, ctx: &mut Ctx, req: &Request) -> Reply {
+        let Some(cid) = req.query_param("container").map(str::to_string) else {
+            return Reply::Now(fail(&HyperdError::BadParameter("container is required".into())));
         };
-        let found = ctx
-            .sup
-            .state()
-            .pods
-            .values()
-            .find_map(|p| p.containers.iter().find(|c| c.id == cid || c.name == cid).map(|c| (p.clone(), c.clone())));
-        let Some((pod, c)) = found else {
-            return fail(&HyperdError::NoSuch(format!("container {cid}")));
+        let Some(repo) = req.query_param("repo").filter(|r| !r.is_empty()).map(str::to_string) else {
+            return Reply::Now(fail(&HyperdError::BadParameter(
+                "repo (the new image's name) is required".into(),
+            )));
         };
-        let _ = ImageConfigChanges::from_docker_json(&serde_json::from_slice(&req.body).unwrap_or(Value::Null));
-        fail(&HyperdError::Conflict(format!(
-            "container {} of pod {} is not running: a commit needs its root filesystem from a running pod VM",
-            c.name, pod.id
-        )))
+        let repo = match req.query_param("tag").filter(|t| !t.is_empty()) {
+            Some(t) => format!("{repo}:{t}"),
+            None => repo,
+        };
+        let config: Value = if req.body.iter().all(u8::is_ascii_whitespace) {
+            Value::Null
+        } else {
+            match serde_json::from_slice(&req.body) {
+                Ok(v) => v,
+                Err(e) => {
+                    return Reply::Now(fail(&HyperdError::BadParameter(format!(
+                        "the container config body is not valid JSON: {e}"
+                    ))))
+                }
+            }
+        };
+        let changes = ImageConfigChanges::from_docker_json(&config);
+        let pods = self.pods.clone();
+        let jobs = ctx.jobs.clone();
+        ctx.jobs.spawn(ctx.conn, "commit", move || {
+            let res = pods.commit(&jobs, &cid, &repo, &changes);
+            Box::new(move |_: &mut Supervisor| match res {
+                Ok(id) => ok(&id),
+                Err(e) => fail(&e.into()),
+            }) as Finish
+        });
+        Reply::Later
     }
+
     fn pod_create(&mut self, ctx: &mut Ctx, req: &Request) -> Response {
         let text = match req.query_param("podArgs") {
             Some(a) => a.to_string(),
@@ -421,6 +521,7 @@ impl Hyperd {
                 name: c.name.clone(),
                 image: c.image.clone(),
                 state: "pending".into(),
+                ..Default::default()
             })
             .collect();
         match ctx.sup.create_pod(&name, &text, containers) {
@@ -429,63 +530,112 @@ impl Hyperd {
         }
     }
 
-    fn pod_start(&mut self, ctx: &mut Ctx, req: &Request) -> Response {
-        let Some(id) = req.query_param("podId") else {
-            return fail(&HyperdError::BadParameter("podId is required".into()));
-        };
-        let pod = match ctx.sup.pod(id) {
-            Ok(p) => p.clone(),
-            Err(e) => return fail(&e.into()),
-        };
-        if pod.state == PodState::Running {
-            return fail(&HyperdError::Conflict(format!("pod {} is already running", pod.id)));
+    fn pod_start(&mut self, ctx: &mut Ctx, req: &Request) -> Reply {
+        match self.try_pod_start(ctx, req) {
+            Ok(r) => r,
+            Err(e) => Reply::Now(fail(&e)),
         }
-        if let Some(vm) = req.query_param("vmId").filter(|v| !v.is_empty()) {
-            if !vm_exists(ctx.sup, vm) {
-                return fail(&HyperdError::NoSuch(format!("vm {vm}")));
-            }
-        }
-        let e = pod_vm_unavailable();
-        let msg = e.to_string();
-        let _ = ctx.sup.update_pod(&pod.id, |p| {
-            p.state = PodState::Failed;
-            p.last_error = Some(msg);
-        });
-        fail(&e)
     }
 
-    fn pod_stop(&mut self, ctx: &mut Ctx, req: &Request) -> Response {
+    fn try_pod_start(&mut self, ctx: &mut Ctx, req: &Request) -> Result<Reply, HyperdError> {
+        let id = req
+            .query_param("podId")
+            .ok_or_else(|| HyperdError::BadParameter("podId is required".into()))?;
+        let pod = ctx.sup.pod(id)?.clone();
+        let vm = req.query_param("vmId").filter(|v| !v.is_empty()).map(str::to_string);
+        let vm_inst = match &vm {
+            Some(vm) => Some(
+                crate::pods::find_vm(ctx.sup, vm).ok_or_else(|| HyperdError::NoSuch(format!("vm {vm}")))?,
+            ),
+            None => None,
+        };
+        if pod.state == PodState::Running {
+            return Err(HyperdError::Conflict(format!("pod {} is already running", pod.id)));
+        }
+        if pod.vm.is_some() {
+            return Err(HyperdError::Conflict(format!(
+                "pod {} has {} but its VM is still up; stop it first (pod/stop)",
+                pod.id,
+                pod.state.as_str()
+            )));
+        }
+        if let (Some(vm), Some(inst)) = (&vm, &vm_inst) {
+            let i = ctx.sup.instance(inst)?;
+            if let Some(p) = i.annotations.get(POD_ANN) {
+                return Err(HyperdError::Conflict(format!("vm {vm} is associated with pod {p}")));
+            }
+            if i.state != crate::model::InstanceState::Running {
+                return Err(HyperdError::Conflict(format!("vm {vm} is not running")));
+            }
+        }
+        let plan = self.plan(&pod)?;
+        if let Err(e) = self.pods.requirements() {
+            let msg = e.to_string();
+            let _ = ctx.sup.update_pod(&pod.id, |p| {
+                p.state = PodState::Failed;
+                p.last_error = Some(msg);
+            });
+            return Err(e.into());
+        }
+        let guard = self.pods.claim(&pod.id)?;
+        let vm_guard = match &vm {
+            Some(v) => Some(self.pods.claim(v)?),
+            None => None,
+        };
+        ctx.sup.update_pod(&pod.id, |p| {
+            p.state = PodState::Pending;
+            p.last_error = None;
+        })?;
+        let pods = self.pods.clone();
+        let jobs = ctx.jobs.clone();
+        let pod_id = pod.id.clone();
+        ctx.jobs.spawn(ctx.conn, "pod-start", move || {
+            let res = pods.start_pod(&jobs, plan, vm);
+            drop((guard, vm_guard));
+            Box::new(move |_: &mut Supervisor| match res {
+                Ok(()) => ok(&pod_id),
+                Err(e) => fail(&e.into()),
+            }) as Finish
+        });
+        Ok(Reply::Later)
+    }
+
+    fn pod_stop(&mut self, ctx: &mut Ctx, req: &Request) -> Reply {
         let Some(id) = req.query_param("podId") else {
-            return fail(&HyperdError::BadParameter("podId is required".into()));
+            return Reply::Now(fail(&HyperdError::BadParameter("podId is required".into())));
         };
         let stop_vm = match req.query_param("stopVM").unwrap_or("yes") {
             "yes" => true,
             "no" => false,
             other => {
-                return fail(&HyperdError::BadParameter(format!("stopVM must be yes or no, not {other:?}")))
+                return Reply::Now(fail(&HyperdError::BadParameter(format!(
+                    "stopVM must be yes or no, not {other:?}"
+                ))))
             }
         };
         let pod = match ctx.sup.pod(id) {
             Ok(p) => p.clone(),
-            Err(e) => return fail(&e.into()),
+            Err(e) => return Reply::Now(fail(&e.into())),
         };
-        if pod.state != PodState::Running {
-            return fail(&HyperdError::Conflict(format!("pod {} is not running", pod.id)));
+        // A pod whose containers have all ended still has its VM to stop.
+        if pod.vm.is_none() {
+            return Reply::Now(fail(&HyperdError::Conflict(format!("pod {} is not running", pod.id))));
         }
-        if let (true, Some(vm)) = (stop_vm, &pod.vm) {
-            if let Err(e) = ctx.sup.delete_instance(vm, true) {
-                return fail(&e.into());
-            }
-        }
-        match ctx.sup.update_pod(&pod.id, |p| {
-            p.state = PodState::Succeeded;
-            if stop_vm {
-                p.vm = None;
-            }
-        }) {
-            Ok(p) => ok(&p.id),
-            Err(e) => fail(&e.into()),
-        }
+        let guard = match self.pods.claim(&pod.id) {
+            Ok(g) => g,
+            Err(e) => return Reply::Now(fail(&e.into())),
+        };
+        let pods = self.pods.clone();
+        let jobs = ctx.jobs.clone();
+        ctx.jobs.spawn(ctx.conn, "pod-stop", move || {
+            let res = pods.stop_pod(&jobs, &pod.id, stop_vm);
+            drop(guard);
+            Box::new(move |_: &mut Supervisor| match res {
+                Ok(()) => ok(&pod.id),
+                Err(e) => fail(&e.into()),
+            }) as Finish
+        });
+        Reply::Later
     }
 
     fn pod_delete(&mut self, ctx: &mut Ctx, req: &Request) -> Response {
@@ -496,15 +646,42 @@ impl Hyperd {
             Ok(p) => p.clone(),
             Err(e) => return fail(&e.into()),
         };
-        if let Some(vm) = &pod.vm {
-            if ctx.sup.instance(vm).is_ok() {
-                if let Err(e) = ctx.sup.delete_instance(vm, true) {
-                    return fail(&e.into());
-                }
-            }
+        let _guard = match self.pods.claim(&pod.id) {
+            Ok(g) => g,
+            Err(e) => return fail(&e.into()),
+        };
+        match self.pods.delete_pod(ctx.sup, &pod.id) {
+            Ok(()) => ok(&pod.id),
+            Err(e) => fail(&e.into()),
         }
-        match ctx.sup.remove_pod(&pod.id) {
-            Ok(p) => ok(&p.id),
+    }
+
+    fn vm_create(&mut self, ctx: &mut Ctx) -> Reply {
+        if let Err(e) = self.pods.requirements() {
+            return Reply::Now(fail(&e.into()));
+        }
+        let pods = self.pods.clone();
+        let jobs = ctx.jobs.clone();
+        ctx.jobs.spawn(ctx.conn, "vm-create", move || {
+            let res = pods.create_vm(&jobs);
+            Box::new(move |_: &mut Supervisor| match res {
+                Ok(vm) => ok(&vm),
+                Err(e) => fail(&e.into()),
+            }) as Finish
+        });
+        Reply::Later
+    }
+
+    fn vm_kill(&mut self, ctx: &mut Ctx, req: &Request) -> Response {
+        let Some(vm) = req.query_param("vm") else {
+            return fail(&HyperdError::BadParameter("vm is required".into()));
+        };
+        let _guard = match self.pods.claim(vm) {
+            Ok(g) => g,
+            Err(e) => return fail(&e.into()),
+        };
+        match self.pods.kill_vm(ctx.sup, vm) {
+            Ok(()) => ok(vm),
             Err(e) => fail(&e.into()),
         }
     }
@@ -643,28 +820,6 @@ fn vm_id_of(sup: &Supervisor, inst: &str) -> Option<String> {
     sup.instance(inst).ok()?.annotations.get(VM_ANN).cloned()
 }
 
-fn vm_exists(sup: &Supervisor, vm: &str) -> bool {
-    sup.state()
-        .instances
-        .values()
-        .any(|i| i.annotations.get(VM_ANN).map(String::as_str) == Some(vm))
-}
-
-/// Why a pod VM cannot be made on this host.
-fn pod_vm_unavailable() -> HyperdError {
-    match crate::compilers::linux::find_kernel() {
-        None => HyperdError::Other(format!(
-            "pod VMs boot Linux with ember-agent as init, and no Linux kernel was found (set {} or install one at {})",
-            crate::compilers::linux::KERNEL_ENV,
-            crate::compilers::linux::KERNEL_PATH
-        )),
-        Some(k) => HyperdError::Other(format!(
-            "pod VMs (Linux {} with ember-agent as init) are not wired into emberd yet",
-            k.display()
-        )),
-    }
-}
-
 impl Face for Hyperd {
     fn handle(&mut self, ctx: &mut Ctx, req: &Request) -> Option<Reply> {
         let path = req.path.trim_end_matches('/');
@@ -672,36 +827,18 @@ impl Face for Hyperd {
             (Method::Get, "/info") => self.info(ctx),
             (Method::Get, "/list") => self.list(ctx, req),
             (Method::Post, "/pod/create") => self.pod_create(ctx, req),
-            (Method::Post, "/pod/start") => self.pod_start(ctx, req),
-            (Method::Post, "/pod/stop") => self.pod_stop(ctx, req),
+            (Method::Post, "/pod/start") => return Some(self.pod_start(ctx, req)),
+            (Method::Post, "/pod/stop") => return Some(self.pod_stop(ctx, req)),
             (Method::Delete, "/pod") => self.pod_delete(ctx, req),
-            (Method::Post, "/vm/create") => fail(&pod_vm_unavailable()),
-            (Method::Delete, "/vm") => match req.query_param("vm") {
-                None => fail(&HyperdError::BadParameter("vm is required".into())),
-                Some(vm) => {
-                    let inst = ctx
-                        .sup
-                        .state()
-                        .instances
-                        .values()
-                        .find(|i| i.annotations.get(VM_ANN).map(String::as_str) == Some(vm))
-                        .map(|i| i.id.clone());
-                    match inst {
-                        None => fail(&HyperdError::NoSuch(format!("vm {vm}"))),
-                        Some(i) => match ctx.sup.delete_instance(&i, true) {
-                            Ok(()) => ok(vm),
-                            Err(e) => fail(&e.into()),
-                        },
-                    }
-                }
-            },
+            (Method::Post, "/vm/create") => return Some(self.vm_create(ctx)),
+            (Method::Delete, "/vm") => self.vm_kill(ctx, req),
             (Method::Post, "/auth") => self.auth(ctx, req),
             (Method::Get, "/images/get") => self.images_get(req),
             (Method::Post, "/image/create") => return Some(self.image_create(ctx, req)),
             (Method::Delete, "/image") => self.image_remove(ctx, req),
             (Method::Post, "/image/build") => return Some(self.image_build(ctx, req)),
             (Method::Post, "/image/push" | "/images/push") => return Some(self.image_push(ctx, req)),
-            (Method::Post, "/container/commit") => self.commit(ctx, req),
+            (Method::Post, "/container/commit") => return Some(self.commit(ctx, req)),
             (_, "/info" | "/list" | "/pod/create" | "/pod/start" | "/pod/stop" | "/pod" | "/vm/create"
                 | "/vm" | "/auth" | "/images/get" | "/image/create" | "/image" | "/image/build"
                 | "/image/push" | "/container/commit") => Response::json(
@@ -711,6 +848,10 @@ impl Face for Hyperd {
             _ => return None,
         };
         Some(Reply::Now(r))
+    }
+
+    fn resume(&mut self, sup: &mut Supervisor, jobs: &Jobs) {
+        self.pods.resume(sup, jobs);
     }
 }
 
