@@ -139,6 +139,26 @@ pub struct Resource {
 pub fn parse_pod(text: &str) -> Result<PodSpec, HyperdError> {
     let mut spec: PodSpec = serde_json::from_str(text)
         .map_err(|e| HyperdError::BadParameter(format!("pod spec is not valid JSON: {e}")))?;
+    // Known parts of hyperd's spec that ember does not do yet are refused
+    // rather than silently dropped (empty lists are fine).
+    let raw: Value = serde_json::from_str(text).unwrap_or(Value::Null);
+    let used = |v: &Value, key: &str| v.get(key).is_some_and(|x| !x.is_null() && x != &json!([]) && x != &json!({}));
+    for key in ["volumes", "files", "interfaces", "portmappings", "services"] {
+        if used(&raw, key) {
+            return Err(HyperdError::BadParameter(format!(
+                "pod {key} are not supported by emberd yet"
+            )));
+        }
+    }
+    for (i, c) in raw["containers"].as_array().into_iter().flatten().enumerate() {
+        for key in ["volumes", "files", "ports"] {
+            if used(c, key) {
+                return Err(HyperdError::BadParameter(format!(
+                    "container {i}: {key} are not supported by emberd yet"
+                )));
+            }
+        }
+    }
     if spec.containers.is_empty() {
         return Err(HyperdError::BadParameter("a pod needs at least one container".into()));
     }
@@ -875,5 +895,13 @@ mod tests {
         assert!(parse_pod(r#"{"containers":[{"name":"a"}]}"#).is_err());
         assert!(parse_pod("nope").is_err());
         assert!(parse_pod(r#"{"containers":[{"image":"a"}],"resource":{"vcpu":99}}"#).is_err());
+        // Parts ember does not do are refused unless empty.
+        let e = parse_pod(r#"{"containers":[{"image":"a"}],"volumes":[{"name":"v"}]}"#).unwrap_err();
+        assert_eq!(e.to_string(), "bad parameter: pod volumes are not supported by emberd yet");
+        let e = parse_pod(r#"{"containers":[{"image":"a","ports":[{"containerPort":80}]}]}"#).unwrap_err();
+        assert!(e.to_string().contains("container 0: ports"), "{e}");
+        assert!(parse_pod(r#"{"containers":[{"image":"a","volumes":[],"files":null}],"volumes":[],"portmappings":[],"dns":["1.1.1.1"]}"#).is_ok());
+        assert!(parse_pod(r#"{"hostname":"a b","containers":[{"image":"a"}]}"#).is_err());
+        assert!(parse_pod(r#"{"containers":[{"image":"a","envs":[{"env":"","value":"x"}]}]}"#).is_err());
     }
 }
