@@ -939,9 +939,54 @@ impl Pods {
         Ok(())
     }
 
-    /// After a restart: re-opens the sessions of running pod VMs (in the
-    /// background) and learns which containers exited meanwhile.
-    pub fn resume(self: &Arc<Self>, sup: &Supervisor, jobs: &Jobs) {
+    /// After a restart: pods whose start was cut short fail (their VM is
+    /// removed), pods whose VM died meanwhile fail, and the sessions of
+    /// running pod VMs are re-opened in the background, learning which
+    /// containers exited meanwhile.
+    pub fn resume(self: &Arc<Self>, sup: &mut Supervisor, jobs: &Jobs) {
+        let pods: Vec<(String, PodState, Option<String>)> = sup
+            .state()
+            .pods
+            .values()
+            .map(|p| (p.id.clone(), p.state, p.vm.clone()))
+            .collect();
+        for (pod, state, vm) in pods {
+            let vm_running = vm
+                .as_deref()
+                .and_then(|v| sup.instance(v).ok())
+                .is_some_and(|i| i.state == InstanceState::Running);
+            if state == PodState::Pending {
+                // Its VM, if the start got that far (the pod names it only
+                // once the agent answered; the VM names the pod at launch).
+                let made: Vec<String> = sup
+                    .state()
+                    .instances
+                    .values()
+                    .filter(|i| {
+                        vm.as_deref() == Some(i.id.as_str())
+                            || i.annotations.get(POD_ANN) == Some(&pod)
+                    })
+                    .map(|i| i.id.clone())
+                    .collect();
+                for inst in made {
+                    let _ = sup.delete_instance(&inst, true);
+                }
+                let _ = sup.update_pod(&pod, |p| {
+                    p.state = PodState::Failed;
+                    p.vm = None;
+                    p.last_error =
+                        Some("emberd restarted while the pod was starting; start it again".into());
+                    for c in &mut p.containers {
+                        if c.state == "running" || c.state == "pending" {
+                            c.state = "failed".into();
+                        }
+                    }
+                });
+            } else if let (Some(inst), false) = (vm, vm_running) {
+                session_ended(sup, &inst, "the VM ended while emberd was not running");
+            }
+        }
+        gc_rootfs(sup);
         for i in sup.state().instances.values() {
             if !i.annotations.contains_key(VM_ANN) || i.state != InstanceState::Running {
                 continue;

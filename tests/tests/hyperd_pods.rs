@@ -654,3 +654,134 @@ fn linux_pod_vm_runs_a_container() {
         "{files:?}"
     );
 }
+
+/// emberd with a pod kernel that is not an agent: the test guest in `mode`.
+fn start_with_guest_mode(tag: &str, mode: &str, timeout_s: &str) -> Emberd {
+    let agent = bin("ember-agent");
+    let args = format!("ember.test={mode}");
+    Emberd::start(
+        tag,
+        UID,
+        &[
+            "--pod-kernel",
+            PVH_ELF,
+            "--pod-boot-args",
+            &args,
+            "--pod-agent",
+            agent.to_str().unwrap(),
+            "--pod-rootfs-mb",
+            "16",
+            "--pod-agent-timeout",
+            timeout_s,
+        ],
+    )
+}
+
+fn instances(d: &Emberd) -> Vec<Value> {
+    let state: Value =
+        serde_json::from_slice(&std::fs::read(d.dir.join("state/state.json")).unwrap()).unwrap();
+    state["instances"]
+        .as_object()
+        .unwrap()
+        .values()
+        .cloned()
+        .collect()
+}
+
+#[test]
+fn pod_vm_failures_are_clear() {
+    // The guest prints hello and resets: the VM ends before any agent
+    // answers. The start fails at once with the reason, and nothing is
+    // left running.
+    let d = start_with_guest_mode("pods-hello", "hello", "60");
+    import_app(&d, "app:1");
+    let pod = create_pod(&d, json!({"containers": [{"image": "app:1"}]}));
+    let (c, v) = d.req("POST", &format!("/pod/start?podId={pod}"), None);
+    assert_eq!(c, 500, "{v}");
+    let cause = v["Cause"].as_str().unwrap();
+    assert!(cause.contains("stopped before its agent answered"), "{v}");
+    assert_eq!(
+        pod_entry(&d, &pod)[2..],
+        ["".to_string(), "failed".to_string()]
+    );
+    assert!(list(&d, "vm").is_empty(), "{:?}", list(&d, "vm"));
+    assert!(instances(&d).is_empty(), "{:?}", instances(&d));
+    let (c, v) = d.req("POST", "/vm/create", None);
+    assert_eq!(c, 500, "{v}");
+    assert!(
+        v["Cause"]
+            .as_str()
+            .unwrap()
+            .contains("stopped before its agent answered"),
+        "{v}"
+    );
+    assert!(instances(&d).is_empty(), "{:?}", instances(&d));
+    // The pod can be started again (and fails the same way).
+    let (c, _) = d.req("POST", &format!("/pod/start?podId={pod}"), None);
+    assert_eq!(c, 500);
+    drop(d);
+
+    // A pod kernel that does not exist.
+    let d = Emberd::start(
+        "pods-nokernel",
+        UID,
+        &["--pod-kernel", "/nonexistent/vmlinux"],
+    );
+    import_app(&d, "app:1");
+    let pod = create_pod(&d, json!({"containers": [{"image": "app:1"}]}));
+    let (c, v) = d.req("POST", &format!("/pod/start?podId={pod}"), None);
+    assert_eq!(c, 500, "{v}");
+    assert!(
+        v["Cause"]
+            .as_str()
+            .unwrap()
+            .contains("/nonexistent/vmlinux does not exist (emberd --pod-kernel)"),
+        "{v}"
+    );
+    assert_eq!(pod_entry(&d, &pod)[3], "failed");
+    drop(d);
+
+    // emberd dies while a pod starts (the guest idles and never answers):
+    // after the restart the pod has failed with the reason and its VM is
+    // gone.
+    let mut d = start_with_guest_mode("pods-cut", "idle", "600");
+    import_app(&d, "app:1");
+    let pod = create_pod(&d, json!({"containers": [{"image": "app:1"}]}));
+    // The request is sent and left waiting (emberd dies before it answers).
+    let mut waiting = std::os::unix::net::UnixStream::connect(&d.sock).unwrap();
+    std::io::Write::write_all(
+        &mut waiting,
+        format!("POST /pod/start?podId={pod} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+            .as_bytes(),
+    )
+    .unwrap();
+    let vmm = wait_for(PATIENCE, || {
+        instances(&d).into_iter().find_map(|i| {
+            Some((
+                i["process"]["pid"].as_i64()?,
+                i["process"]["start_time"].as_u64()?,
+            ))
+        })
+    })
+    .expect("the pod VM is launched");
+    d.kill9();
+    drop(waiting);
+    d.restart();
+    let e = pod_entry(&d, &pod);
+    assert_eq!(e[2..], ["".to_string(), "failed".to_string()], "{e:?}");
+    assert!(instances(&d).is_empty(), "{:?}", instances(&d));
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", vmm.0)).unwrap_or_default();
+    let same = stat
+        .rsplit_once(')')
+        .and_then(|(_, r)| r.split_whitespace().nth(19)?.parse::<u64>().ok())
+        == Some(vmm.1);
+    assert!(
+        !same
+            || stat
+                .rsplit_once(')')
+                .is_some_and(|(_, r)| r.trim_start().starts_with('Z')),
+        "the VMM was killed"
+    );
+    let (_, v) = d.req("GET", "/list?item=pod", None);
+    assert!(v.to_string().contains(&format!("{pod}:")), "{v}");
+}
