@@ -2329,22 +2329,28 @@ mod tests {
         assert_eq!(back_b.virtual_size, other.virtual_size);
     }
 
-    #[test]
-    fn commit_base_and_flat() {
-        let t = Tmp::new("commit");
-        let s = store(&t);
+    /// Imports `base:1` (files a, b, d/e; Env A=1, Cmd /old), the base of
+    /// the commit tests.
+    fn import_commit_base(t: &Tmp, s: &ImageStore) {
         let cfg = ImageConfig {
             env: vec!["A=1".into()],
             cmd: vec!["/old".into()],
             ..Default::default()
         };
         let src = layout(
-            &t,
+            t,
             "base:1",
             &[("a", "a\n"), ("b", "b\n"), ("d/e", "e\n")],
             &cfg,
         );
         s.import(&src, None, None).unwrap();
+    }
+
+    #[test]
+    fn commit_base_and_flat() {
+        let t = Tmp::new("commit");
+        let s = store(&t);
+        import_commit_base(&t, &s);
         // The container's tree: the base unpacked, then changed.
         let upper = t.0.join("container-rootfs");
         s.open_image("base:1")
@@ -2398,18 +2404,7 @@ mod tests {
     fn commit_ext4_diffs_a_changed_rootfs_image() {
         let t = Tmp::new("commit-ext4");
         let s = store(&t);
-        let cfg = ImageConfig {
-            env: vec!["A=1".into()],
-            cmd: vec!["/old".into()],
-            ..Default::default()
-        };
-        let src = layout(
-            &t,
-            "base:1",
-            &[("a", "a\n"), ("b", "b\n"), ("d/e", "e\n")],
-            &cfg,
-        );
-        s.import(&src, None, None).unwrap();
+        import_commit_base(&t, &s);
         // The container's root filesystem as emberd makes it, read back...
         let rootfs = t.0.join("rootfs.ext4");
         s.rootfs_ext4("base:1", &rootfs, None).unwrap();

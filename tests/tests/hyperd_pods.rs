@@ -21,7 +21,14 @@ use serde_json::{json, Value};
 const UID: u32 = 10507;
 
 fn start(tag: &str) -> Emberd {
+    start_with_guest_mode(tag, "pod-agent", "60")
+}
+
+/// emberd whose pod kernel is the test guest in `mode` (`pod-agent`
+/// plays the agent; other modes are kernels that are no agent).
+fn start_with_guest_mode(tag: &str, mode: &str, agent_timeout_s: &str) -> Emberd {
     let agent = bin("ember-agent");
+    let args = format!("ember.test={mode}");
     Emberd::start(
         tag,
         UID,
@@ -29,13 +36,15 @@ fn start(tag: &str) -> Emberd {
             "--pod-kernel",
             PVH_ELF,
             "--pod-boot-args",
-            "ember.test=pod-agent",
+            &args,
             "--pod-agent",
             agent.to_str().unwrap(),
             "--pod-rootfs-mb",
             "16",
             "--pod-stop-timeout",
             "1",
+            "--pod-agent-timeout",
+            agent_timeout_s,
         ],
     )
 }
@@ -289,17 +298,7 @@ fn pod_lifecycle_in_a_pod_vm() {
         .unwrap_or_else(|| panic!("snap:v1 not in {v}"))
         .to_string();
     assert!(entry.contains(&img), "{entry} vs {img}");
-    let layout = d.dir.join("pushed");
-    let (c, v) = d.curl(&[
-        "-X",
-        "POST",
-        &format!(
-            "http://localhost/image/push?remote={}&tag=snap:v1",
-            layout.display()
-        ),
-    ]);
-    assert_eq!(c, 200, "{v}");
-    let (files, config) = read_layout(&layout);
+    let (files, config) = pushed(&d, "snap:v1");
     assert_eq!(
         files.get("srv/written.txt").map(String::as_str),
         Some("written in the container\n"),
@@ -384,6 +383,21 @@ fn pod_lifecycle_in_a_pod_vm() {
     let vols = volumes(&d);
     assert!(!vols.iter().any(|v| v.ends_with("-rootfs")), "{vols:?}");
     assert!(list(&d, "pod").is_empty());
+}
+
+/// Pushes image `tag` to a local OCI layout through hyperd and reads it
+/// back: (files, config).
+fn pushed(d: &Emberd, tag: &str) -> (std::collections::BTreeMap<String, String>, Value) {
+    let layout = d
+        .dir
+        .join(&format!("pushed-{}", tag.replace([':', '/'], "-")));
+    let url = format!(
+        "http://localhost/image/push?remote={}&tag={tag}",
+        layout.display()
+    );
+    let (c, v) = d.curl(&["-X", "POST", &url]);
+    assert_eq!(c, 200, "{v}");
+    read_layout(&layout)
 }
 
 /// The files of an OCI layout's image (layers applied in order, whiteouts
@@ -637,44 +651,12 @@ fn linux_pod_vm_runs_a_container() {
         None,
     );
     assert_eq!(c, 200, "{v}");
-    let layout = d.dir.join("pushed");
-    let (c, v) = d.curl(&[
-        "-X",
-        "POST",
-        &format!(
-            "http://localhost/image/push?remote={}&tag=out:latest",
-            layout.display()
-        ),
-    ]);
-    assert_eq!(c, 200, "{v}");
-    let (files, _) = read_layout(&layout);
+    let (files, _) = pushed(&d, "out:latest");
     assert_eq!(
         files.get("out.txt").map(String::as_str),
         Some("from the pod\n"),
         "{files:?}"
     );
-}
-
-/// emberd with a pod kernel that is not an agent: the test guest in `mode`.
-fn start_with_guest_mode(tag: &str, mode: &str, timeout_s: &str) -> Emberd {
-    let agent = bin("ember-agent");
-    let args = format!("ember.test={mode}");
-    Emberd::start(
-        tag,
-        UID,
-        &[
-            "--pod-kernel",
-            PVH_ELF,
-            "--pod-boot-args",
-            &args,
-            "--pod-agent",
-            agent.to_str().unwrap(),
-            "--pod-rootfs-mb",
-            "16",
-            "--pod-agent-timeout",
-            timeout_s,
-        ],
-    )
 }
 
 fn instances(d: &Emberd) -> Vec<Value> {
