@@ -1,6 +1,8 @@
 //! Cleanup for the emberd benchmark: a temporary directory holding emberd's
 //! socket, state dir and jail base, the emberd process, and every VMM it
-//! started. Dropping the guard kills emberd, then each VMM it finds (the
+//! started. Dropping the guard first removes, through emberd's API, every
+//! hyperd pod and VM the benchmark created and has not removed yet (when
+//! emberd still runs), then kills emberd, then each VMM it finds (the
 //! pids in emberd's `state.json`, checked by start time, and any process
 //! whose command line names an instance id the benchmark saw), and removes
 //! the directory. The release profile aborts on panic, so the benchmark
@@ -15,6 +17,8 @@ use std::time::{Duration, Instant};
 
 /// How long to wait for killed processes to be gone.
 const KILL_WAIT: Duration = Duration::from_secs(10);
+/// Bound on each API request that removes a leftover pod or VM.
+const API_CLEANUP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Errors setting up the guard.
 #[derive(Debug, thiserror::Error)]
@@ -29,6 +33,12 @@ pub struct Guard {
     emberd: Option<Child>,
     /// Instance (and jail) ids the benchmark has seen.
     ids: Vec<String>,
+    /// hyperd pods the benchmark created and has not deleted yet.
+    pods: Vec<String>,
+    /// hyperd VMs (`vm-` ids) that may still be up.
+    vms: Vec<String>,
+    /// Pods and VMs the cleanup had to remove through the API.
+    removed: Vec<String>,
 }
 
 impl Guard {
@@ -40,6 +50,9 @@ impl Guard {
             root,
             emberd: None,
             ids: Vec::new(),
+            pods: Vec::new(),
+            vms: Vec::new(),
+            removed: Vec::new(),
         })
     }
 
@@ -76,14 +89,70 @@ impl Guard {
     /// Remembers an instance id, so a VMM of it is killed even if emberd
     /// lost track of it.
     pub fn track(&mut self, id: &str) {
-        if !id.is_empty() && !self.ids.iter().any(|i| i == id) {
-            self.ids.push(id.to_string());
+        push_new(&mut self.ids, id);
+    }
+
+    /// Remembers a hyperd pod until [`Guard::forget_pod`].
+    pub fn track_pod(&mut self, id: &str) {
+        push_new(&mut self.pods, id);
+    }
+
+    /// The pod was deleted.
+    pub fn forget_pod(&mut self, id: &str) {
+        self.pods.retain(|p| p != id);
+    }
+
+    /// Remembers a hyperd VM until [`Guard::forget_vm`].
+    pub fn track_vm(&mut self, id: &str) {
+        push_new(&mut self.vms, id);
+    }
+
+    /// The VM is gone.
+    pub fn forget_vm(&mut self, id: &str) {
+        self.vms.retain(|v| v != id);
+    }
+
+    /// Pods and VMs that [`Guard::kill_all`] removed through the API (none
+    /// after a clean run).
+    pub fn removed(&self) -> &[String] {
+        &self.removed
+    }
+
+    /// While emberd runs: `DELETE /pod?podId=` of every remembered pod (its
+    /// VM goes with it), then `DELETE /vm?vm=` of every remembered VM still
+    /// listed. Errors are ignored: the VMMs are killed afterwards anyway.
+    fn remove_through_api(&mut self) {
+        let running = self
+            .emberd
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)));
+        let pods = std::mem::take(&mut self.pods);
+        let vms = std::mem::take(&mut self.vms);
+        if !running {
+            return;
+        }
+        let sock = self.sock();
+        let delete = |path: String| {
+            super::http::once(&sock, "DELETE", &path, &[], None, API_CLEANUP_TIMEOUT)
+                .is_ok_and(|r| r.status == 200)
+        };
+        for p in pods {
+            if delete(format!("/pod?podId={p}")) {
+                self.removed.push(p);
+            }
+        }
+        for v in vms {
+            if delete(format!("/vm?vm={v}")) {
+                self.removed.push(v);
+            }
         }
     }
 
-    /// Kills emberd and every VMM left behind; returns the pids of the VMMs
-    /// that were still alive (none after a clean run).
+    /// Removes leftover pods and VMs through emberd, kills emberd and every
+    /// VMM left behind; returns the pids of the VMMs that were still alive
+    /// (none after a clean run).
     pub fn kill_all(&mut self) -> Vec<i32> {
+        self.remove_through_api();
         if let Some(mut c) = self.emberd.take() {
             let _ = c.kill();
             let _ = c.wait();
@@ -113,10 +182,22 @@ impl Guard {
 impl Drop for Guard {
     fn drop(&mut self) {
         let left = self.kill_all();
+        if !self.removed.is_empty() {
+            eprintln!(
+                "emberd-bench: removed leftover pods / VMs {:?}",
+                self.removed
+            );
+        }
         if !left.is_empty() {
             eprintln!("emberd-bench: killed leftover VMM processes {left:?}");
         }
         let _ = fs::remove_dir_all(&self.root);
+    }
+}
+
+fn push_new(list: &mut Vec<String>, id: &str) {
+    if !id.is_empty() && !list.iter().any(|i| i == id) {
+        list.push(id.to_string());
     }
 }
 
