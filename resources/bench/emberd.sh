@@ -3,20 +3,23 @@
 # C unikernel: run, wait for stopped, delete; and bursts), API requests per
 # second (keep-alive and a new connection per request), next to the spawn
 # rate of the same kernel under ember-jailer + ember-vmm and under bare
-# ember-vmm, measured in the same run. Needs root.
+# ember-vmm, measured in the same run; and hyperd pod round trips (create,
+# start, stop with its VM, delete) and idle VM creates in pod VMs whose
+# kernel is ember's test guest (`ember.test=pod-agent`) and whose initramfs
+# holds the release ember-agent. Needs root.
 #
-# Usage: resources/bench/emberd.sh [--runs N] [--burst K] [--requests M] [other `emberd-bench` options]
+# Usage: resources/bench/emberd.sh [--runs N] [--burst K] [--requests M] [--pod-runs N] [other `emberd-bench` options]
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 
 target_dir="${CARGO_TARGET_DIR:-target}"
 
-if ! cargo build --release -p vmm -p jailer -p api_server -p ember-bench; then
+if ! cargo build --release -p vmm -p jailer -p api_server -p ember-agent -p ember-bench; then
     # Like lifecycle.sh: a crate mid-edit elsewhere should not stop the
     # benchmark when earlier release binaries exist; say so loudly.
     cargo build --release -p ember-bench
-    for b in emberd ember-vmm ember-jailer; do
+    for b in emberd ember-vmm ember-jailer ember-agent; do
         if [[ ! -x "$target_dir/release/$b" ]]; then
             echo "emberd.sh: building failed and $target_dir/release/$b does not exist" >&2
             exit 1
@@ -29,4 +32,5 @@ exec "$target_dir/release/emberd-bench" \
     --emberd "$target_dir/release/emberd" \
     --vmm "$target_dir/release/ember-vmm" \
     --jailer "$target_dir/release/ember-jailer" \
+    --pod-agent "$target_dir/release/ember-agent" \
     "$@"

@@ -1,16 +1,22 @@
 //! emberd-bench: instance starts per second through emberd's API (a hello C
 //! unikernel), API requests per second, and the spawn rate of the same
 //! kernel under ember-jailer + ember-vmm and under bare ember-vmm, measured
-//! in the same run.
+//! in the same run; and hyperd pod round trips and idle VM creates in pod
+//! VMs whose kernel is ember's test guest (`pod-agent` mode), set against
+//! the same rounds' API starts and VMM spawns.
 //!
 //! Usage: emberd-bench [--runs N] [--burst K] [--burst-rounds R]
 //!                     [--idle-runs N] [--requests M] [--api-path PATH] [--poll-ms MS]
+//!                     [--pod-runs N] [--pod-kernel PATH] [--pod-boot-args ARGS]
+//!                     [--pod-agent PATH] [--pod-rootfs-mb MB]
 //!                     [--no-jailer] [--emberd PATH] [--vmm PATH]
 //!                     [--jailer PATH] [--uid UID] [--gid GID]
 //!
 //! Defaults: 20 runs, 3 bursts of 5, 5 starts of a guest that stays up, 2000 requests of GET /instances, 2 ms
-//! status polls, uid/gid 10502, emberd / ember-vmm / ember-jailer next to
-//! this binary. Needs root (emberd runs the jailer).
+//! status polls, 10 pod runs with the test guest as pod kernel
+//! (`ember.test=pod-agent`) and 16 MB root disks, uid/gid 10502, emberd /
+//! ember-vmm / ember-jailer / ember-agent next to this binary. Needs root
+//! (emberd runs the jailer).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -21,7 +27,8 @@ use ember_bench::throughput::vmrun;
 
 const USAGE: &str =
     "usage: emberd-bench [--runs N] [--burst K] [--burst-rounds R] [--idle-runs N] [--requests M] \
-[--api-path PATH] [--poll-ms MS] [--no-jailer] [--emberd PATH] [--vmm PATH] [--jailer PATH] \
+[--api-path PATH] [--poll-ms MS] [--pod-runs N] [--pod-kernel PATH] [--pod-boot-args ARGS] \
+[--pod-agent PATH] [--pod-rootfs-mb MB] [--no-jailer] [--emberd PATH] [--vmm PATH] [--jailer PATH] \
 [--uid UID] [--gid GID]";
 
 fn parse_args(args: &[String]) -> Result<EmberdBenchConfig, String> {
@@ -43,6 +50,11 @@ fn parse_args(args: &[String]) -> Result<EmberdBenchConfig, String> {
         poll: Duration::from_millis(2),
         with_jailer: true,
         idle_runs: 5,
+        pod_runs: 10,
+        pod_kernel: ember_guests::PVH_ELF.into(),
+        pod_boot_args: "ember.test=pod-agent".into(),
+        pod_agent: bin_dir.join("ember-agent"),
+        pod_rootfs_mb: 16,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -59,6 +71,11 @@ fn parse_args(args: &[String]) -> Result<EmberdBenchConfig, String> {
             "--requests" => cfg.requests = num(value()?)?,
             "--idle-runs" => cfg.idle_runs = num(value()?)?,
             "--api-path" => cfg.api_path = value()?,
+            "--pod-runs" => cfg.pod_runs = num(value()?)?,
+            "--pod-kernel" => cfg.pod_kernel = value()?.into(),
+            "--pod-boot-args" => cfg.pod_boot_args = value()?,
+            "--pod-agent" => cfg.pod_agent = value()?.into(),
+            "--pod-rootfs-mb" => cfg.pod_rootfs_mb = num(value()?)? as u64,
             "--poll-ms" => cfg.poll = Duration::from_millis(num(value()?)? as u64),
             "--no-jailer" => cfg.with_jailer = false,
             "--emberd" => cfg.emberd = value()?.into(),
@@ -80,9 +97,13 @@ fn parse_args(args: &[String]) -> Result<EmberdBenchConfig, String> {
         || cfg.burst > 100
         || cfg.burst_rounds > 1000
         || cfg.idle_runs > 10_000
+        || cfg.pod_runs > 10_000
         || cfg.requests > 10_000_000
     {
         return Err("refusing absurd counts (runs <= 10000, burst <= 100, rounds <= 1000)".into());
+    }
+    if cfg.pod_rootfs_mb == 0 {
+        return Err("--pod-rootfs-mb must be at least 1".into());
     }
     Ok(cfg)
 }
@@ -116,6 +137,16 @@ fn main() -> ExitCode {
         cfg.api_path,
         cfg.emberd.display()
     );
+    if cfg.pod_runs > 0 {
+        println!(
+            "pod phase: {} rounds (+1 warm-up), interleaved with the above, of [pod create, start, \
+             stop with its VM, delete; idle VM create, delete]; pod kernel {} ({}), agent {}",
+            cfg.pod_runs,
+            cfg.pod_kernel.display(),
+            cfg.pod_boot_args,
+            cfg.pod_agent.display()
+        );
+    }
     println!(
         "API start = POST /instances/run, poll GET /instances/<name> every {} ms until stopped, \
          check the log for {:?}, DELETE. Rates = runs / sum of per-run wall times. \

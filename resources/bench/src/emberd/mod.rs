@@ -9,9 +9,15 @@
 //! runs sent back to back, then waiting for all to stop), starts of a guest
 //! that keeps running (run, wait for its line, forced delete) and the
 //! request loops. Nothing here asserts on time.
+//!
+//! With `pod_runs` > 0, emberd also gets a pod kernel and agent and each
+//! round adds a hyperd pod round trip and an idle VM create + delete
+//! ([`pods`]); their medians are set against the API start's and the bare
+//! VMM spawn's from the same rounds.
 
 pub mod guard;
 pub mod http;
+pub mod pods;
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -52,7 +58,7 @@ const START_TIMEOUT: Duration = Duration::from_secs(30);
 #[derive(Debug, thiserror::Error)]
 pub enum EmberdBenchError {
     #[error(
-        "{0} not found (build it with `cargo build --release -p vmm -p jailer -p api_server`)"
+        "{0} not found (build it with `cargo build --release -p vmm -p jailer -p api_server -p ember-agent`)"
     )]
     Missing(PathBuf),
     #[error(transparent)]
@@ -140,6 +146,17 @@ pub struct EmberdBenchConfig {
     pub with_jailer: bool,
     /// API starts of a guest that keeps running (0: skip).
     pub idle_runs: usize,
+    /// Pod round trips and idle VM creates, interleaved with the rounds
+    /// above (0: skip, and emberd gets no pod flags).
+    pub pod_runs: usize,
+    /// emberd's `--pod-kernel` (the test guest where Linux cannot boot).
+    pub pod_kernel: PathBuf,
+    /// emberd's `--pod-boot-args`.
+    pub pod_boot_args: String,
+    /// emberd's `--pod-agent` (the `ember-agent` binary for the initramfs).
+    pub pod_agent: PathBuf,
+    /// emberd's `--pod-rootfs-mb` (size of each container's root disk).
+    pub pod_rootfs_mb: u64,
 }
 
 /// One sequential API start.
@@ -189,7 +206,18 @@ pub struct Report {
     pub fresh: Option<RequestLoop>,
     /// VMM pids the final cleanup had to kill (none after a clean run).
     pub leftovers: Vec<i32>,
+    /// `POST /image/create` of the pods' container image.
+    pub pod_import: Option<Duration>,
+    /// The warm-up pod's `POST /pod/start` (builds the pod VM image).
+    pub pod_first_start: Option<Duration>,
+    pub pods: Vec<pods::PodRound>,
+    pub vms: Vec<pods::VmRound>,
+    /// Pods and VMs the final cleanup had to remove (none after a clean run).
+    pub pods_removed: Vec<String>,
 }
+
+/// Formats one table row: name, count, rate, samples.
+type RowFn<'a> = dyn Fn(&str, String, Option<f64>, &[Duration]) -> String + 'a;
 
 fn rate(n: usize, total: Duration) -> Option<f64> {
     (!total.is_zero()).then(|| n as f64 / total.as_secs_f64())
@@ -218,6 +246,107 @@ impl Report {
 
     pub fn vmm_rate(&self) -> Option<f64> {
         rate(self.vmm.len(), sum(&self.vmm))
+    }
+
+    /// Median of the sequential API starts' whole iterations.
+    pub fn api_median(&self) -> Option<Duration> {
+        median(&self.api.iter().map(|a| a.total).collect::<Vec<_>>())
+    }
+
+    /// The pod phase's rows: pod round trips and idle VMs.
+    fn render_pods(&self, row: &RowFn<'_>) -> String {
+        let mut s = String::new();
+        if !self.pods.is_empty() {
+            let n = self.pods.len().to_string();
+            let col =
+                |f: fn(&pods::PodRound) -> Duration| self.pods.iter().map(f).collect::<Vec<_>>();
+            let total = col(|p| p.total);
+            s += &row(
+                "pod: create, start, stop VM, delete",
+                n.clone(),
+                rate(total.len(), sum(&total)),
+                &total,
+            );
+            s += &row(
+                "  POST /pod/create answered",
+                n.clone(),
+                None,
+                &col(|p| p.create),
+            );
+            s += &row(
+                "  POST /pod/start answered (running)",
+                n.clone(),
+                None,
+                &col(|p| p.start),
+            );
+            s += &row(
+                "  POST /pod/stop?stopVM=yes answered",
+                n.clone(),
+                None,
+                &col(|p| p.stop),
+            );
+            s += &row("  DELETE /pod answered", n, None, &col(|p| p.delete));
+        }
+        if !self.vms.is_empty() {
+            let n = self.vms.len().to_string();
+            let col =
+                |f: fn(&pods::VmRound) -> Duration| self.vms.iter().map(f).collect::<Vec<_>>();
+            let total = col(|v| v.total);
+            s += &row(
+                "idle VM: POST /vm/create, DELETE /vm",
+                n.clone(),
+                rate(total.len(), sum(&total)),
+                &total,
+            );
+            s += &row(
+                "  POST /vm/create answered (READY)",
+                n.clone(),
+                None,
+                &col(|v| v.create),
+            );
+            s += &row("  DELETE /vm answered", n, None, &col(|v| v.delete));
+        }
+        s
+    }
+
+    /// Ratios of medians (times, so > 1 is slower) of the pod phase.
+    fn render_pod_ratios(&self) -> String {
+        if self.pods.is_empty() && self.vms.is_empty() {
+            return String::new();
+        }
+        let ratio = |a: Option<Duration>, b: Option<Duration>| match (a, b) {
+            (Some(a), Some(b)) if !b.is_zero() => {
+                format!("{:.3}", a.as_secs_f64() / b.as_secs_f64())
+            }
+            _ => "-".into(),
+        };
+        let med = |v: Vec<Duration>| median(&v);
+        let pod_total = med(self.pods.iter().map(|p| p.total).collect());
+        let pod_start = med(self.pods.iter().map(|p| p.start).collect());
+        let pod_stop = med(self.pods.iter().map(|p| p.stop).collect());
+        let vm_create = med(self.vms.iter().map(|v| v.create).collect());
+        let (api, vmm) = (self.api_median(), median(&self.vmm));
+        let mut s = String::from(
+            "pod time ratios (median / median, > 1 is slower; API start = run, stopped, logs, delete):
+",
+        );
+        for (name, t) in [
+            ("pod round trip", pod_total),
+            ("pod start", pod_start),
+            ("pod stop", pod_stop),
+            ("VM create", vm_create),
+        ] {
+            if t.is_none() {
+                continue;
+            }
+            s += &format!(
+                "  {:<16} / API start {:>8}   / VMM-only {:>8}\n",
+                name,
+                ratio(t, api),
+                ratio(t, vmm)
+            );
+        }
+        s
     }
 
     /// The table and the ratios.
@@ -249,6 +378,18 @@ impl Report {
                 b.as_secs_f64() * 1e3
             );
         }
+        if let Some(b) = self.pod_import {
+            s += &format!(
+                "pod container image import (POST /image/create, OCI layout): {:.1} ms\n",
+                b.as_secs_f64() * 1e3
+            );
+        }
+        if let Some(b) = self.pod_first_start {
+            s += &format!(
+                "first POST /pod/start (also builds the pod VM image): {:.1} ms\n",
+                b.as_secs_f64() * 1e3
+            );
+        }
         s += &format!(
             "{:<40} {:>7} {:>10} {:>12} {:>12} {:>12} {:>12}\n",
             "what", "n", "per s", "median", "p90", "min", "max"
@@ -274,6 +415,7 @@ impl Report {
             &col(|a| a.stopped),
         );
         s += &row("  DELETE answered", n, None, &col(|a| a.delete));
+        s += &self.render_pods(&row);
         if !self.idle.is_empty() {
             let n = self.idle.len().to_string();
             let col = |f: fn(&ApiStart) -> Duration| self.idle.iter().map(f).collect::<Vec<_>>();
@@ -371,6 +513,13 @@ impl Report {
             s += &format!(
                 "  requests keep-alive / new connection  {}\n",
                 ratio(rate(k.samples.len(), k.wall), rate(f.samples.len(), f.wall))
+            );
+        }
+        s += &self.render_pod_ratios();
+        if !self.pods_removed.is_empty() {
+            s += &format!(
+                "cleanup: removed leftover pods / VMs {:?}\n",
+                self.pods_removed
             );
         }
         s += &if self.leftovers.is_empty() {
@@ -800,6 +949,27 @@ fn c_tarball(dir: &Path, name: &str, source: &str) -> Result<Vec<u8>> {
     std::fs::read(&out).map_err(io_err(format!("read {}", out.display())))
 }
 
+/// emberd's pod flags (none when the pod phase is skipped).
+pub fn pod_flags(cfg: &EmberdBenchConfig) -> Vec<String> {
+    if cfg.pod_runs == 0 {
+        return Vec::new();
+    }
+    vec![
+        "--pod-kernel".into(),
+        cfg.pod_kernel.to_string_lossy().into_owned(),
+        "--pod-boot-args".into(),
+        cfg.pod_boot_args.clone(),
+        "--pod-agent".into(),
+        cfg.pod_agent.to_string_lossy().into_owned(),
+        "--pod-rootfs-mb".into(),
+        cfg.pod_rootfs_mb.to_string(),
+        // The test guest's containers end on the first SIGTERM; the bound
+        // only matters if one does not.
+        "--pod-stop-timeout".into(),
+        "1".into(),
+    ]
+}
+
 /// Starts emberd and waits until its socket answers.
 fn start_emberd(g: &mut Guard, cfg: &EmberdBenchConfig) -> Result<()> {
     let log = std::fs::File::create(g.emberd_log()).map_err(io_err("create emberd.log"))?;
@@ -816,6 +986,7 @@ fn start_emberd(g: &mut Guard, cfg: &EmberdBenchConfig) -> Result<()> {
         .arg("--jailer")
         .arg(&cfg.jailer)
         .args(["--uid", &cfg.uid.to_string(), "--gid", &cfg.gid.to_string()])
+        .args(pod_flags(cfg))
         .stdin(Stdio::null())
         .stdout(log)
         .stderr(log2)
@@ -1004,9 +1175,15 @@ fn jailer_once(
 
 /// Runs the whole benchmark; `progress` gets a line per phase.
 pub fn run(cfg: &EmberdBenchConfig, progress: &mut dyn FnMut(&str)) -> Result<Report> {
-    for p in [&cfg.emberd, &cfg.vmm, &cfg.jailer] {
+    let pod_files = [&cfg.pod_kernel, &cfg.pod_agent];
+    let pod_files = if cfg.pod_runs > 0 {
+        &pod_files[..]
+    } else {
+        &[]
+    };
+    for p in [&cfg.emberd, &cfg.vmm, &cfg.jailer].iter().chain(pod_files) {
         if !p.is_file() {
-            return Err(EmberdBenchError::Missing(p.clone()));
+            return Err(EmberdBenchError::Missing(p.to_path_buf()));
         }
     }
     let root = std::env::temp_dir().join(format!("ember-emberd-bench-{}", std::process::id()));
@@ -1015,6 +1192,7 @@ pub fn run(cfg: &EmberdBenchConfig, progress: &mut dyn FnMut(&str)) -> Result<Re
     match r {
         Ok(mut report) => {
             report.leftovers = g.kill_all();
+            report.pods_removed = g.removed().to_vec();
             Ok(report)
         }
         Err(err) => {
@@ -1068,29 +1246,62 @@ fn run_in(
         config: vmm_config("/kernel", &cmdline, mem).to_string(),
     });
 
-    // Warm-up (page cache, binaries): one of each, not recorded.
+    // The pods' container image, imported once.
+    if cfg.pod_runs > 0 {
+        let layout = pods::write_oci_layout(g.root(), pods::POD_IMAGE_REF)?;
+        let took = c.import_image(&layout)?;
+        report.pod_import = Some(took);
+        progress(&format!(
+            "container image {} imported in {:.0} ms from {}",
+            pods::POD_IMAGE_REF,
+            took.as_secs_f64() * 1e3,
+            layout.display()
+        ));
+    }
+
+    // Warm-up (page cache, binaries, the pod VM image): one of each, not
+    // recorded.
     api_start(&mut c, g, "warmup", cfg, mem)?;
     if let Some(s) = &jailer {
         jailer_once(cfg, s, g, "emberd-bench-jail-warmup")?;
     }
     vmm_once(cfg, &vmm_cfg_path)?;
+    if cfg.pod_runs > 0 {
+        let first = pods::pod_round(&mut c, g, pods::POD_IMAGE_REF)?;
+        report.pod_first_start = Some(first.start);
+        pods::vm_round(&mut c, g)?;
+    }
     progress("warm-up done");
 
-    for i in 1..=cfg.runs {
+    // Round i: an API start, a jailer run and a bare VMM run (i <= runs),
+    // then a pod round trip and an idle VM (i <= pod_runs).
+    let rounds = cfg.runs.max(cfg.pod_runs);
+    for i in 1..=rounds {
         if interrupted() {
             return Err(EmberdBenchError::Interrupted);
         }
-        report
-            .api
-            .push(api_start(&mut c, g, &format!("seq-{i}"), cfg, mem)?);
-        if let Some(s) = &jailer {
+        if i <= cfg.runs {
             report
-                .jailer
-                .push(jailer_once(cfg, s, g, &format!("emberd-bench-jail-{i}"))?);
+                .api
+                .push(api_start(&mut c, g, &format!("seq-{i}"), cfg, mem)?);
+            if let Some(s) = &jailer {
+                report
+                    .jailer
+                    .push(jailer_once(cfg, s, g, &format!("emberd-bench-jail-{i}"))?);
+            }
+            report.vmm.push(vmm_once(cfg, &vmm_cfg_path)?);
         }
-        report.vmm.push(vmm_once(cfg, &vmm_cfg_path)?);
+        if i <= cfg.pod_runs {
+            report
+                .pods
+                .push(pods::pod_round(&mut c, g, pods::POD_IMAGE_REF)?);
+            report.vms.push(pods::vm_round(&mut c, g)?);
+        }
     }
-    progress(&format!("{} interleaved rounds done", cfg.runs));
+    progress(&format!(
+        "{rounds} interleaved rounds done ({} API / jailer / VMM, {} pod / VM)",
+        cfg.runs, cfg.pod_runs
+    ));
 
     if cfg.burst > 0 {
         for round in 1..=cfg.burst_rounds {
@@ -1122,13 +1333,22 @@ fn run_in(
         progress(&format!("2 x {} GET {} done", cfg.requests, cfg.api_path));
     }
 
-    // Everything was deleted: emberd should list no instance.
-    let left = c.expect("GET", "/instances", None, 200)?.json();
-    if left.as_array().is_none_or(|a| !a.is_empty()) {
-        return Err(EmberdBenchError::Unexpected {
-            what: "GET /instances after the benchmark".into(),
-            detail: left.to_string(),
-        });
+    // Everything was deleted: emberd should list no instance (pod VMs are
+    // instances too), pod, VM or volume (container root disks).
+    for (path, key) in [
+        ("/instances", ""),
+        ("/list?item=pod", "podData"),
+        ("/list?item=vm", "vmData"),
+        ("/volumes", ""),
+    ] {
+        let v = c.expect("GET", path, None, 200)?.json();
+        let list = if key.is_empty() { &v } else { &v[key] };
+        if list.as_array().is_none_or(|a| !a.is_empty()) {
+            return Err(EmberdBenchError::Unexpected {
+                what: format!("GET {path} after the benchmark"),
+                detail: v.to_string(),
+            });
+        }
     }
     Ok(report)
 }
@@ -1223,6 +1443,90 @@ mod tests {
     }
 
     #[test]
+    fn pod_rows_and_ratios() {
+        let a = ApiStart {
+            post: ms(10),
+            stopped: ms(40),
+            delete: ms(5),
+            total: ms(100),
+        };
+        let p = |start| pods::PodRound {
+            create: ms(1),
+            start: ms(start),
+            stop: ms(50),
+            delete: ms(2),
+            total: ms(start + 60),
+        };
+        let r = Report {
+            api: vec![a; 3],
+            vmm: vec![ms(25); 3],
+            pods: vec![p(100), p(140), p(400)],
+            vms: vec![pods::VmRound {
+                create: ms(200),
+                delete: ms(10),
+                total: ms(215),
+            }],
+            ..Default::default()
+        };
+        let text = r.render();
+        assert!(
+            text.contains(&format!(
+                "{:<40} {:>7} {:10.2}",
+                "pod: create, start, stop VM, delete",
+                3,
+                3.0 / 0.82
+            )),
+            "{text}"
+        );
+        assert!(
+            text.contains("  pod round trip   / API start    2.000   / VMM-only    8.000"),
+            "{text}"
+        );
+        assert!(
+            text.contains("  pod start        / API start    1.400   / VMM-only    5.600"),
+            "{text}"
+        );
+        assert!(
+            text.contains("  VM create        / API start    2.000   / VMM-only    8.000"),
+            "{text}"
+        );
+        assert!(text.contains("  DELETE /vm answered"), "{text}");
+        assert!(!text.contains("removed leftover pods"), "{text}");
+        assert!(!Report::default().render().contains("pod"));
+    }
+
+    #[test]
+    fn pod_flags_only_with_pod_runs() {
+        let mut cfg = EmberdBenchConfig {
+            runs: 1,
+            burst: 0,
+            burst_rounds: 0,
+            requests: 0,
+            api_path: "/instances".into(),
+            emberd: "e".into(),
+            vmm: "v".into(),
+            jailer: "j".into(),
+            uid: 1,
+            gid: 1,
+            poll: ms(2),
+            with_jailer: false,
+            idle_runs: 0,
+            pod_runs: 0,
+            pod_kernel: "/k.elf".into(),
+            pod_boot_args: "ember.test=pod-agent".into(),
+            pod_agent: "/a".into(),
+            pod_rootfs_mb: 16,
+        };
+        assert!(pod_flags(&cfg).is_empty());
+        cfg.pod_runs = 2;
+        assert_eq!(
+            pod_flags(&cfg).join(" "),
+            "--pod-kernel /k.elf --pod-boot-args ember.test=pod-agent --pod-agent /a \
+             --pod-rootfs-mb 16 --pod-stop-timeout 1"
+        );
+    }
+
+    #[test]
     fn empty_report_renders_dashes() {
         let text = Report::default().render();
         assert!(text.contains("API sequential / VMM-only    -"), "{text}");
@@ -1245,6 +1549,11 @@ mod tests {
             poll: ms(2),
             with_jailer: true,
             idle_runs: 1,
+            pod_runs: 1,
+            pod_kernel: "/nonexistent/pvh.elf".into(),
+            pod_boot_args: "ember.test=pod-agent".into(),
+            pod_agent: "/nonexistent/ember-agent".into(),
+            pod_rootfs_mb: 16,
         };
         let e = run(&cfg, &mut |_| {})
             .err()
