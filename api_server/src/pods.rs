@@ -29,7 +29,7 @@ use std::sync::mpsc::{channel, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ember_agent::protocol::{OkReply, Request, Rootfs, StartContainer, StopContainer};
+use ember_agent::protocol::{OkReply, Request, Rootfs, StartContainer, StopContainer, Wait};
 use ember_agent::{AgentClient, ClientError};
 
 use crate::images_store::ImageStore;
@@ -275,6 +275,8 @@ pub struct Pods {
     sessions: Mutex<HashMap<String, Session>>,
     /// Pods and VMs with an operation under way.
     busy: Mutex<HashSet<String>>,
+    /// Instances whose session is being re-established after a restart.
+    reconnecting: Mutex<HashSet<String>>,
 }
 
 /// Marks a pod or VM busy until dropped.
@@ -301,6 +303,7 @@ impl Pods {
             images,
             sessions: Mutex::new(HashMap::new()),
             busy: Mutex::new(HashSet::new()),
+            reconnecting: Mutex::new(HashSet::new()),
         })
     }
 
@@ -783,7 +786,9 @@ impl Pods {
             })
             .ok_or_else(loop_gone)?
             .map_err(|e| PodError::NoSuch(e.to_string().replace(" not found", "")))?;
-        let session = inst.as_deref().and_then(|i| self.session(i));
+        let session = inst
+            .as_deref()
+            .and_then(|i| self.session_when_ready(i, Duration::from_secs(15)));
         let mut codes = Vec::new();
         if let Some(s) = &session {
             let grace = self.cfg.stop_timeout;
@@ -1006,33 +1011,72 @@ impl Pods {
                 .collect();
             let me = Arc::clone(self);
             let jobs2 = jobs.clone();
+            self.reconnecting
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(inst.clone());
             jobs.spawn_background("agent-resume", Duration::ZERO, move || {
-                match AgentClient::connect_vsock_uds(&uds, Some(Duration::from_secs(10))) {
-                    Ok(mut c) => {
+                // Retried like a fresh boot's: the agent may still be
+                // closing the old emberd's connection.
+                let session = me.connect(&jobs2, &inst, &uds).map(|c| {
+                    me.open_session(&jobs2, &inst, c);
+                    me.session(&inst)
+                });
+                me.reconnecting
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&inst);
+                match session {
+                    Ok(Some(s)) => {
+                        // Which containers exited while nobody listened
+                        // (events sent meanwhile reach the loop by
+                        // themselves).
                         let mut done = Vec::new();
                         for cid in running {
-                            if let Ok(code) = c.wait(&cid, Some(Duration::ZERO)) {
+                            let req = Request::Wait(Wait {
+                                id: cid.clone(),
+                                timeout_ms: Some(0),
+                            });
+                            if let Ok(OkReply {
+                                code: Some(code), ..
+                            }) = s.request(req, Duration::from_secs(10))
+                            {
                                 done.push((cid, code));
                             }
                         }
-                        for ev in c.take_events() {
-                            let ember_agent::Event::Exited { id, code } = ev;
-                            done.push((id, code));
-                        }
-                        let _ = c.stream().set_read_timeout(None);
-                        me.open_session(&jobs2, &inst, c);
                         Box::new(move |sup: &mut Supervisor, _: &Jobs| {
                             for (cid, code) in done {
                                 container_exited(sup, &inst, &cid, code);
                             }
                         }) as crate::server::BgFinish
                     }
+                    Ok(None) => Box::new(|_: &mut Supervisor, _: &Jobs| {}),
                     Err(e) => {
                         let why = format!("cannot reconnect to its agent after a restart: {e}");
                         Box::new(move |sup: &mut Supervisor, _: &Jobs| vm_lost(sup, &inst, &why))
                     }
                 }
             });
+        }
+    }
+
+    /// The session of `inst`, waiting (up to `timeout`) while it is being
+    /// re-established after a restart.
+    fn session_when_ready(&self, inst: &str, timeout: Duration) -> Option<Session> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.session(inst) {
+                return Some(s);
+            }
+            let pending = self
+                .reconnecting
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(inst);
+            if !pending || Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 
