@@ -772,7 +772,7 @@ impl Pods {
     /// VM stays up, idle. The caller has claimed the pod.
     pub fn stop_pod(self: &Arc<Self>, jobs: &Jobs, pod_id: &str, stop_vm: bool) -> Result<()> {
         let pid = pod_id.to_string();
-        let (inst, running, before) = jobs
+        let (inst, running, all, before) = jobs
             .call(move |sup, _| {
                 sup.pod(&pid).map(|p| {
                     let running: Vec<String> = p
@@ -781,7 +781,8 @@ impl Pods {
                         .filter(|c| c.state == "running")
                         .map(|c| c.id.clone())
                         .collect();
-                    (p.vm.clone(), running, p.state)
+                    let all: Vec<String> = p.containers.iter().map(|c| c.id.clone()).collect();
+                    (p.vm.clone(), running, all, p.state)
                 })
             })
             .ok_or_else(loop_gone)?
@@ -833,8 +834,9 @@ impl Pods {
             }
             (false, Some(inst)) => {
                 if let Some(s) = &session {
-                    for cid in &running {
-                        // Unmounts its root disk inside the VM.
+                    // Exited ones too: this unmounts each root disk inside
+                    // the VM, which stays up.
+                    for cid in &all {
                         let _ = s.request(
                             Request::RemoveContainer(ember_agent::protocol::RemoveContainer {
                                 id: cid.clone(),

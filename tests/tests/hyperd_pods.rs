@@ -485,11 +485,22 @@ fn exits_idle_vms_restarts_and_bad_input() {
     let (c, v) = d.req("POST", &format!("/pod/start?podId={bad}"), None);
     assert_eq!(c, 409, "{v}");
     assert!(v["Cause"].as_str().unwrap().contains("still up"), "{v}");
-    ok_id(&d, "POST", &format!("/pod/stop?podId={bad}&stopVM=yes"));
+    // Kept up: both exited containers are still removed inside the VM
+    // (their root disks unmounted).
+    let bad_vm = pod_entry(&d, &bad)[2].clone();
+    ok_id(&d, "POST", &format!("/pod/stop?podId={bad}&stopVM=no"));
     assert_eq!(
         pod_entry(&d, &bad)[2..],
         ["".to_string(), "failed".to_string()]
     );
+    assert!(list(&d, "vm").contains(&format!("{bad_vm}::idle")));
+    let log = d.logs(&bad_vm);
+    assert_eq!(log.matches("pod-agent recv cmd 22").count(), 2, "{log}");
+    assert!(
+        !log.contains("pod-agent recv cmd 18"),
+        "nothing left to kill: {log}"
+    );
+    ok_id(&d, "DELETE", &format!("/vm?vm={bad_vm}"));
     ok_id(&d, "POST", &format!("/pod/stop?podId={good}&stopVM=yes"));
     assert_eq!(
         pod_entry(&d, &good)[2..],

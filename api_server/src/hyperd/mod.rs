@@ -499,10 +499,24 @@ impl Hyperd {
             }
         };
         let changes = ImageConfigChanges::from_docker_json(&config);
+        // One operation per pod at a time: a start must not change the disk
+        // while it is read.
+        let pod = ctx
+            .sup
+            .state()
+            .pods
+            .values()
+            .find(|p| p.containers.iter().any(|c| c.id == cid || c.name == cid))
+            .map(|p| p.id.clone());
+        let guard = match pod.map(|p| self.pods.claim(&p)).transpose() {
+            Ok(g) => g,
+            Err(e) => return Reply::Now(fail(&e.into())),
+        };
         let pods = self.pods.clone();
         let jobs = ctx.jobs.clone();
         ctx.jobs.spawn(ctx.conn, "commit", move || {
             let res = pods.commit(&jobs, &cid, &repo, &changes);
+            drop(guard);
             Box::new(move |_: &mut Supervisor| match res {
                 Ok(id) => ok(&id),
                 Err(e) => fail(&e.into()),
