@@ -625,7 +625,7 @@ fn exits_idle_vms_restarts_and_bad_input() {
 // emulates ring 0, and the kernel's SSE/xsave end the run with
 // KVM_EXIT_INTERNAL_ERROR); run with --ignored on real hardware with a
 // kernel at $EMBER_LINUX_KERNEL.
-#[ignore]
+#[ignore = "needs a KVM that can boot Linux (this host's nested PVM KVM cannot) and a kernel in EMBER_LINUX_KERNEL"]
 fn linux_pod_vm_runs_a_container() {
     let d = Emberd::start(
         "pods-linux",
