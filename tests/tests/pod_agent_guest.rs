@@ -100,6 +100,20 @@ fn retry_connect<T>(vm: &mut Proc, mut f: impl FnMut() -> Result<T, ClientError>
     }
 }
 
+/// DESTROYPOD, answered; ember-vmm then exits 0. Returns the guest lines.
+fn destroy(mut c: AgentClient<UnixStream>, vm: &mut Proc) -> Vec<String> {
+    c.destroy_pod().unwrap();
+    let st = vm.wait();
+    assert_eq!(
+        st.code(),
+        Some(0),
+        "ember-vmm exits 0 after DESTROYPOD\nstdout:\n{}\nstderr:\n{}",
+        vm.out(),
+        vm.err()
+    );
+    guest_lines(vm)
+}
+
 fn connect(vm: &mut Proc, uds: &Path) -> AgentClient<UnixStream> {
     retry_connect(vm, || AgentClient::connect_vsock_uds(uds, Some(PATIENCE)))
 }
@@ -306,16 +320,7 @@ fn pod_agent_guest_serves_containers_over_vsock() {
         "bad NEWCONTAINER payload: no valid id",
     );
 
-    c.destroy_pod().unwrap();
-    let st = vm.wait();
-    assert_eq!(
-        st.code(),
-        Some(0),
-        "ember-vmm exits 0 after DESTROYPOD\nstdout:\n{}\nstderr:\n{}",
-        vm.out(),
-        vm.err()
-    );
-    let lines = guest_lines(&vm);
+    let lines = destroy(c, &mut vm);
     let destroy = lines.iter().position(|l| l == "pod-agent destroy");
     assert!(destroy.is_some(), "no destroy line:\n{}", vm.out());
     assert_eq!(
@@ -433,16 +438,7 @@ fn pod_agent_guest_frames_split_batched_and_oversized() {
     let mut c = connect(&mut vm, &uds);
     assert_eq!(c.ping().unwrap(), VERSION, "PING on the new connection");
     expect_agent_error(c.wait("c1", None), "no such container c1");
-    c.destroy_pod().unwrap();
-    let st = vm.wait();
-    assert_eq!(
-        st.code(),
-        Some(0),
-        "ember-vmm exits 0 after DESTROYPOD\nstdout:\n{}\nstderr:\n{}",
-        vm.out(),
-        vm.err()
-    );
-    let lines = guest_lines(&vm);
+    let lines = destroy(c, &mut vm);
     assert!(
         lines.iter().any(|l| l == "pod-agent destroy"),
         "no destroy line:\n{}",
