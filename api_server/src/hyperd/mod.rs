@@ -169,6 +169,19 @@ pub fn parse_pod(text: &str) -> Result<PodSpec, HyperdError> {
         if c.name.is_empty() {
             c.name = format!("{}-{i}", c.image.split([':', '/']).next_back().unwrap_or("c"));
         }
+        // Names appear in /list's colon-joined lines and name containers
+        // in /container/commit.
+        crate::model::validate_name("container", &c.name)
+            .map_err(|e| HyperdError::BadParameter(e.to_string()))?;
+    }
+    let mut names = std::collections::BTreeSet::new();
+    for c in &spec.containers {
+        if !names.insert(c.name.as_str()) {
+            return Err(HyperdError::BadParameter(format!(
+                "two containers are named {}",
+                c.name
+            )));
+        }
     }
     if spec.containers.len() > 26 {
         return Err(HyperdError::BadParameter(format!(
@@ -916,6 +929,11 @@ mod tests {
         assert!(e.to_string().contains("container 0: ports"), "{e}");
         assert!(parse_pod(r#"{"containers":[{"image":"a","volumes":[],"files":null}],"volumes":[],"portmappings":[],"dns":["1.1.1.1"]}"#).is_ok());
         assert!(parse_pod(r#"{"hostname":"a b","containers":[{"image":"a"}]}"#).is_err());
+        let e = parse_pod(r#"{"containers":[{"image":"a","name":"x:y"}]}"#).unwrap_err();
+        assert!(e.to_string().starts_with("bad parameter"), "{e}");
+        let e = parse_pod(r#"{"containers":[{"image":"a","name":"x"},{"image":"b","name":"x"}]}"#).unwrap_err();
+        assert_eq!(e.to_string(), "bad parameter: two containers are named x");
+        assert!(parse_pod(r#"{"containers":[{"image":"a"},{"image":"a"}]}"#).is_ok());
         assert!(parse_pod(r#"{"containers":[{"image":"a","envs":[{"env":"","value":"x"}]}]}"#).is_err());
     }
 }
