@@ -2,35 +2,14 @@
 //! mounting. Needs the Debian packages dosfstools and mtools.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
-use std::sync::atomic::{AtomicU32, Ordering};
 
 use api_server::cidata::{build_cidata, from_flintlock_metadata, CidataError, CidataFiles};
 use api_server::hub::base64_encode;
 
-/// A temporary directory removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        static SEQ: AtomicU32 = AtomicU32::new(0);
-        let p = std::env::temp_dir().join(format!(
-            "ember-cidata-{tag}-{}-{}",
-            std::process::id(),
-            SEQ.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+mod common;
+use common::TempDir;
 
 fn mtool(tool: &str, img: &Path, args: &[&str]) -> (bool, Vec<u8>) {
     let out = Command::new(tool)
@@ -64,7 +43,7 @@ fn names(img: &Path) -> Vec<String> {
 
 #[test]
 fn image_holds_the_files_under_the_cidata_label() {
-    let dir = TempDir::new("full");
+    let dir = TempDir::new("cidata-full");
     let img = dir.0.join("cidata.img");
     let big: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
     let files = CidataFiles {
@@ -124,7 +103,7 @@ fn image_holds_the_files_under_the_cidata_label() {
 
 #[test]
 fn image_from_flintlock_metadata() {
-    let dir = TempDir::new("flintlock");
+    let dir = TempDir::new("cidata-flintlock");
     let img = dir.0.join("seed.img");
     let mut map = BTreeMap::new();
     map.insert(
@@ -210,7 +189,7 @@ fn flintlock_metadata_rules() {
 
 #[test]
 fn build_errors_are_clear() {
-    let dir = TempDir::new("errors");
+    let dir = TempDir::new("cidata-errors");
     let img = dir.0.join("no-such-dir").join("x.img");
     let e = build_cidata(&img, &CidataFiles::default()).unwrap_err();
     assert!(matches!(e, CidataError::Io { .. }), "{e:?}");

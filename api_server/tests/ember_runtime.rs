@@ -10,6 +10,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod common;
+use common::{workspace_bin, TempDir};
+
 /// Generous bound for one guest run; hitting it fails the test instead of hanging.
 const PATIENCE: Duration = Duration::from_secs(60);
 
@@ -140,54 +143,6 @@ fn fnv1a(data: &[u8]) -> u32 {
     })
 }
 
-/// A temp directory removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        let p = std::env::temp_dir().join(format!("ember-rt-{tag}-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).expect("create temp dir");
-        TempDir(p)
-    }
-    fn join(&self, s: &str) -> PathBuf {
-        self.0.join(s)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// target/<profile>/ember-vmm next to this test binary, built if missing.
-fn ember_vmm() -> PathBuf {
-    let exe = std::env::current_exe().expect("current_exe");
-    let dir = exe
-        .parent()
-        .and_then(|d| d.parent())
-        .expect("test binary lives in target/<profile>/deps");
-    let p = dir.join("ember-vmm");
-    if !p.exists() {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut cmd = Command::new(cargo);
-        cmd.current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
-            .args(["build", "--quiet", "-p", "vmm", "--bin", "ember-vmm"]);
-        if !cfg!(debug_assertions) {
-            cmd.arg("--release");
-        }
-        assert!(
-            cmd.status().expect("run cargo").success(),
-            "building ember-vmm failed"
-        );
-    }
-    assert!(p.exists(), "{} was not built", p.display());
-    p
-}
-
 /// Compiles PROGRAM into `dir/out/kernel.elf`.
 fn build_program(dir: &TempDir) -> PathBuf {
     let src = dir.join("src");
@@ -227,7 +182,7 @@ fn boot(dir: &TempDir, kernel: &Path, cmdline: &str, drives: &[&Path]) -> String
     std::fs::write(&cfg_path, cfg.to_string()).unwrap();
     let stdout = dir.join("vmm.stdout");
     let stderr = dir.join("vmm.stderr");
-    let mut child = Command::new(ember_vmm())
+    let mut child = Command::new(workspace_bin("vmm", "ember-vmm"))
         .arg("--no-api")
         .arg("--config-file")
         .arg(&cfg_path)
@@ -294,7 +249,7 @@ fn mkfs(root: &Path, img: &Path, block_size: u32) {
 
 #[test]
 fn args_env_and_exit_status() {
-    let t = TempDir::new("hello");
+    let t = TempDir::new("rt-hello");
     let kernel = build_program(&t);
     let mut env = BTreeMap::new();
     env.insert("GREETING".to_string(), "hello world".to_string());
@@ -335,7 +290,7 @@ fn args_env_and_exit_status() {
 
 #[test]
 fn faults_and_failed_assertions_end_the_program() {
-    let t = TempDir::new("fault");
+    let t = TempDir::new("rt-fault");
     let kernel = build_program(&t);
     let out = boot(&t, &kernel, "console=ttyS0 -- fault", &[]);
     assert_lines(&out, &["dividing", "ember: exit 139"]);
@@ -393,7 +348,7 @@ fn fs_tree(t: &TempDir) -> (PathBuf, Vec<u8>, Vec<u8>, Vec<u8>) {
 
 #[test]
 fn reads_files_and_lists_dirs_on_ext4_volumes() {
-    let t = TempDir::new("ext4");
+    let t = TempDir::new("rt-ext4");
     let kernel = build_program(&t);
     let (root, big, sparse, many) = fs_tree(&t);
     let img1k = t.join("vol1k.img");
@@ -466,7 +421,7 @@ fn reads_files_and_lists_dirs_on_ext4_volumes() {
 
 #[test]
 fn raw_volume_write_and_read_back() {
-    let t = TempDir::new("raw");
+    let t = TempDir::new("rt-raw");
     let kernel = build_program(&t);
     let img = t.join("raw.img");
     let mut head = vec![0u8; 1 << 20];
@@ -497,7 +452,7 @@ fn raw_volume_write_and_read_back() {
 
 #[test]
 fn compile_errors_carry_gcc_messages() {
-    let t = TempDir::new("err");
+    let t = TempDir::new("rt-err");
     let src = t.join("src");
     std::fs::create_dir_all(&src).unwrap();
     std::fs::write(

@@ -9,7 +9,6 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::sync::OnceLock;
@@ -18,6 +17,9 @@ use std::time::{Duration, Instant};
 
 use api_server::hub::{Hub, HubConfig, HubError, DEFAULT_BUCKET, INLINE_METADATA_LIMIT};
 use serde_json::json;
+
+mod common;
+use common::TempDir;
 
 /// Bound on moto's start (interpreter, imports, bind).
 const START_TIMEOUT: Duration = Duration::from_secs(90);
@@ -170,29 +172,6 @@ impl Drop for Moto {
     }
 }
 
-/// A temporary directory removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let p = std::env::temp_dir().join(format!("ember-hub-{tag}-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// Deterministic, non-repeating-looking bytes.
 fn pattern(len: usize, seed: u32) -> Vec<u8> {
     let mut x = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
@@ -265,7 +244,7 @@ fn header<'a>(response: &'a str, name: &str) -> Option<&'a str> {
 #[test]
 fn push_exists_pull_round_trip() {
     let moto = Moto::start();
-    let dir = TempDir::new("rt");
+    let dir = TempDir::new("hub-rt");
     let hub = moto.hub("alice");
     assert_eq!(hub.bucket_name(), DEFAULT_BUCKET);
 
@@ -334,7 +313,7 @@ fn push_exists_pull_round_trip() {
 #[test]
 fn missing_and_deleted_images_are_not_found() {
     let moto = Moto::start();
-    let dir = TempDir::new("nf");
+    let dir = TempDir::new("hub-nf");
     let dest = dir.path().join("out");
     // In a bucket that does not exist.
     let hub =
@@ -375,7 +354,7 @@ fn missing_and_deleted_images_are_not_found() {
 #[test]
 fn large_image_json_goes_to_a_sidecar_object() {
     let moto = Moto::start();
-    let dir = TempDir::new("side");
+    let dir = TempDir::new("hub-side");
     let hub = moto.hub("carol");
     let mappings: Vec<_> = (0..100)
         .map(|i| json!({"MountPoint": format!("/data/volume-{i}"), "DeviceName": format!("/dev/vd{i}")}))
@@ -420,7 +399,7 @@ fn large_image_json_goes_to_a_sidecar_object() {
 #[test]
 fn five_megabyte_artifacts_stream_single_and_multipart() {
     let moto = Moto::start();
-    let dir = TempDir::new("big");
+    let dir = TempDir::new("hub-big");
     let data = pattern(5 * 1024 * 1024 + 12345, 4);
     let artifact = dir.path().join("big.tar.gz");
     std::fs::write(&artifact, &data).unwrap();
@@ -465,7 +444,7 @@ fn five_megabyte_artifacts_stream_single_and_multipart() {
 fn bad_arguments_are_refused_before_any_request() {
     // Nothing listens on this port: these must fail without a request.
     let hub = Hub::new(HubConfig::new("http://127.0.0.1:9/", "u", "p").unwrap()).unwrap();
-    let dir = TempDir::new("args");
+    let dir = TempDir::new("hub-args");
     let artifact = dir.path().join("a");
     std::fs::write(&artifact, b"x").unwrap();
     assert!(matches!(
@@ -580,7 +559,7 @@ fn auth_failures_and_sigv4_signing() {
     });
     let hub =
         Hub::new(HubConfig::new(&format!("http://127.0.0.1:{port}/b"), "k", "s").unwrap()).unwrap();
-    let dir = TempDir::new("auth");
+    let dir = TempDir::new("hub-auth");
     match hub.pull("img", &dir.path().join("out")) {
         Err(HubError::Auth { code, message, .. }) => {
             assert_eq!(code, "InvalidAccessKeyId");
@@ -602,7 +581,7 @@ fn auth_failures_and_sigv4_signing() {
 #[test]
 fn config_spellings_reach_the_same_hub() {
     let moto = Moto::start();
-    let dir = TempDir::new("cfg");
+    let dir = TempDir::new("hub-cfg");
     let a = HubConfig::from_json(&json!({"url": moto.url(), "user": "erin", "pass": "x"})).unwrap();
     let b = HubConfig::from_json(&json!({"URL": moto.url(), "Username": "erin", "Password": "y"}))
         .unwrap();

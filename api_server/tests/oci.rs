@@ -11,7 +11,6 @@ use std::io::Write;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicU32, Ordering};
 
 use api_server::archive::{ArchiveError, ExtractLimits};
 use api_server::oci::{self, ImageConfig, OciError};
@@ -20,30 +19,8 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use tar::EntryType;
 
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> Self {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let p = std::env::temp_dir().join(format!(
-            "ember-oci-it-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::SeqCst)
-        ));
-        let _ = fs::remove_dir_all(&p);
-        fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-    fn path(&self, p: &str) -> PathBuf {
-        self.0.join(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
+mod common;
+use common::TempDir;
 
 fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
@@ -358,8 +335,8 @@ fn check_three_layers(root: &Path) {
 
 #[test]
 fn layered_unpack_whiteouts_and_ext4() {
-    let t = TempDir::new();
-    let mut lay = Layout::new(&t.path("layout"));
+    let t = TempDir::new("oci-it");
+    let mut lay = Layout::new(&t.join("layout"));
     let cfg = json!({"config": {"Env": ["PATH=/bin"], "Cmd": ["/bin/app"], "WorkingDir": "/srv",
         "ExposedPorts": {"8080/tcp": {}}, "Labels": {"a": "b"}, "User": "0"}});
     let desc = lay.manifest(&three_layers(), cfg);
@@ -380,7 +357,7 @@ fn layered_unpack_whiteouts_and_ext4() {
         ("linux", "amd64")
     );
 
-    let root = t.path("rootfs");
+    let root = t.join("rootfs");
     let s = img.unpack(&root, &ExtractLimits::default()).unwrap();
     check_three_layers(&root);
     assert_eq!(s.layers, 3);
@@ -389,7 +366,7 @@ fn layered_unpack_whiteouts_and_ext4() {
     assert_eq!(s.hardlinks, 1);
     assert_eq!(s.symlinks, 1);
 
-    let ext4 = t.path("root.ext4");
+    let ext4 = t.join("root.ext4");
     let mb = img.to_ext4(&ext4, None).unwrap();
     assert!(mb >= volumes::MIN_AUTO_EXT4_MB);
     assert_eq!(names_in(&debugfs(&ext4, "ls -l /opt")), ["new"]);
@@ -416,7 +393,7 @@ fn layered_unpack_whiteouts_and_ext4() {
 
 #[test]
 fn docker_save_legacy_tarball() {
-    let t = TempDir::new();
+    let t = TempDir::new("oci-it");
     let l1 = Tar::new()
         .file("etc/os-release", 0o644, b"ID=test\n")
         .file("usr/bin/tool", 0o755, b"tool")
@@ -453,7 +430,7 @@ fn docker_save_legacy_tarball() {
         add("repositories", br#"{"myapp":{"v1":"x"}}"#);
         b.into_inner().unwrap()
     };
-    let tarball = t.path("save.tar");
+    let tarball = t.join("save.tar");
     fs::write(&tarball, build(&l2, true)).unwrap();
 
     for r in [
@@ -466,7 +443,7 @@ fn docker_save_legacy_tarball() {
         assert_eq!(img.digest, format!("sha256:{chex}"), "{r:?}");
         assert_eq!(img.repo_tags, ["myapp:v1", "registry.local/myapp:v1"]);
         assert_eq!(img.config.cmd, ["/bin/sh"]);
-        let root = t.path("root");
+        let root = t.join("root");
         img.unpack(&root, &ExtractLimits::default()).unwrap();
         let s = snapshot(&root);
         assert_eq!(s["etc/os-release"].4, b"ID=test\n");
@@ -493,8 +470,8 @@ fn docker_save_legacy_tarball() {
 
 #[test]
 fn layout_inside_tar_and_ref_selection() {
-    let t = TempDir::new();
-    let mut lay = Layout::new(&t.path("layout"));
+    let t = TempDir::new("oci-it");
+    let mut lay = Layout::new(&t.join("layout"));
     let one = lay.manifest(
         &[(
             oci::MEDIA_OCI_LAYER_GZIP,
@@ -516,7 +493,7 @@ fn layout_inside_tar_and_ref_selection() {
                "io.containerd.image.name": "docker.io/library/busybox:latest"}),
     );
     for gz in [false, true] {
-        let tarball = t.path(if gz { "img.tar.gz" } else { "img.tar" });
+        let tarball = t.join(if gz { "img.tar.gz" } else { "img.tar" });
         fs::write(&tarball, tar_dir(&lay.dir, gz)).unwrap();
         let cases: [(Option<&str>, &str); 7] = [
             (None, "one"),
@@ -530,7 +507,7 @@ fn layout_inside_tar_and_ref_selection() {
         for (r, want) in cases {
             let img = oci::open(&tarball, r).unwrap();
             assert_eq!(img.config.cmd, [want], "{r:?}");
-            let out = t.path("which");
+            let out = t.join("which");
             img.extract_file("which", &out).unwrap();
             assert_eq!(fs::read(&out).unwrap(), want.as_bytes());
         }
@@ -547,41 +524,41 @@ fn layout_inside_tar_and_ref_selection() {
         }
     }
     // The extracted tarball lives as long as the image.
-    let tarball = t.path("img.tar");
+    let tarball = t.join("img.tar");
     let img = oci::open_with(
         &tarball,
         None,
         &oci::OpenConfig {
-            scratch_dir: t.path("scratch"),
+            scratch_dir: t.join("scratch"),
             ..Default::default()
         },
     )
     .err();
     assert!(img.is_some(), "scratch dir must exist");
-    fs::create_dir(t.path("scratch")).unwrap();
+    fs::create_dir(t.join("scratch")).unwrap();
     let cfg = oci::OpenConfig {
-        scratch_dir: t.path("scratch"),
+        scratch_dir: t.join("scratch"),
         ..Default::default()
     };
     let img = oci::open_with(&tarball, None, &cfg).unwrap();
     let copy = img.clone();
-    assert_eq!(fs::read_dir(t.path("scratch")).unwrap().count(), 1);
+    assert_eq!(fs::read_dir(t.join("scratch")).unwrap().count(), 1);
     drop(img);
-    assert_eq!(fs::read_dir(t.path("scratch")).unwrap().count(), 1);
-    copy.to_ext4(&t.path("x.ext4"), None).unwrap();
+    assert_eq!(fs::read_dir(t.join("scratch")).unwrap().count(), 1);
+    copy.to_ext4(&t.join("x.ext4"), None).unwrap();
     assert_eq!(
-        fs::read_dir(t.path("scratch")).unwrap().count(),
+        fs::read_dir(t.join("scratch")).unwrap().count(),
         1,
         "to_ext4 cleaned up"
     );
     drop(copy);
-    assert_eq!(fs::read_dir(t.path("scratch")).unwrap().count(), 0);
+    assert_eq!(fs::read_dir(t.join("scratch")).unwrap().count(), 0);
 }
 
 #[test]
 fn bare_tag_ref_names() {
-    let t = TempDir::new();
-    let mut lay = Layout::new(&t.path("layout"));
+    let t = TempDir::new("oci-it");
+    let mut lay = Layout::new(&t.join("layout"));
     for (tag, cmd) in [("v1", "one"), ("v2", "two"), ("dup", "x"), ("dup", "y")] {
         let d = lay.manifest(
             &[(
@@ -608,8 +585,8 @@ fn bare_tag_ref_names() {
 /// manifest.json whose RepoTags name the images.
 #[test]
 fn docker_save_oci_hybrid() {
-    let t = TempDir::new();
-    let mut lay = Layout::new(&t.path("layout"));
+    let t = TempDir::new("oci-it");
+    let mut lay = Layout::new(&t.join("layout"));
     let d = lay.manifest(
         &[(
             oci::MEDIA_OCI_LAYER_TAR,
@@ -641,7 +618,7 @@ fn docker_save_oci_hybrid() {
         serde_json::to_vec(&legacy).unwrap(),
     )
     .unwrap();
-    let tarball = t.path("save.tar");
+    let tarball = t.join("save.tar");
     fs::write(&tarball, tar_dir(&lay.dir, false)).unwrap();
     for r in ["web:1.0", "web:stable", "docker.io/library/web:stable"] {
         let img = oci::open(&tarball, Some(r)).unwrap();
@@ -649,7 +626,7 @@ fn docker_save_oci_hybrid() {
         assert_eq!(img.repo_tags, ["web:1.0", "web:stable"]);
         assert_eq!(img.config.cmd, ["httpd"]);
     }
-    let out = t.path("index.html");
+    let out = t.join("index.html");
     oci::open(&tarball, None)
         .unwrap()
         .extract_file("srv/index.html", &out)
@@ -659,8 +636,8 @@ fn docker_save_oci_hybrid() {
 
 #[test]
 fn multi_platform_index_picks_linux_amd64() {
-    let t = TempDir::new();
-    let mut lay = Layout::new(&t.path("layout"));
+    let t = TempDir::new("oci-it");
+    let mut lay = Layout::new(&t.join("layout"));
     let arm = lay.manifest(
         &[(
             oci::MEDIA_OCI_LAYER_GZIP,
@@ -691,7 +668,7 @@ fn multi_platform_index_picks_linux_amd64() {
     );
     let img = oci::open(&lay.dir, Some("multi")).unwrap();
     assert_eq!(img.digest, amd_digest);
-    let out = t.path("arch");
+    let out = t.join("arch");
     img.extract_file("/arch", &out).unwrap();
     assert_eq!(fs::read(&out).unwrap(), b"amd64");
 
@@ -712,8 +689,8 @@ fn multi_platform_index_picks_linux_amd64() {
 
 #[test]
 fn digest_and_size_mismatches_refused() {
-    let t = TempDir::new();
-    let mut lay = Layout::new(&t.path("layout"));
+    let t = TempDir::new("oci-it");
+    let mut lay = Layout::new(&t.join("layout"));
     let layer = Tar::new().file("f", 0o644, b"content").tgz();
     let desc = lay.manifest(&[(oci::MEDIA_OCI_LAYER_GZIP, layer.clone())], json!({}));
     lay.add(desc.clone(), Value::Null);
@@ -764,8 +741,8 @@ fn digest_and_size_mismatches_refused() {
 
 #[test]
 fn zstd_refused() {
-    let t = TempDir::new();
-    let mut lay = Layout::new(&t.path("a"));
+    let t = TempDir::new("oci-it");
+    let mut lay = Layout::new(&t.join("a"));
     let desc = lay.manifest(
         &[(
             "application/vnd.oci.image.layer.v1.tar+zstd",
@@ -779,7 +756,7 @@ fn zstd_refused() {
     assert!(err.to_string().contains("zstd"), "{err}");
 
     // A blob with the zstd magic under a plain tar media type.
-    let mut lay = Layout::new(&t.path("b"));
+    let mut lay = Layout::new(&t.join("b"));
     let mut fake = vec![0x28, 0xb5, 0x2f, 0xfd];
     fake.extend_from_slice(&[0; 60]);
     let desc = lay.manifest(&[(oci::MEDIA_OCI_LAYER_TAR, fake.clone())], json!({}));
@@ -788,7 +765,7 @@ fn zstd_refused() {
     assert!(matches!(err, OciError::Zstd(_)), "{err}");
 
     // A zstd-compressed image tarball.
-    let p = t.path("img.tar.zst");
+    let p = t.join("img.tar.zst");
     fs::write(&p, &fake).unwrap();
     let err = oci::open(&p, None).unwrap_err();
     assert!(matches!(err, OciError::Zstd(_)), "{err}");
@@ -800,8 +777,8 @@ fn zstd_refused() {
 
 #[test]
 fn extract_file_final_layer_wins() {
-    let t = TempDir::new();
-    let mut lay = Layout::new(&t.path("layout"));
+    let t = TempDir::new("oci-it");
+    let mut lay = Layout::new(&t.join("layout"));
     let l1 = Tar::new()
         .file("boot/vmlinux-1", 0o644, b"old kernel")
         .link("boot/vmlinux", EntryType::Symlink, "vmlinux-1")
@@ -822,7 +799,7 @@ fn extract_file_final_layer_wins() {
     );
     lay.add(desc, ref_name("kernel"));
     let img = oci::open(&lay.dir, Some("kernel")).unwrap();
-    let out = t.path("out");
+    let out = t.join("out");
     img.extract_file("boot/vmlinux", &out).unwrap();
     assert_eq!(fs::read(&out).unwrap(), b"new kernel");
     assert_eq!(
@@ -831,15 +808,15 @@ fn extract_file_final_layer_wins() {
     );
     img.extract_file("/boot/config", &out).unwrap();
     assert_eq!(fs::read(&out).unwrap(), b"cfg");
-    let err = img.extract_file("boot/initrd", &t.path("x")).unwrap_err();
+    let err = img.extract_file("boot/initrd", &t.join("x")).unwrap_err();
     assert!(
         matches!(err, OciError::NotFound(ref f) if f == "boot/initrd"),
         "{err}"
     );
     assert!(err.to_string().contains("boot/initrd"));
-    let err = img.extract_file("boot/missing", &t.path("x")).unwrap_err();
+    let err = img.extract_file("boot/missing", &t.join("x")).unwrap_err();
     assert!(matches!(err, OciError::NotFound(_)), "{err}");
-    let err = img.extract_file("boot", &t.path("x")).unwrap_err();
+    let err = img.extract_file("boot", &t.join("x")).unwrap_err();
     assert!(matches!(err, OciError::NotAFile(_)), "{err}");
 }
 
@@ -866,10 +843,10 @@ fn sample_tree(root: &Path) {
 
 #[test]
 fn write_layout_round_trip() {
-    let t = TempDir::new();
-    let src = t.path("src");
+    let t = TempDir::new("oci-it");
+    let src = t.join("src");
     sample_tree(&src);
-    let dir = t.path("layout");
+    let dir = t.join("layout");
     let cfg = ImageConfig {
         env: vec!["A=1".into()],
         cmd: vec!["/run.sh".into()],
@@ -883,7 +860,7 @@ fn write_layout_round_trip() {
     };
     let d1 = oci::write_layout(&dir, &src, &cfg, "app:v1").unwrap();
     // A second image in the same layout keeps the first.
-    let other = t.path("other");
+    let other = t.join("other");
     fs::create_dir(&other).unwrap();
     fs::write(other.join("o"), b"o").unwrap();
     let d2 = oci::write_layout(&dir, &other, &ImageConfig::default(), "other").unwrap();
@@ -893,7 +870,7 @@ fn write_layout_round_trip() {
     assert_eq!(img.digest, d1);
     assert_eq!(img.config, cfg);
     assert_eq!(img.repo_tags, ["app:v1"]);
-    let out = t.path("out");
+    let out = t.join("out");
     img.unpack(&out, &ExtractLimits::default()).unwrap();
     let (a, b) = (snapshot(&src), snapshot(&out));
     assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
@@ -934,17 +911,17 @@ fn write_layout_round_trip() {
 
 #[test]
 fn diff_layer_commit() {
-    let t = TempDir::new();
-    let base_src = t.path("base");
+    let t = TempDir::new("oci-it");
+    let base_src = t.join("base");
     sample_tree(&base_src);
     fs::create_dir_all(base_src.join("gone/sub")).unwrap();
     fs::write(base_src.join("gone/sub/f"), b"f").unwrap();
-    let dir = t.path("layout");
+    let dir = t.join("layout");
     oci::write_layout(&dir, &base_src, &ImageConfig::default(), "base").unwrap();
     let base = oci::open(&dir, Some("base")).unwrap();
 
     // The container's tree: the base plus changes.
-    let upper = t.path("upper");
+    let upper = t.join("upper");
     base.unpack(&upper, &ExtractLimits::default()).unwrap();
     fs::write(upper.join("etc/app/conf"), b"k=changed\n").unwrap(); // also changes conf.hard
     fs::write(upper.join("added"), b"new").unwrap();
@@ -953,10 +930,10 @@ fn diff_layer_commit() {
     fs::remove_dir(upper.join("empty")).unwrap();
     fs::write(upper.join("empty"), b"dir became a file").unwrap();
     fs::set_permissions(upper.join("run.sh"), fs::Permissions::from_mode(0o700)).unwrap();
-    let lower = t.path("lower");
+    let lower = t.join("lower");
     base.unpack(&lower, &ExtractLimits::default()).unwrap();
 
-    let diff = t.path("diff.tar.gz");
+    let diff = t.join("diff.tar.gz");
     oci::diff_layer(&lower, &upper, &diff).unwrap();
     // The diff holds the changes only.
     let mut names = Vec::new();
@@ -985,7 +962,7 @@ fn diff_layer_commit() {
     assert_eq!(img.digest, d);
     assert_eq!(img.layers().len(), 2);
     assert_eq!(img.config.cmd, ["date"]);
-    let out = t.path("out");
+    let out = t.join("out");
     img.unpack(&out, &ExtractLimits::default()).unwrap();
     let (a, b) = (snapshot(&upper), snapshot(&out));
     assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
@@ -1005,8 +982,8 @@ fn unpack_layers(
     layers: Vec<Vec<u8>>,
     dest: &Path,
 ) -> Result<oci::UnpackSummary, OciError> {
-    let _ = fs::remove_dir_all(t.path("layout"));
-    let mut lay = Layout::new(&t.path("layout"));
+    let _ = fs::remove_dir_all(t.join("layout"));
+    let mut lay = Layout::new(&t.join("layout"));
     let ls: Vec<(&str, Vec<u8>)> = layers
         .into_iter()
         .map(|l| (oci::MEDIA_OCI_LAYER_GZIP, l))
@@ -1018,11 +995,11 @@ fn unpack_layers(
 
 #[test]
 fn malicious_layers_refused() {
-    let t = TempDir::new();
-    let outside = t.path("outside");
+    let t = TempDir::new("oci-it");
+    let outside = t.join("outside");
     fs::create_dir(&outside).unwrap();
     fs::write(outside.join("keep"), b"keep").unwrap();
-    let dest = t.path("dest");
+    let dest = t.join("dest");
     let layer_err = |r: Result<oci::UnpackSummary, OciError>| -> ArchiveError {
         match r {
             Err(OciError::Layer { source, .. }) => source,
@@ -1122,7 +1099,7 @@ fn malicious_layers_refused() {
     assert_eq!(left, ["keep"]);
     assert_eq!(fs::read(outside.join("keep")).unwrap(), b"keep");
     assert!(!evil_abs.exists());
-    assert!(!t.path("x").exists());
+    assert!(!t.join("x").exists());
 
     // A directory replaced by a symlink later in a layer: its deferred mode
     // must not be applied through the link.
@@ -1144,8 +1121,8 @@ fn malicious_layers_refused() {
 
 #[test]
 fn limits_count_over_all_layers() {
-    let t = TempDir::new();
-    let mut lay = Layout::new(&t.path("layout"));
+    let t = TempDir::new("oci-it");
+    let mut lay = Layout::new(&t.join("layout"));
     let l1 = Tar::new()
         .file("a", 0o644, &[1u8; 3000])
         .file("b", 0o644, b"b")
@@ -1167,9 +1144,9 @@ fn limits_count_over_all_layers() {
         max_entries: e,
         max_bytes: b,
     };
-    let s = img.unpack(&t.path("ok"), &lim(4, 6002)).unwrap();
+    let s = img.unpack(&t.join("ok"), &lim(4, 6002)).unwrap();
     assert_eq!((s.entries, s.bytes, s.files), (4, 6002, 4));
-    let err = img.unpack(&t.path("e"), &lim(3, 1 << 20)).unwrap_err();
+    let err = img.unpack(&t.join("e"), &lim(3, 1 << 20)).unwrap_err();
     assert!(
         matches!(
             err,
@@ -1180,7 +1157,7 @@ fn limits_count_over_all_layers() {
         ),
         "{err}"
     );
-    let err = img.unpack(&t.path("b"), &lim(10, 5000)).unwrap_err();
+    let err = img.unpack(&t.join("b"), &lim(10, 5000)).unwrap_err();
     assert!(
         matches!(
             err,

@@ -11,53 +11,8 @@ use std::process::Command;
 
 use api_server::pod_initramfs::{build, find_agent, AGENT_ENV};
 
-/// A temporary directory removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> Self {
-        let p = std::env::temp_dir().join(format!("ember-pod-initramfs-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&p);
-        fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
-
-/// `target/<profile>/ember-agent`, built first when it is missing.
-fn agent_binary() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    // target/<profile>/deps/pod_initramfs-<hash>
-    let profile_dir = exe.parent().and_then(Path::parent).unwrap();
-    let agent = profile_dir.join("ember-agent");
-    if !agent.is_file() {
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let mut cmd = Command::new(cargo);
-        cmd.current_dir(env!("CARGO_MANIFEST_DIR")).args([
-            "build",
-            "-p",
-            "ember-agent",
-            "--bin",
-            "ember-agent",
-        ]);
-        if profile_dir.file_name().is_some_and(|n| n == "release") {
-            cmd.arg("--release");
-        }
-        let st = cmd.status().expect("run cargo build for ember-agent");
-        assert!(st.success(), "cargo build -p ember-agent failed");
-    }
-    assert!(
-        agent.is_file(),
-        "{} missing after building it",
-        agent.display()
-    );
-    agent
-}
+mod common;
+use common::{workspace_bin, TempDir};
 
 /// One entry of interest that is not extracted.
 struct Device {
@@ -124,8 +79,8 @@ fn chroot_command() -> PathBuf {
 
 #[test]
 fn real_agent_initramfs_is_self_contained() {
-    let agent = agent_binary();
-    let t = TempDir::new();
+    let agent = workspace_bin("ember-agent", "ember-agent");
+    let t = TempDir::new("pod-initramfs");
     let img = t.0.join("pod-initrd.gz");
     let info = build(&agent, &img).unwrap();
     assert_eq!(info.size, fs::metadata(&img).unwrap().len());

@@ -7,34 +7,14 @@
 
 use std::fs;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
-use std::sync::atomic::{AtomicU32, Ordering};
 
 use api_server::archive::{extract_tar_gz, ArchiveError, ExtractLimits};
 use api_server::volumes::{self, create_ext4_from_dir, create_raw, VolumeError, MIB};
 
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> Self {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let p = std::env::temp_dir().join(format!(
-            "ember-volumes-it-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::SeqCst)
-        ));
-        let _ = fs::remove_dir_all(&p);
-        fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
+mod common;
+use common::TempDir;
 
 fn debugfs(img: &Path, req: &str) -> String {
     let tool = volumes::find_tool("debugfs")
@@ -76,7 +56,7 @@ fn upload() -> Vec<u8> {
 
 #[test]
 fn tar_gz_upload_becomes_ext4_volume() {
-    let t = TempDir::new();
+    let t = TempDir::new("volumes-it");
     let dir = t.0.join("content");
     let summary = extract_tar_gz(&upload()[..], &dir, &ExtractLimits::default()).unwrap();
     assert_eq!(summary.files, 3);
@@ -108,7 +88,7 @@ fn tar_gz_upload_becomes_ext4_volume() {
 
 #[test]
 fn given_size_and_too_small() {
-    let t = TempDir::new();
+    let t = TempDir::new("volumes-it");
     let dir = t.0.join("content");
     extract_tar_gz(&upload()[..], &dir, &ExtractLimits::default()).unwrap();
     let img = t.0.join("vol.ext4");
@@ -128,7 +108,7 @@ fn given_size_and_too_small() {
 
 #[test]
 fn evil_upload_is_refused_before_any_volume() {
-    let t = TempDir::new();
+    let t = TempDir::new("volumes-it");
     let mut b = tar::Builder::new(Vec::new());
     let mut h = tar::Header::new_gnu();
     h.set_entry_type(tar::EntryType::Symlink);
@@ -147,7 +127,7 @@ fn evil_upload_is_refused_before_any_volume() {
 
 #[test]
 fn raw_upload_becomes_raw_volume() {
-    let t = TempDir::new();
+    let t = TempDir::new("volumes-it");
     let img = t.0.join("raw.img");
     let data = vec![0x5a; 1000];
     assert_eq!(create_raw(&img, &data[..], None).unwrap(), 1);
