@@ -307,11 +307,6 @@ impl Pods {
         })
     }
 
-    /// The container image store.
-    pub fn images(&self) -> &Arc<ImageStore> {
-        &self.images
-    }
-
     /// Claims `key` (a pod or VM id) for one operation at a time.
     pub fn claim(self: &Arc<Self>, key: &str) -> Result<BusyGuard> {
         let mut b = self.busy.lock().unwrap_or_else(|p| p.into_inner());
