@@ -343,6 +343,16 @@ pub fn parse_name(s: &str) -> Result<(String, String)> {
     Ok((repo.to_string(), tag.to_string()))
 }
 
+/// The (repo, tag) of a commit: `repo` alone may carry the tag, else `tag`
+/// names it.
+fn commit_name(repo: &str, tag: &str) -> Result<(String, String)> {
+    if tag.is_empty() {
+        parse_name(repo)
+    } else {
+        parse_name(&format!("{repo}:{tag}"))
+    }
+}
+
 /// `sha256:`-stripped id prefix if `s` looks like one (≥ 4 hex digits).
 fn id_prefix(s: &str) -> Option<String> {
     let h = s.strip_prefix("sha256:").unwrap_or(s).to_ascii_lowercase();
@@ -713,11 +723,7 @@ impl ImageStore {
         tag: &str,
         changes: &ImageConfigChanges,
     ) -> Result<ImageRecord> {
-        let (repo, tag) = if tag.is_empty() {
-            parse_name(repo)?
-        } else {
-            parse_name(&format!("{repo}:{tag}"))?
-        };
+        let (repo, tag) = commit_name(repo, tag)?;
         if !fs::symlink_metadata(upper_dir).is_ok_and(|m| m.is_dir()) {
             return Err(ImageStoreError::NotFound(format!(
                 "container root filesystem {}",
@@ -765,11 +771,7 @@ impl ImageStore {
         changes: &ImageConfigChanges,
     ) -> Result<ImageRecord> {
         // Cheap checks before a possibly long extraction.
-        if tag.is_empty() {
-            parse_name(repo)?;
-        } else {
-            parse_name(&format!("{repo}:{tag}"))?;
-        }
+        commit_name(repo, tag)?;
         if let Some(base) = lower {
             self.get(base)?;
         }
