@@ -1,30 +1,27 @@
 //! emberd: ember's supervisor daemon.
 //!
-//! One domain model ([`model`]) of images, instances and volumes, owned by
-//! the [`supervisor`] and persisted by the [`store`]. The REST faces (UniK in
-//! [`unik`], Flintlock in [`flintlock`], hyperd in [`hyperd`]) are thin
-//! translators from HTTP to supervisor calls and back; hyperd's pods run in
-//! pod VMs managed by [`pods`].
+//! The source tree is the architecture; imports point down only:
+//!
+//! - [`faces`]: the three REST APIs (UniK, hyperd, Flintlock). Each decodes
+//!   HTTP, makes one call into [`model`], and encodes its own wire JSON. No
+//!   face imports another, and none reaches below [`model`].
+//! - [`model`]: one domain model of images, instances, volumes and pods;
+//!   the [`model::supervisor::Supervisor`] that owns it, the [`model::store`]
+//!   that persists it, the loop's work queue ([`model::jobs`]), the Flintlock
+//!   reconciler ([`model::microvms`]) and the pod service ([`model::pods`]).
+//! - [`images`]: work on image and volume bytes: archives, OCI layouts, the
+//!   container image store, ext4, volumes, cidata disks, the UniK hub.
+//! - [`runtime`]: running VMMs (jailer launch, pidfds), TAPs and the pod
+//!   VMs' agent sessions.
+//! - [`build`]: the compilers that turn sources into bootable images, and
+//!   the pod VMs' initramfs.
+//! - [`server`]: the HTTP event loop that routes requests to the faces.
 
-pub mod compilers;
-pub mod hub;
+pub mod build;
+pub mod faces;
+pub mod images;
 pub mod model;
-pub mod multipart;
-pub mod process;
+pub mod runtime;
 pub mod server;
-pub mod store;
-pub mod supervisor;
-pub mod archive;
-pub mod oci;
-pub mod volumes;
-pub mod unik;
-pub mod netdev;
-pub mod cidata;
-pub mod flintlock;
-pub mod hyperd;
-pub mod images_store;
-pub mod ext4;
-pub mod pods;
-pub mod pod_initramfs;
 #[cfg(test)]
 mod test_util;

@@ -5,11 +5,11 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use api_server::compilers;
-use api_server::process::Launcher;
+use api_server::build as compilers;
+use api_server::runtime::process::Launcher;
 use api_server::server::Daemon;
-use api_server::store::Store;
-use api_server::supervisor::Supervisor;
+use api_server::model::store::Store;
+use api_server::model::supervisor::Supervisor;
 use clap::Parser;
 
 #[derive(Parser, Debug)]
@@ -103,12 +103,12 @@ fn main() {
     }
     let store = Store::open(&args.state_dir).unwrap_or_else(|e| die(e));
     let vmm = std::fs::canonicalize(&vmm).unwrap_or(vmm);
-    let missing = api_server::process::missing_libraries(&vmm);
+    let missing = api_server::runtime::process::missing_libraries(&vmm);
     if !missing.is_empty() {
         die(format!("{} needs shared libraries that are not installed: {}", vmm.display(), missing.join(", ")));
     }
     let launcher = Launcher {
-        libs: api_server::process::shared_libraries(&vmm),
+        libs: api_server::runtime::process::shared_libraries(&vmm),
         vmm_bin: vmm,
         jailer_bin: jailer,
         chroot_base: args.chroot_base_dir.clone(),
@@ -123,13 +123,13 @@ fn main() {
             die(format!("cannot create {}: {e}", dir.display()));
         }
     }
-    let flintlock = api_server::flintlock::Flintlock {
-        policy: api_server::flintlock::RetryPolicy {
+    let flintlock = api_server::faces::flintlock::Flintlock {
+        policy: api_server::faces::flintlock::RetryPolicy {
             max_retries: args.flintlock_max_retries.max(1),
             backoff: std::time::Duration::from_millis(args.flintlock_backoff_ms),
         },
     };
-    let images = api_server::images_store::ImageStore::open(&args.state_dir.join("container-images"))
+    let images = api_server::images::store::ImageStore::open(&args.state_dir.join("container-images"))
         .unwrap_or_else(|e| die(format!("container image store: {e}")));
     if args.pod_boot_args.contains('"') || args.pod_boot_args.chars().any(char::is_control) {
         die("--pod-boot-args may not contain double quotes or control characters");
@@ -137,7 +137,7 @@ fn main() {
     if !(1..=1 << 20).contains(&args.pod_rootfs_mb) {
         die("--pod-rootfs-mb must be from 1 to 1048576");
     }
-    let pod_vms = api_server::pods::PodVmConfig {
+    let pod_vms = api_server::model::pods::PodVmConfig {
         kernel: args.pod_kernel.clone(),
         agent: args.pod_agent.clone(),
         boot_args: args.pod_boot_args.clone(),
@@ -145,10 +145,10 @@ fn main() {
         stop_timeout: std::time::Duration::from_secs(args.pod_stop_timeout),
         rootfs_mb: args.pod_rootfs_mb,
     };
-    let hyperd = api_server::hyperd::Hyperd::new(images, pod_vms);
+    let hyperd = api_server::faces::hyperd::Hyperd::new(images, pod_vms);
     // Order matters where paths could overlap: see README "Routing".
     let faces: Vec<Box<dyn api_server::server::Face>> =
-        vec![Box::new(flintlock), Box::new(hyperd), Box::new(api_server::unik::Unik)];
+        vec![Box::new(flintlock), Box::new(hyperd), Box::new(api_server::faces::unik::Unik)];
     let mut daemon = Daemon::new(&args.socket, sup, faces, args.max_upload_mb << 20)
         .unwrap_or_else(|e| die(format!("cannot serve {}: {e}", args.socket.display())));
     for sig in [libc::SIGTERM, libc::SIGINT] {

@@ -1,12 +1,13 @@
-//! emberd's event loop plumbing, shared by the API faces: the HTTP server,
-//! worker jobs whose results are applied on the loop thread, the VMM exit
-//! watcher (pidfds in epoll) and streaming log followers.
+//! emberd's event loop plumbing, shared by the API faces: the HTTP server
+//! and its router, replies from worker jobs ([`Ctx::spawn`] over
+//! [`crate::model::jobs`]), the VMM exit watcher (pidfds in epoll) and
+//! streaming log followers.
 
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::mpsc::{channel, Receiver};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -15,136 +16,14 @@ use event_manager::{EventOps, Events, MutEventSubscriber};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use crate::model::jobs::{BgFinish, Jobs, Shared};
+use crate::model::supervisor::{ErrorKind, Supervisor, SupervisorError, WatchSender};
 use crate::model::VmmProcess;
-use crate::process;
-use crate::supervisor::{ErrorKind, Supervisor, SupervisorError, WatchSender};
+use crate::runtime::process;
 
-/// The supervisor as shared by the loop's subscribers (one thread uses it).
-pub type Shared = Arc<Mutex<Supervisor>>;
-
-/// Work finished on a worker thread, applied on the loop thread.
+/// Work finished on a worker thread, applied on the loop thread; its
+/// response answers the client that asked.
 pub type Finish = Box<dyn FnOnce(&mut Supervisor) -> Response + Send>;
-
-/// Background work finished on a worker thread, applied on the loop thread;
-/// it may schedule more background work.
-pub type BgFinish = Box<dyn FnOnce(&mut Supervisor, &Jobs) + Send>;
-
-enum Done {
-    Reply(ConnectionId, Finish),
-    Background(BgFinish),
-}
-
-/// Runs long work off the event loop.
-#[derive(Clone)]
-pub struct Jobs {
-    tx: Sender<Done>,
-    wake: Arc<EventFd>,
-}
-
-impl Jobs {
-    /// Runs `work` on a new thread; its result is applied and answered on
-    /// the loop thread.
-    pub fn spawn<F>(&self, conn: ConnectionId, what: &str, work: F)
-    where
-        F: FnOnce() -> Finish + Send + 'static,
-    {
-        let tx = self.tx.clone();
-        let wake = self.wake.clone();
-        let spawned = std::thread::Builder::new()
-            .name(format!("emberd-{what}"))
-            .spawn(move || {
-                let fin = work();
-                let _ = tx.send(Done::Reply(conn, fin));
-                let _ = wake.write(1);
-            });
-        if let Err(e) = spawned {
-            let msg = format!("cannot start a worker thread: {e}");
-            let _ = self.tx.send(Done::Reply(
-                conn,
-                Box::new(move |_: &mut Supervisor| Response::json(500, &serde_json::json!({"Error": msg}))),
-            ));
-            let _ = self.wake.write(1);
-        }
-    }
-
-    /// Runs `work` on a new thread after `delay`; its result is applied on
-    /// the loop thread, with no client waiting (reconcile loops).
-    pub fn spawn_background<F>(&self, what: &str, delay: Duration, work: F)
-    where
-        F: FnOnce() -> BgFinish + Send + 'static,
-    {
-        let tx = self.tx.clone();
-        let wake = self.wake.clone();
-        let spawned = std::thread::Builder::new()
-            .name(format!("emberd-{what}"))
-            .spawn(move || {
-                std::thread::sleep(delay);
-                let fin = work();
-                let _ = tx.send(Done::Background(fin));
-                let _ = wake.write(1);
-            });
-        if let Err(e) = spawned {
-            log::error!("cannot start a background worker for {what}: {e}");
-        }
-    }
-
-    /// Runs `f` on the loop thread, with no reply awaited (from any thread).
-    pub fn post<F>(&self, f: F)
-    where
-        F: FnOnce(&mut Supervisor) + Send + 'static,
-    {
-        let _ = self
-            .tx
-            .send(Done::Background(Box::new(move |sup: &mut Supervisor, _: &Jobs| f(sup))));
-        let _ = self.wake.write(1);
-    }
-
-    /// From a worker thread: runs `f` on the loop thread and waits for its
-    /// result, so a worker can interleave blocking work with changes to the
-    /// model. `None` if the loop has gone away. Never call it on the loop
-    /// thread itself (it would wait for itself).
-    pub fn call<T, F>(&self, f: F) -> Option<T>
-    where
-        T: Send + 'static,
-        F: FnOnce(&mut Supervisor, &Jobs) -> T + Send + 'static,
-    {
-        let (tx, rx) = channel();
-        let sent = self.tx.send(Done::Background(Box::new(move |sup: &mut Supervisor, jobs: &Jobs| {
-            let _ = tx.send(f(sup, jobs));
-        })));
-        sent.ok()?;
-        let _ = self.wake.write(1);
-        rx.recv().ok()
-    }
-}
-
-struct JobsSubscriber {
-    rx: Receiver<Done>,
-    wake: Arc<EventFd>,
-    sup: Shared,
-    responder: Responder,
-    jobs: Jobs,
-}
-
-impl MutEventSubscriber for JobsSubscriber {
-    fn process(&mut self, _: Events, _: &mut EventOps) {
-        let _ = self.wake.read();
-        while let Ok(done) = self.rx.try_recv() {
-            let mut sup = self.sup.lock().unwrap_or_else(|p| p.into_inner());
-            match done {
-                Done::Reply(conn, fin) => {
-                    let resp = fin(&mut sup);
-                    drop(sup);
-                    let _ = self.responder.respond(conn, resp);
-                }
-                Done::Background(fin) => fin(&mut sup, &self.jobs),
-            }
-        }
-    }
-    fn init(&mut self, ops: &mut EventOps) {
-        let _ = ops.add(Events::new(self.wake.as_ref(), EventSet::IN));
-    }
-}
 
 /// Watches VMM processes through pidfds and tells the supervisor when one
 /// ends.
@@ -211,10 +90,40 @@ pub struct Ctx<'a> {
     pub sup: &'a mut Supervisor,
     pub jobs: &'a Jobs,
     pub conn: ConnectionId,
+    responder: Option<&'a Responder>,
     follow: &'a mut Option<(PathBuf, Option<String>)>,
 }
 
 impl Ctx<'_> {
+    /// Runs `work` on a worker thread; the response its result gives (on
+    /// the loop thread) answers this request.
+    pub fn spawn<F>(&self, what: &str, work: F) -> Reply
+    where
+        F: FnOnce() -> Finish + Send + 'static,
+    {
+        let Some(responder) = self.responder.cloned() else {
+            return Reply::Now(Response::json(
+                500,
+                &serde_json::json!({"Error": "emberd is not serving replies yet"}),
+            ));
+        };
+        let conn = self.conn;
+        let spawned = self.jobs.spawn(what, Duration::ZERO, move || {
+            let fin = work();
+            Box::new(move |sup: &mut Supervisor, _: &Jobs| {
+                let resp = fin(sup);
+                let _ = responder.respond(conn, resp);
+            }) as BgFinish
+        });
+        match spawned {
+            Ok(()) => Reply::Later,
+            Err(e) => Reply::Now(Response::json(
+                500,
+                &serde_json::json!({"Error": format!("cannot start a worker thread: {e}")}),
+            )),
+        }
+    }
+
     /// Streams `log` to this connection as it grows (chunked). With
     /// `delete_on_close`, that instance is deleted when the client leaves.
     pub fn follow_log(&mut self, log: PathBuf, delete_on_close: Option<String>) -> Reply {
@@ -289,6 +198,7 @@ impl Handler for Router {
                 sup: &mut sup,
                 jobs: &self.jobs,
                 conn,
+                responder: self.responder.as_ref(),
                 follow: &mut follow,
             };
             self.faces
@@ -357,12 +267,7 @@ impl Daemon {
         let mut em: event_manager::EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
             event_manager::EventManager::new().map_err(|e| DaemonError::Events(e.to_string()))?;
         let sup: Shared = Arc::new(Mutex::new(sup));
-        let (jtx, jrx) = channel();
-        let jwake = Arc::new(EventFd::new(EFD_NONBLOCK)?);
-        let jobs = Jobs {
-            tx: jtx,
-            wake: jwake.clone(),
-        };
+        let (jobs, queue) = Jobs::new(sup.clone())?;
         let router = Router {
             faces,
             sup: sup.clone(),
@@ -378,8 +283,7 @@ impl Daemon {
             ..Default::default()
         };
         let mut server = ember_http::HttpServer::new(sock, router, config)?;
-        let responder = server.responder();
-        server.handler_mut().responder = Some(responder.clone());
+        server.handler_mut().responder = Some(server.responder());
         // Faces that need to resume work after a restart (reconcile loops).
         {
             let mut router_sup = sup.lock().unwrap_or_else(|p| p.into_inner());
@@ -388,13 +292,7 @@ impl Daemon {
             }
         }
         em.add_subscriber(Arc::new(Mutex::new(server)));
-        em.add_subscriber(Arc::new(Mutex::new(JobsSubscriber {
-            rx: jrx,
-            wake: jwake,
-            sup: sup.clone(),
-            responder,
-            jobs,
-        })));
+        em.add_subscriber(Arc::new(Mutex::new(queue)));
         let (wtx, wrx) = channel();
         let wwake = EventFd::new(EFD_NONBLOCK)?;
         sup.lock()

@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Command;
 
-use api_server::cidata::{build_cidata, from_flintlock_metadata, CidataError, CidataFiles};
-use api_server::hub::base64_encode;
+use api_server::images::cidata::{build_cidata, from_flintlock_metadata, CidataError, CidataFiles};
+use api_server::images::hub::base64_encode;
 
 mod common;
 use common::TempDir;

@@ -3,8 +3,8 @@
 //! argv/env from `render_cmdline`, ext4 volumes made by mkfs.ext4 and a raw
 //! volume attached as virtio-blk drives.
 
-use api_server::compilers::ember::EmberC;
-use api_server::compilers::{render_cmdline, CompileError, CompileInput, Compiler};
+use api_server::build::ember::EmberC;
+use api_server::build::{render_cmdline, CompileError, CompileInput, Compiler};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};

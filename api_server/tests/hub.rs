@@ -15,7 +15,7 @@ use std::sync::OnceLock;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use api_server::hub::{Hub, HubConfig, HubError, DEFAULT_BUCKET, INLINE_METADATA_LIMIT};
+use api_server::images::hub::{Hub, HubConfig, HubError, DEFAULT_BUCKET, INLINE_METADATA_LIMIT};
 use serde_json::json;
 
 mod common;
@@ -262,7 +262,7 @@ fn push_exists_pull_round_trip() {
     assert!(stored.starts_with("HTTP/1.1 200"), "{stored}");
     let meta = header(&stored, "x-amz-meta-unik-image").expect("no unik-image metadata");
     assert_eq!(
-        api_server::hub::base64_decode(meta).unwrap(),
+        api_server::images::hub::base64_decode(meta).unwrap(),
         json.as_bytes(),
         "metadata is not the base64 Image JSON"
     );

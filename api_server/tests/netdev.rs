@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use api_server::netdev::{
+use api_server::runtime::netdev::{
     create_tap, delete_tap, kernel_ip_param, tap_exists, tap_name, validate_ifname, NetdevError,
     StaticAddress,
 };

@@ -12,9 +12,9 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use api_server::archive::{ArchiveError, ExtractLimits};
-use api_server::oci::{self, ImageConfig, OciError};
-use api_server::volumes;
+use api_server::images::archive::{ArchiveError, ExtractLimits};
+use api_server::images::oci::{self, ImageConfig, OciError};
+use api_server::images::volumes;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use tar::EntryType;

@@ -9,7 +9,7 @@ use std::os::unix::fs::{symlink, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 use std::process::Command;
 
-use api_server::pod_initramfs::{build, find_agent, AGENT_ENV};
+use api_server::build::pod_initramfs::{build, find_agent, AGENT_ENV};
 
 mod common;
 use common::{workspace_bin, TempDir};

@@ -10,8 +10,8 @@ use std::io::Write;
 use std::path::Path;
 use std::process::Command;
 
-use api_server::archive::{extract_tar_gz, ArchiveError, ExtractLimits};
-use api_server::volumes::{self, create_ext4_from_dir, create_raw, VolumeError, MIB};
+use api_server::images::archive::{extract_tar_gz, ArchiveError, ExtractLimits};
+use api_server::images::volumes::{self, create_ext4_from_dir, create_raw, VolumeError, MIB};
 
 mod common;
 use common::TempDir;

@@ -259,7 +259,7 @@ pub fn from_flintlock_metadata(
 
 fn decode_b64(text: &str) -> Option<Vec<u8>> {
     let compact: String = text.chars().filter(|c| !c.is_ascii_whitespace()).collect();
-    crate::hub::base64_decode(&compact)
+    crate::images::hub::base64_decode(&compact)
 }
 
 /// Adds the instance id (and hostname) to meta-data when missing.

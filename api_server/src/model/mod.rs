@@ -1,6 +1,19 @@
-//! ember's domain model: images, instances and volumes. The three REST
-//! faces (UniK, hyperd, Flintlock) translate to and from these types; no
-//! HTTP or API-specific naming lives here.
+//! ember's domain model: images, instances, volumes and pods. The three
+//! REST faces (UniK, hyperd, Flintlock) translate to and from these types
+//! and call the layer in this folder; no HTTP lives here.
+//!
+//! - the record types (this file) and their validation;
+//! - [`supervisor`]: owns the records, and prepares, installs, starts and
+//!   stops what they describe;
+//! - [`store`]: persistence of the records and the on-disk layout;
+//! - [`jobs`]: the loop's work queue (worker threads whose results are
+//!   applied on the loop thread);
+//! - [`pods`]: hyperd pods, their planning and their pod VMs.
+
+pub mod jobs;
+pub mod pods;
+pub mod store;
+pub mod supervisor;
 
 use std::collections::BTreeMap;
 

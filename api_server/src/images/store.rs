@@ -5,7 +5,7 @@
 //! The store lives in one directory (normally `<state>/container-images`):
 //!
 //! * `images.json`: the index, `{"images": [ImageRecord, ...]}`, written
-//!   atomically with [`crate::store::write_atomic`] under an exclusive
+//!   atomically with [`crate::model::store::write_atomic`] under an exclusive
 //!   `flock` of `.lock`, so concurrent callers (threads or processes) never
 //!   lose an update.
 //! * `<id>/`: one OCI image layout per image, holding exactly one image
@@ -66,10 +66,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use crate::archive::{self, ExtractLimits};
-use crate::ext4::{self, Ext4Error};
-use crate::oci::{self, ImageConfig, OciError, OciImage, OpenConfig};
-use crate::store::write_atomic;
+use crate::images::archive::{self, ExtractLimits};
+use crate::images::ext4::{self, Ext4Error};
+use crate::images::oci::{self, ImageConfig, OciError, OciImage, OpenConfig};
+use crate::model::store::write_atomic;
 
 /// `ref.name` of the one image in each stored layout.
 const LAYOUT_REF: &str = "image";
@@ -2421,7 +2421,7 @@ mod tests {
         write(&tree.join("n/f"), "nested\n", 0o600);
         std::os::unix::fs::symlink("/a", tree.join("l")).unwrap();
         let changed = t.0.join("changed.ext4");
-        crate::volumes::create_ext4_from_dir(&changed, &tree, None).unwrap();
+        crate::images::volumes::create_ext4_from_dir(&changed, &tree, None).unwrap();
 
         let changes = ImageConfigChanges::from_docker_json(&json!({
             "Env": ["B=2"], "Cmd": ["date"]

@@ -5,7 +5,7 @@
 //! anything else 500.
 //!
 //! This face only translates: pods are model records, and their VMs are run
-//! by [`crate::pods`] (a Linux kernel with `ember-agent` as init, one ext4
+//! by [`crate::model::pods`] (a Linux kernel with `ember-agent` as init, one ext4
 //! disk per container, the agent over vsock). Without a kernel for pod VMs,
 //! starting a pod or creating a VM answers a clear error.
 
@@ -18,11 +18,12 @@ use serde_json::{json, Value};
 
 use std::sync::Arc;
 
-use crate::images_store::{ImageConfigChanges, ImageStore, ImageStoreError};
+use crate::images::store::{ImageConfigChanges, ImageStore, ImageStoreError};
 use crate::model::{PodContainer, PodState};
-use crate::pods::{ContainerPlan, PodError, PodPlan, PodVmConfig, Pods, POD_ANN, VM_ANN};
-use crate::server::{Ctx, Face, Finish, Jobs};
-use crate::supervisor::{ErrorKind, Supervisor, SupervisorError};
+use crate::model::pods::{ContainerPlan, PodError, PodPlan, PodVmConfig, Pods, POD_ANN, VM_ANN};
+use crate::model::jobs::Jobs;
+use crate::server::{Ctx, Face, Finish};
+use crate::model::supervisor::{ErrorKind, Supervisor, SupervisorError};
 
 /// Errors from hyperd requests; the message decides the status.
 #[derive(Debug, thiserror::Error)]
@@ -336,7 +337,7 @@ impl Hyperd {
             .list()
             .iter()
             .filter(|r| all || r.is_named())
-            .map(crate::images_store::hyperd_list_entry)
+            .map(crate::images::store::hyperd_list_entry)
             .collect();
         Response::json(200, &json!({"imagesList": list}))
     }
@@ -368,8 +369,8 @@ impl Hyperd {
             .store()
             .staging_dir()
             .join(crate::model::new_id("import"));
-        ctx.jobs.spawn(ctx.conn, "image-import", move || {
-            let res = (|| -> Result<crate::images_store::ImageRecord, HyperdError> {
+        ctx.spawn("image-import", move || {
+            let res = (|| -> Result<crate::images::store::ImageRecord, HyperdError> {
                 let src = match path {
                     Some(p) => p,
                     None => {
@@ -392,8 +393,7 @@ impl Hyperd {
                 ),
                 Err(e) => fail_lines(&e, vec![json!({"status": "Importing"})]),
             }) as Finish
-        });
-        Reply::Later
+        })
     }
 
     fn image_remove(&self, ctx: &mut Ctx, req: &Request) -> Response {
@@ -436,7 +436,7 @@ impl Hyperd {
         }
         let store = self.images.clone();
         let body = req.body.clone();
-        ctx.jobs.spawn(ctx.conn, "image-build", move || {
+        ctx.spawn("image-build", move || {
             let mut progress = Vec::new();
             let res = store.build(&body, &dockerfile, &tag, &mut |line: &str| {
                 progress.push(serde_json::from_str(line).unwrap_or_else(|_| json!({"stream": line})));
@@ -448,8 +448,7 @@ impl Hyperd {
                 }
                 Err(e) => fail_lines(&e.into(), progress),
             }) as Finish
-        });
-        Reply::Later
+        })
     }
 
     fn image_push(&self, ctx: &mut Ctx, req: &Request) -> Reply {
@@ -464,7 +463,7 @@ impl Hyperd {
         }
         let tag = req.query_param("tag").map(str::to_string);
         let store = self.images.clone();
-        ctx.jobs.spawn(ctx.conn, "image-push", move || {
+        ctx.spawn("image-push", move || {
             // The image is the layout's last path component unless a tag names it.
             let name = tag.clone().unwrap_or_default();
             let res = if name.is_empty() {
@@ -482,8 +481,7 @@ impl Hyperd {
                 ),
                 Err(e) => fail_lines(&e, vec![]),
             }) as Finish
-        });
-        Reply::Later
+        })
     }
 
     fn commit(&self, ctx: &mut Ctx, req: &Request) -> Reply {
@@ -527,15 +525,14 @@ impl Hyperd {
         };
         let pods = self.pods.clone();
         let jobs = ctx.jobs.clone();
-        ctx.jobs.spawn(ctx.conn, "commit", move || {
+        ctx.spawn("commit", move || {
             let res = pods.commit(&jobs, &cid, &repo, &changes);
             drop(guard);
             Box::new(move |_: &mut Supervisor| match res {
                 Ok(id) => ok(&id),
                 Err(e) => fail(&e.into()),
             }) as Finish
-        });
-        Reply::Later
+        })
     }
 
     fn pod_create(&mut self, ctx: &mut Ctx, req: &Request) -> Response {
@@ -592,7 +589,7 @@ impl Hyperd {
         let vm = req.query_param("vmId").filter(|v| !v.is_empty()).map(str::to_string);
         let vm_inst = match &vm {
             Some(vm) => Some(
-                crate::pods::find_vm(ctx.sup, vm).ok_or_else(|| HyperdError::NoSuch(format!("vm {vm}")))?,
+                crate::model::pods::find_vm(ctx.sup, vm).ok_or_else(|| HyperdError::NoSuch(format!("vm {vm}")))?,
             ),
             None => None,
         };
@@ -636,15 +633,14 @@ impl Hyperd {
         let pods = self.pods.clone();
         let jobs = ctx.jobs.clone();
         let pod_id = pod.id.clone();
-        ctx.jobs.spawn(ctx.conn, "pod-start", move || {
+        Ok(ctx.spawn("pod-start", move || {
             let res = pods.start_pod(&jobs, plan, vm);
             drop((guard, vm_guard));
             Box::new(move |_: &mut Supervisor| match res {
                 Ok(()) => ok(&pod_id),
                 Err(e) => fail(&e.into()),
             }) as Finish
-        });
-        Ok(Reply::Later)
+        }))
     }
 
     fn pod_stop(&mut self, ctx: &mut Ctx, req: &Request) -> Reply {
@@ -674,15 +670,14 @@ impl Hyperd {
         };
         let pods = self.pods.clone();
         let jobs = ctx.jobs.clone();
-        ctx.jobs.spawn(ctx.conn, "pod-stop", move || {
+        ctx.spawn("pod-stop", move || {
             let res = pods.stop_pod(&jobs, &pod.id, stop_vm);
             drop(guard);
             Box::new(move |_: &mut Supervisor| match res {
                 Ok(()) => ok(&pod.id),
                 Err(e) => fail(&e.into()),
             }) as Finish
-        });
-        Reply::Later
+        })
     }
 
     fn pod_delete(&mut self, ctx: &mut Ctx, req: &Request) -> Response {
@@ -709,14 +704,13 @@ impl Hyperd {
         }
         let pods = self.pods.clone();
         let jobs = ctx.jobs.clone();
-        ctx.jobs.spawn(ctx.conn, "vm-create", move || {
+        ctx.spawn("vm-create", move || {
             let res = pods.create_vm(&jobs);
             Box::new(move |_: &mut Supervisor| match res {
                 Ok(vm) => ok(&vm),
                 Err(e) => fail(&e.into()),
             }) as Finish
-        });
-        Reply::Later
+        })
     }
 
     fn vm_kill(&mut self, ctx: &mut Ctx, req: &Request) -> Response {

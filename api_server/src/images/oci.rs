@@ -107,8 +107,8 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use tar::EntryType;
 
-use crate::archive::{self, ArchiveError, ExtractLimits};
-use crate::volumes::{self, VolumeError};
+use crate::images::archive::{self, ArchiveError, ExtractLimits};
+use crate::images::volumes::{self, VolumeError};
 
 /// OCI image manifest.
 pub const MEDIA_OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";

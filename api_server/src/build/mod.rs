@@ -10,6 +10,7 @@
 
 pub mod ember;
 pub mod linux;
+pub mod pod_initramfs;
 
 use std::path::Path;
 use std::process::Command;

@@ -69,7 +69,7 @@ use std::os::unix::fs::{DirBuilderExt, FileExt, FileTypeExt, MetadataExt, Permis
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use crate::volumes;
+use crate::images::volumes;
 
 /// Inode number of the root directory.
 const ROOT_INO: u32 = 2;

@@ -13,17 +13,17 @@ use ember_http::{Method, Reply, Request, Response};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::compilers::PROVIDER;
+use crate::build::PROVIDER;
 use crate::model::{Image, Instance, Volume, VolumeFormat};
-use crate::multipart::{parse_form, Form};
+use crate::faces::multipart::{parse_form, Form};
 use crate::server::{status_of, Ctx, Face, Finish};
-use crate::supervisor::{RunRequest, Supervisor, SupervisorError};
+use crate::model::supervisor::{RunRequest, Supervisor, SupervisorError};
 
 /// Errors specific to decoding UniK requests.
 #[derive(Debug, thiserror::Error)]
 pub enum UnikError {
     #[error("invalid form body: {0}")]
-    Form(#[from] crate::multipart::FormError),
+    Form(#[from] crate::faces::multipart::FormError),
     #[error("invalid JSON body: {0}")]
     Json(String),
     #[error("missing {0}")]
@@ -280,33 +280,32 @@ fn create_image(ctx: &mut Ctx, req: &Request, name: &str) -> Reply {
         Ok(j) => j,
         Err(e) => return Reply::Now(sup_error(&e)),
     };
-    ctx.jobs.spawn(ctx.conn, "compile", move || {
+    ctx.spawn("compile", move || {
         let built = build_image(&job, &tar);
         Box::new(move |sup: &mut Supervisor| match sup.finish_image(job, built) {
             Ok(img) => Response::json(201, &image_json(&img)),
             Err(e) => sup_error(&e),
         }) as Finish
-    });
-    Reply::Later
+    })
 }
 
 /// Worker side of an image build: extract, compile.
 fn build_image(
-    job: &crate::supervisor::ImageJob,
+    job: &crate::model::supervisor::ImageJob,
     tar: &[u8],
-) -> Result<crate::compilers::CompileOutput, SupervisorError> {
-    crate::archive::extract_tar_gz(tar, &job.src_dir(), &Default::default())
+) -> Result<crate::build::CompileOutput, SupervisorError> {
+    crate::images::archive::extract_tar_gz(tar, &job.src_dir(), &Default::default())
         .map_err(|e| SupervisorError::Invalid(format!("tarfile: {e}")))?;
     std::fs::create_dir_all(job.out_dir()).map_err(|e| SupervisorError::Internal(e.to_string()))?;
-    crate::compilers::hand_over(&[job.staging.path(), &job.src_dir(), &job.out_dir()])
+    crate::build::hand_over(&[job.staging.path(), &job.src_dir(), &job.out_dir()])
         .map_err(|e| SupervisorError::Internal(format!("cannot prepare the build directory: {e}")))?;
     job.compiler
-        .compile(&crate::compilers::CompileInput {
+        .compile(&crate::build::CompileInput {
             src_dir: &job.src_dir(),
             out_dir: &job.out_dir(),
         })
         .map_err(|e| match e {
-            crate::compilers::CompileError::Tool { .. } | crate::compilers::CompileError::Io(_) => {
+            crate::build::CompileError::Tool { .. } | crate::build::CompileError::Io(_) => {
                 SupervisorError::Internal(e.to_string())
             }
             other => SupervisorError::Invalid(other.to_string()),
@@ -409,23 +408,22 @@ fn create_volume(ctx: &mut Ctx, req: &Request, name: &str) -> Reply {
         Ok(j) => j,
         Err(e) => return Reply::Now(sup_error(&e)),
     };
-    ctx.jobs.spawn(ctx.conn, "volume", move || {
+    ctx.spawn("volume", move || {
         let built = build_volume(&job, data.as_deref(), raw);
         Box::new(move |sup: &mut Supervisor| match sup.finish_volume(job, built) {
             Ok(v) => Response::json(201, &volume_json(&v)),
             Err(e) => sup_error(&e),
         }) as Finish
-    });
-    Reply::Later
+    })
 }
 
 /// Worker side of a volume build.
 fn build_volume(
-    job: &crate::supervisor::VolumeJob,
+    job: &crate::model::supervisor::VolumeJob,
     data: Option<&[u8]>,
     raw: bool,
 ) -> Result<u64, SupervisorError> {
-    use crate::volumes;
+    use crate::images::volumes;
     let vol_err = |e: volumes::VolumeError| match e {
         volumes::VolumeError::TooSmall { .. }
         | volumes::VolumeError::RawTooLarge(_)
@@ -450,22 +448,22 @@ fn build_volume(
         }
         (Some(bytes), false) => {
             let dir = job.staging.join("content");
-            crate::archive::extract_tar_gz(bytes, &dir, &Default::default())
+            crate::images::archive::extract_tar_gz(bytes, &dir, &Default::default())
                 .map_err(|e| SupervisorError::Invalid(format!("tarfile: {e}")))?;
             volumes::create_ext4_from_dir(&job.staging_file, &dir, job.size_mb).map_err(vol_err)
         }
     }
 }
 
-fn hub_config(req: &Request) -> Result<crate::hub::Hub, Response> {
+fn hub_config(req: &Request) -> Result<crate::images::hub::Hub, Response> {
     let v: Value = serde_json::from_slice(&req.body)
         .map_err(|e| error(400, format!("hub config must be JSON {{url, user, pass}}: {e}")))?;
-    let cfg = crate::hub::HubConfig::from_json(&v).map_err(|e| error(400, e))?;
-    crate::hub::Hub::new(cfg).map_err(|e| error(400, e))
+    let cfg = crate::images::hub::HubConfig::from_json(&v).map_err(|e| error(400, e))?;
+    crate::images::hub::Hub::new(cfg).map_err(|e| error(400, e))
 }
 
-fn hub_status(e: &crate::hub::HubError) -> u16 {
-    use crate::hub::HubError;
+fn hub_status(e: &crate::images::hub::HubError) -> u16 {
+    use crate::images::hub::HubError;
     match e {
         HubError::NotFound(_) => 404,
         HubError::Config(_) | HubError::Invalid(_) => 400,
@@ -500,7 +498,7 @@ fn hub_push(ctx: &mut Ctx, req: &Request, name: &str) -> Reply {
         .staging_dir()
         .join(format!("push-{}", crate::model::new_id("job")));
     let meta = serde_json::to_string(&img).unwrap_or_default();
-    ctx.jobs.spawn(ctx.conn, "push", move || {
+    ctx.spawn("push", move || {
         let res = (|| -> Result<(), Response> {
             std::fs::create_dir_all(&scratch).map_err(|e| error(500, e))?;
             let art = scratch.join("image.tar.gz");
@@ -513,8 +511,7 @@ fn hub_push(ctx: &mut Ctx, req: &Request, name: &str) -> Reply {
             Ok(()) => Response::empty(202),
             Err(r) => r,
         }) as Finish
-    });
-    Reply::Later
+    })
 }
 
 fn hub_pull(ctx: &mut Ctx, req: &Request, name: &str) -> Reply {
@@ -543,7 +540,7 @@ fn hub_pull(ctx: &mut Ctx, req: &Request, name: &str) -> Reply {
         .staging_dir()
         .join(format!("pull-{}", crate::model::new_id("job")));
     let name = name.to_string();
-    ctx.jobs.spawn(ctx.conn, "pull", move || {
+    ctx.spawn("pull", move || {
         let res = (|| -> Result<(Image, std::path::PathBuf), Response> {
             std::fs::create_dir_all(&scratch).map_err(|e| error(500, e))?;
             let art = scratch.join("image.tar.gz");
@@ -553,7 +550,7 @@ fn hub_pull(ctx: &mut Ctx, req: &Request, name: &str) -> Reply {
             img.name = name.clone();
             let dir = scratch.join("image");
             let f = std::fs::File::open(&art).map_err(|e| error(500, e))?;
-            crate::archive::extract_tar_gz(f, &dir, &Default::default())
+            crate::images::archive::extract_tar_gz(f, &dir, &Default::default())
                 .map_err(|e| error(502, format!("the hub's image archive: {e}")))?;
             Ok((img, dir))
         })();
@@ -568,8 +565,7 @@ fn hub_pull(ctx: &mut Ctx, req: &Request, name: &str) -> Reply {
             let _ = std::fs::remove_dir_all(&scratch);
             r
         }) as Finish
-    });
-    Reply::Later
+    })
 }
 
 fn hub_delete(ctx: &mut Ctx, req: &Request, name: &str) -> Reply {
@@ -578,14 +574,13 @@ fn hub_delete(ctx: &mut Ctx, req: &Request, name: &str) -> Reply {
         Err(r) => return Reply::Now(r),
     };
     let name = name.to_string();
-    ctx.jobs.spawn(ctx.conn, "remote-delete", move || {
+    ctx.spawn("remote-delete", move || {
         let res = hub.remote_delete(&name);
         Box::new(move |_: &mut Supervisor| match res {
             Ok(()) => Response::empty(202),
             Err(e) => error(hub_status(&e), e),
         }) as Finish
-    });
-    Reply::Later
+    })
 }
 
 #[cfg(test)]

@@ -13,6 +13,12 @@ use std::time::{Duration, Instant};
 
 use crate::model::VmmProcess;
 
+/// The guest CID of an instance's vsock device.
+pub const VSOCK_GUEST_CID: u32 = 3;
+/// Its hybrid-vsock unix socket, relative to the jail root (the VMM's
+/// working directory without the jailer).
+pub const VSOCK_UDS: &str = "run/vsock.sock";
+
 /// Errors starting or stopping VMMs.
 #[derive(Debug, thiserror::Error)]
 pub enum ProcessError {
@@ -145,7 +151,7 @@ impl Launcher {
 
     /// The host side of the instance's vsock device, as seen from the host.
     pub fn vsock_uds(&self, id: &str) -> PathBuf {
-        self.jail_root(id).join(crate::supervisor::VSOCK_UDS)
+        self.jail_root(id).join(VSOCK_UDS)
     }
 
     /// Removes the instance's jail directory (after its VMM is gone).

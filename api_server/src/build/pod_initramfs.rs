@@ -2,7 +2,7 @@
 //! plus whatever it needs to start before anything is mounted.
 //!
 //! The image is a gzip-compressed `newc` cpio archive (written with
-//! [`crate::compilers::linux`]'s writer) holding
+//! [`crate::build::linux`]'s writer) holding
 //!
 //! * the directories `/dev`, `/proc`, `/sys`, `/run`, `/etc`, `/mnt` (0755)
 //!   and `/tmp` (1777), the mount points the agent uses;
@@ -30,7 +30,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use flate2::write::GzEncoder;
 use flate2::Compression;
 
-use crate::compilers::linux::{inspect_elf, write_newc, CpioBody, CpioEntry, Elf};
+use crate::build::linux::{inspect_elf, write_newc, CpioBody, CpioEntry, Elf};
 
 /// Environment variable naming the agent binary; see [`find_agent`].
 pub const AGENT_ENV: &str = "EMBER_AGENT_BIN";
@@ -169,14 +169,14 @@ fn agent_libraries(agent: &Path) -> Result<Vec<PathBuf>, PodInitramfsError> {
             interp.display()
         )));
     }
-    let missing = crate::process::missing_libraries(agent);
+    let missing = crate::runtime::process::missing_libraries(agent);
     if !missing.is_empty() {
         return Err(bad(format!(
             "ldd cannot find its shared libraries {} (the VM would fail to run it)",
             missing.join(", ")
         )));
     }
-    let libs = crate::process::shared_libraries(agent);
+    let libs = crate::runtime::process::shared_libraries(agent);
     if libs.is_empty() {
         return Err(PodInitramfsError::NoLibraries(agent.to_path_buf()));
     }
@@ -535,7 +535,7 @@ mod tests {
         assert_eq!(ents["init"].data, fs::read(agent).unwrap());
         // The interpreter (a symlink on most hosts) and each library are the
         // real files at the paths the binary asks for.
-        let mut wanted = crate::process::shared_libraries(agent);
+        let mut wanted = crate::runtime::process::shared_libraries(agent);
         wanted.push(PathBuf::from(&interp));
         assert!(wanted
             .iter()

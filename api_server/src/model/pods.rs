@@ -32,10 +32,10 @@ use std::time::{Duration, Instant};
 use ember_agent::protocol::{OkReply, Request, Rootfs, StartContainer, StopContainer, Wait};
 use ember_agent::{AgentClient, ClientError};
 
-use crate::images_store::ImageStore;
+use crate::images::store::ImageStore;
 use crate::model::{Disk, Image, InstanceState, PodState, VolumeFormat};
-use crate::server::Jobs;
-use crate::supervisor::{RunRequest, Supervisor};
+use crate::model::jobs::Jobs;
+use crate::model::supervisor::{RunRequest, Supervisor};
 
 /// Name of the image (pod kernel + agent initramfs) every pod VM boots.
 pub const POD_IMAGE: &str = "hyperd-podvm";
@@ -52,10 +52,10 @@ const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/s
 #[derive(Clone, Debug)]
 pub struct PodVmConfig {
     /// Kernel to boot; `None`: the `linux` base's kernel
-    /// ([`crate::compilers::linux::find_kernel`]).
+    /// ([`crate::build::linux::find_kernel`]).
     pub kernel: Option<PathBuf>,
     /// `ember-agent` binary for the initramfs; `None`:
-    /// [`crate::pod_initramfs::find_agent`].
+    /// [`crate::build::pod_initramfs::find_agent`].
     pub agent: Option<PathBuf>,
     /// More kernel arguments for every pod VM.
     pub boot_args: String,
@@ -142,7 +142,7 @@ pub struct PodPlan {
 /// entrypoint drops the image's `Cmd`).
 pub fn resolve(
     plan: &ContainerPlan,
-    cfg: &crate::oci::ImageConfig,
+    cfg: &crate::images::oci::ImageConfig,
     dev: &str,
 ) -> Result<StartContainer> {
     let entrypoint = if plan.entrypoint.is_empty() {
@@ -351,11 +351,11 @@ impl Pods {
                     k.display()
                 )))
             }
-            None => crate::compilers::linux::find_kernel().ok_or_else(|| {
+            None => crate::build::linux::find_kernel().ok_or_else(|| {
                 PodError::Unavailable(format!(
                     "pod VMs boot Linux with ember-agent as init, and no Linux kernel was found (give emberd --pod-kernel, set {}, or install one at {})",
-                    crate::compilers::linux::KERNEL_ENV,
-                    crate::compilers::linux::KERNEL_PATH
+                    crate::build::linux::KERNEL_ENV,
+                    crate::build::linux::KERNEL_PATH
                 ))
             })?,
         };
@@ -367,10 +367,10 @@ impl Pods {
                     a.display()
                 )))
             }
-            None => crate::pod_initramfs::find_agent().ok_or_else(|| {
+            None => crate::build::pod_initramfs::find_agent().ok_or_else(|| {
                 PodError::Unavailable(format!(
                     "no ember-agent binary was found for pod VMs (give emberd --pod-agent or set {})",
-                    crate::pod_initramfs::AGENT_ENV
+                    crate::build::pod_initramfs::AGENT_ENV
                 ))
             })?,
         };
@@ -393,7 +393,7 @@ impl Pods {
                 kernel.display()
             ))
         })?;
-        crate::pod_initramfs::build(agent, &dir.join("initrd"))
+        crate::build::pod_initramfs::build(agent, &dir.join("initrd"))
             .map_err(|e| failed(format!("cannot build the pod initramfs: {e}")))?;
         let size = ["kernel", "initrd"]
             .iter()
@@ -558,7 +558,7 @@ impl Pods {
                         .call(move |sup, _| sup.instance(&id).ok().and_then(|i| i.process.clone()))
                         .flatten();
                     let t = Instant::now();
-                    while p.as_ref().is_some_and(crate::process::is_alive)
+                    while p.as_ref().is_some_and(crate::runtime::process::is_alive)
                         && t.elapsed() < Duration::from_secs(1)
                     {
                         std::thread::sleep(Duration::from_millis(10));
@@ -688,7 +688,7 @@ impl Pods {
         let staging_dir = jobs
             .call(|sup, _| sup.store().staging_dir().join(crate::model::new_id("pod")))
             .ok_or_else(loop_gone)?;
-        let staging = crate::store::Scratch::create(staging_dir).map_err(failed)?;
+        let staging = crate::model::store::Scratch::create(staging_dir).map_err(failed)?;
         self.ensure_image(jobs, staging.path(), &kernel, &agent)?;
         let built = self.build_rootfs(jobs, staging.path(), plan)?;
         // Install the disks; the pod is pending until its containers run.
@@ -889,7 +889,7 @@ impl Pods {
                     sup.instance(&id)
                         .ok()
                         .and_then(|i| i.process.clone())
-                        .is_some_and(|p| crate::process::is_alive(&p))
+                        .is_some_and(|p| crate::runtime::process::is_alive(&p))
                 })
                 .unwrap_or(false);
             if !running {
@@ -906,7 +906,7 @@ impl Pods {
         let staging_dir = jobs
             .call(|sup, _| sup.store().staging_dir().join(crate::model::new_id("vm")))
             .ok_or_else(loop_gone)?;
-        let staging = crate::store::Scratch::create(staging_dir).map_err(failed)?;
+        let staging = crate::model::store::Scratch::create(staging_dir).map_err(failed)?;
         self.ensure_image(jobs, staging.path(), &kernel, &agent)?;
         let vm_id = crate::model::hyper_id("vm");
         self.boot_vm(jobs, &vm_id, None, Vec::new())?;
@@ -1045,7 +1045,7 @@ impl Pods {
                             for (cid, code) in done {
                                 container_exited(sup, &inst, &cid, code);
                             }
-                        }) as crate::server::BgFinish
+                        }) as crate::model::jobs::BgFinish
                     }
                     Ok(None) => Box::new(|_: &mut Supervisor, _: &Jobs| {}),
                     Err(e) => {
@@ -1084,7 +1084,7 @@ impl Pods {
         jobs: &Jobs,
         container: &str,
         repo: &str,
-        changes: &crate::images_store::ImageConfigChanges,
+        changes: &crate::images::store::ImageConfigChanges,
     ) -> Result<String> {
         let key = container.to_string();
         let (image, rootfs) = jobs
@@ -1119,7 +1119,7 @@ impl Pods {
             .images
             .commit_ext4(base.as_deref(), &rootfs, repo, "", changes)
             .map_err(|e| match e {
-                crate::images_store::ImageStoreError::Invalid(m) => PodError::Invalid(m),
+                crate::images::store::ImageStoreError::Invalid(m) => PodError::Invalid(m),
                 other => failed(other),
             })?;
         Ok(rec.short_id().to_string())
@@ -1247,7 +1247,7 @@ fn session_ended(sup: &mut Supervisor, inst: &str, why: &str) {
     let dead = sup
         .instance(inst)
         .ok()
-        .map(|i| !i.process.as_ref().is_some_and(crate::process::is_alive));
+        .map(|i| !i.process.as_ref().is_some_and(crate::runtime::process::is_alive));
     if dead == Some(true) {
         if let Err(e) = sup.delete_instance(inst, true) {
             log::warn!("removing the ended pod VM {inst}: {e}");
@@ -1292,7 +1292,7 @@ pub fn gc_rootfs(sup: &mut Supervisor) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::oci::ImageConfig;
+    use crate::images::oci::ImageConfig;
 
     fn plan() -> ContainerPlan {
         ContainerPlan {

@@ -23,8 +23,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::model::{Disk, Instance, NetInterface, VolumeFormat};
-use crate::server::{BgFinish, Ctx, Face, Jobs};
-use crate::supervisor::{RunRequest, Supervisor};
+use crate::model::jobs::{BgFinish, Jobs};
+use crate::server::{Ctx, Face};
+use crate::model::supervisor::{RunRequest, Supervisor};
 
 /// Errors from Flintlock requests.
 #[derive(Debug, thiserror::Error)]
@@ -278,11 +279,11 @@ pub fn validate(spec: &mut Spec) -> Result<(), FlintlockError> {
             }
         }
         if let Some(a) = &n.address {
-            crate::netdev::StaticAddress::parse(&a.address, a.gateway.as_deref(), &a.nameservers)
+            crate::runtime::netdev::StaticAddress::parse(&a.address, a.gateway.as_deref(), &a.nameservers)
                 .map_err(|e| invalid(format!("interface {i}: {e}")))?;
         }
     }
-    crate::cidata::from_flintlock_metadata(&spec.metadata, "validate", &spec.id)
+    crate::images::cidata::from_flintlock_metadata(&spec.metadata, "validate", &spec.id)
         .map_err(|e| invalid(format!("metadata: {e}")))?;
     Ok(())
 }
@@ -362,7 +363,7 @@ pub fn microvm_json(sup: &Supervisor, inst: &Instance) -> Value {
 /// Files produced by a reconcile attempt's worker. Dropping it removes
 /// the staging directory, whatever became of the attempt.
 struct Artifacts {
-    _staging: crate::store::Scratch,
+    _staging: crate::model::store::Scratch,
     kernel_dir: PathBuf,
     kernel: String,
     initrd: Option<String>,
@@ -374,12 +375,12 @@ struct Artifacts {
 /// Worker side: builds everything a MicroVM needs from its spec.
 fn build(spec: &Spec, uid: &str, staging: PathBuf) -> Result<Artifacts, String> {
     // Removed on every path out of here that does not hand it over.
-    let staging = crate::store::Scratch::create(staging).map_err(|e| e.to_string())?;
+    let staging = crate::model::store::Scratch::create(staging).map_err(|e| e.to_string())?;
     let kernel_dir = staging.join("image");
     std::fs::create_dir_all(&kernel_dir).map_err(|e| e.to_string())?;
     let k = spec.kernel.as_ref().ok_or("no kernel")?;
     let open = |src: &str| {
-        crate::oci::open(std::path::Path::new(src), None).map_err(|e| format!("{src}: {e}"))
+        crate::images::oci::open(std::path::Path::new(src), None).map_err(|e| format!("{src}: {e}"))
     };
     let kimg = open(&k.image)?;
     let kfile = k.filename.clone().unwrap_or_default();
@@ -406,10 +407,10 @@ fn build(spec: &Spec, uid: &str, staging: PathBuf) -> Result<Artifacts, String> 
             .map_err(|e| format!("volume {} from {src}: {e}", v.id))?;
         volumes.push((v.id.clone(), out, v.is_read_only));
     }
-    let files = crate::cidata::from_flintlock_metadata(&spec.metadata, uid, &spec.id)
+    let files = crate::images::cidata::from_flintlock_metadata(&spec.metadata, uid, &spec.id)
         .map_err(|e| format!("metadata: {e}"))?;
     let cid = staging.join("cidata.img");
-    crate::cidata::build_cidata(&cid, &files).map_err(|e| format!("cidata disk: {e}"))?;
+    crate::images::cidata::build_cidata(&cid, &files).map_err(|e| format!("cidata disk: {e}"))?;
     Ok(Artifacts {
         _staging: staging,
         kernel_dir,
@@ -501,14 +502,14 @@ fn install_and_start(sup: &mut Supervisor, spec: &Spec, uid: &str, a: Artifacts)
     let mut ip_args = String::new();
     for (i, n) in spec.interfaces.iter().enumerate() {
         interfaces.push(NetInterface {
-            host_dev_name: crate::netdev::tap_name(&inst_id, i),
+            host_dev_name: crate::runtime::netdev::tap_name(&inst_id, i),
             guest_mac: n.guest_mac.clone(),
         });
         if i == 0 && spec.kernel.as_ref().is_some_and(|k| k.add_network_config) {
             if let Some(addr) = &n.address {
-                let sa = crate::netdev::StaticAddress::parse(&addr.address, addr.gateway.as_deref(), &addr.nameservers)
+                let sa = crate::runtime::netdev::StaticAddress::parse(&addr.address, addr.gateway.as_deref(), &addr.nameservers)
                     .map_err(|e| e.to_string())?;
-                ip_args = crate::netdev::kernel_ip_param(&sa, "eth0", &spec.id).map_err(|e| e.to_string())?;
+                ip_args = crate::runtime::netdev::kernel_ip_param(&sa, "eth0", &spec.id).map_err(|e| e.to_string())?;
             }
         }
     }

@@ -10,10 +10,10 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc::Sender;
 use std::time::Duration;
 
-use crate::compilers::{self, CompileOutput, Registry};
+use crate::build::{self as compilers, CompileOutput, Registry};
 use crate::model::*;
-use crate::process::{self, JailFile, LaunchSpec, Launcher};
-use crate::store::{Scratch, Store, StoreError};
+use crate::runtime::process::{self, JailFile, LaunchSpec, Launcher};
+use crate::model::store::{Scratch, Store, StoreError};
 
 /// How a failed request should be reported.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -72,11 +72,7 @@ impl SupervisorError {
 
 type Result<T> = std::result::Result<T, SupervisorError>;
 
-/// The guest CID of an instance's vsock device.
-pub const VSOCK_GUEST_CID: u32 = 3;
-/// Its hybrid-vsock unix socket, relative to the jail root (the VMM's
-/// working directory without the jailer).
-pub const VSOCK_UDS: &str = "run/vsock.sock";
+pub use crate::runtime::process::{VSOCK_GUEST_CID, VSOCK_UDS};
 
 fn not_found(what: &'static str, key: &str) -> SupervisorError {
     SupervisorError::NotFound {
@@ -698,8 +694,8 @@ impl Supervisor {
             return Err(SupervisorError::Invalid(format!(
                 "image {} has no kernel: emberd found no Linux kernel when it was built (set {} or put one at {}, then rebuild the image)",
                 img.name,
-                crate::compilers::linux::KERNEL_ENV,
-                crate::compilers::linux::KERNEL_PATH
+                crate::build::linux::KERNEL_ENV,
+                crate::build::linux::KERNEL_PATH
             )));
         }
         let dir = self.store.image_dir(&img.id);
@@ -791,8 +787,8 @@ impl Supervisor {
         // TAPs are persistent and owned by the VMMs' user, so the jailed VMM
         // (no capabilities) can attach to them.
         for n in &inst.interfaces {
-            if !crate::netdev::tap_exists(&n.host_dev_name, None) {
-                crate::netdev::create_tap(
+            if !crate::runtime::netdev::tap_exists(&n.host_dev_name, None) {
+                crate::runtime::netdev::create_tap(
                     &n.host_dev_name,
                     Some((self.launcher.uid, self.launcher.gid)),
                     None,
@@ -873,10 +869,10 @@ impl Supervisor {
             // The killed VMM's file descriptors may still be closing: a busy
             // TAP gets a few short retries.
             for attempt in 0..20 {
-                if !crate::netdev::tap_exists(&n.host_dev_name, None) {
+                if !crate::runtime::netdev::tap_exists(&n.host_dev_name, None) {
                     break;
                 }
-                match crate::netdev::delete_tap(&n.host_dev_name, None) {
+                match crate::runtime::netdev::delete_tap(&n.host_dev_name, None) {
                     Ok(()) => break,
                     Err(e) if attempt == 19 => {
                         log::warn!("cannot delete TAP {}: {e}", n.host_dev_name)
