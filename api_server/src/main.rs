@@ -124,7 +124,7 @@ fn main() {
         }
     }
     let flintlock = api_server::faces::flintlock::Flintlock {
-        policy: api_server::faces::flintlock::RetryPolicy {
+        policy: api_server::model::microvms::RetryPolicy {
             max_retries: args.flintlock_max_retries.max(1),
             backoff: std::time::Duration::from_millis(args.flintlock_backoff_ms),
         },
@@ -145,7 +145,8 @@ fn main() {
         stop_timeout: std::time::Duration::from_secs(args.pod_stop_timeout),
         rootfs_mb: args.pod_rootfs_mb,
     };
-    let hyperd = api_server::faces::hyperd::Hyperd::new(images, pod_vms);
+    let pods = api_server::model::pods::Pods::new(pod_vms, std::sync::Arc::new(images));
+    let hyperd = api_server::faces::hyperd::Hyperd::new(pods);
     // Order matters where paths could overlap: see README "Routing".
     let faces: Vec<Box<dyn api_server::server::Face>> =
         vec![Box::new(flintlock), Box::new(hyperd), Box::new(api_server::faces::unik::Unik)];

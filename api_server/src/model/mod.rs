@@ -6,14 +6,22 @@
 //! - [`supervisor`]: owns the records, and prepares, installs, starts and
 //!   stops what they describe;
 //! - [`store`]: persistence of the records and the on-disk layout;
+//! - [`artifacts`]: the worker side of image and volume builds and of the
+//!   UniK hub's transfers;
 //! - [`jobs`]: the loop's work queue (worker threads whose results are
 //!   applied on the loop thread);
+//! - [`microvms`]: Flintlock MicroVMs and their reconciler;
 //! - [`pods`]: hyperd pods, their planning and their pod VMs.
 
+pub mod artifacts;
 pub mod jobs;
+pub mod microvms;
 pub mod pods;
 pub mod store;
 pub mod supervisor;
+
+/// The one provider ember's compilers serve (UniK's `provider`).
+pub use crate::build::PROVIDER;
 
 use std::collections::BTreeMap;
 

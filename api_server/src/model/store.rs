@@ -139,11 +139,39 @@ impl Store {
         }
     }
 
+    /// Stores registry credentials for `server` (hyperd's `/auth`) in
+    /// `auth.json`, a file only root can read (0600), written atomically.
+    pub fn save_credentials(&self, server: &str, entry: serde_json::Value) -> std::io::Result<()> {
+        let path = self.root.join("auth.json");
+        let mut all: serde_json::Map<String, serde_json::Value> = fs::read(&path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        all.insert(server.to_string(), entry);
+        let data = serde_json::to_vec(&serde_json::Value::Object(all)).unwrap_or_default();
+        write_private(&path, &data)
+    }
+
     /// Saves the state atomically.
     pub fn save(&self, s: &State) -> Result<(), StoreError> {
         let data = serde_json::to_vec_pretty(s).expect("state serializes");
         write_atomic(&self.state_path(), &data)
     }
+}
+
+/// Writes `data` atomically to a file only root can read (0600).
+fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let _ = fs::remove_file(&tmp);
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    fs::rename(&tmp, path)
 }
 
 #[cfg(test)]

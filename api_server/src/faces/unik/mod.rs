@@ -7,17 +7,16 @@
 //! Both `follow` and the seed's spelling `fallow` are accepted for logs.
 
 use std::collections::BTreeMap;
-use std::path::Path;
 
 use ember_http::{Method, Reply, Request, Response};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::build::PROVIDER;
-use crate::model::{Image, Instance, Volume, VolumeFormat};
 use crate::faces::multipart::{parse_form, Form};
-use crate::server::{status_of, Ctx, Face, Finish};
+use crate::model::artifacts::{HubDelete, HubFault, HubJobError, HubPull, HubPush};
 use crate::model::supervisor::{RunRequest, Supervisor, SupervisorError};
+use crate::model::{Image, Instance, Volume, VolumeFormat, PROVIDER};
+use crate::server::{status_of, Ctx, Face, Finish};
 
 /// Errors specific to decoding UniK requests.
 #[derive(Debug, thiserror::Error)]
@@ -281,35 +280,12 @@ fn create_image(ctx: &mut Ctx, req: &Request, name: &str) -> Reply {
         Err(e) => return Reply::Now(sup_error(&e)),
     };
     ctx.spawn("compile", move || {
-        let built = build_image(&job, &tar);
+        let built = job.build(&tar);
         Box::new(move |sup: &mut Supervisor| match sup.finish_image(job, built) {
             Ok(img) => Response::json(201, &image_json(&img)),
             Err(e) => sup_error(&e),
         }) as Finish
     })
-}
-
-/// Worker side of an image build: extract, compile.
-fn build_image(
-    job: &crate::model::supervisor::ImageJob,
-    tar: &[u8],
-) -> Result<crate::build::CompileOutput, SupervisorError> {
-    crate::images::archive::extract_tar_gz(tar, &job.src_dir(), &Default::default())
-        .map_err(|e| SupervisorError::Invalid(format!("tarfile: {e}")))?;
-    std::fs::create_dir_all(job.out_dir()).map_err(|e| SupervisorError::Internal(e.to_string()))?;
-    crate::build::hand_over(&[job.staging.path(), &job.src_dir(), &job.out_dir()])
-        .map_err(|e| SupervisorError::Internal(format!("cannot prepare the build directory: {e}")))?;
-    job.compiler
-        .compile(&crate::build::CompileInput {
-            src_dir: &job.src_dir(),
-            out_dir: &job.out_dir(),
-        })
-        .map_err(|e| match e {
-            crate::build::CompileError::Tool { .. } | crate::build::CompileError::Io(_) => {
-                SupervisorError::Internal(e.to_string())
-            }
-            other => SupervisorError::Invalid(other.to_string()),
-        })
 }
 
 fn run(sup: &mut Supervisor, req: &Request) -> Response {
@@ -409,7 +385,7 @@ fn create_volume(ctx: &mut Ctx, req: &Request, name: &str) -> Reply {
         Err(e) => return Reply::Now(sup_error(&e)),
     };
     ctx.spawn("volume", move || {
-        let built = build_volume(&job, data.as_deref(), raw);
+        let built = job.build(data.as_deref(), raw);
         Box::new(move |sup: &mut Supervisor| match sup.finish_volume(job, built) {
             Ok(v) => Response::json(201, &volume_json(&v)),
             Err(e) => sup_error(&e),
@@ -417,99 +393,28 @@ fn create_volume(ctx: &mut Ctx, req: &Request, name: &str) -> Reply {
     })
 }
 
-/// Worker side of a volume build.
-fn build_volume(
-    job: &crate::model::supervisor::VolumeJob,
-    data: Option<&[u8]>,
-    raw: bool,
-) -> Result<u64, SupervisorError> {
-    use crate::images::volumes;
-    let vol_err = |e: volumes::VolumeError| match e {
-        volumes::VolumeError::TooSmall { .. }
-        | volumes::VolumeError::RawTooLarge(_)
-        | volumes::VolumeError::EmptyRaw
-        | volumes::VolumeError::InvalidSize(_) => {
-            SupervisorError::Invalid(e.to_string())
-        }
-        other => SupervisorError::Internal(other.to_string()),
+fn hub_error(e: &HubJobError) -> Response {
+    let status = match e.fault() {
+        HubFault::Invalid => 400,
+        HubFault::NotFound => 404,
+        HubFault::Denied => 403,
+        HubFault::Conflict => 409,
+        HubFault::Internal => 500,
+        HubFault::Upstream => 502,
     };
-    match (data, raw) {
-        (None, _) => {
-            let size = job.size_mb.unwrap_or(1);
-            if raw {
-                volumes::create_raw(&job.staging_file, std::io::empty(), Some(size)).map_err(vol_err)
-            } else {
-                volumes::create_empty_ext4(&job.staging_file, size).map_err(vol_err)?;
-                Ok(size)
-            }
-        }
-        (Some(bytes), true) => {
-            volumes::create_raw(&job.staging_file, bytes, job.size_mb).map_err(vol_err)
-        }
-        (Some(bytes), false) => {
-            let dir = job.staging.join("content");
-            crate::images::archive::extract_tar_gz(bytes, &dir, &Default::default())
-                .map_err(|e| SupervisorError::Invalid(format!("tarfile: {e}")))?;
-            volumes::create_ext4_from_dir(&job.staging_file, &dir, job.size_mb).map_err(vol_err)
-        }
-    }
-}
-
-fn hub_config(req: &Request) -> Result<crate::images::hub::Hub, Response> {
-    let v: Value = serde_json::from_slice(&req.body)
-        .map_err(|e| error(400, format!("hub config must be JSON {{url, user, pass}}: {e}")))?;
-    let cfg = crate::images::hub::HubConfig::from_json(&v).map_err(|e| error(400, e))?;
-    crate::images::hub::Hub::new(cfg).map_err(|e| error(400, e))
-}
-
-fn hub_status(e: &crate::images::hub::HubError) -> u16 {
-    use crate::images::hub::HubError;
-    match e {
-        HubError::NotFound(_) => 404,
-        HubError::Config(_) | HubError::Invalid(_) => 400,
-        HubError::Auth { .. } => 403,
-        HubError::Io { .. } => 500,
-        _ => 502,
-    }
-}
-
-/// Packs an image directory as tar.gz for the hub.
-fn pack_image(dir: &Path, out: &Path) -> std::io::Result<()> {
-    let f = std::fs::File::create(out)?;
-    let gz = flate2::write::GzEncoder::new(f, flate2::Compression::fast());
-    let mut t = tar::Builder::new(gz);
-    t.append_dir_all(".", dir)?;
-    t.into_inner()?.finish()?.sync_all()
+    error(status, e)
 }
 
 fn hub_push(ctx: &mut Ctx, req: &Request, name: &str) -> Reply {
-    let hub = match hub_config(req) {
-        Ok(h) => h,
-        Err(r) => return Reply::Now(r),
+    let job = match HubPush::prepare(ctx.sup, name, &req.body) {
+        Ok(j) => j,
+        Err(e) => return Reply::Now(hub_error(&e)),
     };
-    let img = match ctx.sup.image(name) {
-        Ok(i) => i.clone(),
-        Err(e) => return Reply::Now(sup_error(&e)),
-    };
-    let dir = ctx.sup.store().image_dir(&img.id);
-    let scratch = ctx
-        .sup
-        .store()
-        .staging_dir()
-        .join(format!("push-{}", crate::model::new_id("job")));
-    let meta = serde_json::to_string(&img).unwrap_or_default();
     ctx.spawn("push", move || {
-        let res = (|| -> Result<(), Response> {
-            std::fs::create_dir_all(&scratch).map_err(|e| error(500, e))?;
-            let art = scratch.join("image.tar.gz");
-            pack_image(&dir, &art).map_err(|e| error(500, format!("cannot pack the image: {e}")))?;
-            hub.push(&img.name, &meta, &art)
-                .map_err(|e| error(hub_status(&e), e))
-        })();
-        let _ = std::fs::remove_dir_all(&scratch);
+        let res = job.run();
         Box::new(move |_: &mut Supervisor| match res {
             Ok(()) => Response::empty(202),
-            Err(r) => r,
+            Err(e) => hub_error(&e),
         }) as Finish
     })
 }
@@ -524,61 +429,29 @@ fn hub_pull(ctx: &mut Ctx, req: &Request, name: &str) -> Reply {
         }
     }
     let force = truthy(req.query_param("force"));
-    if !force && ctx.sup.state().image(name).is_some() {
-        return Reply::Now(error(
-            409,
-            format!("image {name} already exists; use force=true to overwrite it"),
-        ));
-    }
-    let hub = match hub_config(req) {
-        Ok(h) => h,
-        Err(r) => return Reply::Now(r),
+    let job = match HubPull::prepare(ctx.sup, name, force, &req.body) {
+        Ok(j) => j,
+        Err(e) => return Reply::Now(hub_error(&e)),
     };
-    let scratch = ctx
-        .sup
-        .store()
-        .staging_dir()
-        .join(format!("pull-{}", crate::model::new_id("job")));
-    let name = name.to_string();
     ctx.spawn("pull", move || {
-        let res = (|| -> Result<(Image, std::path::PathBuf), Response> {
-            std::fs::create_dir_all(&scratch).map_err(|e| error(500, e))?;
-            let art = scratch.join("image.tar.gz");
-            let meta = hub.pull(&name, &art).map_err(|e| error(hub_status(&e), e))?;
-            let mut img: Image = serde_json::from_str(&meta)
-                .map_err(|e| error(502, format!("the hub's image metadata is not ember's: {e}")))?;
-            img.name = name.clone();
-            let dir = scratch.join("image");
-            let f = std::fs::File::open(&art).map_err(|e| error(500, e))?;
-            crate::images::archive::extract_tar_gz(f, &dir, &Default::default())
-                .map_err(|e| error(502, format!("the hub's image archive: {e}")))?;
-            Ok((img, dir))
-        })();
-        Box::new(move |sup: &mut Supervisor| {
-            let r = match res {
-                Ok((img, dir)) => match sup.install_image(img, &dir, force) {
-                    Ok(i) => Response::json(202, &image_json(&i)),
-                    Err(e) => sup_error(&e),
-                },
-                Err(r) => r,
-            };
-            let _ = std::fs::remove_dir_all(&scratch);
-            r
+        let pulled = job.run();
+        Box::new(move |sup: &mut Supervisor| match job.install(sup, pulled) {
+            Ok(i) => Response::json(202, &image_json(&i)),
+            Err(e) => hub_error(&e),
         }) as Finish
     })
 }
 
 fn hub_delete(ctx: &mut Ctx, req: &Request, name: &str) -> Reply {
-    let hub = match hub_config(req) {
-        Ok(h) => h,
-        Err(r) => return Reply::Now(r),
+    let job = match HubDelete::prepare(name, &req.body) {
+        Ok(j) => j,
+        Err(e) => return Reply::Now(hub_error(&e)),
     };
-    let name = name.to_string();
     ctx.spawn("remote-delete", move || {
-        let res = hub.remote_delete(&name);
+        let res = job.run();
         Box::new(move |_: &mut Supervisor| match res {
             Ok(()) => Response::empty(202),
-            Err(e) => error(hub_status(&e), e),
+            Err(e) => hub_error(&e),
         }) as Finish
     })
 }

@@ -1,382 +1,30 @@
-//! Pod VMs: the runtime behind hyperd's pods.
-//!
-//! A pod runs in one microVM: an ember instance that boots the pod kernel
-//! with an initramfs whose `/init` is `ember-agent`, has one ext4 disk per
-//! container (built from the container image, `/dev/vda`, `/dev/vdb`, ...
-//! in container order) and a vsock device. emberd keeps one agent session
-//! per pod VM: a thread that owns the single connection to the agent (vsock
-//! port 2718 through the VMM's hybrid-vsock socket), sends it requests that
-//! come over a channel and turns the agent's exit events into model
-//! updates.
-//!
-//! Everything that blocks (building disks and the initramfs, waiting for
-//! the guest, talking to the agent) runs on worker threads; they change the
-//! model only through [`Jobs::call`] / [`Jobs::post`], on the loop thread.
-//!
-//! The VM records are ordinary instances (named by their hyperd `vm-` id,
-//! annotated with it and with the pod they serve); the pod records are
-//! [`crate::model::Pod`]s; each container's root filesystem is a volume
-//! named `<container id>-rootfs`, kept after the pod stops (for
-//! `/container/commit`, and so a restarted pod keeps its files) and removed
-//! with the pod.
+//! Pod VMs: booting them, their agent sessions, and the worker side of
+//! starting, stopping and committing pods. Everything here that blocks
+//! runs on worker threads and changes the model only through
+//! [`Jobs::call`] / [`Jobs::post`].
 
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::os::fd::AsRawFd;
+use std::collections::BTreeMap;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{channel, RecvTimeoutError, Sender};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ember_agent::protocol::{OkReply, Request, Rootfs, StartContainer, StopContainer, Wait};
-use ember_agent::{AgentClient, ClientError};
+use ember_agent::protocol::{OkReply, Request, StopContainer, Wait};
+use ember_agent::AgentClient;
 
-use crate::images::store::ImageStore;
-use crate::model::{Disk, Image, InstanceState, PodState, VolumeFormat};
+use super::plan::{disk_device, resolve, rootfs_volume, PodPlan};
+use super::{
+    container_exited, exited, failed, find_vm, gc_rootfs, loop_gone, post_events, session_ended, settle,
+    vm_lost, PodError, Pods, Result, POD_ANN, POD_CMDLINE, POD_IMAGE, VM_ANN,
+};
+use crate::images::store::{ImageConfigChanges, ImageStoreError};
 use crate::model::jobs::Jobs;
 use crate::model::supervisor::{RunRequest, Supervisor};
-
-/// Name of the image (pod kernel + agent initramfs) every pod VM boots.
-pub const POD_IMAGE: &str = "hyperd-podvm";
-/// Annotation of a pod VM instance: its hyperd `vm-` id.
-pub const VM_ANN: &str = "hyperd.vm";
-/// Annotation of a pod VM instance: the pod it runs (absent when idle).
-pub const POD_ANN: &str = "hyperd.pod";
-/// Kernel arguments every pod VM gets, before the configured ones.
-pub const POD_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off rdinit=/init";
-/// `PATH` for containers whose image sets none.
-const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
-
-/// How pod VMs are made.
-#[derive(Clone, Debug)]
-pub struct PodVmConfig {
-    /// Kernel to boot; `None`: the `linux` base's kernel
-    /// ([`crate::build::linux::find_kernel`]).
-    pub kernel: Option<PathBuf>,
-    /// `ember-agent` binary for the initramfs; `None`:
-    /// [`crate::build::pod_initramfs::find_agent`].
-    pub agent: Option<PathBuf>,
-    /// More kernel arguments for every pod VM.
-    pub boot_args: String,
-    /// How long a new VM may take to boot and answer READY.
-    pub agent_timeout: Duration,
-    /// Grace period between SIGTERM and SIGKILL when a pod stops.
-    pub stop_timeout: Duration,
-    /// Size of a container's root disk in MB (sparse); an image that does
-    /// not fit gets a disk sized to fit it.
-    pub rootfs_mb: u64,
-}
-
-impl Default for PodVmConfig {
-    fn default() -> Self {
-        PodVmConfig {
-            kernel: None,
-            agent: None,
-            boot_args: String::new(),
-            agent_timeout: Duration::from_secs(60),
-            stop_timeout: Duration::from_secs(10),
-            rootfs_mb: 1024,
-        }
-    }
-}
-
-/// Why a pod operation failed; the words follow hyperd's status rules
-/// ("no such" 404, "bad parameter" 400, "conflict" 409, else 500).
-#[derive(Debug, thiserror::Error)]
-pub enum PodError {
-    #[error("no such {0}")]
-    NoSuch(String),
-    #[error("bad parameter: {0}")]
-    Invalid(String),
-    #[error("conflict: {0}")]
-    Conflict(String),
-    /// No kernel or agent to make pod VMs with.
-    #[error("{0}")]
-    Unavailable(String),
-    #[error("{0}")]
-    Failed(String),
-}
-
-type Result<T> = std::result::Result<T, PodError>;
-
-fn failed(e: impl std::fmt::Display) -> PodError {
-    PodError::Failed(e.to_string())
-}
-
-/// What emberd daemon thread answered: the loop went away (shutdown).
-fn loop_gone() -> PodError {
-    PodError::Failed("emberd is shutting down".into())
-}
-
-/// One container to start, as the face resolved it from the pod spec.
-#[derive(Clone, Debug, Default)]
-pub struct ContainerPlan {
-    /// Container id (the model's).
-    pub id: String,
-    pub name: String,
-    /// Image name or id in the container image store.
-    pub image: String,
-    /// Replaces the image's `Cmd` when not empty.
-    pub command: Vec<String>,
-    /// Replaces the image's `Entrypoint` (and drops its `Cmd`) when not empty.
-    pub entrypoint: Vec<String>,
-    /// Replaces the image's `WorkingDir` when not empty.
-    pub workdir: String,
-    /// Added to (and overriding) the image's `Env`.
-    pub env: Vec<(String, String)>,
-}
-
-/// A pod to start.
-#[derive(Clone, Debug, Default)]
-pub struct PodPlan {
-    pub pod_id: String,
-    pub hostname: String,
-    pub vcpus: u8,
-    pub memory_mb: u32,
-    pub containers: Vec<ContainerPlan>,
-}
-
-/// The agent's view of a container: argv, environment, working directory
-/// and user from the image config and the plan (Docker's rules: a given
-/// entrypoint drops the image's `Cmd`).
-pub fn resolve(
-    plan: &ContainerPlan,
-    cfg: &crate::images::oci::ImageConfig,
-    dev: &str,
-) -> Result<StartContainer> {
-    let entrypoint = if plan.entrypoint.is_empty() {
-        cfg.entrypoint.clone()
-    } else {
-        plan.entrypoint.clone()
-    };
-    let cmd = if !plan.command.is_empty() {
-        plan.command.clone()
-    } else if plan.entrypoint.is_empty() {
-        cfg.cmd.clone()
-    } else {
-        Vec::new()
-    };
-    let argv: Vec<String> = entrypoint.into_iter().chain(cmd).collect();
-    if argv.is_empty() {
-        return Err(PodError::Invalid(format!(
-            "container {} has no command: image {} has no Entrypoint or Cmd and the pod gives none",
-            plan.name, plan.image
-        )));
-    }
-    let mut env: Vec<(String, String)> = Vec::new();
-    let mut set = |k: &str, v: &str| match env.iter_mut().find(|(n, _)| n == k) {
-        Some(e) => e.1 = v.to_string(),
-        None => env.push((k.to_string(), v.to_string())),
-    };
-    for kv in &cfg.env {
-        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-        set(k, v);
-    }
-    for (k, v) in &plan.env {
-        if k.is_empty() || k.contains('=') {
-            return Err(PodError::Invalid(format!(
-                "container {}: bad environment variable name {k:?}",
-                plan.name
-            )));
-        }
-        set(k, v);
-    }
-    if !env.iter().any(|(k, _)| k == "PATH") {
-        env.push(("PATH".into(), DEFAULT_PATH.into()));
-    }
-    let workdir = if plan.workdir.is_empty() {
-        cfg.working_dir.clone()
-    } else {
-        plan.workdir.clone()
-    };
-    let user = match cfg.user.as_str() {
-        "" | "root" | "0" => None,
-        u if u.split(':').all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit())) => {
-            Some(u.to_string())
-        }
-        u => {
-            return Err(PodError::Invalid(format!(
-                "container {}: image user {u:?} is not numeric (uid or uid:gid); user names need the container's /etc/passwd, which emberd does not read",
-                plan.name
-            )))
-        }
-    };
-    Ok(StartContainer {
-        id: plan.id.clone(),
-        rootfs: Rootfs::BlockDevice {
-            path: dev.to_string(),
-            fstype: "ext4".into(),
-            readonly: false,
-        },
-        cmd: argv,
-        env,
-        workdir: (!workdir.is_empty()).then_some(workdir),
-        user,
-    })
-}
-
-/// `/dev/vda`, `/dev/vdb`, ... for the `i`-th disk.
-pub fn disk_device(i: usize) -> Result<String> {
-    if i >= 26 {
-        return Err(PodError::Invalid("a pod has at most 26 containers".into()));
-    }
-    Ok(format!("/dev/vd{}", (b'a' + i as u8) as char))
-}
-
-/// Volume name of a container's root filesystem.
-pub fn rootfs_volume(container_id: &str) -> String {
-    format!("{container_id}-rootfs")
-}
-
-/// A request to the session thread and where its answer goes.
-struct Call {
-    req: Request,
-    reply: Sender<std::result::Result<OkReply, String>>,
-}
-
-/// The handle of one pod VM's agent session.
-#[derive(Clone)]
-struct Session {
-    tx: Sender<Call>,
-    /// Set before an intended shutdown, so the connection's end is not
-    /// reported as a failure.
-    closing: Arc<AtomicBool>,
-}
-
-impl Session {
-    /// Sends `req` and waits up to `timeout` for the agent's answer.
-    fn request(&self, req: Request, timeout: Duration) -> Result<OkReply> {
-        let (tx, rx) = channel();
-        let what = format!("{req:?}");
-        self.tx
-            .send(Call { req, reply: tx })
-            .map_err(|_| failed("the pod VM's agent connection is closed"))?;
-        match rx.recv_timeout(timeout) {
-            Ok(r) => r.map_err(PodError::Failed),
-            Err(RecvTimeoutError::Timeout) => Err(failed(format!(
-                "the agent did not answer {} in {} s",
-                what.split(['(', ' ']).next().unwrap_or("the request"),
-                timeout.as_secs()
-            ))),
-            Err(RecvTimeoutError::Disconnected) => {
-                Err(failed("the pod VM's agent connection closed"))
-            }
-        }
-    }
-}
-
-/// Pod VMs: their sessions and configuration. Shared by the face and its
-/// worker threads.
-pub struct Pods {
-    cfg: PodVmConfig,
-    images: Arc<ImageStore>,
-    /// Instance id -> agent session.
-    sessions: Mutex<HashMap<String, Session>>,
-    /// Pods and VMs with an operation under way.
-    busy: Mutex<HashSet<String>>,
-    /// Instances whose session is being re-established after a restart.
-    reconnecting: Mutex<HashSet<String>>,
-}
-
-/// Marks a pod or VM busy until dropped.
-pub struct BusyGuard {
-    pods: Arc<Pods>,
-    key: String,
-}
-
-impl Drop for BusyGuard {
-    fn drop(&mut self) {
-        self.pods
-            .busy
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&self.key);
-    }
-}
+use crate::model::{Disk, Image, InstanceState, PodState, VolumeFormat};
+use crate::runtime::agent::Session;
+use crate::runtime::process;
 
 impl Pods {
-    /// Pod VMs made as `cfg` says, with container images from `images`.
-    pub fn new(cfg: PodVmConfig, images: Arc<ImageStore>) -> Arc<Pods> {
-        Arc::new(Pods {
-            cfg,
-            images,
-            sessions: Mutex::new(HashMap::new()),
-            busy: Mutex::new(HashSet::new()),
-            reconnecting: Mutex::new(HashSet::new()),
-        })
-    }
-
-    /// Claims `key` (a pod or VM id) for one operation at a time.
-    pub fn claim(self: &Arc<Self>, key: &str) -> Result<BusyGuard> {
-        let mut b = self.busy.lock().unwrap_or_else(|p| p.into_inner());
-        if !b.insert(key.to_string()) {
-            return Err(PodError::Conflict(format!(
-                "{key} is busy with another operation; try again when it has finished"
-            )));
-        }
-        Ok(BusyGuard {
-            pods: Arc::clone(self),
-            key: key.to_string(),
-        })
-    }
-
-    fn session(&self, inst: &str) -> Option<Session> {
-        self.sessions
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(inst)
-            .cloned()
-    }
-
-    /// Forgets an instance's session; it closes once its thread notices.
-    fn drop_session(&self, inst: &str) {
-        if let Some(s) = self
-            .sessions
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(inst)
-        {
-            s.closing.store(true, Ordering::SeqCst);
-        }
-    }
-
-    /// The kernel and agent pod VMs are made from, or why there are none.
-    pub fn requirements(&self) -> Result<(PathBuf, PathBuf)> {
-        let kernel = match &self.cfg.kernel {
-            Some(k) if k.is_file() => k.clone(),
-            Some(k) => {
-                return Err(PodError::Unavailable(format!(
-                    "the pod kernel {} does not exist (emberd --pod-kernel)",
-                    k.display()
-                )))
-            }
-            None => crate::build::linux::find_kernel().ok_or_else(|| {
-                PodError::Unavailable(format!(
-                    "pod VMs boot Linux with ember-agent as init, and no Linux kernel was found (give emberd --pod-kernel, set {}, or install one at {})",
-                    crate::build::linux::KERNEL_ENV,
-                    crate::build::linux::KERNEL_PATH
-                ))
-            })?,
-        };
-        let agent = match &self.cfg.agent {
-            Some(a) if a.is_file() => a.clone(),
-            Some(a) => {
-                return Err(PodError::Unavailable(format!(
-                    "the agent binary {} does not exist (emberd --pod-agent)",
-                    a.display()
-                )))
-            }
-            None => crate::build::pod_initramfs::find_agent().ok_or_else(|| {
-                PodError::Unavailable(format!(
-                    "no ember-agent binary was found for pod VMs (give emberd --pod-agent or set {})",
-                    crate::build::pod_initramfs::AGENT_ENV
-                ))
-            })?,
-        };
-        Ok((kernel, agent))
-    }
-
     /// Worker side: makes sure the pod VM image exists.
     fn ensure_image(&self, jobs: &Jobs, staging: &Path, kernel: &Path, agent: &Path) -> Result<()> {
         let exists = jobs
@@ -520,36 +168,29 @@ impl Pods {
         }
     }
 
-    /// Starts the session thread for instance `inst` over `client`.
+    /// Starts the session for instance `inst` over `client`; its events
+    /// and its end are applied to the model.
     fn open_session(self: &Arc<Self>, jobs: &Jobs, inst: &str, client: AgentClient<UnixStream>) {
-        let (tx, rx) = channel::<Call>();
-        let closing = Arc::new(AtomicBool::new(false));
+        let (session, runner) = Session::new();
         self.sessions
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(
-                inst.to_string(),
-                Session {
-                    tx,
-                    closing: closing.clone(),
-                },
-            );
+            .insert(inst.to_string(), session);
+        let events = (jobs.clone(), inst.to_string());
         let jobs = jobs.clone();
         let inst = inst.to_string();
         let me = Arc::clone(self);
-        let spawned = std::thread::Builder::new()
-            .name("emberd-agent".into())
-            .spawn(move || {
-                let why = run_session(client, &rx, &jobs, &inst);
+        let started = runner.start(
+            client,
+            move |evs| post_events(&events.0, &events.1, evs),
+            move |session: Session, why: String| {
                 // Only forget the session if it is still ours.
                 let mut s = me.sessions.lock().unwrap_or_else(|p| p.into_inner());
-                if s.get(&inst)
-                    .is_some_and(|x| Arc::ptr_eq(&x.closing, &closing))
-                {
+                if s.get(&inst).is_some_and(|x| x.same(&session)) {
                     s.remove(&inst);
                 }
                 drop(s);
-                if !closing.load(Ordering::SeqCst) {
+                if !session.is_closing() {
                     log::warn!("pod VM {inst}: agent session ended: {why}");
                     // The connection closes while the VMM exits: give the
                     // process a moment to be gone before judging the VM.
@@ -558,15 +199,16 @@ impl Pods {
                         .call(move |sup, _| sup.instance(&id).ok().and_then(|i| i.process.clone()))
                         .flatten();
                     let t = Instant::now();
-                    while p.as_ref().is_some_and(crate::runtime::process::is_alive)
+                    while p.as_ref().is_some_and(process::is_alive)
                         && t.elapsed() < Duration::from_secs(1)
                     {
                         std::thread::sleep(Duration::from_millis(10));
                     }
                     jobs.post(move |sup| session_ended(sup, &inst, &why));
                 }
-            });
-        if let Err(e) = spawned {
+            },
+        );
+        if let Err(e) = started {
             log::error!("cannot start an agent session thread: {e}");
         }
     }
@@ -800,7 +442,7 @@ impl Pods {
                 match r {
                     Ok(ok) => codes.push((cid.clone(), ok.code.unwrap_or(137))),
                     Err(e) if stop_vm => log::warn!("pod {pod_id}: stopping {cid}: {e}"),
-                    Err(e) => return Err(e),
+                    Err(e) => return Err(failed(e)),
                 }
             }
         } else if !stop_vm {
@@ -814,7 +456,7 @@ impl Pods {
                 if let Some(s) = &session {
                     // The agent unmounts, syncs and powers off; the VMM then
                     // exits. The VM is deleted either way.
-                    s.closing.store(true, Ordering::SeqCst);
+                    s.close();
                     let _ = s.request(Request::DestroyPod, Duration::from_secs(5));
                     self.wait_vmm_exit(jobs, &inst, Duration::from_secs(10));
                 }
@@ -889,7 +531,7 @@ impl Pods {
                     sup.instance(&id)
                         .ok()
                         .and_then(|i| i.process.clone())
-                        .is_some_and(|p| crate::runtime::process::is_alive(&p))
+                        .is_some_and(|p| process::is_alive(&p))
                 })
                 .unwrap_or(false);
             if !running {
@@ -1084,7 +726,7 @@ impl Pods {
         jobs: &Jobs,
         container: &str,
         repo: &str,
-        changes: &crate::images::store::ImageConfigChanges,
+        changes: &ImageConfigChanges,
     ) -> Result<String> {
         let key = container.to_string();
         let (image, rootfs) = jobs
@@ -1119,325 +761,10 @@ impl Pods {
             .images
             .commit_ext4(base.as_deref(), &rootfs, repo, "", changes)
             .map_err(|e| match e {
-                crate::images::store::ImageStoreError::Invalid(m) => PodError::Invalid(m),
+                ImageStoreError::Invalid(m) => PodError::Invalid(m),
                 other => failed(other),
             })?;
         Ok(rec.short_id().to_string())
     }
 }
 
-/// The session thread: requests from the channel, events to the loop.
-/// Returns why it ended.
-fn run_session(
-    mut client: AgentClient<UnixStream>,
-    rx: &std::sync::mpsc::Receiver<Call>,
-    jobs: &Jobs,
-    inst: &str,
-) -> String {
-    let fd = client.stream().as_raw_fd();
-    loop {
-        match rx.recv_timeout(Duration::from_millis(50)) {
-            Ok(call) => {
-                let r = client.request(&call.req);
-                let broken = matches!(&r, Err(e) if !matches!(e, ClientError::Agent(_)));
-                let why = r.as_ref().err().map(|e| e.to_string());
-                let _ = call.reply.send(r.map_err(|e| e.to_string()));
-                post_events(jobs, inst, client.take_events());
-                if broken {
-                    return why.unwrap_or_default();
-                }
-            }
-            Err(RecvTimeoutError::Timeout) => {}
-            Err(RecvTimeoutError::Disconnected) => return "closed by emberd".into(),
-        }
-        // Frames the agent pushed on its own: exit events, or the end.
-        loop {
-            let mut pfd = libc::pollfd {
-                fd,
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            // SAFETY: one valid pollfd for the duration of the call.
-            let n = unsafe { libc::poll(&mut pfd, 1, 0) };
-            if n <= 0 {
-                break;
-            }
-            match client.next_event() {
-                Ok(ev) => post_events(jobs, inst, vec![ev]),
-                Err(e) => return e.to_string(),
-            }
-        }
-    }
-}
-
-fn post_events(jobs: &Jobs, inst: &str, events: Vec<ember_agent::Event>) {
-    for ev in events {
-        let ember_agent::Event::Exited { id, code } = ev;
-        let inst = inst.to_string();
-        jobs.post(move |sup| container_exited(sup, &inst, &id, code));
-    }
-}
-
-fn exited(c: &mut crate::model::PodContainer, code: i32) {
-    c.exit_code = Some(code);
-    c.state = if code == 0 { "succeeded" } else { "failed" }.into();
-}
-
-/// A running pod whose containers have all ended has ended too.
-fn settle(p: &mut crate::model::Pod) {
-    if p.state == PodState::Running
-        && !p.containers.is_empty()
-        && p.containers.iter().all(|c| c.exit_code.is_some())
-    {
-        p.state = if p.containers.iter().all(|c| c.exit_code == Some(0)) {
-            PodState::Succeeded
-        } else {
-            PodState::Failed
-        };
-    }
-}
-
-/// Loop side: container `cid` of the pod in VM `inst` has exited.
-fn container_exited(sup: &mut Supervisor, inst: &str, cid: &str, code: i32) {
-    let pod = sup
-        .state()
-        .pods
-        .values()
-        .find(|p| p.vm.as_deref() == Some(inst) && p.containers.iter().any(|c| c.id == cid))
-        .map(|p| p.id.clone());
-    if let Some(pod) = pod {
-        let _ = sup.update_pod(&pod, |p| {
-            if let Some(c) = p.containers.iter_mut().find(|c| c.id == cid) {
-                exited(c, code);
-            }
-            settle(p);
-        });
-    }
-}
-
-/// Loop side: the VM `inst` (or its agent) is gone; a pod in it fails.
-fn vm_lost(sup: &mut Supervisor, inst: &str, why: &str) {
-    let pod = sup
-        .state()
-        .pods
-        .values()
-        .find(|p| p.vm.as_deref() == Some(inst))
-        .map(|p| p.id.clone());
-    if let Some(pod) = pod {
-        let _ = sup.update_pod(&pod, |p| {
-            if matches!(p.state, PodState::Running | PodState::Pending) {
-                p.state = PodState::Failed;
-                p.last_error = Some(format!("pod VM: {why}"));
-            }
-            for c in &mut p.containers {
-                if c.state == "running" || c.state == "pending" {
-                    c.state = "failed".into();
-                }
-            }
-            p.vm = None;
-        });
-    }
-}
-
-/// Loop side: a session ended without being asked to. The pod in the VM
-/// fails, and a VM whose VMM is gone is removed (its record would
-/// otherwise be listed as an idle VM).
-fn session_ended(sup: &mut Supervisor, inst: &str, why: &str) {
-    vm_lost(sup, inst, why);
-    let dead = sup
-        .instance(inst)
-        .ok()
-        .map(|i| !i.process.as_ref().is_some_and(crate::runtime::process::is_alive));
-    if dead == Some(true) {
-        if let Err(e) = sup.delete_instance(inst, true) {
-            log::warn!("removing the ended pod VM {inst}: {e}");
-        }
-        gc_rootfs(sup);
-    }
-}
-
-/// Instance id of the pod VM with hyperd id `vm`.
-pub fn find_vm(sup: &Supervisor, vm: &str) -> Option<String> {
-    sup.state()
-        .instances
-        .values()
-        .find(|i| i.annotations.get(VM_ANN).map(String::as_str) == Some(vm))
-        .map(|i| i.id.clone())
-}
-
-/// Removes root disks whose container no longer exists and that no VM
-/// holds.
-pub fn gc_rootfs(sup: &mut Supervisor) {
-    let live: HashSet<String> = sup
-        .state()
-        .pods
-        .values()
-        .flat_map(|p| p.containers.iter().map(|c| rootfs_volume(&c.id)))
-        .collect();
-    let dead: Vec<String> = sup
-        .state()
-        .volumes
-        .values()
-        .filter(|v| v.name.starts_with("container-") && v.name.ends_with("-rootfs"))
-        .filter(|v| v.attachment.is_none() && !live.contains(&v.name))
-        .map(|v| v.id.clone())
-        .collect();
-    for v in dead {
-        if let Err(e) = sup.delete_volume(&v, false) {
-            log::warn!("removing root disk {v}: {e}");
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::images::oci::ImageConfig;
-
-    fn plan() -> ContainerPlan {
-        ContainerPlan {
-            id: "container-abc".into(),
-            name: "web".into(),
-            image: "nginx:1".into(),
-            ..Default::default()
-        }
-    }
-
-    #[test]
-    fn commands_follow_docker_rules() {
-        let cfg = ImageConfig {
-            entrypoint: vec!["/entry".into()],
-            cmd: vec!["serve".into()],
-            env: vec!["A=1".into(), "PATH=/bin".into(), "EMPTY".into()],
-            working_dir: "/srv".into(),
-            ..Default::default()
-        };
-        let s = resolve(&plan(), &cfg, "/dev/vda").unwrap();
-        assert_eq!(s.cmd, ["/entry", "serve"]);
-        assert_eq!(s.workdir.as_deref(), Some("/srv"));
-        assert_eq!(
-            s.env,
-            [
-                ("A".into(), "1".into()),
-                ("PATH".into(), "/bin".into()),
-                ("EMPTY".into(), "".into())
-            ]
-        );
-        assert_eq!(
-            s.rootfs,
-            Rootfs::BlockDevice {
-                path: "/dev/vda".into(),
-                fstype: "ext4".into(),
-                readonly: false
-            }
-        );
-        // A command replaces Cmd only.
-        let mut p = plan();
-        p.command = vec!["other".into()];
-        assert_eq!(
-            resolve(&p, &cfg, "/dev/vda").unwrap().cmd,
-            ["/entry", "other"]
-        );
-        // An entrypoint drops the image's Cmd.
-        p.command.clear();
-        p.entrypoint = vec!["/bin/sh".into(), "-c".into()];
-        assert_eq!(
-            resolve(&p, &cfg, "/dev/vda").unwrap().cmd,
-            ["/bin/sh", "-c"]
-        );
-        // Env from the pod overrides; PATH is supplied when missing.
-        let mut p = plan();
-        p.env = vec![("A".into(), "2".into()), ("B".into(), "3".into())];
-        p.workdir = "/w".into();
-        let s = resolve(
-            &p,
-            &ImageConfig {
-                cmd: vec!["x".into()],
-                ..Default::default()
-            },
-            "/dev/vdb",
-        )
-        .unwrap();
-        assert_eq!(s.workdir.as_deref(), Some("/w"));
-        assert_eq!(
-            s.env,
-            [
-                ("A".into(), "2".into()),
-                ("B".into(), "3".into()),
-                ("PATH".into(), DEFAULT_PATH.into())
-            ]
-        );
-    }
-
-    #[test]
-    fn bad_containers_are_refused() {
-        let e = resolve(&plan(), &ImageConfig::default(), "/dev/vda").unwrap_err();
-        assert!(
-            e.to_string()
-                .starts_with("bad parameter: container web has no command"),
-            "{e}"
-        );
-        let cfg = ImageConfig {
-            cmd: vec!["x".into()],
-            user: "nginx".into(),
-            ..Default::default()
-        };
-        let e = resolve(&plan(), &cfg, "/dev/vda").unwrap_err();
-        assert!(e.to_string().contains("not numeric"), "{e}");
-        let cfg = ImageConfig {
-            cmd: vec!["x".into()],
-            user: "101:102".into(),
-            ..Default::default()
-        };
-        assert_eq!(
-            resolve(&plan(), &cfg, "/dev/vda").unwrap().user.as_deref(),
-            Some("101:102")
-        );
-        let mut p = plan();
-        p.env = vec![("A=B".into(), "1".into())];
-        let cfg = ImageConfig {
-            cmd: vec!["x".into()],
-            ..Default::default()
-        };
-        assert!(resolve(&p, &cfg, "/dev/vda").is_err());
-    }
-
-    #[test]
-    fn devices_and_names() {
-        assert_eq!(disk_device(0).unwrap(), "/dev/vda");
-        assert_eq!(disk_device(25).unwrap(), "/dev/vdz");
-        assert!(disk_device(26).is_err());
-        assert_eq!(rootfs_volume("container-x"), "container-x-rootfs");
-    }
-
-    #[test]
-    fn pods_settle_when_every_container_has_exited() {
-        let mut p = crate::model::Pod {
-            state: PodState::Running,
-            containers: vec![
-                crate::model::PodContainer {
-                    id: "a".into(),
-                    state: "running".into(),
-                    ..Default::default()
-                },
-                crate::model::PodContainer {
-                    id: "b".into(),
-                    state: "running".into(),
-                    ..Default::default()
-                },
-            ],
-            ..Default::default()
-        };
-        exited(&mut p.containers[0], 0);
-        settle(&mut p);
-        assert_eq!(p.state, PodState::Running);
-        exited(&mut p.containers[1], 3);
-        settle(&mut p);
-        assert_eq!(p.state, PodState::Failed);
-        assert_eq!(p.containers[1].state, "failed");
-        p.state = PodState::Running;
-        exited(&mut p.containers[1], 0);
-        settle(&mut p);
-        assert_eq!(p.state, PodState::Succeeded);
-    }
-}
