@@ -430,7 +430,7 @@ impl BusDevice for MmioTransport {
 mod tests {
     use super::*;
     use crate::virtio::test_utils::mem;
-    use crate::virtio::{read_config_bytes, ActivateError, DeviceBase, INT_VRING};
+    use crate::virtio::{ActivateError, DeviceBase, INT_VRING};
 
     struct Dummy {
         base: DeviceBase,
@@ -439,23 +439,17 @@ mod tests {
     }
 
     impl VirtioDevice for Dummy {
+        fn base(&self) -> &DeviceBase {
+            &self.base
+        }
+        fn base_mut(&mut self) -> &mut DeviceBase {
+            &mut self.base
+        }
         fn device_type(&self) -> u32 {
             42
         }
-        fn queue_max_sizes(&self) -> &[u16] {
-            &self.base.queue_max_sizes
-        }
-        fn avail_features(&self) -> u64 {
-            self.base.avail_features
-        }
-        fn ack_features(&mut self, f: u64) {
-            self.base.acked_features = f;
-        }
-        fn acked_features(&self) -> u64 {
-            self.base.acked_features
-        }
-        fn read_config(&self, offset: u64, data: &mut [u8]) {
-            read_config_bytes(&[1, 2, 3, 4, 5, 6, 7, 8], offset, data)
+        fn config_bytes(&self) -> Vec<u8> {
+            vec![1, 2, 3, 4, 5, 6, 7, 8]
         }
         fn activate(
             &mut self,
@@ -465,18 +459,8 @@ mod tests {
             self.activations += 1;
             self.base.activate(mem, queues)
         }
-        fn is_activated(&self) -> bool {
-            self.base.is_active()
-        }
-        fn reset(&mut self) {
+        fn on_reset(&mut self) {
             self.resets += 1;
-            self.base.reset()
-        }
-        fn queue_events(&self) -> &[EventFd] {
-            &self.base.queue_evts
-        }
-        fn interrupt(&self) -> Arc<IrqTrigger> {
-            self.base.irq.clone()
         }
     }
 

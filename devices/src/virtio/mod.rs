@@ -136,21 +136,48 @@ impl IrqTrigger {
 }
 
 /// What the transport needs from a device.
+///
+/// A device embeds a [`DeviceBase`] and supplies only what differs: the
+/// base itself ([`base`](Self::base), [`base_mut`](Self::base_mut)), its
+/// [`device_type`](Self::device_type), its [`config_bytes`](Self::config_bytes)
+/// and, if it keeps per-session state, an [`on_reset`](Self::on_reset) hook.
+/// The feature, queue, interrupt, activate, reset and generation methods are
+/// provided on top of the base.
 pub trait VirtioDevice: Send {
+    /// The state shared by every device, which the provided methods use.
+    fn base(&self) -> &DeviceBase;
+    /// Mutable access to [`base`](Self::base).
+    fn base_mut(&mut self) -> &mut DeviceBase;
     /// Virtio device id (`TYPE_*`).
     fn device_type(&self) -> u32;
+    /// The device's config space as the driver reads it.
+    fn config_bytes(&self) -> Vec<u8>;
+    /// Device-specific part of a reset: drops per-session state. Runs before
+    /// the shared state is reset.
+    fn on_reset(&mut self) {}
+
     /// Maximum size of each queue (each a power of two); the count is the
     /// number of queues.
-    fn queue_max_sizes(&self) -> &[u16];
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.base().queue_max_sizes
+    }
     /// Features offered to the driver (includes [`VIRTIO_F_VERSION_1`]).
-    fn avail_features(&self) -> u64;
+    fn avail_features(&self) -> u64 {
+        self.base().avail_features
+    }
     /// Features the driver accepted (a subset of `avail_features`), set by the
     /// transport when the driver sets FEATURES_OK.
-    fn ack_features(&mut self, features: u64);
+    fn ack_features(&mut self, features: u64) {
+        self.base_mut().acked_features = features;
+    }
     /// Features the driver accepted.
-    fn acked_features(&self) -> u64;
+    fn acked_features(&self) -> u64 {
+        self.base().acked_features
+    }
     /// Reads device config space at `offset`. Out-of-range bytes read as 0.
-    fn read_config(&self, offset: u64, data: &mut [u8]);
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config_bytes(), offset, data);
+    }
     /// Writes device config space. Devices here have read-only config.
     fn write_config(&mut self, offset: u64, data: &[u8]) {
         log::debug!(
@@ -160,20 +187,31 @@ pub trait VirtioDevice: Send {
     }
     /// ConfigGeneration register: changes whenever config space changes.
     fn config_generation(&self) -> u32 {
-        0
+        self.base().config_generation
     }
     /// Starts the device with validated queues (one per `queue_max_sizes`).
-    fn activate(&mut self, mem: GuestMemoryMmap, queues: Vec<Queue>) -> Result<(), ActivateError>;
+    fn activate(&mut self, mem: GuestMemoryMmap, queues: Vec<Queue>) -> Result<(), ActivateError> {
+        self.base_mut().activate(mem, queues)
+    }
     /// Whether the device is activated.
-    fn is_activated(&self) -> bool;
+    fn is_activated(&self) -> bool {
+        self.base().is_active()
+    }
     /// Device reset (driver wrote 0 to Status): drop queues and per-session
-    /// state; the device may be activated again.
-    fn reset(&mut self);
+    /// state ([`on_reset`](Self::on_reset)); the device may be activated again.
+    fn reset(&mut self) {
+        self.on_reset();
+        self.base_mut().reset();
+    }
     /// One eventfd per queue, signalled on QueueNotify (ioeventfd or the
     /// transport's fallback).
-    fn queue_events(&self) -> &[EventFd];
+    fn queue_events(&self) -> &[EventFd] {
+        &self.base().queue_evts
+    }
     /// The device's interrupt.
-    fn interrupt(&self) -> Arc<IrqTrigger>;
+    fn interrupt(&self) -> Arc<IrqTrigger> {
+        self.base().irq.clone()
+    }
 }
 
 /// State common to all devices here; devices embed it.

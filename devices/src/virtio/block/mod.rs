@@ -16,18 +16,14 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
-use vmm_sys_util::eventfd::EventFd;
 
 use super::desc::{parse_chain, ParsedChain};
 use super::rate_limiter::{RateLimiter, RateLimiterConfig, RateLimiterError};
-use super::{
-    drain_evt, read_config_bytes, ActivateError, DeviceBase, IrqTrigger, VirtioDevice, TYPE_BLOCK,
-};
+use super::{drain_evt, DeviceBase, VirtioDevice, TYPE_BLOCK};
 
 /// Sector size.
 pub const SECTOR_SIZE: u64 = 512;
@@ -358,41 +354,18 @@ fn add_used(q: &mut Queue, mem: &GuestMemoryMmap, head: u16, len: u32) {
 }
 
 impl VirtioDevice for Block {
+    fn base(&self) -> &DeviceBase {
+        &self.base
+    }
+    fn base_mut(&mut self) -> &mut DeviceBase {
+        &mut self.base
+    }
     fn device_type(&self) -> u32 {
         TYPE_BLOCK
     }
-    fn queue_max_sizes(&self) -> &[u16] {
-        &self.base.queue_max_sizes
-    }
-    fn avail_features(&self) -> u64 {
-        self.base.avail_features
-    }
-    fn ack_features(&mut self, features: u64) {
-        self.base.acked_features = features;
-    }
-    fn acked_features(&self) -> u64 {
-        self.base.acked_features
-    }
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
-        read_config_bytes(&self.capacity().to_le_bytes(), offset, data);
-    }
-    fn config_generation(&self) -> u32 {
-        self.base.config_generation
-    }
-    fn activate(&mut self, mem: GuestMemoryMmap, queues: Vec<Queue>) -> Result<(), ActivateError> {
-        self.base.activate(mem, queues)
-    }
-    fn is_activated(&self) -> bool {
-        self.base.is_active()
-    }
-    fn reset(&mut self) {
-        self.base.reset();
-    }
-    fn queue_events(&self) -> &[EventFd] {
-        &self.base.queue_evts
-    }
-    fn interrupt(&self) -> Arc<IrqTrigger> {
-        self.base.irq.clone()
+    fn config_bytes(&self) -> Vec<u8> {
+        // struct virtio_blk_config { le64 capacity; ... (no other features) }
+        self.capacity().to_le_bytes().to_vec()
     }
 }
 
@@ -432,6 +405,7 @@ mod tests {
     use crate::virtio::test_utils::{mem, write_desc, TestQueue};
     use crate::virtio::{INT_CONFIG, INT_VRING};
     use event_manager::SubscriberOps;
+    use std::sync::Arc;
     use vm_memory::Bytes;
     use vmm_sys_util::tempfile::TempFile;
 

@@ -15,20 +15,16 @@ mod tap;
 
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::os::unix::net::UnixDatagram;
-use std::sync::Arc;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
-use vmm_sys_util::eventfd::EventFd;
 
 pub use tap::Tap;
 
 use super::desc::parse_chain;
 use super::rate_limiter::{RateLimiter, RateLimiterConfig, RateLimiterError};
-use super::{
-    drain_evt, read_config_bytes, ActivateError, DeviceBase, IrqTrigger, VirtioDevice, TYPE_NET,
-};
+use super::{drain_evt, DeviceBase, VirtioDevice, TYPE_NET};
 
 /// virtio_net_hdr_v1 length.
 pub const VNET_HDR_LEN: usize = 12;
@@ -357,40 +353,21 @@ fn add_used(q: &mut Queue, mem: &GuestMemoryMmap, head: u16, len: u32) {
 }
 
 impl VirtioDevice for Net {
+    fn base(&self) -> &DeviceBase {
+        &self.base
+    }
+    fn base_mut(&mut self) -> &mut DeviceBase {
+        &mut self.base
+    }
     fn device_type(&self) -> u32 {
         TYPE_NET
     }
-    fn queue_max_sizes(&self) -> &[u16] {
-        &self.base.queue_max_sizes
-    }
-    fn avail_features(&self) -> u64 {
-        self.base.avail_features
-    }
-    fn ack_features(&mut self, features: u64) {
-        self.base.acked_features = features;
-    }
-    fn acked_features(&self) -> u64 {
-        self.base.acked_features
-    }
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
+    fn config_bytes(&self) -> Vec<u8> {
         // struct virtio_net_config { mac[6], status (absent without F_STATUS) }
-        read_config_bytes(&self.config.guest_mac.unwrap_or_default(), offset, data);
+        self.config.guest_mac.unwrap_or_default().to_vec()
     }
-    fn activate(&mut self, mem: GuestMemoryMmap, queues: Vec<Queue>) -> Result<(), ActivateError> {
-        self.base.activate(mem, queues)
-    }
-    fn is_activated(&self) -> bool {
-        self.base.is_active()
-    }
-    fn reset(&mut self) {
+    fn on_reset(&mut self) {
         self.rx_pending = None;
-        self.base.reset();
-    }
-    fn queue_events(&self) -> &[EventFd] {
-        &self.base.queue_evts
-    }
-    fn interrupt(&self) -> Arc<IrqTrigger> {
-        self.base.irq.clone()
     }
 }
 
@@ -449,7 +426,7 @@ mod tests {
     use crate::virtio::test_utils::{mem, TestQueue};
     use crate::virtio::INT_VRING;
     use event_manager::{EventManager, SubscriberOps};
-    use std::sync::Mutex;
+    use std::sync::{Arc, Mutex};
     use vm_memory::Bytes;
 
     const MAC: [u8; 6] = [0x06, 0, 0xac, 0x10, 0, 2];

@@ -26,18 +26,14 @@ use std::num::Wrapping;
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::{GuestAddress, GuestMemoryMmap};
-use vmm_sys_util::eventfd::EventFd;
+use virtio_queue::{QueueOwnedT, QueueT};
+use vm_memory::GuestAddress;
 
 use self::packet::*;
 use super::desc::parse_chain;
-use super::{
-    drain_evt, read_config_bytes, ActivateError, DeviceBase, IrqTrigger, VirtioDevice, TYPE_VSOCK,
-};
+use super::{drain_evt, DeviceBase, VirtioDevice, TYPE_VSOCK};
 
 /// The host's CID.
 pub const HOST_CID: u64 = 2;
@@ -673,31 +669,20 @@ impl Drop for Vsock {
 }
 
 impl VirtioDevice for Vsock {
+    fn base(&self) -> &DeviceBase {
+        &self.base
+    }
+    fn base_mut(&mut self) -> &mut DeviceBase {
+        &mut self.base
+    }
     fn device_type(&self) -> u32 {
         TYPE_VSOCK
     }
-    fn queue_max_sizes(&self) -> &[u16] {
-        &self.base.queue_max_sizes
+    fn config_bytes(&self) -> Vec<u8> {
+        // struct virtio_vsock_config { le64 guest_cid; }
+        self.cid().to_le_bytes().to_vec()
     }
-    fn avail_features(&self) -> u64 {
-        self.base.avail_features
-    }
-    fn ack_features(&mut self, features: u64) {
-        self.base.acked_features = features;
-    }
-    fn acked_features(&self) -> u64 {
-        self.base.acked_features
-    }
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
-        read_config_bytes(&self.cid().to_le_bytes(), offset, data);
-    }
-    fn activate(&mut self, mem: GuestMemoryMmap, queues: Vec<Queue>) -> Result<(), ActivateError> {
-        self.base.activate(mem, queues)
-    }
-    fn is_activated(&self) -> bool {
-        self.base.is_active()
-    }
-    fn reset(&mut self) {
+    fn on_reset(&mut self) {
         // streams are closed by the event loop once unregistered
         for (_, c) in self.conns.drain() {
             self.graveyard.push(c.stream);
@@ -707,13 +692,6 @@ impl VirtioDevice for Vsock {
         }
         self.fd_keys.clear();
         self.ctrl.clear();
-        self.base.reset();
-    }
-    fn queue_events(&self) -> &[EventFd] {
-        &self.base.queue_evts
-    }
-    fn interrupt(&self) -> Arc<IrqTrigger> {
-        self.base.irq.clone()
     }
 }
 

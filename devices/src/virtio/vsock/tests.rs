@@ -1,8 +1,9 @@
 use super::*;
 use crate::virtio::test_utils::{mem, TestQueue};
 use event_manager::{EventManager, SubscriberOps};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use vm_memory::Bytes;
+use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::tempdir::TempDir;
 
 const CID: u64 = 52;
