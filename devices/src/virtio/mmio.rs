@@ -466,7 +466,7 @@ mod tests {
 
     fn setup() -> (Arc<Mutex<Dummy>>, MmioTransport) {
         let d = Arc::new(Mutex::new(Dummy {
-            base: DeviceBase::new(1 << 5, &[16, 8]).unwrap(),
+            base: DeviceBase::new("dummy", 1 << 5, &[16, 8]).unwrap(),
             activations: 0,
             resets: 0,
         }));

@@ -38,9 +38,12 @@ use std::io;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
-use virtio_queue::Queue;
-use vm_memory::GuestMemoryMmap;
+use event_manager::{EventOps, EventSet, Events};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use desc::{parse_chain, DescError, ParsedChain};
 
 pub use mmio::{cmdline_param, MmioTransport, MMIO_LEN, NOTIFY_REG_OFFSET};
 
@@ -217,6 +220,8 @@ pub trait VirtioDevice: Send {
 /// State common to all devices here; devices embed it.
 #[derive(Debug)]
 pub struct DeviceBase {
+    /// The device's name in log lines (`virtio-blk`, ...).
+    pub name: &'static str,
     pub avail_features: u64,
     pub acked_features: u64,
     pub queue_max_sizes: Vec<u16>,
@@ -227,16 +232,24 @@ pub struct DeviceBase {
     pub mem: Option<GuestMemoryMmap>,
     pub queues: Vec<Queue>,
     pub config_generation: u32,
+    /// Whether the queue eventfds are registered with the event loop (they
+    /// stay registered across resets).
+    registered: bool,
 }
 
 impl DeviceBase {
     /// New inactive state with non-blocking eventfds.
-    pub fn new(avail_features: u64, queue_max_sizes: &[u16]) -> io::Result<Self> {
+    pub fn new(
+        name: &'static str,
+        avail_features: u64,
+        queue_max_sizes: &[u16],
+    ) -> io::Result<Self> {
         let queue_evts = queue_max_sizes
             .iter()
             .map(|_| EventFd::new(EFD_NONBLOCK))
             .collect::<io::Result<Vec<_>>>()?;
         Ok(Self {
+            name,
             avail_features: avail_features | VIRTIO_F_VERSION_1,
             acked_features: 0,
             queue_max_sizes: queue_max_sizes.to_vec(),
@@ -246,6 +259,7 @@ impl DeviceBase {
             mem: None,
             queues: Vec::new(),
             config_generation: 0,
+            registered: false,
         })
     }
 
@@ -288,15 +302,70 @@ impl DeviceBase {
     /// eventfd (token [`TOKEN_ACTIVATE`]). Returns whether the device is
     /// already active, in which case the caller registers its queue and
     /// backend fds now.
-    pub(crate) fn watch_activation(&self, ops: &mut event_manager::EventOps, name: &str) -> bool {
-        if let Err(e) = ops.add(event_manager::Events::with_data(
+    pub(crate) fn watch_activation(&self, ops: &mut EventOps) -> bool {
+        if let Err(e) = ops.add(Events::with_data(
             &self.activate_evt,
             TOKEN_ACTIVATE,
-            vmm_sys_util::epoll::EventSet::IN,
+            EventSet::IN,
         )) {
-            log::error!("{name}: registering activate event: {e:?}");
+            log::error!("{}: registering activate event: {e:?}", self.name);
         }
         self.is_active()
+    }
+
+    /// Registers the queue eventfds with the event loop, queue `i` under
+    /// token `TOKEN_QUEUE_BASE + i`. Only the first call registers;
+    /// it returns whether it did, so the caller registers its backend fds
+    /// once too.
+    pub(crate) fn register_queue_events(&mut self, ops: &mut EventOps) -> bool {
+        if self.registered {
+            return false;
+        }
+        for (i, evt) in self.queue_evts.iter().enumerate() {
+            let token = TOKEN_QUEUE_BASE + i as u32;
+            if let Err(e) = ops.add(Events::with_data(evt, token, EventSet::IN)) {
+                log::error!("{}: registering events: {e:?}", self.name);
+            }
+        }
+        self.registered = true;
+        true
+    }
+
+    /// Pops the next available chain of queue `q` (see [`pop_chain`]) and
+    /// parses it: its head index and the chain, or why it is malformed.
+    /// `None` when inactive, when the queue is empty and while the device
+    /// needs a reset.
+    pub(crate) fn pop_parsed(&mut self, q: usize) -> Option<(u16, Result<ParsedChain, DescError>)> {
+        let mem = self.mem.as_ref()?;
+        let queue = self.queues.get_mut(q)?;
+        let head = pop_chain(self.name, queue, mem, &self.irq)?.head_index();
+        let parsed = parse_chain(mem, GuestAddress(queue.desc_table()), queue.size(), head);
+        Some((head, parsed))
+    }
+
+    /// Returns chain `head` to the driver on queue `q`'s used ring with
+    /// `len` bytes written; a failure is logged.
+    pub(crate) fn add_used(&mut self, q: usize, head: u16, len: u32) {
+        let (Some(mem), Some(queue)) = (self.mem.as_ref(), self.queues.get_mut(q)) else {
+            return;
+        };
+        if let Err(e) = queue.add_used(mem, head, len) {
+            log::error!("{}: add_used({head}) failed: {e}", self.name);
+        }
+    }
+
+    /// After a device added used buffers to queue `q`: raises the used-buffer
+    /// interrupt unless the driver suppressed notifications. Returns whether
+    /// the guest was notified.
+    pub(crate) fn notify_used(&mut self, q: usize) -> bool {
+        let (Some(mem), Some(queue)) = (self.mem.as_ref(), self.queues.get_mut(q)) else {
+            return false;
+        };
+        if queue.needs_notification(mem).unwrap_or(true) {
+            self.signal_used();
+            return true;
+        }
+        false
     }
 
     /// Handles the activate event: consumes it and tells whether the device
@@ -333,7 +402,6 @@ pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
     data[..n].copy_from_slice(&config[off..off + n]);
 }
 
-/// Drains an eventfd, ignoring "would block".
 /// Pops the next available chain of `queue`. A driver that publishes more
 /// entries than the queue holds (a corrupt avail index) is broken: the
 /// device logs it, asks for a reset and leaves the queue alone until then.
@@ -370,7 +438,11 @@ pub(crate) fn pop_chain<'a>(
 
 /// Event-loop token of every device's activate eventfd.
 pub(crate) const TOKEN_ACTIVATE: u32 = 0;
+/// Event-loop token of a device's queue 0 eventfd; queue `i` uses
+/// `TOKEN_QUEUE_BASE + i` (see [`DeviceBase::register_queue_events`]).
+pub(crate) const TOKEN_QUEUE_BASE: u32 = 1;
 
+/// Drains an eventfd, ignoring "would block".
 pub(crate) fn drain_evt(evt: &EventFd) {
     let _ = evt.read();
 }
@@ -401,5 +473,34 @@ mod pop_chain_tests {
         irq.clear();
         assert!(!irq.needs_reset());
         assert!(pop_chain("t", &mut q, &m, &irq).is_some());
+    }
+
+    #[test]
+    fn device_base_pops_returns_and_notifies() {
+        let m = mem(0x10_0000);
+        let mut tq = TestQueue::new(&m, 0x1_0000, 16);
+        let mut base = DeviceBase::new("t", 0, &[16]).unwrap();
+        assert!(base.pop_parsed(0).is_none(), "inactive");
+        base.activate(m.clone(), vec![tq.queue()]).unwrap();
+        assert!(base.pop_parsed(0).is_none(), "empty");
+        assert!(base.pop_parsed(1).is_none(), "no such queue");
+
+        let head = tq.add_chain(&[(0x8_0000, 16, false), (0x9_0000, 512, true)]);
+        let (h, parsed) = base.pop_parsed(0).unwrap();
+        assert_eq!(h, head);
+        let c = parsed.unwrap();
+        assert_eq!((c.readable_len(), c.writable_len()), (16, 512));
+        base.add_used(0, h, 7);
+        assert_eq!(tq.used_idx(), 1);
+        assert_eq!(tq.used_elem(0), (u32::from(head), 7));
+        assert_eq!(base.irq.status() & INT_VRING, 0);
+        assert!(base.notify_used(0));
+        assert_eq!(base.irq.status() & INT_VRING, INT_VRING);
+
+        // a malformed chain still yields its head, to be returned
+        let bad = tq.add_chain(&[(0xff_0000_0000, 512, true)]);
+        let (h, parsed) = base.pop_parsed(0).unwrap();
+        assert_eq!(h, bad);
+        assert!(parsed.is_err());
     }
 }

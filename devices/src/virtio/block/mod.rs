@@ -18,10 +18,10 @@ use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use virtio_queue::QueueOwnedT;
+use vm_memory::GuestMemoryMmap;
 
-use super::desc::{parse_chain, ParsedChain};
+use super::desc::ParsedChain;
 use super::rate_limiter::{RateLimiter, RateLimiterConfig, RateLimiterError};
 use super::{drain_evt, DeviceBase, VirtioDevice, TYPE_BLOCK};
 
@@ -47,8 +47,8 @@ pub const ID_LEN: usize = 20;
 /// Copy chunk between file and guest.
 const CHUNK: usize = 64 * 1024;
 
-use crate::virtio::TOKEN_ACTIVATE;
-const TOKEN_QUEUE: u32 = 1;
+use crate::virtio::{TOKEN_ACTIVATE, TOKEN_QUEUE_BASE};
+const TOKEN_QUEUE: u32 = TOKEN_QUEUE_BASE;
 const TOKEN_LIMITER: u32 = 2;
 
 /// Errors of the block device.
@@ -224,7 +224,6 @@ pub struct Block {
     config: BlockConfig,
     disk: Disk,
     limiter: RateLimiter,
-    registered: bool,
 }
 
 fn id_bytes(drive_id: &str) -> [u8; ID_LEN] {
@@ -245,11 +244,11 @@ impl Block {
         }
         let limiter = RateLimiter::new(&config.rate_limiter.unwrap_or_default())?;
         Ok(Self {
-            base: DeviceBase::new(features, &[QUEUE_SIZE]).map_err(BlockError::EventFd)?,
+            base: DeviceBase::new("virtio-blk", features, &[QUEUE_SIZE])
+                .map_err(BlockError::EventFd)?,
             config,
             disk,
             limiter,
-            registered: false,
         })
     }
 
@@ -284,22 +283,16 @@ impl Block {
         let Some(mem) = self.base.mem.clone() else {
             return false;
         };
-        let irq = self.base.irq.clone();
-        let Some(queue) = self.base.queues.first_mut() else {
-            return false;
-        };
         let mut used = false;
         while !self.limiter.is_blocked() {
-            let Some(chain) = crate::virtio::pop_chain("virtio-blk", queue, &mem, &irq) else {
+            let Some((head, parsed)) = self.base.pop_parsed(0) else {
                 break;
             };
-            let head = chain.head_index();
-            let parsed = parse_chain(&mem, GuestAddress(queue.desc_table()), queue.size(), head);
             let c = match parsed {
                 Ok(c) if c.writable_len() > 0 => c,
                 Ok(_) | Err(_) => {
                     log::warn!("virtio-blk: dropping malformed request {head}: {parsed:?}");
-                    add_used(queue, &mem, head, 0);
+                    self.base.add_used(0, head, 0);
                     used = true;
                     continue;
                 }
@@ -307,7 +300,7 @@ impl Block {
             let data_out = c.readable_len().saturating_sub(16);
             let bytes = data_out.max(c.writable_len() - 1);
             if !self.limiter.consume(bytes) {
-                queue.go_to_previous_position();
+                self.base.queues[0].go_to_previous_position();
                 break;
             }
             let (status, len) = self.disk.execute(&mem, &c, data_out);
@@ -316,40 +309,23 @@ impl Block {
                 Ok(()) => len + 1,
                 Err(_) => 0,
             };
-            add_used(queue, &mem, head, len);
+            self.base.add_used(0, head, len);
             used = true;
         }
-        if used && queue.needs_notification(&mem).unwrap_or(true) {
-            self.base.signal_used();
-            return true;
-        }
-        false
+        used && self.base.notify_used(0)
     }
 
     fn register(&mut self, ops: &mut EventOps) {
-        if self.registered {
+        if !self.base.register_queue_events(ops) {
             return;
         }
-        let r1 = ops.add(Events::with_data(
-            &self.base.queue_evts[0],
-            TOKEN_QUEUE,
-            EventSet::IN,
-        ));
-        let r2 = ops.add(Events::with_data_raw(
+        if let Err(e) = ops.add(Events::with_data_raw(
             self.limiter.as_raw_fd(),
             TOKEN_LIMITER,
             EventSet::IN,
-        ));
-        if let Err(e) = r1.and(r2) {
+        )) {
             log::error!("virtio-blk: registering events: {e:?}");
         }
-        self.registered = true;
-    }
-}
-
-fn add_used(q: &mut Queue, mem: &GuestMemoryMmap, head: u16, len: u32) {
-    if let Err(e) = q.add_used(mem, head, len) {
-        log::error!("virtio: add_used({head}) failed: {e}");
     }
 }
 
@@ -371,7 +347,7 @@ impl VirtioDevice for Block {
 
 impl MutEventSubscriber for Block {
     fn init(&mut self, ops: &mut EventOps) {
-        if self.base.watch_activation(ops, "virtio-blk") {
+        if self.base.watch_activation(ops) {
             self.register(ops);
         }
     }
@@ -406,7 +382,7 @@ mod tests {
     use crate::virtio::{INT_CONFIG, INT_VRING};
     use event_manager::SubscriberOps;
     use std::sync::Arc;
-    use vm_memory::Bytes;
+    use vm_memory::{Bytes, GuestAddress};
     use vmm_sys_util::tempfile::TempFile;
 
     struct Env {

@@ -17,12 +17,10 @@ use std::os::unix::io::{AsRawFd, RawFd};
 use std::os::unix::net::UnixDatagram;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use virtio_queue::QueueOwnedT;
 
 pub use tap::Tap;
 
-use super::desc::parse_chain;
 use super::rate_limiter::{RateLimiter, RateLimiterConfig, RateLimiterError};
 use super::{drain_evt, DeviceBase, VirtioDevice, TYPE_NET};
 
@@ -37,9 +35,9 @@ pub const VIRTIO_NET_F_MAC: u64 = 1 << 5;
 const RX: usize = 0;
 const TX: usize = 1;
 
-use crate::virtio::TOKEN_ACTIVATE;
-const TOKEN_RX_QUEUE: u32 = 1;
-const TOKEN_TX_QUEUE: u32 = 2;
+use crate::virtio::{TOKEN_ACTIVATE, TOKEN_QUEUE_BASE};
+const TOKEN_RX_QUEUE: u32 = TOKEN_QUEUE_BASE + RX as u32;
+const TOKEN_TX_QUEUE: u32 = TOKEN_QUEUE_BASE + TX as u32;
 const TOKEN_BACKEND: u32 = 3;
 const TOKEN_RX_LIMITER: u32 = 4;
 const TOKEN_TX_LIMITER: u32 = 5;
@@ -129,7 +127,6 @@ pub struct Net {
     /// Length of a frame in `rx_buf` waiting for a guest buffer.
     rx_pending: Option<usize>,
     tx_buf: Vec<u8>,
-    registered: bool,
 }
 
 impl Net {
@@ -147,7 +144,7 @@ impl Net {
             0
         };
         Ok(Self {
-            base: DeviceBase::new(features, &[QUEUE_SIZE, QUEUE_SIZE])
+            base: DeviceBase::new("virtio-net", features, &[QUEUE_SIZE, QUEUE_SIZE])
                 .map_err(NetError::EventFd)?,
             rx_limiter: RateLimiter::new(&config.rx_rate_limiter.unwrap_or_default())?,
             tx_limiter: RateLimiter::new(&config.tx_rate_limiter.unwrap_or_default())?,
@@ -156,7 +153,6 @@ impl Net {
             rx_buf: vec![0; MAX_FRAME],
             rx_pending: None,
             tx_buf: vec![0; MAX_FRAME],
-            registered: false,
         })
     }
 
@@ -187,7 +183,6 @@ impl Net {
         let Some(mem) = self.base.mem.clone() else {
             return false;
         };
-        let irq = self.base.irq.clone();
         let mut used = false;
         loop {
             let len = match self.rx_pending {
@@ -219,23 +214,21 @@ impl Net {
             if self.rx_limiter.is_blocked() {
                 break;
             }
-            let queue = &mut self.base.queues[RX];
-            let Some(chain) = crate::virtio::pop_chain("virtio-net", queue, &mem, &irq) else {
+            let Some((head, parsed)) = self.base.pop_parsed(RX) else {
                 break;
             };
-            let head = chain.head_index();
             used = true;
-            let c = match parse_chain(&mem, GuestAddress(queue.desc_table()), queue.size(), head) {
+            let c = match parsed {
                 Ok(c) => c,
                 Err(e) => {
                     log::warn!("virtio-net: bad rx chain {head}: {e}");
-                    add_used(queue, &mem, head, 0);
+                    self.base.add_used(RX, head, 0);
                     continue;
                 }
             };
             if c.writable_len() < len as u64 {
                 log::warn!("virtio-net: {len}-byte frame does not fit rx buffer, dropped");
-                add_used(queue, &mem, head, 0);
+                self.base.add_used(RX, head, 0);
                 self.rx_pending = None;
                 continue;
             }
@@ -245,10 +238,10 @@ impl Net {
                 Ok(()) => len as u32,
                 Err(_) => 0,
             };
-            add_used(queue, &mem, head, written);
+            self.base.add_used(RX, head, written);
             self.rx_pending = None;
         }
-        self.notify(RX, used, &mem)
+        used && self.base.notify_used(RX)
     }
 
     /// Sends the guest's tx chains. Returns whether the guest was notified.
@@ -256,19 +249,16 @@ impl Net {
         let Some(mem) = self.base.mem.clone() else {
             return false;
         };
-        let irq = self.base.irq.clone();
         let mut used = false;
-        let queue = &mut self.base.queues[TX];
         while !self.tx_limiter.is_blocked() {
-            let Some(chain) = crate::virtio::pop_chain("virtio-net", queue, &mem, &irq) else {
+            let Some((head, parsed)) = self.base.pop_parsed(TX) else {
                 break;
             };
-            let head = chain.head_index();
-            let c = match parse_chain(&mem, GuestAddress(queue.desc_table()), queue.size(), head) {
+            let c = match parsed {
                 Ok(c) => c,
                 Err(e) => {
                     log::warn!("virtio-net: bad tx chain {head}: {e}");
-                    add_used(queue, &mem, head, 0);
+                    self.base.add_used(TX, head, 0);
                     used = true;
                     continue;
                 }
@@ -276,12 +266,12 @@ impl Net {
             let len = c.readable_len();
             if len < VNET_HDR_LEN as u64 || len > MAX_FRAME as u64 {
                 log::warn!("virtio-net: tx frame of {len} bytes dropped");
-                add_used(queue, &mem, head, 0);
+                self.base.add_used(TX, head, 0);
                 used = true;
                 continue;
             }
             if !self.tx_limiter.consume(len - VNET_HDR_LEN as u64) {
-                queue.go_to_previous_position();
+                self.base.queues[TX].go_to_previous_position();
                 break;
             }
             let buf = &mut self.tx_buf[..len as usize];
@@ -291,36 +281,18 @@ impl Net {
                     log::debug!("virtio-net: backend write: {e}");
                 }
             }
-            add_used(queue, &mem, head, 0);
+            self.base.add_used(TX, head, 0);
             used = true;
         }
-        self.notify(TX, used, &mem)
-    }
-
-    fn notify(&mut self, q: usize, used: bool, mem: &GuestMemoryMmap) -> bool {
-        if used && self.base.queues[q].needs_notification(mem).unwrap_or(true) {
-            self.base.signal_used();
-            return true;
-        }
-        false
+        used && self.base.notify_used(TX)
     }
 
     fn register(&mut self, ops: &mut EventOps) {
-        if self.registered {
+        if !self.base.register_queue_events(ops) {
             return;
         }
         let fd: RawFd = self.backend.as_raw_fd();
         let res = [
-            ops.add(Events::with_data(
-                &self.base.queue_evts[RX],
-                TOKEN_RX_QUEUE,
-                EventSet::IN,
-            )),
-            ops.add(Events::with_data(
-                &self.base.queue_evts[TX],
-                TOKEN_TX_QUEUE,
-                EventSet::IN,
-            )),
             ops.add(Events::with_data_raw(
                 fd,
                 TOKEN_BACKEND,
@@ -342,13 +314,6 @@ impl Net {
                 log::error!("virtio-net: registering events: {e:?}");
             }
         }
-        self.registered = true;
-    }
-}
-
-fn add_used(q: &mut Queue, mem: &GuestMemoryMmap, head: u16, len: u32) {
-    if let Err(e) = q.add_used(mem, head, len) {
-        log::error!("virtio-net: add_used({head}) failed: {e}");
     }
 }
 
@@ -373,7 +338,7 @@ impl VirtioDevice for Net {
 
 impl MutEventSubscriber for Net {
     fn init(&mut self, ops: &mut EventOps) {
-        if self.base.watch_activation(ops, "virtio-net") {
+        if self.base.watch_activation(ops) {
             self.register(ops);
         }
     }
@@ -427,7 +392,7 @@ mod tests {
     use crate::virtio::INT_VRING;
     use event_manager::{EventManager, SubscriberOps};
     use std::sync::{Arc, Mutex};
-    use vm_memory::Bytes;
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
     const MAC: [u8; 6] = [0x06, 0, 0xac, 0x10, 0, 2];
 

@@ -28,11 +28,9 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
-use virtio_queue::{QueueOwnedT, QueueT};
-use vm_memory::GuestAddress;
+use virtio_queue::QueueOwnedT;
 
 use self::packet::*;
-use super::desc::parse_chain;
 use super::{drain_evt, DeviceBase, VirtioDevice, TYPE_VSOCK};
 
 /// The host's CID.
@@ -54,10 +52,10 @@ const RXQ: usize = 0;
 const TXQ: usize = 1;
 const EVQ: usize = 2;
 
-use crate::virtio::TOKEN_ACTIVATE;
-const TOKEN_RXQ: u32 = 1;
-const TOKEN_TXQ: u32 = 2;
-const TOKEN_EVQ: u32 = 3;
+use crate::virtio::{TOKEN_ACTIVATE, TOKEN_QUEUE_BASE};
+const TOKEN_RXQ: u32 = TOKEN_QUEUE_BASE + RXQ as u32;
+const TOKEN_TXQ: u32 = TOKEN_QUEUE_BASE + TXQ as u32;
+const TOKEN_EVQ: u32 = TOKEN_QUEUE_BASE + EVQ as u32;
 const TOKEN_LISTENER: u32 = 4;
 /// Stream fds use `TOKEN_FD_BASE + fd`.
 const TOKEN_FD_BASE: u32 = 16;
@@ -162,7 +160,6 @@ pub struct Vsock {
     new_fds: Vec<RawFd>,
     /// Streams to unregister, then close.
     graveyard: Vec<UnixStream>,
-    registered: bool,
 }
 
 impl Vsock {
@@ -178,7 +175,8 @@ impl Vsock {
         let listener = UnixListener::bind(&config.uds_path).map_err(bind_err)?;
         listener.set_nonblocking(true).map_err(bind_err)?;
         Ok(Self {
-            base: DeviceBase::new(0, &[QUEUE_SIZE; 3]).map_err(VsockError::EventFd)?,
+            base: DeviceBase::new("virtio-vsock", 0, &[QUEUE_SIZE; 3])
+                .map_err(VsockError::EventFd)?,
             config,
             listener,
             conns: HashMap::new(),
@@ -188,7 +186,6 @@ impl Vsock {
             next_port: LOCAL_PORT_BASE,
             new_fds: Vec::new(),
             graveyard: Vec::new(),
-            registered: false,
         })
     }
 
@@ -373,18 +370,9 @@ impl Vsock {
         let Some(mem) = self.base.mem.clone() else {
             return;
         };
-        let irq = self.base.irq.clone();
         let mut used = false;
-        loop {
-            let queue = &mut self.base.queues[TXQ];
-            let Some(chain) = crate::virtio::pop_chain("virtio-vsock", queue, &mem, &irq) else {
-                break;
-            };
-            let head = chain.head_index();
-            let parsed = parse_chain(&mem, GuestAddress(queue.desc_table()), queue.size(), head);
-            if let Err(e) = queue.add_used(&mem, head, 0) {
-                log::error!("virtio-vsock: add_used: {e}");
-            }
+        while let Some((head, parsed)) = self.base.pop_parsed(TXQ) {
+            self.base.add_used(TXQ, head, 0);
             used = true;
             let c = match parsed {
                 Ok(c) => c,
@@ -413,12 +401,8 @@ impl Vsock {
             }
             self.handle_pkt(h, &payload);
         }
-        if used
-            && self.base.queues[TXQ]
-                .needs_notification(&mem)
-                .unwrap_or(true)
-        {
-            self.base.signal_used();
+        if used {
+            self.base.notify_used(TXQ);
         }
     }
 
@@ -437,7 +421,6 @@ impl Vsock {
         let Some(mem) = self.base.mem.clone() else {
             return;
         };
-        let irq = self.base.irq.clone();
         let mut used = false;
         let mut buf = vec![0u8; MAX_PAYLOAD];
         loop {
@@ -449,23 +432,18 @@ impl Vsock {
             } else {
                 None
             };
-            let queue = &mut self.base.queues[RXQ];
-            let Some(chain) = crate::virtio::pop_chain("virtio-vsock", queue, &mem, &irq) else {
+            let Some((head, parsed)) = self.base.pop_parsed(RXQ) else {
                 break;
             };
-            let head = chain.head_index();
-            let chain =
-                match parse_chain(&mem, GuestAddress(queue.desc_table()), queue.size(), head) {
-                    Ok(c) if c.writable_len() >= HDR_LEN as u64 => c,
-                    _ => {
-                        log::warn!("virtio-vsock: bad rx chain {head}");
-                        if let Err(e) = queue.add_used(&mem, head, 0) {
-                            log::error!("virtio-vsock: add_used: {e}");
-                        }
-                        used = true;
-                        continue;
-                    }
-                };
+            let chain = match parsed {
+                Ok(c) if c.writable_len() >= HDR_LEN as u64 => c,
+                _ => {
+                    log::warn!("virtio-vsock: bad rx chain {head}");
+                    self.base.add_used(RXQ, head, 0);
+                    used = true;
+                    continue;
+                }
+            };
             let (hdr, n) = match data_key {
                 None => match self.ctrl.pop_front() {
                     Some(h) => (h, 0),
@@ -510,17 +488,11 @@ impl Vsock {
             let ok = chain.write_at(&mem, 0, &hdr.to_bytes()).is_ok()
                 && chain.write_at(&mem, HDR_LEN as u64, &buf[..n]).is_ok();
             let len = if ok { (HDR_LEN + n) as u32 } else { 0 };
-            if let Err(e) = self.base.queues[RXQ].add_used(&mem, head, len) {
-                log::error!("virtio-vsock: add_used: {e}");
-            }
+            self.base.add_used(RXQ, head, len);
             used = true;
         }
-        if used
-            && self.base.queues[RXQ]
-                .needs_notification(&mem)
-                .unwrap_or(true)
-        {
-            self.base.signal_used();
+        if used {
+            self.base.notify_used(RXQ);
         }
     }
 
@@ -628,37 +600,16 @@ impl Vsock {
     }
 
     fn register(&mut self, ops: &mut EventOps) {
-        if self.registered {
+        if !self.base.register_queue_events(ops) {
             return;
         }
-        let res = [
-            ops.add(Events::with_data(
-                &self.base.queue_evts[RXQ],
-                TOKEN_RXQ,
-                EventSet::IN,
-            )),
-            ops.add(Events::with_data(
-                &self.base.queue_evts[TXQ],
-                TOKEN_TXQ,
-                EventSet::IN,
-            )),
-            ops.add(Events::with_data(
-                &self.base.queue_evts[EVQ],
-                TOKEN_EVQ,
-                EventSet::IN,
-            )),
-            ops.add(Events::with_data(
-                &self.listener,
-                TOKEN_LISTENER,
-                EventSet::IN,
-            )),
-        ];
-        for r in res {
-            if let Err(e) = r {
-                log::error!("virtio-vsock: registering events: {e:?}");
-            }
+        if let Err(e) = ops.add(Events::with_data(
+            &self.listener,
+            TOKEN_LISTENER,
+            EventSet::IN,
+        )) {
+            log::error!("virtio-vsock: registering events: {e:?}");
         }
-        self.registered = true;
     }
 }
 
@@ -697,7 +648,7 @@ impl VirtioDevice for Vsock {
 
 impl MutEventSubscriber for Vsock {
     fn init(&mut self, ops: &mut EventOps) {
-        if self.base.watch_activation(ops, "virtio-vsock") {
+        if self.base.watch_activation(ops) {
             self.register(ops);
         }
     }

@@ -2,8 +2,7 @@ use super::*;
 use crate::virtio::test_utils::{mem, TestQueue};
 use event_manager::{EventManager, SubscriberOps};
 use std::sync::{Arc, Mutex};
-use vm_memory::Bytes;
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::tempdir::TempDir;
 
 const CID: u64 = 52;
