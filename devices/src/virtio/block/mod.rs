@@ -178,22 +178,16 @@ impl Disk {
         off: u64,
         len: u64,
     ) -> std::io::Result<()> {
-        let mut buf = vec![0u8; CHUNK.min(len as usize)];
-        let mut done = 0u64;
-        while done < len {
-            let n = (len - done).min(CHUNK as u64) as usize;
-            let chunk = &mut buf[..n];
+        for_each_chunk(len, |done, chunk| {
             chunk.fill(0);
             let pos = off + done;
             if pos < self.size {
-                let avail = ((self.size - pos).min(n as u64)) as usize;
+                let avail = ((self.size - pos).min(chunk.len() as u64)) as usize;
                 self.file.read_exact_at(&mut chunk[..avail], pos)?;
             }
             c.write_at(mem, done, chunk)
-                .map_err(|e| std::io::Error::other(e.to_string()))?;
-            done += n as u64;
-        }
-        Ok(())
+                .map_err(|e| std::io::Error::other(e.to_string()))
+        })
     }
 
     fn write_from_guest(
@@ -203,18 +197,29 @@ impl Disk {
         off: u64,
         len: u64,
     ) -> std::io::Result<()> {
-        let mut buf = vec![0u8; CHUNK.min(len as usize)];
-        let mut done = 0u64;
-        while done < len {
-            let n = (len - done).min(CHUNK as u64) as usize;
-            let chunk = &mut buf[..n];
+        for_each_chunk(len, |done, chunk| {
             c.read_at(mem, 16 + done, chunk)
                 .map_err(|e| std::io::Error::other(e.to_string()))?;
-            self.file.write_all_at(chunk, off + done)?;
-            done += n as u64;
-        }
-        Ok(())
+            self.file.write_all_at(chunk, off + done)
+        })
     }
+}
+
+/// Calls `f(done, chunk)` for consecutive pieces of a `len`-byte transfer,
+/// each at most `CHUNK` bytes, in one reused buffer; `done` is the number
+/// of bytes before `chunk`. Stops at the first error.
+fn for_each_chunk(
+    len: u64,
+    mut f: impl FnMut(u64, &mut [u8]) -> std::io::Result<()>,
+) -> std::io::Result<()> {
+    let mut buf = vec![0u8; CHUNK.min(len as usize)];
+    let mut done = 0u64;
+    while done < len {
+        let n = (len - done).min(CHUNK as u64) as usize;
+        f(done, &mut buf[..n])?;
+        done += n as u64;
+    }
+    Ok(())
 }
 
 /// The virtio-blk device.
