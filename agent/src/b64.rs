@@ -1,6 +1,10 @@
 //! Standard base64 (RFC 4648, with `=` padding) for binary data in JSON
-//! payloads (file contents, logs). Small on purpose: the agent is a static
-//! binary with few dependencies.
+//! payloads (file contents, logs), over the `base64` crate (no dependencies
+//! of its own, so the agent stays a small static binary).
+
+use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig};
+use base64::engine::DecodePaddingMode;
+use base64::{alphabet, DecodeError, Engine as _};
 
 /// A string that is not valid padded base64.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -13,66 +17,35 @@ pub enum Base64Error {
     Char(usize),
 }
 
-const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+/// The standard alphabet with `=` padding, written on encode and required
+/// (canonical) on decode. Unused low bits of the last symbol are ignored,
+/// as the hand-written decoder this replaces did.
+const ENGINE: GeneralPurpose = GeneralPurpose::new(
+    &alphabet::STANDARD,
+    GeneralPurposeConfig::new()
+        .with_decode_padding_mode(DecodePaddingMode::RequireCanonical)
+        .with_decode_allow_trailing_bits(true),
+);
 
 /// Encodes `data` as padded base64.
 pub fn encode(data: &[u8]) -> String {
-    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
-    for chunk in data.chunks(3) {
-        let b = [
-            chunk[0],
-            chunk.get(1).copied().unwrap_or(0),
-            chunk.get(2).copied().unwrap_or(0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        let sextet = |shift: u32| char::from(ALPHABET[((n >> shift) & 63) as usize]);
-        out.push(sextet(18));
-        out.push(sextet(12));
-        out.push(if chunk.len() > 1 { sextet(6) } else { '=' });
-        out.push(if chunk.len() > 2 { sextet(0) } else { '=' });
-    }
-    out
-}
-
-fn value(c: u8) -> Option<u32> {
-    let v = match c {
-        b'A'..=b'Z' => c - b'A',
-        b'a'..=b'z' => c - b'a' + 26,
-        b'0'..=b'9' => c - b'0' + 52,
-        b'+' => 62,
-        b'/' => 63,
-        _ => return None,
-    };
-    Some(u32::from(v))
+    ENGINE.encode(data)
 }
 
 /// Decodes padded base64.
 pub fn decode(s: &str) -> Result<Vec<u8>, Base64Error> {
-    let bytes = s.as_bytes();
-    if !bytes.len().is_multiple_of(4) {
-        return Err(Base64Error::Length(bytes.len()));
+    // Checked first: a wrong length is reported as such, whatever the characters.
+    if !s.len().is_multiple_of(4) {
+        return Err(Base64Error::Length(s.len()));
     }
-    let mut out = Vec::with_capacity(bytes.len() / 4 * 3);
-    let groups = bytes.len() / 4;
-    for (g, quad) in bytes.chunks(4).enumerate() {
-        let last = g + 1 == groups;
-        let pad = quad.iter().rev().take_while(|&&c| c == b'=').count();
-        if pad > 2 || (pad > 0 && !last) {
-            return Err(Base64Error::Char(g * 4 + 4 - pad));
+    ENGINE.decode(s).map_err(|e| match e {
+        DecodeError::InvalidByte(offset, _) | DecodeError::InvalidLastSymbol { offset, .. } => {
+            Base64Error::Char(offset)
         }
-        let mut n = 0u32;
-        for (i, &c) in quad.iter().enumerate() {
-            let v = if i >= 4 - pad {
-                0
-            } else {
-                value(c).ok_or(Base64Error::Char(g * 4 + i))?
-            };
-            n = (n << 6) | v;
-        }
-        let three = [(n >> 16) as u8, (n >> 8) as u8, n as u8];
-        out.extend_from_slice(&three[..3 - pad]);
-    }
-    Ok(out)
+        DecodeError::InvalidLength(len) => Base64Error::Length(len),
+        // Not reachable with a length that is a multiple of 4.
+        DecodeError::InvalidPadding => Base64Error::Char(s.len()),
+    })
 }
 
 #[cfg(test)]
