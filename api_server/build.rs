@@ -4,7 +4,9 @@
 //! OUT_DIR lists `(relative path, include_bytes!(...))` for `crt0.o`,
 //! `libember.a`, `ember.lds` and `include/*.h`. emberd writes these files
 //! out at run time to compile users' C sources (compilers/ember.rs), so the
-//! host running emberd needs gcc but not this source tree.
+//! host running emberd needs gcc but not this source tree. `cflags.rs` in
+//! OUT_DIR holds the code generation and link flags for users' C, shared
+//! with this build through ember-cbuild (resources/cbuild).
 //!
 //! `EMBER_RUNTIME_CC`, `EMBER_RUNTIME_OBJCOPY` and `EMBER_RUNTIME_AR`
 //! override the tools.
@@ -14,6 +16,8 @@ use std::fmt::Write as _;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+
+use ember_cbuild::{check_tool, preprocess_lds, rerun_if_changed, rerun_if_env_changed, run};
 
 /// Test-guest files shared with the runtime (relative to resources/guests/guest).
 const GUEST_C: &[&str] = &[
@@ -52,26 +56,9 @@ const RT_HEADERS: &[&str] = &[
 /// Global symbols of crt0.o (the entry points the linker script names).
 const CRT0_EXPORTS: &[&str] = &["elf_start64", "pvh_start32", "startup_64"];
 
-const CFLAGS: &[&str] = &[
-    "-std=gnu11",
-    "-O2",
-    "-Wall",
-    "-Wextra",
-    "-Werror",
-    "-ffreestanding",
-    "-fno-builtin",
-    "-fno-tree-loop-distribute-patterns",
-    "-mgeneral-regs-only",
-    "-mno-red-zone",
-    "-mcmodel=small",
-    "-fno-pic",
-    "-fno-pie",
-    "-fno-stack-protector",
-    "-fno-strict-aliasing",
-    "-fno-asynchronous-unwind-tables",
-    "-fno-unwind-tables",
-    "-fcf-protection=none",
-    "-fno-common",
+/// ember's own C flags (ember-cbuild) with all builtins off (the runtime has
+/// its own libc), plus these.
+const EXTRA_CFLAGS: &[&str] = &[
     "-DLOG_PREFIX=\"ember: \"",
     // 256 KiB: user programs keep buffers on the stack.
     "-DSTACK_SIZE=0x40000",
@@ -88,29 +75,30 @@ fn main() {
     let ar = env::var("EMBER_RUNTIME_AR").unwrap_or_else(|_| "ar".into());
 
     println!("cargo:rerun-if-changed=build.rs");
-    for v in [
+    rerun_if_env_changed(&[
         "EMBER_RUNTIME_CC",
         "EMBER_RUNTIME_OBJCOPY",
         "EMBER_RUNTIME_AR",
+    ]);
+    rerun_if_changed(&guest, GUEST_C.iter().chain(GUEST_ASM).chain(GUEST_OTHER));
+    rerun_if_changed(&rt, RT_C.iter().chain(RT_ASM).chain(RT_OTHER));
+    rerun_if_changed(&rt.join("include"), RT_HEADERS);
+
+    for (tool, what) in [
+        (&cc, "gcc (x86_64, with binutils)"),
+        (&objcopy, "objcopy (binutils)"),
+        (&ar, "ar (binutils)"),
     ] {
-        println!("cargo:rerun-if-env-changed={v}");
-    }
-    for f in GUEST_C.iter().chain(GUEST_ASM).chain(GUEST_OTHER) {
-        println!("cargo:rerun-if-changed={}", guest.join(f).display());
-    }
-    for f in RT_C.iter().chain(RT_ASM).chain(RT_OTHER) {
-        println!("cargo:rerun-if-changed={}", rt.join(f).display());
-    }
-    for h in RT_HEADERS {
-        println!(
-            "cargo:rerun-if-changed={}",
-            rt.join("include").join(h).display()
+        check_tool(
+            tool,
+            format_args!(
+                "emberd embeds the ember unikernel runtime, which is built with {what}; \
+                 install it (e.g. `apt-get install gcc binutils`) or point EMBER_RUNTIME_CC / \
+                 EMBER_RUNTIME_OBJCOPY / EMBER_RUNTIME_AR at a working tool."
+            ),
         );
     }
-
-    check_tool(&cc, "gcc (x86_64, with binutils)");
-    check_tool(&objcopy, "objcopy (binutils)");
-    check_tool(&ar, "ar (binutils)");
+    let cflags = ember_cbuild::cflags("-fno-builtin", EXTRA_CFLAGS);
 
     let obj = out.join("ember-obj");
     let dest = out.join("ember-runtime");
@@ -119,12 +107,15 @@ fn main() {
     fs::create_dir_all(dest.join("include")).expect("create runtime dir");
     let guest_inc = guest.join("include");
     let rt_inc = rt.join("include");
+    let compile = |includes: &[&Path], src: &Path, obj: &Path| {
+        ember_cbuild::compile(&cc, &cflags, includes, src, obj)
+    };
 
     // crt0.o: the boot code, entry points kept global.
     let mut asm_objs = Vec::new();
     for f in GUEST_ASM {
         let o = obj_path(&obj, "g", f);
-        compile(&cc, &[&guest_inc], &guest.join(f), &o);
+        compile(&[&guest_inc], &guest.join(f), &o);
         asm_objs.push(o);
     }
     let crt0_r = obj.join("crt0-r.o");
@@ -135,13 +126,13 @@ fn main() {
     let mut objs = Vec::new();
     for f in GUEST_C {
         let o = obj_path(&obj, "g", f);
-        compile(&cc, &[&guest_inc], &guest.join(f), &o);
+        compile(&[&guest_inc], &guest.join(f), &o);
         objs.push(o);
     }
     for f in RT_C.iter().chain(RT_ASM) {
         let o = obj_path(&obj, "rt", f);
         // Runtime files: public <ember.h> first, the guest's headers by name.
-        compile(&cc, &[&rt_inc, &guest_inc], &rt.join(f), &o);
+        compile(&[&rt_inc, &guest_inc], &rt.join(f), &o);
         objs.push(o);
     }
     let ember_r = obj.join("ember-r.o");
@@ -158,14 +149,13 @@ fn main() {
     run(Command::new(&ar).arg("rcs").arg(&lib).arg(&ember_o));
 
     // The linker script (PVH note kept).
-    let mut cmd = Command::new(&cc);
-    cmd.args(["-E", "-P", "-undef", "-x", "c", "-D__ASSEMBLY__", "-DPVH"])
-        .arg("-I")
-        .arg(&guest_inc)
-        .arg(guest.join("guest.lds.S"))
-        .arg("-o")
-        .arg(dest.join("ember.lds"));
-    run(&mut cmd);
+    preprocess_lds(
+        &cc,
+        &["-DPVH"],
+        &guest_inc,
+        &guest.join("guest.lds.S"),
+        &dest.join("ember.lds"),
+    );
 
     for h in RT_HEADERS {
         fs::copy(rt_inc.join(h), dest.join("include").join(h)).expect("copy header");
@@ -189,21 +179,23 @@ fn main() {
     }
     src.push_str("];\n");
     fs::write(out.join("runtime_files.rs"), src).expect("write runtime_files.rs");
+
+    // cflags.rs: the code generation and link flags users' C is compiled
+    // with too (compilers/ember.rs), from ember-cbuild.
+    let src = format!(
+        "/// Freestanding code generation flags (ember-cbuild).\n\
+         const FREESTANDING_CFLAGS: &[&str] = &{:?};\n\
+         /// Link flags (ember-cbuild).\n\
+         const FREESTANDING_LDFLAGS: &[&str] = &{:?};\n",
+        ember_cbuild::FREESTANDING_CFLAGS,
+        ember_cbuild::LDFLAGS,
+    );
+    fs::write(out.join("cflags.rs"), src).expect("write cflags.rs");
 }
 
 fn obj_path(dir: &Path, tag: &str, src: &str) -> PathBuf {
     let name = src.replace(['/', '.'], "_");
     dir.join(format!("{tag}-{name}.o"))
-}
-
-fn compile(cc: &str, includes: &[&Path], src: &Path, out: &Path) {
-    let mut cmd = Command::new(cc);
-    cmd.args(CFLAGS);
-    for i in includes {
-        cmd.arg("-I").arg(i);
-    }
-    cmd.arg("-c").arg(src).arg("-o").arg(out);
-    run(&mut cmd);
 }
 
 fn relocatable(cc: &str, objs: &[PathBuf], out: &Path) {
@@ -223,30 +215,4 @@ fn localize(objcopy: &str, input: &Path, keep: &[&str], out: &Path) {
     }
     cmd.arg(input).arg(out);
     run(&mut cmd);
-}
-
-fn check_tool(tool: &str, what: &str) {
-    match Command::new(tool).arg("--version").output() {
-        Ok(o) if o.status.success() => {}
-        _ => panic!(
-            "api_server: `{tool}` not found or not working. emberd embeds the ember unikernel \
-             runtime, which is built with {what}; install it (e.g. `apt-get install gcc \
-             binutils`) or point EMBER_RUNTIME_CC / EMBER_RUNTIME_OBJCOPY / EMBER_RUNTIME_AR \
-             at a working tool."
-        ),
-    }
-}
-
-fn run(cmd: &mut Command) {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("api_server: cannot run {cmd:?}: {e}"));
-    if !out.status.success() {
-        panic!(
-            "api_server: building the ember runtime failed ({}): {cmd:?}\n{}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
 }

@@ -17,6 +17,15 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use ember_cbuild::{
+    check_tool, compile, preprocess_lds, rerun_if_changed, rerun_if_env_changed, run, LDFLAGS,
+};
+
+/// ember's own C flags (ember-cbuild), with gcc's builtins except printf.
+fn cflags() -> Vec<&'static str> {
+    ember_cbuild::cflags("-fno-builtin-printf", &[])
+}
+
 const C_SOURCES: &[&str] = &[
     "main.c",
     "bootinfo.c",
@@ -59,38 +68,6 @@ const HOST_TEST_SOURCES: &[&str] = &[
     "podjson.c",
 ];
 
-const CFLAGS: &[&str] = &[
-    "-std=gnu11",
-    "-O2",
-    "-Wall",
-    "-Wextra",
-    "-Werror",
-    "-ffreestanding",
-    "-fno-builtin-printf",
-    "-fno-tree-loop-distribute-patterns",
-    "-mgeneral-regs-only",
-    "-mno-red-zone",
-    "-mcmodel=small",
-    "-fno-pic",
-    "-fno-pie",
-    "-fno-stack-protector",
-    "-fno-strict-aliasing",
-    "-fno-asynchronous-unwind-tables",
-    "-fno-unwind-tables",
-    "-fcf-protection=none",
-    "-fno-common",
-];
-
-const LDFLAGS: &[&str] = &[
-    "-nostdlib",
-    "-static",
-    "-no-pie",
-    "-Wl,--build-id=none",
-    "-Wl,-z,max-page-size=0x1000",
-    "-Wl,-z,noexecstack",
-    "-Wl,--no-warn-rwx-segments",
-];
-
 /// Physical load address of the protected-mode image.
 const LOAD_ADDR: u64 = 0x10_0000;
 /// Offsets of the fields build.rs patches in the bzImage setup header.
@@ -106,34 +83,36 @@ fn main() {
     let objcopy = env::var("EMBER_GUEST_OBJCOPY").unwrap_or_else(|_| "objcopy".into());
 
     println!("cargo:rerun-if-changed=build.rs");
-    println!("cargo:rerun-if-env-changed=EMBER_GUEST_CC");
-    println!("cargo:rerun-if-env-changed=EMBER_GUEST_OBJCOPY");
-    println!("cargo:rerun-if-env-changed=CARGO_TARGET_DIR");
-    for f in C_SOURCES.iter().chain(ASM_SOURCES).chain(OTHER_SOURCES) {
-        println!("cargo:rerun-if-changed=guest/{f}");
-    }
+    rerun_if_env_changed(&["EMBER_GUEST_CC", "EMBER_GUEST_OBJCOPY", "CARGO_TARGET_DIR"]);
+    rerun_if_changed(
+        Path::new("guest"),
+        C_SOURCES.iter().chain(ASM_SOURCES).chain(OTHER_SOURCES),
+    );
 
-    check_tool(&cc, "gcc (x86_64, with binutils)");
-    check_tool(&objcopy, "objcopy (binutils)");
+    for (tool, what) in [
+        (&cc, "gcc (x86_64, with binutils)"),
+        (&objcopy, "objcopy (binutils)"),
+    ] {
+        check_tool(
+            tool,
+            format_args!(
+                "Building the test guests needs {what}; install it (e.g. `apt-get install gcc \
+                 binutils`) or point EMBER_GUEST_CC / EMBER_GUEST_OBJCOPY at a working tool."
+            ),
+        );
+    }
 
     let obj_dir = out.join("obj");
     fs::create_dir_all(&obj_dir).expect("create obj dir");
     let include = src.join("include");
 
+    let cflags = cflags();
     let mut objs = Vec::new();
     for f in C_SOURCES.iter().chain(ASM_SOURCES) {
         let obj = obj_dir
             .join(Path::new(f).file_name().unwrap())
             .with_extension("o");
-        let mut cmd = Command::new(&cc);
-        cmd.args(CFLAGS)
-            .arg("-I")
-            .arg(&include)
-            .arg("-c")
-            .arg(src.join(f))
-            .arg("-o")
-            .arg(&obj);
-        run(&mut cmd);
+        compile(&cc, &cflags, &[&include], &src.join(f), &obj);
         objs.push(obj);
     }
 
@@ -141,15 +120,7 @@ fn main() {
     let lds_linux = out.join("guest-linux64.lds");
     let lds_pvh = out.join("guest-pvh.lds");
     for (lds, defs) in [(&lds_linux, &[][..]), (&lds_pvh, &["-DPVH"][..])] {
-        let mut cmd = Command::new(&cc);
-        cmd.args(["-E", "-P", "-undef", "-x", "c", "-D__ASSEMBLY__"])
-            .args(defs)
-            .arg("-I")
-            .arg(&include)
-            .arg(src.join("guest.lds.S"))
-            .arg("-o")
-            .arg(lds);
-        run(&mut cmd);
+        preprocess_lds(&cc, defs, &include, &src.join("guest.lds.S"), lds);
     }
 
     let linux64 = out.join("ember-guest-linux64.elf");
@@ -218,15 +189,13 @@ fn build_bzimage(
     let setup_obj = obj_dir.join("bzimage_header.o");
     let setup_bin = obj_dir.join("setup.bin");
     let pm_bin = obj_dir.join("vmlinux.bin");
-    let mut cmd = Command::new(cc);
-    cmd.args(CFLAGS)
-        .arg("-I")
-        .arg(include)
-        .arg("-c")
-        .arg(src.join("arch/bzimage_header.S"))
-        .arg("-o")
-        .arg(&setup_obj);
-    run(&mut cmd);
+    compile(
+        cc,
+        &cflags(),
+        &[include],
+        &src.join("arch/bzimage_header.S"),
+        &setup_obj,
+    );
     run(Command::new(objcopy)
         .args(["-O", "binary", "-j", ".text"])
         .arg(&setup_obj)
@@ -307,25 +276,5 @@ fn install(img: &Path, dest: &Path) {
             img.display(),
             dest.display()
         );
-    }
-}
-
-fn check_tool(tool: &str, what: &str) {
-    match Command::new(tool).arg("--version").output() {
-        Ok(o) if o.status.success() => {}
-        _ => panic!(
-            "ember-guests: `{tool}` not found or not working. Building the test guests needs {what}; \
-             install it (e.g. `apt-get install gcc binutils`) or point EMBER_GUEST_CC / \
-             EMBER_GUEST_OBJCOPY at a working tool."
-        ),
-    }
-}
-
-fn run(cmd: &mut Command) {
-    let status = cmd
-        .status()
-        .unwrap_or_else(|e| panic!("ember-guests: cannot run {cmd:?}: {e}"));
-    if !status.success() {
-        panic!("ember-guests: command failed ({status}): {cmd:?}");
     }
 }

@@ -10,6 +10,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 include!(concat!(env!("OUT_DIR"), "/runtime_files.rs"));
+// FREESTANDING_CFLAGS and FREESTANDING_LDFLAGS, the flags the runtime is
+// built with too (build.rs, resources/cbuild).
+include!(concat!(env!("OUT_DIR"), "/cflags.rs"));
 
 /// The kernel file name in `out_dir`.
 pub const KERNEL: &str = "kernel.elf";
@@ -28,35 +31,15 @@ pub const MAX_SOURCES: usize = 4096;
 /// Directory depth scanned for sources.
 const MAX_DEPTH: usize = 32;
 
-/// Flags for user code (freestanding, no SSE: the guest CPU is emulated).
-const USER_CFLAGS: &[&str] = &[
-    "-std=gnu11",
-    "-O2",
-    "-Wall",
-    "-ffreestanding",
-    "-mgeneral-regs-only",
-    "-mno-red-zone",
-    "-mcmodel=small",
-    "-fno-pic",
-    "-fno-pie",
-    "-fno-stack-protector",
-    "-fno-strict-aliasing",
-    "-fno-asynchronous-unwind-tables",
-    "-fno-unwind-tables",
-    "-fcf-protection=none",
-    "-fno-common",
-    "-fdiagnostics-color=never",
-    "-nostdinc",
-];
-const USER_LDFLAGS: &[&str] = &[
-    "-nostdlib",
-    "-static",
-    "-no-pie",
-    "-Wl,--build-id=none",
-    "-Wl,-z,max-page-size=0x1000",
-    "-Wl,-z,noexecstack",
-    "-Wl,--no-warn-rwx-segments",
-];
+/// Flags for user code (freestanding, no SSE: the guest CPU is emulated):
+/// the runtime's code generation flags, fewer warnings than ember's own C,
+/// none of the host's headers.
+fn user_cflags() -> impl Iterator<Item = &'static str> {
+    ["-std=gnu11", "-O2", "-Wall", "-ffreestanding"]
+        .into_iter()
+        .chain(FREESTANDING_CFLAGS.iter().copied())
+        .chain(["-fdiagnostics-color=never", "-nostdinc"])
+}
 
 /// `ember-c-ember`.
 #[derive(Clone, Debug)]
@@ -128,7 +111,7 @@ impl Compiler for EmberC {
         cmd.current_dir(input.src_dir)
             .env("TMPDIR", work.path())
             .env("LC_ALL", "C")
-            .args(USER_CFLAGS)
+            .args(user_cflags())
             .arg("-isystem")
             .arg(&gcc_include)
             .arg("-I")
@@ -136,7 +119,7 @@ impl Compiler for EmberC {
         for d in &include_dirs {
             cmd.arg("-I").arg(d);
         }
-        cmd.args(USER_LDFLAGS)
+        cmd.args(FREESTANDING_LDFLAGS)
             .arg("-T")
             .arg(rt.join("ember.lds"))
             .arg(rt.join("crt0.o"))
