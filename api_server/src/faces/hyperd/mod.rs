@@ -260,13 +260,7 @@ impl Hyperd {
         };
         let job = self.pods.prepare_commit(ctx.sup, cid, &repo, &config)?;
         let jobs = ctx.jobs.clone();
-        Ok(ctx.spawn("commit", move || {
-            let res = job.run(&jobs);
-            Box::new(move |_: &mut Supervisor| match res {
-                Ok(id) => ok(&id),
-                Err(e) => fail(&e.into()),
-            }) as Finish
-        }))
+        Ok(answer_later(ctx, "commit", move || job.run(&jobs)))
     }
 
     fn pod_create(&mut self, ctx: &mut Ctx, req: &Request) -> Result<Response, HyperdError> {
@@ -285,13 +279,9 @@ impl Hyperd {
         let vm = req.query_param("vmId").filter(|v| !v.is_empty());
         let job = self.pods.prepare_start(ctx.sup, id, vm)?;
         let jobs = ctx.jobs.clone();
-        Ok(ctx.spawn("pod-start", move || {
+        Ok(answer_later(ctx, "pod-start", move || {
             let pod_id = job.pod_id().to_string();
-            let res = job.run(&jobs);
-            Box::new(move |_: &mut Supervisor| match res {
-                Ok(()) => ok(&pod_id),
-                Err(e) => fail(&e.into()),
-            }) as Finish
+            job.run(&jobs).map(|()| pod_id)
         }))
     }
 
@@ -308,13 +298,9 @@ impl Hyperd {
         };
         let job = self.pods.prepare_stop(ctx.sup, id, stop_vm)?;
         let jobs = ctx.jobs.clone();
-        Ok(ctx.spawn("pod-stop", move || {
+        Ok(answer_later(ctx, "pod-stop", move || {
             let pod_id = job.pod_id().to_string();
-            let res = job.run(&jobs);
-            Box::new(move |_: &mut Supervisor| match res {
-                Ok(()) => ok(&pod_id),
-                Err(e) => fail(&e.into()),
-            }) as Finish
+            job.run(&jobs).map(|()| pod_id)
         }))
     }
 
@@ -326,13 +312,7 @@ impl Hyperd {
     fn vm_create(&mut self, ctx: &mut Ctx) -> Result<Reply, HyperdError> {
         let job = self.pods.prepare_create_vm()?;
         let jobs = ctx.jobs.clone();
-        Ok(ctx.spawn("vm-create", move || {
-            let res = job.run(&jobs);
-            Box::new(move |_: &mut Supervisor| match res {
-                Ok(vm) => ok(&vm),
-                Err(e) => fail(&e.into()),
-            }) as Finish
-        }))
+        Ok(answer_later(ctx, "vm-create", move || job.run(&jobs)))
     }
 
     fn vm_kill(&mut self, ctx: &mut Ctx, req: &Request) -> Result<Response, HyperdError> {
@@ -440,6 +420,21 @@ impl Hyperd {
         }
         Response::json(200, &json!({"Status": "Login Succeeded", "IdentityToken": ""}))
     }
+}
+
+/// Runs `work` on a worker thread; the id it gives (or its error) answers
+/// in hyperd's envelope.
+fn answer_later<F>(ctx: &Ctx, what: &str, work: F) -> Reply
+where
+    F: FnOnce() -> Result<String, PodError> + Send + 'static,
+{
+    ctx.spawn(what, move || {
+        let res = work();
+        Box::new(move |_: &mut Supervisor| match res {
+            Ok(id) => ok(&id),
+            Err(e) => fail(&e.into()),
+        }) as Finish
+    })
 }
 
 /// The answer of a route whose errors use the envelope.
