@@ -6,14 +6,18 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use api_server::build as compilers;
-use api_server::runtime::process::Launcher;
-use api_server::server::Daemon;
 use api_server::model::store::Store;
 use api_server::model::supervisor::Supervisor;
+use api_server::runtime::process::Launcher;
+use api_server::server::Daemon;
 use clap::Parser;
 
 #[derive(Parser, Debug)]
-#[command(name = "emberd", version, about = "ember supervisor daemon: UniK, hyperd and Flintlock APIs over a unix socket, one jailed microVM per instance")]
+#[command(
+    name = "emberd",
+    version,
+    about = "ember supervisor daemon: UniK, hyperd and Flintlock APIs over a unix socket, one jailed microVM per instance"
+)]
 struct Args {
     /// Unix socket to serve the APIs on.
     #[arg(long, default_value = "/run/ember/ember.sock")]
@@ -93,11 +97,19 @@ fn die(msg: impl std::fmt::Display) -> ! {
 fn main() {
     let args = Args::parse();
     let vmm = args.vmm.clone().unwrap_or_else(|| sibling("ember-vmm"));
-    let jailer = (!args.no_jailer).then(|| args.jailer.clone().unwrap_or_else(|| sibling("ember-jailer")));
+    let jailer = (!args.no_jailer).then(|| {
+        args.jailer
+            .clone()
+            .unwrap_or_else(|| sibling("ember-jailer"))
+    });
     for (what, p) in [("ember-vmm", Some(&vmm)), ("ember-jailer", jailer.as_ref())] {
         if let Some(p) = p {
             if !p.is_file() {
-                die(format!("{what} not found at {} (use --{})", p.display(), what.trim_start_matches("ember-")));
+                die(format!(
+                    "{what} not found at {} (use --{})",
+                    p.display(),
+                    what.trim_start_matches("ember-")
+                ));
             }
         }
     }
@@ -105,7 +117,11 @@ fn main() {
     let vmm = std::fs::canonicalize(&vmm).unwrap_or(vmm);
     let missing = api_server::runtime::process::missing_libraries(&vmm);
     if !missing.is_empty() {
-        die(format!("{} needs shared libraries that are not installed: {}", vmm.display(), missing.join(", ")));
+        die(format!(
+            "{} needs shared libraries that are not installed: {}",
+            vmm.display(),
+            missing.join(", ")
+        ));
     }
     let launcher = Launcher {
         libs: api_server::runtime::process::shared_libraries(&vmm),
@@ -129,8 +145,9 @@ fn main() {
             backoff: std::time::Duration::from_millis(args.flintlock_backoff_ms),
         },
     };
-    let images = api_server::images::store::ImageStore::open(&args.state_dir.join("container-images"))
-        .unwrap_or_else(|e| die(format!("container image store: {e}")));
+    let images =
+        api_server::images::store::ImageStore::open(&args.state_dir.join("container-images"))
+            .unwrap_or_else(|e| die(format!("container image store: {e}")));
     if args.pod_boot_args.contains('"') || args.pod_boot_args.chars().any(char::is_control) {
         die("--pod-boot-args may not contain double quotes or control characters");
     }
@@ -148,8 +165,11 @@ fn main() {
     let pods = api_server::model::pods::Pods::new(pod_vms, std::sync::Arc::new(images));
     let hyperd = api_server::faces::hyperd::Hyperd::new(pods);
     // Order matters where paths could overlap: see README "Routing".
-    let faces: Vec<Box<dyn api_server::server::Face>> =
-        vec![Box::new(flintlock), Box::new(hyperd), Box::new(api_server::faces::unik::Unik)];
+    let faces: Vec<Box<dyn api_server::server::Face>> = vec![
+        Box::new(flintlock),
+        Box::new(hyperd),
+        Box::new(api_server::faces::unik::Unik),
+    ];
     let mut daemon = Daemon::new(&args.socket, sup, faces, args.max_upload_mb << 20)
         .unwrap_or_else(|e| die(format!("cannot serve {}: {e}", args.socket.display())));
     for sig in [libc::SIGTERM, libc::SIGINT] {

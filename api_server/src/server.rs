@@ -201,9 +201,7 @@ impl Handler for Router {
                 responder: self.responder.as_ref(),
                 follow: &mut follow,
             };
-            self.faces
-                .iter_mut()
-                .find_map(|f| f.handle(&mut ctx, &req))
+            self.faces.iter_mut().find_map(|f| f.handle(&mut ctx, &req))
         };
         if let Some((log, delete)) = follow {
             self.start_follower(conn, log, delete);

@@ -221,17 +221,18 @@ impl Compiler for LinuxCompiler {
     }
     fn compile(&self, input: &CompileInput) -> Result<CompileOutput, CompileError> {
         use linux::LinuxBuildError as E;
-        let info = linux::build_initramfs(input.src_dir, self.lang, &input.out_dir.join("initrd.img"))
-            .map_err(|e| match e {
-                E::CompileFailed { output, .. } => CompileError::Failed { output },
-                E::NoSources => CompileError::NoSources("no *.c files in the tarfile".into()),
-                E::Gcc(err) => CompileError::Tool {
-                    tool: "gcc".into(),
-                    msg: err.to_string(),
-                },
-                E::Io { .. } => CompileError::Io(std::io::Error::other(e.to_string())),
-                other => CompileError::BadInput(other.to_string()),
-            })?;
+        let info =
+            linux::build_initramfs(input.src_dir, self.lang, &input.out_dir.join("initrd.img"))
+                .map_err(|e| match e {
+                    E::CompileFailed { output, .. } => CompileError::Failed { output },
+                    E::NoSources => CompileError::NoSources("no *.c files in the tarfile".into()),
+                    E::Gcc(err) => CompileError::Tool {
+                        tool: "gcc".into(),
+                        msg: err.to_string(),
+                    },
+                    E::Io { .. } => CompileError::Io(std::io::Error::other(e.to_string())),
+                    other => CompileError::BadInput(other.to_string()),
+                })?;
         // The kernel is the host's: copied in now so the image is complete.
         let mut log = info.log;
         let kernel = match linux::find_kernel() {
@@ -351,7 +352,10 @@ mod tests {
         r.add(Arc::new(Fake("ember", "c")));
         r.add(Arc::new(Fake("linux", "c")));
         r.add(Arc::new(Fake("linux", "binary")));
-        assert_eq!(r.names(), vec!["ember-c-ember", "linux-binary-ember", "linux-c-ember"]);
+        assert_eq!(
+            r.names(),
+            vec!["ember-c-ember", "linux-binary-ember", "linux-c-ember"]
+        );
         assert!(r.find("ember", "linux", "binary").is_ok());
         let e = r.find("qemu", "ember", "c").err().unwrap().to_string();
         assert!(e.contains("available providers: ember"), "{e}");

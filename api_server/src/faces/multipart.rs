@@ -55,7 +55,10 @@ fn header_param(value: &str, key: &str) -> Option<String> {
         let (k, v) = piece.split_once('=')?;
         if k.trim().eq_ignore_ascii_case(key) {
             let v = v.trim();
-            let v = v.strip_prefix('"').and_then(|x| x.strip_suffix('"')).unwrap_or(v);
+            let v = v
+                .strip_prefix('"')
+                .and_then(|x| x.strip_suffix('"'))
+                .unwrap_or(v);
             return Some(v.to_string());
         }
     }
@@ -147,7 +150,11 @@ pub fn parse_form(content_type: Option<&str>, body: &[u8]) -> Result<Form, FormE
             let b = boundary(ct).ok_or(FormError::NoBoundary)?;
             parse_multipart(body, &b)
         }
-        Some(ct) if ct.to_ascii_lowercase().starts_with("application/x-www-form-urlencoded") => {
+        Some(ct)
+            if ct
+                .to_ascii_lowercase()
+                .starts_with("application/x-www-form-urlencoded") =>
+        {
             Ok(parse_urlencoded(body))
         }
         _ => Ok(Form::default()),
@@ -180,10 +187,15 @@ mod tests {
 
     #[test]
     fn parses_fields_and_binary_files() {
-        let bin: Vec<u8> = (0..=255u8).chain(b"\r\n--not-it\r\n".iter().copied()).collect();
+        let bin: Vec<u8> = (0..=255u8)
+            .chain(b"\r\n--not-it\r\n".iter().copied())
+            .collect();
         let b = body(
             "XyZ",
-            &[("provider", None, b"ember"), ("tarfile", Some("app.tar.gz"), &bin)],
+            &[
+                ("provider", None, b"ember"),
+                ("tarfile", Some("app.tar.gz"), &bin),
+            ],
         );
         let ct = "multipart/form-data; boundary=XyZ";
         let f = parse_form(Some(ct), &b).unwrap();
@@ -208,12 +220,17 @@ mod tests {
     #[test]
     fn malformed_bodies_are_errors() {
         assert!(parse_multipart(b"nothing here", "x").is_err());
-        assert!(parse_multipart(b"--x\r\nContent-Disposition: form-data; name=\"a\"\r\n\r\nunterminated", "x").is_err());
+        assert!(parse_multipart(
+            b"--x\r\nContent-Disposition: form-data; name=\"a\"\r\n\r\nunterminated",
+            "x"
+        )
+        .is_err());
         assert_eq!(
             parse_form(Some("multipart/form-data"), b""),
             Err(FormError::NoBoundary)
         );
-        let many: Vec<(&str, Option<&str>, &[u8])> = (0..70).map(|_| ("a", None, &b"1"[..])).collect();
+        let many: Vec<(&str, Option<&str>, &[u8])> =
+            (0..70).map(|_| ("a", None, &b"1"[..])).collect();
         assert_eq!(
             parse_multipart(&body("q", &many), "q"),
             Err(FormError::TooManyParts(MAX_PARTS))

@@ -268,8 +268,8 @@ fn complete_meta_data(
     instance_id: &str,
     hostname: &str,
 ) -> Result<Vec<u8>, CidataError> {
-    let text = std::str::from_utf8(meta)
-        .map_err(|_| CidataError::MetaData("not UTF-8 text".into()))?;
+    let text =
+        std::str::from_utf8(meta).map_err(|_| CidataError::MetaData("not UTF-8 text".into()))?;
     let mut add: Vec<(&str, &str)> = Vec::new();
     let has = |keys: &[&str]| keys.iter().any(|k| has_top_level_key(text, k));
     if !has(&["instance_id", "instance-id"]) {
@@ -297,8 +297,7 @@ fn complete_meta_data(
             obj.entry(k.to_string())
                 .or_insert_with(|| serde_json::Value::String(v.to_string()));
         }
-        let mut out = serde_json::to_vec(&obj)
-            .map_err(|e| CidataError::MetaData(e.to_string()))?;
+        let mut out = serde_json::to_vec(&obj).map_err(|e| CidataError::MetaData(e.to_string()))?;
         out.push(b'\n');
         return Ok(out);
     }
@@ -328,20 +327,16 @@ fn has_top_level_key(text: &str, key: &str) -> bool {
             return false;
         }
         let line = line.trim_end();
-        [
-            key.to_string(),
-            format!("\"{key}\""),
-            format!("'{key}'"),
-        ]
-        .iter()
-        .any(|k| {
-            line.strip_prefix(k.as_str())
-                .map(|rest| {
-                    let rest = rest.trim_start();
-                    rest == ":" || rest.starts_with(": ") || rest.starts_with(":\t")
-                })
-                .unwrap_or(false)
-        })
+        [key.to_string(), format!("\"{key}\""), format!("'{key}'")]
+            .iter()
+            .any(|k| {
+                line.strip_prefix(k.as_str())
+                    .map(|rest| {
+                        let rest = rest.trim_start();
+                        rest == ":" || rest.starts_with(": ") || rest.starts_with(":\t")
+                    })
+                    .unwrap_or(false)
+            })
     })
 }
 
@@ -356,7 +351,10 @@ mod tests {
         assert!(!has_top_level_key(y, "local-hostname"));
         assert!(has_top_level_key(y, "x"));
         assert!(!has_top_level_key(y, "instance_id"));
-        assert!(!has_top_level_key(y, "foo"), "foo:bar is a scalar, not a key");
+        assert!(
+            !has_top_level_key(y, "foo"),
+            "foo:bar is a scalar, not a key"
+        );
         assert!(has_top_level_key("k:\n  a: 1\n", "k"));
     }
 

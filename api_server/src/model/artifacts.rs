@@ -21,17 +21,20 @@ impl ImageJob {
     pub fn build(&self, tar: &[u8]) -> Result<CompileOutput, SupervisorError> {
         extract_tar_gz(tar, &self.src_dir(), &Default::default())
             .map_err(|e| SupervisorError::Invalid(format!("tarfile: {e}")))?;
-        std::fs::create_dir_all(self.out_dir()).map_err(|e| SupervisorError::Internal(e.to_string()))?;
-        build::hand_over(&[self.staging.path(), &self.src_dir(), &self.out_dir()]).map_err(|e| {
-            SupervisorError::Internal(format!("cannot prepare the build directory: {e}"))
-        })?;
+        std::fs::create_dir_all(self.out_dir())
+            .map_err(|e| SupervisorError::Internal(e.to_string()))?;
+        build::hand_over(&[self.staging.path(), &self.src_dir(), &self.out_dir()]).map_err(
+            |e| SupervisorError::Internal(format!("cannot prepare the build directory: {e}")),
+        )?;
         self.compiler
             .compile(&CompileInput {
                 src_dir: &self.src_dir(),
                 out_dir: &self.out_dir(),
             })
             .map_err(|e| match e {
-                CompileError::Tool { .. } | CompileError::Io(_) => SupervisorError::Internal(e.to_string()),
+                CompileError::Tool { .. } | CompileError::Io(_) => {
+                    SupervisorError::Internal(e.to_string())
+                }
                 other => SupervisorError::Invalid(other.to_string()),
             })
     }
@@ -53,18 +56,22 @@ impl VolumeJob {
             (None, _) => {
                 let size = self.size_mb.unwrap_or(1);
                 if raw {
-                    volumes::create_raw(&self.staging_file, std::io::empty(), Some(size)).map_err(vol_err)
+                    volumes::create_raw(&self.staging_file, std::io::empty(), Some(size))
+                        .map_err(vol_err)
                 } else {
                     volumes::create_empty_ext4(&self.staging_file, size).map_err(vol_err)?;
                     Ok(size)
                 }
             }
-            (Some(bytes), true) => volumes::create_raw(&self.staging_file, bytes, self.size_mb).map_err(vol_err),
+            (Some(bytes), true) => {
+                volumes::create_raw(&self.staging_file, bytes, self.size_mb).map_err(vol_err)
+            }
             (Some(bytes), false) => {
                 let dir = self.staging.join("content");
                 extract_tar_gz(bytes, &dir, &Default::default())
                     .map_err(|e| SupervisorError::Invalid(format!("tarfile: {e}")))?;
-                volumes::create_ext4_from_dir(&self.staging_file, &dir, self.size_mb).map_err(vol_err)
+                volumes::create_ext4_from_dir(&self.staging_file, &dir, self.size_mb)
+                    .map_err(vol_err)
             }
         }
     }
@@ -133,8 +140,9 @@ type HubResult<T> = Result<T, HubJobError>;
 
 /// The hub a request's JSON body (`{url, user, pass}`) names.
 fn hub_from(config: &[u8]) -> HubResult<Hub> {
-    let v: Value = serde_json::from_slice(config)
-        .map_err(|e| HubJobError::Invalid(format!("hub config must be JSON {{url, user, pass}}: {e}")))?;
+    let v: Value = serde_json::from_slice(config).map_err(|e| {
+        HubJobError::Invalid(format!("hub config must be JSON {{url, user, pass}}: {e}"))
+    })?;
     let cfg = HubConfig::from_json(&v).map_err(|e| HubJobError::Invalid(e.to_string()))?;
     Hub::new(cfg).map_err(|e| HubJobError::Invalid(e.to_string()))
 }
@@ -164,7 +172,10 @@ impl HubPush {
         Ok(HubPush {
             hub,
             dir: sup.store().image_dir(&image.id),
-            scratch: sup.store().staging_dir().join(format!("push-{}", new_id("job"))),
+            scratch: sup
+                .store()
+                .staging_dir()
+                .join(format!("push-{}", new_id("job"))),
             image,
         })
     }
@@ -172,7 +183,8 @@ impl HubPush {
     /// Worker side: packs and uploads the image.
     pub fn run(self) -> HubResult<()> {
         let res = (|| {
-            std::fs::create_dir_all(&self.scratch).map_err(|e| HubJobError::Local(e.to_string()))?;
+            std::fs::create_dir_all(&self.scratch)
+                .map_err(|e| HubJobError::Local(e.to_string()))?;
             let art = self.scratch.join("image.tar.gz");
             pack_image(&self.dir, &art)
                 .map_err(|e| HubJobError::Local(format!("cannot pack the image: {e}")))?;
@@ -212,7 +224,10 @@ impl HubPull {
             hub: hub_from(config)?,
             name: name.to_string(),
             force,
-            scratch: sup.store().staging_dir().join(format!("pull-{}", new_id("job"))),
+            scratch: sup
+                .store()
+                .staging_dir()
+                .join(format!("pull-{}", new_id("job"))),
         })
     }
 
@@ -221,8 +236,9 @@ impl HubPull {
         std::fs::create_dir_all(&self.scratch).map_err(|e| HubJobError::Local(e.to_string()))?;
         let art = self.scratch.join("image.tar.gz");
         let meta = self.hub.pull(&self.name, &art)?;
-        let mut image: Image = serde_json::from_str(&meta)
-            .map_err(|e| HubJobError::Upstream(format!("the hub's image metadata is not ember's: {e}")))?;
+        let mut image: Image = serde_json::from_str(&meta).map_err(|e| {
+            HubJobError::Upstream(format!("the hub's image metadata is not ember's: {e}"))
+        })?;
         image.name = self.name.clone();
         let dir = self.scratch.join("image");
         let f = std::fs::File::open(&art).map_err(|e| HubJobError::Local(e.to_string()))?;
@@ -235,7 +251,9 @@ impl HubPull {
     /// removed either way.
     pub fn install(self, sup: &mut Supervisor, pulled: HubResult<Pulled>) -> HubResult<Image> {
         let r = match pulled {
-            Ok(p) => sup.install_image(p.image, &p.dir, self.force).map_err(HubJobError::from),
+            Ok(p) => sup
+                .install_image(p.image, &p.dir, self.force)
+                .map_err(HubJobError::from),
             Err(e) => Err(e),
         };
         let _ = std::fs::remove_dir_all(&self.scratch);

@@ -33,7 +33,10 @@ impl Jobs {
     pub fn new(sup: Shared) -> std::io::Result<(Jobs, JobQueue)> {
         let (tx, rx) = channel();
         let wake = Arc::new(EventFd::new(EFD_NONBLOCK)?);
-        let jobs = Jobs { tx, wake: wake.clone() };
+        let jobs = Jobs {
+            tx,
+            wake: wake.clone(),
+        };
         let queue = JobQueue {
             rx,
             wake,

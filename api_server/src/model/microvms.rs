@@ -55,11 +55,23 @@ pub enum ReconcileError {
     #[error("{src}: {err}")]
     Source { src: String, err: OciError },
     #[error("kernel {file} in {image}: {err}")]
-    Kernel { file: String, image: String, err: OciError },
+    Kernel {
+        file: String,
+        image: String,
+        err: OciError,
+    },
     #[error("initrd {file} in {image}: {err}")]
-    Initrd { file: String, image: String, err: OciError },
+    Initrd {
+        file: String,
+        image: String,
+        err: OciError,
+    },
     #[error("volume {id} from {src}: {err}")]
-    Volume { id: String, src: String, err: OciError },
+    Volume {
+        id: String,
+        src: String,
+        err: OciError,
+    },
     #[error("metadata: {0}")]
     Metadata(CidataError),
     #[error("cidata disk: {0}")]
@@ -217,7 +229,6 @@ pub struct MicroVmSpec {
     pub provider: Option<String>,
 }
 
-
 fn invalid(m: impl Into<String>) -> MicroVmError {
     MicroVmError::Invalid(m.into())
 }
@@ -251,7 +262,10 @@ pub fn validate(spec: &mut MicroVmSpec) -> Result<(), MicroVmError> {
             spec.memory_in_mb
         )));
     }
-    let k = spec.kernel.as_ref().ok_or_else(|| invalid("kernel is required"))?;
+    let k = spec
+        .kernel
+        .as_ref()
+        .ok_or_else(|| invalid("kernel is required"))?;
     if k.image.is_empty() {
         return Err(invalid("kernel.image is required"));
     }
@@ -273,14 +287,21 @@ pub fn validate(spec: &mut MicroVmSpec) -> Result<(), MicroVmError> {
         if src.and_then(|s| s.virtiofs_source.as_ref()).is_some() {
             return Err(invalid("virtiofsSource volumes are not supported by ember"));
         }
-        if src.and_then(|s| s.container_source.as_deref()).unwrap_or("").is_empty() {
+        if src
+            .and_then(|s| s.container_source.as_deref())
+            .unwrap_or("")
+            .is_empty()
+        {
             return Err(invalid(format!(
                 "volume {:?} needs source.containerSource",
                 v.id
             )));
         }
         if v.id.is_empty() || !ids.insert(v.id.clone()) {
-            return Err(invalid(format!("volume ids must be unique and non-empty ({:?})", v.id)));
+            return Err(invalid(format!(
+                "volume ids must be unique and non-empty ({:?})",
+                v.id
+            )));
         }
         super::validate_name("volume", &v.id).map_err(|e| invalid(e.to_string()))?;
     }
@@ -403,7 +424,11 @@ fn view(sup: &Supervisor, inst: &Instance) -> MicroVm {
             .unwrap_or("")
             .to_string();
         nets.insert(
-            if device.is_empty() { format!("eth{i}") } else { device },
+            if device.is_empty() {
+                format!("eth{i}")
+            } else {
+                device
+            },
             NetworkInterfaceStatus {
                 host_device_name: n.host_dev_name.clone(),
                 index: i,
@@ -477,7 +502,10 @@ pub fn create(
     ann.insert(ANN_UID.into(), uid.clone());
     ann.insert(ANN_NS.into(), spec.namespace.clone());
     ann.insert(ANN_NAME.into(), spec.id.clone());
-    ann.insert(ANN_SPEC.into(), serde_json::to_string(&spec).unwrap_or_default());
+    ann.insert(
+        ANN_SPEC.into(),
+        serde_json::to_string(&spec).unwrap_or_default(),
+    );
     ann.insert(ANN_STATE.into(), "PENDING".into());
     ann.insert(ANN_RETRY.into(), "0".into());
     let inst = sup
@@ -559,7 +587,11 @@ fn build(spec: &MicroVmSpec, uid: &str, staging: PathBuf) -> Result<Artifacts, R
         initrd = Some("initrd".to_string());
     }
     let mut volumes = Vec::new();
-    for v in spec.root_volume.iter().chain(spec.additional_volumes.iter()) {
+    for v in spec
+        .root_volume
+        .iter()
+        .chain(spec.additional_volumes.iter())
+    {
         let src = v
             .source
             .as_ref()
@@ -678,9 +710,14 @@ fn install_and_start(
         });
         if i == 0 && spec.kernel.as_ref().is_some_and(|k| k.add_network_config) {
             if let Some(addr) = &n.address {
-                let sa = netdev::StaticAddress::parse(&addr.address, addr.gateway.as_deref(), &addr.nameservers)
+                let sa = netdev::StaticAddress::parse(
+                    &addr.address,
+                    addr.gateway.as_deref(),
+                    &addr.nameservers,
+                )
+                .map_err(ReconcileError::Network)?;
+                ip_args = netdev::kernel_ip_param(&sa, "eth0", &spec.id)
                     .map_err(ReconcileError::Network)?;
-                ip_args = netdev::kernel_ip_param(&sa, "eth0", &spec.id).map_err(ReconcileError::Network)?;
             }
         }
     }
@@ -722,7 +759,8 @@ fn schedule(sup: &Supervisor, jobs: &Jobs, uid: &str, delay: Duration, policy: R
     jobs.spawn_background("reconcile", delay, move || {
         let built = build(&spec, &uid, staging);
         Box::new(move |sup: &mut Supervisor, jobs: &Jobs| {
-            let Some(state) = record(sup, &uid).and_then(|i| i.annotations.get(ANN_STATE).cloned()) else {
+            let Some(state) = record(sup, &uid).and_then(|i| i.annotations.get(ANN_STATE).cloned())
+            else {
                 return; // deleted meanwhile (dropping `built` removes its files)
             };
             if state != "PENDING" {
@@ -742,7 +780,11 @@ fn schedule(sup: &Supervisor, jobs: &Jobs, uid: &str, delay: Duration, policy: R
                     log::warn!("microvm {uid}: {e}");
                     let mut retry = 0;
                     let _ = sup.set_annotations(&name, |a| {
-                        retry = a.get(ANN_RETRY).and_then(|r| r.parse().ok()).unwrap_or(0u32) + 1;
+                        retry = a
+                            .get(ANN_RETRY)
+                            .and_then(|r| r.parse().ok())
+                            .unwrap_or(0u32)
+                            + 1;
                         a.insert(ANN_RETRY.into(), retry.to_string());
                         a.insert(ANN_ERROR.into(), e.clone());
                         if retry >= policy.max_retries {
@@ -778,7 +820,10 @@ mod tests {
     fn defaults_and_validation() {
         let mut s = good();
         validate(&mut s).unwrap();
-        assert_eq!((s.namespace.as_str(), s.vcpu, s.memory_in_mb), ("default", 2, 1024));
+        assert_eq!(
+            (s.namespace.as_str(), s.vcpu, s.memory_in_mb),
+            ("default", 2, 1024)
+        );
         let bad = |f: &dyn Fn(&mut MicroVmSpec)| {
             let mut s = good();
             f(&mut s);
@@ -791,7 +836,10 @@ mod tests {
         assert!(bad(&|s| s.root_volume = None).contains("rootVolume"));
         assert!(bad(&|s| s.interfaces[0].kind = "MACVTAP".into()).contains("MACVTAP"));
         assert!(bad(&|s| s.interfaces[0].guest_mac = Some("zz".into())).contains("guestMac"));
-        assert!(bad(&|s| { s.metadata.insert("bogus".into(), "eA==".into()); }).contains("metadata"));
+        assert!(bad(&|s| {
+            s.metadata.insert("bogus".into(), "eA==".into());
+        })
+        .contains("metadata"));
         assert!(bad(&|s| s.id = String::new()).contains("id"));
     }
 

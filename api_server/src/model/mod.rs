@@ -32,7 +32,9 @@ use serde::{Deserialize, Serialize};
 pub enum ModelError {
     #[error("invalid {what} name {name:?}: use 1 to 64 characters among letters, digits, '-', '_' and '.', not starting with '.' or '-'")]
     BadName { what: &'static str, name: String },
-    #[error("invalid mount point {0:?}: it must be an absolute path without '..', spaces or commas")]
+    #[error(
+        "invalid mount point {0:?}: it must be an absolute path without '..', spaces or commas"
+    )]
     BadMountPoint(String),
     #[error("invalid environment variable name {0:?}")]
     BadEnvName(String),
@@ -64,7 +66,9 @@ pub fn validate_mount_point(m: &str) -> Result<(), ModelError> {
     let ok = m.starts_with('/')
         && m.len() <= 128
         && !m.split('/').any(|c| c == "..")
-        && !m.chars().any(|c| c.is_whitespace() || c == ',' || c == '"' || c == '@');
+        && !m
+            .chars()
+            .any(|c| c.is_whitespace() || c == ',' || c == '"' || c == '@');
     if ok {
         Ok(())
     } else {
@@ -358,7 +362,8 @@ pub fn find<'a, T>(
     key: &str,
     name: impl Fn(&T) -> &str,
 ) -> Option<&'a T> {
-    map.get(key).or_else(|| map.values().find(|v| name(v) == key))
+    map.get(key)
+        .or_else(|| map.values().find(|v| name(v) == key))
 }
 
 impl State {
@@ -386,7 +391,11 @@ pub fn hyper_id(prefix: &str) -> String {
     for _ in 0..10 {
         let c = (n % 52) as u8;
         n /= 52;
-        s.push(if c < 26 { (b'a' + c) as char } else { (b'A' + c - 26) as char });
+        s.push(if c < 26 {
+            (b'a' + c) as char
+        } else {
+            (b'A' + c - 26) as char
+        });
     }
     s
 }
@@ -429,7 +438,16 @@ mod tests {
         std::fs::write(d.join("kernel.elf"), b"x").unwrap();
         std::os::unix::fs::symlink("/etc/passwd", d.join("link")).unwrap();
         assert!(check_image_file(&d, "kernel.elf").is_ok());
-        for bad in ["", ".", "..", "/etc/shadow", "../x", "a/b", "link", "missing"] {
+        for bad in [
+            "",
+            ".",
+            "..",
+            "/etc/shadow",
+            "../x",
+            "a/b",
+            "link",
+            "missing",
+        ] {
             assert!(check_image_file(&d, bad).is_err(), "{bad}");
         }
         std::fs::remove_dir_all(&d).unwrap();

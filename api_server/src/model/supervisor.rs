@@ -11,9 +11,9 @@ use std::sync::mpsc::Sender;
 use std::time::Duration;
 
 use crate::build::{self as compilers, CompileOutput, Registry};
+use crate::model::store::{Scratch, Store, StoreError};
 use crate::model::*;
 use crate::runtime::process::{self, JailFile, LaunchSpec, Launcher};
-use crate::model::store::{Scratch, Store, StoreError};
 
 /// How a failed request should be reported.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -193,7 +193,8 @@ impl Supervisor {
                 }
                 Some(_) => {
                     inst.process = None;
-                    if inst.state == InstanceState::Running || inst.state == InstanceState::Pending {
+                    if inst.state == InstanceState::Running || inst.state == InstanceState::Pending
+                    {
                         inst.state = InstanceState::Stopped;
                         inst.last_error = Some("the VMM ended while emberd was not running".into());
                     }
@@ -201,7 +202,8 @@ impl Supervisor {
                     changed = true;
                 }
                 None => {
-                    if inst.state == InstanceState::Running || inst.state == InstanceState::Pending {
+                    if inst.state == InstanceState::Running || inst.state == InstanceState::Pending
+                    {
                         inst.state = InstanceState::Stopped;
                         changed = true;
                     }
@@ -399,7 +401,10 @@ impl Supervisor {
     }
 
     fn image_in_use(&self, image_id: &str) -> bool {
-        self.state.instances.values().any(|i| i.image_id == image_id)
+        self.state
+            .instances
+            .values()
+            .any(|i| i.image_id == image_id)
     }
 
     /// Deletes an image; with `force`, its instances go too.
@@ -432,7 +437,9 @@ impl Supervisor {
 
     /// Instance by id or name.
     pub fn instance(&self, key: &str) -> Result<&Instance> {
-        self.state.instance(key).ok_or_else(|| not_found("instance", key))
+        self.state
+            .instance(key)
+            .ok_or_else(|| not_found("instance", key))
     }
 
     /// Creates an instance and starts it (unless `req.create_only`).
@@ -490,7 +497,8 @@ impl Supervisor {
                 old.name
             )));
         }
-        let mut inst = self.build_instance(&req, old.id.clone(), old.created.clone(), Some(&old))?;
+        let mut inst =
+            self.build_instance(&req, old.id.clone(), old.created.clone(), Some(&old))?;
         inst.name = old.name.clone();
         let mut ann = old.annotations.clone();
         ann.extend(req.annotations.clone());
@@ -519,14 +527,22 @@ impl Supervisor {
 
     fn commit_instance(&mut self, inst: Instance, create_only: bool) -> Result<Instance> {
         for (m, v) in &inst.mounts {
-            let id = self.state.volume(v).map(|x| x.id.clone()).unwrap_or_default();
+            let id = self
+                .state
+                .volume(v)
+                .map(|x| x.id.clone())
+                .unwrap_or_default();
             if let Some(vol) = self.state.volumes.get_mut(&id) {
                 vol.attachment = Some(inst.id.clone());
                 vol.mount_point = Some(m.clone());
             }
         }
         for d in inst.root_volume.iter().chain(inst.disks.iter()) {
-            let id = self.state.volume(&d.volume).map(|x| x.id.clone()).unwrap_or_default();
+            let id = self
+                .state
+                .volume(&d.volume)
+                .map(|x| x.id.clone())
+                .unwrap_or_default();
             if let Some(vol) = self.state.volumes.get_mut(&id) {
                 vol.attachment = Some(inst.id.clone());
                 vol.mount_point = None;
@@ -793,9 +809,7 @@ impl Supervisor {
                     Some((self.launcher.uid, self.launcher.gid)),
                     None,
                 )
-                .map_err(|e| {
-                    SupervisorError::Internal(format!("TAP {}: {e}", n.host_dev_name))
-                })?;
+                .map_err(|e| SupervisorError::Internal(format!("TAP {}: {e}", n.host_dev_name)))?;
             }
         }
         process::log_note(&spec.log_path, &format!("starting instance {}", inst.name));
@@ -917,7 +931,8 @@ impl Supervisor {
             &self.store.log_path(id),
             &format!(
                 "VMM exited{}",
-                code.map(|c| format!(" with status {c}")).unwrap_or_default()
+                code.map(|c| format!(" with status {c}"))
+                    .unwrap_or_default()
             ),
         );
         self.launcher.cleanup(id);
@@ -939,7 +954,12 @@ impl Supervisor {
     }
 
     /// Records a new pod (pending).
-    pub fn create_pod(&mut self, name: &str, spec: &str, containers: Vec<PodContainer>) -> Result<Pod> {
+    pub fn create_pod(
+        &mut self,
+        name: &str,
+        spec: &str,
+        containers: Vec<PodContainer>,
+    ) -> Result<Pod> {
         validate_name("pod", name)?;
         if find(&self.state.pods, name, |p| &p.name).is_some() {
             return Err(SupervisorError::Exists {
@@ -964,7 +984,11 @@ impl Supervisor {
     /// Updates a pod.
     pub fn update_pod(&mut self, key: &str, f: impl FnOnce(&mut Pod)) -> Result<Pod> {
         let id = self.pod(key)?.id.clone();
-        let p = self.state.pods.get_mut(&id).ok_or_else(|| not_found("pod", key))?;
+        let p = self
+            .state
+            .pods
+            .get_mut(&id)
+            .ok_or_else(|| not_found("pod", key))?;
         f(p);
         let out = p.clone();
         self.save()?;
@@ -974,7 +998,11 @@ impl Supervisor {
     /// Removes a pod record (its VM is the caller's business).
     pub fn remove_pod(&mut self, key: &str) -> Result<Pod> {
         let id = self.pod(key)?.id.clone();
-        let p = self.state.pods.remove(&id).ok_or_else(|| not_found("pod", key))?;
+        let p = self
+            .state
+            .pods
+            .remove(&id)
+            .ok_or_else(|| not_found("pod", key))?;
         self.save()?;
         Ok(p)
     }
@@ -983,7 +1011,9 @@ impl Supervisor {
 
     /// Volume by id or name.
     pub fn volume(&self, key: &str) -> Result<&Volume> {
-        self.state.volume(key).ok_or_else(|| not_found("volume", key))
+        self.state
+            .volume(key)
+            .ok_or_else(|| not_found("volume", key))
     }
 
     /// Validates a volume creation and reserves scratch space.
@@ -1033,7 +1063,13 @@ impl Supervisor {
         built: std::result::Result<u64, SupervisorError>,
     ) -> Result<Volume> {
         let size_mb = built?;
-        self.install_volume(job.id.clone(), &job.name, &job.staging_file, job.format, size_mb)
+        self.install_volume(
+            job.id.clone(),
+            &job.name,
+            &job.staging_file,
+            job.format,
+            size_mb,
+        )
     }
 
     /// Installs a volume image file built elsewhere (moved into place).
@@ -1044,7 +1080,13 @@ impl Supervisor {
         format: VolumeFormat,
     ) -> Result<Volume> {
         let size = std::fs::metadata(file).map(|m| m.len()).unwrap_or(0);
-        self.install_volume(new_id("vol"), name, file, format, size.div_ceil(1 << 20).max(1))
+        self.install_volume(
+            new_id("vol"),
+            name,
+            file,
+            format,
+            size.div_ceil(1 << 20).max(1),
+        )
     }
 
     /// Moves `file` into place as volume `id` named `name` and records it.
@@ -1201,7 +1243,10 @@ mod tests {
             gid: 1,
             libs: vec![],
         };
-        (Supervisor::new(store, launcher, Registry::new()).unwrap(), root)
+        (
+            Supervisor::new(store, launcher, Registry::new()).unwrap(),
+            root,
+        )
     }
 
     fn add_volume(s: &mut Supervisor, name: &str) {
@@ -1295,7 +1340,10 @@ mod tests {
             create_only: true,
             ..Default::default()
         });
-        assert!(matches!(again, Err(SupervisorError::Invalid(_)) | Err(SupervisorError::Conflict(_))));
+        assert!(matches!(
+            again,
+            Err(SupervisorError::Invalid(_)) | Err(SupervisorError::Conflict(_))
+        ));
         // Deleting frees them.
         s.delete_instance("vm1", false).unwrap();
         assert!(s.state.volumes.values().all(|v| v.attachment.is_none()));

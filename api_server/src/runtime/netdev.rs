@@ -339,8 +339,20 @@ fn create_tap_here(name: &str, owner: Option<(u32, u32)>) -> Result<(), NetdevEr
         _ => os_error("create (TUNSETIFF)", name, e),
     })?;
     if let Some((uid, gid)) = owner {
-        tun_ioctl_val(&tun, TUNSETOWNER, libc::c_ulong::from(uid), "TUNSETOWNER", name)?;
-        tun_ioctl_val(&tun, TUNSETGROUP, libc::c_ulong::from(gid), "TUNSETGROUP", name)?;
+        tun_ioctl_val(
+            &tun,
+            TUNSETOWNER,
+            libc::c_ulong::from(uid),
+            "TUNSETOWNER",
+            name,
+        )?;
+        tun_ioctl_val(
+            &tun,
+            TUNSETGROUP,
+            libc::c_ulong::from(gid),
+            "TUNSETGROUP",
+            name,
+        )?;
     }
     set_up(name)?;
     // Last: until now, closing `tun` (on any error) removes the device.
@@ -377,7 +389,11 @@ fn set_up(name: &str) -> Result<(), NetdevError> {
     // SAFETY: plain socket(2) call; the fd is owned right below.
     let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
     if fd < 0 {
-        return Err(os_error("socket(AF_INET)", name, io::Error::last_os_error()));
+        return Err(os_error(
+            "socket(AF_INET)",
+            name,
+            io::Error::last_os_error(),
+        ));
     }
     // SAFETY: `fd` is a fresh descriptor nobody else owns.
     let sock = unsafe { OwnedFd::from_raw_fd(fd) };
@@ -391,7 +407,11 @@ fn set_up(name: &str) -> Result<(), NetdevError> {
     // SAFETY: SIOCSIFFLAGS reads ifr_name/ifr_flags of a valid `struct ifreq`.
     let r = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS as _, &req) };
     if r < 0 {
-        return Err(os_error("SIOCSIFFLAGS (up)", name, io::Error::last_os_error()));
+        return Err(os_error(
+            "SIOCSIFFLAGS (up)",
+            name,
+            io::Error::last_os_error(),
+        ));
     }
     Ok(())
 }
@@ -458,7 +478,9 @@ impl StaticAddress {
         if len.is_empty() || !len.bytes().all(|b| b.is_ascii_digit()) || len.len() > 3 {
             return Err(bad("prefix length is not a number"));
         }
-        let len: u8 = len.parse().map_err(|_| bad("prefix length is not a number"))?;
+        let len: u8 = len
+            .parse()
+            .map_err(|_| bad("prefix length is not a number"))?;
         let max = if ip.is_ipv4() { 32 } else { 128 };
         if len > max {
             return Err(bad(&format!("prefix length above {max}")));
@@ -603,7 +625,17 @@ mod tests {
         for ok in ["a", "eth0", "emb123456789012", "tap-1.x_y"] {
             validate_ifname(ok).unwrap();
         }
-        for bad in ["", ".", "..", "a/b", "a b", "a:b", "a\tb", "a\0", "0123456789abcdef"] {
+        for bad in [
+            "",
+            ".",
+            "..",
+            "a/b",
+            "a b",
+            "a:b",
+            "a\tb",
+            "a\0",
+            "0123456789abcdef",
+        ] {
             assert!(validate_ifname(bad).is_err(), "{bad:?}");
         }
     }

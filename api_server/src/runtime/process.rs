@@ -25,10 +25,7 @@ pub enum ProcessError {
     #[error("cannot prepare the jail at {path}: {err}")]
     Jail { path: PathBuf, err: std::io::Error },
     #[error("cannot place {what} in the jail: {err}")]
-    Place {
-        what: String,
-        err: std::io::Error,
-    },
+    Place { what: String, err: std::io::Error },
     #[error("cannot open the console log {path}: {err}")]
     Log { path: PathBuf, err: std::io::Error },
     #[error("cannot start {bin}: {err}")]
@@ -187,7 +184,11 @@ impl Launcher {
             // A private copy, readable by the VMM's user and never writable
             // by it. Not a hard link: changing the link's mode would change
             // the original's.
-            if fs::symlink_metadata(&f.host).map_err(err)?.file_type().is_symlink() {
+            if fs::symlink_metadata(&f.host)
+                .map_err(err)?
+                .file_type()
+                .is_symlink()
+            {
                 return Err(err(std::io::Error::other("refusing to place a symlink")));
             }
             fs::copy(&f.host, &dst).map_err(err)?;
@@ -281,8 +282,13 @@ impl Launcher {
                 Ok(())
             });
         }
-        let bin = self.jailer_bin.clone().unwrap_or_else(|| self.vmm_bin.clone());
-        let child = cmd.spawn().map_err(|err| ProcessError::Spawn { bin, err })?;
+        let bin = self
+            .jailer_bin
+            .clone()
+            .unwrap_or_else(|| self.vmm_bin.clone());
+        let child = cmd
+            .spawn()
+            .map_err(|err| ProcessError::Spawn { bin, err })?;
         let pid = child.id() as i32;
         // Identify the process now (a zombie still has its start time), so a
         // reused pid can never be mistaken for it. Nothing waits here: the
@@ -403,7 +409,10 @@ mod tests {
         let (found, missing) = parse_ldd(text);
         assert_eq!(
             found,
-            [PathBuf::from("/lib/x86_64-linux-gnu/libc.so.6"), PathBuf::from("/lib64/ld-linux-x86-64.so.2")]
+            [
+                PathBuf::from("/lib/x86_64-linux-gnu/libc.so.6"),
+                PathBuf::from("/lib64/ld-linux-x86-64.so.2")
+            ]
         );
         assert_eq!(missing, ["libfoo.so.1"]);
         assert_eq!(parse_ldd("\tnot a dynamic executable\n"), (vec![], vec![]));
@@ -415,7 +424,10 @@ mod tests {
     fn own_start_time_is_readable() {
         let me = std::process::id() as i32;
         let t = proc_start_time(me).unwrap();
-        assert!(is_alive(&VmmProcess { pid: me, start_time: t }));
+        assert!(is_alive(&VmmProcess {
+            pid: me,
+            start_time: t
+        }));
         assert!(!is_alive(&VmmProcess {
             pid: me,
             start_time: t + 1
@@ -439,7 +451,10 @@ mod tests {
     #[test]
     fn finds_the_shared_libraries_of_a_dynamic_binary() {
         let libs = shared_libraries(Path::new("/bin/sh"));
-        assert!(libs.iter().any(|l| l.to_string_lossy().contains("libc.so")), "{libs:?}");
+        assert!(
+            libs.iter().any(|l| l.to_string_lossy().contains("libc.so")),
+            "{libs:?}"
+        );
         assert!(libs.iter().all(|l| l.is_absolute()));
         assert!(shared_libraries(Path::new("/nonexistent")).is_empty());
     }

@@ -32,7 +32,10 @@ impl FlintlockError {
     }
     fn response(&self) -> Response {
         let (status, code) = self.code();
-        Response::json(status, &json!({"code": code, "message": self.to_string(), "details": []}))
+        Response::json(
+            status,
+            &json!({"code": code, "message": self.to_string(), "details": []}),
+        )
     }
 }
 
@@ -81,7 +84,10 @@ impl Face for Flintlock {
         let seg: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
         let r = match (&req.method, seg.as_slice()) {
             (Method::Post, []) => self.create(ctx, req),
-            (Method::Get, [x]) => match microvms::is_uid(x).then(|| microvms::get(ctx.sup, x)).flatten() {
+            (Method::Get, [x]) => match microvms::is_uid(x)
+                .then(|| microvms::get(ctx.sup, x))
+                .flatten()
+            {
                 Some(vm) => Response::json(200, &json!({"microvm": microvm_json(&vm)})),
                 None => {
                     let list: Vec<Value> = microvms::list(ctx.sup, x, req.query_param("name"))
@@ -114,7 +120,13 @@ mod tests {
 
     #[test]
     fn errors_have_grpc_codes() {
-        assert_eq!(FlintlockError(MicroVmError::NotFound("x".into())).code(), (404, 5));
-        assert_eq!(FlintlockError(MicroVmError::Invalid("x".into())).code(), (400, 3));
+        assert_eq!(
+            FlintlockError(MicroVmError::NotFound("x".into())).code(),
+            (404, 5)
+        );
+        assert_eq!(
+            FlintlockError(MicroVmError::Invalid("x".into())).code(),
+            (400, 3)
+        );
     }
 }

@@ -67,7 +67,10 @@ pub fn ok(id: &str) -> Response {
 /// The envelope for an error.
 pub fn fail(e: &HyperdError) -> Response {
     let msg = e.to_string();
-    Response::json(status_for(&msg), &json!({"ID": "", "Code": 1, "Cause": msg}))
+    Response::json(
+        status_for(&msg),
+        &json!({"ID": "", "Code": 1, "Cause": msg}),
+    )
 }
 
 fn memtotal() -> u64 {
@@ -86,8 +89,10 @@ fn os_name() -> String {
     std::fs::read_to_string("/etc/os-release")
         .ok()
         .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("PRETTY_NAME=").map(|v| v.trim_matches('"').to_string()))
+            s.lines().find_map(|l| {
+                l.strip_prefix("PRETTY_NAME=")
+                    .map(|v| v.trim_matches('"').to_string())
+            })
         })
         .unwrap_or_else(|| "Linux".into())
 }
@@ -141,7 +146,10 @@ impl Hyperd {
         let source = std::path::Path::new(&name);
         let (source, tag) = if !req.body.is_empty() {
             // An uploaded tarball, named by imageName.
-            (ImageSource::Upload(req.body.clone()), (!name.is_empty()).then(|| name.clone()))
+            (
+                ImageSource::Upload(req.body.clone()),
+                (!name.is_empty()).then(|| name.clone()),
+            )
         } else if source.is_absolute() && source.exists() {
             (ImageSource::Path(source.to_path_buf()), None)
         } else if name.is_empty() {
@@ -181,10 +189,14 @@ impl Hyperd {
 
     fn image_build(&self, ctx: &mut Ctx, req: &Request) -> Reply {
         let tag = req.query_param("t").unwrap_or("").to_string();
-        let dockerfile = req.query_param("dockerfile").unwrap_or("Dockerfile").to_string();
+        let dockerfile = req
+            .query_param("dockerfile")
+            .unwrap_or("Dockerfile")
+            .to_string();
         if req.query_param("remote").is_some_and(|r| !r.is_empty()) {
             return Reply::Now(fail(&HyperdError::BadParameter(
-                "remote build sources are not supported: send the build context as a tar body".into(),
+                "remote build sources are not supported: send the build context as a tar body"
+                    .into(),
             )));
         }
         if req.body.is_empty() {
@@ -197,7 +209,8 @@ impl Hyperd {
         ctx.spawn("image-build", move || {
             let mut progress = Vec::new();
             let res = pods.build_image(&body, &dockerfile, &tag, &mut |line: &str| {
-                progress.push(serde_json::from_str(line).unwrap_or_else(|_| json!({"stream": line})));
+                progress
+                    .push(serde_json::from_str(line).unwrap_or_else(|_| json!({"stream": line})));
             });
             Box::new(move |_: &mut Supervisor| match res {
                 Ok(short_id) => {
@@ -211,7 +224,9 @@ impl Hyperd {
 
     fn image_push(&self, ctx: &mut Ctx, req: &Request) -> Reply {
         let Some(remote) = req.query_param("remote").map(str::to_string) else {
-            return Reply::Now(fail(&HyperdError::BadParameter("remote is required".into())));
+            return Reply::Now(fail(&HyperdError::BadParameter(
+                "remote is required".into(),
+            )));
         };
         let dest = PathBuf::from(&remote);
         if !dest.is_absolute() {
@@ -225,7 +240,9 @@ impl Hyperd {
             // The image is the layout's last path component unless a tag names it.
             let name = tag.clone().unwrap_or_default();
             let res = if name.is_empty() {
-                Err(HyperdError::BadParameter("tag (the image to push) is required".into()))
+                Err(HyperdError::BadParameter(
+                    "tag (the image to push) is required".into(),
+                ))
             } else {
                 pods.push_image(&name, &dest).map_err(HyperdError::from)
             };
@@ -245,7 +262,9 @@ impl Hyperd {
     fn commit(&self, ctx: &mut Ctx, req: &Request) -> Result<Reply, HyperdError> {
         let cid = required(req, "container")?;
         let Some(repo) = req.query_param("repo").filter(|r| !r.is_empty()) else {
-            return Err(HyperdError::BadParameter("repo (the new image's name) is required".into()));
+            return Err(HyperdError::BadParameter(
+                "repo (the new image's name) is required".into(),
+            ));
         };
         let repo = match req.query_param("tag").filter(|t| !t.is_empty()) {
             Some(t) => format!("{repo}:{t}"),
@@ -255,7 +274,9 @@ impl Hyperd {
             Value::Null
         } else {
             serde_json::from_slice(&req.body).map_err(|e| {
-                HyperdError::BadParameter(format!("the container config body is not valid JSON: {e}"))
+                HyperdError::BadParameter(format!(
+                    "the container config body is not valid JSON: {e}"
+                ))
             })?
         };
         let job = self.pods.prepare_commit(ctx.sup, cid, &repo, &config)?;
@@ -269,7 +290,9 @@ impl Hyperd {
             None => String::from_utf8_lossy(&req.body).to_string(),
         };
         if text.trim().is_empty() {
-            return Err(HyperdError::BadParameter("podArgs (the pod JSON) is required".into()));
+            return Err(HyperdError::BadParameter(
+                "podArgs (the pod JSON) is required".into(),
+            ));
         }
         Ok(ok(&self.pods.create_pod(ctx.sup, &text)?))
     }
@@ -331,7 +354,10 @@ impl Hyperd {
                     .pods
                     .values()
                     .map(|p| {
-                        let vm = p.vm.as_ref().and_then(|v| pods::vm_id(sup, v)).unwrap_or_default();
+                        let vm =
+                            p.vm.as_ref()
+                                .and_then(|v| pods::vm_id(sup, v))
+                                .unwrap_or_default();
                         format!("{}:{}:{}:{}", p.id, p.name, vm, p.state.as_str())
                     })
                     .collect();
@@ -404,7 +430,11 @@ impl Hyperd {
         }
         let a: Auth = match serde_json::from_slice(&req.body) {
             Ok(a) => a,
-            Err(e) => return fail(&HyperdError::BadParameter(format!("auth body is not valid JSON: {e}"))),
+            Err(e) => {
+                return fail(&HyperdError::BadParameter(format!(
+                    "auth body is not valid JSON: {e}"
+                )))
+            }
         };
         if a.username.is_empty() {
             return fail(&HyperdError::BadParameter("username is required".into()));
@@ -416,9 +446,14 @@ impl Hyperd {
         };
         let entry = json!({"username": a.username, "password": a.password, "email": a.email});
         if let Err(e) = ctx.sup.store().save_credentials(&server, entry) {
-            return fail(&HyperdError::Other(format!("cannot store credentials: {e}")));
+            return fail(&HyperdError::Other(format!(
+                "cannot store credentials: {e}"
+            )));
         }
-        Response::json(200, &json!({"Status": "Login Succeeded", "IdentityToken": ""}))
+        Response::json(
+            200,
+            &json!({"Status": "Login Succeeded", "IdentityToken": ""}),
+        )
     }
 }
 
@@ -466,9 +501,12 @@ impl Face for Hyperd {
             (Method::Post, "/image/build") => self.image_build(ctx, req),
             (Method::Post, "/image/push" | "/images/push") => self.image_push(ctx, req),
             (Method::Post, "/container/commit") => later(self.commit(ctx, req)),
-            (_, "/info" | "/list" | "/pod/create" | "/pod/start" | "/pod/stop" | "/pod" | "/vm/create"
-                | "/vm" | "/auth" | "/images/get" | "/image/create" | "/image" | "/image/build"
-                | "/image/push" | "/container/commit") => Reply::Now(Response::json(
+            (
+                _,
+                "/info" | "/list" | "/pod/create" | "/pod/start" | "/pod/stop" | "/pod"
+                | "/vm/create" | "/vm" | "/auth" | "/images/get" | "/image/create" | "/image"
+                | "/image/build" | "/image/push" | "/container/commit",
+            ) => Reply::Now(Response::json(
                 405,
                 &json!({"ID": "", "Code": 1, "Cause": format!("method {} is not allowed on {}", req.method, req.path)}),
             )),
@@ -488,9 +526,18 @@ mod tests {
 
     #[test]
     fn statuses_follow_the_message() {
-        assert_eq!(status_for(&HyperdError::NoSuch("pod x".into()).to_string()), 404);
-        assert_eq!(status_for(&HyperdError::BadParameter("x".into()).to_string()), 400);
-        assert_eq!(status_for(&HyperdError::Conflict("x".into()).to_string()), 409);
+        assert_eq!(
+            status_for(&HyperdError::NoSuch("pod x".into()).to_string()),
+            404
+        );
+        assert_eq!(
+            status_for(&HyperdError::BadParameter("x".into()).to_string()),
+            400
+        );
+        assert_eq!(
+            status_for(&HyperdError::Conflict("x".into()).to_string()),
+            409
+        );
         assert_eq!(status_for("boom"), 500);
     }
 }

@@ -111,7 +111,10 @@ fn param(req: &Request, form: &Form, name: &str) -> Option<String> {
 }
 
 fn segments(path: &str) -> Vec<&str> {
-    path.trim_matches('/').split('/').filter(|s| !s.is_empty()).collect()
+    path.trim_matches('/')
+        .split('/')
+        .filter(|s| !s.is_empty())
+        .collect()
 }
 
 /// `POST /instances/run` body.
@@ -155,19 +158,23 @@ impl Face for Unik {
                 Err(e) => sup_error(&e),
             }),
             (Method::Post, ["images", name, "create"]) => Some(create_image(ctx, req, name)),
-            (Method::Delete, ["images", name]) => {
-                now(match ctx.sup.delete_image(name, truthy(req.query_param("force"))) {
+            (Method::Delete, ["images", name]) => now(
+                match ctx.sup.delete_image(name, truthy(req.query_param("force"))) {
                     Ok(()) => Response::empty(204),
                     Err(e) => sup_error(&e),
-                })
-            }
+                },
+            ),
             (Method::Post, ["images", "push", name]) => Some(hub_push(ctx, req, name)),
             (Method::Post, ["images", "pull", name]) => Some(hub_pull(ctx, req, name)),
-            (Method::Post, ["images", "remote-delete", name]) => {
-                Some(hub_delete(ctx, req, name))
-            }
+            (Method::Post, ["images", "remote-delete", name]) => Some(hub_delete(ctx, req, name)),
             (Method::Get, ["instances"]) => {
-                let v: Vec<Value> = ctx.sup.state().instances.values().map(instance_json).collect();
+                let v: Vec<Value> = ctx
+                    .sup
+                    .state()
+                    .instances
+                    .values()
+                    .map(instance_json)
+                    .collect();
                 now(Response::json(200, &v))
             }
             (Method::Post, ["instances", "run"]) => now(run(ctx.sup, req)),
@@ -175,12 +182,15 @@ impl Face for Unik {
                 Ok(i) => Response::json(200, &instance_json(i)),
                 Err(e) => sup_error(&e),
             }),
-            (Method::Delete, ["instances", id]) => {
-                now(match ctx.sup.delete_instance(id, truthy(req.query_param("force"))) {
+            (Method::Delete, ["instances", id]) => now(
+                match ctx
+                    .sup
+                    .delete_instance(id, truthy(req.query_param("force")))
+                {
                     Ok(()) => Response::empty(204),
                     Err(e) => sup_error(&e),
-                })
-            }
+                },
+            ),
             (Method::Post, ["instances", id, "start"]) => now(match ctx.sup.start_instance(id) {
                 Ok(i) => Response::json(200, &instance_json(&i)),
                 Err(e) => sup_error(&e),
@@ -199,15 +209,21 @@ impl Face for Unik {
                 Err(e) => sup_error(&e),
             }),
             (Method::Post, ["volumes", name]) => Some(create_volume(ctx, req, name)),
-            (Method::Delete, ["volumes", name]) => {
-                now(match ctx.sup.delete_volume(name, truthy(req.query_param("force"))) {
+            (Method::Delete, ["volumes", name]) => now(
+                match ctx
+                    .sup
+                    .delete_volume(name, truthy(req.query_param("force")))
+                {
                     Ok(()) => Response::empty(204),
                     Err(e) => sup_error(&e),
-                })
-            }
+                },
+            ),
             (Method::Post, ["volumes", name, "attach", inst]) => {
                 let Some(mount) = req.query_param("mount") else {
-                    return now(error(400, "missing mount (query parameter: the mount point)"));
+                    return now(error(
+                        400,
+                        "missing mount (query parameter: the mount point)",
+                    ));
                 };
                 now(match ctx.sup.attach_volume(name, inst, mount) {
                     Ok(v) => Response::text(202, v.name),
@@ -221,8 +237,12 @@ impl Face for Unik {
             // Known paths with the wrong method.
             (
                 _,
-                ["available_compilers" | "available_providers" | "describe_compiler" | "images"
-                | "instances" | "volumes", ..],
+                ["available_compilers"
+                | "available_providers"
+                | "describe_compiler"
+                | "images"
+                | "instances"
+                | "volumes", ..],
             ) => now(error(
                 405,
                 format!("method {m} is not allowed on {}", req.path),
@@ -281,10 +301,12 @@ fn create_image(ctx: &mut Ctx, req: &Request, name: &str) -> Reply {
     };
     ctx.spawn("compile", move || {
         let built = job.build(&tar);
-        Box::new(move |sup: &mut Supervisor| match sup.finish_image(job, built) {
-            Ok(img) => Response::json(201, &image_json(&img)),
-            Err(e) => sup_error(&e),
-        }) as Finish
+        Box::new(
+            move |sup: &mut Supervisor| match sup.finish_image(job, built) {
+                Ok(img) => Response::json(201, &image_json(&img)),
+                Err(e) => sup_error(&e),
+            },
+        ) as Finish
     })
 }
 
@@ -334,9 +356,11 @@ fn logs(ctx: &mut Ctx, req: &Request, id: &str) -> Reply {
     }
     match std::fs::read(&path) {
         Ok(b) => Reply::Now(Response::bytes(200, "text/plain; charset=utf-8", b)),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            Reply::Now(Response::bytes(200, "text/plain; charset=utf-8", Vec::new()))
-        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Reply::Now(Response::bytes(
+            200,
+            "text/plain; charset=utf-8",
+            Vec::new(),
+        )),
         Err(e) => Reply::Now(error(500, format!("cannot read the log: {e}"))),
     }
 }
@@ -346,7 +370,10 @@ fn create_volume(ctx: &mut Ctx, req: &Request, name: &str) -> Reply {
         Ok(f) => f,
         Err(e) => return Reply::Now(error(400, UnikError::Form(e))),
     };
-    let size_mb = match req.query_param("size").or(form.text("size").as_deref().map(|_| "")) {
+    let size_mb = match req
+        .query_param("size")
+        .or(form.text("size").as_deref().map(|_| ""))
+    {
         None => None,
         Some(_) => {
             let raw = param(req, &form, "size").unwrap_or_default();
@@ -380,16 +407,21 @@ fn create_volume(ctx: &mut Ctx, req: &Request, name: &str) -> Reply {
     } else {
         VolumeFormat::Ext4
     };
-    let job = match ctx.sup.prepare_volume(name, size_mb, format, data.is_some()) {
+    let job = match ctx
+        .sup
+        .prepare_volume(name, size_mb, format, data.is_some())
+    {
         Ok(j) => j,
         Err(e) => return Reply::Now(sup_error(&e)),
     };
     ctx.spawn("volume", move || {
         let built = job.build(data.as_deref(), raw);
-        Box::new(move |sup: &mut Supervisor| match sup.finish_volume(job, built) {
-            Ok(v) => Response::json(201, &volume_json(&v)),
-            Err(e) => sup_error(&e),
-        }) as Finish
+        Box::new(
+            move |sup: &mut Supervisor| match sup.finish_volume(job, built) {
+                Ok(v) => Response::json(201, &volume_json(&v)),
+                Err(e) => sup_error(&e),
+            },
+        ) as Finish
     })
 }
 

@@ -28,7 +28,9 @@ pub use plan::{
     disk_device, parse_pod, resolve, rootfs_volume, ContainerPlan, ContainerSpec, EnvSpec, PodPlan,
     PodSpec, Resource,
 };
-pub use service::{vm_id, vms, CommitJob, ImageSource, ImportJob, Imported, StartJob, StopJob, VmJob};
+pub use service::{
+    vm_id, vms, CommitJob, ImageSource, ImportJob, Imported, StartJob, StopJob, VmJob,
+};
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
@@ -323,10 +325,11 @@ fn vm_lost(sup: &mut Supervisor, inst: &str, why: &str) {
 /// otherwise be listed as an idle VM).
 fn session_ended(sup: &mut Supervisor, inst: &str, why: &str) {
     vm_lost(sup, inst, why);
-    let dead = sup
-        .instance(inst)
-        .ok()
-        .map(|i| !i.process.as_ref().is_some_and(crate::runtime::process::is_alive));
+    let dead = sup.instance(inst).ok().map(|i| {
+        !i.process
+            .as_ref()
+            .is_some_and(crate::runtime::process::is_alive)
+    });
     if dead == Some(true) {
         if let Err(e) = sup.delete_instance(inst, true) {
             log::warn!("removing the ended pod VM {inst}: {e}");

@@ -72,7 +72,10 @@ pub fn parse_pod(text: &str) -> Result<PodSpec> {
     // Known parts of hyperd's spec that ember does not do yet are refused
     // rather than silently dropped (empty lists are fine).
     let raw: Value = serde_json::from_str(text).unwrap_or(Value::Null);
-    let used = |v: &Value, key: &str| v.get(key).is_some_and(|x| !x.is_null() && x != &json!([]) && x != &json!({}));
+    let used = |v: &Value, key: &str| {
+        v.get(key)
+            .is_some_and(|x| !x.is_null() && x != &json!([]) && x != &json!({}))
+    };
     for key in ["volumes", "files", "interfaces", "portmappings", "services"] {
         if used(&raw, key) {
             return Err(PodError::Invalid(format!(
@@ -80,7 +83,12 @@ pub fn parse_pod(text: &str) -> Result<PodSpec> {
             )));
         }
     }
-    for (i, c) in raw["containers"].as_array().into_iter().flatten().enumerate() {
+    for (i, c) in raw["containers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
         for key in ["volumes", "files", "ports"] {
             if used(c, key) {
                 return Err(PodError::Invalid(format!(
@@ -90,14 +98,19 @@ pub fn parse_pod(text: &str) -> Result<PodSpec> {
         }
     }
     if spec.containers.is_empty() {
-        return Err(PodError::Invalid("a pod needs at least one container".into()));
+        return Err(PodError::Invalid(
+            "a pod needs at least one container".into(),
+        ));
     }
     for (i, c) in spec.containers.iter_mut().enumerate() {
         if c.image.is_empty() {
             return Err(PodError::Invalid(format!("container {i} has no image")));
         }
         if c.name.is_empty() {
-            c.name = format!("{}-{i}", c.image.split([':', '/']).next_back().unwrap_or("c"));
+            c.name = format!(
+                "{}-{i}",
+                c.image.split([':', '/']).next_back().unwrap_or("c")
+            );
         }
         // Names appear in /list's colon-joined lines and name containers
         // in /container/commit.
@@ -121,14 +134,22 @@ pub fn parse_pod(text: &str) -> Result<PodSpec> {
     }
     if let Some(r) = &spec.resource {
         if r.vcpu > 32 {
-            return Err(PodError::Invalid(format!("resource.vcpu {} is more than 32", r.vcpu)));
+            return Err(PodError::Invalid(format!(
+                "resource.vcpu {} is more than 32",
+                r.vcpu
+            )));
         }
         if r.memory > 1 << 20 {
-            return Err(PodError::Invalid(format!("resource.memory {} MB is more than 1048576", r.memory)));
+            return Err(PodError::Invalid(format!(
+                "resource.memory {} MB is more than 1048576",
+                r.memory
+            )));
         }
     }
     let host_ok = |h: &str| {
-        h.len() <= 63 && h.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+        h.len() <= 63
+            && h.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
     };
     if !host_ok(&spec.hostname) {
         return Err(PodError::Invalid(format!(
@@ -154,12 +175,23 @@ pub fn parse_pod(text: &str) -> Result<PodSpec> {
 pub fn plan(pod: &Pod) -> Result<PodPlan> {
     let spec = parse_pod(&pod.spec)?;
     if spec.containers.len() != pod.containers.len() {
-        return Err(PodError::Failed(format!("pod {} does not match its spec", pod.id)));
+        return Err(PodError::Failed(format!(
+            "pod {} does not match its spec",
+            pod.id
+        )));
     }
-    let (vcpu, memory) = spec.resource.as_ref().map(|r| (r.vcpu, r.memory)).unwrap_or((0, 0));
+    let (vcpu, memory) = spec
+        .resource
+        .as_ref()
+        .map(|r| (r.vcpu, r.memory))
+        .unwrap_or((0, 0));
     Ok(PodPlan {
         pod_id: pod.id.clone(),
-        hostname: if spec.hostname.is_empty() { pod.name.clone() } else { spec.hostname.clone() },
+        hostname: if spec.hostname.is_empty() {
+            pod.name.clone()
+        } else {
+            spec.hostname.clone()
+        },
         vcpus: if vcpu == 0 { 1 } else { vcpu as u8 },
         memory_mb: if memory == 0 { 128 } else { memory },
         containers: spec
@@ -173,7 +205,11 @@ pub fn plan(pod: &Pod) -> Result<PodPlan> {
                 command: s.command.clone(),
                 entrypoint: s.entrypoint.clone(),
                 workdir: s.workdir.clone(),
-                env: s.envs.iter().map(|e| (e.env.clone(), e.value.clone())).collect(),
+                env: s
+                    .envs
+                    .iter()
+                    .map(|e| (e.env.clone(), e.value.clone()))
+                    .collect(),
             })
             .collect(),
     })
@@ -422,24 +458,33 @@ mod tests {
 
     #[test]
     fn pod_specs() {
-        let p = parse_pod(r#"{"id":"web","containers":[{"image":"busybox:latest"}],"x":1}"#).unwrap();
+        let p =
+            parse_pod(r#"{"id":"web","containers":[{"image":"busybox:latest"}],"x":1}"#).unwrap();
         assert_eq!(p.containers[0].name, "latest-0");
         assert!(parse_pod("{}").is_err());
         assert!(parse_pod(r#"{"containers":[{"name":"a"}]}"#).is_err());
         assert!(parse_pod("nope").is_err());
         assert!(parse_pod(r#"{"containers":[{"image":"a"}],"resource":{"vcpu":99}}"#).is_err());
         // Parts ember does not do are refused unless empty.
-        let e = parse_pod(r#"{"containers":[{"image":"a"}],"volumes":[{"name":"v"}]}"#).unwrap_err();
-        assert_eq!(e.to_string(), "bad parameter: pod volumes are not supported by emberd yet");
-        let e = parse_pod(r#"{"containers":[{"image":"a","ports":[{"containerPort":80}]}]}"#).unwrap_err();
+        let e =
+            parse_pod(r#"{"containers":[{"image":"a"}],"volumes":[{"name":"v"}]}"#).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "bad parameter: pod volumes are not supported by emberd yet"
+        );
+        let e = parse_pod(r#"{"containers":[{"image":"a","ports":[{"containerPort":80}]}]}"#)
+            .unwrap_err();
         assert!(e.to_string().contains("container 0: ports"), "{e}");
         assert!(parse_pod(r#"{"containers":[{"image":"a","volumes":[],"files":null}],"volumes":[],"portmappings":[],"dns":["1.1.1.1"]}"#).is_ok());
         assert!(parse_pod(r#"{"hostname":"a b","containers":[{"image":"a"}]}"#).is_err());
         let e = parse_pod(r#"{"containers":[{"image":"a","name":"x:y"}]}"#).unwrap_err();
         assert!(e.to_string().starts_with("bad parameter"), "{e}");
-        let e = parse_pod(r#"{"containers":[{"image":"a","name":"x"},{"image":"b","name":"x"}]}"#).unwrap_err();
+        let e = parse_pod(r#"{"containers":[{"image":"a","name":"x"},{"image":"b","name":"x"}]}"#)
+            .unwrap_err();
         assert_eq!(e.to_string(), "bad parameter: two containers are named x");
         assert!(parse_pod(r#"{"containers":[{"image":"a"},{"image":"a"}]}"#).is_ok());
-        assert!(parse_pod(r#"{"containers":[{"image":"a","envs":[{"env":"","value":"x"}]}]}"#).is_err());
+        assert!(
+            parse_pod(r#"{"containers":[{"image":"a","envs":[{"env":"","value":"x"}]}]}"#).is_err()
+        );
     }
 }

@@ -30,7 +30,12 @@ impl StartJob {
 
     /// Worker side: starts the pod (see [`Pods::start_pod`]).
     pub fn run(self, jobs: &Jobs) -> Result<()> {
-        let StartJob { pods, plan, vm, _claims } = self;
+        let StartJob {
+            pods,
+            plan,
+            vm,
+            _claims,
+        } = self;
         pods.start_pod(jobs, plan, vm)
     }
 }
@@ -171,7 +176,10 @@ impl Pods {
             None => None,
         };
         if pod.state == PodState::Running {
-            return Err(PodError::Conflict(format!("pod {} is already running", pod.id)));
+            return Err(PodError::Conflict(format!(
+                "pod {} is already running",
+                pod.id
+            )));
         }
         if pod.vm.is_some() {
             return Err(PodError::Conflict(format!(
@@ -183,7 +191,9 @@ impl Pods {
         if let (Some(vm), Some(inst)) = (vm, &vm_inst) {
             let i = sup.instance(inst)?;
             if let Some(p) = i.annotations.get(POD_ANN) {
-                return Err(PodError::Conflict(format!("vm {vm} is associated with pod {p}")));
+                return Err(PodError::Conflict(format!(
+                    "vm {vm} is associated with pod {p}"
+                )));
             }
             if i.state != InstanceState::Running {
                 return Err(PodError::Conflict(format!("vm {vm} is not running")));
@@ -213,7 +223,12 @@ impl Pods {
     }
 
     /// Loop side of a pod stop (`stop_vm`: destroy its VM too).
-    pub fn prepare_stop(self: &Arc<Self>, sup: &Supervisor, pod_id: &str, stop_vm: bool) -> Result<StopJob> {
+    pub fn prepare_stop(
+        self: &Arc<Self>,
+        sup: &Supervisor,
+        pod_id: &str,
+        stop_vm: bool,
+    ) -> Result<StopJob> {
         let pod = sup.pod(pod_id)?;
         // A pod whose containers have all ended still has its VM to stop.
         if pod.vm.is_none() {
@@ -265,7 +280,11 @@ impl Pods {
             .state()
             .pods
             .values()
-            .find(|p| p.containers.iter().any(|c| c.id == container || c.name == container))
+            .find(|p| {
+                p.containers
+                    .iter()
+                    .any(|c| c.id == container || c.name == container)
+            })
             .map(|p| p.id.clone());
         let claim = pod.map(|p| self.claim(&p)).transpose()?;
         Ok(CommitJob {
@@ -293,7 +312,12 @@ impl Pods {
     }
 
     /// Loop side of an image import; the job runs on a worker.
-    pub fn prepare_import(self: &Arc<Self>, sup: &Supervisor, source: ImageSource, tag: Option<String>) -> ImportJob {
+    pub fn prepare_import(
+        self: &Arc<Self>,
+        sup: &Supervisor,
+        source: ImageSource,
+        tag: Option<String>,
+    ) -> ImportJob {
         ImportJob {
             pods: Arc::clone(self),
             staging: sup.store().staging_dir().join(new_id("import")),
@@ -306,9 +330,12 @@ impl Pods {
     pub fn remove_image(&self, sup: &Supervisor, id: &str, force: bool) -> Result<()> {
         let rec = self.images.get(id)?;
         let used = sup.state().pods.values().any(|p| {
-            p.containers
-                .iter()
-                .any(|c| self.images.get(&c.image).map(|r| r.id == rec.id).unwrap_or(false))
+            p.containers.iter().any(|c| {
+                self.images
+                    .get(&c.image)
+                    .map(|r| r.id == rec.id)
+                    .unwrap_or(false)
+            })
         });
         if used && !force {
             return Err(PodError::Conflict(format!(
@@ -354,7 +381,10 @@ pub fn vms(sup: &Supervisor) -> Vec<(String, String)> {
         .values()
         .filter_map(|i| {
             let vm = i.annotations.get(VM_ANN)?;
-            Some((vm.clone(), i.annotations.get(POD_ANN).cloned().unwrap_or_default()))
+            Some((
+                vm.clone(),
+                i.annotations.get(POD_ANN).cloned().unwrap_or_default(),
+            ))
         })
         .collect()
 }

@@ -14,8 +14,8 @@ use ember_agent::AgentClient;
 
 use super::plan::{disk_device, resolve, rootfs_volume, PodPlan};
 use super::{
-    container_exited, exited, failed, find_vm, gc_rootfs, loop_gone, post_events, session_ended, settle,
-    vm_lost, PodError, Pods, Result, POD_ANN, POD_CMDLINE, POD_IMAGE, VM_ANN,
+    container_exited, exited, failed, find_vm, gc_rootfs, loop_gone, post_events, session_ended,
+    settle, vm_lost, PodError, Pods, Result, POD_ANN, POD_CMDLINE, POD_IMAGE, VM_ANN,
 };
 use crate::images::store::{ImageConfigChanges, ImageStoreError};
 use crate::model::jobs::Jobs;
@@ -767,4 +767,3 @@ impl Pods {
         Ok(rec.short_id().to_string())
     }
 }
-
