@@ -6,6 +6,7 @@
 //!   guest (one vCPU, port I/O only) — a lower bound for ember-vmm's boot time
 //!   and a way to exercise the guest without the real VMM.
 //! - [`lifecycle`]: the ember-vmm vs kvm-floor boot-to-exit benchmark.
+//! - [`setup`]: the bench binaries' start-up (binary directory, arguments).
 //! - [`stats`]: median / percentile helpers for the benchmarks.
 //! - [`throughput`]: virtio-blk / virtio-net throughput of the test guest
 //!   under ember-vmm next to the host's raw file / TAP throughput.
@@ -13,5 +14,6 @@
 pub mod emberd;
 pub mod floor;
 pub mod lifecycle;
+pub mod setup;
 pub mod stats;
 pub mod throughput;

@@ -18,11 +18,11 @@
 //! ember-vmm / ember-jailer / ember-agent next to this binary. Needs root
 //! (emberd runs the jailer).
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use ember_bench::emberd::{self, EmberdBenchConfig};
+use ember_bench::setup;
 use ember_bench::throughput::vmrun;
 
 const USAGE: &str =
@@ -32,10 +32,7 @@ const USAGE: &str =
 [--uid UID] [--gid GID]";
 
 fn parse_args(args: &[String]) -> Result<EmberdBenchConfig, String> {
-    let bin_dir = std::env::current_exe()
-        .ok()
-        .and_then(|p| p.parent().map(PathBuf::from))
-        .unwrap_or_default();
+    let bin_dir = setup::bin_dir();
     let mut cfg = EmberdBenchConfig {
         runs: 20,
         burst: 5,
@@ -109,17 +106,7 @@ fn parse_args(args: &[String]) -> Result<EmberdBenchConfig, String> {
 }
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let cfg = match parse_args(&args) {
-        Ok(c) => c,
-        Err(msg) => {
-            if !msg.is_empty() {
-                eprintln!("emberd-bench: {msg}");
-            }
-            eprintln!("{USAGE}");
-            return ExitCode::from(2);
-        }
-    };
+    let cfg = setup::config("emberd-bench", USAGE, parse_args);
     vmrun::install_interrupt_handler();
     println!(
         "emberd-bench: {} interleaved rounds (+1 warm-up) of [API start{}, ember-vmm --no-api], \

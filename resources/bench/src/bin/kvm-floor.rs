@@ -11,6 +11,7 @@ use std::io::Write;
 use std::process::ExitCode;
 
 use ember_bench::floor::{self, FloorConfig, FloorExit};
+use ember_bench::setup;
 
 const USAGE: &str =
     "usage: kvm-floor [--pvh] [--mem MiB] [--cpus N] [--initrd FILE] <kernel> [cmdline]";
@@ -65,17 +66,7 @@ fn parse_args(args: &[String]) -> Result<FloorConfig, String> {
 }
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let cfg = match parse_args(&args) {
-        Ok(c) => c,
-        Err(msg) => {
-            if !msg.is_empty() {
-                eprintln!("kvm-floor: {msg}");
-            }
-            eprintln!("{USAGE}");
-            return ExitCode::from(2);
-        }
-    };
+    let cfg = setup::config("kvm-floor", USAGE, parse_args);
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     let result = floor::run(&cfg, &mut out);

@@ -6,18 +6,15 @@
 //! Defaults: 20 runs, ember-vmm and kvm-floor next to this binary, the
 //! linux64 test guest built by ember-guests, `ember.test=hello`, 64 MiB.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use ember_bench::lifecycle::{self, LifecycleConfig};
+use ember_bench::setup;
 
 const USAGE: &str = "usage: lifecycle [--runs N] [--vmm PATH] [--floor PATH] [--kernel PATH] [--cmdline STR] [--mem MiB]";
 
 fn parse_args(args: &[String]) -> Result<LifecycleConfig, String> {
-    let bin_dir = std::env::current_exe()
-        .ok()
-        .and_then(|p| p.parent().map(PathBuf::from))
-        .unwrap_or_default();
+    let bin_dir = setup::bin_dir();
     let mut cfg = LifecycleConfig {
         runs: 20,
         kernel: ember_guests::LINUX64_ELF.into(),
@@ -47,17 +44,7 @@ fn parse_args(args: &[String]) -> Result<LifecycleConfig, String> {
 }
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let cfg = match parse_args(&args) {
-        Ok(c) => c,
-        Err(msg) => {
-            if !msg.is_empty() {
-                eprintln!("lifecycle: {msg}");
-            }
-            eprintln!("{USAGE}");
-            return ExitCode::from(2);
-        }
-    };
+    let cfg = setup::config("lifecycle", USAGE, parse_args);
     println!(
         "lifecycle: {} interleaved runs, guest {}, cmdline {:?}, {} MiB",
         cfg.runs,

@@ -8,19 +8,16 @@
 //! test guest built by ember-guests, 64 MiB. The net part needs root and
 //! iproute2 (it creates and removes its own network namespace).
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
+use ember_bench::setup;
 use ember_bench::throughput::{self, vmrun, ThroughputConfig};
 
 const USAGE: &str =
     "usage: throughput [--runs N] [--vmm PATH] [--kernel PATH] [--mem MiB] [--only blk|net]";
 
 fn parse_args(args: &[String]) -> Result<ThroughputConfig, String> {
-    let bin_dir = std::env::current_exe()
-        .ok()
-        .and_then(|p| p.parent().map(PathBuf::from))
-        .unwrap_or_default();
+    let bin_dir = setup::bin_dir();
     let mut cfg = ThroughputConfig {
         runs: 10,
         vmm: bin_dir.join("ember-vmm"),
@@ -57,17 +54,7 @@ fn parse_args(args: &[String]) -> Result<ThroughputConfig, String> {
 }
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let cfg = match parse_args(&args) {
-        Ok(c) => c,
-        Err(msg) => {
-            if !msg.is_empty() {
-                eprintln!("throughput: {msg}");
-            }
-            eprintln!("{USAGE}");
-            return ExitCode::from(2);
-        }
-    };
+    let cfg = setup::config("throughput", USAGE, parse_args);
     vmrun::install_interrupt_handler();
     println!(
         "throughput: {} interleaved runs (+1 warm-up), guest {}, {} MiB, {}",
