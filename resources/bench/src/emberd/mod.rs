@@ -227,6 +227,22 @@ fn sum(d: &[Duration]) -> Duration {
     d.iter().sum()
 }
 
+/// A named column of a table group: which time of each sample it shows.
+type Column<'a, T> = (&'a str, fn(&T) -> Duration);
+
+/// A table group: the headline row (whole iterations, with their rate) and
+/// a row per part, all with the same count.
+fn rows<T>(row: &RowFn<'_>, samples: &[T], head: Column<'_, T>, parts: &[Column<'_, T>]) -> String {
+    let n = samples.len().to_string();
+    let col = |f: fn(&T) -> Duration| samples.iter().map(f).collect::<Vec<_>>();
+    let total = col(head.1);
+    let mut s = row(head.0, n.clone(), rate(total.len(), sum(&total)), &total);
+    for (name, f) in parts {
+        s += &row(name, n.clone(), None, &col(*f));
+    }
+    s
+}
+
 impl Report {
     /// Sequential API starts per second.
     pub fn api_rate(&self) -> Option<f64> {
@@ -257,54 +273,28 @@ impl Report {
     fn render_pods(&self, row: &RowFn<'_>) -> String {
         let mut s = String::new();
         if !self.pods.is_empty() {
-            let n = self.pods.len().to_string();
-            let col =
-                |f: fn(&pods::PodRound) -> Duration| self.pods.iter().map(f).collect::<Vec<_>>();
-            let total = col(|p| p.total);
-            s += &row(
-                "pod: create, start, stop VM, delete",
-                n.clone(),
-                rate(total.len(), sum(&total)),
-                &total,
+            s += &rows(
+                row,
+                &self.pods,
+                ("pod: create, start, stop VM, delete", |p| p.total),
+                &[
+                    ("  POST /pod/create answered", |p| p.create),
+                    ("  POST /pod/start answered (running)", |p| p.start),
+                    ("  POST /pod/stop?stopVM=yes answered", |p| p.stop),
+                    ("  DELETE /pod answered", |p| p.delete),
+                ],
             );
-            s += &row(
-                "  POST /pod/create answered",
-                n.clone(),
-                None,
-                &col(|p| p.create),
-            );
-            s += &row(
-                "  POST /pod/start answered (running)",
-                n.clone(),
-                None,
-                &col(|p| p.start),
-            );
-            s += &row(
-                "  POST /pod/stop?stopVM=yes answered",
-                n.clone(),
-                None,
-                &col(|p| p.stop),
-            );
-            s += &row("  DELETE /pod answered", n, None, &col(|p| p.delete));
         }
         if !self.vms.is_empty() {
-            let n = self.vms.len().to_string();
-            let col =
-                |f: fn(&pods::VmRound) -> Duration| self.vms.iter().map(f).collect::<Vec<_>>();
-            let total = col(|v| v.total);
-            s += &row(
-                "idle VM: POST /vm/create, DELETE /vm",
-                n.clone(),
-                rate(total.len(), sum(&total)),
-                &total,
+            s += &rows(
+                row,
+                &self.vms,
+                ("idle VM: POST /vm/create, DELETE /vm", |v| v.total),
+                &[
+                    ("  POST /vm/create answered (READY)", |v| v.create),
+                    ("  DELETE /vm answered", |v| v.delete),
+                ],
             );
-            s += &row(
-                "  POST /vm/create answered (READY)",
-                n.clone(),
-                None,
-                &col(|v| v.create),
-            );
-            s += &row("  DELETE /vm answered", n, None, &col(|v| v.delete));
         }
         s
     }
@@ -394,51 +384,29 @@ impl Report {
             "{:<40} {:>7} {:>10} {:>12} {:>12} {:>12} {:>12}\n",
             "what", "n", "per s", "median", "p90", "min", "max"
         );
-        let n = self.api.len().to_string();
-        let col = |f: fn(&ApiStart) -> Duration| self.api.iter().map(f).collect::<Vec<_>>();
-        s += &row(
-            "API start: run, stopped, logs, delete",
-            n.clone(),
-            self.api_rate(),
-            &col(|a| a.total),
+        // Always shown, so an empty report still has the API row.
+        s += &rows(
+            &row,
+            &self.api,
+            ("API start: run, stopped, logs, delete", |a| a.total),
+            &[
+                ("  POST /instances/run answered", |a| a.post),
+                ("  run sent -> stopped observed", |a| a.stopped),
+                ("  DELETE answered", |a| a.delete),
+            ],
         );
-        s += &row(
-            "  POST /instances/run answered",
-            n.clone(),
-            None,
-            &col(|a| a.post),
-        );
-        s += &row(
-            "  run sent -> stopped observed",
-            n.clone(),
-            None,
-            &col(|a| a.stopped),
-        );
-        s += &row("  DELETE answered", n, None, &col(|a| a.delete));
         s += &self.render_pods(&row);
         if !self.idle.is_empty() {
-            let n = self.idle.len().to_string();
-            let col = |f: fn(&ApiStart) -> Duration| self.idle.iter().map(f).collect::<Vec<_>>();
-            let total = col(|a| a.total);
-            s += &row(
-                "API start, guest stays up: run, up, del",
-                n.clone(),
-                rate(total.len(), sum(&total)),
-                &total,
+            s += &rows(
+                &row,
+                &self.idle,
+                ("API start, guest stays up: run, up, del", |a| a.total),
+                &[
+                    ("  POST /instances/run answered", |a| a.post),
+                    ("  run sent -> guest line in the log", |a| a.stopped),
+                    ("  DELETE ?force=true answered", |a| a.delete),
+                ],
             );
-            s += &row(
-                "  POST /instances/run answered",
-                n.clone(),
-                None,
-                &col(|a| a.post),
-            );
-            s += &row(
-                "  run sent -> guest line in the log",
-                n.clone(),
-                None,
-                &col(|a| a.stopped),
-            );
-            s += &row("  DELETE ?force=true answered", n, None, &col(|a| a.delete));
         }
         if !self.bursts.is_empty() {
             let walls: Vec<Duration> = self.bursts.iter().map(|b| b.wall).collect();
@@ -777,6 +745,25 @@ fn wait_stopped(c: &mut Client, names: &[String], poll: Duration) -> Result<Vec<
     }
 }
 
+/// `POST /instances/run` of `image` (unless interrupted), the instance
+/// tracked for the final cleanup; returns when it was sent and how long the
+/// answer took.
+fn launch(
+    c: &mut Client,
+    g: &mut Guard,
+    name: &str,
+    image: &str,
+    mem: u64,
+) -> Result<(Instant, Duration)> {
+    if interrupted() {
+        return Err(EmberdBenchError::Interrupted);
+    }
+    let t0 = Instant::now();
+    let id = c.run_image(name, image, mem)?;
+    g.track(&id);
+    Ok((t0, t0.elapsed()))
+}
+
 /// One sequential API start: run, wait for `stopped`, check the log, delete.
 fn api_start(
     c: &mut Client,
@@ -785,13 +772,7 @@ fn api_start(
     cfg: &EmberdBenchConfig,
     mem: u64,
 ) -> Result<ApiStart> {
-    if interrupted() {
-        return Err(EmberdBenchError::Interrupted);
-    }
-    let t0 = Instant::now();
-    let id = c.run(name, mem)?;
-    g.track(&id);
-    let post = t0.elapsed();
+    let (t0, post) = launch(c, g, name, IMAGE, mem)?;
     let stopped_at = wait_stopped(c, &[name.to_string()], cfg.poll)?;
     let stopped = stopped_at
         .first()
@@ -818,13 +799,7 @@ fn idle_start(
     cfg: &EmberdBenchConfig,
     mem: u64,
 ) -> Result<ApiStart> {
-    if interrupted() {
-        return Err(EmberdBenchError::Interrupted);
-    }
-    let t0 = Instant::now();
-    let id = c.run_image(name, IDLE_IMAGE, mem)?;
-    g.track(&id);
-    let post = t0.elapsed();
+    let (t0, post) = launch(c, g, name, IDLE_IMAGE, mem)?;
     c.wait_log(name, IDLE_LINE, "running", RUN_TIMEOUT, cfg.poll)?;
     let up = t0.elapsed();
     let state = c.state(name)?;
