@@ -320,6 +320,103 @@ pub fn vm_config(kernel: &str, boot_args: &str, vcpus: u8, mem_mib: u32) -> Stri
     .to_string()
 }
 
+/// A network namespace `ember-<tag><pid>-<tap>` holding TAP `tap` with
+/// `host_ip`/24, both up; removed on drop.
+pub struct NetNs {
+    pub name: String,
+}
+
+impl NetNs {
+    /// Creates it; `owner` (uid, gid), if any, owns the TAP so an
+    /// unprivileged VMM can open it.
+    pub fn new(tag: &str, tap: &str, host_ip: &str, owner: Option<(u32, u32)>) -> Self {
+        let name = format!("ember-{tag}{}-{tap}", std::process::id());
+        let ip = |args: &[&str]| {
+            let st = Command::new("ip").args(args).status().expect("run ip");
+            assert!(st.success(), "ip {args:?} failed");
+        };
+        ip(&["netns", "add", &name]);
+        let ns = NetNs { name };
+        ip(&["-n", &ns.name, "link", "set", "lo", "up"]);
+        let mut tuntap = vec!["-n", &ns.name, "tuntap", "add", "dev", tap, "mode", "tap"];
+        let ids = owner.map(|(uid, gid)| (uid.to_string(), gid.to_string()));
+        if let Some((uid, gid)) = &ids {
+            tuntap.extend(["user", uid, "group", gid]);
+        }
+        ip(&tuntap);
+        ip(&["-n", &ns.name, "addr", "add", &format!("{host_ip}/24"), "dev", tap]);
+        ip(&["-n", &ns.name, "link", "set", tap, "up"]);
+        ns
+    }
+
+    /// `/var/run/netns/<name>`.
+    pub fn path(&self) -> String {
+        format!("/var/run/netns/{}", self.name)
+    }
+
+    /// Runs `f` on a thread that has entered the namespace.
+    pub fn spawn_in<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> std::thread::JoinHandle<T> {
+        let path = self.path();
+        std::thread::spawn(move || {
+            let fd = std::fs::File::open(&path).expect("open netns");
+            use std::os::fd::AsRawFd;
+            // SAFETY: setns on this thread only, with a valid netns fd.
+            let r = unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
+            f()
+        })
+    }
+
+    /// A UDP echo server on `addr` inside the namespace: echoes up to
+    /// `count` datagrams (giving up after [`PATIENCE`] of silence) and
+    /// returns how many it echoed.
+    pub fn udp_echo(&self, addr: &'static str, count: usize) -> std::thread::JoinHandle<usize> {
+        self.spawn_in(move || {
+            let s = std::net::UdpSocket::bind(addr).expect("bind echo");
+            s.set_read_timeout(Some(PATIENCE)).unwrap();
+            let mut n = 0;
+            let mut buf = [0u8; 2048];
+            while n < count {
+                match s.recv_from(&mut buf) {
+                    Ok((len, peer)) => {
+                        s.send_to(&buf[..len], peer).unwrap();
+                        n += 1;
+                    }
+                    Err(_) => break,
+                }
+            }
+            n
+        })
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+    }
+}
+
+/// What the test guest sends first on a vsock connection it opens
+/// (`ember.vsock_mode=guest`, or the first half of `ember.test=vsock`).
+pub const GUEST_HELLO: &str = "hello from guest\n";
+
+/// Accepts the test guest's vsock connection on `listener` (a hybrid vsock
+/// `<uds>_<port>` socket), echoes [`GUEST_HELLO`] back and returns what it
+/// read.
+pub fn echo_guest_hello(listener: std::os::unix::net::UnixListener) -> std::thread::JoinHandle<String> {
+    std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().expect("guest connection");
+        s.set_read_timeout(Some(PATIENCE)).unwrap();
+        let mut line = vec![0u8; GUEST_HELLO.len()];
+        s.read_exact(&mut line).unwrap();
+        s.write_all(&line).unwrap();
+        String::from_utf8(line).unwrap()
+    })
+}
+
 /// The Python interpreter for helper servers: `$EMBER_PYTHON` or `python3`.
 pub fn python() -> String {
     std::env::var("EMBER_PYTHON").unwrap_or_else(|_| "python3".to_string())

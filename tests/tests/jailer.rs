@@ -82,11 +82,19 @@ impl Jail {
 
     /// Puts the PVH test guest at /kernel.elf and a config for it at /vm.json.
     fn place_guest(&self, boot_args: &str) {
+        self.place_guest_with(boot_args, serde_json::json!({}));
+    }
+
+    /// [`Jail::place_guest`] with more config sections (`devices`, an
+    /// object such as `{"drives": [...]}`) in /vm.json.
+    fn place_guest_with(&self, boot_args: &str, devices: serde_json::Value) {
         self.place("/kernel.elf", &std::fs::read(PVH_ELF).unwrap());
-        self.place(
-            "/vm.json",
-            vm_config("/kernel.elf", boot_args, 1, 32).as_bytes(),
-        );
+        let mut cfg: serde_json::Value =
+            serde_json::from_str(&vm_config("/kernel.elf", boot_args, 1, 32)).unwrap();
+        for (section, v) in devices.as_object().into_iter().flatten() {
+            cfg[section] = v.clone();
+        }
+        self.place("/vm.json", cfg.to_string().as_bytes());
     }
 
     /// The jailer running ember-vmm with `jailer_args`, then `vmm_args`.
@@ -107,6 +115,14 @@ impl Jail {
 
     fn spawn(&self, jailer_args: &[&str], vmm_args: &[&str], logs: &TempDir) -> Proc {
         Proc::spawn(self.command(jailer_args, vmm_args), logs.path(), "jailed")
+    }
+
+    /// [`Jail::spawn`] of `ember-vmm --no-api --config-file /vm.json`, then
+    /// `more_vmm_args`.
+    fn spawn_no_api(&self, jailer_args: &[&str], more_vmm_args: &[&str], logs: &TempDir) -> Proc {
+        let mut vmm_args = vec!["--no-api", "--config-file", "/vm.json"];
+        vmm_args.extend(more_vmm_args);
+        self.spawn(jailer_args, &vmm_args, logs)
     }
 
     /// Removes the cgroups and the jail directory, failing the test if
@@ -171,7 +187,7 @@ fn the_guest_boots_in_the_jail_as_an_unprivileged_user() {
     }
     let args: Vec<&str> = jailer_args.iter().map(String::as_str).collect();
     let logs = TempDir::new("jail-logs");
-    let mut p = j.spawn(&args, &["--no-api", "--config-file", "/vm.json"], &logs);
+    let mut p = j.spawn_no_api(&args, &[], &logs);
     let st = p.wait();
     assert_eq!(
         st.code(),
@@ -206,17 +222,7 @@ fn serial_output_goes_to_a_file_inside_the_jail() {
     let j = Jail::new("serial");
     j.place_guest("ember.test=hello");
     let logs = TempDir::new("jail-logs");
-    let mut p = j.spawn(
-        &[],
-        &[
-            "--no-api",
-            "--config-file",
-            "/vm.json",
-            "--serial-out",
-            "/run/serial.log",
-        ],
-        &logs,
-    );
+    let mut p = j.spawn_no_api(&[], &["--serial-out", "/run/serial.log"], &logs);
     assert_eq!(p.wait().code(), Some(0), "{}", p.err());
     let log = std::fs::read_to_string(j.host("/run/serial.log")).unwrap();
     assert!(log.contains("ember-guest: hello from pvh boot"), "{log}");
@@ -318,17 +324,7 @@ fn a_forbidden_syscall_kills_the_jailed_vmm_by_sigsys() {
     let j = Jail::new("sigsys");
     j.place_guest("ember.test=hello");
     let logs = TempDir::new("jail-logs");
-    let mut p = j.spawn(
-        &[],
-        &[
-            "--no-api",
-            "--config-file",
-            "/vm.json",
-            "--seccomp-test-trigger",
-            "vcpu",
-        ],
-        &logs,
-    );
+    let mut p = j.spawn_no_api(&[], &["--seccomp-test-trigger", "vcpu"], &logs);
     let st = p.wait();
     assert_eq!(st.signal(), Some(31), "{st:?}\nstderr:\n{}", p.err());
     assert!(
@@ -405,19 +401,13 @@ fn block_and_vsock_devices_work_inside_the_jail() {
     let j = Jail::new("blk");
     let data: Vec<u8> = (0..32 * 1024u32).map(|i| (i * 7 + i / 509) as u8).collect();
     j.place("/disk.img", &data);
-    j.place("/kernel.elf", &std::fs::read(PVH_ELF).unwrap());
-    let mut cfg: serde_json::Value = serde_json::from_str(&vm_config(
-        "/kernel.elf",
+    j.place_guest_with(
         "ember.test=blk ember.blk_write=1",
-        1,
-        32,
-    ))
-    .unwrap();
-    cfg["drives"] = serde_json::json!([{"drive_id": "d0", "path_on_host": "/disk.img",
-        "is_root_device": false, "is_read_only": false}]);
-    j.place("/vm.json", cfg.to_string().as_bytes());
+        serde_json::json!({"drives": [{"drive_id": "d0", "path_on_host": "/disk.img",
+            "is_root_device": false, "is_read_only": false}]}),
+    );
     let logs = TempDir::new("jail-logs");
-    let mut p = j.spawn(&[], &["--no-api", "--config-file", "/vm.json"], &logs);
+    let mut p = j.spawn_no_api(&[], &[], &logs);
     assert_eq!(p.wait().code(), Some(0), "{}\n{}", p.out(), p.err());
     assert!(p.out().contains("ember-guest: blk write ok"), "{}", p.out());
     assert!(
@@ -435,31 +425,17 @@ fn block_and_vsock_devices_work_inside_the_jail() {
     // vsock: the guest connects to port 52, which the VMM forwards to
     // "/run/v.sock_52" inside the jail; the host listens there.
     let j = Jail::new("vsock");
-    j.place("/kernel.elf", &std::fs::read(PVH_ELF).unwrap());
-    let mut cfg: serde_json::Value = serde_json::from_str(&vm_config(
-        "/kernel.elf",
+    j.place_guest_with(
         "ember.test=vsock ember.vsock_mode=guest ember.vsock_port=52",
-        1,
-        32,
-    ))
-    .unwrap();
-    cfg["vsock"] = serde_json::json!({"guest_cid": 3, "uds_path": "/run/v.sock"});
-    j.place("/vm.json", cfg.to_string().as_bytes());
+        serde_json::json!({"vsock": {"guest_cid": 3, "uds_path": "/run/v.sock"}}),
+    );
     // The jailer creates /run; make it now so the listener can live there.
     std::fs::create_dir_all(j.host("/run")).unwrap();
     let listen_at = j.host("/run/v.sock_52");
     let listener = std::os::unix::net::UnixListener::bind(&listen_at).unwrap();
     std::os::unix::fs::chown(&listen_at, Some(UID), Some(GID)).unwrap();
-    let echo = std::thread::spawn(move || {
-        use std::io::{Read, Write};
-        let (mut s, _) = listener.accept().expect("guest connection");
-        s.set_read_timeout(Some(PATIENCE)).unwrap();
-        let mut line = vec![0u8; "hello from guest\n".len()];
-        s.read_exact(&mut line).unwrap();
-        s.write_all(&line).unwrap();
-        String::from_utf8(line).unwrap()
-    });
-    let mut p = j.spawn(&[], &["--no-api", "--config-file", "/vm.json"], &logs);
+    let echo = echo_guest_hello(listener);
+    let mut p = j.spawn_no_api(&[], &[], &logs);
     assert_eq!(echo.join().unwrap(), "hello from guest\n");
     assert_eq!(p.wait().code(), Some(0), "{}\n{}", p.out(), p.err());
     assert!(
@@ -470,96 +446,20 @@ fn block_and_vsock_devices_work_inside_the_jail() {
     j.remove();
 }
 
-/// A network namespace with a TAP owned by the VMM's user, removed on drop.
-struct NetNs {
-    name: String,
-}
-
-impl NetNs {
-    fn new(tap: &str, host_ip: &str) -> Self {
-        let name = format!("ember-j{}-{tap}", std::process::id());
-        let ip = |args: &[&str]| {
-            let st = Command::new("ip").args(args).status().expect("run ip");
-            assert!(st.success(), "ip {args:?} failed");
-        };
-        ip(&["netns", "add", &name]);
-        let ns = NetNs { name };
-        let (uid, gid) = (UID.to_string(), GID.to_string());
-        ip(&["-n", &ns.name, "link", "set", "lo", "up"]);
-        ip(&[
-            "-n", &ns.name, "tuntap", "add", "dev", tap, "mode", "tap", "user", &uid, "group", &gid,
-        ]);
-        ip(&[
-            "-n",
-            &ns.name,
-            "addr",
-            "add",
-            &format!("{host_ip}/24"),
-            "dev",
-            tap,
-        ]);
-        ip(&["-n", &ns.name, "link", "set", tap, "up"]);
-        ns
-    }
-
-    fn path(&self) -> String {
-        format!("/var/run/netns/{}", self.name)
-    }
-}
-
-impl Drop for NetNs {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
-}
-
 #[test]
 fn an_unprivileged_jailed_vmm_uses_a_tap_prepared_for_it() {
-    let ns = NetNs::new("embjtap0", "10.0.1.1");
+    let ns = NetNs::new("j", "embjtap0", "10.0.1.1", Some((UID, GID)));
     // UDP echo on 10.0.1.1:7 inside the namespace, bounded in time.
-    let path = ns.path();
-    let echo = std::thread::spawn(move || {
-        use std::os::fd::AsRawFd;
-        let f = std::fs::File::open(&path).expect("open netns");
-        // SAFETY: setns on this thread only, with a valid netns fd.
-        let r = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
-        let s = std::net::UdpSocket::bind("10.0.1.1:7").expect("bind echo");
-        s.set_read_timeout(Some(PATIENCE)).unwrap();
-        let mut n = 0;
-        let mut buf = [0u8; 2048];
-        while n < 3 {
-            match s.recv_from(&mut buf) {
-                Ok((len, peer)) => {
-                    s.send_to(&buf[..len], peer).unwrap();
-                    n += 1;
-                }
-                Err(_) => break,
-            }
-        }
-        n
-    });
+    let echo = ns.udp_echo("10.0.1.1:7", 3);
     let j = Jail::new("net");
-    j.place("/kernel.elf", &std::fs::read(PVH_ELF).unwrap());
-    let mut cfg: serde_json::Value = serde_json::from_str(&vm_config(
-        "/kernel.elf",
+    j.place_guest_with(
         "ember.test=net ember.ip=10.0.1.2 ember.peer=10.0.1.1",
-        1,
-        32,
-    ))
-    .unwrap();
-    cfg["network-interfaces"] = serde_json::json!([{
-        "iface_id": "eth0", "host_dev_name": "embjtap0", "guest_mac": "06:00:0a:00:01:02"
-    }]);
-    j.place("/vm.json", cfg.to_string().as_bytes());
-    let logs = TempDir::new("jail-logs");
-    let mut p = j.spawn(
-        &["--netns", &ns.path()],
-        &["--no-api", "--config-file", "/vm.json"],
-        &logs,
+        serde_json::json!({"network-interfaces": [{
+            "iface_id": "eth0", "host_dev_name": "embjtap0", "guest_mac": "06:00:0a:00:01:02"
+        }]}),
     );
+    let logs = TempDir::new("jail-logs");
+    let mut p = j.spawn_no_api(&["--netns", &ns.path()], &[], &logs);
     assert_eq!(p.wait().code(), Some(0), "{}\n{}", p.out(), p.err());
     for n in 1..=3 {
         assert!(

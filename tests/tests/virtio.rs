@@ -4,7 +4,6 @@
 //! hostile guest that must not bring the VMM down.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::UdpSocket;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::process::Command;
@@ -154,70 +153,11 @@ fn a_hostile_guest_does_not_bring_the_vmm_down() {
     }
 }
 
-/// A network namespace with a TAP, removed on drop.
-struct NetNs {
-    name: String,
-}
-
-impl NetNs {
-    fn new(tap: &str, host_ip: &str) -> Self {
-        let name = format!("ember-t{}-{tap}", std::process::id());
-        let ip = |args: &[&str]| {
-            let st = Command::new("ip").args(args).status().expect("run ip");
-            assert!(st.success(), "ip {args:?} failed");
-        };
-        ip(&["netns", "add", &name]);
-        let ns = NetNs { name };
-        ip(&["-n", &ns.name, "link", "set", "lo", "up"]);
-        ip(&["-n", &ns.name, "tuntap", "add", "dev", tap, "mode", "tap"]);
-        ip(&["-n", &ns.name, "addr", "add", &format!("{host_ip}/24"), "dev", tap]);
-        ip(&["-n", &ns.name, "link", "set", tap, "up"]);
-        ns
-    }
-
-    /// Runs `f` on a thread that has entered the namespace.
-    fn spawn_in<T: Send + 'static>(
-        &self,
-        f: impl FnOnce() -> T + Send + 'static,
-    ) -> std::thread::JoinHandle<T> {
-        let path = format!("/var/run/netns/{}", self.name);
-        std::thread::spawn(move || {
-            let fd = std::fs::File::open(&path).expect("open netns");
-            use std::os::fd::AsRawFd;
-            // SAFETY: setns on this thread only, with a valid netns fd.
-            let r = unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
-            f()
-        })
-    }
-}
-
-impl Drop for NetNs {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
-    }
-}
-
 #[test]
 fn network_frames_flow_through_a_tap_in_a_test_namespace() {
-    let ns = NetNs::new("embtap0", "10.0.0.1");
+    let ns = NetNs::new("t", "embtap0", "10.0.0.1", None);
     // UDP echo on 10.0.0.1:7 inside the namespace, bounded in time.
-    let echo = ns.spawn_in(|| {
-        let s = UdpSocket::bind("10.0.0.1:7").expect("bind echo");
-        s.set_read_timeout(Some(PATIENCE)).unwrap();
-        let mut n = 0;
-        let mut buf = [0u8; 2048];
-        while n < 3 {
-            match s.recv_from(&mut buf) {
-                Ok((len, peer)) => {
-                    s.send_to(&buf[..len], peer).unwrap();
-                    n += 1;
-                }
-                Err(_) => break,
-            }
-        }
-        n
-    });
+    let echo = ns.udp_echo("10.0.0.1:7", 3);
     let dir = TempDir::new("net");
     let mut cfg = base_cfg("ember.test=net ember.ip=10.0.0.2 ember.peer=10.0.0.1");
     cfg["network-interfaces"] = json!([{
@@ -239,14 +179,7 @@ fn vsock_connections_in_both_directions() {
     let uds = dir.join("v.sock");
     // Guest-initiated connections to port 52 land on "<uds>_52".
     let listener = UnixListener::bind(format!("{}_52", uds.display())).unwrap();
-    let guest_side = std::thread::spawn(move || {
-        let (mut s, _) = listener.accept().expect("guest connection");
-        s.set_read_timeout(Some(PATIENCE)).unwrap();
-        let mut line = vec![0u8; "hello from guest\n".len()];
-        s.read_exact(&mut line).unwrap();
-        s.write_all(&line).unwrap();
-        String::from_utf8(line).unwrap()
-    });
+    let guest_side = echo_guest_hello(listener);
     let mut cfg = base_cfg("ember.test=vsock");
     cfg["vsock"] = json!({"guest_cid": 3, "uds_path": uds});
     let mut p = spawn_vm(&dir, cfg, None);
