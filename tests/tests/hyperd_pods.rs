@@ -126,9 +126,13 @@ fn wait_pod_state(d: &Emberd, pod: &str, state: &str) -> Vec<String> {
     .unwrap_or_else(|| panic!("pod {pod} never became {state}: {:?}", pod_entry(d, pod)))
 }
 
+/// emberd's state file.
+fn state_json(d: &Emberd) -> Value {
+    serde_json::from_slice(&std::fs::read(d.dir.join("state/state.json")).unwrap()).unwrap()
+}
+
 fn vmm_alive(d: &Emberd, vm: &str) -> bool {
-    let state: Value =
-        serde_json::from_slice(&std::fs::read(d.dir.join("state/state.json")).unwrap()).unwrap();
+    let state = state_json(d);
     state["instances"]
         .as_object()
         .unwrap()
@@ -147,8 +151,7 @@ fn volumes(d: &Emberd) -> Vec<String> {
 }
 
 fn jail_of(d: &Emberd, vm: &str) -> Option<std::path::PathBuf> {
-    let state: Value =
-        serde_json::from_slice(&std::fs::read(d.dir.join("state/state.json")).unwrap()).unwrap();
+    let state = state_json(d);
     let id = state["instances"]
         .as_object()?
         .values()
@@ -671,8 +674,7 @@ fn linux_pod_vm_runs_a_container() {
 }
 
 fn instances(d: &Emberd) -> Vec<Value> {
-    let state: Value =
-        serde_json::from_slice(&std::fs::read(d.dir.join("state/state.json")).unwrap()).unwrap();
+    let state = state_json(d);
     state["instances"]
         .as_object()
         .unwrap()
