@@ -10,7 +10,6 @@ use std::fs;
 use std::io::Write;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use api_server::images::archive::{ArchiveError, ExtractLimits};
 use api_server::images::oci::{self, ImageConfig, OciError};
@@ -20,7 +19,7 @@ use sha2::{Digest, Sha256};
 use tar::EntryType;
 
 mod common;
-use common::TempDir;
+use common::{debugfs, TempDir};
 
 fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
@@ -229,19 +228,6 @@ fn snapshot(root: &Path) -> Snap {
     }
     walk(root, Path::new(""), &mut out);
     out
-}
-
-fn debugfs(img: &Path, req: &str) -> String {
-    let tool = volumes::find_tool("debugfs")
-        .expect("debugfs not found: these tests need e2fsprogs (apt-get install -y e2fsprogs)");
-    let out = Command::new(tool)
-        .arg("-R")
-        .arg(req)
-        .arg(img)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "debugfs {req}: {out:?}");
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn names_in(ls: &str) -> Vec<String> {

@@ -7,27 +7,12 @@
 
 use std::fs;
 use std::io::Write;
-use std::path::Path;
-use std::process::Command;
 
 use api_server::images::archive::{extract_tar_gz, ArchiveError, ExtractLimits};
 use api_server::images::volumes::{self, create_ext4_from_dir, create_raw, VolumeError, MIB};
 
 mod common;
-use common::TempDir;
-
-fn debugfs(img: &Path, req: &str) -> String {
-    let tool = volumes::find_tool("debugfs")
-        .expect("debugfs not found: these tests need e2fsprogs (apt-get install -y e2fsprogs)");
-    let out = Command::new(tool)
-        .arg("-R")
-        .arg(req)
-        .arg(img)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "debugfs {req}: {out:?}");
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
+use common::{debugfs, TempDir};
 
 /// A tar.gz as a client would upload it.
 fn upload() -> Vec<u8> {

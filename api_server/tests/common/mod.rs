@@ -1,5 +1,6 @@
 //! Helpers shared by api_server's integration tests (`mod common;` in each
-//! test file): temporary directories and the workspace's own binaries.
+//! test file): temporary directories, the workspace's own binaries and
+//! e2fsprogs' `debugfs`.
 #![allow(dead_code)] // each test crate uses only part of this
 
 use std::collections::BTreeMap;
@@ -93,4 +94,19 @@ pub fn workspace_bin(package: &str, name: &str) -> PathBuf {
     );
     found.insert(name.to_string(), bin.clone());
     bin
+}
+
+/// Runs e2fsprogs' `debugfs -R <req>` on the ext4 image `img` and returns
+/// its stdout; fails the test with a clear message when debugfs is missing.
+pub fn debugfs(img: &Path, req: &str) -> String {
+    let tool = api_server::images::volumes::find_tool("debugfs")
+        .expect("debugfs not found: these tests need e2fsprogs (apt-get install -y e2fsprogs)");
+    let out = Command::new(tool)
+        .arg("-R")
+        .arg(req)
+        .arg(img)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "debugfs {req}: {out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
