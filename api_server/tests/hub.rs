@@ -2,173 +2,33 @@
 //! server (PyPI `moto[server]`), started per test on 127.0.0.1 with a port
 //! the kernel picks, and killed when the test ends.
 //!
-//! The Python interpreter is `$EMBER_PYTHON` or `python3`. If moto is not
-//! importable, the first test runs `python3 -m pip install --quiet
-//! 'moto[server]'` once (resources/ci/install-moto.sh does the same ahead of
-//! time) and fails with a clear message if that does not work.
+//! The server is ember-tests' [`MotoServer`], the one the end-to-end hub
+//! tests use. The Python interpreter is `$EMBER_PYTHON` or `python3`. If
+//! moto is not importable, the first test runs resources/ci/install-moto.sh
+//! once (pip install 'moto[server]') and fails with a clear message if that
+//! does not work.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
 use std::sync::mpsc;
-use std::sync::OnceLock;
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use api_server::images::hub::{Hub, HubConfig, HubError, DEFAULT_BUCKET, INLINE_METADATA_LIMIT};
 use serde_json::json;
 
 mod common;
 use common::TempDir;
+use ember_tests::MotoServer;
 
-/// Bound on moto's start (interpreter, imports, bind).
-const START_TIMEOUT: Duration = Duration::from_secs(90);
-
-fn python() -> String {
-    std::env::var("EMBER_PYTHON").unwrap_or_else(|_| "python3".to_string())
+/// The hub client of `user` on a moto server.
+trait MotoHub {
+    fn hub(&self, user: &str) -> Hub;
 }
 
-fn moto_importable() -> bool {
-    Command::new(python())
-        .args(["-c", "import moto.server, flask, flask_cors"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false)
-}
-
-/// Makes sure moto's server can run, installing it once if needed.
-fn ensure_moto() {
-    static READY: OnceLock<Result<(), String>> = OnceLock::new();
-    let r = READY.get_or_init(|| {
-        if moto_importable() {
-            return Ok(());
-        }
-        eprintln!("hub tests: moto is not installed; trying pip install 'moto[server]'");
-        let pip = |extra: &[&str]| {
-            Command::new(python())
-                .args(["-m", "pip", "install", "--quiet", "moto[server]"])
-                .args(extra)
-                .stdin(Stdio::null())
-                .output()
-        };
-        // A Debian system python refuses plain pip installs (PEP 668).
-        let out = match pip(&[]) {
-            Ok(o) if !o.status.success() => pip(&["--break-system-packages"]),
-            other => other,
-        };
-        match out {
-            Ok(o) if o.status.success() && moto_importable() => Ok(()),
-            Ok(o) => Err(format!(
-                "pip install 'moto[server]' failed ({}): {}",
-                o.status,
-                String::from_utf8_lossy(&o.stderr)
-            )),
-            Err(e) => Err(format!("cannot run {}: {e}", python())),
-        }
-    });
-    if let Err(e) = r {
-        panic!(
-            "the hub tests need moto's S3 server (PyPI 'moto[server]', run \
-             resources/ci/install-moto.sh): {e}"
-        );
-    }
-}
-
-/// A moto server process; killed on drop.
-struct Moto {
-    child: Child,
-    port: u16,
-}
-
-impl Moto {
-    fn start() -> Moto {
-        ensure_moto();
-        let mut child = Command::new(python())
-            .args(["-m", "moto.server", "-H", "127.0.0.1", "-p", "0"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start moto: {e}"));
-        // Werkzeug prints "Running on http://127.0.0.1:PORT"; keep draining
-        // both pipes afterwards so the server never blocks on a full pipe.
-        let (tx, rx) = mpsc::channel::<String>();
-        for pipe in [
-            child
-                .stdout
-                .take()
-                .map(|p| Box::new(p) as Box<dyn Read + Send>),
-            child
-                .stderr
-                .take()
-                .map(|p| Box::new(p) as Box<dyn Read + Send>),
-        ]
-        .into_iter()
-        .flatten()
-        {
-            let tx = tx.clone();
-            thread::spawn(move || {
-                for line in BufReader::new(pipe).lines() {
-                    let Ok(line) = line else { break };
-                    let _ = tx.send(line);
-                }
-            });
-        }
-        drop(tx);
-        let deadline = Instant::now() + START_TIMEOUT;
-        let mut seen = Vec::new();
-        let port = loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(line) => {
-                    if let Some(rest) = line.split("http://127.0.0.1:").nth(1) {
-                        let digits: String =
-                            rest.chars().take_while(|c| c.is_ascii_digit()).collect();
-                        if let Ok(p) = digits.parse::<u16>() {
-                            break p;
-                        }
-                    }
-                    seen.push(line);
-                }
-                Err(_) => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    panic!("moto did not report its port; its output: {seen:?}");
-                }
-            }
-        };
-        // Drain the rest of the output in the background.
-        thread::spawn(move || for _ in rx {});
-        let moto = Moto { child, port };
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        loop {
-            if TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_ok() {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "moto's port {port} never accepted connections"
-            );
-            thread::sleep(Duration::from_millis(50));
-        }
-        moto
-    }
-
-    fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
-    }
-
+impl MotoHub for MotoServer {
     fn hub(&self, user: &str) -> Hub {
         Hub::new(HubConfig::new(&self.url(), user, "secret-key").unwrap()).unwrap()
-    }
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -243,7 +103,7 @@ fn header<'a>(response: &'a str, name: &str) -> Option<&'a str> {
 
 #[test]
 fn push_exists_pull_round_trip() {
-    let moto = Moto::start();
+    let moto = MotoServer::start();
     let dir = TempDir::new("hub-rt");
     let hub = moto.hub("alice");
     assert_eq!(hub.bucket_name(), DEFAULT_BUCKET);
@@ -312,7 +172,7 @@ fn push_exists_pull_round_trip() {
 
 #[test]
 fn missing_and_deleted_images_are_not_found() {
-    let moto = Moto::start();
+    let moto = MotoServer::start();
     let dir = TempDir::new("hub-nf");
     let dest = dir.path().join("out");
     // In a bucket that does not exist.
@@ -353,7 +213,7 @@ fn missing_and_deleted_images_are_not_found() {
 
 #[test]
 fn large_image_json_goes_to_a_sidecar_object() {
-    let moto = Moto::start();
+    let moto = MotoServer::start();
     let dir = TempDir::new("hub-side");
     let hub = moto.hub("carol");
     let mappings: Vec<_> = (0..100)
@@ -398,7 +258,7 @@ fn large_image_json_goes_to_a_sidecar_object() {
 
 #[test]
 fn five_megabyte_artifacts_stream_single_and_multipart() {
-    let moto = Moto::start();
+    let moto = MotoServer::start();
     let dir = TempDir::new("hub-big");
     let data = pattern(5 * 1024 * 1024 + 12345, 4);
     let artifact = dir.path().join("big.tar.gz");
@@ -471,13 +331,10 @@ fn bad_arguments_are_refused_before_any_request() {
     assert!(matches!(hub.exists("ok"), Err(HubError::Transport(_))));
 }
 
-/// Wrong credentials. moto accepts any credentials unless its IAM emulation
-/// is configured, so the Auth mapping is checked against a stub S3 that
-/// answers like AWS does; against moto only the absence of a crash is
-/// checked. The stub also records the request to show that it is signed
-/// with SigV4 and that the secret never travels.
-#[test]
-fn auth_failures_and_sigv4_signing() {
+/// A stub S3 on 127.0.0.1 for one request: sends the request's head
+/// (request line and headers) on the returned channel, then writes `answer`
+/// and closes. Returns its port, that channel and its thread.
+fn stub_s3(answer: String) -> (u16, mpsc::Receiver<String>, thread::JoinHandle<()>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     let (tx, rx) = mpsc::channel::<String>();
@@ -489,17 +346,26 @@ fn auth_failures_and_sigv4_signing() {
         while !head.ends_with(b"\r\n\r\n") && s.read(&mut b).unwrap_or(0) == 1 {
             head.push(b[0]);
         }
-        tx.send(String::from_utf8_lossy(&head).into_owned())
-            .unwrap();
-        let body =
-            "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>SignatureDoesNotMatch</Code>\
-                    <Message>The request signature we calculated does not match</Message></Error>";
-        let _ = write!(
-            s,
-            "HTTP/1.1 403 Forbidden\r\nContent-Type: application/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        );
+        let _ = tx.send(String::from_utf8_lossy(&head).into_owned());
+        let _ = s.write_all(answer.as_bytes());
     });
+    (port, rx, server)
+}
+
+/// Wrong credentials. moto accepts any credentials unless its IAM emulation
+/// is configured, so the Auth mapping is checked against a stub S3 that
+/// answers like AWS does; against moto only the absence of a crash is
+/// checked. The stub also records the request to show that it is signed
+/// with SigV4 and that the secret never travels.
+#[test]
+fn auth_failures_and_sigv4_signing() {
+    let body =
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>SignatureDoesNotMatch</Code>\
+                <Message>The request signature we calculated does not match</Message></Error>";
+    let (port, rx, server) = stub_s3(format!(
+        "HTTP/1.1 403 Forbidden\r\nContent-Type: application/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    ));
     let cfg = HubConfig::from_json(&json!({
         "URL": format!("http://127.0.0.1:{port}/bkt"),
         "Username": "AKIDEXAMPLE",
@@ -539,24 +405,11 @@ fn auth_failures_and_sigv4_signing() {
     assert!(!err.to_string().contains("X-Amz-Signature"));
 
     // A GET error carries S3's code and message.
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let server = thread::spawn(move || {
-        let (mut s, _) = listener.accept().unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        let mut head = Vec::new();
-        let mut b = [0u8; 1];
-        while !head.ends_with(b"\r\n\r\n") && s.read(&mut b).unwrap_or(0) == 1 {
-            head.push(b[0]);
-        }
-        let body =
-            "<Error><Code>InvalidAccessKeyId</Code><Message>no such key id</Message></Error>";
-        let _ = write!(
-            s,
-            "HTTP/1.1 403 Forbidden\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        );
-    });
+    let body = "<Error><Code>InvalidAccessKeyId</Code><Message>no such key id</Message></Error>";
+    let (port, _heads, server) = stub_s3(format!(
+        "HTTP/1.1 403 Forbidden\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    ));
     let hub =
         Hub::new(HubConfig::new(&format!("http://127.0.0.1:{port}/b"), "k", "s").unwrap()).unwrap();
     let dir = TempDir::new("hub-auth");
@@ -570,7 +423,7 @@ fn auth_failures_and_sigv4_signing() {
     server.join().unwrap();
 
     // moto itself: any credentials pass (no IAM emulation configured).
-    let moto = Moto::start();
+    let moto = MotoServer::start();
     let hub = Hub::new(HubConfig::new(&moto.url(), "nobody", "wrong").unwrap()).unwrap();
     match hub.exists("img") {
         Ok(false) | Err(HubError::Auth { .. }) => {}
@@ -580,7 +433,7 @@ fn auth_failures_and_sigv4_signing() {
 
 #[test]
 fn config_spellings_reach_the_same_hub() {
-    let moto = Moto::start();
+    let moto = MotoServer::start();
     let dir = TempDir::new("hub-cfg");
     let a = HubConfig::from_json(&json!({"url": moto.url(), "user": "erin", "pass": "x"})).unwrap();
     let b = HubConfig::from_json(&json!({"URL": moto.url(), "Username": "erin", "Password": "y"}))
