@@ -431,14 +431,17 @@ impl<H: Handler> HttpServer<H> {
             let Some(conn) = self.conns.get_mut(&id) else {
                 return;
             };
+            let before = conn.pending_out();
             if conn.flush().is_err() {
                 self.close(id, ops);
                 return;
             }
-            // Dispatching may have stopped at the output high-water mark; if
-            // the output then drained completely no EPOLLOUT will follow, so
-            // go on here. Otherwise the next event resumes.
-            if dispatched == 0 || conn.pending_out() > 0 {
+            // Unsent output: EPOLLOUT resumes. Otherwise, if output was
+            // pending, dispatching may have stopped at the high-water mark:
+            // now that it drained, no event will come for the requests
+            // already buffered (the input buffer may even be full, so no
+            // EPOLLIN either), so go on here.
+            if conn.pending_out() > 0 || (dispatched == 0 && before == 0) {
                 break;
             }
         }
