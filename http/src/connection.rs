@@ -12,16 +12,19 @@ use std::fmt;
 use std::io::{self, Read};
 use std::os::unix::io::AsRawFd;
 use std::os::unix::net::UnixStream;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use event_manager::EventSet;
 
+use crate::body::SpoolConfig;
 use crate::request::{Limits, Parsed, Request, RequestError, RequestParser};
 use crate::response::{self, Framing, Response, WriteOpts};
 
 /// Bytes read from a socket per readiness event before yielding to others.
 const READ_BUDGET: usize = 256 * 1024;
-/// Size of one read call.
-const READ_CHUNK: usize = 64 * 1024;
+/// Size of one read call (and of the server's shared read buffer).
+pub(crate) const READ_CHUNK: usize = 64 * 1024;
 /// While this much output is unsent, no further request is dispatched.
 const OUT_HIGH_WATER: usize = 1024 * 1024;
 /// Extra input buffered beyond one header block while not dispatching.
@@ -74,14 +77,32 @@ pub(crate) struct Connection {
     /// Event set currently registered with epoll.
     pub(crate) interest: EventSet,
     /// Last time bytes moved in either direction (or the peer closed).
-    last_activity: std::time::Instant,
+    last_activity: Instant,
+    /// Since when the server has part of a request head and waits for the
+    /// rest (it is the client's turn).
+    head_since: Option<Instant>,
+    /// When the current request's head was complete and its body began.
+    body_since: Option<Instant>,
+    /// Key of the peer in the server's per-peer connection count.
+    pub(crate) peer: Option<u32>,
+}
+
+/// Deadlines a request must meet while it is the client's turn.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Deadlines {
+    /// Whole head within this long of its first byte.
+    pub(crate) header_timeout: Option<Duration>,
+    /// Body bytes per second, averaged from the end of the head...
+    pub(crate) min_body_rate: Option<u64>,
+    /// ...counted only after this grace period.
+    pub(crate) body_rate_grace: Duration,
 }
 
 impl Connection {
-    pub(crate) fn new(stream: UnixStream, limits: Limits) -> Self {
+    pub(crate) fn new(stream: UnixStream, limits: Limits, spool: Option<Arc<SpoolConfig>>) -> Self {
         Connection {
             stream,
-            parser: RequestParser::new(limits),
+            parser: RequestParser::with_spool(limits, spool),
             in_cap: limits.max_header_bytes + IN_SLACK,
             inbuf: Vec::new(),
             out: Vec::new(),
@@ -92,13 +113,45 @@ impl Connection {
             continue_sent: false,
             dispatched_any: false,
             interest: EventSet::IN,
-            last_activity: std::time::Instant::now(),
+            last_activity: Instant::now(),
+            head_since: None,
+            body_since: None,
+            peer: None,
         }
+    }
+
+    /// Which deadline the current request has missed, if any (only while
+    /// it is the client's turn to send).
+    pub(crate) fn missed_deadline(&self, now: Instant, d: &Deadlines) -> Option<String> {
+        if !self.can_dispatch() {
+            return None;
+        }
+        if let (Some(limit), Some(since)) = (d.header_timeout, self.head_since) {
+            if now.saturating_duration_since(since) > limit {
+                return Some(format!(
+                    "request header not received within {} s",
+                    limit.as_secs_f64()
+                ));
+            }
+        }
+        if let (Some(rate), Some(since), Some(got)) = (
+            d.min_body_rate,
+            self.body_since,
+            self.parser.body_progress(),
+        ) {
+            let elapsed = now.saturating_duration_since(since);
+            if let Some(counted) = elapsed.checked_sub(d.body_rate_grace) {
+                if (got as f64) < rate as f64 * counted.as_secs_f64() {
+                    return Some(format!("request body arrives slower than {rate} bytes/s"));
+                }
+            }
+        }
+        None
     }
 
     /// How long the connection has made no progress while it is the
     /// client's turn (no Later reply or stream outstanding); None otherwise.
-    pub(crate) fn stalled_for(&self, now: std::time::Instant) -> Option<std::time::Duration> {
+    pub(crate) fn stalled_for(&self, now: Instant) -> Option<Duration> {
         (self.state == State::Idle).then(|| now.saturating_duration_since(self.last_activity))
     }
 
@@ -124,34 +177,32 @@ impl Connection {
         self.out.len() - self.out_pos
     }
 
-    /// Reads what is available (bounded); sets the EOF flag when the peer
+    /// Reads what is available (bounded) through `scratch`, a buffer shared
+    /// by all connections (so no per-read allocation or zero-filling); only
+    /// the bytes actually read are kept. Sets the EOF flag when the peer
     /// has shut down its sending side.
-    pub(crate) fn read(&mut self) -> Result<(), ConnectionError> {
+    pub(crate) fn read(&mut self, scratch: &mut [u8]) -> Result<(), ConnectionError> {
         let mut total = 0;
         while self.wants_read() && total < READ_BUDGET {
-            let old = self.inbuf.len();
-            let want = READ_CHUNK.min(self.in_cap.saturating_sub(old)).max(1);
-            self.inbuf.resize(old + want, 0);
-            let res = self.stream.read(&mut self.inbuf[old..]);
-            match res {
+            let want = scratch
+                .len()
+                .min(self.in_cap.saturating_sub(self.inbuf.len()))
+                .max(1);
+            match self.stream.read(&mut scratch[..want]) {
                 Ok(0) => {
-                    self.inbuf.truncate(old);
                     self.peer_eof = true;
-                    self.last_activity = std::time::Instant::now();
+                    self.last_activity = Instant::now();
                 }
                 Ok(n) => {
-                    self.inbuf.truncate(old + n);
+                    self.inbuf.extend_from_slice(&scratch[..n]);
                     total += n;
-                    self.last_activity = std::time::Instant::now();
+                    self.last_activity = Instant::now();
                 }
-                Err(e) => {
-                    self.inbuf.truncate(old);
-                    match e.kind() {
-                        io::ErrorKind::WouldBlock => break,
-                        io::ErrorKind::Interrupted => continue,
-                        _ => return Err(ConnectionError::Read(e)),
-                    }
-                }
+                Err(e) => match e.kind() {
+                    io::ErrorKind::WouldBlock => break,
+                    io::ErrorKind::Interrupted => continue,
+                    _ => return Err(ConnectionError::Read(e)),
+                },
             }
         }
         Ok(())
@@ -172,6 +223,8 @@ impl Connection {
         self.inbuf.drain(..n);
         match parsed {
             Parsed::Complete(req) => {
+                self.head_since = None;
+                self.body_since = None;
                 self.continue_sent = false;
                 self.dispatched_any = true;
                 let opts = WriteOpts {
@@ -182,6 +235,15 @@ impl Connection {
                 Ok(Some((*req, opts)))
             }
             Parsed::Incomplete => {
+                // The clocks run from when the server first waits for more
+                // of a head (i.e. it has part of one and could dispatch it)
+                // or for a body.
+                if self.parser.body_progress().is_some() {
+                    self.head_since = None;
+                    self.body_since.get_or_insert_with(Instant::now);
+                } else if !self.inbuf.is_empty() {
+                    self.head_since.get_or_insert_with(Instant::now);
+                }
                 if self.parser.awaiting_body_with_continue()
                     && !self.continue_sent
                     && !self.peer_eof
@@ -274,6 +336,8 @@ impl Connection {
         self.state = State::Idle;
         self.close_after_flush = true;
         self.inbuf = Vec::new();
+        self.head_since = None;
+        self.body_since = None;
     }
 
     /// Writes buffered output until done or the socket is full.
@@ -301,7 +365,7 @@ impl Connection {
             }
             self.out_pos += n as usize;
             if n > 0 {
-                self.last_activity = std::time::Instant::now();
+                self.last_activity = Instant::now();
             }
         }
         if self.out_pos == self.out.len() {
@@ -332,7 +396,11 @@ mod tests {
     fn pair() -> (Connection, UnixStream) {
         let (a, b) = UnixStream::pair().unwrap();
         a.set_nonblocking(true).unwrap();
-        (Connection::new(a, Limits::default()), b)
+        (Connection::new(a, Limits::default(), None), b)
+    }
+
+    fn read(c: &mut Connection) {
+        c.read(&mut [0u8; READ_CHUNK]).unwrap();
     }
 
     fn read_all_available(s: &mut UnixStream) -> String {
@@ -347,7 +415,7 @@ mod tests {
         let (mut c, mut peer) = pair();
         peer.write_all(b"GET /a HTTP/1.1\r\n\r\nGET /b HTTP/1.1\r\n\r\n")
             .unwrap();
-        c.read().unwrap();
+        read(&mut c);
         let (req, opts) = c.next_request().unwrap().unwrap();
         assert_eq!(req.path, "/a");
         c.wait(opts);
@@ -368,7 +436,7 @@ mod tests {
     fn stream_chunks_and_finish() {
         let (mut c, mut peer) = pair();
         peer.write_all(b"GET /logs HTTP/1.1\r\n\r\n").unwrap();
-        c.read().unwrap();
+        read(&mut c);
         let (_, opts) = c.next_request().unwrap().unwrap();
         c.start_response(&Response::stream(200, "text/plain"), opts);
         assert!(c.is_streaming());
@@ -389,7 +457,7 @@ mod tests {
         let (mut c, mut peer) = pair();
         peer.write_all(b"PUT /x HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n")
             .unwrap();
-        c.read().unwrap();
+        read(&mut c);
         assert!(c.next_request().unwrap().is_none());
         c.flush().unwrap();
         assert_eq!(
@@ -398,7 +466,7 @@ mod tests {
         );
         peer.write_all(b"ok").unwrap();
         peer.shutdown(std::net::Shutdown::Write).unwrap();
-        c.read().unwrap();
+        read(&mut c);
         let (req, opts) = c.next_request().unwrap().unwrap();
         assert_eq!(req.body, b"ok");
         c.start_response(&Response::empty(204), opts);
@@ -406,6 +474,80 @@ mod tests {
         c.flush().unwrap();
         assert!(c.finished());
         assert_eq!(c.desired_interest(), EventSet::empty());
+    }
+
+    const D: Deadlines = Deadlines {
+        header_timeout: Some(Duration::from_secs(10)),
+        min_body_rate: Some(1000),
+        body_rate_grace: Duration::from_secs(5),
+    };
+
+    #[test]
+    fn header_deadline_runs_from_the_first_head_byte() {
+        let (mut c, mut peer) = pair();
+        let t0 = Instant::now();
+        assert!(c
+            .missed_deadline(t0 + Duration::from_secs(100), &D)
+            .is_none());
+        peer.write_all(b"GET / HT").unwrap();
+        read(&mut c);
+        assert!(c.next_request().unwrap().is_none());
+        assert!(c.missed_deadline(t0 + Duration::from_secs(5), &D).is_none());
+        let why = c.missed_deadline(Instant::now() + Duration::from_secs(11), &D);
+        assert!(why.unwrap().contains("header"));
+        // Completing the head stops the clock.
+        peer.write_all(b"TP/1.1\r\n\r\n").unwrap();
+        read(&mut c);
+        let (_, opts) = c.next_request().unwrap().unwrap();
+        c.start_response(&Response::empty(204), opts);
+        assert!(c
+            .missed_deadline(Instant::now() + Duration::from_secs(100), &D)
+            .is_none());
+    }
+
+    #[test]
+    fn no_header_clock_while_the_server_owes_an_answer() {
+        let (mut c, mut peer) = pair();
+        peer.write_all(b"GET /a HTTP/1.1\r\n\r\nGET /b HT").unwrap();
+        read(&mut c);
+        let (_, opts) = c.next_request().unwrap().unwrap();
+        c.wait(opts);
+        assert!(c.next_request().unwrap().is_none());
+        assert!(c
+            .missed_deadline(Instant::now() + Duration::from_secs(100), &D)
+            .is_none());
+        // Answered: now the pipelined head's clock starts.
+        assert!(c.respond_later(&Response::empty(204)));
+        assert!(c.next_request().unwrap().is_none());
+        let t = Instant::now();
+        assert!(c.missed_deadline(t + Duration::from_secs(5), &D).is_none());
+        assert!(c.missed_deadline(t + Duration::from_secs(11), &D).is_some());
+    }
+
+    #[test]
+    fn minimum_body_rate_after_grace() {
+        let (mut c, mut peer) = pair();
+        peer.write_all(b"PUT /x HTTP/1.1\r\nContent-Length: 100000\r\n\r\n")
+            .unwrap();
+        peer.write_all(&[b'a'; 3000]).unwrap();
+        read(&mut c);
+        assert!(c.next_request().unwrap().is_none());
+        let t = Instant::now();
+        // 3000 bytes: enough for 3 s past the 5 s grace at 1000 bytes/s.
+        assert!(c.missed_deadline(t + Duration::from_secs(4), &D).is_none());
+        assert!(c
+            .missed_deadline(t + Duration::from_millis(7900), &D)
+            .is_none());
+        let why = c.missed_deadline(t + Duration::from_secs(9), &D).unwrap();
+        assert!(why.contains("1000 bytes/s"), "{why}");
+        // The header clock does not apply to a body.
+        let no_rate = Deadlines {
+            min_body_rate: None,
+            ..D
+        };
+        assert!(c
+            .missed_deadline(t + Duration::from_secs(100), &no_rate)
+            .is_none());
     }
 
     #[test]

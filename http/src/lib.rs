@@ -24,6 +24,25 @@
 //!   [`Response::fault`]: `{"fault_message": "..."}` with
 //!   `Content-Type: application/json`. Unsupported methods/paths (405/404)
 //!   are the handler's business.
+//! - slow clients cannot starve others: a connection that makes no progress
+//!   while it is the client's turn is closed after
+//!   [`ServerConfig::idle_timeout`] (60 s); a request head must be complete
+//!   within [`ServerConfig::header_timeout`] (10 s) of its first byte, and a
+//!   body must arrive at [`ServerConfig::min_body_rate`] (64 KiB/s averaged,
+//!   after a 10 s grace), else 408 and close; one peer (by `SO_PEERCRED`
+//!   pid, or uid: [`ServerConfig::peer_key`]) may hold at most
+//!   [`ServerConfig::max_connections_per_peer`] connections (default 64),
+//!   further ones from it get 503 (logged at most every 10 s) while other
+//!   peers are still served;
+//! - request bodies over [`ServerConfig::spool_threshold`] (1 MiB) are
+//!   written to an unlinked temporary file (mode 0600, `O_TMPFILE` where
+//!   possible) in [`ServerConfig::spool_dir`] as they arrive, and the handler
+//!   sees them through a read-only memory map: [`Request::body`] is a
+//!   [`RequestBody`] that derefs to `&[u8]` either way, and
+//!   [`RequestBody::file`] gives the file. Uploads cost disk and page cache,
+//!   not anonymous memory; a spool failure is answered 500;
+//! - reads go through one buffer per server, so a read allocates nothing
+//!   beyond the bytes it keeps.
 //!
 //! Your code implements [`Handler`]: `handle` gets each complete
 //! [`Request`] and returns [`Reply::Now`] or [`Reply::Later`]. For `Later`,
@@ -79,6 +98,7 @@
 
 #![deny(missing_docs)]
 
+mod body;
 pub mod client;
 mod connection;
 mod headers;
@@ -86,6 +106,7 @@ mod request;
 mod response;
 mod server;
 
+pub use body::{RequestBody, SpoolError};
 pub use connection::{ConnectionError, ConnectionId};
 pub use headers::Headers;
 pub use request::{
@@ -94,6 +115,8 @@ pub use request::{
 };
 pub use response::{reason_phrase, Body, Response, ResponseError};
 pub use server::{
-    ErrorResponseFn, Handler, HttpServer, Reply, Responder, ServerConfig, ServerError,
-    DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_STREAM_BUFFER,
+    default_max_connections_per_peer, ErrorResponseFn, Handler, HttpServer, PeerKey, Reply,
+    Responder, ServerConfig, ServerError, DEFAULT_BODY_RATE_GRACE, DEFAULT_HEADER_TIMEOUT,
+    DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_STREAM_BUFFER,
+    DEFAULT_MIN_BODY_RATE, DEFAULT_SPOOL_THRESHOLD,
 };

@@ -6,9 +6,11 @@
 //! or by decoding `Transfer-Encoding: chunked`.
 
 use std::fmt;
+use std::sync::Arc;
 
 use serde::de::DeserializeOwned;
 
+use crate::body::{BodySink, RequestBody, SpoolConfig, SpoolError};
 use crate::headers::Headers;
 
 /// Default limit for the request line plus header block.
@@ -44,6 +46,15 @@ pub enum RequestError {
     /// The body could not be deserialized as JSON.
     #[error("invalid JSON body: {0}")]
     Json(String),
+    /// The body could not be spooled to disk.
+    #[error("{0}")]
+    Spool(String),
+}
+
+impl From<SpoolError> for RequestError {
+    fn from(e: SpoolError) -> Self {
+        RequestError::Spool(e.to_string())
+    }
 }
 
 impl RequestError {
@@ -54,6 +65,7 @@ impl RequestError {
             RequestError::HeadersTooLarge(_) => 431,
             RequestError::BodyTooLarge(_) => 413,
             RequestError::UnsupportedTransferEncoding(_) => 501,
+            RequestError::Spool(_) => 500,
         }
     }
 }
@@ -138,8 +150,9 @@ pub struct Request {
     pub query: Vec<(String, String)>,
     /// Header fields.
     pub headers: Headers,
-    /// Body (already de-chunked).
-    pub body: Vec<u8>,
+    /// Body (already de-chunked); large bodies are spooled to disk, see
+    /// [`RequestBody`].
+    pub body: RequestBody,
     /// Protocol version.
     pub version: Version,
 }
@@ -208,11 +221,13 @@ enum ParseState {
     Head,
     Body {
         req: Box<Request>,
+        sink: BodySink,
         remaining: usize,
         expect_continue: bool,
     },
     Chunked {
         req: Box<Request>,
+        sink: BodySink,
         decoder: ChunkedDecoder,
         expect_continue: bool,
     },
@@ -222,14 +237,32 @@ enum ParseState {
 #[derive(Debug)]
 pub(crate) struct RequestParser {
     limits: Limits,
+    spool: Option<Arc<SpoolConfig>>,
     state: ParseState,
 }
 
 impl RequestParser {
+    #[cfg(test)]
     pub(crate) fn new(limits: Limits) -> Self {
+        Self::with_spool(limits, None)
+    }
+
+    /// A parser whose large bodies go to disk as `spool` says (None: all
+    /// bodies in memory).
+    pub(crate) fn with_spool(limits: Limits, spool: Option<Arc<SpoolConfig>>) -> Self {
         RequestParser {
             limits,
+            spool,
             state: ParseState::Head,
+        }
+    }
+
+    /// Body bytes received so far if the current request's head is
+    /// complete and its body is still arriving; None while reading a head.
+    pub(crate) fn body_progress(&self) -> Option<usize> {
+        match &self.state {
+            ParseState::Head => None,
+            ParseState::Body { sink, .. } | ParseState::Chunked { sink, .. } => Some(sink.len()),
         }
     }
 
@@ -267,6 +300,7 @@ impl RequestParser {
                         Framing::Length(len) => {
                             self.state = ParseState::Body {
                                 req: head.req,
+                                sink: BodySink::new(self.spool.clone()),
                                 remaining: len,
                                 expect_continue: head.expect_continue,
                             };
@@ -274,38 +308,44 @@ impl RequestParser {
                         Framing::Chunked => {
                             self.state = ParseState::Chunked {
                                 req: head.req,
+                                sink: BodySink::new(self.spool.clone()),
                                 decoder: ChunkedDecoder::new(self.limits.max_body_bytes),
                                 expect_continue: head.expect_continue,
                             };
                         }
                     }
                 }
-                ParseState::Body { req, remaining, .. } => {
+                ParseState::Body {
+                    sink, remaining, ..
+                } => {
                     let take = (*remaining).min(rest.len());
-                    req.body.extend_from_slice(&rest[..take]);
+                    sink.push(&rest[..take])?;
                     *remaining -= take;
                     consumed += take;
                     if *remaining > 0 {
                         return Ok((consumed, Parsed::Incomplete));
                     }
-                    return Ok((consumed, self.finish()));
+                    return Ok((consumed, self.finish()?));
                 }
-                ParseState::Chunked { req, decoder, .. } => {
-                    let (n, done) = decoder.feed(rest, &mut req.body)?;
+                ParseState::Chunked { sink, decoder, .. } => {
+                    let (n, done) = decoder.feed(rest, sink)?;
                     consumed += n;
                     if !done {
                         return Ok((consumed, Parsed::Incomplete));
                     }
-                    return Ok((consumed, self.finish()));
+                    return Ok((consumed, self.finish()?));
                 }
             }
         }
     }
 
-    fn finish(&mut self) -> Parsed {
+    fn finish(&mut self) -> Result<Parsed, RequestError> {
         match std::mem::replace(&mut self.state, ParseState::Head) {
-            ParseState::Head => Parsed::Incomplete,
-            ParseState::Body { req, .. } | ParseState::Chunked { req, .. } => Parsed::Complete(req),
+            ParseState::Head => Ok(Parsed::Incomplete),
+            ParseState::Body { mut req, sink, .. } | ParseState::Chunked { mut req, sink, .. } => {
+                req.body = sink.finish()?;
+                Ok(Parsed::Complete(req))
+            }
         }
     }
 }
@@ -370,7 +410,7 @@ fn parse_head(buf: &[u8], limits: &Limits) -> Result<Option<(usize, Head)>, Requ
         path,
         query,
         headers,
-        body: Vec::new(),
+        body: RequestBody::default(),
         version,
     });
     Ok(Some((
@@ -545,6 +585,33 @@ impl ChunkState {
     }
 }
 
+/// Where [`ChunkedDecoder`] puts decoded data.
+pub(crate) trait BodyOut {
+    /// Bytes appended so far.
+    fn received(&self) -> usize;
+    /// Appends decoded bytes.
+    fn append(&mut self, data: &[u8]) -> Result<(), RequestError>;
+}
+
+impl BodyOut for Vec<u8> {
+    fn received(&self) -> usize {
+        self.len()
+    }
+    fn append(&mut self, data: &[u8]) -> Result<(), RequestError> {
+        self.extend_from_slice(data);
+        Ok(())
+    }
+}
+
+impl BodyOut for BodySink {
+    fn received(&self) -> usize {
+        self.len()
+    }
+    fn append(&mut self, data: &[u8]) -> Result<(), RequestError> {
+        Ok(self.push(data)?)
+    }
+}
+
 /// Incremental decoder for `Transfer-Encoding: chunked` bodies (used for
 /// requests by the server and for responses by the client).
 #[derive(Debug, Clone)]
@@ -569,7 +636,7 @@ impl ChunkedDecoder {
     pub(crate) fn feed(
         &mut self,
         input: &[u8],
-        body: &mut Vec<u8>,
+        body: &mut impl BodyOut,
     ) -> Result<(usize, bool), RequestError> {
         let mut i = 0;
         while i < input.len() {
@@ -578,7 +645,7 @@ impl ChunkedDecoder {
             }
             if let ChunkState::Data { remaining } = self.state {
                 let take = remaining.min(input.len() - i);
-                body.extend_from_slice(&input[i..i + take]);
+                body.append(&input[i..i + take])?;
                 i += take;
                 let left = remaining - take;
                 self.state = if left == 0 {
@@ -590,7 +657,7 @@ impl ChunkedDecoder {
             }
             let b = input[i];
             i += 1;
-            self.state = self.step(b, body.len())?;
+            self.state = self.step(b, body.received())?;
         }
         Ok((i, self.state == ChunkState::Done))
     }
@@ -972,6 +1039,62 @@ DELETE /x HTTP/1.0\r\n\r\n";
         assert!(done);
         assert_eq!(&input[n..], b"EXTRA");
         assert_eq!(body, b"abc");
+    }
+
+    #[test]
+    fn large_bodies_are_spooled_by_length_and_chunked() {
+        let dir = std::env::temp_dir().join(format!("ember-http-req-spool-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let spool = Some(Arc::new(SpoolConfig {
+            dir: dir.clone(),
+            threshold: 8,
+        }));
+        let input = b"PUT /a HTTP/1.1\r\nContent-Length: 8\r\n\r\n12345678\
+PUT /b HTTP/1.1\r\nContent-Length: 12\r\n\r\n123456789abc\
+PUT /c HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n7\r\n, world\r\n0\r\n\r\n";
+        for split in 0..=input.len() {
+            let mut p = RequestParser::with_spool(Limits::default(), spool.clone());
+            let mut buf = Vec::new();
+            let mut out = Vec::new();
+            for piece in [&input[..split], &input[split..]] {
+                buf.extend_from_slice(piece);
+                loop {
+                    let (n, parsed) = p.parse(&buf).unwrap();
+                    buf.drain(..n);
+                    match parsed {
+                        Parsed::Complete(r) => out.push(*r),
+                        Parsed::Incomplete => break,
+                    }
+                }
+            }
+            let got: Vec<(&str, bool, &[u8])> = out
+                .iter()
+                .map(|r| (r.path.as_str(), r.body.is_spooled(), &*r.body))
+                .collect();
+            assert_eq!(
+                got,
+                [
+                    ("/a", false, &b"12345678"[..]),
+                    ("/b", true, &b"123456789abc"[..]),
+                    ("/c", true, &b"hello, world"[..]),
+                ],
+                "split {split}"
+            );
+        }
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
+        std::fs::remove_dir(&dir).unwrap();
+        // An unusable spool directory is a 500 for that request.
+        let mut p = RequestParser::with_spool(
+            Limits::default(),
+            Some(Arc::new(SpoolConfig {
+                dir: "/nonexistent/spool".into(),
+                threshold: 2,
+            })),
+        );
+        let err = p
+            .parse(b"PUT / HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc")
+            .unwrap_err();
+        assert_eq!(err.status(), 500);
     }
 
     #[test]

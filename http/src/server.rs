@@ -15,7 +15,8 @@ use std::sync::Arc;
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::connection::{Connection, ConnectionId};
+use crate::body::SpoolConfig;
+use crate::connection::{Connection, ConnectionId, Deadlines, READ_CHUNK};
 use crate::request::{Limits, Request, Version, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_HEADER_BYTES};
 use crate::response::{self, Framing, Response, WriteOpts};
 
@@ -28,6 +29,34 @@ const ACCEPT_BATCH: usize = 64;
 
 /// Default [`ServerConfig::idle_timeout`].
 pub const DEFAULT_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+/// Default [`ServerConfig::header_timeout`].
+pub const DEFAULT_HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Default [`ServerConfig::min_body_rate`], bytes per second.
+pub const DEFAULT_MIN_BODY_RATE: u64 = 64 * 1024;
+/// Default [`ServerConfig::body_rate_grace`].
+pub const DEFAULT_BODY_RATE_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+/// Default [`ServerConfig::spool_threshold`].
+pub const DEFAULT_SPOOL_THRESHOLD: usize = 1024 * 1024;
+/// At most one log line per this interval about refused over-limit peers.
+const REFUSAL_LOG_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The per-peer connection limit [`ServerConfig::default`] uses for
+/// `max_connections`: a quarter of it, at least 8.
+pub fn default_max_connections_per_peer(max_connections: usize) -> usize {
+    (max_connections / 4).max(8)
+}
+
+/// What identifies a peer for [`ServerConfig::max_connections_per_peer`],
+/// from the `SO_PEERCRED` credentials of the unix socket peer.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PeerKey {
+    /// The connecting process (its pid as seen in the server's pid
+    /// namespace; peers whose pid is not visible there share pid 0).
+    #[default]
+    Pid,
+    /// The connecting user.
+    Uid,
+}
 
 /// Errors from creating a server or from a [`Responder`].
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +76,9 @@ pub enum ServerError {
     /// Creating or signalling the wake-up eventfd failed.
     #[error("eventfd: {0}")]
     EventFd(io::Error),
+    /// The spool directory cannot be used.
+    #[error("spool directory {0}: {1}")]
+    SpoolDir(PathBuf, io::Error),
     /// Creating or arming the idle-sweep timer failed.
     #[error("cannot set up the idle timer: {0}")]
     Timer(io::Error),
@@ -116,6 +148,37 @@ pub struct ServerConfig {
     /// waiting for a deferred reply or reading a stream are exempt. None:
     /// never. Default 60 s.
     pub idle_timeout: Option<std::time::Duration>,
+    /// A request head (request line and headers) must be complete this long
+    /// after its first byte arrived, however steadily it trickles in; else
+    /// the client gets 408 and the connection is closed. None: no limit.
+    /// Default 10 s.
+    pub header_timeout: Option<std::time::Duration>,
+    /// Once a request's head is in, its body must arrive at this many bytes
+    /// per second on average, not counting the first
+    /// [`body_rate_grace`](Self::body_rate_grace) (i.e. after `t` seconds at
+    /// least `rate × (t − grace)` bytes); else 408 and close. None: no
+    /// limit. Default 64 KiB/s.
+    pub min_body_rate: Option<u64>,
+    /// See [`min_body_rate`](Self::min_body_rate). Default 10 s.
+    pub body_rate_grace: std::time::Duration,
+    /// Most simultaneous connections one peer (see
+    /// [`peer_key`](Self::peer_key)) may hold; further ones from that peer
+    /// get 503 and are closed (logged at most every 10 s), so one slow or
+    /// greedy client cannot take every slot. None: no per-peer limit (and no
+    /// `SO_PEERCRED` lookup). Default
+    /// [`default_max_connections_per_peer`]`(max_connections)` for the
+    /// default `max_connections`, i.e. 64.
+    pub max_connections_per_peer: Option<usize>,
+    /// How peers are told apart. Default [`PeerKey::Pid`].
+    pub peer_key: PeerKey,
+    /// Request bodies larger than this are written to an unlinked temporary
+    /// file in [`spool_dir`](Self::spool_dir) as they arrive instead of
+    /// memory, and handed over memory-mapped (see
+    /// [`RequestBody`](crate::RequestBody)). None: always in memory.
+    /// Default 1 MiB.
+    pub spool_threshold: Option<usize>,
+    /// Directory for spooled bodies. Default [`std::env::temp_dir`].
+    pub spool_dir: PathBuf,
 }
 
 impl Default for ServerConfig {
@@ -127,7 +190,43 @@ impl Default for ServerConfig {
             max_stream_buffer: DEFAULT_MAX_STREAM_BUFFER,
             error_response: Arc::new(Response::fault),
             idle_timeout: Some(DEFAULT_IDLE_TIMEOUT),
+            header_timeout: Some(DEFAULT_HEADER_TIMEOUT),
+            min_body_rate: Some(DEFAULT_MIN_BODY_RATE),
+            body_rate_grace: DEFAULT_BODY_RATE_GRACE,
+            max_connections_per_peer: Some(default_max_connections_per_peer(
+                DEFAULT_MAX_CONNECTIONS,
+            )),
+            peer_key: PeerKey::Pid,
+            spool_threshold: Some(DEFAULT_SPOOL_THRESHOLD),
+            spool_dir: std::env::temp_dir(),
         }
+    }
+}
+
+impl ServerConfig {
+    fn deadlines(&self) -> Deadlines {
+        Deadlines {
+            header_timeout: self.header_timeout,
+            min_body_rate: self.min_body_rate,
+            body_rate_grace: self.body_rate_grace,
+        }
+    }
+
+    /// How often the sweep for idle and late connections runs, if at all.
+    fn sweep_tick(&self) -> Option<std::time::Duration> {
+        let rate_check = self
+            .min_body_rate
+            .map(|_| self.body_rate_grace.max(std::time::Duration::from_secs(1)));
+        [self.idle_timeout, self.header_timeout, rate_check]
+            .into_iter()
+            .flatten()
+            .min()
+            .map(|t| {
+                (t / 4).clamp(
+                    std::time::Duration::from_millis(50),
+                    std::time::Duration::from_secs(5),
+                )
+            })
     }
 }
 
@@ -139,6 +238,13 @@ impl fmt::Debug for ServerConfig {
             .field("max_connections", &self.max_connections)
             .field("max_stream_buffer", &self.max_stream_buffer)
             .field("idle_timeout", &self.idle_timeout)
+            .field("header_timeout", &self.header_timeout)
+            .field("min_body_rate", &self.min_body_rate)
+            .field("body_rate_grace", &self.body_rate_grace)
+            .field("max_connections_per_peer", &self.max_connections_per_peer)
+            .field("peer_key", &self.peer_key)
+            .field("spool_threshold", &self.spool_threshold)
+            .field("spool_dir", &self.spool_dir)
             .finish_non_exhaustive()
     }
 }
@@ -208,6 +314,14 @@ pub struct HttpServer<H: Handler> {
     config: ServerConfig,
     /// Ticks the idle sweep.
     sweep: vmm_sys_util::timerfd::TimerFd,
+    /// Shared by all connections' reads.
+    scratch: Box<[u8]>,
+    spool: Option<Arc<SpoolConfig>>,
+    /// Open connections per peer key (only with a per-peer limit).
+    per_peer: HashMap<u32, usize>,
+    /// Refusals of over-limit peers: when last logged, how many since.
+    refusals_logged: Option<std::time::Instant>,
+    refusals_unlogged: u64,
 }
 
 impl<H: Handler> fmt::Debug for HttpServer<H> {
@@ -257,11 +371,28 @@ impl<H: Handler> HttpServer<H> {
         let wake = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(ServerError::EventFd)?);
         let mut sweep = vmm_sys_util::timerfd::TimerFd::new()
             .map_err(|e| ServerError::Timer(io::Error::from_raw_os_error(e.errno())))?;
-        if let Some(t) = config.idle_timeout {
-            let tick = (t / 4).clamp(std::time::Duration::from_millis(50), std::time::Duration::from_secs(5));
+        if let Some(tick) = config.sweep_tick() {
             sweep
                 .reset(tick, Some(tick))
                 .map_err(|e| ServerError::Timer(io::Error::from_raw_os_error(e.errno())))?;
+        }
+        let spool = config.spool_threshold.map(|threshold| {
+            Arc::new(SpoolConfig {
+                dir: config.spool_dir.clone(),
+                threshold,
+            })
+        });
+        if let Some(sp) = &spool {
+            // Fail early on an unusable directory rather than on the first
+            // large upload.
+            crate::body::create_spool_file(&sp.dir).map_err(|e| {
+                let io = match e {
+                    crate::body::SpoolError::Create(_, io)
+                    | crate::body::SpoolError::Write(io)
+                    | crate::body::SpoolError::Map(io) => io,
+                };
+                ServerError::SpoolDir(sp.dir.clone(), io)
+            })?;
         }
         let (tx, rx) = channel();
         Ok(HttpServer {
@@ -276,6 +407,11 @@ impl<H: Handler> HttpServer<H> {
             handler,
             config,
             sweep,
+            scratch: vec![0u8; READ_CHUNK].into_boxed_slice(),
+            spool,
+            per_peer: HashMap::new(),
+            refusals_logged: None,
+            refusals_unlogged: 0,
         })
     }
 
@@ -340,8 +476,20 @@ impl<H: Handler> HttpServer<H> {
             if stream.set_nonblocking(true).is_err() {
                 continue;
             }
+            let peer = match self.config.max_connections_per_peer {
+                Some(limit) => {
+                    let key = peer_key(&stream, self.config.peer_key);
+                    if self.per_peer.get(&key).copied().unwrap_or(0) >= limit {
+                        self.refuse(stream, "too many connections from this client");
+                        self.log_refusal(key, limit);
+                        continue;
+                    }
+                    Some(key)
+                }
+                None => None,
+            };
             if self.conns.len() >= self.config.max_connections {
-                self.refuse(stream);
+                self.refuse(stream, "too many connections");
                 continue;
             }
             let id = ConnectionId(self.next_id);
@@ -350,14 +498,40 @@ impl<H: Handler> HttpServer<H> {
                 continue;
             }
             self.by_fd.insert(stream.as_raw_fd(), id);
-            self.conns
-                .insert(id, Connection::new(stream, self.limits()));
+            let mut conn = Connection::new(stream, self.limits(), self.spool.clone());
+            if let Some(key) = peer {
+                *self.per_peer.entry(key).or_insert(0) += 1;
+                conn.peer = Some(key);
+            }
+            self.conns.insert(id, conn);
         }
     }
 
+    /// Logs refusals of over-limit peers, at most once per interval.
+    fn log_refusal(&mut self, key: u32, limit: usize) {
+        self.refusals_unlogged += 1;
+        let now = std::time::Instant::now();
+        if self
+            .refusals_logged
+            .is_some_and(|t| now.saturating_duration_since(t) < REFUSAL_LOG_INTERVAL)
+        {
+            return;
+        }
+        let what = match self.config.peer_key {
+            PeerKey::Pid => "pid",
+            PeerKey::Uid => "uid",
+        };
+        eprintln!(
+            "ember-http: refused {} connection(s) over the per-client limit of {limit} (latest from {what} {key})",
+            self.refusals_unlogged
+        );
+        self.refusals_logged = Some(now);
+        self.refusals_unlogged = 0;
+    }
+
     /// Best-effort 503 on a fresh socket, then close it.
-    fn refuse(&self, stream: UnixStream) {
-        let resp = (self.config.error_response)(503, "too many connections");
+    fn refuse(&self, stream: UnixStream, why: &str) {
+        let resp = (self.config.error_response)(503, why);
         let opts = WriteOpts {
             keep_alive: false,
             head: false,
@@ -383,7 +557,7 @@ impl<H: Handler> HttpServer<H> {
         let Some(conn) = self.conns.get_mut(&id) else {
             return;
         };
-        if (set.intersects(EventSet::IN) || hup) && conn.read().is_err() {
+        if (set.intersects(EventSet::IN) || hup) && conn.read(&mut self.scratch).is_err() {
             let _ = self.pump(id);
             self.close(id, ops);
             return;
@@ -469,6 +643,14 @@ impl<H: Handler> HttpServer<H> {
             return;
         };
         self.by_fd.remove(&conn.stream.as_raw_fd());
+        if let Some(key) = conn.peer {
+            if let std::collections::hash_map::Entry::Occupied(mut e) = self.per_peer.entry(key) {
+                *e.get_mut() -= 1;
+                if *e.get() == 0 {
+                    e.remove();
+                }
+            }
+        }
         // Must leave epoll (and the event manager's fd table) before the fd
         // is closed and possibly reused.
         let _ = ops.remove(Events::empty(&conn.stream));
@@ -479,21 +661,35 @@ impl<H: Handler> HttpServer<H> {
         }
     }
 
-    /// Closes connections that stalled on the client's side.
+    /// Closes connections that stalled on the client's side, and answers
+    /// 408 (then closes) to requests that missed their header deadline or
+    /// minimum body rate.
     fn sweep_idle(&mut self, ops: &mut EventOps) {
         let _ = self.sweep.wait();
-        let Some(limit) = self.config.idle_timeout else {
-            return;
-        };
         let now = std::time::Instant::now();
-        let stale: Vec<ConnectionId> = self
+        if let Some(limit) = self.config.idle_timeout {
+            let stale: Vec<ConnectionId> = self
+                .conns
+                .iter()
+                .filter(|(_, c)| c.stalled_for(now).is_some_and(|d| d > limit))
+                .map(|(id, _)| *id)
+                .collect();
+            for id in stale {
+                self.close(id, ops);
+            }
+        }
+        let deadlines = self.config.deadlines();
+        let late: Vec<(ConnectionId, String)> = self
             .conns
             .iter()
-            .filter(|(_, c)| c.stalled_for(now).is_some_and(|d| d > limit))
-            .map(|(id, _)| *id)
+            .filter_map(|(id, c)| c.missed_deadline(now, &deadlines).map(|why| (*id, why)))
             .collect();
-        for id in stale {
-            self.close(id, ops);
+        for (id, why) in late {
+            let resp = (self.config.error_response)(408, &why);
+            if let Some(c) = self.conns.get_mut(&id) {
+                c.fail(&resp, Version::Http11);
+            }
+            self.progress(id, ops);
         }
     }
 
@@ -532,6 +728,35 @@ impl<H: Handler> HttpServer<H> {
         for id in touched {
             self.progress(id, ops);
         }
+    }
+}
+
+/// The per-peer key of a unix socket's peer from `SO_PEERCRED`; 0 if it
+/// cannot be read.
+fn peer_key(stream: &UnixStream, key: PeerKey) -> u32 {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: `cred` and `len` are valid for writes and describe a buffer of
+    // the size SO_PEERCRED fills; the fd is owned by `stream`.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return 0;
+    }
+    match key {
+        PeerKey::Pid => u32::try_from(cred.pid).unwrap_or(0),
+        PeerKey::Uid => cred.uid,
     }
 }
 

@@ -42,8 +42,13 @@ impl Handler for Toy {
                 200,
                 req.header("content-type")
                     .unwrap_or("application/octet-stream"),
-                req.body.clone(),
+                req.body.to_vec(),
             ),
+            (Method::Put | Method::Post, "/len") => {
+                // Length, and a checksum so every byte is looked at.
+                let sum = req.body.iter().fold(0u64, |a, &b| a.wrapping_add(b as u64));
+                Response::text(200, format!("{} {}", req.body.len(), sum))
+            }
             (Method::Get, "/json") => Response::json(
                 200,
                 &serde_json::json!({

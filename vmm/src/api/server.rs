@@ -81,8 +81,14 @@ impl ApiThread {
             wake.try_clone()?,
             Arc::new(AtomicBool::new(false)),
         ))));
+        // One local client, small bodies: no per-peer accounting (its
+        // getsockopt is not in the API thread's seccomp filter) and no
+        // spooling (bodies are far below the threshold, and the jail has no
+        // temp directory).
         let config = ServerConfig {
             max_body_bytes: MAX_BODY,
+            max_connections_per_peer: None,
+            spool_threshold: None,
             ..ServerConfig::default()
         };
         let server = HttpServer::new(sock, ApiHandler { to_vmm: tx, wake }, config)?;

@@ -147,7 +147,7 @@ impl Hyperd {
         let (source, tag) = if !req.body.is_empty() {
             // An uploaded tarball, named by imageName.
             (
-                ImageSource::Upload(req.body.clone()),
+                ImageSource::Upload(req.body.to_vec()),
                 (!name.is_empty()).then(|| name.clone()),
             )
         } else if source.is_absolute() && source.exists() {
