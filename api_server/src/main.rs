@@ -9,7 +9,7 @@ use api_server::build as compilers;
 use api_server::model::store::Store;
 use api_server::model::supervisor::Supervisor;
 use api_server::runtime::process::Launcher;
-use api_server::server::Daemon;
+use api_server::server::{Daemon, HttpLimits};
 use clap::Parser;
 
 #[derive(Parser, Debug)]
@@ -47,6 +47,10 @@ struct Args {
     /// Largest accepted request body (uploads), in MiB.
     #[arg(long, default_value_t = 512)]
     max_upload_mb: usize,
+    /// Most simultaneous connections one client process may hold (0: no
+    /// limit); further ones get 503 while other clients are still served.
+    #[arg(long, default_value_t = ember_http::default_max_connections_per_peer(ember_http::DEFAULT_MAX_CONNECTIONS))]
+    max_connections_per_peer: usize,
     /// Flintlock: reconcile attempts before a MicroVM is FAILED.
     #[arg(long, default_value_t = 10)]
     flintlock_max_retries: u32,
@@ -92,6 +96,24 @@ fn sibling(name: &str) -> PathBuf {
 fn die(msg: impl std::fmt::Display) -> ! {
     eprintln!("emberd: {msg}");
     std::process::exit(1)
+}
+
+/// `<state>/spool`, mode 0700, for upload bodies in transit. Its files are
+/// unlinked while in use; anything left there is from an earlier run.
+fn spool_dir(state: &Path) -> Result<PathBuf, String> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let dir = state.join("spool");
+    let err = |e: std::io::Error| format!("spool directory {}: {e}", dir.display());
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)
+        .map_err(err)?;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).map_err(err)?;
+    for entry in std::fs::read_dir(&dir).map_err(err)?.flatten() {
+        let _ = std::fs::remove_file(entry.path());
+    }
+    Ok(dir)
 }
 
 fn main() {
@@ -170,7 +192,13 @@ fn main() {
         Box::new(hyperd),
         Box::new(api_server::faces::unik::Unik),
     ];
-    let mut daemon = Daemon::new(&args.socket, sup, faces, args.max_upload_mb << 20)
+    let limits = HttpLimits {
+        max_body: args.max_upload_mb << 20,
+        max_connections_per_peer: (args.max_connections_per_peer > 0)
+            .then_some(args.max_connections_per_peer),
+        spool_dir: spool_dir(&args.state_dir).unwrap_or_else(|e| die(e)),
+    };
+    let mut daemon = Daemon::new(&args.socket, sup, faces, limits)
         .unwrap_or_else(|e| die(format!("cannot serve {}: {e}", args.socket.display())));
     for sig in [libc::SIGTERM, libc::SIGINT] {
         let _ = vmm_sys_util::signal::register_signal_handler(sig, on_signal);

@@ -253,13 +253,24 @@ pub enum DaemonError {
     Events(String),
 }
 
+/// HTTP limits of the daemon's socket.
+#[derive(Clone, Debug)]
+pub struct HttpLimits {
+    /// Largest request body (uploads), bytes.
+    pub max_body: usize,
+    /// Most connections one client process may hold (None: no limit).
+    pub max_connections_per_peer: Option<usize>,
+    /// Where request bodies over 1 MiB are spooled (unlinked files).
+    pub spool_dir: std::path::PathBuf,
+}
+
 impl Daemon {
     /// Serves `faces` over `sock` for `sup`.
     pub fn new(
         sock: &std::path::Path,
         sup: Supervisor,
         faces: Vec<Box<dyn Face>>,
-        max_body: usize,
+        limits: HttpLimits,
     ) -> Result<Self, DaemonError> {
         use event_manager::SubscriberOps;
         let mut em: event_manager::EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
@@ -274,7 +285,9 @@ impl Daemon {
             followers: HashMap::new(),
         };
         let config = ember_http::ServerConfig {
-            max_body_bytes: max_body,
+            max_body_bytes: limits.max_body,
+            max_connections_per_peer: limits.max_connections_per_peer,
+            spool_dir: limits.spool_dir,
             error_response: Arc::new(|status, msg| {
                 Response::json(status, &serde_json::json!({"Error": msg}))
             }),
