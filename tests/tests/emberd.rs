@@ -91,6 +91,26 @@ fn volumes_lifecycle_and_bad_input() {
 }
 
 #[test]
+fn a_large_upload_is_spooled_and_arrives_intact() {
+    use std::os::unix::fs::PermissionsExt;
+    let d = start();
+    // 3 MiB: over the 1 MiB spool threshold, so emberd's HTTP layer keeps
+    // it in an unlinked file under <state>/spool, not in memory.
+    let raw = d.dir.join("big.bin");
+    let data: Vec<u8> = (0..3u32 << 20).map(|i| (i % 251) as u8).collect();
+    std::fs::write(&raw, &data).unwrap();
+    let form = format!("tarfile=@{}", raw.display());
+    let (c, v) = d.json(&["-X", "POST", "-F", &form, "-F", "raw=true", "http://localhost/volumes/big1"]);
+    assert_eq!(c, 201, "{v}");
+    let id = v["Id"].as_str().unwrap();
+    let img = std::fs::read(d.dir.join("state").join("volumes").join(format!("{id}.img"))).unwrap();
+    assert!(img.len() >= data.len() && img[..data.len()] == data[..], "volume content differs");
+    let spool = d.dir.join("state").join("spool");
+    assert_eq!(std::fs::metadata(&spool).unwrap().permissions().mode() & 0o777, 0o700);
+    assert_eq!(std::fs::read_dir(&spool).unwrap().count(), 0);
+}
+
+#[test]
 fn unknown_routes_and_a_stalled_client() {
     let d = start();
     let mut stalled = UnixStream::connect(&d.sock).unwrap();
