@@ -76,6 +76,12 @@ fn die(code: ExitCode, msg: impl std::fmt::Display) -> ! {
 }
 
 fn main() {
+    // Before anything else, while this is the only thread: every thread
+    // allocates from one brk heap with a fixed mmap threshold, the syscalls
+    // all filters allow (see vmm::seccomp's "Allocation under the filters").
+    if let Err(e) = vmm::seccomp::configure_allocator() {
+        die(ExitCode::GenericError, e);
+    }
     let args = match Args::try_parse() {
         Ok(a) => a,
         Err(e) => {

@@ -16,6 +16,52 @@
 //! A syscall outside a thread's filter kills the whole process with SIGSYS
 //! (`kill_process`); the kernel logs the offending syscall number (an audit
 //! `type=1326` line in the kernel log).
+//!
+//! # Allocation under the filters
+//!
+//! Every thread allocates, so every filter must allow exactly what glibc's
+//! malloc does, and malloc must do nothing else. [`configure_allocator`] runs
+//! first thing in `main`, while the process has one thread, and fixes how
+//! malloc behaves for the rest of the process's life:
+//!
+//! - `M_ARENA_MAX` = 1: every thread allocates from the main arena, which
+//!   grows and shrinks with `brk` and falls back to `mmap` only if `brk`
+//!   fails. No thread ever creates a second arena. A second arena is what
+//!   killed ember-vmm before: it is a 64 MiB `mmap(PROT_NONE)` reservation
+//!   grown with `mprotect`, and the first time such an arena shrinks
+//!   (`shrink_heap`, from `free`) glibc opens `/proc/sys/vm/overcommit_memory`
+//!   (once per process), which no filter but the VMM's allows. The main arena
+//!   never reads that file, so nothing has to be pre-read before the filters
+//!   go on. The price is one malloc lock for all threads; the per-thread
+//!   tcache serves most small allocations without it, and ember has few
+//!   threads (VMM, API, one per vCPU) that allocate little.
+//! - `M_MMAP_THRESHOLD` = 128 KiB, fixed: chunks from 128 KiB up are mapped
+//!   on their own (`mmap`), grown or shrunk in place or moved by `realloc`
+//!   (`mremap` with `MREMAP_MAYMOVE`) and given back by `free` (`munmap`).
+//!   Setting it turns off glibc's sliding threshold, so large buffers (vsock
+//!   connection buffers grow from 128 to 256 KiB) always take that path.
+//! - `M_TRIM_THRESHOLD` = 1 MiB and `M_TOP_PAD` = 128 KiB: `free` gives the
+//!   top of the heap back with `brk` only when more than 1 MiB is free
+//!   there, and growth asks for 128 KiB extra, so `brk` is not called on
+//!   every allocation.
+//!
+//! The allocator's syscalls are then, on any thread: `brk` (grow, and trim
+//! from `free` or `malloc_trim`), `mmap` (large chunks; heap fallback) with
+//! `PROT_READ|PROT_WRITE`, `munmap`, `mremap(MREMAP_MAYMOVE)`, and
+//! `madvise(MADV_DONTNEED)` (`malloc_trim` on free pages inside the heap; also
+//! glibc releasing a thread's stack at thread exit). Per filter:
+//!
+//! | filter | allocator syscalls allowed | and why |
+//! |---|---|---|
+//! | `vmm` (VMM thread; inherited by vCPU threads) | `brk`, `mmap` and `mprotect` without `PROT_EXEC`, `munmap`, `mremap` (`MREMAP_MAYMOVE` only), `madvise` (`MADV_DONTNEED` only) | all of malloc's; `mprotect` because this thread creates the vCPU threads (`pthread_create` maps their stacks and guard pages, and a new thread maps the guard page of its signal stack before it installs its own filter) |
+//! | `api` (API thread) | `brk`, `mmap` without `PROT_EXEC`, `munmap`, `mremap` (`MREMAP_MAYMOVE` only), `madvise` (`MADV_DONTNEED` only) | malloc's; no `mprotect` (only a second arena needed it) |
+//! | `vcpu` (stacked on `vmm`) | the same as `api` | malloc's; a vCPU thread frees device state (`Vsock::reset` from a status write) and may trim the heap |
+//!
+//! `openat`, `mprotect` on the API and vCPU threads, and `MADV_HUGEPAGE` are
+//! not allowed. `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` would make malloc
+//! call `madvise(MADV_HUGEPAGE)` and be killed; do not set it for ember-vmm.
+//! The unit test `allocator_stress_under_every_filter` drives every one of
+//! these paths under the real filters in a child process.
 
 use std::io;
 
@@ -33,6 +79,42 @@ pub enum SeccompError {
     NoNewPrivs(io::Error),
     #[error("cannot install the seccomp filter {name:?}: {err}")]
     Install { name: &'static str, err: io::Error },
+    #[error("mallopt({param}, {value}) failed")]
+    Mallopt { param: &'static str, value: i32 },
+    #[error("the allocator must be configured while the process has one thread, it has {0}")]
+    Threads(usize),
+}
+
+/// glibc malloc settings made by [`configure_allocator`]: (name, parameter,
+/// value). See the module documentation for why each.
+pub const MALLOC_SETTINGS: [(&str, i32, i32); 4] = [
+    ("M_ARENA_MAX", libc::M_ARENA_MAX, 1),
+    ("M_MMAP_THRESHOLD", libc::M_MMAP_THRESHOLD, 128 * 1024),
+    ("M_TRIM_THRESHOLD", libc::M_TRIM_THRESHOLD, 1024 * 1024),
+    ("M_TOP_PAD", libc::M_TOP_PAD, 128 * 1024),
+];
+
+/// Makes glibc's malloc use only the syscalls every filter allows: one
+/// arena (the main one, grown with `brk`) for all threads, and a fixed mmap
+/// threshold (see the module documentation). Must run before the process
+/// creates its first thread: a thread that has allocated already keeps the
+/// arena it got. Refuses if `/proc/self/task` shows more than one thread
+/// (the check is skipped where `/proc` is not mounted).
+pub fn configure_allocator() -> Result<(), SeccompError> {
+    if let Ok(tasks) = std::fs::read_dir("/proc/self/task") {
+        let n = tasks.count();
+        if n > 1 {
+            return Err(SeccompError::Threads(n));
+        }
+    }
+    for (param, key, value) in MALLOC_SETTINGS {
+        // SAFETY: mallopt only reads its integer arguments; called while the
+        // process has one thread.
+        if unsafe { libc::mallopt(key, value) } != 1 {
+            return Err(SeccompError::Mallopt { param, value });
+        }
+    }
+    Ok(())
 }
 
 /// The kinds of ember-vmm threads, each with its own filter.
@@ -238,5 +320,214 @@ mod tests {
             }
         });
         assert!(libc::WIFEXITED(st) && libc::WEXITSTATUS(st) == 0, "{st:#x}");
+    }
+
+    // --- Allocation under the filters -------------------------------------
+    //
+    // The stress runs in a child process, this test binary re-run on the one
+    // ignored test `allocator_stress_child`, because the allocator can only be
+    // configured before a process's first thread and this process has many.
+    // The child is configured by a constructor that runs before `main` (as
+    // ember-vmm's `main` does before anything else) when `STRESS_ENV` says so.
+
+    /// Environment variable that makes this binary a stress child: `ok` (the
+    /// allocator configured, every thread kind) or `unconfigured-api` /
+    /// `unconfigured-vcpu` (glibc's defaults, one thread kind).
+    const STRESS_ENV: &str = "EMBER_SECCOMP_ALLOC_STRESS";
+    /// Printed by a child that finished the stress.
+    const STRESS_DONE: &str = "allocator stress done";
+
+    #[used]
+    #[link_section = ".init_array"]
+    static CONFIGURE_STRESS_CHILD: extern "C" fn() = configure_stress_child;
+
+    /// Runs before `main`, while the process has one thread.
+    extern "C" fn configure_stress_child() {
+        if std::env::var_os(STRESS_ENV).is_some_and(|v| v == "ok") {
+            if let Err(e) = configure_allocator() {
+                eprintln!("configure_allocator: {e}");
+                std::process::abort();
+            }
+        }
+    }
+
+    /// The allocation patterns of a busy ember-vmm thread, each crossing a
+    /// different malloc path: heap growth and trimming (`brk`), free pages
+    /// inside the heap given back (`malloc_trim`: `madvise(MADV_DONTNEED)`),
+    /// large buffers (`mmap`/`munmap`), `realloc` from the heap across the
+    /// mmap threshold and onwards (`mremap`), and many small allocations
+    /// (tcache and bins, under the shared arena lock).
+    fn allocator_stress() {
+        const KIB: usize = 1024;
+        for round in 0..8u8 {
+            // 64 heap blocks of 96 KiB (under the 128 KiB mmap threshold).
+            let mut blocks: Vec<Vec<u8>> = (0..64).map(|_| vec![round; 96 * KIB]).collect();
+            for b in blocks.iter_mut().step_by(2) {
+                *b = Vec::new();
+            }
+            // SAFETY: malloc_trim has no preconditions.
+            unsafe { libc::malloc_trim(0) };
+            assert!(blocks.iter().skip(1).step_by(2).all(|b| b[96 * KIB - 1] == round));
+            drop(blocks);
+
+            let big = vec![round; 8 * KIB * KIB];
+            assert_eq!(big[8 * KIB * KIB - 1], round);
+            drop(big);
+
+            let mut v: Vec<u8> = Vec::with_capacity(32 * KIB);
+            while v.capacity() < 16 * KIB * KIB {
+                v.resize(v.capacity(), round);
+                v.reserve_exact(v.len());
+            }
+            v.truncate(200 * KIB);
+            v.shrink_to_fit();
+            v.truncate(KIB);
+            v.shrink_to_fit();
+            assert!(v.iter().all(|&b| b == round));
+            drop(v);
+
+            // A vsock connection buffer growing from 128 to 256 KiB.
+            let mut buf = vec![round; 128 * KIB];
+            buf.resize(256 * KIB, round);
+            drop(buf);
+
+            let small: Vec<Box<[u8; 40]>> = (0..10_000).map(|_| Box::new([round; 40])).collect();
+            drop(small);
+            let mut s = String::new();
+            for i in 0..2_000 {
+                s.push_str(&i.to_string());
+            }
+            drop(s);
+            // SAFETY: as above.
+            unsafe { libc::malloc_trim(0) };
+        }
+    }
+
+    /// Installs `kind`'s filters on the calling thread and runs the stress.
+    fn confined_stress(kind: ThreadKind) {
+        install(kind).unwrap();
+        allocator_stress();
+    }
+
+    /// How many arenas glibc's malloc has (`<heap nr=` in `malloc_info`).
+    fn arena_count() -> usize {
+        let mut ptr: *mut libc::c_char = std::ptr::null_mut();
+        let mut len: libc::size_t = 0;
+        // SAFETY: open_memstream stores a malloc'ed buffer in `ptr` and its
+        // length in `len` on fclose; we read it and free it once.
+        let xml = unsafe {
+            let f = libc::open_memstream(&mut ptr, &mut len);
+            assert!(!f.is_null());
+            assert_eq!(libc::malloc_info(0, f), 0);
+            libc::fclose(f);
+            let text = std::slice::from_raw_parts(ptr.cast::<u8>(), len).to_vec();
+            libc::free(ptr.cast());
+            String::from_utf8(text).unwrap()
+        };
+        xml.matches("<heap nr=").count()
+    }
+
+    /// The child's body; only runs in a child made by
+    /// `allocator_stress_under_every_filter`.
+    #[test]
+    #[ignore = "run in a child process by allocator_stress_under_every_filter"]
+    fn allocator_stress_child() {
+        let Ok(mode) = std::env::var(STRESS_ENV) else {
+            return;
+        };
+        match mode.as_str() {
+            "ok" => {
+                // Production's shape: the VMM thread confines itself and
+                // spawns the vCPU threads, which inherit its filters and add
+                // their own; the API thread has its own filter only. All
+                // allocate at once.
+                let vmm = std::thread::spawn(|| {
+                    install(ThreadKind::Vmm).unwrap();
+                    let vcpus: Vec<_> = (0..2)
+                        .map(|_| std::thread::spawn(|| confined_stress(ThreadKind::Vcpu)))
+                        .collect();
+                    allocator_stress();
+                    for v in vcpus {
+                        v.join().unwrap();
+                    }
+                });
+                let api = std::thread::spawn(|| confined_stress(ThreadKind::Api));
+                vmm.join().unwrap();
+                api.join().unwrap();
+                println!("{STRESS_DONE}: {} arena(s)", arena_count());
+            }
+            "unconfigured-api" => {
+                std::thread::spawn(|| confined_stress(ThreadKind::Api))
+                    .join()
+                    .unwrap();
+                println!("{STRESS_DONE}");
+            }
+            "unconfigured-vcpu" => {
+                std::thread::spawn(|| {
+                    install(ThreadKind::Vmm).unwrap();
+                    std::thread::spawn(|| confined_stress(ThreadKind::Vcpu))
+                        .join()
+                        .unwrap();
+                })
+                .join()
+                .unwrap();
+                println!("{STRESS_DONE}");
+            }
+            m => panic!("unknown {STRESS_ENV} {m:?}"),
+        }
+    }
+
+    /// Runs this test binary as a stress child in `mode`.
+    fn stress_child(mode: &str) -> std::process::Output {
+        std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "seccomp::tests::allocator_stress_child",
+                "--ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(STRESS_ENV, mode)
+            // A backtrace would read the binary's debug info under the filter.
+            .env_remove("RUST_BACKTRACE")
+            .env_remove("GLIBC_TUNABLES")
+            .env_remove("MALLOC_ARENA_MAX")
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap()
+    }
+
+    #[test]
+    fn allocator_stress_under_every_filter() {
+        use std::os::unix::process::ExitStatusExt;
+
+        // Configured as ember-vmm does: every thread kind survives brk,
+        // mmap, mremap, munmap, madvise and malloc_trim under its real
+        // filter, and all threads shared the one arena.
+        let out = stress_child("ok");
+        let text = format!(
+            "{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "{:?}\n{text}", out.status);
+        assert!(text.contains(&format!("{STRESS_DONE}: 1 arena(s)")), "{text}");
+
+        // The control: with glibc's defaults the same stress kills the
+        // process (a new thread gets its own arena, which grows with
+        // mprotect and reads /proc/sys/vm/overcommit_memory when it
+        // shrinks), so the stress does reach the paths that need the
+        // configuration.
+        for mode in ["unconfigured-api", "unconfigured-vcpu"] {
+            let out = stress_child(mode);
+            assert_eq!(
+                out.status.signal(),
+                Some(libc::SIGSYS),
+                "{mode}: {:?}\n{}{}",
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
     }
 }
