@@ -316,7 +316,9 @@ fn a_large_vsock_echo_under_the_filters() {
     r.read_line(&mut ok).unwrap();
     assert!(ok.starts_with("OK "), "{ok:?}");
 
-    let data: Vec<u8> = (0..VSOCK_STREAM).map(|i| (i * 31 + i / 4099) as u8).collect();
+    let data: Vec<u8> = (0..VSOCK_STREAM)
+        .map(|i| (i * 31 + i / 4099) as u8)
+        .collect();
     let sent = Arc::new(AtomicUsize::new(0));
     let writer = {
         let (data, sent) = (data.clone(), sent.clone());
@@ -341,9 +343,16 @@ fn a_large_vsock_echo_under_the_filters() {
 
     let st = p.wait();
     let out = p.out();
-    assert_eq!(st.code(), Some(0), "{st:?}\nstdout:\n{out}\nstderr:\n{}", p.err());
+    assert_eq!(
+        st.code(),
+        Some(0),
+        "{st:?}\nstdout:\n{out}\nstderr:\n{}",
+        p.err()
+    );
     assert!(
-        out.contains(&format!("ember-guest: vsock host-connect echoed {VSOCK_STREAM}")),
+        out.contains(&format!(
+            "ember-guest: vsock host-connect echoed {VSOCK_STREAM}"
+        )),
         "{out}"
     );
 }

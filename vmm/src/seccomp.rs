@@ -367,7 +367,11 @@ mod tests {
             }
             // SAFETY: malloc_trim has no preconditions.
             unsafe { libc::malloc_trim(0) };
-            assert!(blocks.iter().skip(1).step_by(2).all(|b| b[96 * KIB - 1] == round));
+            assert!(blocks
+                .iter()
+                .skip(1)
+                .step_by(2)
+                .all(|b| b[96 * KIB - 1] == round));
             drop(blocks);
 
             let big = vec![round; 8 * KIB * KIB];
@@ -511,7 +515,10 @@ mod tests {
             String::from_utf8_lossy(&out.stderr)
         );
         assert!(out.status.success(), "{:?}\n{text}", out.status);
-        assert!(text.contains(&format!("{STRESS_DONE}: 1 arena(s)")), "{text}");
+        assert!(
+            text.contains(&format!("{STRESS_DONE}: 1 arena(s)")),
+            "{text}"
+        );
 
         // The control: with glibc's defaults the same stress kills the
         // process (a new thread gets its own arena, which grows with
