@@ -11,9 +11,18 @@
 //!   returned to the guest with used length 0 and no status.
 //! - [`Block::update_path`] swaps the backing file (API PATCH after boot)
 //!   and raises a config-change interrupt.
+//! - Two VMMs never share a volume for writing: the backing file is locked
+//!   with an open file description lock (`fcntl(F_OFD_SETLK)`) on the whole
+//!   file, a write lock for a read-write drive and a read lock for a
+//!   read-only one, so read-only drives can share a file and nothing else
+//!   can. A held lock refuses the drive ([`BlockError::Locked`]). The lock
+//!   belongs to the device's open file and goes when the device (or the VMM)
+//!   goes; it is on the inode, so hard links into different jails conflict
+//!   too. The lock is advisory: it keeps out other ember-vmm processes and
+//!   programs that take OFD or POSIX locks, not plain readers and writers.
 
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
@@ -56,6 +65,10 @@ const TOKEN_LIMITER: u32 = 2;
 pub enum BlockError {
     #[error("opening {path}: {err}")]
     Open { path: PathBuf, err: std::io::Error },
+    #[error("{} is in use by another VMM (locked)", path.display())]
+    Locked { path: PathBuf },
+    #[error("cannot lock {}: {err}", path.display())]
+    Lock { path: PathBuf, err: std::io::Error },
     #[error("eventfd: {0}")]
     EventFd(std::io::Error),
     #[error("rate limiter: {0}")]
@@ -75,10 +88,37 @@ pub struct BlockConfig {
 
 #[derive(Debug)]
 struct Disk {
+    /// Holds the drive's OFD lock for as long as it is open.
     file: File,
     size: u64,
     read_only: bool,
     id: [u8; ID_LEN],
+    /// (device, inode) of the file, to recognise it under another path.
+    inode: (u64, u64),
+}
+
+/// Takes an OFD lock on all of `file`: a read lock if `read_only`, else a
+/// write lock. Fails with `EAGAIN` or `EACCES` if a conflicting lock is held
+/// by another open file description (another process, or another open of
+/// the same file in this one).
+fn lock_whole_file(file: &File, read_only: bool) -> std::io::Result<()> {
+    let l_type = if read_only {
+        libc::F_RDLCK
+    } else {
+        libc::F_WRLCK
+    };
+    // SAFETY: an all-zero flock is valid; l_pid must be 0 for OFD locks.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = l_type as libc::c_short;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    // From the start to the end of the file, however it grows.
+    fl.l_start = 0;
+    fl.l_len = 0;
+    // SAFETY: `file` is an open fd; `fl` is a valid flock for the call.
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &fl) } == -1 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 impl Disk {
@@ -92,7 +132,19 @@ impl Disk {
             .write(!read_only)
             .open(path)
             .map_err(err)?;
-        let size = file.metadata().map_err(err)?.len();
+        if let Err(e) = lock_whole_file(&file, read_only) {
+            return Err(match e.raw_os_error() {
+                Some(libc::EAGAIN) | Some(libc::EACCES) => BlockError::Locked {
+                    path: path.to_path_buf(),
+                },
+                _ => BlockError::Lock {
+                    path: path.to_path_buf(),
+                    err: e,
+                },
+            });
+        }
+        let meta = file.metadata().map_err(err)?;
+        let size = meta.len();
         if size % SECTOR_SIZE != 0 {
             log::warn!(
                 "virtio-blk: {} is {size} bytes, not a multiple of {SECTOR_SIZE}; the last sector is zero-padded and read-only past EOF",
@@ -104,6 +156,7 @@ impl Disk {
             size,
             read_only,
             id,
+            inode: (meta.dev(), meta.ino()),
         })
     }
 
@@ -268,10 +321,21 @@ impl Block {
     }
 
     /// Replaces the backing file (same read-only mode) and notifies the guest
-    /// of the new capacity.
+    /// of the new capacity. The new file is locked like the first; the old
+    /// one's lock goes with it. The same file again (by inode, e.g. after it
+    /// was resized) keeps the open file and its lock and rereads the size:
+    /// a second open would conflict with the lock this device holds.
     pub fn update_path(&mut self, path: &Path) -> Result<(), BlockError> {
-        let disk = Disk::open(path, self.config.read_only, self.disk.id)?;
-        self.disk = disk;
+        let err = |err| BlockError::Open {
+            path: path.to_path_buf(),
+            err,
+        };
+        let meta = std::fs::metadata(path).map_err(err)?;
+        if (meta.dev(), meta.ino()) == self.disk.inode {
+            self.disk.size = self.disk.file.metadata().map_err(err)?.len();
+        } else {
+            self.disk = Disk::open(path, self.config.read_only, self.disk.id)?;
+        }
         self.config.path = path.to_path_buf();
         self.base.config_changed();
         Ok(())
@@ -595,6 +659,90 @@ mod tests {
         assert_eq!(e.blk.interrupt().status() & INT_CONFIG, INT_CONFIG);
         assert!(e.blk.update_path(Path::new("/nonexistent/disk")).is_err());
         assert_eq!(e.blk.capacity(), 16);
+    }
+
+    fn block_on(path: &Path, read_only: bool) -> Result<Block, BlockError> {
+        Block::new(BlockConfig {
+            drive_id: "rootfs".into(),
+            path: path.to_path_buf(),
+            read_only,
+            rate_limiter: None,
+        })
+    }
+
+    // OFD locks conflict between open file descriptions even within one
+    // process, so two devices here behave like two VMMs.
+    #[test]
+    fn a_volume_is_locked_against_a_second_writer() {
+        let f = TempFile::new().unwrap();
+        f.as_file().set_len(4096).unwrap();
+        let p = f.as_path();
+
+        let rw = block_on(p, false).unwrap();
+        for ro in [false, true] {
+            let e = block_on(p, ro).unwrap_err();
+            assert!(
+                matches!(&e, BlockError::Locked { path } if path == p),
+                "{e:?}"
+            );
+            assert_eq!(
+                e.to_string(),
+                format!("{} is in use by another VMM (locked)", p.display())
+            );
+        }
+        // The lock lives as long as the device.
+        drop(rw);
+        let ro1 = block_on(p, true).unwrap();
+        let ro2 = block_on(p, true).unwrap();
+        assert!(matches!(block_on(p, false), Err(BlockError::Locked { .. })));
+        drop((ro1, ro2));
+        block_on(p, false).unwrap();
+    }
+
+    #[test]
+    fn the_lock_is_on_the_inode_not_the_path() {
+        let dir = vmm_sys_util::tempdir::TempDir::new().unwrap();
+        let a = dir.as_path().join("a.img");
+        let b = dir.as_path().join("b.img");
+        std::fs::write(&a, [0u8; 512]).unwrap();
+        std::fs::hard_link(&a, &b).unwrap();
+        let _rw = block_on(&a, false).unwrap();
+        assert!(matches!(block_on(&b, true), Err(BlockError::Locked { .. })));
+    }
+
+    #[test]
+    fn update_path_moves_the_lock() {
+        let mut e = env(&[0u8; 1024], false);
+        let first = e.blk.config().path.clone();
+        let other = TempFile::new().unwrap();
+        other.as_file().set_len(2048).unwrap();
+        // A file another VMM holds is refused and the old one stays.
+        let holder = block_on(other.as_path(), true).unwrap();
+        assert!(matches!(
+            e.blk.update_path(other.as_path()),
+            Err(BlockError::Locked { .. })
+        ));
+        assert_eq!(e.blk.config().path, first);
+        assert!(matches!(
+            block_on(&first, true),
+            Err(BlockError::Locked { .. })
+        ));
+        drop(holder);
+        // Moving on releases the old file and locks the new one.
+        e.blk.update_path(other.as_path()).unwrap();
+        drop(block_on(&first, false).unwrap());
+        assert!(matches!(
+            block_on(other.as_path(), true),
+            Err(BlockError::Locked { .. })
+        ));
+        // The same file again (a resize) keeps its lock and rereads the size.
+        other.as_file().set_len(8192).unwrap();
+        e.blk.update_path(other.as_path()).unwrap();
+        assert_eq!(e.blk.capacity(), 16);
+        assert!(matches!(
+            block_on(other.as_path(), true),
+            Err(BlockError::Locked { .. })
+        ));
     }
 
     #[test]
