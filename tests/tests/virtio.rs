@@ -58,10 +58,13 @@ fn run_ok(p: &mut Proc) -> String {
 #[test]
 fn devices_are_announced_on_the_cmdline() {
     let dir = TempDir::new("probe");
-    let disk = dir.join("d.img");
-    std::fs::write(&disk, vec![0u8; 4096]).unwrap();
+    // Two files: a file behind a read-write drive is locked against every
+    // other open, this VMM's other drives included.
+    let (disk_a, disk_b) = (dir.join("a.img"), dir.join("b.img"));
+    std::fs::write(&disk_a, vec![0u8; 4096]).unwrap();
+    std::fs::write(&disk_b, vec![0u8; 4096]).unwrap();
     let mut cfg = base_cfg("ember.test=virtio-probe");
-    cfg["drives"] = json!([drive("a", &disk, false), drive("b", &disk, true)]);
+    cfg["drives"] = json!([drive("a", &disk_a, false), drive("b", &disk_b, true)]);
     cfg["vsock"] = json!({"guest_cid": 3, "uds_path": dir.join("v.sock")});
     let out = run_ok(&mut spawn_vm(&dir, cfg, None));
     assert!(out.contains("ember-guest: virtio 0xd0000000 irq 5 id 2 version 2"), "{out}");
