@@ -320,15 +320,22 @@ fn setup_v1(dir: &CgroupDir) -> Result<(), CgroupError> {
     Ok(())
 }
 
-/// Creates the cgroup directories, writes the settings and moves the
-/// calling process (and so the VMM it becomes) into them.
-pub fn setup(plan: &CgroupPlan) -> Result<(), CgroupError> {
+/// Creates the cgroup directories (enabling the controllers the settings
+/// need in every ancestor) and writes the settings; moves no process.
+pub fn create(plan: &CgroupPlan) -> Result<(), CgroupError> {
     for dir in &plan.dirs {
         match plan.version {
             CgroupVersion::V2 => setup_v2(dir)?,
             CgroupVersion::V1 => setup_v1(dir)?,
         }
     }
+    Ok(())
+}
+
+/// Creates the cgroup directories, writes the settings and moves the
+/// calling process (and so the VMM it becomes) into them.
+pub fn setup(plan: &CgroupPlan) -> Result<(), CgroupError> {
+    create(plan)?;
     let pid = std::process::id().to_string();
     for dir in &plan.dirs {
         write_file(&dir.path.join("cgroup.procs"), &pid)?;

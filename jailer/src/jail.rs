@@ -1,7 +1,7 @@
 //! The jail directory: creation, installing the VMM binary, entering it
 //! (mount namespace + pivot_root) and populating /dev.
 
-use std::ffi::CString;
+use std::ffi::{CStr, CString};
 use std::fs::{self, OpenOptions};
 use std::io;
 use std::os::unix::ffi::OsStrExt;
@@ -138,47 +138,131 @@ pub fn install_exec(src: &Path, root: &Path, exec_name: &str) -> Result<Installe
     Ok(Installed::Copy)
 }
 
+/// One step of [`enter`], as reported by the allocation-free entry
+/// functions ([`new_private_mount_ns`], [`pivot_into`]), which run in a
+/// forked child before exec, where only async-signal-safe calls are allowed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EnterStep {
+    /// unshare(CLONE_NEWNS).
+    Unshare,
+    /// mount(MS_REC | MS_PRIVATE) of `/`.
+    MakePrivate,
+    /// Bind-mounting the new root onto itself.
+    BindMount,
+    /// chdir into the new root.
+    Chdir,
+    /// mkdir of `old_root`.
+    MkdirOldRoot,
+    /// pivot_root.
+    PivotRoot,
+    /// chdir to `/` after pivot_root.
+    ChdirSlash,
+    /// umount2 of the old root.
+    UmountOldRoot,
+    /// rmdir of the old root.
+    RmdirOldRoot,
+}
+
+impl EnterStep {
+    /// A short name for messages (`"pivot_root"`).
+    pub fn name(self) -> &'static str {
+        match self {
+            EnterStep::Unshare => "unshare(CLONE_NEWNS)",
+            EnterStep::MakePrivate => "make / private",
+            EnterStep::BindMount => "bind the new root onto itself",
+            EnterStep::Chdir => "chdir into the new root",
+            EnterStep::MkdirOldRoot => "mkdir old_root",
+            EnterStep::PivotRoot => "pivot_root",
+            EnterStep::ChdirSlash => "chdir /",
+            EnterStep::UmountOldRoot => "umount old_root",
+            EnterStep::RmdirOldRoot => "rmdir old_root",
+        }
+    }
+
+    /// The [`JailError`] [`enter`] reports for this step.
+    fn into_error(self, root: &Path, e: io::Error) -> JailError {
+        match self {
+            EnterStep::Unshare => JailError::Unshare(e),
+            EnterStep::MakePrivate => JailError::MakePrivate(e),
+            EnterStep::BindMount => JailError::BindMount(root.to_path_buf(), e),
+            EnterStep::Chdir => JailError::Chdir(root.to_path_buf(), e),
+            EnterStep::MkdirOldRoot => JailError::MkdirOldRoot(OLD_ROOT, e),
+            EnterStep::PivotRoot => JailError::PivotRoot(root.to_path_buf(), e),
+            EnterStep::ChdirSlash => JailError::Chdir(PathBuf::from("/"), e),
+            EnterStep::UmountOldRoot => JailError::UmountOldRoot(e),
+            EnterStep::RmdirOldRoot => JailError::RmdirOldRoot(e),
+        }
+    }
+}
+
+fn step(ret: libc::c_int, s: EnterStep) -> Result<(), (EnterStep, io::Error)> {
+    check(ret).map_err(|e| (s, e))
+}
+
+/// Enters a new mount namespace and makes `/` recursively private, so
+/// that no mount made afterwards propagates back to the host. Makes no
+/// allocation: safe between fork and exec.
+pub fn new_private_mount_ns() -> Result<(), (EnterStep, io::Error)> {
+    // SAFETY: plain syscalls with valid NUL-terminated strings or NULLs.
+    unsafe {
+        step(libc::unshare(libc::CLONE_NEWNS), EnterStep::Unshare)?;
+        step(
+            libc::mount(
+                std::ptr::null(),
+                c"/".as_ptr(),
+                std::ptr::null(),
+                libc::MS_REC | libc::MS_PRIVATE,
+                std::ptr::null(),
+            ),
+            EnterStep::MakePrivate,
+        )
+    }
+}
+
+/// Inside a private mount namespace: bind-mounts `root` onto itself,
+/// `pivot_root`s into it, detaches and removes the old root and sets the
+/// working directory to `/`. Makes no allocation: safe between fork and
+/// exec.
+pub fn pivot_into(root: &CStr) -> Result<(), (EnterStep, io::Error)> {
+    // SAFETY: plain syscalls with valid NUL-terminated strings or NULLs.
+    unsafe {
+        step(
+            libc::mount(
+                root.as_ptr(),
+                root.as_ptr(),
+                std::ptr::null(),
+                libc::MS_BIND | libc::MS_REC,
+                std::ptr::null(),
+            ),
+            EnterStep::BindMount,
+        )?;
+        // Enter the new mount (the old cwd still points below it).
+        step(libc::chdir(root.as_ptr()), EnterStep::Chdir)?;
+        step(
+            libc::mkdir(c"old_root".as_ptr(), 0o700),
+            EnterStep::MkdirOldRoot,
+        )?;
+        step(
+            libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c"old_root".as_ptr()) as libc::c_int,
+            EnterStep::PivotRoot,
+        )?;
+        step(libc::chdir(c"/".as_ptr()), EnterStep::ChdirSlash)?;
+        step(
+            libc::umount2(c"/old_root".as_ptr(), libc::MNT_DETACH),
+            EnterStep::UmountOldRoot,
+        )?;
+        step(libc::rmdir(c"/old_root".as_ptr()), EnterStep::RmdirOldRoot)
+    }
+}
+
 /// Enters the jail: new mount namespace, `/` made recursively private,
 /// the jail root bind-mounted onto itself, `pivot_root` into it, the old
 /// root detached and removed, and the working directory set to `/`.
 pub fn enter(root: &Path) -> Result<(), JailError> {
     let root_c = cstr(root)?;
-    // SAFETY: plain syscalls with valid NUL-terminated strings or NULLs.
-    unsafe {
-        check(libc::unshare(libc::CLONE_NEWNS)).map_err(JailError::Unshare)?;
-        check(libc::mount(
-            std::ptr::null(),
-            c"/".as_ptr(),
-            std::ptr::null(),
-            libc::MS_REC | libc::MS_PRIVATE,
-            std::ptr::null(),
-        ))
-        .map_err(JailError::MakePrivate)?;
-        check(libc::mount(
-            root_c.as_ptr(),
-            root_c.as_ptr(),
-            std::ptr::null(),
-            libc::MS_BIND | libc::MS_REC,
-            std::ptr::null(),
-        ))
-        .map_err(|e| JailError::BindMount(root.to_path_buf(), e))?;
-    }
-    // Enter the new mount (the old cwd still points below it).
-    std::env::set_current_dir(root).map_err(|e| JailError::Chdir(root.to_path_buf(), e))?;
-    // SAFETY: as above.
-    unsafe {
-        check(libc::mkdir(c"old_root".as_ptr(), 0o700))
-            .map_err(|e| JailError::MkdirOldRoot(OLD_ROOT, e))?;
-        check(
-            libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c"old_root".as_ptr()) as libc::c_int,
-        )
-        .map_err(|e| JailError::PivotRoot(root.to_path_buf(), e))?;
-        check(libc::chdir(c"/".as_ptr())).map_err(|e| JailError::Chdir(PathBuf::from("/"), e))?;
-        check(libc::umount2(c"/old_root".as_ptr(), libc::MNT_DETACH))
-            .map_err(JailError::UmountOldRoot)?;
-        check(libc::rmdir(c"/old_root".as_ptr())).map_err(JailError::RmdirOldRoot)?;
-    }
-    Ok(())
+    new_private_mount_ns()
+        .and_then(|()| pivot_into(&root_c))
+        .map_err(|(s, e)| s.into_error(root, e))
 }
 
 fn chown(path: &str, c: &CString, uid: u32, gid: u32) -> Result<(), JailError> {

@@ -77,12 +77,17 @@ fn capget() -> Result<[CapData; 2], PrivilegesError> {
     Ok(data)
 }
 
-fn clear_caps() -> Result<(), PrivilegesError> {
+/// Sets the effective, permitted and inheritable sets to `m`.
+fn set_caps(m: [u32; 2]) -> Result<(), PrivilegesError> {
     let mut hdr = CapHeader {
         version: LINUX_CAPABILITY_VERSION_3,
         pid: 0,
     };
-    let data = [CapData::default(); 2];
+    let data = m.map(|w| CapData {
+        effective: w,
+        permitted: w,
+        inheritable: w,
+    });
     // SAFETY: as in capget; the kernel only reads `data`.
     if unsafe { libc::syscall(libc::SYS_capset, &mut hdr, data.as_ptr()) } != 0 {
         return Err(PrivilegesError::Caps(io::Error::last_os_error()));
@@ -92,12 +97,36 @@ fn clear_caps() -> Result<(), PrivilegesError> {
 
 /// Drops to `uid`:`gid` with no capabilities left and no_new_privs set.
 pub fn drop_privileges(uid: u32, gid: u32) -> Result<(), PrivilegesError> {
+    drop_privileges_keeping(uid, gid, &[])
+}
+
+/// The capability mask of `caps` (capability numbers such as
+/// `CAP_DAC_OVERRIDE` = 1), split into the two 32-bit words of the v3 ABI.
+fn mask(caps: &[u32]) -> [u32; 2] {
+    let mut m = [0u32; 2];
+    for &c in caps {
+        if c < 64 {
+            m[(c / 32) as usize] |= 1 << (c % 32);
+        }
+    }
+    m
+}
+
+/// Drops to `uid`:`gid` with no_new_privs set and no capabilities but
+/// `keep`, which stay effective, permitted, inheritable and ambient (so
+/// they survive the exec of an ordinary program) and in the bounding set.
+/// With `keep` empty this is [`drop_privileges`]. Makes no allocation on
+/// success: safe between fork and exec.
+pub fn drop_privileges_keeping(uid: u32, gid: u32, keep: &[u32]) -> Result<(), PrivilegesError> {
+    let want = mask(keep);
     // Bounding set: needs CAP_SETPCAP, so before the uid change. Walk caps
     // until the kernel says the number is out of range.
     let mut cap: libc::c_ulong = 0;
     // SAFETY: PR_CAPBSET_READ takes an integer and reads nothing else.
     while unsafe { libc::prctl(libc::PR_CAPBSET_READ, cap, 0, 0, 0) } >= 0 {
-        prctl("PR_CAPBSET_DROP", libc::PR_CAPBSET_DROP, cap)?;
+        if !keep.iter().any(|&k| libc::c_ulong::from(k) == cap) {
+            prctl("PR_CAPBSET_DROP", libc::PR_CAPBSET_DROP, cap)?;
+        }
         cap += 1;
     }
     // Ambient set (kernels >= 4.3; EINVAL before that means there is none).
@@ -118,6 +147,10 @@ pub fn drop_privileges(uid: u32, gid: u32) -> Result<(), PrivilegesError> {
         }
     }
     prctl("PR_SET_NO_NEW_PRIVS", libc::PR_SET_NO_NEW_PRIVS, 1)?;
+    if !keep.is_empty() {
+        // Keep the permitted set across the uid change.
+        prctl("PR_SET_KEEPCAPS", libc::PR_SET_KEEPCAPS, 1)?;
+    }
 
     // SAFETY: setgroups with size 0 does not read the list pointer.
     if unsafe { libc::setgroups(0, std::ptr::null()) } != 0 {
@@ -131,14 +164,37 @@ pub fn drop_privileges(uid: u32, gid: u32) -> Result<(), PrivilegesError> {
     if unsafe { libc::setresuid(uid, uid, uid) } != 0 {
         return Err(PrivilegesError::SetUid(uid, io::Error::last_os_error()));
     }
-    // A switch to a non-zero uid already empties the sets; do it explicitly
-    // so uid 0 is covered as well.
-    clear_caps()?;
+    // A switch to a non-zero uid already empties the effective set (and,
+    // without KEEPCAPS, the permitted one); set them explicitly so uid 0
+    // is covered as well.
+    set_caps(want)?;
+    if !keep.is_empty() {
+        prctl("PR_SET_KEEPCAPS", libc::PR_SET_KEEPCAPS, 0)?;
+        for &k in keep {
+            // SAFETY: integer-only prctl.
+            if unsafe {
+                libc::prctl(
+                    libc::PR_CAP_AMBIENT,
+                    libc::PR_CAP_AMBIENT_RAISE as libc::c_ulong,
+                    libc::c_ulong::from(k),
+                    0 as libc::c_ulong,
+                    0 as libc::c_ulong,
+                )
+            } < 0
+            {
+                return Err(PrivilegesError::Prctl(
+                    "PR_CAP_AMBIENT_RAISE",
+                    io::Error::last_os_error(),
+                ));
+            }
+        }
+    }
 
     let left = capget()?;
     if left
         .iter()
-        .any(|d| d.effective | d.permitted | d.inheritable != 0)
+        .zip(want)
+        .any(|(d, w)| d.effective != w || d.permitted != w || d.inheritable != w)
     {
         return Err(PrivilegesError::Remaining("capabilities".into()));
     }
@@ -164,5 +220,12 @@ mod tests {
     fn capget_works() {
         // Reading our own capabilities must succeed with the v3 ABI.
         assert!(capget().is_ok());
+    }
+
+    #[test]
+    fn capability_masks() {
+        assert_eq!(mask(&[]), [0, 0]);
+        assert_eq!(mask(&[1]), [2, 0]);
+        assert_eq!(mask(&[0, 33, 99]), [1, 2]);
     }
 }

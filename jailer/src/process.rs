@@ -38,6 +38,9 @@ pub enum ProcessError {
     /// execve failed.
     #[error("cannot exec {0} inside the jail: {1}")]
     Exec(PathBuf, #[source] io::Error),
+    /// prctl(PR_SET_PDEATHSIG) failed.
+    #[error("cannot set the parent-death signal: {0}")]
+    ParentDeathSignal(#[source] io::Error),
 }
 
 fn last_err<T>() -> Result<T, io::Error> {
@@ -129,6 +132,18 @@ pub fn fork_into_new_pid_ns(daemonized: bool) -> Result<PidNsFork, ProcessError>
         }
         pid => Ok(PidNsFork::Parent(pid.unsigned_abs())),
     }
+}
+
+/// Makes the kernel send `signal` to the calling process when the thread
+/// that created it exits. The setting is cleared by fork and by any change
+/// of the process's uids or gids, so set it after dropping privileges.
+/// Makes no allocation: safe between fork and exec.
+pub fn set_parent_death_signal(signal: libc::c_int) -> Result<(), ProcessError> {
+    // SAFETY: integer-only prctl.
+    if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, signal as libc::c_ulong, 0, 0, 0) } != 0 {
+        return last_err().map_err(ProcessError::ParentDeathSignal);
+    }
+    Ok(())
 }
 
 /// Exits the process at once with `code` (no destructors, no atexit).

@@ -74,7 +74,13 @@ impl ResourceLimits {
     }
 }
 
-fn set(resource: libc::__rlimit_resource_t, name: &'static str, v: u64) -> Result<(), RlimitError> {
+/// Sets one limit (soft = hard = `v`) on the calling process. Makes no
+/// allocation: safe between fork and exec.
+pub fn set(
+    resource: libc::__rlimit_resource_t,
+    name: &'static str,
+    v: u64,
+) -> Result<(), RlimitError> {
     let lim = libc::rlimit {
         rlim_cur: v,
         rlim_max: v,
