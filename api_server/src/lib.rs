@@ -16,12 +16,17 @@
 //! - [`build`]: the compilers that turn sources into bootable images, and
 //!   the pod VMs' initramfs.
 //! - [`server`]: the HTTP event loop that routes requests to the faces.
+//! - [`sandbox`]: the lowest layer: runs host tools (gcc, ld, mkfs.ext4,
+//!   debugfs) on untrusted bytes in a throw-away jail with its own uid,
+//!   namespaces, limits and timeout. [`build`] and [`images`] use it; it
+//!   imports nothing of emberd.
 
 pub mod build;
 pub mod faces;
 pub mod images;
 pub mod model;
 pub mod runtime;
+pub mod sandbox;
 pub mod server;
 #[cfg(test)]
 mod test_util;

@@ -1,0 +1,262 @@
+//! Directories: the checked base directory, `mkdtemp` job and work
+//! directories, handing trees to a job's uid and back, measuring and
+//! reading what a job left.
+
+use std::ffi::{CString, OsStr};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use super::{SandboxConfig, SandboxError};
+
+fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> SandboxError + 'a {
+    move |source| SandboxError::Io {
+        what,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Makes `p` with `mode` (not affected by the umask).
+pub(super) fn make_dir(p: &Path, mode: u32) -> Result<(), SandboxError> {
+    fs::DirBuilder::new()
+        .mode(mode)
+        .create(p)
+        .map_err(io_err("create directory", p))?;
+    fs::set_permissions(p, fs::Permissions::from_mode(mode)).map_err(io_err("chmod", p))
+}
+
+/// Makes `p` (and missing parents) if needed, then checks that it is a
+/// real directory (not a symlink) owned by us with no access for others,
+/// tightening the mode when it is ours but too open.
+pub(super) fn checked_dir(p: &Path) -> Result<(), SandboxError> {
+    if let Some(parent) = p.parent() {
+        fs::create_dir_all(parent).map_err(io_err("create directory", parent))?;
+    }
+    match fs::DirBuilder::new().mode(0o700).create(p) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(io_err("create directory", p)(e)),
+    }
+    let md = fs::symlink_metadata(p).map_err(io_err("stat", p))?;
+    let bad = |why: String| SandboxError::Dir {
+        path: p.to_path_buf(),
+        why,
+    };
+    if !md.is_dir() {
+        return Err(bad("is not a directory (a symlink is not one)".into()));
+    }
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    if md.uid() != me {
+        return Err(bad(format!(
+            "belongs to uid {}, not to uid {me}: someone else made it",
+            md.uid()
+        )));
+    }
+    if md.mode() & 0o077 != 0 {
+        fs::set_permissions(p, fs::Permissions::from_mode(0o700)).map_err(io_err("chmod", p))?;
+    }
+    Ok(())
+}
+
+/// The base directory of job directories: the configured one (checked
+/// with [`checked_dir`]) or this process's own `mkdtemp` directory.
+pub fn base_dir(cfg: &SandboxConfig) -> Result<PathBuf, SandboxError> {
+    if let Some(b) = &cfg.base_dir {
+        checked_dir(b)?;
+        return Ok(b.clone());
+    }
+    static OWN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    OWN.get_or_init(|| {
+        mkdtemp(&std::env::temp_dir(), "ember-jobs")
+            .map_err(|e| format!("cannot make a base directory in the temp dir: {e}"))
+    })
+    .clone()
+    .map_err(|why| SandboxError::Dir {
+        path: std::env::temp_dir(),
+        why,
+    })
+}
+
+/// `mkdtemp("<parent>/<prefix>-XXXXXX")`: a new directory, mode 0700, with
+/// an unpredictable name.
+fn mkdtemp(parent: &Path, prefix: &str) -> io::Result<PathBuf> {
+    let mut t = parent.join(format!("{prefix}-XXXXXX")).into_os_string();
+    t.push("\0");
+    let mut buf = t.into_vec();
+    // SAFETY: `buf` is a NUL-terminated template that mkdtemp rewrites in
+    // place, within its length.
+    let r = unsafe { libc::mkdtemp(buf.as_mut_ptr().cast()) };
+    if r.is_null() {
+        return Err(io::Error::last_os_error());
+    }
+    buf.pop();
+    Ok(PathBuf::from(std::ffi::OsString::from_vec(buf)))
+}
+
+use std::os::unix::ffi::OsStringExt;
+
+/// A private `mkdtemp` directory (mode 0700, root's) under the sandbox
+/// base, removed with everything in it on drop: work directories of
+/// `build/` and `images/` come from here, never from `/tmp/<fixed name>`.
+#[derive(Debug)]
+pub struct PrivateDir(PathBuf);
+
+impl PrivateDir {
+    /// A new directory `<base>/<prefix>-XXXXXX` under the configured base.
+    pub fn new(prefix: &str) -> Result<PrivateDir, SandboxError> {
+        let cfg = super::config();
+        Self::new_in(&base_dir(&cfg)?, prefix)
+    }
+
+    pub(super) fn new_in(base: &Path, prefix: &str) -> Result<PrivateDir, SandboxError> {
+        mkdtemp(base, prefix)
+            .map(PrivateDir)
+            .map_err(io_err("make a directory in", base))
+    }
+
+    /// Its path.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for PrivateDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Owners changed by [`hand_over`], put back by [`Handover::restore`].
+#[derive(Default)]
+pub(super) struct Handover(Vec<(PathBuf, u32, u32)>);
+
+/// Gives `root` and everything below it (links not followed) to uid:gid,
+/// remembering the old owners in `h`.
+pub(super) fn hand_over(
+    h: &mut Handover,
+    root: &Path,
+    uid: u32,
+    gid: u32,
+) -> Result<(), SandboxError> {
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(p) = stack.pop() {
+        let md = fs::symlink_metadata(&p).map_err(io_err("stat", &p))?;
+        std::os::unix::fs::lchown(&p, Some(uid), Some(gid)).map_err(io_err("chown", &p))?;
+        h.0.push((p.clone(), md.uid(), md.gid()));
+        if md.is_dir() {
+            for e in fs::read_dir(&p).map_err(io_err("read directory", &p))? {
+                stack.push(e.map_err(io_err("read directory", &p))?.path());
+            }
+        }
+    }
+    Ok(())
+}
+
+impl Handover {
+    /// Puts every owner back (best effort; the first error is returned).
+    pub(super) fn restore(&mut self) -> Result<(), SandboxError> {
+        let mut first = Ok(());
+        for (p, uid, gid) in self.0.drain(..).rev() {
+            if let Err(e) = std::os::unix::fs::lchown(&p, Some(uid), Some(gid)) {
+                if e.kind() != io::ErrorKind::NotFound && first.is_ok() {
+                    first = Err(io_err("chown back", &p)(e));
+                }
+            }
+        }
+        first
+    }
+}
+
+/// Bytes allocated below `root` (st_blocks, links not followed, each inode
+/// once), stopping early once past `stop`.
+pub(super) fn allocated_bytes(root: &Path, stop: u64) -> Result<u64, SandboxError> {
+    let mut seen = std::collections::HashSet::new();
+    let mut total = 0u64;
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(p) = stack.pop() {
+        let md = fs::symlink_metadata(&p).map_err(io_err("stat", &p))?;
+        if seen.insert((md.dev(), md.ino())) {
+            total = total.saturating_add(md.blocks().saturating_mul(512));
+        }
+        if total > stop {
+            return Ok(total);
+        }
+        if md.is_dir() {
+            for e in fs::read_dir(&p).map_err(io_err("read directory", &p))? {
+                stack.push(e.map_err(io_err("read directory", &p))?.path());
+            }
+        }
+    }
+    Ok(total)
+}
+
+/// Opens the regular file `name` (a plain name, no `/`) in `dir` without
+/// following a symlink and without blocking on a FIFO; checks its size.
+pub(super) fn open_result(dir: &Path, name: &str, max: u64) -> Result<(File, u64), SandboxError> {
+    let bad = |why: String| SandboxError::Result {
+        name: name.to_string(),
+        why,
+    };
+    if name.is_empty() || name.contains('/') || name == "." || name == ".." {
+        return Err(bad("is not a plain file name".into()));
+    }
+    let dir_f = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(dir)
+        .map_err(io_err("open", dir))?;
+    let c = CString::new(OsStr::new(name).as_bytes()).map_err(|_| bad("has a NUL".into()))?;
+    // SAFETY: `dir_f` is an open directory and `c` a NUL-terminated name,
+    // both alive for the call; the returned fd is owned below.
+    let fd = unsafe {
+        libc::openat(
+            std::os::fd::AsRawFd::as_raw_fd(&dir_f),
+            c.as_ptr(),
+            libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOCTTY,
+        )
+    };
+    if fd < 0 {
+        let e = io::Error::last_os_error();
+        return Err(bad(match e.raw_os_error() {
+            Some(libc::ENOENT) => "was not written".into(),
+            Some(libc::ELOOP) => "is a symlink".into(),
+            _ => e.to_string(),
+        }));
+    }
+    // SAFETY: `fd` was just opened and is owned by nothing else.
+    let f = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    let md = f.metadata().map_err(io_err("stat", dir))?;
+    if !md.is_file() {
+        return Err(bad("is not a regular file".into()));
+    }
+    if md.len() > max {
+        return Err(bad(format!(
+            "is {} bytes, more than the limit of {max}",
+            md.len()
+        )));
+    }
+    Ok((f, md.len()))
+}
+
+/// Copies at most `len` bytes of `src` to a new file `dest` (replacing it)
+/// owned by us, mode `mode`.
+pub(super) fn copy_to(src: File, len: u64, dest: &Path, mode: u32) -> Result<u64, SandboxError> {
+    let _ = fs::remove_file(dest);
+    let mut out = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(dest)
+        .map_err(io_err("create", dest))?;
+    let n = io::copy(&mut src.take(len), &mut out).map_err(io_err("write", dest))?;
+    out.flush().map_err(io_err("write", dest))?;
+    out.set_permissions(fs::Permissions::from_mode(mode))
+        .map_err(io_err("chmod", dest))?;
+    Ok(n)
+}
