@@ -78,6 +78,28 @@ struct Args {
     /// that does not fit gets a disk that just fits it.
     #[arg(long, default_value_t = 1024)]
     pod_rootfs_mb: u64,
+    /// uids (and gids) for sandboxed tool jobs (gcc, mkfs, debugfs), one
+    /// per running job; they must own nothing on the host.
+    #[arg(long, default_value = "20000-20999", value_parser = parse_uid_range)]
+    job_uid_range: std::ops::RangeInclusive<u32>,
+    /// Memory limit of one sandboxed job, in MiB.
+    #[arg(long, default_value_t = 1024)]
+    job_memory_mb: u64,
+    /// Wall-clock limit of one sandboxed job, in seconds.
+    #[arg(long, default_value_t = 120)]
+    job_timeout_secs: u64,
+}
+
+fn parse_uid_range(s: &str) -> Result<std::ops::RangeInclusive<u32>, String> {
+    let (a, b) = s.split_once('-').ok_or("expected START-END")?;
+    let (a, b): (u32, u32) = (
+        a.parse().map_err(|e| format!("{a}: {e}"))?,
+        b.parse().map_err(|e| format!("{b}: {e}"))?,
+    );
+    if a == 0 || b < a {
+        return Err("START must be above 0 and END at least START".into());
+    }
+    Ok(a..=b)
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -153,8 +175,18 @@ fn main() {
         uid: args.uid,
         gid: args.gid,
     };
-    // Builds run as the VMMs' unprivileged user, never as root.
-    compilers::set_build_user(args.uid, args.gid);
+    // Tools on user bytes run in sandbox jobs, each with its own uid.
+    if args.job_uid_range.contains(&args.uid) || args.job_uid_range.contains(&args.gid) {
+        die("--job-uid-range must not hold the VMM --uid/--gid");
+    }
+    let mut sandbox = api_server::sandbox::SandboxConfig {
+        base_dir: Some(args.state_dir.join("jobs")),
+        uids: args.job_uid_range.clone(),
+        ..Default::default()
+    };
+    sandbox.limits.memory_bytes = args.job_memory_mb << 20;
+    sandbox.limits.timeout = std::time::Duration::from_secs(args.job_timeout_secs);
+    api_server::sandbox::configure(sandbox);
     let sup = Supervisor::new(store, launcher, compilers::registry()).unwrap_or_else(|e| die(e));
     if let Some(dir) = args.socket.parent() {
         if let Err(e) = std::fs::create_dir_all(dir) {

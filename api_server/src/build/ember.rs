@@ -1,13 +1,18 @@
 //! The `ember-c-ember` compiler: a tar.gz of C sources compiled with the
 //! host's gcc against ember's own unikernel runtime (`resources/unikernel/`,
 //! built by `build.rs` and embedded here) into a PVH-bootable `kernel.elf`.
+//!
+//! gcc runs as a [`crate::sandbox`] job: the sources are bound read-only at
+//! `/src` (the working directory), the runtime at `/rt`, the kernel is
+//! written to `/out` and moved out with `O_NOFOLLOW`. Every user file name
+//! reaches gcc as `./<path>` (never `@file`, never `-option`), include
+//! directories as absolute `/src/...` paths after `-I`.
 
-use super::{CompileError, CompileInput, CompileOutput, Compiler};
-use std::io::Read;
-use std::os::unix::process::CommandExt;
+use super::{sandbox_error, CompileError, CompileInput, CompileOutput, Compiler};
+use crate::sandbox::{self, Job, PrivateDir, Status};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 include!(concat!(env!("OUT_DIR"), "/runtime_files.rs"));
 // FREESTANDING_CFLAGS and FREESTANDING_LDFLAGS, the flags the runtime is
@@ -100,48 +105,56 @@ impl Compiler for EmberC {
             ));
         }
         std::fs::create_dir_all(input.out_dir)?;
-        let work = WorkDir::new(input.out_dir)?;
+        let gcc = self.gcc_path()?;
+        let work = PrivateDir::new("ember-c").map_err(|e| sandbox_error(&self.gcc, e))?;
         let rt = work.path().join("runtime");
         write_runtime(&rt)?;
-        let gcc_include = self.gcc_include_dir()?;
+        let gcc_include = self.gcc_include_dir(&gcc)?;
 
         let kernel = input.out_dir.join(KERNEL);
         let _ = std::fs::remove_file(&kernel);
-        let mut cmd = super::tool(&self.gcc);
-        cmd.current_dir(input.src_dir)
-            .env("TMPDIR", work.path())
-            .env("LC_ALL", "C")
+        let mut job = self
+            .job(&gcc)?
+            .ro(input.src_dir, SRC)
+            .give(input.src_dir)
+            .ro(&rt, RT)
+            .cwd(SRC)
             .args(user_cflags())
             .arg("-isystem")
             .arg(&gcc_include)
             .arg("-I")
-            .arg(rt.join("include"));
+            .arg(format!("{RT}/include"));
         for d in &include_dirs {
-            cmd.arg("-I").arg(d);
+            let rel = d.strip_prefix(input.src_dir).unwrap_or(Path::new(""));
+            job = job.arg("-I").arg(Path::new(SRC).join(rel));
         }
-        cmd.args(FREESTANDING_LDFLAGS)
+        job = job
+            .args(FREESTANDING_LDFLAGS)
             .arg("-T")
-            .arg(rt.join("ember.lds"))
-            .arg(rt.join("crt0.o"))
-            .args(&sources)
-            .arg(rt.join("libember.a"))
+            .arg(format!("{RT}/ember.lds"))
+            .arg(format!("{RT}/crt0.o"))
+            // __FILE__ stays "main.c", as before the "./" below.
+            .arg("-fmacro-prefix-map=./=")
+            // "./" keeps a file named like an option (`-o.c`) or a response
+            // file (`@opts.c`) from being read as one.
+            .args(sources.iter().map(|s| Path::new(".").join(s)))
+            .arg(format!("{RT}/libember.a"))
             .arg("-lgcc")
             .arg("-o")
-            .arg(&kernel);
-        let run = run_bounded(cmd, work.path(), self.timeout)?;
-        let output = clean_paths(&run.output, input.src_dir, &rt);
-        if run.timed_out {
-            return Err(CompileError::Failed {
-                output: format!(
-                    "{output}gcc did not finish within {} s and was stopped",
-                    self.timeout.as_secs()
-                ),
-            });
+            .arg(format!("{}/{KERNEL}", sandbox::OUT));
+        let run = job.run().map_err(|e| sandbox_error(&self.gcc, e))?;
+        let output = clean_paths(&run.log());
+        match run.status {
+            Status::Exited(0) => {}
+            Status::Exited(_) => return Err(CompileError::Failed { output }),
+            Status::TimedOut | Status::Signaled(_) => {
+                return Err(CompileError::Failed {
+                    output: format!("{output}gcc {}", run.describe()),
+                })
+            }
         }
-        if !run.success || !kernel.is_file() {
-            let _ = std::fs::remove_file(&kernel);
-            return Err(CompileError::Failed { output });
-        }
+        run.take_file(KERNEL, &kernel, MAX_FILE_BYTES, 0o644)
+            .map_err(|e| sandbox_error(&self.gcc, e))?;
         Ok(CompileOutput {
             kernel: KERNEL.into(),
             initrd: None,
@@ -153,22 +166,54 @@ impl Compiler for EmberC {
     }
 }
 
+/// Where the sources are inside the job.
+const SRC: &str = "/src";
+/// Where the runtime is inside the job.
+const RT: &str = "/rt";
+
 impl EmberC {
+    /// gcc on the host (and, being under the toolchain binds or bound at
+    /// its own path, inside the job).
+    fn gcc_path(&self) -> Result<PathBuf, CompileError> {
+        sandbox::find_program(&self.gcc).ok_or_else(|| CompileError::Tool {
+            tool: self.gcc.clone(),
+            msg: "not found (install gcc)".into(),
+        })
+    }
+
+    /// A job running `gcc` with this compiler's limits.
+    fn job(&self, gcc: &Path) -> Result<Job, CompileError> {
+        let job = Job::new(gcc).map_err(|e| sandbox_error(&self.gcc, e))?;
+        let mut l = job.current_limits();
+        l.timeout = self.timeout;
+        l.max_log_bytes = MAX_OUTPUT;
+        let job = job.limits(l).max_file(MAX_FILE_BYTES);
+        let in_toolchain = sandbox::config()
+            .toolchain
+            .iter()
+            .any(|t| gcc.starts_with(t));
+        Ok(if in_toolchain {
+            job
+        } else {
+            job.ro_exec(gcc, gcc)
+        })
+    }
+
     /// gcc's own freestanding headers (stddef.h, stdint.h, stdarg.h, ...).
-    fn gcc_include_dir(&self) -> Result<PathBuf, CompileError> {
+    fn gcc_include_dir(&self, gcc: &Path) -> Result<PathBuf, CompileError> {
         let tool = |msg: String| CompileError::Tool {
             tool: self.gcc.clone(),
             msg,
         };
-        let out = super::tool(&self.gcc)
+        let run = self
+            .job(gcc)?
             .arg("-print-file-name=include")
-            .stdin(Stdio::null())
-            .output()
+            .run()
             .map_err(|e| tool(e.to_string()))?;
-        if !out.status.success() {
-            return Err(tool(String::from_utf8_lossy(&out.stderr).into_owned()));
+        if !run.success() {
+            return Err(tool(format!("{}: {}", run.describe(), run.log())));
         }
-        let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        let dir = PathBuf::from(String::from_utf8_lossy(&run.stdout).trim());
         if !dir.join("stddef.h").is_file() {
             return Err(tool(format!(
                 "gcc's include directory {} has no stddef.h",
@@ -180,13 +225,25 @@ impl EmberC {
 }
 
 /// Writes the embedded runtime (crt0.o, libember.a, ember.lds, include/) into `dir`.
+/// Directories get mode 0755 and files 0644, so a job's uid can read them.
 pub fn write_runtime(dir: &Path) -> std::io::Result<()> {
     for (name, data) in RUNTIME_FILES {
         let p = dir.join(name);
         if let Some(parent) = p.parent() {
             std::fs::create_dir_all(parent)?;
         }
-        std::fs::write(p, data)?;
+        std::fs::write(&p, data)?;
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644))?;
+    }
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755))?;
+        for e in std::fs::read_dir(&d)? {
+            let e = e?;
+            if e.file_type()?.is_dir() {
+                stack.push(e.path());
+            }
+        }
     }
     Ok(())
 }
@@ -237,107 +294,19 @@ fn scan_sources(root: &Path) -> Result<(Vec<PathBuf>, Vec<PathBuf>), CompileErro
     Ok((sources, include_dirs))
 }
 
-/// A private directory for one compilation, removed on drop.
-struct WorkDir(PathBuf);
-
-impl WorkDir {
-    fn new(parent: &Path) -> std::io::Result<Self> {
-        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let p = parent.join(format!(".ember-build-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p)?;
-        Ok(Self(p))
+/// Names the runtime `<ember>/` in gcc's messages and drops the `/src/`
+/// and `./` that the job's paths add.
+fn clean_paths(output: &str) -> String {
+    let mut s = output
+        .replace(&format!("{RT}/"), "<ember>/")
+        .replace(&format!("{SRC}/"), "")
+        .lines()
+        .map(|l| l.strip_prefix("./").unwrap_or(l))
+        .collect::<Vec<_>>()
+        .join("\n");
+    if output.ends_with('\n') {
+        s.push('\n');
     }
-
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for WorkDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-struct RunResult {
-    success: bool,
-    timed_out: bool,
-    output: String,
-}
-
-/// Runs `cmd` in its own process group with stdout+stderr into one file in
-/// `work`, killing the group after `timeout`; keeps [`MAX_OUTPUT`] bytes.
-fn run_bounded(
-    mut cmd: Command,
-    work: &Path,
-    timeout: Duration,
-) -> Result<RunResult, CompileError> {
-    let log_path = work.join("gcc.log");
-    let log = std::fs::File::create(&log_path)?;
-    cmd.stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .process_group(0);
-    // SAFETY: setrlimit is async-signal-safe; the closure touches no other state.
-    unsafe {
-        cmd.pre_exec(|| {
-            let lim = libc::rlimit {
-                rlim_cur: MAX_FILE_BYTES,
-                rlim_max: MAX_FILE_BYTES,
-            };
-            if libc::setrlimit(libc::RLIMIT_FSIZE, &lim) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let program = cmd.get_program().to_string_lossy().into_owned();
-    let mut child = cmd.spawn().map_err(|e| CompileError::Tool {
-        tool: program,
-        msg: e.to_string(),
-    })?;
-    let pgid = child.id() as libc::pid_t;
-    let start = Instant::now();
-    let (status, timed_out) = loop {
-        if let Some(st) = child.try_wait()? {
-            break (Some(st), false);
-        }
-        if start.elapsed() >= timeout {
-            // SAFETY: signals only the process group we created for gcc.
-            unsafe {
-                libc::kill(-pgid, libc::SIGKILL);
-            }
-            let _ = child.wait();
-            break (None, true);
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    // Reap any stragglers of the group (cc1, as, collect2, ld).
-    // SAFETY: as above; ESRCH when the group is gone is fine.
-    unsafe {
-        libc::kill(-pgid, libc::SIGKILL);
-    }
-    let mut buf = Vec::new();
-    std::fs::File::open(&log_path)?
-        .take(MAX_OUTPUT as u64 + 1)
-        .read_to_end(&mut buf)?;
-    let mut output = String::from_utf8_lossy(&buf[..buf.len().min(MAX_OUTPUT)]).into_owned();
-    if buf.len() > MAX_OUTPUT {
-        output.push_str("\n[output truncated]\n");
-    }
-    Ok(RunResult {
-        success: status.is_some_and(|s| s.success()),
-        timed_out,
-        output,
-    })
-}
-
-/// Replaces the temporary runtime path and the source dir in gcc's messages.
-fn clean_paths(output: &str, src: &Path, rt: &Path) -> String {
-    let mut s = output.replace(&format!("{}/", rt.display()), "<ember>/");
-    s = s.replace(&format!("{}/", src.display()), "");
     s
 }
 
@@ -403,6 +372,7 @@ be emulated): keep work and I/O small. gcc is stopped after 120 s.
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Instant;
 
     struct Tmp(PathBuf);
     impl Tmp {
@@ -580,17 +550,23 @@ mod tests {
         })
     }
 
+    /// Processes of job uids whose command line is exactly `argv`.
+    fn job_processes(argv: &[&str]) -> Vec<i32> {
+        let want: Vec<u8> = argv
+            .iter()
+            .flat_map(|a| [a.as_bytes(), b"\0"].concat())
+            .collect();
+        crate::sandbox::DEFAULT_UIDS
+            .flat_map(crate::sandbox::tests_support::processes_of)
+            .filter(|pid| std::fs::read(format!("/proc/{pid}/cmdline")).ok() == Some(want.clone()))
+            .collect()
+    }
+
     #[test]
     fn hung_gcc_is_killed_with_its_children() {
         let t = Tmp::new("hang");
-        let pidfile = t.0.join("child.pid");
-        let gcc = fake_gcc(
-            &t,
-            &format!(
-                "echo started; sleep 600 & echo $! > {}; wait",
-                pidfile.display()
-            ),
-        );
+        // A child in its own session, and one waited for (like cc1).
+        let gcc = fake_gcc(&t, "echo started; setsid sleep 613 & sleep 614; wait");
         let c = EmberC::with_gcc(gcc).with_timeout(Duration::from_millis(500));
         match compile_with(&c, &t) {
             Err(CompileError::Failed { output }) => {
@@ -599,28 +575,94 @@ mod tests {
             }
             other => panic!("expected Failed, got {other:?}"),
         }
-        // The grandchild (like cc1 under gcc) is gone too.
-        let pid: i32 = std::fs::read_to_string(&pidfile)
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        // Alive = /proc entry present and not a zombie (reaping is init's job).
-        let alive = || {
-            std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                .map(|st| {
-                    !st.rsplit(')')
-                        .next()
-                        .unwrap_or("")
-                        .trim_start()
-                        .starts_with('Z')
-                })
-                .unwrap_or(false)
-        };
-        while alive() {
-            assert!(Instant::now() < deadline, "sleep {pid} survived");
-            std::thread::sleep(Duration::from_millis(20));
+        // Neither sleep survived the job.
+        for secs in ["613", "614"] {
+            let left = job_processes(&["sleep", secs]);
+            assert!(left.is_empty(), "sleep {secs} survived: {left:?}");
+        }
+    }
+
+    /// A source named `@opts.c` holding gcc options that would run a shell
+    /// if gcc read it as a response file.
+    #[test]
+    fn response_file_sources_are_plain_sources() {
+        let marker = std::env::temp_dir().join(format!("PWNED-{}-ember-c", std::process::id()));
+        let _ = std::fs::remove_file(&marker);
+        let opts = format!("-wrapper /bin/sh,-c,touch {}\n", marker.display());
+        let (_t, r) = compile(&[
+            ("@opts.c", opts.as_str()),
+            ("main.c", "int main(void) { return 0; }\n"),
+        ]);
+        match r {
+            Err(CompileError::Failed { output }) => {
+                assert!(output.contains("@opts.c"), "{output}")
+            }
+            other => panic!("expected Failed, got {other:?}"),
+        }
+        assert!(!marker.exists(), "gcc ran the wrapper");
+    }
+
+    #[test]
+    fn option_named_sources_are_compiled_as_files() {
+        let (t, r) = compile(&[
+            ("-o.c", "int helper(void) { return 1; }\n"),
+            ("--help.c", "int other(void) { return 2; }\n"),
+            (
+                "main.c",
+                "int helper(void); int other(void);\nint main(void) { return helper() + other(); }\n",
+            ),
+        ]);
+        r.unwrap();
+        let left: Vec<_> = std::fs::read_dir(t.0.join("out")).unwrap().collect();
+        assert_eq!(left.len(), 1, "{left:?}");
+    }
+
+    /// cc1 reading /dev/zero grows until the job's memory limit stops it.
+    #[test]
+    fn include_of_dev_zero_fails_cleanly() {
+        let started = Instant::now();
+        let (_t, r) = compile(&[(
+            "main.c",
+            "#include \"/dev/zero\"\nint main(void) { return 0; }\n",
+        )]);
+        match &r {
+            Err(CompileError::Failed { output }) => {
+                assert!(output.contains("memory"), "{output}")
+            }
+            other => panic!("expected Failed, got {other:?}"),
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(100),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+
+    /// Opening a FIFO blocks until a writer comes: the timeout ends it.
+    #[test]
+    fn include_of_a_fifo_is_stopped_by_the_timeout() {
+        let t = Tmp::new("fifo");
+        let src = t.0.join("src");
+        std::fs::create_dir_all(&src).unwrap();
+        std::fs::write(
+            src.join("main.c"),
+            "#include \"pipe.h\"\nint main(void) { return 0; }\n",
+        )
+        .unwrap();
+        let c = std::ffi::CString::new(src.join("pipe.h").as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: `c` is a NUL-terminated path alive for the call.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+        let r = EmberC::new()
+            .with_timeout(Duration::from_secs(2))
+            .compile(&CompileInput {
+                src_dir: &src,
+                out_dir: &t.0.join("out"),
+            });
+        match r {
+            Err(CompileError::Failed { output }) => {
+                assert!(output.contains("did not finish within 2"), "{output}")
+            }
+            other => panic!("expected Failed, got {other:?}"),
         }
     }
 

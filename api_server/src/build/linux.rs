@@ -14,18 +14,24 @@
 //! `gen_init_cpio` does; owners are 0:0 and timestamps 0, so the same input
 //! gives the same image.
 //!
+//! gcc (lang `c`) runs as a [`crate::sandbox`] job: the sources are bound
+//! read-only at `/src`, every source reaches gcc as `./<path>`, and the
+//! program is written to `/out/init`, then moved into a private work
+//! directory with `O_NOFOLLOW` and checked before it is packed.
+//!
 //! Building is tested here; booting needs a host whose KVM runs Linux.
 
 use std::cmp::Ordering;
-use std::ffi::OsString;
 use std::fs::{self, File};
 use std::io::{self, BufWriter, Read, Write};
 use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::time::Duration;
 
 use flate2::write::GzEncoder;
 use flate2::Compression;
+
+use crate::sandbox::{self, Job, PrivateDir, SandboxError, Status};
 
 /// What `/describe_compiler` says about `linux-c-ember`.
 pub const DESCRIPTION_C: &str = "\
@@ -146,6 +152,9 @@ pub enum LinuxBuildError {
     /// gcc could not be run.
     #[error("cannot run gcc (install gcc and libc6-dev): {0}")]
     Gcc(#[source] io::Error),
+    /// The sandbox failed.
+    #[error(transparent)]
+    Sandbox(#[from] SandboxError),
     /// `/init` larger than a newc cpio entry can hold.
     #[error("/init is too large for an initramfs ({0} bytes)")]
     TooLarge(u64),
@@ -183,11 +192,9 @@ pub fn build_initramfs(
             })
         }
         LinuxLang::C => {
-            let tmp = ScratchDir::new()?;
-            // gcc runs as the build user (see compilers::tool).
-            super::hand_over(&[&tmp.0]).map_err(io_err(&tmp.0))?;
-            let bin = tmp.0.join("init");
-            let log = compile_c(src_dir, &bin)?;
+            let tmp = PrivateDir::new("linux-c")?;
+            let bin = tmp.path().join("init");
+            let log = compile_c(src_dir, &bin, sandbox::config().limits.timeout)?;
             let name = "the compiled program".to_string();
             check_static_elf(&bin, &name)?;
             let (init_size, image_size) = write_initramfs(&bin, out)?;
@@ -197,30 +204,6 @@ pub fn build_initramfs(
                 log,
             })
         }
-    }
-}
-
-/// A temporary directory removed on drop.
-struct ScratchDir(PathBuf);
-
-impl ScratchDir {
-    fn new() -> Result<Self, LinuxBuildError> {
-        use std::sync::atomic::{AtomicU32, Ordering};
-        static N: AtomicU32 = AtomicU32::new(0);
-        let p = std::env::temp_dir().join(format!(
-            "ember-linux-build-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::SeqCst)
-        ));
-        let _ = fs::remove_dir_all(&p);
-        fs::create_dir_all(&p).map_err(io_err(&p))?;
-        Ok(ScratchDir(p))
-    }
-}
-
-impl Drop for ScratchDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
     }
 }
 
@@ -464,38 +447,49 @@ fn truncate_log(mut s: String) -> String {
     s
 }
 
-/// Compiles every `*.c` below `src_dir` into the static executable `bin`;
-/// returns gcc's diagnostics.
-fn compile_c(src_dir: &Path, bin: &Path) -> Result<String, LinuxBuildError> {
+/// Largest `/init` gcc may write (a newc entry holds at most 4 GiB; a
+/// static C program is far smaller).
+const MAX_INIT: u64 = 512 << 20;
+
+/// Compiles every `*.c` below `src_dir` into the static executable `bin`
+/// in a sandbox job stopped after `timeout`; returns gcc's diagnostics.
+fn compile_c(src_dir: &Path, bin: &Path, timeout: Duration) -> Result<String, LinuxBuildError> {
     let sources = c_sources(src_dir)?;
     if sources.is_empty() {
         return Err(LinuxBuildError::NoSources);
     }
-    let mut include = OsString::from("-I");
-    include.push(src_dir);
-    let out = super::tool("gcc")
-        .current_dir(src_dir)
-        .env("LC_ALL", "C")
-        .args(["-static", "-O2", "-o"])
-        .arg(bin)
-        .arg(include)
-        // "./" keeps a file named like an option from being read as one.
+    let gcc = sandbox::find_program("gcc").ok_or_else(|| {
+        LinuxBuildError::Gcc(io::Error::new(io::ErrorKind::NotFound, "gcc not found"))
+    })?;
+    let run = Job::new(gcc)?
+        .ro(src_dir, "/src")
+        .give(src_dir)
+        .cwd("/src")
+        .timeout(timeout)
+        .max_file(MAX_INIT)
+        .args(["-static", "-O2", "-o", "/out/init", "-I", "/src"])
+        // "./" keeps a file named like an option (`-o.c`) or a response
+        // file (`@opts.c`) from being read as one.
         .args(sources.iter().map(|s| Path::new(".").join(s)))
         .arg("-lm")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .output()
-        .map_err(LinuxBuildError::Gcc)?;
-    let mut log = String::from_utf8_lossy(&out.stdout).into_owned();
-    log.push_str(&String::from_utf8_lossy(&out.stderr));
-    let log = truncate_log(log);
-    if !out.status.success() {
-        return Err(LinuxBuildError::CompileFailed {
-            status: out.status.to_string(),
-            output: log,
-        });
+        .run()?;
+    let log = truncate_log(run.log().replace("/src/", ""));
+    match run.status {
+        Status::Exited(0) => {}
+        Status::Exited(c) => {
+            return Err(LinuxBuildError::CompileFailed {
+                status: format!("exit status: {c}"),
+                output: log,
+            })
+        }
+        Status::TimedOut | Status::Signaled(_) => {
+            return Err(LinuxBuildError::CompileFailed {
+                status: run.describe(),
+                output: format!("{log}\ngcc {}", run.describe()),
+            })
+        }
     }
+    run.take_file("init", bin, MAX_INIT, 0o755)?;
     Ok(log)
 }
 
@@ -847,6 +841,70 @@ int main(int argc, char **argv) {
             other => panic!("{other}"),
         }
         assert!(!out.exists());
+    }
+
+    /// Option-like and response-file-like source names are plain files;
+    /// the response file's wrapper never runs.
+    #[test]
+    fn odd_source_names_are_plain_files() {
+        let t = TempDir::new();
+        let src = t.0.join("src");
+        fs::create_dir_all(&src).unwrap();
+        fs::write(src.join("-o.c"), "int helper(void) { return 1; }\n").unwrap();
+        fs::write(src.join("--help.c"), "int other(void) { return 2; }\n").unwrap();
+        fs::write(
+            src.join("main.c"),
+            "int helper(void); int other(void);\nint main(void) { return helper() + other(); }\n",
+        )
+        .unwrap();
+        let out = t.0.join("initrd.gz");
+        build_initramfs(&src, LinuxLang::C, &out).unwrap();
+        let marker = std::env::temp_dir().join(format!("PWNED-{}-linux-c", std::process::id()));
+        let _ = fs::remove_file(&marker);
+        fs::write(
+            src.join("@opts.c"),
+            format!("-wrapper /bin/sh,-c,touch {}\n", marker.display()),
+        )
+        .unwrap();
+        let err = build_initramfs(&src, LinuxLang::C, &out).unwrap_err();
+        match &err {
+            LinuxBuildError::CompileFailed { output, .. } => {
+                assert!(output.contains("@opts.c"), "{output}")
+            }
+            other => panic!("{other}"),
+        }
+        assert!(!marker.exists(), "gcc ran the wrapper");
+    }
+
+    #[test]
+    fn include_of_dev_zero_and_of_a_fifo_are_stopped() {
+        let t = TempDir::new();
+        let src = t.0.join("src");
+        fs::create_dir_all(&src).unwrap();
+        fs::write(
+            src.join("main.c"),
+            "#include \"/dev/zero\"\nint main(void){return 0;}\n",
+        )
+        .unwrap();
+        let bin = t.0.join("init");
+        let err = compile_c(&src, &bin, Duration::from_secs(100)).unwrap_err();
+        assert!(
+            matches!(err, LinuxBuildError::CompileFailed { .. }),
+            "{err}"
+        );
+        fs::write(
+            src.join("main.c"),
+            "#include \"pipe.h\"\nint main(void){return 0;}\n",
+        )
+        .unwrap();
+        let c = std::ffi::CString::new(src.join("pipe.h").as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: `c` is a NUL-terminated path alive for the call.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+        let started = std::time::Instant::now();
+        let err = compile_c(&src, &bin, Duration::from_secs(2)).unwrap_err();
+        assert!(err.to_string().contains("did not finish within 2"), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(30));
+        assert!(!bin.exists());
     }
 
     #[test]

@@ -13,8 +13,9 @@ pub mod linux;
 pub mod pod_initramfs;
 
 use std::path::Path;
-use std::process::Command;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
+
+use crate::sandbox::SandboxError;
 
 /// The one provider ember offers.
 pub const PROVIDER: &str = "ember";
@@ -150,47 +151,26 @@ impl Registry {
     }
 }
 
-static BUILD_USER: OnceLock<(u32, u32)> = OnceLock::new();
-
-/// Runs every compiler tool as `uid:gid` from now on (emberd runs as root;
-/// user code must not make gcc read host files such as /etc/shadow into an
-/// image or an error message). Set once at start-up.
-pub fn set_build_user(uid: u32, gid: u32) {
-    let _ = BUILD_USER.set((uid, gid));
-}
-
-/// A command for a build tool, running as the build user when one is set.
-pub fn tool(program: impl AsRef<std::ffi::OsStr>) -> Command {
-    let mut c = Command::new(program);
-    if let Some((uid, gid)) = BUILD_USER.get() {
-        use std::os::unix::process::CommandExt;
-        // std also drops supplementary groups when root sets a uid.
-        c.uid(*uid).gid(*gid);
-    }
-    c
-}
-
-/// Gives the build user the build's directories (recursively, links not
-/// followed). A no-op without a build user.
-pub fn hand_over(dirs: &[&Path]) -> std::io::Result<()> {
-    let Some((uid, gid)) = BUILD_USER.get().copied() else {
-        return Ok(());
-    };
-    fn walk(p: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
-        std::os::unix::fs::lchown(p, Some(uid), Some(gid))?;
-        let md = std::fs::symlink_metadata(p)?;
-        if md.is_dir() {
-            for e in std::fs::read_dir(p)? {
-                walk(&e?.path(), uid, gid)?;
-            }
-        }
-        Ok(())
-    }
-    for d in dirs {
-        std::fs::create_dir_all(d)?;
-        walk(d, uid, gid)?;
-    }
+/// Kept for callers that still hand build directories over: the sandbox
+/// now gives each job its own uid and hands it exactly what it reads and
+/// writes (see [`crate::sandbox`]), so this does nothing. Remove the call.
+pub fn hand_over(_dirs: &[&Path]) -> std::io::Result<()> {
     Ok(())
+}
+
+/// A sandbox error as a compile error: what the user's build made (an
+/// output that is too large, a result that is not a regular file) is the
+/// user's error; everything else is the host's.
+pub(crate) fn sandbox_error(tool: &str, e: SandboxError) -> CompileError {
+    match e {
+        SandboxError::OutputTooLarge { .. } | SandboxError::Result { .. } => CompileError::Failed {
+            output: e.to_string(),
+        },
+        other => CompileError::Tool {
+            tool: tool.into(),
+            msg: other.to_string(),
+        },
+    }
 }
 
 /// The `linux` base: the user's program becomes `/init` of an initramfs for
@@ -230,6 +210,7 @@ impl Compiler for LinuxCompiler {
                         tool: "gcc".into(),
                         msg: err.to_string(),
                     },
+                    E::Sandbox(err) => sandbox_error("gcc", err),
                     E::Io { .. } => CompileError::Io(std::io::Error::other(e.to_string())),
                     other => CompileError::BadInput(other.to_string()),
                 })?;

@@ -473,3 +473,9 @@ pub fn find_program(name: &str) -> Option<PathBuf> {
 
 #[cfg(test)]
 mod tests;
+
+/// Helpers for other modules' tests.
+#[cfg(test)]
+pub(crate) mod tests_support {
+    pub(crate) use super::uids::processes_of;
+}

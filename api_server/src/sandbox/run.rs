@@ -63,11 +63,21 @@ impl Finished {
         &self.out
     }
 
-    /// stdout then stderr as text, with a note when cut.
+    /// stdout then stderr as text, at most [`Limits::max_log_bytes`]
+    /// together, with a note when cut.
     pub fn log(&self) -> String {
         let mut s = String::from_utf8_lossy(&self.stdout).into_owned();
         s.push_str(&String::from_utf8_lossy(&self.stderr));
-        if self.truncated {
+        let max = self.limits.max_log_bytes;
+        let cut = s.len() > max;
+        if cut {
+            let mut at = max;
+            while !s.is_char_boundary(at) {
+                at -= 1;
+            }
+            s.truncate(at);
+        }
+        if cut || self.truncated {
             s.push_str("\n[output truncated]\n");
         }
         s
