@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use super::{unsafe_entry, Debugfs, Ext4Error, LOST_FOUND, ROOT_INO};
 
 /// Most entries (files, directories, ...) extracted.
-const MAX_ENTRIES: usize = 4 << 20;
+pub(super) const MAX_ENTRIES: usize = 4 << 20;
 /// Longest host path made (below Linux's PATH_MAX of 4096).
 const MAX_PATH: usize = 4000;
 
@@ -54,6 +54,9 @@ pub(super) struct Tree {
     pub(super) root_entries: usize,
     /// How many of those are created (not special files).
     pub(super) root_children: usize,
+    /// The sizes of the regular files added up per name, as rdump writes
+    /// a copy per name (hard links are linked again only afterwards).
+    pub(super) file_bytes: u64,
 }
 
 /// One entry of `ls -l`.
@@ -63,6 +66,8 @@ struct Listed {
     mode: u32,
     uid: u32,
     gid: u32,
+    /// `i_size` (logical: a sparse file counts in full).
+    size: u64,
     name: Vec<u8>,
 }
 
@@ -74,6 +79,7 @@ pub(super) fn walk(dbg: &Debugfs, out: &Path) -> Result<Tree, Ext4Error> {
     let mut root = None;
     let mut root_entries = 0;
     let mut root_children = 0;
+    let mut file_bytes = 0u64;
     let mut dirs_seen = HashSet::from([ROOT_INO]);
     // (inode, index in nodes; None for the root)
     let mut level: Vec<(u32, Option<usize>)> = vec![(ROOT_INO, None)];
@@ -143,6 +149,9 @@ pub(super) fn walk(dbg: &Debugfs, out: &Path) -> Result<Tree, Ext4Error> {
                 if kind != Kind::Special {
                     created += 1;
                 }
+                if kind == Kind::File {
+                    file_bytes = file_bytes.saturating_add(e.size);
+                }
                 if kind == Kind::Dir {
                     next.push((e.ino, Some(nodes.len())));
                 }
@@ -172,6 +181,7 @@ pub(super) fn walk(dbg: &Debugfs, out: &Path) -> Result<Tree, Ext4Error> {
         root,
         root_entries,
         root_children,
+        file_bytes,
     })
 }
 
@@ -238,13 +248,14 @@ fn parse_long(line: &[u8]) -> Option<Listed> {
     // printed with %d: ids above 2^31 come out negative
     let uid = i32::try_from(take_int(&mut s, 10)?).ok()? as u32;
     let gid = i32::try_from(take_int(&mut s, 10)?).ok()? as u32;
-    take_int(&mut s, 10)?;
+    let size = u64::try_from(take_int(&mut s, 10)?).unwrap_or(0);
     let name = s.strip_prefix(b" ")?.get(17..)?.strip_prefix(b" ")?;
     Some(Listed {
         ino,
         mode,
         uid,
         gid,
+        size,
         name: name.to_vec(),
     })
 }

@@ -40,6 +40,23 @@
 //! The image must not change while `extract` runs (stop or pause the VM
 //! first): the checks hold for the image as listed.
 //!
+//! ## Bounded, and sandboxed
+//!
+//! An image can claim files far larger than itself (a 16 MiB disk can hold
+//! an inode of 2 GiB, all holes, that rdump writes out in full). Before
+//! anything is dumped, the sizes `ls -l` lists for regular files are added
+//! up per name (rdump writes a copy per name) and the image is refused
+//! ([`Ext4Error::OverBudget`]) when they exceed the byte budget: the image's
+//! own size for [`extract`], the caller's for [`extract_with_budget`].
+//!
+//! Every debugfs run is a [`crate::sandbox`] job: the image bound read-only
+//! at `/image`, `out` at `/out` (the working directory), its own uid with
+//! only `CAP_DAC_OVERRIDE` (images and trees have any owner), no network,
+//! and limits: `RLIMIT_FSIZE` at the budget, the output directory at the
+//! budget plus a block per entry, [`DEBUGFS_TIMEOUT`]. emberd restores
+//! owners, modes and times afterwards, when nothing of the job runs any
+//! more.
+//!
 //! ## What is kept
 //!
 //! * Directories, regular files (content, permission bits including
@@ -73,10 +90,9 @@ use dump::dump;
 use listing::walk;
 
 use std::fs::{self, File};
-use std::io::{self, Read, Write};
+use std::io;
 use std::os::unix::fs::{DirBuilderExt, FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 
 use crate::images::volumes;
 
@@ -87,7 +103,12 @@ const LOST_FOUND: &str = "lost+found";
 /// Most stdout bytes read from one debugfs run.
 const MAX_OUTPUT: u64 = 512 << 20;
 /// Most stderr bytes kept from one debugfs run.
-const MAX_STDERR: u64 = 64 << 10;
+const MAX_STDERR: usize = 64 << 10;
+/// Wall-clock limit of one debugfs run (dumping a large image takes
+/// minutes).
+pub const DEBUGFS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30 * 60);
+/// Where the image is inside the debugfs job.
+const IMAGE: &str = "/image";
 /// Longest debugfs error text put in an [`Ext4Error`].
 const MAX_ERROR_TEXT: usize = 2048;
 /// Superblock: offset in the image, and of the fields read.
@@ -131,6 +152,12 @@ pub enum Ext4Error {
     /// debugfs failed, reported errors, or printed something unexpected.
     #[error("debugfs {step}: {detail}")]
     Debugfs { step: &'static str, detail: String },
+    /// The files of the image add up to more than the budget.
+    #[error("the image's files add up to {needed} bytes, more than the {budget} bytes allowed for extracting it (sparse files count in full)")]
+    OverBudget { needed: u64, budget: u64 },
+    /// The debugfs job could not run.
+    #[error("debugfs sandbox: {0}")]
+    Sandbox(#[from] crate::sandbox::SandboxError),
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> Ext4Error + '_ {
@@ -171,23 +198,53 @@ pub struct ExtractStats {
 /// exist (it is created, mode 0700 until it gets the root's mode) or be an
 /// empty directory. See the module documentation for what is kept and how
 /// names from the image are checked. On error, what was written below
-/// `out` is removed (and `out` too when `extract` created it).
+/// `out` is removed (and `out` too when `extract` created it). The files
+/// may add up to the image's size (see the module docs).
 pub fn extract(image: &Path, out: &Path) -> Result<ExtractStats, Ext4Error> {
-    extract_with(volumes::find_tool("debugfs"), image, out)
+    let budget = image_bytes(image)?;
+    extract_with(volumes::find_tool("debugfs"), image, out, budget)
+}
+
+/// [`extract`] with the files allowed to add up to `budget` bytes.
+pub fn extract_with_budget(
+    image: &Path,
+    out: &Path,
+    budget: u64,
+) -> Result<ExtractStats, Ext4Error> {
+    extract_with(volumes::find_tool("debugfs"), image, out, budget)
+}
+
+/// The size of an image file or block device.
+fn image_bytes(image: &Path) -> Result<u64, Ext4Error> {
+    use std::io::Seek;
+    let mut f = File::open(image).map_err(io_err(image))?;
+    f.seek(io::SeekFrom::End(0)).map_err(io_err(image))
 }
 
 fn extract_with(
     debugfs: Option<PathBuf>,
     image: &Path,
     out: &Path,
+    budget: u64,
 ) -> Result<ExtractStats, Ext4Error> {
     let tool = debugfs.ok_or(Ext4Error::ToolMissing)?;
     let inode_size = read_superblock(image)?;
-    // debugfs runs in `out`: it needs an absolute image path.
     let image = fs::canonicalize(image).map_err(io_err(image))?;
     let created = prepare_out(out)?;
-    let dbg = Debugfs { tool, image };
-    let res = walk(&dbg, out).and_then(|tree| dump(&dbg, out, &tree, inode_size));
+    let dbg = Debugfs {
+        tool,
+        image,
+        budget,
+    };
+    let res = walk(&dbg, out).and_then(|tree| {
+        if tree.file_bytes > budget {
+            return Err(Ext4Error::OverBudget {
+                needed: tree.file_bytes,
+                budget,
+            });
+        }
+        dump(&dbg, out, &tree, inode_size)
+    });
     if res.is_err() {
         clear(out, created);
     }
@@ -297,72 +354,58 @@ fn bounded(text: &str) -> String {
 struct Debugfs {
     tool: PathBuf,
     image: PathBuf,
+    /// Most bytes one run may write (files and, with a block per entry,
+    /// directories).
+    budget: u64,
 }
 
 /// The stdout lines of each command of one run.
 type Sections = Vec<Vec<Vec<u8>>>;
 
 impl Debugfs {
-    /// Runs `cmds` in one read-only debugfs session in the directory `cwd`
-    /// and returns each command's output lines. Anything on stderr but the
-    /// version banner (and failed `chown`s when not root) is an error.
+    /// Runs `cmds` in one read-only debugfs session, as a sandbox job with
+    /// `cwd` as its `/out` and working directory, and returns each
+    /// command's output lines. Anything on stderr but the version banner
+    /// (and failed `chown`s when not root) is an error.
     fn run(&self, step: &'static str, cmds: &[String], cwd: &Path) -> Result<Sections, Ext4Error> {
-        let mut child = Command::new(&self.tool)
-            .arg("-f")
-            .arg("-")
-            .arg(&self.image)
-            .current_dir(cwd)
-            .env("LC_ALL", "C")
-            .env("DEBUGFS_PAGER", "__none__")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(io_err(&self.tool))?;
-        let (Some(mut stdin), Some(stdout), Some(mut stderr)) =
-            (child.stdin.take(), child.stdout.take(), child.stderr.take())
-        else {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(debugfs_err(step, "no pipes to debugfs"));
-        };
+        use crate::sandbox::{Job, Status};
         let script: Vec<u8> = cmds
             .iter()
             .flat_map(|c| format!("{c}\n").into_bytes())
             .collect();
-        let writer = std::thread::spawn(move || {
-            // debugfs may stop reading early (e.g. the image did not open).
-            let _ = stdin.write_all(&script);
-        });
-        let errors = std::thread::spawn(move || {
-            let mut kept = Vec::new();
-            let _ = (&mut stderr).take(MAX_STDERR).read_to_end(&mut kept);
-            let _ = io::copy(&mut stderr, &mut io::sink());
-            kept
-        });
-        let mut out = Vec::new();
-        let read = stdout.take(MAX_OUTPUT + 1).read_to_end(&mut out);
-        let too_big = out.len() as u64 > MAX_OUTPUT;
-        if too_big || read.is_err() {
-            let _ = child.kill();
-        }
-        let status = child.wait().map_err(io_err(&self.tool))?;
-        let _ = writer.join();
-        let stderr = errors.join().unwrap_or_default();
-        read.map_err(io_err(&self.tool))?;
-        if too_big {
+        let job = Job::new(&self.tool)?;
+        let mut l = job.current_limits();
+        l.timeout = DEBUGFS_TIMEOUT;
+        l.max_log_bytes = MAX_OUTPUT as usize;
+        l.max_file_bytes = self.budget.max(1);
+        // Directories and staging entries on top of the files.
+        l.max_output_bytes = self
+            .budget
+            .saturating_add(4096 * (listing::MAX_ENTRIES as u64 + 1))
+            .max(1 << 20);
+        let run = job
+            .limits(l)
+            .read_any(true)
+            .ro(&self.image, IMAGE)
+            .output_dir(cwd)
+            .env("DEBUGFS_PAGER", "__none__")
+            .args(["-f", "-", IMAGE])
+            .stdin(script)
+            .run()?;
+        if run.stdout.len() >= MAX_OUTPUT as usize {
             return Err(Ext4Error::TooLarge(format!(
                 "debugfs {step} printed more than {MAX_OUTPUT} bytes"
             )));
         }
-        let problems = error_lines(&stderr);
+        let stderr = &run.stderr[..run.stderr.len().min(MAX_STDERR)];
+        let problems = error_lines(stderr);
         if !problems.is_empty() {
             return Err(debugfs_err(step, problems));
         }
-        if !status.success() {
-            return Err(debugfs_err(step, format!("exited with {status}")));
+        if run.status != Status::Exited(0) {
+            return Err(debugfs_err(step, run.describe()));
         }
-        sections(&out, cmds).ok_or_else(|| {
+        sections(&run.stdout, cmds).ok_or_else(|| {
             debugfs_err(
                 step,
                 "unexpected output (the command echo lines do not match the commands)",
@@ -411,6 +454,7 @@ mod tests {
     use super::dump::set_times;
     use super::*;
     use std::collections::BTreeMap;
+    use std::process::Command;
     use std::ffi::{CString, OsStr};
     use std::os::unix::ffi::OsStrExt;
     use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
@@ -663,6 +707,53 @@ mod tests {
         }
     }
 
+    /// A 16 MiB image whose file claims 2 GiB (all holes): refused before
+    /// rdump writes anything.
+    #[test]
+    fn files_larger_than_the_budget_are_refused() {
+        let t = TempDir::new();
+        let src = t.0.join("src");
+        write(&src.join("small"), b"tiny", 0o644);
+        write(&src.join("d/f"), b"x", 0o644);
+        let img = t.0.join("fs.ext4");
+        mkfs(&src, &img, "16M", &[]);
+        debugfs_w(&img, "sif /small size 2147483648");
+        let out = t.0.join("out");
+        let e = extract(&img, &out).unwrap_err();
+        match &e {
+            Ext4Error::OverBudget { needed, budget } => {
+                assert_eq!((*needed, *budget), ((2u64 << 30) + 1, 16 << 20), "{e}")
+            }
+            other => panic!("expected OverBudget, got {other}"),
+        }
+        assert!(
+            e.to_string().contains("more than the 16777216 bytes"),
+            "{e}"
+        );
+        assert!(!out.exists(), "out is removed again");
+        // Hard links count per name: rdump writes a copy for each.
+        let src2 = t.0.join("src2");
+        write(&src2.join("a"), &vec![7u8; 300_000], 0o644);
+        for i in 0..4 {
+            fs::hard_link(src2.join("a"), src2.join(format!("l{i}"))).unwrap();
+        }
+        let img2 = t.0.join("links.ext4");
+        mkfs(&src2, &img2, "8M", &[]);
+        let e = extract_with_budget(&img2, &t.0.join("out2"), 1_000_000).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Ext4Error::OverBudget {
+                    needed: 1_500_000,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        let s = extract_with_budget(&img2, &t.0.join("out3"), 1_500_000).unwrap();
+        assert_eq!(s.files, 5);
+    }
+
     #[test]
     fn out_may_exist_empty() {
         let t = TempDir::new();
@@ -828,7 +919,7 @@ mod tests {
         let e = extract(&img, &t.0.join("link")).unwrap_err();
         assert!(matches!(e, Ext4Error::OutNotDir(_)), "{e}");
 
-        let e = extract_with(None, &img, &t.0.join("out3")).unwrap_err();
+        let e = extract_with(None, &img, &t.0.join("out3"), 1 << 30).unwrap_err();
         assert!(matches!(e, Ext4Error::ToolMissing));
         assert!(e.to_string().contains("e2fsprogs"), "{e}");
         assert!(!t.0.join("out3").exists());

@@ -141,14 +141,16 @@ fn from_oci(e: OciError) -> ImageStoreError {
 fn from_ext4(rootfs: &Path, e: Ext4Error) -> ImageStoreError {
     let msg = format!("container root filesystem {}: {e}", rootfs.display());
     match e {
-        Ext4Error::NotExt4(_) | Ext4Error::Unsafe { .. } | Ext4Error::TooLarge(_) => {
-            ImageStoreError::Invalid(msg)
-        }
+        Ext4Error::NotExt4(_)
+        | Ext4Error::Unsafe { .. }
+        | Ext4Error::TooLarge(_)
+        | Ext4Error::OverBudget { .. } => ImageStoreError::Invalid(msg),
         Ext4Error::ToolMissing
         | Ext4Error::Io { .. }
         | Ext4Error::OutNotDir(_)
         | Ext4Error::OutNotEmpty(_)
-        | Ext4Error::Debugfs { .. } => ImageStoreError::Internal(msg),
+        | Ext4Error::Debugfs { .. }
+        | Ext4Error::Sandbox(_) => ImageStoreError::Internal(msg),
     }
 }
 
