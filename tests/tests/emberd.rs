@@ -430,10 +430,23 @@ int main(void) {
 #[test]
 fn builds_run_unprivileged_and_cannot_read_host_secrets() {
     let d = start();
-    // As root, gcc would print the file's lines in its errors; as the build
-    // user it cannot open it.
+    // gcc runs in a sandbox job whose root holds only the toolchain, the
+    // sources and /out: /etc/shadow is not there to read.
     let tgz = make_tar(d.dir.path(), &[("main.c", b"#include \"/etc/shadow\"\nint main(void){return 0;}\n")]);
     let form = format!("tarfile=@{}", tgz.display());
+    // A response-file source would run a shell as the build user if gcc
+    // were given its bare name.
+    let marker = std::env::temp_dir().join(format!("PWNED-{}-emberd", std::process::id()));
+    let opts = format!("-wrapper /bin/sh,-c,touch {}\n", marker.display());
+    let rsp = make_tar(
+        &d.dir.path().join("rsp"),
+        &[
+            ("@opts.c", opts.as_bytes()),
+            ("-o.c", b"int helper(void){return 1;}\n"),
+            ("main.c", b"int helper(void);\nint main(void){return helper();}\n"),
+        ],
+    );
+    let rsp_form = format!("tarfile=@{}", rsp.display());
     for base in ["ember", "linux"] {
         let (c, v) = d.json(&[
             "-X", "POST", "-F", &form, "-F", "provider=ember", "-F", &format!("base={base}"),
@@ -441,9 +454,96 @@ fn builds_run_unprivileged_and_cannot_read_host_secrets() {
         ]);
         assert_eq!(c, 400, "{base}: {v}");
         let msg = v["Error"].as_str().unwrap_or_default();
-        assert!(msg.contains("Permission denied"), "{base}: {msg}");
+        assert!(msg.contains("/etc/shadow: No such file or directory"), "{base}: {msg}");
         assert!(!msg.contains("root:"), "{base}: host secret leaked: {msg}");
+        let (c, v) = d.json(&[
+            "-X", "POST", "-F", &rsp_form, "-F", "provider=ember", "-F", &format!("base={base}"),
+            "-F", "lang=c", &format!("http://localhost/images/rsp-{base}/create"),
+        ]);
+        assert_eq!(c, 400, "{base}: {v}");
+        let msg = v["Error"].as_str().unwrap_or_default();
+        assert!(msg.contains("@opts.c"), "{base}: {msg}");
+        assert!(!marker.exists(), "{base}: gcc ran the response file's wrapper");
     }
+}
+
+/// A header that includes itself twice: gcc recurses to its include depth
+/// limit over and over and runs for hours with little memory.
+const INCLUDE_BOMB: &[(&str, &[u8])] = &[
+    ("main.c", b"#include \"x.h\"\nint main(void){return 0;}\n"),
+    ("x.h", b"#include \"x.h\"\n#include \"x.h\"\n"),
+];
+
+/// Pids of the processes running as a uid in `range` (zombies excluded).
+fn processes_of(range: std::ops::RangeInclusive<u32>) -> Vec<(i32, String)> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Ok(st) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+            continue;
+        };
+        let field = |k: &str| st.lines().find(|l| l.starts_with(k)).unwrap_or("").to_string();
+        let uid: u32 = field("Uid:").split_whitespace().nth(1).and_then(|u| u.parse().ok()).unwrap_or(0);
+        if range.contains(&uid) && !field("State:").contains('Z') {
+            out.push((pid, field("Name:").trim_start_matches("Name:").trim().to_string()));
+        }
+    }
+    out
+}
+
+#[test]
+fn a_hung_build_is_stopped_by_the_job_timeout() {
+    let d = Emberd::start("emberd-jobtimeout", 10501, &["--job-timeout-secs", "3"]);
+    let tgz = make_tar(d.dir.path(), INCLUDE_BOMB);
+    let form = format!("tarfile=@{}", tgz.display());
+    for base in ["linux", "ember"] {
+        let started = std::time::Instant::now();
+        let (c, v) = d.json(&[
+            "-X", "POST", "-F", &form, "-F", "provider=ember", "-F", &format!("base={base}"),
+            "-F", "lang=c", &format!("http://localhost/images/bomb-{base}/create"),
+        ]);
+        assert_eq!(c, 400, "{base}: {v}");
+        let msg = v["Error"].as_str().unwrap_or_default();
+        assert!(msg.contains("did not finish within 3"), "{base}: {msg}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(60));
+    }
+}
+
+/// A `kill -9` of emberd takes a running build down with it: the job's
+/// setup process dies of its parent-death signal, then its PID namespace.
+#[test]
+fn a_build_dies_with_emberd_kill_9() {
+    let range = 29950..=29959;
+    let mut d = Emberd::start("emberd-k9build", 10501, &["--job-uid-range", "29950-29959"]);
+    let tgz = make_tar(d.dir.path(), INCLUDE_BOMB);
+    let form = format!("tarfile=@{}", tgz.display());
+    let mut curl = Command::new("curl")
+        .args(["-s", "--max-time", "300", "--unix-socket"])
+        .arg(&d.sock)
+        .args(["-X", "POST", "-F", &form, "-F", "provider=ember", "-F", "base=linux"])
+        .args(["-F", "lang=c", "http://localhost/images/k9/create"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !processes_of(range.clone()).iter().any(|(_, n)| n == "cc1") {
+        assert!(std::time::Instant::now() < deadline, "cc1 never started: {:?}", processes_of(range.clone()));
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    d.kill9();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let left = processes_of(range.clone());
+        if left.is_empty() {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the build outlived emberd: {left:?}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let _ = curl.kill();
+    let _ = curl.wait();
 }
 
 /// Booting a `linux` image needs a KVM that runs Linux. This host's KVM is

@@ -25,7 +25,9 @@ pub const KERNEL: &str = "kernel.elf";
 pub const BOOT_ARGS: &str = "console=ttyS0";
 /// Default guest memory.
 pub const DEFAULT_MEMORY_MB: u32 = 64;
-/// gcc is killed after this long.
+/// gcc is killed after this long, unless emberd's `--job-timeout-secs`
+/// (the sandbox's default timeout) or [`EmberC::with_timeout`] says
+/// otherwise.
 pub const GCC_TIMEOUT: Duration = Duration::from_secs(120);
 /// At most this much of gcc's messages is kept.
 pub const MAX_OUTPUT: usize = 64 * 1024;
@@ -50,7 +52,8 @@ fn user_cflags() -> impl Iterator<Item = &'static str> {
 #[derive(Clone, Debug)]
 pub struct EmberC {
     gcc: String,
-    timeout: Duration,
+    /// None: the sandbox's configured job timeout.
+    timeout: Option<Duration>,
 }
 
 impl Default for EmberC {
@@ -64,7 +67,7 @@ impl EmberC {
     pub fn new() -> Self {
         Self {
             gcc: std::env::var("EMBER_GCC").unwrap_or_else(|_| "gcc".into()),
-            timeout: GCC_TIMEOUT,
+            timeout: None,
         }
     }
 
@@ -72,13 +75,14 @@ impl EmberC {
     pub fn with_gcc(gcc: impl Into<String>) -> Self {
         Self {
             gcc: gcc.into(),
-            timeout: GCC_TIMEOUT,
+            timeout: None,
         }
     }
 
-    /// Changes how long gcc may run (default [`GCC_TIMEOUT`]).
+    /// Changes how long gcc may run (default: the sandbox's job timeout,
+    /// [`GCC_TIMEOUT`] unless emberd was told otherwise).
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
-        self.timeout = timeout;
+        self.timeout = Some(timeout);
         self
     }
 }
@@ -185,7 +189,9 @@ impl EmberC {
     fn job(&self, gcc: &Path) -> Result<Job, CompileError> {
         let job = Job::new(gcc).map_err(|e| sandbox_error(&self.gcc, e))?;
         let mut l = job.current_limits();
-        l.timeout = self.timeout;
+        if let Some(t) = self.timeout {
+            l.timeout = t;
+        }
         l.max_log_bytes = MAX_OUTPUT;
         let job = job.limits(l).max_file(MAX_FILE_BYTES);
         let in_toolchain = sandbox::config()

@@ -37,13 +37,24 @@
 //! The binaries come from e2fsprogs (`mkfs.ext4`; the tests also use
 //! `debugfs` and `dumpe2fs`). They are looked up in `PATH` and in the usual
 //! sbin directories.
+//!
+//! mkfs.ext4 runs as a [`crate::sandbox`] job: the content directory is
+//! bound read-only at `/in` (the job keeps only `CAP_DAC_OVERRIDE`, to read
+//! files of any owner and mode, whose owners mkfs records), the image is
+//! made sparse in the job's `/out` and written there under `RLIMIT_FSIZE`
+//! at the image size, then moved to `path` with `O_NOFOLLOW` (a regular,
+//! singly linked file). The image and the content are fixed names inside
+//! the job (`/out/image`, `/in`): no user-chosen name reaches mkfs's
+//! arguments.
 
 use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use crate::sandbox::{Job, SandboxError, Status};
 
 /// One mebibyte.
 pub const MIB: u64 = 1024 * 1024;
@@ -61,6 +72,9 @@ const BYTES_PER_INODE: u64 = 16384;
 const SECTOR: u64 = 512;
 /// How many times an automatically sized image is grown and retried.
 const AUTO_RETRIES: u32 = 4;
+/// Wall-clock limit of one mkfs run (populating a large image takes
+/// minutes).
+pub const MKFS_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 /// Directories searched for e2fsprogs binaries besides `PATH`.
 const SBIN_DIRS: [&str; 4] = ["/usr/sbin", "/sbin", "/usr/local/sbin", "/usr/bin"];
 
@@ -95,6 +109,9 @@ pub enum VolumeError {
     /// The content directory is not a directory.
     #[error("{0} is not a directory")]
     NotADirectory(PathBuf),
+    /// The mkfs job could not run, or its image could not be taken.
+    #[error("mkfs.ext4 sandbox: {0}")]
+    Sandbox(#[from] SandboxError),
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> VolumeError + '_ {
@@ -144,46 +161,52 @@ enum MkfsOutcome {
     NoSpace,
 }
 
-/// Runs mkfs.ext4 with the module's fixed options on `path`.
+/// Runs mkfs.ext4 with the module's fixed options in a sandbox job on a
+/// new sparse image of `bytes`, populated from `dir`; on success the image
+/// replaces `path`.
 fn run_mkfs(
     path: &Path,
+    bytes: u64,
     dir: Option<&Path>,
     inodes: Option<u64>,
 ) -> Result<MkfsOutcome, VolumeError> {
     let mkfs = find_tool("mkfs.ext4").ok_or(VolumeError::ToolMissing("mkfs.ext4"))?;
-    let mut cmd = Command::new(mkfs);
-    cmd.args([
-        "-F",
-        "-q",
-        "-t",
-        "ext4",
-        "-b",
-        "4096",
-        "-I",
-        "256",
-        "-m",
-        "0",
-        "-O",
-        "^has_journal",
-        "-E",
-        "root_owner=0:0",
-    ]);
+    let mut job = Job::new(mkfs)?;
+    let image = job.out_dir().join("image");
+    create_sparse(&image, bytes)?;
+    job = job
+        .timeout(MKFS_TIMEOUT)
+        .max_file(bytes)
+        .max_output(bytes)
+        .args([
+            "-F",
+            "-q",
+            "-t",
+            "ext4",
+            "-b",
+            "4096",
+            "-I",
+            "256",
+            "-m",
+            "0",
+            "-O",
+            "^has_journal",
+            "-E",
+            "root_owner=0:0",
+        ]);
     if let Some(n) = inodes {
-        cmd.arg("-N").arg(n.to_string());
+        job = job.arg("-N").arg(n.to_string());
     }
     if let Some(d) = dir {
-        cmd.arg("-d").arg(d);
+        job = job.ro(d, "/in").read_any(true).arg("-d").arg("/in");
     }
-    cmd.arg(path);
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let out = cmd.output().map_err(io_err(path))?;
-    if out.status.success() {
+    let run = job.arg("/out/image").run()?;
+    if run.success() {
+        run.take_file("image", path, bytes, 0o644)?;
         return Ok(MkfsOutcome::Ok);
     }
-    let mut stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    stderr.push_str(&String::from_utf8_lossy(&out.stdout));
+    let mut stderr = String::from_utf8_lossy(&run.stderr).into_owned();
+    stderr.push_str(&String::from_utf8_lossy(&run.stdout));
     if stderr.contains("Could not allocate") || stderr.contains("No space left") {
         return Ok(MkfsOutcome::NoSpace);
     }
@@ -196,7 +219,10 @@ fn run_mkfs(
         stderr.truncate(cut);
     }
     Err(VolumeError::Mkfs {
-        status: out.status.to_string(),
+        status: match run.status {
+            Status::Exited(c) => format!("exit status: {c}"),
+            _ => run.describe(),
+        },
         stderr,
     })
 }
@@ -205,8 +231,7 @@ fn run_mkfs(
 /// MB; the file is sparse.
 pub fn create_empty_ext4(path: &Path, size_mb: u64) -> Result<(), VolumeError> {
     let bytes = check_size(size_mb)?;
-    create_sparse(path, bytes)?;
-    let res = match run_mkfs(path, None, None) {
+    let res = match run_mkfs(path, bytes, None, None) {
         Ok(MkfsOutcome::Ok) => Ok(()),
         Ok(MkfsOutcome::NoSpace) => Err(VolumeError::TooSmall {
             given_mb: size_mb,
@@ -356,8 +381,7 @@ pub fn create_ext4_from_dir(
 
 /// One mkfs -d attempt; Ok(false) when the content did not fit.
 fn build_from_dir(path: &Path, dir: &Path, bytes: u64, inodes: u64) -> Result<bool, VolumeError> {
-    create_sparse(path, bytes)?;
-    match run_mkfs(path, Some(dir), Some(inodes))? {
+    match run_mkfs(path, bytes, Some(dir), Some(inodes))? {
         MkfsOutcome::Ok => Ok(true),
         MkfsOutcome::NoSpace => Ok(false),
     }
@@ -415,6 +439,7 @@ pub fn image_size_mb(path: &Path) -> u64 {
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
+    use std::process::Command;
 
     use crate::test_util::TempDir;
 
