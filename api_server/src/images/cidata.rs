@@ -8,13 +8,17 @@
 //! values) into [`CidataFiles`], and [`build_cidata`] writes those into a
 //! small vfat image without mounting anything: `mkfs.vfat` (Debian package
 //! `dosfstools`) formats a file and `mcopy` (package `mtools`) copies the
-//! files in.
+//! files in. Both run in one [`crate::sandbox`] job (a `/bin/sh` script
+//! with the fixed NoCloud file names as arguments): the files are bound
+//! read-only at `/in`, the image is made in the job's `/out` and moved to
+//! its place with `O_NOFOLLOW`.
 
 use std::collections::BTreeMap;
 use std::io;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::sandbox::{self, Job, PrivateDir, SandboxError};
 
 /// Errors from building cidata images and decoding Flintlock metadata.
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +56,9 @@ pub enum CidataError {
     /// The instance id is empty or has control characters.
     #[error("invalid instance id {0:?}")]
     InstanceId(String),
+    /// The sandbox job failed to run or to give its image.
+    #[error("cidata sandbox: {0}")]
+    Sandbox(#[from] SandboxError),
 }
 
 /// The four NoCloud files. `user_data` is always written (cloud-init wants
@@ -95,17 +102,37 @@ impl CidataFiles {
 pub fn build_cidata(out: &Path, files: &CidataFiles) -> Result<(), CidataError> {
     let mkfs = find_tool("mkfs.vfat", "dosfstools")?;
     let mcopy = find_tool("mcopy", "mtools")?;
+    let sh = sandbox::find_program("sh").ok_or(CidataError::ToolMissing {
+        tool: "sh",
+        package: "dash",
+    })?;
 
     let dir = match out.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    let base = out
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "cidata".into());
-    let stage = Staging::new(&dir, &base)?;
-    let tmp_img = stage.dir.join("image");
+    std::fs::metadata(&dir).map_err(|source| CidataError::Io {
+        what: "output directory",
+        path: dir.clone(),
+        source,
+    })?;
+    let stage = PrivateDir::new("cidata")?;
+    let input = stage.path().join("in");
+    let io = |what: &'static str, path: &Path| {
+        let path = path.to_path_buf();
+        move |source| CidataError::Io { what, path, source }
+    };
+    std::fs::create_dir(&input).map_err(io("create staging directory", &input))?;
+    std::fs::set_permissions(&input, std::fs::Permissions::from_mode(0o755))
+        .map_err(io("chmod", &input))?;
+    let mut names = Vec::new();
+    for (name, contents) in files.entries() {
+        let src = input.join(name);
+        std::fs::write(&src, contents).map_err(io("write", &src))?;
+        std::fs::set_permissions(&src, std::fs::Permissions::from_mode(0o644))
+            .map_err(io("chmod", &src))?;
+        names.push(name);
+    }
 
     // Size: each file rounded up to 4 KiB clusters plus FAT/root overhead.
     let data: u64 = files
@@ -116,65 +143,39 @@ pub fn build_cidata(out: &Path, files: &CidataFiles) -> Result<(), CidataError> 
     let kib = (data + data / 8).div_ceil(1024) + 512;
     let kib = kib.max(1024);
 
-    run(
-        Command::new(&mkfs)
-            .arg("-n")
-            .arg(VOLUME_LABEL)
-            .arg("-C")
-            .arg(&tmp_img)
-            .arg(kib.to_string()),
-        "mkfs.vfat",
-    )?;
-    for (name, contents) in files.entries() {
-        let src = stage.dir.join(name);
-        std::fs::write(&src, contents).map_err(|source| CidataError::Io {
-            what: "write",
-            path: src.clone(),
-            source,
-        })?;
-        run(
-            Command::new(&mcopy)
-                .env("MTOOLS_SKIP_CHECK", "1")
-                .arg("-i")
-                .arg(&tmp_img)
-                .arg(&src)
-                .arg(format!("::{name}")),
-            "mcopy",
-        )?;
+    const SCRIPT: &str = "set -e; mkfs=$1; mcopy=$2; kib=$3; label=$4; shift 4; \
+        \"$mkfs\" -n \"$label\" -C /out/image \"$kib\" >/dev/null; \
+        for f in \"$@\"; do MTOOLS_SKIP_CHECK=1 \"$mcopy\" -i /out/image \"/in/$f\" \"::$f\"; done";
+    let run = Job::new(sh)?
+        .ro(&input, "/in")
+        .max_file(kib * 1024)
+        .arg("-c")
+        .arg(SCRIPT)
+        .arg("sh")
+        .arg(&mkfs)
+        .arg(&mcopy)
+        .arg(kib.to_string())
+        .arg(VOLUME_LABEL)
+        .args(names)
+        .run()?;
+    if !run.success() {
+        let mut stderr = String::from_utf8_lossy(&run.stderr).trim().to_string();
+        if stderr.is_empty() {
+            stderr = String::from_utf8_lossy(&run.stdout).trim().to_string();
+        }
+        let mut cut = stderr.len().min(2000);
+        while !stderr.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        stderr.truncate(cut);
+        return Err(CidataError::ToolFailed {
+            tool: "mkfs.vfat/mcopy",
+            status: run.describe(),
+            stderr,
+        });
     }
-    std::fs::rename(&tmp_img, out).map_err(|source| CidataError::Io {
-        what: "rename image to",
-        path: out.to_path_buf(),
-        source,
-    })?;
+    run.take_file("image", out, kib * 1024, 0o644)?;
     Ok(())
-}
-
-/// A private staging directory next to the output, removed on drop.
-struct Staging {
-    dir: PathBuf,
-}
-
-impl Staging {
-    fn new(parent: &Path, base: &str) -> Result<Self, CidataError> {
-        static SEQ: AtomicU64 = AtomicU64::new(0);
-        let n = SEQ.fetch_add(1, Ordering::Relaxed);
-        let dir = parent.join(format!(".{base}.tmp-{}-{n}", std::process::id()));
-        // A stale directory from a crashed run with the same pid/seq.
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir(&dir).map_err(|source| CidataError::Io {
-            what: "create staging directory",
-            path: dir.clone(),
-            source,
-        })?;
-        Ok(Staging { dir })
-    }
-}
-
-impl Drop for Staging {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
 }
 
 /// Finds `tool` in PATH or the sbin directories (mkfs.vfat lives in
@@ -194,30 +195,6 @@ fn is_executable(p: &Path) -> bool {
     std::fs::metadata(p)
         .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
         .unwrap_or(false)
-}
-
-fn run(cmd: &mut Command, tool: &'static str) -> Result<(), CidataError> {
-    let out = cmd
-        .stdin(std::process::Stdio::null())
-        .output()
-        .map_err(|source| CidataError::Io {
-            what: "run",
-            path: PathBuf::from(tool),
-            source,
-        })?;
-    if out.status.success() {
-        return Ok(());
-    }
-    let mut stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
-    if stderr.is_empty() {
-        stderr = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    }
-    stderr.truncate(2000);
-    Err(CidataError::ToolFailed {
-        tool,
-        status: out.status.to_string(),
-        stderr,
-    })
 }
 
 /// Decodes a Flintlock `metadata` map into the NoCloud files.
