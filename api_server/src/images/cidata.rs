@@ -58,7 +58,13 @@ pub enum CidataError {
     InstanceId(String),
     /// The sandbox job failed to run or to give its image.
     #[error("cidata sandbox: {0}")]
-    Sandbox(#[from] SandboxError),
+    Sandbox(Box<SandboxError>),
+}
+
+impl From<SandboxError> for CidataError {
+    fn from(e: SandboxError) -> Self {
+        CidataError::Sandbox(Box::new(e))
+    }
 }
 
 /// The four NoCloud files. `user_data` is always written (cloud-init wants

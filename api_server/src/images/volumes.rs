@@ -111,7 +111,13 @@ pub enum VolumeError {
     NotADirectory(PathBuf),
     /// The mkfs job could not run, or its image could not be taken.
     #[error("mkfs.ext4 sandbox: {0}")]
-    Sandbox(#[from] SandboxError),
+    Sandbox(Box<SandboxError>),
+}
+
+impl From<SandboxError> for VolumeError {
+    fn from(e: SandboxError) -> Self {
+        VolumeError::Sandbox(Box::new(e))
+    }
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> VolumeError + '_ {

@@ -158,8 +158,10 @@ fn file_size_and_output_caps() {
 #[test]
 fn logs_are_capped_and_stdin_is_passed() {
     need_root!();
-    let mut l = Limits::default();
-    l.max_log_bytes = 1000;
+    let l = Limits {
+        max_log_bytes: 1000,
+        ..Default::default()
+    };
     let f = sh("cat; yes | head -c 100000; yes | head -c 5 >&2").stdin(b"from stdin\n".to_vec());
     let f = f.limits(l).timeout(Duration::from_secs(20)).run().unwrap();
     assert!(f.success(), "{}", f.describe());
@@ -282,9 +284,11 @@ fn cgroup_limits_or_a_stated_skip() {
         }
         None
     });
-    let mut l = Limits::default();
-    l.memory_bytes = 300 << 20;
-    l.pids = 77;
+    let l = Limits {
+        memory_bytes: 300 << 20,
+        pids: 77,
+        ..Default::default()
+    };
     let f = sh("sleep 1").limits(l).run().unwrap();
     assert!(f.success());
     let (path, m, p) = watcher.join().unwrap().expect("no job cgroup seen");

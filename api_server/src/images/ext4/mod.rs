@@ -157,7 +157,13 @@ pub enum Ext4Error {
     OverBudget { needed: u64, budget: u64 },
     /// The debugfs job could not run.
     #[error("debugfs sandbox: {0}")]
-    Sandbox(#[from] crate::sandbox::SandboxError),
+    Sandbox(Box<crate::sandbox::SandboxError>),
+}
+
+impl From<crate::sandbox::SandboxError> for Ext4Error {
+    fn from(e: crate::sandbox::SandboxError) -> Self {
+        Ext4Error::Sandbox(Box::new(e))
+    }
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> Ext4Error + '_ {
@@ -454,10 +460,10 @@ mod tests {
     use super::dump::set_times;
     use super::*;
     use std::collections::BTreeMap;
-    use std::process::Command;
     use std::ffi::{CString, OsStr};
     use std::os::unix::ffi::OsStrExt;
     use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
+    use std::process::Command;
 
     use crate::test_util::TempDir;
 
