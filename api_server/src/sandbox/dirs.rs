@@ -63,23 +63,41 @@ pub(super) fn checked_dir(p: &Path) -> Result<(), SandboxError> {
     Ok(())
 }
 
+/// This process's own base directory, when no base was configured.
+static OWN_BASE: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+
+/// Removes [`OWN_BASE`] at exit; every job directory in it is gone by then
+/// (removed when its job ends), so only an empty directory is removed.
+extern "C" fn remove_own_base() {
+    if let Some(Ok(p)) = OWN_BASE.get() {
+        let _ = fs::remove_dir(p);
+    }
+}
+
 /// The base directory of job directories: the configured one (checked
-/// with [`checked_dir`]) or this process's own `mkdtemp` directory.
+/// with [`checked_dir`]) or this process's own `mkdtemp` directory in the
+/// system temp dir, removed at exit.
 pub fn base_dir(cfg: &SandboxConfig) -> Result<PathBuf, SandboxError> {
     if let Some(b) = &cfg.base_dir {
         checked_dir(b)?;
         return Ok(b.clone());
     }
-    static OWN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    OWN.get_or_init(|| {
-        mkdtemp(&std::env::temp_dir(), "ember-jobs")
-            .map_err(|e| format!("cannot make a base directory in the temp dir: {e}"))
-    })
-    .clone()
-    .map_err(|why| SandboxError::Dir {
-        path: std::env::temp_dir(),
-        why,
-    })
+    OWN_BASE
+        .get_or_init(|| {
+            let made = mkdtemp(&std::env::temp_dir(), "ember-jobs")
+                .map_err(|e| format!("cannot make a base directory in the temp dir: {e}"));
+            if made.is_ok() {
+                // SAFETY: registers a plain function that only reads a
+                // static and removes a directory.
+                unsafe { libc::atexit(remove_own_base) };
+            }
+            made
+        })
+        .clone()
+        .map_err(|why| SandboxError::Dir {
+            path: std::env::temp_dir(),
+            why,
+        })
 }
 
 /// `mkdtemp("<parent>/<prefix>-XXXXXX")`: a new directory, mode 0700, with
