@@ -102,7 +102,7 @@ pub fn base_dir(cfg: &SandboxConfig) -> Result<PathBuf, SandboxError> {
 
 /// `mkdtemp("<parent>/<prefix>-XXXXXX")`: a new directory, mode 0700, with
 /// an unpredictable name.
-fn mkdtemp(parent: &Path, prefix: &str) -> io::Result<PathBuf> {
+pub fn mkdtemp(parent: &Path, prefix: &str) -> io::Result<PathBuf> {
     let mut t = parent.join(format!("{prefix}-XXXXXX")).into_os_string();
     t.push("\0");
     let mut buf = t.into_vec();

@@ -109,9 +109,7 @@ pub use write::{diff_layer, write_layout, write_layout_from};
 use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io::{self, BufReader, Read};
-use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use serde_json::{json, Value};
@@ -392,21 +390,10 @@ struct ScratchDir(PathBuf);
 
 impl ScratchDir {
     fn new(parent: &Path) -> Result<ScratchDir, OciError> {
-        static N: AtomicU64 = AtomicU64::new(0);
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(0);
-        let p = parent.join(format!(
-            "ember-oci-{}-{}-{nanos}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::SeqCst)
-        ));
-        fs::DirBuilder::new()
-            .mode(0o700)
-            .create(&p)
-            .map_err(io_err(&p))?;
-        Ok(ScratchDir(p))
+        // An unpredictable name: the default parent is the shared temp dir.
+        crate::sandbox::mkdtemp(parent, "ember-oci")
+            .map(ScratchDir)
+            .map_err(io_err(parent))
     }
 }
 
