@@ -144,7 +144,7 @@ pub fn extract_tar_gz(
     (&mut data)
         .take(2)
         .read_to_end(&mut magic)
-        .map_err(ArchiveError::Read)?;
+        .map_err(read_err)?;
     let stream = io::Cursor::new(magic.clone()).chain(data);
     let cap = limits
         .max_bytes
@@ -208,14 +208,14 @@ fn extract_tar<R: Read>(
     // Directories whose final mode is applied at the end.
     let mut dir_modes: Vec<(PathBuf, u32)> = Vec::new();
 
-    let entries = archive.entries().map_err(ArchiveError::Read)?;
+    let entries = archive.entries().map_err(read_err)?;
     for entry in entries {
         let mut entry = entry.map_err(|e| too_large_or_read(e, limits))?;
         summary.entries += 1;
         if summary.entries > limits.max_entries {
             return Err(ArchiveError::TooManyEntries(limits.max_entries));
         }
-        let raw_path = entry.path().map_err(ArchiveError::Read)?.into_owned();
+        let raw_path = entry.path().map_err(read_err)?.into_owned();
         let kind = entry.header().entry_type();
         if matches!(kind, EntryType::XGlobalHeader | EntryType::XHeader) {
             continue;
@@ -228,7 +228,7 @@ fn extract_tar<R: Read>(
         if symlink_prefix(&rel, &symlink_set).is_some() {
             return Err(ArchiveError::ThroughSymlink(raw_path));
         }
-        let mode = entry.header().mode().map_err(ArchiveError::Read)?;
+        let mode = entry.header().mode().map_err(read_err)?;
         match kind {
             EntryType::Directory => {
                 let full = dest.join(&rel);
@@ -273,7 +273,7 @@ fn extract_tar<R: Read>(
             EntryType::Symlink => {
                 let target = entry
                     .link_name()
-                    .map_err(ArchiveError::Read)?
+                    .map_err(read_err)?
                     .map(|t| t.into_owned())
                     .unwrap_or_default();
                 check_symlink_target(&rel, &target)?;
@@ -285,7 +285,7 @@ fn extract_tar<R: Read>(
             EntryType::Link => {
                 let target = entry
                     .link_name()
-                    .map_err(ArchiveError::Read)?
+                    .map_err(read_err)?
                     .map(|t| t.into_owned())
                     .unwrap_or_default();
                 let bad = |reason| ArchiveError::BadLink {
@@ -353,6 +353,21 @@ fn extract_tar<R: Read>(
 fn too_large_or_read(e: io::Error, limits: &ExtractLimits) -> ArchiveError {
     if e.kind() == io::ErrorKind::InvalidData && e.to_string().contains("size limit") {
         ArchiveError::TooLarge(limits.max_bytes)
+    } else {
+        read_err(e)
+    }
+}
+
+/// A read error, without the bytes of the input in its text: the tar
+/// crate names a corrupt header's fields and path ("... when getting cksum
+/// for <the first 100 bytes>"), which for a file that is not a tar archive
+/// would echo its contents.
+fn read_err(e: io::Error) -> ArchiveError {
+    if e.to_string().contains(" when getting ") {
+        ArchiveError::Read(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "corrupt tar header (is it a tar archive?)",
+        ))
     } else {
         ArchiveError::Read(e)
     }
@@ -684,6 +699,17 @@ mod tests {
         assert!(matches!(err, ArchiveError::Read(_)), "{err}");
         let err = extract(&[b'x'; 700], &t.0).unwrap_err();
         assert!(matches!(err, ArchiveError::Read(_)), "{err}");
+    }
+
+    #[test]
+    fn errors_never_echo_the_input() {
+        // A file that is not a tar archive, like /etc/shadow: its first
+        // bytes are where a tar header has its path.
+        let mut text = b"root:$y$j9T$SECRETHASHSECRETHASH:19000:0:99999:7:::\n".repeat(20);
+        text.truncate(700);
+        let t = TempDir::new();
+        let err = extract(&text, &t.0).unwrap_err().to_string();
+        assert!(!err.contains("SECRET") && !err.contains("root:"), "{err}");
     }
 
     /// Asserts that nothing but `dest` itself exists in the temp dir.

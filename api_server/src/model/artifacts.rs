@@ -147,11 +147,13 @@ fn hub_from(config: &[u8]) -> HubResult<Hub> {
     Hub::new(cfg).map_err(|e| HubJobError::Invalid(e.to_string()))
 }
 
-/// Packs an image directory as tar.gz for the hub.
+/// Packs an image directory as tar.gz for the hub. Symlinks are packed as
+/// symlinks, never followed: the directory was written by a build.
 fn pack_image(dir: &Path, out: &Path) -> std::io::Result<()> {
     let f = std::fs::File::create(out)?;
     let gz = flate2::write::GzEncoder::new(f, flate2::Compression::fast());
     let mut t = tar::Builder::new(gz);
+    t.follow_symlinks(false);
     t.append_dir_all(".", dir)?;
     t.into_inner()?.finish()?.sync_all()
 }
@@ -279,5 +281,39 @@ impl HubDelete {
     /// Worker side: deletes it.
     pub fn run(self) -> HubResult<()> {
         Ok(self.hub.remote_delete(&self.name)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_util::TempDir;
+
+    #[test]
+    fn packing_an_image_never_follows_its_symlinks() {
+        let t = TempDir::new();
+        let secret = t.0.join("secret");
+        std::fs::write(&secret, "ROOT-ONLY-CANARY").unwrap();
+        let dir = t.0.join("image");
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::write(dir.join("kernel"), b"\x7fELF").unwrap();
+        // What a build's uid could plant in the image directory.
+        std::os::unix::fs::symlink(&secret, dir.join("initrd")).unwrap();
+        let out = t.0.join("image.tar.gz");
+        pack_image(&dir, &out).unwrap();
+        let mut bytes = Vec::new();
+        use std::io::Read;
+        flate2::read::GzDecoder::new(std::fs::File::open(&out).unwrap())
+            .read_to_end(&mut bytes)
+            .unwrap();
+        assert!(!String::from_utf8_lossy(&bytes).contains("ROOT-ONLY-CANARY"));
+        let mut ar = tar::Archive::new(&bytes[..]);
+        let link = ar
+            .entries()
+            .unwrap()
+            .map(|e| e.unwrap())
+            .find(|e| e.path().unwrap().ends_with("initrd"))
+            .unwrap();
+        assert_eq!(link.header().entry_type(), tar::EntryType::Symlink);
     }
 }
