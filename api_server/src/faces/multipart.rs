@@ -13,13 +13,70 @@ pub enum FormError {
     TooManyParts(usize),
 }
 
+use std::ops::{Deref, Range};
+
+use ember_http::RequestBody;
+
+/// A part's bytes: a range of the request body, shared and never copied
+/// (a large upload is a read-only map of its spool file, so its bytes stay
+/// in the page cache, not in emberd's memory). Cheap to clone and to hand
+/// to a worker thread.
+#[derive(Clone)]
+pub struct PartData {
+    body: RequestBody,
+    range: Range<usize>,
+}
+
+impl PartData {
+    fn owned(v: Vec<u8>) -> PartData {
+        let range = 0..v.len();
+        PartData {
+            body: v.into(),
+            range,
+        }
+    }
+}
+
+impl Deref for PartData {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.body[self.range.clone()]
+    }
+}
+
+impl AsRef<[u8]> for PartData {
+    fn as_ref(&self) -> &[u8] {
+        self
+    }
+}
+
+impl std::fmt::Debug for PartData {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PartData({} bytes)", self.range.len())
+    }
+}
+
+impl PartialEq for PartData {
+    fn eq(&self, other: &Self) -> bool {
+        **self == **other
+    }
+}
+
+impl Eq for PartData {}
+
+impl PartialEq<Vec<u8>> for PartData {
+    fn eq(&self, other: &Vec<u8>) -> bool {
+        **self == other[..]
+    }
+}
+
 /// One form field.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Part {
     pub name: String,
     pub filename: Option<String>,
     pub content_type: Option<String>,
-    pub data: Vec<u8>,
+    pub data: PartData,
 }
 
 /// A parsed form: its parts in order.
@@ -74,8 +131,9 @@ pub fn boundary(content_type: &str) -> Option<String> {
     header_param(content_type, "boundary").filter(|b| !b.is_empty() && b.len() <= 200)
 }
 
-/// Parses a multipart body.
-pub fn parse_multipart(body: &[u8], boundary: &str) -> Result<Form, FormError> {
+/// Parses a multipart body; the parts are ranges of it.
+pub fn parse_multipart(req_body: &RequestBody, boundary: &str) -> Result<Form, FormError> {
+    let body: &[u8] = req_body;
     let delim = format!("--{boundary}").into_bytes();
     let mut pos = find(body, &delim, 0).ok_or(FormError::Malformed("no opening boundary"))?;
     let mut form = Form::default();
@@ -122,7 +180,10 @@ pub fn parse_multipart(body: &[u8], boundary: &str) -> Result<Form, FormError> {
             name,
             filename,
             content_type,
-            data: body[data_start..data_end].to_vec(),
+            data: PartData {
+                body: req_body.clone(),
+                range: data_start..data_end,
+            },
         });
         pos = data_end + 2;
     }
@@ -137,14 +198,14 @@ pub fn parse_urlencoded(body: &[u8]) -> Form {
                 name: k.into_owned(),
                 filename: None,
                 content_type: None,
-                data: v.into_owned().into_bytes(),
+                data: PartData::owned(v.into_owned().into_bytes()),
             })
             .collect(),
     }
 }
 
 /// Parses a form body of either kind (an empty or other body is an empty form).
-pub fn parse_form(content_type: Option<&str>, body: &[u8]) -> Result<Form, FormError> {
+pub fn parse_form(content_type: Option<&str>, body: &RequestBody) -> Result<Form, FormError> {
     match content_type {
         Some(ct) if ct.to_ascii_lowercase().starts_with("multipart/form-data") => {
             let b = boundary(ct).ok_or(FormError::NoBoundary)?;
@@ -164,6 +225,10 @@ pub fn parse_form(content_type: Option<&str>, body: &[u8]) -> Result<Form, FormE
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn rb(b: &[u8]) -> RequestBody {
+        b.into()
+    }
 
     fn body(b: &str, parts: &[(&str, Option<&str>, &[u8])]) -> Vec<u8> {
         let mut v = Vec::new();
@@ -198,7 +263,7 @@ mod tests {
             ],
         );
         let ct = "multipart/form-data; boundary=XyZ";
-        let f = parse_form(Some(ct), &b).unwrap();
+        let f = parse_form(Some(ct), &rb(&b)).unwrap();
         assert_eq!(f.text("provider").as_deref(), Some("ember"));
         let t = f.part("tarfile").unwrap();
         assert_eq!(t.filename.as_deref(), Some("app.tar.gz"));
@@ -213,34 +278,38 @@ mod tests {
         );
         assert!(boundary("text/plain; boundary=x").is_none());
         let b = body("------------------------abc123", &[("size", None, b"10")]);
-        let f = parse_multipart(&b, "------------------------abc123").unwrap();
+        let f = parse_multipart(&rb(&b), "------------------------abc123").unwrap();
         assert_eq!(f.text("size").as_deref(), Some("10"));
     }
 
     #[test]
     fn malformed_bodies_are_errors() {
-        assert!(parse_multipart(b"nothing here", "x").is_err());
+        assert!(parse_multipart(&rb(b"nothing here"), "x").is_err());
         assert!(parse_multipart(
-            b"--x\r\nContent-Disposition: form-data; name=\"a\"\r\n\r\nunterminated",
+            &rb(b"--x\r\nContent-Disposition: form-data; name=\"a\"\r\n\r\nunterminated"),
             "x"
         )
         .is_err());
         assert_eq!(
-            parse_form(Some("multipart/form-data"), b""),
+            parse_form(Some("multipart/form-data"), &rb(b"")),
             Err(FormError::NoBoundary)
         );
         let many: Vec<(&str, Option<&str>, &[u8])> =
             (0..70).map(|_| ("a", None, &b"1"[..])).collect();
         assert_eq!(
-            parse_multipart(&body("q", &many), "q"),
+            parse_multipart(&rb(&body("q", &many)), "q"),
             Err(FormError::TooManyParts(MAX_PARTS))
         );
     }
 
     #[test]
     fn urlencoded() {
-        let f = parse_form(Some("application/x-www-form-urlencoded"), b"a=1&b=x+y%21").unwrap();
+        let f = parse_form(
+            Some("application/x-www-form-urlencoded"),
+            &rb(b"a=1&b=x+y%21"),
+        )
+        .unwrap();
         assert_eq!(f.text("b").as_deref(), Some("x y!"));
-        assert_eq!(parse_form(None, b"zzz").unwrap(), Form::default());
+        assert_eq!(parse_form(None, &rb(b"zzz")).unwrap(), Form::default());
     }
 }

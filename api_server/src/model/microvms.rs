@@ -20,6 +20,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use super::host_paths::{HostPathError, HostPaths};
 use super::jobs::{BgFinish, Jobs};
 use super::store::Scratch;
 use super::supervisor::{RunRequest, Supervisor, SupervisorError};
@@ -82,6 +83,8 @@ pub enum ReconcileError {
     Install(#[from] SupervisorError),
     #[error("record gone")]
     RecordGone,
+    #[error("{0}")]
+    HostPath(#[from] HostPathError),
 }
 
 /// How often a failing MicroVM is retried before FAILED, and how long to
@@ -477,6 +480,22 @@ pub fn list(sup: &Supervisor, ns: &str, name: Option<&str>) -> Vec<MicroVm> {
         .collect()
 }
 
+/// Every host path the spec names (kernel, initrd, volume sources) must
+/// lie under the import directory.
+fn check_sources(paths: &HostPaths, spec: &MicroVmSpec) -> Result<(), HostPathError> {
+    if let Some(k) = &spec.kernel {
+        paths.import("kernel.image", &k.image)?;
+    }
+    if let Some(i) = spec.initrd.as_ref().filter(|i| !i.image.is_empty()) {
+        paths.import("initrd.image", &i.image)?;
+    }
+    for v in spec.root_volume.iter().chain(spec.additional_volumes.iter()) {
+        let src = v.source.as_ref().and_then(|s| s.container_source.as_deref()).unwrap_or("");
+        paths.import(&format!("volume {} containerSource", v.id), src)?;
+    }
+    Ok(())
+}
+
 /// Checks `spec`, records the MicroVM (PENDING) and schedules its first
 /// reconcile attempt.
 pub fn create(
@@ -486,6 +505,12 @@ pub fn create(
     policy: RetryPolicy,
 ) -> Result<MicroVm, MicroVmError> {
     validate(&mut spec)?;
+    // Outside the import directory is refused now; a source that does not
+    // exist yet fails its reconcile attempts (and may appear meanwhile).
+    match check_sources(sup.host_paths(), &spec) {
+        Ok(()) | Err(HostPathError::Missing { .. }) => {}
+        Err(e) => return Err(MicroVmError::Invalid(e.to_string())),
+    }
     if records(sup).any(|i| {
         i.annotations.get(ANN_NS) == Some(&spec.namespace)
             && i.annotations.get(ANN_NAME) == Some(&spec.id)
@@ -755,9 +780,14 @@ fn schedule(sup: &Supervisor, jobs: &Jobs, uid: &str, delay: Duration, policy: R
         .store()
         .staging_dir()
         .join(format!("flintlock-{}", uid.to_lowercase()));
+    // Checked again at every attempt: the import directory may have
+    // changed since the MicroVM was created (emberd restarted).
+    let allowed = check_sources(sup.host_paths(), &spec);
     let uid = uid.to_string();
     jobs.spawn_background("reconcile", delay, move || {
-        let built = build(&spec, &uid, staging);
+        let built = allowed
+            .map_err(ReconcileError::from)
+            .and_then(|()| build(&spec, &uid, staging));
         Box::new(move |sup: &mut Supervisor, jobs: &Jobs| {
             let Some(state) = record(sup, &uid).and_then(|i| i.annotations.get(ANN_STATE).cloned())
             else {

@@ -8,12 +8,14 @@
 //! - [`store`]: persistence of the records and the on-disk layout;
 //! - [`artifacts`]: the worker side of image and volume builds and of the
 //!   UniK hub's transfers;
+//! - [`host_paths`]: which host paths requests may name;
 //! - [`jobs`]: the loop's work queue (worker threads whose results are
 //!   applied on the loop thread);
 //! - [`microvms`]: Flintlock MicroVMs and their reconciler;
 //! - [`pods`]: hyperd pods, their planning and their pod VMs.
 
 pub mod artifacts;
+pub mod host_paths;
 pub mod jobs;
 pub mod microvms;
 pub mod pods;
@@ -249,6 +251,11 @@ pub struct Instance {
     /// unix socket `run/vsock.sock` in the instance's jail.
     #[serde(default)]
     pub vsock: bool,
+    /// The uid (and gid) its VMM runs as: its own, from emberd's range, so
+    /// no two VMMs share an identity (None: not started yet, or a record
+    /// from before per-VM identities).
+    #[serde(default)]
+    pub vmm_uid: Option<(u32, u32)>,
 }
 
 impl Instance {

@@ -9,7 +9,6 @@
 //! ext4 disk per container, the agent over vsock). Without a kernel for pod VMs,
 //! starting a pod or creating a VM answers a clear error.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use ember_http::{Method, Reply, Request, Response};
@@ -143,15 +142,14 @@ impl Hyperd {
 
     fn image_create(&self, ctx: &mut Ctx, req: &Request) -> Reply {
         let name = req.query_param("imageName").unwrap_or("").to_string();
-        let source = std::path::Path::new(&name);
         let (source, tag) = if !req.body.is_empty() {
             // An uploaded tarball, named by imageName.
             (
-                ImageSource::Upload(req.body.to_vec()),
+                ImageSource::Upload(Arc::new(req.body.clone())),
                 (!name.is_empty()).then(|| name.clone()),
             )
-        } else if source.is_absolute() && source.exists() {
-            (ImageSource::Path(source.to_path_buf()), None)
+        } else if name.starts_with('/') {
+            (ImageSource::Path(name.clone()), None)
         } else if name.is_empty() {
             return Reply::Now(fail(&HyperdError::BadParameter(
                 "imageName (a path to an OCI layout or docker save tarball) or an uploaded tarball is required".into(),
@@ -164,7 +162,10 @@ impl Hyperd {
                 vec![json!({"status": format!("Pulling {name}")})],
             ));
         };
-        let job = self.pods.prepare_import(ctx.sup, source, tag);
+        let job = match self.pods.prepare_import(ctx.sup, source, tag) {
+            Ok(j) => j,
+            Err(e) => return Reply::Now(fail(&e.into())),
+        };
         ctx.spawn("image-import", move || {
             let res = job.run();
             Box::new(move |_: &mut Supervisor| match res {
@@ -222,41 +223,22 @@ impl Hyperd {
         })
     }
 
-    fn image_push(&self, ctx: &mut Ctx, req: &Request) -> Reply {
-        let Some(remote) = req.query_param("remote").map(str::to_string) else {
-            return Reply::Now(fail(&HyperdError::BadParameter(
-                "remote is required".into(),
-            )));
-        };
-        let dest = PathBuf::from(&remote);
-        if !dest.is_absolute() {
-            return Reply::Now(fail(&HyperdError::BadParameter(format!(
-                "remote {remote:?} must be an absolute path to a local OCI layout directory (emberd has no registry access)"
-            ))));
-        }
-        let tag = req.query_param("tag").map(str::to_string);
-        let pods = self.pods.clone();
-        ctx.spawn("image-push", move || {
-            // The image is the layout's last path component unless a tag names it.
-            let name = tag.clone().unwrap_or_default();
-            let res = if name.is_empty() {
-                Err(HyperdError::BadParameter(
-                    "tag (the image to push) is required".into(),
-                ))
-            } else {
-                pods.push_image(&name, &dest).map_err(HyperdError::from)
-            };
+    fn image_push(&self, ctx: &mut Ctx, req: &Request) -> Result<Reply, HyperdError> {
+        let remote = required(req, "remote")?;
+        let job = self.pods.prepare_push(ctx.sup, req.query_param("tag"), remote)?;
+        Ok(ctx.spawn("image-push", move || {
+            let res = job.run();
             Box::new(move |_: &mut Supervisor| match res {
                 Ok(d) => lines(
                     200,
                     &[
-                        json!({"status": format!("Pushing {name} to {}", dest.display())}),
+                        json!({"status": format!("Pushing {} to {}", job.name(), job.dest().display())}),
                         json!({"status": format!("Pushed {d}")}),
                     ],
                 ),
-                Err(e) => fail_lines(&e, vec![]),
+                Err(e) => fail_lines(&e.into(), vec![]),
             }) as Finish
-        })
+        }))
     }
 
     fn commit(&self, ctx: &mut Ctx, req: &Request) -> Result<Reply, HyperdError> {
@@ -499,7 +481,7 @@ impl Face for Hyperd {
             (Method::Post, "/image/create") => self.image_create(ctx, req),
             (Method::Delete, "/image") => now(self.image_remove(ctx, req)),
             (Method::Post, "/image/build") => self.image_build(ctx, req),
-            (Method::Post, "/image/push" | "/images/push") => self.image_push(ctx, req),
+            (Method::Post, "/image/push" | "/images/push") => later(self.image_push(ctx, req)),
             (Method::Post, "/container/commit") => later(self.commit(ctx, req)),
             (
                 _,

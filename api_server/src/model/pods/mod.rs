@@ -29,7 +29,7 @@ pub use plan::{
     PodSpec, Resource,
 };
 pub use service::{
-    vm_id, vms, CommitJob, ImageSource, ImportJob, Imported, StartJob, StopJob, VmJob,
+    vm_id, vms, CommitJob, ImageSource, ImportJob, Imported, PushJob, StartJob, StopJob, VmJob,
 };
 
 use std::collections::{HashMap, HashSet};

@@ -91,18 +91,54 @@ impl CommitJob {
 
 /// Where an imported image comes from.
 pub enum ImageSource {
-    /// An OCI layout directory or a tarball on the host.
+    /// An OCI layout directory or a tarball on the host (as the request
+    /// named it; it must lie under the import directory).
+    Path(String),
+    /// A tarball uploaded with the request (its bytes, shared rather than
+    /// copied: a large upload is a map of the HTTP layer's spool file).
+    Upload(Upload),
+}
+
+/// Uploaded bytes as a worker can hold them.
+pub type Upload = Arc<dyn AsRef<[u8]> + Send + Sync>;
+
+/// A checked [`ImageSource`].
+enum Source {
     Path(PathBuf),
-    /// A tarball uploaded with the request.
-    Upload(Vec<u8>),
+    Upload(Upload),
 }
 
 /// An image import, ready for a worker; [`ImportJob::run`] does it.
 pub struct ImportJob {
     pods: Arc<Pods>,
     staging: PathBuf,
-    source: ImageSource,
+    source: Source,
     tag: Option<String>,
+}
+
+/// An image push, its destination checked; [`PushJob::run`] does it.
+pub struct PushJob {
+    pods: Arc<Pods>,
+    name: String,
+    dest: PathBuf,
+}
+
+impl PushJob {
+    /// The image pushed.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Where the layout is written.
+    pub fn dest(&self) -> &Path {
+        &self.dest
+    }
+
+    /// Worker side: writes the image into the OCI layout; returns the
+    /// manifest digest.
+    pub fn run(&self) -> Result<String> {
+        Ok(self.pods.images.push(&self.name, &self.dest, None)?)
+    }
 }
 
 /// An imported image.
@@ -116,11 +152,11 @@ impl ImportJob {
     pub fn run(self) -> Result<Imported> {
         let res = (|| {
             let src = match self.source {
-                ImageSource::Path(p) => p,
-                ImageSource::Upload(body) => {
+                Source::Path(p) => p,
+                Source::Upload(body) => {
                     std::fs::create_dir_all(&self.staging).map_err(super::failed)?;
                     let f = self.staging.join("upload.tar");
-                    std::fs::write(&f, &body).map_err(super::failed)?;
+                    std::fs::write(&f, (*body).as_ref()).map_err(super::failed)?;
                     f
                 }
             };
@@ -317,13 +353,43 @@ impl Pods {
         sup: &Supervisor,
         source: ImageSource,
         tag: Option<String>,
-    ) -> ImportJob {
-        ImportJob {
+    ) -> Result<ImportJob> {
+        let source = match source {
+            ImageSource::Path(p) => Source::Path(
+                sup.host_paths()
+                    .import("imageName", &p)
+                    .map_err(|e| PodError::Invalid(e.to_string()))?,
+            ),
+            ImageSource::Upload(b) => Source::Upload(b),
+        };
+        Ok(ImportJob {
             pods: Arc::clone(self),
             staging: sup.store().staging_dir().join(new_id("import")),
             source,
             tag,
-        }
+        })
+    }
+
+    /// Loop side of a push of image `name` to the OCI layout `remote`,
+    /// which must lie under the export directory.
+    pub fn prepare_push(
+        self: &Arc<Self>,
+        sup: &Supervisor,
+        name: Option<&str>,
+        remote: &str,
+    ) -> Result<PushJob> {
+        let dest = sup
+            .host_paths()
+            .export("remote", remote)
+            .map_err(|e| PodError::Invalid(e.to_string()))?;
+        let name = name
+            .filter(|n| !n.is_empty())
+            .ok_or_else(|| PodError::Invalid("tag (the image to push) is required".into()))?;
+        Ok(PushJob {
+            pods: Arc::clone(self),
+            name: name.to_string(),
+            dest,
+        })
     }
 
     /// Removes a container image, unless a pod uses it (`force`: anyway).
@@ -362,11 +428,6 @@ impl Pods {
             .to_string())
     }
 
-    /// Worker side: pushes image `name` to the OCI layout `dest`; returns
-    /// the manifest digest.
-    pub fn push_image(&self, name: &str, dest: &Path) -> Result<String> {
-        Ok(self.images.push(name, dest, None)?)
-    }
 }
 
 /// The hyperd id of the pod VM that is instance `inst`.
