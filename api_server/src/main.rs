@@ -22,6 +22,19 @@ struct Args {
     /// Unix socket to serve the APIs on.
     #[arg(long, default_value = "/run/ember/ember.sock")]
     socket: PathBuf,
+    /// Group given access to the socket (mode 0660); without it the socket
+    /// is root's alone (0600). A name or a numeric gid.
+    #[arg(long)]
+    socket_group: Option<String>,
+    /// Host paths that requests may read images and sources from
+    /// (hyperd imageName, Flintlock kernel/initrd/containerSource); default
+    /// <state-dir>/import.
+    #[arg(long)]
+    import_dir: Option<PathBuf>,
+    /// Host paths that requests may write images to (hyperd image/push
+    /// remote); default <state-dir>/export.
+    #[arg(long)]
+    export_dir: Option<PathBuf>,
     /// Where images, volumes, logs and state live.
     #[arg(long, default_value = "/var/lib/ember")]
     state_dir: PathBuf,
@@ -38,12 +51,17 @@ struct Args {
     /// Run VMMs without the jailer (development only).
     #[arg(long)]
     no_jailer: bool,
-    /// uid the jailed VMMs run as.
+    /// First uid of the range the jailed VMMs run as: each instance gets
+    /// its own uid (and gid, from --gid on) from it, owning only its jail.
     #[arg(long, default_value_t = 10500)]
     uid: u32,
-    /// gid the jailed VMMs run as.
+    /// First gid of the VMMs' range (see --uid).
     #[arg(long, default_value_t = 10500)]
     gid: u32,
+    /// How many uids (and gids) the VMMs' range holds: at most this many
+    /// instances exist at once.
+    #[arg(long, default_value_t = 1000)]
+    vmm_ids: u32,
     /// Largest accepted request body (uploads), in MiB.
     #[arg(long, default_value_t = 512)]
     max_upload_mb: usize,
@@ -115,6 +133,19 @@ fn sibling(name: &str) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(name))
 }
 
+/// A group's id, from its name or number.
+fn group_id(g: &str) -> Option<u32> {
+    if let Ok(n) = g.parse() {
+        return Some(n);
+    }
+    let name = std::ffi::CString::new(g).ok()?;
+    // SAFETY: getgrnam with a valid C string; the result is read at once,
+    // before any other call that could reuse its static buffer.
+    let gr = unsafe { libc::getgrnam(name.as_ptr()) };
+    // SAFETY: a non-null result points to a valid struct group.
+    (!gr.is_null()).then(|| unsafe { (*gr).gr_gid })
+}
+
 fn die(msg: impl std::fmt::Display) -> ! {
     eprintln!("emberd: {msg}");
     std::process::exit(1)
@@ -174,10 +205,16 @@ fn main() {
         chroot_base: args.chroot_base_dir.clone(),
         uid: args.uid,
         gid: args.gid,
+        ids: args.vmm_ids.max(1),
     };
     // Tools on user bytes run in sandbox jobs, each with its own uid.
-    if args.job_uid_range.contains(&args.uid) || args.job_uid_range.contains(&args.gid) {
-        die("--job-uid-range must not hold the VMM --uid/--gid");
+    let vmm_uids = args.uid..args.uid.saturating_add(args.vmm_ids.max(1));
+    let vmm_gids = args.gid..args.gid.saturating_add(args.vmm_ids.max(1));
+    let overlaps = |r: &std::ops::Range<u32>| {
+        *args.job_uid_range.start() < r.end && r.start <= *args.job_uid_range.end()
+    };
+    if overlaps(&vmm_uids) || overlaps(&vmm_gids) {
+        die("--job-uid-range must not overlap the VMMs' uids and gids (--uid/--gid and --vmm-ids)");
     }
     let mut sandbox = api_server::sandbox::SandboxConfig {
         base_dir: Some(args.state_dir.join("jobs")),
@@ -187,7 +224,21 @@ fn main() {
     sandbox.limits.memory_bytes = args.job_memory_mb << 20;
     sandbox.limits.timeout = std::time::Duration::from_secs(args.job_timeout_secs);
     api_server::sandbox::configure(sandbox);
-    let sup = Supervisor::new(store, launcher, compilers::registry()).unwrap_or_else(|e| die(e));
+    let mut sup =
+        Supervisor::new(store, launcher, compilers::registry()).unwrap_or_else(|e| die(e));
+    if args.import_dir.is_some() || args.export_dir.is_some() {
+        let import = args
+            .import_dir
+            .clone()
+            .unwrap_or_else(|| args.state_dir.join("import"));
+        let export = args
+            .export_dir
+            .clone()
+            .unwrap_or_else(|| args.state_dir.join("export"));
+        let paths = api_server::model::host_paths::HostPaths::new(&import, &export)
+            .unwrap_or_else(|e| die(format!("--import-dir/--export-dir: {e}")));
+        sup.set_host_paths(paths);
+    }
     if let Some(dir) = args.socket.parent() {
         if let Err(e) = std::fs::create_dir_all(dir) {
             die(format!("cannot create {}: {e}", dir.display()));
@@ -230,7 +281,10 @@ fn main() {
             .then_some(args.max_connections_per_peer),
         spool_dir: spool_dir(&args.state_dir).unwrap_or_else(|e| die(e)),
     };
-    let mut daemon = Daemon::new(&args.socket, sup, faces, limits)
+    let socket_group = args.socket_group.as_deref().map(|g| {
+        group_id(g).unwrap_or_else(|| die(format!("--socket-group {g:?}: no such group")))
+    });
+    let mut daemon = Daemon::new(&args.socket, socket_group, sup, faces, limits)
         .unwrap_or_else(|e| die(format!("cannot serve {}: {e}", args.socket.display())));
     for sig in [libc::SIGTERM, libc::SIGINT] {
         let _ = vmm_sys_util::signal::register_signal_handler(sig, on_signal);

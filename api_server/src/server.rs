@@ -237,6 +237,40 @@ pub fn status_of(e: &SupervisorError) -> u16 {
     }
 }
 
+/// Binds the API socket with a mode no umask can widen: created under
+/// umask 0177 (so 0600 from the start; emberd is single-threaded here),
+/// then given its group and 0660 if asked. A stale socket is replaced; any
+/// other file at `path` is an error.
+fn bind_private(
+    path: &std::path::Path,
+    group: Option<u32>,
+) -> Result<std::os::unix::net::UnixListener, DaemonError> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    match std::fs::symlink_metadata(path) {
+        Ok(md) if md.file_type().is_socket() => std::fs::remove_file(path)?,
+        Ok(_) => {
+            return Err(DaemonError::Io(std::io::Error::other(format!(
+                "{} exists and is not a socket",
+                path.display()
+            ))))
+        }
+        Err(_) => {}
+    }
+    // SAFETY: umask(2) only changes this process's file mode mask.
+    let old = unsafe { libc::umask(0o177) };
+    let bound = std::os::unix::net::UnixListener::bind(path);
+    // SAFETY: as above, restoring the previous mask.
+    unsafe { libc::umask(old) };
+    let listener = bound?;
+    if let Some(gid) = group {
+        std::os::unix::fs::chown(path, Some(0), Some(gid))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+    } else {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    }
+    Ok(listener)
+}
+
 /// The running daemon's event loop.
 pub struct Daemon {
     em: event_manager::EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>,
@@ -265,9 +299,12 @@ pub struct HttpLimits {
 }
 
 impl Daemon {
-    /// Serves `faces` over `sock` for `sup`.
+    /// Serves `faces` over `sock` for `sup`. The socket is root's, mode
+    /// 0600, or 0660 with group `socket_group`, whatever the umask: it is
+    /// created that way, never widened later.
     pub fn new(
         sock: &std::path::Path,
+        socket_group: Option<u32>,
         sup: Supervisor,
         faces: Vec<Box<dyn Face>>,
         limits: HttpLimits,
@@ -293,7 +330,8 @@ impl Daemon {
             }),
             ..Default::default()
         };
-        let mut server = ember_http::HttpServer::new(sock, router, config)?;
+        let listener = bind_private(sock, socket_group)?;
+        let mut server = ember_http::HttpServer::from_listener(listener, router, config)?;
         server.handler_mut().responder = Some(server.responder());
         // Faces that need to resume work after a restart (reconcile loops).
         {

@@ -594,6 +594,10 @@ pub struct Emberd {
     pub proc_: Option<Proc>,
     pub sock: PathBuf,
     pub dir: TempDir,
+    /// Environment for the next (re)start.
+    pub env: Vec<(String, String)>,
+    /// umask for the next (re)start (None: inherited).
+    pub umask: Option<u32>,
     args: Vec<String>,
     seen: std::cell::RefCell<Vec<String>>,
 }
@@ -615,12 +619,19 @@ impl Emberd {
             uid.to_string(),
             "--gid".into(),
             uid.to_string(),
+            // Tests name layouts and tarballs they make in their temp dir.
+            "--import-dir".into(),
+            dir.path().display().to_string(),
+            "--export-dir".into(),
+            dir.path().display().to_string(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
         let mut d = Emberd {
             proc_: None,
             sock,
             dir,
+            env: Vec::new(),
+            umask: None,
             args,
             seen: std::cell::RefCell::new(Vec::new()),
         };
@@ -632,6 +643,17 @@ impl Emberd {
     pub fn restart(&mut self) {
         let mut cmd = Command::new(bin("emberd"));
         cmd.args(&self.args).env("RUST_LOG", "trace");
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
+        if let Some(mask) = self.umask {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: umask(2) is async-signal-safe.
+            unsafe {
+                cmd.pre_exec(move || {
+                    libc::umask(mask as libc::mode_t);
+                    Ok(())
+                });
+            }
+        }
         self.proc_ = Some(Proc::spawn(cmd, self.dir.path(), "emberd"));
         wait_for_socket(&self.sock);
     }

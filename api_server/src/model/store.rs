@@ -1,9 +1,15 @@
 //! Persistence of the model: one JSON document written atomically (temp
 //! file, fsync, rename, fsync of the directory), so a crash or kill -9 at any
 //! moment leaves either the old or the new state, never a torn one.
+//!
+//! Modes do not follow the umask: the state directory and its folders are
+//! 0700, and the state (which holds instances' environment), console logs
+//! and volume images are 0600, all root's. Temp files of a write that did
+//! not finish are removed, and so are any a crash left behind.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::model::State;
@@ -36,19 +42,67 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), StoreError> {
         path.file_name().and_then(|n| n.to_str()).unwrap_or("state"),
         std::process::id()
     ));
-    {
+    let written = (|| {
         let mut f = OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(true)
-            .open(&tmp)
-            .map_err(err)?;
-        f.write_all(data).map_err(err)?;
-        f.sync_all().map_err(err)?;
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&tmp)?;
+        f.set_permissions(fs::Permissions::from_mode(0o600))?;
+        f.write_all(data)?;
+        f.sync_all()?;
+        fs::rename(&tmp, path)
+    })();
+    if let Err(e) = written {
+        let _ = fs::remove_file(&tmp);
+        return Err(err(e));
     }
-    fs::rename(&tmp, path).map_err(err)?;
     File::open(dir).and_then(|d| d.sync_all()).map_err(err)?;
     Ok(())
+}
+
+/// Creates `dir` (and its parents) if needed and makes it 0700.
+pub fn private_dir(dir: &Path) -> std::io::Result<()> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+}
+
+/// Hands the tree at `dir` (written by a build's uid) to root: every entry
+/// root's, directories 0700, files 0600, symlinks left as links (never
+/// followed), so no unprivileged uid can change an installed image.
+pub fn root_only(dir: &Path) -> std::io::Result<()> {
+    let ft = fs::symlink_metadata(dir)?.file_type();
+    if !(ft.is_dir() || ft.is_file()) {
+        // Links (and anything but files and directories) are not opened.
+        return std::os::unix::fs::lchown(dir, Some(0), Some(0));
+    }
+    // Through a descriptor opened without following links: what is
+    // changed is what was checked.
+    let f = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(dir)?;
+    std::os::unix::fs::fchown(&f, Some(0), Some(0))?;
+    let md = f.metadata()?;
+    if md.is_dir() {
+        f.set_permissions(fs::Permissions::from_mode(0o700))?;
+        for e in fs::read_dir(dir)? {
+            root_only(&e?.path())?;
+        }
+        Ok(())
+    } else {
+        f.set_permissions(fs::Permissions::from_mode(0o600))
+    }
+}
+
+/// Makes `file` 0600.
+pub fn private_file(file: &Path) -> std::io::Result<()> {
+    fs::set_permissions(file, fs::Permissions::from_mode(0o600))
 }
 
 /// A scratch directory (under the store's staging area), removed with
@@ -92,7 +146,17 @@ impl Store {
     pub fn open(root: &Path) -> Result<Self, StoreError> {
         for sub in ["", "images", "volumes", "logs", "staging", "tmp"] {
             let p = root.join(sub);
-            fs::create_dir_all(&p).map_err(|err| StoreError::Dir { path: p, err })?;
+            private_dir(&p).map_err(|err| StoreError::Dir { path: p, err })?;
+        }
+        // Temp files of atomic writes a crash interrupted.
+        if let Ok(rd) = fs::read_dir(root) {
+            for e in rd.flatten() {
+                let n = e.file_name();
+                let n = n.to_string_lossy();
+                if n.starts_with('.') && n.contains(".tmp-") {
+                    let _ = fs::remove_file(e.path());
+                }
+            }
         }
         Ok(Store {
             root: root.to_path_buf(),
@@ -149,7 +213,7 @@ impl Store {
             .unwrap_or_default();
         all.insert(server.to_string(), entry);
         let data = serde_json::to_vec(&serde_json::Value::Object(all)).unwrap_or_default();
-        write_private(&path, &data)
+        write_atomic(&path, &data).map_err(std::io::Error::other)
     }
 
     /// Saves the state atomically.
@@ -157,21 +221,6 @@ impl Store {
         let data = serde_json::to_vec_pretty(s).expect("state serializes");
         write_atomic(&self.state_path(), &data)
     }
-}
-
-/// Writes `data` atomically to a file only root can read (0600).
-fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    let _ = fs::remove_file(&tmp);
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    f.write_all(data)?;
-    f.sync_all()?;
-    fs::rename(&tmp, path)
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use crate::build::{self as compilers, CompileOutput, Registry};
 use crate::model::store::{Scratch, Store, StoreError};
+use crate::model::host_paths::HostPaths;
 use crate::model::*;
 use crate::runtime::process::{self, JailFile, LaunchSpec, Launcher};
 
@@ -171,22 +172,47 @@ pub struct Supervisor {
     launcher: Launcher,
     compilers: Registry,
     watch: Option<WatchSender>,
+    host_paths: HostPaths,
 }
 
 impl Supervisor {
     /// Loads the state and re-adopts VMMs that are still alive; marks the
-    /// others stopped.
+    /// others stopped. A VMM that runs without being on record (emberd died
+    /// between spawning it and saving that) is found by its jail and
+    /// re-adopted if its instance was being started, killed otherwise, so
+    /// no instance ever has two VMMs. Host paths default to `import/` and
+    /// `export/` in the state directory ([`Supervisor::set_host_paths`]).
     pub fn new(store: Store, launcher: Launcher, compilers: Registry) -> Result<Self> {
         let state = store.load()?;
+        let host_paths = HostPaths::new(&store.root().join("import"), &store.root().join("export"))
+            .map_err(|e| SupervisorError::Internal(format!("cannot create the import and export directories: {e}")))?;
         let mut s = Supervisor {
             store,
             state,
             launcher,
             compilers,
             watch: None,
+            host_paths,
         };
         let mut changed = false;
+        let mut strays = s.launcher.find_vmms();
         for inst in s.state.instances.values_mut() {
+            let alive = inst.process.as_ref().is_some_and(process::is_alive);
+            if !alive {
+                if let Some(p) = strays.remove(&inst.id) {
+                    let wanted = matches!(inst.state, InstanceState::Pending | InstanceState::Running);
+                    if wanted {
+                        log::warn!("instance {}: re-adopting its VMM (pid {}), started before emberd stopped", inst.name, p.pid);
+                        inst.process = Some(p);
+                        inst.state = InstanceState::Running;
+                        inst.last_error = None;
+                        changed = true;
+                        continue;
+                    }
+                    log::warn!("instance {}: killing a VMM (pid {}) that is not on record", inst.name, p.pid);
+                    process::kill_and_wait(&p, Duration::from_secs(10));
+                }
+            }
             match &inst.process {
                 Some(p) if process::is_alive(p) => {
                     inst.state = InstanceState::Running;
@@ -210,6 +236,14 @@ impl Supervisor {
                 }
             }
         }
+        // VMMs whose instance is gone.
+        for (id, p) in strays {
+            if !s.state.instances.values().any(|i| i.process.as_ref() == Some(&p)) {
+                log::warn!("killing a VMM (pid {}) of unknown instance {id}", p.pid);
+                process::kill_and_wait(&p, Duration::from_secs(10));
+                s.launcher.cleanup(&id);
+            }
+        }
         // Leftover scratch space from builds interrupted by a restart.
         if let Ok(rd) = std::fs::read_dir(s.store.staging_dir()) {
             for e in rd.flatten() {
@@ -230,6 +264,16 @@ impl Supervisor {
             }
         }
         self.watch = Some(w);
+    }
+
+    /// Which host paths requests may name.
+    pub fn host_paths(&self) -> &HostPaths {
+        &self.host_paths
+    }
+
+    /// Uses other import and export directories.
+    pub fn set_host_paths(&mut self, p: HostPaths) {
+        self.host_paths = p;
     }
 
     /// Read access to the model.
@@ -342,6 +386,7 @@ impl Supervisor {
         let dir = self.store.image_dir(&job.id);
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::rename(job.out_dir(), &dir)
+            .and_then(|()| super::store::root_only(&dir))
             .map_err(|e| SupervisorError::Internal(format!("cannot install image files: {e}")))?;
         let size = dir_size(&dir);
         let img = Image {
@@ -394,6 +439,7 @@ impl Supervisor {
         img.id = new_id("img");
         let dest = self.store.image_dir(&img.id);
         std::fs::rename(dir, &dest)
+            .and_then(|()| super::store::root_only(&dest))
             .map_err(|e| SupervisorError::Internal(format!("cannot install image files: {e}")))?;
         self.state.images.insert(img.id.clone(), img.clone());
         self.save()?;
@@ -777,12 +823,44 @@ impl Supervisor {
         if inst.vsock {
             cfg["vsock"] = serde_json::json!({"guest_cid": VSOCK_GUEST_CID, "uds_path": VSOCK_UDS});
         }
+        let (uid, gid) = inst
+            .vmm_uid
+            .unwrap_or((self.launcher.uid, self.launcher.gid));
         Ok(LaunchSpec {
             id: inst.id.clone(),
+            uid,
+            gid,
             files,
             vm_config: cfg,
             log_path: self.store.log_path(&inst.id),
         })
+    }
+
+    /// Gives instance `id` its own VMM identity (uid, gid) from the range,
+    /// unless it has one: the first that no other instance holds.
+    fn assign_identity(&mut self, id: &str) -> Result<Instance> {
+        let inst = self.instance(id)?.clone();
+        if inst.vmm_uid.is_some() {
+            return Ok(inst);
+        }
+        let taken: std::collections::HashSet<(u32, u32)> =
+            self.state.instances.values().filter_map(|i| i.vmm_uid).collect();
+        let free = (0..self.launcher.ids)
+            .filter_map(|n| self.launcher.identity(n))
+            .find(|u| !taken.contains(u))
+            .ok_or_else(|| {
+                SupervisorError::Conflict(format!(
+                    "no VMM identity is free: all {} uids of emberd's range are given to instances (emberd --uid, --vmm-ids)",
+                    self.launcher.ids
+                ))
+            })?;
+        let entry = self
+            .state
+            .instances
+            .get_mut(id)
+            .ok_or_else(|| not_found("instance", id))?;
+        entry.vmm_uid = Some(free);
+        Ok(entry.clone())
     }
 
     /// Starts a stopped instance (no-op if it is running).
@@ -799,6 +877,7 @@ impl Supervisor {
                 inst.name
             )));
         }
+        let inst = self.assign_identity(&inst.id)?;
         let spec = self.launch_spec(&inst)?;
         // TAPs are persistent and owned by the VMMs' user, so the jailed VMM
         // (no capabilities) can attach to them.
@@ -806,14 +885,25 @@ impl Supervisor {
             if !crate::runtime::netdev::tap_exists(&n.host_dev_name, None) {
                 crate::runtime::netdev::create_tap(
                     &n.host_dev_name,
-                    Some((self.launcher.uid, self.launcher.gid)),
+                    Some((spec.uid, spec.gid)),
                     None,
                 )
                 .map_err(|e| SupervisorError::Internal(format!("TAP {}: {e}", n.host_dev_name)))?;
             }
         }
         process::log_note(&spec.log_path, &format!("starting instance {}", inst.name));
+        // The intent is on record before the VMM exists: after a crash, a
+        // VMM found in this instance's jail is re-adopted, never doubled.
+        if let Some(e) = self.state.instances.get_mut(&inst.id) {
+            e.state = InstanceState::Pending;
+            e.process = None;
+        }
+        self.save()?;
         let result = self.launcher.launch(&spec);
+        if result.is_ok() && fault_injected("kill-after-vmm-spawn") {
+            // SAFETY: kill(2) on emberd itself (tests of crash consistency).
+            unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+        }
         let entry = self
             .state
             .instances
@@ -856,6 +946,7 @@ impl Supervisor {
             process::log_note(&self.store.log_path(&inst.id), "instance stopped");
         }
         self.launcher.cleanup(&inst.id);
+        self.release_volumes(&inst.id);
         let entry = self
             .state
             .instances
@@ -936,8 +1027,25 @@ impl Supervisor {
             ),
         );
         self.launcher.cleanup(id);
+        self.release_volumes(id);
         if let Err(e) = self.save() {
             log::error!("{e}");
+        }
+    }
+
+    /// Gives the volume files of instance `id`, whose VMM has ended, back to
+    /// root: a VMM identity owns its volumes only while it runs.
+    fn release_volumes(&self, id: &str) {
+        let Some(inst) = self.state.instance(id) else {
+            return;
+        };
+        for (_, vol, _) in inst.volumes_in_order() {
+            if let Some(v) = self.state.volume(vol) {
+                let path = self.store.volume_path(&v.id);
+                if let Err(e) = std::os::unix::fs::lchown(&path, Some(0), Some(0)) {
+                    log::warn!("volume {}: cannot give it back to root: {e}", v.name);
+                }
+            }
         }
     }
 
@@ -1108,6 +1216,7 @@ impl Supervisor {
         }
         let dest = self.store.volume_path(&id);
         std::fs::rename(file, &dest)
+            .and_then(|()| super::store::private_file(&dest))
             .map_err(|e| SupervisorError::Internal(format!("cannot install volume {name}: {e}")))?;
         let v = Volume {
             id: id.clone(),
@@ -1216,6 +1325,12 @@ impl Supervisor {
     }
 }
 
+/// Test-only fault injection: `EMBER_FAULT=<point>` makes emberd die hard
+/// at that point (see the crash-consistency tests).
+fn fault_injected(point: &str) -> bool {
+    std::env::var("EMBER_FAULT").is_ok_and(|v| v == point)
+}
+
 fn dir_size(p: &Path) -> u64 {
     std::fs::read_dir(p)
         .map(|rd| {
@@ -1241,6 +1356,7 @@ mod tests {
             chroot_base: root.join("jail"),
             uid: 1,
             gid: 1,
+            ids: 8,
             libs: vec![],
         };
         (

@@ -40,8 +40,12 @@ pub struct Launcher {
     /// for development only).
     pub jailer_bin: Option<PathBuf>,
     pub chroot_base: PathBuf,
+    /// First uid (and gid) of the range the VMMs run as: one identity per
+    /// instance (see [`Launcher::identity`]).
     pub uid: u32,
     pub gid: u32,
+    /// How many identities the range holds.
+    pub ids: u32,
     /// Shared libraries the VMM needs (a dynamically linked ember-vmm finds
     /// no /lib inside the jail): placed at the same paths in every jail,
     /// root-owned and read-only. See [`shared_libraries`].
@@ -110,6 +114,9 @@ pub struct JailFile {
 #[derive(Clone, Debug)]
 pub struct LaunchSpec {
     pub id: String,
+    /// The uid and gid the VMM runs as (it owns the jail's volumes).
+    pub uid: u32,
+    pub gid: u32,
     pub files: Vec<JailFile>,
     /// ember-vmm config (Firecracker JSON) with jail-relative paths.
     pub vm_config: serde_json::Value,
@@ -161,7 +168,12 @@ impl Launcher {
         }
     }
 
-    fn place(&self, f: &JailFile, root: &Path) -> Result<(), ProcessError> {
+    /// The `n`-th identity of the range, or None past its end.
+    pub fn identity(&self, n: u32) -> Option<(u32, u32)> {
+        (n < self.ids).then(|| (self.uid + n, self.gid + n))
+    }
+
+    fn place(&self, f: &JailFile, root: &Path, owner: (u32, u32)) -> Result<(), ProcessError> {
         let dst = root.join(&f.name);
         let err = |err| ProcessError::Place {
             what: f.name.clone(),
@@ -179,7 +191,7 @@ impl Launcher {
                     ),
                 ))
             })?;
-            std::os::unix::fs::chown(&dst, Some(self.uid), Some(self.gid)).map_err(err)?;
+            std::os::unix::fs::chown(&dst, Some(owner.0), Some(owner.1)).map_err(err)?;
         } else {
             // A private copy, readable by the VMM's user and never writable
             // by it. Not a hard link: changing the link's mode would change
@@ -197,6 +209,56 @@ impl Launcher {
         Ok(())
     }
 
+    /// VMMs (or jailers about to become one) of this launcher that are
+    /// running, by instance id, whether or not emberd has them on record:
+    /// a process whose command line names an instance (`--id`) and a config
+    /// file, and that is in this launcher's jails (its jailer's
+    /// `--chroot-base-dir`, the jail's pid file, or its working directory).
+    pub fn find_vmms(&self) -> std::collections::HashMap<String, VmmProcess> {
+        let mut out = std::collections::HashMap::new();
+        let Ok(rd) = fs::read_dir("/proc") else {
+            return out;
+        };
+        let me = std::process::id() as i32;
+        let base = self.chroot_base.as_os_str().as_encoded_bytes();
+        for e in rd.flatten() {
+            let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+                continue;
+            };
+            if pid == me {
+                continue;
+            }
+            let Ok(raw) = fs::read(format!("/proc/{pid}/cmdline")) else {
+                continue;
+            };
+            let args: Vec<&[u8]> = raw.split(|b| *b == 0).collect();
+            let after = |flag: &[u8]| {
+                args.windows(2)
+                    .filter(|w| w[0] == flag)
+                    .map(|w| w[1])
+                    .next_back()
+            };
+            let Some(id) = after(b"--id").and_then(|i| std::str::from_utf8(i).ok()) else {
+                continue;
+            };
+            if id.is_empty() || id.contains('/') || !args.iter().any(|a| *a == b"--config-file") {
+                continue;
+            }
+            let root = self.jail_root(id);
+            let pid_file = root.join(format!("{}.pid", self.exec_name()));
+            let ours = after(b"--chroot-base-dir") == Some(base)
+                || fs::read_to_string(&pid_file)
+                    .ok()
+                    .and_then(|s| s.trim().parse::<i32>().ok())
+                    == Some(pid)
+                || fs::read_link(format!("/proc/{pid}/cwd")).ok().as_deref() == Some(root.as_path());
+            if let (true, Some(start_time)) = (ours, proc_start_time(pid)) {
+                out.insert(id.to_string(), VmmProcess { pid, start_time });
+            }
+        }
+        out
+    }
+
     /// Prepares the jail and starts the VMM, detached. Console output goes
     /// to `spec.log_path` (appended).
     pub fn launch(&self, spec: &LaunchSpec) -> Result<Launched, ProcessError> {
@@ -208,7 +270,7 @@ impl Launcher {
         let root = self.jail_root(&spec.id);
         fs::create_dir_all(&root).map_err(jail_err(&root))?;
         for f in &spec.files {
-            self.place(f, &root)?;
+            self.place(f, &root, (spec.uid, spec.gid))?;
         }
         if self.jailer_bin.is_some() {
             for lib in &self.libs {
@@ -231,14 +293,10 @@ impl Launcher {
         let cfg_path = root.join("vm.json");
         fs::write(&cfg_path, spec.vm_config.to_string()).map_err(jail_err(&cfg_path))?;
 
-        let log = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&spec.log_path)
-            .map_err(|err| ProcessError::Log {
-                path: spec.log_path.clone(),
-                err,
-            })?;
+        let log = open_log(&spec.log_path).map_err(|err| ProcessError::Log {
+            path: spec.log_path.clone(),
+            err,
+        })?;
         let mut cmd;
         match &self.jailer_bin {
             Some(jailer) => {
@@ -248,9 +306,9 @@ impl Launcher {
                     .arg("--exec-file")
                     .arg(&self.vmm_bin)
                     .arg("--uid")
-                    .arg(self.uid.to_string())
+                    .arg(spec.uid.to_string())
                     .arg("--gid")
-                    .arg(self.gid.to_string())
+                    .arg(spec.gid.to_string())
                     .arg("--chroot-base-dir")
                     .arg(&self.chroot_base)
                     .arg("--")
@@ -395,9 +453,23 @@ pub fn pidfd_open(pid: i32) -> std::io::Result<std::os::fd::OwnedFd> {
 
 /// Appends a line to an instance's console log (emberd's own notes).
 pub fn log_note(path: &Path, msg: &str) {
-    if let Ok(mut f) = fs::OpenOptions::new().create(true).append(true).open(path) {
+    if let Ok(mut f) = open_log(path) {
         let _ = writeln!(f, "emberd: {msg}");
     }
+}
+
+/// Opens a console log for appending: root's, mode 0600 whatever the umask
+/// (it holds what the guest printed), never through a symlink.
+fn open_log(path: &Path) -> std::io::Result<fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)?;
+    f.set_permissions(fs::Permissions::from_mode(0o600))?;
+    Ok(f)
 }
 
 #[cfg(test)]
