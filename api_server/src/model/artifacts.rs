@@ -12,7 +12,7 @@ use serde_json::Value;
 use super::supervisor::{ErrorKind, ImageJob, Supervisor, SupervisorError, VolumeJob};
 use super::{new_id, Image};
 use crate::build::{self, CompileError, CompileInput, CompileOutput};
-use crate::images::archive::extract_tar_gz;
+use crate::images::archive::{extract_tar_gz, ExtractLimits};
 use crate::images::hub::{Hub, HubConfig, HubError};
 use crate::images::volumes::{self, VolumeError};
 
@@ -68,7 +68,12 @@ impl VolumeJob {
             }
             (Some(bytes), false) => {
                 let dir = self.staging.join("content");
-                extract_tar_gz(bytes, &dir, &Default::default())
+                // A volume of a given size can hold no more than that.
+                let mut limits = ExtractLimits::default();
+                if let Some(mb) = self.size_mb {
+                    limits.max_bytes = limits.max_bytes.min(mb.saturating_mul(1 << 20));
+                }
+                extract_tar_gz(bytes, &dir, &limits)
                     .map_err(|e| SupervisorError::Invalid(format!("tarfile: {e}")))?;
                 volumes::create_ext4_from_dir(&self.staging_file, &dir, self.size_mb)
                     .map_err(vol_err)
