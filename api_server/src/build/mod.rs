@@ -151,13 +151,6 @@ impl Registry {
     }
 }
 
-/// Kept for callers that still hand build directories over: the sandbox
-/// now gives each job its own uid and hands it exactly what it reads and
-/// writes (see [`crate::sandbox`]), so this does nothing. Remove the call.
-pub fn hand_over(_dirs: &[&Path]) -> std::io::Result<()> {
-    Ok(())
-}
-
 /// A sandbox error as a compile error: what the user's build made (an
 /// output that is too large, a result that is not a regular file) is the
 /// user's error; everything else is the host's.

@@ -11,7 +11,7 @@ use serde_json::Value;
 
 use super::supervisor::{ErrorKind, ImageJob, Supervisor, SupervisorError, VolumeJob};
 use super::{new_id, Image};
-use crate::build::{self, CompileError, CompileInput, CompileOutput};
+use crate::build::{CompileError, CompileInput, CompileOutput};
 use crate::images::archive::{extract_tar_gz, ExtractLimits};
 use crate::images::hub::{Hub, HubConfig, HubError};
 use crate::images::volumes::{self, VolumeError};
@@ -23,9 +23,6 @@ impl ImageJob {
             .map_err(|e| SupervisorError::Invalid(format!("tarfile: {e}")))?;
         std::fs::create_dir_all(self.out_dir())
             .map_err(|e| SupervisorError::Internal(e.to_string()))?;
-        build::hand_over(&[self.staging.path(), &self.src_dir(), &self.out_dir()]).map_err(
-            |e| SupervisorError::Internal(format!("cannot prepare the build directory: {e}")),
-        )?;
         self.compiler
             .compile(&CompileInput {
                 src_dir: &self.src_dir(),
