@@ -20,9 +20,12 @@
 //!   debugfs) on untrusted bytes in a throw-away jail with its own uid,
 //!   namespaces, limits and timeout. [`build`] and [`images`] use it; it
 //!   imports nothing of emberd.
+//! - [`fsutil`]: writing files safely whatever the umask (atomic writes,
+//!   private modes, trees handed to root); also at the bottom.
 
 pub mod build;
 pub mod faces;
+pub mod fsutil;
 pub mod images;
 pub mod model;
 pub mod runtime;

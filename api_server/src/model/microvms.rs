@@ -489,8 +489,16 @@ fn check_sources(paths: &HostPaths, spec: &MicroVmSpec) -> Result<(), HostPathEr
     if let Some(i) = spec.initrd.as_ref().filter(|i| !i.image.is_empty()) {
         paths.import("initrd.image", &i.image)?;
     }
-    for v in spec.root_volume.iter().chain(spec.additional_volumes.iter()) {
-        let src = v.source.as_ref().and_then(|s| s.container_source.as_deref()).unwrap_or("");
+    for v in spec
+        .root_volume
+        .iter()
+        .chain(spec.additional_volumes.iter())
+    {
+        let src = v
+            .source
+            .as_ref()
+            .and_then(|s| s.container_source.as_deref())
+            .unwrap_or("");
         paths.import(&format!("volume {} containerSource", v.id), src)?;
     }
     Ok(())

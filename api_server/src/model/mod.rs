@@ -180,14 +180,7 @@ impl InstanceState {
     }
 }
 
-/// The host process backing a running instance.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
-pub struct VmmProcess {
-    pub pid: i32,
-    /// Start time (clock ticks since boot, /proc/<pid>/stat field 22): with
-    /// the pid it identifies the process even if the pid is reused.
-    pub start_time: u64,
-}
+pub use crate::runtime::process::VmmProcess;
 
 /// A volume attached to an instance without a mount point (a root disk, a
 /// cloud-init seed disk...).

@@ -11,8 +11,8 @@ use std::sync::mpsc::Sender;
 use std::time::Duration;
 
 use crate::build::{self as compilers, CompileOutput, Registry};
-use crate::model::store::{Scratch, Store, StoreError};
 use crate::model::host_paths::HostPaths;
+use crate::model::store::{Scratch, Store, StoreError};
 use crate::model::*;
 use crate::runtime::process::{self, JailFile, LaunchSpec, Launcher};
 
@@ -185,7 +185,11 @@ impl Supervisor {
     pub fn new(store: Store, launcher: Launcher, compilers: Registry) -> Result<Self> {
         let state = store.load()?;
         let host_paths = HostPaths::new(&store.root().join("import"), &store.root().join("export"))
-            .map_err(|e| SupervisorError::Internal(format!("cannot create the import and export directories: {e}")))?;
+            .map_err(|e| {
+                SupervisorError::Internal(format!(
+                    "cannot create the import and export directories: {e}"
+                ))
+            })?;
         let mut s = Supervisor {
             store,
             state,
@@ -200,7 +204,8 @@ impl Supervisor {
             let alive = inst.process.as_ref().is_some_and(process::is_alive);
             if !alive {
                 if let Some(p) = strays.remove(&inst.id) {
-                    let wanted = matches!(inst.state, InstanceState::Pending | InstanceState::Running);
+                    let wanted =
+                        matches!(inst.state, InstanceState::Pending | InstanceState::Running);
                     if wanted {
                         log::warn!("instance {}: re-adopting its VMM (pid {}), started before emberd stopped", inst.name, p.pid);
                         inst.process = Some(p);
@@ -209,7 +214,11 @@ impl Supervisor {
                         changed = true;
                         continue;
                     }
-                    log::warn!("instance {}: killing a VMM (pid {}) that is not on record", inst.name, p.pid);
+                    log::warn!(
+                        "instance {}: killing a VMM (pid {}) that is not on record",
+                        inst.name,
+                        p.pid
+                    );
                     process::kill_and_wait(&p, Duration::from_secs(10));
                 }
             }
@@ -238,7 +247,12 @@ impl Supervisor {
         }
         // VMMs whose instance is gone.
         for (id, p) in strays {
-            if !s.state.instances.values().any(|i| i.process.as_ref() == Some(&p)) {
+            if !s
+                .state
+                .instances
+                .values()
+                .any(|i| i.process.as_ref() == Some(&p))
+            {
                 log::warn!("killing a VMM (pid {}) of unknown instance {id}", p.pid);
                 process::kill_and_wait(&p, Duration::from_secs(10));
                 s.launcher.cleanup(&id);
@@ -843,8 +857,12 @@ impl Supervisor {
         if inst.vmm_uid.is_some() {
             return Ok(inst);
         }
-        let taken: std::collections::HashSet<(u32, u32)> =
-            self.state.instances.values().filter_map(|i| i.vmm_uid).collect();
+        let taken: std::collections::HashSet<(u32, u32)> = self
+            .state
+            .instances
+            .values()
+            .filter_map(|i| i.vmm_uid)
+            .collect();
         let free = (0..self.launcher.ids)
             .filter_map(|n| self.launcher.identity(n))
             .find(|u| !taken.contains(u))

@@ -11,13 +11,22 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::model::VmmProcess;
+use serde::{Deserialize, Serialize};
 
 /// The guest CID of an instance's vsock device.
 pub const VSOCK_GUEST_CID: u32 = 3;
 /// Its hybrid-vsock unix socket, relative to the jail root (the VMM's
 /// working directory without the jailer).
 pub const VSOCK_UDS: &str = "run/vsock.sock";
+
+/// The host process backing a running instance.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VmmProcess {
+    pub pid: i32,
+    /// Start time (clock ticks since boot, /proc/<pid>/stat field 22): with
+    /// the pid it identifies the process even if the pid is reused.
+    pub start_time: u64,
+}
 
 /// Errors starting or stopping VMMs.
 #[derive(Debug, thiserror::Error)]
@@ -251,7 +260,8 @@ impl Launcher {
                     .ok()
                     .and_then(|s| s.trim().parse::<i32>().ok())
                     == Some(pid)
-                || fs::read_link(format!("/proc/{pid}/cwd")).ok().as_deref() == Some(root.as_path());
+                || fs::read_link(format!("/proc/{pid}/cwd")).ok().as_deref()
+                    == Some(root.as_path());
             if let (true, Some(start_time)) = (ours, proc_start_time(pid)) {
                 out.insert(id.to_string(), VmmProcess { pid, start_time });
             }

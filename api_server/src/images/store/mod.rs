@@ -5,7 +5,7 @@
 //! The store lives in one directory (normally `<state>/container-images`):
 //!
 //! * `images.json`: the index, `{"images": [ImageRecord, ...]}`, written
-//!   atomically with [`crate::model::store::write_atomic`] under an exclusive
+//!   atomically with [`crate::fsutil::write_atomic`] under an exclusive
 //!   `flock` of `.lock`, so concurrent callers (threads or processes) never
 //!   lose an update.
 //! * `<id>/`: one OCI image layout per image, holding exactly one image
@@ -88,7 +88,7 @@ use serde_json::Value;
 use crate::images::archive::ExtractLimits;
 use crate::images::ext4::{self, Ext4Error};
 use crate::images::oci::{self, ImageConfig, OciError, OciImage, OpenConfig};
-use crate::model::store::write_atomic;
+use crate::fsutil::write_atomic;
 
 /// `ref.name` of the one image in each stored layout.
 const LAYOUT_REF: &str = "image";

@@ -427,7 +427,6 @@ impl Pods {
             .short_id()
             .to_string())
     }
-
 }
 
 /// The hyperd id of the pod VM that is instance `inst`.
