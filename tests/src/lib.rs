@@ -847,3 +847,27 @@ impl Emberd {
         r.unwrap_or_else(|| panic!("logs of {name} never showed {needle:?}:\n{}", self.logs(name)))
     }
 }
+
+/// An `ember-c-ember` program that prints one line and then idles (halts)
+/// forever: an instance whose VMM stays up.
+pub const IDLE_C: &str = r#"#include <stdio.h>
+int main(void) {
+    printf("idle instance up\n");
+    for (;;) __asm__ volatile("cli; hlt");
+}
+"#;
+
+/// Live processes with `id` as one of their command-line arguments (an
+/// instance's jailer and VMM).
+pub fn vmm_processes(id: &str) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).split('\0').any(|a| a == id))
+                .unwrap_or(false)
+        })
+        .collect()
+}

@@ -246,20 +246,6 @@ fn wait_state(d: &Emberd, name: &str, want: &str) {
     assert!(ok.is_some(), "{name} never reached {want}: {}", instance_state(d, name));
 }
 
-/// Live ember-vmm processes whose command line mentions `id`.
-fn vmm_processes(id: &str) -> Vec<u32> {
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline"))
-                .map(|c| String::from_utf8_lossy(&c).contains(id))
-                .unwrap_or(false)
-        })
-        .collect()
-}
-
 const HELLO_C: &str = r#"#include <stdio.h>
 #include <stdlib.h>
 int main(int argc, char **argv) {
@@ -268,13 +254,6 @@ int main(int argc, char **argv) {
     const char *g = getenv("GREETING");
     printf("GREETING=%s\n", g ? g : "(unset)");
     return 0;
-}
-"#;
-
-const IDLE_C: &str = r#"#include <stdio.h>
-int main(void) {
-    printf("idle instance up\n");
-    for (;;) __asm__ volatile("cli; hlt");
 }
 "#;
 

@@ -19,33 +19,12 @@ fn canary(path: &Path) {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
 }
 
-/// Live processes whose command line names `id`.
-fn vmm_processes(id: &str) -> Vec<u32> {
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline"))
-                .map(|c| String::from_utf8_lossy(&c).split('\0').any(|a| a == id))
-                .unwrap_or(false)
-        })
-        .collect()
-}
-
 fn instance_state(d: &Emberd, name: &str) -> String {
     d.json(&[&format!("http://localhost/instances/{name}")]).1["State"]
         .as_str()
         .unwrap_or("")
         .to_string()
 }
-
-const IDLE_C: &str = r#"#include <stdio.h>
-int main(void) {
-    printf("idle instance up\n");
-    for (;;) __asm__ volatile("cli; hlt");
-}
-"#;
 
 #[test]
 fn host_paths_are_confined_and_no_error_echoes_a_file() {
