@@ -224,7 +224,7 @@ impl RateLimiter {
     }
 }
 
-fn set_nonblocking(fd: RawFd) -> std::io::Result<()> {
+pub(crate) fn set_nonblocking(fd: RawFd) -> std::io::Result<()> {
     // SAFETY: fcntl on an fd we own with valid flag arguments.
     let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
     if flags < 0 {

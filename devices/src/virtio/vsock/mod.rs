@@ -15,10 +15,39 @@
 //!   OP_RST from the guest drops the connection.
 //!
 //! Queues: rx 0, tx 1, event 2 (the event queue is never used).
-//! Not done: timeouts for connections the guest never answers, and the
-//! TRANSPORT_RESET event (only needed for snapshots).
+//!
+//! A hostile guest can neither freeze nor exhaust the VMM through this
+//! device:
+//! - Nothing waits. Every host socket is non-blocking, connect included
+//!   ([`unix::connect_nonblocking`]): a listener whose accept queue is full
+//!   answers `EAGAIN`, which is a refused connection (RST to the guest,
+//!   which may try again; the device never retries or waits on its own).
+//! - Connections are limited ([`VsockLimits::max_conns`], counting host
+//!   clients still sending their CONNECT line): a guest request beyond it
+//!   gets an RST, a host client beyond it is accepted and closed at once.
+//! - Buffering toward the host is bounded by the credit we advertise
+//!   (`CONN_BUF_SIZE` per connection; a guest that sends more is reset) and
+//!   by [`VsockLimits::max_buffered`] for the whole device (a packet that
+//!   would pass it resets its connection; new requests get RST meanwhile).
+//!   A host peer that stops reading stalls only its own connection (its
+//!   `fwd_cnt`, hence the guest's credit, stops) and the connection is reset
+//!   once it made no progress for [`VsockLimits::stall_timeout`].
+//! - Host clients that never finish their CONNECT line, and host-initiated
+//!   connections the guest never answers, are dropped after
+//!   [`VsockLimits::handshake_timeout`].
+//! - Out of file descriptors (`EMFILE`/`ENFILE`): a guest request gets an
+//!   RST; the host listener stops being polled until the next timer tick
+//!   (it is level-triggered: polling it while accept fails would spin).
+//!   Refusals are logged at most once per 10 s with a count.
+//!
+//! The limits also reserve descriptors: this device holds at most
+//! `max_conns` streams plus its listener and a timer, far below the
+//! jailer's default of 2048 descriptors, whatever the guest does.
+//!
+//! Not done: the TRANSPORT_RESET event (only needed for snapshots).
 
 pub mod packet;
+pub mod unix;
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{Read, Write};
@@ -26,11 +55,14 @@ use std::num::Wrapping;
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use virtio_queue::QueueOwnedT;
+use vmm_sys_util::timerfd::TimerFd;
 
 use self::packet::*;
+use self::unix::{connect_nonblocking, is_fd_exhaustion, Refusals};
 use super::{drain_evt, DeviceBase, VirtioDevice, TYPE_VSOCK};
 
 /// The host's CID.
@@ -47,6 +79,19 @@ const LOCAL_PORT_BASE: u32 = 1 << 30;
 const MAX_CTRL: usize = 4096;
 /// Longest `CONNECT <port>\n` line.
 const MAX_CONNECT_LINE: usize = 32;
+/// Default [`VsockLimits::max_conns`].
+pub const MAX_CONNS: usize = 256;
+/// Default [`VsockLimits::max_buffered`].
+pub const MAX_BUFFERED: usize = 16 << 20;
+/// Default [`VsockLimits::stall_timeout`].
+pub const STALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default [`VsockLimits::handshake_timeout`].
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Host clients accepted per listener event (the rest on the next round,
+/// so other devices and the API get their turn).
+const ACCEPT_BATCH: usize = 64;
+/// At most one log line per this interval for each kind of refusal.
+const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 const RXQ: usize = 0;
 const TXQ: usize = 1;
@@ -57,6 +102,7 @@ const TOKEN_RXQ: u32 = TOKEN_QUEUE_BASE + RXQ as u32;
 const TOKEN_TXQ: u32 = TOKEN_QUEUE_BASE + TXQ as u32;
 const TOKEN_EVQ: u32 = TOKEN_QUEUE_BASE + EVQ as u32;
 const TOKEN_LISTENER: u32 = 4;
+const TOKEN_TIMER: u32 = 5;
 /// Stream fds use `TOKEN_FD_BASE + fd`.
 const TOKEN_FD_BASE: u32 = 16;
 
@@ -69,6 +115,44 @@ pub enum VsockError {
     BadCid(u64),
     #[error("eventfd: {0}")]
     EventFd(std::io::Error),
+    #[error("timerfd: {0}")]
+    Timer(std::io::Error),
+}
+
+/// What one vsock device may hold, whatever the guest does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VsockLimits {
+    /// Connections: established, handshaking, and host clients that have
+    /// not sent their CONNECT line yet (one host descriptor each).
+    pub max_conns: usize,
+    /// Bytes buffered toward host sockets, all connections together.
+    pub max_buffered: usize,
+    /// A connection holding bytes its host peer takes none of for this
+    /// long is reset.
+    pub stall_timeout: Duration,
+    /// Host clients without a CONNECT line, and host-initiated connections
+    /// the guest does not answer, are dropped after this.
+    pub handshake_timeout: Duration,
+}
+
+impl Default for VsockLimits {
+    fn default() -> Self {
+        Self {
+            max_conns: MAX_CONNS,
+            max_buffered: MAX_BUFFERED,
+            stall_timeout: STALL_TIMEOUT,
+            handshake_timeout: HANDSHAKE_TIMEOUT,
+        }
+    }
+}
+
+impl VsockLimits {
+    /// How often the device looks for stalled and half-open connections
+    /// (and resumes a listener paused for lack of descriptors).
+    fn tick(&self) -> Duration {
+        (self.stall_timeout.min(self.handshake_timeout) / 4)
+            .clamp(Duration::from_millis(10), Duration::from_secs(1))
+    }
 }
 
 /// How the VMM describes the vsock device.
@@ -115,11 +199,18 @@ struct Conn {
     write_shut: bool,
     /// Full shutdown from the guest: RST once flushed.
     closing: bool,
+    /// When the connection was made (for the handshake timeout).
+    since: Instant,
+    /// Last time `to_host` was empty or the host took bytes from it.
+    last_progress: Instant,
 }
 
 impl Conn {
     fn new(stream: UnixStream, state: State) -> Self {
+        let now = Instant::now();
         Self {
+            since: now,
+            last_progress: now,
             stream,
             state,
             fwd_cnt: Wrapping(0),
@@ -142,6 +233,39 @@ impl Conn {
         let in_flight = (self.rx_cnt - self.peer_fwd_cnt).0;
         self.peer_buf_alloc.saturating_sub(in_flight)
     }
+
+    /// Guest bytes held for the host (our `OK <port>` line excluded).
+    fn guest_bytes_held(&self) -> usize {
+        self.to_host.len() - self.local_bytes
+    }
+}
+
+/// A host client that has not sent its `CONNECT <port>\n` line yet.
+#[derive(Debug)]
+struct PendingClient {
+    stream: UnixStream,
+    line: Vec<u8>,
+    since: Instant,
+}
+
+/// What the device refused, for rate-limited log lines.
+#[derive(Debug)]
+struct RefusalLog {
+    conn_limit: Refusals,
+    memory: Refusals,
+    fds: Refusals,
+    stalled: Refusals,
+}
+
+impl RefusalLog {
+    fn new() -> Self {
+        Self {
+            conn_limit: Refusals::new(REFUSAL_LOG_INTERVAL),
+            memory: Refusals::new(REFUSAL_LOG_INTERVAL),
+            fds: Refusals::new(REFUSAL_LOG_INTERVAL),
+            stalled: Refusals::new(REFUSAL_LOG_INTERVAL),
+        }
+    }
 }
 
 /// The virtio-vsock device.
@@ -153,18 +277,32 @@ pub struct Vsock {
     conns: HashMap<Key, Conn>,
     fd_keys: HashMap<RawFd, Key>,
     /// Host clients that have not sent their CONNECT line yet.
-    pending: HashMap<RawFd, (UnixStream, Vec<u8>)>,
+    pending: HashMap<RawFd, PendingClient>,
     ctrl: VecDeque<Header>,
     next_port: u32,
     /// Streams to register with the event loop.
     new_fds: Vec<RawFd>,
     /// Streams to unregister, then close.
     graveyard: Vec<UnixStream>,
+    limits: VsockLimits,
+    /// Periodic tick: stalled connections, handshakes, the paused listener.
+    timer: TimerFd,
+    /// The listener is not polled (accept ran out of descriptors) until
+    /// the next tick.
+    listener_paused: bool,
+    /// The listener's registration must change to match `listener_paused`.
+    listener_update: bool,
+    refusals: RefusalLog,
 }
 
 impl Vsock {
-    /// Binds the host socket `config.uds_path`.
+    /// Binds the host socket `config.uds_path`, with the default limits.
     pub fn new(config: VsockConfig) -> Result<Self, VsockError> {
+        Self::with_limits(config, VsockLimits::default())
+    }
+
+    /// Binds the host socket `config.uds_path`.
+    pub fn with_limits(config: VsockConfig, limits: VsockLimits) -> Result<Self, VsockError> {
         if config.guest_cid < 3 || config.guest_cid > u64::from(u32::MAX) {
             return Err(VsockError::BadCid(config.guest_cid));
         }
@@ -174,6 +312,16 @@ impl Vsock {
         };
         let listener = UnixListener::bind(&config.uds_path).map_err(bind_err)?;
         listener.set_nonblocking(true).map_err(bind_err)?;
+        let sys = |e: vmm_sys_util::errno::Error| {
+            VsockError::Timer(std::io::Error::from_raw_os_error(e.errno()))
+        };
+        let mut timer = TimerFd::new().map_err(sys)?;
+        // A blocking timerfd could stall the event loop on a spurious wakeup.
+        crate::virtio::rate_limiter::set_nonblocking(timer.as_raw_fd())
+            .map_err(VsockError::Timer)?;
+        timer
+            .reset(limits.tick(), Some(limits.tick()))
+            .map_err(sys)?;
         Ok(Self {
             base: DeviceBase::new("virtio-vsock", 0, &[QUEUE_SIZE; 3])
                 .map_err(VsockError::EventFd)?,
@@ -186,7 +334,53 @@ impl Vsock {
             next_port: LOCAL_PORT_BASE,
             new_fds: Vec::new(),
             graveyard: Vec::new(),
+            limits,
+            timer,
+            listener_paused: false,
+            listener_update: false,
+            refusals: RefusalLog::new(),
         })
+    }
+
+    /// Host descriptors in use for connections (limited by `max_conns`).
+    fn conn_count(&self) -> usize {
+        self.conns.len() + self.pending.len()
+    }
+
+    /// Bytes held for host sockets, all connections together.
+    fn buffered(&self) -> usize {
+        self.conns.values().map(|c| c.to_host.len()).sum()
+    }
+
+    /// Whether a new connection may be made now; logs (rate-limited) why
+    /// not.
+    fn admit_new(&mut self) -> bool {
+        let now = Instant::now();
+        if self.conn_count() >= self.limits.max_conns {
+            if let Some(n) = self.refusals.conn_limit.note(now) {
+                log::warn!(
+                    "virtio-vsock: {n} connection(s) refused: {} connections is the limit",
+                    self.limits.max_conns
+                );
+            }
+            return false;
+        }
+        if self.buffered() >= self.limits.max_buffered {
+            if let Some(n) = self.refusals.memory.note(now) {
+                log::warn!(
+                    "virtio-vsock: {n} connection(s) refused: {} bytes buffered for host sockets",
+                    self.limits.max_buffered
+                );
+            }
+            return false;
+        }
+        true
+    }
+
+    fn note_fd_exhaustion(&mut self, what: &str, e: &dyn std::fmt::Display) {
+        if let Some(n) = self.refusals.fds.note(Instant::now()) {
+            log::warn!("virtio-vsock: out of file descriptors ({what}: {e}); {n} refused");
+        }
     }
 
     /// The device's configuration.
@@ -245,6 +439,7 @@ impl Vsock {
                 Ok(0) => break,
                 Ok(n) => {
                     c.to_host.drain(..n);
+                    c.last_progress = Instant::now();
                     let ours = n.min(c.local_bytes);
                     c.local_bytes -= ours;
                     c.fwd_cnt += Wrapping((n - ours) as u32);
@@ -275,11 +470,18 @@ impl Vsock {
         }
     }
 
+    /// A guest request for host port `h.dst_port`: a non-blocking connect
+    /// to `<uds_path>_<port>`; RESPONSE if it connected, RST if not (nobody
+    /// listening, a full accept queue, no descriptors, over the limits).
     fn guest_connect(&mut self, h: &Header) {
         let key = (h.dst_port, h.src_port);
-        let path = format!("{}_{}", self.config.uds_path.display(), h.dst_port);
-        let stream = UnixStream::connect(&path).and_then(|s| s.set_nonblocking(true).map(|_| s));
-        match stream {
+        if !self.admit_new() {
+            let r = self.hdr(key, OP_RST);
+            self.push_ctrl(r);
+            return;
+        }
+        let path = PathBuf::from(format!("{}_{}", self.config.uds_path.display(), h.dst_port));
+        match connect_nonblocking(&path) {
             Ok(s) => {
                 let fd = s.as_raw_fd();
                 let mut c = Conn::new(s, State::Established);
@@ -293,7 +495,11 @@ impl Vsock {
                 self.push_ctrl(r);
             }
             Err(e) => {
-                log::debug!("virtio-vsock: connecting {path}: {e}");
+                if e.is_fd_exhaustion() {
+                    self.note_fd_exhaustion("connect", &e);
+                } else {
+                    log::debug!("virtio-vsock: connecting {}: {e}", path.display());
+                }
                 let r = self.hdr(key, OP_RST);
                 self.push_ctrl(r);
             }
@@ -334,13 +540,28 @@ impl Vsock {
                 self.flush(key);
             }
             (OP_RW, State::Established) => {
-                if c.peer_shut_send || c.to_host.len() + payload.len() > CONN_BUF_SIZE as usize {
+                // Never hold more than the credit we advertised.
+                if c.peer_shut_send || c.guest_bytes_held() + payload.len() > CONN_BUF_SIZE as usize
+                {
                     log::warn!("virtio-vsock: guest overran its credit on {key:?}");
                     self.kill(key, true);
                     return;
                 }
+                if c.to_host.is_empty() {
+                    c.last_progress = Instant::now();
+                }
                 c.to_host.extend(payload);
                 self.flush(key);
+                let over = self.buffered() > self.limits.max_buffered;
+                if over && self.conns.get(&key).is_some_and(|c| !c.to_host.is_empty()) {
+                    if let Some(n) = self.refusals.memory.note(Instant::now()) {
+                        log::warn!(
+                            "virtio-vsock: {n} connection(s) reset: over {} bytes buffered for host sockets",
+                            self.limits.max_buffered
+                        );
+                    }
+                    self.kill(key, true);
+                }
             }
             (OP_CREDIT_UPDATE, _) => {}
             (OP_CREDIT_REQUEST, _) => {
@@ -496,19 +717,49 @@ impl Vsock {
         }
     }
 
+    /// Accepts host clients (a batch per event; the listener is
+    /// level-triggered). Beyond the limits a client is closed at once;
+    /// without descriptors the listener is paused until the next tick.
     fn accept_all(&mut self) {
-        loop {
+        for _ in 0..ACCEPT_BATCH {
             match self.listener.accept() {
                 Ok((s, _)) => {
                     if !self.base.is_active() || s.set_nonblocking(true).is_err() {
                         continue; // dropped: nobody to connect to
                     }
+                    if !self.admit_new() {
+                        continue; // dropped: over the limits
+                    }
                     let fd = s.as_raw_fd();
-                    self.pending.insert(fd, (s, Vec::new()));
+                    self.pending.insert(
+                        fd,
+                        PendingClient {
+                            stream: s,
+                            line: Vec::new(),
+                            since: Instant::now(),
+                        },
+                    );
                     self.new_fds.push(fd);
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(_) => return,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::Interrupted | std::io::ErrorKind::ConnectionAborted
+                    ) => {}
+                Err(e) => {
+                    // EMFILE and friends: the pending client stays queued
+                    // and the level-triggered listener stays readable, so
+                    // stop polling it for a tick instead of spinning.
+                    if is_fd_exhaustion(&e) {
+                        self.note_fd_exhaustion("accept", &e);
+                    } else {
+                        log::warn!("virtio-vsock: accept: {e}");
+                    }
+                    self.listener_paused = true;
+                    self.listener_update = true;
+                    return;
+                }
             }
         }
     }
@@ -516,7 +767,10 @@ impl Vsock {
     /// Reads a pending host client's `CONNECT <port>\n` byte by byte (so no
     /// data after it is consumed).
     fn read_connect(&mut self, fd: RawFd) {
-        let Some((s, line)) = self.pending.get_mut(&fd) else {
+        let Some(PendingClient {
+            stream: s, line, ..
+        }) = self.pending.get_mut(&fd)
+        else {
             return;
         };
         let mut b = [0u8; 1];
@@ -532,7 +786,10 @@ impl Vsock {
         let Some(ok) = done else {
             return;
         };
-        let Some((s, line)) = self.pending.remove(&fd) else {
+        let Some(PendingClient {
+            stream: s, line, ..
+        }) = self.pending.remove(&fd)
+        else {
             return;
         };
         let port = std::str::from_utf8(&line)
@@ -580,8 +837,73 @@ impl Vsock {
         }
     }
 
+    /// The periodic tick: resets connections whose host peer stopped
+    /// reading, drops handshakes that did not finish, resumes the listener.
+    fn on_tick(&mut self) {
+        let mut b = [0u8; 8];
+        // SAFETY: reads at most 8 bytes into a valid buffer from our own
+        // non-blocking timerfd.
+        let _ = unsafe { libc::read(self.timer.as_raw_fd(), b.as_mut_ptr().cast(), 8) };
+        if self.listener_paused {
+            self.listener_paused = false;
+            self.listener_update = true;
+        }
+        let now = Instant::now();
+        let late = |since: Instant, limit: Duration| now.saturating_duration_since(since) > limit;
+        let stalled: Vec<Key> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| {
+                !c.to_host.is_empty() && late(c.last_progress, self.limits.stall_timeout)
+            })
+            .map(|(k, _)| *k)
+            .collect();
+        for key in stalled {
+            if let Some(n) = self.refusals.stalled.note(now) {
+                log::warn!(
+                    "virtio-vsock: {n} connection(s) reset: the host peer read nothing for {:?}",
+                    self.limits.stall_timeout
+                );
+            }
+            self.kill(key, true);
+        }
+        let unanswered: Vec<Key> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| {
+                c.state == State::LocalInit && late(c.since, self.limits.handshake_timeout)
+            })
+            .map(|(k, _)| *k)
+            .collect();
+        for key in unanswered {
+            log::debug!("virtio-vsock: the guest did not answer the request on {key:?}");
+            self.kill(key, true);
+        }
+        let silent: Vec<RawFd> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| late(p.since, self.limits.handshake_timeout))
+            .map(|(fd, _)| *fd)
+            .collect();
+        for fd in silent {
+            if let Some(p) = self.pending.remove(&fd) {
+                self.graveyard.push(p.stream);
+            }
+        }
+    }
+
     /// Applies deferred event-loop registrations.
     fn sync_fds(&mut self, ops: &mut EventOps) {
+        if std::mem::take(&mut self.listener_update) {
+            let ev = if self.listener_paused {
+                EventSet::empty()
+            } else {
+                EventSet::IN
+            };
+            if let Err(e) = ops.modify(Events::with_data(&self.listener, TOKEN_LISTENER, ev)) {
+                log::error!("virtio-vsock: (un)pausing the listener: {e:?}");
+            }
+        }
         for fd in std::mem::take(&mut self.new_fds) {
             if self.fd_keys.contains_key(&fd) || self.pending.contains_key(&fd) {
                 let token = TOKEN_FD_BASE + fd as u32;
@@ -609,6 +931,9 @@ impl Vsock {
             EventSet::IN,
         )) {
             log::error!("virtio-vsock: registering events: {e:?}");
+        }
+        if let Err(e) = ops.add(Events::with_data(&self.timer, TOKEN_TIMER, EventSet::IN)) {
+            log::error!("virtio-vsock: registering the timer: {e:?}");
         }
     }
 }
@@ -638,8 +963,8 @@ impl VirtioDevice for Vsock {
         for (_, c) in self.conns.drain() {
             self.graveyard.push(c.stream);
         }
-        for (_, (s, _)) in self.pending.drain() {
-            self.graveyard.push(s);
+        for (_, p) in self.pending.drain() {
+            self.graveyard.push(p.stream);
         }
         self.fd_keys.clear();
         self.ctrl.clear();
@@ -667,6 +992,7 @@ impl MutEventSubscriber for Vsock {
             }
             TOKEN_EVQ => drain_evt(&self.base.queue_evts[EVQ]),
             TOKEN_LISTENER => self.accept_all(),
+            TOKEN_TIMER => self.on_tick(),
             t if t >= TOKEN_FD_BASE => {
                 self.stream_event((t - TOKEN_FD_BASE) as RawFd, events.event_set())
             }

@@ -1,7 +1,9 @@
 use super::*;
 use crate::virtio::test_utils::{mem, TestQueue};
 use event_manager::{EventManager, SubscriberOps};
+use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::tempdir::TempDir;
 
@@ -25,16 +27,23 @@ struct Env {
 
 impl Env {
     fn new() -> Self {
+        Self::with_limits(VsockLimits::default())
+    }
+
+    fn with_limits(limits: VsockLimits) -> Self {
         let dir = TempDir::new().unwrap();
         let m = mem(0x100000);
         let rxq = TestQueue::new(&m, 0x1000, 32);
         let txq = TestQueue::new(&m, 0x4000, 32);
         let evq = TestQueue::new(&m, 0x7000, 32);
-        let mut dev = Vsock::new(VsockConfig {
-            vsock_id: "vsock0".into(),
-            guest_cid: CID,
-            uds_path: dir.as_path().join("v.sock"),
-        })
+        let mut dev = Vsock::with_limits(
+            VsockConfig {
+                vsock_id: "vsock0".into(),
+                guest_cid: CID,
+                uds_path: dir.as_path().join("v.sock"),
+            },
+            limits,
+        )
         .unwrap();
         dev.activate(m.clone(), vec![rxq.queue(), txq.queue(), evq.queue()])
             .unwrap();
@@ -361,5 +370,178 @@ fn reset_drops_connections() {
     c.set_read_timeout(Some(std::time::Duration::from_secs(5)))
         .unwrap();
     e.spin();
+    assert_eq!(c.read(&mut b).unwrap(), 0);
+}
+
+/// The next packet that is not a credit update.
+fn recv_no_credit(e: &mut Env) -> Header {
+    loop {
+        let (h, _) = e.recv();
+        if h.op != OP_CREDIT_UPDATE {
+            return h;
+        }
+    }
+}
+
+/// Guest payload of `len` bytes (a fixed pattern).
+fn blob(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i % 251) as u8).collect()
+}
+
+/// Opens guest port `gport` -> host `port` (a listener the test made) and
+/// returns the accepted host end.
+fn open_conn(e: &mut Env, l: &UnixListener, gport: u32, port: u32) -> UnixStream {
+    e.send(gh(gport, port, OP_REQUEST), &[]);
+    let (h, _) = e.recv();
+    assert_eq!((h.op, h.dst_port), (OP_RESPONSE, gport));
+    l.accept().unwrap().0
+}
+
+#[test]
+fn a_full_accept_queue_is_refused_without_waiting() {
+    let mut e = Env::new();
+    let path = format!("{}_8000", e.uds().display());
+    let l = UnixListener::bind(&path).unwrap();
+    // SAFETY: listen(2) on our own bound socket: backlog 0, never accepted.
+    assert_eq!(unsafe { libc::listen(l.as_raw_fd(), 0) }, 0);
+    // A blocking connect would hang this test in unix_wait_for_peer.
+    let mut answers = Vec::new();
+    for p in 0..4 {
+        e.send(gh(100 + p, 8000, OP_REQUEST), &[]);
+        answers.push(e.recv().0.op);
+    }
+    // The queue holds one (backlog 0); the rest are refused at once.
+    assert_eq!(answers[0], OP_RESPONSE, "{answers:?}");
+    assert_eq!(answers[3], OP_RST, "{answers:?}");
+    assert!(answers.iter().filter(|&&o| o == OP_RESPONSE).count() <= 2);
+    assert!(e.dev.lock().unwrap().conns.len() <= 2);
+}
+
+#[test]
+fn connections_beyond_the_limit_get_rst() {
+    let limits = VsockLimits {
+        max_conns: 3,
+        ..Default::default()
+    };
+    let mut e = Env::with_limits(limits);
+    let l = UnixListener::bind(format!("{}_9000", e.uds().display())).unwrap();
+    let _held: Vec<UnixStream> = (0..3)
+        .map(|i| open_conn(&mut e, &l, 10 + i, 9000))
+        .collect();
+    e.send(gh(20, 9000, OP_REQUEST), &[]);
+    let (h, _) = e.recv();
+    assert_eq!((h.op, h.dst_port), (OP_RST, 20));
+    // Host clients beyond the limit are closed at once.
+    let mut c = UnixStream::connect(e.uds()).unwrap();
+    c.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    e.spin();
+    let mut b = [0u8; 4];
+    assert_eq!(c.read(&mut b).unwrap(), 0);
+    assert_eq!(e.dev.lock().unwrap().conn_count(), 3);
+    // Closing one makes room again.
+    e.send(gh(10, 9000, OP_RST), &[]);
+    e.send(gh(21, 9000, OP_REQUEST), &[]);
+    assert_eq!(e.recv().0.op, OP_RESPONSE);
+}
+
+#[test]
+fn a_guest_beyond_its_credit_is_reset_and_nothing_more_is_held() {
+    let mut e = Env::new();
+    let l = UnixListener::bind(format!("{}_9100", e.uds().display())).unwrap();
+    // The host peer never reads.
+    let _host = open_conn(&mut e, &l, 30, 9100);
+    let chunk = blob(MAX_PAYLOAD);
+    let mut reset = false;
+    for _ in 0..16 {
+        let mut rw = gh(30, 9100, OP_RW);
+        rw.len = chunk.len() as u32;
+        rw.buf_alloc = u32::MAX; // and lies about its own buffer
+        e.send(rw, &chunk);
+        let held = e
+            .dev
+            .lock()
+            .unwrap()
+            .conns
+            .get(&(9100, 30))
+            .map(|c| c.guest_bytes_held());
+        match held {
+            Some(n) => assert!(n <= CONN_BUF_SIZE as usize, "{n}"),
+            None => {
+                reset = true;
+                break;
+            }
+        }
+    }
+    assert!(reset, "a guest ignoring its credit must be reset");
+    let h = recv_no_credit(&mut e);
+    assert_eq!((h.op, h.dst_port), (OP_RST, 30));
+    assert_eq!(e.dev.lock().unwrap().buffered(), 0);
+}
+
+#[test]
+fn the_device_budget_resets_the_connection_that_passes_it() {
+    let limits = VsockLimits {
+        max_buffered: 16 << 10,
+        ..Default::default()
+    };
+    let mut e = Env::with_limits(limits);
+    let l = UnixListener::bind(format!("{}_9200", e.uds().display())).unwrap();
+    let _host = open_conn(&mut e, &l, 40, 9200);
+    // Fill the host socket, then some (all within the guest's credit).
+    let chunk = blob(MAX_PAYLOAD);
+    let mut reset = false;
+    for _ in 0..4 {
+        let mut rw = gh(40, 9200, OP_RW);
+        rw.len = chunk.len() as u32;
+        e.send(rw, &chunk);
+        assert!(e.dev.lock().unwrap().buffered() <= 16 << 10);
+        if e.dev.lock().unwrap().conns.is_empty() {
+            reset = true;
+            break;
+        }
+    }
+    assert!(reset, "the device budget must reset the connection");
+    assert_eq!(recv_no_credit(&mut e).op, OP_RST);
+}
+
+#[test]
+fn a_host_peer_that_stops_reading_is_reset_after_the_stall_timeout() {
+    let limits = VsockLimits {
+        stall_timeout: Duration::from_millis(100),
+        handshake_timeout: Duration::from_millis(100),
+        ..Default::default()
+    };
+    let mut e = Env::with_limits(limits);
+    let l = UnixListener::bind(format!("{}_9300", e.uds().display())).unwrap();
+    let _host = open_conn(&mut e, &l, 50, 9300);
+    let _idle = open_conn(&mut e, &l, 51, 9300);
+    let chunk = blob(MAX_PAYLOAD);
+    for _ in 0..4 {
+        let mut rw = gh(50, 9300, OP_RW);
+        rw.len = chunk.len() as u32;
+        e.send(rw, &chunk);
+    }
+    assert!(
+        e.dev.lock().unwrap().buffered() > 0,
+        "the host socket took it all"
+    );
+    // Bounded wait: the tick finds the stalled connection.
+    let h = recv_no_credit(&mut e);
+    assert_eq!((h.op, h.dst_port), (OP_RST, 50));
+    assert_eq!(e.dev.lock().unwrap().buffered(), 0);
+    // The idle connection (nothing held) stays.
+    assert!(e.dev.lock().unwrap().conns.contains_key(&(9300, 51)));
+    // A host client that never sends its CONNECT line is dropped too.
+    let mut c = UnixStream::connect(e.uds()).unwrap();
+    c.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    let mut b = [0u8; 4];
+    for _ in 0..50 {
+        e.spin();
+        if e.dev.lock().unwrap().pending.is_empty() {
+            break;
+        }
+    }
     assert_eq!(c.read(&mut b).unwrap(), 0);
 }
