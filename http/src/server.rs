@@ -39,6 +39,9 @@ pub const DEFAULT_BODY_RATE_GRACE: std::time::Duration = std::time::Duration::fr
 pub const DEFAULT_SPOOL_THRESHOLD: usize = 1024 * 1024;
 /// At most one log line per this interval about refused over-limit peers.
 const REFUSAL_LOG_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+/// The sweep tick when no timeout needs one: it also resumes a listener
+/// paused because accept ran out of descriptors.
+const LISTENER_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The per-peer connection limit [`ServerConfig::default`] uses for
 /// `max_connections`: a quarter of it, at least 8.
@@ -322,6 +325,12 @@ pub struct HttpServer<H: Handler> {
     /// Refusals of over-limit peers: when last logged, how many since.
     refusals_logged: Option<std::time::Instant>,
     refusals_unlogged: u64,
+    /// accept failed (out of descriptors): the level-triggered listener is
+    /// not polled until the next sweep tick or closed connection, so the
+    /// loop does not spin on it. Failures: when last logged, how many since.
+    listener_paused: bool,
+    accept_failures_logged: Option<std::time::Instant>,
+    accept_failures_unlogged: u64,
 }
 
 impl<H: Handler> fmt::Debug for HttpServer<H> {
@@ -371,11 +380,10 @@ impl<H: Handler> HttpServer<H> {
         let wake = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(ServerError::EventFd)?);
         let mut sweep = vmm_sys_util::timerfd::TimerFd::new()
             .map_err(|e| ServerError::Timer(io::Error::from_raw_os_error(e.errno())))?;
-        if let Some(tick) = config.sweep_tick() {
-            sweep
-                .reset(tick, Some(tick))
-                .map_err(|e| ServerError::Timer(io::Error::from_raw_os_error(e.errno())))?;
-        }
+        let tick = config.sweep_tick().unwrap_or(LISTENER_RETRY);
+        sweep
+            .reset(tick, Some(tick))
+            .map_err(|e| ServerError::Timer(io::Error::from_raw_os_error(e.errno())))?;
         let spool = config.spool_threshold.map(|threshold| {
             Arc::new(SpoolConfig {
                 dir: config.spool_dir.clone(),
@@ -412,6 +420,9 @@ impl<H: Handler> HttpServer<H> {
             per_peer: HashMap::new(),
             refusals_logged: None,
             refusals_unlogged: 0,
+            listener_paused: false,
+            accept_failures_logged: None,
+            accept_failures_unlogged: 0,
         })
     }
 
@@ -469,9 +480,21 @@ impl<H: Handler> HttpServer<H> {
         for _ in 0..ACCEPT_BATCH {
             let stream = match self.listener.accept() {
                 Ok((s, _)) => s,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                // WouldBlock, or out of fds etc.: try again on the next event.
-                Err(_) => return,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted
+                    ) =>
+                {
+                    continue
+                }
+                Err(e) => {
+                    // EMFILE/ENFILE and the like: the client stays queued
+                    // and the listener readable; pause it, don't spin.
+                    self.pause_listener(&e, ops);
+                    return;
+                }
             };
             if stream.set_nonblocking(true).is_err() {
                 continue;
@@ -504,6 +527,36 @@ impl<H: Handler> HttpServer<H> {
                 conn.peer = Some(key);
             }
             self.conns.insert(id, conn);
+        }
+    }
+
+    /// Stops polling the listener after a failed accept, until the next
+    /// sweep tick or closed connection; logs at most once per interval.
+    fn pause_listener(&mut self, e: &io::Error, ops: &mut EventOps) {
+        if !self.listener_paused {
+            self.listener_paused = true;
+            let _ = ops.modify(Events::new(&self.listener, EventSet::empty()));
+        }
+        self.accept_failures_unlogged += 1;
+        let now = std::time::Instant::now();
+        if self
+            .accept_failures_logged
+            .is_some_and(|t| now.saturating_duration_since(t) < REFUSAL_LOG_INTERVAL)
+        {
+            return;
+        }
+        eprintln!(
+            "ember-http: accept failed ({e}); {} time(s); the listener pauses until a connection closes or {:?} pass",
+            self.accept_failures_unlogged,
+            self.config.sweep_tick().unwrap_or(LISTENER_RETRY)
+        );
+        self.accept_failures_logged = Some(now);
+        self.accept_failures_unlogged = 0;
+    }
+
+    fn resume_listener(&mut self, ops: &mut EventOps) {
+        if std::mem::take(&mut self.listener_paused) {
+            let _ = ops.modify(Events::new(&self.listener, EventSet::IN));
         }
     }
 
@@ -656,6 +709,8 @@ impl<H: Handler> HttpServer<H> {
         let _ = ops.remove(Events::empty(&conn.stream));
         let notify = conn.dispatched_any;
         drop(conn);
+        // A descriptor is free again.
+        self.resume_listener(ops);
         if notify {
             self.handler.closed(id);
         }
@@ -666,6 +721,7 @@ impl<H: Handler> HttpServer<H> {
     /// minimum body rate.
     fn sweep_idle(&mut self, ops: &mut EventOps) {
         let _ = self.sweep.wait();
+        self.resume_listener(ops);
         let now = std::time::Instant::now();
         if let Some(limit) = self.config.idle_timeout {
             let stale: Vec<ConnectionId> = self
