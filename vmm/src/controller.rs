@@ -8,7 +8,7 @@ use std::sync::mpsc::{channel, Receiver};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use devices::legacy::serial::SerialOut;
+use devices::legacy::serial::{NonBlockingOut, SerialOut};
 use event_manager::{EventOps, Events, MutEventSubscriber, SubscriberOps};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -128,7 +128,7 @@ impl Controller {
                 .create(true)
                 .append(true)
                 .open(&p)
-                .map(|f| Box::new(f) as SerialOut)
+                .map(|f| Box::new(NonBlockingOut::new(f)) as SerialOut)
                 .map_err(|err| ActionError::SerialOut { path: p, err }),
             None => {
                 // Unbuffered: guest output must show up as it is written.
@@ -141,7 +141,8 @@ impl Controller {
                     });
                 }
                 // SAFETY: `fd` is a fresh descriptor owned by nobody else.
-                Ok(Box::new(unsafe { std::fs::File::from_raw_fd(fd) }))
+                let f = unsafe { std::fs::File::from_raw_fd(fd) };
+                Ok(Box::new(NonBlockingOut::new(f)))
             }
         }
     }

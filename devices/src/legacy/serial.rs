@@ -2,6 +2,7 @@
 //! EventFd (irqfd), printing to any writer.
 
 use std::io::Write;
+use std::os::fd::AsRawFd;
 
 use vm_superio::serial::NoEvents;
 use vm_superio::{Serial, Trigger};
@@ -29,6 +30,74 @@ impl Trigger for EventFdTrigger {
 
 /// The output side: anything that takes bytes.
 pub type SerialOut = Box<dyn Write + Send>;
+
+/// Guest output to a file, pipe, socket or terminal that never blocks:
+/// before each write it asks `poll` (timeout 0) whether there is room, and
+/// drops what does not fit (a UART with nobody reading loses bytes too).
+/// Serial writes happen on vCPU threads under the serial lock, which the
+/// VMM thread takes for input and at shutdown: a blocked write to a full
+/// pipe would stall the guest and then the VMM. Regular files always have
+/// room. The fd is left as it is (stdout's flags are shared with others).
+pub struct NonBlockingOut<W: Write + AsRawFd + Send> {
+    inner: W,
+    /// Bytes dropped since output last went through.
+    dropped: u64,
+}
+
+impl<W: Write + AsRawFd + Send> NonBlockingOut<W> {
+    /// Wraps `inner`.
+    pub fn new(inner: W) -> Self {
+        Self { inner, dropped: 0 }
+    }
+
+    fn has_room(&self) -> bool {
+        let mut p = libc::pollfd {
+            fd: self.inner.as_raw_fd(),
+            events: libc::POLLOUT,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, timeout 0: returns at once.
+        let n = unsafe { libc::poll(&mut p, 1, 0) };
+        n == 1 && p.revents & libc::POLLOUT != 0
+    }
+
+    fn drop_bytes(&mut self, n: usize) -> std::io::Result<usize> {
+        if self.dropped == 0 {
+            log::warn!("serial: output dropped: its reader is not keeping up");
+        }
+        self.dropped += n as u64;
+        Ok(n)
+    }
+}
+
+impl<W: Write + AsRawFd + Send> Write for NonBlockingOut<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        if !self.has_room() {
+            return self.drop_bytes(buf.len());
+        }
+        // POLLOUT on a pipe promises room for PIPE_BUF bytes.
+        let n = buf.len().min(libc::PIPE_BUF);
+        match self.inner.write(&buf[..n]) {
+            Ok(w) => {
+                if self.dropped > 0 {
+                    log::warn!("serial: {} output byte(s) were dropped", self.dropped);
+                    self.dropped = 0;
+                }
+                Ok(w)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => self.drop_bytes(n),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        // Only userspace buffers would need it, and there are none.
+        Ok(())
+    }
+}
 
 /// 8250 UART bus device.
 pub struct SerialDevice {
@@ -96,6 +165,36 @@ mod tests {
         fn flush(&mut self) -> std::io::Result<()> {
             Ok(())
         }
+    }
+
+    #[test]
+    fn output_to_a_full_pipe_is_dropped_not_waited_for() {
+        let mut fds = [0; 2];
+        // SAFETY: pipe2 fills two fds we then own.
+        assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+        use std::os::fd::FromRawFd;
+        // SAFETY: fresh fds from pipe2, owned here.
+        let (mut r, w) = unsafe {
+            (
+                std::fs::File::from_raw_fd(fds[0]),
+                std::fs::File::from_raw_fd(fds[1]),
+            )
+        };
+        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+        let mut s = SerialDevice::new(irq, Box::new(NonBlockingOut::new(w)));
+        // Far more than a pipe holds (64 KiB): a blocking writer would hang.
+        for _ in 0..(256 << 10) {
+            s.write(0x3f8, 0, b"x");
+        }
+        // The reader comes back: output flows again.
+        let mut buf = vec![0u8; 256 << 10];
+        use std::io::Read;
+        let got = r.read(&mut buf).unwrap();
+        assert!(got > 0 && got < 256 << 10, "{got}");
+        s.write(0x3f8, 0, b"!");
+        let mut one = [0u8; 1 << 16];
+        let n = r.read(&mut one).unwrap();
+        assert_eq!(one[n - 1], b'!');
     }
 
     #[test]
