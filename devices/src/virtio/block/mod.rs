@@ -55,6 +55,13 @@ pub const VIRTIO_BLK_S_UNSUPP: u8 = 2;
 pub const ID_LEN: usize = 20;
 /// Copy chunk between file and guest.
 const CHUNK: usize = 64 * 1024;
+/// Bytes of I/O one pass over the queue may do before it yields to the
+/// other devices and the API (the queue's eventfd is signalled again, so
+/// the rest follows on the next round of the event loop). I/O is
+/// synchronous `pread`/`pwrite` on the VMM thread: a pass stops after the
+/// request that crosses this, so one round is bounded by this plus one
+/// request, and a request by the guest's memory.
+const PASS_BUDGET: u64 = 8 << 20;
 
 use crate::virtio::{TOKEN_ACTIVATE, TOKEN_QUEUE_BASE};
 const TOKEN_QUEUE: u32 = TOKEN_QUEUE_BASE;
@@ -353,10 +360,17 @@ impl Block {
             return false;
         };
         let mut used = false;
+        let mut done = 0u64;
         while !self.limiter.is_blocked() {
             let Some((head, parsed)) = self.base.pop_parsed(0) else {
                 break;
             };
+            if done >= PASS_BUDGET {
+                // Yield with work left; come back on the next round.
+                self.base.queues[0].go_to_previous_position();
+                let _ = self.base.queue_evts[0].write(1);
+                break;
+            }
             let c = match parsed {
                 Ok(c) if c.writable_len() > 0 => c,
                 Ok(_) | Err(_) => {
@@ -372,6 +386,7 @@ impl Block {
                 self.base.queues[0].go_to_previous_position();
                 break;
             }
+            done += bytes.max(1);
             let (status, len) = self.disk.execute(&mem, &c, data_out);
             let status_off = c.writable_len() - 1;
             let len = match c.write_at(&mem, status_off, &[status]) {
@@ -495,6 +510,37 @@ mod tests {
     const H: u64 = 0x10000; // header
     const D: u64 = 0x11000; // data
     const S: u64 = 0x18000; // status
+
+    #[test]
+    fn a_queue_of_large_requests_is_served_in_bounded_passes() {
+        let file = TempFile::new().unwrap();
+        file.as_file().set_len(4 << 20).unwrap();
+        let m = mem(8 << 20);
+        let mut q = TestQueue::new(&m, 0x1000, 16);
+        let mut blk = Block::new(BlockConfig {
+            drive_id: "big".into(),
+            path: file.as_path().to_path_buf(),
+            read_only: true,
+            rate_limiter: None,
+        })
+        .unwrap();
+        blk.activate(m.clone(), vec![q.queue()]).unwrap();
+        for _ in 0..4 {
+            hdr(&m, H, VIRTIO_BLK_T_IN, 0);
+            q.add_chain(&[(H, 16, false), (1 << 20, 4 << 20, true), (S, 1, true)]);
+        }
+        // 16 MiB queued: one pass stops once 8 MiB are done and asks for
+        // another round through its own queue eventfd.
+        blk.process_queue();
+        assert_eq!(q.used_idx(), 2);
+        assert!(
+            blk.queue_events()[0].read().is_ok(),
+            "no new round asked for"
+        );
+        blk.process_queue();
+        assert_eq!(q.used_idx(), 4);
+        assert!(blk.queue_events()[0].read().is_err(), "nothing left");
+    }
 
     #[test]
     fn read_write_flush_getid() {
