@@ -21,6 +21,7 @@ pub mod loader;
 pub mod logger;
 pub mod seccomp;
 pub mod stdin;
+pub mod term;
 pub mod vstate;
 
 /// The VMM thread's event loop.
@@ -36,6 +37,8 @@ pub enum ExitCode {
     Ok = 0,
     /// Something in the VMM failed.
     GenericError = 1,
+    /// Stopped by SIGTERM (128 + 15, what a shell reports for the signal).
+    Terminated = 143,
     /// The guest crashed: triple fault, KVM internal error, failed entry.
     GuestError = 3,
     /// The configuration given on the command line is unusable.

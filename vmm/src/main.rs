@@ -108,9 +108,15 @@ fn main() {
 
     let mut em = EventManager::new()
         .unwrap_or_else(|e| die(ExitCode::GenericError, format!("event manager: {e}")));
+    // SIGTERM ends the VMM through this thread's event loop (see
+    // vmm::term); the other threads block it.
+    let terminated = vmm::term::install(&mut em)
+        .unwrap_or_else(|e| die(ExitCode::GenericError, format!("SIGTERM handling: {e}")));
     // Each vCPU thread confines itself before it first enters the guest.
-    let vcpu_hook: Arc<dyn Fn() + Send + Sync> =
-        Arc::new(move || confine(ThreadKind::Vcpu, seccomp, trigger));
+    let vcpu_hook: Arc<dyn Fn() + Send + Sync> = Arc::new(move || {
+        vmm::term::block_on_this_thread();
+        confine(ThreadKind::Vcpu, seccomp, trigger)
+    });
     let mut controller =
         Controller::new(args.id.clone(), args.serial_out.clone(), &mut em, Some(vcpu_hook))
             .unwrap_or_else(|e| die(ExitCode::GenericError, format!("controller: {e}")));
@@ -124,7 +130,10 @@ fn main() {
             ApiThread::spawn(
                 &args.api_sock,
                 &mut em,
-                Some(Box::new(move || confine(ThreadKind::Api, seccomp, trigger))),
+                Some(Box::new(move || {
+                    vmm::term::block_on_this_thread();
+                    confine(ThreadKind::Api, seccomp, trigger)
+                })),
             )
             .unwrap_or_else(|e| {
                 die(
@@ -177,6 +186,9 @@ fn main() {
         }
         if let Some(done) = controller.check_exit() {
             break done;
+        }
+        if terminated.load(std::sync::atomic::Ordering::SeqCst) {
+            break (ExitCode::Terminated, "SIGTERM".to_string());
         }
     };
     controller.shutdown();
