@@ -130,6 +130,7 @@ static const struct test_mode modes[] = {
 	{ "evil-len", mode_evil_len },
 	{ "evil-queue-size", mode_evil_queue_size },
 	{ "evil-avail-idx", mode_evil_avail_idx },
+	{ "evil-vsock-flood", mode_evil_vsock_flood },
 	{ "bench-blk", mode_bench_blk },
 	{ "bench-net", mode_bench_net },
 };

@@ -161,6 +161,21 @@
 //!
 //! A host test should assert: the VMM is still running/exits 0 and the
 //! guest printed `ember-guest: done`.
+//!
+//! ## `evil-vsock-flood` (options: `ember.vsock_port=<p>` default 52,
+//! `ember.flood_conns=<n>` default 300, at most 512,
+//! `ember.flood_chunks=<k>` default 0, `ember.flood_hold=0|1` default 1)
+//! A connection flood toward host port `p` (the test's `<uds>_<p>`
+//! listener), lying about its credit: every packet claims buf_alloc
+//! 0xffffffff. It sends `n` REQUESTs from guest ports 20000.. without
+//! waiting for answers, then `k` rounds of one 65536-byte OP_RW on each
+//! connection that got a RESPONSE, ignoring the host's credit (a host peer
+//! that never reads makes the VMM buffer up to its limits, then reset).
+//! Lines: `evil vsock-flood start conns <n> chunks <k> port <p>`, then
+//! `evil vsock-flood requests <n> responses <r> refused <f> resets <x>`
+//! (RSTs before / after a RESPONSE; counts depend on timing), then with
+//! hold `evil vsock-flood holding` and the guest halts, keeping its
+//! connections (the test ends the VMM); without, `done` and a reset.
 
 /// ELF64 image without a PVH note; entered in long mode with RSI = zero page.
 pub const LINUX64_ELF: &str = concat!(env!("OUT_DIR"), "/ember-guest-linux64.elf");
@@ -195,6 +210,7 @@ pub const MODES: &[&str] = &[
     "evil-len",
     "evil-queue-size",
     "evil-avail-idx",
+    "evil-vsock-flood",
     "bench-blk",
     "bench-net",
 ];

@@ -98,5 +98,10 @@ bool vsock_send(struct vsock_state *s, uint16_t op, uint32_t flags, const void *
 bool vsock_write(struct vsock_state *s, const uint8_t *data, uint32_t len);
 /* An RST answering the packet in s->hdr. */
 void vsock_rst_reply(struct vsock_state *s);
+/*
+ * Takes one packet off the rx queue into s->hdr / s->data (reposting the
+ * buffer) without looking at it; false if none is there.
+ */
+bool vsock_recv_raw(struct vsock_state *s);
 
 #endif

@@ -92,7 +92,7 @@ static bool for_conn(const struct vsock_state *s)
 }
 
 /* Takes one packet off the rx queue into s->hdr / s->data; false if none. */
-static bool recv_raw(struct vsock_state *s)
+bool vsock_recv_raw(struct vsock_state *s)
 {
 	struct virtq *rx = &s->dev.vq[RXQ];
 	uint32_t len;
@@ -122,7 +122,7 @@ int vsock_next(struct vsock_state *s, uint32_t timeout_ms)
 	for (;;) {
 		if (s->pending) {
 			s->pending = false;
-		} else if (!recv_raw(s)) {
+		} else if (!vsock_recv_raw(s)) {
 			if (timer_ms() >= deadline)
 				return -1;
 			busy_delay(50);
@@ -171,7 +171,7 @@ bool vsock_write(struct vsock_state *s, const uint8_t *data, uint32_t len)
 					guest_log("vsock timeout waiting for credit");
 					return false;
 				}
-				if (!recv_raw(s)) {
+				if (!vsock_recv_raw(s)) {
 					busy_delay(50);
 					continue;
 				}

@@ -1,0 +1,236 @@
+//! A guest can neither freeze nor exhaust its VMM through vsock (issue 19).
+//! The test guest's `evil-vsock-flood` mode opens hundreds of connections
+//! toward a host listener, lies about its credit and writes 64 KiB chunks
+//! regardless of the VMM's; the host side is a listener that accepts and
+//! never reads, or one whose accept queue is full. Throughout, with the
+//! seccomp filters on, a watchdog polls the API (`GET /`) and fails if one
+//! answer does not come within a generous bound, i.e. if the VMM thread's
+//! loop stalls. Afterwards the VMM still answers, holds a bounded number of
+//! descriptors, takes SendCtrlAltDel, and SIGTERM ends it.
+
+use std::io::Read;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ember_tests::*;
+use serde_json::json;
+
+/// Longest the watchdog waits for one `GET /` answer: far beyond any
+/// normal answer (milliseconds), far below "frozen".
+const WATCHDOG_BOUND: Duration = Duration::from_secs(10);
+/// The VMM's per-device vsock connection limit (devices::virtio::vsock).
+const MAX_CONNS: u64 = 256;
+
+/// `GET /` in a loop on new connections until stopped; every answer must
+/// come within [`WATCHDOG_BOUND`].
+struct Watchdog {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<Result<(u32, Duration), String>>,
+}
+
+impl Watchdog {
+    fn start(sock: PathBuf) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let (mut polls, mut worst) = (0u32, Duration::ZERO);
+            while !s.load(Ordering::SeqCst) {
+                let t = Instant::now();
+                let r = (|| -> std::io::Result<HttpResponse> {
+                    let mut c = UnixStream::connect(&sock)?;
+                    c.set_read_timeout(Some(WATCHDOG_BOUND))?;
+                    c.set_write_timeout(Some(WATCHDOG_BOUND))?;
+                    write_request(&mut c, "GET", "/", None)?;
+                    read_response(&mut c)
+                })();
+                match r {
+                    Ok(r) if r.status == 200 => {}
+                    Ok(r) => return Err(format!("GET / answered {}", r.status)),
+                    Err(e) => {
+                        return Err(format!("GET / failed after {:?}: {e}", t.elapsed()))
+                    }
+                }
+                polls += 1;
+                worst = worst.max(t.elapsed());
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Ok((polls, worst))
+        });
+        Watchdog { stop, thread }
+    }
+
+    /// Stops it; (answers, slowest answer), or why the API failed.
+    fn finish(self) -> (u32, Duration) {
+        self.stop.store(true, Ordering::SeqCst);
+        match self.thread.join().expect("watchdog thread") {
+            Ok(v) => v,
+            Err(e) => panic!("the VMM's API stalled: {e}"),
+        }
+    }
+}
+
+fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// ember-vmm with its API and the flood guest on vsock (seccomp on).
+fn spawn_flood_vm(dir: &TempDir, uds: &Path, args: &str) -> (Proc, PathBuf) {
+    let sock = dir.join("api.sock");
+    let cfg = json!({
+        "boot-source": {"kernel_image_path": PVH_ELF,
+                        "boot_args": format!("ember.test=evil-vsock-flood {args}")},
+        "machine-config": {"vcpu_count": 1, "mem_size_mib": 64},
+        "vsock": {"guest_cid": 3, "uds_path": uds},
+    });
+    let cfg_path = dir.join("vm.json");
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let mut cmd = Command::new(bin("ember-vmm"));
+    cmd.arg("--api-sock")
+        .arg(&sock)
+        .arg("--config-file")
+        .arg(&cfg_path);
+    let p = Proc::spawn(cmd, dir.path(), "vmm");
+    wait_for_socket(&sock);
+    (p, sock)
+}
+
+/// The guest's summary line: (requests, responses, refused, resets).
+fn summary(out: &str) -> (u64, u64, u64, u64) {
+    let line = out
+        .lines()
+        .find_map(|l| l.strip_prefix("ember-guest: evil vsock-flood requests "))
+        .unwrap_or_else(|| panic!("no summary line:\n{out}"));
+    let n: Vec<u64> = line
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    (n[0], n[1], n[2], n[3])
+}
+
+/// After the flood: the API answers, SendCtrlAltDel is taken, and SIGTERM
+/// ends the VMM through its loop (status 143, its vsock socket removed).
+fn still_in_control_then_sigterm(p: &mut Proc, sock: &Path, uds: &Path) {
+    assert!(p.try_status().is_none(), "ember-vmm died:\n{}", p.err());
+    let r = http(sock, "GET", "/", None);
+    assert_eq!(r.json()["state"], "Running");
+    let r = http(
+        sock,
+        "PUT",
+        "/actions",
+        Some(&json!({"action_type": "SendCtrlAltDel"}).to_string()),
+    );
+    assert_eq!(r.status, 204, "{}", String::from_utf8_lossy(&r.body));
+    // SAFETY: kill(2) on the child this test spawned.
+    unsafe { libc::kill(p.pid() as i32, libc::SIGTERM) };
+    let st = p.wait();
+    assert_eq!(st.code(), Some(143), "{st:?} {:?}\nstderr:\n{}", st.signal(), p.err());
+    assert!(p.err().contains("SIGTERM"), "{}", p.err());
+    assert!(!uds.exists(), "the vsock socket is left behind");
+}
+
+#[test]
+fn a_flood_toward_a_host_that_never_reads_leaves_the_vmm_responsive() {
+    let dir = TempDir::new("vsock-flood");
+    let uds = dir.join("v.sock");
+    // Accepts everything, reads nothing; stops when the VMM is gone.
+    let listener = UnixListener::bind(format!("{}_52", uds.display())).unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let done = Arc::new(AtomicBool::new(false));
+    let acceptor = {
+        let done = done.clone();
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            while !done.load(Ordering::SeqCst) {
+                match listener.accept() {
+                    Ok((s, _)) => held.push(s),
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+            held.len()
+        })
+    };
+    let (mut p, sock) = spawn_flood_vm(
+        &dir,
+        &uds,
+        "ember.vsock_port=52 ember.flood_conns=300 ember.flood_chunks=5",
+    );
+    let dog = Watchdog::start(sock.clone());
+    p.expect_out("ember-guest: evil vsock-flood start conns 300 chunks 5");
+    p.expect_out("ember-guest: evil vsock-flood holding");
+    let (fds, rss) = (fd_count(p.pid()), rss_kib(p.pid()));
+    let (polls, worst) = dog.finish();
+    let (req, resp, refused, resets) = summary(&p.out());
+    eprintln!(
+        "flood: {req} requests, {resp} responses, {refused} refused, {resets} resets; \
+         API answered {polls} GET / (slowest {worst:?}); VMM holds {fds} fds, RSS {rss} KiB"
+    );
+    assert_eq!(req, 300);
+    assert!(resp <= MAX_CONNS, "{resp} connections beyond the limit");
+    assert!(refused >= 300 - MAX_CONNS, "{refused}");
+    // Descriptors: the limit's worth of streams plus a few dozen of its own.
+    assert!(fds < MAX_CONNS as usize + 64, "{fds} descriptors");
+    // Memory: the guest's 64 MiB, the device's 16 MiB budget, slack.
+    assert!(rss < 160 << 10, "RSS {rss} KiB");
+    assert!(polls > 0);
+    still_in_control_then_sigterm(&mut p, &sock, &uds);
+    done.store(true, Ordering::SeqCst);
+    let accepted = acceptor.join().unwrap();
+    assert!(accepted as u64 >= resp.min(1), "{accepted}");
+}
+
+#[test]
+fn a_flood_toward_a_full_accept_queue_does_not_freeze_the_vmm() {
+    let dir = TempDir::new("vsock-full");
+    let uds = dir.join("v.sock");
+    // Backlog 0 (std's listener asks for 128) and never accepted: a
+    // blocking connect would sleep in unix_wait_for_peer for good.
+    let listener = UnixListener::bind(format!("{}_53", uds.display())).unwrap();
+    // SAFETY: listen(2) on our own bound socket.
+    assert_eq!(unsafe { libc::listen(listener.as_raw_fd(), 0) }, 0);
+    let (mut p, sock) = spawn_flood_vm(
+        &dir,
+        &uds,
+        "ember.vsock_port=53 ember.flood_conns=200 ember.flood_chunks=1",
+    );
+    let dog = Watchdog::start(sock.clone());
+    p.expect_out("ember-guest: evil vsock-flood holding");
+    let (polls, worst) = dog.finish();
+    let (req, resp, refused, resets) = summary(&p.out());
+    eprintln!(
+        "full queue: {req} requests, {resp} responses, {refused} refused, {resets} resets; \
+         API answered {polls} GET / (slowest {worst:?})"
+    );
+    assert_eq!(req, 200);
+    // The queue holds one connection (backlog 0); the rest are refused.
+    assert!(resp <= 2, "{resp}");
+    assert!(refused >= 198, "{refused}");
+    still_in_control_then_sigterm(&mut p, &sock, &uds);
+    // The queued connection was a real one: the VMM closed it on exit.
+    let (mut c, _) = listener.accept().unwrap();
+    c.set_read_timeout(Some(PATIENCE)).unwrap();
+    let mut b = [0u8; 1 << 16];
+    let mut total = 0;
+    loop {
+        match c.read(&mut b) {
+            Ok(0) => break,
+            Ok(n) => total += n,
+            Err(e) => panic!("reading the queued connection: {e}"),
+        }
+    }
+    assert!(total <= 1 << 20, "{total}");
+}
