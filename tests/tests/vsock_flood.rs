@@ -234,3 +234,89 @@ fn a_flood_toward_a_full_accept_queue_does_not_freeze_the_vmm() {
     }
     assert!(total <= 1 << 20, "{total}");
 }
+
+/// utime + stime of `pid` in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let rest = &s[s.rfind(')').map_or(0, |i| i + 2)..];
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .map(|w| w.parse().unwrap_or(0))
+        .collect();
+    // rest starts at field 3; utime is field 14, stime 15.
+    f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0)
+}
+
+#[test]
+fn out_of_descriptors_the_listeners_pause_instead_of_spinning() {
+    use std::os::unix::process::CommandExt;
+    let dir = TempDir::new("vsock-emfile");
+    let uds = dir.join("v.sock");
+    let sock = dir.join("api.sock");
+    // One request to a port nobody listens on activates the device; then
+    // the guest halts.
+    let cfg = json!({
+        "boot-source": {"kernel_image_path": PVH_ELF,
+                        "boot_args": "ember.test=evil-vsock-flood ember.vsock_port=9 ember.flood_conns=1"},
+        "machine-config": {"vcpu_count": 1, "mem_size_mib": 32},
+        "vsock": {"guest_cid": 3, "uds_path": uds},
+    });
+    let cfg_path = dir.join("vm.json");
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let mut cmd = Command::new(bin("ember-vmm"));
+    cmd.arg("--api-sock").arg(&sock).arg("--config-file").arg(&cfg_path);
+    // SAFETY: setrlimit between fork and exec only touches the child.
+    unsafe {
+        cmd.pre_exec(|| {
+            let lim = libc::rlimit {
+                rlim_cur: 64,
+                rlim_max: 64,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut p = Proc::spawn(cmd, dir.path(), "vmm");
+    wait_for_socket(&sock);
+    p.expect_out("ember-guest: evil vsock-flood holding");
+    // Use up the VMM's descriptors from both listeners; connects still
+    // succeed (the kernel queues them) but the VMM cannot accept them all.
+    let mut held = Vec::new();
+    for _ in 0..80 {
+        held.extend(UnixStream::connect(&uds).ok());
+        held.extend(UnixStream::connect(&sock).ok());
+    }
+    let _ = wait_for(PATIENCE, || p.err().contains("accept").then_some(()));
+    let t0 = cpu_ticks(p.pid());
+    std::thread::sleep(Duration::from_secs(3));
+    let used = cpu_ticks(p.pid()) - t0;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    eprintln!(
+        "out of fds: {} connections held; the VMM used {used} ticks ({hz}/s) in 3 s",
+        held.len()
+    );
+    assert!(
+        used < hz * 3 / 2,
+        "the VMM burned {used} ticks in 3 s out of descriptors: a busy loop\n{}",
+        p.err()
+    );
+    let err = p.err();
+    assert!(
+        err.contains("out of file descriptors") || err.contains("ember-http: accept failed"),
+        "{err}"
+    );
+    // Descriptors free again: the API answers and SIGTERM still works.
+    drop(held);
+    let r = wait_for(PATIENCE, || {
+        let mut c = UnixStream::connect(&sock).ok()?;
+        c.set_read_timeout(Some(WATCHDOG_BOUND)).ok()?;
+        write_request(&mut c, "GET", "/", None).ok()?;
+        read_response(&mut c).ok()
+    })
+    .expect("the API never answered again");
+    assert_eq!(r.status, 200);
+    still_in_control_then_sigterm(&mut p, &sock, &uds);
+}
