@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use api_server::build as compilers;
+use api_server::images::archive;
 use api_server::model::store::Store;
 use api_server::model::supervisor::Supervisor;
 use api_server::runtime::process::Launcher;
@@ -169,7 +170,32 @@ fn spool_dir(state: &Path) -> Result<PathBuf, String> {
     Ok(dir)
 }
 
+/// emberd's own binary, for the sandbox jobs that re-execute it: the
+/// job's uid must be able to read and run it (it is bound into the job).
+fn self_exe() -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let exe = std::env::current_exe()
+        .and_then(std::fs::canonicalize)
+        .unwrap_or_else(|e| die(format!("cannot find emberd's own binary: {e}")));
+    let mode = std::fs::metadata(&exe)
+        .map(|m| m.permissions().mode())
+        .unwrap_or_else(|e| die(format!("{}: {e}", exe.display())));
+    if mode & 0o005 != 0o005 {
+        die(format!(
+            "{} must be readable and executable by others (mode 0755): sandbox jobs run it as their own uid",
+            exe.display()
+        ));
+    }
+    exe
+}
+
 fn main() {
+    // Internal: emberd re-executed inside a sandbox job to extract an
+    // archive (images::archive::extract_sandboxed); not a user command.
+    let mut argv = std::env::args_os();
+    if argv.nth(1).as_deref() == Some(std::ffi::OsStr::new(archive::CHILD_ARG)) {
+        std::process::exit(archive::child_main(&argv.collect::<Vec<_>>()));
+    }
     let args = Args::parse();
     let vmm = args.vmm.clone().unwrap_or_else(|| sibling("ember-vmm"));
     let jailer = (!args.no_jailer).then(|| {
@@ -219,6 +245,8 @@ fn main() {
     let mut sandbox = api_server::sandbox::SandboxConfig {
         base_dir: Some(args.state_dir.join("jobs")),
         uids: args.job_uid_range.clone(),
+        // Archive extraction runs emberd's own code in a job, never here.
+        self_exe: Some(self_exe()),
         ..Default::default()
     };
     sandbox.limits.memory_bytes = args.job_memory_mb << 20;

@@ -35,7 +35,12 @@
 //!
 //! On error, `dest` may hold a partial extraction; the caller owns `dest`
 //! (normally a fresh temporary directory) and removes it.
+//!
+//! emberd's callers use [`extract_sandboxed`]: the same function, run in a
+//! sandbox job (emberd's own binary re-executed, see `archive/sandboxed.rs`),
+//! so in emberd extraction never runs in emberd's process.
 
+use std::borrow::Cow;
 use std::collections::HashSet;
 use std::fs::{self, OpenOptions};
 use std::io::{self, Read, Write};
@@ -43,6 +48,9 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
 use tar::EntryType;
+
+mod sandboxed;
+pub use sandboxed::{child_main, extract_sandboxed, ArchiveSource, CHILD_ARG};
 
 /// gzip magic bytes.
 const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
@@ -116,7 +124,7 @@ pub enum ArchiveError {
     BadLink {
         path: PathBuf,
         target: PathBuf,
-        reason: &'static str,
+        reason: Cow<'static, str>,
     },
     /// An entry would be written through a symlink.
     #[error("archive entry {0:?} lies below a symlink")]
@@ -130,6 +138,11 @@ pub enum ArchiveError {
     /// More than `max_bytes` of unpacked data.
     #[error("archive unpacks to more than {0} bytes")]
     TooLarge(u64),
+    /// The extraction job failed as a whole (could not start, was killed,
+    /// ran out of time, answered nonsense): the host's side, not the
+    /// archive's rules. Only [`extract_sandboxed`] returns it.
+    #[error("extraction sandbox: {0}")]
+    Sandbox(String),
 }
 
 /// Extracts a `tar.gz` (or plain `tar`) stream below `dest`, which is created
@@ -288,10 +301,10 @@ fn extract_tar<R: Read>(
                     .map_err(read_err)?
                     .map(|t| t.into_owned())
                     .unwrap_or_default();
-                let bad = |reason| ArchiveError::BadLink {
+                let bad = |reason: &'static str| ArchiveError::BadLink {
                     path: raw_path.clone(),
                     target: target.clone(),
-                    reason,
+                    reason: reason.into(),
                 };
                 let target_rel = hard_link_target(&raw_path, &target)?;
                 if symlink_prefix(&target_rel, &symlink_set).is_some()
@@ -405,10 +418,10 @@ fn copy_limited(
 /// The normalized target of the hard link at `raw`: a relative path inside
 /// the destination, not its root.
 pub(crate) fn hard_link_target(raw: &Path, target: &Path) -> Result<PathBuf, ArchiveError> {
-    let bad = |reason| ArchiveError::BadLink {
+    let bad = |reason: &'static str| ArchiveError::BadLink {
         path: raw.to_path_buf(),
         target: target.to_path_buf(),
-        reason,
+        reason: reason.into(),
     };
     match normalize(target) {
         Ok(t) if !t.as_os_str().is_empty() => Ok(t),
@@ -502,10 +515,10 @@ fn check_symlink_target(rel: &Path, target: &Path) -> Result<(), ArchiveError> {
 /// Resolves `target` from the directory of `rel`; returns the visited
 /// intermediate paths (each a destination-relative path) and the result.
 fn resolve_target(rel: &Path, target: &Path) -> Result<(Vec<PathBuf>, PathBuf), ArchiveError> {
-    let bad = |reason| ArchiveError::BadLink {
+    let bad = |reason: &'static str| ArchiveError::BadLink {
         path: rel.to_path_buf(),
         target: target.to_path_buf(),
-        reason,
+        reason: reason.into(),
     };
     if target.as_os_str().is_empty() {
         return Err(bad("empty symlink target"));
@@ -558,7 +571,7 @@ fn check_symlink_traversal(
         return Err(ArchiveError::BadLink {
             path: link.rel.clone(),
             target: link.target.clone(),
-            reason: "symlink target passes through another symlink",
+            reason: "symlink target passes through another symlink".into(),
         });
     }
     Ok(())

@@ -12,15 +12,29 @@ use serde_json::Value;
 use super::supervisor::{ErrorKind, ImageJob, Supervisor, SupervisorError, VolumeJob};
 use super::{new_id, Image};
 use crate::build::{CompileError, CompileInput, CompileOutput};
-use crate::images::archive::{extract_tar_gz, ExtractLimits};
+use crate::images::archive::{extract_sandboxed, ArchiveError, ArchiveSource, ExtractLimits};
 use crate::images::hub::{Hub, HubConfig, HubError};
 use crate::images::volumes::{self, VolumeError};
 
+/// An uploaded tar(.gz) that could not be extracted: the upload's fault
+/// (400), unless the extraction job itself failed (500).
+fn tarfile_error(e: ArchiveError) -> SupervisorError {
+    match e {
+        ArchiveError::Sandbox(_) => SupervisorError::Internal(format!("tarfile: {e}")),
+        other => SupervisorError::Invalid(format!("tarfile: {other}")),
+    }
+}
+
 impl ImageJob {
-    /// Worker side of an image build: extract the tar(.gz) `tar`, compile.
+    /// Worker side of an image build: extract the tar(.gz) `tar` (in a
+    /// sandbox job), compile.
     pub fn build(&self, tar: &[u8]) -> Result<CompileOutput, SupervisorError> {
-        extract_tar_gz(tar, &self.src_dir(), &Default::default())
-            .map_err(|e| SupervisorError::Invalid(format!("tarfile: {e}")))?;
+        extract_sandboxed(
+            ArchiveSource::Bytes(tar),
+            &self.src_dir(),
+            &Default::default(),
+        )
+        .map_err(tarfile_error)?;
         std::fs::create_dir_all(self.out_dir())
             .map_err(|e| SupervisorError::Internal(e.to_string()))?;
         self.compiler
@@ -70,8 +84,8 @@ impl VolumeJob {
                 if let Some(mb) = self.size_mb {
                     limits.max_bytes = limits.max_bytes.min(mb.saturating_mul(1 << 20));
                 }
-                extract_tar_gz(bytes, &dir, &limits)
-                    .map_err(|e| SupervisorError::Invalid(format!("tarfile: {e}")))?;
+                extract_sandboxed(ArchiveSource::Bytes(bytes), &dir, &limits)
+                    .map_err(tarfile_error)?;
                 volumes::create_ext4_from_dir(&self.staging_file, &dir, self.size_mb)
                     .map_err(vol_err)
             }
@@ -246,8 +260,14 @@ impl HubPull {
         image.name = self.name.clone();
         let dir = self.scratch.join("image");
         let f = std::fs::File::open(&art).map_err(|e| HubJobError::Local(e.to_string()))?;
-        extract_tar_gz(f, &dir, &Default::default())
-            .map_err(|e| HubJobError::Upstream(format!("the hub's image archive: {e}")))?;
+        extract_sandboxed(ArchiveSource::File(f), &dir, &Default::default()).map_err(
+            |e| match e {
+                ArchiveError::Sandbox(_) => {
+                    HubJobError::Local(format!("the hub's image archive: {e}"))
+                }
+                other => HubJobError::Upstream(format!("the hub's image archive: {other}")),
+            },
+        )?;
         Ok(Pulled { image, dir })
     }
 

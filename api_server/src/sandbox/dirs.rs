@@ -190,6 +190,75 @@ impl Handover {
     }
 }
 
+/// Gives the tree a finished job left at `root` (its output directory) to
+/// this process's uid and gid: `lchown` of every entry, links not
+/// followed. `check` sees every entry below `root` first (its path
+/// relative to `root` and its `lstat`) and may refuse it with a reason;
+/// FIFOs, sockets and device nodes are always refused (a job that should
+/// only write files and directories wrote them; reading one could block
+/// emberd). Call it only once nothing of the job runs any more ([`Job::run`]
+/// has returned, whatever its result): then no name can change during the
+/// walk. The walk goes on after a refusal or an error (every entry it can
+/// reach is given back) and returns the first; the caller then removes the
+/// tree.
+///
+/// [`Job::run`]: super::Job::run
+pub fn reclaim(
+    root: &Path,
+    mut check: impl FnMut(&Path, &fs::Metadata) -> Result<(), String>,
+) -> Result<(), SandboxError> {
+    // SAFETY: geteuid and getegid have no preconditions.
+    let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+    let mut first = Ok(());
+    let mut keep = |r: Result<(), SandboxError>| {
+        if first.is_ok() {
+            first = r;
+        }
+    };
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(p) = stack.pop() {
+        let md = match fs::symlink_metadata(&p) {
+            Ok(md) => md,
+            Err(e) => {
+                keep(Err(io_err("stat", &p)(e)));
+                continue;
+            }
+        };
+        let rel = p.strip_prefix(root).unwrap_or(&p);
+        let ft = md.file_type();
+        let refused = if !(ft.is_file() || ft.is_dir() || ft.is_symlink()) {
+            Some("is a FIFO, socket or device node".to_string())
+        } else if p != root {
+            check(rel, &md).err()
+        } else {
+            None
+        };
+        if let Some(why) = refused {
+            keep(Err(SandboxError::Result {
+                name: rel.display().to_string(),
+                why,
+            }));
+        }
+        if md.uid() != uid || md.gid() != gid {
+            keep(std::os::unix::fs::lchown(&p, Some(uid), Some(gid)).map_err(io_err("chown", &p)));
+        }
+        if ft.is_dir() {
+            match fs::read_dir(&p) {
+                Ok(rd) => {
+                    for e in rd {
+                        match e {
+                            Ok(e) => stack.push(e.path()),
+                            Err(e) => keep(Err(io_err("read directory", &p)(e))),
+                        }
+                    }
+                }
+                Err(e) => keep(Err(io_err("read directory", &p)(e))),
+            }
+        }
+    }
+    first
+}
+
 /// Bytes allocated below `root` (st_blocks, links not followed, each inode
 /// once), stopping early once past `stop`.
 pub(super) fn allocated_bytes(root: &Path, stop: u64) -> Result<u64, SandboxError> {

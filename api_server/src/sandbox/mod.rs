@@ -84,12 +84,13 @@ mod uids;
 use std::ffi::OsString;
 use std::io;
 use std::ops::RangeInclusive;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Duration;
 
 pub use cgroup::cgroup_support;
-pub use dirs::{base_dir, mkdtemp, PrivateDir};
+pub use dirs::{base_dir, mkdtemp, reclaim, PrivateDir};
 pub use run::{Finished, Status};
 pub use uids::UID_LOCK_DIR;
 
@@ -219,6 +220,11 @@ pub struct SandboxConfig {
     pub cgroup_parent: String,
     /// Read-only binds of every job.
     pub toolchain: Vec<PathBuf>,
+    /// emberd's own binary, for work emberd does on untrusted bytes with
+    /// its own code in a job (archive extraction: see
+    /// [`crate::images::archive::extract_sandboxed`]). emberd's `main`
+    /// always sets it; None (library tests) runs that work in-process.
+    pub self_exe: Option<PathBuf>,
 }
 
 impl Default for SandboxConfig {
@@ -229,6 +235,7 @@ impl Default for SandboxConfig {
             limits: Limits::default(),
             cgroup_parent: DEFAULT_CGROUP_PARENT.into(),
             toolchain: DEFAULT_TOOLCHAIN.iter().map(PathBuf::from).collect(),
+            self_exe: None,
         }
     }
 }
@@ -273,6 +280,7 @@ pub struct Job {
     output: Option<PathBuf>,
     cwd: PathBuf,
     stdin: Option<Vec<u8>>,
+    stdin_fd: Option<OwnedFd>,
     limits: Limits,
     uids: RangeInclusive<u32>,
     read_any: bool,
@@ -304,6 +312,7 @@ impl Job {
             output: None,
             cwd: PathBuf::from(OUT),
             stdin: None,
+            stdin_fd: None,
             limits: cfg.limits,
             uids: cfg.uids.clone(),
             read_any: false,
@@ -387,6 +396,15 @@ impl Job {
     /// Bytes for the program's stdin (default: `/dev/null`).
     pub fn stdin(mut self, data: Vec<u8>) -> Self {
         self.stdin = Some(data);
+        self
+    }
+
+    /// The program's stdin is this open file or pipe (read end) instead:
+    /// the job reads what emberd opened, without needing access to its
+    /// path. Wins over [`Job::stdin`]. The descriptor is closed when the
+    /// job has run.
+    pub fn stdin_from(mut self, fd: impl Into<OwnedFd>) -> Self {
+        self.stdin_fd = Some(fd.into());
         self
     }
 

@@ -322,13 +322,18 @@ fn start_and_wait(
     for (k, v) in &job.env {
         cmd.env(k, v);
     }
-    cmd.stdin(if job.stdin.is_some() {
-        Stdio::piped()
-    } else {
-        Stdio::null()
-    })
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped());
+    let stdin = match (&job.stdin_fd, &job.stdin) {
+        (Some(fd), _) => Stdio::from(fd.try_clone().map_err(|source| SandboxError::Io {
+            what: "duplicate the stdin descriptor for",
+            path: job.program.clone(),
+            source,
+        })?),
+        (None, Some(_)) => Stdio::piped(),
+        (None, None) => Stdio::null(),
+    };
+    cmd.stdin(stdin)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     let p = plan.clone();
     // SAFETY: Plan::enter makes only async-signal-safe system calls on
     // data prepared here, as required between fork and exec in a

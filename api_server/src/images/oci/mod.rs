@@ -14,8 +14,9 @@
 //! * A directory with `index.json` is an OCI layout; a directory with only a
 //!   `manifest.json` is an extracted `docker save`.
 //! * A regular file is a tarball (plain or gzip; zstd is refused). It is
-//!   extracted with [`archive::extract_tar_gz`] (same safety rules and
-//!   limits as uploads) into a private scratch directory (mode 0700, below
+//!   extracted with [`archive::extract_sandboxed`] (in a sandbox job in
+//!   emberd; same safety rules and limits as uploads) into a private
+//!   scratch directory (mode 0700, below
 //!   [`OpenConfig::scratch_dir`]) that lives as long as the [`OciImage`]
 //!   (and its clones) and is removed when the last one is dropped. Inside, an
 //!   `index.json` wins over a `manifest.json`; the latter then only adds its
@@ -108,7 +109,7 @@ pub use write::{diff_layer, write_layout, write_layout_from};
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
-use std::io::{self, BufReader, Read};
+use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -485,7 +486,7 @@ pub fn open_with(
         let f = File::open(source).map_err(io_err(source))?;
         let scratch = ScratchDir::new(&cfg.scratch_dir)?;
         let root = scratch.0.join("image");
-        archive::extract_tar_gz(BufReader::new(f), &root, &cfg.limits)
+        archive::extract_sandboxed(archive::ArchiveSource::File(f), &root, &cfg.limits)
             .map_err(OciError::Archive)?;
         (root, Some(Arc::new(scratch)))
     };

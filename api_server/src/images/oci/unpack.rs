@@ -325,7 +325,7 @@ impl Applier<'_> {
                     return Err(ArchiveError::BadLink {
                         path: raw,
                         target,
-                        reason: "empty symlink target",
+                        reason: "empty symlink target".into(),
                     });
                 }
                 self.remove(&rel)?;
@@ -342,10 +342,10 @@ impl Applier<'_> {
                     .map_err(ArchiveError::Read)?
                     .map(|t| t.into_owned())
                     .unwrap_or_default();
-                let bad = |reason| ArchiveError::BadLink {
+                let bad = |reason: &'static str| ArchiveError::BadLink {
                     path: raw.clone(),
                     target: target.clone(),
-                    reason,
+                    reason: reason.into(),
                 };
                 let target_rel = archive::hard_link_target(&raw, &target)?;
                 if target_rel == rel {

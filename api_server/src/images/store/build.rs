@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
-use std::io::{BufReader, Read};
+use std::io::Read;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::Path;
 
@@ -31,9 +31,9 @@ impl ImageStore {
     /// (`repo[:tag]`; empty: no name).
     ///
     /// `context_tar` is a tar or tar.gz (bzip2/xz are not supported), the
-    /// build context, extracted with [`archive::extract_tar_gz`]'s safety
-    /// rules; `dockerfile` is the Dockerfile's path in it (empty:
-    /// `Dockerfile`). Nothing runs: the root filesystem is assembled in a
+    /// build context, extracted (in a sandbox job) with
+    /// [`archive::extract_tar_gz`]'s safety rules; `dockerfile` is the
+    /// Dockerfile's path in it (empty: `Dockerfile`). Nothing runs: the root filesystem is assembled in a
     /// scratch directory (the base image unpacked with whiteouts, then the
     /// copies) and stored as a single-layer image.
     ///
@@ -67,8 +67,17 @@ impl ImageStore {
         };
         let tmp = self.temp_dir("build")?;
         let ctx = tmp.path().join("context");
-        archive::extract_tar_gz(context_tar, &ctx, &ExtractLimits::default())
-            .map_err(|e| ImageStoreError::Invalid(format!("build context: {e}")))?;
+        archive::extract_sandboxed(
+            archive::ArchiveSource::Bytes(context_tar),
+            &ctx,
+            &ExtractLimits::default(),
+        )
+        .map_err(|e| match e {
+            archive::ArchiveError::Sandbox(_) => {
+                ImageStoreError::Internal(format!("build context: {e}"))
+            }
+            other => ImageStoreError::Invalid(format!("build context: {other}")),
+        })?;
         let dockerfile = if dockerfile.trim().is_empty() {
             "Dockerfile"
         } else {
@@ -415,12 +424,17 @@ impl Builder<'_> {
                         self.n_tmp += 1;
                         let x = self.tmp.join(format!("add-{}", self.n_tmp));
                         let f = File::open(&src).map_err(internal(src.display()))?;
-                        archive::extract_tar_gz(BufReader::new(f), &x, &ExtractLimits::default())
-                            .map_err(|e| {
-                            ImageStoreError::Invalid(format!(
-                                "ADD {}: {e}",
-                                display_rel(self.ctx, &src)
-                            ))
+                        archive::extract_sandboxed(
+                            archive::ArchiveSource::File(f),
+                            &x,
+                            &ExtractLimits::default(),
+                        )
+                        .map_err(|e| {
+                            let msg = format!("ADD {}: {e}", display_rel(self.ctx, &src));
+                            match e {
+                                archive::ArchiveError::Sandbox(_) => ImageStoreError::Internal(msg),
+                                _ => ImageStoreError::Invalid(msg),
+                            }
                         })?;
                         let r = copy_entry(&x, &target, o);
                         let _ = fs::remove_dir_all(&x);

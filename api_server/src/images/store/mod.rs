@@ -130,7 +130,11 @@ fn from_oci(e: OciError) -> ImageStoreError {
             ImageStoreError::NotFound(e.to_string())
         }
         OciError::Zstd(_) => ImageStoreError::Unsupported(e.to_string()),
-        OciError::Io { .. } | OciError::Volume(_) => ImageStoreError::Internal(e.to_string()),
+        OciError::Io { .. }
+        | OciError::Volume(_)
+        | OciError::Archive(crate::images::archive::ArchiveError::Sandbox(_)) => {
+            ImageStoreError::Internal(e.to_string())
+        }
         other => ImageStoreError::Invalid(other.to_string()),
     }
 }
