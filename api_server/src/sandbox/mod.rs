@@ -67,13 +67,26 @@
 //! ([`jailer::rlimit`]) and execs the program. The setup process waits for
 //! it and exits with its status (`128 + n` when killed by signal `n`).
 //!
+//! ## emberd's own code in a job
+//!
+//! Archive extraction (uploads, hub pulls, OCI and `docker save`
+//! tarballs, build contexts) runs emberd's own code on untrusted bytes, so
+//! it runs in a job too: emberd re-executes its own binary
+//! ([`SandboxConfig::self_exe`], bound read-only at `/ember/emberd`) with
+//! the archive as stdin ([`Job::stdin_from`]) and the destination as `/out`;
+//! afterwards [`reclaim`] gives the tree back to emberd's uid (see
+//! [`crate::images::archive::extract_sandboxed`]). In emberd, extraction
+//! never runs in emberd's process.
+//!
 //! ## Not done here
 //!
-//! emberd's own in-process parsing of untrusted bytes (tar and OCI
-//! extraction with the `tar` crate, ELF inspection, cpio writing) is not
-//! sandboxed: it runs in emberd with the checks of those modules. Jobs
-//! keep no seccomp filter of their own. A uid in the range must not own
-//! files elsewhere on the host; emberd does not check that.
+//! Other in-process parsing of untrusted bytes is not sandboxed: applying
+//! OCI layers to a root filesystem (`images::oci::unpack`, with whiteouts
+//! and ownership, as root), reading OCI/`docker save` JSON and verifying
+//! blobs, ELF inspection and cpio writing run in emberd with the checks of
+//! those modules. Jobs keep no seccomp filter of their own. A uid in the
+//! range must not own files elsewhere on the host; emberd does not check
+//! that.
 
 mod cgroup;
 mod child;

@@ -296,3 +296,67 @@ fn cgroup_limits_or_a_stated_skip() {
     assert_eq!(p, "77");
     assert!(!path.exists(), "job cgroup {} not removed", path.display());
 }
+
+#[test]
+fn stdin_from_a_file_the_job_could_not_open() {
+    need_root!();
+    let t = TempDir::new();
+    let p = t.0.join("secret-input");
+    std::fs::write(&p, "only root may open this\n").unwrap();
+    std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let f = sh("cat; id -u")
+        .stdin_from(std::fs::File::open(&p).unwrap())
+        .run()
+        .unwrap();
+    assert!(f.success(), "{}", f.log());
+    assert_eq!(stdout(&f), format!("only root may open this\n{}\n", f.uid));
+}
+
+#[test]
+fn reclaim_gives_the_output_back_and_refuses_fifos() {
+    use std::os::unix::fs::MetadataExt;
+    need_root!();
+    let t = TempDir::new();
+    let out = t.0.join("out");
+    std::fs::create_dir(&out).unwrap();
+    let f = sh("mkdir -p /out/d/e && echo x > /out/d/e/f && ln -s e/f /out/d/l")
+        .output_dir(&out)
+        .run()
+        .unwrap();
+    assert!(f.success(), "{}", f.log());
+    let owner = |p: &Path| std::fs::symlink_metadata(p).unwrap().uid();
+    assert_eq!(owner(&out.join("d/e/f")), f.uid, "the job's before reclaim");
+    let mut checked = Vec::new();
+    reclaim(&out, |rel, _| {
+        checked.push(rel.to_path_buf());
+        Ok(())
+    })
+    .unwrap();
+    checked.sort();
+    assert_eq!(checked, ["d", "d/e", "d/e/f", "d/l"].map(PathBuf::from));
+    for p in ["", "d", "d/e", "d/e/f", "d/l"] {
+        assert_eq!(owner(&out.join(p)), 0, "{p}");
+    }
+    // A FIFO is refused, a check's refusal too; everything else is still
+    // given back.
+    let out2 = t.0.join("out2");
+    std::fs::create_dir(&out2).unwrap();
+    let f = sh("mkfifo /out/fifo; echo x > /out/x")
+        .output_dir(&out2)
+        .run()
+        .unwrap();
+    assert!(f.success(), "{}", f.log());
+    let e = reclaim(&out2, |_, _| Ok(())).unwrap_err();
+    assert!(e.to_string().contains("FIFO"), "{e}");
+    assert_eq!(owner(&out2.join("x")), 0);
+    assert_eq!(owner(&out2.join("fifo")), 0);
+    let e = reclaim(&out, |rel, _| {
+        if rel == Path::new("d/l") {
+            Err("no links".into())
+        } else {
+            Ok(())
+        }
+    })
+    .unwrap_err();
+    assert!(e.to_string().contains("no links"), "{e}");
+}
