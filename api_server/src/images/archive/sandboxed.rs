@@ -4,9 +4,11 @@
 //! ([`CHILD_ARG`], internal, parsed by `main` before the flags) inside a
 //! [`Job`]: its own uid, namespaces and limits (see [`crate::sandbox`]).
 //!
-//! * emberd's binary ([`crate::sandbox::SandboxConfig::self_exe`]) is bound
-//!   read-only and executable at `/ember/emberd`; nothing else of emberd's
-//!   is visible.
+//! * emberd's binary ([`crate::sandbox::SandboxConfig::self_exe`], the
+//!   canonical path of the running binary at start-up; replacing that file
+//!   while emberd runs gives the jobs the new binary) is bound read-only
+//!   and executable at `/ember/emberd`; nothing else of emberd's is
+//!   visible.
 //! * The archive is the job's stdin: a file emberd opened, or a pipe that
 //!   a thread of emberd feeds from memory. The job never needs a path to it.
 //! * The destination is the job's output directory `/out`. The limits are
@@ -141,11 +143,15 @@ pub fn extract_sandboxed(
                 f.describe()
             ))
         }),
-        _ => Err(ArchiveError::Sandbox(format!(
-            "the extraction job {}{}",
-            f.describe(),
-            stderr_tail(&f.stderr)
-        ))),
+        _ => {
+            // Its stderr goes to emberd's log only: a client sees no text
+            // the job printed.
+            log::warn!("extraction job {}{}", f.describe(), stderr_tail(&f.stderr));
+            Err(ArchiveError::Sandbox(format!(
+                "the extraction job {}",
+                f.describe()
+            )))
+        }
     }
     .and_then(|a| match (f.status, a) {
         (Status::Exited(0), Ok(s)) => Ok(Ok(s)),
