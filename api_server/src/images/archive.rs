@@ -40,7 +40,6 @@
 //! sandbox job (emberd's own binary re-executed, see `archive/sandboxed.rs`),
 //! so in emberd extraction never runs in emberd's process.
 
-use std::borrow::Cow;
 use std::collections::HashSet;
 use std::fs::{self, OpenOptions};
 use std::io::{self, Read, Write};
@@ -124,7 +123,7 @@ pub enum ArchiveError {
     BadLink {
         path: PathBuf,
         target: PathBuf,
-        reason: Cow<'static, str>,
+        reason: Box<str>,
     },
     /// An entry would be written through a symlink.
     #[error("archive entry {0:?} lies below a symlink")]

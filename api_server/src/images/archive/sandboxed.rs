@@ -449,7 +449,8 @@ mod tests {
     #[test]
     fn every_error_kind_round_trips() {
         let odd = PathBuf::from(OsString::from_vec(b"bad\xffname/x".to_vec()));
-        let cases: Vec<(ArchiveError, fn(&ArchiveError) -> bool)> = vec![
+        type SameKind = fn(&ArchiveError) -> bool;
+        let cases: Vec<(ArchiveError, SameKind)> = vec![
             (
                 ArchiveError::Read(io::Error::new(
                     io::ErrorKind::InvalidData,
