@@ -7,6 +7,16 @@
 //!   writes touching bytes past the end of the file fail with IOERR (the
 //!   file is never grown).
 //! - Read-only drives offer VIRTIO_BLK_F_RO and fail OUT with IOERR.
+//! - Requests are bounded: VIRTIO_BLK_F_SIZE_MAX and VIRTIO_BLK_F_SEG_MAX
+//!   offer `size_max` = [`SIZE_MAX`] and `seg_max` = [`SEG_MAX`], and a
+//!   request with more than `seg_max` + 2 descriptors (header and status
+//!   included, whatever the framing) or more than [`MAX_REQUEST`] data bytes
+//!   (`seg_max` * `size_max`) fails with IOERR before any I/O, negotiated
+//!   or not. What is enforced is what bounds the VMM thread's work: the
+//!   count and the total, not each segment's length.
+//! - One pass over the queue serves at most [`PASS_REQUESTS`] requests and
+//!   [`PASS_BUDGET`] bytes (plus the request that crosses it), then yields
+//!   to the event loop with its queue eventfd signalled again.
 //! - Malformed chains (no writable status byte, bad descriptors) are
 //!   returned to the guest with used length 0 and no status.
 //! - [`Block::update_path`] swaps the backing file (API PATCH after boot)
@@ -39,6 +49,8 @@ pub const SECTOR_SIZE: u64 = 512;
 /// Queue size.
 pub const QUEUE_SIZE: u16 = 256;
 
+pub const VIRTIO_BLK_F_SIZE_MAX: u64 = 1 << 1;
+pub const VIRTIO_BLK_F_SEG_MAX: u64 = 1 << 2;
 pub const VIRTIO_BLK_F_RO: u64 = 1 << 5;
 pub const VIRTIO_BLK_F_FLUSH: u64 = 1 << 9;
 
@@ -51,6 +63,15 @@ pub const VIRTIO_BLK_S_OK: u8 = 0;
 pub const VIRTIO_BLK_S_IOERR: u8 = 1;
 pub const VIRTIO_BLK_S_UNSUPP: u8 = 2;
 
+/// `size_max`: the largest data segment a driver may use. The unikernel
+/// runtime's requests are one 64 KiB segment.
+pub const SIZE_MAX: u32 = 64 * 1024;
+/// `seg_max`: the most data segments in one request (a chain of at most
+/// `SEG_MAX + 2` descriptors fits the 256-entry queue without indirection).
+pub const SEG_MAX: u32 = 128;
+/// The most data bytes one request may move: `SEG_MAX * SIZE_MAX`, 8 MiB.
+pub const MAX_REQUEST: u64 = SEG_MAX as u64 * SIZE_MAX as u64;
+
 /// Length of the GET_ID answer.
 pub const ID_LEN: usize = 20;
 /// Copy chunk between file and guest.
@@ -60,8 +81,11 @@ const CHUNK: usize = 64 * 1024;
 /// the rest follows on the next round of the event loop). I/O is
 /// synchronous `pread`/`pwrite` on the VMM thread: a pass stops after the
 /// request that crosses this, so one round is bounded by this plus one
-/// request, and a request by the guest's memory.
-const PASS_BUDGET: u64 = 8 << 20;
+/// request, and a request by [`MAX_REQUEST`].
+pub const PASS_BUDGET: u64 = 8 << 20;
+/// Requests one pass may serve whatever their size (a queue the guest keeps
+/// refilling with small requests, or flushes, ends a pass too).
+pub const PASS_REQUESTS: u32 = 64;
 
 use crate::virtio::{TOKEN_ACTIVATE, TOKEN_QUEUE_BASE};
 const TOKEN_QUEUE: u32 = TOKEN_QUEUE_BASE;
@@ -303,7 +327,7 @@ impl Block {
     /// Opens the backing file.
     pub fn new(config: BlockConfig) -> Result<Self, BlockError> {
         let disk = Disk::open(&config.path, config.read_only, id_bytes(&config.drive_id))?;
-        let mut features = VIRTIO_BLK_F_FLUSH;
+        let mut features = VIRTIO_BLK_F_FLUSH | VIRTIO_BLK_F_SIZE_MAX | VIRTIO_BLK_F_SEG_MAX;
         if config.read_only {
             features |= VIRTIO_BLK_F_RO;
         }
@@ -361,16 +385,18 @@ impl Block {
         };
         let mut used = false;
         let mut done = 0u64;
+        let mut served = 0u32;
         while !self.limiter.is_blocked() {
             let Some((head, parsed)) = self.base.pop_parsed(0) else {
                 break;
             };
-            if done >= PASS_BUDGET {
+            if done >= PASS_BUDGET || served >= PASS_REQUESTS {
                 // Yield with work left; come back on the next round.
                 self.base.queues[0].go_to_previous_position();
                 let _ = self.base.queue_evts[0].write(1);
                 break;
             }
+            served += 1;
             let c = match parsed {
                 Ok(c) if c.writable_len() > 0 => c,
                 Ok(_) | Err(_) => {
@@ -382,12 +408,21 @@ impl Block {
             };
             let data_out = c.readable_len().saturating_sub(16);
             let bytes = data_out.max(c.writable_len() - 1);
-            if !self.limiter.consume(bytes) {
-                self.base.queues[0].go_to_previous_position();
-                break;
-            }
-            done += bytes.max(1);
-            let (status, len) = self.disk.execute(&mem, &c, data_out);
+            let descriptors = c.readable.len() + c.writable.len();
+            let (status, len) = if descriptors > SEG_MAX as usize + 2 || bytes > MAX_REQUEST {
+                log::warn!(
+                    "virtio-blk: request {head} too large ({descriptors} descriptors, {bytes} bytes; at most {} and {MAX_REQUEST}): IOERR",
+                    SEG_MAX + 2
+                );
+                (VIRTIO_BLK_S_IOERR, 0)
+            } else {
+                if !self.limiter.consume(bytes) {
+                    self.base.queues[0].go_to_previous_position();
+                    break;
+                }
+                done += bytes;
+                self.disk.execute(&mem, &c, data_out)
+            };
             let status_off = c.writable_len() - 1;
             let len = match c.write_at(&mem, status_off, &[status]) {
                 Ok(()) => len + 1,
@@ -424,8 +459,12 @@ impl VirtioDevice for Block {
         TYPE_BLOCK
     }
     fn config_bytes(&self) -> Vec<u8> {
-        // struct virtio_blk_config { le64 capacity; ... (no other features) }
-        self.capacity().to_le_bytes().to_vec()
+        // struct virtio_blk_config { le64 capacity; le32 size_max;
+        // le32 seg_max; ... (nothing else offered) }
+        let mut c = self.capacity().to_le_bytes().to_vec();
+        c.extend_from_slice(&SIZE_MAX.to_le_bytes());
+        c.extend_from_slice(&SEG_MAX.to_le_bytes());
+        c
     }
 }
 
@@ -540,6 +579,107 @@ mod tests {
         blk.process_queue();
         assert_eq!(q.used_idx(), 4);
         assert!(blk.queue_events()[0].read().is_err(), "nothing left");
+    }
+
+    /// A device on a sparse `file_len`-byte file with `mem_len` bytes of
+    /// guest memory and a 256-entry queue.
+    fn big_env(file_len: u64, mem_len: usize) -> Env {
+        let file = TempFile::new().unwrap();
+        file.as_file().set_len(file_len).unwrap();
+        let m = mem(mem_len);
+        let q = TestQueue::new(&m, 0x1000, QUEUE_SIZE);
+        let mut blk = block_on(file.as_path(), false).unwrap();
+        blk.activate(m.clone(), vec![q.queue()]).unwrap();
+        Env {
+            _file: file,
+            m,
+            q,
+            blk,
+        }
+    }
+
+    #[test]
+    fn size_max_and_seg_max_are_offered_and_enforced() {
+        let mut e = big_env(MAX_REQUEST * 2, 16 << 20);
+        let f = e.blk.avail_features();
+        assert_eq!(f & VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_F_SIZE_MAX);
+        assert_eq!(f & VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SEG_MAX);
+        let mut c = [0u8; 8];
+        e.blk.read_config(8, &mut c);
+        assert_eq!(u32::from_le_bytes(c[..4].try_into().unwrap()), SIZE_MAX);
+        assert_eq!(u32::from_le_bytes(c[4..].try_into().unwrap()), SEG_MAX);
+        // The largest request: SEG_MAX segments of SIZE_MAX (all over the
+        // same guest buffer), 8 MiB in one go.
+        const BIG: u64 = 0x100000;
+        let segs = |n: u32, len: u32, w: bool| {
+            let mut v = vec![(H, 16, false)];
+            v.extend((0..n).map(|_| (BIG, len, w)));
+            v.push((S, 1, true));
+            v
+        };
+        hdr(&e.m, H, VIRTIO_BLK_T_IN, 0);
+        e.q.add_chain(&segs(SEG_MAX, SIZE_MAX, true));
+        e.blk.process_queue();
+        assert_eq!(status(&e.m, S), VIRTIO_BLK_S_OK);
+        assert_eq!(e.q.used_elem(0).1 as u64, MAX_REQUEST + 1);
+        // One segment more, however small: IOERR, nothing written to guest
+        // memory but the status.
+        e.m.write_slice(&[0x77; 512], GuestAddress(BIG)).unwrap();
+        hdr(&e.m, H, VIRTIO_BLK_T_IN, 0);
+        e.q.add_chain(&segs(SEG_MAX + 1, 512, true));
+        e.blk.process_queue();
+        assert_eq!(status(&e.m, S), VIRTIO_BLK_S_IOERR);
+        assert_eq!(e.q.used_elem(1).1, 1);
+        assert_eq!(e.m.read_obj::<u8>(GuestAddress(BIG)).unwrap(), 0x77);
+        // More than MAX_REQUEST bytes in few segments, read or write: IOERR
+        // and the file is untouched.
+        hdr(&e.m, H, VIRTIO_BLK_T_IN, 0);
+        e.q.add_chain(&[
+            (H, 16, false),
+            (BIG, MAX_REQUEST as u32 + 512, true),
+            (S, 1, true),
+        ]);
+        e.blk.process_queue();
+        assert_eq!(status(&e.m, S), VIRTIO_BLK_S_IOERR);
+        hdr(&e.m, H, VIRTIO_BLK_T_OUT, 0);
+        e.q.add_chain(&[
+            (H, 16, false),
+            (BIG, MAX_REQUEST as u32, false),
+            (BIG, 512, false),
+            (S, 1, true),
+        ]);
+        e.blk.process_queue();
+        assert_eq!(status(&e.m, S), VIRTIO_BLK_S_IOERR);
+        hdr(&e.m, H, VIRTIO_BLK_T_OUT, 0);
+        e.q.add_chain(&segs(SEG_MAX + 1, 512, false));
+        e.blk.process_queue();
+        assert_eq!(status(&e.m, S), VIRTIO_BLK_S_IOERR);
+        assert_eq!(e.q.used_idx(), 5);
+        let mut f = vec![0u8; 4096];
+        e._file.as_file().read_exact_at(&mut f, 0).unwrap();
+        assert!(
+            f.iter().all(|b| *b == 0),
+            "an oversize write reached the file"
+        );
+    }
+
+    #[test]
+    fn a_pass_serves_at_most_pass_requests() {
+        let mut e = big_env(4096, 1 << 20);
+        // Small requests cost almost no bytes; their number ends a pass.
+        for _ in 0..100 {
+            hdr(&e.m, H, VIRTIO_BLK_T_GET_ID, 0);
+            e.q.add_chain(&[(H, 16, false), (D, 20, true), (S, 1, true)]);
+        }
+        e.blk.process_queue();
+        assert_eq!(u32::from(e.q.used_idx()), PASS_REQUESTS);
+        assert!(
+            e.blk.queue_events()[0].read().is_ok(),
+            "no new round asked for"
+        );
+        e.blk.process_queue();
+        assert_eq!(e.q.used_idx(), 100);
+        assert!(e.blk.queue_events()[0].read().is_err(), "nothing left");
     }
 
     #[test]
