@@ -5,7 +5,8 @@ use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::Once;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Once};
 use std::time::{Duration, Instant};
 
 pub use ember_guests::{BZIMAGE, LINUX64_ELF, PVH_ELF};
@@ -397,6 +398,112 @@ impl Drop for NetNs {
     fn drop(&mut self) {
         let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
     }
+}
+
+// ---- a watchdog on a VMM under abuse ----
+
+/// Longest the watchdog waits for one `GET /` answer: far beyond any
+/// normal answer (milliseconds), far below "frozen".
+pub const WATCHDOG_BOUND: Duration = Duration::from_secs(10);
+
+/// What a [`Watchdog`] saw.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Watch {
+    /// `GET /` answered.
+    pub polls: u32,
+    /// The slowest answer.
+    pub worst: Duration,
+    /// The VMM's highest RSS (KiB) and descriptor count between answers.
+    pub peak_rss_kib: u64,
+    pub peak_fds: usize,
+}
+
+/// `GET /` in a loop on new connections until stopped; every answer must
+/// come within [`WATCHDOG_BOUND`]. Between answers it samples the VMM's
+/// RSS and descriptors.
+pub struct Watchdog {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<Result<Watch, String>>,
+}
+
+impl Watchdog {
+    /// Watches the API at `sock` of the VMM `pid`.
+    pub fn start(sock: PathBuf, pid: u32) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut w = Watch::default();
+            while !s.load(Ordering::SeqCst) {
+                let t = Instant::now();
+                let r = (|| -> std::io::Result<HttpResponse> {
+                    let mut c = UnixStream::connect(&sock)?;
+                    c.set_read_timeout(Some(WATCHDOG_BOUND))?;
+                    c.set_write_timeout(Some(WATCHDOG_BOUND))?;
+                    write_request(&mut c, "GET", "/", None)?;
+                    read_response(&mut c)
+                })();
+                match r {
+                    Ok(r) if r.status == 200 => {}
+                    Ok(r) => return Err(format!("GET / answered {}", r.status)),
+                    Err(e) => {
+                        return Err(format!("GET / failed after {:?}: {e}", t.elapsed()))
+                    }
+                }
+                w.polls += 1;
+                w.worst = w.worst.max(t.elapsed());
+                w.peak_rss_kib = w.peak_rss_kib.max(rss_kib(pid));
+                w.peak_fds = w.peak_fds.max(fd_count(pid));
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Ok(w)
+        });
+        Watchdog { stop, thread }
+    }
+
+    /// Stops it and tells what it saw; panics if the API failed.
+    pub fn finish(self) -> Watch {
+        self.stop.store(true, Ordering::SeqCst);
+        match self.thread.join().expect("watchdog thread") {
+            Ok(v) => v,
+            Err(e) => panic!("the VMM's API stalled: {e}"),
+        }
+    }
+}
+
+/// Open descriptors of `pid`.
+pub fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
+}
+
+/// VmRSS of `pid` in KiB (0 once it is gone).
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// After abuse: the VMM is alive, `GET /` says `Running`, SendCtrlAltDel
+/// is taken, and SIGTERM ends it through its loop with status 143.
+pub fn in_control_then_sigterm(p: &mut Proc, sock: &Path) {
+    use std::os::unix::process::ExitStatusExt;
+    assert!(p.try_status().is_none(), "ember-vmm died:\n{}", p.err());
+    let r = http(sock, "GET", "/", None);
+    assert_eq!(r.json()["state"], "Running");
+    let r = http(
+        sock,
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type": "SendCtrlAltDel"}"#),
+    );
+    assert_eq!(r.status, 204, "{}", String::from_utf8_lossy(&r.body));
+    // SAFETY: kill(2) on a child this test spawned.
+    unsafe { libc::kill(p.pid() as i32, libc::SIGTERM) };
+    let st = p.wait();
+    assert_eq!(st.code(), Some(143), "{st:?} {:?}\nstderr:\n{}", st.signal(), p.err());
+    assert!(p.err().contains("SIGTERM"), "{}", p.err());
 }
 
 /// What the test guest sends first on a vsock connection it opens

@@ -11,82 +11,17 @@
 use std::io::Read;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ember_tests::*;
 use serde_json::json;
 
-/// Longest the watchdog waits for one `GET /` answer: far beyond any
-/// normal answer (milliseconds), far below "frozen".
-const WATCHDOG_BOUND: Duration = Duration::from_secs(10);
 /// The VMM's per-device vsock connection limit (devices::virtio::vsock).
 const MAX_CONNS: u64 = 256;
-
-/// `GET /` in a loop on new connections until stopped; every answer must
-/// come within [`WATCHDOG_BOUND`].
-struct Watchdog {
-    stop: Arc<AtomicBool>,
-    thread: std::thread::JoinHandle<Result<(u32, Duration), String>>,
-}
-
-impl Watchdog {
-    fn start(sock: PathBuf) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let s = stop.clone();
-        let thread = std::thread::spawn(move || {
-            let (mut polls, mut worst) = (0u32, Duration::ZERO);
-            while !s.load(Ordering::SeqCst) {
-                let t = Instant::now();
-                let r = (|| -> std::io::Result<HttpResponse> {
-                    let mut c = UnixStream::connect(&sock)?;
-                    c.set_read_timeout(Some(WATCHDOG_BOUND))?;
-                    c.set_write_timeout(Some(WATCHDOG_BOUND))?;
-                    write_request(&mut c, "GET", "/", None)?;
-                    read_response(&mut c)
-                })();
-                match r {
-                    Ok(r) if r.status == 200 => {}
-                    Ok(r) => return Err(format!("GET / answered {}", r.status)),
-                    Err(e) => {
-                        return Err(format!("GET / failed after {:?}: {e}", t.elapsed()))
-                    }
-                }
-                polls += 1;
-                worst = worst.max(t.elapsed());
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            Ok((polls, worst))
-        });
-        Watchdog { stop, thread }
-    }
-
-    /// Stops it; (answers, slowest answer), or why the API failed.
-    fn finish(self) -> (u32, Duration) {
-        self.stop.store(true, Ordering::SeqCst);
-        match self.thread.join().expect("watchdog thread") {
-            Ok(v) => v,
-            Err(e) => panic!("the VMM's API stalled: {e}"),
-        }
-    }
-}
-
-fn fd_count(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
-}
 
 /// ember-vmm with its API and the flood guest on vsock (seccomp on).
 fn spawn_flood_vm(dir: &TempDir, uds: &Path, args: &str) -> (Proc, PathBuf) {
@@ -125,21 +60,7 @@ fn summary(out: &str) -> (u64, u64, u64, u64) {
 /// After the flood: the API answers, SendCtrlAltDel is taken, and SIGTERM
 /// ends the VMM through its loop (status 143, its vsock socket removed).
 fn still_in_control_then_sigterm(p: &mut Proc, sock: &Path, uds: &Path) {
-    assert!(p.try_status().is_none(), "ember-vmm died:\n{}", p.err());
-    let r = http(sock, "GET", "/", None);
-    assert_eq!(r.json()["state"], "Running");
-    let r = http(
-        sock,
-        "PUT",
-        "/actions",
-        Some(&json!({"action_type": "SendCtrlAltDel"}).to_string()),
-    );
-    assert_eq!(r.status, 204, "{}", String::from_utf8_lossy(&r.body));
-    // SAFETY: kill(2) on the child this test spawned.
-    unsafe { libc::kill(p.pid() as i32, libc::SIGTERM) };
-    let st = p.wait();
-    assert_eq!(st.code(), Some(143), "{st:?} {:?}\nstderr:\n{}", st.signal(), p.err());
-    assert!(p.err().contains("SIGTERM"), "{}", p.err());
+    in_control_then_sigterm(p, sock);
     assert!(!uds.exists(), "the vsock socket is left behind");
 }
 
@@ -169,11 +90,11 @@ fn a_flood_toward_a_host_that_never_reads_leaves_the_vmm_responsive() {
         &uds,
         "ember.vsock_port=52 ember.flood_conns=300 ember.flood_chunks=5",
     );
-    let dog = Watchdog::start(sock.clone());
+    let dog = Watchdog::start(sock.clone(), p.pid());
     p.expect_out("ember-guest: evil vsock-flood start conns 300 chunks 5");
     p.expect_out("ember-guest: evil vsock-flood holding");
     let (fds, rss) = (fd_count(p.pid()), rss_kib(p.pid()));
-    let (polls, worst) = dog.finish();
+    let Watch { polls, worst, .. } = dog.finish();
     let (req, resp, refused, resets) = summary(&p.out());
     eprintln!(
         "flood: {req} requests, {resp} responses, {refused} refused, {resets} resets; \
@@ -207,9 +128,9 @@ fn a_flood_toward_a_full_accept_queue_does_not_freeze_the_vmm() {
         &uds,
         "ember.vsock_port=53 ember.flood_conns=200 ember.flood_chunks=1",
     );
-    let dog = Watchdog::start(sock.clone());
+    let dog = Watchdog::start(sock.clone(), p.pid());
     p.expect_out("ember-guest: evil vsock-flood holding");
-    let (polls, worst) = dog.finish();
+    let Watch { polls, worst, .. } = dog.finish();
     let (req, resp, refused, resets) = summary(&p.out());
     eprintln!(
         "full queue: {req} requests, {resp} responses, {refused} refused, {resets} resets; \
