@@ -41,6 +41,7 @@ const C_SOURCES: &[&str] = &[
     "virtio/blk.c",
     "virtio/blkdev.c",
     "virtio/evil.c",
+    "virtio/evilflood.c",
     "virtio/evilvsock.c",
     "virtio/mmio.c",
     "virtio/net.c",

@@ -131,6 +131,8 @@ static const struct test_mode modes[] = {
 	{ "evil-queue-size", mode_evil_queue_size },
 	{ "evil-avail-idx", mode_evil_avail_idx },
 	{ "evil-vsock-flood", mode_evil_vsock_flood },
+	{ "evil-net-flood", mode_evil_net_flood },
+	{ "evil-blk-flood", mode_evil_blk_flood },
 	{ "bench-blk", mode_bench_blk },
 	{ "bench-net", mode_bench_net },
 };

@@ -176,6 +176,36 @@
 //! (RSTs before / after a RESPONSE; counts depend on timing), then with
 //! hold `evil vsock-flood holding` and the guest halts, keeping its
 //! connections (the test ends the VMM); without, `done` and a reset.
+//!
+//! ## `evil-net-flood` (options: `ember.flood_frames=<n>` default 4096,
+//! `ember.flood_hold=0|1` default 1)
+//! Both queues set up with 256 entries; the rx queue never gets a buffer.
+//! The tx ring is kept full (128 chains of two descriptors, each slot
+//! republished as soon as it comes back used) until `n` chains were sent,
+//! in four kinds by slot: a maximum-size frame (12-byte zero vnet header +
+//! 65550 bytes to ff:ff:ff:ff:ff:ff) in one descriptor, the same split
+//! header/body, one byte over that size, and a 4-byte runt followed by a
+//! device-writable body. Lines: `evil net-flood start frames <n>`, then
+//! `evil net-flood frames <sent> completed <used>` (or first `evil
+//! net-flood stalled after <used> of <sent>` when nothing comes back for
+//! 60 s), then with hold `evil net-flood holding` and the guest halts.
+//!
+//! ## `evil-blk-flood` (options: `ember.flood_rounds=<r>` default 2,
+//! `ember.flood_hold=0|1` default 1; needs RAM at 16 MiB..17 MiB)
+//! The request queue set up with 256 entries; each entry an indirect
+//! table (VIRTIO_RING_F_INDIRECT_DESC is not negotiated: the device takes
+//! them anyway) of header, `seg_max` segments of `size_max` bytes (from the
+//! config space when offered, else 128 and 64 KiB; at most 254 and 64 KiB)
+//! all over one 64 KiB buffer, and a status byte; even entries read, odd
+//! ones write, at sector `(i % (capacity / per-request sectors)) *
+//! per-request sectors`. Each round publishes all 256 and waits (60 s) for
+//! all of them. Lines: `evil blk-flood start rounds <r> size_max <s>
+//! seg_max <g> capacity <sectors>`, `evil blk-flood requests <256 r>
+//! completed <c> ok <k> ioerr <e> other <o>`, then two requests just over
+//! the limits, a read of `seg_max + 1` 512-byte segments and a write of one
+//! `seg_max * size_max + 512`-byte segment: `evil blk-flood oversize status
+//! <a> <b>` (status bytes; -1 when not answered), then with hold `evil
+//! blk-flood holding` and the guest halts.
 
 /// ELF64 image without a PVH note; entered in long mode with RSI = zero page.
 pub const LINUX64_ELF: &str = concat!(env!("OUT_DIR"), "/ember-guest-linux64.elf");
@@ -211,6 +241,8 @@ pub const MODES: &[&str] = &[
     "evil-queue-size",
     "evil-avail-idx",
     "evil-vsock-flood",
+    "evil-net-flood",
+    "evil-blk-flood",
     "bench-blk",
     "bench-net",
 ];

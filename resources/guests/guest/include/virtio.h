@@ -230,6 +230,8 @@ void mode_evil_len(const struct bootinfo *bi);
 void mode_evil_queue_size(const struct bootinfo *bi);
 void mode_evil_avail_idx(const struct bootinfo *bi);
 void mode_evil_vsock_flood(const struct bootinfo *bi);
+void mode_evil_net_flood(const struct bootinfo *bi);
+void mode_evil_blk_flood(const struct bootinfo *bi);
 
 /* blkdev.c: the virtio-blk request path, used by the blk and evil modes and
  * by the unikernel runtime. */
