@@ -158,3 +158,76 @@ fn a_full_tx_ring_and_a_host_flood_on_a_tap_leave_the_vmm_responsive() {
     assert!(tap_tx_dropped > 0);
     in_control_then_sigterm(&mut p, &sock);
 }
+
+#[test]
+fn a_queue_full_of_maximum_size_block_requests_leaves_the_vmm_responsive() {
+    // The device's limits (devices::virtio::block): size_max, seg_max.
+    const SIZE_MAX: u64 = 64 << 10;
+    const SEG_MAX: u64 = 128;
+    const ROUNDS: u64 = 2;
+    let dir = TempDir::new("blk-flood");
+    // Two maximum-size requests' worth, sparse; the guest's writes fill it.
+    let disk = dir.join("disk.img");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(2 * SEG_MAX * SIZE_MAX)
+        .unwrap();
+    let cfg = json!({
+        "boot-source": {"kernel_image_path": PVH_ELF,
+                        "boot_args": format!("ember.test=evil-blk-flood ember.flood_rounds={ROUNDS}")},
+        "machine-config": {"vcpu_count": 1, "mem_size_mib": 64},
+        "drives": [{"drive_id": "d", "path_on_host": disk, "is_root_device": false,
+                    "is_read_only": false}],
+    });
+    let (mut p, sock) = spawn_api_vm(&dir, cfg, None);
+    let dog = Watchdog::start(sock.clone(), p.pid());
+    p.expect_out("ember-guest: evil blk-flood start");
+    p.expect_out("ember-guest: evil blk-flood holding");
+    let (fds, rss) = (fd_count(p.pid()), rss_kib(p.pid()));
+    let w = dog.finish();
+    let out = p.out();
+    let start = numbers(&out, "ember-guest: evil blk-flood start ");
+    let n = numbers(&out, "ember-guest: evil blk-flood requests ");
+    eprintln!(
+        "blk flood: {} requests of {} x {} bytes, {} completed, {} ok, {} ioerr \
+         ({} GiB of I/O); API answered {} GET / (slowest {:?}); VMM peak RSS {} KiB, \
+         peak {} fds; after: RSS {rss} KiB, {fds} fds",
+        n[0],
+        start[2],
+        start[1],
+        n[1],
+        n[2],
+        n[3],
+        (n[2] * SEG_MAX * SIZE_MAX) >> 30,
+        w.polls,
+        w.worst,
+        w.peak_rss_kib,
+        w.peak_fds
+    );
+    assert_eq!(start[1..3], [SIZE_MAX, SEG_MAX], "{out}");
+    // Every one of the 256 * rounds 8 MiB requests was served.
+    assert_eq!(n, [256 * ROUNDS, 256 * ROUNDS, 256 * ROUNDS, 0, 0], "{out}");
+    // Just over the limits: IOERR, and said so.
+    assert!(
+        out.contains("ember-guest: evil blk-flood oversize status 1 1"),
+        "{out}"
+    );
+    assert!(p.err().contains("too large"), "{}", p.err());
+    assert!(w.polls > 0);
+    assert!(
+        w.peak_rss_kib.max(rss) < RSS_BOUND_KIB,
+        "RSS {} KiB",
+        w.peak_rss_kib
+    );
+    assert!(
+        w.peak_fds.max(fds) < FDS_BOUND,
+        "{} descriptors",
+        w.peak_fds
+    );
+    in_control_then_sigterm(&mut p, &sock);
+    // The file never grew.
+    assert_eq!(
+        std::fs::metadata(&disk).unwrap().len(),
+        2 * SEG_MAX * SIZE_MAX
+    );
+}
