@@ -54,24 +54,24 @@ pub enum ReconcileError {
     #[error("no kernel")]
     NoKernel,
     #[error("{src}: {err}")]
-    Source { src: String, err: OciError },
+    Source { src: String, err: Box<OciError> },
     #[error("kernel {file} in {image}: {err}")]
     Kernel {
         file: String,
         image: String,
-        err: OciError,
+        err: Box<OciError>,
     },
     #[error("initrd {file} in {image}: {err}")]
     Initrd {
         file: String,
         image: String,
-        err: OciError,
+        err: Box<OciError>,
     },
     #[error("volume {id} from {src}: {err}")]
     Volume {
         id: String,
         src: String,
-        err: OciError,
+        err: Box<OciError>,
     },
     #[error("metadata: {0}")]
     Metadata(CidataError),
@@ -596,7 +596,7 @@ fn build(spec: &MicroVmSpec, uid: &str, staging: PathBuf) -> Result<Artifacts, R
     let open = |src: &str| {
         oci::open(std::path::Path::new(src), None).map_err(|err| ReconcileError::Source {
             src: src.to_string(),
-            err,
+            err: Box::new(err),
         })
     };
     let kimg = open(&k.image)?;
@@ -605,7 +605,7 @@ fn build(spec: &MicroVmSpec, uid: &str, staging: PathBuf) -> Result<Artifacts, R
         .map_err(|err| ReconcileError::Kernel {
             file: kfile.clone(),
             image: k.image.clone(),
-            err,
+            err: Box::new(err),
         })?;
     let mut initrd = None;
     if let Some(i) = spec.initrd.as_ref().filter(|i| !i.image.is_empty()) {
@@ -615,7 +615,7 @@ fn build(spec: &MicroVmSpec, uid: &str, staging: PathBuf) -> Result<Artifacts, R
             .map_err(|err| ReconcileError::Initrd {
                 file: f.clone(),
                 image: i.image.clone(),
-                err,
+                err: Box::new(err),
             })?;
         initrd = Some("initrd".to_string());
     }
@@ -636,7 +636,7 @@ fn build(spec: &MicroVmSpec, uid: &str, staging: PathBuf) -> Result<Artifacts, R
             .map_err(|err| ReconcileError::Volume {
                 id: v.id.clone(),
                 src: src.clone(),
-                err,
+                err: Box::new(err),
             })?;
         volumes.push((v.id.clone(), out, v.is_read_only));
     }
