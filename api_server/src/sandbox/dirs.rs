@@ -205,7 +205,34 @@ impl Handover {
 /// [`Job::run`]: super::Job::run
 pub fn reclaim(
     root: &Path,
+    check: impl FnMut(&Path, &fs::Metadata) -> Result<(), String>,
+) -> Result<(), SandboxError> {
+    reclaim_with(root, check, |_, _| None)
+}
+
+/// Who an entry of a reclaimed tree should belong to, and its mode (see
+/// [`reclaim_with`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Owner {
+    /// Owner uid.
+    pub uid: u32,
+    /// Owner gid.
+    pub gid: u32,
+    /// Permission bits (`& 0o7777`) set after the `lchown` (which clears
+    /// setuid and setgid bits of files); never applied to symlinks.
+    pub mode: Option<u32>,
+}
+
+/// [`reclaim`], where `owner` may give an entry (by its path relative to
+/// `root`, `""` for `root` itself, and its `lstat`) another owner than
+/// this process, and a mode: the job could not `chown` (an image's root
+/// filesystem, whose files belong to many users). `owner` only sees
+/// entries the walk found (real directories' entries, links not
+/// followed), so it cannot name a path outside the tree.
+pub fn reclaim_with(
+    root: &Path,
     mut check: impl FnMut(&Path, &fs::Metadata) -> Result<(), String>,
+    mut owner: impl FnMut(&Path, &fs::Metadata) -> Option<Owner>,
 ) -> Result<(), SandboxError> {
     // SAFETY: geteuid and getegid have no preconditions.
     let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
@@ -239,8 +266,24 @@ pub fn reclaim(
                 why,
             }));
         }
-        if md.uid() != uid || md.gid() != gid {
-            keep(std::os::unix::fs::lchown(&p, Some(uid), Some(gid)).map_err(io_err("chown", &p)));
+        let want = if ft.is_file() || ft.is_dir() || ft.is_symlink() {
+            owner(rel, &md)
+        } else {
+            None
+        };
+        let (wuid, wgid) = want.map_or((uid, gid), |o| (o.uid, o.gid));
+        if md.uid() != wuid || md.gid() != wgid {
+            keep(
+                std::os::unix::fs::lchown(&p, Some(wuid), Some(wgid)).map_err(io_err("chown", &p)),
+            );
+        }
+        if let Some(mode) = want.and_then(|o| o.mode).filter(|_| !ft.is_symlink()) {
+            // Not a symlink, and nothing of the job runs: `p` is what
+            // the walk found.
+            keep(
+                fs::set_permissions(&p, fs::Permissions::from_mode(mode & 0o7777))
+                    .map_err(io_err("chmod", &p)),
+            );
         }
         if ft.is_dir() {
             match fs::read_dir(&p) {

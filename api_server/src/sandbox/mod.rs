@@ -103,7 +103,7 @@ use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Duration;
 
 pub use cgroup::cgroup_support;
-pub use dirs::{base_dir, mkdtemp, reclaim, PrivateDir};
+pub use dirs::{base_dir, mkdtemp, reclaim, reclaim_with, Owner, PrivateDir};
 pub use run::{Finished, Status};
 pub use uids::UID_LOCK_DIR;
 

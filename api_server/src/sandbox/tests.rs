@@ -360,3 +360,55 @@ fn reclaim_gives_the_output_back_and_refuses_fifos() {
     .unwrap_err();
     assert!(e.to_string().contains("no links"), "{e}");
 }
+
+#[test]
+fn reclaim_with_gives_entries_their_owners_and_modes() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    need_root!();
+    let t = TempDir::new();
+    let out = t.0.join("out");
+    std::fs::create_dir(&out).unwrap();
+    // A job may set setuid on its own file; a root chown clears it.
+    let f = sh("mkdir /out/home && echo x > /out/su && chmod 4755 /out/su && echo y > /out/home/f && ln -s /etc/shadow /out/l")
+        .output_dir(&out)
+        .run()
+        .unwrap();
+    assert!(f.success(), "{}", f.log());
+    let owner = |rel: &Path, _: &std::fs::Metadata| match rel.to_str() {
+        Some("su") => Some(Owner {
+            uid: 0,
+            gid: 0,
+            mode: Some(0o4755),
+        }),
+        Some("home") => Some(Owner {
+            uid: 1000,
+            gid: 1001,
+            mode: Some(0o700),
+        }),
+        Some("l") => Some(Owner {
+            uid: 1000,
+            gid: 1000,
+            mode: Some(0o4755),
+        }),
+        _ => None,
+    };
+    reclaim_with(&out, |_, _| Ok(()), owner).unwrap();
+    let md = |p: &str| std::fs::symlink_metadata(out.join(p)).unwrap();
+    assert_eq!(
+        (md("su").uid(), md("su").permissions().mode() & 0o7777),
+        (0, 0o4755)
+    );
+    assert_eq!((md("home").uid(), md("home").gid()), (1000, 1001));
+    assert_eq!(md("home").permissions().mode() & 0o7777, 0o700);
+    assert_eq!(md("home/f").uid(), 0);
+    // A symlink gets its owner, never a mode (nor its target's).
+    assert_eq!(md("l").uid(), 1000);
+    assert_ne!(
+        std::fs::metadata("/etc/shadow")
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o7000,
+        0o4000
+    );
+}
