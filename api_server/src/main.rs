@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use api_server::build as compilers;
-use api_server::images::archive;
+use api_server::images::{archive, oci};
 use api_server::model::store::Store;
 use api_server::model::supervisor::Supervisor;
 use api_server::runtime::process::Launcher;
@@ -191,10 +191,15 @@ fn self_exe() -> PathBuf {
 
 fn main() {
     // Internal: emberd re-executed inside a sandbox job to extract an
-    // archive (images::archive::extract_sandboxed); not a user command.
+    // archive (images::archive::extract_sandboxed) or to apply an image's
+    // layers (images::oci, unpacking); not user commands.
     let mut argv = std::env::args_os();
-    if argv.nth(1).as_deref() == Some(std::ffi::OsStr::new(archive::CHILD_ARG)) {
+    let first = argv.nth(1);
+    if first.as_deref() == Some(std::ffi::OsStr::new(archive::CHILD_ARG)) {
         std::process::exit(archive::child_main(&argv.collect::<Vec<_>>()));
+    }
+    if first.as_deref() == Some(std::ffi::OsStr::new(oci::CHILD_ARG)) {
+        std::process::exit(oci::child_main(&argv.collect::<Vec<_>>()));
     }
     let args = Args::parse();
     let vmm = args.vmm.clone().unwrap_or_else(|| sibling("ember-vmm"));
@@ -245,7 +250,8 @@ fn main() {
     let mut sandbox = api_server::sandbox::SandboxConfig {
         base_dir: Some(args.state_dir.join("jobs")),
         uids: args.job_uid_range.clone(),
-        // Archive extraction runs emberd's own code in a job, never here.
+        // Archive extraction and OCI layer application run emberd's own
+        // code in a job, never here.
         self_exe: Some(self_exe()),
         ..Default::default()
     };

@@ -204,7 +204,7 @@ fn check_entry(dest: &Path, rel: &Path, md: &fs::Metadata) -> Result<(), String>
 }
 
 /// The last line of the child's stderr, if any, after ": ".
-fn stderr_tail(stderr: &[u8]) -> String {
+pub(crate) fn stderr_tail(stderr: &[u8]) -> String {
     let s = String::from_utf8_lossy(stderr);
     match s.lines().rev().find(|l| !l.trim().is_empty()) {
         Some(l) => format!(": {}", l.chars().take(500).collect::<String>()),
@@ -263,14 +263,14 @@ pub fn child_main(args: &[OsString]) -> i32 {
 // ---------------------------------------------------------------------------
 // The answer's JSON
 
-fn enc_path(p: &Path) -> Value {
+pub(crate) fn enc_path(p: &Path) -> Value {
     match p.to_str() {
         Some(s) => Value::String(s.to_string()),
         None => json!({ "bytes": p.as_os_str().as_bytes() }),
     }
 }
 
-fn dec_path(v: &Value) -> Result<PathBuf, String> {
+pub(crate) fn dec_path(v: &Value) -> Result<PathBuf, String> {
     if let Some(s) = v.as_str() {
         return Ok(PathBuf::from(s));
     }
@@ -284,14 +284,14 @@ fn dec_path(v: &Value) -> Result<PathBuf, String> {
     Ok(PathBuf::from(OsString::from_vec(bytes)))
 }
 
-fn enc_io(e: &io::Error) -> Value {
+pub(crate) fn enc_io(e: &io::Error) -> Value {
     match e.raw_os_error() {
         Some(n) => json!({ "os": n }),
         None => json!({ "kind": format!("{:?}", e.kind()), "msg": e.to_string() }),
     }
 }
 
-fn dec_io(v: &Value) -> Result<io::Error, String> {
+pub(crate) fn dec_io(v: &Value) -> Result<io::Error, String> {
     if let Some(n) = v["os"].as_i64() {
         let n = i32::try_from(n).map_err(|_| "an errno out of range")?;
         return Ok(io::Error::from_raw_os_error(n));
@@ -352,7 +352,7 @@ fn dec_summary(v: &Value) -> Result<ExtractSummary, String> {
     })
 }
 
-fn enc_error(e: &ArchiveError) -> Value {
+pub(crate) fn enc_error(e: &ArchiveError) -> Value {
     match e {
         ArchiveError::Read(io) => json!({ "kind": "Read", "io": enc_io(io) }),
         ArchiveError::Write { path, source } => {
@@ -378,7 +378,7 @@ fn enc_error(e: &ArchiveError) -> Value {
     }
 }
 
-fn dec_error(v: &Value) -> Result<ArchiveError, String> {
+pub(crate) fn dec_error(v: &Value) -> Result<ArchiveError, String> {
     let path = |k: &str| dec_path(&v[k]);
     let limit = || v["limit"].as_u64().ok_or("no limit");
     Ok(match v["kind"].as_str().unwrap_or("") {

@@ -101,10 +101,12 @@
 
 mod blobs;
 mod layout;
+mod sandboxed;
 mod unpack;
 mod write;
 
 use layout::{open_docker, open_oci};
+pub use sandboxed::{child_main, CHILD_ARG};
 pub use write::{diff_layer, write_layout, write_layout_from};
 
 use std::collections::BTreeMap;
@@ -222,6 +224,11 @@ pub enum OciError {
     /// The ext4 image could not be built.
     #[error(transparent)]
     Volume(#[from] VolumeError),
+    /// The unpack job failed as a whole (could not start, was killed, ran
+    /// out of time, answered nonsense, left what unpacking does not): the
+    /// host's side, not the image's. Only unpacking in emberd returns it.
+    #[error("unpack sandbox: {0}")]
+    Sandbox(String),
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> OciError + '_ {

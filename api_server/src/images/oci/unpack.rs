@@ -1,6 +1,11 @@
 //! Unpacking: applying an image's layers to a directory (whiteouts,
 //! no writes through symlinks, limits, ownership and modes), and what is
 //! built on it: an ext4 image of the tree, one file of the image.
+//!
+//! With emberd's binary configured ([`crate::sandbox::SandboxConfig::self_exe`])
+//! the layers are applied in a sandbox job (`sandboxed.rs`); else (library
+//! tests) here, in-process. Either way every layer blob is hashed as it is
+//! read and must still match its digest and size.
 
 use std::collections::{BTreeMap, HashSet};
 use std::ffi::{OsStr, OsString};
@@ -12,7 +17,10 @@ use std::path::{Component, Path, PathBuf};
 
 use tar::EntryType;
 
-use super::{io_err, Compression, Layer, OciError, OciImage, ScratchDir, UnpackSummary};
+use sha2::{Digest, Sha256};
+
+use super::blobs::{check_digest, check_size, hex};
+use super::{io_err, sandboxed, Layer, OciError, OciImage, ScratchDir, UnpackSummary, ZSTD_MAGIC};
 use crate::images::archive::{self, ArchiveError, ExtractLimits};
 use crate::images::volumes;
 
@@ -34,25 +42,29 @@ impl OciImage {
 
     /// Applies the layers in order below `dest` (created if missing; should
     /// be empty). See the module documentation for the rules. On error
-    /// `dest` may hold a partial tree; the caller removes it.
+    /// `dest` may hold a partial tree; the caller removes it. In emberd
+    /// this runs in a sandbox job, never in emberd's process.
     pub fn unpack(&self, dest: &Path, limits: &ExtractLimits) -> Result<UnpackSummary, OciError> {
-        fs::create_dir_all(dest).map_err(io_err(dest))?;
-        let mut ap = Applier {
-            dest,
-            limits,
-            // SAFETY: geteuid has no preconditions and cannot fail.
-            owners: unsafe { libc::geteuid() } == 0,
-            summary: UnpackSummary::default(),
-            dir_meta: BTreeMap::new(),
-        };
-        for layer in &self.layers {
-            ap.apply_layer(layer)?;
+        match crate::sandbox::config().self_exe.clone() {
+            Some(exe) => sandboxed::unpack(self, dest, limits, &exe),
+            None => self.unpack_in_process(dest, limits),
         }
-        ap.finish().map_err(|source| OciError::Layer {
-            digest: "(directory metadata)".into(),
-            source,
-        })?;
-        Ok(ap.summary)
+    }
+
+    fn unpack_in_process(
+        &self,
+        dest: &Path,
+        limits: &ExtractLimits,
+    ) -> Result<UnpackSummary, OciError> {
+        fs::create_dir_all(dest).map_err(io_err(dest))?;
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let owners = unsafe { libc::geteuid() } == 0;
+        let mut ap = Applier::new(dest, limits, owners, false);
+        for layer in &self.layers {
+            let mut f = File::open(&layer.path).map_err(io_err(&layer.path))?;
+            ap.apply_layer(&layer.digest, layer.size, &mut f)?;
+        }
+        Ok(ap.finish()?.0)
     }
 
     /// Unpacks the image into a scratch directory and builds an ext4 image
@@ -68,29 +80,41 @@ impl OciImage {
     /// Writes the content of one file of the image (as the final tree has
     /// it: last layer wins, whiteouts respected, symlinks followed inside the
     /// image root) to `out`, with its permission bits. The image is unpacked
-    /// into a scratch directory for this. A missing (or whited-out) file is
+    /// into a scratch directory for this (in emberd, both the unpacking and
+    /// the finding run in a sandbox job). A missing (or whited-out) file is
     /// [`OciError::NotFound`], a directory [`OciError::NotAFile`].
     pub fn extract_file(&self, path_in_image: &str, out: &Path) -> Result<(), OciError> {
         let scratch = ScratchDir::new(&self.scratch_parent)?;
-        let rootfs = scratch.0.join("rootfs");
-        self.unpack(&rootfs, &self.limits)?;
-        let rel = resolve_in_root(&rootfs, path_in_image)?;
-        let full = rootfs.join(&rel);
-        let mut src = OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&full)
-            .map_err(io_err(&full))?;
-        let md = src.metadata().map_err(io_err(&full))?;
-        if !md.is_file() {
-            return Err(OciError::NotAFile(path_in_image.to_string()));
+        if let Some(exe) = crate::sandbox::config().self_exe.clone() {
+            return sandboxed::extract_file(self, &scratch.0, path_in_image, out, &exe);
         }
-        let mut dst = File::create(out).map_err(io_err(out))?;
-        io::copy(&mut src, &mut dst).map_err(io_err(out))?;
-        dst.set_permissions(fs::Permissions::from_mode(md.mode() & 0o777))
-            .map_err(io_err(out))?;
-        Ok(())
+        let rootfs = scratch.0.join("rootfs");
+        self.unpack_in_process(&rootfs, &self.limits)?;
+        copy_out(&rootfs, path_in_image, out).map(|_| ())
     }
+}
+
+/// Copies the file `path_in_image` of the unpacked tree `rootfs` (found
+/// with [`resolve_in_root`]) to a new file `out`; returns its permission
+/// bits, which `out` gets too.
+pub(super) fn copy_out(rootfs: &Path, path_in_image: &str, out: &Path) -> Result<u32, OciError> {
+    let rel = resolve_in_root(rootfs, path_in_image)?;
+    let full = rootfs.join(&rel);
+    let mut src = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(&full)
+        .map_err(io_err(&full))?;
+    let md = src.metadata().map_err(io_err(&full))?;
+    if !md.is_file() {
+        return Err(OciError::NotAFile(path_in_image.to_string()));
+    }
+    let mut dst = File::create(out).map_err(io_err(out))?;
+    io::copy(&mut src, &mut dst).map_err(io_err(out))?;
+    let mode = md.mode() & 0o777;
+    dst.set_permissions(fs::Permissions::from_mode(mode))
+        .map_err(io_err(out))?;
+    Ok(mode)
 }
 
 /// Resolves `path` inside the tree at `root` like a chroot would (absolute
@@ -168,21 +192,52 @@ impl<R: Read> Read for CappedReader<R> {
     }
 }
 
-#[derive(Debug, Clone, Copy)]
-struct Meta {
-    mode: u32,
-    uid: Option<u32>,
-    gid: Option<u32>,
+/// A reader that hashes (sha256) and counts what goes through it.
+struct Hashed<R> {
+    inner: R,
+    hash: Sha256,
+    read: u64,
 }
 
-struct Applier<'a> {
+impl<R: Read> Read for Hashed<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hash.update(buf.get(..n).unwrap_or(&[]));
+        self.read += n as u64;
+        Ok(n)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Meta {
+    pub(super) mode: u32,
+    pub(super) uid: Option<u32>,
+    pub(super) gid: Option<u32>,
+}
+
+impl Meta {
+    /// Whether a tree written without `chown` (by a job's uid) needs this
+    /// put right afterwards: another owner than root, or setuid, setgid or
+    /// sticky bits (a root `chown` clears setuid and setgid).
+    fn needs_fixup(&self) -> bool {
+        self.uid.unwrap_or(0) != 0 || self.gid.unwrap_or(0) != 0 || self.mode & 0o7000 != 0
+    }
+}
+
+/// Applies layers, one after the other, to one tree.
+pub(super) struct Applier<'a> {
     dest: &'a Path,
     limits: &'a ExtractLimits,
     /// Restore uid/gid (running as root).
     owners: bool,
+    /// Not root but the tree is for root (the sandbox job): set exact
+    /// modes, and remember in `records` what only root can set.
+    record: bool,
     summary: UnpackSummary,
     /// Directory metadata applied at the end, by dest-relative path.
     dir_meta: BTreeMap<PathBuf, Meta>,
+    /// Files and symlinks whose owner or mode needs root (`record`).
+    records: BTreeMap<PathBuf, Meta>,
 }
 
 fn write_err(path: &Path) -> impl FnOnce(io::Error) -> ArchiveError + '_ {
@@ -192,9 +247,75 @@ fn write_err(path: &Path) -> impl FnOnce(io::Error) -> ArchiveError + '_ {
     }
 }
 
-impl Applier<'_> {
-    fn apply_layer(&mut self, layer: &Layer) -> Result<(), OciError> {
-        let f = File::open(&layer.path).map_err(io_err(&layer.path))?;
+/// Reads up to `n` bytes (fewer only at the end of `r`).
+fn read_head(r: &mut dyn Read, n: usize) -> io::Result<Vec<u8>> {
+    let mut head = Vec::with_capacity(n);
+    (&mut *r).take(n as u64).read_to_end(&mut head)?;
+    Ok(head)
+}
+
+impl<'a> Applier<'a> {
+    pub(super) fn new(
+        dest: &'a Path,
+        limits: &'a ExtractLimits,
+        owners: bool,
+        record: bool,
+    ) -> Self {
+        Applier {
+            dest,
+            limits,
+            owners,
+            record,
+            summary: UnpackSummary::default(),
+            dir_meta: BTreeMap::new(),
+            records: BTreeMap::new(),
+        }
+    }
+
+    /// Applies the layer blob `digest` of `size` bytes, the next `size`
+    /// bytes of `blob`. Its compression is sniffed from its first bytes;
+    /// what is read is hashed, and the whole blob (read to its end even
+    /// when the layer is refused) must match `digest` and `size`: a
+    /// mismatch wins over any other error of the layer.
+    pub(super) fn apply_layer(
+        &mut self,
+        digest: &str,
+        size: u64,
+        blob: &mut dyn Read,
+    ) -> Result<(), OciError> {
+        let mut hashed = Hashed {
+            inner: blob.take(size),
+            hash: Sha256::new(),
+            read: 0,
+        };
+        let applied = self.apply_tar(digest, &mut hashed);
+        let drained = io::copy(&mut hashed, &mut io::sink());
+        let what = format!("layer {digest}");
+        if drained.is_ok() {
+            check_size(&what, Some(size), hashed.read)?;
+            let actual = format!("sha256:{}", hex(&hashed.hash.finalize()));
+            check_digest(&what, digest, &actual)?;
+        }
+        applied?;
+        drained.map_err(|e| OciError::Layer {
+            digest: digest.to_string(),
+            source: ArchiveError::Read(e),
+        })?;
+        self.summary.layers += 1;
+        Ok(())
+    }
+
+    fn apply_tar(&mut self, digest: &str, blob: &mut dyn Read) -> Result<(), OciError> {
+        let lerr = |source| OciError::Layer {
+            digest: digest.to_string(),
+            source,
+        };
+        let head = read_head(blob, ZSTD_MAGIC.len()).map_err(|e| lerr(ArchiveError::Read(e)))?;
+        if head == ZSTD_MAGIC {
+            return Err(OciError::Zstd(format!("layer {digest}")));
+        }
+        let gzip = head.starts_with(&[0x1f, 0x8b]);
+        let stream = BufReader::new(io::Cursor::new(head).chain(blob));
         let cap = self
             .limits
             .max_bytes
@@ -204,18 +325,15 @@ impl Applier<'_> {
                     .saturating_mul(STREAM_OVERHEAD_PER_ENTRY),
             )
             .saturating_add(STREAM_OVERHEAD);
-        let reader: Box<dyn Read> = match layer.compression {
-            Compression::None => Box::new(BufReader::new(f)),
-            Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(BufReader::new(f))),
+        let reader: Box<dyn Read + '_> = if gzip {
+            Box::new(flate2::read::MultiGzDecoder::new(stream))
+        } else {
+            Box::new(stream)
         };
         let mut tar = tar::Archive::new(CappedReader {
             inner: reader,
             left: cap,
         });
-        let lerr = |source| OciError::Layer {
-            digest: layer.digest.clone(),
-            source,
-        };
         // Paths this layer created or touched (and their ancestors): what an
         // opaque marker or a whiteout of the same layer must not remove.
         let mut this_layer: HashSet<PathBuf> = HashSet::new();
@@ -229,7 +347,6 @@ impl Applier<'_> {
             self.apply_entry(&mut entry, &mut this_layer)
                 .map_err(lerr)?;
         }
-        self.summary.layers += 1;
         Ok(())
     }
 
@@ -313,6 +430,9 @@ impl Applier<'_> {
                 }
                 file.set_permissions(fs::Permissions::from_mode(meta.mode))
                     .map_err(write_err(&full))?;
+                if self.record && meta.needs_fixup() {
+                    self.records.insert(rel, meta);
+                }
                 self.summary.files += 1;
             }
             EntryType::Symlink => {
@@ -333,6 +453,10 @@ impl Applier<'_> {
                 if self.owners {
                     std::os::unix::fs::lchown(&full, meta.uid, meta.gid)
                         .map_err(write_err(&full))?;
+                }
+                let owner = Meta { mode: 0, ..meta };
+                if self.record && owner.needs_fixup() {
+                    self.records.insert(rel, owner);
                 }
                 self.summary.symlinks += 1;
             }
@@ -361,6 +485,11 @@ impl Applier<'_> {
                 }
                 self.remove(&rel)?;
                 fs::hard_link(&target_full, &full).map_err(write_err(&full))?;
+                // The same inode: what the target needs, this name needs
+                // too (the target may be whited out by a later layer).
+                if let Some(m) = self.records.get(&target_rel).copied() {
+                    self.records.insert(rel, m);
+                }
                 self.summary.hardlinks += 1;
             }
             _ => self.summary.skipped.push(raw),
@@ -452,6 +581,16 @@ impl Applier<'_> {
         for k in stale {
             self.dir_meta.remove(&k);
         }
+        let stale: Vec<PathBuf> = self
+            .records
+            .range(rel.to_path_buf()..)
+            .map(|(k, _)| k)
+            .take_while(|k| k.starts_with(rel))
+            .cloned()
+            .collect();
+        for k in stale {
+            self.records.remove(&k);
+        }
         Ok(())
     }
 
@@ -514,9 +653,20 @@ impl Applier<'_> {
         }
     }
 
+    /// Applies directory metadata (see [`Applier::dir_metadata`]) and
+    /// returns what was done, with the owners and modes only root can set
+    /// (`record`; dest-relative paths, `""` for `dest`; empty otherwise).
+    pub(super) fn finish(mut self) -> Result<(UnpackSummary, Vec<(PathBuf, Meta)>), OciError> {
+        self.dir_metadata().map_err(|source| OciError::Layer {
+            digest: "(directory metadata)".into(),
+            source,
+        })?;
+        Ok((self.summary, self.records.into_iter().collect()))
+    }
+
     /// Applies directory metadata, children before parents, through
     /// descriptors opened without following symlinks.
-    fn finish(&mut self) -> Result<(), ArchiveError> {
+    fn dir_metadata(&mut self) -> Result<(), ArchiveError> {
         let metas = std::mem::take(&mut self.dir_meta);
         for (rel, meta) in metas.iter().rev() {
             if !rel.as_os_str().is_empty() && !self.walk_parents(rel, rel, false)? {
@@ -534,6 +684,10 @@ impl Applier<'_> {
             let mut mode = meta.mode;
             if self.owners {
                 std::os::unix::fs::fchown(&dir, meta.uid, meta.gid).map_err(write_err(&full))?;
+            } else if self.record {
+                if meta.needs_fixup() {
+                    self.records.insert(rel.clone(), *meta);
+                }
             } else {
                 mode |= 0o700;
             }

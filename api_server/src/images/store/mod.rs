@@ -132,6 +132,7 @@ fn from_oci(e: OciError) -> ImageStoreError {
         OciError::Zstd(_) => ImageStoreError::Unsupported(e.to_string()),
         OciError::Io { .. }
         | OciError::Volume(_)
+        | OciError::Sandbox(_)
         | OciError::Archive(crate::images::archive::ArchiveError::Sandbox(_)) => {
             ImageStoreError::Internal(e.to_string())
         }
