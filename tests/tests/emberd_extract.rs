@@ -10,6 +10,12 @@
 //! the job range, and is pid 1 of a pid namespace of its own. Afterwards no
 //! file anywhere under emberd's state is left to a job uid (the tree was
 //! handed back before use), and what was extracted is what the archive held.
+//!
+//! OCI layer application (Flintlock kernels and volumes, hyperd container
+//! root disks) is watched the same way: its child is `/ember/emberd
+//! __sandboxed-unpack REQUEST`, and the ext4 image built from its tree
+//! holds the layers with their whiteouts and the owners and special modes
+//! only root can set.
 
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
@@ -35,7 +41,8 @@ struct Seen {
     args: Vec<String>,
 }
 
-/// Scans `/proc` until stopped, collecting extraction children.
+/// Scans `/proc` until stopped, collecting extraction (or, with
+/// [`Watcher::start_for`], unpack) children.
 struct Watcher {
     stop: Arc<AtomicBool>,
     handle: Option<std::thread::JoinHandle<Vec<Seen>>>,
@@ -43,6 +50,11 @@ struct Watcher {
 
 impl Watcher {
     fn start() -> Watcher {
+        Watcher::start_for(b"/ember/emberd\0__sandboxed-extract\0")
+    }
+
+    /// Collects the processes whose command line starts with `prefix`.
+    fn start_for(prefix: &'static [u8]) -> Watcher {
         let stop = Arc::new(AtomicBool::new(false));
         let s = stop.clone();
         let handle = std::thread::spawn(move || {
@@ -59,7 +71,7 @@ impl Watcher {
                     let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
                         continue;
                     };
-                    if !cmd.starts_with(b"/ember/emberd\0__sandboxed-extract\0") {
+                    if !cmd.starts_with(prefix) {
                         continue;
                     }
                     let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
@@ -105,11 +117,17 @@ impl Watcher {
 /// emberd, a job uid, pid 1 of its own pid namespace; with `max_bytes` as
 /// its byte limit.
 fn assert_sandboxed(d: &Emberd, seen: &[Seen], max_bytes: &str) {
-    let emberd = d.proc_.as_ref().unwrap().pid();
     let s = seen
         .iter()
         .find(|s| s.args.get(3).map(String::as_str) == Some(max_bytes))
         .unwrap_or_else(|| panic!("no extraction child with limit {max_bytes} seen: {seen:?}"));
+    assert_job(d, s);
+}
+
+/// Asserts that `s` ran sandboxed: not emberd, a job uid, pid 1 of its own
+/// pid namespace.
+fn assert_job(d: &Emberd, s: &Seen) {
+    let emberd = d.proc_.as_ref().unwrap().pid();
     assert_ne!(s.pid, emberd, "{s:?}");
     assert!(
         JOB_UIDS.contains(&s.uid),
@@ -479,5 +497,277 @@ s3.put_object(Bucket="unikhub", Key=key, Body=buf.getvalue(), Metadata=obj["Meta
     let (c, got) = d.json(&["http://localhost/images/hubbed"]);
     assert_eq!(c, 200, "{got}");
     assert_eq!(got["RunSpec"], img["RunSpec"]);
+    assert_nothing_left_to_jobs(&d);
+}
+
+// ---------------------------------------------------------------------------
+// OCI layer application (Flintlock volumes and kernels, hyperd root disks)
+
+/// The unpack child's command line.
+const UNPACK: &[u8] = b"/ember/emberd\0__sandboxed-unpack\0";
+
+/// An OCI layout at `out` (below the test's directory: emberd's
+/// `--import-dir`). `layers`: each `{"entries": [[path, kind, mode, uid,
+/// content]], "junk": n, "gzip": bool}` with kind `f` (content, or
+/// `{"from": host_path}`), `d` or `l` (symlink to content); `junk` empty
+/// files below `junk/` keep an unpack busy long enough to be seen.
+fn oci_layout(out: &Path, reference: &str, layers: Value) {
+    let spec = json!({"ref": reference, "layers": layers});
+    py(
+        r#"
+import gzip, hashlib, io, json, os, sys, tarfile
+out, spec = sys.argv[1], json.load(open(sys.argv[2]))
+os.makedirs(os.path.join(out, "blobs", "sha256"), exist_ok=True)
+def blob(data):
+    d = hashlib.sha256(data).hexdigest()
+    open(os.path.join(out, "blobs", "sha256", d), "wb").write(data)
+    return "sha256:" + d, len(data)
+layers, diff_ids = [], []
+for l in spec["layers"]:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as t:
+        for path, kind, mode, uid, content in l.get("entries", []):
+            ti = tarfile.TarInfo(path); ti.mode = mode; ti.uid = ti.gid = uid
+            if kind == "d":
+                ti.type = tarfile.DIRTYPE; t.addfile(ti)
+            elif kind == "l":
+                ti.type = tarfile.SYMTYPE; ti.linkname = content; t.addfile(ti)
+            else:
+                data = open(content["from"], "rb").read() if isinstance(content, dict) else content.encode()
+                ti.size = len(data); t.addfile(ti, io.BytesIO(data))
+        for i in range(l.get("junk", 0)):
+            t.addfile(tarfile.TarInfo("junk/d%d/f%d" % (i // 1000, i)), io.BytesIO(b""))
+    raw = buf.getvalue()
+    diff_ids.append("sha256:" + hashlib.sha256(raw).hexdigest())
+    gz = l.get("gzip", True)
+    dg, size = blob(gzip.compress(raw, 1) if gz else raw)
+    layers.append({"mediaType": "application/vnd.oci.image.layer.v1.tar" + ("+gzip" if gz else ""),
+                   "digest": dg, "size": size})
+cdg, csize = blob(json.dumps({"architecture": "amd64", "os": "linux", "config": {"Cmd": ["/bin/app"]},
+    "rootfs": {"type": "layers", "diff_ids": diff_ids}}).encode())
+mdg, msize = blob(json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+    "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cdg, "size": csize},
+    "layers": layers}).encode())
+open(os.path.join(out, "oci-layout"), "w").write('{"imageLayoutVersion": "1.0.0"}')
+open(os.path.join(out, "index.json"), "w").write(json.dumps({"schemaVersion": 2, "manifests": [
+    {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": mdg, "size": msize,
+     "annotations": {"org.opencontainers.image.ref.name": spec["ref"]}}]}))
+"#,
+        out,
+        &spec,
+    );
+}
+
+/// A root filesystem in three layers: a deletion, an opaque directory, a
+/// file replaced by the top layer, and what only root can set (a setuid
+/// root file, a user's home, a sticky /tmp).
+fn rootfs_layers(junk: usize) -> Value {
+    json!([
+        {"entries": [
+            ["etc", "d", 0o755, 0, ""], ["etc/hostname", "f", 0o644, 0, "base\n"],
+            ["etc/gone", "f", 0o644, 0, "x"], ["data/old/a", "f", 0o644, 0, "a"],
+            ["data/keep", "f", 0o644, 0, "k"], ["bin/su", "f", 0o4755, 0, "su"],
+            ["bin/app", "f", 0o755, 0, "#!/bin/sh\n"],
+            ["home/u", "d", 0o700, 1000, ""], ["home/u/notes", "f", 0o600, 1000, "mine"],
+            ["tmp", "d", 0o1777, 0, ""], ["sh", "l", 0o777, 0, "/bin/app"]],
+         "junk": junk},
+        {"entries": [["etc/.wh.gone", "f", 0o644, 0, ""], ["data/old/.wh..wh..opq", "f", 0o644, 0, ""],
+                     ["data/old/b", "f", 0o644, 0, "b"]]},
+        {"entries": [["etc/hostname", "f", 0o644, 0, "layer3\n"]], "gzip": false}
+    ])
+}
+
+/// `debugfs -R cmd img`'s stdout.
+fn debugfs(img: &Path, cmd: &str) -> String {
+    let out = Command::new("debugfs")
+        .arg("-R")
+        .arg(cmd)
+        .arg(img)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+/// The number after `field` in debugfs's `stat` of `path`.
+fn stat_field(img: &Path, path: &str, field: &str) -> String {
+    let st = debugfs(img, &format!("stat {path}"));
+    st.split(field)
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no {field} in stat {path}: {st}"))
+        .to_string()
+}
+
+/// The root filesystem of [`rootfs_layers`], as an ext4 image holds it.
+fn check_rootfs(img: &Path, junk: usize) {
+    assert_eq!(debugfs(img, "cat /etc/hostname"), "layer3\n");
+    let etc = debugfs(img, "ls /etc");
+    assert!(!etc.contains("gone") && !etc.contains(".wh."), "{etc}");
+    let old = debugfs(img, "ls /data/old");
+    assert!(
+        old.contains(" b ") || old.contains(" b\n") || old.contains("  b"),
+        "{old}"
+    );
+    assert!(
+        !old.contains(" a ") && !old.contains(".wh."),
+        "opaque dir not applied: {old}"
+    );
+    assert_eq!(debugfs(img, "cat /data/keep"), "k");
+    assert_eq!(debugfs(img, "cat /home/u/notes"), "mine");
+    // Owners and special modes the job could not set, set by emberd.
+    assert_eq!(stat_field(img, "/bin/su", "Mode:"), "04755");
+    assert_eq!(stat_field(img, "/bin/su", "User:"), "0");
+    assert_eq!(stat_field(img, "/home/u", "User:"), "1000");
+    assert_eq!(stat_field(img, "/home/u", "Group:"), "1000");
+    assert_eq!(stat_field(img, "/home/u", "Mode:"), "0700");
+    assert_eq!(stat_field(img, "/home/u/notes", "User:"), "1000");
+    assert_eq!(stat_field(img, "/tmp", "Mode:"), "01777");
+    assert_eq!(stat_field(img, "/etc/hostname", "User:"), "0");
+    assert!(debugfs(img, "stat /sh").contains("Fast link dest: \"/bin/app\""));
+    if junk > 0 {
+        let last = format!("f{}", junk - 1);
+        let dir = format!("ls /junk/d{}", (junk - 1) / 1000);
+        assert!(debugfs(img, &dir).contains(&last), "the last junk file");
+    }
+}
+
+/// The unpack child seen with `file` as the file it was asked for (None:
+/// a whole tree).
+fn unpack_child<'a>(seen: &'a [Seen], file: Option<&str>) -> &'a Seen {
+    seen.iter()
+        .find(|s| {
+            let req: Value =
+                serde_json::from_str(s.args.get(2).map_or("", String::as_str)).unwrap_or_default();
+            req["file"].as_str() == file && req["layers"].is_array()
+        })
+        .unwrap_or_else(|| panic!("no unpack child for {file:?} seen: {seen:?}"))
+}
+
+#[test]
+fn flintlock_kernel_and_volume_unpack_in_a_sandbox_job() {
+    let d = Emberd::start(
+        "unpack-flintlock",
+        10721,
+        &["--job-timeout-secs", "300", "--flintlock-max-retries", "1"],
+    );
+    let kernel = d.dir.join("kernel-oci");
+    oci_layout(
+        &kernel,
+        "kernel:latest",
+        json!([{"entries": [["boot/real", "f", 0o755, 0, {"from": PVH_ELF}],
+                            ["boot/vmlinux", "l", 0o777, 0, "/boot/real"]], "junk": MANY}]),
+    );
+    let root = d.dir.join("root-oci");
+    oci_layout(&root, "rootfs:latest", rootfs_layers(MANY));
+    let spec = json!({
+        "id": "vm1", "namespace": "ns1", "vcpu": 1, "memoryInMb": 1024,
+        "kernel": {"image": kernel, "filename": "boot/vmlinux", "cmdline": {"ember.test": "idle"}},
+        "rootVolume": {"id": "root", "source": {"containerSource": root}},
+    });
+    let w = Watcher::start_for(UNPACK);
+    let (c, v) = d.req("POST", "/v1alpha1/microvm", Some(&spec.to_string()));
+    assert_eq!(c, 200, "{v}");
+    let uid = v["microvm"]["spec"]["uid"].as_str().unwrap().to_string();
+    let state = wait_for(PATIENCE, || {
+        let (_, v) = d.req("GET", &format!("/v1alpha1/microvm/{uid}"), None);
+        let s = v["microvm"]["status"]["state"]
+            .as_str()
+            .unwrap_or("")
+            .to_string();
+        (s == "CREATED" || s == "FAILED").then_some(v)
+    })
+    .expect("reconciled");
+    let seen = w.finish();
+    assert_eq!(state["microvm"]["status"]["state"], "CREATED", "{state}");
+    // The kernel was found, and the root volume built, by unpack children
+    // that were jobs.
+    assert_job(&d, unpack_child(&seen, Some("boot/vmlinux")));
+    assert_job(&d, unpack_child(&seen, None));
+    let vols = http(&d.sock, "GET", "/volumes", None).json();
+    let rootvol = vols
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["Name"].as_str().unwrap().ends_with("-root"))
+        .expect("root volume")["Id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let img = d
+        .dir
+        .join("state")
+        .join("volumes")
+        .join(format!("{rootvol}.img"));
+    check_rootfs(&img, MANY);
+    assert_nothing_left_to_jobs(&d);
+    let (c, _) = d.req("DELETE", &format!("/v1alpha1/microvm/{uid}"), None);
+    assert_eq!(c, 200);
+}
+
+#[test]
+fn hyperd_container_root_disk_unpacks_in_a_sandbox_job() {
+    let agent = bin("ember-agent");
+    let d = Emberd::start(
+        "unpack-pod",
+        10722,
+        &[
+            "--job-timeout-secs",
+            "300",
+            "--pod-kernel",
+            PVH_ELF,
+            "--pod-boot-args",
+            "ember.test=pod-agent",
+            "--pod-agent",
+            agent.to_str().unwrap(),
+            "--pod-rootfs-mb",
+            "128",
+            "--pod-stop-timeout",
+            "1",
+        ],
+    );
+    let layout = d.dir.join("app-oci");
+    oci_layout(&layout, "app:1", rootfs_layers(MANY));
+    let r = http(
+        &d.sock,
+        "POST",
+        &format!(
+            "/image/create?imageName={}",
+            urlencode(layout.to_str().unwrap())
+        ),
+        None,
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let spec = json!({"id": "p", "resource": {"vcpu": 1, "memory": 64},
+                      "containers": [{"name": "app", "image": "app:1"}]});
+    let (c, v) = d.req(
+        "POST",
+        &format!("/pod/create?podArgs={}", urlencode(&spec.to_string())),
+        None,
+    );
+    assert_eq!(c, 200, "{v}");
+    let pod = v["ID"].as_str().unwrap().to_string();
+    let w = Watcher::start_for(UNPACK);
+    let (c, v) = d.req("POST", &format!("/pod/start?podId={pod}"), None);
+    let seen = w.finish();
+    assert_eq!(c, 200, "{v}");
+    assert_job(&d, unpack_child(&seen, None));
+    let (c, v) = d.req("POST", &format!("/pod/stop?podId={pod}&stopVM=yes"), None);
+    assert_eq!(c, 200, "{v}");
+    let vols = http(&d.sock, "GET", "/volumes", None).json();
+    let disk = vols
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["Name"].as_str().unwrap().ends_with("-rootfs"))
+        .unwrap_or_else(|| panic!("no root disk: {vols}"))["Id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let img = d
+        .dir
+        .join("state")
+        .join("volumes")
+        .join(format!("{disk}.img"));
+    check_rootfs(&img, MANY);
     assert_nothing_left_to_jobs(&d);
 }
