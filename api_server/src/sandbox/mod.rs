@@ -70,23 +70,28 @@
 //! ## emberd's own code in a job
 //!
 //! Archive extraction (uploads, hub pulls, OCI and `docker save`
-//! tarballs, build contexts) runs emberd's own code on untrusted bytes, so
-//! it runs in a job too: emberd re-executes its own binary
-//! ([`SandboxConfig::self_exe`], bound read-only at `/ember/emberd`) with
-//! the archive as stdin ([`Job::stdin_from`]) and the destination as `/out`;
-//! afterwards [`reclaim`] gives the tree back to emberd's uid (see
-//! [`crate::images::archive::extract_sandboxed`]). In emberd, extraction
-//! never runs in emberd's process.
+//! tarballs, build contexts) and OCI layer application (root filesystems
+//! of Flintlock volumes and hyperd container disks, builds and commits,
+//! and the kernel or initrd Flintlock takes from an image) run emberd's
+//! own code on untrusted bytes, so they run in jobs too: emberd
+//! re-executes its own binary ([`SandboxConfig::self_exe`], bound
+//! read-only at `/ember/emberd`) with the archive, or the layer blobs one
+//! after the other, as stdin ([`Job::stdin_from`]) and the destination as
+//! `/out`; afterwards [`reclaim`] gives the tree back to emberd's uid, or
+//! [`reclaim_with`] also gives entries the owners and special modes a job
+//! cannot set (see [`crate::images::archive::extract_sandboxed`] and
+//! `images/oci/sandboxed.rs`). In emberd, neither runs in emberd's process.
 //!
 //! ## Not done here
 //!
-//! Other in-process parsing of untrusted bytes is not sandboxed: applying
-//! OCI layers to a root filesystem (`images::oci::unpack`, with whiteouts
-//! and ownership, as root), reading OCI/`docker save` JSON and verifying
-//! blobs, ELF inspection and cpio writing run in emberd with the checks of
-//! those modules. Jobs keep no seccomp filter of their own. A uid in the
-//! range must not own files elsewhere on the host; emberd does not check
-//! that.
+//! Other in-process parsing of untrusted bytes is not sandboxed: reading
+//! OCI/`docker save` JSON (indexes, manifests, configs: bounded to 16 MiB
+//! each, serde only) and verifying blobs when an image is opened (sha256
+//! of the bytes; for legacy `docker save` images, also of the gunzipped
+//! layers against the config's `diff_ids`), ELF inspection and cpio
+//! writing run in emberd with the checks of those modules. Jobs keep no
+//! seccomp filter of their own. A uid in the range must not own files
+//! elsewhere on the host; emberd does not check that.
 
 mod cgroup;
 mod child;
@@ -235,7 +240,8 @@ pub struct SandboxConfig {
     pub toolchain: Vec<PathBuf>,
     /// emberd's own binary, for work emberd does on untrusted bytes with
     /// its own code in a job (archive extraction: see
-    /// [`crate::images::archive::extract_sandboxed`]). emberd's `main`
+    /// [`crate::images::archive::extract_sandboxed`]; OCI layer
+    /// application: [`crate::images::oci::OciImage::unpack`]). emberd's `main`
     /// always sets it; None (library tests) runs that work in-process.
     pub self_exe: Option<PathBuf>,
 }

@@ -44,8 +44,12 @@
 //!
 //! ## Unpacking ([`OciImage::unpack`])
 //!
-//! Layers are applied in order, below `dest`, with the rules of
-//! [`archive`] plus layer semantics:
+//! In emberd layers are applied in a sandbox job (emberd's binary
+//! re-executed as `emberd __sandboxed-unpack`, see `sandboxed.rs`), never
+//! in emberd's process; so is the finding of [`OciImage::extract_file`].
+//! Every blob is hashed again as it is applied and must still match its
+//! digest and size. Layers are applied in order, below `dest`, with the
+//! rules of [`archive`] plus layer semantics:
 //!
 //! * Whiteouts: `.wh.<name>` removes `<name>` of the lower layers;
 //!   `.wh..wh..opq` makes its directory opaque (everything the lower layers
@@ -78,7 +82,8 @@
 //! * **Ownership and modes**: a root filesystem needs them, so unlike
 //!   uploads all of `mode & 0o7777` is kept (setuid `su`, sticky `/tmp`) and,
 //!   when running as root, the uid/gid of every entry (chown before chmod,
-//!   so setuid bits survive). Without root, ownership stays the daemon's and
+//!   so setuid bits survive; in a job, whose uid cannot chown, emberd sets
+//!   them while taking the tree back). Without root, ownership stays the daemon's and
 //!   directories get `| 0o700` so the tree can be removed. Because setuid
 //!   root files may appear, `dest` must be in a directory other users cannot
 //!   reach; [`OciImage::to_ext4`] and [`OciImage::extract_file`] unpack into
@@ -97,7 +102,8 @@
 //!
 //! This file holds the types, errors and [`open_with`]; `layout.rs` reads
 //! OCI layouts and `docker save` directories, `blobs.rs` holds digests and
-//! blob reading, `unpack.rs` applies layers, `write.rs` writes layouts.
+//! blob reading, `unpack.rs` applies layers, `sandboxed.rs` runs that in a
+//! sandbox job, `write.rs` writes layouts.
 
 mod blobs;
 mod layout;
