@@ -59,10 +59,12 @@ use std::time::{Duration, Instant};
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use virtio_queue::QueueOwnedT;
+use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::timerfd::TimerFd;
 
 use self::packet::*;
 use self::unix::{connect_nonblocking, is_fd_exhaustion, Refusals};
+use super::desc::{DescError, ParsedChain};
 use super::{drain_evt, DeviceBase, VirtioDevice, TYPE_VSOCK};
 
 /// The host's CID.
@@ -593,38 +595,49 @@ impl Vsock {
         };
         let mut used = false;
         while let Some((head, parsed)) = self.base.pop_parsed(TXQ) {
+            // The chain is read whole before it is given back: once it is
+            // in the used ring the guest may reuse its buffers at once.
+            let packet = Self::read_tx(&mem, parsed);
             self.base.add_used(TXQ, head, 0);
             used = true;
-            let c = match parsed {
-                Ok(c) => c,
-                Err(e) => {
-                    log::warn!("virtio-vsock: bad tx chain: {e}");
-                    continue;
-                }
-            };
-            let mut hb = [0u8; HDR_LEN];
-            if c.read_at(&mem, 0, &mut hb).is_err() {
-                log::warn!("virtio-vsock: tx chain shorter than a header");
-                continue;
+            if let Some((h, payload)) = packet {
+                self.handle_pkt(h, &payload);
             }
-            let h = Header::from_bytes(&hb);
-            let mut payload = Vec::new();
-            if h.op == OP_RW {
-                let len = h.len as usize;
-                if len > MAX_PAYLOAD || (len as u64) > c.readable_len() - HDR_LEN as u64 {
-                    log::warn!("virtio-vsock: bad payload length {len}");
-                    continue;
-                }
-                payload.resize(len, 0);
-                if c.read_at(&mem, HDR_LEN as u64, &mut payload).is_err() {
-                    continue;
-                }
-            }
-            self.handle_pkt(h, &payload);
         }
         if used {
             self.base.notify_used(TXQ);
         }
+    }
+
+    /// A tx chain's header and (for OP_RW) payload; None for a bad chain.
+    fn read_tx(
+        mem: &GuestMemoryMmap,
+        parsed: Result<ParsedChain, DescError>,
+    ) -> Option<(Header, Vec<u8>)> {
+        let c = match parsed {
+            Ok(c) => c,
+            Err(e) => {
+                log::warn!("virtio-vsock: bad tx chain: {e}");
+                return None;
+            }
+        };
+        let mut hb = [0u8; HDR_LEN];
+        if c.read_at(mem, 0, &mut hb).is_err() {
+            log::warn!("virtio-vsock: tx chain shorter than a header");
+            return None;
+        }
+        let h = Header::from_bytes(&hb);
+        let mut payload = Vec::new();
+        if h.op == OP_RW {
+            let len = h.len as usize;
+            if len > MAX_PAYLOAD || (len as u64) > c.readable_len() - HDR_LEN as u64 {
+                log::warn!("virtio-vsock: bad payload length {len}");
+                return None;
+            }
+            payload.resize(len, 0);
+            c.read_at(mem, HDR_LEN as u64, &mut payload).ok()?;
+        }
+        Some((h, payload))
     }
 
     /// A connection with data for the guest and credit to send it.
