@@ -425,24 +425,6 @@ fn client_timeout_on_unanswered_request() {
     assert!(matches!(r, Err(client::ClientError::Timeout)), "{r:?}");
 }
 
-fn curl(srv: &TestServer, args: &[&str]) -> (String, String) {
-    let out = std::process::Command::new("/usr/bin/curl")
-        .args(["-sS", "--max-time", "20", "--unix-socket"])
-        .arg(&srv.path)
-        .args(["-w", "\n%{http_code}"])
-        .args(args)
-        .output()
-        .expect("run curl");
-    assert!(
-        out.status.success(),
-        "curl failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8(out.stdout).unwrap();
-    let (body, code) = text.rsplit_once('\n').unwrap();
-    (code.to_string(), body.to_string())
-}
-
 #[test]
 fn real_curl() {
     let srv = TestServer::start();

@@ -13,24 +13,6 @@ use std::time::Duration;
 use common::*;
 use ember_http::{client, PeerKey, ServerConfig};
 
-/// `GET /hello` by curl, a child process and so a different peer (pid).
-fn curl_hello(srv: &TestServer) -> (String, String) {
-    let out = std::process::Command::new("/usr/bin/curl")
-        .args(["-sS", "--max-time", "20", "--unix-socket"])
-        .arg(&srv.path)
-        .args(["-w", "\n%{http_code}", "http://localhost/hello"])
-        .output()
-        .expect("run curl");
-    assert!(
-        out.status.success(),
-        "curl failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8(out.stdout).unwrap();
-    let (body, code) = text.rsplit_once('\n').unwrap();
-    (code.to_string(), body.to_string())
-}
-
 #[test]
 fn slowloris_from_one_peer_does_not_cost_another_peer_a_503() {
     // Only the per-peer cap is at work here: no idle or header deadline
@@ -79,7 +61,7 @@ fn slowloris_from_one_peer_does_not_cost_another_peer_a_503() {
     };
     // ...while another process is served normally, every time.
     for _ in 0..5 {
-        assert_eq!(curl_hello(&srv), ("200".to_string(), "hello".to_string()));
+        assert_eq!(curl(&srv, &["http://localhost/hello"]), ("200".to_string(), "hello".to_string()));
     }
     stop.store(true, Ordering::SeqCst);
     trickler.join().unwrap();
@@ -112,7 +94,7 @@ fn per_peer_limit_by_uid() {
     assert_eq!(read_response(&mut s, &mut buf).status, 503);
     drop(held);
     srv.wait_idle();
-    assert_eq!(curl_hello(&srv).0, "200");
+    assert_eq!(curl(&srv, &["http://localhost/hello"]).0, "200");
 }
 
 /// Sends `head` then `byte` repeatedly every 20 ms until the server answers

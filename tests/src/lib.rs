@@ -978,3 +978,9 @@ pub fn vmm_processes(id: &str) -> Vec<u32> {
         })
         .collect()
 }
+
+/// `PUT path` with a JSON body to a VMM's API socket; asserts 204.
+pub fn api_put(sock: &Path, path: &str, body: serde_json::Value) {
+    let r = http(sock, "PUT", path, Some(&body.to_string()));
+    assert_eq!(r.status, 204, "PUT {path}: {}", String::from_utf8_lossy(&r.body));
+}

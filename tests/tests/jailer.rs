@@ -269,15 +269,7 @@ fn api_in_the_jail_sees_only_the_jail() {
             "{path}: {msg}"
         );
     }
-    let put = |path: &str, body: serde_json::Value| {
-        let r = http(&sock, "PUT", path, Some(&body.to_string()));
-        assert_eq!(
-            r.status,
-            204,
-            "PUT {path}: {}",
-            String::from_utf8_lossy(&r.body)
-        );
-    };
+    let put = |path: &str, body: serde_json::Value| api_put(&sock, path, body);
     put(
         "/boot-source",
         serde_json::json!({"kernel_image_path": "/kernel.elf", "boot_args": "ember.test=wait-ctrlaltdel"}),

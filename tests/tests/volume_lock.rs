@@ -86,15 +86,7 @@ fn a_second_vmm_cannot_open_a_volume_read_write() {
     cmd.arg("--api-sock").arg(&sock);
     let mut api_vmm = Proc::spawn(cmd, dir.path(), "api");
     wait_for_socket(&sock);
-    let put = |path: &str, body: serde_json::Value| {
-        let r = http(&sock, "PUT", path, Some(&body.to_string()));
-        assert_eq!(
-            r.status,
-            204,
-            "PUT {path}: {}",
-            String::from_utf8_lossy(&r.body)
-        );
-    };
+    let put = |path: &str, body: serde_json::Value| api_put(&sock, path, body);
     put(
         "/boot-source",
         json!({"kernel_image_path": PVH_ELF, "boot_args": "ember.test=idle"}),

@@ -313,3 +313,23 @@ pub fn fault_message(r: &Raw) -> String {
     let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
     v["fault_message"].as_str().unwrap().to_string()
 }
+
+/// curl (a child process, so another peer) against the server; (status, body).
+#[allow(dead_code)]
+pub fn curl(srv: &TestServer, args: &[&str]) -> (String, String) {
+    let out = std::process::Command::new("/usr/bin/curl")
+        .args(["-sS", "--max-time", "20", "--unix-socket"])
+        .arg(&srv.path)
+        .args(["-w", "\n%{http_code}"])
+        .args(args)
+        .output()
+        .expect("run curl");
+    assert!(
+        out.status.success(),
+        "curl failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let (body, code) = text.rsplit_once('\n').unwrap();
+    (code.to_string(), body.to_string())
+}
