@@ -74,20 +74,23 @@ pub struct ExitSignals {
 }
 
 /// A booted microVM.
-pub struct RunningVm {
+pub(crate) struct RunningVm {
+    /// The KVM VM; owned here for the guest's life.
+    #[allow(dead_code)]
     pub vm: Vm,
+    /// Guest memory; owned here for the guest's life.
+    #[allow(dead_code)]
     pub mem: GuestMemoryMmap,
     pub vcpus: Vec<VcpuHandle>,
     pub serial: Arc<Mutex<SerialDevice>>,
     pub i8042: Arc<Mutex<I8042Device>>,
-    pub protocol: BootProtocol,
-    pub bzimage: bool,
     pub paused: bool,
     /// Block devices by drive id.
     pub blocks: BTreeMap<String, Arc<Mutex<Block>>>,
     /// Network devices by interface id.
     pub nets: BTreeMap<String, Arc<Mutex<Net>>>,
-    /// The vsock device, if any.
+    /// The vsock device, if any (also held by the event loop).
+    #[allow(dead_code)]
     pub vsock: Option<Arc<Mutex<Vsock>>>,
 }
 
@@ -234,6 +237,13 @@ pub fn build_and_boot(
     vm.setup_irqchip()?;
 
     let kernel = loader::load_kernel(&mem, &boot.kernel_image_path)?;
+    log::info!(
+        "kernel {}: {}{:?} entry {:#x}",
+        boot.kernel_image_path,
+        if kernel.bzimage { "bzImage, " } else { "" },
+        kernel.protocol,
+        kernel.entry
+    );
     let initrd = match &boot.initrd_path {
         Some(p) => Some(loader::load_initrd(&mem, mem_size, p)?),
         None => None,
@@ -279,7 +289,13 @@ pub fn build_and_boot(
     let mut vcpus = Vec::with_capacity(mc.vcpu_count as usize);
     for id in 0..mc.vcpu_count {
         let v = Vcpu::new(&vm, id, pio.clone(), mmio.clone())?;
-        v.configure(&base_cpuid, mc.vcpu_count, &mem, kernel.entry, kernel.protocol)?;
+        v.configure(
+            &base_cpuid,
+            mc.vcpu_count,
+            &mem,
+            kernel.entry,
+            kernel.protocol,
+        )?;
         vcpus.push(v);
     }
     let mut handles = Vec::with_capacity(vcpus.len());
@@ -302,8 +318,6 @@ pub fn build_and_boot(
         vcpus: handles,
         serial,
         i8042,
-        protocol: kernel.protocol,
-        bzimage: kernel.bzimage,
         paused: false,
         blocks,
         nets,

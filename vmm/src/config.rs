@@ -11,54 +11,112 @@ use crate::arch::layout::{CMDLINE_MAX_SIZE, IRQ_BASE, IRQ_MAX, MAX_VCPUS};
 /// Errors validating configuration.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
+    /// The kernel image cannot be opened.
     #[error("The kernel file cannot be opened: {path}: {msg}")]
-    KernelFile { path: String, msg: String },
+    KernelFile {
+        /// The path given.
+        path: String,
+        /// Why it failed.
+        msg: String,
+    },
+    /// The initrd cannot be opened.
     #[error("The initrd file cannot be opened: {path}: {msg}")]
-    InitrdFile { path: String, msg: String },
+    InitrdFile {
+        /// The path given.
+        path: String,
+        /// Why it failed.
+        msg: String,
+    },
+    /// The kernel command line does not fit the guest's buffer.
     #[error("The kernel command line is too long: {0} bytes (at most {max})", max = CMDLINE_MAX_SIZE - 1)]
     CmdlineTooLong(usize),
+    /// `vcpu_count` is out of range.
     #[error("The vCPU number is invalid! The vCPU number can only be 1 or an even number when SMT is enabled, and between 1 and {MAX_VCPUS}.")]
     VcpuCount,
+    /// `mem_size_mib` is out of range.
     #[error("The memory size (MiB) is invalid: it must be at least 1 and at most {max}.", max = MAX_MEM_MIB)]
     MemSize,
+    /// `smt` was requested.
     #[error("Enabling simultaneous multithreading is not supported by ember.")]
     SmtNotSupported,
+    /// `track_dirty_pages` was requested.
     #[error("Dirty page tracking is not supported by ember.")]
     DirtyPagesNotSupported,
+    /// A CPU template other than `"None"` was requested.
     #[error("CPU templates are not supported by ember (got {0:?}).")]
     CpuTemplate(String),
+    /// Huge pages other than `"None"` were requested.
     #[error("Huge pages are not supported by ember (got {0:?}).")]
     HugePages(String),
+    /// A resource needed to boot is missing.
     #[error("Missing mandatory field: {0}")]
     Missing(&'static str),
+    /// The id in the URL differs from the one in the body.
     #[error("The id from the path ({path}) does not match the id from the body ({body})!")]
-    IdMismatch { path: String, body: String },
+    IdMismatch {
+        /// The id in the URL path.
+        path: String,
+        /// The id in the body.
+        body: String,
+    },
+    /// A resource id has the wrong length or characters.
     #[error("Invalid {what} id {id:?}: use 1 to 64 characters among ASCII letters, digits, '-' and '_'.")]
-    BadId { what: &'static str, id: String },
+    BadId {
+        /// The kind of resource or option.
+        what: &'static str,
+        /// The id given.
+        id: String,
+    },
+    /// A drive's backing file cannot be opened as asked.
     #[error("The drive file cannot be opened: {path}: {msg}")]
-    DriveFile { path: String, msg: String },
+    DriveFile {
+        /// The path given.
+        path: String,
+        /// Why it failed.
+        msg: String,
+    },
+    /// A second root drive was configured.
     #[error("A root block device already exists ({0}); there can be only one.")]
     RootDeviceExists(String),
+    /// An option ember does not implement was given a value.
     #[error("Unsupported {what} {value:?}: ember supports {supported}.")]
     Unsupported {
+        /// The kind of resource or option.
         what: &'static str,
+        /// The value given.
         value: String,
+        /// The values ember accepts.
         supported: &'static str,
     },
-    #[error("Invalid host_dev_name {0:?}: a TAP name has 1 to 15 characters and no '/' or whitespace.")]
+    /// `host_dev_name` is not a valid TAP name.
+    #[error(
+        "Invalid host_dev_name {0:?}: a TAP name has 1 to 15 characters and no '/' or whitespace."
+    )]
     TapName(String),
+    /// Two interfaces name the same TAP.
     #[error("The host device name {0} is already used by another interface.")]
     TapNameInUse(String),
+    /// `guest_mac` cannot be parsed.
     #[error("Invalid guest MAC address {0:?}: expected six hex octets like 06:00:ac:10:00:02.")]
     GuestMac(String),
+    /// Two interfaces have the same MAC address.
     #[error("The guest MAC address {0} is already used by another interface.")]
     GuestMacInUse(String),
+    /// The vsock `guest_cid` is reserved or too large.
     #[error("Invalid vsock guest_cid {0}: it must be at least 3.")]
     VsockCid(u64),
+    /// The vsock `uds_path` is unusable.
     #[error("Invalid vsock uds_path: {0}")]
     VsockPath(String),
+    /// A PATCH names a device that does not exist.
     #[error("No {what} with id {id} exists.")]
-    NotFound { what: &'static str, id: String },
+    NotFound {
+        /// The kind of resource or option.
+        what: &'static str,
+        /// The id given.
+        id: String,
+    },
+    /// More virtio devices than IRQ lines.
     #[error("Too many devices: at most {0} virtio devices fit the IRQ lines.")]
     TooManyDevices(usize),
 }
@@ -74,9 +132,12 @@ pub const DEFAULT_KERNEL_CMDLINE: &str =
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct BootSourceConfig {
+    /// The kernel image (ELF vmlinux or bzImage) on the host.
     pub kernel_image_path: String,
+    /// An initrd on the host, loaded after the kernel.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub initrd_path: Option<String>,
+    /// The kernel command line; [`DEFAULT_KERNEL_CMDLINE`] when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub boot_args: Option<String>,
 }
@@ -89,7 +150,9 @@ fn check_readable(path: &str) -> Result<(), String> {
     if !md.is_file() {
         return Err("not a regular file".into());
     }
-    std::fs::File::open(path).map(|_| ()).map_err(|e| e.to_string())
+    std::fs::File::open(path)
+        .map(|_| ())
+        .map_err(|e| e.to_string())
 }
 
 impl BootSourceConfig {
@@ -129,16 +192,22 @@ fn default_mem() -> usize {
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct MachineConfig {
+    /// Number of vCPUs, 1 to 32.
     #[serde(default = "default_vcpus")]
     pub vcpu_count: u8,
+    /// Guest memory in MiB.
     #[serde(default = "default_mem")]
     pub mem_size_mib: usize,
+    /// Simultaneous multithreading (refused when true).
     #[serde(default)]
     pub smt: bool,
+    /// Dirty page tracking (refused when true).
     #[serde(default)]
     pub track_dirty_pages: bool,
+    /// Firecracker CPU template; only `"None"` is accepted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu_template: Option<String>,
+    /// Huge pages backing guest memory; only `"None"` is accepted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub huge_pages: Option<String>,
 }
@@ -189,11 +258,17 @@ impl MachineConfig {
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct MachineConfigUpdate {
+    /// Number of vCPUs, 1 to 32.
     pub vcpu_count: Option<u8>,
+    /// Guest memory in MiB.
     pub mem_size_mib: Option<usize>,
+    /// Simultaneous multithreading (refused when true).
     pub smt: Option<bool>,
+    /// Dirty page tracking (refused when true).
     pub track_dirty_pages: Option<bool>,
+    /// Firecracker CPU template; only `"None"` is accepted.
     pub cpu_template: Option<String>,
+    /// Huge pages backing guest memory; only `"None"` is accepted.
     pub huge_pages: Option<String>,
 }
 
@@ -228,6 +303,7 @@ impl MachineConfigUpdate {
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct SerialConfig {
+    /// File that receives COM1 output (appended); stdout when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub serial_out_path: Option<String>,
 }
@@ -236,16 +312,26 @@ pub struct SerialConfig {
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct VmConfig {
-    #[serde(rename = "boot-source", default, skip_serializing_if = "Option::is_none")]
+    /// Kernel, initrd and command line (`boot-source`).
+    #[serde(
+        rename = "boot-source",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub boot_source: Option<BootSourceConfig>,
+    /// vCPUs and memory (`machine-config`).
     #[serde(rename = "machine-config", default)]
     pub machine_config: MachineConfig,
+    /// Where COM1 output goes (ember extension).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub serial: Option<SerialConfig>,
+    /// virtio-blk drives; the root drive is attached first (`/dev/vda`).
     #[serde(default)]
     pub drives: Vec<DriveConfig>,
+    /// virtio-net interfaces (`network-interfaces`).
     #[serde(rename = "network-interfaces", default)]
     pub network_interfaces: Vec<NetworkInterfaceConfig>,
+    /// The virtio-vsock device.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vsock: Option<VsockDeviceConfig>,
 }
@@ -307,7 +393,11 @@ impl VmConfig {
     /// Adds or replaces a network interface (`PUT /network-interfaces/{id}`).
     pub fn upsert_net(&mut self, n: NetworkInterfaceConfig) -> Result<(), ConfigError> {
         let mac = n.validate()?;
-        for other in self.network_interfaces.iter().filter(|x| x.iface_id != n.iface_id) {
+        for other in self
+            .network_interfaces
+            .iter()
+            .filter(|x| x.iface_id != n.iface_id)
+        {
             if other.host_dev_name == n.host_dev_name {
                 return Err(ConfigError::TapNameInUse(n.host_dev_name.clone()));
             }
@@ -382,17 +472,25 @@ pub fn check_path_id(path: &str, body: &str) -> Result<(), ConfigError> {
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct DriveConfig {
+    /// The drive's id (1 to 64 of `[A-Za-z0-9_-]`).
     pub drive_id: String,
+    /// The backing file or block device on the host.
     pub path_on_host: String,
+    /// Whether this is the root drive (`root=` is added to the command line).
     pub is_root_device: bool,
+    /// Read-only for the guest.
     #[serde(default)]
     pub is_read_only: bool,
+    /// With `is_root_device`: `root=PARTUUID=<this>` instead of `/dev/vda`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub partuuid: Option<String>,
+    /// `"Unsafe"` (default) or `"Writeback"` (flush requests reach the host file).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache_type: Option<String>,
+    /// Only `"Sync"` is supported.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub io_engine: Option<String>,
+    /// Bandwidth and operation limits for the drive.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limiter: Option<RateLimiterConfig>,
 }
@@ -448,9 +546,12 @@ impl DriveConfig {
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct DriveUpdate {
+    /// The drive's id (1 to 64 of `[A-Za-z0-9_-]`).
     pub drive_id: String,
+    /// The backing file or block device on the host.
     #[serde(default)]
     pub path_on_host: Option<String>,
+    /// Bandwidth and operation limits for the drive.
     #[serde(default)]
     pub rate_limiter: Option<RateLimiterConfig>,
 }
@@ -459,12 +560,17 @@ pub struct DriveUpdate {
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct NetworkInterfaceConfig {
+    /// The interface's id (1 to 64 of `[A-Za-z0-9_-]`).
     pub iface_id: String,
+    /// The existing TAP device on the host.
     pub host_dev_name: String,
+    /// The guest MAC address (`06:00:ac:10:00:02` form); none when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guest_mac: Option<String>,
+    /// Limits on traffic toward the guest.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rx_rate_limiter: Option<RateLimiterConfig>,
+    /// Limits on traffic from the guest.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tx_rate_limiter: Option<RateLimiterConfig>,
 }
@@ -497,9 +603,12 @@ impl NetworkInterfaceConfig {
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct NetworkInterfaceUpdate {
+    /// The interface's id (1 to 64 of `[A-Za-z0-9_-]`).
     pub iface_id: String,
+    /// Limits on traffic toward the guest.
     #[serde(default)]
     pub rx_rate_limiter: Option<RateLimiterConfig>,
+    /// Limits on traffic from the guest.
     #[serde(default)]
     pub tx_rate_limiter: Option<RateLimiterConfig>,
 }
@@ -508,9 +617,12 @@ pub struct NetworkInterfaceUpdate {
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct VsockDeviceConfig {
+    /// The device id (informational).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vsock_id: Option<String>,
+    /// The guest's context id, 3 or more.
     pub guest_cid: u64,
+    /// Host unix socket: host clients connect here; guest connections to port P go to `<uds_path>_P`.
     pub uds_path: String,
 }
 
@@ -614,13 +726,22 @@ mod tests {
             c.upsert_drive(d("other", true)),
             Err(ConfigError::RootDeviceExists(_))
         ));
-        assert!(matches!(c.upsert_drive(d("bad id!", false)), Err(ConfigError::BadId { .. })));
+        assert!(matches!(
+            c.upsert_drive(d("bad id!", false)),
+            Err(ConfigError::BadId { .. })
+        ));
         let mut missing = d("m", false);
         missing.path_on_host = "/nonexistent/disk".into();
-        assert!(matches!(c.upsert_drive(missing), Err(ConfigError::DriveFile { .. })));
+        assert!(matches!(
+            c.upsert_drive(missing),
+            Err(ConfigError::DriveFile { .. })
+        ));
         let mut engine = d("e", false);
         engine.io_engine = Some("Async".into());
-        assert!(matches!(c.upsert_drive(engine), Err(ConfigError::Unsupported { .. })));
+        assert!(matches!(
+            c.upsert_drive(engine),
+            Err(ConfigError::Unsupported { .. })
+        ));
         std::fs::remove_file(f).unwrap();
     }
 
@@ -634,7 +755,8 @@ mod tests {
             tx_rate_limiter: None,
         };
         let mut c = VmConfig::default();
-        c.upsert_net(n("eth0", "tap0", Some("06:00:00:00:00:01"))).unwrap();
+        c.upsert_net(n("eth0", "tap0", Some("06:00:00:00:00:01")))
+            .unwrap();
         assert!(matches!(
             c.upsert_net(n("eth1", "tap0", None)),
             Err(ConfigError::TapNameInUse(_))
@@ -662,7 +784,10 @@ mod tests {
             guest_cid: cid,
             uds_path: p.into(),
         };
-        assert!(matches!(v(2, "/tmp/v.sock").validate(), Err(ConfigError::VsockCid(2))));
+        assert!(matches!(
+            v(2, "/tmp/v.sock").validate(),
+            Err(ConfigError::VsockCid(2))
+        ));
         assert!(v(3, "/tmp/v.sock").validate().is_ok());
         assert!(matches!(
             v(3, "/nonexistent-dir/v.sock").validate(),

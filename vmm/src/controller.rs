@@ -1,14 +1,12 @@
 //! The VMM thread's state machine: configuration before boot, the running
 //! microVM after, and how the process ends.
 
-use std::fs::OpenOptions;
-use std::os::fd::FromRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use devices::legacy::serial::{NonBlockingOut, SerialOut};
+use devices::legacy::serial::SerialOut;
 use event_manager::{EventOps, Events, MutEventSubscriber, SubscriberOps};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -16,12 +14,13 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::actions::{ActionError, InstanceInfo, InstanceState, VmmAction, VmmData};
 use crate::builder::{build_and_boot, ExitSignals, RunningVm};
 use crate::config::{check_path_id, ConfigError};
+use crate::microvm::{ExitReason, Serial};
 use crate::stdin::SerialStdin;
 use crate::vstate::vcpu::{VcpuCommand, VcpuEvent, VcpuResponse};
-use crate::{EventManager, ExitCode};
+use crate::EventManager;
 
 /// An EventFd watched by the event loop that only records that it fired.
-pub struct Waker {
+pub(crate) struct Waker {
     evt: EventFd,
     fired: Arc<AtomicBool>,
 }
@@ -49,10 +48,13 @@ impl MutEventSubscriber for Waker {
 const VCPU_ACK_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Owns the VM configuration and, once booted, the running microVM.
-pub struct Controller {
+pub(crate) struct Controller {
     id: String,
     config: crate::config::VmConfig,
-    serial_out_path: Option<String>,
+    /// Where guest output goes; `None`: the config's serial path or stdout.
+    serial: Option<Serial>,
+    /// Forward the process's stdin to COM1.
+    stdin: bool,
     running: Option<RunningVm>,
     vcpu_events: Receiver<VcpuEvent>,
     signals: ExitSignals,
@@ -65,7 +67,8 @@ impl Controller {
     /// A controller with default configuration. Registers its wakers with `em`.
     pub fn new(
         id: String,
-        serial_out_path: Option<String>,
+        serial: Option<Serial>,
+        stdin: bool,
         em: &mut EventManager,
         vcpu_start_hook: Option<Arc<dyn Fn() + Send + Sync>>,
     ) -> std::io::Result<Self> {
@@ -88,7 +91,8 @@ impl Controller {
         Ok(Controller {
             id,
             config: Default::default(),
-            serial_out_path,
+            serial,
+            stdin,
             running: None,
             vcpu_events: rx,
             signals,
@@ -115,36 +119,25 @@ impl Controller {
     }
 
     fn running(&mut self) -> Result<&mut RunningVm, ActionError> {
-        self.running.as_mut().ok_or(ActionError::NotAllowedBeforeBoot)
+        self.running
+            .as_mut()
+            .ok_or(ActionError::NotAllowedBeforeBoot)
     }
 
-    fn serial_out(&self) -> Result<SerialOut, ActionError> {
-        let path = self
-            .serial_out_path
-            .clone()
-            .or_else(|| self.config.serial.as_ref().and_then(|s| s.serial_out_path.clone()));
-        match path {
-            Some(p) => OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&p)
-                .map(|f| Box::new(NonBlockingOut::new(f)) as SerialOut)
-                .map_err(|err| ActionError::SerialOut { path: p, err }),
-            None => {
-                // Unbuffered: guest output must show up as it is written.
-                // SAFETY: dup(1) returns a new fd we own (or -1, checked).
-                let fd = unsafe { libc::dup(libc::STDOUT_FILENO) };
-                if fd < 0 {
-                    return Err(ActionError::SerialOut {
-                        path: "stdout".into(),
-                        err: std::io::Error::last_os_error(),
-                    });
-                }
-                // SAFETY: `fd` is a fresh descriptor owned by nobody else.
-                let f = unsafe { std::fs::File::from_raw_fd(fd) };
-                Ok(Box::new(NonBlockingOut::new(f)))
-            }
-        }
+    fn serial_out(&mut self) -> Result<SerialOut, ActionError> {
+        let serial = match self.serial.take() {
+            Some(s) => s,
+            None => match self
+                .config
+                .serial
+                .as_ref()
+                .and_then(|s| s.serial_out_path.clone())
+            {
+                Some(p) => Serial::File(p.into()),
+                None => Serial::Stdout,
+            },
+        };
+        serial.into_writer()
     }
 
     /// Replaces the whole configuration (from `--config-file`).
@@ -200,7 +193,10 @@ impl Controller {
             }
             VmmAction::PatchDrive(id, u) => {
                 check_path_id(&id, &u.drive_id)?;
-                let vm = self.running.as_ref().ok_or(ActionError::NotAllowedBeforeBoot)?;
+                let vm = self
+                    .running
+                    .as_ref()
+                    .ok_or(ActionError::NotAllowedBeforeBoot)?;
                 let blk = vm.blocks.get(&id).cloned().ok_or(ConfigError::NotFound {
                     what: "drive",
                     id: id.clone(),
@@ -224,11 +220,12 @@ impl Controller {
                 updated.validate()?;
                 let mut b = blk.lock().expect("block poisoned");
                 if let Some(p) = &u.path_on_host {
-                    b.update_path(std::path::Path::new(p))
-                        .map_err(|e| ActionError::DriveUpdate {
+                    b.update_path(std::path::Path::new(p)).map_err(|e| {
+                        ActionError::DriveUpdate {
                             id: id.clone(),
                             msg: e.to_string(),
-                        })?;
+                        }
+                    })?;
                 }
                 if let Some(r) = &u.rate_limiter {
                     b.update_rate_limiter(r);
@@ -244,7 +241,10 @@ impl Controller {
             }
             VmmAction::PatchNetworkInterface(id, u) => {
                 check_path_id(&id, &u.iface_id)?;
-                let vm = self.running.as_ref().ok_or(ActionError::NotAllowedBeforeBoot)?;
+                let vm = self
+                    .running
+                    .as_ref()
+                    .ok_or(ActionError::NotAllowedBeforeBoot)?;
                 let net = vm.nets.get(&id).cloned().ok_or(ConfigError::NotFound {
                     what: "network interface",
                     id: id.clone(),
@@ -283,7 +283,9 @@ impl Controller {
                     self.vcpu_start_hook.clone(),
                     em,
                 )?;
-                em.add_subscriber(Arc::new(Mutex::new(SerialStdin::new(vm.serial.clone()))));
+                if self.stdin {
+                    em.add_subscriber(Arc::new(Mutex::new(SerialStdin::new(vm.serial.clone()))));
+                }
                 self.running = Some(vm);
                 Ok(VmmData::Empty)
             }
@@ -326,20 +328,17 @@ impl Controller {
         }
     }
 
-    /// After each round of events: has the guest ended? Returns the exit
-    /// code and a message for the log.
-    pub fn check_exit(&mut self) -> Option<(ExitCode, String)> {
+    /// After each round of events: has the guest ended?
+    pub fn check_exit(&mut self) -> Option<ExitReason> {
         if self.reset_fired.swap(false, Ordering::SeqCst) {
-            return Some((ExitCode::Ok, "guest requested a reset (i8042)".into()));
+            return Some(ExitReason::I8042Reset);
         }
         if self.vcpu_exit_fired.swap(false, Ordering::SeqCst) {
             if let Ok(ev) = self.vcpu_events.try_recv() {
-                let code = if ev.reason.is_clean() {
-                    ExitCode::Ok
-                } else {
-                    ExitCode::GuestError
-                };
-                return Some((code, format!("vCPU {}: {}", ev.id, ev.reason)));
+                return Some(ExitReason::Vcpu {
+                    id: ev.id,
+                    reason: ev.reason,
+                });
             }
         }
         None
@@ -355,10 +354,5 @@ impl Controller {
                 let _ = std::fs::remove_file(&v.uds_path);
             }
         }
-    }
-
-    /// The running microVM, if booted.
-    pub fn vm(&self) -> Option<&RunningVm> {
-        self.running.as_ref()
     }
 }

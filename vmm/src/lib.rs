@@ -1,33 +1,90 @@
-//! ember-vmm: one KVM microVM per process.
+//! ember's VMM as a library: boot and drive a KVM microVM from Rust.
 //!
-//! - [`arch`]: x86_64 layout, boot information, registers, CPUID, MSRs.
-//! - [`vstate`]: the KVM VM and its vCPU threads.
-//! - [`config`]: one struct per API resource (Firecracker JSON shapes).
-//! - [`loader`]: kernel/initrd/cmdline loading with linux-loader.
-//! - [`builder`]: configuration -> running microVM.
-//! - [`controller`]: the VMM thread's state machine.
-//! - [`api`]: the per-VM HTTP API (routes -> [`actions::VmmAction`]).
+//! `ember-vmm` (this crate's binary) is a thin command-line front end over
+//! the API documented here; an embedder gets the same VMM without the
+//! process around it.
+//!
+//! # Example
+//!
+//! Boot a kernel with one vCPU and 64 MiB, collect its console, pause and
+//! resume it, then ask it to reboot with Ctrl-Alt-Del:
+//!
+//! ```no_run
+//! use std::sync::mpsc::channel;
+//! use vmm::{ExitReason, MicroVm, Serial};
+//!
+//! # fn main() -> Result<(), vmm::MicroVmError> {
+//! let (tx, rx) = channel::<Vec<u8>>();
+//! let mut vm = MicroVm::builder()
+//!     .kernel("ember-guest-pvh.elf")
+//!     .cmdline("console=ttyS0 ember.test=wait-ctrlaltdel")
+//!     .vcpus(1)
+//!     .memory_mib(64)
+//!     .serial(Serial::Callback(Box::new(move |bytes| {
+//!         let _ = tx.send(bytes.to_vec());
+//!     })))
+//!     .build()?
+//!     .start()?;
+//! vm.pause()?;
+//! vm.resume()?;
+//! vm.send_ctrl_alt_del()?;
+//! let reason: ExitReason = vm.wait()?;
+//! let console: Vec<u8> = rx.try_iter().flatten().collect();
+//! println!("{}\nended: {reason}", String::from_utf8_lossy(&console));
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! Drives, network interfaces and vsock take the same structs as
+//! Firecracker's JSON ([`config::DriveConfig`],
+//! [`config::NetworkInterfaceConfig`], [`config::VsockDeviceConfig`]);
+//! [`MicroVmBuilder::config`] takes a whole [`config::VmConfig`] as parsed
+//! from such a file.
+//!
+//! # Requirements
+//!
+//! x86_64 Linux with read-write access to `/dev/kvm`. Seccomp confinement
+//! is off unless asked for with [`MicroVmBuilder::seccomp`]; then
+//! [`seccomp::configure_allocator`] must be called first thing in `main`,
+//! before the process has a second thread (see [`microvm`]).
+//!
+//! # Stability
+//!
+//! The stable embedding API is: [`MicroVm`], [`MicroVmBuilder`],
+//! [`MicroVmHandle`], [`Serial`], [`SeccompLevel`], [`ExitReason`],
+//! [`MicroVmError`], [`ExitCode`], the configuration structs in [`config`],
+//! [`VcpuExitReason`], [`seccomp::configure_allocator`] and
+//! [`logger`]. Everything else ([`seccomp`]'s filter plumbing, and the
+//! crate-private modules: KVM and vCPU state, the loader, the device wiring,
+//! the HTTP API routes, the controller) is internal and may change with any
+//! release.
 #![cfg(target_arch = "x86_64")]
+#![warn(missing_docs)]
 
 use std::sync::{Arc, Mutex};
 
-pub mod actions;
-pub mod api;
-pub mod arch;
-pub mod builder;
+pub(crate) mod actions;
+pub(crate) mod api;
+pub(crate) mod arch;
+pub(crate) mod builder;
 pub mod config;
-pub mod controller;
-pub mod loader;
+pub(crate) mod controller;
+pub(crate) mod loader;
 pub mod logger;
+pub mod microvm;
 pub mod seccomp;
-pub mod stdin;
-pub mod term;
-pub mod vstate;
+pub(crate) mod stdin;
+pub(crate) mod term;
+pub(crate) mod vstate;
+
+pub use microvm::{
+    ExitReason, MicroVm, MicroVmBuilder, MicroVmError, MicroVmHandle, SeccompLevel, Serial,
+};
+pub use vstate::vcpu::VcpuExitReason;
 
 /// The VMM thread's event loop.
-pub type EventManager = event_manager::EventManager<
-    Arc<Mutex<dyn event_manager::MutEventSubscriber + Send>>,
->;
+pub(crate) type EventManager =
+    event_manager::EventManager<Arc<Mutex<dyn event_manager::MutEventSubscriber + Send>>>;
 
 /// Process exit statuses of ember-vmm.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

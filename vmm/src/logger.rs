@@ -10,8 +10,10 @@ use log::{Level, LevelFilter, Log, Metadata, Record};
 /// Errors installing the logger.
 #[derive(Debug, thiserror::Error)]
 pub enum LoggerError {
+    /// The level name is not one of error, warn, info, debug, trace, off.
     #[error("unknown log level {0:?} (use error, warn, info, debug or trace)")]
     Level(String),
+    /// The process already has a `log` backend.
     #[error("a logger is already installed")]
     AlreadySet,
 }
@@ -66,7 +68,10 @@ impl Log for StderrLogger {
         let (ok, dropped) = self.admit();
         let mut err = std::io::stderr().lock();
         if dropped > 0 {
-            let _ = writeln!(err, "ember-vmm: [WARN] {dropped} log lines suppressed (rate limit)");
+            let _ = writeln!(
+                err,
+                "ember-vmm: [WARN] {dropped} log lines suppressed (rate limit)"
+            );
         }
         if ok {
             let lvl = match r.level() {

@@ -1,23 +1,22 @@
 //! `ember-vmm`: runs one microVM, configured by a Firecracker-shaped API on a
-//! unix socket and/or a JSON config file.
+//! unix socket and/or a JSON config file. A thin front end over
+//! [`vmm::MicroVm`].
 
 use std::process;
-use std::sync::mpsc::TryRecvError;
-use std::sync::Arc;
 
 use clap::Parser;
-use vmm::actions::VmmAction;
-use vmm::api::server::{ApiRequest, ApiThread};
-use vmm::config::VmConfig;
-use vmm::controller::Controller;
 use vmm::seccomp::ThreadKind;
-use vmm::{EventManager, ExitCode};
+use vmm::{ExitCode, MicroVm, SeccompLevel, Serial};
 
 /// Default API socket path.
 const DEFAULT_API_SOCK: &str = "/run/ember-vmm.socket";
 
 #[derive(Parser, Debug)]
-#[command(name = "ember-vmm", version, about = "ember microVM monitor: one KVM guest per process")]
+#[command(
+    name = "ember-vmm",
+    version,
+    about = "ember microVM monitor: one KVM guest per process"
+)]
 struct Args {
     /// Unix socket for the per-VM API.
     #[arg(long, value_name = "PATH", default_value = DEFAULT_API_SOCK)]
@@ -45,29 +44,6 @@ struct Args {
     /// the process dies by SIGSYS. With --no-seccomp the call succeeds.
     #[arg(long, value_name = "THREAD", hide = true, value_parser = ["vmm", "api", "vcpu"])]
     seccomp_test_trigger: Option<String>,
-}
-
-/// Installs `kind`'s seccomp filters on the calling thread (unless
-/// `enabled` is false), then fires the test trigger if it names `kind`.
-/// A thread that cannot be confined takes the whole process down.
-fn confine(kind: ThreadKind, enabled: bool, trigger: Option<ThreadKind>) {
-    if enabled {
-        if let Err(e) = vmm::seccomp::install(kind) {
-            die(ExitCode::GenericError, format!("{} thread: {e}", kind.name()));
-        }
-    }
-    if trigger == Some(kind) {
-        eprintln!(
-            "ember-vmm: seccomp test trigger: the {} thread calls socket(AF_INET)",
-            kind.name()
-        );
-        let ok = vmm::seccomp::forbidden_syscall();
-        eprintln!(
-            "ember-vmm: seccomp test trigger: the {} thread survived (socket {})",
-            kind.name(),
-            if ok { "created" } else { "refused" }
-        );
-    }
 }
 
 fn die(code: ExitCode, msg: impl std::fmt::Display) -> ! {
@@ -103,103 +79,40 @@ fn main() {
         die(ExitCode::ArgParsing, "--no-api needs --config-file");
     }
 
-    let seccomp = !args.no_seccomp;
-    let trigger = args.seccomp_test_trigger.as_deref().and_then(ThreadKind::from_name);
-
-    let mut em = EventManager::new()
-        .unwrap_or_else(|e| die(ExitCode::GenericError, format!("event manager: {e}")));
-    // SIGTERM ends the VMM through this thread's event loop (see
-    // vmm::term); the other threads block it.
-    let terminated = vmm::term::install(&mut em)
-        .unwrap_or_else(|e| die(ExitCode::GenericError, format!("SIGTERM handling: {e}")));
-    // Each vCPU thread confines itself before it first enters the guest.
-    let vcpu_hook: Arc<dyn Fn() + Send + Sync> = Arc::new(move || {
-        vmm::term::block_on_this_thread();
-        confine(ThreadKind::Vcpu, seccomp, trigger)
-    });
-    let mut controller =
-        Controller::new(args.id.clone(), args.serial_out.clone(), &mut em, Some(vcpu_hook))
-            .unwrap_or_else(|e| die(ExitCode::GenericError, format!("controller: {e}")));
-
-    // The API comes up before the config file is applied, so a client can
-    // watch the instance from its first moment.
-    let api = if args.no_api {
-        None
-    } else {
-        Some(
-            ApiThread::spawn(
-                &args.api_sock,
-                &mut em,
-                Some(Box::new(move || {
-                    vmm::term::block_on_this_thread();
-                    confine(ThreadKind::Api, seccomp, trigger)
-                })),
-            )
-            .unwrap_or_else(|e| {
-                die(
-                    ExitCode::GenericError,
-                    format!("cannot serve the API on {}: {e}", args.api_sock),
-                )
-            }),
+    let mut b = MicroVm::builder()
+        .id(args.id)
+        .seccomp(if args.no_seccomp {
+            SeccompLevel::None
+        } else {
+            SeccompLevel::Confined
+        })
+        .seccomp_test_trigger(
+            args.seccomp_test_trigger
+                .as_deref()
+                .and_then(ThreadKind::from_name),
         )
-    };
-
-    // The VMM thread confines itself before it reads the config file or
-    // handles any API request or guest event. The filter covers
-    // InstanceStart (KVM setup, device backends, spawning the vCPU threads,
-    // which inherit it and stack their own).
-    confine(ThreadKind::Vmm, seccomp, trigger);
-
-    if let Some(path) = &args.config_file {
-        let text = std::fs::read_to_string(path).unwrap_or_else(|e| {
-            die(ExitCode::BadConfiguration, format!("cannot read {path}: {e}"))
-        });
-        let cfg: VmConfig = serde_json::from_str(&text).unwrap_or_else(|e| {
-            die(ExitCode::BadConfiguration, format!("invalid config file {path}: {e}"))
-        });
-        if let Err(e) = controller.set_config(cfg) {
-            die(ExitCode::BadConfiguration, format!("{path}: {e}"));
-        }
-        if let Err(e) = controller.handle(VmmAction::InstanceStart, &mut em) {
-            die(ExitCode::BadConfiguration, e);
-        }
+        .handle_sigterm(true)
+        .stdin(true);
+    if let Some(p) = args.serial_out {
+        b = b.serial(Serial::File(p.into()));
     }
-
-    let code = loop {
-        if let Err(e) = em.run() {
-            if e.to_string().contains("Interrupted") {
-                continue;
+    if !args.no_api {
+        b = b.api_socket(args.api_sock);
+    }
+    if let Some(p) = args.config_file {
+        b = b.config_file(p);
+    }
+    let result = b.build().and_then(MicroVm::run);
+    match result {
+        Ok(reason) => {
+            let code = reason.exit_code();
+            if code == ExitCode::Ok {
+                eprintln!("ember-vmm: {reason}; exiting");
+            } else {
+                eprintln!("ember-vmm: {reason}; exiting with status {}", code as i32);
             }
-            break (ExitCode::GenericError, format!("event loop: {e}"));
+            process::exit(code as i32);
         }
-        if let Some(api) = &api {
-            loop {
-                match api.requests.try_recv() {
-                    Ok(ApiRequest { action, conn }) => {
-                        let (status, body) = vmm::api::reply(controller.handle(action, &mut em));
-                        api.answer(conn, status, body);
-                    }
-                    Err(TryRecvError::Empty) => break,
-                    Err(TryRecvError::Disconnected) => break,
-                }
-            }
-        }
-        if let Some(done) = controller.check_exit() {
-            break done;
-        }
-        if terminated.load(std::sync::atomic::Ordering::SeqCst) {
-            break (ExitCode::Terminated, "SIGTERM".to_string());
-        }
-    };
-    controller.shutdown();
-    if let Some(api) = api {
-        api.cleanup();
+        Err(e) => die(e.exit_code(), e),
     }
-    let (code, msg) = code;
-    if code == ExitCode::Ok {
-        eprintln!("ember-vmm: {msg}; exiting");
-    } else {
-        eprintln!("ember-vmm: {msg}; exiting with status {}", code as i32);
-    }
-    process::exit(code as i32);
 }

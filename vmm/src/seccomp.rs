@@ -73,14 +73,29 @@ mod generated {
 /// Errors installing a filter.
 #[derive(Debug, thiserror::Error)]
 pub enum SeccompError {
+    /// No filter of that name is in `resources/seccomp/vmm.json`.
     #[error("no seccomp filter named {0:?} was compiled in")]
     Missing(String),
+    /// `prctl(PR_SET_NO_NEW_PRIVS)` failed.
     #[error("prctl(PR_SET_NO_NEW_PRIVS) failed: {0}")]
     NoNewPrivs(io::Error),
+    /// The `seccomp(2)` call failed.
     #[error("cannot install the seccomp filter {name:?}: {err}")]
-    Install { name: &'static str, err: io::Error },
+    Install {
+        /// The filter.
+        name: &'static str,
+        /// The kernel's answer.
+        err: io::Error,
+    },
+    /// glibc refused a malloc setting.
     #[error("mallopt({param}, {value}) failed")]
-    Mallopt { param: &'static str, value: i32 },
+    Mallopt {
+        /// The `M_*` parameter's name.
+        param: &'static str,
+        /// The value refused.
+        value: i32,
+    },
+    /// [`configure_allocator`] was called after a second thread started.
     #[error("the allocator must be configured while the process has one thread, it has {0}")]
     Threads(usize),
 }

@@ -70,9 +70,15 @@ pub enum VcpuExitReason {
     /// KVM_EXIT_SHUTDOWN: the guest triple-faulted.
     TripleFault,
     /// KVM_EXIT_INTERNAL_ERROR (e.g. an instruction KVM cannot emulate).
-    InternalError { suberror: u32 },
+    InternalError {
+        /// KVM's suberror code (1: emulation failed).
+        suberror: u32,
+    },
     /// KVM_EXIT_FAIL_ENTRY.
-    FailEntry { reason: u64 },
+    FailEntry {
+        /// The hardware entry failure reason.
+        reason: u64,
+    },
     /// KVM_EXIT_HLT with nothing to wake the vCPU.
     Halted,
     /// An exit ember does not handle, or KVM_RUN failing.
@@ -341,14 +347,11 @@ pub struct VcpuHandle {
 }
 
 impl VcpuHandle {
-    /// The vCPU index.
-    pub fn id(&self) -> u8 {
-        self.id
-    }
-
     /// Sends `cmd` and kicks the vCPU out of KVM_RUN.
     pub fn send(&self, cmd: VcpuCommand) -> Result<(), VcpuError> {
-        self.cmd_tx.send(cmd).map_err(|_| VcpuError::Gone(self.id))?;
+        self.cmd_tx
+            .send(cmd)
+            .map_err(|_| VcpuError::Gone(self.id))?;
         if let Some(t) = &self.thread {
             // SAFETY: the thread handle is alive (not joined); signalling a
             // finished thread is harmless (ESRCH is ignored).
@@ -393,7 +396,9 @@ mod tests {
         assert!(!VcpuExitReason::TripleFault.is_clean());
         let s = VcpuExitReason::InternalError { suberror: 1 }.to_string();
         assert!(s.contains("emulation failed"), "{s}");
-        assert!(VcpuExitReason::TripleFault.to_string().contains("triple fault"));
+        assert!(VcpuExitReason::TripleFault
+            .to_string()
+            .contains("triple fault"));
     }
 
     #[test]
