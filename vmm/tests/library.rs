@@ -1,0 +1,157 @@
+//! Boots ember's test guest through the library API alone (no `ember-vmm`
+//! process): console through a callback, pause and resume, Ctrl-Alt-Del,
+//! exit reasons. Skips with a message where /dev/kvm is missing.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ember_guests::PVH_ELF;
+use vmm::config::ConfigError;
+use vmm::{ExitReason, MicroVm, MicroVmBuilder, MicroVmError, Serial};
+
+const PATIENCE: Duration = Duration::from_secs(60);
+
+fn kvm() -> bool {
+    let ok = std::path::Path::new("/dev/kvm").exists();
+    if !ok {
+        eprintln!("skipped: /dev/kvm is missing");
+    }
+    ok
+}
+
+/// A builder for the test guest in `mode`, its console collected in the
+/// returned string.
+fn guest(mode: &str) -> (MicroVmBuilder, Arc<Mutex<String>>) {
+    let console = Arc::new(Mutex::new(String::new()));
+    let sink = console.clone();
+    let b = MicroVm::builder()
+        .kernel(PVH_ELF)
+        .cmdline(format!("console=ttyS0 ember.test={mode}"))
+        .vcpus(1)
+        .memory_mib(32)
+        .serial(Serial::Callback(Box::new(move |bytes| {
+            sink.lock()
+                .unwrap()
+                .push_str(&String::from_utf8_lossy(bytes));
+        })));
+    (b, console)
+}
+
+fn wait_for_console(console: &Mutex<String>, needle: &str) {
+    let start = Instant::now();
+    while !console.lock().unwrap().contains(needle) {
+        assert!(
+            start.elapsed() < PATIENCE,
+            "the console never showed {needle:?}:\n{}",
+            console.lock().unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn hello_guest_prints_and_resets() {
+    if !kvm() {
+        return;
+    }
+    let (b, console) = guest("hello");
+    let mut vm = b.build().unwrap().start().unwrap();
+    let start = Instant::now();
+    let reason = loop {
+        if let Some(r) = vm.try_wait().unwrap() {
+            break r;
+        }
+        assert!(start.elapsed() < PATIENCE, "the guest did not end");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!(reason, ExitReason::I8042Reset);
+    assert!(reason.is_clean());
+    assert_eq!(vm.wait().unwrap(), reason, "wait after try_wait");
+    let out = console.lock().unwrap().clone();
+    assert!(out.contains("ember-guest: hello from pvh boot"), "{out}");
+    assert!(out.contains("ember-guest: done"), "{out}");
+    // The VMM thread is gone: requests fail instead of hanging.
+    assert!(matches!(vm.pause(), Err(MicroVmError::Gone)));
+}
+
+#[test]
+fn pause_resume_and_ctrl_alt_del() {
+    if !kvm() {
+        return;
+    }
+    let (b, console) = guest("wait-ctrlaltdel");
+    let mut vm = b.build().unwrap().start().unwrap();
+    wait_for_console(&console, "ember-guest: waiting for ctrl-alt-del");
+    vm.pause().unwrap();
+    assert!(vm.is_paused().unwrap());
+    vm.pause().unwrap(); // idempotent
+    vm.resume().unwrap();
+    assert!(!vm.is_paused().unwrap());
+    assert_eq!(vm.try_wait().unwrap(), None);
+    vm.send_ctrl_alt_del().unwrap();
+    assert_eq!(vm.wait().unwrap(), ExitReason::I8042Reset);
+    let out = console.lock().unwrap().clone();
+    assert!(out.contains("ember-guest: ctrl-alt-del"), "{out}");
+}
+
+#[test]
+fn a_paused_guest_prints_nothing_until_resumed() {
+    if !kvm() {
+        return;
+    }
+    let (b, console) = guest("ticker");
+    let mut vm = b.build().unwrap().start().unwrap();
+    wait_for_console(&console, "ember-guest: tick 1\n");
+    vm.pause().unwrap();
+    let frozen = console.lock().unwrap().len();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(console.lock().unwrap().len(), frozen, "output while paused");
+    vm.resume().unwrap();
+    let start = Instant::now();
+    while console.lock().unwrap().len() == frozen {
+        assert!(start.elapsed() < PATIENCE, "no output after resume");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    vm.stop();
+    assert_eq!(vm.wait().unwrap(), ExitReason::Stopped);
+}
+
+#[test]
+fn a_crashing_guest_is_not_clean() {
+    if !kvm() {
+        return;
+    }
+    let (b, _console) = guest("triple-fault");
+    let mut vm = b.build().unwrap().start().unwrap();
+    let reason = vm.wait().unwrap();
+    assert!(matches!(reason, ExitReason::Vcpu { .. }), "{reason}");
+    assert!(!reason.is_clean(), "{reason}");
+    assert_eq!(reason.exit_code(), vmm::ExitCode::GuestError);
+}
+
+#[test]
+fn bad_configs_are_refused_at_build() {
+    let err = MicroVm::builder()
+        .kernel("/nonexistent/vmlinux")
+        .build()
+        .unwrap_err();
+    assert!(
+        matches!(err, MicroVmError::Config(ConfigError::KernelFile { .. })),
+        "{err}"
+    );
+    assert_eq!(err.exit_code(), vmm::ExitCode::BadConfiguration);
+    let err = MicroVm::builder().build().unwrap_err();
+    assert!(
+        matches!(err, MicroVmError::Config(ConfigError::Missing(_))),
+        "{err}"
+    );
+    let err = MicroVm::builder()
+        .kernel(PVH_ELF)
+        .vcpus(0)
+        .build()
+        .unwrap_err();
+    assert!(
+        matches!(err, MicroVmError::Config(ConfigError::VcpuCount)),
+        "{err}"
+    );
+}
