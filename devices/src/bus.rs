@@ -23,10 +23,20 @@ pub trait BusDevice: Send {
 pub enum BusError {
     /// The new range overlaps one that is already taken.
     #[error("bus range {base:#x}+{len:#x} overlaps an existing device")]
-    Overlap { base: u64, len: u64 },
+    Overlap {
+        /// First address of the range.
+        base: u64,
+        /// Length in bytes.
+        len: u64,
+    },
     /// Zero-length or wrapping range.
     #[error("invalid bus range {base:#x}+{len:#x}")]
-    InvalidRange { base: u64, len: u64 },
+    InvalidRange {
+        /// First address of the range.
+        base: u64,
+        /// Length in bytes.
+        len: u64,
+    },
 }
 
 /// A shared handle to a bus device.

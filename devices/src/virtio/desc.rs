@@ -24,22 +24,41 @@ pub const MAX_CHAIN_BYTES: u64 = u32::MAX as u64;
 /// Why a chain was rejected.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DescError {
+    /// A descriptor index is beyond the queue size.
     #[error("descriptor index {0} out of range")]
     BadIndex(u16),
+    /// An indirect descriptor table lies outside guest memory.
     #[error("descriptor table at {0:#x} not in guest memory")]
     TableOutOfMemory(u64),
+    /// A buffer lies outside guest memory.
     #[error("buffer {addr:#x}+{len:#x} not in guest memory")]
-    BufferOutOfMemory { addr: u64, len: u32 },
+    BufferOutOfMemory {
+        /// Guest physical address.
+        addr: u64,
+        /// Length in bytes.
+        len: u32,
+    },
+    /// The chain has more descriptors than allowed (or loops).
     #[error("descriptor chain loops or is longer than allowed")]
     TooManyDescriptors,
+    /// The chain's total length is beyond the limit.
     #[error("descriptor chain describes more than 4 GiB")]
     TooLong,
+    /// A device-readable descriptor follows a device-writable one.
     #[error("readable descriptor after a writable one")]
     ReadableAfterWritable,
+    /// A malformed indirect descriptor (nested, or a bad table length).
     #[error("invalid indirect descriptor table")]
     BadIndirect,
+    /// An access beyond the chain's buffers.
     #[error("access {offset:#x}+{len:#x} beyond the chain's buffers")]
-    OutOfRange { offset: u64, len: usize },
+    OutOfRange {
+        /// Offset into the buffers.
+        offset: u64,
+        /// Length in bytes.
+        len: usize,
+    },
+    /// A guest memory access failed.
     #[error("guest memory access failed")]
     Memory,
 }
@@ -47,15 +66,20 @@ pub enum DescError {
 /// One guest buffer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Segment {
+    /// Guest physical address of the segment.
     pub addr: GuestAddress,
+    /// Length in bytes.
     pub len: u32,
 }
 
 /// A validated chain: device-readable then device-writable buffers.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ParsedChain {
+    /// Index of the chain's first descriptor (for the used ring).
     pub head: u16,
+    /// Segments the device reads (driver to device), in order.
     pub readable: Vec<Segment>,
+    /// Segments the device writes (device to driver), in order.
     pub writable: Vec<Segment>,
 }
 

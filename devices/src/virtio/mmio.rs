@@ -30,18 +30,26 @@ const MAGIC: u32 = 0x7472_6976; // "virt"
 const VERSION: u32 = 2;
 const VENDOR_ID: u32 = 0;
 
+/// Device status bit: the guest found the device.
 pub const STATUS_ACKNOWLEDGE: u32 = 1;
+/// Device status bit: the guest has a driver for it.
 pub const STATUS_DRIVER: u32 = 2;
+/// Device status bit: the driver is ready; the device is live.
 pub const STATUS_DRIVER_OK: u32 = 4;
+/// Device status bit: feature negotiation is complete.
 pub const STATUS_FEATURES_OK: u32 = 8;
+/// Device status bit: the device hit an error and needs a reset.
 pub const STATUS_NEEDS_RESET: u32 = 0x40;
+/// Device status bit: the driver gave up on the device.
 pub const STATUS_FAILED: u32 = 0x80;
 
 /// Errors building a transport.
 #[derive(Debug, thiserror::Error)]
 pub enum MmioError {
+    /// A queue's maximum size is not a power of two in 1..=32768.
     #[error("queue max size {0} is not a power of two in 1..=32768")]
     BadQueueMax(u16),
+    /// An eventfd could not be created.
     #[error("cloning a queue eventfd: {0}")]
     EventFd(std::io::Error),
 }

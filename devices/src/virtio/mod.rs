@@ -28,6 +28,7 @@ pub mod block;
 pub mod desc;
 pub mod mmio;
 pub mod net;
+/// Limits on bandwidth and operations.
 pub mod rate_limiter;
 pub mod vsock;
 
@@ -52,7 +53,9 @@ pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 
 /// Virtio device ids.
 pub const TYPE_NET: u32 = 1;
+/// virtio device id of a block device.
 pub const TYPE_BLOCK: u32 = 2;
+/// virtio device id of a socket device.
 pub const TYPE_VSOCK: u32 = 19;
 
 /// Interrupt status bit: a used buffer was added.
@@ -65,7 +68,12 @@ pub const INT_CONFIG: u32 = 0x2;
 pub enum ActivateError {
     /// The transport passed the wrong number of queues.
     #[error("expected {expected} queues, got {got}")]
-    QueueCount { expected: usize, got: usize },
+    QueueCount {
+        /// Queues the device has.
+        expected: usize,
+        /// Queues offered.
+        got: usize,
+    },
     /// Signalling the activate eventfd failed.
     #[error("activate eventfd: {0}")]
     EventFd(io::Error),
@@ -222,15 +230,23 @@ pub trait VirtioDevice: Send {
 pub struct DeviceBase {
     /// The device's name in log lines (`virtio-blk`, ...).
     pub name: &'static str,
+    /// Feature bits the device offers.
     pub avail_features: u64,
+    /// Feature bits the driver accepted.
     pub acked_features: u64,
+    /// Largest size of each queue.
     pub queue_max_sizes: Vec<u16>,
+    /// One notification eventfd per queue (ioeventfds on the notify register).
     pub queue_evts: Vec<EventFd>,
+    /// The interrupt line toward the guest.
     pub irq: Arc<IrqTrigger>,
     /// Signalled by `activate` and `reset` so the event loop (un)registers fds.
     pub activate_evt: EventFd,
+    /// Guest memory, set at activation.
     pub mem: Option<GuestMemoryMmap>,
+    /// The queues, as the driver set them up at activation.
     pub queues: Vec<Queue>,
+    /// Bumped whenever the config space changes.
     pub config_generation: u32,
     /// Whether the queue eventfds are registered with the event loop (they
     /// stay registered across resets).

@@ -10,8 +10,8 @@
 //! `one_time_burst` extra tokens are available once and never refill. A
 //! bucket with size 0 or refill_time 0 is unlimited. When a device is
 //! throttled the limiter arms a timerfd; the device registers
-//! [`RateLimiter::as_raw_fd`] with its event loop, calls
-//! [`RateLimiter::event_handler`] when it fires and resumes processing.
+//! `RateLimiter::as_raw_fd` with its event loop, calls
+//! `RateLimiter::event_handler` when it fires and resumes processing.
 
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::time::{Duration, Instant};
@@ -22,8 +22,10 @@ use vmm_sys_util::timerfd::TimerFd;
 /// Errors of the rate limiter.
 #[derive(Debug, thiserror::Error)]
 pub enum RateLimiterError {
+    /// A timerfd could not be created or armed.
     #[error("timerfd: {0}")]
     Timer(#[from] std::io::Error),
+    /// A timerfd could not be created.
     #[error("timerfd: {0}")]
     TimerCreate(#[from] vmm_sys_util::errno::Error),
 }
@@ -45,8 +47,10 @@ pub struct TokenBucketConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RateLimiterConfig {
+    /// Bytes per refill interval.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bandwidth: Option<TokenBucketConfig>,
+    /// Operations (requests or frames) per refill interval.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ops: Option<TokenBucketConfig>,
 }

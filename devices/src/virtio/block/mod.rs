@@ -49,18 +49,29 @@ pub const SECTOR_SIZE: u64 = 512;
 /// Queue size.
 pub const QUEUE_SIZE: u16 = 256;
 
+/// Feature: `size_max` (largest segment) is valid.
 pub const VIRTIO_BLK_F_SIZE_MAX: u64 = 1 << 1;
+/// Feature: `seg_max` (most segments per request) is valid.
 pub const VIRTIO_BLK_F_SEG_MAX: u64 = 1 << 2;
+/// Feature: the device is read-only.
 pub const VIRTIO_BLK_F_RO: u64 = 1 << 5;
+/// Feature: the device takes flush requests.
 pub const VIRTIO_BLK_F_FLUSH: u64 = 1 << 9;
 
+/// Request type: read.
 pub const VIRTIO_BLK_T_IN: u32 = 0;
+/// Request type: write.
 pub const VIRTIO_BLK_T_OUT: u32 = 1;
+/// Request type: flush.
 pub const VIRTIO_BLK_T_FLUSH: u32 = 4;
+/// Request type: get the device id string.
 pub const VIRTIO_BLK_T_GET_ID: u32 = 8;
 
+/// Request status: success.
 pub const VIRTIO_BLK_S_OK: u8 = 0;
+/// Request status: I/O error (also for malformed requests).
 pub const VIRTIO_BLK_S_IOERR: u8 = 1;
+/// Request status: unsupported request type.
 pub const VIRTIO_BLK_S_UNSUPP: u8 = 2;
 
 /// `size_max`: the largest data segment a driver may use. The unikernel
@@ -94,14 +105,32 @@ const TOKEN_LIMITER: u32 = 2;
 /// Errors of the block device.
 #[derive(Debug, thiserror::Error)]
 pub enum BlockError {
+    /// The backing file cannot be opened.
     #[error("opening {path}: {err}")]
-    Open { path: PathBuf, err: std::io::Error },
+    Open {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        err: std::io::Error,
+    },
+    /// Another process holds a lock on the backing file.
     #[error("{} is in use by another VMM (locked)", path.display())]
-    Locked { path: PathBuf },
+    Locked {
+        /// The file.
+        path: PathBuf,
+    },
+    /// Locking the backing file failed.
     #[error("cannot lock {}: {err}", path.display())]
-    Lock { path: PathBuf, err: std::io::Error },
+    Lock {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        err: std::io::Error,
+    },
+    /// An eventfd could not be created.
     #[error("eventfd: {0}")]
     EventFd(std::io::Error),
+    /// The rate limiter could not be set up.
     #[error("rate limiter: {0}")]
     RateLimiter(#[from] RateLimiterError),
 }
@@ -113,7 +142,9 @@ pub struct BlockConfig {
     pub drive_id: String,
     /// Backing file.
     pub path: PathBuf,
+    /// Offer the drive read-only (`VIRTIO_BLK_F_RO`); writes fail with IOERR.
     pub read_only: bool,
+    /// Limits on bandwidth and operations.
     pub rate_limiter: Option<RateLimiterConfig>,
 }
 

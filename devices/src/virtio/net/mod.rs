@@ -42,6 +42,7 @@ pub const QUEUE_SIZE: u16 = 256;
 /// Frames one pass over a queue moves before it yields to the event loop:
 /// at most 64 frames of [`MAX_FRAME`] bytes, about 4 MiB of copying.
 pub const PASS_FRAMES: u32 = 64;
+/// Feature: the config space holds the MAC address.
 pub const VIRTIO_NET_F_MAC: u64 = 1 << 5;
 
 const RX: usize = 0;
@@ -57,16 +58,22 @@ const TOKEN_TX_LIMITER: u32 = 5;
 /// Errors of the net device.
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
+    /// The TAP name is empty, too long or has bad characters.
     #[error("invalid tap name {0:?}")]
     BadTapName(String),
+    /// `/dev/net/tun` cannot be opened.
     #[error("opening /dev/net/tun: {0}")]
     TapOpen(std::io::Error),
+    /// Attaching to the TAP (TUNSETIFF and offload settings) failed.
     #[error("configuring tap: {0}")]
     TapSetup(std::io::Error),
+    /// The MAC address cannot be parsed.
     #[error("invalid MAC address {0:?}")]
     BadMac(String),
+    /// An eventfd could not be created.
     #[error("eventfd: {0}")]
     EventFd(std::io::Error),
+    /// The rate limiter could not be set up.
     #[error("rate limiter: {0}")]
     RateLimiter(#[from] RateLimiterError),
 }
@@ -74,12 +81,15 @@ pub enum NetError {
 /// How the VMM describes an interface.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct NetConfig {
+    /// The interface id (for messages).
     pub iface_id: String,
     /// TAP interface name on the host.
     pub host_dev_name: String,
     /// Offered with VIRTIO_NET_F_MAC when set.
     pub guest_mac: Option<[u8; 6]>,
+    /// Limits on traffic toward the guest.
     pub rx_rate_limiter: Option<RateLimiterConfig>,
+    /// Limits on traffic from the guest.
     pub tx_rate_limiter: Option<RateLimiterConfig>,
 }
 
@@ -112,7 +122,9 @@ pub fn format_mac(m: &[u8; 6]) -> String {
 /// A frame source/sink: each read/write is one vnet header + frame.
 /// Must be non-blocking.
 pub trait NetBackend: AsRawFd + Send + std::fmt::Debug {
+    /// Reads one header + frame into `buf`; `WouldBlock` when none is waiting.
     fn read_frame(&mut self, buf: &mut [u8]) -> std::io::Result<usize>;
+    /// Writes one header + frame; `WouldBlock` when the backend is full.
     fn write_frame(&mut self, buf: &[u8]) -> std::io::Result<usize>;
 }
 

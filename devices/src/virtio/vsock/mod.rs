@@ -111,12 +111,21 @@ const TOKEN_FD_BASE: u32 = 16;
 /// Errors of the vsock device.
 #[derive(Debug, thiserror::Error)]
 pub enum VsockError {
+    /// The host unix socket cannot be bound.
     #[error("binding {path}: {err}")]
-    Bind { path: PathBuf, err: std::io::Error },
+    Bind {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        err: std::io::Error,
+    },
+    /// The guest CID is reserved (below 3) or too large.
     #[error("invalid guest CID {0} (must be >= 3)")]
     BadCid(u64),
+    /// An eventfd could not be created.
     #[error("eventfd: {0}")]
     EventFd(std::io::Error),
+    /// A timerfd could not be created or armed.
     #[error("timerfd: {0}")]
     Timer(std::io::Error),
 }
@@ -160,7 +169,9 @@ impl VsockLimits {
 /// How the VMM describes the vsock device.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct VsockConfig {
+    /// The device id (for messages).
     pub vsock_id: String,
+    /// The guest's context id.
     pub guest_cid: u64,
     /// Host-side unix socket path (must not exist).
     pub uds_path: PathBuf,

@@ -3,14 +3,22 @@
 /// Header length.
 pub const HDR_LEN: usize = 44;
 
+/// Socket type: stream (the only one ember supports).
 pub const TYPE_STREAM: u16 = 1;
 
+/// Operation: connection request.
 pub const OP_REQUEST: u16 = 1;
+/// Operation: connection accepted.
 pub const OP_RESPONSE: u16 = 2;
+/// Operation: reset (refused or closed connection).
 pub const OP_RST: u16 = 3;
+/// Operation: the sender will not receive and/or send any more (flags).
 pub const OP_SHUTDOWN: u16 = 4;
+/// Operation: data.
 pub const OP_RW: u16 = 5;
+/// Operation: the sender's buffer space and consumed count.
 pub const OP_CREDIT_UPDATE: u16 = 6;
+/// Operation: asks the peer for a credit update.
 pub const OP_CREDIT_REQUEST: u16 = 7;
 
 /// SHUTDOWN flag: the sender will receive no more data.
@@ -21,15 +29,25 @@ pub const SHUTDOWN_SEND: u32 = 2;
 /// `struct virtio_vsock_hdr`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Header {
+    /// Source context id.
     pub src_cid: u64,
+    /// Destination context id.
     pub dst_cid: u64,
+    /// Source port.
     pub src_port: u32,
+    /// Destination port.
     pub dst_port: u32,
+    /// Length in bytes.
     pub len: u32,
+    /// Socket type ([`TYPE_STREAM`]).
     pub type_: u16,
+    /// Operation (`OP_*`).
     pub op: u16,
+    /// Operation flags (shutdown directions).
     pub flags: u32,
+    /// The sender's receive buffer size for this connection.
     pub buf_alloc: u32,
+    /// Bytes the sender has consumed from this connection.
     pub fwd_cnt: u32,
 }
 
