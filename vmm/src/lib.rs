@@ -78,7 +78,8 @@ pub(crate) mod term;
 pub(crate) mod vstate;
 
 pub use microvm::{
-    ExitReason, MicroVm, MicroVmBuilder, MicroVmError, MicroVmHandle, SeccompLevel, Serial,
+    ConsoleCallback, ExitReason, MicroVm, MicroVmBuilder, MicroVmError, MicroVmHandle,
+    SeccompLevel, Serial,
 };
 pub use vstate::vcpu::VcpuExitReason;
 

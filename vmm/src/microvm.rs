@@ -33,7 +33,7 @@ use std::io::Write;
 use std::os::fd::FromRawFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{channel, Receiver, Sender, TryRecvError};
+use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
@@ -185,6 +185,9 @@ impl fmt::Display for ExitReason {
     }
 }
 
+/// A function that receives guest console output ([`Serial::Callback`]).
+pub type ConsoleCallback = Box<dyn FnMut(&[u8]) + Send>;
+
 /// Where the guest's console (COM1) output goes.
 pub enum Serial {
     /// The process's standard output.
@@ -194,7 +197,7 @@ pub enum Serial {
     /// Handed to this function, on the vCPU thread that wrote it, in pieces
     /// as the guest writes them (often a byte at a time). It runs under the
     /// serial device's lock: keep it short (push into a channel or buffer).
-    Callback(Box<dyn FnMut(&[u8]) + Send>),
+    Callback(ConsoleCallback),
     /// Dropped.
     Discard,
 }
@@ -211,7 +214,7 @@ impl fmt::Debug for Serial {
 }
 
 /// A [`Serial::Callback`] as the serial device's writer.
-struct CallbackOut(Box<dyn FnMut(&[u8]) + Send>);
+struct CallbackOut(ConsoleCallback);
 
 impl Write for CallbackOut {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
@@ -680,24 +683,14 @@ impl MicroVm {
                 return Err(MicroVmError::EventLoop(e));
             }
             if let Some(api) = api {
-                loop {
-                    match api.requests.try_recv() {
-                        Ok(ApiRequest { action, conn }) => {
-                            let (status, body) = crate::api::reply(controller.handle(action, em));
-                            api.answer(conn, status, body);
-                        }
-                        Err(TryRecvError::Empty) | Err(TryRecvError::Disconnected) => break,
-                    }
+                while let Ok(ApiRequest { action, conn }) = api.requests.try_recv() {
+                    let (status, body) = crate::api::reply(controller.handle(action, em));
+                    api.answer(conn, status, body);
                 }
             }
             if let Some(c) = &commands {
-                loop {
-                    match c.rx.try_recv() {
-                        Ok((action, reply)) => {
-                            let _ = reply.send(controller.handle(action, em));
-                        }
-                        Err(TryRecvError::Empty) | Err(TryRecvError::Disconnected) => break,
-                    }
+                while let Ok((action, reply)) = c.rx.try_recv() {
+                    let _ = reply.send(controller.handle(action, em));
                 }
                 if c.stop.load(Ordering::SeqCst) {
                     return Ok(ExitReason::Stopped);
