@@ -174,12 +174,13 @@ impl ThreadKind {
 }
 
 /// Names of all compiled-in filters.
-pub fn filter_names() -> impl Iterator<Item = &'static str> {
+#[cfg(test)]
+pub(crate) fn filter_names() -> impl Iterator<Item = &'static str> {
     generated::FILTERS.iter().map(|(n, _)| *n)
 }
 
 /// The BPF program of the filter called `name`.
-pub fn program(name: &str) -> Result<Vec<libc::sock_filter>, SeccompError> {
+pub(crate) fn program(name: &str) -> Result<Vec<libc::sock_filter>, SeccompError> {
     let (_, insns) = generated::FILTERS
         .iter()
         .find(|(n, _)| *n == name)
@@ -226,7 +227,7 @@ fn apply(name: &'static str, prog: &[libc::sock_filter]) -> Result<(), SeccompEr
 
 /// Installs the filters of `kind` on the calling thread. Threads it creates
 /// afterwards inherit them.
-pub fn install(kind: ThreadKind) -> Result<(), SeccompError> {
+pub(crate) fn install(kind: ThreadKind) -> Result<(), SeccompError> {
     // Build every program before installing any: allocation after the first
     // filter is allowed, but there is no reason to depend on it.
     let progs = kind
@@ -244,7 +245,7 @@ pub fn install(kind: ThreadKind) -> Result<(), SeccompError> {
 /// `socket(AF_INET, SOCK_STREAM)`, as an escaping VMM might. Under seccomp
 /// the process dies with SIGSYS; without, the socket is closed again.
 /// Returns whether the call succeeded.
-pub fn forbidden_syscall() -> bool {
+pub(crate) fn forbidden_syscall() -> bool {
     // SAFETY: socket(2) with constant arguments; the fd, if any, is closed.
     let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
     if fd >= 0 {
