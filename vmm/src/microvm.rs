@@ -30,7 +30,7 @@
 use std::fmt;
 use std::fs::OpenOptions;
 use std::io::Write;
-use std::os::fd::FromRawFd;
+use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
@@ -198,6 +198,10 @@ pub enum Serial {
     /// as the guest writes them (often a byte at a time). It runs under the
     /// serial device's lock: keep it short (push into a channel or buffer).
     Callback(ConsoleCallback),
+    /// Written to this descriptor (a pipe, socket or terminal) without ever
+    /// blocking: output that does not fit is dropped, as a UART with nobody
+    /// reading loses bytes. [`Serial::pipe`] makes one with a reader.
+    Fd(OwnedFd),
     /// Dropped.
     Discard,
 }
@@ -208,6 +212,7 @@ impl fmt::Debug for Serial {
             Serial::Stdout => write!(f, "Stdout"),
             Serial::File(p) => f.debug_tuple("File").field(p).finish(),
             Serial::Callback(_) => write!(f, "Callback(..)"),
+            Serial::Fd(fd) => f.debug_tuple("Fd").field(fd).finish(),
             Serial::Discard => write!(f, "Discard"),
         }
     }
@@ -227,6 +232,20 @@ impl Write for CallbackOut {
 }
 
 impl Serial {
+    /// A pipe for the console: the [`Serial::Fd`] to give the builder and
+    /// the reading end. Read it steadily: while the pipe (64 KiB) is full,
+    /// guest output is dropped.
+    pub fn pipe() -> std::io::Result<(Serial, std::fs::File)> {
+        let mut fds = [0; 2];
+        // SAFETY: pipe2 writes two descriptors into the array it is given.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: both descriptors are fresh and owned by nobody else.
+        let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        Ok((Serial::Fd(w), std::fs::File::from(r)))
+    }
+
     /// The writer for the serial device. `Stdout` is a dup of fd 1, written
     /// unbuffered and never blocking (output that does not fit is dropped).
     pub(crate) fn into_writer(self) -> Result<SerialOut, ActionError> {
@@ -255,6 +274,7 @@ impl Serial {
                 Ok(Box::new(NonBlockingOut::new(f)))
             }
             Serial::Callback(f) => Ok(Box::new(CallbackOut(f))),
+            Serial::Fd(fd) => Ok(Box::new(NonBlockingOut::new(std::fs::File::from(fd)))),
             Serial::Discard => Ok(Box::new(std::io::sink())),
         }
     }

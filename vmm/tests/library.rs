@@ -155,3 +155,27 @@ fn bad_configs_are_refused_at_build() {
         "{err}"
     );
 }
+
+#[test]
+fn console_through_a_pipe() {
+    if !kvm() {
+        return;
+    }
+    use std::io::Read;
+    let (serial, mut reader) = Serial::pipe().unwrap();
+    let mut vm = MicroVm::builder()
+        .kernel(PVH_ELF)
+        .cmdline("ember.test=hello")
+        .memory_mib(32)
+        .serial(serial)
+        .build()
+        .unwrap()
+        .start()
+        .unwrap();
+    assert_eq!(vm.wait().unwrap(), ExitReason::I8042Reset);
+    // The VMM thread has ended (wait joined it): the writing end is closed.
+    drop(vm);
+    let mut out = String::new();
+    reader.read_to_string(&mut out).unwrap();
+    assert!(out.contains("ember-guest: hello from pvh boot"), "{out}");
+}
