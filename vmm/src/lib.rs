@@ -52,7 +52,7 @@
 //!
 //! The stable embedding API is: [`MicroVm`], [`MicroVmBuilder`],
 //! [`MicroVmHandle`], [`Serial`], [`SeccompLevel`], [`ExitReason`],
-//! [`MicroVmError`], [`ExitCode`], the configuration structs in [`config`],
+//! [`MicroVmError`], [`ConsoleCallback`], [`ExitCode`], the configuration structs in [`config`],
 //! [`VcpuExitReason`], [`seccomp::configure_allocator`] and
 //! [`logger`]. Everything else ([`seccomp`]'s filter plumbing, and the
 //! crate-private modules: KVM and vCPU state, the loader, the device wiring,
