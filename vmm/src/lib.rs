@@ -51,13 +51,14 @@
 //! # Stability
 //!
 //! The stable embedding API is: [`MicroVm`], [`MicroVmBuilder`],
-//! [`MicroVmHandle`], [`Serial`], [`SeccompLevel`], [`ExitReason`],
-//! [`MicroVmError`], [`ConsoleCallback`], [`ExitCode`], the configuration structs in [`config`],
-//! [`VcpuExitReason`], [`seccomp::configure_allocator`] and
-//! [`logger`]. Everything else ([`seccomp`]'s filter plumbing, and the
-//! crate-private modules: KVM and vCPU state, the loader, the device wiring,
-//! the HTTP API routes, the controller) is internal and may change with any
-//! release.
+//! [`MicroVmHandle`], [`Serial`], [`ConsoleCallback`], [`SeccompLevel`],
+//! [`ExitReason`], [`MicroVmError`], [`ExitCode`], the configuration
+//! structs in [`config`], [`VcpuExitReason`],
+//! [`seccomp::configure_allocator`] and [`logger`]. Everything else
+//! ([`seccomp::ThreadKind`] and [`seccomp::MALLOC_SETTINGS`], and the
+//! crate-private modules: KVM and vCPU state, the loader, the device
+//! wiring, the HTTP API routes, the controller) is internal and may change
+//! with any release.
 #![cfg(target_arch = "x86_64")]
 #![warn(missing_docs)]
 
