@@ -19,6 +19,7 @@ use kvm_ioctls::IoEventAddress;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use crate::arch::acpi::{self, AcpiError, VirtioMmioDesc};
 use crate::arch::boot::{configure_linux, configure_pvh, BootError};
 use crate::arch::layout::*;
 use crate::arch::mptable::{self, MptableError};
@@ -43,6 +44,8 @@ pub enum BuildError {
     Boot(#[from] BootError),
     #[error(transparent)]
     Mptable(#[from] MptableError),
+    #[error(transparent)]
+    Acpi(#[from] AcpiError),
     #[error(transparent)]
     Cpuid(#[from] CpuidError),
     #[error(transparent)]
@@ -114,6 +117,8 @@ struct VirtioAttacher<'a> {
     mmio: &'a mut Bus,
     em: &'a mut EventManager,
     cmdline: Vec<String>,
+    /// What the DSDT describes.
+    acpi: Vec<VirtioMmioDesc>,
     slot: u64,
 }
 
@@ -138,6 +143,11 @@ impl VirtioAttacher<'_> {
         self.mmio
             .insert(Arc::new(Mutex::new(transport)), base, MMIO_LEN)?;
         self.cmdline.push(cmdline_param(base, irq));
+        self.acpi.push(VirtioMmioDesc {
+            base,
+            size: MMIO_DEVICE_SIZE,
+            irq,
+        });
         self.em.add_subscriber(dev);
         self.slot += 1;
         Ok(())
@@ -269,18 +279,27 @@ pub fn build_and_boot(
         mmio: &mut mmio,
         em,
         cmdline: Vec::new(),
+        acpi: Vec::new(),
         slot: 0,
     };
     let (blocks, nets, vsock) = attach_virtio(cfg, &mut attacher)?;
     let extra = std::mem::take(&mut attacher.cmdline);
+    let virtio_acpi = std::mem::take(&mut attacher.acpi);
 
     let cmdline_len = loader::load_cmdline(&mem, boot.cmdline(), &extra)?;
+    // Both the MP table and ACPI: kernels built without ACPI use the former.
     mptable::setup(&mem, MPTABLE_START, mc.vcpu_count)?;
+    let rsdp = acpi::setup(&mem, mc.vcpu_count, &virtio_acpi)?;
     match kernel.protocol {
-        BootProtocol::Linux64 => {
-            configure_linux(&mem, mem_size, cmdline_len, initrd, kernel.setup_header)?
-        }
-        BootProtocol::Pvh => configure_pvh(&mem, mem_size, initrd)?,
+        BootProtocol::Linux64 => configure_linux(
+            &mem,
+            mem_size,
+            cmdline_len,
+            initrd,
+            kernel.setup_header,
+            Some(rsdp),
+        )?,
+        BootProtocol::Pvh => configure_pvh(&mem, mem_size, initrd, Some(rsdp))?,
     }
 
     // vCPUs: create and configure all before starting any.

@@ -90,8 +90,12 @@ pub fn configure_linux(
     cmdline_len: usize,
     initrd: Option<InitrdInfo>,
     header: Option<setup_header>,
+    rsdp: Option<u64>,
 ) -> Result<(), BootError> {
     let mut params = boot_params::default();
+    if let Some(r) = rsdp {
+        params.acpi_rsdp_addr = r;
+    }
     if let Some(h) = header {
         params.hdr = h;
     }
@@ -133,6 +137,7 @@ pub fn configure_pvh(
     mem: &GuestMemoryMmap,
     mem_size: u64,
     initrd: Option<InitrdInfo>,
+    rsdp: Option<u64>,
 ) -> Result<(), BootError> {
     let map: Vec<hvm_memmap_table_entry> = memory_map(mem_size)
         .into_iter()
@@ -149,6 +154,7 @@ pub fn configure_pvh(
         cmdline_paddr: CMDLINE_START,
         memmap_paddr: PVH_MEMMAP_START,
         memmap_entries: map.len() as u32,
+        rsdp_paddr: rsdp.unwrap_or(0),
         ..Default::default()
     };
     let mut params = BootParams::new::<hvm_start_info>(&info, GuestAddress(PVH_INFO_START));
@@ -196,6 +202,20 @@ mod tests {
     }
 
     #[test]
+    fn acpi_tables_sit_in_a_reserved_range() {
+        let m = memory_map(128 << 20);
+        let t = super::super::acpi::build(2, &[]).unwrap();
+        for (addr, b, _) in &t.tables {
+            let end = addr + b.len() as u64;
+            assert!(
+                m.iter()
+                    .any(|e| e.2 == E820_RESERVED && e.0 <= *addr && end <= e.0 + e.1),
+                "table at {addr:#x} not in a reserved e820 range"
+            );
+        }
+    }
+
+    #[test]
     fn initrd_goes_high_and_aligned() {
         let a = initrd_load_addr(64 << 20, 5000).unwrap();
         assert_eq!(a % 4096, 0);
@@ -210,15 +230,19 @@ mod tests {
             addr: 0x300_0000,
             size: 0x1234,
         };
-        configure_linux(&m, 64 << 20, 10, Some(initrd), None).unwrap();
+        configure_linux(&m, 64 << 20, 10, Some(initrd), None, Some(ACPI_START)).unwrap();
         let p: boot_params = m.read_obj(GuestAddress(ZERO_PAGE_START)).unwrap();
         assert_eq!({ p.hdr.cmd_line_ptr }, CMDLINE_START as u32);
         assert_eq!({ p.hdr.boot_flag }, 0xaa55);
         assert_eq!({ p.hdr.ramdisk_image }, 0x300_0000);
         assert_eq!({ p.hdr.ramdisk_size }, 0x1234);
+        assert_eq!({ p.acpi_rsdp_addr }, ACPI_START);
         assert_eq!(p.e820_entries, 3);
         let last = p.e820_table[2];
-        assert_eq!(({ last.addr }, { last.size }), (HIMEM_START, (64 << 20) - HIMEM_START));
+        assert_eq!(
+            ({ last.addr }, { last.size }),
+            (HIMEM_START, (64 << 20) - HIMEM_START)
+        );
     }
 
     #[test]
@@ -228,10 +252,11 @@ mod tests {
             addr: 0x200_0000,
             size: 77,
         };
-        configure_pvh(&m, 64 << 20, Some(initrd)).unwrap();
+        configure_pvh(&m, 64 << 20, Some(initrd), Some(ACPI_START)).unwrap();
         let info: hvm_start_info = m.read_obj(GuestAddress(PVH_INFO_START)).unwrap();
         assert_eq!(info.magic, XEN_HVM_START_MAGIC_VALUE);
         assert_eq!(info.nr_modules, 1);
+        assert_eq!(info.rsdp_paddr, ACPI_START);
         assert_eq!(info.memmap_entries, 3);
         let module: hvm_modlist_entry = m.read_obj(GuestAddress(PVH_MODLIST_START)).unwrap();
         assert_eq!((module.paddr, module.size), (0x200_0000, 77));

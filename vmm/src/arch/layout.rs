@@ -29,6 +29,10 @@ pub const CMDLINE_MAX_SIZE: usize = 4096;
 pub const EBDA_START: u64 = 0x9fc00;
 /// Where the MP floating pointer is written.
 pub const MPTABLE_START: u64 = EBDA_START;
+/// ACPI tables: the RSDP here (16-byte aligned, where a legacy BIOS-area scan
+/// finds it), then DSDT, FADT, MADT and XSDT, all below `HIMEM_START` in the
+/// e820-reserved 0x9fc00..1 MiB hole.
+pub const ACPI_START: u64 = 0xe_0000;
 /// Kernels load at or above this address.
 pub const HIMEM_START: u64 = 0x10_0000;
 /// First virtio-mmio device; RAM stops below it (the 32-bit MMIO gap).

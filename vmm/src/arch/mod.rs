@@ -1,5 +1,6 @@
-//! x86_64 specifics: layout, boot information, registers, CPUID, MSRs, MP table.
+//! x86_64 specifics: layout, boot information, registers, CPUID, MSRs, MP table, ACPI.
 
+pub mod acpi;
 pub mod boot;
 pub mod cpuid;
 pub mod gdt;
