@@ -63,7 +63,7 @@ fn expected() -> Vec<String> {
 
 /// Boots `kernel` with a virtio-blk device, waits (bounded) for every
 /// expected line, stops the VMM and returns the serial log.
-fn boot_until_acpi_is_logged(kernel: &PathBuf) -> String {
+fn boot_until_acpi_is_logged(kernel: &PathBuf) -> (String, String) {
     let dir = TempDir::new("acpi-linux");
     let disk = dir.join("disk.img");
     std::fs::File::create(&disk)
@@ -88,6 +88,8 @@ fn boot_until_acpi_is_logged(kernel: &PathBuf) -> String {
     std::fs::write(&cfg_path, cfg.to_string()).unwrap();
     let mut cmd = Command::new(bin("ember-vmm"));
     cmd.arg("--no-api")
+        .arg("--log-level")
+        .arg("info")
         .arg("--config-file")
         .arg(&cfg_path)
         .arg("--serial-out")
@@ -115,13 +117,20 @@ fn boot_until_acpi_is_logged(kernel: &PathBuf) -> String {
         unsafe { libc::kill(p.pid() as i32, libc::SIGTERM) };
         p.wait();
     }
-    let _ = p.err();
-    log
+    (log, p.err())
 }
 
-fn check(kernel: &PathBuf) {
+/// `protocol`: how ember-vmm must have entered the kernel (its info log line),
+/// i.e. where the kernel read the RSDP address from.
+fn check(kernel: &PathBuf, protocol: &str) {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let log = boot_until_acpi_is_logged(kernel);
+    let (log, vmm_err) = boot_until_acpi_is_logged(kernel);
+    let want =
+        format!("boot: {protocol}, ACPI RSDP at 0xe0000, 1 virtio-mmio device(s) in the DSDT");
+    assert!(
+        vmm_err.contains(&want),
+        "want {want:?} in ember-vmm's log:\n{vmm_err}"
+    );
     let acpi: Vec<&str> = log
         .lines()
         .filter(|l| l.contains("ACPI") || l.contains("e820") || l.contains("smpboot"))
@@ -153,10 +162,11 @@ fn check(kernel: &PathBuf) {
     }
 }
 
+/// The vmlinux has a PVH note: the kernel gets the RSDP from `hvm_start_info.rsdp_paddr`.
 #[test]
 fn debian_kernel_finds_embers_acpi_tables_vmlinux() {
     match kernel("EMBER_TEST_VMLINUX", "vmlinux.path") {
-        Some(k) => check(&k),
+        Some(k) => check(&k, "Pvh protocol"),
         None => eprintln!(
             "SKIP debian_kernel_finds_embers_acpi_tables_vmlinux: no kernel \
              (run resources/ci/fetch-kernel.sh or set EMBER_TEST_VMLINUX)"
@@ -164,10 +174,11 @@ fn debian_kernel_finds_embers_acpi_tables_vmlinux() {
     }
 }
 
+/// The bzImage boots by the Linux protocol: the RSDP comes from the zero page.
 #[test]
 fn debian_kernel_finds_embers_acpi_tables_bzimage() {
     match kernel("EMBER_TEST_KERNEL", "bzImage.path") {
-        Some(k) => check(&k),
+        Some(k) => check(&k, "Linux64 protocol (bzImage)"),
         None => eprintln!(
             "SKIP debian_kernel_finds_embers_acpi_tables_bzimage: no kernel \
              (run resources/ci/fetch-kernel.sh or set EMBER_TEST_KERNEL)"

@@ -290,6 +290,12 @@ pub fn build_and_boot(
     // Both the MP table and ACPI: kernels built without ACPI use the former.
     mptable::setup(&mem, MPTABLE_START, mc.vcpu_count)?;
     let rsdp = acpi::setup(&mem, mc.vcpu_count, &virtio_acpi)?;
+    log::info!(
+        "boot: {:?} protocol{}, ACPI RSDP at {rsdp:#x}, {} virtio-mmio device(s) in the DSDT",
+        kernel.protocol,
+        if kernel.bzimage { " (bzImage)" } else { "" },
+        virtio_acpi.len()
+    );
     match kernel.protocol {
         BootProtocol::Linux64 => configure_linux(
             &mem,
