@@ -10,7 +10,7 @@
 //! which writes the paths of the bzImage and of the ELF vmlinux extracted from
 //! it to `/var/cache/ember/kernel/{bzImage,vmlinux}.path`; `EMBER_TEST_KERNEL`
 //! and `EMBER_TEST_VMLINUX` override them. Without a kernel the test prints
-//! SKIP and passes.
+//! SKIP and passes (but fails when `CI` is set).
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -29,15 +29,21 @@ const BOUND: Duration = Duration::from_secs(300);
 /// One Linux guest at a time: two would share the host's cores and slow both.
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
+/// The kernel to boot, or None (skip). Under CI (`.ci/run` fetches the
+/// kernel) a missing kernel is a failure, not a skip.
 fn kernel(env: &str, file: &str) -> Option<PathBuf> {
     let p = match std::env::var_os(env) {
-        Some(p) => PathBuf::from(p),
-        None => {
-            let f = std::fs::read_to_string(format!("{CACHE}/{file}")).ok()?;
-            PathBuf::from(f.trim())
-        }
+        Some(p) => Some(PathBuf::from(p)),
+        None => std::fs::read_to_string(format!("{CACHE}/{file}"))
+            .ok()
+            .map(|f| PathBuf::from(f.trim())),
     };
-    p.is_file().then_some(p)
+    let p = p.filter(|p| p.is_file());
+    assert!(
+        p.is_some() || std::env::var_os("CI").is_none(),
+        "CI is set but there is no kernel ({env} or {CACHE}/{file}): .ci/run runs resources/ci/fetch-kernel.sh"
+    );
+    p
 }
 
 /// Lines the kernel's own log must hold.
