@@ -59,6 +59,7 @@ impl AcpiTables {
     }
 
     /// The bytes of the table with this signature (`RSD ` for the RSDP).
+    #[cfg(test)]
     pub fn get(&self, sig: &[u8; 4]) -> Option<&[u8]> {
         self.tables
             .iter()
