@@ -28,16 +28,12 @@
 //! status 1 (it must not run unconfined after confinement was asked for).
 
 use std::fmt;
-use std::fs::OpenOptions;
-use std::io::Write;
-use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use devices::legacy::serial::{NonBlockingOut, SerialOut};
 use event_manager::SubscriberOps;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -48,7 +44,6 @@ use crate::config::{
 };
 use crate::controller::{Controller, Waker};
 use crate::seccomp::{SeccompError, ThreadKind};
-use crate::vstate::vcpu::VcpuExitReason;
 use crate::{EventManager, ExitCode};
 
 /// Errors building, starting or running a microVM.
@@ -134,151 +129,8 @@ impl MicroVmError {
     }
 }
 
-/// Why a microVM ended.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ExitReason {
-    /// The guest reset the machine through the i8042 (command 0xfe, or a
-    /// Ctrl-Alt-Del it acted on).
-    I8042Reset,
-    /// A vCPU stopped: a reset or power off (clean), or a crash (triple
-    /// fault, KVM internal error, failed entry).
-    Vcpu {
-        /// The vCPU index.
-        id: u8,
-        /// What stopped it.
-        reason: VcpuExitReason,
-    },
-    /// SIGTERM arrived (only with [`MicroVmBuilder::handle_sigterm`]).
-    Terminated,
-    /// [`MicroVmHandle::stop`] (or dropping the handle) stopped it.
-    Stopped,
-}
-
-impl ExitReason {
-    /// True when the guest ended on purpose (reset, power off) or the host
-    /// stopped it; false for a guest crash.
-    pub fn is_clean(&self) -> bool {
-        match self {
-            ExitReason::Vcpu { reason, .. } => reason.is_clean(),
-            _ => true,
-        }
-    }
-
-    /// The `ember-vmm` exit status for this reason.
-    pub fn exit_code(&self) -> ExitCode {
-        match self {
-            ExitReason::Terminated => ExitCode::Terminated,
-            r if r.is_clean() => ExitCode::Ok,
-            _ => ExitCode::GuestError,
-        }
-    }
-}
-
-impl fmt::Display for ExitReason {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ExitReason::I8042Reset => write!(f, "guest requested a reset (i8042)"),
-            ExitReason::Vcpu { id, reason } => write!(f, "vCPU {id}: {reason}"),
-            ExitReason::Terminated => write!(f, "SIGTERM"),
-            ExitReason::Stopped => write!(f, "stopped by the host"),
-        }
-    }
-}
-
-/// A function that receives guest console output ([`Serial::Callback`]).
-pub type ConsoleCallback = Box<dyn FnMut(&[u8]) + Send>;
-
-/// Where the guest's console (COM1) output goes.
-pub enum Serial {
-    /// The process's standard output.
-    Stdout,
-    /// Appended to this file (created if missing).
-    File(PathBuf),
-    /// Handed to this function, on the vCPU thread that wrote it, in pieces
-    /// as the guest writes them (often a byte at a time). It runs under the
-    /// serial device's lock: keep it short (push into a channel or buffer).
-    Callback(ConsoleCallback),
-    /// Written to this descriptor (a pipe, socket or terminal) without ever
-    /// blocking: output that does not fit is dropped, as a UART with nobody
-    /// reading loses bytes. [`Serial::pipe`] makes one with a reader.
-    Fd(OwnedFd),
-    /// Dropped.
-    Discard,
-}
-
-impl fmt::Debug for Serial {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Serial::Stdout => write!(f, "Stdout"),
-            Serial::File(p) => f.debug_tuple("File").field(p).finish(),
-            Serial::Callback(_) => write!(f, "Callback(..)"),
-            Serial::Fd(fd) => f.debug_tuple("Fd").field(fd).finish(),
-            Serial::Discard => write!(f, "Discard"),
-        }
-    }
-}
-
-/// A [`Serial::Callback`] as the serial device's writer.
-struct CallbackOut(ConsoleCallback);
-
-impl Write for CallbackOut {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        (self.0)(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Serial {
-    /// A pipe for the console: the [`Serial::Fd`] to give the builder and
-    /// the reading end. Read it steadily: while the pipe (64 KiB) is full,
-    /// guest output is dropped.
-    pub fn pipe() -> std::io::Result<(Serial, std::fs::File)> {
-        let mut fds = [0; 2];
-        // SAFETY: pipe2 writes two descriptors into the array it is given.
-        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: both descriptors are fresh and owned by nobody else.
-        let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-        Ok((Serial::Fd(w), std::fs::File::from(r)))
-    }
-
-    /// The writer for the serial device. `Stdout` is a dup of fd 1, written
-    /// unbuffered and never blocking (output that does not fit is dropped).
-    pub(crate) fn into_writer(self) -> Result<SerialOut, ActionError> {
-        match self {
-            Serial::File(p) => OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&p)
-                .map(|f| Box::new(NonBlockingOut::new(f)) as SerialOut)
-                .map_err(|err| ActionError::SerialOut {
-                    path: p.display().to_string(),
-                    err,
-                }),
-            Serial::Stdout => {
-                // Unbuffered: guest output must show up as it is written.
-                // SAFETY: dup(1) returns a new fd we own (or -1, checked).
-                let fd = unsafe { libc::dup(libc::STDOUT_FILENO) };
-                if fd < 0 {
-                    return Err(ActionError::SerialOut {
-                        path: "stdout".into(),
-                        err: std::io::Error::last_os_error(),
-                    });
-                }
-                // SAFETY: `fd` is a fresh descriptor owned by nobody else.
-                let f = unsafe { std::fs::File::from_raw_fd(fd) };
-                Ok(Box::new(NonBlockingOut::new(f)))
-            }
-            Serial::Callback(f) => Ok(Box::new(CallbackOut(f))),
-            Serial::Fd(fd) => Ok(Box::new(NonBlockingOut::new(std::fs::File::from(fd)))),
-            Serial::Discard => Ok(Box::new(std::io::sink())),
-        }
-    }
-}
+pub use crate::console::{ConsoleCallback, Serial};
+pub use crate::exit::ExitReason;
 
 /// Whether ember's threads confine themselves with seccomp filters.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
