@@ -9,6 +9,7 @@
 //! that mount point.
 
 pub mod ember;
+pub mod kmod;
 pub mod linux;
 pub mod pod_initramfs;
 

@@ -1,0 +1,502 @@
+//! The kernel modules a guest needs to see ember's devices.
+//!
+//! Distribution kernels (Debian's cloud kernel among them) build virtio,
+//! virtio-mmio, virtio-blk, virtio-net and vsock as modules: such a kernel
+//! sees no ember device unless its initramfs loads them. [`closure`] reads
+//! the kernel's version from its image, looks in
+//! `<modules root>/lib/modules/<version>` and returns the module files for
+//! [`WANTED`] and everything they depend on, dependencies first, leaving out
+//! whatever `modules.builtin` says is built in.
+//!
+//! Dependencies come from `modules.dep` when `depmod` has written it, and
+//! otherwise (a package unpacked without running `depmod`) from the
+//! `depends=` field of each module's `.modinfo` section. Soft dependencies
+//! are not followed.
+//!
+//! The kernel and its modules are the host's own files, not user bytes, so
+//! they are read here directly. Compressed modules (`.ko.gz`, `.ko.xz`,
+//! `.ko.zst`) are decompressed when packed ([`read_module`]), so the guest
+//! needs no in-kernel decompression for `finit_module`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs;
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The modules (by name) a guest needs: the virtio-mmio transport, block,
+/// network, the vsock transport and ext4.
+pub const WANTED: [&str; 5] = [
+    "virtio_mmio",
+    "virtio_blk",
+    "virtio_net",
+    "vmw_vsock_virtio_transport",
+    "ext4",
+];
+
+/// The list file in the image (archive name, no leading `/`): one absolute
+/// module path per line, in load order.
+pub const LIST_FILE: &str = "etc/ember-modules";
+
+/// Environment variable naming the root under which `lib/modules/<version>`
+/// is looked for (default `/`).
+pub const MODULES_ROOT_ENV: &str = "EMBER_MODULES_ROOT";
+
+/// The modules root: `$EMBER_MODULES_ROOT`, else `/`.
+pub fn modules_root() -> PathBuf {
+    std::env::var_os(MODULES_ROOT_ENV)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/"))
+}
+
+/// Why the module closure could not be computed or read.
+#[derive(Debug, thiserror::Error)]
+pub enum KmodError {
+    /// No version string in the kernel image.
+    #[error("cannot find the Linux version string in the kernel image {0}")]
+    NoVersion(PathBuf),
+    /// No module directory for this kernel version.
+    #[error("kernel {version} has no module directory {dir}")]
+    NoModulesDir { version: String, dir: PathBuf },
+    /// Modules needed but neither built in nor present.
+    #[error(
+        "kernel {version} needs modules that are neither built in nor found under {dir}: {}",
+        missing.join(", ")
+    )]
+    Missing {
+        version: String,
+        dir: PathBuf,
+        missing: Vec<String>,
+    },
+    /// A module file that cannot be used.
+    #[error("{path}: {reason}")]
+    BadModule { path: PathBuf, reason: String },
+    /// A host file operation failed.
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> KmodError + '_ {
+    move |source| KmodError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// One module to load.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Module {
+    /// Its name (`virtio_mmio`: file stem, `-` as `_`).
+    pub name: String,
+    /// The host file (maybe compressed).
+    pub src: PathBuf,
+    /// Where it goes in the image, without the leading `/` and without a
+    /// compression suffix: `lib/modules/<version>/kernel/.../x.ko`.
+    pub dest: String,
+}
+
+/// What a kernel needs: its version and modules in load order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Closure {
+    pub version: String,
+    pub modules: Vec<Module>,
+}
+
+impl Closure {
+    /// The list file's contents: one absolute path per line, in load order.
+    pub fn list(&self) -> String {
+        self.modules
+            .iter()
+            .map(|m| format!("/{}\n", m.dest))
+            .collect()
+    }
+}
+
+/// The kernel release of a bzImage (setup header `kernel_version`) or an ELF
+/// vmlinux (the `Linux version ` banner).
+pub fn kernel_version(image: &Path) -> Result<String, KmodError> {
+    let data = fs::read(image).map_err(io_err(image))?;
+    version_of(&data).ok_or_else(|| KmodError::NoVersion(image.to_path_buf()))
+}
+
+fn first_token(b: &[u8]) -> Option<String> {
+    let end = b
+        .iter()
+        .position(|c| *c == 0 || c.is_ascii_whitespace())
+        .unwrap_or(b.len());
+    let tok = std::str::from_utf8(&b[..end]).ok()?;
+    let ok = !tok.is_empty()
+        && tok.len() < 128
+        && tok
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || b"._-+~".contains(&c));
+    ok.then(|| tok.to_string())
+}
+
+fn version_of(data: &[u8]) -> Option<String> {
+    if data.len() > 0x210 && &data[0x202..0x206] == b"HdrS" {
+        let off = u16::from_le_bytes([data[0x20e], data[0x20f]]) as usize;
+        if off != 0 {
+            if let Some(v) = data.get(0x200 + off..).and_then(first_token) {
+                return Some(v);
+            }
+        }
+    }
+    const BANNER: &[u8] = b"Linux version ";
+    data.windows(BANNER.len())
+        .enumerate()
+        .filter(|(_, w)| *w == BANNER)
+        .find_map(|(i, _)| first_token(&data[i + BANNER.len()..]))
+}
+
+/// The module name of a path like `kernel/net/vmw_vsock/vsock.ko.xz`.
+fn module_name(path: &str) -> Option<String> {
+    let file = path.rsplit('/').next()?;
+    let stem = [".ko", ".ko.gz", ".ko.xz", ".ko.zst"]
+        .iter()
+        .find_map(|s| file.strip_suffix(s))?;
+    Some(stem.replace('-', "_"))
+}
+
+/// The image path of a module file: the compression suffix dropped.
+fn dest_of(version: &str, rel: &str) -> String {
+    let rel = [".gz", ".xz", ".zst"]
+        .iter()
+        .find_map(|s| rel.strip_suffix(s))
+        .unwrap_or(rel);
+    format!("lib/modules/{version}/{rel}")
+}
+
+/// The module closure of the kernel `image` for [`WANTED`], with modules
+/// looked for under `<modules_root>/lib/modules/<version>`.
+pub fn closure(image: &Path, modules_root: &Path) -> Result<Closure, KmodError> {
+    let version = kernel_version(image)?;
+    closure_for(&version, modules_root, &WANTED)
+}
+
+/// [`closure`] for a known version and module list.
+pub fn closure_for(
+    version: &str,
+    modules_root: &Path,
+    wanted: &[&str],
+) -> Result<Closure, KmodError> {
+    let dir = modules_root.join("lib/modules").join(version);
+    if !dir.is_dir() {
+        return Err(KmodError::NoModulesDir {
+            version: version.to_string(),
+            dir,
+        });
+    }
+    let builtin_path = dir.join("modules.builtin");
+    let builtin: BTreeSet<String> = match fs::read_to_string(&builtin_path) {
+        Ok(s) => s.lines().filter_map(module_name).collect(),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => BTreeSet::new(),
+        Err(e) => return Err(io_err(&builtin_path)(e)),
+    };
+    let mut index = Index::new(&dir)?;
+
+    let mut order = Vec::new();
+    let mut done = BTreeSet::new();
+    let mut missing = BTreeSet::new();
+    for w in wanted {
+        visit(
+            &w.replace('-', "_"),
+            &builtin,
+            &mut index,
+            &mut done,
+            &mut BTreeSet::new(),
+            &mut missing,
+            &mut order,
+        )?;
+    }
+    if !missing.is_empty() {
+        return Err(KmodError::Missing {
+            version: version.to_string(),
+            dir,
+            missing: missing.into_iter().collect(),
+        });
+    }
+    let modules = order
+        .into_iter()
+        .map(|(name, rel)| Module {
+            src: dir.join(&rel),
+            dest: dest_of(version, &rel),
+            name,
+        })
+        .collect();
+    Ok(Closure {
+        version: version.to_string(),
+        modules,
+    })
+}
+
+/// Depth-first, dependencies first.
+fn visit(
+    name: &str,
+    builtin: &BTreeSet<String>,
+    index: &mut Index,
+    done: &mut BTreeSet<String>,
+    path: &mut BTreeSet<String>,
+    missing: &mut BTreeSet<String>,
+    order: &mut Vec<(String, String)>,
+) -> Result<(), KmodError> {
+    if done.contains(name) || builtin.contains(name) || path.contains(name) {
+        return Ok(());
+    }
+    let Some(rel) = index.files.get(name).cloned() else {
+        missing.insert(name.to_string());
+        return Ok(());
+    };
+    path.insert(name.to_string());
+    for dep in index.deps(name, &rel)? {
+        visit(&dep, builtin, index, done, path, missing, order)?;
+    }
+    path.remove(name);
+    done.insert(name.to_string());
+    order.push((name.to_string(), rel));
+    Ok(())
+}
+
+/// Module name -> file (relative to the module directory), and its direct
+/// dependencies when known from `modules.dep`.
+struct Index {
+    dir: PathBuf,
+    files: BTreeMap<String, String>,
+    dep: Option<BTreeMap<String, Vec<String>>>,
+}
+
+impl Index {
+    fn new(dir: &Path) -> Result<Self, KmodError> {
+        let dep_path = dir.join("modules.dep");
+        match fs::read_to_string(&dep_path) {
+            Ok(text) => {
+                let mut files = BTreeMap::new();
+                let mut dep = BTreeMap::new();
+                for line in text.lines() {
+                    let Some((m, deps)) = line.split_once(':') else {
+                        continue;
+                    };
+                    let Some(name) = module_name(m.trim()) else {
+                        continue;
+                    };
+                    let deps = deps.split_whitespace().filter_map(module_name).collect();
+                    files.insert(name.clone(), m.trim().to_string());
+                    dep.insert(name, deps);
+                }
+                Ok(Index {
+                    dir: dir.to_path_buf(),
+                    files,
+                    dep: Some(dep),
+                })
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                let mut files = BTreeMap::new();
+                walk(dir, dir, &mut files)?;
+                Ok(Index {
+                    dir: dir.to_path_buf(),
+                    files,
+                    dep: None,
+                })
+            }
+            Err(e) => Err(io_err(&dep_path)(e)),
+        }
+    }
+
+    fn deps(&self, name: &str, rel: &str) -> Result<Vec<String>, KmodError> {
+        if let Some(dep) = &self.dep {
+            return Ok(dep.get(name).cloned().unwrap_or_default());
+        }
+        let path = self.dir.join(rel);
+        let data = read_module_file(&path)?;
+        let info = modinfo(&data).map_err(|reason| KmodError::BadModule {
+            path: path.clone(),
+            reason: reason.to_string(),
+        })?;
+        Ok(info
+            .iter()
+            .filter_map(|f| f.strip_prefix("depends="))
+            .flat_map(|d| d.split(','))
+            .filter(|d| !d.is_empty())
+            .map(|d| d.replace('-', "_"))
+            .collect())
+    }
+}
+
+fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, String>) -> Result<(), KmodError> {
+    let mut entries: Vec<_> = fs::read_dir(dir)
+        .map_err(io_err(dir))?
+        .collect::<Result<_, _>>()
+        .map_err(io_err(dir))?;
+    entries.sort_by_key(|e| e.file_name());
+    for e in entries {
+        let p = e.path();
+        let ft = e.file_type().map_err(io_err(&p))?;
+        if ft.is_dir() {
+            walk(root, &p, out)?;
+        } else if let (Some(rel), Some(name)) = (
+            p.strip_prefix(root).ok().and_then(|r| r.to_str()),
+            p.to_str().and_then(module_name),
+        ) {
+            out.entry(name).or_insert_with(|| rel.to_string());
+        }
+    }
+    Ok(())
+}
+
+/// The NUL-separated `key=value` strings of an ELF64 module's `.modinfo`.
+fn modinfo(data: &[u8]) -> Result<Vec<String>, &'static str> {
+    let u16_at = |o: usize| data.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
+    let u32_at = |o: usize| {
+        data.get(o..o + 4)
+            .map(|b| u32::from_le_bytes(b.try_into().unwrap()))
+    };
+    let u64_at = |o: usize| {
+        data.get(o..o + 8)
+            .map(|b| u64::from_le_bytes(b.try_into().unwrap()) as usize)
+    };
+    if data.get(..6) != Some(b"\x7fELF\x02\x01") {
+        return Err("not a 64-bit little-endian ELF module");
+    }
+    let bad = "truncated ELF section headers";
+    let shoff = u64_at(0x28).ok_or(bad)?;
+    let shentsize = u16_at(0x3a).ok_or(bad)? as usize;
+    let shnum = u16_at(0x3c).ok_or(bad)? as usize;
+    let shstrndx = u16_at(0x3e).ok_or(bad)? as usize;
+    let sect = |i: usize| -> Option<(u32, usize, usize)> {
+        let h = shoff.checked_add(i.checked_mul(shentsize)?)?;
+        Some((u32_at(h)?, u64_at(h + 0x18)?, u64_at(h + 0x20)?))
+    };
+    let (_, stroff, strsize) = sect(shstrndx).ok_or(bad)?;
+    let strtab = data
+        .get(stroff..stroff.saturating_add(strsize))
+        .ok_or(bad)?;
+    for i in 0..shnum {
+        let (name, off, size) = sect(i).ok_or(bad)?;
+        let n = strtab.get(name as usize..).unwrap_or_default();
+        let n = &n[..n.iter().position(|c| *c == 0).unwrap_or(n.len())];
+        if n == b".modinfo" {
+            let body = data.get(off..off.saturating_add(size)).ok_or(bad)?;
+            return Ok(body
+                .split(|c| *c == 0)
+                .filter(|s| !s.is_empty())
+                .map(|s| String::from_utf8_lossy(s).into_owned())
+                .collect());
+        }
+    }
+    Err("no .modinfo section")
+}
+
+/// A module's bytes, decompressed.
+pub fn read_module(m: &Module) -> Result<Vec<u8>, KmodError> {
+    read_module_file(&m.src)
+}
+
+fn read_module_file(path: &Path) -> Result<Vec<u8>, KmodError> {
+    let name = path.to_string_lossy();
+    if name.ends_with(".ko") {
+        return fs::read(path).map_err(io_err(path));
+    }
+    if name.ends_with(".ko.gz") {
+        let mut out = Vec::new();
+        flate2::read::GzDecoder::new(fs::File::open(path).map_err(io_err(path))?)
+            .read_to_end(&mut out)
+            .map_err(io_err(path))?;
+        return Ok(out);
+    }
+    // The host's own xz/zstd: these are the host's files, not user bytes.
+    let tool = if name.ends_with(".ko.xz") {
+        "xz"
+    } else if name.ends_with(".ko.zst") {
+        "zstd"
+    } else {
+        return Err(KmodError::BadModule {
+            path: path.to_path_buf(),
+            reason: "not a .ko, .ko.gz, .ko.xz or .ko.zst file".to_string(),
+        });
+    };
+    let out = Command::new(tool)
+        .arg("-dc")
+        .arg(path)
+        .output()
+        .map_err(|e| KmodError::BadModule {
+            path: path.to_path_buf(),
+            reason: format!("cannot run {tool} to decompress it: {e}"),
+        })?;
+    if !out.status.success() {
+        return Err(KmodError::BadModule {
+            path: path.to_path_buf(),
+            reason: format!(
+                "{tool} -dc failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+        });
+    }
+    Ok(out.stdout)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_util::TempDir;
+
+    #[test]
+    fn version_from_bzimage_header_and_banner() {
+        let mut bz = vec![0u8; 0x400];
+        bz[0x202..0x206].copy_from_slice(b"HdrS");
+        bz[0x20e..0x210].copy_from_slice(&0x100u16.to_le_bytes());
+        bz[0x300..0x315].copy_from_slice(b"6.1.0-57-cloud-amd64 ");
+        assert_eq!(version_of(&bz).unwrap(), "6.1.0-57-cloud-amd64");
+        let elf = b"\x7fELF....Linux version 6.6.1-ember (x@y) #1\0".to_vec();
+        assert_eq!(version_of(&elf).unwrap(), "6.6.1-ember");
+        assert_eq!(version_of(b"nothing here"), None);
+    }
+
+    #[test]
+    fn closure_from_modules_dep_skips_builtin_and_names_missing() {
+        let t = TempDir::new();
+        let dir = t.0.join("lib/modules/1.2.3");
+        fs::create_dir_all(dir.join("kernel/a")).unwrap();
+        fs::write(
+            dir.join("modules.dep"),
+            "kernel/a/virtio_mmio.ko: kernel/a/virtio_ring.ko kernel/a/virtio.ko\n\
+             kernel/a/virtio_ring.ko: kernel/a/virtio.ko\n\
+             kernel/a/virtio.ko:\n\
+             kernel/a/virtio_blk.ko.xz: kernel/a/virtio_ring.ko kernel/a/virtio.ko\n",
+        )
+        .unwrap();
+        fs::write(dir.join("modules.builtin"), "kernel/fs/ext4/ext4.ko\n").unwrap();
+        let c = closure_for("1.2.3", &t.0, &["virtio_mmio", "virtio_blk", "ext4"]).unwrap();
+        let names: Vec<&str> = c.modules.iter().map(|m| m.name.as_str()).collect();
+        assert_eq!(
+            names,
+            ["virtio", "virtio_ring", "virtio_mmio", "virtio_blk"]
+        );
+        assert_eq!(
+            c.modules[3].dest,
+            "lib/modules/1.2.3/kernel/a/virtio_blk.ko"
+        );
+        assert_eq!(c.modules[3].src, dir.join("kernel/a/virtio_blk.ko.xz"));
+        assert!(c
+            .list()
+            .starts_with("/lib/modules/1.2.3/kernel/a/virtio.ko\n"));
+        let err = closure_for("1.2.3", &t.0, &["virtio_net", "vsock"]).unwrap_err();
+        assert!(err.to_string().contains("virtio_net, vsock"), "{err}");
+        let err = closure_for("9.9", &t.0, &["x"]).unwrap_err();
+        assert!(matches!(err, KmodError::NoModulesDir { .. }), "{err}");
+    }
+
+    #[test]
+    fn gz_modules_are_decompressed() {
+        use std::io::Write;
+        let t = TempDir::new();
+        let p = t.0.join("m.ko.gz");
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        gz.write_all(b"module bytes").unwrap();
+        fs::write(&p, gz.finish().unwrap()).unwrap();
+        assert_eq!(read_module_file(&p).unwrap(), b"module bytes");
+    }
+}
