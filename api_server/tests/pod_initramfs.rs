@@ -160,3 +160,164 @@ fn real_agent_initramfs_is_self_contained() {
         println!("the agent is statically linked: no libraries in the image");
     }
 }
+
+/// The unpacked Debian cloud kernel package (`resources/ci/fetch-kernel.sh`),
+/// or None (skip). Under CI a missing package is a failure, not a skip.
+fn debian_kernel() -> Option<(PathBuf, PathBuf)> {
+    let root = PathBuf::from(
+        std::env::var_os("EMBER_KERNEL_CACHE").unwrap_or("/var/cache/ember/kernel".into()),
+    )
+    .join("root");
+    let image = fs::read_dir(root.join("boot"))
+        .ok()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-"))
+        });
+    assert!(
+        image.is_some() || std::env::var_os("CI").is_none(),
+        "CI is set but there is no kernel package under {}: .ci/run runs resources/ci/fetch-kernel.sh",
+        root.display()
+    );
+    if image.is_none() {
+        println!(
+            "SKIP: no Debian kernel package under {} (run resources/ci/fetch-kernel.sh)",
+            root.display()
+        );
+    }
+    image.map(|i| (i, root))
+}
+
+/// What the Debian 6.1 cloud kernel's `.modinfo` `depends=` fields say the
+/// wanted modules need (ext4, jbd2, mbcache, crc16 and crc32c are built in).
+const DEBIAN_CLOSURE: [&str; 10] = [
+    "virtio",
+    "virtio_ring",
+    "virtio_mmio",
+    "virtio_blk",
+    "failover",
+    "net_failover",
+    "virtio_net",
+    "vsock",
+    "vmw_vsock_virtio_transport_common",
+    "vmw_vsock_virtio_transport",
+];
+
+#[test]
+fn debian_kernel_module_closure() {
+    use api_server::build::kmod;
+    let Some((image, root)) = debian_kernel() else {
+        return;
+    };
+    let c = kmod::closure(&image, &root).unwrap();
+    assert!(c.version.starts_with("6.1.0-"), "{}", c.version);
+    let names: Vec<&str> = c.modules.iter().map(|m| m.name.as_str()).collect();
+    println!("kernel {}: modules {names:?}", c.version);
+    let mut got = names.clone();
+    got.sort();
+    let mut want = DEBIAN_CLOSURE.to_vec();
+    want.sort();
+    assert_eq!(got, want, "exactly the modules the dependencies need");
+    let pos = |n: &str| names.iter().position(|m| *m == n).unwrap();
+    for (before, after) in [
+        ("virtio", "virtio_mmio"),
+        ("virtio_ring", "virtio_mmio"),
+        ("virtio", "virtio_blk"),
+        ("failover", "net_failover"),
+        ("net_failover", "virtio_net"),
+        ("vsock", "vmw_vsock_virtio_transport_common"),
+        (
+            "vmw_vsock_virtio_transport_common",
+            "vmw_vsock_virtio_transport",
+        ),
+    ] {
+        assert!(
+            pos(before) < pos(after),
+            "{before} must load before {after}"
+        );
+    }
+    // Every dependency of every module comes earlier (checked by modinfo).
+    for (i, m) in c.modules.iter().enumerate() {
+        assert!(m.src.is_file(), "{}", m.src.display());
+        assert!(
+            m.dest
+                .starts_with(&format!("lib/modules/{}/kernel/", c.version))
+                && m.dest.ends_with(".ko"),
+            "{}",
+            m.dest
+        );
+        let out = Command::new("strings").arg("-a").arg(&m.src).output();
+        if let Ok(out) = out {
+            let text = String::from_utf8_lossy(&out.stdout);
+            for dep in text
+                .lines()
+                .filter_map(|l| l.strip_prefix("depends="))
+                .flat_map(|d| d.split(','))
+                .filter(|d| !d.is_empty())
+            {
+                assert!(
+                    names[..i].contains(&dep),
+                    "{} depends on {dep}, which is not loaded before it",
+                    m.name
+                );
+            }
+        }
+    }
+    // Without the module directory: a clear refusal.
+    let err = kmod::closure(&image, Path::new("/nonexistent")).unwrap_err();
+    assert!(err.to_string().contains("no module directory"), "{err}");
+}
+
+#[test]
+fn debian_kernel_pod_initramfs_carries_its_modules() {
+    use api_server::build::{kmod, pod_initramfs::build_with_modules};
+    let Some((image, root)) = debian_kernel() else {
+        return;
+    };
+    let agent = workspace_bin("ember-agent", "ember-agent");
+    let c = kmod::closure(&image, &root).unwrap();
+    let t = TempDir::new("pod-initramfs-kmod");
+    let img = t.0.join("pod-initrd.gz");
+    let info = build_with_modules(&agent, &img, Some(&c)).unwrap();
+    let x = t.0.join("root");
+    fs::create_dir(&x).unwrap();
+    extract(&img, &x);
+    // The list: one absolute path per line, in load order.
+    let list = fs::read_to_string(x.join("etc/ember-modules")).unwrap();
+    let want: Vec<String> = c.modules.iter().map(|m| format!("/{}", m.dest)).collect();
+    assert_eq!(list.lines().collect::<Vec<_>>(), want);
+    println!("/etc/ember-modules:\n{list}");
+    // Exactly those .ko files, byte for byte (the package's are uncompressed).
+    let mut kos = Vec::new();
+    let mut stack = vec![x.join("lib/modules")];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                kos.push(format!("/{}", p.strip_prefix(&x).unwrap().display()));
+            }
+        }
+    }
+    kos.sort();
+    let mut sorted = want.clone();
+    sorted.sort();
+    assert_eq!(kos, sorted);
+    for m in &c.modules {
+        assert_eq!(
+            fs::read(x.join(&m.dest)).unwrap(),
+            kmod::read_module(m).unwrap(),
+            "{}",
+            m.dest
+        );
+    }
+    for w in &want {
+        assert!(info.files.contains(w), "{w} not in {:?}", info.files);
+    }
+    assert!(info.files.iter().any(|f| f == "/etc/ember-modules"));
+    assert_eq!(fs::read(x.join("init")).unwrap(), fs::read(&agent).unwrap());
+}

@@ -18,6 +18,11 @@
 //!   so no link in the image can point outside it. A static agent
 //!   (`-C target-feature=+crt-static`) gets no libraries.
 //!
+//! * with [`build_with_modules`], the kernel modules of a
+//!   [`kmod::Closure`] (decompressed) at `/lib/modules/<version>/...` (0644)
+//!   and the list `/etc/ember-modules` (0644): one module path per line, in
+//!   load order, which the agent loads before touching a device.
+//!
 //! Owners are 0:0, timestamps 0 and inodes numbered in archive order, so the
 //! same agent (and libraries) give the same bytes.
 
@@ -30,6 +35,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use flate2::write::GzEncoder;
 use flate2::Compression;
 
+use crate::build::kmod;
 use crate::build::linux::{inspect_elf, write_newc, CpioBody, CpioEntry, Elf};
 
 /// Environment variable naming the agent binary; see [`find_agent`].
@@ -72,6 +78,9 @@ pub enum PodInitramfsError {
     /// A file larger than a newc entry can hold.
     #[error("{path} is too large for an initramfs ({size} bytes)")]
     TooLarge { path: PathBuf, size: u64 },
+    /// The kernel's modules could not be read.
+    #[error("cannot pack the kernel modules: {0}")]
+    Modules(#[from] kmod::KmodError),
     /// A host file operation failed.
     #[error("{path}: {source}")]
     Io {
@@ -212,6 +221,16 @@ fn open_sized(path: &Path) -> Result<(File, u32), PodInitramfsError> {
 /// Builds the pod initramfs `out` (replacing it atomically) with `agent` as
 /// `/init`; see the module documentation for what goes in.
 pub fn build(agent: &Path, out: &Path) -> Result<PodInitramfs, PodInitramfsError> {
+    build_with_modules(agent, out, None)
+}
+
+/// [`build`], plus the kernel modules of `modules` and their list file
+/// ([`kmod::LIST_FILE`]).
+pub fn build_with_modules(
+    agent: &Path,
+    out: &Path,
+    modules: Option<&kmod::Closure>,
+) -> Result<PodInitramfs, PodInitramfsError> {
     let libs = agent_libraries(agent)?;
     let (mut init, init_size) = open_sized(agent)?;
 
@@ -229,16 +248,36 @@ pub fn build(agent: &Path, out: &Path) -> Result<PodInitramfs, PodInitramfsError
         }
         packed.push(Packed { name, file, size });
     }
+    let mut mods = Vec::new();
+    for m in modules.map(|c| c.modules.as_slice()).unwrap_or_default() {
+        let data = kmod::read_module(m)?;
+        let size = u32::try_from(data.len()).map_err(|_| PodInitramfsError::TooLarge {
+            path: m.src.clone(),
+            size: data.len() as u64,
+        })?;
+        let mut parent = Path::new(&m.dest).parent();
+        while let Some(dir) = parent.filter(|d| !d.as_os_str().is_empty()) {
+            dirs.insert(dir.to_string_lossy().into_owned());
+            parent = dir.parent();
+        }
+        mods.push((m.dest.clone(), io::Cursor::new(data), size));
+    }
+    let list = modules.map(|c| c.list().into_bytes());
     // Skeleton directories are already there; anything else must not clash.
     dirs.retain(|d| {
         !skeleton()
             .iter()
             .any(|e| e.name == d && matches!(e.body, CpioBody::Dir))
     });
-    for p in &packed {
-        if fixed.contains(&p.name.as_str()) || dirs.contains(&p.name) {
+    let mut taken = BTreeSet::new();
+    let extra_names = packed
+        .iter()
+        .map(|p| &p.name)
+        .chain(mods.iter().map(|m| &m.0));
+    for name in extra_names {
+        if fixed.contains(&name.as_str()) || dirs.contains(name) || !taken.insert(name) {
             return Err(PodInitramfsError::BadLibrary {
-                path: PathBuf::from(format!("/{}", p.name)),
+                path: PathBuf::from(format!("/{name}")),
                 reason: "the path is already taken in the image".to_string(),
             });
         }
@@ -253,6 +292,11 @@ pub fn build(agent: &Path, out: &Path) -> Result<PodInitramfs, PodInitramfsError
     let mut files: Vec<String> = fixed.iter().map(|n| format!("/{n}")).collect();
     files.extend(dirs.iter().map(|d| format!("/{d}")));
     files.extend(packed.iter().map(|p| format!("/{}", p.name)));
+    files.extend(mods.iter().map(|m| format!("/{}", m.0)));
+    let mut list_src = io::Cursor::new(list.clone().unwrap_or_default());
+    if list.is_some() {
+        files.push(format!("/{}", kmod::LIST_FILE));
+    }
 
     let entries = skeleton()
         .into_iter()
@@ -271,6 +315,22 @@ pub fn build(agent: &Path, out: &Path) -> Result<PodInitramfs, PodInitramfsError
             body: CpioBody::File {
                 src: &mut p.file,
                 size: p.size,
+            },
+        }))
+        .chain(mods.iter_mut().map(|m| CpioEntry {
+            name: &m.0,
+            perm: 0o644,
+            body: CpioBody::File {
+                src: &mut m.1,
+                size: m.2,
+            },
+        }))
+        .chain(list.as_ref().map(|l| CpioEntry {
+            name: kmod::LIST_FILE,
+            perm: 0o644,
+            body: CpioBody::File {
+                src: &mut list_src,
+                size: l.len() as u32,
             },
         }));
     let size = write_atomically(out, |w| write_newc(w, entries))?;

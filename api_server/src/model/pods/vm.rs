@@ -41,8 +41,33 @@ impl Pods {
                 kernel.display()
             ))
         })?;
-        crate::build::pod_initramfs::build(agent, &dir.join("initrd"))
-            .map_err(|e| failed(format!("cannot build the pod initramfs: {e}")))?;
+        use crate::build::kmod::{self, KmodError};
+        // A kernel with modules installed must have the ones ember's
+        // devices need; one without a module directory (a custom kernel with
+        // everything built in) gets none.
+        let modules = match kmod::closure(kernel, &kmod::modules_root()) {
+            Ok(c) => Some(c),
+            Err(e @ (KmodError::NoVersion(_) | KmodError::NoModulesDir { .. })) => {
+                log::warn!(
+                    "pod kernel {}: {e}; packing no modules (virtio-mmio, virtio-blk, \
+                     virtio-net and vsock must be built in)",
+                    kernel.display()
+                );
+                None
+            }
+            Err(e) => {
+                return Err(failed(format!(
+                    "the pod kernel {} cannot be used: {e}",
+                    kernel.display()
+                )))
+            }
+        };
+        crate::build::pod_initramfs::build_with_modules(
+            agent,
+            &dir.join("initrd"),
+            modules.as_ref(),
+        )
+        .map_err(|e| failed(format!("cannot build the pod initramfs: {e}")))?;
         let size = ["kernel", "initrd"]
             .iter()
             .filter_map(|f| std::fs::metadata(dir.join(f)).ok())
