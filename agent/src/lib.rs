@@ -30,6 +30,7 @@
 pub mod b64;
 pub mod client;
 pub mod container;
+pub mod modules;
 pub mod protocol;
 pub mod server;
 pub mod transport;

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use ember_agent::container::Paths;
+use ember_agent::modules;
 use ember_agent::protocol::CONTROL_PORT;
 use ember_agent::server::{self, Server, VERSION};
 use ember_agent::transport::Listener;
@@ -156,6 +157,15 @@ fn init_system() {
         if unsafe { libc::sethostname(h.as_ptr().cast(), h.len()) } < 0 {
             log::warn!("sethostname {h}: {}", std::io::Error::last_os_error());
         }
+    }
+    // Before anything touches a device (the vsock listener comes later).
+    let list = Path::new(modules::LIST_FILE);
+    let (loaded, errors) = modules::load_listed(list, &mut modules::FinitModule);
+    if loaded > 0 {
+        log::info!("loaded {loaded} kernel modules from {}", list.display());
+    }
+    for e in errors {
+        log::error!("{e}");
     }
 }
 
