@@ -31,6 +31,7 @@ use std::time::Duration;
 use flate2::write::GzEncoder;
 use flate2::Compression;
 
+use crate::build::kmod;
 use crate::sandbox::{self, Job, PrivateDir, SandboxError, Status};
 
 /// What `/describe_compiler` says about `linux-c-ember`.
@@ -46,8 +47,12 @@ libm are available.
 
 The image boots a stock Linux kernel (bzImage) with an initramfs that holds \
 /init (your program, pid 1), /dev/console and empty /dev, /proc, /sys, /tmp and \
-/mnt directories. Nothing else runs: no shell, no init system, no /etc. \
-stdin/stdout/stderr are the serial console, which is the instance log.
+/mnt directories. Nothing else runs: no shell, no init system, no /etc (but see below). \
+stdin/stdout/stderr are the serial console, which is the instance log. \
+When the host kernel builds ember's devices as modules (distribution \
+kernels do), the initramfs also holds them under /lib/modules/<version>/ and \
+/etc/ember-modules lists them, one path per line in load order; your program \
+must load them (finit_module(2)) before it uses a disk, the network or vsock.
 
 Arguments and environment reach the program the way Linux passes them to \
 init: on the kernel command line, the words after `--` become argv[1..] (the \
@@ -79,8 +84,12 @@ the archive are ignored; put data on a volume instead.
 The image boots a stock Linux kernel (bzImage) with an initramfs that holds \
 /init (your program, pid 1, mode 0755), /dev/console and empty /dev, /proc, \
 /sys, /tmp and /mnt directories. Nothing else runs: no shell, no init system, \
-no /etc. stdin/stdout/stderr are the serial console, which is the instance \
-log.
+no /etc (but see below). stdin/stdout/stderr are the serial console, which is the instance \
+log. \
+When the host kernel builds ember's devices as modules (distribution \
+kernels do), the initramfs also holds them under /lib/modules/<version>/ and \
+/etc/ember-modules lists them, one path per line in load order; your program \
+must load them (finit_module(2)) before it uses a disk, the network or vsock.
 
 Arguments and environment reach the program the way Linux passes them to \
 init: on the kernel command line, the words after `--` become argv[1..] (the \
@@ -158,6 +167,9 @@ pub enum LinuxBuildError {
     /// `/init` larger than a newc cpio entry can hold.
     #[error("/init is too large for an initramfs ({0} bytes)")]
     TooLarge(u64),
+    /// The kernel's modules could not be read.
+    #[error("cannot pack the kernel modules: {0}")]
+    Modules(#[from] kmod::KmodError),
     /// A host file operation failed.
     #[error("{path}: {source}")]
     Io {
@@ -181,10 +193,24 @@ pub fn build_initramfs(
     lang: LinuxLang,
     out: &Path,
 ) -> Result<InitramfsInfo, LinuxBuildError> {
+    build_initramfs_with_modules(src_dir, lang, out, None)
+}
+
+/// [`build_initramfs`], plus the kernel modules of `modules`
+/// (decompressed) under `/lib/modules/<version>/` and their list
+/// `/etc/ember-modules` (one path per line, in load order). `/init` is still
+/// the user's program, which must load them itself (a loader `/init` that
+/// execs the program is not written yet).
+pub fn build_initramfs_with_modules(
+    src_dir: &Path,
+    lang: LinuxLang,
+    out: &Path,
+    modules: Option<&kmod::Closure>,
+) -> Result<InitramfsInfo, LinuxBuildError> {
     match lang {
         LinuxLang::Binary => {
             let (init, name) = find_binary(src_dir)?;
-            let (init_size, image_size) = write_initramfs(&init, out)?;
+            let (init_size, image_size) = write_initramfs(&init, out, modules)?;
             Ok(InitramfsInfo {
                 init_size,
                 image_size,
@@ -197,7 +223,7 @@ pub fn build_initramfs(
             let log = compile_c(src_dir, &bin, sandbox::config().limits.timeout)?;
             let name = "the compiled program".to_string();
             check_static_elf(&bin, &name)?;
-            let (init_size, image_size) = write_initramfs(&bin, out)?;
+            let (init_size, image_size) = write_initramfs(&bin, out, modules)?;
             Ok(InitramfsInfo {
                 init_size,
                 image_size,
@@ -591,10 +617,32 @@ fn skeleton<'a>() -> [CpioEntry<'a>; 6] {
 
 /// Writes the gzip-compressed newc initramfs with `init` as `/init`;
 /// returns (init size, image size).
-fn write_initramfs(init: &Path, out: &Path) -> Result<(u64, u64), LinuxBuildError> {
+fn write_initramfs(
+    init: &Path,
+    out: &Path,
+    modules: Option<&kmod::Closure>,
+) -> Result<(u64, u64), LinuxBuildError> {
     let mut src = File::open(init).map_err(io_err(init))?;
     let init_size = src.metadata().map_err(io_err(init))?.len();
     let init_size32 = u32::try_from(init_size).map_err(|_| LinuxBuildError::TooLarge(init_size))?;
+    let mut mods = Vec::new();
+    let mut dirs = std::collections::BTreeSet::new();
+    for m in modules.map(|c| c.modules.as_slice()).unwrap_or_default() {
+        let data = kmod::read_module(m)?;
+        let size =
+            u32::try_from(data.len()).map_err(|_| LinuxBuildError::TooLarge(data.len() as u64))?;
+        let mut parent = Path::new(&m.dest).parent();
+        while let Some(dir) = parent.filter(|d| !d.as_os_str().is_empty()) {
+            dirs.insert(dir.to_string_lossy().into_owned());
+            parent = dir.parent();
+        }
+        mods.push((m.dest.clone(), io::Cursor::new(data), size));
+    }
+    let list = modules.map(|c| c.list().into_bytes());
+    if list.is_some() {
+        dirs.insert("etc".to_string());
+    }
+    let mut list_src = io::Cursor::new(list.clone().unwrap_or_default());
     let res = (|| -> io::Result<u64> {
         let file = File::create(out)?;
         let mut gz = GzEncoder::new(BufWriter::new(file), Compression::default());
@@ -606,7 +654,26 @@ fn write_initramfs(init: &Path, out: &Path) -> Result<(u64, u64), LinuxBuildErro
                 size: init_size32,
             },
         };
-        write_newc(&mut gz, skeleton().into_iter().chain([init]))?;
+        let extra = dirs
+            .iter()
+            .map(|d| CpioEntry::dir(d, 0o755))
+            .chain(mods.iter_mut().map(|m| CpioEntry {
+                name: &m.0,
+                perm: 0o644,
+                body: CpioBody::File {
+                    src: &mut m.1,
+                    size: m.2,
+                },
+            }))
+            .chain(list.as_ref().map(|l| CpioEntry {
+                name: kmod::LIST_FILE,
+                perm: 0o644,
+                body: CpioBody::File {
+                    src: &mut list_src,
+                    size: l.len() as u32,
+                },
+            }));
+        write_newc(&mut gz, skeleton().into_iter().chain([init]).chain(extra))?;
         let mut inner = gz.finish()?;
         inner.flush()?;
         let file = inner.into_inner().map_err(|e| e.into_error())?;
@@ -938,6 +1005,50 @@ int main(int argc, char **argv) {
         assert_eq!(ents["init"].data, want);
         assert_eq!(info.init_size, want.len() as u64);
         assert!(info.log.contains("hello"), "{}", info.log);
+    }
+
+    #[test]
+    fn binary_image_carries_the_kernel_modules_and_their_list() {
+        use std::io::Write;
+        let t = TempDir::new();
+        let src = t.0.join("src");
+        fs::create_dir_all(&src).unwrap();
+        let c = t.0.join("hello.c");
+        fs::write(&c, "int main(void){return 0;}\n").unwrap();
+        let bin = src.join("app");
+        gcc(&["-static", "-o", bin.to_str().unwrap(), c.to_str().unwrap()]);
+        let dir = t.0.join("lib/modules/1.0");
+        fs::create_dir_all(dir.join("kernel/v")).unwrap();
+        fs::write(
+            dir.join("modules.dep"),
+            "kernel/v/virtio_mmio.ko.gz: kernel/v/virtio.ko\nkernel/v/virtio.ko:\n",
+        )
+        .unwrap();
+        fs::write(dir.join("kernel/v/virtio.ko"), "virtio").unwrap();
+        let mut gz = GzEncoder::new(Vec::new(), Compression::default());
+        gz.write_all(b"mmio").unwrap();
+        fs::write(dir.join("kernel/v/virtio_mmio.ko.gz"), gz.finish().unwrap()).unwrap();
+        let closure = kmod::closure_for("1.0", &t.0, &["virtio_mmio"]).unwrap();
+        let out = t.0.join("initrd.gz");
+        build_initramfs_with_modules(&src, LinuxLang::Binary, &out, Some(&closure)).unwrap();
+        let ents = read_initramfs(&out);
+        // The skeleton and /init (7), six directories, two modules, the list.
+        assert_eq!(ents.len(), 16, "{:?}", ents.keys().collect::<Vec<_>>());
+        assert_eq!(ents["dev/console"].rdev, (5, 1));
+        assert_eq!(ents["init"].data, fs::read(&bin).unwrap());
+        assert_eq!(ents["lib/modules/1.0/kernel/v/virtio.ko"].data, b"virtio");
+        assert_eq!(
+            ents["lib/modules/1.0/kernel/v/virtio_mmio.ko"].data,
+            b"mmio"
+        );
+        assert_eq!(ents["lib/modules/1.0/kernel/v/virtio.ko"].mode, 0o100644);
+        for d in ["etc", "lib", "lib/modules", "lib/modules/1.0/kernel/v"] {
+            assert_eq!(ents[d].mode, 0o040755, "{d}");
+        }
+        assert_eq!(
+            String::from_utf8_lossy(&ents["etc/ember-modules"].data),
+            "/lib/modules/1.0/kernel/v/virtio.ko\n/lib/modules/1.0/kernel/v/virtio_mmio.ko\n"
+        );
     }
 
     #[test]

@@ -195,22 +195,62 @@ impl Compiler for LinuxCompiler {
     }
     fn compile(&self, input: &CompileInput) -> Result<CompileOutput, CompileError> {
         use linux::LinuxBuildError as E;
-        let info =
-            linux::build_initramfs(input.src_dir, self.lang, &input.out_dir.join("initrd.img"))
-                .map_err(|e| match e {
-                    E::CompileFailed { output, .. } => CompileError::Failed { output },
-                    E::NoSources => CompileError::NoSources("no *.c files in the tarfile".into()),
-                    E::Gcc(err) => CompileError::Tool {
-                        tool: "gcc".into(),
-                        msg: err.to_string(),
-                    },
-                    E::Sandbox(err) => sandbox_error("gcc", err),
-                    E::Io { .. } => CompileError::Io(std::io::Error::other(e.to_string())),
-                    other => CompileError::BadInput(other.to_string()),
-                })?;
-        // The kernel is the host's: copied in now so the image is complete.
+        // The kernel is the host's: found first, so the initramfs can carry
+        // the modules it needs for ember's devices.
+        let found = linux::find_kernel();
+        let mut kmod_log = String::new();
+        let modules = match &found {
+            None => None,
+            Some(k) => match kmod::closure(k, &kmod::modules_root()) {
+                Ok(c) => {
+                    kmod_log = format!(
+                        "\nkernel modules ({}): {}",
+                        c.version,
+                        c.modules
+                            .iter()
+                            .map(|m| m.name.as_str())
+                            .collect::<Vec<_>>()
+                            .join(" ")
+                    );
+                    Some(c)
+                }
+                Err(e @ (kmod::KmodError::NoVersion(_) | kmod::KmodError::NoModulesDir { .. })) => {
+                    kmod_log = format!("\nno kernel modules packed: {e}");
+                    None
+                }
+                Err(e) => {
+                    return Err(CompileError::Tool {
+                        tool: format!("the Linux kernel {}", k.display()),
+                        msg: e.to_string(),
+                    })
+                }
+            },
+        };
+        let info = linux::build_initramfs_with_modules(
+            input.src_dir,
+            self.lang,
+            &input.out_dir.join("initrd.img"),
+            modules.as_ref(),
+        )
+        .map_err(|e| match e {
+            E::CompileFailed { output, .. } => CompileError::Failed { output },
+            E::NoSources => CompileError::NoSources("no *.c files in the tarfile".into()),
+            E::Gcc(err) => CompileError::Tool {
+                tool: "gcc".into(),
+                msg: err.to_string(),
+            },
+            E::Sandbox(err) => sandbox_error("gcc", err),
+            E::Modules(err) => CompileError::Tool {
+                tool: "the Linux kernel's modules".into(),
+                msg: err.to_string(),
+            },
+            E::Io { .. } => CompileError::Io(std::io::Error::other(e.to_string())),
+            other => CompileError::BadInput(other.to_string()),
+        })?;
+        // Copied in now so the image is complete.
         let mut log = info.log;
-        let kernel = match linux::find_kernel() {
+        log.push_str(&kmod_log);
+        let kernel = match found {
             Some(k) => {
                 std::fs::copy(&k, input.out_dir.join("vmlinuz"))?;
                 log.push_str(&format!("\nkernel: {}", k.display()));
