@@ -191,6 +191,14 @@ fn main() {
         ember_cbuild::LDFLAGS,
     );
     fs::write(out.join("cflags.rs"), src).expect("write cflags.rs");
+
+    // The module loader /init of linux-* images (static, glibc's libc.a).
+    let modload = resources.join("kernel/modload.c");
+    println!("cargo:rerun-if-changed={}", modload.display());
+    run(Command::new(&cc)
+        .args(["-static", "-Os", "-s", "-Wall", "-Werror", "-o"])
+        .arg(out.join("modload"))
+        .arg(&modload));
 }
 
 fn obj_path(dir: &Path, tag: &str, src: &str) -> PathBuf {

@@ -51,8 +51,9 @@ The image boots a stock Linux kernel (bzImage) with an initramfs that holds \
 stdin/stdout/stderr are the serial console, which is the instance log. \
 When the host kernel builds ember's devices as modules (distribution \
 kernels do), the initramfs also holds them under /lib/modules/<version>/ and \
-/etc/ember-modules lists them, one path per line in load order; your program \
-must load them (finit_module(2)) before it uses a disk, the network or vsock.
+/etc/ember-modules lists them, one path per line in load order; then /init is \
+a small loader that loads them and execs your program (stored as /ember/init) \
+as PID 1 with the same argv (argv[0] \"/init\") and environment.
 
 Arguments and environment reach the program the way Linux passes them to \
 init: on the kernel command line, the words after `--` become argv[1..] (the \
@@ -88,8 +89,9 @@ no /etc (but see below). stdin/stdout/stderr are the serial console, which is th
 log. \
 When the host kernel builds ember's devices as modules (distribution \
 kernels do), the initramfs also holds them under /lib/modules/<version>/ and \
-/etc/ember-modules lists them, one path per line in load order; your program \
-must load them (finit_module(2)) before it uses a disk, the network or vsock.
+/etc/ember-modules lists them, one path per line in load order; then /init is \
+a small loader that loads them and execs your program (stored as /ember/init) \
+as PID 1 with the same argv (argv[0] \"/init\") and environment.
 
 Arguments and environment reach the program the way Linux passes them to \
 init: on the kernel command line, the words after `--` become argv[1..] (the \
@@ -105,6 +107,14 @@ panics; to finish cleanly call reboot(2) (power off or restart) after sync.";
 pub const KERNEL_ENV: &str = "EMBER_LINUX_KERNEL";
 /// The daemon's own kernel location.
 pub const KERNEL_PATH: &str = "/var/lib/ember/kernels/vmlinuz";
+
+/// The module loader (`resources/kernel/modload.c`, built statically by
+/// `build.rs`): `/init` of an image that carries kernel modules; it loads
+/// the modules `/etc/ember-modules` lists, then execs
+/// [`PROGRAM_BEHIND_LOADER`].
+const MODLOAD: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/modload"));
+/// Where the user's program goes when [`MODLOAD`] is `/init`.
+const PROGRAM_BEHIND_LOADER: &str = "ember/init";
 
 /// ELF `PT_INTERP`.
 const PT_INTERP: u32 = 3;
@@ -198,9 +208,10 @@ pub fn build_initramfs(
 
 /// [`build_initramfs`], plus the kernel modules of `modules`
 /// (decompressed) under `/lib/modules/<version>/` and their list
-/// `/etc/ember-modules` (one path per line, in load order). `/init` is still
-/// the user's program, which must load them itself (a loader `/init` that
-/// execs the program is not written yet).
+/// `/etc/ember-modules` (one path per line, in load order). When there is
+/// at least one module, `/init` is the loader ([`MODLOAD`]) and the user's
+/// program is `/ember/init`, which the loader execs (still PID 1, same argv
+/// and environment) after loading the modules.
 pub fn build_initramfs_with_modules(
     src_dir: &Path,
     lang: LinuxLang,
@@ -625,6 +636,10 @@ fn write_initramfs(
     let mut src = File::open(init).map_err(io_err(init))?;
     let init_size = src.metadata().map_err(io_err(init))?.len();
     let init_size32 = u32::try_from(init_size).map_err(|_| LinuxBuildError::TooLarge(init_size))?;
+    // With modules to load, /init is the loader and the program moves to
+    // /ember/init.
+    let modules = modules.filter(|c| !c.modules.is_empty());
+    let mut loader = io::Cursor::new(MODLOAD);
     let mut mods = Vec::new();
     let mut dirs = std::collections::BTreeSet::new();
     for m in modules.map(|c| c.modules.as_slice()).unwrap_or_default() {
@@ -641,22 +656,41 @@ fn write_initramfs(
     let list = modules.map(|c| c.list().into_bytes());
     if list.is_some() {
         dirs.insert("etc".to_string());
+        dirs.insert("ember".to_string());
     }
     let mut list_src = io::Cursor::new(list.clone().unwrap_or_default());
     let res = (|| -> io::Result<u64> {
         let file = File::create(out)?;
         let mut gz = GzEncoder::new(BufWriter::new(file), Compression::default());
-        let init = CpioEntry {
-            name: "init",
+        let program = CpioEntry {
+            name: if list.is_some() {
+                PROGRAM_BEHIND_LOADER
+            } else {
+                "init"
+            },
             perm: 0o755,
             body: CpioBody::File {
                 src: &mut src,
                 size: init_size32,
             },
         };
+        let (init, program) = if list.is_some() {
+            let loader = CpioEntry {
+                name: "init",
+                perm: 0o755,
+                body: CpioBody::File {
+                    src: &mut loader,
+                    size: MODLOAD.len() as u32,
+                },
+            };
+            (loader, Some(program))
+        } else {
+            (program, None)
+        };
         let extra = dirs
             .iter()
             .map(|d| CpioEntry::dir(d, 0o755))
+            .chain(program)
             .chain(mods.iter_mut().map(|m| CpioEntry {
                 name: &m.0,
                 perm: 0o644,
@@ -1007,6 +1041,62 @@ int main(int argc, char **argv) {
         assert!(info.log.contains("hello"), "{}", info.log);
     }
 
+    /// The loader execs /ember/init with its argv and environment. Only with
+    /// an empty list: finit_module must not run on the host. Needs root for
+    /// chroot (skipped otherwise).
+    #[test]
+    fn modload_execs_the_program_behind_it() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            println!("skipping the modload run: not root (chroot)");
+            return;
+        }
+        let chroot = ["/usr/sbin/chroot", "/sbin/chroot", "/usr/bin/chroot"]
+            .into_iter()
+            .find(|p| Path::new(p).is_file())
+            .expect("chroot (coreutils) not found");
+        let t = TempDir::new();
+        let root = t.0.join("root");
+        fs::create_dir_all(root.join("etc")).unwrap();
+        fs::create_dir_all(root.join("ember")).unwrap();
+        fs::write(root.join("init"), MODLOAD).unwrap();
+        fs::set_permissions(root.join("init"), fs::Permissions::from_mode(0o755)).unwrap();
+        fs::write(root.join("etc/ember-modules"), "# nothing to load\n\n").unwrap();
+        let c = t.0.join("p.c");
+        fs::write(
+            &c,
+            "#include <stdio.h>\n#include <stdlib.h>\n\
+             int main(int c,char**v){for(int i=0;i<c;i++)printf(\"%s|\",v[i]);\
+             printf(\"%s\\n\",getenv(\"K\"));return 3;}\n",
+        )
+        .unwrap();
+        let prog = root.join("ember/init");
+        gcc(&["-static", "-o", prog.to_str().unwrap(), c.to_str().unwrap()]);
+        let out = Command::new(chroot)
+            .arg(&root)
+            .args(["/init", "a", "b c"])
+            .env_clear()
+            .env("K", "v")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(3), "{out:?}");
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "/init|a|b c|v\n");
+        assert!(
+            out.stderr.is_empty(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // Without the program: a clear message, exit 127.
+        fs::remove_file(&prog).unwrap();
+        let out = Command::new("chroot")
+            .arg(&root)
+            .arg("/init")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(127));
+        assert!(String::from_utf8_lossy(&out.stderr).contains("exec /ember/init"));
+    }
+
     #[test]
     fn binary_image_carries_the_kernel_modules_and_their_list() {
         use std::io::Write;
@@ -1032,17 +1122,28 @@ int main(int argc, char **argv) {
         let out = t.0.join("initrd.gz");
         build_initramfs_with_modules(&src, LinuxLang::Binary, &out, Some(&closure)).unwrap();
         let ents = read_initramfs(&out);
-        // The skeleton and /init (7), six directories, two modules, the list.
-        assert_eq!(ents.len(), 16, "{:?}", ents.keys().collect::<Vec<_>>());
+        // The skeleton and /init (7), seven directories, the program, two
+        // modules, the list.
+        assert_eq!(ents.len(), 18, "{:?}", ents.keys().collect::<Vec<_>>());
         assert_eq!(ents["dev/console"].rdev, (5, 1));
-        assert_eq!(ents["init"].data, fs::read(&bin).unwrap());
+        // /init is the loader; the program is behind it.
+        assert_eq!(ents["init"].data, MODLOAD);
+        assert_eq!(ents["init"].mode, 0o100755);
+        assert_eq!(ents["ember/init"].data, fs::read(&bin).unwrap());
+        assert_eq!(ents["ember/init"].mode, 0o100755);
         assert_eq!(ents["lib/modules/1.0/kernel/v/virtio.ko"].data, b"virtio");
         assert_eq!(
             ents["lib/modules/1.0/kernel/v/virtio_mmio.ko"].data,
             b"mmio"
         );
         assert_eq!(ents["lib/modules/1.0/kernel/v/virtio.ko"].mode, 0o100644);
-        for d in ["etc", "lib", "lib/modules", "lib/modules/1.0/kernel/v"] {
+        for d in [
+            "etc",
+            "ember",
+            "lib",
+            "lib/modules",
+            "lib/modules/1.0/kernel/v",
+        ] {
             assert_eq!(ents[d].mode, 0o040755, "{d}");
         }
         assert_eq!(
