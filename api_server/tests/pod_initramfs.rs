@@ -266,6 +266,24 @@ fn debian_kernel_module_closure() {
             }
         }
     }
+    // The ELF vmlinux extracted from the same bzImage gives the same version
+    // (from its `Linux version` banner).
+    let vmlinux = image
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("vmlinux");
+    if vmlinux.is_file() {
+        assert_eq!(kmod::kernel_version(&vmlinux).unwrap(), c.version);
+    } else {
+        println!(
+            "no {}: the ELF version path is not checked",
+            vmlinux.display()
+        );
+    }
     // Without the module directory: a clear refusal.
     let err = kmod::closure(&image, Path::new("/nonexistent")).unwrap_err();
     assert!(err.to_string().contains("no module directory"), "{err}");

@@ -490,6 +490,27 @@ mod tests {
     }
 
     #[test]
+    fn xz_and_zst_modules_are_decompressed_with_the_host_tools() {
+        let t = TempDir::new();
+        for (tool, ext) in [("xz", "xz"), ("zstd", "zst")] {
+            let plain = t.0.join(format!("m-{tool}.ko"));
+            fs::write(&plain, b"module bytes").unwrap();
+            let st = Command::new(tool).arg("-q").arg(&plain).status();
+            if !st.is_ok_and(|s| s.success()) {
+                println!("skipping .ko.{ext}: {tool} is not installed");
+                continue;
+            }
+            let packed = t.0.join(format!("m-{tool}.ko.{ext}"));
+            assert!(packed.is_file());
+            assert_eq!(read_module_file(&packed).unwrap(), b"module bytes");
+        }
+        let bad = t.0.join("m.ko.xz");
+        fs::write(&bad, b"not xz").unwrap();
+        let err = read_module_file(&bad).unwrap_err();
+        assert!(matches!(err, KmodError::BadModule { .. }), "{err}");
+    }
+
+    #[test]
     fn gz_modules_are_decompressed() {
         use std::io::Write;
         let t = TempDir::new();
