@@ -2,7 +2,8 @@
 //!
 //! As PID 1 it mounts /proc, /sys, /dev (devtmpfs), /dev/pts and /run,
 //! sets the hostname from the kernel command line (`ember.hostname=NAME`, or
-//! `hostname=NAME`), serves on vsock port 2718 and reaps every orphan. When
+//! `hostname=NAME`), loads the kernel modules `/etc/ember-modules` lists
+//! (see `ember_agent::modules`), serves on vsock port 2718 and reaps every orphan. When
 //! the pod is destroyed it syncs and reboots, which ember-vmm (i8042 reset)
 //! turns into a VMM exit. Otherwise it just serves on the given transport
 //! and exits on DESTROYPOD or SIGTERM after killing its containers.

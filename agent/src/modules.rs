@@ -7,6 +7,13 @@
 //! `finit_module(2)` before it touches a device ([`load_listed`]); a module
 //! that is already loaded (`EEXIST`) counts as loaded. Without the list file
 //! (a kernel with everything built in) there is nothing to do.
+//!
+//! Modules get no parameters: `modname.param=value` words of the kernel
+//! command line are applied by `modprobe` in a distribution's initramfs, not
+//! by the kernel, and are not applied here. So a modular `virtio_mmio` does
+//! not see ember's `virtio_mmio.device=` words; it binds the same devices
+//! through ACPI (ember's DSDT describes each as `LNRO0005`), which needs a
+//! kernel with ACPI on (no `acpi=off`).
 
 use std::fs::File;
 use std::io;

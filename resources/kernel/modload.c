@@ -5,7 +5,8 @@
  * an already loaded module (EEXIST) being fine, then execs the user's
  * program /ember/init with the same argv and environment, so the program
  * still runs as PID 1 with argv[0] "/init". Failures are reported on the
- * console and do not stop the rest.
+ * console and do not stop the rest. Modules get no parameters; a modular
+ * virtio_mmio finds ember's devices through ACPI (DSDT LNRO0005).
  *
  * Built statically by api_server/build.rs and embedded into emberd.
  */
