@@ -51,7 +51,7 @@ use tar::EntryType;
 mod sandboxed;
 pub use sandboxed::{child_main, extract_sandboxed, ArchiveSource, CHILD_ARG};
 /// The JSON of a job's answer, shared with `images::oci`'s unpack job.
-pub(crate) use sandboxed::{dec_error, dec_io, dec_path, enc_error, enc_io, enc_path, stderr_tail};
+pub(crate) use sandboxed::{dec_error, dec_io, dec_path, enc_error, enc_io, enc_path};
 
 /// gzip magic bytes.
 const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];

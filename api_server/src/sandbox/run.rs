@@ -83,6 +83,43 @@ impl Finished {
         s
     }
 
+    /// The answer of a job that runs emberd's own code (`what`: its name
+    /// in messages, e.g. "extraction"): one JSON line on stdout, read by
+    /// `decode`, which exit 0 must pair with the work's result and exit 1
+    /// with the work's error. Anything else is the job's own failure; its
+    /// stderr then goes to emberd's log only, never into the message a
+    /// client may see.
+    pub fn answer<T, E>(
+        &self,
+        what: &str,
+        decode: impl FnOnce(&[u8]) -> Result<Result<T, E>, String>,
+    ) -> Result<Result<T, E>, String> {
+        let answer = match self.status {
+            Status::Exited(0) | Status::Exited(1) => decode(&self.stdout).map_err(|why| {
+                format!(
+                    "the {what} job {} with an answer that is not one ({why})",
+                    self.describe()
+                )
+            })?,
+            _ => {
+                log::warn!(
+                    "{what} job {}{}",
+                    self.describe(),
+                    stderr_tail(&self.stderr)
+                );
+                return Err(format!("the {what} job {}", self.describe()));
+            }
+        };
+        match (self.status, answer) {
+            (Status::Exited(0), Ok(a)) => Ok(Ok(a)),
+            (Status::Exited(1), Err(e)) => Ok(Err(e)),
+            _ => Err(format!(
+                "the {what} job {} but answered otherwise",
+                self.describe()
+            )),
+        }
+    }
+
     /// How it ended, in words (`"exited with 1"`).
     pub fn describe(&self) -> String {
         match self.status {
@@ -415,5 +452,14 @@ fn decode(st: ExitStatus) -> Status {
         (Some(c), _) => Status::Exited(c),
         (None, Some(s)) => Status::Signaled(s),
         (None, None) => Status::Exited(-1),
+    }
+}
+
+/// The last line of a job's stderr, if any, after ": ".
+pub(crate) fn stderr_tail(stderr: &[u8]) -> String {
+    let s = String::from_utf8_lossy(stderr);
+    match s.lines().rev().find(|l| !l.trim().is_empty()) {
+        Some(l) => format!(": {}", l.chars().take(500).collect::<String>()),
+        None => String::new(),
     }
 }

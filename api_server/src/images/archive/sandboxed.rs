@@ -45,7 +45,7 @@ use std::path::{Path, PathBuf};
 use serde_json::{json, Value};
 
 use super::{check_symlink_target, extract_tar_gz, ArchiveError, ExtractLimits, ExtractSummary};
-use crate::sandbox::{self, Job, SandboxError, Status, OUT};
+use crate::sandbox::{self, Job, SandboxError, OUT};
 
 /// The hidden first argument of emberd that makes it the extraction child.
 pub const CHILD_ARG: &str = "__sandboxed-extract";
@@ -136,31 +136,10 @@ pub fn extract_sandboxed(
         }
         Err(e) => return Err(sandbox_err(e)),
     };
-    let answer = match f.status {
-        Status::Exited(0) | Status::Exited(1) => decode_answer(&f.stdout).map_err(|why| {
-            ArchiveError::Sandbox(format!(
-                "the extraction job {} with an answer that is not one ({why})",
-                f.describe()
-            ))
-        }),
-        _ => {
-            // Its stderr goes to emberd's log only: a client sees no text
-            // the job printed.
-            log::warn!("extraction job {}{}", f.describe(), stderr_tail(&f.stderr));
-            Err(ArchiveError::Sandbox(format!(
-                "the extraction job {}",
-                f.describe()
-            )))
-        }
-    }
-    .and_then(|a| match (f.status, a) {
-        (Status::Exited(0), Ok(s)) => Ok(Ok(s)),
-        (Status::Exited(1), Err(e)) => Ok(Err(in_dest(e, dest))),
-        _ => Err(ArchiveError::Sandbox(format!(
-            "the extraction job {} but answered otherwise",
-            f.describe()
-        ))),
-    });
+    let answer = f
+        .answer("extraction", decode_answer)
+        .map_err(ArchiveError::Sandbox)
+        .map(|r| r.map_err(|e| in_dest(e, dest)));
     match (answer, reclaimed) {
         (Err(e), _) => Err(e),
         (Ok(Err(e)), Err(r)) => {
@@ -201,15 +180,6 @@ fn check_entry(dest: &Path, rel: &Path, md: &fs::Metadata) -> Result<(), String>
         ));
     }
     Ok(())
-}
-
-/// The last line of the child's stderr, if any, after ": ".
-pub(crate) fn stderr_tail(stderr: &[u8]) -> String {
-    let s = String::from_utf8_lossy(stderr);
-    match s.lines().rev().find(|l| !l.trim().is_empty()) {
-        Some(l) => format!(": {}", l.chars().take(500).collect::<String>()),
-        None => String::new(),
-    }
 }
 
 /// Gives a path the child named below `/out` as the same path below `dest`.

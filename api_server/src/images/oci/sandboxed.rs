@@ -54,10 +54,9 @@ use serde_json::{json, Value};
 use super::unpack::{copy_out, Applier, Meta};
 use super::{io_err, OciError, OciImage, UnpackSummary};
 use crate::images::archive::{
-    dec_error, dec_io, dec_path, enc_error, enc_io, enc_path, stderr_tail, ArchiveError,
-    ExtractLimits,
+    dec_error, dec_io, dec_path, enc_error, enc_io, enc_path, ArchiveError, ExtractLimits,
 };
-use crate::sandbox::{self, Finished, Job, Owner, SandboxError, Status, OUT};
+use crate::sandbox::{self, Finished, Job, Owner, SandboxError, OUT};
 
 /// The hidden first argument of emberd that makes it the unpack child.
 pub const CHILD_ARG: &str = "__sandboxed-unpack";
@@ -213,30 +212,10 @@ fn run(
             });
         }
     };
-    let answer = match f.status {
-        Status::Exited(0) | Status::Exited(1) => decode_answer(&f.stdout).map_err(|why| {
-            OciError::Sandbox(format!(
-                "the unpack job {} with an answer that is not one ({why})",
-                f.describe()
-            ))
-        }),
-        _ => {
-            // Its stderr goes to emberd's log only.
-            log::warn!("unpack job {}{}", f.describe(), stderr_tail(&f.stderr));
-            Err(OciError::Sandbox(format!(
-                "the unpack job {}",
-                f.describe()
-            )))
-        }
-    }
-    .and_then(|a| match (f.status, a) {
-        (Status::Exited(0), Ok(a)) => Ok(Ok(a)),
-        (Status::Exited(1), Err(e)) => Ok(Err(on_host(e, out_dir))),
-        _ => Err(OciError::Sandbox(format!(
-            "the unpack job {} but answered otherwise",
-            f.describe()
-        ))),
-    });
+    let answer = f
+        .answer("unpack", decode_answer)
+        .map_err(OciError::Sandbox)
+        .map(|r| r.map_err(|e| on_host(e, out_dir)));
     let records: HashMap<PathBuf, Record> = match &answer {
         Ok(Ok(Answer::Tree(_, recs))) => recs.iter().map(|r| (r.path.clone(), r.clone())).collect(),
         _ => HashMap::new(),
