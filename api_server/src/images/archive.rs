@@ -364,7 +364,7 @@ fn extract_tar<R: Read>(
 }
 
 /// Maps a read error caused by the stream cap to [`ArchiveError::TooLarge`].
-fn too_large_or_read(e: io::Error, limits: &ExtractLimits) -> ArchiveError {
+pub(crate) fn too_large_or_read(e: io::Error, limits: &ExtractLimits) -> ArchiveError {
     if e.kind() == io::ErrorKind::InvalidData && e.to_string().contains("size limit") {
         ArchiveError::TooLarge(limits.max_bytes)
     } else {
@@ -376,7 +376,7 @@ fn too_large_or_read(e: io::Error, limits: &ExtractLimits) -> ArchiveError {
 /// crate names a corrupt header's fields and path ("... when getting cksum
 /// for <the first 100 bytes>"), which for a file that is not a tar archive
 /// would echo its contents.
-fn read_err(e: io::Error) -> ArchiveError {
+pub(crate) fn read_err(e: io::Error) -> ArchiveError {
     if e.to_string().contains(" when getting ") {
         ArchiveError::Read(io::Error::new(
             io::ErrorKind::InvalidData,
@@ -388,7 +388,7 @@ fn read_err(e: io::Error) -> ArchiveError {
 }
 
 /// Copies at most `budget` bytes; more is [`ArchiveError::TooLarge`].
-fn copy_limited(
+pub(crate) fn copy_limited(
     src: &mut impl Read,
     dst: &mut impl Write,
     budget: u64,

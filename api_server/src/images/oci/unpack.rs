@@ -10,7 +10,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::ffi::{OsStr, OsString};
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufReader, Read, Write};
+use std::io::{self, BufReader, Read};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
@@ -337,9 +337,9 @@ impl<'a> Applier<'a> {
         // Paths this layer created or touched (and their ancestors): what an
         // opaque marker or a whiteout of the same layer must not remove.
         let mut this_layer: HashSet<PathBuf> = HashSet::new();
-        let entries = tar.entries().map_err(|e| lerr(ArchiveError::Read(e)))?;
+        let entries = tar.entries().map_err(|e| lerr(archive::read_err(e)))?;
         for entry in entries {
-            let mut entry = entry.map_err(|e| lerr(self.read_err(e)))?;
+            let mut entry = entry.map_err(|e| lerr(archive::too_large_or_read(e, &self.limits)))?;
             self.summary.entries += 1;
             if self.summary.entries > self.limits.max_entries {
                 return Err(lerr(ArchiveError::TooManyEntries(self.limits.max_entries)));
@@ -348,14 +348,6 @@ impl<'a> Applier<'a> {
                 .map_err(lerr)?;
         }
         Ok(())
-    }
-
-    fn read_err(&self, e: io::Error) -> ArchiveError {
-        if e.kind() == io::ErrorKind::InvalidData && e.to_string().contains("size limit") {
-            ArchiveError::TooLarge(self.limits.max_bytes)
-        } else {
-            ArchiveError::Read(e)
-        }
     }
 
     fn apply_entry<R: Read>(
@@ -422,7 +414,7 @@ impl<'a> Applier<'a> {
                     .open(&full)
                     .map_err(write_err(&full))?;
                 let budget = self.limits.max_bytes.saturating_sub(self.summary.bytes);
-                let written = self.copy_limited(entry, &mut file, budget, &full)?;
+                let written = archive::copy_limited(entry, &mut file, budget, &full, &self.limits)?;
                 self.summary.bytes += written;
                 if self.owners {
                     std::os::unix::fs::fchown(&file, meta.uid, meta.gid)
@@ -626,31 +618,6 @@ impl<'a> Applier<'a> {
             }
         }
         Ok(true)
-    }
-
-    fn copy_limited(
-        &self,
-        src: &mut impl Read,
-        dst: &mut impl Write,
-        budget: u64,
-        path: &Path,
-    ) -> Result<u64, ArchiveError> {
-        let mut buf = vec![0u8; 64 * 1024];
-        let mut total: u64 = 0;
-        loop {
-            let n = match src.read(&mut buf) {
-                Ok(0) => return Ok(total),
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(self.read_err(e)),
-            };
-            total += n as u64;
-            if total > budget {
-                return Err(ArchiveError::TooLarge(self.limits.max_bytes));
-            }
-            dst.write_all(buf.get(..n).unwrap_or(&[]))
-                .map_err(write_err(path))?;
-        }
     }
 
     /// Applies directory metadata (see [`Applier::dir_metadata`]) and
