@@ -462,9 +462,29 @@ fn answer<T>(r: Result<T, HyperdError>, f: impl FnOnce(T) -> Reply) -> Reply {
     }
 }
 
+/// The route part of a hyperd path: hyperd's router serves every route both
+/// bare and under an API version prefix (`/v1.1.0/info` is `/info`; hyperctl
+/// 1.1.0 sends every request that way). A version is digits and dots, so
+/// Flintlock's `/v1alpha1/...` is never taken for one.
+fn route_path(path: &str) -> &str {
+    let path = path.trim_end_matches('/');
+    if let Some(rest) = path.strip_prefix("/v") {
+        let end = rest.find('/').unwrap_or(rest.len());
+        let version = &rest[..end];
+        if !version.is_empty()
+            && version.starts_with(|c: char| c.is_ascii_digit())
+            && version.chars().all(|c| c.is_ascii_digit() || c == '.')
+            && end < rest.len()
+        {
+            return &rest[end..];
+        }
+    }
+    path
+}
+
 impl Face for Hyperd {
     fn handle(&mut self, ctx: &mut Ctx, req: &Request) -> Option<Reply> {
-        let path = req.path.trim_end_matches('/');
+        let path = route_path(&req.path);
         let now = |r: Result<Response, HyperdError>| answer(r, Reply::Now);
         let later = |r: Result<Reply, HyperdError>| answer(r, |r| r);
         let r = match (&req.method, path) {
@@ -505,6 +525,17 @@ impl Face for Hyperd {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_version_prefix_is_stripped() {
+        assert_eq!(route_path("/v1.1.0/info"), "/info");
+        assert_eq!(route_path("/v1.2/pod/create/"), "/pod/create");
+        assert_eq!(route_path("/info"), "/info");
+        assert_eq!(route_path("/v1alpha1/microvm"), "/v1alpha1/microvm");
+        assert_eq!(route_path("/v1.1.0"), "/v1.1.0");
+        assert_eq!(route_path("/vm"), "/vm");
+        assert_eq!(route_path("/volumes/x"), "/volumes/x");
+    }
 
     #[test]
     fn statuses_follow_the_message() {
