@@ -15,7 +15,8 @@ use std::time::Duration;
 use crate::b64;
 use crate::protocol::{
     read_frame, write_frame, AgentMessage, Event, Exec, OkReply, ProtocolError, ReadFile, ReadLog,
-    Ready, RemoveContainer, CONTROL_PORT, Request, Signal, StartContainer, StopContainer, Wait, WriteFile,
+    Ready, RemoveContainer, Request, Signal, StartContainer, StopContainer, Wait, WriteFile,
+    CONTROL_PORT,
 };
 
 /// A client-side failure.
@@ -88,7 +89,10 @@ pub fn connect_vsock_uds(
 impl AgentClient<UnixStream> {
     /// Connects to the agent of a VM through the VMM's hybrid-vsock unix
     /// socket, on the control port 2718, and reads READY.
-    pub fn connect_vsock_uds(uds_path: &Path, timeout: Option<Duration>) -> Result<Self, ClientError> {
+    pub fn connect_vsock_uds(
+        uds_path: &Path,
+        timeout: Option<Duration>,
+    ) -> Result<Self, ClientError> {
         AgentClient::new(connect_vsock_uds(uds_path, CONTROL_PORT, timeout)?)
     }
 }
@@ -259,8 +263,10 @@ impl<S: Read + Write> AgentClient<S> {
 
     /// REMOVECONTAINER.
     pub fn remove_container(&mut self, id: &str) -> Result<(), ClientError> {
-        self.request(&Request::RemoveContainer(RemoveContainer { id: id.to_string() }))
-            .map(drop)
+        self.request(&Request::RemoveContainer(RemoveContainer {
+            id: id.to_string(),
+        }))
+        .map(drop)
     }
 
     /// DESTROYPOD: the agent kills everything, answers, and shuts down
@@ -377,7 +383,10 @@ mod tests {
             Err(ClientError::Agent(m)) => assert_eq!(m, "no such process: x"),
             other => panic!("{other:?}"),
         }
-        assert!(matches!(c.ping(), Err(ClientError::MissingField("version"))));
+        assert!(matches!(
+            c.ping(),
+            Err(ClientError::MissingField("version"))
+        ));
         // The stream has ended.
         assert!(matches!(
             c.ping(),
@@ -393,7 +402,13 @@ mod tests {
             Err(ClientError::Unexpected(_))
         ));
         let mut junk = Script {
-            input: Cursor::new(Frame { cmd: cmd::READY, payload: b"nope".to_vec() }.to_bytes()),
+            input: Cursor::new(
+                Frame {
+                    cmd: cmd::READY,
+                    payload: b"nope".to_vec(),
+                }
+                .to_bytes(),
+            ),
             output: Vec::new(),
         };
         junk.output.clear();
@@ -418,6 +433,9 @@ mod tests {
         ]);
         let mut c = AgentClient::new(s).unwrap();
         assert_eq!(c.read_file("c", "/f").unwrap(), b"\x00\x01hello");
-        assert!(matches!(c.read_file("c", "/f"), Err(ClientError::Base64(_))));
+        assert!(matches!(
+            c.read_file("c", "/f"),
+            Err(ClientError::Base64(_))
+        ));
     }
 }

@@ -201,7 +201,15 @@ struct SpawnPlan {
 }
 
 const STAGES: [&str; 9] = [
-    "fork", "setsid", "dup2", "chroot", "chdir", "setgroups", "setgid", "setuid", "execve",
+    "fork",
+    "setsid",
+    "dup2",
+    "chroot",
+    "chdir",
+    "setgroups",
+    "setgid",
+    "setuid",
+    "execve",
 ];
 
 impl SpawnPlan {
@@ -271,7 +279,8 @@ impl SpawnPlan {
             return Err(io_err("pipe2")(io::Error::last_os_error()));
         }
         // SAFETY: both descriptors are fresh and ours.
-        let (mut err_r, err_w) = unsafe { (File::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        let (mut err_r, err_w) =
+            unsafe { (File::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
         let mut argv: Vec<*const libc::c_char> = self.argv.iter().map(|a| a.as_ptr()).collect();
         argv.push(std::ptr::null());
         let mut envp: Vec<*const libc::c_char> = self.envp.iter().map(|e| e.as_ptr()).collect();
@@ -523,8 +532,8 @@ impl Containers {
         }
         let (root, mounted) = match &req.rootfs {
             Rootfs::Dir { path } => {
-                let root = fs::canonicalize(path)
-                    .map_err(io_err(format!("rootfs directory {path}")))?;
+                let root =
+                    fs::canonicalize(path).map_err(io_err(format!("rootfs directory {path}")))?;
                 if !root.is_dir() {
                     return Err(ContainerError::BadParameter(format!(
                         "rootfs {path} is not a directory"
@@ -572,7 +581,11 @@ impl Containers {
                 return Err(e);
             }
         };
-        log::info!("container {} started as pid {pid} in {}", req.id, root.display());
+        log::info!(
+            "container {} started as pid {pid} in {}",
+            req.id,
+            root.display()
+        );
         st.containers
             .insert(req.id.clone(), Container { root, mounted });
         st.procs.insert(
@@ -620,7 +633,11 @@ impl Containers {
             &log,
         )?;
         let pid = plan.spawn()?;
-        log::info!("process {} started as pid {pid} in container {}", req.id, req.container);
+        log::info!(
+            "process {} started as pid {pid} in container {}",
+            req.id,
+            req.container
+        );
         st.procs.insert(
             req.id.clone(),
             Proc {
@@ -748,7 +765,9 @@ impl Containers {
             return Err(ContainerError::NoSuchContainer(id.to_string()));
         }
         if sig <= 0 || sig >= 65 {
-            return Err(ContainerError::BadParameter(format!("invalid signal {sig}")));
+            return Err(ContainerError::BadParameter(format!(
+                "invalid signal {sig}"
+            )));
         }
         for pid in Self::running_in(&st, id) {
             let _ = kill_group(pid, sig);
@@ -788,7 +807,9 @@ impl Containers {
             Ok(Self::running_in(st, id).is_empty())
         })?;
         if !done {
-            return Err(ContainerError::Timeout(format!("{id}'s processes after SIGKILL")));
+            return Err(ContainerError::Timeout(format!(
+                "{id}'s processes after SIGKILL"
+            )));
         }
         let Some(c) = st.containers.remove(id) else {
             return Err(ContainerError::NoSuchContainer(id.to_string()));
@@ -945,7 +966,10 @@ mod tests {
             exec_candidates("x", &env),
             vec!["/a/x", "/b/x", "./x", "./x"]
         );
-        assert_eq!(exec_candidates("x", &[]).len(), DEFAULT_PATH.split(':').count());
+        assert_eq!(
+            exec_candidates("x", &[]).len(),
+            DEFAULT_PATH.split(':').count()
+        );
     }
 
     #[test]
@@ -954,16 +978,23 @@ mod tests {
         fs::create_dir_all(&dir).unwrap();
         let log = dir.join("log");
         let cmd = vec!["x".to_string()];
-        let plan = |cmd: &[String], env: &[(String, String)], wd: Option<&str>, user: Option<&str>| {
-            SpawnPlan::new("p", Path::new("/"), cmd, env, wd, user, &log)
-        };
+        let plan =
+            |cmd: &[String], env: &[(String, String)], wd: Option<&str>, user: Option<&str>| {
+                SpawnPlan::new("p", Path::new("/"), cmd, env, wd, user, &log)
+            };
         assert!(plan(&[], &[], None, None).is_err());
         assert!(plan(&cmd, &[], Some("rel"), None).is_err());
         assert!(plan(&cmd, &[("A=B".into(), "1".into())], None, None).is_err());
         assert!(plan(&cmd, &[("".into(), "1".into())], None, None).is_err());
         assert!(plan(&["a\0b".to_string()], &[], None, None).is_err());
         assert!(plan(&cmd, &[], None, Some("nobody")).is_err());
-        let p = plan(&cmd, &[("K".into(), "v=w".into())], Some("/tmp"), Some("7:8")).unwrap();
+        let p = plan(
+            &cmd,
+            &[("K".into(), "v=w".into())],
+            Some("/tmp"),
+            Some("7:8"),
+        )
+        .unwrap();
         assert_eq!(p.envp[0].as_bytes(), b"K=v=w");
         assert_eq!(p.ids, Some((7, 8)));
         assert_eq!(p.workdir.as_bytes(), b"/tmp");
@@ -998,7 +1029,11 @@ mod tests {
         assert_eq!(fs::read(root.join("etc/hello")).unwrap(), b"hi\n");
         use std::os::unix::fs::PermissionsExt;
         assert_eq!(
-            fs::metadata(root.join("etc/hello")).unwrap().permissions().mode() & 0o777,
+            fs::metadata(root.join("etc/hello"))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777,
             0o600
         );
         assert_eq!(c.read_file("c", "etc/../etc/hello").unwrap(), b"hi\n");

@@ -104,22 +104,19 @@ fn ensure_stdio() {
 
 fn mount_fs(source: &str, target: &str, fstype: &str, flags: libc::c_ulong, data: Option<&str>) {
     let _ = std::fs::create_dir_all(target);
-    let (Ok(s), Ok(t), Ok(f)) = (CString::new(source), CString::new(target), CString::new(fstype))
-    else {
+    let (Ok(s), Ok(t), Ok(f)) = (
+        CString::new(source),
+        CString::new(target),
+        CString::new(fstype),
+    ) else {
         return;
     };
     let data = data.and_then(|d| CString::new(d).ok());
-    let data_ptr = data.as_ref().map_or(std::ptr::null(), |d| d.as_ptr().cast());
+    let data_ptr = data
+        .as_ref()
+        .map_or(std::ptr::null(), |d| d.as_ptr().cast());
     // SAFETY: mount(2) with valid C strings.
-    let r = unsafe {
-        libc::mount(
-            s.as_ptr(),
-            t.as_ptr(),
-            f.as_ptr(),
-            flags,
-            data_ptr,
-        )
-    };
+    let r = unsafe { libc::mount(s.as_ptr(), t.as_ptr(), f.as_ptr(), flags, data_ptr) };
     if r < 0 {
         let e = std::io::Error::last_os_error();
         if e.raw_os_error() != Some(libc::EBUSY) {
@@ -148,9 +145,21 @@ fn init_system() {
     mount_fs("proc", "/proc", "proc", hardened, None);
     mount_fs("sysfs", "/sys", "sysfs", hardened, None);
     mount_fs("devtmpfs", "/dev", "devtmpfs", libc::MS_NOSUID, None);
-    mount_fs("devpts", "/dev/pts", "devpts", libc::MS_NOSUID | libc::MS_NOEXEC, None);
+    mount_fs(
+        "devpts",
+        "/dev/pts",
+        "devpts",
+        libc::MS_NOSUID | libc::MS_NOEXEC,
+        None,
+    );
     // Not noexec: directory rootfs may live under /run.
-    mount_fs("tmpfs", "/run", "tmpfs", libc::MS_NOSUID | libc::MS_NODEV, Some("mode=0755"));
+    mount_fs(
+        "tmpfs",
+        "/run",
+        "tmpfs",
+        libc::MS_NOSUID | libc::MS_NODEV,
+        Some("mode=0755"),
+    );
     ensure_stdio();
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
     if let Some(h) = cmdline_hostname(&cmdline) {
@@ -252,15 +261,17 @@ fn main() {
         // On another thread: this one must keep reaping the killed processes.
         let srv = Arc::clone(&srv);
         let socket = socket.clone();
-        let _ = std::thread::Builder::new().name("shutdown".into()).spawn(move || {
-            for e in srv.containers().remove_all() {
-                log::warn!("{e}");
-            }
-            if let Some(p) = &socket {
-                remove_socket(p);
-            }
-            std::process::exit(0);
-        });
+        let _ = std::thread::Builder::new()
+            .name("shutdown".into())
+            .spawn(move || {
+                for e in srv.containers().remove_all() {
+                    log::warn!("{e}");
+                }
+                if let Some(p) = &socket {
+                    remove_socket(p);
+                }
+                std::process::exit(0);
+            });
     })
 }
 

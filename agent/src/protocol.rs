@@ -790,7 +790,10 @@ mod tests {
 
     #[test]
     fn truncated_frames() {
-        let full = Request::StartContainer(start()).encode().unwrap().to_bytes();
+        let full = Request::StartContainer(start())
+            .encode()
+            .unwrap()
+            .to_bytes();
         // Cut inside the header.
         match read_frame(&mut Cursor::new(&full[..5])) {
             Err(ProtocolError::Truncated {

@@ -74,7 +74,11 @@ pub struct Server {
 impl Server {
     /// Sets up the container state. `on_destroy` runs after DESTROYPOD's
     /// reply has been sent (exit on a host, power off as PID 1).
-    pub fn new(paths: Paths, pid1: bool, on_destroy: DestroyHook) -> Result<Arc<Server>, ServerError> {
+    pub fn new(
+        paths: Paths,
+        pid1: bool,
+        on_destroy: DestroyHook,
+    ) -> Result<Arc<Server>, ServerError> {
         let registry = Arc::new(Registry::default());
         let r = Arc::clone(&registry);
         let containers = Containers::new(paths, Box::new(move |ev| r.broadcast(ev)))?;
@@ -121,22 +125,24 @@ impl Server {
             }
         };
         let (tx, rx) = mpsc::channel::<Out>();
-        let writer_thread = thread::Builder::new().name("conn-writer".into()).spawn(move || {
-            for out in rx {
-                match out {
-                    Out::Frame(f) => {
-                        if let Err(e) = write_frame(&mut writer, &f) {
-                            log::debug!("connection write: {e}");
-                            break;
+        let writer_thread = thread::Builder::new()
+            .name("conn-writer".into())
+            .spawn(move || {
+                for out in rx {
+                    match out {
+                        Out::Frame(f) => {
+                            if let Err(e) = write_frame(&mut writer, &f) {
+                                log::debug!("connection write: {e}");
+                                break;
+                            }
+                        }
+                        Out::Flush(done) => {
+                            let _ = done.send(());
                         }
                     }
-                    Out::Flush(done) => {
-                        let _ = done.send(());
-                    }
                 }
-            }
-            writer.shutdown();
-        });
+                writer.shutdown();
+            });
         if writer_thread.is_err() {
             log::warn!("connection: cannot start its writer thread");
             return;

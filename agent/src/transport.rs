@@ -69,10 +69,9 @@ impl Listener {
     pub fn vsock(port: u32) -> Result<Listener, TransportError> {
         let err = |what, source| TransportError::Vsock { port, what, source };
         // SAFETY: plain socket(2); the result is checked.
-        let fd = cvt(unsafe {
-            libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0)
-        })
-        .map_err(|e| err("socket", e))?;
+        let fd =
+            cvt(unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) })
+                .map_err(|e| err("socket", e))?;
         // SAFETY: fd is a fresh descriptor we own.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
         // SAFETY: sockaddr_vm is plain data; all-zero is a valid start.
@@ -181,9 +180,7 @@ impl Read for Stream {
         match self {
             Stream::Vsock(fd) => {
                 // SAFETY: buf is valid for buf.len() bytes.
-                let n = unsafe {
-                    libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len())
-                };
+                let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
                 if n < 0 {
                     Err(io::Error::last_os_error())
                 } else {
@@ -230,7 +227,8 @@ mod tests {
 
     #[test]
     fn unix_listener_accepts_and_removes_its_socket() {
-        let dir = std::env::temp_dir().join(format!("ember-agent-transport-{}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("ember-agent-transport-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("s");
         // A stale file is replaced.

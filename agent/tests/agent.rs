@@ -79,7 +79,10 @@ fn dir_rootfs_runs_chrooted_with_env_workdir_and_exit_code() {
     );
     assert!(log.contains("cwd=/work\n"));
     // chroot: `/` is the temp root.
-    assert_eq!(lines_with(&log, "root="), set(&["bin", "data", "tmp", "work"]));
+    assert_eq!(
+        lines_with(&log, "root="),
+        set(&["bin", "data", "tmp", "work"])
+    );
     assert!(log.contains("uid=0 gid=0\n"));
     assert!(log.contains("to-stderr\n"), "stderr goes to the log too");
     // The file landed in the temp root, and READFILE finds it.
@@ -87,7 +90,10 @@ fn dir_rootfs_runs_chrooted_with_env_workdir_and_exit_code() {
         std::fs::read_to_string(root.join("tmp/out")).unwrap(),
         "written by probe\n"
     );
-    assert_eq!(c.read_file("c1", "/tmp/out").unwrap(), b"written by probe\n");
+    assert_eq!(
+        c.read_file("c1", "/tmp/out").unwrap(),
+        b"written by probe\n"
+    );
 
     // READLOG pages by offset.
     let (tail, next) = c.read_log("c1", 5).unwrap();
@@ -218,7 +224,10 @@ fn exec_joins_the_container_root() {
     assert_ne!(epid, main_pid);
     assert_eq!(c.wait("e1", None).unwrap(), 3);
     let log = log_of(&mut c, "e1");
-    assert_eq!(lines_with(&log, "root="), set(&["bin", "data", "tmp", "work"]));
+    assert_eq!(
+        lines_with(&log, "root="),
+        set(&["bin", "data", "tmp", "work"])
+    );
     assert_eq!(lines_with(&log, "env="), set(&["PATH=/bin", "X=1"]));
     assert!(log.contains("cwd=/data\n"));
 
@@ -302,7 +311,12 @@ fn block_device_rootfs_is_mounted_and_unmounted() {
             fstype: "ext4".into(),
             readonly: false,
         },
-        cmd: vec!["/bin/probe".into(), "info".into(), "5".into(), "/tmp/out".into()],
+        cmd: vec![
+            "/bin/probe".into(),
+            "info".into(),
+            "5".into(),
+            "/tmp/out".into(),
+        ],
         env: vec![],
         workdir: Some("/work".into()),
         user: None,
@@ -317,7 +331,10 @@ fn block_device_rootfs_is_mounted_and_unmounted() {
         lines_with(&log, "root="),
         set(&["bin", "data", "lost+found", "tmp", "work"])
     );
-    assert_eq!(c.read_file("blk", "/tmp/out").unwrap(), b"written by probe\n");
+    assert_eq!(
+        c.read_file("blk", "/tmp/out").unwrap(),
+        b"written by probe\n"
+    );
     assert!(!root.join("tmp/out").exists());
 
     c.remove_container("blk").unwrap();
@@ -350,7 +367,12 @@ fn block_device_rootfs_is_mounted_and_unmounted() {
             fstype: "ext4".into(),
             readonly: true,
         },
-        cmd: vec!["/bin/probe".into(), "info".into(), "0".into(), "/tmp/ro".into()],
+        cmd: vec![
+            "/bin/probe".into(),
+            "info".into(),
+            "0".into(),
+            "/tmp/ro".into(),
+        ],
         env: vec![],
         workdir: None,
         user: None,
@@ -373,7 +395,11 @@ fn bad_requests_get_error_replies_and_the_agent_keeps_serving() {
     let agent = Agent::start(tmp.path());
     let mut c = agent.client();
 
-    let r = c.start_container(dir_start("x", std::path::Path::new("/nonexistent-ember"), &["/bin/probe"]));
+    let r = c.start_container(dir_start(
+        "x",
+        std::path::Path::new("/nonexistent-ember"),
+        &["/bin/probe"],
+    ));
     expect_err(r, "rootfs directory");
     let r = c.start_container(dir_start("x", &root, &[]));
     expect_err(r, "bad parameter: empty cmd");
@@ -440,7 +466,11 @@ fn bad_requests_get_error_replies_and_the_agent_keeps_serving() {
     };
     send_frame(&mut s, cmd::NEWCONTAINER, b"{this is not json");
     assert!(error(recv_reply(&mut s)).contains("bad payload for command 17"));
-    send_frame(&mut s, cmd::NEWCONTAINER, br#"{"id":"y","rootfs":{"type":"nfs"},"cmd":[]}"#);
+    send_frame(
+        &mut s,
+        cmd::NEWCONTAINER,
+        br#"{"id":"y","rootfs":{"type":"nfs"},"cmd":[]}"#,
+    );
     assert!(error(recv_reply(&mut s)).contains("bad payload"));
     send_frame(&mut s, 999, b"{}");
     assert!(error(recv_reply(&mut s)).contains("unknown command 999"));
@@ -559,11 +589,13 @@ fn client_connects_through_a_hybrid_vsock_socket() {
     });
 
     match ember_agent::client::connect_vsock_uds(&uds, 9, Some(READ_TIMEOUT)) {
-        Err(ClientError::Handshake { reason, .. }) => assert!(reason.contains("closed"), "{reason}"),
+        Err(ClientError::Handshake { reason, .. }) => {
+            assert!(reason.contains("closed"), "{reason}")
+        }
         other => panic!("{other:?}"),
     }
-    let mut c =
-        ember_agent::AgentClient::connect_vsock_uds(&uds, Some(READ_TIMEOUT)).expect("READY via vsock");
+    let mut c = ember_agent::AgentClient::connect_vsock_uds(&uds, Some(READ_TIMEOUT))
+        .expect("READY via vsock");
     c.start_container(dir_start("v", &root, &["/bin/probe", "info", "4"]))
         .unwrap();
     assert_eq!(c.wait("v", None).unwrap(), 4);
@@ -617,7 +649,10 @@ fn as_pid1_it_serves_and_reaps_orphans() {
     // Reaped: /proc/<pid> disappears (a zombie would stay).
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while std::path::Path::new(&format!("/proc/{orphan}")).exists() {
-        assert!(std::time::Instant::now() < deadline, "orphan {orphan} never reaped");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "orphan {orphan} never reaped"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     // Still serving.

@@ -139,11 +139,7 @@ fn attach_as(tun: &File, name: &str, uid: u32, gid: u32) -> i32 {
                 libc::_exit(100);
             }
             let r = libc::ioctl(fd, TUNSETIFF as _, &mut req);
-            let code = if r == 0 {
-                0
-            } else {
-                *libc::__errno_location()
-            };
+            let code = if r == 0 { 0 } else { *libc::__errno_location() };
             libc::_exit(code);
         }
     }
@@ -182,7 +178,11 @@ fn persistent_tap_owned_by_the_vmm_user_in_a_netns() {
     let tun_flags = u32::from_str_radix(tun_flags.trim_start_matches("0x"), 16).unwrap();
     assert_ne!(tun_flags & IFF_PERSIST, 0, "tun_flags {tun_flags:#x}");
     assert_ne!(tun_flags & IFF_TAP as u32, 0, "tun_flags {tun_flags:#x}");
-    assert_ne!(tun_flags & IFF_VNET_HDR as u32, 0, "tun_flags {tun_flags:#x}");
+    assert_ne!(
+        tun_flags & IFF_VNET_HDR as u32,
+        0,
+        "tun_flags {tun_flags:#x}"
+    );
     assert_eq!(ns.sys(&format!("{name}/owner")), "123");
     assert_eq!(ns.sys(&format!("{name}/group")), "456");
 
@@ -201,7 +201,11 @@ fn persistent_tap_owned_by_the_vmm_user_in_a_netns() {
     // the kernel requires both to match. The tun device node's own
     // permissions are the jail's business: the file is opened here as
     // root and inherited.
-    assert_eq!(attach_as(&ns.open_tun(), &name, 123, 456), 0, "owner attach");
+    assert_eq!(
+        attach_as(&ns.open_tun(), &name, 123, 456),
+        0,
+        "owner attach"
+    );
     for (uid, gid) in [(123, 999), (124, 456), (124, 999)] {
         assert_eq!(
             attach_as(&ns.open_tun(), &name, uid, gid),
@@ -306,7 +310,12 @@ fn static_addresses() {
     let c = StaticAddress::parse(
         "172.16.0.9/12",
         Some("172.16.0.1"),
-        &["2001:4860:4860::8888".into(), "9.9.9.9".into(), "8.8.4.4".into(), "1.1.1.1".into()],
+        &[
+            "2001:4860:4860::8888".into(),
+            "9.9.9.9".into(),
+            "8.8.4.4".into(),
+            "1.1.1.1".into(),
+        ],
     )
     .unwrap();
     assert_eq!(

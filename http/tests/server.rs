@@ -577,7 +577,9 @@ fn stalled_clients_are_closed_after_the_idle_timeout() {
     let conn = srv.wait_later();
     // Every slot is taken now.
     assert_eq!(
-        client::request(&srv.path, "GET", "/hello", None, T).unwrap().status,
+        client::request(&srv.path, "GET", "/hello", None, T)
+            .unwrap()
+            .status,
         503
     );
     // The stalled ones are closed (read timeouts bound the wait)...
@@ -587,7 +589,9 @@ fn stalled_clients_are_closed_after_the_idle_timeout() {
     }
     // ...which frees their slots for new clients.
     assert_eq!(
-        client::request(&srv.path, "GET", "/hello", None, T).unwrap().status,
+        client::request(&srv.path, "GET", "/hello", None, T)
+            .unwrap()
+            .status,
         200
     );
     // C is still there and gets its answer.

@@ -61,7 +61,10 @@ fn slowloris_from_one_peer_does_not_cost_another_peer_a_503() {
     };
     // ...while another process is served normally, every time.
     for _ in 0..5 {
-        assert_eq!(curl(&srv, &["http://localhost/hello"]), ("200".to_string(), "hello".to_string()));
+        assert_eq!(
+            curl(&srv, &["http://localhost/hello"]),
+            ("200".to_string(), "hello".to_string())
+        );
     }
     stop.store(true, Ordering::SeqCst);
     trickler.join().unwrap();

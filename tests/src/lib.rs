@@ -285,7 +285,8 @@ pub fn write_request(
     path: &str,
     body: Option<&str>,
 ) -> std::io::Result<()> {
-    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\n");
+    let mut req =
+        format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\n");
     if let Some(b) = body {
         req.push_str(&format!(
             "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{b}",
@@ -299,8 +300,8 @@ pub fn write_request(
 
 /// One request on a new connection.
 pub fn http(sock: &Path, method: &str, path: &str, body: Option<&str>) -> HttpResponse {
-    let mut s = UnixStream::connect(sock)
-        .unwrap_or_else(|e| panic!("connect {}: {e}", sock.display()));
+    let mut s =
+        UnixStream::connect(sock).unwrap_or_else(|e| panic!("connect {}: {e}", sock.display()));
     s.set_read_timeout(Some(PATIENCE)).unwrap();
     write_request(&mut s, method, path, body).expect("write request");
     read_response(&mut s).expect("read response")
@@ -345,7 +346,15 @@ impl NetNs {
             tuntap.extend(["user", uid, "group", gid]);
         }
         ip(&tuntap);
-        ip(&["-n", &ns.name, "addr", "add", &format!("{host_ip}/24"), "dev", tap]);
+        ip(&[
+            "-n",
+            &ns.name,
+            "addr",
+            "add",
+            &format!("{host_ip}/24"),
+            "dev",
+            tap,
+        ]);
         ip(&["-n", &ns.name, "link", "set", tap, "up"]);
         ns
     }
@@ -396,7 +405,9 @@ impl NetNs {
 
 impl Drop for NetNs {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
     }
 }
 
@@ -445,9 +456,7 @@ impl Watchdog {
                 match r {
                     Ok(r) if r.status == 200 => {}
                     Ok(r) => return Err(format!("GET / answered {}", r.status)),
-                    Err(e) => {
-                        return Err(format!("GET / failed after {:?}: {e}", t.elapsed()))
-                    }
+                    Err(e) => return Err(format!("GET / failed after {:?}: {e}", t.elapsed())),
                 }
                 w.polls += 1;
                 w.worst = w.worst.max(t.elapsed());
@@ -472,7 +481,9 @@ impl Watchdog {
 
 /// Open descriptors of `pid`.
 pub fn fd_count(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
 }
 
 /// VmRSS of `pid` in KiB (0 once it is gone).
@@ -502,7 +513,13 @@ pub fn in_control_then_sigterm(p: &mut Proc, sock: &Path) {
     // SAFETY: kill(2) on a child this test spawned.
     unsafe { libc::kill(p.pid() as i32, libc::SIGTERM) };
     let st = p.wait();
-    assert_eq!(st.code(), Some(143), "{st:?} {:?}\nstderr:\n{}", st.signal(), p.err());
+    assert_eq!(
+        st.code(),
+        Some(143),
+        "{st:?} {:?}\nstderr:\n{}",
+        st.signal(),
+        p.err()
+    );
     assert!(p.err().contains("SIGTERM"), "{}", p.err());
 }
 
@@ -513,7 +530,9 @@ pub const GUEST_HELLO: &str = "hello from guest\n";
 /// Accepts the test guest's vsock connection on `listener` (a hybrid vsock
 /// `<uds>_<port>` socket), echoes [`GUEST_HELLO`] back and returns what it
 /// read.
-pub fn echo_guest_hello(listener: std::os::unix::net::UnixListener) -> std::thread::JoinHandle<String> {
+pub fn echo_guest_hello(
+    listener: std::os::unix::net::UnixListener,
+) -> std::thread::JoinHandle<String> {
     std::thread::spawn(move || {
         let (mut s, _) = listener.accept().expect("guest connection");
         s.set_read_timeout(Some(PATIENCE)).unwrap();
@@ -595,8 +614,14 @@ impl MotoServer {
         // Werkzeug prints "Running on http://127.0.0.1:PORT".
         let (tx, rx) = std::sync::mpsc::channel::<String>();
         let pipes: Vec<Box<dyn Read + Send>> = [
-            child.stdout.take().map(|p| Box::new(p) as Box<dyn Read + Send>),
-            child.stderr.take().map(|p| Box::new(p) as Box<dyn Read + Send>),
+            child
+                .stdout
+                .take()
+                .map(|p| Box::new(p) as Box<dyn Read + Send>),
+            child
+                .stderr
+                .take()
+                .map(|p| Box::new(p) as Box<dyn Read + Send>),
         ]
         .into_iter()
         .flatten()
@@ -807,13 +832,19 @@ impl Emberd {
     /// [`Emberd::curl`] with the body parsed as JSON (a string if it is not).
     pub fn json(&self, args: &[&str]) -> (u16, serde_json::Value) {
         let (c, b) = self.curl(args);
-        (c, serde_json::from_str(&b).unwrap_or(serde_json::Value::String(b)))
+        (
+            c,
+            serde_json::from_str(&b).unwrap_or(serde_json::Value::String(b)),
+        )
     }
 
     /// One raw HTTP request (our own client, not curl).
     pub fn req(&self, method: &str, path: &str, body: Option<&str>) -> (u16, serde_json::Value) {
         let r = http(&self.sock, method, path, body);
-        (r.status, serde_json::from_slice(&r.body).unwrap_or(serde_json::Value::Null))
+        (
+            r.status,
+            serde_json::from_slice(&r.body).unwrap_or(serde_json::Value::Null),
+        )
     }
 
     /// Every curl response so far (headers and body).
@@ -835,7 +866,8 @@ impl Drop for Emberd {
             for inst in insts.values() {
                 if let Some(pid) = inst["process"]["pid"].as_i64() {
                     let start = inst["process"]["start_time"].as_u64().unwrap_or(0);
-                    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+                    let stat =
+                        std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
                     let same = stat
                         .rsplit_once(')')
                         .and_then(|(_, r)| r.split_whitespace().nth(19)?.parse::<u64>().ok())
@@ -909,7 +941,16 @@ impl Emberd {
         let tgz = make_tar(self.dir.path(), &[("main.c", main_c.as_bytes())]);
         let form = format!("tarfile=@{}", tgz.display());
         let mut args: Vec<String> = [
-            "-X", "POST", "-F", &form, "-F", "provider=ember", "-F", "base=ember", "-F", "lang=c",
+            "-X",
+            "POST",
+            "-F",
+            &form,
+            "-F",
+            "provider=ember",
+            "-F",
+            "base=ember",
+            "-F",
+            "lang=c",
         ]
         .iter()
         .map(|s| s.to_string())
@@ -929,11 +970,16 @@ impl Emberd {
     /// `name` through hyperd's `/image/create`; asserts 200 and returns the
     /// progress lines.
     pub fn hyperd_import(&self, name: &str, spec: serde_json::Value) -> String {
-        let layout = self.dir.join(&format!("layout-{}", name.replace([':', '/'], "-")));
+        let layout = self
+            .dir
+            .join(&format!("layout-{}", name.replace([':', '/'], "-")));
         let mut spec = spec;
         spec["ref"] = name.into();
         make_oci(&layout, &spec);
-        let path = format!("/image/create?imageName={}", urlencode(&layout.display().to_string()));
+        let path = format!(
+            "/image/create?imageName={}",
+            urlencode(&layout.display().to_string())
+        );
         let r = http(&self.sock, "POST", &path, None);
         let body = String::from_utf8_lossy(&r.body).to_string();
         assert_eq!(r.status, 200, "import {name}: {body}");
@@ -942,7 +988,8 @@ impl Emberd {
 
     /// An instance's console log so far.
     pub fn logs(&self, name: &str) -> String {
-        self.curl(&[&format!("http://localhost/instances/{name}/logs")]).1
+        self.curl(&[&format!("http://localhost/instances/{name}/logs")])
+            .1
     }
 
     /// Waits until the log of `name` contains `needle`; returns the log.
@@ -951,7 +998,12 @@ impl Emberd {
             let l = self.logs(name);
             l.contains(needle).then_some(l)
         });
-        r.unwrap_or_else(|| panic!("logs of {name} never showed {needle:?}:\n{}", self.logs(name)))
+        r.unwrap_or_else(|| {
+            panic!(
+                "logs of {name} never showed {needle:?}:\n{}",
+                self.logs(name)
+            )
+        })
     }
 }
 
@@ -982,5 +1034,10 @@ pub fn vmm_processes(id: &str) -> Vec<u32> {
 /// `PUT path` with a JSON body to a VMM's API socket; asserts 204.
 pub fn api_put(sock: &Path, path: &str, body: serde_json::Value) {
     let r = http(sock, "PUT", path, Some(&body.to_string()));
-    assert_eq!(r.status, 204, "PUT {path}: {}", String::from_utf8_lossy(&r.body));
+    assert_eq!(
+        r.status,
+        204,
+        "PUT {path}: {}",
+        String::from_utf8_lossy(&r.body)
+    );
 }

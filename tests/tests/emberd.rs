@@ -23,10 +23,19 @@ fn compilers_and_providers() {
     assert!(v.is_array(), "{v}");
     let (c, v) = d.json(&["http://localhost/describe_compiler?provider=ember&base=nope&lang=c"]);
     assert_eq!(c, 400);
-    assert!(v["Error"].as_str().unwrap().contains("available bases"), "{v}");
+    assert!(
+        v["Error"].as_str().unwrap().contains("available bases"),
+        "{v}"
+    );
     let (c, v) = d.json(&["http://localhost/describe_compiler?provider=qemu&base=ember&lang=c"]);
     assert_eq!(c, 400);
-    assert!(v["Error"].as_str().unwrap().contains("available providers: ember"), "{v}");
+    assert!(
+        v["Error"]
+            .as_str()
+            .unwrap()
+            .contains("available providers: ember"),
+        "{v}"
+    );
 }
 
 #[test]
@@ -42,12 +51,30 @@ fn volumes_lifecycle_and_bad_input() {
     assert_eq!(v["SizeMb"], 8);
     assert_eq!(v["Infrastructure"], "EMBER");
     // From a tar.gz: an ext4 volume with the files in it.
-    let tgz = make_tar(d.dir.path(), &[("hello.txt", b"hello volume\n"), ("sub/x.bin", &[7u8; 3000])]);
+    let tgz = make_tar(
+        d.dir.path(),
+        &[
+            ("hello.txt", b"hello volume\n"),
+            ("sub/x.bin", &[7u8; 3000]),
+        ],
+    );
     let form = format!("tarfile=@{}", tgz.display());
-    let (c, v) = d.json(&["-X", "POST", "-F", &form, "-F", "provider=ember", &u("/volumes/data1")]);
+    let (c, v) = d.json(&[
+        "-X",
+        "POST",
+        "-F",
+        &form,
+        "-F",
+        "provider=ember",
+        &u("/volumes/data1"),
+    ]);
     assert_eq!(c, 201, "{v}");
     let id = v["Id"].as_str().unwrap().to_string();
-    let img = d.dir.join("state").join("volumes").join(format!("{id}.img"));
+    let img = d
+        .dir
+        .join("state")
+        .join("volumes")
+        .join(format!("{id}.img"));
     let out = Command::new("debugfs")
         .arg("-R")
         .arg("cat /hello.txt")
@@ -59,7 +86,15 @@ fn volumes_lifecycle_and_bad_input() {
     let raw = d.dir.join("raw.bin");
     std::fs::write(&raw, vec![0xabu8; 1000]).unwrap();
     let form = format!("tarfile=@{}", raw.display());
-    let (c, v) = d.json(&["-X", "POST", "-F", &form, "-F", "raw=true", &u("/volumes/raw1")]);
+    let (c, v) = d.json(&[
+        "-X",
+        "POST",
+        "-F",
+        &form,
+        "-F",
+        "raw=true",
+        &u("/volumes/raw1"),
+    ]);
     assert_eq!(c, 201, "{v}");
     // Duplicates, bad names, bad tar, unknown provider.
     let (c, _) = d.json(&["-X", "POST", &u("/volumes/empty1?size=8")]);
@@ -100,13 +135,33 @@ fn a_large_upload_is_spooled_and_arrives_intact() {
     let data: Vec<u8> = (0..3u32 << 20).map(|i| (i % 251) as u8).collect();
     std::fs::write(&raw, &data).unwrap();
     let form = format!("tarfile=@{}", raw.display());
-    let (c, v) = d.json(&["-X", "POST", "-F", &form, "-F", "raw=true", "http://localhost/volumes/big1"]);
+    let (c, v) = d.json(&[
+        "-X",
+        "POST",
+        "-F",
+        &form,
+        "-F",
+        "raw=true",
+        "http://localhost/volumes/big1",
+    ]);
     assert_eq!(c, 201, "{v}");
     let id = v["Id"].as_str().unwrap();
-    let img = std::fs::read(d.dir.join("state").join("volumes").join(format!("{id}.img"))).unwrap();
-    assert!(img.len() >= data.len() && img[..data.len()] == data[..], "volume content differs");
+    let img = std::fs::read(
+        d.dir
+            .join("state")
+            .join("volumes")
+            .join(format!("{id}.img")),
+    )
+    .unwrap();
+    assert!(
+        img.len() >= data.len() && img[..data.len()] == data[..],
+        "volume content differs"
+    );
     let spool = d.dir.join("state").join("spool");
-    assert_eq!(std::fs::metadata(&spool).unwrap().permissions().mode() & 0o777, 0o700);
+    assert_eq!(
+        std::fs::metadata(&spool).unwrap().permissions().mode() & 0o777,
+        0o700
+    );
     assert_eq!(std::fs::read_dir(&spool).unwrap().count(), 0);
 }
 
@@ -124,7 +179,13 @@ fn unknown_routes_and_a_stalled_client() {
     assert_eq!(c, 405);
     let (c, _) = d.json(&["http://localhost/images/none"]);
     assert_eq!(c, 404);
-    let (c, v) = d.json(&["-X", "POST", "-d", "{not json", "http://localhost/instances/run"]);
+    let (c, v) = d.json(&[
+        "-X",
+        "POST",
+        "-d",
+        "{not json",
+        "http://localhost/instances/run",
+    ]);
     assert_eq!(c, 400, "{v}");
     let (c, v) = d.json(&[
         "-X",
@@ -154,9 +215,18 @@ fn linux_base_images_build_here() {
     let d = start();
     let (c, v) = d.json(&["http://localhost/available_compilers"]);
     assert_eq!(c, 200);
-    let names: Vec<&str> = v.as_array().unwrap().iter().filter_map(|x| x.as_str()).collect();
-    assert!(names.contains(&"linux-c-ember") && names.contains(&"linux-binary-ember"), "{v}");
-    let (c, text) = d.curl(&["http://localhost/describe_compiler?provider=ember&base=linux&lang=c"]);
+    let names: Vec<&str> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|x| x.as_str())
+        .collect();
+    assert!(
+        names.contains(&"linux-c-ember") && names.contains(&"linux-binary-ember"),
+        "{v}"
+    );
+    let (c, text) =
+        d.curl(&["http://localhost/describe_compiler?provider=ember&base=linux&lang=c"]);
     assert_eq!(c, 200);
     assert!(text.contains("init"), "{text}");
 
@@ -169,8 +239,19 @@ fn linux_base_images_build_here() {
     );
     let form = format!("tarfile=@{}", tgz.display());
     let (c, v) = d.json(&[
-        "-X", "POST", "-F", &form, "-F", "provider=ember", "-F", "base=linux", "-F", "lang=c",
-        "-F", "mounts=/data", "http://localhost/images/linuxhello/create",
+        "-X",
+        "POST",
+        "-F",
+        &form,
+        "-F",
+        "provider=ember",
+        "-F",
+        "base=linux",
+        "-F",
+        "lang=c",
+        "-F",
+        "mounts=/data",
+        "http://localhost/images/linuxhello/create",
     ]);
     assert_eq!(c, 201, "{v}");
     assert_eq!(v["Name"], "linuxhello");
@@ -179,7 +260,16 @@ fn linux_base_images_build_here() {
     assert_eq!(v["StageSpec"]["ImageFormat"], "bzimage+initramfs");
     // The same name again needs force.
     let (c, _) = d.json(&[
-        "-X", "POST", "-F", &form, "-F", "provider=ember", "-F", "base=linux", "-F", "lang=c",
+        "-X",
+        "POST",
+        "-F",
+        &form,
+        "-F",
+        "provider=ember",
+        "-F",
+        "base=linux",
+        "-F",
+        "lang=c",
         "http://localhost/images/linuxhello/create",
     ]);
     assert_eq!(c, 409);
@@ -187,18 +277,42 @@ fn linux_base_images_build_here() {
     let bad = make_tar(d.dir.path(), &[("main.c", b"int main( { syntax error\n")]);
     let form_bad = format!("tarfile=@{}", bad.display());
     let (c, v) = d.json(&[
-        "-X", "POST", "-F", &form_bad, "-F", "provider=ember", "-F", "base=linux", "-F", "lang=c",
+        "-X",
+        "POST",
+        "-F",
+        &form_bad,
+        "-F",
+        "provider=ember",
+        "-F",
+        "base=linux",
+        "-F",
+        "lang=c",
         "http://localhost/images/broken/create",
     ]);
     assert_eq!(c, 400, "{v}");
     assert!(v["Error"].as_str().unwrap().contains("error"), "{v}");
     // Unknown lang lists what exists.
     let (c, v) = d.json(&[
-        "-X", "POST", "-F", &form, "-F", "provider=ember", "-F", "base=linux", "-F", "lang=go",
+        "-X",
+        "POST",
+        "-F",
+        &form,
+        "-F",
+        "provider=ember",
+        "-F",
+        "base=linux",
+        "-F",
+        "lang=go",
         "http://localhost/images/golang/create",
     ]);
     assert_eq!(c, 400);
-    assert!(v["Error"].as_str().unwrap().contains("available langs: binary, c"), "{v}");
+    assert!(
+        v["Error"]
+            .as_str()
+            .unwrap()
+            .contains("available langs: binary, c"),
+        "{v}"
+    );
     // Without a Linux kernel on this host the run is refused clearly; with
     // one, it would boot where KVM can run Linux (not on this machine).
     let (c, _) = d.json(&["-X", "POST", "http://localhost/volumes/d1?size=4"]);
@@ -206,7 +320,9 @@ fn linux_base_images_build_here() {
     let run = r#"{"InstanceName":"l1","ImageName":"linuxhello","Mounts":{"/data":"d1"}}"#;
     let (c, v) = d.json(&["-X", "POST", "-d", run, "http://localhost/instances/run"]);
     if api_has_kernel(&d) {
-        eprintln!("skipped: booting Linux needs a KVM that can run Linux; this host's PVM KVM cannot");
+        eprintln!(
+            "skipped: booting Linux needs a KVM that can run Linux; this host's PVM KVM cannot"
+        );
     } else {
         assert_eq!(c, 400, "{v}");
         assert!(v["Error"].as_str().unwrap().contains("no kernel"), "{v}");
@@ -215,8 +331,22 @@ fn linux_base_images_build_here() {
     let run = r#"{"InstanceName":"l2","ImageName":"linuxhello"}"#;
     let (c, v) = d.json(&["-X", "POST", "-d", run, "http://localhost/instances/run"]);
     assert_eq!(c, 400, "{v}");
-    assert!(v["Error"].as_str().unwrap().contains("required mount point missing"), "{v}");
-    assert_eq!(d.curl(&["-X", "DELETE", "http://localhost/images/linuxhello?force=true"]).0, 204);
+    assert!(
+        v["Error"]
+            .as_str()
+            .unwrap()
+            .contains("required mount point missing"),
+        "{v}"
+    );
+    assert_eq!(
+        d.curl(&[
+            "-X",
+            "DELETE",
+            "http://localhost/images/linuxhello?force=true"
+        ])
+        .0,
+        204
+    );
 }
 
 fn api_has_kernel(d: &Emberd) -> bool {
@@ -224,12 +354,21 @@ fn api_has_kernel(d: &Emberd) -> bool {
     std::env::var_os("EMBER_LINUX_KERNEL").is_some()
         || Path::new("/var/lib/ember/kernels/vmlinuz").exists()
         || std::fs::read_dir("/boot")
-            .map(|rd| rd.flatten().any(|e| e.file_name().to_string_lossy().starts_with("vmlinuz-")))
+            .map(|rd| {
+                rd.flatten()
+                    .any(|e| e.file_name().to_string_lossy().starts_with("vmlinuz-"))
+            })
             .unwrap_or(false)
 }
 
 fn run_instance(d: &Emberd, body: Value) -> Value {
-    let (c, v) = d.json(&["-X", "POST", "-d", &body.to_string(), "http://localhost/instances/run"]);
+    let (c, v) = d.json(&[
+        "-X",
+        "POST",
+        "-d",
+        &body.to_string(),
+        "http://localhost/instances/run",
+    ]);
     assert_eq!(c, 201, "run: {v}");
     v
 }
@@ -243,7 +382,11 @@ fn instance_state(d: &Emberd, name: &str) -> String {
 
 fn wait_state(d: &Emberd, name: &str, want: &str) {
     let ok = wait_for(PATIENCE, || (instance_state(d, name) == want).then_some(()));
-    assert!(ok.is_some(), "{name} never reached {want}: {}", instance_state(d, name));
+    assert!(
+        ok.is_some(),
+        "{name} never reached {want}: {}",
+        instance_state(d, name)
+    );
 }
 
 const HELLO_C: &str = r#"#include <stdio.h>
@@ -282,20 +425,35 @@ fn hello_unikernel_compiles_runs_logs_and_is_cleaned_up() {
     wait_state(&d, "hello-1", "stopped");
     assert_eq!(d.logs("hello-1").matches("ember: exit 0").count(), 2);
     // Delete leaves no process, jail or log behind.
-    assert_eq!(d.curl(&["-X", "DELETE", "http://localhost/instances/hello-1"]).0, 204);
+    assert_eq!(
+        d.curl(&["-X", "DELETE", "http://localhost/instances/hello-1"])
+            .0,
+        204
+    );
     assert_eq!(d.json(&["http://localhost/instances/hello-1"]).0, 404);
     assert!(vmm_processes(&id).is_empty());
     assert!(!d.dir.join("jail").join("ember-vmm").join(&id).exists());
-    assert!(!d.dir.join("state").join("logs").join(format!("{id}.log")).exists());
+    assert!(!d
+        .dir
+        .join("state")
+        .join("logs")
+        .join(format!("{id}.log"))
+        .exists());
     // The image can go now.
-    assert_eq!(d.curl(&["-X", "DELETE", "http://localhost/images/hello"]).0, 204);
+    assert_eq!(
+        d.curl(&["-X", "DELETE", "http://localhost/images/hello"]).0,
+        204
+    );
 }
 
 #[test]
 fn running_instance_survives_emberd_kill_9_and_stops_cleanly() {
     let mut d = start();
     d.c_image("idle", IDLE_C, &[]);
-    let inst = run_instance(&d, serde_json::json!({"InstanceName": "idle-1", "ImageName": "idle"}));
+    let inst = run_instance(
+        &d,
+        serde_json::json!({"InstanceName": "idle-1", "ImageName": "idle"}),
+    );
     let id = inst["Id"].as_str().unwrap().to_string();
     d.wait_logs("idle-1", "idle instance up");
     assert_eq!(instance_state(&d, "idle-1"), "running");
@@ -307,7 +465,11 @@ fn running_instance_survives_emberd_kill_9_and_stops_cleanly() {
     d.restart();
     assert_eq!(instance_state(&d, "idle-1"), "running");
     // Deleting a running instance needs force; stop works on the adopted VMM.
-    assert_eq!(d.curl(&["-X", "DELETE", "http://localhost/instances/idle-1"]).0, 409);
+    assert_eq!(
+        d.curl(&["-X", "DELETE", "http://localhost/instances/idle-1"])
+            .0,
+        409
+    );
     let (c, v) = d.json(&["-X", "POST", "http://localhost/instances/idle-1/stop"]);
     assert_eq!(c, 200, "{v}");
     assert_eq!(v["State"], "stopped");
@@ -318,7 +480,15 @@ fn running_instance_survives_emberd_kill_9_and_stops_cleanly() {
     assert_eq!(c, 200);
     wait_state(&d, "idle-1", "running");
     assert_eq!(vmm_processes(&id).len(), 1);
-    assert_eq!(d.curl(&["-X", "DELETE", "http://localhost/instances/idle-1?force=true"]).0, 204);
+    assert_eq!(
+        d.curl(&[
+            "-X",
+            "DELETE",
+            "http://localhost/instances/idle-1?force=true"
+        ])
+        .0,
+        204
+    );
     assert!(vmm_processes(&id).is_empty());
     assert!(!d.dir.join("jail").join("ember-vmm").join(&id).exists());
 }
@@ -327,7 +497,10 @@ fn running_instance_survives_emberd_kill_9_and_stops_cleanly() {
 fn logs_follow_streams_and_delete_on_disconnect() {
     let d = start();
     d.c_image("idle", IDLE_C, &[]);
-    let inst = run_instance(&d, serde_json::json!({"InstanceName": "f1", "ImageName": "idle"}));
+    let inst = run_instance(
+        &d,
+        serde_json::json!({"InstanceName": "f1", "ImageName": "idle"}),
+    );
     let id = inst["Id"].as_str().unwrap().to_string();
     let mut s = UnixStream::connect(&d.sock).unwrap();
     s.set_read_timeout(Some(PATIENCE)).unwrap();
@@ -345,15 +518,24 @@ fn logs_follow_streams_and_delete_on_disconnect() {
         got.extend_from_slice(&buf[..n]);
         let text = String::from_utf8_lossy(&got);
         if text.contains("idle instance up") {
-            assert!(text.contains("Transfer-Encoding: chunked") || text.contains("transfer-encoding: chunked"), "{text}");
+            assert!(
+                text.contains("Transfer-Encoding: chunked")
+                    || text.contains("transfer-encoding: chunked"),
+                "{text}"
+            );
             break true;
         }
     };
     assert!(found, "{}", String::from_utf8_lossy(&got));
     // The client leaves: the instance goes with it.
     drop(s);
-    let gone = wait_for(PATIENCE, || (d.json(&["http://localhost/instances/f1"]).0 == 404).then_some(()));
-    assert!(gone.is_some(), "instance not deleted after the log client left");
+    let gone = wait_for(PATIENCE, || {
+        (d.json(&["http://localhost/instances/f1"]).0 == 404).then_some(())
+    });
+    assert!(
+        gone.is_some(),
+        "instance not deleted after the log client left"
+    );
     assert!(vmm_processes(&id).is_empty());
 }
 
@@ -372,13 +554,19 @@ int main(void) {
 }
 "#;
     d.c_image("reader", reader, &["mounts=/data"]);
-    let tgz = make_tar(d.dir.path(), &[("greeting.txt", b"hello from a tar volume\n")]);
+    let tgz = make_tar(
+        d.dir.path(),
+        &[("greeting.txt", b"hello from a tar volume\n")],
+    );
     let form = format!("tarfile=@{}", tgz.display());
     let (c, v) = d.json(&["-X", "POST", "-F", &form, "http://localhost/volumes/greet"]);
     assert_eq!(c, 201, "{v}");
     // Without the volume the run is refused.
     let (c, v) = d.json(&[
-        "-X", "POST", "-d", r#"{"InstanceName":"r0","ImageName":"reader"}"#,
+        "-X",
+        "POST",
+        "-d",
+        r#"{"InstanceName":"r0","ImageName":"reader"}"#,
         "http://localhost/instances/run",
     ]);
     assert_eq!(c, 400, "{v}");
@@ -392,18 +580,40 @@ int main(void) {
     wait_state(&d, "r1", "stopped");
     // The volume is attached; detach and attach again (instance stopped).
     let (_, v) = d.json(&["http://localhost/volumes/greet"]);
-    assert!(v["Attachment"].as_str().unwrap().starts_with("inst-"), "{v}");
-    assert_eq!(d.json(&["-X", "DELETE", "http://localhost/volumes/greet"]).0, 409);
+    assert!(
+        v["Attachment"].as_str().unwrap().starts_with("inst-"),
+        "{v}"
+    );
+    assert_eq!(
+        d.json(&["-X", "DELETE", "http://localhost/volumes/greet"])
+            .0,
+        409
+    );
     let (c, body) = d.curl(&["-X", "POST", "http://localhost/volumes/greet/detach"]);
     assert_eq!((c, body.as_str()), (202, "greet"));
-    let (c, body) = d.curl(&["-X", "POST", "http://localhost/volumes/greet/attach/r1?mount=/data"]);
+    let (c, body) = d.curl(&[
+        "-X",
+        "POST",
+        "http://localhost/volumes/greet/attach/r1?mount=/data",
+    ]);
     assert_eq!((c, body.as_str()), (202, "greet"));
     let (c, _) = d.json(&["-X", "POST", "http://localhost/instances/r1/start"]);
     assert_eq!(c, 200);
     wait_state(&d, "r1", "stopped");
-    assert_eq!(d.logs("r1").matches("volume says: hello from a tar volume").count(), 2);
-    assert_eq!(d.curl(&["-X", "DELETE", "http://localhost/instances/r1"]).0, 204);
-    assert_eq!(d.json(&["http://localhost/volumes/greet"]).1["Attachment"], "");
+    assert_eq!(
+        d.logs("r1")
+            .matches("volume says: hello from a tar volume")
+            .count(),
+        2
+    );
+    assert_eq!(
+        d.curl(&["-X", "DELETE", "http://localhost/instances/r1"]).0,
+        204
+    );
+    assert_eq!(
+        d.json(&["http://localhost/volumes/greet"]).1["Attachment"],
+        ""
+    );
 }
 
 #[test]
@@ -411,7 +621,13 @@ fn builds_run_unprivileged_and_cannot_read_host_secrets() {
     let d = start();
     // gcc runs in a sandbox job whose root holds only the toolchain, the
     // sources and /out: /etc/shadow is not there to read.
-    let tgz = make_tar(d.dir.path(), &[("main.c", b"#include \"/etc/shadow\"\nint main(void){return 0;}\n")]);
+    let tgz = make_tar(
+        d.dir.path(),
+        &[(
+            "main.c",
+            b"#include \"/etc/shadow\"\nint main(void){return 0;}\n",
+        )],
+    );
     let form = format!("tarfile=@{}", tgz.display());
     // A response-file source would run a shell as the build user if gcc
     // were given its bare name.
@@ -422,27 +638,54 @@ fn builds_run_unprivileged_and_cannot_read_host_secrets() {
         &[
             ("@opts.c", opts.as_bytes()),
             ("-o.c", b"int helper(void){return 1;}\n"),
-            ("main.c", b"int helper(void);\nint main(void){return helper();}\n"),
+            (
+                "main.c",
+                b"int helper(void);\nint main(void){return helper();}\n",
+            ),
         ],
     );
     let rsp_form = format!("tarfile=@{}", rsp.display());
     for base in ["ember", "linux"] {
         let (c, v) = d.json(&[
-            "-X", "POST", "-F", &form, "-F", "provider=ember", "-F", &format!("base={base}"),
-            "-F", "lang=c", &format!("http://localhost/images/leak-{base}/create"),
+            "-X",
+            "POST",
+            "-F",
+            &form,
+            "-F",
+            "provider=ember",
+            "-F",
+            &format!("base={base}"),
+            "-F",
+            "lang=c",
+            &format!("http://localhost/images/leak-{base}/create"),
         ]);
         assert_eq!(c, 400, "{base}: {v}");
         let msg = v["Error"].as_str().unwrap_or_default();
-        assert!(msg.contains("/etc/shadow: No such file or directory"), "{base}: {msg}");
+        assert!(
+            msg.contains("/etc/shadow: No such file or directory"),
+            "{base}: {msg}"
+        );
         assert!(!msg.contains("root:"), "{base}: host secret leaked: {msg}");
         let (c, v) = d.json(&[
-            "-X", "POST", "-F", &rsp_form, "-F", "provider=ember", "-F", &format!("base={base}"),
-            "-F", "lang=c", &format!("http://localhost/images/rsp-{base}/create"),
+            "-X",
+            "POST",
+            "-F",
+            &rsp_form,
+            "-F",
+            "provider=ember",
+            "-F",
+            &format!("base={base}"),
+            "-F",
+            "lang=c",
+            &format!("http://localhost/images/rsp-{base}/create"),
         ]);
         assert_eq!(c, 400, "{base}: {v}");
         let msg = v["Error"].as_str().unwrap_or_default();
         assert!(msg.contains("@opts.c"), "{base}: {msg}");
-        assert!(!marker.exists(), "{base}: gcc ran the response file's wrapper");
+        assert!(
+            !marker.exists(),
+            "{base}: gcc ran the response file's wrapper"
+        );
     }
 }
 
@@ -463,10 +706,25 @@ fn processes_of(range: std::ops::RangeInclusive<u32>) -> Vec<(i32, String)> {
         let Ok(st) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
             continue;
         };
-        let field = |k: &str| st.lines().find(|l| l.starts_with(k)).unwrap_or("").to_string();
-        let uid: u32 = field("Uid:").split_whitespace().nth(1).and_then(|u| u.parse().ok()).unwrap_or(0);
+        let field = |k: &str| {
+            st.lines()
+                .find(|l| l.starts_with(k))
+                .unwrap_or("")
+                .to_string()
+        };
+        let uid: u32 = field("Uid:")
+            .split_whitespace()
+            .nth(1)
+            .and_then(|u| u.parse().ok())
+            .unwrap_or(0);
         if range.contains(&uid) && !field("State:").contains('Z') {
-            out.push((pid, field("Name:").trim_start_matches("Name:").trim().to_string()));
+            out.push((
+                pid,
+                field("Name:")
+                    .trim_start_matches("Name:")
+                    .trim()
+                    .to_string(),
+            ));
         }
     }
     out
@@ -480,8 +738,17 @@ fn a_hung_build_is_stopped_by_the_job_timeout() {
     for base in ["linux", "ember"] {
         let started = std::time::Instant::now();
         let (c, v) = d.json(&[
-            "-X", "POST", "-F", &form, "-F", "provider=ember", "-F", &format!("base={base}"),
-            "-F", "lang=c", &format!("http://localhost/images/bomb-{base}/create"),
+            "-X",
+            "POST",
+            "-F",
+            &form,
+            "-F",
+            "provider=ember",
+            "-F",
+            &format!("base={base}"),
+            "-F",
+            "lang=c",
+            &format!("http://localhost/images/bomb-{base}/create"),
         ]);
         assert_eq!(c, 400, "{base}: {v}");
         let msg = v["Error"].as_str().unwrap_or_default();
@@ -501,14 +768,27 @@ fn a_build_dies_with_emberd_kill_9() {
     let mut curl = Command::new("curl")
         .args(["-s", "--max-time", "300", "--unix-socket"])
         .arg(&d.sock)
-        .args(["-X", "POST", "-F", &form, "-F", "provider=ember", "-F", "base=linux"])
+        .args([
+            "-X",
+            "POST",
+            "-F",
+            &form,
+            "-F",
+            "provider=ember",
+            "-F",
+            "base=linux",
+        ])
         .args(["-F", "lang=c", "http://localhost/images/k9/create"])
         .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     while !processes_of(range.clone()).iter().any(|(_, n)| n == "cc1") {
-        assert!(std::time::Instant::now() < deadline, "cc1 never started: {:?}", processes_of(range.clone()));
+        assert!(
+            std::time::Instant::now() < deadline,
+            "cc1 never started: {:?}",
+            processes_of(range.clone())
+        );
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
     d.kill9();
@@ -518,7 +798,10 @@ fn a_build_dies_with_emberd_kill_9() {
         if left.is_empty() {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "the build outlived emberd: {left:?}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the build outlived emberd: {left:?}"
+        );
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
     let _ = curl.kill();
@@ -547,11 +830,25 @@ fn linux_image_boots_where_kvm_runs_linux() {
     );
     let form = format!("tarfile=@{}", tgz.display());
     let (c, v) = d.json(&[
-        "-X", "POST", "-F", &form, "-F", "provider=ember", "-F", "base=linux", "-F", "lang=c",
-        "-F", "args=a b", "http://localhost/images/lx/create",
+        "-X",
+        "POST",
+        "-F",
+        &form,
+        "-F",
+        "provider=ember",
+        "-F",
+        "base=linux",
+        "-F",
+        "lang=c",
+        "-F",
+        "args=a b",
+        "http://localhost/images/lx/create",
     ]);
     assert_eq!(c, 201, "{v}");
-    run_instance(&d, serde_json::json!({"InstanceName": "lx-1", "ImageName": "lx", "MemoryMb": 256}));
+    run_instance(
+        &d,
+        serde_json::json!({"InstanceName": "lx-1", "ImageName": "lx", "MemoryMb": 256}),
+    );
     let l = d.wait_logs("lx-1", "linux init says hello");
     assert!(l.contains("argc=3"), "{l}");
 }

@@ -35,13 +35,23 @@ fn host_paths_are_confined_and_no_error_echoes_a_file() {
     let d = Emberd::start(
         "hardening-paths",
         10511,
-        &["--flintlock-max-retries", "1", "--flintlock-backoff-ms", "10"],
+        &[
+            "--flintlock-max-retries",
+            "1",
+            "--flintlock-backoff-ms",
+            "10",
+        ],
     );
     let enc = |p: &Path| urlencode(&p.display().to_string());
 
     // hyperd: a host path outside the import directory is refused by rule.
     for p in [secret.clone(), "/etc/shadow".into(), d.dir.join("../x")] {
-        let r = http(&d.sock, "POST", &format!("/image/create?imageName={}", enc(&p)), None);
+        let r = http(
+            &d.sock,
+            "POST",
+            &format!("/image/create?imageName={}", enc(&p)),
+            None,
+        );
         let body = String::from_utf8_lossy(&r.body);
         assert_eq!(r.status, 400, "{}: {body}", p.display());
         assert!(body.contains("import directory"), "{body}");
@@ -49,22 +59,52 @@ fn host_paths_are_confined_and_no_error_echoes_a_file() {
     }
     // A symlink inside the import directory that points out is refused too.
     std::os::unix::fs::symlink(&secret, d.dir.join("link")).unwrap();
-    let r = http(&d.sock, "POST", &format!("/image/create?imageName={}", enc(&d.dir.join("link"))), None);
+    let r = http(
+        &d.sock,
+        "POST",
+        &format!("/image/create?imageName={}", enc(&d.dir.join("link"))),
+        None,
+    );
     assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&r.body));
     // Inside it, a file that is not an image: an error, without its bytes.
     let inside = d.dir.join("not-an-image");
     canary(&inside);
-    let r = http(&d.sock, "POST", &format!("/image/create?imageName={}", enc(&inside)), None);
+    let r = http(
+        &d.sock,
+        "POST",
+        &format!("/image/create?imageName={}", enc(&inside)),
+        None,
+    );
     let body = String::from_utf8_lossy(&r.body);
     assert!(r.status >= 400, "{body}");
-    assert!(!body.contains("CANARY") && !body.contains("root:"), "{body}");
+    assert!(
+        !body.contains("CANARY") && !body.contains("root:"),
+        "{body}"
+    );
 
     // hyperd push: only under the export directory, never through a link.
-    let (c, v) = d.req("POST", &format!("/image/push?remote={}&tag=x:1", enc(&outside.join("layout"))), None);
+    let (c, v) = d.req(
+        "POST",
+        &format!(
+            "/image/push?remote={}&tag=x:1",
+            enc(&outside.join("layout"))
+        ),
+        None,
+    );
     assert_eq!(c, 400, "{v}");
-    assert!(v["Cause"].as_str().unwrap().contains("export directory"), "{v}");
+    assert!(
+        v["Cause"].as_str().unwrap().contains("export directory"),
+        "{v}"
+    );
     std::os::unix::fs::symlink(outside.path(), d.dir.join("out-link")).unwrap();
-    let (c, v) = d.req("POST", &format!("/image/push?remote={}&tag=x:1", enc(&d.dir.join("out-link/layout"))), None);
+    let (c, v) = d.req(
+        "POST",
+        &format!(
+            "/image/push?remote={}&tag=x:1",
+            enc(&d.dir.join("out-link/layout"))
+        ),
+        None,
+    );
     assert_eq!(c, 400, "{v}");
 
     // Flintlock: kernel and volume sources outside are INVALID_ARGUMENT.
@@ -75,7 +115,10 @@ fn host_paths_are_confined_and_no_error_echoes_a_file() {
     };
     let (c, v) = d.req("POST", "/v1alpha1/microvm", Some(&spec(&secret, &inside)));
     assert_eq!((c, v["code"].as_i64()), (400, Some(3)), "{v}");
-    assert!(v["message"].as_str().unwrap().contains("import directory"), "{v}");
+    assert!(
+        v["message"].as_str().unwrap().contains("import directory"),
+        "{v}"
+    );
     let (c, v) = d.req("POST", "/v1alpha1/microvm", Some(&spec(&inside, &secret)));
     assert_eq!(c, 400, "{v}");
     // Sources inside that are not images: the attempt fails, and its error
@@ -88,7 +131,10 @@ fn host_paths_are_confined_and_no_error_echoes_a_file() {
         (v["microvm"]["status"]["state"] == "FAILED").then_some(v)
     })
     .expect("the MicroVM never failed");
-    let err = failed["microvm"]["status"]["error"].as_str().unwrap_or("").to_string();
+    let err = failed["microvm"]["status"]["error"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
     assert!(!err.is_empty(), "{failed}");
     assert!(!err.contains("CANARY") && !err.contains("root:"), "{err}");
     for r in d.responses() {
@@ -121,10 +167,16 @@ fn emberd_under_umask_000_keeps_its_files_private() {
     assert_eq!(mode(&d.sock), 0o600, "socket");
     assert_eq!(std::fs::metadata(&d.sock).unwrap().uid(), 0);
     assert_eq!(mode(&state), 0o700, "state dir");
-    for sub in ["images", "volumes", "logs", "staging", "tmp", "import", "export"] {
+    for sub in [
+        "images", "volumes", "logs", "staging", "tmp", "import", "export",
+    ] {
         assert_eq!(mode(&state.join(sub)), 0o700, "{sub}");
     }
-    assert_eq!(mode(&state.join("state.json")), 0o600, "state.json holds instance env");
+    assert_eq!(
+        mode(&state.join("state.json")),
+        0o600,
+        "state.json holds instance env"
+    );
     for dir in ["logs", "volumes"] {
         for e in std::fs::read_dir(state.join(dir)).unwrap().flatten() {
             assert_eq!(mode(&e.path()), 0o600, "{}", e.path().display());
@@ -133,7 +185,12 @@ fn emberd_under_umask_000_keeps_its_files_private() {
     // Installed images are root's, and no VMM or build uid can change them.
     for e in std::fs::read_dir(state.join("images")).unwrap().flatten() {
         let md = std::fs::symlink_metadata(e.path()).unwrap();
-        assert_eq!((md.uid(), md.mode() & 0o777), (0, 0o700), "{}", e.path().display());
+        assert_eq!(
+            (md.uid(), md.mode() & 0o777),
+            (0, 0o700),
+            "{}",
+            e.path().display()
+        );
         for f in std::fs::read_dir(e.path()).unwrap().flatten() {
             let md = std::fs::symlink_metadata(f.path()).unwrap();
             assert_eq!(md.uid(), 0, "{}", f.path().display());
@@ -148,7 +205,11 @@ fn emberd_under_umask_000_keeps_its_files_private() {
         .filter(|n| n.contains(".tmp"))
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
-    assert_eq!(d.curl(&["-X", "DELETE", "http://localhost/instances/i1?force=true"]).0, 204);
+    assert_eq!(
+        d.curl(&["-X", "DELETE", "http://localhost/instances/i1?force=true"])
+            .0,
+        204
+    );
 }
 
 #[test]
@@ -166,7 +227,8 @@ fn kill_9_between_spawn_and_save_never_gives_an_instance_two_vmms() {
     let died = wait_for(PATIENCE, || d.proc_.as_mut().unwrap().try_status());
     assert!(died.is_some(), "emberd did not die at the fault point");
     let state: Value =
-        serde_json::from_slice(&std::fs::read(d.dir.join("state").join("state.json")).unwrap()).unwrap();
+        serde_json::from_slice(&std::fs::read(d.dir.join("state").join("state.json")).unwrap())
+            .unwrap();
     let inst = state["instances"]
         .as_object()
         .unwrap()
@@ -175,7 +237,10 @@ fn kill_9_between_spawn_and_save_never_gives_an_instance_two_vmms() {
         .expect("the instance was recorded before its VMM was spawned")
         .clone();
     let id = inst["id"].as_str().unwrap().to_string();
-    assert!(inst["process"].is_null(), "the spawn was never saved: {inst}");
+    assert!(
+        inst["process"].is_null(),
+        "the spawn was never saved: {inst}"
+    );
     let pids = wait_for(PATIENCE, || {
         let p = vmm_processes(&id);
         (p.len() == 1).then_some(p)
@@ -192,7 +257,11 @@ fn kill_9_between_spawn_and_save_never_gives_an_instance_two_vmms() {
     assert_eq!(c, 200, "{v}");
     assert_eq!(vmm_processes(&id), pids);
     // A forced delete kills the adopted VMM.
-    assert_eq!(d.curl(&["-X", "DELETE", "http://localhost/instances/c1?force=true"]).0, 204);
+    assert_eq!(
+        d.curl(&["-X", "DELETE", "http://localhost/instances/c1?force=true"])
+            .0,
+        204
+    );
     let gone = wait_for(PATIENCE, || vmm_processes(&id).is_empty().then_some(()));
     assert!(gone.is_some(), "{:?}", vmm_processes(&id));
 }
@@ -210,11 +279,21 @@ fn every_vmm_runs_as_its_own_uid_and_owns_its_volumes_only_while_it_runs() {
     d.c_image("idle", IDLE_C, &["mounts=/data"]);
     let mut seen = Vec::new();
     for (inst, vol) in [("i1", "v1"), ("i2", "v2")] {
-        let (c, v) = d.json(&["-X", "POST", &format!("http://localhost/volumes/{vol}?size=4")]);
+        let (c, v) = d.json(&[
+            "-X",
+            "POST",
+            &format!("http://localhost/volumes/{vol}?size=4"),
+        ]);
         assert_eq!(c, 201, "{v}");
         let vol_id = v["Id"].as_str().unwrap().to_string();
         let run = json!({"InstanceName": inst, "ImageName": "idle", "Mounts": {"/data": vol}});
-        let (c, v) = d.json(&["-X", "POST", "-d", &run.to_string(), "http://localhost/instances/run"]);
+        let (c, v) = d.json(&[
+            "-X",
+            "POST",
+            "-d",
+            &run.to_string(),
+            "http://localhost/instances/run",
+        ]);
         assert_eq!(c, 201, "{v}");
         let id = v["Id"].as_str().unwrap().to_string();
         d.wait_logs(inst, "idle instance up");
@@ -222,9 +301,17 @@ fn every_vmm_runs_as_its_own_uid_and_owns_its_volumes_only_while_it_runs() {
         assert_eq!(pids.len(), 1, "{pids:?}");
         let uid = uid_of(pids[0]);
         assert!((10520..10524).contains(&uid), "{inst} runs as {uid}");
-        let file = d.dir.join("state").join("volumes").join(format!("{vol_id}.img"));
+        let file = d
+            .dir
+            .join("state")
+            .join("volumes")
+            .join(format!("{vol_id}.img"));
         let md = std::fs::metadata(&file).unwrap();
-        assert_eq!((md.uid(), md.mode() & 0o777), (uid, 0o600), "{vol} while {inst} runs");
+        assert_eq!(
+            (md.uid(), md.mode() & 0o777),
+            (uid, 0o600),
+            "{vol} while {inst} runs"
+        );
         seen.push((inst, uid, file));
     }
     assert_ne!(seen[0].1, seen[1].1, "two VMMs share a uid");
@@ -233,7 +320,15 @@ fn every_vmm_runs_as_its_own_uid_and_owns_its_volumes_only_while_it_runs() {
     assert_eq!(c, 200, "{v}");
     assert_eq!(std::fs::metadata(&seen[0].2).unwrap().uid(), 0);
     for (inst, _, _) in &seen {
-        assert_eq!(d.curl(&["-X", "DELETE", &format!("http://localhost/instances/{inst}?force=true")]).0, 204);
+        assert_eq!(
+            d.curl(&[
+                "-X",
+                "DELETE",
+                &format!("http://localhost/instances/{inst}?force=true")
+            ])
+            .0,
+            204
+        );
     }
 }
 
@@ -312,7 +407,11 @@ fn concurrent_large_uploads_do_not_grow_emberds_memory() {
     let want = std::fs::read(&file).unwrap();
     for i in 0..UPLOADS {
         let v = d.json(&[&format!("http://localhost/volumes/up{i}")]).1;
-        let img = d.dir.join("state").join("volumes").join(format!("{}.img", v["Id"].as_str().unwrap()));
+        let img = d
+            .dir
+            .join("state")
+            .join("volumes")
+            .join(format!("{}.img", v["Id"].as_str().unwrap()));
         assert!(std::fs::read(&img).unwrap() == want, "volume up{i} differs");
     }
 }

@@ -51,7 +51,8 @@ impl HubCalls for Emberd {
     }
 
     fn delete(&self, path: &str) -> u16 {
-        self.curl(&["-X", "DELETE", &format!("http://localhost{path}")]).0
+        self.curl(&["-X", "DELETE", &format!("http://localhost{path}")])
+            .0
     }
 
     /// Asserts that `secret` appears in no response and not in emberd's
@@ -60,8 +61,16 @@ impl HubCalls for Emberd {
         for (i, r) in self.responses().iter().enumerate() {
             assert!(!r.contains(secret), "response {i} shows the password: {r}");
         }
-        assert!(!self.err().contains(secret), "emberd's stderr shows the password:\n{}", self.err());
-        assert!(!self.out().contains(secret), "emberd's stdout shows the password:\n{}", self.out());
+        assert!(
+            !self.err().contains(secret),
+            "emberd's stderr shows the password:\n{}",
+            self.err()
+        );
+        assert!(
+            !self.out().contains(secret),
+            "emberd's stdout shows the password:\n{}",
+            self.out()
+        );
     }
 }
 
@@ -140,7 +149,10 @@ fn push_delete_pull_run_round_trip() {
         .head_object("unikhub", &format!("{USER}/hello/latest"))
         .expect("no hello/latest on the hub");
     assert!(head["ContentLength"].as_u64().unwrap_or(0) > 0, "{head}");
-    assert!(head["Metadata"]["unik-image"].is_string(), "no Image JSON metadata: {head}");
+    assert!(
+        head["Metadata"]["unik-image"].is_string(),
+        "no Image JSON metadata: {head}"
+    );
 
     // Gone locally, back from the hub.
     assert_eq!(d.delete("/images/hello"), 204);
@@ -153,12 +165,18 @@ fn push_delete_pull_run_round_trip() {
     assert_eq!(got["RunSpec"]["Compiler"], "ember-c-ember");
     assert_ne!(got["Id"], img["Id"], "a pulled image gets a new id");
     if v.is_object() {
-        assert_eq!(v["Id"], got["Id"], "the pull's answer is the installed image");
+        assert_eq!(
+            v["Id"], got["Id"],
+            "the pull's answer is the installed image"
+        );
     }
 
     // Again with the original daemon's spelling of the hub config.
     assert_eq!(d.delete("/images/hello"), 204);
-    let (c, v) = d.post("/images/pull/hello?provider=ember", &hub_body_pascal(&moto, PASS));
+    let (c, v) = d.post(
+        "/images/pull/hello?provider=ember",
+        &hub_body_pascal(&moto, PASS),
+    );
     assert_eq!(c, 202, "pull (URL/Username/Password): {v}");
     let (c, got) = d.get("/images/hello");
     assert_eq!(c, 200, "{got}");
@@ -182,7 +200,10 @@ fn push_delete_pull_run_round_trip() {
     assert!(l.contains("ember: exit 0"), "{l}");
 
     // An image in use is not overwritten by a forced pull.
-    let (c, v) = d.post("/images/pull/hello?provider=ember&force=true", &hub_body(&moto, PASS));
+    let (c, v) = d.post(
+        "/images/pull/hello?provider=ember&force=true",
+        &hub_body(&moto, PASS),
+    );
     assert_eq!(c, 409, "{v}");
     error_text(&v);
     assert_eq!(d.get("/images/hello").1["Id"], got["Id"]);
@@ -200,15 +221,25 @@ fn pull_over_a_local_image_needs_force() {
     let (c, v) = d.post("/images/push/tiny", &hub_body(&moto, ODD_PASS));
     assert_eq!(c, 202, "push: {v}");
 
-    let (c, v) = d.post("/images/pull/tiny?provider=ember", &hub_body(&moto, ODD_PASS));
+    let (c, v) = d.post(
+        "/images/pull/tiny?provider=ember",
+        &hub_body(&moto, ODD_PASS),
+    );
     assert_eq!(c, 409, "{v}");
     assert!(error_text(&v).contains("force"), "{v}");
     // Also without the provider parameter and with force=false.
     let (c, _) = d.post("/images/pull/tiny?force=false", &hub_body(&moto, ODD_PASS));
     assert_eq!(c, 409);
-    assert_eq!(d.get("/images/tiny").1["Id"], img["Id"], "the local image is untouched");
+    assert_eq!(
+        d.get("/images/tiny").1["Id"],
+        img["Id"],
+        "the local image is untouched"
+    );
 
-    let (c, v) = d.post("/images/pull/tiny?provider=ember&force=true", &hub_body(&moto, ODD_PASS));
+    let (c, v) = d.post(
+        "/images/pull/tiny?provider=ember&force=true",
+        &hub_body(&moto, ODD_PASS),
+    );
     assert_eq!(c, 202, "forced pull: {v}");
     let (c, got) = d.get("/images/tiny");
     assert_eq!(c, 200);
@@ -235,7 +266,10 @@ fn remote_delete_then_pull_and_delete_are_not_found() {
 
     let (c, v) = d.post("/images/remote-delete/tiny", &hub);
     assert_eq!(c, 202, "remote-delete: {v}");
-    assert_eq!(moto.head_object("unikhub", &format!("{USER}/tiny/latest")), None);
+    assert_eq!(
+        moto.head_object("unikhub", &format!("{USER}/tiny/latest")),
+        None
+    );
     // The local image is not touched by a remote delete.
     assert_eq!(d.get("/images/tiny").0, 200);
 
@@ -243,7 +277,11 @@ fn remote_delete_then_pull_and_delete_are_not_found() {
     let (c, v) = d.post("/images/pull/tiny?provider=ember", &hub);
     assert_eq!(c, 404, "pull of a remotely deleted image: {v}");
     assert!(!error_text(&v).is_empty());
-    assert_eq!(d.get("/images/tiny").0, 404, "a failed pull installed nothing");
+    assert_eq!(
+        d.get("/images/tiny").0,
+        404,
+        "a failed pull installed nothing"
+    );
     let (c, v) = d.post("/images/remote-delete/tiny", &hub);
     assert_eq!(c, 404, "second remote-delete: {v}");
     error_text(&v);
@@ -253,7 +291,9 @@ fn remote_delete_then_pull_and_delete_are_not_found() {
     let (c, v) = d.post("/images/remote-delete/keep", &other.to_string());
     assert_eq!(c, 404, "{v}");
     // The other image is still on the hub and pulls fine.
-    assert!(moto.head_object("unikhub", &format!("{USER}/keep/latest")).is_some());
+    assert!(moto
+        .head_object("unikhub", &format!("{USER}/keep/latest"))
+        .is_some());
     let (c, v) = d.post("/images/pull/keep?force=true", &hub);
     assert_eq!(c, 202, "{v}");
     assert_staging_empty(&d);
@@ -270,12 +310,25 @@ fn bad_hub_requests_are_refused() {
     // Bodies that are not a hub config: 400 with a JSON error, for all three.
     let no_url = json!({"user": USER, "pass": ODD_PASS}).to_string();
     let no_user = json!({"url": moto.url(), "pass": ODD_PASS}).to_string();
-    let bad_scheme = json!({"url": "ftp://127.0.0.1/x", "user": USER, "pass": ODD_PASS}).to_string();
+    let bad_scheme =
+        json!({"url": "ftp://127.0.0.1/x", "user": USER, "pass": ODD_PASS}).to_string();
     let not_string = json!({"url": moto.url(), "user": USER, "pass": 12345}).to_string();
     let bad_user = json!({"url": moto.url(), "user": "a/b", "pass": ODD_PASS}).to_string();
-    for path in ["/images/push/tiny", "/images/pull/other?provider=ember", "/images/remote-delete/tiny"] {
-        for body in ["not json", "", "[1,2]", &no_url, &no_user, &bad_scheme, &not_string, &bad_user]
-        {
+    for path in [
+        "/images/push/tiny",
+        "/images/pull/other?provider=ember",
+        "/images/remote-delete/tiny",
+    ] {
+        for body in [
+            "not json",
+            "",
+            "[1,2]",
+            &no_url,
+            &no_user,
+            &bad_scheme,
+            &not_string,
+            &bad_user,
+        ] {
             let (c, v) = d.post(path, body);
             assert_eq!(c, 400, "{path} with {body:?}: {v}");
             assert!(!error_text(&v).is_empty());
@@ -307,7 +360,11 @@ fn bad_hub_requests_are_refused() {
     let dead = json!({"url": format!("http://127.0.0.1:{}/unikhub", closed_port()),
                       "user": USER, "pass": ODD_PASS})
     .to_string();
-    for path in ["/images/push/tiny", "/images/pull/other?provider=ember", "/images/remote-delete/tiny"] {
+    for path in [
+        "/images/push/tiny",
+        "/images/pull/other?provider=ember",
+        "/images/remote-delete/tiny",
+    ] {
         let (c, v) = d.json(&[
             "--max-time",
             "60",
@@ -387,7 +444,13 @@ s3.copy_object(Bucket="unikhub", Key=key, CopySource={"Bucket": "unikhub", "Key"
                Metadata=meta, MetadataDirective="REPLACE")
 "#;
     let st = Command::new(python())
-        .args(["-c", script, &moto.url(), &format!("{USER}/{image}/latest"), kernel])
+        .args([
+            "-c",
+            script,
+            &moto.url(),
+            &format!("{USER}/{image}/latest"),
+            kernel,
+        ])
         .status()
         .expect("run python");
     assert!(st.success(), "tampering with the hub's metadata failed");
@@ -409,10 +472,15 @@ fn a_hub_image_cannot_point_outside_its_directory() {
     // state/images/<id>/ is three levels below the test dir.
     for kernel in [abs.as_str(), "../../../host-secret"] {
         std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
-        assert_eq!(d.post("/images/push/tiny", &hub_body(&moto, ODD_PASS)).0, 202);
+        assert_eq!(
+            d.post("/images/push/tiny", &hub_body(&moto, ODD_PASS)).0,
+            202
+        );
         tamper_kernel(&moto, "tiny", kernel);
-        let (c, v) =
-            d.post("/images/pull/tiny?provider=ember&force=true", &hub_body(&moto, ODD_PASS));
+        let (c, v) = d.post(
+            "/images/pull/tiny?provider=ember&force=true",
+            &hub_body(&moto, ODD_PASS),
+        );
         if c == 202 {
             let (c, inst) = d.post(
                 "/instances/run",

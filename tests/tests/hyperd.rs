@@ -35,15 +35,26 @@ fn pods_lists_and_envelopes() {
     let spec = r#"{"id":"web","containers":[{"name":"nginx","image":"nginx:latest"},{"image":"busybox"}],"resource":{"vcpu":1,"memory":128}}"#;
     let (c, v) = d.req("POST", &format!("/pod/create?podArgs={}", enc(spec)), None);
     assert_eq!(c, 200, "{v}");
-    assert_eq!((v["Code"].clone(), v["Cause"].clone()), (0.into(), "".into()));
+    assert_eq!(
+        (v["Code"].clone(), v["Cause"].clone()),
+        (0.into(), "".into())
+    );
     let pod = v["ID"].as_str().unwrap().to_string();
     assert!(pod.starts_with("pod-") && pod.len() == 14, "{pod}");
     // The JSON body form.
-    let (c, v) = d.req("POST", "/pod/create", Some(r#"{"id":"db","containers":[{"image":"redis"}]}"#));
+    let (c, v) = d.req(
+        "POST",
+        "/pod/create",
+        Some(r#"{"id":"db","containers":[{"image":"redis"}]}"#),
+    );
     assert_eq!(c, 200, "{v}");
     let pod2 = v["ID"].as_str().unwrap().to_string();
     // Duplicates and bad specs.
-    let (c, v) = d.req("POST", "/pod/create", Some(r#"{"id":"db","containers":[{"image":"redis"}]}"#));
+    let (c, v) = d.req(
+        "POST",
+        "/pod/create",
+        Some(r#"{"id":"db","containers":[{"image":"redis"}]}"#),
+    );
     assert_eq!(c, 409, "{v}");
     assert_eq!(v["Code"], 1);
     let (c, v) = d.req("POST", "/pod/create", Some(r#"{"id":"x","containers":[]}"#));
@@ -51,32 +62,68 @@ fn pods_lists_and_envelopes() {
     assert!(v["Cause"].as_str().unwrap().contains("bad parameter"));
     let (c, _) = d.req("POST", "/pod/create", None);
     assert_eq!(c, 400);
-    let (c, v) = d.req("POST", "/pod/create", Some(r#"{"id":"x","containers":[{"image":"nosuch:1"}]}"#));
+    let (c, v) = d.req(
+        "POST",
+        "/pod/create",
+        Some(r#"{"id":"x","containers":[{"image":"nosuch:1"}]}"#),
+    );
     assert_eq!(c, 404, "{v}");
     assert!(v["Cause"].as_str().unwrap().contains("no such"), "{v}");
 
     let (c, v) = d.req("GET", "/list?item=pod", None);
     assert_eq!(c, 200);
     assert_eq!(v["item"], "pod");
-    let pods: Vec<&str> = v["podData"].as_array().unwrap().iter().map(|x| x.as_str().unwrap()).collect();
-    assert!(pods.contains(&format!("{pod}:web::pending").as_str()), "{pods:?}");
+    let pods: Vec<&str> = v["podData"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_str().unwrap())
+        .collect();
+    assert!(
+        pods.contains(&format!("{pod}:web::pending").as_str()),
+        "{pods:?}"
+    );
     let (_, v) = d.req("GET", "/list?item=container", None);
-    let cs: Vec<&str> = v["cData"].as_array().unwrap().iter().map(|x| x.as_str().unwrap()).collect();
+    let cs: Vec<&str> = v["cData"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_str().unwrap())
+        .collect();
     assert_eq!(cs.len(), 3, "{cs:?}");
-    assert!(cs.iter().any(|c| c.ends_with(&format!(":nginx:{pod}:pending"))), "{cs:?}");
+    assert!(
+        cs.iter()
+            .any(|c| c.ends_with(&format!(":nginx:{pod}:pending"))),
+        "{cs:?}"
+    );
     let (_, v) = d.req("GET", "/list?item=vm", None);
     assert_eq!(v["vmData"].as_array().unwrap().len(), 0);
     let (c, v) = d.req("GET", "/list?item=cat", None);
     assert_eq!(c, 400);
-    assert!(v["Cause"].as_str().unwrap().contains("Can not support cat list!"), "{v}");
+    assert!(
+        v["Cause"]
+            .as_str()
+            .unwrap()
+            .contains("Can not support cat list!"),
+        "{v}"
+    );
 
     // Pod VMs boot Linux: refused clearly here, and the pod is marked failed.
     let (c, v) = d.req("POST", &format!("/pod/start?podId={pod}&vmId="), None);
     assert_eq!(c, 500, "{v}");
     assert!(v["Cause"].as_str().unwrap().contains("Linux"), "{v}");
     let (_, v) = d.req("GET", "/list?item=pod", None);
-    assert!(v["podData"].to_string().contains(&format!("{pod}:web::failed")), "{v}");
-    let (c, _) = d.req("POST", &format!("/pod/start?podId={pod2}&vmId=vm-nosuchvmxx"), None);
+    assert!(
+        v["podData"]
+            .to_string()
+            .contains(&format!("{pod}:web::failed")),
+        "{v}"
+    );
+    let (c, _) = d.req(
+        "POST",
+        &format!("/pod/start?podId={pod2}&vmId=vm-nosuchvmxx"),
+        None,
+    );
     assert_eq!(c, 404);
     let (c, v) = d.req("POST", "/vm/create", None);
     assert_eq!(c, 500, "{v}");
@@ -85,7 +132,11 @@ fn pods_lists_and_envelopes() {
     // Stop needs a running pod; stopVM must be yes or no.
     let (c, v) = d.req("POST", &format!("/pod/stop?podId={pod2}&stopVM=yes"), None);
     assert_eq!(c, 409, "{v}");
-    let (c, _) = d.req("POST", &format!("/pod/stop?podId={pod2}&stopVM=maybe"), None);
+    let (c, _) = d.req(
+        "POST",
+        &format!("/pod/stop?podId={pod2}&stopVM=maybe"),
+        None,
+    );
     assert_eq!(c, 400);
     // Delete, then it is gone.
     let (c, v) = d.req("DELETE", &format!("/pod?podId={pod}"), None);
@@ -102,13 +153,27 @@ fn info_and_auth() {
     let d = start();
     let (c, v) = d.req("GET", "/info", None);
     assert_eq!(c, 200);
-    for k in ["ID", "Containers", "Images", "Driver", "DriverStatus", "DockerRootDir",
-              "IndexServerAddress", "ExecutionDriver", "MemTotal", "Pods", "Operating System", "Name"] {
+    for k in [
+        "ID",
+        "Containers",
+        "Images",
+        "Driver",
+        "DriverStatus",
+        "DockerRootDir",
+        "IndexServerAddress",
+        "ExecutionDriver",
+        "MemTotal",
+        "Pods",
+        "Operating System",
+        "Name",
+    ] {
         assert!(v.get(k).is_some(), "missing {k}: {v}");
     }
     assert!(v["MemTotal"].as_u64().unwrap() > 0);
     let secret = "s3cr3t-Pa55-word";
-    let body = format!(r#"{{"username":"hello","password":"{secret}","email":"h@example.com","serveraddress":"https://registry.example/v1/"}}"#);
+    let body = format!(
+        r#"{{"username":"hello","password":"{secret}","email":"h@example.com","serveraddress":"https://registry.example/v1/"}}"#
+    );
     let (c, v) = d.req("POST", "/auth", Some(&body));
     assert_eq!(c, 200, "{v}");
     assert_eq!(v["Status"], "Login Succeeded");
@@ -131,7 +196,14 @@ fn tar_context(dir: &std::path::Path, files: &[(&str, &str)]) -> Vec<u8> {
         std::fs::create_dir_all(p.parent().unwrap()).unwrap();
         std::fs::write(p, c).unwrap();
     }
-    let out = Command::new("tar").arg("cf").arg("-").arg("-C").arg(&ctx).arg(".").output().unwrap();
+    let out = Command::new("tar")
+        .arg("cf")
+        .arg("-")
+        .arg("-C")
+        .arg(&ctx)
+        .arg(".")
+        .output()
+        .unwrap();
     assert!(out.status.success());
     out.stdout
 }
@@ -158,7 +230,11 @@ fn images_import_build_push_remove() {
     assert_eq!(list.len(), 1, "{v}");
     let entry = list[0].as_str().unwrap();
     let parts: Vec<&str> = entry.split(':').collect();
-    assert_eq!((parts.len(), parts[0], parts[1]), (5, "base", "1"), "{entry}");
+    assert_eq!(
+        (parts.len(), parts[0], parts[1]),
+        (5, "base", "1"),
+        "{entry}"
+    );
     // The UniK face never sees /images/get.
     assert!(v.get("Error").is_none());
 
@@ -169,12 +245,18 @@ fn images_import_build_push_remove() {
     ]);
     let (c, body) = post_bytes(&d, "/image/build?t=app:2", &ctx);
     assert_eq!(c, 200, "{body}");
-    assert!(body.contains("Step 1/5 : FROM base:1") && body.contains("Successfully built"), "{body}");
+    assert!(
+        body.contains("Step 1/5 : FROM base:1") && body.contains("Successfully built"),
+        "{body}"
+    );
     for line in body.lines() {
         serde_json::from_str::<Value>(line).expect("every progress line is JSON");
     }
     // RUN is refused with its line.
-    let bad = tar_context(&d.dir.join("bad"), &[("Dockerfile", "FROM scratch\nRUN make\n")]);
+    let bad = tar_context(
+        &d.dir.join("bad"),
+        &[("Dockerfile", "FROM scratch\nRUN make\n")],
+    );
     let (c, body) = post_bytes(&d, "/image/build?t=bad:1", &bad);
     assert_eq!(c, 400, "{body}");
     assert!(body.contains("RUN") && body.contains("error"), "{body}");
@@ -183,10 +265,22 @@ fn images_import_build_push_remove() {
 
     // Push to a local OCI layout, then import it back under another name.
     let dest = d.dir.join("pushed");
-    let (c, v) = d.req("POST", &format!("/image/push?remote={}&tag=app:2", enc(dest.to_str().unwrap())), None);
+    let (c, v) = d.req(
+        "POST",
+        &format!(
+            "/image/push?remote={}&tag=app:2",
+            enc(dest.to_str().unwrap())
+        ),
+        None,
+    );
     assert_eq!(c, 200, "{v}");
     assert!(dest.join("index.json").exists());
-    let r = http(&d.sock, "POST", &format!("/image/create?imageName={}", enc(dest.to_str().unwrap())), None);
+    let r = http(
+        &d.sock,
+        "POST",
+        &format!("/image/create?imageName={}", enc(dest.to_str().unwrap())),
+        None,
+    );
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     let (c, _) = d.req("POST", "/image/push?remote=relative/dir&tag=app:2", None);
     assert_eq!(c, 400);
@@ -197,7 +291,11 @@ fn images_import_build_push_remove() {
     assert!(String::from_utf8_lossy(&r.body).contains("no registry access"));
 
     // Remove, in use by a pod first.
-    let (c, v) = d.req("POST", "/pod/create", Some(r#"{"id":"p","containers":[{"image":"base:1"}]}"#));
+    let (c, v) = d.req(
+        "POST",
+        "/pod/create",
+        Some(r#"{"id":"p","containers":[{"image":"base:1"}]}"#),
+    );
     assert_eq!(c, 200, "{v}");
     let (c, v) = d.req("DELETE", "/image?imageId=base:1", None);
     assert_eq!(c, 409, "{v}");
@@ -208,7 +306,11 @@ fn images_import_build_push_remove() {
     let (c, _) = d.req("DELETE", "/image?imageId=base:1", None);
     assert_eq!(c, 404);
     // Commit needs a running container.
-    let (c, _) = d.req("POST", "/container/commit?container=nope&repo=x", Some("{}"));
+    let (c, _) = d.req(
+        "POST",
+        "/container/commit?container=nope&repo=x",
+        Some("{}"),
+    );
     assert_eq!(c, 404);
     let (_, v) = d.req("GET", "/info", None);
     assert!(v["Images"].as_u64().unwrap() >= 1);

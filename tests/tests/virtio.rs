@@ -12,8 +12,9 @@ use ember_tests::*;
 use serde_json::json;
 
 fn fnv1a(data: &[u8]) -> u32 {
-    data.iter()
-        .fold(0x811c_9dc5u32, |h, b| (h ^ u32::from(*b)).wrapping_mul(0x0100_0193))
+    data.iter().fold(0x811c_9dc5u32, |h, b| {
+        (h ^ u32::from(*b)).wrapping_mul(0x0100_0193)
+    })
 }
 
 fn pattern(len: usize) -> Vec<u8> {
@@ -67,11 +68,24 @@ fn devices_are_announced_on_the_cmdline() {
     cfg["drives"] = json!([drive("a", &disk_a, false), drive("b", &disk_b, true)]);
     cfg["vsock"] = json!({"guest_cid": 3, "uds_path": dir.join("v.sock")});
     let out = run_ok(&mut spawn_vm(&dir, cfg, None));
-    assert!(out.contains("ember-guest: virtio 0xd0000000 irq 5 id 2 version 2"), "{out}");
-    assert!(out.contains("ember-guest: virtio 0xd0001000 irq 6 id 2 version 2"), "{out}");
-    assert!(out.contains("ember-guest: virtio 0xd0002000 irq 7 id 19 version 2"), "{out}");
+    assert!(
+        out.contains("ember-guest: virtio 0xd0000000 irq 5 id 2 version 2"),
+        "{out}"
+    );
+    assert!(
+        out.contains("ember-guest: virtio 0xd0001000 irq 6 id 2 version 2"),
+        "{out}"
+    );
+    assert!(
+        out.contains("ember-guest: virtio 0xd0002000 irq 7 id 19 version 2"),
+        "{out}"
+    );
     let dir = TempDir::new("probe-none");
-    let out = run_ok(&mut spawn_vm(&dir, base_cfg("ember.test=virtio-probe"), None));
+    let out = run_ok(&mut spawn_vm(
+        &dir,
+        base_cfg("ember.test=virtio-probe"),
+        None,
+    ));
     assert!(out.contains("ember-guest: virtio none"), "{out}");
 }
 
@@ -86,19 +100,31 @@ fn block_read_write_flush_and_odd_sizes() {
     cfg["drives"] = json!([drive("data0", &disk, false)]);
     let out = run_ok(&mut spawn_vm(&dir, cfg, None));
     let sectors = data.len().div_ceil(512);
-    assert!(out.contains(&format!("ember-guest: blk capacity {sectors} ro 0")), "{out}");
+    assert!(
+        out.contains(&format!("ember-guest: blk capacity {sectors} ro 0")),
+        "{out}"
+    );
     assert!(out.contains("ember-guest: blk id data0"), "{out}");
     assert!(
-        out.contains(&format!("ember-guest: blk read fnv1a 0x{:08x}", fnv1a(&data[..4096]))),
+        out.contains(&format!(
+            "ember-guest: blk read fnv1a 0x{:08x}",
+            fnv1a(&data[..4096])
+        )),
         "{out}"
     );
     let mut last = data[(sectors - 1) * 512..].to_vec();
     last.resize(512, 0);
     assert!(
-        out.contains(&format!("ember-guest: blk last-sector fnv1a 0x{:08x}", fnv1a(&last))),
+        out.contains(&format!(
+            "ember-guest: blk last-sector fnv1a 0x{:08x}",
+            fnv1a(&last)
+        )),
         "{out}"
     );
-    assert!(out.contains("ember-guest: blk beyond-end status 1"), "{out}");
+    assert!(
+        out.contains("ember-guest: blk beyond-end status 1"),
+        "{out}"
+    );
     assert!(out.contains("ember-guest: blk flush status 0"), "{out}");
     assert!(out.contains("ember-guest: blk write ok"), "{out}");
     // The guest's write reached the file, at sector 8, and nothing else changed.
@@ -130,7 +156,10 @@ fn a_hostile_guest_does_not_bring_the_vmm_down() {
     let data = pattern(16 * 1024);
     let disk = dir.join("disk.img");
     std::fs::write(&disk, &data).unwrap();
-    let good = format!("ember-guest: evil recovered fnv1a 0x{:08x}", fnv1a(&data[..4096]));
+    let good = format!(
+        "ember-guest: evil recovered fnv1a 0x{:08x}",
+        fnv1a(&data[..4096])
+    );
     for mode in [
         "evil-desc-oob",
         "evil-desc-loop",
@@ -144,12 +173,22 @@ fn a_hostile_guest_does_not_bring_the_vmm_down() {
         let mut p = spawn_vm(&dir, cfg, None);
         let out = run_ok(&mut p);
         assert!(out.contains(" sent"), "{mode}: {out}");
-        assert!(out.contains(&good), "{mode}: device did not recover:\n{out}");
+        assert!(
+            out.contains(&good),
+            "{mode}: device did not recover:\n{out}"
+        );
         // The VMM said what it refused.
-        assert!(p.err().contains("[WARN] virtio"), "{mode}: nothing logged:\n{}", p.err());
+        assert!(
+            p.err().contains("[WARN] virtio"),
+            "{mode}: nothing logged:\n{}",
+            p.err()
+        );
         if needs_reset {
             // A corrupt avail index makes the device ask for a reset.
-            assert!(out.contains("ember-guest: evil device status 0x4f"), "{out}");
+            assert!(
+                out.contains("ember-guest: evil device status 0x4f"),
+                "{out}"
+            );
         }
         // Whatever the guest asked for, the backing file is untouched.
         assert_eq!(std::fs::read(&disk).unwrap(), data, "{mode}");
@@ -168,10 +207,16 @@ fn network_frames_flow_through_a_tap_in_a_test_namespace() {
     }]);
     let mut p = spawn_vm(&dir, cfg, Some(&ns.name));
     let out = run_ok(&mut p);
-    assert!(out.contains("ember-guest: net mac 06:00:0a:00:00:02"), "{out}");
+    assert!(
+        out.contains("ember-guest: net mac 06:00:0a:00:00:02"),
+        "{out}"
+    );
     assert!(out.contains("ember-guest: net arp "), "{out}");
     for n in 1..=3 {
-        assert!(out.contains(&format!("ember-guest: net udp-echo ok {n}")), "{out}");
+        assert!(
+            out.contains(&format!("ember-guest: net udp-echo ok {n}")),
+            "{out}"
+        );
     }
     assert_eq!(echo.join().unwrap(), 3);
 }
@@ -206,8 +251,14 @@ fn vsock_connections_in_both_directions() {
     s.shutdown(std::net::Shutdown::Write).unwrap();
     let out = run_ok(&mut p);
     assert!(out.contains("ember-guest: vsock cid 3"), "{out}");
-    assert!(out.contains("ember-guest: vsock host-connect accepted"), "{out}");
-    assert!(out.contains("ember-guest: vsock host-connect echoed 3000"), "{out}");
+    assert!(
+        out.contains("ember-guest: vsock host-connect accepted"),
+        "{out}"
+    );
+    assert!(
+        out.contains("ember-guest: vsock host-connect echoed 3000"),
+        "{out}"
+    );
     assert!(!uds.exists(), "ember-vmm leaves no vsock socket behind");
 }
 
@@ -218,7 +269,10 @@ fn vsock_connect_to_a_closed_port_is_refused_cleanly() {
     let mut cfg = base_cfg("ember.test=vsock ember.vsock_mode=guest ember.vsock_port=99");
     cfg["vsock"] = json!({"guest_cid": 5, "uds_path": uds});
     let out = run_ok(&mut spawn_vm(&dir, cfg, None));
-    assert!(out.contains("ember-guest: vsock guest-connect refused"), "{out}");
+    assert!(
+        out.contains("ember-guest: vsock guest-connect refused"),
+        "{out}"
+    );
 }
 
 #[test]
@@ -233,22 +287,32 @@ fn device_api_over_the_socket() {
     cmd.arg("--api-sock").arg(&sock);
     let mut p = Proc::spawn(cmd, dir.path(), "vmm");
     wait_for_socket(&sock);
-    let put = |path: &str, body: serde_json::Value| http(&sock, "PUT", path, Some(&body.to_string()));
+    let put =
+        |path: &str, body: serde_json::Value| http(&sock, "PUT", path, Some(&body.to_string()));
     let patch =
         |path: &str, body: serde_json::Value| http(&sock, "PATCH", path, Some(&body.to_string()));
 
     // Bad input, each a 400 with a reason.
     let r = put("/drives/a", drive("b", &disk, false));
     assert_eq!(r.status, 400);
-    assert!(r.json()["fault_message"].as_str().unwrap().contains("does not match"));
-    let r = put("/drives/a", drive("a", Path::new("/nonexistent/a.img"), false));
+    assert!(r.json()["fault_message"]
+        .as_str()
+        .unwrap()
+        .contains("does not match"));
+    let r = put(
+        "/drives/a",
+        drive("a", Path::new("/nonexistent/a.img"), false),
+    );
     assert_eq!(r.status, 400);
     let r = put(
         "/network-interfaces/eth0",
         json!({"iface_id": "eth0", "host_dev_name": "tap-name-far-too-long"}),
     );
     assert_eq!(r.status, 400);
-    let r = put("/vsock", json!({"guest_cid": 1, "uds_path": dir.join("v.sock")}));
+    let r = put(
+        "/vsock",
+        json!({"guest_cid": 1, "uds_path": dir.join("v.sock")}),
+    );
     assert_eq!(r.status, 400);
     let r = patch("/drives/a", json!({"drive_id": "a", "path_on_host": disk2}));
     assert_eq!(r.status, 400, "PATCH before boot");
@@ -257,18 +321,31 @@ fn device_api_over_the_socket() {
     assert_eq!(put("/drives/a", drive("a", &disk, false)).status, 204);
     let b = json!({"kernel_image_path": LINUX64_ELF, "boot_args": "ember.test=idle"});
     assert_eq!(put("/boot-source", b).status, 204);
-    assert_eq!(put("/actions", json!({"action_type": "InstanceStart"})).status, 204);
+    assert_eq!(
+        put("/actions", json!({"action_type": "InstanceStart"})).status,
+        204
+    );
     p.expect_out("ember-guest: idle");
-    assert_eq!(put("/drives/c", drive("c", &disk, false)).status, 400, "PUT after boot");
+    assert_eq!(
+        put("/drives/c", drive("c", &disk, false)).status,
+        400,
+        "PUT after boot"
+    );
 
     // Swap the backing file after boot.
     let r = patch("/drives/a", json!({"drive_id": "a", "path_on_host": disk2}));
     assert_eq!(r.status, 204, "{:?}", String::from_utf8_lossy(&r.body));
     let cfg = http(&sock, "GET", "/vm/config", None).json();
     assert_eq!(cfg["drives"][0]["path_on_host"], disk2.to_str().unwrap());
-    let r = patch("/drives/zzz", json!({"drive_id": "zzz", "path_on_host": disk2}));
+    let r = patch(
+        "/drives/zzz",
+        json!({"drive_id": "zzz", "path_on_host": disk2}),
+    );
     assert_eq!(r.status, 400);
-    assert!(r.json()["fault_message"].as_str().unwrap().contains("No drive"));
+    assert!(r.json()["fault_message"]
+        .as_str()
+        .unwrap()
+        .contains("No drive"));
     assert_eq!(http(&sock, "GET", "/", None).json()["state"], "Running");
     drop(p);
 }

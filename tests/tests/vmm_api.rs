@@ -31,25 +31,40 @@ impl Vmm {
     }
     fn ok(&self, method: &str, path: &str, body: &str) {
         let r = self.req(method, path, Some(body));
-        assert_eq!(r.status, 204, "{method} {path}: {:?}", String::from_utf8_lossy(&r.body));
+        assert_eq!(
+            r.status,
+            204,
+            "{method} {path}: {:?}",
+            String::from_utf8_lossy(&r.body)
+        );
     }
     fn fault(&self, method: &str, path: &str, body: Option<&str>) -> String {
         let r = self.req(method, path, body);
         assert_eq!(r.status, 400, "{method} {path} should fail");
         assert_eq!(r.header("content-type"), Some("application/json"));
-        let msg = r.json()["fault_message"].as_str().unwrap_or_default().to_string();
+        let msg = r.json()["fault_message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
         assert!(!msg.is_empty());
         // ...and the VMM still serves.
         assert_eq!(self.req("GET", "/", None).status, 200);
         msg
     }
     fn state(&self) -> String {
-        self.req("GET", "/", None).json()["state"].as_str().unwrap().to_string()
+        self.req("GET", "/", None).json()["state"]
+            .as_str()
+            .unwrap()
+            .to_string()
     }
     fn boot(&self, kernel: &str, args: &str) {
         let b = serde_json::json!({"kernel_image_path": kernel, "boot_args": args}).to_string();
         self.ok("PUT", "/boot-source", &b);
-        self.ok("PUT", "/machine-config", r#"{"vcpu_count": 1, "mem_size_mib": 32}"#);
+        self.ok(
+            "PUT",
+            "/machine-config",
+            r#"{"vcpu_count": 1, "mem_size_mib": 32}"#,
+        );
         self.ok("PUT", "/actions", r#"{"action_type": "InstanceStart"}"#);
     }
 }
@@ -64,10 +79,17 @@ fn configure_boot_and_inspect() {
     assert_eq!(j["state"], "Not started");
     assert_eq!(j["app_name"], "ember");
 
-    v.ok("PUT", "/machine-config", r#"{"vcpu_count": 2, "mem_size_mib": 48}"#);
+    v.ok(
+        "PUT",
+        "/machine-config",
+        r#"{"vcpu_count": 2, "mem_size_mib": 48}"#,
+    );
     v.ok("PATCH", "/machine-config", r#"{"mem_size_mib": 40}"#);
     let mc = v.req("GET", "/machine-config", None).json();
-    assert_eq!((mc["vcpu_count"].as_u64(), mc["mem_size_mib"].as_u64()), (Some(2), Some(40)));
+    assert_eq!(
+        (mc["vcpu_count"].as_u64(), mc["mem_size_mib"].as_u64()),
+        (Some(2), Some(40))
+    );
 
     let b = serde_json::json!({"kernel_image_path": PVH_ELF, "boot_args": "ember.test=idle"});
     v.ok("PUT", "/boot-source", &b.to_string());
@@ -84,7 +106,11 @@ fn configure_boot_and_inspect() {
     // Pre-boot only, now refused.
     let m = v.fault("PUT", "/boot-source", Some(&b.to_string()));
     assert!(m.contains("not supported after starting"), "{m}");
-    let m = v.fault("PUT", "/actions", Some(r#"{"action_type": "InstanceStart"}"#));
+    let m = v.fault(
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type": "InstanceStart"}"#),
+    );
     assert!(m.contains("not supported after starting"), "{m}");
     drop(v.dir);
 }
@@ -99,24 +125,44 @@ fn bad_input_gets_400_and_the_vmm_keeps_serving() {
     assert!(m.contains("deserializing"), "{m}");
     let m = v.fault("PUT", "/machine-config", Some(""));
     assert!(m.contains("Empty"), "{m}");
-    let m = v.fault("PUT", "/machine-config", Some(r#"{"vcpu_count": 1, "mem_size_mib": 0}"#));
+    let m = v.fault(
+        "PUT",
+        "/machine-config",
+        Some(r#"{"vcpu_count": 1, "mem_size_mib": 0}"#),
+    );
     assert!(m.contains("memory size"), "{m}");
-    let m = v.fault("PUT", "/machine-config", Some(r#"{"vcpu_count": 99, "mem_size_mib": 64}"#));
+    let m = v.fault(
+        "PUT",
+        "/machine-config",
+        Some(r#"{"vcpu_count": 99, "mem_size_mib": 64}"#),
+    );
     assert!(m.contains("vCPU number"), "{m}");
-    v.fault("PUT", "/machine-config", Some(r#"{"vcpu_count": 1, "mem_size_mib": 64, "x": 1}"#));
+    v.fault(
+        "PUT",
+        "/machine-config",
+        Some(r#"{"vcpu_count": 1, "mem_size_mib": 64, "x": 1}"#),
+    );
     let m = v.fault(
         "PUT",
         "/boot-source",
         Some(r#"{"kernel_image_path": "/nonexistent/vmlinux"}"#),
     );
     assert!(m.contains("kernel file cannot be opened"), "{m}");
-    let m = v.fault("PUT", "/actions", Some(r#"{"action_type": "InstanceStart"}"#));
+    let m = v.fault(
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type": "InstanceStart"}"#),
+    );
     assert!(m.contains("boot-source"), "{m}");
     let m = v.fault("PUT", "/actions", Some(r#"{"action_type": "Detonate"}"#));
     assert!(m.contains("unknown variant"), "{m}");
     let m = v.fault("PATCH", "/vm", Some(r#"{"state": "Paused"}"#));
     assert!(m.contains("before starting"), "{m}");
-    let m = v.fault("PUT", "/actions", Some(r#"{"action_type": "SendCtrlAltDel"}"#));
+    let m = v.fault(
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type": "SendCtrlAltDel"}"#),
+    );
     assert!(m.contains("before starting"), "{m}");
     // Nothing was lost: the earlier good config is still there.
     assert_eq!(v.state(), "Not started");
@@ -167,7 +213,9 @@ fn keep_alive_pipelining_and_a_stalled_client() {
     let v = start_vmm();
     // A client that sends half a request and stalls...
     let mut stalled = UnixStream::connect(&v.sock).unwrap();
-    stalled.write_all(b"PUT /machine-config HTTP/1.1\r\nContent-Length: 100\r\n\r\n{\"vcpu").unwrap();
+    stalled
+        .write_all(b"PUT /machine-config HTTP/1.1\r\nContent-Length: 100\r\n\r\n{\"vcpu")
+        .unwrap();
     // ...does not block another client, which reuses its connection.
     let mut s = UnixStream::connect(&v.sock).unwrap();
     s.set_read_timeout(Some(PATIENCE)).unwrap();
@@ -191,8 +239,19 @@ fn curl_works_against_the_api() {
     let out = Command::new("curl")
         .args(["-s", "--unix-socket"])
         .arg(&v.sock)
-        .args(["-X", "PUT", "http://localhost/machine-config", "-H", "Content-Type: application/json"])
-        .args(["-d", r#"{"vcpu_count": 1, "mem_size_mib": 77}"#, "-w", "%{http_code}"])
+        .args([
+            "-X",
+            "PUT",
+            "http://localhost/machine-config",
+            "-H",
+            "Content-Type: application/json",
+        ])
+        .args([
+            "-d",
+            r#"{"vcpu_count": 1, "mem_size_mib": 77}"#,
+            "-w",
+            "%{http_code}",
+        ])
         .output()
         .expect("run curl");
     assert_eq!(String::from_utf8_lossy(&out.stdout), "204");

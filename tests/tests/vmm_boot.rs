@@ -37,7 +37,10 @@ fn run_to_end(kernel: &str, args: &str, vcpus: u8) -> (i32, String, String) {
 fn hello_by_linux64_protocol() {
     let (code, out, err) = run_to_end(LINUX64_ELF, "console=ttyS0 ember.test=hello", 1);
     assert_eq!(code, 0, "stderr: {err}");
-    assert!(out.contains("ember-guest: hello from linux64 boot"), "{out}");
+    assert!(
+        out.contains("ember-guest: hello from linux64 boot"),
+        "{out}"
+    );
     assert!(out.contains("ember-guest: done"), "{out}");
     assert!(err.contains("reset"), "{err}");
 }
@@ -53,7 +56,10 @@ fn hello_by_pvh() {
 fn hello_by_bzimage() {
     let (code, out, err) = run_to_end(BZIMAGE, "ember.test=hello", 1);
     assert_eq!(code, 0, "stderr: {err}");
-    assert!(out.contains("ember-guest: hello from bzimage boot"), "{out}");
+    assert!(
+        out.contains("ember-guest: hello from bzimage boot"),
+        "{out}"
+    );
 }
 
 #[test]
@@ -62,7 +68,10 @@ fn cmdline_reaches_the_guest_by_both_protocols() {
         let args = "console=ttyS0 ember.test=cmdline foo=bar baz";
         let (code, out, _) = run_to_end(k, args, 1);
         assert_eq!(code, 0);
-        assert!(out.contains(&format!("ember-guest: cmdline: {args}")), "{out}");
+        assert!(
+            out.contains(&format!("ember-guest: cmdline: {args}")),
+            "{out}"
+        );
     }
 }
 
@@ -72,7 +81,10 @@ fn memory_map_matches_machine_config() {
         let (code, out, _) = run_to_end(k, "ember.test=memmap", 1);
         assert_eq!(code, 0);
         assert!(out.contains("ember-guest: mem 0x0 0x9fc00 1"), "{out}");
-        assert!(out.contains("ember-guest: mem 0x100000 0x3f00000 1"), "{out}");
+        assert!(
+            out.contains("ember-guest: mem 0x100000 0x3f00000 1"),
+            "{out}"
+        );
     }
 }
 
@@ -86,8 +98,9 @@ fn mp_table_lists_every_vcpu() {
 }
 
 fn fnv1a(data: &[u8]) -> u32 {
-    data.iter()
-        .fold(0x811c_9dc5u32, |h, b| (h ^ u32::from(*b)).wrapping_mul(0x0100_0193))
+    data.iter().fold(0x811c_9dc5u32, |h, b| {
+        (h ^ u32::from(*b)).wrapping_mul(0x0100_0193)
+    })
 }
 
 #[test]
@@ -186,7 +199,11 @@ fn command_line_errors() {
     cmd.arg("--no-api");
     let mut p = Proc::spawn(cmd, dir.path(), "vmm");
     assert_eq!(p.wait().code(), Some(153));
-    assert!(p.err().contains("--no-api needs --config-file"), "{}", p.err());
+    assert!(
+        p.err().contains("--no-api needs --config-file"),
+        "{}",
+        p.err()
+    );
     let mut cmd = Command::new(bin("ember-vmm"));
     cmd.arg("--frobnicate");
     let mut p = Proc::spawn(cmd, dir.path(), "vmm2");

@@ -185,7 +185,10 @@ fn out_of_descriptors_the_listeners_pause_instead_of_spinning() {
     let cfg_path = dir.join("vm.json");
     std::fs::write(&cfg_path, cfg.to_string()).unwrap();
     let mut cmd = Command::new(bin("ember-vmm"));
-    cmd.arg("--api-sock").arg(&sock).arg("--config-file").arg(&cfg_path);
+    cmd.arg("--api-sock")
+        .arg(&sock)
+        .arg("--config-file")
+        .arg(&cfg_path);
     // SAFETY: setrlimit between fork and exec only touches the child.
     unsafe {
         cmd.pre_exec(|| {

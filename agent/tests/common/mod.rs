@@ -183,7 +183,14 @@ impl Agent {
     pub fn start_as_pid1(dir: &Path) -> Agent {
         Agent::start_with(
             dir,
-            &["unshare", "--pid", "--fork", "--mount", "--uts", "--kill-child"],
+            &[
+                "unshare",
+                "--pid",
+                "--fork",
+                "--mount",
+                "--uts",
+                "--kill-child",
+            ],
         )
     }
 

@@ -228,7 +228,10 @@ mod tests {
         for _ in 0..4 {
             d.trigger_ctrl_alt_del().unwrap();
         }
-        assert!(matches!(d.trigger_ctrl_alt_del(), Err(I8042Error::BufferFull)));
+        assert!(matches!(
+            d.trigger_ctrl_alt_del(),
+            Err(I8042Error::BufferFull)
+        ));
     }
 
     #[test]

@@ -199,12 +199,22 @@ pub fn run(cfg: &FloorConfig, out: &mut dyn Write) -> Result<FloorExit, FloorErr
     };
     let e820 = [
         (0, layout::EBDA_START, E820_RAM),
-        (layout::HIMEM_START, mem_size - layout::HIMEM_START, E820_RAM),
+        (
+            layout::HIMEM_START,
+            mem_size - layout::HIMEM_START,
+            E820_RAM,
+        ),
     ];
     if cfg.pvh {
         write_start_info(&mem, &e820, cfg.cmdline.len(), initrd)?;
     } else {
-        write_zero_page(&mem, setup_header.as_deref(), &e820, cfg.cmdline.len(), initrd)?;
+        write_zero_page(
+            &mem,
+            setup_header.as_deref(),
+            &e820,
+            cfg.cmdline.len(),
+            initrd,
+        )?;
     }
     if let Some(cpus) = cfg.mptable_cpus {
         write_mptable(&mem, cpus)?;
@@ -252,7 +262,8 @@ fn load_initrd(
         .map(|a| a & !0xfff)
         .filter(|&a| a >= layout::HIMEM_START + (16 << 20).min(top / 2))
         .ok_or(FloorError::InitrdTooLarge(size))?;
-    mem.write_slice(&data, GuestAddress(addr)).map_err(mem_err)?;
+    mem.write_slice(&data, GuestAddress(addr))
+        .map_err(mem_err)?;
     Ok((addr, size))
 }
 
@@ -353,7 +364,10 @@ fn write_start_info(
 }
 
 fn checksum(bytes: &[u8]) -> u8 {
-    bytes.iter().fold(0u8, |s, b| s.wrapping_add(*b)).wrapping_neg()
+    bytes
+        .iter()
+        .fold(0u8, |s, b| s.wrapping_add(*b))
+        .wrapping_neg()
 }
 
 /// MP floating pointer + config table with `cpus` processor entries.
@@ -421,7 +435,8 @@ fn write_gdt_and_page_tables(mem: &GuestMemoryMmap<()>) -> Result<(), FloorError
     for i in 0..512u64 {
         put_u64(&mut pd, (i * 8) as usize, (i << 21) | 0x83);
     }
-    mem.write_slice(&pd, GuestAddress(layout::PD)).map_err(mem_err)
+    mem.write_slice(&pd, GuestAddress(layout::PD))
+        .map_err(mem_err)
 }
 
 fn segment(selector: u16, type_: u8, long: bool) -> kvm_segment {
@@ -542,12 +557,27 @@ mod tests {
         let zp = zero_page(None, &e820, 17, Some((0x3ff0000, 0x1234)));
         assert_eq!(zp[0x1e8], 2);
         assert_eq!(&zp[0x202..0x206], b"HdrS");
-        assert_eq!(u32::from_le_bytes(zp[0x228..0x22c].try_into().unwrap()), 0x20000);
-        assert_eq!(u32::from_le_bytes(zp[0x218..0x21c].try_into().unwrap()), 0x3ff0000);
-        assert_eq!(u32::from_le_bytes(zp[0x21c..0x220].try_into().unwrap()), 0x1234);
+        assert_eq!(
+            u32::from_le_bytes(zp[0x228..0x22c].try_into().unwrap()),
+            0x20000
+        );
+        assert_eq!(
+            u32::from_le_bytes(zp[0x218..0x21c].try_into().unwrap()),
+            0x3ff0000
+        );
+        assert_eq!(
+            u32::from_le_bytes(zp[0x21c..0x220].try_into().unwrap()),
+            0x1234
+        );
         let second = 0x2d0 + 20;
-        assert_eq!(u64::from_le_bytes(zp[second..second + 8].try_into().unwrap()), 0x100000);
-        assert_eq!(u32::from_le_bytes(zp[second + 16..second + 20].try_into().unwrap()), 1);
+        assert_eq!(
+            u64::from_le_bytes(zp[second..second + 8].try_into().unwrap()),
+            0x100000
+        );
+        assert_eq!(
+            u32::from_le_bytes(zp[second + 16..second + 20].try_into().unwrap()),
+            1
+        );
     }
 
     #[test]

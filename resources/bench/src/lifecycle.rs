@@ -94,7 +94,9 @@ impl Target {
             t.and_then(|t| t.join().ok()).unwrap_or_default()
         };
         let (stdout, stderr) = (join(stdout), join(stderr));
-        let missing_done = !stdout.lines().any(|l| l.trim_end() == ember_guests::DONE_LINE);
+        let missing_done = !stdout
+            .lines()
+            .any(|l| l.trim_end() == ember_guests::DONE_LINE);
         if missing_done || !status.success() {
             return Err(LifecycleError::BadRun {
                 name: self.name.clone(),
@@ -216,8 +218,11 @@ pub fn run(cfg: &LifecycleConfig) -> Result<Report, LifecycleError> {
     let vmm_skipped = if cfg.vmm.is_file() {
         std::fs::create_dir_all(&tmp.0).map_err(|e| LifecycleError::Config(tmp.0.clone(), e))?;
         let config = tmp.0.join("vmm-config.json");
-        std::fs::write(&config, vmm_config_json(&cfg.kernel, &cfg.cmdline, cfg.mem_mib))
-            .map_err(|e| LifecycleError::Config(config.clone(), e))?;
+        std::fs::write(
+            &config,
+            vmm_config_json(&cfg.kernel, &cfg.cmdline, cfg.mem_mib),
+        )
+        .map_err(|e| LifecycleError::Config(config.clone(), e))?;
         let args = vec![
             "--no-api".into(),
             "--config-file".into(),
@@ -226,7 +231,10 @@ pub fn run(cfg: &LifecycleConfig) -> Result<Report, LifecycleError> {
         targets.push(Target::new("ember-vmm", &cfg.vmm, args));
         None
     } else {
-        Some(format!("{} not found (build it with `cargo build --release -p vmm`)", cfg.vmm.display()))
+        Some(format!(
+            "{} not found (build it with `cargo build --release -p vmm`)",
+            cfg.vmm.display()
+        ))
     };
     let floor_args = vec![
         "--mem".into(),
@@ -295,6 +303,8 @@ mod tests {
             targets: vec![v, f],
             vmm_skipped: None,
         };
-        assert!(r.render().contains("ratio vmm/floor: median 3.00  p90 3.00"));
+        assert!(r
+            .render()
+            .contains("ratio vmm/floor: median 3.00  p90 3.00"));
     }
 }

@@ -16,11 +16,7 @@ pub fn bin_dir() -> PathBuf {
 /// Parses this process's arguments (without the program name) with `parse`.
 /// On an error prints `{name}: {msg}` (nothing for an empty message, as
 /// `--help` gives) and `usage` to stderr, and exits with status 2.
-pub fn config<T>(
-    name: &str,
-    usage: &str,
-    parse: impl FnOnce(&[String]) -> Result<T, String>,
-) -> T {
+pub fn config<T>(name: &str, usage: &str, parse: impl FnOnce(&[String]) -> Result<T, String>) -> T {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match parse(&args) {
         Ok(cfg) => cfg,

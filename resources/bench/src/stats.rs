@@ -11,7 +11,9 @@ pub fn percentile(samples: &[Duration], p: f64) -> Option<Duration> {
     sorted.sort();
     let p = p.clamp(0.0, 100.0);
     let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    sorted.get(rank.saturating_sub(1).min(sorted.len() - 1)).copied()
+    sorted
+        .get(rank.saturating_sub(1).min(sorted.len() - 1))
+        .copied()
 }
 
 /// Median of `samples` (mean of the two middle values for an even count).
@@ -40,7 +42,10 @@ mod tests {
     #[test]
     fn median_odd_even_empty() {
         assert_eq!(median(&ms(&[5, 1, 3])), Some(Duration::from_millis(3)));
-        assert_eq!(median(&ms(&[4, 1, 3, 2])), Some(Duration::from_micros(2500)));
+        assert_eq!(
+            median(&ms(&[4, 1, 3, 2])),
+            Some(Duration::from_micros(2500))
+        );
         assert_eq!(median(&[]), None);
     }
 

@@ -102,8 +102,9 @@ impl Drop for TempFile {
 }
 
 fn fnv1a(data: &[u8]) -> u32 {
-    data.iter()
-        .fold(0x811c_9dc5u32, |h, b| (h ^ u32::from(*b)).wrapping_mul(0x0100_0193))
+    data.iter().fold(0x811c_9dc5u32, |h, b| {
+        (h ^ u32::from(*b)).wrapping_mul(0x0100_0193)
+    })
 }
 
 const MEMMAP_64M: [&str; 3] = [
@@ -117,7 +118,10 @@ fn linux64_hello_is_default_mode() {
     if !kvm_available() {
         return;
     }
-    expect_done(&floor(&[LINUX64_ELF]), &["ember-guest: hello from linux64 boot"]);
+    expect_done(
+        &floor(&[LINUX64_ELF]),
+        &["ember-guest: hello from linux64 boot"],
+    );
     expect_done(
         &floor(&[LINUX64_ELF, "ember.test=hello"]),
         &["ember-guest: hello from linux64 boot"],
@@ -160,7 +164,11 @@ fn linux64_triple_fault_shuts_down() {
     let run = floor(&[LINUX64_ELF, "ember.test=triple-fault"]);
     assert_eq!(run.lines(), ["ember-guest: triple-faulting"]);
     assert_eq!(run.code, Some(1));
-    assert!(run.stderr.contains("KVM_EXIT_SHUTDOWN"), "stderr: {}", run.stderr);
+    assert!(
+        run.stderr.contains("KVM_EXIT_SHUTDOWN"),
+        "stderr: {}",
+        run.stderr
+    );
 }
 
 #[test]
@@ -227,7 +235,10 @@ fn pvh_boot() {
         &floor(&["--pvh", PVH_ELF, "ember.test=cmdline a=b"]),
         &["ember-guest: cmdline: ember.test=cmdline a=b"],
     );
-    expect_done(&floor(&["--pvh", PVH_ELF, "ember.test=memmap"]), &MEMMAP_64M);
+    expect_done(
+        &floor(&["--pvh", PVH_ELF, "ember.test=memmap"]),
+        &MEMMAP_64M,
+    );
     // The PVH image still boots through its 64-bit ELF entry.
     expect_done(
         &floor(&[PVH_ELF, "ember.test=hello"]),
@@ -255,5 +266,9 @@ fn linux64_without_pvh_note_refuses_pvh() {
     }
     let run = floor(&["--pvh", LINUX64_ELF]);
     assert_eq!(run.code, Some(2));
-    assert!(run.stderr.contains("no PVH entry"), "stderr: {}", run.stderr);
+    assert!(
+        run.stderr.contains("no PVH entry"),
+        "stderr: {}",
+        run.stderr
+    );
 }

@@ -79,9 +79,10 @@ pub fn parse(method: &str, path: &str, b: &[u8]) -> Result<VmmAction, ApiError> 
             VmState::Resumed => VmmAction::Resume,
         },
         ("PUT", "/vsock") => VmmAction::PutVsock(body(method, b)?),
-        ("PUT", p) if resource_id(p, "/drives/").is_some() => {
-            VmmAction::PutDrive(resource_id(p, "/drives/").unwrap_or_default(), body(method, b)?)
-        }
+        ("PUT", p) if resource_id(p, "/drives/").is_some() => VmmAction::PutDrive(
+            resource_id(p, "/drives/").unwrap_or_default(),
+            body(method, b)?,
+        ),
         ("PATCH", p) if resource_id(p, "/drives/").is_some() => VmmAction::PatchDrive(
             resource_id(p, "/drives/").unwrap_or_default(),
             body(method, b)?,
@@ -145,7 +146,11 @@ mod tests {
             Ok(VmmAction::Pause)
         );
         assert!(matches!(
-            parse("PUT", "/machine-config", br#"{"vcpu_count":2,"mem_size_mib":64}"#),
+            parse(
+                "PUT",
+                "/machine-config",
+                br#"{"vcpu_count":2,"mem_size_mib":64}"#
+            ),
             Ok(VmmAction::PutMachineConfig(_))
         ));
     }
@@ -158,7 +163,11 @@ mod tests {
             Ok(VmmAction::PutDrive(id, _)) if id == "rootfs"
         ));
         assert!(matches!(
-            parse("PATCH", "/drives/rootfs", br#"{"drive_id":"rootfs","path_on_host":"/y"}"#),
+            parse(
+                "PATCH",
+                "/drives/rootfs",
+                br#"{"drive_id":"rootfs","path_on_host":"/y"}"#
+            ),
             Ok(VmmAction::PatchDrive(..))
         ));
         let n = br#"{"iface_id":"eth0","host_dev_name":"tap0","guest_mac":"06:00:00:00:00:01"}"#;
@@ -167,7 +176,11 @@ mod tests {
             Ok(VmmAction::PutNetworkInterface(..))
         ));
         assert!(matches!(
-            parse("PUT", "/vsock", br#"{"guest_cid":3,"uds_path":"/tmp/v.sock"}"#),
+            parse(
+                "PUT",
+                "/vsock",
+                br#"{"guest_cid":3,"uds_path":"/tmp/v.sock"}"#
+            ),
             Ok(VmmAction::PutVsock(_))
         ));
         assert!(matches!(

@@ -7,7 +7,9 @@ use std::sync::atomic::AtomicBool;
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 
-use ember_http::{ConnectionId, Handler, HttpServer, Reply, Request, Responder, Response, ServerConfig};
+use ember_http::{
+    ConnectionId, Handler, HttpServer, Reply, Request, Responder, Response, ServerConfig,
+};
 use event_manager::SubscriberOps;
 use serde_json::Value;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};

@@ -89,8 +89,8 @@ mod tests {
 
     #[test]
     fn sets_apic_id_and_counts() {
-        let mut c = CpuId::from_entries(&[entry(1, 0), entry(0xb, 0), entry(0xb, 1), entry(4, 0)])
-            .unwrap();
+        let mut c =
+            CpuId::from_entries(&[entry(1, 0), entry(0xb, 0), entry(0xb, 1), entry(4, 0)]).unwrap();
         normalize(&mut c, 3, 4);
         let e = c.as_slice();
         assert_eq!(e[0].ebx >> 24, 3);

@@ -36,9 +36,17 @@ fn with_delivery_mode(reg: u32, mode: u32) -> u32 {
 pub fn set_lint(vcpu: &VcpuFd) -> Result<(), InterruptsError> {
     let mut state = vcpu.get_lapic().map_err(InterruptsError::Get)?;
     let lvt0 = get_reg(&state, APIC_LVT0);
-    set_reg(&mut state, APIC_LVT0, with_delivery_mode(lvt0, APIC_MODE_EXTINT));
+    set_reg(
+        &mut state,
+        APIC_LVT0,
+        with_delivery_mode(lvt0, APIC_MODE_EXTINT),
+    );
     let lvt1 = get_reg(&state, APIC_LVT1);
-    set_reg(&mut state, APIC_LVT1, with_delivery_mode(lvt1, APIC_MODE_NMI));
+    set_reg(
+        &mut state,
+        APIC_LVT1,
+        with_delivery_mode(lvt1, APIC_MODE_NMI),
+    );
     vcpu.set_lapic(&state).map_err(InterruptsError::Set)
 }
 
@@ -48,7 +56,10 @@ mod tests {
 
     #[test]
     fn delivery_mode_bits() {
-        assert_eq!(with_delivery_mode(0x0001_0000, APIC_MODE_EXTINT), 0x0001_0700);
+        assert_eq!(
+            with_delivery_mode(0x0001_0000, APIC_MODE_EXTINT),
+            0x0001_0700
+        );
         assert_eq!(with_delivery_mode(0x0000_07ff, APIC_MODE_NMI), 0x0000_04ff);
         let mut s = kvm_lapic_state::default();
         set_reg(&mut s, APIC_LVT1, 0xdead_beef);

@@ -225,7 +225,9 @@ impl Hyperd {
 
     fn image_push(&self, ctx: &mut Ctx, req: &Request) -> Result<Reply, HyperdError> {
         let remote = required(req, "remote")?;
-        let job = self.pods.prepare_push(ctx.sup, req.query_param("tag"), remote)?;
+        let job = self
+            .pods
+            .prepare_push(ctx.sup, req.query_param("tag"), remote)?;
         Ok(ctx.spawn("image-push", move || {
             let res = job.run();
             Box::new(move |_: &mut Supervisor| match res {

@@ -85,10 +85,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::fsutil::write_atomic;
 use crate::images::archive::ExtractLimits;
 use crate::images::ext4::{self, Ext4Error};
 use crate::images::oci::{self, ImageConfig, OciError, OciImage, OpenConfig};
-use crate::fsutil::write_atomic;
 
 /// `ref.name` of the one image in each stored layout.
 const LAYOUT_REF: &str = "image";

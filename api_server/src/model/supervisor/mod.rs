@@ -1077,9 +1077,7 @@ impl Supervisor {
 
     // ----- pods -----
 
-
     // ----- volumes -----
-
 }
 
 /// Test-only fault injection: `EMBER_FAULT=<point>` makes emberd die hard

@@ -31,11 +31,7 @@ fn parse_args(args: &[String]) -> Result<FloorConfig, String> {
         };
         match a.as_str() {
             "--pvh" => pvh = true,
-            "--mem" => {
-                mem_mib = value("--mem")?
-                    .parse()
-                    .map_err(|e| format!("--mem: {e}"))?
-            }
+            "--mem" => mem_mib = value("--mem")?.parse().map_err(|e| format!("--mem: {e}"))?,
             "--cpus" => {
                 cpus = Some(
                     value("--cpus")?

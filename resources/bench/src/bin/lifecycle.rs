@@ -25,7 +25,11 @@ fn parse_args(args: &[String]) -> Result<LifecycleConfig, String> {
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
-        let mut value = || it.next().cloned().ok_or_else(|| format!("{a} needs a value"));
+        let mut value = || {
+            it.next()
+                .cloned()
+                .ok_or_else(|| format!("{a} needs a value"))
+        };
         match a.as_str() {
             "--runs" => cfg.runs = value()?.parse().map_err(|e| format!("--runs: {e}"))?,
             "--vmm" => cfg.vmm = value()?.into(),
