@@ -284,9 +284,23 @@ fn debian_kernel_module_closure() {
             vmlinux.display()
         );
     }
-    // Without the module directory: a clear refusal.
+    // Without the module directory: a clear refusal that names the modular
+    // drivers from the package's own config-<version> beside the bzImage.
     let err = kmod::closure(&image, Path::new("/nonexistent")).unwrap_err();
+    assert!(
+        matches!(&err, kmod::KmodError::ModulesNotInstalled { modular, .. }
+            if modular.iter().any(|m| m == "virtio_mmio")
+                && modular.iter().any(|m| m == "vmw_vsock_virtio_transport")),
+        "{err}"
+    );
     assert!(err.to_string().contains("no module directory"), "{err}");
+    // Without module directory or configuration: refused too, never
+    // accepted as a kernel with everything built in.
+    let t = TempDir::new("kmod-noconfig");
+    let lone = t.0.join("vmlinuz");
+    std::fs::copy(&image, &lone).unwrap();
+    let err = kmod::closure(&lone, Path::new("/nonexistent")).unwrap_err();
+    assert!(matches!(err, kmod::KmodError::NoConfig { .. }), "{err}");
 }
 
 #[test]

@@ -46,4 +46,7 @@ make -j"$(nproc)" vmlinux bzImage
 cp vmlinux "$out/vmlinux"
 cp arch/x86/boot/bzImage "$out/bzImage"
 cp .config "$out/config"
+# emberd reads <kernel>.config to know that the drivers it needs are built in.
+cp .config "$out/vmlinux.config"
+cp .config "$out/bzImage.config"
 echo "built $out/vmlinux and $out/bzImage ($(make -s kernelrelease))"

@@ -852,3 +852,124 @@ fn linux_image_boots_where_kvm_runs_linux() {
     let l = d.wait_logs("lx-1", "linux init says hello");
     assert!(l.contains("argc=3"), "{l}");
 }
+
+/// Debian's kernel package as `.ci/run` unpacks it (resources/ci/fetch-kernel.sh):
+/// `(bzImage, unpacked package root)`; None (with a message) outside CI when
+/// it is missing.
+fn debian_kernel_package() -> Option<(std::path::PathBuf, std::path::PathBuf)> {
+    let root = std::path::PathBuf::from(
+        std::env::var_os("EMBER_KERNEL_CACHE").unwrap_or("/var/cache/ember/kernel".into()),
+    )
+    .join("root");
+    let image = std::fs::read_dir(root.join("boot"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-"))
+        });
+    assert!(
+        image.is_some() || std::env::var_os("CI").is_none(),
+        "CI is set but there is no kernel package under {}: .ci/run runs resources/ci/fetch-kernel.sh",
+        root.display()
+    );
+    if image.is_none() {
+        println!(
+            "SKIP: no Debian kernel package under {} (run resources/ci/fetch-kernel.sh)",
+            root.display()
+        );
+    }
+    image.map(|i| (i, root))
+}
+
+fn files_named(dir: &Path, name: &str, out: &mut Vec<std::path::PathBuf>) {
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            files_named(&p, name, out);
+        } else if p.file_name().is_some_and(|n| n == name) {
+            out.push(p);
+        }
+    }
+}
+
+/// A `linux-c` image for Debian's modular cloud kernel: refused at build time
+/// while the kernel's modules are not installed (its config-<version> shows
+/// virtio as modules), and built with the module closure and its load list
+/// once they are.
+#[test]
+fn a_linux_image_for_a_modular_kernel_carries_its_modules_or_is_refused() {
+    let Some((kernel, root)) = debian_kernel_package() else {
+        return;
+    };
+    let mut d = Emberd::start("emberd-kmod", 10501, &[]);
+    let empty = d.dir.join("no-modules");
+    std::fs::create_dir_all(&empty).unwrap();
+    d.env = vec![
+        ("EMBER_LINUX_KERNEL".into(), kernel.display().to_string()),
+        ("EMBER_MODULES_ROOT".into(), empty.display().to_string()),
+    ];
+    d.kill9();
+    d.restart();
+    let tgz = make_tar(
+        d.dir.path(),
+        &[("main.c", b"int main(void) { return 0; }\n" as &[u8])],
+    );
+    let form = format!("tarfile=@{}", tgz.display());
+    let create = |d: &Emberd, name: &str| {
+        d.json(&[
+            "-X",
+            "POST",
+            "-F",
+            &form,
+            "-F",
+            "provider=ember",
+            "-F",
+            "base=linux",
+            "-F",
+            "lang=c",
+            &format!("http://localhost/images/{name}/create"),
+        ])
+    };
+    let (c, v) = create(&d, "nomods");
+    assert_eq!(c, 500, "{v}");
+    let msg = v["Error"].as_str().unwrap_or_default();
+    assert!(
+        msg.contains("as modules")
+            && msg.contains("virtio_mmio")
+            && msg.contains("no module directory"),
+        "{v}"
+    );
+    let (c, _) = d.json(&["http://localhost/images/nomods"]);
+    assert_eq!(c, 404, "a refused build leaves no image");
+
+    d.env[1].1 = root.display().to_string();
+    d.kill9();
+    d.restart();
+    let (c, v) = create(&d, "withmods");
+    assert_eq!(c, 201, "{v}");
+    let mut found = Vec::new();
+    files_named(&d.dir.join("state"), "initrd.img", &mut found);
+    assert_eq!(found.len(), 1, "{found:?}");
+    let out = Command::new("gzip")
+        .arg("-dc")
+        .arg("--")
+        .arg(&found[0])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "the initramfs is gzip");
+    let cpio = out.stdout;
+    let has = |s: &str| cpio.windows(s.len()).any(|w| w == s.as_bytes());
+    for name in [
+        "etc/ember-modules",
+        "ember/init",
+        "/virtio_mmio.ko",
+        "/virtio_blk.ko",
+        "/virtio_net.ko",
+        "/vmw_vsock_virtio_transport.ko",
+    ] {
+        assert!(has(name), "the initramfs has no {name}");
+    }
+}

@@ -780,3 +780,52 @@ fn pod_vm_failures_are_clear() {
     let (_, v) = d.req("GET", "/list?item=pod", None);
     assert!(v.to_string().contains(&format!("{pod}:")), "{v}");
 }
+
+/// A stock modular pod kernel whose modules are not installed is refused
+/// when the pod VM image is built, naming the modular drivers, instead of a
+/// pod that waits for an agent that can never see its vsock device.
+#[test]
+fn a_modular_pod_kernel_without_its_modules_is_refused() {
+    let root = std::path::PathBuf::from(
+        std::env::var_os("EMBER_KERNEL_CACHE").unwrap_or("/var/cache/ember/kernel".into()),
+    )
+    .join("root");
+    let kernel = std::fs::read_dir(root.join("boot"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-"))
+        });
+    let Some(kernel) = kernel else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI is set but .ci/run fetched no kernel package"
+        );
+        println!("SKIP: no Debian kernel package (run resources/ci/fetch-kernel.sh)");
+        return;
+    };
+    let mut d = Emberd::start(
+        "pods-kmod",
+        UID,
+        &["--pod-kernel", &kernel.display().to_string()],
+    );
+    let empty = d.dir.join("no-modules");
+    std::fs::create_dir_all(&empty).unwrap();
+    d.env = vec![("EMBER_MODULES_ROOT".into(), empty.display().to_string())];
+    d.kill9();
+    d.restart();
+    import_app(&d, "app:1");
+    let pod = create_pod(&d, json!({"containers": [{"image": "app:1"}]}));
+    let (c, v) = d.req("POST", &format!("/pod/start?podId={pod}"), None);
+    assert_eq!(c, 500, "{v}");
+    let cause = v["Cause"].as_str().unwrap();
+    assert!(
+        cause.contains("as modules") && cause.contains("vmw_vsock_virtio_transport"),
+        "{v}"
+    );
+    assert_eq!(pod_entry(&d, &pod)[3], "failed");
+    assert!(instances(&d).is_empty(), "{:?}", instances(&d));
+}

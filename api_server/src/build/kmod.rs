@@ -8,6 +8,16 @@
 //! [`WANTED`] and everything they depend on, dependencies first, leaving out
 //! whatever `modules.builtin` says is built in.
 //!
+//! A kernel without a module directory is used only when its build
+//! configuration shows every needed driver built in (`=y`): the config is
+//! read from beside the kernel (`<kernel>.config`, `config-<version>` in the
+//! kernel's folder, as Debian's `/boot` has it), from
+//! `<modules root>/boot/config-<version>`, or from the image itself when it
+//! was built with `CONFIG_IKCONFIG` (an uncompressed vmlinux). A modular
+//! kernel without its modules, or a kernel whose configuration cannot be
+//! found, is refused with a message naming what is missing, so that an image
+//! build fails at once instead of a guest that never sees its devices.
+//!
 //! Dependencies come from `modules.dep` when `depmod` has written it, and
 //! otherwise (a package unpacked without running `depmod`) from the
 //! `depends=` field of each module's `.modinfo` section. Soft dependencies
@@ -34,6 +44,16 @@ pub const WANTED: [&str; 5] = [
     "ext4",
 ];
 
+/// The build option of each [`WANTED`] module: a kernel without modules
+/// must have all of them `=y`.
+pub const WANTED_OPTIONS: [(&str, &str); 5] = [
+    ("virtio_mmio", "CONFIG_VIRTIO_MMIO"),
+    ("virtio_blk", "CONFIG_VIRTIO_BLK"),
+    ("virtio_net", "CONFIG_VIRTIO_NET"),
+    ("vmw_vsock_virtio_transport", "CONFIG_VIRTIO_VSOCKETS"),
+    ("ext4", "CONFIG_EXT4_FS"),
+];
+
 /// The list file in the image (archive name, no leading `/`): one absolute
 /// module path per line, in load order.
 pub const LIST_FILE: &str = "etc/ember-modules";
@@ -55,9 +75,46 @@ pub enum KmodError {
     /// No version string in the kernel image.
     #[error("cannot find the Linux version string in the kernel image {0}")]
     NoVersion(PathBuf),
-    /// No module directory for this kernel version.
+    /// No module directory for this kernel version (only when the caller
+    /// asked for a module closure by version: [`closure_for`]).
     #[error("kernel {version} has no module directory {dir}")]
     NoModulesDir { version: String, dir: PathBuf },
+    /// A modular kernel whose module directory is missing.
+    #[error(
+        "kernel {version} builds {} as modules ({config}) but has no module directory {dir}: \
+         install its modules package, or use a kernel with them built in (resources/kernel/)",
+        modular.join(", ")
+    )]
+    ModulesNotInstalled {
+        version: String,
+        dir: PathBuf,
+        config: String,
+        modular: Vec<String>,
+    },
+    /// A kernel whose configuration leaves a needed driver out entirely.
+    #[error(
+        "kernel {version} is built without {} ({config}); ember's devices need them",
+        absent.join(", ")
+    )]
+    NotBuilt {
+        version: String,
+        config: String,
+        absent: Vec<String>,
+    },
+    /// Neither modules nor a configuration to show the drivers built in.
+    #[error(
+        "kernel {version} has no module directory {dir} and no build configuration \
+         (looked for {}, and CONFIG_IKCONFIG in the image), so whether it has \
+         virtio-mmio, virtio-blk, virtio-net and vsock built in cannot be told: \
+         install its modules, or put its .config beside it as {}",
+        looked.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "),
+        looked.first().map(|p| p.display().to_string()).unwrap_or_default()
+    )]
+    NoConfig {
+        version: String,
+        dir: PathBuf,
+        looked: Vec<PathBuf>,
+    },
     /// Modules needed but neither built in nor present.
     #[error(
         "kernel {version} needs modules that are neither built in nor found under {dir}: {}",
@@ -172,10 +229,107 @@ fn dest_of(version: &str, rel: &str) -> String {
 }
 
 /// The module closure of the kernel `image` for [`WANTED`], with modules
-/// looked for under `<modules_root>/lib/modules/<version>`.
+/// looked for under `<modules_root>/lib/modules/<version>`. A kernel without
+/// a module directory gets an empty closure when its configuration shows
+/// every [`WANTED_OPTIONS`] built in, and an error otherwise (see the module
+/// docs).
 pub fn closure(image: &Path, modules_root: &Path) -> Result<Closure, KmodError> {
-    let version = kernel_version(image)?;
-    closure_for(&version, modules_root, &WANTED)
+    let data = fs::read(image).map_err(io_err(image))?;
+    let version = version_of(&data).ok_or_else(|| KmodError::NoVersion(image.to_path_buf()))?;
+    let dir = modules_root.join("lib/modules").join(&version);
+    if dir.is_dir() {
+        return closure_for(&version, modules_root, &WANTED);
+    }
+    let looked = config_paths(image, modules_root, &version);
+    let (config, text) = match looked.iter().find_map(|p| {
+        fs::read_to_string(p)
+            .ok()
+            .map(|t| (p.display().to_string(), t))
+    }) {
+        Some(found) => found,
+        None => match embedded_config(&data) {
+            Some(t) => (
+                format!("the configuration embedded in {}", image.display()),
+                t,
+            ),
+            None => {
+                return Err(KmodError::NoConfig {
+                    version,
+                    dir,
+                    looked,
+                })
+            }
+        },
+    };
+    let (mut modular, mut absent) = (Vec::new(), Vec::new());
+    for (module, option) in WANTED_OPTIONS {
+        match config_value(&text, option) {
+            Some("y") => {}
+            Some("m") => modular.push(module.to_string()),
+            _ => absent.push(format!("{module} ({option})")),
+        }
+    }
+    if !absent.is_empty() {
+        return Err(KmodError::NotBuilt {
+            version,
+            config,
+            absent,
+        });
+    }
+    if !modular.is_empty() {
+        return Err(KmodError::ModulesNotInstalled {
+            version,
+            dir,
+            config,
+            modular,
+        });
+    }
+    Ok(Closure {
+        version,
+        modules: Vec::new(),
+    })
+}
+
+/// Where a kernel's build configuration may be, in the order looked at:
+/// `<kernel>.config`, `config-<version>` beside the kernel, then
+/// `<modules_root>/boot/config-<version>`.
+fn config_paths(image: &Path, modules_root: &Path, version: &str) -> Vec<PathBuf> {
+    let mut beside = image.as_os_str().to_owned();
+    beside.push(".config");
+    let mut paths = vec![PathBuf::from(beside)];
+    let file = format!("config-{version}");
+    if let Some(parent) = image.parent() {
+        paths.push(parent.join(&file));
+    }
+    let boot = modules_root.join("boot").join(&file);
+    if !paths.contains(&boot) {
+        paths.push(boot);
+    }
+    paths
+}
+
+/// The value of `option` in a kernel `.config` (`y`, `m`, a string...), or
+/// `None` when it is unset or absent.
+fn config_value<'a>(text: &'a str, option: &str) -> Option<&'a str> {
+    text.lines()
+        .filter_map(|l| l.trim().strip_prefix(option)?.strip_prefix('='))
+        .last()
+}
+
+/// The configuration a kernel built with `CONFIG_IKCONFIG` carries: gzip
+/// data between the `IKCFG_ST` and `IKCFG_ED` markers. Only an uncompressed
+/// image (an ELF vmlinux) shows it; a bzImage's payload is compressed.
+fn embedded_config(data: &[u8]) -> Option<String> {
+    const START: &[u8] = b"IKCFG_ST";
+    const END: &[u8] = b"IKCFG_ED";
+    let start = data.windows(START.len()).position(|w| w == START)? + START.len();
+    let len = data[start..].windows(END.len()).position(|w| w == END)?;
+    let mut text = String::new();
+    flate2::read::GzDecoder::new(&data[start..start + len])
+        .take(64 << 20)
+        .read_to_string(&mut text)
+        .ok()?;
+    Some(text)
 }
 
 /// [`closure`] for a known version and module list.
@@ -487,6 +641,101 @@ mod tests {
         assert!(err.to_string().contains("virtio_net, vsock"), "{err}");
         let err = closure_for("9.9", &t.0, &["x"]).unwrap_err();
         assert!(matches!(err, KmodError::NoModulesDir { .. }), "{err}");
+    }
+
+    /// A kernel image file with a `Linux version` banner and, optionally,
+    /// an embedded gzip'd configuration.
+    fn fake_kernel(path: &Path, embedded: Option<&str>) {
+        use std::io::Write;
+        let mut data = b"\x7fELF....Linux version 6.6.1-ember (x@y) #1\0".to_vec();
+        if let Some(cfg) = embedded {
+            let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+            gz.write_all(cfg.as_bytes()).unwrap();
+            data.extend_from_slice(b"IKCFG_ST");
+            data.extend_from_slice(&gz.finish().unwrap());
+            data.extend_from_slice(b"IKCFG_ED");
+        }
+        fs::write(path, data).unwrap();
+    }
+
+    const ALL_BUILT_IN: &str = "CONFIG_VIRTIO_MMIO=y\nCONFIG_VIRTIO_BLK=y\n\
+        CONFIG_VIRTIO_NET=y\nCONFIG_VIRTIO_VSOCKETS=y\nCONFIG_EXT4_FS=y\n";
+
+    #[test]
+    fn a_kernel_without_modules_is_used_only_when_its_config_shows_them_built_in() {
+        let t = TempDir::new();
+        let root = t.0.join("root");
+        fs::create_dir_all(root.join("boot")).unwrap();
+        let k = t.0.join("vmlinux");
+
+        // No modules, no configuration: refused, naming where it looked.
+        fake_kernel(&k, None);
+        let err = closure(&k, &root).unwrap_err();
+        assert!(matches!(err, KmodError::NoConfig { .. }), "{err}");
+        let msg = err.to_string();
+        assert!(msg.contains(&format!("{}.config", k.display())), "{msg}");
+        assert!(msg.contains("boot/config-6.6.1-ember"), "{msg}");
+
+        // Everything built in, in the config beside the kernel: no modules.
+        fs::write(t.0.join("vmlinux.config"), ALL_BUILT_IN).unwrap();
+        let c = closure(&k, &root).unwrap();
+        assert_eq!(c.version, "6.6.1-ember");
+        assert!(c.modules.is_empty());
+        fs::remove_file(t.0.join("vmlinux.config")).unwrap();
+
+        // A modular distro config in <root>/boot and no module directory.
+        fs::write(
+            root.join("boot/config-6.6.1-ember"),
+            ALL_BUILT_IN
+                .replace("VIRTIO_MMIO=y", "VIRTIO_MMIO=m")
+                .replace("VSOCKETS=y", "VSOCKETS=m"),
+        )
+        .unwrap();
+        let err = closure(&k, &root).unwrap_err();
+        assert!(
+            matches!(&err, KmodError::ModulesNotInstalled { modular, .. }
+                if modular == &["virtio_mmio", "vmw_vsock_virtio_transport"]),
+            "{err}"
+        );
+        assert!(err.to_string().contains("lib/modules/6.6.1-ember"), "{err}");
+
+        // A driver left out entirely.
+        fs::write(
+            root.join("boot/config-6.6.1-ember"),
+            ALL_BUILT_IN.replace("CONFIG_VIRTIO_NET=y\n", "# CONFIG_VIRTIO_NET is not set\n"),
+        )
+        .unwrap();
+        let err = closure(&k, &root).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("without virtio_net (CONFIG_VIRTIO_NET)"),
+            "{err}"
+        );
+        fs::remove_file(root.join("boot/config-6.6.1-ember")).unwrap();
+
+        // CONFIG_IKCONFIG: the configuration inside the image.
+        fake_kernel(&k, Some(ALL_BUILT_IN));
+        assert!(closure(&k, &root).unwrap().modules.is_empty());
+        fake_kernel(&k, Some(&ALL_BUILT_IN.replace("BLK=y", "BLK=m")));
+        let err = closure(&k, &root).unwrap_err();
+        assert!(err.to_string().contains("embedded in"), "{err}");
+
+        // With a module directory, modules.dep decides as before.
+        fs::create_dir_all(root.join("lib/modules/6.6.1-ember")).unwrap();
+        let err = closure(&k, &root).unwrap_err();
+        assert!(matches!(err, KmodError::Missing { .. }), "{err}");
+    }
+
+    #[test]
+    fn config_values_are_read_exactly() {
+        let text = "CONFIG_VIRTIO=y\nCONFIG_VIRTIO_MMIO=m\n# CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES is not set\n";
+        assert_eq!(config_value(text, "CONFIG_VIRTIO"), Some("y"));
+        assert_eq!(config_value(text, "CONFIG_VIRTIO_MMIO"), Some("m"));
+        assert_eq!(
+            config_value(text, "CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES"),
+            None
+        );
+        assert_eq!(config_value(text, "CONFIG_VIRTIO_BLK"), None);
     }
 
     #[test]

@@ -214,7 +214,10 @@ impl Compiler for LinuxCompiler {
                     );
                     Some(c)
                 }
-                Err(e @ (kmod::KmodError::NoVersion(_) | kmod::KmodError::NoModulesDir { .. })) => {
+                // Not a Linux image (no version string): nothing to load.
+                // A Linux kernel without its modules or a configuration
+                // showing them built in is refused below (kmod's docs).
+                Err(e @ kmod::KmodError::NoVersion(_)) => {
                     kmod_log = format!("\nno kernel modules packed: {e}");
                     None
                 }
