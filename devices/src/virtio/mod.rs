@@ -1,6 +1,6 @@
 //! Virtio devices and the virtio-mmio (version 2) transport.
 //!
-//! The device logic ([`block`], [`net`], [`vsock`]) is independent of the
+//! The device logic ([`block`], [`net`], [`rng`], [`vsock`]) is independent of the
 //! transport ([`mmio`]). A device implements [`VirtioDevice`] (what the
 //! transport needs) and `event_manager::MutEventSubscriber` (what the VMM's
 //! event loop needs). The VMM keeps the device in one `Arc<Mutex<_>>` and hands
@@ -30,6 +30,7 @@ pub mod mmio;
 pub mod net;
 /// Limits on bandwidth and operations.
 pub mod rate_limiter;
+pub mod rng;
 pub mod vsock;
 
 #[cfg(test)]
