@@ -46,6 +46,7 @@ const C_SOURCES: &[&str] = &[
     "virtio/mmio.c",
     "virtio/net.c",
     "virtio/parse.c",
+    "virtio/rng.c",
     "virtio/probe.c",
     "virtio/vsock.c",
     "virtio/vsockdev.c",

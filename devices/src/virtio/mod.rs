@@ -24,6 +24,7 @@
 //! the subscriber (event-loop thread) handles by registering its queue
 //! eventfds and backend fds.
 
+pub mod balloon;
 pub mod block;
 pub mod desc;
 pub mod mmio;

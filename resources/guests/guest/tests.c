@@ -124,6 +124,7 @@ static const struct test_mode modes[] = {
 	{ "blk", mode_blk },
 	{ "net", mode_net },
 	{ "vsock", mode_vsock },
+	{ "rng", mode_rng },
 	{ "pod-agent", mode_pod_agent },
 	{ "evil-desc-oob", mode_evil_desc_oob },
 	{ "evil-desc-loop", mode_evil_desc_loop },
