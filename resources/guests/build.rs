@@ -38,6 +38,7 @@ const C_SOURCES: &[&str] = &[
     "string.c",
     "tests.c",
     "timer.c",
+    "virtio/balloon.c",
     "virtio/blk.c",
     "virtio/blkdev.c",
     "virtio/evil.c",

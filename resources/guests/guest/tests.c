@@ -125,6 +125,7 @@ static const struct test_mode modes[] = {
 	{ "net", mode_net },
 	{ "vsock", mode_vsock },
 	{ "rng", mode_rng },
+	{ "balloon", mode_balloon },
 	{ "pod-agent", mode_pod_agent },
 	{ "evil-desc-oob", mode_evil_desc_oob },
 	{ "evil-desc-loop", mode_evil_desc_loop },
