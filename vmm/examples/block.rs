@@ -40,6 +40,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             cache_type: None,
             io_engine: None,
             rate_limiter: None,
+            socket: None,
         })
         .serial(Serial::Callback(Box::new(move |b| {
             let _ = tx.send(b.to_vec());

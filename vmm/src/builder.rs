@@ -198,6 +198,7 @@ fn attach_virtio(cfg: &VmConfig, a: &mut VirtioAttacher) -> Result<Devices, Buil
             guest_mac: n.mac(),
             rx_rate_limiter: n.rx_rate_limiter,
             tx_rate_limiter: n.tx_rate_limiter,
+            mtu: n.mtu,
         })
         .map_err(|err| BuildError::Net {
             id: n.iface_id.clone(),

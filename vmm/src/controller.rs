@@ -11,11 +11,13 @@ use event_manager::{EventOps, Events, MutEventSubscriber, SubscriberOps};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::actions::{ActionError, InstanceInfo, InstanceState, VmmAction, VmmData};
+use crate::actions::{ActionError, Allowed, InstanceInfo, InstanceState, VmmAction, VmmData};
 use crate::builder::{build_and_boot, ExitSignals, RunningVm};
-use crate::config::{check_path_id, ConfigError};
+use crate::config::{check_path_id, refusals, ConfigError};
 use crate::console::Serial;
 use crate::exit::ExitReason;
+use crate::metrics::{Metrics, PeriodicMetrics};
+use crate::mmds::MmdsStore;
 use crate::stdin::SerialStdin;
 use crate::vstate::vcpu::{VcpuCommand, VcpuEvent, VcpuResponse};
 use crate::EventManager;
@@ -62,6 +64,8 @@ pub(crate) struct Controller {
     reset_fired: Arc<AtomicBool>,
     vcpu_exit_fired: Arc<AtomicBool>,
     vcpu_start_hook: Option<Arc<dyn Fn() + Send + Sync>>,
+    metrics: Arc<Mutex<Metrics>>,
+    mmds: MmdsStore,
 }
 
 impl Controller {
@@ -72,6 +76,7 @@ impl Controller {
         stdin: bool,
         em: &mut EventManager,
         vcpu_start_hook: Option<Arc<dyn Fn() + Send + Sync>>,
+        mmds_size_limit: usize,
     ) -> std::io::Result<Self> {
         let (tx, rx) = channel();
         let signals = ExitSignals {
@@ -90,6 +95,8 @@ impl Controller {
             vcpu_exit_fired.clone(),
         ))));
         Ok(Controller {
+            metrics: Arc::new(Mutex::new(Metrics::new(&id))),
+            mmds: MmdsStore::new(mmds_size_limit),
             id,
             config: Default::default(),
             serial,
@@ -111,12 +118,18 @@ impl Controller {
         }
     }
 
-    fn pre_boot(&self) -> Result<(), ActionError> {
-        if self.running.is_some() {
-            Err(ActionError::NotAllowedAfterBoot)
-        } else {
-            Ok(())
+    /// Firecracker's phase rule for `action` ([`VmmAction::allowed`]).
+    fn check_phase(&self, action: &VmmAction) -> Result<(), ActionError> {
+        match (action.allowed(), self.running.is_some()) {
+            (Allowed::PreBoot, true) => Err(ActionError::NotAllowedAfterBoot),
+            (Allowed::PostBoot, false) => Err(ActionError::NotAllowedBeforeBoot),
+            (Allowed::Always, _) | (Allowed::PreBoot, false) | (Allowed::PostBoot, true) => Ok(()),
         }
+    }
+
+    /// The metrics, shared with the periodic writer.
+    pub fn metrics(&self) -> &Arc<Mutex<Metrics>> {
+        &self.metrics
     }
 
     fn running(&mut self) -> Result<&mut RunningVm, ActionError> {
@@ -143,11 +156,23 @@ impl Controller {
 
     /// Replaces the whole configuration (from `--config-file`).
     pub fn set_config(&mut self, cfg: crate::config::VmConfig) -> Result<(), ActionError> {
-        self.pre_boot()?;
+        if self.running.is_some() {
+            return Err(ActionError::NotAllowedAfterBoot);
+        }
         if let Some(b) = &cfg.boot_source {
             b.validate()?;
         }
-        cfg.machine_config.validate()?;
+        cfg.machine_config.validate().map_err(ConfigError::from)?;
+        cfg.validate_extras()?;
+        if let Some(l) = &cfg.logger {
+            crate::logger::configure(l)?;
+        }
+        if let Some(m) = &cfg.metrics {
+            self.metrics
+                .lock()
+                .expect("metrics poisoned")
+                .configure(m)?;
+        }
         self.config = cfg;
         Ok(())
     }
@@ -158,6 +183,7 @@ impl Controller {
         action: VmmAction,
         em: &mut EventManager,
     ) -> Result<VmmData, ActionError> {
+        self.check_phase(&action)?;
         match action {
             VmmAction::GetInstanceInfo => Ok(VmmData::InstanceInfo(InstanceInfo {
                 id: self.id.clone(),
@@ -165,29 +191,28 @@ impl Controller {
                 vmm_version: env!("CARGO_PKG_VERSION").into(),
                 app_name: "ember".into(),
             })),
-            VmmAction::GetVmConfig => Ok(VmmData::VmConfig(self.config.clone())),
+            VmmAction::GetVersion => Ok(VmmData::Version(env!("CARGO_PKG_VERSION").into())),
+            VmmAction::GetVmConfig => Ok(VmmData::VmConfig(Box::new(self.config.clone()))),
             VmmAction::GetMachineConfig => {
                 Ok(VmmData::MachineConfig(self.config.machine_config.clone()))
             }
             VmmAction::PutBootSource(b) => {
-                self.pre_boot()?;
                 b.validate()?;
                 self.config.boot_source = Some(b);
                 Ok(VmmData::Empty)
             }
             VmmAction::PutMachineConfig(m) => {
-                self.pre_boot()?;
-                m.validate()?;
+                m.validate().map_err(ConfigError::from)?;
                 self.config.machine_config = m;
                 Ok(VmmData::Empty)
             }
             VmmAction::PatchMachineConfig(u) => {
-                self.pre_boot()?;
-                self.config.machine_config = u.apply(&self.config.machine_config)?;
+                self.config.machine_config = u
+                    .apply(&self.config.machine_config)
+                    .map_err(ConfigError::from)?;
                 Ok(VmmData::Empty)
             }
             VmmAction::PutDrive(id, d) => {
-                self.pre_boot()?;
                 check_path_id(&id, &d.drive_id)?;
                 self.config.upsert_drive(d)?;
                 Ok(VmmData::Empty)
@@ -235,7 +260,6 @@ impl Controller {
                 Ok(VmmData::Empty)
             }
             VmmAction::PutNetworkInterface(id, n) => {
-                self.pre_boot()?;
                 check_path_id(&id, &n.iface_id)?;
                 self.config.upsert_net(n)?;
                 Ok(VmmData::Empty)
@@ -269,12 +293,71 @@ impl Controller {
                 Ok(VmmData::Empty)
             }
             VmmAction::PutVsock(v) => {
-                self.pre_boot()?;
                 self.config.set_vsock(v)?;
                 Ok(VmmData::Empty)
             }
+            VmmAction::ConfigureLogger(l) => {
+                crate::logger::configure(&l)?;
+                self.config.logger = Some(l);
+                Ok(VmmData::Empty)
+            }
+            VmmAction::ConfigureMetrics(m) => {
+                self.metrics
+                    .lock()
+                    .expect("metrics poisoned")
+                    .configure(&m)?;
+                self.config.metrics = Some(m);
+                Ok(VmmData::Empty)
+            }
+            VmmAction::ConfigureSerial(s) => {
+                s.validate()?;
+                self.config.serial = Some(s);
+                Ok(VmmData::Empty)
+            }
+            VmmAction::PutMmds(v) => {
+                self.mmds.put(v)?;
+                Ok(VmmData::Empty)
+            }
+            VmmAction::PatchMmds(v) => {
+                self.mmds.patch(&v)?;
+                Ok(VmmData::Empty)
+            }
+            VmmAction::GetMmds => Ok(VmmData::Mmds(self.mmds.get())),
+            VmmAction::ConfigureMmds(m) => {
+                let nets = &self.config.network_interfaces;
+                m.validate(|id| nets.iter().any(|n| n.iface_id == id))
+                    .map_err(ConfigError::from)?;
+                self.config.mmds_config = Some(m);
+                Ok(VmmData::Empty)
+            }
+            VmmAction::PutCpuConfig(c) => {
+                c.template().map_err(ConfigError::from)?;
+                self.config.cpu_config = Some(c);
+                Ok(VmmData::Empty)
+            }
+            VmmAction::PutEntropy(_) => Err(ActionError::NotImplemented(refusals::ENTROPY)),
+            VmmAction::PutBalloon(_)
+            | VmmAction::PatchBalloon(_)
+            | VmmAction::GetBalloon
+            | VmmAction::GetBalloonStats
+            | VmmAction::PatchBalloonStats(_)
+            | VmmAction::StartBalloonHinting(_)
+            | VmmAction::GetBalloonHinting
+            | VmmAction::StopBalloonHinting => Err(ActionError::NotImplemented(refusals::BALLOON)),
+            VmmAction::PutPmem(..) | VmmAction::PatchPmem(..) => {
+                Err(ActionError::NotImplemented(refusals::PMEM))
+            }
+            VmmAction::PutMemoryHotplug(_)
+            | VmmAction::PatchMemoryHotplug(_)
+            | VmmAction::GetMemoryHotplug => Err(ActionError::NotImplemented(refusals::HOTPLUG)),
+            VmmAction::CreateSnapshot(_) => {
+                if !self.running()?.paused {
+                    return Err(ActionError::SnapshotNotPaused);
+                }
+                Err(ActionError::NotImplemented(refusals::SNAPSHOT))
+            }
+            VmmAction::LoadSnapshot(_) => Err(ActionError::NotImplemented(refusals::SNAPSHOT)),
             VmmAction::InstanceStart => {
-                self.pre_boot()?;
                 self.config.validate()?;
                 let out = self.serial_out()?;
                 let vm = build_and_boot(
@@ -288,6 +371,28 @@ impl Controller {
                     em.add_subscriber(Arc::new(Mutex::new(SerialStdin::new(vm.serial.clone()))));
                 }
                 self.running = Some(vm);
+                if let Some(m) = &self.config.mmds_config {
+                    log::warn!(
+                        "mmds: configured for {:?} at {}, but ember has no in-VMM MMDS responder yet: guest requests to that address leave through the TAP and get no MMDS answer",
+                        m.network_interfaces,
+                        m.address()
+                    );
+                }
+                let configured = {
+                    let mut m = self.metrics.lock().expect("metrics poisoned");
+                    if let Err(e) = m.write() {
+                        log::warn!("metrics: {e}");
+                    }
+                    m.configured()
+                };
+                if configured {
+                    match PeriodicMetrics::new(self.metrics.clone()) {
+                        Ok(p) => {
+                            em.add_subscriber(Arc::new(Mutex::new(p)));
+                        }
+                        Err(e) => log::warn!("metrics: {e}"),
+                    }
+                }
                 Ok(VmmData::Empty)
             }
             VmmAction::SendCtrlAltDel => {
@@ -299,7 +404,10 @@ impl Controller {
                     .map_err(ActionError::CtrlAltDel)?;
                 Ok(VmmData::Empty)
             }
-            VmmAction::FlushMetrics => Ok(VmmData::Empty),
+            VmmAction::FlushMetrics => {
+                self.metrics.lock().expect("metrics poisoned").write()?;
+                Ok(VmmData::Empty)
+            }
             VmmAction::Pause => {
                 let vm = self.running()?;
                 if !vm.paused {

@@ -158,6 +158,7 @@ pub struct MicroVmBuilder {
     sigterm: bool,
     stdin: bool,
     trigger: Option<ThreadKind>,
+    mmds_size_limit: Option<usize>,
 }
 
 fn path_string(p: impl Into<PathBuf>) -> String {
@@ -302,7 +303,10 @@ impl MicroVmBuilder {
             if self.api_socket.is_none() || self.config.boot_source.is_some() {
                 self.config.validate()?;
             } else {
-                self.config.machine_config.validate()?;
+                self.config
+                    .machine_config
+                    .validate()
+                    .map_err(ConfigError::from)?;
             }
         }
         Ok(MicroVm { b: self })
@@ -450,6 +454,8 @@ impl MicroVm {
             b.stdin,
             &mut em,
             Some(vcpu_hook),
+            b.mmds_size_limit
+                .unwrap_or(crate::mmds::DEFAULT_MMDS_SIZE_LIMIT),
         )
         .map_err(MicroVmError::Controller)?;
 
@@ -556,7 +562,14 @@ impl MicroVm {
             }
             if let Some(api) = api {
                 while let Ok(ApiRequest { action, conn }) = api.requests.try_recv() {
-                    let (status, body) = crate::api::reply(controller.handle(action, em));
+                    let key = crate::metrics::api_counter(&action);
+                    let result = controller.handle(action, em);
+                    controller
+                        .metrics()
+                        .lock()
+                        .expect("metrics poisoned")
+                        .count(key, result.is_ok());
+                    let (status, body) = crate::api::reply(result);
                     api.answer(conn, status, body);
                 }
             }

@@ -151,7 +151,12 @@ fn bad_configs_are_refused_at_build() {
         .build()
         .unwrap_err();
     assert!(
-        matches!(err, MicroVmError::Config(ConfigError::VcpuCount)),
+        matches!(
+            err,
+            MicroVmError::Config(ConfigError::Machine(
+                vmm::config::MachineConfigError::InvalidVcpuCount
+            ))
+        ),
         "{err}"
     );
 }

@@ -2,111 +2,82 @@
 //! [`VmmAction`]s. The HTTP transport lives in `ember-http`; [`server`]
 //! joins the two on the API thread.
 
+pub mod request;
 pub mod server;
 
-use serde::de::DeserializeOwned;
-use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::actions::{ActionError, VmmAction, VmmData};
+use request::Req;
 
 /// A request the API refuses before it reaches the VMM.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ApiError {
+    /// No such method and path.
     #[error("Invalid request method and/or path: {method} {path}.")]
-    InvalidRoute { method: String, path: String },
+    InvalidRoute {
+        /// The method.
+        method: String,
+        /// The path.
+        path: String,
+    },
+    /// A PUT or PATCH without a body (or an empty PATCH).
     #[error("Empty {0} request.")]
     EmptyBody(String),
+    /// A GET with a body.
+    #[error("GET request cannot have a body.")]
+    GetWithBody,
+    /// A resource route without its id.
+    #[error("The ID cannot be empty.")]
+    EmptyId,
+    /// The body is not the resource's JSON.
     #[error("An error occurred when deserializing the json body of a request: {0}.")]
     BadJson(String),
+    /// The body is well-formed but its values are invalid.
+    #[error("{0}")]
+    Invalid(String),
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ActionBody {
-    action_type: ActionType,
-}
-
-#[derive(Deserialize)]
-enum ActionType {
-    InstanceStart,
-    SendCtrlAltDel,
-    FlushMetrics,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct VmStateBody {
-    state: VmState,
-}
-
-#[derive(Deserialize)]
-enum VmState {
-    Paused,
-    Resumed,
-}
-
-fn body<T: DeserializeOwned>(method: &str, b: &[u8]) -> Result<T, ApiError> {
-    if b.iter().all(|c| c.is_ascii_whitespace()) {
-        return Err(ApiError::EmptyBody(method.to_string()));
-    }
-    serde_json::from_slice(b).map_err(|e| ApiError::BadJson(e.to_string()))
-}
-
-/// The `{id}` of `<prefix>{id}`: one non-empty path segment.
-fn resource_id(path: &str, prefix: &str) -> Option<String> {
-    let id = path.strip_prefix(prefix)?;
-    (!id.is_empty() && !id.contains('/')).then(|| id.to_string())
-}
-
-/// Maps a request to an action.
+/// Maps a request to an action: Firecracker's 38 operations, dispatched on
+/// the first path segment to the resource's parser in [`request`].
 pub fn parse(method: &str, path: &str, b: &[u8]) -> Result<VmmAction, ApiError> {
-    let path_trim = path.trim_end_matches('/');
-    let action = match (method, path_trim) {
-        ("GET", "") => VmmAction::GetInstanceInfo,
-        ("GET", "/vm/config") => VmmAction::GetVmConfig,
-        ("GET", "/machine-config") => VmmAction::GetMachineConfig,
-        ("PUT", "/boot-source") => VmmAction::PutBootSource(body(method, b)?),
-        ("PUT", "/machine-config") => VmmAction::PutMachineConfig(body(method, b)?),
-        ("PATCH", "/machine-config") => VmmAction::PatchMachineConfig(body(method, b)?),
-        ("PUT", "/actions") => match body::<ActionBody>(method, b)?.action_type {
-            ActionType::InstanceStart => VmmAction::InstanceStart,
-            ActionType::SendCtrlAltDel => VmmAction::SendCtrlAltDel,
-            ActionType::FlushMetrics => VmmAction::FlushMetrics,
-        },
-        ("PATCH", "/vm") => match body::<VmStateBody>(method, b)?.state {
-            VmState::Paused => VmmAction::Pause,
-            VmState::Resumed => VmmAction::Resume,
-        },
-        ("PUT", "/vsock") => VmmAction::PutVsock(body(method, b)?),
-        ("PUT", p) if resource_id(p, "/drives/").is_some() => VmmAction::PutDrive(
-            resource_id(p, "/drives/").unwrap_or_default(),
-            body(method, b)?,
-        ),
-        ("PATCH", p) if resource_id(p, "/drives/").is_some() => VmmAction::PatchDrive(
-            resource_id(p, "/drives/").unwrap_or_default(),
-            body(method, b)?,
-        ),
-        ("PUT", p) if resource_id(p, "/network-interfaces/").is_some() => {
-            VmmAction::PutNetworkInterface(
-                resource_id(p, "/network-interfaces/").unwrap_or_default(),
-                body(method, b)?,
-            )
-        }
-        ("PATCH", p) if resource_id(p, "/network-interfaces/").is_some() => {
-            VmmAction::PatchNetworkInterface(
-                resource_id(p, "/network-interfaces/").unwrap_or_default(),
-                body(method, b)?,
-            )
-        }
-        _ => {
-            return Err(ApiError::InvalidRoute {
-                method: method.into(),
-                path: path.into(),
-            })
-        }
+    let trimmed = path.trim_end_matches('/');
+    let mut segs: Vec<&str> = trimmed.split('/').skip(1).collect();
+    if segs.is_empty() {
+        segs.push("");
+    }
+    let (first, rest) = segs.split_first().expect("one segment at least");
+    let r = Req {
+        method,
+        path,
+        rest,
+        body: b,
     };
-    Ok(action)
+    if method == "GET" && !r.body_empty() {
+        return Err(ApiError::GetWithBody);
+    }
+    match *first {
+        "" if rest.is_empty() => request::instance::parse_root(&r),
+        "version" => request::instance::parse_version(&r),
+        "actions" => request::actions::parse(&r),
+        "boot-source" => request::boot_source::parse(&r),
+        "machine-config" => request::machine_config::parse(&r),
+        "cpu-config" => request::cpu_config::parse(&r),
+        "drives" => request::drive::parse(&r),
+        "network-interfaces" => request::net::parse(&r),
+        "vsock" => request::vsock::parse(&r),
+        "logger" => request::logger::parse(&r),
+        "metrics" => request::metrics::parse(&r),
+        "serial" => request::serial::parse(&r),
+        "mmds" => request::mmds::parse(&r),
+        "entropy" => request::entropy::parse(&r),
+        "balloon" => request::balloon::parse(&r),
+        "pmem" => request::pmem::parse(&r),
+        "hotplug" => request::hotplug::parse(&r),
+        "snapshot" => request::snapshot::parse(&r),
+        "vm" => request::vm::parse(&r),
+        _ => Err(r.invalid()),
+    }
 }
 
 /// Firecracker's error body.
@@ -121,7 +92,10 @@ pub fn reply(result: Result<VmmData, ActionError>) -> (u16, Option<Value>) {
         Ok(VmmData::InstanceInfo(i)) => (200, Some(json!(i))),
         Ok(VmmData::MachineConfig(m)) => (200, Some(json!(m))),
         Ok(VmmData::VmConfig(c)) => (200, Some(json!(c))),
-        Err(e) => (400, Some(fault(e))),
+        Ok(VmmData::Version(v)) => (200, Some(json!({ "firecracker_version": v }))),
+        Ok(VmmData::Mmds(Value::Null)) => (200, Some(json!({}))),
+        Ok(VmmData::Mmds(v)) => (200, Some(v)),
+        Err(e) => (e.status(), Some(fault(e))),
     }
 }
 
@@ -155,6 +129,114 @@ mod tests {
         ));
     }
 
+    /// Every operation of Firecracker's swagger reaches a parser: none is
+    /// answered "Invalid request method and/or path".
+    #[test]
+    fn all_38_operations_are_routed() {
+        let ops: &[(&str, &str, &str)] = &[
+            ("GET", "/", ""),
+            ("PUT", "/actions", r#"{"action_type":"FlushMetrics"}"#),
+            ("GET", "/balloon", ""),
+            (
+                "PUT",
+                "/balloon",
+                r#"{"amount_mib":1,"deflate_on_oom":true}"#,
+            ),
+            ("PATCH", "/balloon", r#"{"amount_mib":2}"#),
+            ("GET", "/balloon/statistics", ""),
+            (
+                "PATCH",
+                "/balloon/statistics",
+                r#"{"stats_polling_interval_s":1}"#,
+            ),
+            (
+                "PATCH",
+                "/balloon/hinting/start",
+                r#"{"acknowledge_on_stop":true}"#,
+            ),
+            ("GET", "/balloon/hinting/status", ""),
+            ("PATCH", "/balloon/hinting/stop", ""),
+            ("PUT", "/boot-source", r#"{"kernel_image_path":"/k"}"#),
+            ("PUT", "/cpu-config", r#"{"kvm_capabilities":["171"]}"#),
+            (
+                "PUT",
+                "/drives/d",
+                r#"{"drive_id":"d","is_root_device":false,"path_on_host":"/x"}"#,
+            ),
+            ("PATCH", "/drives/d", r#"{"drive_id":"d"}"#),
+            ("PUT", "/pmem/p", r#"{"id":"p","path_on_host":"/x"}"#),
+            ("PATCH", "/pmem/p", r#"{"id":"p"}"#),
+            ("PUT", "/logger", r#"{"level":"Info"}"#),
+            ("GET", "/machine-config", ""),
+            (
+                "PUT",
+                "/machine-config",
+                r#"{"vcpu_count":1,"mem_size_mib":64}"#,
+            ),
+            ("PATCH", "/machine-config", r#"{"smt":true}"#),
+            ("PUT", "/metrics", r#"{"metrics_path":"/m"}"#),
+            ("PUT", "/mmds", r#"{"a":1}"#),
+            ("PATCH", "/mmds", r#"{"a":2}"#),
+            ("GET", "/mmds", ""),
+            ("PUT", "/mmds/config", r#"{"network_interfaces":["eth0"]}"#),
+            ("PUT", "/entropy", "{}"),
+            ("PUT", "/serial", r#"{"serial_out_path":"/s"}"#),
+            ("PUT", "/hotplug/memory", r#"{"total_size_mib":1024}"#),
+            ("PATCH", "/hotplug/memory", r#"{"requested_size_mib":128}"#),
+            ("GET", "/hotplug/memory", ""),
+            (
+                "PUT",
+                "/network-interfaces/n",
+                r#"{"iface_id":"n","host_dev_name":"tap0"}"#,
+            ),
+            ("PATCH", "/network-interfaces/n", r#"{"iface_id":"n"}"#),
+            (
+                "PUT",
+                "/snapshot/create",
+                r#"{"mem_file_path":"/m","snapshot_path":"/s"}"#,
+            ),
+            ("PUT", "/snapshot/load", r#"{"snapshot_path":"/s"}"#),
+            ("GET", "/version", ""),
+            ("PATCH", "/vm", r#"{"state":"Resumed"}"#),
+            ("GET", "/vm/config", ""),
+            ("PUT", "/vsock", r#"{"guest_cid":3,"uds_path":"/v"}"#),
+        ];
+        assert_eq!(ops.len(), 38);
+        for (m, p, b) in ops {
+            assert!(
+                parse(m, p, b.as_bytes()).is_ok(),
+                "{m} {p}: {:?}",
+                parse(m, p, b.as_bytes())
+            );
+        }
+    }
+
+    #[test]
+    fn firecracker_refusals_at_parse_time() {
+        assert_eq!(
+            parse("PATCH", "/machine-config", b"{}"),
+            Err(ApiError::EmptyBody("PATCH".into()))
+        );
+        let e = parse("PUT", "/machine-config", br#"{"vcpu_count":1}"#).unwrap_err();
+        assert!(
+            e.to_string().contains("missing field `mem_size_mib`"),
+            "{e}"
+        );
+        assert_eq!(parse("GET", "/version", b"{}"), Err(ApiError::GetWithBody));
+        assert!(matches!(
+            parse(
+                "PUT",
+                "/cpu-config",
+                br#"{"msr_modifiers":[{"addr":"0x10a","bitmap":"0b1"}]}"#
+            ),
+            Err(ApiError::Invalid(_))
+        ));
+        assert!(matches!(
+            parse("PUT", "/mmds/other", b"{}"),
+            Err(ApiError::InvalidRoute { .. })
+        ));
+    }
+
     #[test]
     fn device_routes() {
         let d = br#"{"drive_id":"rootfs","path_on_host":"/x","is_root_device":true}"#;
@@ -183,10 +265,7 @@ mod tests {
             ),
             Ok(VmmAction::PutVsock(_))
         ));
-        assert!(matches!(
-            parse("PUT", "/drives/", d),
-            Err(ApiError::InvalidRoute { .. })
-        ));
+        assert_eq!(parse("PUT", "/drives/", d), Err(ApiError::EmptyId));
         assert!(matches!(
             parse("PUT", "/drives/a/b", d),
             Err(ApiError::InvalidRoute { .. })

@@ -44,6 +44,8 @@ pub const QUEUE_SIZE: u16 = 256;
 pub const PASS_FRAMES: u32 = 64;
 /// Feature: the config space holds the MAC address.
 pub const VIRTIO_NET_F_MAC: u64 = 1 << 5;
+/// Feature: the config space advises an MTU.
+pub const VIRTIO_NET_F_MTU: u64 = 1 << 3;
 
 const RX: usize = 0;
 const TX: usize = 1;
@@ -91,6 +93,9 @@ pub struct NetConfig {
     pub rx_rate_limiter: Option<RateLimiterConfig>,
     /// Limits on traffic from the guest.
     pub tx_rate_limiter: Option<RateLimiterConfig>,
+    /// Advised to the guest with VIRTIO_NET_F_MTU when set (68 to 65535;
+    /// frames of up to [`MAX_FRAME`] are carried whatever it is).
+    pub mtu: Option<u16>,
 }
 
 /// Parses "aa:bb:cc:dd:ee:ff".
@@ -162,11 +167,13 @@ impl Net {
 
     /// Uses `backend` instead of a TAP.
     pub fn with_backend(config: NetConfig, backend: Box<dyn NetBackend>) -> Result<Self, NetError> {
-        let features = if config.guest_mac.is_some() {
-            VIRTIO_NET_F_MAC
-        } else {
-            0
-        };
+        let mut features = 0;
+        if config.guest_mac.is_some() {
+            features |= VIRTIO_NET_F_MAC;
+        }
+        if config.mtu.is_some() {
+            features |= VIRTIO_NET_F_MTU;
+        }
         Ok(Self {
             base: DeviceBase::new("virtio-net", features, &[QUEUE_SIZE, QUEUE_SIZE])
                 .map_err(NetError::EventFd)?,
@@ -370,8 +377,16 @@ impl VirtioDevice for Net {
         TYPE_NET
     }
     fn config_bytes(&self) -> Vec<u8> {
-        // struct virtio_net_config { mac[6], status (absent without F_STATUS) }
-        self.config.guest_mac.unwrap_or_default().to_vec()
+        // struct virtio_net_config { u8 mac[6]; le16 status; le16
+        // max_virtqueue_pairs; le16 mtu; }: the fields sit at fixed offsets;
+        // status is only meaningful with F_STATUS (not offered), so it is 0.
+        let mut c = self.config.guest_mac.unwrap_or_default().to_vec();
+        if let Some(mtu) = self.config.mtu {
+            c.extend_from_slice(&0u16.to_le_bytes());
+            c.extend_from_slice(&1u16.to_le_bytes());
+            c.extend_from_slice(&mtu.to_le_bytes());
+        }
+        c
     }
     fn on_reset(&mut self) {
         self.rx_pending = None;
@@ -485,6 +500,24 @@ mod tests {
         let mut f = vec![0u8; VNET_HDR_LEN];
         f.extend(std::iter::repeat_n(fill, n));
         f
+    }
+
+    #[test]
+    fn mtu_is_advised_in_config_space() {
+        let (a, _b) = UnixDatagram::pair().unwrap();
+        let net = Net::with_backend(
+            NetConfig {
+                mtu: Some(9000),
+                ..Default::default()
+            },
+            Box::new(a),
+        )
+        .unwrap();
+        assert_eq!(net.avail_features() & VIRTIO_NET_F_MTU, VIRTIO_NET_F_MTU);
+        assert_eq!(net.avail_features() & VIRTIO_NET_F_MAC, 0);
+        let c = net.config_bytes();
+        assert_eq!(c.len(), 12);
+        assert_eq!(u16::from_le_bytes([c[10], c[11]]), 9000);
     }
 
     #[test]

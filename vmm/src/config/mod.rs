@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use devices::virtio::rate_limiter::RateLimiterConfig;
 
-use crate::arch::layout::{CMDLINE_MAX_SIZE, IRQ_BASE, IRQ_MAX, MAX_VCPUS};
+use crate::arch::layout::{CMDLINE_MAX_SIZE, IRQ_BASE, IRQ_MAX};
 
 /// Errors validating configuration.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -30,24 +30,9 @@ pub enum ConfigError {
     /// The kernel command line does not fit the guest's buffer.
     #[error("The kernel command line is too long: {0} bytes (at most {max})", max = CMDLINE_MAX_SIZE - 1)]
     CmdlineTooLong(usize),
-    /// `vcpu_count` is out of range.
-    #[error("The vCPU number is invalid! The vCPU number can only be 1 or an even number when SMT is enabled, and between 1 and {MAX_VCPUS}.")]
-    VcpuCount,
-    /// `mem_size_mib` is out of range.
-    #[error("The memory size (MiB) is invalid: it must be at least 1 and at most {max}.", max = MAX_MEM_MIB)]
-    MemSize,
-    /// `smt` was requested.
-    #[error("Enabling simultaneous multithreading is not supported by ember.")]
-    SmtNotSupported,
-    /// `track_dirty_pages` was requested.
-    #[error("Dirty page tracking is not supported by ember.")]
-    DirtyPagesNotSupported,
-    /// A CPU template other than `"None"` was requested.
-    #[error("CPU templates are not supported by ember (got {0:?}).")]
-    CpuTemplate(String),
-    /// Huge pages other than `"None"` were requested.
-    #[error("Huge pages are not supported by ember (got {0:?}).")]
-    HugePages(String),
+    /// The machine configuration is invalid.
+    #[error(transparent)]
+    Machine(#[from] machine::MachineConfigError),
     /// A resource needed to boot is missing.
     #[error("Missing mandatory field: {0}")]
     Missing(&'static str),
@@ -116,13 +101,36 @@ pub enum ConfigError {
         /// The id given.
         id: String,
     },
+    /// A vhost-user drive (`socket`) was configured.
+    #[error("Drive {0}: vhost-user block devices (\"socket\") are not supported by ember; give path_on_host for a virtio-blk drive instead.")]
+    VhostUser(String),
+    /// `io_engine: "Async"` was asked for.
+    #[error("Drive {0}: io_engine \"Async\" (io_uring) is not implemented by ember's virtio-blk yet; use \"Sync\" (the default).")]
+    AsyncIoEngine(String),
+    /// An MTU outside 68..=65535.
+    #[error("Invalid mtu {0}: it must be between 68 and 65535.")]
+    Mtu(u16),
+    /// The serial console rate limiter was asked for.
+    #[error("The serial rate_limiter is not implemented by ember: guest output is never dropped. Leave it out.")]
+    SerialRateLimiter,
+    /// A resource in the config file has no device behind it yet.
+    #[error("{0}")]
+    NotImplemented(&'static str),
+    /// The MMDS configuration is invalid.
+    #[error(transparent)]
+    Mmds(#[from] mmds::MmdsConfigError),
+    /// The CPU template is invalid.
+    #[error(transparent)]
+    CpuConfig(#[from] cpu_config::CpuConfigError),
+    /// The logger configuration is invalid.
+    #[error(transparent)]
+    Logger(#[from] logger::LoggerConfigError),
     /// More virtio devices than IRQ lines.
     #[error("Too many devices: at most {0} virtio devices fit the IRQ lines.")]
     TooManyDevices(usize),
 }
 
-/// Largest guest memory accepted (1 TiB).
-pub const MAX_MEM_MIB: usize = 1 << 20;
+pub use machine::{MachineConfigError, MAX_MEM_MIB};
 
 /// Command line used when `boot_args` is not given.
 pub const DEFAULT_KERNEL_CMDLINE: &str =
@@ -181,131 +189,53 @@ impl BootSourceConfig {
     }
 }
 
-fn default_vcpus() -> u8 {
-    1
-}
-fn default_mem() -> usize {
-    128
-}
+pub mod balloon;
+pub mod cpu_config;
+pub mod entropy;
+pub mod hotplug;
+pub mod logger;
+mod machine;
+pub mod metrics;
+pub mod mmds;
+pub mod pmem;
+pub mod snapshot;
+pub use machine::{HugePages, MachineConfig, MachineConfigUpdate, StaticCpuTemplate};
 
-/// `PUT /machine-config` and `GET /machine-config`.
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+/// `PUT /serial`: where COM1 output goes (stdout when absent).
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
-pub struct MachineConfig {
-    /// Number of vCPUs, 1 to 32.
-    #[serde(default = "default_vcpus")]
-    pub vcpu_count: u8,
-    /// Guest memory in MiB.
-    #[serde(default = "default_mem")]
-    pub mem_size_mib: usize,
-    /// Simultaneous multithreading (refused when true).
-    #[serde(default)]
-    pub smt: bool,
-    /// Dirty page tracking (refused when true).
-    #[serde(default)]
-    pub track_dirty_pages: bool,
-    /// Firecracker CPU template; only `"None"` is accepted.
+pub struct SerialConfig {
+    /// File or named pipe that receives COM1 output (appended); stdout when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cpu_template: Option<String>,
-    /// Huge pages backing guest memory; only `"None"` is accepted.
+    pub serial_out_path: Option<String>,
+    /// Firecracker's output limiter; refused (see
+    /// [`ConfigError::SerialRateLimiter`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub huge_pages: Option<String>,
+    pub rate_limiter: Option<devices::virtio::rate_limiter::TokenBucketConfig>,
 }
 
-impl Default for MachineConfig {
-    fn default() -> Self {
-        MachineConfig {
-            vcpu_count: default_vcpus(),
-            mem_size_mib: default_mem(),
-            smt: false,
-            track_dirty_pages: false,
-            cpu_template: None,
-            huge_pages: None,
-        }
-    }
-}
-
-impl MachineConfig {
-    /// Range and support checks.
+impl SerialConfig {
+    /// Refuses the rate limiter.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.vcpu_count == 0 || self.vcpu_count > MAX_VCPUS {
-            return Err(ConfigError::VcpuCount);
-        }
-        if self.mem_size_mib == 0 || self.mem_size_mib > MAX_MEM_MIB {
-            return Err(ConfigError::MemSize);
-        }
-        if self.smt {
-            return Err(ConfigError::SmtNotSupported);
-        }
-        if self.track_dirty_pages {
-            return Err(ConfigError::DirtyPagesNotSupported);
-        }
-        if let Some(t) = &self.cpu_template {
-            if t != "None" {
-                return Err(ConfigError::CpuTemplate(t.clone()));
-            }
-        }
-        if let Some(h) = &self.huge_pages {
-            if h != "None" {
-                return Err(ConfigError::HugePages(h.clone()));
-            }
+        if self.rate_limiter.is_some() {
+            return Err(ConfigError::SerialRateLimiter);
         }
         Ok(())
     }
 }
 
-/// `PATCH /machine-config`: every field optional.
-#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct MachineConfigUpdate {
-    /// Number of vCPUs, 1 to 32.
-    pub vcpu_count: Option<u8>,
-    /// Guest memory in MiB.
-    pub mem_size_mib: Option<usize>,
-    /// Simultaneous multithreading (refused when true).
-    pub smt: Option<bool>,
-    /// Dirty page tracking (refused when true).
-    pub track_dirty_pages: Option<bool>,
-    /// Firecracker CPU template; only `"None"` is accepted.
-    pub cpu_template: Option<String>,
-    /// Huge pages backing guest memory; only `"None"` is accepted.
-    pub huge_pages: Option<String>,
-}
-
-impl MachineConfigUpdate {
-    /// `base` with this update applied, validated.
-    pub fn apply(&self, base: &MachineConfig) -> Result<MachineConfig, ConfigError> {
-        let mut m = base.clone();
-        if let Some(v) = self.vcpu_count {
-            m.vcpu_count = v;
-        }
-        if let Some(v) = self.mem_size_mib {
-            m.mem_size_mib = v;
-        }
-        if let Some(v) = self.smt {
-            m.smt = v;
-        }
-        if let Some(v) = self.track_dirty_pages {
-            m.track_dirty_pages = v;
-        }
-        if let Some(v) = &self.cpu_template {
-            m.cpu_template = Some(v.clone());
-        }
-        if let Some(v) = &self.huge_pages {
-            m.huge_pages = Some(v.clone());
-        }
-        m.validate()?;
-        Ok(m)
-    }
-}
-
-/// Where COM1 output goes (ember extension; stdout when absent).
-#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct SerialConfig {
-    /// File that receives COM1 output (appended); stdout when absent.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub serial_out_path: Option<String>,
+/// Refusal texts for resources without a device behind them.
+pub mod refusals {
+    /// `/balloon*`.
+    pub const BALLOON: &str = "The balloon device (virtio-balloon: inflate, deflate, statistics, free page hinting and reporting) is not implemented by ember yet; no balloon operation is available.";
+    /// `/entropy`.
+    pub const ENTROPY: &str = "The entropy device (virtio-rng) is not implemented by ember yet; PUT /entropy cannot be served.";
+    /// `/pmem/{id}`.
+    pub const PMEM: &str = "Persistent memory devices (virtio-pmem) are not supported by ember; use a drive (PUT /drives/{id}) instead.";
+    /// `/hotplug/memory`.
+    pub const HOTPLUG: &str = "Memory hotplug (virtio-mem) is not supported by ember; size guest memory with mem_size_mib in /machine-config.";
+    /// `/snapshot/*`.
+    pub const SNAPSHOT: &str = "Snapshots are not yet supported by ember: /snapshot/create and /snapshot/load will come with snapshot support.";
 }
 
 /// The whole VM: `--config-file` input and `GET /vm/config` output.
@@ -334,6 +264,42 @@ pub struct VmConfig {
     /// The virtio-vsock device.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vsock: Option<VsockDeviceConfig>,
+    /// The logger (`PUT /logger`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logger: Option<logger::LoggerConfig>,
+    /// Metrics output (`PUT /metrics`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<metrics::MetricsConfig>,
+    /// MMDS configuration (`PUT /mmds/config`).
+    #[serde(
+        rename = "mmds-config",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub mmds_config: Option<mmds::MmdsConfig>,
+    /// Custom CPU template (`PUT /cpu-config`).
+    #[serde(
+        rename = "cpu-config",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub cpu_config: Option<cpu_config::CpuConfig>,
+    /// virtio-rng (refused: not implemented).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entropy: Option<entropy::EntropyDeviceConfig>,
+    /// virtio-balloon (refused: not implemented).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balloon: Option<balloon::BalloonConfig>,
+    /// virtio-pmem (refused: not supported).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pmem: Vec<pmem::PmemConfig>,
+    /// virtio-mem (refused: not supported).
+    #[serde(
+        rename = "memory-hotplug",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub memory_hotplug: Option<hotplug::MemoryHotplugConfig>,
 }
 
 impl VmConfig {
@@ -354,9 +320,40 @@ impl VmConfig {
         if let Some(v) = &self.vsock {
             v.validate()?;
         }
+        self.validate_extras()?;
         let n = self.device_count();
         if n > MAX_VIRTIO_DEVICES {
             return Err(ConfigError::TooManyDevices(MAX_VIRTIO_DEVICES));
+        }
+        Ok(())
+    }
+
+    /// Checks the resources beyond boot source, machine and devices (also
+    /// used before boot on a config file).
+    pub fn validate_extras(&self) -> Result<(), ConfigError> {
+        if let Some(s) = &self.serial {
+            s.validate()?;
+        }
+        if let Some(l) = &self.logger {
+            l.validate()?;
+        }
+        if let Some(m) = &self.mmds_config {
+            m.validate(|id| self.network_interfaces.iter().any(|n| n.iface_id == id))?;
+        }
+        if let Some(c) = &self.cpu_config {
+            c.template()?;
+        }
+        if self.entropy.is_some() {
+            return Err(ConfigError::NotImplemented(refusals::ENTROPY));
+        }
+        if self.balloon.is_some() {
+            return Err(ConfigError::NotImplemented(refusals::BALLOON));
+        }
+        if !self.pmem.is_empty() {
+            return Err(ConfigError::NotImplemented(refusals::PMEM));
+        }
+        if self.memory_hotplug.is_some() {
+            return Err(ConfigError::NotImplemented(refusals::HOTPLUG));
         }
         Ok(())
     }
@@ -474,7 +471,9 @@ pub fn check_path_id(path: &str, body: &str) -> Result<(), ConfigError> {
 pub struct DriveConfig {
     /// The drive's id (1 to 64 of `[A-Za-z0-9_-]`).
     pub drive_id: String,
-    /// The backing file or block device on the host.
+    /// The backing file or block device on the host (required: ember has
+    /// no vhost-user drives).
+    #[serde(default)]
     pub path_on_host: String,
     /// Whether this is the root drive (`root=` is added to the command line).
     pub is_root_device: bool,
@@ -493,6 +492,9 @@ pub struct DriveConfig {
     /// Bandwidth and operation limits for the drive.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limiter: Option<RateLimiterConfig>,
+    /// A vhost-user-block backend socket: refused ([`ConfigError::VhostUser`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket: Option<String>,
 }
 
 fn check_drive_file(path: &str, read_only: bool) -> Result<(), ConfigError> {
@@ -519,6 +521,9 @@ impl DriveConfig {
     /// Id, file and option checks.
     pub fn validate(&self) -> Result<(), ConfigError> {
         validate_id("drive", &self.drive_id)?;
+        if self.socket.is_some() {
+            return Err(ConfigError::VhostUser(self.drive_id.clone()));
+        }
         check_drive_file(&self.path_on_host, self.is_read_only)?;
         if let Some(c) = &self.cache_type {
             if c != "Unsafe" && c != "Writeback" {
@@ -530,11 +535,14 @@ impl DriveConfig {
             }
         }
         if let Some(e) = &self.io_engine {
+            if e == "Async" {
+                return Err(ConfigError::AsyncIoEngine(self.drive_id.clone()));
+            }
             if e != "Sync" {
                 return Err(ConfigError::Unsupported {
                     what: "io_engine",
                     value: e.clone(),
-                    supported: "\"Sync\"",
+                    supported: "\"Sync\" (\"Async\" is not implemented yet)",
                 });
             }
         }
@@ -573,6 +581,9 @@ pub struct NetworkInterfaceConfig {
     /// Limits on traffic from the guest.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tx_rate_limiter: Option<RateLimiterConfig>,
+    /// MTU advised to the guest (VIRTIO_NET_F_MTU), 68 to 65535.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u16>,
 }
 
 impl NetworkInterfaceConfig {
@@ -589,6 +600,11 @@ impl NetworkInterfaceConfig {
         let n = &self.host_dev_name;
         if n.is_empty() || n.len() > 15 || n.contains('/') || n.chars().any(char::is_whitespace) {
             return Err(ConfigError::TapName(n.clone()));
+        }
+        if let Some(m) = self.mtu {
+            if m < 68 {
+                return Err(ConfigError::Mtu(m));
+            }
         }
         match &self.guest_mac {
             None => Ok(None),
@@ -650,33 +666,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn machine_config_defaults_and_limits() {
-        let m: MachineConfig = serde_json::from_str("{}").unwrap();
-        assert_eq!(m, MachineConfig::default());
-        m.validate().unwrap();
-        let zero: MachineConfig = serde_json::from_str(r#"{"mem_size_mib":0}"#).unwrap();
-        assert_eq!(zero.validate(), Err(ConfigError::MemSize));
-        let v: MachineConfig = serde_json::from_str(r#"{"vcpu_count":0}"#).unwrap();
-        assert_eq!(v.validate(), Err(ConfigError::VcpuCount));
-        let v: MachineConfig = serde_json::from_str(r#"{"vcpu_count":33}"#).unwrap();
-        assert_eq!(v.validate(), Err(ConfigError::VcpuCount));
-        assert!(serde_json::from_str::<MachineConfig>(r#"{"vcpu_count":-1}"#).is_err());
-        assert!(serde_json::from_str::<MachineConfig>(r#"{"bogus":1}"#).is_err());
-        let t: MachineConfig = serde_json::from_str(r#"{"cpu_template":"T2"}"#).unwrap();
-        assert!(matches!(t.validate(), Err(ConfigError::CpuTemplate(_))));
-    }
-
-    #[test]
-    fn patch_applies_and_validates() {
-        let base = MachineConfig::default();
-        let up: MachineConfigUpdate = serde_json::from_str(r#"{"vcpu_count":2}"#).unwrap();
-        let m = up.apply(&base).unwrap();
-        assert_eq!((m.vcpu_count, m.mem_size_mib), (2, 128));
-        let bad: MachineConfigUpdate = serde_json::from_str(r#"{"mem_size_mib":0}"#).unwrap();
-        assert_eq!(bad.apply(&base), Err(ConfigError::MemSize));
-    }
-
-    #[test]
     fn boot_source_checks_files() {
         let b = BootSourceConfig {
             kernel_image_path: "/nonexistent/vmlinux".into(),
@@ -716,6 +705,7 @@ mod tests {
             cache_type: None,
             io_engine: None,
             rate_limiter: None,
+            socket: None,
         };
         let mut c = VmConfig::default();
         c.upsert_drive(d("rootfs", true)).unwrap();
@@ -740,8 +730,17 @@ mod tests {
         engine.io_engine = Some("Async".into());
         assert!(matches!(
             c.upsert_drive(engine),
-            Err(ConfigError::Unsupported { .. })
+            Err(ConfigError::AsyncIoEngine(_))
         ));
+        let mut vhost = d("v", false);
+        vhost.socket = Some("/run/vhost.sock".into());
+        assert!(matches!(
+            c.upsert_drive(vhost),
+            Err(ConfigError::VhostUser(_))
+        ));
+        let j = r#"{"drive_id":"v","is_root_device":false,"socket":"/s"}"#;
+        let parsed: DriveConfig = serde_json::from_str(j).unwrap();
+        assert!(matches!(parsed.validate(), Err(ConfigError::VhostUser(_))));
         std::fs::remove_file(f).unwrap();
     }
 
@@ -753,6 +752,7 @@ mod tests {
             guest_mac: mac.map(String::from),
             rx_rate_limiter: None,
             tx_rate_limiter: None,
+            mtu: None,
         };
         let mut c = VmConfig::default();
         c.upsert_net(n("eth0", "tap0", Some("06:00:00:00:00:01")))
