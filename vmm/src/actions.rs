@@ -205,6 +205,12 @@ pub enum VmmData {
     Version(String),
     /// `GET /mmds` (`null` is answered `{}`).
     Mmds(Value),
+    /// `GET /balloon`.
+    Balloon(crate::config::balloon::BalloonConfig),
+    /// `GET /balloon/statistics`.
+    BalloonStats(devices::virtio::balloon::BalloonStats),
+    /// `GET /balloon/hinting/status`.
+    BalloonHinting(devices::virtio::balloon::HintingStatus),
 }
 
 /// Failed answers; each becomes a 400 (413 for an MMDS store over its
@@ -257,6 +263,12 @@ pub enum ActionError {
     /// A resource with no implementation behind it.
     #[error("{0}")]
     NotImplemented(&'static str),
+    /// A balloon operation without a balloon device.
+    #[error("No balloon device found.")]
+    NoBalloon,
+    /// The balloon device refused the operation.
+    #[error(transparent)]
+    Balloon(#[from] devices::virtio::balloon::BalloonError),
     /// `PUT /snapshot/create` on a running (not paused) microVM.
     #[error("Cannot create a snapshot: the microVM is not paused.")]
     SnapshotNotPaused,

@@ -9,9 +9,11 @@ use std::path::PathBuf;
 use devices::bus::Bus;
 use devices::legacy::serial::SerialOut;
 use devices::legacy::{I8042Device, SerialDevice};
+use devices::virtio::balloon::{Balloon, BalloonError};
 use devices::virtio::block::{Block, BlockConfig, BlockError};
 use devices::virtio::mmio::MmioError;
 use devices::virtio::net::{Net, NetConfig, NetError};
+use devices::virtio::rng::{Rng, RngConfig, RngError};
 use devices::virtio::vsock::{Vsock, VsockConfig, VsockError};
 use devices::virtio::{cmdline_param, MmioTransport, VirtioDevice, MMIO_LEN, NOTIFY_REG_OFFSET};
 use event_manager::{MutEventSubscriber, SubscriberOps};
@@ -60,6 +62,10 @@ pub enum BuildError {
     Net { id: String, err: NetError },
     #[error("vsock: {0}")]
     Vsock(VsockError),
+    #[error("entropy device: {0}")]
+    Rng(RngError),
+    #[error("balloon: {0}")]
+    Balloon(BalloonError),
     #[error("virtio-mmio transport: {0}")]
     Mmio(#[from] MmioError),
     #[error("KVM_IOEVENTFD failed: {0}")]
@@ -95,6 +101,11 @@ pub(crate) struct RunningVm {
     /// The vsock device, if any (also held by the event loop).
     #[allow(dead_code)]
     pub vsock: Option<Arc<Mutex<Vsock>>>,
+    /// The entropy device, if any.
+    #[allow(dead_code)]
+    pub rng: Option<Arc<Mutex<Rng>>>,
+    /// The balloon, if any.
+    pub balloon: Option<Arc<Mutex<Balloon>>>,
 }
 
 impl RunningVm {
@@ -154,14 +165,18 @@ impl VirtioAttacher<'_> {
     }
 }
 
-type Devices = (
-    BTreeMap<String, Arc<Mutex<Block>>>,
-    BTreeMap<String, Arc<Mutex<Net>>>,
-    Option<Arc<Mutex<Vsock>>>,
-);
+/// The virtio devices of a microVM, by kind.
+struct Devices {
+    blocks: BTreeMap<String, Arc<Mutex<Block>>>,
+    nets: BTreeMap<String, Arc<Mutex<Net>>>,
+    vsock: Option<Arc<Mutex<Vsock>>>,
+    rng: Option<Arc<Mutex<Rng>>>,
+    balloon: Option<Arc<Mutex<Balloon>>>,
+}
 
 /// Creates the configured virtio devices: the root drive first (so it is
-/// /dev/vda), then the other drives, network interfaces and vsock.
+/// /dev/vda), then the other drives, network interfaces, vsock, the
+/// entropy device and the balloon.
 fn attach_virtio(cfg: &VmConfig, a: &mut VirtioAttacher) -> Result<Devices, BuildError> {
     let mut blocks = BTreeMap::new();
     let mut drives: Vec<_> = cfg.drives.iter().collect();
@@ -222,7 +237,34 @@ fn attach_virtio(cfg: &VmConfig, a: &mut VirtioAttacher) -> Result<Devices, Buil
         }
         None => None,
     };
-    Ok((blocks, nets, vsock))
+    let rng = match &cfg.entropy {
+        Some(e) => {
+            let dev = Rng::new(RngConfig {
+                rate_limiter: e.rate_limiter,
+            })
+            .map_err(BuildError::Rng)?;
+            let dev = Arc::new(Mutex::new(dev));
+            a.attach(dev.clone())?;
+            Some(dev)
+        }
+        None => None,
+    };
+    let balloon = match &cfg.balloon {
+        Some(b) => {
+            let dev = Balloon::new(b.device_config()).map_err(BuildError::Balloon)?;
+            let dev = Arc::new(Mutex::new(dev));
+            a.attach(dev.clone())?;
+            Some(dev)
+        }
+        None => None,
+    };
+    Ok(Devices {
+        blocks,
+        nets,
+        vsock,
+        rng,
+        balloon,
+    })
 }
 
 /// Builds and starts the microVM described by `cfg`. `vcpu_start_hook`
@@ -283,7 +325,7 @@ pub fn build_and_boot(
         acpi: Vec::new(),
         slot: 0,
     };
-    let (blocks, nets, vsock) = attach_virtio(cfg, &mut attacher)?;
+    let devices = attach_virtio(cfg, &mut attacher)?;
     let extra = std::mem::take(&mut attacher.cmdline);
     let virtio_acpi = std::mem::take(&mut attacher.acpi);
 
@@ -345,8 +387,10 @@ pub fn build_and_boot(
         serial,
         i8042,
         paused: false,
-        blocks,
-        nets,
-        vsock,
+        blocks: devices.blocks,
+        nets: devices.nets,
+        vsock: devices.vsock,
+        rng: devices.rng,
+        balloon: devices.balloon,
     })
 }

@@ -138,6 +138,14 @@ impl Controller {
             .ok_or(ActionError::NotAllowedBeforeBoot)
     }
 
+    /// The running balloon device.
+    fn balloon(&mut self) -> Result<Arc<Mutex<devices::virtio::balloon::Balloon>>, ActionError> {
+        self.running()?
+            .balloon
+            .clone()
+            .ok_or(ActionError::NoBalloon)
+    }
+
     fn serial_out(&mut self) -> Result<SerialOut, ActionError> {
         let serial = match self.serial.take() {
             Some(s) => s,
@@ -335,15 +343,69 @@ impl Controller {
                 self.config.cpu_config = Some(c);
                 Ok(VmmData::Empty)
             }
-            VmmAction::PutEntropy(_) => Err(ActionError::NotImplemented(refusals::ENTROPY)),
-            VmmAction::PutBalloon(_)
-            | VmmAction::PatchBalloon(_)
-            | VmmAction::GetBalloon
-            | VmmAction::GetBalloonStats
-            | VmmAction::PatchBalloonStats(_)
-            | VmmAction::StartBalloonHinting(_)
-            | VmmAction::GetBalloonHinting
-            | VmmAction::StopBalloonHinting => Err(ActionError::NotImplemented(refusals::BALLOON)),
+            VmmAction::PutEntropy(e) => {
+                self.config.entropy = Some(e);
+                Ok(VmmData::Empty)
+            }
+            VmmAction::PutBalloon(b) => {
+                b.validate(self.config.machine_config.mem_size_mib)
+                    .map_err(ConfigError::from)?;
+                self.config.balloon = Some(b);
+                Ok(VmmData::Empty)
+            }
+            VmmAction::GetBalloon => self
+                .config
+                .balloon
+                .clone()
+                .map(VmmData::Balloon)
+                .ok_or(ActionError::NoBalloon),
+            VmmAction::PatchBalloon(u) => {
+                let mem = self.config.machine_config.mem_size_mib as u64;
+                self.balloon()?
+                    .lock()
+                    .expect("balloon poisoned")
+                    .update_target(u.amount_mib, mem)?;
+                if let Some(b) = &mut self.config.balloon {
+                    b.amount_mib = u.amount_mib;
+                }
+                Ok(VmmData::Empty)
+            }
+            VmmAction::GetBalloonStats => {
+                let stats = self.balloon()?.lock().expect("balloon poisoned").stats()?;
+                Ok(VmmData::BalloonStats(stats))
+            }
+            VmmAction::PatchBalloonStats(u) => {
+                self.balloon()?
+                    .lock()
+                    .expect("balloon poisoned")
+                    .update_stats_interval(u.stats_polling_interval_s)?;
+                if let Some(b) = &mut self.config.balloon {
+                    b.stats_polling_interval_s = u.stats_polling_interval_s;
+                }
+                Ok(VmmData::Empty)
+            }
+            VmmAction::StartBalloonHinting(s) => {
+                self.balloon()?
+                    .lock()
+                    .expect("balloon poisoned")
+                    .start_hinting(s.acknowledge_on_stop)?;
+                Ok(VmmData::Empty)
+            }
+            VmmAction::GetBalloonHinting => {
+                let st = self
+                    .balloon()?
+                    .lock()
+                    .expect("balloon poisoned")
+                    .hinting_status()?;
+                Ok(VmmData::BalloonHinting(st))
+            }
+            VmmAction::StopBalloonHinting => {
+                self.balloon()?
+                    .lock()
+                    .expect("balloon poisoned")
+                    .stop_hinting()?;
+                Ok(VmmData::Empty)
+            }
             VmmAction::PutPmem(..) | VmmAction::PatchPmem(..) => {
                 Err(ActionError::NotImplemented(refusals::PMEM))
             }

@@ -72,7 +72,8 @@ pub const FREE_PAGE_HINT_STOP: u32 = 0;
 /// Free page hinting: the host is done with the run.
 pub const FREE_PAGE_HINT_DONE: u32 = 1;
 
-const TOKEN_TIMER: u32 = 1;
+// Above every queue token (TOKEN_QUEUE_BASE + up to 5 queues).
+const TOKEN_TIMER: u32 = 100;
 
 /// Errors of the balloon device and its API operations.
 #[derive(Debug, thiserror::Error)]

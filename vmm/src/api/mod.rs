@@ -95,6 +95,9 @@ pub fn reply(result: Result<VmmData, ActionError>) -> (u16, Option<Value>) {
         Ok(VmmData::Version(v)) => (200, Some(json!({ "firecracker_version": v }))),
         Ok(VmmData::Mmds(Value::Null)) => (200, Some(json!({}))),
         Ok(VmmData::Mmds(v)) => (200, Some(v)),
+        Ok(VmmData::Balloon(b)) => (200, Some(json!(b))),
+        Ok(VmmData::BalloonStats(s)) => (200, Some(json!(s))),
+        Ok(VmmData::BalloonHinting(h)) => (200, Some(json!(h))),
         Err(e) => (e.status(), Some(fault(e))),
     }
 }

@@ -1,5 +1,5 @@
-//! `PUT /entropy`: Firecracker's shape. ember has no virtio-rng device yet;
-//! the request is decoded and then refused by name.
+//! `PUT /entropy`: Firecracker's shape. The device is
+//! `devices::virtio::rng`.
 
 use devices::virtio::rate_limiter::RateLimiterConfig;
 use serde::{Deserialize, Serialize};

@@ -116,6 +116,9 @@ pub enum ConfigError {
     /// A resource in the config file has no device behind it yet.
     #[error("{0}")]
     NotImplemented(&'static str),
+    /// The balloon configuration is invalid.
+    #[error(transparent)]
+    Balloon(#[from] balloon::BalloonConfigError),
     /// The MMDS configuration is invalid.
     #[error(transparent)]
     Mmds(#[from] mmds::MmdsConfigError),
@@ -226,10 +229,6 @@ impl SerialConfig {
 
 /// Refusal texts for resources without a device behind them.
 pub mod refusals {
-    /// `/balloon*`.
-    pub const BALLOON: &str = "The balloon device (virtio-balloon: inflate, deflate, statistics, free page hinting and reporting) is not implemented by ember yet; no balloon operation is available.";
-    /// `/entropy`.
-    pub const ENTROPY: &str = "The entropy device (virtio-rng) is not implemented by ember yet; PUT /entropy cannot be served.";
     /// `/pmem/{id}`.
     pub const PMEM: &str = "Persistent memory devices (virtio-pmem) are not supported by ember; use a drive (PUT /drives/{id}) instead.";
     /// `/hotplug/memory`.
@@ -284,10 +283,10 @@ pub struct VmConfig {
         skip_serializing_if = "Option::is_none"
     )]
     pub cpu_config: Option<cpu_config::CpuConfig>,
-    /// virtio-rng (refused: not implemented).
+    /// virtio-rng (`PUT /entropy`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub entropy: Option<entropy::EntropyDeviceConfig>,
-    /// virtio-balloon (refused: not implemented).
+    /// virtio-balloon (`PUT /balloon`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub balloon: Option<balloon::BalloonConfig>,
     /// virtio-pmem (refused: not supported).
@@ -343,11 +342,8 @@ impl VmConfig {
         if let Some(c) = &self.cpu_config {
             c.template()?;
         }
-        if self.entropy.is_some() {
-            return Err(ConfigError::NotImplemented(refusals::ENTROPY));
-        }
-        if self.balloon.is_some() {
-            return Err(ConfigError::NotImplemented(refusals::BALLOON));
+        if let Some(b) = &self.balloon {
+            b.validate(self.machine_config.mem_size_mib)?;
         }
         if !self.pmem.is_empty() {
             return Err(ConfigError::NotImplemented(refusals::PMEM));
@@ -360,7 +356,11 @@ impl VmConfig {
 
     /// How many virtio devices the config asks for.
     pub fn device_count(&self) -> usize {
-        self.drives.len() + self.network_interfaces.len() + usize::from(self.vsock.is_some())
+        self.drives.len()
+            + self.network_interfaces.len()
+            + usize::from(self.vsock.is_some())
+            + usize::from(self.entropy.is_some())
+            + usize::from(self.balloon.is_some())
     }
 
     /// Adds or replaces a drive (`PUT /drives/{id}`).
