@@ -9,6 +9,8 @@ use std::path::PathBuf;
 use devices::bus::Bus;
 use devices::legacy::serial::SerialOut;
 use devices::legacy::{I8042Device, SerialDevice};
+use devices::mmds::stack::MmdsStack;
+use devices::mmds::SharedMmds;
 use devices::virtio::balloon::{Balloon, BalloonError};
 use devices::virtio::block::{Block, BlockConfig, BlockError};
 use devices::virtio::mmio::MmioError;
@@ -177,7 +179,11 @@ struct Devices {
 /// Creates the configured virtio devices: the root drive first (so it is
 /// /dev/vda), then the other drives, network interfaces, vsock, the
 /// entropy device and the balloon.
-fn attach_virtio(cfg: &VmConfig, a: &mut VirtioAttacher) -> Result<Devices, BuildError> {
+fn attach_virtio(
+    cfg: &VmConfig,
+    mmds: &SharedMmds,
+    a: &mut VirtioAttacher,
+) -> Result<Devices, BuildError> {
     let mut blocks = BTreeMap::new();
     let mut drives: Vec<_> = cfg.drives.iter().collect();
     drives.sort_by_key(|d| !d.is_root_device);
@@ -207,7 +213,7 @@ fn attach_virtio(cfg: &VmConfig, a: &mut VirtioAttacher) -> Result<Devices, Buil
     }
     let mut nets = BTreeMap::new();
     for n in &cfg.network_interfaces {
-        let net = Net::new(NetConfig {
+        let mut net = Net::new(NetConfig {
             iface_id: n.iface_id.clone(),
             host_dev_name: n.host_dev_name.clone(),
             guest_mac: n.mac(),
@@ -219,6 +225,13 @@ fn attach_virtio(cfg: &VmConfig, a: &mut VirtioAttacher) -> Result<Devices, Buil
             id: n.iface_id.clone(),
             err,
         })?;
+        if let Some(m) = cfg
+            .mmds_config
+            .as_ref()
+            .filter(|m| m.network_interfaces.contains(&n.iface_id))
+        {
+            net.set_mmds(MmdsStack::new(m.address(), mmds.clone()));
+        }
         let net = Arc::new(Mutex::new(net));
         a.attach(net.clone())?;
         nets.insert(n.iface_id.clone(), net);
@@ -268,12 +281,15 @@ fn attach_virtio(cfg: &VmConfig, a: &mut VirtioAttacher) -> Result<Devices, Buil
 }
 
 /// Builds and starts the microVM described by `cfg`. `vcpu_start_hook`
-/// runs first thing on every vCPU thread (seccomp goes there).
+/// runs first thing on every vCPU thread (seccomp goes there). `mmds` is
+/// the metadata service the interfaces named in `cfg.mmds_config` answer
+/// for, inside the VMM.
 pub fn build_and_boot(
     cfg: &VmConfig,
     serial_out: SerialOut,
     exits: &ExitSignals,
     vcpu_start_hook: Option<Arc<dyn Fn() + Send + Sync>>,
+    mmds: &SharedMmds,
     em: &mut EventManager,
 ) -> Result<RunningVm, BuildError> {
     cfg.validate()?;
@@ -325,7 +341,7 @@ pub fn build_and_boot(
         acpi: Vec::new(),
         slot: 0,
     };
-    let devices = attach_virtio(cfg, &mut attacher)?;
+    let devices = attach_virtio(cfg, mmds, &mut attacher)?;
     let extra = std::mem::take(&mut attacher.cmdline);
     let virtio_acpi = std::mem::take(&mut attacher.acpi);
 

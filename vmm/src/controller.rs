@@ -66,6 +66,9 @@ pub(crate) struct Controller {
     vcpu_start_hook: Option<Arc<dyn Fn() + Send + Sync>>,
     metrics: Arc<Mutex<Metrics>>,
     mmds: MmdsStore,
+    /// What the guest's MMDS requests are answered from (the store's
+    /// contents, the version, the session tokens).
+    mmds_service: devices::mmds::SharedMmds,
 }
 
 impl Controller {
@@ -97,6 +100,7 @@ impl Controller {
         Ok(Controller {
             metrics: Arc::new(Mutex::new(Metrics::new(&id))),
             mmds: MmdsStore::new(mmds_size_limit),
+            mmds_service: Default::default(),
             id,
             config: Default::default(),
             serial,
@@ -136,6 +140,14 @@ impl Controller {
         self.running
             .as_mut()
             .ok_or(ActionError::NotAllowedBeforeBoot)
+    }
+
+    /// Hands the store's contents to the service the guest reaches.
+    fn publish_mmds(&self) {
+        self.mmds_service
+            .lock()
+            .expect("mmds service poisoned")
+            .set_data(self.mmds.get());
     }
 
     /// The running balloon device.
@@ -324,10 +336,12 @@ impl Controller {
             }
             VmmAction::PutMmds(v) => {
                 self.mmds.put(v)?;
+                self.publish_mmds();
                 Ok(VmmData::Empty)
             }
             VmmAction::PatchMmds(v) => {
                 self.mmds.patch(&v)?;
+                self.publish_mmds();
                 Ok(VmmData::Empty)
             }
             VmmAction::GetMmds => Ok(VmmData::Mmds(self.mmds.get())),
@@ -422,24 +436,27 @@ impl Controller {
             VmmAction::InstanceStart => {
                 self.config.validate()?;
                 let out = self.serial_out()?;
+                if let Some(m) = &self.config.mmds_config {
+                    let version = match m.version {
+                        crate::config::mmds::MmdsVersion::V1 => devices::mmds::MmdsVersion::V1,
+                        crate::config::mmds::MmdsVersion::V2 => devices::mmds::MmdsVersion::V2,
+                    };
+                    let mut s = self.mmds_service.lock().expect("mmds service poisoned");
+                    s.configure(version, m.imds_compat);
+                    s.set_data(self.mmds.get());
+                }
                 let vm = build_and_boot(
                     &self.config,
                     out,
                     &self.signals,
                     self.vcpu_start_hook.clone(),
+                    &self.mmds_service,
                     em,
                 )?;
                 if self.stdin {
                     em.add_subscriber(Arc::new(Mutex::new(SerialStdin::new(vm.serial.clone()))));
                 }
                 self.running = Some(vm);
-                if let Some(m) = &self.config.mmds_config {
-                    log::warn!(
-                        "mmds: configured for {:?} at {}, but ember has no in-VMM MMDS responder yet: guest requests to that address leave through the TAP and get no MMDS answer",
-                        m.network_interfaces,
-                        m.address()
-                    );
-                }
                 let configured = {
                     let mut m = self.metrics.lock().expect("metrics poisoned");
                     if let Err(e) = m.write() {

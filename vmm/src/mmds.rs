@@ -2,11 +2,10 @@
 //! bounded in size, replaced by PUT and merged by PATCH (JSON merge patch,
 //! RFC 7396), as Firecracker's.
 //!
-//! What is not here yet: the in-VMM responder (ARP, IPv4, TCP and HTTP on
-//! the guest's virtio-net, V2 session tokens). Until it lands, the store and
-//! `/mmds/config` are kept and reported, but a guest request to the MMDS
-//! address leaves through the interface's TAP like any other packet and
-//! gets no MMDS answer; `InstanceStart` logs a warning saying so.
+//! The guest reaches the contents through `devices::mmds`: the controller
+//! hands them to the shared service after every change, and the
+//! interfaces named in `/mmds/config` answer ARP, TCP and HTTP for the MMDS
+//! address inside the VMM (V2 session tokens included).
 
 use serde_json::{Map, Value};
 

@@ -126,6 +126,7 @@ static const struct test_mode modes[] = {
 	{ "vsock", mode_vsock },
 	{ "rng", mode_rng },
 	{ "balloon", mode_balloon },
+	{ "mmds", mode_mmds },
 	{ "pod-agent", mode_pod_agent },
 	{ "evil-desc-oob", mode_evil_desc_oob },
 	{ "evil-desc-loop", mode_evil_desc_loop },

@@ -13,6 +13,12 @@
 //! in the TAP's kernel queue, which the kernel bounds (and drops beyond).
 //! tx: on tx-queue kicks each chain is sent as one frame.
 //!
+//! MMDS: an interface given an [`MmdsStack`] ([`Net::set_mmds`]) hands it
+//! every frame the guest sends first; frames for the MMDS address are
+//! answered inside the VMM and never reach the TAP, and the answers are
+//! delivered to the guest ahead of TAP traffic (not charged to the rx rate
+//! limiter, as Firecracker does).
+//!
 //! Neither direction may keep the VMM thread: one pass moves at most
 //! [`PASS_FRAMES`] frames (a guest that keeps its tx ring full, or keeps
 //! reposting rx buffers while the host floods the TAP), then signals the
@@ -29,6 +35,8 @@ use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use virtio_queue::QueueOwnedT;
 
 pub use tap::Tap;
+
+use crate::mmds::stack::MmdsStack;
 
 use super::rate_limiter::{RateLimiter, RateLimiterConfig, RateLimiterError};
 use super::{drain_evt, DeviceBase, VirtioDevice, TYPE_NET};
@@ -156,6 +164,7 @@ pub struct Net {
     /// Length of a frame in `rx_buf` waiting for a guest buffer.
     rx_pending: Option<usize>,
     tx_buf: Vec<u8>,
+    mmds: Option<MmdsStack>,
 }
 
 impl Net {
@@ -184,7 +193,31 @@ impl Net {
             rx_buf: vec![0; MAX_FRAME],
             rx_pending: None,
             tx_buf: vec![0; MAX_FRAME],
+            mmds: None,
         })
+    }
+
+    /// Answers MMDS on this interface with `stack`.
+    pub fn set_mmds(&mut self, stack: MmdsStack) {
+        self.mmds = Some(stack);
+    }
+
+    /// The interface's MMDS stack, if any.
+    pub fn mmds(&self) -> Option<&MmdsStack> {
+        self.mmds.as_ref()
+    }
+
+    /// Puts the next MMDS frame for the guest into `rx_buf` behind a zero
+    /// vnet header; its length, or `None`.
+    fn take_mmds_frame(&mut self) -> Option<usize> {
+        let f = self.mmds.as_mut()?.pop_rx()?;
+        let n = VNET_HDR_LEN + f.len();
+        if n > self.rx_buf.len() {
+            return None;
+        }
+        self.rx_buf[..VNET_HDR_LEN].fill(0);
+        self.rx_buf[VNET_HDR_LEN..n].copy_from_slice(&f);
+        Some(n)
     }
 
     /// The interface's configuration.
@@ -224,6 +257,15 @@ impl Net {
             }
             let len = match self.rx_pending {
                 Some(l) => l,
+                None if self.mmds.as_ref().is_some_and(|m| m.has_rx()) => {
+                    match self.take_mmds_frame() {
+                        Some(n) => {
+                            self.rx_pending = Some(n);
+                            n
+                        }
+                        None => continue,
+                    }
+                }
                 None => {
                     if self.rx_limiter.is_blocked() {
                         break;
@@ -325,6 +367,13 @@ impl Net {
             }
             let buf = &mut self.tx_buf[..len as usize];
             if c.read_at(&mem, 0, buf).is_ok() {
+                if let Some(m) = &mut self.mmds {
+                    if m.handle_tx(&buf[VNET_HDR_LEN..]) {
+                        self.base.add_used(TX, head, 0);
+                        used = true;
+                        continue;
+                    }
+                }
                 if let Err(e) = self.backend.write_frame(buf) {
                     // a full tap queue drops the frame, like a NIC would
                     log::debug!("virtio-net: backend write: {e}");
@@ -333,7 +382,11 @@ impl Net {
             self.base.add_used(TX, head, 0);
             used = true;
         }
-        used && self.base.notify_used(TX)
+        let notified = used && self.base.notify_used(TX);
+        if self.mmds.as_ref().is_some_and(|m| m.has_rx()) {
+            self.process_rx();
+        }
+        notified
     }
 
     fn register(&mut self, ops: &mut EventOps) {
@@ -559,6 +612,42 @@ mod tests {
         let n = e.peer.recv(&mut got).unwrap();
         assert_eq!(&got[..n], &f[..]);
         assert!(e.peer.recv(&mut got).is_err()); // nothing else sent
+    }
+
+    #[test]
+    fn mmds_frames_are_answered_inside_and_never_reach_the_tap() {
+        use crate::mmds::stack::{MmdsStack, MMDS_MAC};
+        use crate::mmds::MmdsService;
+        let mut e = env();
+        e.net.set_mmds(MmdsStack::new(
+            std::net::Ipv4Addr::new(169, 254, 169, 254),
+            Arc::new(Mutex::new(MmdsService::new())),
+        ));
+        // An ARP request for 169.254.169.254 from the guest.
+        let mut f = vec![0u8; VNET_HDR_LEN];
+        f.extend_from_slice(&[0xff; 6]);
+        f.extend_from_slice(&MAC);
+        f.extend_from_slice(&[0x08, 0x06, 0, 1, 8, 0, 6, 4, 0, 1]);
+        f.extend_from_slice(&MAC);
+        f.extend_from_slice(&[10, 0, 0, 2, 0, 0, 0, 0, 0, 0, 169, 254, 169, 254]);
+        e.m.write_slice(&f, GuestAddress(0x10000)).unwrap();
+        e.rxq.add_chain(&[(0x20000, 2048, true)]);
+        e.txq.add_chain(&[(0x10000, f.len() as u32, false)]);
+        e.net.process_tx();
+        // Answered on the rx queue, nothing on the TAP.
+        assert_eq!(e.rxq.used_idx(), 1);
+        let (_, len) = e.rxq.used_elem(0);
+        let mut got = vec![0u8; len as usize];
+        e.m.read_slice(&mut got, GuestAddress(0x20000)).unwrap();
+        assert_eq!(&got[VNET_HDR_LEN + 6..VNET_HDR_LEN + 12], &MMDS_MAC);
+        let mut buf = [0u8; 256];
+        assert!(e.peer.recv(&mut buf).is_err());
+        // Other traffic still goes to the TAP.
+        let other = frame(60, 1);
+        e.m.write_slice(&other, GuestAddress(0x12000)).unwrap();
+        e.txq.add_chain(&[(0x12000, other.len() as u32, false)]);
+        e.net.process_tx();
+        assert_eq!(e.peer.recv(&mut buf).unwrap(), other.len());
     }
 
     /// A host that always has another frame (until `left` runs out).

@@ -225,6 +225,7 @@ void mode_bench_net(const struct bootinfo *bi);
 void mode_vsock(const struct bootinfo *bi);
 void mode_rng(const struct bootinfo *bi);
 void mode_balloon(const struct bootinfo *bi);
+void mode_mmds(const struct bootinfo *bi);
 void mode_pod_agent(const struct bootinfo *bi);
 void mode_evil_desc_oob(const struct bootinfo *bi);
 void mode_evil_desc_loop(const struct bootinfo *bi);

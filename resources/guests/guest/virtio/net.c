@@ -1,7 +1,8 @@
 /*
- * virtio-net (device id 1): the `net` and `bench-net` test modes, with just
- * enough ARP, IPv4 and UDP. Queues: 0 = receive, 1 = transmit. Every buffer
- * starts with the 12-byte struct virtio_net_hdr_v1 (zeros on transmit).
+ * virtio-net (device id 1): the `net`, `bench-net` and `mmds` test modes,
+ * with just enough ARP, IPv4, UDP and (for MMDS) a one-connection TCP
+ * client. Queues: 0 = receive, 1 = transmit. Every buffer starts with the
+ * 12-byte struct virtio_net_hdr_v1 (zeros on transmit).
  */
 #include "bootinfo.h"
 #include "virtio.h"
@@ -19,6 +20,14 @@
 #define IP_HLEN 20
 #define UDP_HLEN 8
 #define IPPROTO_UDP 17
+#define IPPROTO_TCP 6
+#define TCP_HLEN 20
+#define TCP_FIN 0x01
+#define TCP_SYN 0x02
+#define TCP_RST 0x04
+#define TCP_PSH 0x08
+#define TCP_ACK 0x10
+#define HTTP_RESP_MAX 8192
 
 #define ECHO_PORT 7
 #define DISCARD_PORT 9
@@ -40,6 +49,12 @@ struct net_state {
 	const char *want_payload;
 	size_t want_len;
 	bool got_payload;
+	/* the TCP client (mmds mode): one connection at a time */
+	uint16_t tcp_lport;
+	uint32_t snd_nxt, rcv_nxt;
+	bool tcp_open, tcp_fin, tcp_rst;
+	uint8_t *resp;
+	size_t resp_len;
 };
 
 static uint8_t rx_bufs[NET_RX_BUFS][NET_BUF_SIZE] __attribute__((aligned(4096)));
@@ -180,12 +195,93 @@ static void handle_arp(struct net_state *s, const uint8_t *a, size_t len)
 	}
 }
 
+static bool send_tcp(struct net_state *s, uint8_t flags, const void *data, size_t len)
+{
+	uint8_t *ip = eth_start(s, s->peer_mac, ETH_P_IP);
+	uint8_t *t = ip + IP_HLEN;
+	uint32_t sum;
+
+	ip[0] = 0x45;
+	ip[1] = 0;
+	put16(ip + 2, (uint16_t)(IP_HLEN + TCP_HLEN + len));
+	put16(ip + 4, 0);
+	put16(ip + 6, 0x4000);
+	ip[8] = 64;
+	ip[9] = IPPROTO_TCP;
+	put16(ip + 10, 0);
+	put32(ip + 12, s->ip);
+	put32(ip + 16, s->peer_ip);
+	put16(ip + 10, inet_csum(ip, IP_HLEN, 0));
+	put16(t, s->tcp_lport);
+	put16(t + 2, 80);
+	put32(t + 4, s->snd_nxt);
+	put32(t + 8, (flags & TCP_ACK) ? s->rcv_nxt : 0);
+	t[12] = (TCP_HLEN / 4) << 4;
+	t[13] = flags;
+	put16(t + 14, 65535);
+	put16(t + 16, 0);
+	put16(t + 18, 0);
+	memcpy(t + TCP_HLEN, data, len);
+	/* pseudo header: addresses, protocol, TCP length */
+	sum = (s->ip >> 16) + (s->ip & 0xffff) + (s->peer_ip >> 16) + (s->peer_ip & 0xffff) +
+	      IPPROTO_TCP + (uint32_t)(TCP_HLEN + len);
+	put16(t + 16, inet_csum(t, TCP_HLEN + len, sum));
+	return net_send(s, ETH_HLEN + IP_HLEN + TCP_HLEN + len);
+}
+
+static void handle_tcp(struct net_state *s, const uint8_t *t, size_t len)
+{
+	if (len < TCP_HLEN || get16(t) != 80 || get16(t + 2) != s->tcp_lport)
+		return;
+	size_t off = (size_t)(t[12] >> 4) * 4;
+	if (off < TCP_HLEN || off > len)
+		return;
+	uint8_t flags = t[13];
+	uint32_t seq = get32(t + 4);
+	const uint8_t *data = t + off;
+	size_t dlen = len - off;
+
+	if (flags & TCP_RST) {
+		s->tcp_rst = true;
+		return;
+	}
+	if (!s->tcp_open) {
+		if ((flags & (TCP_SYN | TCP_ACK)) == (TCP_SYN | TCP_ACK) &&
+		    get32(t + 8) == s->snd_nxt + 1) {
+			s->rcv_nxt = seq + 1;
+			s->tcp_open = true;
+		}
+		return;
+	}
+	if (seq != s->rcv_nxt) {
+		send_tcp(s, TCP_ACK, 0, 0);
+		return;
+	}
+	if (dlen) {
+		size_t room = HTTP_RESP_MAX - s->resp_len;
+		memcpy(s->resp + s->resp_len, data, dlen < room ? dlen : room);
+		s->resp_len += dlen < room ? dlen : room;
+		s->rcv_nxt += (uint32_t)dlen;
+	}
+	if (flags & TCP_FIN) {
+		s->rcv_nxt += 1;
+		s->tcp_fin = true;
+	}
+	if (dlen || (flags & TCP_FIN))
+		send_tcp(s, TCP_ACK, 0, 0);
+}
+
 static void handle_ip(struct net_state *s, const uint8_t *ip, size_t len)
 {
 	if (len < IP_HLEN || ip[0] >> 4 != 4)
 		return;
 	size_t ihl = (size_t)(ip[0] & 15) * 4;
 	size_t tot = get16(ip + 2);
+	if (ihl >= IP_HLEN && tot <= len && tot > ihl && ip[9] == IPPROTO_TCP &&
+	    get32(ip + 16) == s->ip && get32(ip + 12) == s->peer_ip) {
+		handle_tcp(s, ip + ihl, tot - ihl);
+		return;
+	}
 	if (ihl < IP_HLEN || tot > len || tot < ihl + UDP_HLEN || ip[9] != IPPROTO_UDP ||
 	    get32(ip + 16) != s->ip || (get16(ip + 6) & 0x3fff) != 0)
 		return;
@@ -355,6 +451,152 @@ void mode_bench_net(const struct bootinfo *bi)
 		bytes += sizeof(payload);
 	}
 	guest_log("bench net bytes %llu", (unsigned long long)bytes);
+out:
+	if (s.dev.base)
+		virtio_reset(&s.dev);
+}
+
+struct strbuf {
+	char *p;
+	size_t n, cap;
+};
+
+static void strbuf_put(char c, void *ctx)
+{
+	struct strbuf *b = ctx;
+
+	if (b->n + 1 < b->cap)
+		b->p[b->n++] = c;
+}
+
+/* snprintf: formats into out (truncated to cap - 1 characters). */
+static void format(char *out, size_t cap, const char *fmt, ...)
+{
+	struct strbuf b = { out, 0, cap };
+	va_list ap;
+
+	va_start(ap, fmt);
+	fmt_vprintf(strbuf_put, &b, fmt, ap);
+	va_end(ap);
+	out[b.n] = 0;
+}
+
+/*
+ * One HTTP exchange over a new TCP connection to the peer's port 80:
+ * connect, send `req`, read until the server's FIN, close. Returns the
+ * status code (0 on failure) and points *body at the body.
+ */
+static int http_exchange(struct net_state *s, const char *req, const char **body)
+{
+	static uint8_t resp[HTTP_RESP_MAX + 1];
+	static uint16_t next_port = 40000;
+
+	s->tcp_lport = next_port++;
+	s->snd_nxt = 0x1000u * s->tcp_lport;
+	s->tcp_open = s->tcp_fin = s->tcp_rst = false;
+	s->resp = resp;
+	s->resp_len = 0;
+	for (int t = 0; t < TRIES && !s->tcp_open; t++) {
+		if (!send_tcp(s, TCP_SYN, 0, 0))
+			return 0;
+		net_poll(s, &s->tcp_open, WAIT_MS);
+	}
+	if (!s->tcp_open) {
+		guest_log("mmds timeout waiting for syn-ack");
+		return 0;
+	}
+	s->snd_nxt += 1;
+	size_t n = strlen(req);
+	if (!send_tcp(s, TCP_ACK | TCP_PSH, req, n))
+		return 0;
+	s->snd_nxt += (uint32_t)n;
+	bool done = false;
+	uint64_t deadline = timer_ms() + 5 * WAIT_MS;
+	while (!s->tcp_fin && !s->tcp_rst && timer_ms() < deadline)
+		net_poll(s, &done, 50);
+	if (!s->tcp_fin) {
+		guest_log("mmds timeout waiting for the answer (%u bytes)", (unsigned)s->resp_len);
+		return 0;
+	}
+	send_tcp(s, TCP_FIN | TCP_ACK, 0, 0);
+	s->snd_nxt += 1;
+	resp[s->resp_len] = 0;
+	/* "HTTP/1.1 200 OK\r\n...\r\n\r\nbody" */
+	if (s->resp_len < 12 || memcmp(resp, "HTTP/1.1 ", 9) != 0)
+		return 0;
+	int status = (resp[9] - '0') * 100 + (resp[10] - '0') * 10 + (resp[11] - '0');
+	*body = "";
+	for (size_t i = 0; i + 3 < s->resp_len; i++) {
+		if (memcmp(resp + i, "\r\n\r\n", 4) == 0) {
+			*body = (const char *)resp + i + 4;
+			break;
+		}
+	}
+	return status;
+}
+
+static void log_body(const char *body)
+{
+	char line[128];
+	size_t n = 0;
+
+	for (const char *p = body;; p++) {
+		if (*p == '\n' || *p == 0) {
+			line[n] = 0;
+			guest_log("mmds body %s", line);
+			n = 0;
+			if (*p == 0)
+				break;
+		} else if (n + 1 < sizeof(line)) {
+			line[n++] = *p;
+		}
+	}
+}
+
+/*
+ * The `mmds` mode: reaches the metadata service over virtio-net as a Linux
+ * guest would (ARP for its address, TCP to port 80, HTTP). With
+ * ember.mmds-v2=1 it first gets a session token (PUT /latest/api/token) and
+ * shows that a GET without it is refused. ember.mmds-path names what to
+ * read (default /latest/meta-data/); ember.mmds is the address.
+ */
+void mode_mmds(const struct bootinfo *bi)
+{
+	static struct net_state s;
+	static char req[512];
+	static char token[96];
+	char path[128], v2[4];
+	const char *body;
+	int status;
+
+	if (!net_setup(&s, bi))
+		goto out;
+	if (!cmdline_ip(bi, "ember.mmds", "169.254.169.254", &s.peer_ip))
+		goto out;
+	if (!cmdline_param(bi->cmdline, "ember.mmds-path", path, sizeof(path)))
+		memcpy(path, "/latest/meta-data/", sizeof("/latest/meta-data/"));
+	if (!net_resolve_peer(&s))
+		goto out;
+	token[0] = 0;
+	if (cmdline_param(bi->cmdline, "ember.mmds-v2", v2, sizeof(v2)) && v2[0] == '1') {
+		format(req, sizeof(req), "GET %s HTTP/1.1\r\nHost: 169.254.169.254\r\n\r\n", path);
+		status = http_exchange(&s, req, &body);
+		guest_log("mmds without-token status %d", status);
+		status = http_exchange(&s,
+				       "PUT /latest/api/token HTTP/1.1\r\nHost: 169.254.169.254\r\n"
+				       "X-metadata-token-ttl-seconds: 60\r\n\r\n",
+				       &body);
+		guest_log("mmds token status %d len %u", status, (unsigned)strlen(body));
+		if (status != 200 || strlen(body) >= sizeof(token))
+			goto out;
+		memcpy(token, body, strlen(body) + 1);
+	}
+	format(req, sizeof(req), "GET %s HTTP/1.1\r\nHost: 169.254.169.254\r\n%s%s%s\r\n", path,
+	       token[0] ? "X-metadata-token: " : "", token, token[0] ? "\r\n" : "");
+	status = http_exchange(&s, req, &body);
+	guest_log("mmds status %d", status);
+	if (status)
+		log_body(body);
 out:
 	if (s.dev.base)
 		virtio_reset(&s.dev);
