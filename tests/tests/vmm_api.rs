@@ -136,7 +136,7 @@ fn bad_input_gets_400_and_the_vmm_keeps_serving() {
         "/machine-config",
         Some(r#"{"vcpu_count": 99, "mem_size_mib": 64}"#),
     );
-    assert!(m.contains("vCPU number"), "{m}");
+    assert!(m.contains("number of vCPUs"), "{m}");
     v.fault(
         "PUT",
         "/machine-config",

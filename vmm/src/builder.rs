@@ -300,9 +300,16 @@ pub fn build_and_boot(
     let mc = &cfg.machine_config;
     let mem_size = (mc.mem_size_mib as u64) << 20;
 
-    let mem = create_guest_memory(mc.mem_size_mib as u64)?;
+    let template = match &cfg.cpu_config {
+        Some(c) => Some(c.template().map_err(ConfigError::from)?),
+        None => None,
+    };
+    let mem = create_guest_memory(mc.mem_size_mib as u64, mc.huge_pages)?;
     let vm = Vm::new()?;
-    vm.register_memory(&mem)?;
+    if let Some(t) = &template {
+        vm.require_caps(&t.add_caps)?;
+    }
+    vm.register_memory(&mem, mc.track_dirty_pages)?;
     vm.setup_irqchip()?;
 
     let kernel = loader::load_kernel(&mem, &boot.kernel_image_path)?;
@@ -376,6 +383,8 @@ pub fn build_and_boot(
         v.configure(
             &base_cpuid,
             mc.vcpu_count,
+            mc.smt,
+            template.as_ref(),
             &mem,
             kernel.entry,
             kernel.protocol,

@@ -171,7 +171,7 @@ mod tests {
 
     #[test]
     fn cmdline_is_written_nul_terminated() {
-        let m = create_guest_memory(4).unwrap();
+        let m = create_guest_memory(4, crate::config::HugePages::None).unwrap();
         let n = load_cmdline(&m, "console=ttyS0 ", &["a=b".into()]).unwrap();
         let mut buf = vec![0u8; n + 1];
         m.read_slice(&mut buf, GuestAddress(CMDLINE_START)).unwrap();
@@ -181,7 +181,7 @@ mod tests {
 
     #[test]
     fn device_words_go_before_init_args() {
-        let m = create_guest_memory(4).unwrap();
+        let m = create_guest_memory(4, crate::config::HugePages::None).unwrap();
         let extra = ["virtio_mmio.device=4K@0xd0000000:5".to_string()];
         let n = load_cmdline(&m, "console=ttyS0 A=b -- one two", &extra).unwrap();
         let mut buf = vec![0u8; n];
@@ -197,7 +197,7 @@ mod tests {
 
     #[test]
     fn garbage_kernel_is_refused() {
-        let m = create_guest_memory(4).unwrap();
+        let m = create_guest_memory(4, crate::config::HugePages::None).unwrap();
         let dir = std::env::temp_dir().join(format!("ember-loader-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let p = dir.join("garbage");
@@ -213,7 +213,7 @@ mod tests {
 
     #[test]
     fn initrd_lands_high() {
-        let m = create_guest_memory(8).unwrap();
+        let m = create_guest_memory(8, crate::config::HugePages::None).unwrap();
         let dir = std::env::temp_dir().join(format!("ember-initrd-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let p = dir.join("initrd");

@@ -57,8 +57,9 @@
 //! | `api` (API thread) | `brk`, `mmap` without `PROT_EXEC`, `munmap`, `mremap` (`MREMAP_MAYMOVE` only), `madvise` (`MADV_DONTNEED` only) | malloc's; no `mprotect` (only a second arena needed it) |
 //! | `vcpu` (stacked on `vmm`) | the same as `api` | malloc's; a vCPU thread frees device state (`Vsock::reset` from a status write) and may trim the heap |
 //!
-//! `openat`, `mprotect` on the API and vCPU threads, and `MADV_HUGEPAGE` are
-//! not allowed. `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` would make malloc
+//! `openat` and `mprotect` on the API and vCPU threads are not allowed, nor
+//! is `MADV_HUGEPAGE` except on the VMM thread, which advises guest memory
+//! once for `huge_pages: "Transparent"`. `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` would make malloc
 //! call `madvise(MADV_HUGEPAGE)` and be killed; do not set it for ember-vmm.
 //! The unit test `allocator_stress_under_every_filter` drives every one of
 //! these paths under the real filters in a child process.

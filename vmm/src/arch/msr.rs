@@ -3,6 +3,8 @@
 use kvm_bindings::{kvm_msr_entry, Msrs};
 use kvm_ioctls::VcpuFd;
 
+use crate::config::cpu_config::MsrModifier;
+
 /// Errors setting MSRs.
 #[derive(Debug, thiserror::Error)]
 pub enum MsrError {
@@ -12,6 +14,37 @@ pub enum MsrError {
     Set(kvm_ioctls::Error),
     #[error("KVM_SET_MSRS set only {set} of {wanted} MSRs")]
     Partial { set: usize, wanted: usize },
+    #[error("The CPU template modifies MSR {0:#x}, which this host's KVM does not let the guest read or write.")]
+    TemplateMsr(u32),
+    #[error("KVM_GET_MSRS failed: {0}")]
+    Get(kvm_ioctls::Error),
+}
+
+/// Applies a custom template's MSR modifiers: read, change the named bits,
+/// write back, one MSR at a time so a refusal names its MSR.
+pub fn apply_template(fd: &VcpuFd, mods: &[MsrModifier]) -> Result<(), MsrError> {
+    for m in mods {
+        let mut msrs = Msrs::from_entries(&[kvm_msr_entry {
+            index: m.addr,
+            ..Default::default()
+        }])
+        .map_err(MsrError::Fam)?;
+        let n = fd.get_msrs(&mut msrs).map_err(MsrError::Get)?;
+        if n != 1 {
+            return Err(MsrError::TemplateMsr(m.addr));
+        }
+        let cur = msrs.as_slice()[0].data;
+        let new = Msrs::from_entries(&[kvm_msr_entry {
+            index: m.addr,
+            data: m.bitmap.apply(cur),
+            ..Default::default()
+        }])
+        .map_err(MsrError::Fam)?;
+        if fd.set_msrs(&new).map_err(MsrError::Set)? != 1 {
+            return Err(MsrError::TemplateMsr(m.addr));
+        }
+    }
+    Ok(())
 }
 
 const MSR_IA32_SYSENTER_CS: u32 = 0x174;

@@ -21,6 +21,7 @@ use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 use super::vm::Vm;
 use crate::arch::regs::BootProtocol;
 use crate::arch::{cpuid, interrupts, msr, regs};
+use crate::config::cpu_config::CpuTemplate;
 
 /// Errors creating, configuring or driving vCPUs.
 #[derive(Debug, thiserror::Error)]
@@ -31,6 +32,8 @@ pub enum VcpuError {
     SetCpuid(kvm_ioctls::Error),
     #[error(transparent)]
     Msr(#[from] msr::MsrError),
+    #[error(transparent)]
+    Cpuid(#[from] cpuid::CpuidError),
     #[error(transparent)]
     Regs(#[from] regs::RegsError),
     #[error(transparent)]
@@ -177,18 +180,27 @@ impl Vcpu {
     }
 
     /// Sets CPUID, MSRs, registers and the LAPIC for booting at `entry`.
+    #[allow(clippy::too_many_arguments)]
     pub fn configure(
         &self,
         base_cpuid: &CpuId,
         count: u8,
+        smt: bool,
+        template: Option<&CpuTemplate>,
         mem: &GuestMemoryMmap,
         entry: u64,
         proto: BootProtocol,
     ) -> Result<(), VcpuError> {
         let mut c = base_cpuid.clone();
-        cpuid::normalize(&mut c, self.id, count);
+        cpuid::normalize(&mut c, self.id, count, smt);
+        if let Some(t) = template {
+            cpuid::apply_template(&mut c, &t.cpuid)?;
+        }
         self.fd.set_cpuid2(&c).map_err(VcpuError::SetCpuid)?;
         msr::setup_msrs(&self.fd)?;
+        if let Some(t) = template {
+            msr::apply_template(&self.fd, &t.msrs)?;
+        }
         regs::setup_regs(&self.fd, entry, proto)?;
         regs::setup_fpu(&self.fd)?;
         regs::setup_sregs(mem, &self.fd, proto)?;

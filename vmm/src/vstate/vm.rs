@@ -1,14 +1,19 @@
 //! The KVM VM: guest memory slots, in-kernel irqchip and PIT.
 
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{
+    kvm_pit_config, kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY,
+};
 use kvm_ioctls::{Kvm, VmFd};
+use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{
-    Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress,
+    Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
+    MemoryRegionAddress,
 };
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::boot::arch_memory_regions;
 use crate::arch::layout::{KVM_IDENTITY_MAP_ADDRESS, KVM_TSS_ADDRESS};
+use crate::config::HugePages;
 
 /// Errors setting up the VM.
 #[derive(Debug, thiserror::Error)]
@@ -23,6 +28,10 @@ pub enum VmError {
     CreateVm(kvm_ioctls::Error),
     #[error("cannot allocate {size_mib} MiB of guest memory: {msg}")]
     GuestMemory { size_mib: u64, msg: String },
+    #[error("cannot allocate {size_mib} MiB of guest memory from 2 MiB huge pages ({msg}): the host has too few free ones; reserve them with /proc/sys/vm/nr_hugepages (see HugePages_Free in /proc/meminfo)")]
+    HugePages { size_mib: u64, msg: String },
+    #[error("KVM lacks capability {0}, which the CPU template requires")]
+    TemplateCap(u32),
     #[error("KVM_SET_USER_MEMORY_REGION failed: {0}")]
     SetMemoryRegion(kvm_ioctls::Error),
     #[error("KVM_SET_TSS_ADDR failed: {0}")]
@@ -37,10 +46,62 @@ pub enum VmError {
     Irqfd { gsi: u32, err: kvm_ioctls::Error },
 }
 
-/// Allocates anonymous guest RAM of `size_mib` MiB laid out for x86_64.
-pub fn create_guest_memory(size_mib: u64) -> Result<GuestMemoryMmap, VmError> {
+/// Allocates anonymous guest RAM of `size_mib` MiB laid out for x86_64,
+/// backed as `huge` asks: 4 KiB pages, transparent huge pages
+/// (`madvise(MADV_HUGEPAGE)`), or hugetlbfs 2 MiB pages (`MAP_HUGETLB |
+/// MAP_HUGE_2MB`, reserved at mmap time so a short host fails here, not with
+/// a SIGBUS later).
+pub fn create_guest_memory(size_mib: u64, huge: HugePages) -> Result<GuestMemoryMmap, VmError> {
     let size = size_mib << 20;
-    GuestMemoryMmap::from_ranges(&arch_memory_regions(size)).map_err(|e| VmError::GuestMemory {
+    let ranges = arch_memory_regions(size);
+    if huge == HugePages::None {
+        return GuestMemoryMmap::from_ranges(&ranges).map_err(|e| VmError::GuestMemory {
+            size_mib,
+            msg: e.to_string(),
+        });
+    }
+    let mut regions = Vec::with_capacity(ranges.len());
+    for (addr, len) in ranges {
+        let mut flags = libc::MAP_ANONYMOUS | libc::MAP_PRIVATE;
+        if huge == HugePages::Hugetlbfs2M {
+            flags |= libc::MAP_HUGETLB | libc::MAP_HUGE_2MB;
+        } else {
+            flags |= libc::MAP_NORESERVE;
+        }
+        let map = MmapRegionBuilder::new(len)
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(flags)
+            .build()
+            .map_err(|e| match huge {
+                HugePages::Hugetlbfs2M => VmError::HugePages {
+                    size_mib,
+                    msg: e.to_string(),
+                },
+                _ => VmError::GuestMemory {
+                    size_mib,
+                    msg: e.to_string(),
+                },
+            })?;
+        if huge == HugePages::Transparent {
+            // SAFETY: the range is exactly the mapping just made, owned by
+            // `map`; madvise only changes how the kernel backs it.
+            let rc = unsafe { libc::madvise(map.as_ptr().cast(), len, libc::MADV_HUGEPAGE) };
+            if rc != 0 {
+                return Err(VmError::GuestMemory {
+                    size_mib,
+                    msg: format!(
+                        "madvise(MADV_HUGEPAGE): {} (transparent huge pages off on this host?)",
+                        std::io::Error::last_os_error()
+                    ),
+                });
+            }
+        }
+        regions.push(GuestRegionMmap::new(map, addr).ok_or(VmError::GuestMemory {
+            size_mib,
+            msg: "region address overflows".into(),
+        })?);
+    }
+    GuestMemoryMmap::from_regions(regions).map_err(|e| VmError::GuestMemory {
         size_mib,
         msg: e.to_string(),
     })
@@ -106,8 +167,19 @@ impl Vm {
         &self.fd
     }
 
-    /// Registers every region of `mem` as a KVM memory slot.
-    pub fn register_memory(&self, mem: &GuestMemoryMmap) -> Result<(), VmError> {
+    /// Requires each capability of a CPU template (`KVM_CHECK_EXTENSION`).
+    pub fn require_caps(&self, caps: &[u32]) -> Result<(), VmError> {
+        for &c in caps {
+            if self.kvm.check_extension_raw(u64::from(c)) <= 0 {
+                return Err(VmError::TemplateCap(c));
+            }
+        }
+        Ok(())
+    }
+
+    /// Registers every region of `mem` as a KVM memory slot, with KVM's
+    /// dirty page log on when `track_dirty` (`track_dirty_pages`).
+    pub fn register_memory(&self, mem: &GuestMemoryMmap, track_dirty: bool) -> Result<(), VmError> {
         for (slot, region) in mem.iter().enumerate() {
             let host = region
                 .get_host_address(MemoryRegionAddress(0))
@@ -117,7 +189,11 @@ impl Vm {
                 })?;
             let r = kvm_userspace_memory_region {
                 slot: slot as u32,
-                flags: 0,
+                flags: if track_dirty {
+                    KVM_MEM_LOG_DIRTY_PAGES
+                } else {
+                    0
+                },
                 guest_phys_addr: region.start_addr().raw_value(),
                 memory_size: region.len(),
                 userspace_addr: host as u64,
@@ -143,7 +219,29 @@ mod tests {
 
     #[test]
     fn guest_memory_has_requested_size() {
-        let m = create_guest_memory(16).unwrap();
+        let m = create_guest_memory(16, HugePages::None).unwrap();
         assert_eq!(m.iter().map(|r| r.len()).sum::<u64>(), 16 << 20);
+        let t = create_guest_memory(16, HugePages::Transparent).unwrap();
+        assert_eq!(t.iter().map(|r| r.len()).sum::<u64>(), 16 << 20);
+    }
+
+    /// 2 MiB pages come from the host's reserved pool: with none reserved
+    /// (the usual case) the error names the knob; with enough, it works.
+    #[test]
+    fn hugetlbfs_memory_or_a_clear_error() {
+        let free: u64 = std::fs::read_to_string("/proc/meminfo")
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix("HugePages_Free:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+        match create_guest_memory(4, HugePages::Hugetlbfs2M) {
+            Ok(_) => assert!(free >= 2, "got huge pages with {free} free"),
+            Err(e) => {
+                assert!(free < 2, "{e}");
+                let msg = e.to_string();
+                assert!(msg.contains("/proc/sys/vm/nr_hugepages"), "{msg}");
+            }
+        }
     }
 }
