@@ -133,6 +133,8 @@ struct VirtioAttacher<'a> {
     /// What the DSDT describes.
     acpi: Vec<VirtioMmioDesc>,
     slot: u64,
+    /// MMIO pages before the first virtio device (1 with the boot timer).
+    first_page: u64,
 }
 
 impl VirtioAttacher<'_> {
@@ -140,7 +142,7 @@ impl VirtioAttacher<'_> {
     where
         D: VirtioDevice + MutEventSubscriber + Send + 'static,
     {
-        let base = MMIO_MEM_START + self.slot * MMIO_DEVICE_SIZE;
+        let base = MMIO_MEM_START + (self.first_page + self.slot) * MMIO_DEVICE_SIZE;
         let irq = IRQ_BASE + self.slot as u32;
         {
             let d = dev.lock().expect("virtio device poisoned");
@@ -290,6 +292,7 @@ pub fn build_and_boot(
     exits: &ExitSignals,
     vcpu_start_hook: Option<Arc<dyn Fn() + Send + Sync>>,
     mmds: &SharedMmds,
+    boot_timer: bool,
     em: &mut EventManager,
 ) -> Result<RunningVm, BuildError> {
     cfg.validate()?;
@@ -338,6 +341,15 @@ pub fn build_and_boot(
     let i8042 = Arc::new(Mutex::new(I8042Device::new(reset, kbd_irq)));
     pio.insert(i8042.clone(), I8042_PORT_BASE, 5)?;
 
+    // Firecracker's boot-time probe takes the first MMIO page.
+    if boot_timer {
+        mmio.insert(
+            Arc::new(Mutex::new(crate::boot_timer::BootTimer::new())),
+            MMIO_MEM_START,
+            MMIO_DEVICE_SIZE,
+        )?;
+    }
+
     // virtio devices, announced on the command line.
     let mut attacher = VirtioAttacher {
         vm: &vm,
@@ -347,6 +359,7 @@ pub fn build_and_boot(
         cmdline: Vec::new(),
         acpi: Vec::new(),
         slot: 0,
+        first_page: u64::from(boot_timer),
     };
     let devices = attach_virtio(cfg, mmds, &mut attacher)?;
     let extra = std::mem::take(&mut attacher.cmdline);

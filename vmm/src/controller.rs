@@ -69,6 +69,8 @@ pub(crate) struct Controller {
     /// What the guest's MMDS requests are answered from (the store's
     /// contents, the version, the session tokens).
     mmds_service: devices::mmds::SharedMmds,
+    /// `--boot-timer`.
+    pub boot_timer: bool,
 }
 
 impl Controller {
@@ -101,6 +103,7 @@ impl Controller {
             metrics: Arc::new(Mutex::new(Metrics::new(&id))),
             mmds: MmdsStore::new(mmds_size_limit),
             mmds_service: Default::default(),
+            boot_timer: false,
             id,
             config: Default::default(),
             serial,
@@ -451,6 +454,7 @@ impl Controller {
                     &self.signals,
                     self.vcpu_start_hook.clone(),
                     &self.mmds_service,
+                    self.boot_timer,
                     em,
                 )?;
                 if self.stdin {

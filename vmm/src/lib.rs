@@ -67,6 +67,7 @@ use std::sync::{Arc, Mutex};
 pub(crate) mod actions;
 pub(crate) mod api;
 pub(crate) mod arch;
+pub(crate) mod boot_timer;
 pub(crate) mod builder;
 pub mod config;
 pub(crate) mod console;
@@ -84,7 +85,7 @@ pub(crate) mod vstate;
 
 pub use microvm::{
     ConsoleCallback, ExitReason, MicroVm, MicroVmBuilder, MicroVmError, MicroVmHandle,
-    SeccompLevel, Serial,
+    SeccompLevel, Serial, StartTimes,
 };
 pub use vstate::vcpu::VcpuExitReason;
 

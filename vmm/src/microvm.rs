@@ -133,7 +133,7 @@ pub use crate::console::{ConsoleCallback, Serial};
 pub use crate::exit::ExitReason;
 
 /// Whether ember's threads confine themselves with seccomp filters.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub enum SeccompLevel {
     /// No filters (the default for embedders).
     #[default]
@@ -142,6 +142,9 @@ pub enum SeccompLevel {
     /// `ember-vmm` does). Call [`crate::seccomp::configure_allocator`] first
     /// thing in `main`, while the process has one thread.
     Confined,
+    /// As [`SeccompLevel::Confined`], with the programs of a compiled filter
+    /// file (`ember-vmm --seccomp-filter`) instead of the built-in ones.
+    Custom(Arc<crate::seccomp::FilterMap>),
 }
 
 /// Configures a microVM; see [`MicroVm::builder`].
@@ -159,6 +162,36 @@ pub struct MicroVmBuilder {
     stdin: bool,
     trigger: Option<ThreadKind>,
     mmds_size_limit: Option<usize>,
+    api_max_payload: Option<usize>,
+    mmds_content: Option<serde_json::Value>,
+    metrics: Option<crate::config::metrics::MetricsConfig>,
+    boot_timer: bool,
+    start_times: StartTimes,
+}
+
+/// Firecracker's `--start-time-us`, `--start-time-cpu-us` and
+/// `--parent-cpu-time-us`: when the process (or its jailer) started, by the
+/// wall clock and in CPU time, in microseconds. With them the start-up time
+/// is reported once the API is up (logged, and in the metrics'
+/// `api_server` group).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StartTimes {
+    /// Wall clock (`CLOCK_MONOTONIC`, as Firecracker's jailer takes it), µs.
+    pub start_us: Option<u64>,
+    /// Process CPU time at start, µs.
+    pub start_cpu_us: Option<u64>,
+    /// CPU time the parent (the jailer) spent before exec, µs.
+    pub parent_cpu_us: Option<u64>,
+}
+
+fn monotonic_us() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid out-pointer for the call.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1000
 }
 
 fn path_string(p: impl Into<PathBuf>) -> String {
@@ -282,6 +315,45 @@ impl MicroVmBuilder {
         self
     }
 
+    /// Largest guest-visible MMDS store in bytes (`--mmds-size-limit`;
+    /// default: the API payload limit, as in Firecracker).
+    pub fn mmds_size_limit(mut self, bytes: usize) -> Self {
+        self.mmds_size_limit = Some(bytes);
+        self
+    }
+
+    /// Largest API request body in bytes (`--http-api-max-payload-size`,
+    /// default 51200).
+    pub fn api_max_payload(mut self, bytes: usize) -> Self {
+        self.api_max_payload = Some(bytes);
+        self
+    }
+
+    /// Initial MMDS contents (`--metadata`).
+    pub fn mmds_content(mut self, v: serde_json::Value) -> Self {
+        self.mmds_content = Some(v);
+        self
+    }
+
+    /// Writes metrics lines to this file or FIFO from the start
+    /// (`--metrics-path`).
+    pub fn metrics(mut self, m: crate::config::metrics::MetricsConfig) -> Self {
+        self.metrics = Some(m);
+        self
+    }
+
+    /// Attaches Firecracker's boot-time probe (`--boot-timer`).
+    pub fn boot_timer(mut self, on: bool) -> Self {
+        self.boot_timer = on;
+        self
+    }
+
+    /// Start times to report the start-up time from.
+    pub fn start_times(mut self, t: StartTimes) -> Self {
+        self.start_times = t;
+        self
+    }
+
     /// Test-only: right after installing its filter, the thread of this
     /// kind calls `socket(AF_INET)`, outside every filter.
     #[doc(hidden)]
@@ -332,11 +404,13 @@ struct Commands {
 /// the test trigger if it names `kind`.
 fn confine(
     kind: ThreadKind,
-    level: SeccompLevel,
+    level: &SeccompLevel,
     trigger: Option<ThreadKind>,
 ) -> Result<(), SeccompError> {
-    if level == SeccompLevel::Confined {
-        crate::seccomp::install(kind)?;
+    match level {
+        SeccompLevel::None => {}
+        SeccompLevel::Confined => crate::seccomp::install(kind)?,
+        SeccompLevel::Custom(map) => crate::seccomp::install_from(map, kind)?,
     }
     if trigger == Some(kind) {
         eprintln!(
@@ -354,7 +428,7 @@ fn confine(
 }
 
 /// [`confine`] for threads that cannot report an error: ends the process.
-fn confine_or_die(kind: ThreadKind, level: SeccompLevel, trigger: Option<ThreadKind>) {
+fn confine_or_die(kind: ThreadKind, level: &SeccompLevel, trigger: Option<ThreadKind>) {
     if let Err(e) = confine(kind, level, trigger) {
         eprintln!("ember-vmm: {} thread: {e}", kind.name());
         std::process::exit(ExitCode::GenericError as i32);
@@ -420,7 +494,9 @@ impl MicroVm {
         ready: Option<Sender<()>>,
     ) -> Result<ExitReason, MicroVmError> {
         let b = self.b;
-        let level = b.seccomp;
+        let level = b.seccomp.clone();
+        let vcpu_level = level.clone();
+        let api_level = level.clone();
         let trigger = b.trigger;
         let sigterm = b.sigterm;
         let mut em = EventManager::new().map_err(MicroVmError::EventManager)?;
@@ -446,7 +522,7 @@ impl MicroVm {
             if sigterm {
                 crate::term::block_on_this_thread();
             }
-            confine_or_die(ThreadKind::Vcpu, level, trigger)
+            confine_or_die(ThreadKind::Vcpu, &vcpu_level, trigger)
         });
         let mut controller = Controller::new(
             b.id.clone().unwrap_or_else(|| "anonymous-instance".into()),
@@ -458,6 +534,20 @@ impl MicroVm {
                 .unwrap_or(crate::mmds::DEFAULT_MMDS_SIZE_LIMIT),
         )
         .map_err(MicroVmError::Controller)?;
+        controller.boot_timer = b.boot_timer;
+        if let Some(m) = &b.metrics {
+            controller
+                .metrics()
+                .lock()
+                .expect("metrics poisoned")
+                .configure(m)
+                .map_err(|e| MicroVmError::Start(e.into()))?;
+        }
+        if let Some(v) = b.mmds_content.clone() {
+            controller
+                .handle(VmmAction::PutMmds(v), &mut em)
+                .map_err(MicroVmError::Start)?;
+        }
 
         // The API comes up before the configuration is applied, so a client
         // can watch the instance from its first moment.
@@ -471,8 +561,10 @@ impl MicroVm {
                         if sigterm {
                             crate::term::block_on_this_thread();
                         }
-                        confine_or_die(ThreadKind::Api, level, trigger)
+                        confine_or_die(ThreadKind::Api, &api_level, trigger)
                     })),
+                    b.api_max_payload
+                        .unwrap_or(crate::api::server::DEFAULT_MAX_PAYLOAD),
                 )
                 .map_err(|err| MicroVmError::Api {
                     sock: sock.display().to_string(),
@@ -480,6 +572,9 @@ impl MicroVm {
                 })?,
             ),
         };
+        if api.is_some() {
+            report_start_time(&controller, b.start_times);
+        }
         let result = Self::serve(
             b.config,
             b.config_file,
@@ -518,7 +613,7 @@ impl MicroVm {
         // handles any API request or guest event. The filter covers
         // InstanceStart (KVM setup, device backends, spawning the vCPU
         // threads, which inherit it and stack their own).
-        confine(ThreadKind::Vmm, level, trigger)?;
+        confine(ThreadKind::Vmm, &level, trigger)?;
         match config_file {
             Some(path) => {
                 let p = path.display().to_string();
@@ -590,6 +685,23 @@ impl MicroVm {
                 }
             }
         }
+    }
+}
+
+/// Logs and records the start-up time, as Firecracker's
+/// `ProcessTimeReporter` does once its API is up.
+fn report_start_time(controller: &Controller, t: StartTimes) {
+    let mut m = controller.metrics().lock().expect("metrics poisoned");
+    if let Some(start) = t.start_us {
+        let us = monotonic_us().saturating_sub(start);
+        m.set_gauge("api_server", "process_startup_time_us", us);
+        log::info!("Process start-up time: {us} us");
+    }
+    if let Some(start_cpu) = t.start_cpu_us {
+        let cpu = crate::boot_timer::process_cpu_us().saturating_sub(start_cpu)
+            + t.parent_cpu_us.unwrap_or(0);
+        m.set_gauge("api_server", "process_startup_time_cpu_us", cpu);
+        log::info!("Process start-up CPU time: {cpu} us");
     }
 }
 

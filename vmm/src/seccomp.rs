@@ -99,6 +99,201 @@ pub enum SeccompError {
     /// [`configure_allocator`] was called after a second thread started.
     #[error("the allocator must be configured while the process has one thread, it has {0}")]
     Threads(usize),
+    /// The `--seccomp-filter` file cannot be read.
+    #[error("cannot read the seccomp filter file {path}: {err}")]
+    FileRead {
+        /// The file.
+        path: String,
+        /// Why.
+        err: io::Error,
+    },
+    /// The file is larger than Firecracker's limit.
+    #[error("the seccomp filter file is larger than {FILTER_FILE_LIMIT} bytes")]
+    FileTooLarge,
+    /// The file is neither of Firecracker's compiled formats.
+    #[error("the seccomp filter file is not a compiled filter map in Firecracker's format (bitcode, or the older bincode): {0}")]
+    FileFormat(String),
+    /// A thread category is missing from the file.
+    #[error("the seccomp filter file has no filter for the {0:?} thread category")]
+    FileMissing(&'static str),
+    /// A program is longer than the kernel accepts.
+    #[error("the seccomp filter {name:?} has {len} instructions; the kernel takes at most {BPF_MAX_LEN}")]
+    FileProgramTooLong {
+        /// The thread category.
+        name: String,
+        /// Its length.
+        len: usize,
+    },
+}
+
+/// Firecracker's size limit for a compiled filter file.
+pub const FILTER_FILE_LIMIT: usize = 100_000;
+/// The kernel's limit on a BPF program.
+pub const BPF_MAX_LEN: usize = 4096;
+
+/// Filters read from a `--seccomp-filter` file: one BPF program per thread
+/// category (`vmm`, `api`, `vcpu`, lower-cased), as Firecracker's
+/// `seccompiler-bin` writes them. An empty program installs no filter for
+/// that thread, as in Firecracker. ember-specific: an optional `vmm_clone3`
+/// program is stacked on the VMM thread after `vmm` (see
+/// [`ThreadKind::filters`]). The programs must allow what ember-vmm's
+/// threads do; Firecracker's own filter files allow Firecracker's syscalls,
+/// not ember's. Compiling `resources/seccomp/vmm.json` with
+/// `seccompiler-bin` gives a file that works.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FilterMap(pub std::collections::HashMap<String, Vec<u64>>);
+
+/// One BPF instruction (`struct sock_filter`) as the 8 little-endian bytes
+/// Firecracker stores as a `u64`.
+fn insn_to_u64(i: &libc::sock_filter) -> u64 {
+    u64::from(i.code) | u64::from(i.jt) << 16 | u64::from(i.jf) << 24 | u64::from(i.k) << 32
+}
+
+fn insn_from_u64(v: u64) -> libc::sock_filter {
+    libc::sock_filter {
+        code: v as u16,
+        jt: (v >> 16) as u8,
+        jf: (v >> 24) as u8,
+        k: (v >> 32) as u32,
+    }
+}
+
+/// Firecracker before its switch to bitcode serialized the map with bincode
+/// 1: u64 entry count, then per entry a u64-length-prefixed UTF-8 name and
+/// a u64-counted array of `sock_filter` (u16 code, u8 jt, u8 jf, u32 k),
+/// all little-endian. Strict: every byte must be used.
+fn parse_bincode_v1(b: &[u8]) -> Option<std::collections::HashMap<String, Vec<u64>>> {
+    fn u64_at(b: &[u8], at: &mut usize) -> Option<u64> {
+        let v = u64::from_le_bytes(b.get(*at..*at + 8)?.try_into().ok()?);
+        *at += 8;
+        Some(v)
+    }
+    let mut at = 0;
+    let n = u64_at(b, &mut at)?;
+    if n > 16 {
+        return None;
+    }
+    let mut map = std::collections::HashMap::new();
+    for _ in 0..n {
+        let len = usize::try_from(u64_at(b, &mut at)?).ok()?;
+        if len > 64 {
+            return None;
+        }
+        let name = std::str::from_utf8(b.get(at..at + len)?).ok()?.to_string();
+        at += len;
+        let count = usize::try_from(u64_at(b, &mut at)?).ok()?;
+        if count > BPF_MAX_LEN {
+            return None;
+        }
+        let raw = b.get(at..at + count * 8)?;
+        at += count * 8;
+        let prog = raw
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+            .collect();
+        map.insert(name, prog);
+    }
+    (at == b.len()).then_some(map)
+}
+
+impl FilterMap {
+    /// Decodes a compiled filter file: Firecracker's current format
+    /// (bitcode 0.6 of `HashMap<String, Vec<u64>>`) or its earlier one
+    /// (bincode 1 of `HashMap<String, Vec<sock_filter>>`, the same bytes per
+    /// instruction). Checks the three thread categories are there and each
+    /// program fits the kernel's limit.
+    pub fn parse(bytes: &[u8]) -> Result<Self, SeccompError> {
+        if bytes.len() > FILTER_FILE_LIMIT {
+            return Err(SeccompError::FileTooLarge);
+        }
+        let raw = match parse_bincode_v1(bytes) {
+            Some(m) => m,
+            None => bitcode::deserialize::<std::collections::HashMap<String, Vec<u64>>>(bytes)
+                .map_err(|e| SeccompError::FileFormat(e.to_string()))?,
+        };
+        let map: std::collections::HashMap<String, Vec<u64>> = raw
+            .into_iter()
+            .map(|(k, v)| (k.to_lowercase(), v))
+            .collect();
+        for k in ["vmm", "api", "vcpu"] {
+            if !map.contains_key(k) {
+                return Err(SeccompError::FileMissing(k));
+            }
+        }
+        for (name, p) in &map {
+            if p.len() > BPF_MAX_LEN {
+                return Err(SeccompError::FileProgramTooLong {
+                    name: name.clone(),
+                    len: p.len(),
+                });
+            }
+        }
+        Ok(FilterMap(map))
+    }
+
+    /// Reads and decodes `path` (at most [`FILTER_FILE_LIMIT`] bytes).
+    pub fn read(path: &std::path::Path) -> Result<Self, SeccompError> {
+        use std::io::Read;
+        let err = |err| SeccompError::FileRead {
+            path: path.display().to_string(),
+            err,
+        };
+        let mut buf = Vec::new();
+        std::fs::File::open(path)
+            .map_err(err)?
+            .take(FILTER_FILE_LIMIT as u64 + 1)
+            .read_to_end(&mut buf)
+            .map_err(err)?;
+        Self::parse(&buf)
+    }
+
+    /// Serializes in Firecracker's current format (bitcode), as
+    /// `seccompiler-bin` does.
+    pub fn to_bitcode(&self) -> Vec<u8> {
+        bitcode::serialize(&self.0).expect("a map of strings and integers serializes")
+    }
+
+    /// ember's built-in filters as a map (what `resources/seccomp/vmm.json`
+    /// compiles to), e.g. to write a file for `--seccomp-filter`.
+    pub fn builtin() -> Self {
+        FilterMap(
+            generated::FILTERS
+                .iter()
+                .map(|(n, insns)| {
+                    let p = insns
+                        .iter()
+                        .map(|&(code, jt, jf, k)| {
+                            insn_to_u64(&libc::sock_filter { code, jt, jf, k })
+                        })
+                        .collect();
+                    (n.to_string(), p)
+                })
+                .collect(),
+        )
+    }
+
+    /// The programs thread `kind` installs, in order (empty ones skipped).
+    fn programs(&self, kind: ThreadKind) -> Vec<(&'static str, Vec<libc::sock_filter>)> {
+        let names: &[&'static str] = match kind {
+            ThreadKind::Vmm => &["vmm", "vmm_clone3"],
+            ThreadKind::Api => &["api"],
+            ThreadKind::Vcpu => &["vcpu"],
+        };
+        names
+            .iter()
+            .filter_map(|n| self.0.get(*n).map(|p| (*n, p)))
+            .filter(|(_, p)| !p.is_empty())
+            .map(|(n, p)| (n, p.iter().map(|&v| insn_from_u64(v)).collect()))
+            .collect()
+    }
+}
+
+/// Installs the filters of `kind` from a `--seccomp-filter` file.
+pub(crate) fn install_from(map: &FilterMap, kind: ThreadKind) -> Result<(), SeccompError> {
+    for (name, prog) in map.programs(kind) {
+        apply(name, &prog)?;
+    }
+    Ok(())
 }
 
 /// glibc malloc settings made by [`configure_allocator`]: (name, parameter,
@@ -259,6 +454,60 @@ pub(crate) fn forbidden_syscall() -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn filter_files_in_both_firecracker_formats() {
+        let builtin = FilterMap::builtin();
+        // bitcode, as seccompiler-bin writes it today.
+        let parsed = FilterMap::parse(&builtin.to_bitcode()).unwrap();
+        assert_eq!(parsed, builtin);
+        let vmm: Vec<libc::sock_filter> = parsed.programs(ThreadKind::Vmm).remove(0).1;
+        let want = program("vmm").unwrap();
+        assert_eq!(vmm.len(), want.len());
+        assert!(vmm
+            .iter()
+            .zip(&want)
+            .all(|(a, b)| (a.code, a.jt, a.jf, a.k) == (b.code, b.jt, b.jf, b.k)));
+        // bincode 1, as Firecracker 1.0 wrote it.
+        let mut old = Vec::new();
+        old.extend_from_slice(&3u64.to_le_bytes());
+        for name in ["Vmm", "api", "vcpu"] {
+            old.extend_from_slice(&(name.len() as u64).to_le_bytes());
+            old.extend_from_slice(name.as_bytes());
+            let prog: &[(u16, u8, u8, u32)] = &[(0x06, 0, 0, 0x7fff_0000)];
+            old.extend_from_slice(&(prog.len() as u64).to_le_bytes());
+            for (c, t, f, k) in prog {
+                old.extend_from_slice(&c.to_le_bytes());
+                old.extend_from_slice(&[*t, *f]);
+                old.extend_from_slice(&k.to_le_bytes());
+            }
+        }
+        let m = FilterMap::parse(&old).unwrap();
+        let api = m.programs(ThreadKind::Api).remove(0).1;
+        assert_eq!((api[0].code, api[0].k), (0x06, 0x7fff_0000));
+        assert_eq!(m.programs(ThreadKind::Vmm).len(), 1, "lower-cased key");
+        // Refusals.
+        assert!(matches!(
+            FilterMap::parse(b"junk"),
+            Err(SeccompError::FileFormat(_))
+        ));
+        let mut two = builtin.clone();
+        two.0.remove("vcpu");
+        assert!(matches!(
+            FilterMap::parse(&two.to_bitcode()),
+            Err(SeccompError::FileMissing("vcpu"))
+        ));
+        let mut long = builtin.clone();
+        long.0.insert("api".into(), vec![6; BPF_MAX_LEN + 1]);
+        assert!(matches!(
+            FilterMap::parse(&long.to_bitcode()),
+            Err(SeccompError::FileProgramTooLong { .. })
+        ));
+        assert!(matches!(
+            FilterMap::parse(&vec![0; FILTER_FILE_LIMIT + 1]),
+            Err(SeccompError::FileTooLarge)
+        ));
+    }
 
     #[test]
     fn every_thread_kind_has_its_filters() {

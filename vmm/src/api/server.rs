@@ -29,8 +29,9 @@ pub enum ServerError {
     Thread(String),
 }
 
-/// Largest API request body (configs are small).
-const MAX_BODY: usize = 64 * 1024;
+/// Firecracker's default limit on an API request body
+/// (`--http-api-max-payload-size`).
+pub const DEFAULT_MAX_PAYLOAD: usize = 51_200;
 
 /// A request crossing from the API thread to the VMM thread.
 pub struct ApiRequest {
@@ -76,6 +77,7 @@ impl ApiThread {
         sock: &str,
         em: &mut EventManager,
         on_start: Option<Box<dyn FnOnce() + Send>>,
+        max_payload: usize,
     ) -> Result<Self, ServerError> {
         let (tx, rx) = channel();
         let wake = EventFd::new(EFD_NONBLOCK)?;
@@ -88,7 +90,7 @@ impl ApiThread {
         // spooling (bodies are far below the threshold, and the jail has no
         // temp directory).
         let config = ServerConfig {
-            max_body_bytes: MAX_BODY,
+            max_body_bytes: max_payload,
             max_connections_per_peer: None,
             spool_threshold: None,
             ..ServerConfig::default()
