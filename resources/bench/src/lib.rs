@@ -6,6 +6,8 @@
 //!   guest (one vCPU, port I/O only) — a lower bound for ember-vmm's boot time
 //!   and a way to exercise the guest without the real VMM.
 //! - [`lifecycle`]: the ember-vmm vs kvm-floor boot-to-exit benchmark.
+//! - [`overhead`]: API-ready time and memory outside guest memory, ember-vmm
+//!   beside api-floor, kvm-floor and (when given) Firecracker.
 //! - [`setup`]: the bench binaries' start-up (binary directory, arguments).
 //! - [`stats`]: median / percentile helpers for the benchmarks.
 //! - [`throughput`]: virtio-blk / virtio-net throughput of the test guest
@@ -14,6 +16,7 @@
 pub mod emberd;
 pub mod floor;
 pub mod lifecycle;
+pub mod overhead;
 pub mod setup;
 pub mod stats;
 pub mod throughput;
