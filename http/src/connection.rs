@@ -11,7 +11,6 @@
 use std::fmt;
 use std::io::{self, Read};
 use std::os::unix::io::AsRawFd;
-use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,6 +19,7 @@ use event_manager::EventSet;
 use crate::body::SpoolConfig;
 use crate::request::{Limits, Parsed, Request, RequestError, RequestParser};
 use crate::response::{self, Framing, Response, WriteOpts};
+use crate::stream::{Peer, Stream};
 
 /// Bytes read from a socket per readiness event before yielding to others.
 const READ_BUDGET: usize = 256 * 1024;
@@ -63,7 +63,7 @@ enum State {
 /// One accepted client connection.
 #[derive(Debug)]
 pub(crate) struct Connection {
-    pub(crate) stream: UnixStream,
+    pub(crate) stream: Stream,
     parser: RequestParser,
     in_cap: usize,
     inbuf: Vec<u8>,
@@ -84,7 +84,7 @@ pub(crate) struct Connection {
     /// When the current request's head was complete and its body began.
     body_since: Option<Instant>,
     /// Key of the peer in the server's per-peer connection count.
-    pub(crate) peer: Option<u32>,
+    pub(crate) peer: Option<Peer>,
 }
 
 /// Deadlines a request must meet while it is the client's turn.
@@ -99,7 +99,7 @@ pub(crate) struct Deadlines {
 }
 
 impl Connection {
-    pub(crate) fn new(stream: UnixStream, limits: Limits, spool: Option<Arc<SpoolConfig>>) -> Self {
+    pub(crate) fn new(stream: Stream, limits: Limits, spool: Option<Arc<SpoolConfig>>) -> Self {
         Connection {
             stream,
             parser: RequestParser::with_spool(limits, spool),
@@ -378,12 +378,18 @@ impl Connection {
         Ok(())
     }
 
-    /// Whether the connection is done and should be closed now.
+    /// Whether the connection is done and should be closed now. A client
+    /// that shut down its sending side (EOF) while a streamed response was
+    /// going has left: over TCP that is all a closed peer shows until the
+    /// server writes again, and a stream (a followed log) may stay silent
+    /// for ever, so the stream ends here (the handler's `closed` runs).
+    /// A deferred answer is still sent to a half-closed client.
     pub(crate) fn finished(&self) -> bool {
         if self.pending_out() > 0 {
             return false;
         }
-        self.close_after_flush || (self.peer_eof && self.state == State::Idle)
+        self.close_after_flush
+            || (self.peer_eof && matches!(self.state, State::Idle | State::Streaming(..)))
     }
 }
 
@@ -392,11 +398,12 @@ mod tests {
     use super::*;
     use crate::request::Version;
     use std::io::Write;
+    use std::os::unix::net::UnixStream;
 
     fn pair() -> (Connection, UnixStream) {
         let (a, b) = UnixStream::pair().unwrap();
         a.set_nonblocking(true).unwrap();
-        (Connection::new(a, Limits::default(), None), b)
+        (Connection::new(Stream::Unix(a), Limits::default(), None), b)
     }
 
     fn read(c: &mut Connection) {
@@ -450,6 +457,33 @@ mod tests {
             "{s}"
         );
         assert!(!c.finished());
+    }
+
+    #[test]
+    fn a_client_that_closes_during_a_stream_has_left_but_a_deferred_answer_waits() {
+        let (mut c, mut peer) = pair();
+        peer.write_all(b"GET /logs?follow=true HTTP/1.1\r\n\r\n")
+            .unwrap();
+        read(&mut c);
+        let (_, opts) = c.next_request().unwrap().unwrap();
+        c.start_response(&Response::stream(200, "text/plain"), opts);
+        c.flush().unwrap();
+        assert!(!c.finished());
+        peer.shutdown(std::net::Shutdown::Write).unwrap();
+        read(&mut c);
+        assert!(c.finished(), "a silent stream to a gone client must end");
+
+        let (mut c, mut peer) = pair();
+        peer.write_all(b"POST /slow HTTP/1.1\r\n\r\n").unwrap();
+        peer.shutdown(std::net::Shutdown::Write).unwrap();
+        read(&mut c);
+        let (_, opts) = c.next_request().unwrap().unwrap();
+        c.wait(opts);
+        assert!(!c.finished());
+        assert!(c.respond_later(&Response::empty(204)));
+        c.flush().unwrap();
+        assert!(read_all_available(&mut peer).starts_with("HTTP/1.1 204 "));
+        assert!(c.finished());
     }
 
     #[test]

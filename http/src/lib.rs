@@ -6,7 +6,9 @@
 //!
 //! [`HttpServer`] owns a non-blocking [`UnixListener`](std::os::unix::net::UnixListener)
 //! and implements [`event_manager::MutEventSubscriber`], so it sits in an
-//! `EventManager` next to other subscribers. It never blocks: every socket is
+//! `EventManager` next to other subscribers. TCP listeners can be added
+//! ([`HttpServer::with_tcp_listener`]): same handler, limits and loop, with a
+//! per-IP connection cap in place of the `SO_PEERCRED` one. It never blocks: every socket is
 //! non-blocking, output is buffered and written on `EPOLLOUT`, and a slow or
 //! stalled client only holds its own connection.
 //!
@@ -50,7 +52,9 @@
 //! [`HttpServer::responder`]; it sends through a channel and wakes the loop
 //! with an eventfd). A [`Response`] with [`Body::Stream`] is sent with chunked
 //! encoding; push chunks with [`Responder::send_chunk`] and end with
-//! [`Responder::finish`]. [`Handler::closed`] tells you when a connection
+//! [`Responder::finish`]. A client that closes its sending side while a
+//! stream is going has left (over TCP that EOF is all a closed peer shows
+//! until the next write): the connection is closed. [`Handler::closed`] tells you when a connection
 //! that carried requests goes away (e.g. a streaming client disconnected).
 //!
 //! # Example: wiring a handler into an `EventManager`
@@ -105,6 +109,7 @@ mod headers;
 mod request;
 mod response;
 mod server;
+mod stream;
 
 pub use body::{RequestBody, SpoolError};
 pub use connection::{ConnectionError, ConnectionId};

@@ -4,6 +4,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::io;
+use std::net::TcpListener;
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::io::{AsRawFd, RawFd};
@@ -19,6 +20,7 @@ use crate::body::SpoolConfig;
 use crate::connection::{Connection, ConnectionId, Deadlines, READ_CHUNK};
 use crate::request::{Limits, Request, Version, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_HEADER_BYTES};
 use crate::response::{self, Framing, Response, WriteOpts};
+use crate::stream::{Listener, Peer, Stream};
 
 /// Default maximum number of simultaneous connections.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 256;
@@ -168,7 +170,9 @@ pub struct ServerConfig {
     /// [`peer_key`](Self::peer_key)) may hold; further ones from that peer
     /// get 503 and are closed (logged at most every 10 s), so one slow or
     /// greedy client cannot take every slot. None: no per-peer limit (and no
-    /// `SO_PEERCRED` lookup). Default
+    /// `SO_PEERCRED` lookup). Applies to the unix socket only; TCP
+    /// listeners have their own per-IP cap
+    /// ([`HttpServer::with_tcp_listener`]). Default
     /// [`default_max_connections_per_peer`]`(max_connections)` for the
     /// default `max_connections`, i.e. 64.
     pub max_connections_per_peer: Option<usize>,
@@ -302,10 +306,12 @@ impl Responder {
     }
 }
 
-/// A single-threaded HTTP/1.1 server on a unix socket, driven by an
+/// A single-threaded HTTP/1.1 server on a unix socket (and optionally TCP
+/// listeners, see [`HttpServer::with_tcp_listener`]), driven by an
 /// `event_manager::EventManager` (it is a [`MutEventSubscriber`]).
 pub struct HttpServer<H: Handler> {
-    listener: UnixListener,
+    /// The unix socket first, then any TCP listeners.
+    listeners: Vec<Listener>,
     socket_path: Option<PathBuf>,
     wake: Arc<EventFd>,
     rx: Receiver<Msg>,
@@ -320,8 +326,8 @@ pub struct HttpServer<H: Handler> {
     /// Shared by all connections' reads.
     scratch: Box<[u8]>,
     spool: Option<Arc<SpoolConfig>>,
-    /// Open connections per peer key (only with a per-peer limit).
-    per_peer: HashMap<u32, usize>,
+    /// Open connections per peer (only for peers under a limit).
+    per_peer: HashMap<Peer, usize>,
     /// Refusals of over-limit peers: when last logged, how many since.
     refusals_logged: Option<std::time::Instant>,
     refusals_unlogged: u64,
@@ -336,7 +342,7 @@ pub struct HttpServer<H: Handler> {
 impl<H: Handler> fmt::Debug for HttpServer<H> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("HttpServer")
-            .field("listener", &self.listener)
+            .field("listeners", &self.listeners)
             .field("socket_path", &self.socket_path)
             .field("connections", &self.conns.len())
             .field("config", &self.config)
@@ -404,7 +410,7 @@ impl<H: Handler> HttpServer<H> {
         }
         let (tx, rx) = channel();
         Ok(HttpServer {
-            listener,
+            listeners: vec![Listener::Unix(listener)],
             socket_path: None,
             wake,
             rx,
@@ -433,6 +439,40 @@ impl<H: Handler> HttpServer<H> {
         config: ServerConfig,
     ) -> Result<Self, ServerError> {
         Self::from_listener(UnixListener::from(fd), handler, config)
+    }
+
+    /// Also serves connections from `listener` (bound by the caller, e.g. to
+    /// a loopback address): same handler, same limits and the same loop as
+    /// the unix socket. `SO_PEERCRED` does not exist for TCP, so
+    /// [`ServerConfig::max_connections_per_peer`] does not apply to these
+    /// connections; instead one IP address (ports do not count; an
+    /// IPv4-mapped IPv6 peer counts as its IPv4 address) may hold at most
+    /// `max_per_ip` of them (None: no per-address limit), and further ones
+    /// get 503. [`ServerConfig::max_connections`] counts every connection.
+    /// Consumes the server, so it can only be called before the server is
+    /// added to an event manager.
+    pub fn with_tcp_listener(
+        mut self,
+        listener: TcpListener,
+        max_per_ip: Option<usize>,
+    ) -> Result<Self, ServerError> {
+        listener
+            .set_nonblocking(true)
+            .map_err(ServerError::Listener)?;
+        self.listeners.push(Listener::Tcp(listener, max_per_ip));
+        Ok(self)
+    }
+
+    /// The local addresses of the TCP listeners, in the order they were
+    /// added.
+    pub fn tcp_addrs(&self) -> Vec<std::net::SocketAddr> {
+        self.listeners
+            .iter()
+            .filter_map(|l| match l {
+                Listener::Tcp(t, _) => t.local_addr().ok(),
+                Listener::Unix(_) => None,
+            })
+            .collect()
     }
 
     /// A thread-safe handle for `Later` answers and streams.
@@ -476,10 +516,10 @@ impl<H: Handler> HttpServer<H> {
         }
     }
 
-    fn accept(&mut self, ops: &mut EventOps) {
+    fn accept(&mut self, index: usize, ops: &mut EventOps) {
         for _ in 0..ACCEPT_BATCH {
-            let stream = match self.listener.accept() {
-                Ok((s, _)) => s,
+            let stream = match self.listeners[index].accept() {
+                Ok(s) => s,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e)
                     if matches!(
@@ -499,9 +539,21 @@ impl<H: Handler> HttpServer<H> {
             if stream.set_nonblocking(true).is_err() {
                 continue;
             }
-            let peer = match self.config.max_connections_per_peer {
-                Some(limit) => {
-                    let key = peer_key(&stream, self.config.peer_key);
+            let limited = match (&self.listeners[index], stream.as_unix()) {
+                (Listener::Unix(_), Some(unix)) => self
+                    .config
+                    .max_connections_per_peer
+                    .map(|limit| (Peer::Local(peer_key(unix, self.config.peer_key)), limit)),
+                (Listener::Tcp(_, Some(limit)), _) => {
+                    let ip = stream
+                        .peer_ip()
+                        .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
+                    Some((Peer::Ip(ip), *limit))
+                }
+                _ => None,
+            };
+            let peer = match limited {
+                Some((key, limit)) => {
                     if self.per_peer.get(&key).copied().unwrap_or(0) >= limit {
                         self.refuse(stream, "too many connections from this client");
                         self.log_refusal(key, limit);
@@ -535,7 +587,9 @@ impl<H: Handler> HttpServer<H> {
     fn pause_listener(&mut self, e: &io::Error, ops: &mut EventOps) {
         if !self.listener_paused {
             self.listener_paused = true;
-            let _ = ops.modify(Events::new(&self.listener, EventSet::empty()));
+            for l in &self.listeners {
+                let _ = ops.modify(Events::new(l, EventSet::empty()));
+            }
         }
         self.accept_failures_unlogged += 1;
         let now = std::time::Instant::now();
@@ -556,12 +610,14 @@ impl<H: Handler> HttpServer<H> {
 
     fn resume_listener(&mut self, ops: &mut EventOps) {
         if std::mem::take(&mut self.listener_paused) {
-            let _ = ops.modify(Events::new(&self.listener, EventSet::IN));
+            for l in &self.listeners {
+                let _ = ops.modify(Events::new(l, EventSet::IN));
+            }
         }
     }
 
     /// Logs refusals of over-limit peers, at most once per interval.
-    fn log_refusal(&mut self, key: u32, limit: usize) {
+    fn log_refusal(&mut self, key: Peer, limit: usize) {
         self.refusals_unlogged += 1;
         let now = std::time::Instant::now();
         if self
@@ -570,12 +626,13 @@ impl<H: Handler> HttpServer<H> {
         {
             return;
         }
-        let what = match self.config.peer_key {
-            PeerKey::Pid => "pid",
-            PeerKey::Uid => "uid",
+        let what = match (key, self.config.peer_key) {
+            (Peer::Ip(_), _) => "",
+            (Peer::Local(_), PeerKey::Pid) => "pid ",
+            (Peer::Local(_), PeerKey::Uid) => "uid ",
         };
         eprintln!(
-            "ember-http: refused {} connection(s) over the per-client limit of {limit} (latest from {what} {key})",
+            "ember-http: refused {} connection(s) over the per-client limit of {limit} (latest from {what}{key})",
             self.refusals_unlogged
         );
         self.refusals_logged = Some(now);
@@ -583,7 +640,7 @@ impl<H: Handler> HttpServer<H> {
     }
 
     /// Best-effort 503 on a fresh socket, then close it.
-    fn refuse(&self, stream: UnixStream, why: &str) {
+    fn refuse(&self, stream: Stream, why: &str) {
         let resp = (self.config.error_response)(503, why);
         let opts = WriteOpts {
             keep_alive: false,
@@ -820,15 +877,17 @@ impl<H: Handler> MutEventSubscriber for HttpServer<H> {
     fn init(&mut self, ops: &mut EventOps) {
         // Registration can only fail if these fds are already registered;
         // there is nothing useful to do about that here.
-        let _ = ops.add(Events::new(&self.listener, EventSet::IN));
+        for l in &self.listeners {
+            let _ = ops.add(Events::new(l, EventSet::IN));
+        }
         let _ = ops.add(Events::new(self.wake.as_ref(), EventSet::IN));
         let _ = ops.add(Events::new(&self.sweep, EventSet::IN));
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         let fd = events.fd();
-        if fd == self.listener.as_raw_fd() {
-            self.accept(ops);
+        if let Some(index) = self.listeners.iter().position(|l| l.as_raw_fd() == fd) {
+            self.accept(index, ops);
         } else if fd == self.wake.as_raw_fd() {
             self.drain_messages(ops);
         } else if fd == self.sweep.as_raw_fd() {
@@ -922,6 +981,75 @@ mod tests {
         assert!(s.starts_with("HTTP/1.1 200 OK\r\n"), "{s}");
         assert!(s.ends_with("\r\n\r\n/hello"), "{s}");
         assert_eq!(em.subscriber_mut(sid).unwrap().connection_count(), 0);
+        drop(em.remove_subscriber(sid).unwrap());
+        assert!(!path.exists());
+    }
+
+    /// Runs the loop until `client` has sent back something that
+    /// `complete` accepts, or its peer closed (at most 200 rounds of 20 ms).
+    fn reply_over<S: MutEventSubscriber>(
+        em: &mut EventManager<S>,
+        client: &mut std::net::TcpStream,
+        complete: impl Fn(&str) -> bool,
+    ) -> String {
+        client.set_nonblocking(true).unwrap();
+        let mut got = String::new();
+        for _ in 0..200 {
+            em.run_with_timeout(20).unwrap();
+            let mut buf = [0u8; 512];
+            match client.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => got.push_str(&String::from_utf8_lossy(&buf[..n])),
+                Err(_) => {}
+            }
+            if complete(&got) {
+                break;
+            }
+        }
+        got
+    }
+
+    #[test]
+    fn tcp_listener_serves_the_same_handler_with_a_per_ip_cap() {
+        let path = temp_sock("tcp");
+        let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
+        let server = HttpServer::new(
+            &path,
+            |_: ConnectionId, req: Request| Reply::Now(Response::text(200, req.path)),
+            ServerConfig::default(),
+        )
+        .unwrap()
+        .with_tcp_listener(tcp, Some(2))
+        .unwrap();
+        let addr = server.tcp_addrs()[0];
+        assert!(addr.ip().is_loopback());
+        let mut em = EventManager::<HttpServer<_>>::new().unwrap();
+        let sid = em.add_subscriber(server);
+        // Two connections from 127.0.0.1 are allowed and served...
+        let mut a = std::net::TcpStream::connect(addr).unwrap();
+        let mut b = std::net::TcpStream::connect(addr).unwrap();
+        a.write_all(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let got = reply_over(&mut em, &mut a, |s| s.ends_with("/a"));
+        assert!(got.starts_with("HTTP/1.1 200 OK\r\n"), "{got}");
+        // ...a third from the same address gets 503 and is closed, while
+        // the first two keep working.
+        let mut c = std::net::TcpStream::connect(addr).unwrap();
+        let got = reply_over(&mut em, &mut c, |_| false);
+        assert!(got.starts_with("HTTP/1.1 503 "), "{got}");
+        assert!(
+            got.contains("too many connections from this client"),
+            "{got}"
+        );
+        assert_eq!(em.subscriber_mut(sid).unwrap().connection_count(), 2);
+        b.write_all(b"GET /b HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let got = reply_over(&mut em, &mut b, |_| false);
+        assert!(got.ends_with("/b"), "{got}");
+        // b's slot is free again: a new connection is accepted.
+        let mut d = std::net::TcpStream::connect(addr).unwrap();
+        d.write_all(b"GET /d HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let got = reply_over(&mut em, &mut d, |s| s.ends_with("/d"));
+        assert!(got.starts_with("HTTP/1.1 200 OK\r\n"), "{got}");
         drop(em.remove_subscriber(sid).unwrap());
         assert!(!path.exists());
     }
