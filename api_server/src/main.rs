@@ -10,7 +10,7 @@ use api_server::images::{archive, oci};
 use api_server::model::store::Store;
 use api_server::model::supervisor::Supervisor;
 use api_server::runtime::process::Launcher;
-use api_server::server::{Daemon, HttpLimits};
+use api_server::server::{Daemon, HttpLimits, TcpListen};
 use clap::Parser;
 
 #[derive(Parser, Debug)]
@@ -23,6 +23,17 @@ struct Args {
     /// Unix socket to serve the APIs on.
     #[arg(long, default_value = "/run/ember/ember.sock")]
     socket: PathBuf,
+    /// Also serve the same APIs over TCP on this address: PORT (loopback,
+    /// 127.0.0.1:PORT), IP:PORT, [IPv6]:PORT or localhost:PORT. The UniK
+    /// CLI speaks only TCP (its daemon listened on port 3000). The APIs
+    /// have no authentication: anyone who reaches the address controls
+    /// emberd, so keep it on loopback (a warning is printed otherwise).
+    #[arg(long, value_name = "ADDR")]
+    listen_tcp: Option<String>,
+    /// Most simultaneous TCP connections one IP address may hold (0: no
+    /// limit); further ones get 503 while other clients are still served.
+    #[arg(long, default_value_t = ember_http::default_max_connections_per_peer(ember_http::DEFAULT_MAX_CONNECTIONS))]
+    max_connections_per_ip: usize,
     /// Group given access to the socket (mode 0660); without it the socket
     /// is root's alone (0600). A name or a numeric gid.
     #[arg(long)]
@@ -202,6 +213,10 @@ fn main() {
         std::process::exit(oci::child_main(&argv.collect::<Vec<_>>()));
     }
     let args = Args::parse();
+    let listen_tcp = args.listen_tcp.as_deref().map(|a| {
+        let addr = api_server::server::parse_listen_tcp(a).unwrap_or_else(|e| die(e));
+        (a, addr)
+    });
     let vmm = args.vmm.clone().unwrap_or_else(|| sibling("ember-vmm"));
     let jailer = (!args.no_jailer).then(|| {
         args.jailer
@@ -318,12 +333,33 @@ fn main() {
     let socket_group = args.socket_group.as_deref().map(|g| {
         group_id(g).unwrap_or_else(|| die(format!("--socket-group {g:?}: no such group")))
     });
-    let mut daemon = Daemon::new(&args.socket, socket_group, sup, faces, limits)
+    let tcp = listen_tcp.map(|(a, addr)| {
+        let listener = std::net::TcpListener::bind(addr)
+            .unwrap_or_else(|e| die(format!("--listen-tcp {a}: cannot bind {addr}: {e}")));
+        TcpListen {
+            listener,
+            max_connections_per_ip: (args.max_connections_per_ip > 0)
+                .then_some(args.max_connections_per_ip),
+        }
+    });
+    let tcp_addr = tcp.as_ref().and_then(|t| t.listener.local_addr().ok());
+    let mut daemon = Daemon::new(&args.socket, socket_group, sup, faces, limits, tcp)
         .unwrap_or_else(|e| die(format!("cannot serve {}: {e}", args.socket.display())));
     for sig in [libc::SIGTERM, libc::SIGINT] {
         let _ = vmm_sys_util::signal::register_signal_handler(sig, on_signal);
     }
     eprintln!("emberd: serving on {}", args.socket.display());
+    if let Some(addr) = tcp_addr {
+        eprintln!("emberd: serving on tcp {addr}");
+        if !addr.ip().is_loopback() {
+            eprintln!(
+                "emberd: WARNING: --listen-tcp {addr} is not a loopback address. The UniK, hyperd \
+                 and Flintlock APIs have no authentication: anyone who can reach {addr} can build, \
+                 run and delete everything emberd manages. Bind 127.0.0.1 (the default for a bare \
+                 port) and tunnel, or firewall it."
+            );
+        }
+    }
     if let Err(e) = daemon.run(&STOP) {
         die(e);
     }

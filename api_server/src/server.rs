@@ -285,6 +285,50 @@ pub enum DaemonError {
     Http(#[from] ember_http::ServerError),
     #[error("event loop: {0}")]
     Events(String),
+    /// A `--listen-tcp` address that cannot be used.
+    #[error("--listen-tcp {addr:?}: {why}")]
+    ListenTcp { addr: String, why: String },
+}
+
+/// A TCP listener serving the same faces as the unix socket
+/// (`emberd --listen-tcp`).
+#[derive(Debug)]
+pub struct TcpListen {
+    /// Bound and listening.
+    pub listener: std::net::TcpListener,
+    /// Most connections one IP address may hold (None: no limit).
+    pub max_connections_per_ip: Option<usize>,
+}
+
+/// Parses a `--listen-tcp` address: `PORT` (loopback, 127.0.0.1),
+/// `IP:PORT`, `[IPv6]:PORT` or `localhost:PORT` (127.0.0.1). Host names
+/// other than `localhost` are refused: the address must say exactly which
+/// interface is exposed.
+pub fn parse_listen_tcp(s: &str) -> Result<std::net::SocketAddr, DaemonError> {
+    use std::net::{Ipv4Addr, SocketAddr};
+    let bad = |why: &str| DaemonError::ListenTcp {
+        addr: s.to_string(),
+        why: why.to_string(),
+    };
+    let s = s.trim();
+    if let Ok(port) = s.parse::<u16>() {
+        return Ok(SocketAddr::from((Ipv4Addr::LOCALHOST, port)));
+    }
+    if let Ok(addr) = s.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    match s.rsplit_once(':') {
+        Some((host, port)) if host.eq_ignore_ascii_case("localhost") => port
+            .parse::<u16>()
+            .map(|p| SocketAddr::from((Ipv4Addr::LOCALHOST, p)))
+            .map_err(|_| bad("the port must be a number from 0 to 65535")),
+        Some(("", _)) => Err(bad(
+            "give the interface's address too (e.g. 127.0.0.1:3000, or 0.0.0.0:3000 for every interface)",
+        )),
+        _ => Err(bad(
+            "expected PORT, IP:PORT, [IPv6]:PORT or localhost:PORT",
+        )),
+    }
 }
 
 /// HTTP limits of the daemon's socket.
@@ -301,13 +345,16 @@ pub struct HttpLimits {
 impl Daemon {
     /// Serves `faces` over `sock` for `sup`. The socket is root's, mode
     /// 0600, or 0660 with group `socket_group`, whatever the umask: it is
-    /// created that way, never widened later.
+    /// created that way, never widened later. With `tcp`, the same router,
+    /// limits and loop also serve that listener (one IP address holds at
+    /// most its `max_connections_per_ip` connections).
     pub fn new(
         sock: &std::path::Path,
         socket_group: Option<u32>,
         sup: Supervisor,
         faces: Vec<Box<dyn Face>>,
         limits: HttpLimits,
+        tcp: Option<TcpListen>,
     ) -> Result<Self, DaemonError> {
         use event_manager::SubscriberOps;
         let mut em: event_manager::EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
@@ -332,6 +379,9 @@ impl Daemon {
         };
         let listener = bind_private(sock, socket_group)?;
         let mut server = ember_http::HttpServer::from_listener(listener, router, config)?;
+        if let Some(t) = tcp {
+            server = server.with_tcp_listener(t.listener, t.max_connections_per_ip)?;
+        }
         server.handler_mut().responder = Some(server.responder());
         // Faces that need to resume work after a restart (reconcile loops).
         {
@@ -367,5 +417,26 @@ impl Daemon {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listen_tcp_addresses() {
+        let p = |s: &str| parse_listen_tcp(s).map(|a| a.to_string());
+        assert_eq!(p("3000").unwrap(), "127.0.0.1:3000");
+        assert_eq!(p("localhost:3000").unwrap(), "127.0.0.1:3000");
+        assert_eq!(p("127.0.0.1:0").unwrap(), "127.0.0.1:0");
+        assert_eq!(p("0.0.0.0:3000").unwrap(), "0.0.0.0:3000");
+        assert_eq!(p("[::1]:3000").unwrap(), "[::1]:3000");
+        let e = p(":3000").unwrap_err().to_string();
+        assert!(e.contains("give the interface's address"), "{e}");
+        assert!(p("example.com:3000").is_err());
+        assert!(p("localhost:99999").is_err());
+        assert!(p("70000").is_err());
+        assert!(p("").is_err());
     }
 }
