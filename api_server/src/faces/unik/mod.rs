@@ -5,6 +5,11 @@
 //! exactly (by id or name), never by substring; "not found" is 404 (the
 //! original answered 500); `remote-delete` deletes (the original pushed).
 //! Both `follow` and the seed's spelling `fallow` are accepted for logs.
+//!
+//! Images emberd keeps for itself (hyperd's pod VM image,
+//! [`POD_IMAGE`]) do not exist for UniK: they are not listed, and getting,
+//! deleting, pushing or running them answers 404 as for any unknown image;
+//! creating or pulling an image under that name is refused (409).
 
 use std::collections::BTreeMap;
 
@@ -14,6 +19,7 @@ use serde_json::{json, Value};
 
 use crate::faces::multipart::{parse_form, Form};
 use crate::model::artifacts::{HubDelete, HubFault, HubJobError, HubPull, HubPush};
+use crate::model::pods::POD_IMAGE;
 use crate::model::supervisor::{RunRequest, Supervisor, SupervisorError};
 use crate::model::{Image, Instance, Volume, VolumeFormat, PROVIDER};
 use crate::server::{status_of, Ctx, Face, Finish};
@@ -84,6 +90,34 @@ pub fn volume_json(v: &Volume) -> Value {
     })
 }
 
+/// Whether UniK may see `i` (not one of emberd's internal images).
+fn visible(i: &Image) -> bool {
+    i.name != POD_IMAGE
+}
+
+/// The image `key` names, by id or name, if UniK may see it; else the
+/// same 404 as for an image that does not exist.
+fn unik_image<'a>(sup: &'a Supervisor, key: &str) -> Result<&'a Image, Response> {
+    match sup.image(key) {
+        Ok(i) if visible(i) => Ok(i),
+        Ok(_) => Err(sup_error(&SupervisorError::NotFound {
+            what: "image",
+            key: key.to_string(),
+        })),
+        Err(e) => Err(sup_error(&e)),
+    }
+}
+
+/// 409 for a create or pull under an internal image's name.
+fn reserved(name: &str) -> Option<Response> {
+    (name == POD_IMAGE).then(|| {
+        error(
+            409,
+            format!("the image name {name} is reserved for hyperd's pod VMs"),
+        )
+    })
+}
+
 fn error(status: u16, msg: impl std::fmt::Display) -> Response {
     Response::json(status, &json!({"Error": msg.to_string()}))
 }
@@ -150,18 +184,31 @@ impl Face for Unik {
             (Method::Get, ["available_providers"]) => now(Response::json(200, &[PROVIDER])),
             (Method::Get, ["describe_compiler"]) => now(describe(ctx.sup, req)),
             (Method::Get, ["images"]) => {
-                let v: Vec<Value> = ctx.sup.state().images.values().map(image_json).collect();
+                let v: Vec<Value> = ctx
+                    .sup
+                    .state()
+                    .images
+                    .values()
+                    .filter(|i| visible(i))
+                    .map(image_json)
+                    .collect();
                 now(Response::json(200, &v))
             }
-            (Method::Get, ["images", name]) => now(match ctx.sup.image(name) {
+            (Method::Get, ["images", name]) => now(match unik_image(ctx.sup, name) {
                 Ok(i) => Response::json(200, &image_json(i)),
-                Err(e) => sup_error(&e),
+                Err(r) => r,
             }),
             (Method::Post, ["images", name, "create"]) => Some(create_image(ctx, req, name)),
             (Method::Delete, ["images", name]) => now(
-                match ctx.sup.delete_image(name, truthy(req.query_param("force"))) {
+                match unik_image(ctx.sup, name)
+                    .map(|i| i.id.clone())
+                    .and_then(|id| {
+                        ctx.sup
+                            .delete_image(&id, truthy(req.query_param("force")))
+                            .map_err(|e| sup_error(&e))
+                    }) {
                     Ok(()) => Response::empty(204),
-                    Err(e) => sup_error(&e),
+                    Err(r) => r,
                 },
             ),
             (Method::Post, ["images", "push", name]) => Some(hub_push(ctx, req, name)),
@@ -267,6 +314,9 @@ fn describe(sup: &Supervisor, req: &Request) -> Response {
 }
 
 fn create_image(ctx: &mut Ctx, req: &Request, name: &str) -> Reply {
+    if let Some(r) = reserved(name) {
+        return Reply::Now(r);
+    }
     let form = match parse_form(req.header("content-type"), &req.body) {
         Ok(f) => f,
         Err(e) => return Reply::Now(error(400, UnikError::Form(e))),
@@ -315,6 +365,9 @@ fn run(sup: &mut Supervisor, req: &Request) -> Response {
         Ok(b) => b,
         Err(e) => return error(400, UnikError::Json(e.to_string())),
     };
+    if let Err(r) = unik_image(sup, &body.image_name) {
+        return r;
+    }
     let memory_mb = match u32::try_from(body.memory_mb) {
         Ok(m) => m,
         Err(_) => {
@@ -400,6 +453,19 @@ fn create_volume(ctx: &mut Ctx, req: &Request, name: &str) -> Reply {
             ));
         }
     }
+    // The UniK CLI always sends `type` (default "ext2"). ember builds ext4
+    // volumes; ext2 is accepted as a request for a Linux filesystem.
+    if let Some(t) = param(req, &form, "type") {
+        if !matches!(t.to_ascii_lowercase().as_str(), "" | "ext2" | "ext4") {
+            return Reply::Now(error(
+                400,
+                UnikError::BadParam {
+                    what: "type (ember's volumes are ext4; ext2 and ext4 are accepted)",
+                    value: t,
+                },
+            ));
+        }
+    }
     let raw = truthy(param(req, &form, "raw").as_deref());
     let data = form.part("tarfile").map(|p| p.data.clone());
     let format = if raw {
@@ -438,6 +504,9 @@ fn hub_error(e: &HubJobError) -> Response {
 }
 
 fn hub_push(ctx: &mut Ctx, req: &Request, name: &str) -> Reply {
+    if let Err(r) = unik_image(ctx.sup, name) {
+        return Reply::Now(r);
+    }
     let job = match HubPush::prepare(ctx.sup, name, &req.body) {
         Ok(j) => j,
         Err(e) => return Reply::Now(hub_error(&e)),
@@ -452,6 +521,9 @@ fn hub_push(ctx: &mut Ctx, req: &Request, name: &str) -> Reply {
 }
 
 fn hub_pull(ctx: &mut Ctx, req: &Request, name: &str) -> Reply {
+    if let Some(r) = reserved(name) {
+        return Reply::Now(r);
+    }
     if let Some(p) = req.query_param("provider") {
         if p != PROVIDER {
             return Reply::Now(error(
@@ -492,9 +564,8 @@ fn hub_delete(ctx: &mut Ctx, req: &Request, name: &str) -> Reply {
 mod tests {
     use super::*;
 
-    #[test]
-    fn json_shapes_are_pascal_case() {
-        let img = Image {
+    fn test_image() -> Image {
+        Image {
             id: "img-1".into(),
             name: "hello".into(),
             provider: "ember".into(),
@@ -509,12 +580,30 @@ mod tests {
             mounts: vec!["/data".into(), "/logs".into()],
             default_memory_mb: 64,
             format: "elf-pvh".into(),
-        };
+        }
+    }
+
+    #[test]
+    fn json_shapes_are_pascal_case() {
+        let img = test_image();
         let j = image_json(&img);
         assert_eq!(j["Infrastructure"], "EMBER");
         assert_eq!(j["RunSpec"]["Compiler"], "ember-c-ember");
         assert_eq!(j["RunSpec"]["DeviceMappings"][1]["DeviceName"], "/dev/vdb");
         assert_eq!(j["RunSpec"]["DefaultInstanceMemory"], 64);
+    }
+
+    #[test]
+    fn the_pod_image_is_invisible_and_reserved() {
+        let mut img = Image {
+            name: POD_IMAGE.into(),
+            ..test_image()
+        };
+        assert!(!visible(&img));
+        img.name = "hello".into();
+        assert!(visible(&img));
+        assert_eq!(reserved(POD_IMAGE).map(|r| r.status), Some(409));
+        assert!(reserved("hello").is_none());
     }
 
     #[test]
