@@ -210,8 +210,9 @@ impl HttpResponse {
     }
 }
 
-/// Reads one response from `s` (Content-Length or chunked bodies).
-pub fn read_response(s: &mut UnixStream) -> std::io::Result<HttpResponse> {
+/// Reads one response from `s` (Content-Length or chunked bodies), a unix
+/// or TCP stream.
+pub fn read_response<S: Read>(s: &mut S) -> std::io::Result<HttpResponse> {
     let mut buf = Vec::new();
     let mut byte = [0u8; 1];
     while !buf.ends_with(b"\r\n\r\n") {
