@@ -536,6 +536,22 @@ fn build_run_logs_stop_start_volumes_and_deletes_as_the_cli_does() {
     assert_eq!(r.status, 201, "create-volume --data: {}", show(&r));
     let data1 = r.json();
     go_volume(&data1);
+    // ...with --raw --data DIR: the uploaded bytes are the volume, as is.
+    let q = build_query(&[
+        ("size", "0".into()),
+        ("provider", "ember".into()),
+        ("type", "ext2".into()),
+        ("no_cleanup", "false".into()),
+        ("raw", "true".into()),
+    ]);
+    let r = cli.post_file(
+        &format!("/volumes/raw1{q}"),
+        &multipart_file("tarfile", &data_tar),
+    );
+    assert_eq!(r.status, 201, "create-volume --raw: {}", show(&r));
+    go_volume(&r.json());
+    let q = build_query(&[("force", "false".into())]);
+    assert_eq!(cli.delete(&format!("/volumes/raw1{q}")).status, 204);
     // A filesystem type ember cannot make: a clear 400.
     let q = build_query(&[
         ("size", "8".into()),
@@ -629,32 +645,40 @@ fn build_run_logs_stop_start_volumes_and_deletes_as_the_cli_does() {
     })
     .expect("never running again");
 
-    // pkg/client/instances.go: (*instances).AttachLogs (cmd/logs.go --follow
-    // --delete): GetAsync; the CLI reads the body line by line while the
-    // connection lasts, and emberd deletes the instance once it goes.
-    let q = build_query(&[("follow", "true".into()), ("delete", "true".into())]);
-    let (mut s, _) = cli.send("GET", &format!("/instances/app-1/logs{q}"), None, None);
-    let mut got = Vec::new();
-    let mut buf = [0u8; 4096];
-    let seen = loop {
-        let n = s.read(&mut buf).unwrap_or(0);
-        if n == 0 {
-            break false;
-        }
-        got.extend_from_slice(&buf[..n]);
-        // Started twice: the second run's output arrives too.
-        if String::from_utf8_lossy(&got).matches("unik-cli up").count() >= 2 {
-            break true;
-        }
+    // pkg/client/instances.go: (*instances).AttachLogs (cmd/logs.go --follow,
+    // then --follow --delete): GetAsync; the CLI reads the body line by line
+    // while the connection lasts. Without --delete (delete=false) the
+    // instance stays when the CLI goes; with it, emberd deletes it.
+    let follow = |delete: bool| {
+        let q = build_query(&[("follow", "true".into()), ("delete", delete.to_string())]);
+        let (mut s, _) = cli.send("GET", &format!("/instances/app-1/logs{q}"), None, None);
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        let seen = loop {
+            let n = s.read(&mut buf).unwrap_or(0);
+            if n == 0 {
+                break false;
+            }
+            got.extend_from_slice(&buf[..n]);
+            // Started twice: the second run's output arrives too.
+            if String::from_utf8_lossy(&got).matches("unik-cli up").count() >= 2 {
+                break true;
+            }
+        };
+        let head = String::from_utf8_lossy(&got).to_string();
+        assert!(seen, "{head}");
+        assert!(head.starts_with("HTTP/1.1 200 "), "{head}");
+        assert!(
+            head.to_ascii_lowercase()
+                .contains("transfer-encoding: chunked"),
+            "{head}"
+        );
+        s
     };
-    let head = String::from_utf8_lossy(&got).to_string();
-    assert!(seen, "{head}");
-    assert!(head.starts_with("HTTP/1.1 200 "), "{head}");
-    assert!(
-        head.to_ascii_lowercase()
-            .contains("transfer-encoding: chunked"),
-        "{head}"
-    );
+    drop(follow(false));
+    // (The loop sees that close before the next connection's request.)
+    assert_eq!(cli.get("/instances/app-1").json()["State"], "running");
+    let s = follow(true);
     drop(s);
     let gone = wait_for(PATIENCE, || {
         (cli.get("/instances/app-1").status == 404).then_some(())
