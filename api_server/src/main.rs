@@ -9,7 +9,7 @@ use api_server::build as compilers;
 use api_server::images::{archive, oci};
 use api_server::model::store::Store;
 use api_server::model::supervisor::Supervisor;
-use api_server::runtime::process::Launcher;
+use api_server::runtime::process::{self, Launcher};
 use api_server::server::{Daemon, HttpLimits, TcpListen};
 use clap::Parser;
 
@@ -54,7 +54,9 @@ struct Args {
     /// volumes are hard-linked into jails).
     #[arg(long, default_value = "/srv/jailer")]
     chroot_base_dir: PathBuf,
-    /// ember-vmm binary (default: next to emberd).
+    /// ember-vmm binary (default: next to emberd). Build it static
+    /// (`cargo static-vmm --release`) and nothing else of the host's enters
+    /// the jails; a dynamic one gets its shared libraries copied in.
     #[arg(long)]
     vmm: Option<PathBuf>,
     /// ember-jailer binary (default: next to emberd).
@@ -236,16 +238,36 @@ fn main() {
     }
     let store = Store::open(&args.state_dir).unwrap_or_else(|e| die(e));
     let vmm = std::fs::canonicalize(&vmm).unwrap_or(vmm);
-    let missing = api_server::runtime::process::missing_libraries(&vmm);
-    if !missing.is_empty() {
-        die(format!(
-            "{} needs shared libraries that are not installed: {}",
-            vmm.display(),
-            missing.join(", ")
-        ));
-    }
+    // A static VMM (`cargo static-vmm`) enters each jail alone; a dynamic
+    // one takes the libraries ldd names with it.
+    let libs = match process::linkage(&vmm).unwrap_or_else(|e| die(e)) {
+        process::Linkage::Static => {
+            eprintln!(
+                "emberd: {} is statically linked: jails get no host libraries",
+                vmm.display()
+            );
+            Vec::new()
+        }
+        process::Linkage::Dynamic => {
+            let missing = process::missing_libraries(&vmm);
+            if !missing.is_empty() {
+                die(format!(
+                    "{} needs shared libraries that are not installed: {}",
+                    vmm.display(),
+                    missing.join(", ")
+                ));
+            }
+            let libs = process::shared_libraries(&vmm);
+            eprintln!(
+                "emberd: {} is dynamically linked: its {} shared libraries are copied into every jail (a static build needs none: cargo static-vmm)",
+                vmm.display(),
+                libs.len()
+            );
+            libs
+        }
+    };
     let launcher = Launcher {
-        libs: api_server::runtime::process::shared_libraries(&vmm),
+        libs,
         vmm_bin: vmm,
         jailer_bin: jailer,
         chroot_base: args.chroot_base_dir.clone(),

@@ -39,6 +39,62 @@ pub enum ProcessError {
     Log { path: PathBuf, err: std::io::Error },
     #[error("cannot start {bin}: {err}")]
     Spawn { bin: PathBuf, err: std::io::Error },
+    #[error("{bin} is not a usable x86_64 ELF executable: {why}")]
+    Elf { bin: PathBuf, why: String },
+}
+
+/// How a VMM binary is linked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Linkage {
+    /// No `PT_INTERP` program header (static or static-pie, e.g. built by
+    /// `cargo static-vmm`): the jail needs nothing but the binary.
+    Static,
+    /// It names a dynamic loader: its shared libraries must be placed in
+    /// every jail ([`shared_libraries`]).
+    Dynamic,
+}
+
+/// Reads `bin`'s ELF header and program headers (a little-endian 64-bit
+/// ELF, as every x86_64 Linux executable) to tell whether it is statically
+/// linked. The binary is the administrator's (`--vmm`), not a user's, but
+/// the header is still checked and read within bounds.
+pub fn linkage(bin: &Path) -> Result<Linkage, ProcessError> {
+    use std::io::{Read, Seek, SeekFrom};
+    const PT_INTERP: u32 = 3;
+    const PHDR_SIZE: usize = 56;
+    let bad = |why: &str| ProcessError::Elf {
+        bin: bin.to_path_buf(),
+        why: why.to_string(),
+    };
+    let io = |e: std::io::Error| ProcessError::Elf {
+        bin: bin.to_path_buf(),
+        why: e.to_string(),
+    };
+    let mut f = fs::File::open(bin).map_err(io)?;
+    let mut eh = [0u8; 64];
+    f.read_exact(&mut eh)
+        .map_err(|_| bad("too short for an ELF header"))?;
+    if &eh[..4] != b"\x7fELF" || eh[4] != 2 || eh[5] != 1 {
+        return Err(bad("not a little-endian 64-bit ELF file"));
+    }
+    let u16_at = |o: usize| u16::from_le_bytes([eh[o], eh[o + 1]]);
+    let phoff = u64::from_le_bytes(eh[0x20..0x28].try_into().expect("8 bytes"));
+    let (phentsize, phnum) = (usize::from(u16_at(0x36)), usize::from(u16_at(0x38)));
+    if phnum == 0 || phentsize != PHDR_SIZE {
+        return Err(bad("no program headers of the ELF64 size"));
+    }
+    let mut ph = vec![0u8; phnum * PHDR_SIZE];
+    f.seek(SeekFrom::Start(phoff)).map_err(io)?;
+    f.read_exact(&mut ph)
+        .map_err(|_| bad("program headers past the end of the file"))?;
+    let interp = ph
+        .chunks_exact(PHDR_SIZE)
+        .any(|h| u32::from_le_bytes(h[..4].try_into().expect("4 bytes")) == PT_INTERP);
+    Ok(if interp {
+        Linkage::Dynamic
+    } else {
+        Linkage::Static
+    })
 }
 
 /// How VMMs are launched.
@@ -57,7 +113,9 @@ pub struct Launcher {
     pub ids: u32,
     /// Shared libraries the VMM needs (a dynamically linked ember-vmm finds
     /// no /lib inside the jail): placed at the same paths in every jail,
-    /// root-owned and read-only. See [`shared_libraries`].
+    /// root-owned and read-only. See [`shared_libraries`]. Empty for a
+    /// static VMM ([`Linkage::Static`]): then nothing of the host's but the
+    /// VMM itself enters the jail.
     pub libs: Vec<PathBuf>,
 }
 
@@ -528,6 +586,61 @@ mod tests {
         };
         assert!(kill_and_wait(&p, Duration::from_secs(5)));
         assert!(!is_alive(&p));
+    }
+
+    /// A minimal ELF64 file whose program headers have these types.
+    fn elf(types: &[u32]) -> Vec<u8> {
+        let mut f = vec![0u8; 64];
+        f[..4].copy_from_slice(b"\x7fELF");
+        f[4] = 2;
+        f[5] = 1;
+        f[0x20..0x28].copy_from_slice(&64u64.to_le_bytes());
+        f[0x36..0x38].copy_from_slice(&56u16.to_le_bytes());
+        f[0x38..0x3a].copy_from_slice(&(types.len() as u16).to_le_bytes());
+        for t in types {
+            let mut h = vec![0u8; 56];
+            h[..4].copy_from_slice(&t.to_le_bytes());
+            f.extend_from_slice(&h);
+        }
+        f
+    }
+
+    #[test]
+    fn tells_static_from_dynamic_binaries() {
+        assert_eq!(linkage(Path::new("/bin/sh")).unwrap(), Linkage::Dynamic);
+        let dir = std::env::temp_dir().join(format!("ember-linkage-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let write = |name: &str, bytes: &[u8]| {
+            let p = dir.join(name);
+            fs::write(&p, bytes).unwrap();
+            p
+        };
+        // PT_LOAD, PT_DYNAMIC, PT_GNU_STACK: static-pie.
+        let st = write("static", &elf(&[1, 2, 0x6474_e551]));
+        assert_eq!(linkage(&st).unwrap(), Linkage::Static);
+        // PT_PHDR, PT_INTERP, PT_LOAD.
+        let dy = write("dynamic", &elf(&[6, 3, 1]));
+        assert_eq!(linkage(&dy).unwrap(), Linkage::Dynamic);
+        // Truncated program headers, a script, an empty file: clear errors.
+        let mut cut = elf(&[1, 3]);
+        cut.truncate(100);
+        for (name, bytes, why) in [
+            ("cut", cut, "past the end"),
+            ("script", b"#!/bin/sh\necho hi\n".to_vec(), "too short"),
+            ("empty", Vec::new(), "too short"),
+        ] {
+            let e = linkage(&write(name, &bytes)).unwrap_err().to_string();
+            assert!(e.contains(why), "{name}: {e}");
+        }
+        let e = linkage(&write("elf32", &{
+            let mut b = elf(&[1]);
+            b[4] = 1;
+            b
+        }))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("64-bit"), "{e}");
+        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
