@@ -46,6 +46,47 @@ pub fn bin(name: &str) -> PathBuf {
     p
 }
 
+static STATIC_BUILD: Once = Once::new();
+
+/// ember-vmm linked statically (`cargo static-vmm`, the alias in
+/// `.cargo/config.toml`: `--target x86_64-unknown-linux-gnu` with
+/// `+crt-static`), built on first use, in the same profile as the tests:
+/// `<target dir>/x86_64-unknown-linux-gnu/<profile>/ember-vmm`. emberd and
+/// the jailer tests run it, so jails get no host libraries.
+pub fn static_vmm() -> PathBuf {
+    STATIC_BUILD.call_once(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        // The alias's target rustflags (+crt-static) lose to these.
+        cmd.current_dir(workspace_root())
+            .args(["static-vmm", "--quiet"])
+            .env_remove("RUSTFLAGS")
+            .env_remove("CARGO_ENCODED_RUSTFLAGS");
+        if !cfg!(debug_assertions) {
+            cmd.arg("--release");
+        }
+        let st = cmd.status().expect("run cargo static-vmm");
+        assert!(
+            st.success(),
+            "cargo static-vmm failed (it links glibc's libc.a, from libc6-dev)"
+        );
+    });
+    let exe = std::env::current_exe().expect("current_exe");
+    // target/<profile>/deps/<test> -> target/x86_64-unknown-linux-gnu/<profile>/ember-vmm
+    let profile_dir = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("test binary lives in target/<profile>/deps");
+    let p = profile_dir
+        .parent()
+        .expect("target/<profile> has a parent")
+        .join("x86_64-unknown-linux-gnu")
+        .join(profile_dir.file_name().expect("a profile directory name"))
+        .join("ember-vmm");
+    assert!(p.exists(), "{} was not built", p.display());
+    p
+}
+
 /// A temp directory removed on drop.
 pub struct TempDir(PathBuf);
 
@@ -737,7 +778,8 @@ pub struct Emberd {
 
 impl Emberd {
     /// Starts emberd in a fresh temp dir; VMMs and builds run as `uid:uid`;
-    /// `extra` are more emberd flags.
+    /// `extra` are more emberd flags. Its VMM is the static build
+    /// ([`static_vmm`]) unless `extra` names one with `--vmm`.
     pub fn start(tag: &str, uid: u32, extra: &[&str]) -> Self {
         let dir = TempDir::new(tag);
         let sock = dir.join("ember.sock");
@@ -758,6 +800,10 @@ impl Emberd {
             "--export-dir".into(),
             dir.path().display().to_string(),
         ];
+        if !extra.contains(&"--vmm") {
+            args.push("--vmm".into());
+            args.push(static_vmm().display().to_string());
+        }
         args.extend(extra.iter().map(|s| s.to_string()));
         let mut d = Emberd {
             proc_: None,

@@ -973,3 +973,54 @@ fn a_linux_image_for_a_modular_kernel_carries_its_modules_or_is_refused() {
         assert!(has(name), "the initramfs has no {name}");
     }
 }
+
+/// The entries of an instance's jail root while it runs.
+fn jail_root_entries(d: &Emberd, id: &str) -> Vec<String> {
+    let root = d.dir.join("jail").join("ember-vmm").join(id).join("root");
+    let mut v: Vec<String> = std::fs::read_dir(&root)
+        .unwrap_or_else(|e| panic!("{}: {e}", root.display()))
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn a_static_vmm_enters_its_jail_alone_and_a_dynamic_one_brings_its_libraries() {
+    for (extra, linkage) in [
+        (None, "statically linked"),
+        (Some(bin("ember-vmm")), "dynamically linked"),
+    ] {
+        let vmm_arg = extra.as_ref().map(|p| p.display().to_string());
+        let args: Vec<&str> = match &vmm_arg {
+            Some(p) => vec!["--vmm", p],
+            None => vec![],
+        };
+        let d = Emberd::start("emberd-linkage", 10501, &args);
+        assert!(d.err().contains(linkage), "{}", d.err());
+        d.c_image("idle", IDLE_C, &[]);
+        let inst = run_instance(
+            &d,
+            serde_json::json!({"InstanceName": "l1", "ImageName": "idle"}),
+        );
+        d.wait_logs("l1", "idle instance up");
+        let id = inst["Id"].as_str().unwrap();
+        let entries = jail_root_entries(&d, id);
+        let has_libs = entries.iter().any(|e| e.starts_with("lib") || e == "usr");
+        match extra {
+            None => assert!(
+                !has_libs,
+                "host libraries in a static VMM's jail: {entries:?}"
+            ),
+            Some(_) => assert!(
+                has_libs,
+                "no libraries in a dynamic VMM's jail: {entries:?}"
+            ),
+        }
+        assert_eq!(
+            d.curl(&["-X", "DELETE", "http://localhost/instances/l1?force=true"])
+                .0,
+            204
+        );
+    }
+}

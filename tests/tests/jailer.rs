@@ -3,9 +3,11 @@
 //! forbidden syscall kills it by SIGSYS, bad ids and `..` paths are refused,
 //! and the jail directory and cgroup can be removed afterwards.
 //!
-//! ember-vmm is a dynamically linked binary, so each test puts the shared
-//! libraries `ldd` names at the same paths inside the jail root, next to the
-//! kernel and config, before it starts the jailer.
+//! The jails run the static ember-vmm ([`static_vmm`], `cargo static-vmm`):
+//! nothing of the host's but the VMM enters them. One test runs the
+//! dynamically linked build (plain `cargo build`) the way it still works:
+//! with the shared libraries `ldd` names copied to the same paths inside the
+//! jail root.
 
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
@@ -23,10 +25,24 @@ struct Jail {
     base: TempDir,
     id: String,
     cgroups: Vec<PathBuf>,
+    /// The VMM binary the jailer gets as `--exec-file`.
+    vmm: PathBuf,
 }
 
 impl Jail {
+    /// A jail for the static ember-vmm: only the VMM goes in.
     fn new(tag: &str) -> Self {
+        Self::with_vmm(tag, static_vmm())
+    }
+
+    /// A jail for the dynamically linked ember-vmm, with its libraries.
+    fn new_dynamic(tag: &str) -> Self {
+        let j = Self::with_vmm(tag, bin("ember-vmm"));
+        j.copy_libraries();
+        j
+    }
+
+    fn with_vmm(tag: &str, vmm: PathBuf) -> Self {
         static N: AtomicU32 = AtomicU32::new(0);
         let id = format!(
             "{tag}-{}-{}",
@@ -37,9 +53,9 @@ impl Jail {
             base: TempDir::new("jail"),
             id,
             cgroups: Vec::new(),
+            vmm,
         };
         std::fs::create_dir_all(j.root()).unwrap();
-        j.copy_libraries();
         j
     }
 
@@ -60,7 +76,7 @@ impl Jail {
 
     fn copy_libraries(&self) {
         let out = Command::new("ldd")
-            .arg(bin("ember-vmm"))
+            .arg(&self.vmm)
             .output()
             .expect("run ldd");
         for lib in String::from_utf8_lossy(&out.stdout)
@@ -103,7 +119,7 @@ impl Jail {
         c.arg("--id")
             .arg(&self.id)
             .arg("--exec-file")
-            .arg(bin("ember-vmm"))
+            .arg(&self.vmm)
             .args(["--uid", &UID.to_string(), "--gid", &GID.to_string()])
             .arg("--chroot-base-dir")
             .arg(self.base.path())
@@ -202,6 +218,25 @@ fn the_guest_boots_in_the_jail_as_an_unprivileged_user() {
         p.out()
     );
     assert!(p.err().contains("guest requested a reset"), "{}", p.err());
+    // The static VMM needed nothing else from the host: the jail root holds
+    // the VMM, its pid file, the guest and config, /dev and /run.
+    let mut entries: Vec<String> = std::fs::read_dir(j.root())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    entries.sort();
+    assert_eq!(
+        entries,
+        [
+            "dev",
+            "ember-vmm",
+            "ember-vmm.pid",
+            "kernel.elf",
+            "run",
+            "vm.json"
+        ],
+        "the jail holds more than the VMM and its guest"
+    );
     if let Some(leaf) = j.cgroups.first() {
         assert_eq!(
             std::fs::read_to_string(leaf.join("cgroup.max.descendants"))
@@ -231,6 +266,25 @@ fn serial_output_goes_to_a_file_inside_the_jail() {
     use std::os::unix::fs::MetadataExt;
     let m = std::fs::metadata(j.host("/run/serial.log")).unwrap();
     assert_eq!((m.uid(), m.gid()), (UID, GID));
+    j.remove();
+}
+
+#[test]
+fn a_dynamically_linked_vmm_still_runs_with_its_libraries_copied_in() {
+    let j = Jail::new_dynamic("dynamic");
+    assert!(
+        j.root().join("lib64").exists() || j.root().join("lib").exists(),
+        "ldd named no loader for the dynamic build"
+    );
+    j.place_guest("ember.test=hello");
+    let logs = TempDir::new("jail-logs");
+    let mut p = j.spawn_no_api(&[], &[], &logs);
+    assert_eq!(p.wait().code(), Some(0), "{}", p.err());
+    assert!(
+        p.out().contains("ember-guest: hello from pvh boot"),
+        "{}",
+        p.out()
+    );
     j.remove();
 }
 
