@@ -47,6 +47,10 @@ struct Args {
     /// remote); default <state-dir>/export.
     #[arg(long)]
     export_dir: Option<PathBuf>,
+    /// A registry host (`host` or `host:port`) spoken to over plain HTTP
+    /// (repeatable); loopback registries always are, others use HTTPS.
+    #[arg(long = "insecure-registry")]
+    insecure_registry: Vec<String>,
     /// Where images, volumes, logs and state live.
     #[arg(long, default_value = "/var/lib/ember")]
     state_dir: PathBuf,
@@ -321,9 +325,19 @@ fn main() {
             backoff: std::time::Duration::from_millis(args.flintlock_backoff_ms),
         },
     };
-    let images =
+    let mut images =
         api_server::images::store::ImageStore::open(&args.state_dir.join("container-images"))
             .unwrap_or_else(|e| die(format!("container image store: {e}")));
+    // One registry client (and blob cache) for hyperd and Flintlock.
+    let registry =
+        api_server::images::registry::Registry::new(api_server::images::registry::RegistryConfig {
+            cache_dir: args.state_dir.join("registry-cache"),
+            auth_file: Some(args.state_dir.join("auth.json")),
+            insecure: args.insecure_registry.clone(),
+            limits: Default::default(),
+        });
+    images.set_registry(registry.clone());
+    sup.set_registry(registry);
     if args.pod_boot_args.contains('"') || args.pod_boot_args.chars().any(char::is_control) {
         die("--pod-boot-args may not contain double quotes or control characters");
     }

@@ -27,6 +27,7 @@ use super::supervisor::{RunRequest, Supervisor, SupervisorError};
 use super::{Disk, Image, Instance, NetInterface, VolumeFormat};
 use crate::images::cidata::{self, CidataError};
 use crate::images::oci::{self, OciError};
+use crate::images::registry::{self, Registry};
 use crate::runtime::netdev::{self, NetdevError};
 
 /// Errors from MicroVM requests, by gRPC meaning.
@@ -55,6 +56,8 @@ pub enum ReconcileError {
     NoKernel,
     #[error("{src}: {err}")]
     Source { src: String, err: Box<OciError> },
+    #[error("pull {src}: {err}")]
+    Registry { src: String, err: String },
     #[error("kernel {file} in {image}: {err}")]
     Kernel {
         file: String,
@@ -480,14 +483,22 @@ pub fn list(sup: &Supervisor, ns: &str, name: Option<&str>) -> Vec<MicroVm> {
         .collect()
 }
 
-/// Every host path the spec names (kernel, initrd, volume sources) must
+/// Every source the spec names (kernel, initrd, volume sources) is an
+/// image reference (pulled from its registry) or a host path, which must
 /// lie under the import directory.
 fn check_sources(paths: &HostPaths, spec: &MicroVmSpec) -> Result<(), HostPathError> {
+    let check = |what: &str, src: &str| {
+        if registry::is_reference(src) {
+            Ok(())
+        } else {
+            paths.import(what, src).map(|_| ())
+        }
+    };
     if let Some(k) = &spec.kernel {
-        paths.import("kernel.image", &k.image)?;
+        check("kernel.image", &k.image)?;
     }
     if let Some(i) = spec.initrd.as_ref().filter(|i| !i.image.is_empty()) {
-        paths.import("initrd.image", &i.image)?;
+        check("initrd.image", &i.image)?;
     }
     for v in spec
         .root_volume
@@ -499,7 +510,29 @@ fn check_sources(paths: &HostPaths, spec: &MicroVmSpec) -> Result<(), HostPathEr
             .as_ref()
             .and_then(|s| s.container_source.as_deref())
             .unwrap_or("");
-        paths.import(&format!("volume {} containerSource", v.id), src)?;
+        check(&format!("volume {} containerSource", v.id), src)?;
+    }
+    Ok(())
+}
+
+/// Every image reference of the spec parses.
+fn check_references(spec: &MicroVmSpec) -> Result<(), MicroVmError> {
+    let mut srcs: Vec<&str> = Vec::new();
+    srcs.extend(spec.kernel.iter().map(|k| k.image.as_str()));
+    srcs.extend(spec.initrd.iter().map(|i| i.image.as_str()));
+    for v in spec
+        .root_volume
+        .iter()
+        .chain(spec.additional_volumes.iter())
+    {
+        srcs.extend(
+            v.source
+                .as_ref()
+                .and_then(|s| s.container_source.as_deref()),
+        );
+    }
+    for s in srcs.into_iter().filter(|s| registry::is_reference(s)) {
+        registry::parse_reference(s).map_err(|e| MicroVmError::Invalid(e.to_string()))?;
     }
     Ok(())
 }
@@ -513,6 +546,7 @@ pub fn create(
     policy: RetryPolicy,
 ) -> Result<MicroVm, MicroVmError> {
     validate(&mut spec)?;
+    check_references(&spec)?;
     // Outside the import directory is refused now; a source that does not
     // exist yet fails its reconcile attempts (and may appear meanwhile).
     match check_sources(sup.host_paths(), &spec) {
@@ -586,18 +620,48 @@ struct Artifacts {
     cidata: Option<PathBuf>,
 }
 
-/// Worker side: builds everything a MicroVM needs from its spec.
-fn build(spec: &MicroVmSpec, uid: &str, staging: PathBuf) -> Result<Artifacts, ReconcileError> {
+/// Worker side: builds everything a MicroVM needs from its spec. Image
+/// references are pulled with `reg` (its blob cache makes a second pull
+/// of the same image fetch nothing).
+fn build(
+    spec: &MicroVmSpec,
+    uid: &str,
+    staging: PathBuf,
+    reg: Option<&Registry>,
+) -> Result<Artifacts, ReconcileError> {
     // Removed on every path out of here that does not hand it over.
     let staging = Scratch::create(staging).map_err(ReconcileError::Staging)?;
     let kernel_dir = staging.join("image");
     std::fs::create_dir_all(&kernel_dir).map_err(ReconcileError::Staging)?;
+    let pulls = staging.join("pulls");
     let k = spec.kernel.as_ref().ok_or(ReconcileError::NoKernel)?;
-    let open = |src: &str| {
-        oci::open(std::path::Path::new(src), None).map_err(|err| ReconcileError::Source {
+    // Pulled layouts live until the end of the attempt (staging goes too).
+    let mut pulled = Vec::new();
+    let mut open = |src: &str| {
+        let source_err = |err| ReconcileError::Source {
             src: src.to_string(),
             err: Box::new(err),
-        })
+        };
+        if !registry::is_reference(src) {
+            return oci::open(std::path::Path::new(src), None).map_err(source_err);
+        }
+        let reg = reg.ok_or_else(|| ReconcileError::Registry {
+            src: src.to_string(),
+            err: "emberd has no registry access".into(),
+        })?;
+        let p = reg
+            .pull(src, &pulls, &mut |_| {})
+            .map_err(|e| ReconcileError::Registry {
+                src: src.to_string(),
+                err: e.to_string(),
+            })?;
+        let cfg = oci::OpenConfig {
+            scratch_dir: pulls.clone(),
+            ..Default::default()
+        };
+        let img = oci::open_with(p.layout(), None, &cfg).map_err(source_err)?;
+        pulled.push(p);
+        Ok(img)
     };
     let kimg = open(&k.image)?;
     let kfile = k.filename.clone().unwrap_or_default();
@@ -791,11 +855,12 @@ fn schedule(sup: &Supervisor, jobs: &Jobs, uid: &str, delay: Duration, policy: R
     // Checked again at every attempt: the import directory may have
     // changed since the MicroVM was created (emberd restarted).
     let allowed = check_sources(sup.host_paths(), &spec);
+    let reg = sup.registry().cloned();
     let uid = uid.to_string();
     jobs.spawn_background("reconcile", delay, move || {
         let built = allowed
             .map_err(ReconcileError::from)
-            .and_then(|()| build(&spec, &uid, staging));
+            .and_then(|()| build(&spec, &uid, staging, reg.as_ref()));
         Box::new(move |sup: &mut Supervisor, jobs: &Jobs| {
             let Some(state) = record(sup, &uid).and_then(|i| i.annotations.get(ANN_STATE).cloned())
             else {

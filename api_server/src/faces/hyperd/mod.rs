@@ -44,11 +44,26 @@ impl From<PodError> for HyperdError {
     }
 }
 
-/// The HTTP status hyperd gave an error message.
+/// Where an image create takes its image from.
+enum SourceKind {
+    Registry,
+    Local,
+}
+
+/// The HTTP status hyperd gave an error message. Registry failures
+/// (ember's addition): "unauthorized:" 401, "manifest unknown" 404, a
+/// registry that is down or sent bad bytes 502.
 pub fn status_for(msg: &str) -> u16 {
     let m = msg.to_ascii_lowercase();
-    if m.contains("no such") {
+    if m.starts_with("unauthorized:") {
+        401
+    } else if m.contains("no such") || m.starts_with("manifest unknown") {
         404
+    } else if m.starts_with("registry ")
+        || m.starts_with("digest mismatch")
+        || m.starts_with("invalid image from the registry")
+    {
+        502
     } else if m.contains("bad parameter") {
         400
     } else if m.contains("conflict") {
@@ -152,31 +167,40 @@ impl Hyperd {
             (ImageSource::Path(name.clone()), None)
         } else if name.is_empty() {
             return Reply::Now(fail(&HyperdError::BadParameter(
-                "imageName (a path to an OCI layout or docker save tarball) or an uploaded tarball is required".into(),
+                "imageName (an image reference, a path to an OCI layout or docker save tarball) or an uploaded tarball is required".into(),
             )));
         } else {
-            return Reply::Now(fail_lines(
-                &HyperdError::Other(format!(
-                    "cannot pull {name}: emberd has no registry access; import an OCI image layout or a docker save tarball instead (imageName=/absolute/path, or upload the tarball as the request body)"
-                )),
-                vec![json!({"status": format!("Pulling {name}")})],
-            ));
+            // A registry reference (hyperd's `pull`); a tag given apart
+            // (Docker's `fromImage` + `tag`) is appended.
+            let reference = match req.query_param("tag").filter(|t| !t.is_empty()) {
+                Some(t) if !name.contains('@') => format!("{name}:{t}"),
+                _ => name.clone(),
+            };
+            (ImageSource::Registry(reference), None)
+        };
+        let source_kind = match &source {
+            ImageSource::Registry(_) => SourceKind::Registry,
+            _ => SourceKind::Local,
         };
         let job = match self.pods.prepare_import(ctx.sup, source, tag) {
             Ok(j) => j,
             Err(e) => return Reply::Now(fail(&e.into())),
         };
+        let pulling = matches!(source_kind, SourceKind::Registry);
         ctx.spawn("image-import", move || {
-            let res = job.run();
+            let mut progress =
+                vec![json!({"status": if pulling { "Pulling" } else { "Importing" }})];
+            let res = job.run(&mut |v| progress.push(v));
             Box::new(move |_: &mut Supervisor| match res {
-                Ok(r) => lines(
-                    200,
-                    &[
-                        json!({"status": "Importing"}),
-                        json!({"status": format!("Imported {} as {}", r.short_id, r.name)}),
-                    ],
-                ),
-                Err(e) => fail_lines(&e.into(), vec![json!({"status": "Importing"})]),
+                Ok(r) => {
+                    progress.push(json!({"status": if pulling {
+                        format!("Pulled {} as {}", r.short_id, r.name)
+                    } else {
+                        format!("Imported {} as {}", r.short_id, r.name)
+                    }}));
+                    lines(200, &progress)
+                }
+                Err(e) => fail_lines(&e.into(), progress),
             }) as Finish
         })
     }
@@ -229,16 +253,15 @@ impl Hyperd {
             .pods
             .prepare_push(ctx.sup, req.query_param("tag"), remote)?;
         Ok(ctx.spawn("image-push", move || {
-            let res = job.run();
+            let mut progress =
+                vec![json!({"status": format!("Pushing {} to {}", job.name(), job.dest())})];
+            let res = job.run(&mut |v| progress.push(v));
             Box::new(move |_: &mut Supervisor| match res {
-                Ok(d) => lines(
-                    200,
-                    &[
-                        json!({"status": format!("Pushing {} to {}", job.name(), job.dest().display())}),
-                        json!({"status": format!("Pushed {d}")}),
-                    ],
-                ),
-                Err(e) => fail_lines(&e.into(), vec![]),
+                Ok(d) => {
+                    progress.push(json!({"status": format!("Pushed {d}")}));
+                    lines(200, &progress)
+                }
+                Err(e) => fail_lines(&e.into(), progress),
             }) as Finish
         }))
     }

@@ -22,6 +22,7 @@ use super::{
 };
 use crate::images::archive::{self, ExtractLimits};
 use crate::images::oci::{self, ImageConfig};
+use crate::images::registry;
 
 /// Largest Dockerfile read, in bytes.
 const MAX_DOCKERFILE: u64 = 1 << 20;
@@ -112,13 +113,18 @@ impl ImageStore {
             config: ImageConfig::default(),
             args: BTreeMap::new(),
             n_tmp: 0,
+            pull_progress: Vec::new(),
         };
         let total = steps.len();
         for (i, st) in steps.iter().enumerate() {
             progress(
                 &json!({"stream": format!("Step {}/{} : {}\n", i + 1, total, st.text)}).to_string(),
             );
-            b.step(st).map_err(|e| match e {
+            let stepped = b.step(st);
+            for line in b.pull_progress.drain(..) {
+                progress(&line);
+            }
+            stepped.map_err(|e| match e {
                 ImageStoreError::Invalid(m) => {
                     ImageStoreError::Invalid(format!("Dockerfile line {}: {m}", st.line))
                 }
@@ -156,6 +162,8 @@ struct Builder<'a> {
     config: ImageConfig,
     args: BTreeMap<String, String>,
     n_tmp: u32,
+    /// Progress lines of a `FROM` pull, handed on after the step.
+    pull_progress: Vec<String>,
 }
 
 impl Builder<'_> {
@@ -316,9 +324,16 @@ impl Builder<'_> {
             return Ok(());
         }
         let img = match self.store.open_image(image) {
+            Err(ImageStoreError::NotFound(_))
+                if self.store.registry.is_some() && registry::is_reference(image) =>
+            {
+                let lines = &mut self.pull_progress;
+                let rec = self.store.pull(image, &mut |v| lines.push(v.to_string()))?;
+                self.store.open_image(&rec.id)?
+            }
             Err(ImageStoreError::NotFound(_)) => {
                 return Err(ImageStoreError::NotFound(format!(
-                    "{image} (ember has no registry: import the base image first)"
+                    "{image} (no registry access here: import the base image first)"
                 )))
             }
             r => r?,
@@ -624,7 +639,7 @@ mod tests {
         assert!(matches!(e, ImageStoreError::NotFound(_)), "{e}");
         let e = build("FROM nothere:1\n");
         assert!(matches!(e, ImageStoreError::NotFound(_)), "{e}");
-        assert!(e.to_string().contains("no registry"), "{e}");
+        assert!(e.to_string().contains("no registry access"), "{e}");
         let e = build("FROM scratch\nCOPY --from=builder /a /b\n");
         assert!(matches!(e, ImageStoreError::Unsupported(_)), "{e}");
         let ctx = context(&[("f", "f\n")], &[]);

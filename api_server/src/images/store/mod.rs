@@ -89,6 +89,7 @@ use crate::fsutil::write_atomic;
 use crate::images::archive::ExtractLimits;
 use crate::images::ext4::{self, Ext4Error};
 use crate::images::oci::{self, ImageConfig, OciError, OciImage, OpenConfig};
+use crate::images::registry::{Progress, Registry, RegistryError, RegistryErrorKind};
 
 /// `ref.name` of the one image in each stored layout.
 const LAYOUT_REF: &str = "image";
@@ -115,6 +116,9 @@ pub enum ImageStoreError {
     /// A host-side failure (I/O, the index).
     #[error("{0}")]
     Internal(String),
+    /// A registry refused access, failed, or sent bad bytes.
+    #[error("{0}")]
+    Registry(RegistryError),
 }
 
 type Result<T> = std::result::Result<T, ImageStoreError>;
@@ -137,6 +141,18 @@ fn from_oci(e: OciError) -> ImageStoreError {
             ImageStoreError::Internal(e.to_string())
         }
         other => ImageStoreError::Invalid(other.to_string()),
+    }
+}
+
+/// Maps a [`RegistryError`] to the store's variants; the message keeps
+/// the registry error's words ("manifest unknown", "unauthorized", ...).
+fn from_registry(e: RegistryError) -> ImageStoreError {
+    match e.kind() {
+        RegistryErrorKind::NotFound => ImageStoreError::NotFound(e.to_string()),
+        RegistryErrorKind::Invalid => ImageStoreError::Invalid(e.to_string()),
+        RegistryErrorKind::Unauthorized
+        | RegistryErrorKind::BadGateway
+        | RegistryErrorKind::Internal => ImageStoreError::Registry(e),
     }
 }
 
@@ -201,6 +217,7 @@ struct Index {
 #[derive(Debug, Clone)]
 pub struct ImageStore {
     root: PathBuf,
+    registry: Option<Registry>,
 }
 
 impl ImageStore {
@@ -226,7 +243,57 @@ impl ImageStore {
         }
         Ok(ImageStore {
             root: root.to_path_buf(),
+            registry: None,
         })
+    }
+
+    /// Lets the store pull from and push to registries
+    /// ([`ImageStore::pull`], [`ImageStore::push_to_registry`], `FROM
+    /// <reference>` in builds).
+    pub fn set_registry(&mut self, r: Registry) {
+        self.registry = Some(r);
+    }
+
+    fn registry(&self) -> Result<&Registry> {
+        self.registry.as_ref().ok_or_else(|| {
+            ImageStoreError::Unsupported("this image store has no registry access".into())
+        })
+    }
+
+    /// Pulls `reference` from its registry (see [`crate::images::registry`])
+    /// and stores it under its familiar name (`repo:tag`; a pull by digest
+    /// gets no name but keeps the digest in `repo@digest` form as the
+    /// record's repo). `progress` gets Docker-style JSON lines. A failed
+    /// pull leaves no image and no partial blob.
+    pub fn pull(&self, reference: &str, progress: Progress<'_>) -> Result<ImageRecord> {
+        let reg = self.registry()?;
+        let tmp = self.temp_dir("pull")?;
+        let pulled = reg
+            .pull(reference, tmp.path(), progress)
+            .map_err(from_registry)?;
+        let (repo, tag) = match pulled.name.split_once('@') {
+            Some((repo, _)) => (repo.to_string(), NONE.to_string()),
+            None => parse_name(&pulled.name)?,
+        };
+        let img = oci::open_with(pulled.layout(), None, &self.open_config()).map_err(from_oci)?;
+        let layout = tmp.path().join("layout");
+        let digest = oci::write_layout_from(&layout, &img, &[], &img.config, LAYOUT_REF)
+            .map_err(from_oci)?;
+        self.add_image(&layout, &digest, &repo, &tag, &img.config)
+    }
+
+    /// Pushes image `name_or_id` to the registry reference `target`
+    /// (`host[:port]/repo:tag`); returns the manifest digest.
+    pub fn push_to_registry(
+        &self,
+        name_or_id: &str,
+        target: &str,
+        progress: Progress<'_>,
+    ) -> Result<String> {
+        let reg = self.registry()?;
+        let rec = self.get(name_or_id)?;
+        reg.push_layout(&self.image_dir(&rec), LAYOUT_REF, target, progress)
+            .map_err(from_registry)
     }
 
     /// The store directory.

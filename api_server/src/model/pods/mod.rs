@@ -100,6 +100,10 @@ pub enum PodError {
     Unavailable(String),
     #[error("{0}")]
     Failed(String),
+    /// A registry refused access ("unauthorized: ..."), failed or sent
+    /// bad bytes.
+    #[error("{0}")]
+    Registry(String),
 }
 
 type Result<T> = std::result::Result<T, PodError>;
@@ -133,6 +137,7 @@ impl From<ImageStoreError> for PodError {
             ImageStoreError::Conflict(m) => PodError::Conflict(m),
             // RUN, URLs, zstd...: what the user asked for, not a server fault.
             ImageStoreError::Unsupported(m) => PodError::Invalid(m),
+            ImageStoreError::Registry(e) => PodError::Registry(e.to_string()),
             other => PodError::Failed(other.to_string()),
         }
     }

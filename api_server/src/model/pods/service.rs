@@ -2,13 +2,14 @@
 //! thread, and what blocks comes back as a job whose `run` a worker thread
 //! calls; the face only turns the results into its wire format.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use serde_json::Value;
 
 use super::plan::{parse_pod, plan, PodPlan};
 use super::{find_vm, BusyGuard, PodError, Pods, Result, POD_ANN, VM_ANN};
+use crate::images::registry;
 use crate::images::store::{hyperd_list_entry, ImageConfigChanges};
 use crate::model::jobs::Jobs;
 use crate::model::supervisor::Supervisor;
@@ -97,6 +98,8 @@ pub enum ImageSource {
     /// A tarball uploaded with the request (its bytes, shared rather than
     /// copied: a large upload is a map of the HTTP layer's spool file).
     Upload(Upload),
+    /// An image reference, pulled from its registry.
+    Registry(String),
 }
 
 /// Uploaded bytes as a worker can hold them.
@@ -106,6 +109,7 @@ pub type Upload = Arc<dyn AsRef<[u8]> + Send + Sync>;
 enum Source {
     Path(PathBuf),
     Upload(Upload),
+    Registry(String),
 }
 
 /// An image import, ready for a worker; [`ImportJob::run`] does it.
@@ -116,11 +120,19 @@ pub struct ImportJob {
     tag: Option<String>,
 }
 
+/// Where a push goes.
+enum PushDest {
+    /// An OCI layout under the export directory.
+    Layout(PathBuf),
+    /// A registry reference (`host[:port]/repo[:tag]`).
+    Registry(String),
+}
+
 /// An image push, its destination checked; [`PushJob::run`] does it.
 pub struct PushJob {
     pods: Arc<Pods>,
     name: String,
-    dest: PathBuf,
+    dest: PushDest,
 }
 
 impl PushJob {
@@ -129,15 +141,22 @@ impl PushJob {
         &self.name
     }
 
-    /// Where the layout is written.
-    pub fn dest(&self) -> &Path {
-        &self.dest
+    /// Where it goes: the layout's path or the registry reference.
+    pub fn dest(&self) -> String {
+        match &self.dest {
+            PushDest::Layout(p) => p.display().to_string(),
+            PushDest::Registry(r) => r.clone(),
+        }
     }
 
-    /// Worker side: writes the image into the OCI layout; returns the
+    /// Worker side: writes the image into the OCI layout or pushes it to
+    /// the registry (`progress` gets Docker's JSON lines); returns the
     /// manifest digest.
-    pub fn run(&self) -> Result<String> {
-        Ok(self.pods.images.push(&self.name, &self.dest, None)?)
+    pub fn run(&self, progress: &mut dyn FnMut(Value)) -> Result<String> {
+        Ok(match &self.dest {
+            PushDest::Layout(p) => self.pods.images.push(&self.name, p, None)?,
+            PushDest::Registry(r) => self.pods.images.push_to_registry(&self.name, r, progress)?,
+        })
     }
 }
 
@@ -148,10 +167,18 @@ pub struct Imported {
 }
 
 impl ImportJob {
-    /// Worker side: imports the image.
-    pub fn run(self) -> Result<Imported> {
+    /// Worker side: imports (or pulls) the image; `progress` gets Docker's
+    /// JSON lines of a pull.
+    pub fn run(self, progress: &mut dyn FnMut(Value)) -> Result<Imported> {
         let res = (|| {
             let src = match self.source {
+                Source::Registry(r) => {
+                    let rec = self.pods.images.pull(&r, progress)?;
+                    return Ok(Imported {
+                        short_id: rec.short_id().to_string(),
+                        name: rec.name(),
+                    });
+                }
                 Source::Path(p) => p,
                 Source::Upload(body) => {
                     std::fs::create_dir_all(&self.staging).map_err(super::failed)?;
@@ -361,6 +388,7 @@ impl Pods {
                     .map_err(|e| PodError::Invalid(e.to_string()))?,
             ),
             ImageSource::Upload(b) => Source::Upload(b),
+            ImageSource::Registry(r) => Source::Registry(r),
         };
         Ok(ImportJob {
             pods: Arc::clone(self),
@@ -370,18 +398,25 @@ impl Pods {
         })
     }
 
-    /// Loop side of a push of image `name` to the OCI layout `remote`,
-    /// which must lie under the export directory.
+    /// Loop side of a push of image `name` to `remote`: an OCI layout
+    /// path, which must lie under the export directory, or a registry
+    /// reference (`host[:port]/repo[:tag]`, tag `latest` by default).
     pub fn prepare_push(
         self: &Arc<Self>,
         sup: &Supervisor,
         name: Option<&str>,
         remote: &str,
     ) -> Result<PushJob> {
-        let dest = sup
-            .host_paths()
-            .export("remote", remote)
-            .map_err(|e| PodError::Invalid(e.to_string()))?;
+        let dest = if registry::is_reference(remote) {
+            registry::parse_reference(remote).map_err(|e| PodError::Invalid(e.to_string()))?;
+            PushDest::Registry(remote.to_string())
+        } else {
+            PushDest::Layout(
+                sup.host_paths()
+                    .export("remote", remote)
+                    .map_err(|e| PodError::Invalid(e.to_string()))?,
+            )
+        };
         let name = name
             .filter(|n| !n.is_empty())
             .ok_or_else(|| PodError::Invalid("tag (the image to push) is required".into()))?;

@@ -10,7 +10,8 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc::Sender;
 use std::time::Duration;
 
-use crate::build::{self as compilers, CompileOutput, Registry};
+use crate::build::{self as compilers, CompileOutput, Registry as Compilers};
+use crate::images::registry::Registry;
 use crate::model::host_paths::HostPaths;
 use crate::model::store::{Scratch, Store, StoreError};
 use crate::model::*;
@@ -173,9 +174,10 @@ pub struct Supervisor {
     store: Store,
     state: State,
     launcher: Launcher,
-    compilers: Registry,
+    compilers: Compilers,
     watch: Option<WatchSender>,
     host_paths: HostPaths,
+    registry: Option<Registry>,
 }
 
 impl Supervisor {
@@ -185,7 +187,7 @@ impl Supervisor {
     /// re-adopted if its instance was being started, killed otherwise, so
     /// no instance ever has two VMMs. Host paths default to `import/` and
     /// `export/` in the state directory ([`Supervisor::set_host_paths`]).
-    pub fn new(store: Store, launcher: Launcher, compilers: Registry) -> Result<Self> {
+    pub fn new(store: Store, launcher: Launcher, compilers: Compilers) -> Result<Self> {
         let state = store.load()?;
         let host_paths = HostPaths::new(&store.root().join("import"), &store.root().join("export"))
             .map_err(|e| {
@@ -200,6 +202,7 @@ impl Supervisor {
             compilers,
             watch: None,
             host_paths,
+            registry: None,
         };
         let mut changed = false;
         let mut strays = s.launcher.find_vmms();
@@ -288,6 +291,17 @@ impl Supervisor {
         &self.host_paths
     }
 
+    /// The registry client Flintlock's sources are pulled with (none: image
+    /// references are refused).
+    pub fn registry(&self) -> Option<&Registry> {
+        self.registry.as_ref()
+    }
+
+    /// Gives the supervisor a registry client.
+    pub fn set_registry(&mut self, r: Registry) {
+        self.registry = Some(r);
+    }
+
     /// Uses other import and export directories.
     pub fn set_host_paths(&mut self, p: HostPaths) {
         self.host_paths = p;
@@ -299,7 +313,7 @@ impl Supervisor {
     }
 
     /// The compilers.
-    pub fn compilers(&self) -> &Registry {
+    pub fn compilers(&self) -> &Compilers {
         &self.compilers
     }
 
@@ -1115,7 +1129,7 @@ mod tests {
             libs: vec![],
         };
         (
-            Supervisor::new(store, launcher, Registry::new()).unwrap(),
+            Supervisor::new(store, launcher, Compilers::new()).unwrap(),
             root,
         )
     }
