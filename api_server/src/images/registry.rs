@@ -206,7 +206,11 @@ pub fn parse_reference(s: &str) -> Result<Reference> {
     if s.is_empty() || s.len() > 512 || s.chars().any(|c| c.is_whitespace() || c.is_control()) {
         return Err(bad("empty, too long, or holds spaces".into()));
     }
-    Reference::from_str(s).map_err(|e| bad(e.to_string()))
+    let r = Reference::from_str(s).map_err(|e| bad(e.to_string()))?;
+    if r.repository().bytes().any(|b| b.is_ascii_uppercase()) {
+        return Err(bad("repository names are lower case".into()));
+    }
+    Ok(r)
 }
 
 /// The familiar name of a reference: `busybox:latest`,
