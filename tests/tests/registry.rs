@@ -296,7 +296,8 @@ fn push_then_anonymous_pull_round_trip_and_pull_by_digest() {
         "app:1",
         json!({"layers": [
             {"dirs": ["etc"], "files": {"etc/motd": "hello from ember\n"}},
-            {"files": {"bin/tool": "#!/bin/sh\n"}, "gzip": false}
+            {"files": {"bin/tool": "#!/bin/sh\n"}, "gzip": false},
+            {"files": {"etc/zstd": "a zstd layer\n"}, "zstd": true}
         ], "config": {"Env": ["A=1"], "Cmd": ["/bin/tool"]}}),
     );
 
@@ -328,7 +329,8 @@ fn push_then_anonymous_pull_round_trip_and_pull_by_digest() {
         .output()
         .unwrap();
     assert_eq!(sha256_of(&out.stdout), digest, "manifest digest");
-    assert_eq!(raw["layers"].as_array().unwrap().len(), 2, "{raw}");
+    assert_eq!(raw["layers"].as_array().unwrap().len(), 3, "{raw}");
+    assert!(raw.to_string().contains("tar+zstd"), "{raw}");
     let cfg = skopeo_raw(&target, true);
     assert_eq!(cfg["config"]["Cmd"], json!(["/bin/tool"]), "{cfg}");
     // Pushing again finds every blob there.
@@ -341,7 +343,7 @@ fn push_then_anonymous_pull_round_trip_and_pull_by_digest() {
     assert_eq!(r.status, 200);
     assert!(String::from_utf8_lossy(&r.body).contains("Layer already exists"));
 
-    // Anonymous pull of it (loopback: plain HTTP), cache empty: 3 blobs.
+    // Anonymous pull of it (loopback: plain HTTP), cache empty: 4 blobs.
     let (c, ls) = pull(&d, &target);
     assert_eq!(c, 200, "{}", text(&ls));
     let t = text(&ls);
@@ -349,7 +351,7 @@ fn push_then_anonymous_pull_round_trip_and_pull_by_digest() {
         t.contains("Pulling fs layer") && t.contains("Download complete"),
         "{t}"
     );
-    assert!(t.contains("3 blobs fetched"), "{t}");
+    assert!(t.contains("4 blobs fetched"), "{t}");
     assert!(t.contains(&format!("Digest: {digest}")), "{t}");
     assert!(
         images(&d)
@@ -359,13 +361,13 @@ fn push_then_anonymous_pull_round_trip_and_pull_by_digest() {
         "{:?}",
         images(&d)
     );
-    assert_eq!(cache_blobs(&d).len(), 3);
+    assert_eq!(cache_blobs(&d).len(), 4);
     // The second pull fetches nothing: every blob comes from the cache.
     let (c, ls) = pull(&d, &target);
     assert_eq!(c, 200, "{}", text(&ls));
     let t = text(&ls);
     assert!(
-        t.contains("0 blobs fetched") && t.contains("3 from the cache"),
+        t.contains("0 blobs fetched") && t.contains("4 from the cache"),
         "{t}"
     );
     assert!(t.contains("Already exists"), "{t}");
@@ -753,7 +755,7 @@ fn flintlock_microvm_kernel_and_root_volume_from_the_registry() {
         &root,
         &json!({"ref": "r", "layers": [
             {"dirs": ["etc"], "files": {"etc/hostname": "base\n", "etc/gone": "x"}},
-            {"whiteouts": ["etc/gone"], "files": {"etc/hostname": "from-registry\n"}}
+            {"whiteouts": ["etc/gone"], "files": {"etc/hostname": "from-registry\n"}, "zstd": true}
         ]}),
     );
     skopeo_copy(
@@ -815,6 +817,7 @@ fn flintlock_microvm_kernel_and_root_volume_from_the_registry() {
         .arg(&img)
         .output()
         .unwrap();
+    // (The upper layer is zstd-compressed.)
     assert_eq!(String::from_utf8_lossy(&out.stdout), "from-registry\n");
     // A malformed reference is refused at create.
     let mut bad = spec.clone();

@@ -3,9 +3,10 @@
 //! layer's compression.
 
 use std::fs::File;
-use std::io::{self, Read};
+use std::io::{self, BufRead, Read};
 use std::path::{Path, PathBuf};
 
+use ruzstd::decoding::{FrameDecoder, StreamingDecoder};
 use serde::Deserialize;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -120,14 +121,91 @@ fn magic_of(path: &Path) -> Result<Vec<u8>, OciError> {
     Ok(magic)
 }
 
-pub(super) fn sniff_compression(path: &Path, what: &str) -> Result<Compression, OciError> {
+pub(super) fn sniff_compression(path: &Path, _what: &str) -> Result<Compression, OciError> {
     let magic = magic_of(path)?;
     if magic == ZSTD_MAGIC {
-        Err(OciError::Zstd(what.to_string()))
+        Ok(Compression::Zstd)
     } else if magic.starts_with(&GZIP_MAGIC) {
         Ok(Compression::Gzip)
     } else {
         Ok(Compression::None)
+    }
+}
+
+/// Decodes a zstd stream of one or more frames (skippable frames, as
+/// zstd:chunked layers carry, are skipped), with ruzstd: a pure-Rust
+/// decoder for hostile bytes. The window is zstd's default limit.
+pub(super) struct ZstdReader<R: BufRead> {
+    state: ZstdState<R>,
+}
+
+enum ZstdState<R: BufRead> {
+    /// Between frames.
+    Idle(R),
+    Frame(Box<StreamingDecoder<R, FrameDecoder>>),
+    Done,
+}
+
+impl<R: BufRead> ZstdReader<R> {
+    pub(super) fn new(r: R) -> Self {
+        ZstdReader {
+            state: ZstdState::Idle(r),
+        }
+    }
+}
+
+impl<R: BufRead> Read for ZstdReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            match std::mem::replace(&mut self.state, ZstdState::Done) {
+                ZstdState::Done => return Ok(0),
+                ZstdState::Frame(mut d) => {
+                    let n = d.read(buf)?;
+                    if n > 0 || buf.is_empty() {
+                        self.state = ZstdState::Frame(d);
+                        return Ok(n);
+                    }
+                    self.state = ZstdState::Idle(d.into_inner());
+                }
+                ZstdState::Idle(mut r) => {
+                    if r.fill_buf()?.is_empty() {
+                        return Ok(0);
+                    }
+                    let mut header = [0u8; 8];
+                    let peek = r.fill_buf()?;
+                    let skippable = peek.len() >= 4
+                        && (0x184D2A50..=0x184D2A5F)
+                            .contains(&u32::from_le_bytes([peek[0], peek[1], peek[2], peek[3]]));
+                    if skippable {
+                        r.read_exact(&mut header)?;
+                        let len = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+                        let skipped =
+                            io::copy(&mut (&mut r).take(u64::from(len)), &mut io::sink())?;
+                        if skipped != u64::from(len) {
+                            return Err(io::Error::new(
+                                io::ErrorKind::UnexpectedEof,
+                                "zstd: truncated skippable frame",
+                            ));
+                        }
+                        self.state = ZstdState::Idle(r);
+                        continue;
+                    }
+                    let d = StreamingDecoder::new(r).map_err(|e| {
+                        io::Error::new(io::ErrorKind::InvalidData, format!("zstd: {e}"))
+                    })?;
+                    self.state = ZstdState::Frame(Box::new(d));
+                }
+            }
+        }
+    }
+}
+
+/// `r` decompressed as `c` says.
+pub(super) fn decompressed<'a>(c: Compression, r: impl BufRead + 'a) -> Box<dyn Read + 'a> {
+    match c {
+        Compression::None => Box::new(r),
+        Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(r)),
+        Compression::Zstd => Box::new(ZstdReader::new(r)),
     }
 }
 
@@ -151,5 +229,30 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn zstd_frames_and_skippable_frames_decode() {
+        // `printf 'hello ' | zstd -c` and `printf 'world' | zstd -c`.
+        let f1 = [
+            0x28, 0xb5, 0x2f, 0xfd, 0x04, 0x58, 0x31, 0x00, 0x00, 0x68, 0x65, 0x6c, 0x6c, 0x6f,
+            0x20, 0xd2, 0x3b, 0xe1, 0xa9,
+        ];
+        let f2 = [
+            0x28, 0xb5, 0x2f, 0xfd, 0x04, 0x58, 0x29, 0x00, 0x00, 0x77, 0x6f, 0x72, 0x6c, 0x64,
+            0xef, 0x51, 0xee, 0x66,
+        ];
+        let skip = [0x50, 0x2a, 0x4d, 0x18, 3, 0, 0, 0, 1, 2, 3];
+        let all: Vec<u8> = [&f1[..], &skip[..], &f2[..]].concat();
+        let mut out = String::new();
+        decompressed(Compression::Zstd, &all[..])
+            .read_to_string(&mut out)
+            .unwrap();
+        assert_eq!(out, "hello world");
+        let mut out = Vec::new();
+        let bad = [0x28, 0xb5, 0x2f, 0xfd, 0xff, 0xff];
+        assert!(decompressed(Compression::Zstd, &bad[..])
+            .read_to_end(&mut out)
+            .is_err());
     }
 }

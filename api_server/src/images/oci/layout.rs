@@ -11,8 +11,8 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use super::blobs::{
-    blob_path, check_digest, check_size, hash_file, hash_reader, hex, is_hex64, parse,
-    read_json_file, sniff_compression,
+    blob_path, check_digest, check_size, decompressed, hash_file, hash_reader, hex, is_hex64,
+    parse, read_json_file, sniff_compression,
 };
 use super::{
     io_err, Compression, ImageConfig, Layer, OciError, OciImage, ANNOTATION_CONTAINERD_NAME,
@@ -219,10 +219,7 @@ fn resolve_manifest(
     }
 }
 
-fn check_layer_media_type(m: &str, digest: &str) -> Result<(), OciError> {
-    if m.contains("zstd") {
-        return Err(OciError::Zstd(format!("layer {digest}")));
-    }
+fn check_layer_media_type(m: &str, _digest: &str) -> Result<(), OciError> {
     let ok = m.is_empty()
         || m.starts_with("application/vnd.oci.image.layer.")
         || m.starts_with("application/vnd.docker.image.rootfs.");
@@ -230,7 +227,8 @@ fn check_layer_media_type(m: &str, digest: &str) -> Result<(), OciError> {
         && (m.is_empty()
             || m.ends_with(".tar")
             || m.ends_with("tar+gzip")
-            || m.ends_with("tar.gzip"))
+            || m.ends_with("tar.gzip")
+            || m.ends_with("tar+zstd"))
     {
         Ok(())
     } else {
@@ -462,9 +460,9 @@ pub(super) fn open_docker(root: &Path, reference: Option<&str>) -> Result<OciIma
         if verify_diff_ids {
             let uncompressed = match compression {
                 Compression::None => digest.clone(),
-                Compression::Gzip => {
+                c => {
                     let f = File::open(&path).map_err(io_err(&path))?;
-                    hash_reader(flate2::read::MultiGzDecoder::new(BufReader::new(f)), &path)?.0
+                    hash_reader(decompressed(c, BufReader::new(f)), &path)?.0
                 }
             };
             let expected = info.diff_ids.get(i).cloned().unwrap_or_default();
@@ -474,6 +472,7 @@ pub(super) fn open_docker(root: &Path, reference: Option<&str>) -> Result<OciIma
             media_type: match compression {
                 Compression::None => MEDIA_DOCKER_LAYER_TAR,
                 Compression::Gzip => MEDIA_DOCKER_LAYER_GZIP,
+                Compression::Zstd => super::MEDIA_OCI_LAYER_ZSTD,
             }
             .to_string(),
             digest,
@@ -535,10 +534,7 @@ mod tests {
         ] {
             check_layer_media_type(ok, "d").unwrap();
         }
-        assert!(matches!(
-            check_layer_media_type("application/vnd.oci.image.layer.v1.tar+zstd", "d"),
-            Err(OciError::Zstd(_))
-        ));
+        check_layer_media_type("application/vnd.oci.image.layer.v1.tar+zstd", "d").unwrap();
         assert!(matches!(
             check_layer_media_type("application/octet-stream", "d"),
             Err(OciError::UnsupportedMediaType(_))

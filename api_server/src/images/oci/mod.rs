@@ -1,9 +1,11 @@
-//! Container images without a registry: OCI image layouts and `docker save`
-//! tarballs, unpacked into root filesystems (and ext4 images) for microVMs.
+//! Container images on disk: OCI image layouts and `docker save` tarballs
+//! (registries are [`crate::images::registry`], which hands its pulls
+//! over as OCI layouts), unpacked into root filesystems (and ext4 images)
+//! for microVMs.
 //!
 //! The Flintlock face (`containerSource`, `kernel.image` + `filename`,
 //! `initrd`) and the hyperd face (image create/import, push, container
-//! commit) both use this module. There is no network: an image is a local
+//! commit) both use this module. There is no network here: an image is a local
 //! **OCI image layout** (a directory with `oci-layout`, `index.json` and
 //! `blobs/sha256/...`), a tarball of one (what `docker save` writes since
 //! Docker 25, or `skopeo copy ... oci-archive:`), or a legacy **`docker save`
@@ -37,10 +39,12 @@
 //!   config's `rootfs.diff_ids` (and `<hex>.json` config names against their
 //!   content). Only sha256 is supported. Blob paths are built from validated
 //!   hex digests, so a digest cannot name a path outside `blobs/`.
-//! * Layers: OCI and Docker v2 media types, uncompressed tar or gzip. The
-//!   compression is sniffed from the blob's magic bytes (Docker's media
-//!   types do not always tell the truth); zstd (by media type or magic) is
-//!   refused with [`OciError::Zstd`].
+//! * Layers: OCI and Docker v2 media types, uncompressed tar, gzip or
+//!   zstd. The compression is sniffed from the blob's magic bytes (Docker's
+//!   media types do not always tell the truth); zstd is decoded with
+//!   `ruzstd`, a pure-Rust decoder (one or more frames, skippable frames
+//!   skipped). A zstd-compressed image *tarball* is still refused with
+//!   [`OciError::Zstd`].
 //!
 //! ## Unpacking ([`OciImage::unpack`])
 //!
@@ -134,6 +138,8 @@ pub const MEDIA_OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 pub const MEDIA_OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
 /// OCI gzip layer.
 pub const MEDIA_OCI_LAYER_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+/// OCI zstd layer.
+pub const MEDIA_OCI_LAYER_ZSTD: &str = "application/vnd.oci.image.layer.v1.tar+zstd";
 /// OCI uncompressed layer.
 pub const MEDIA_OCI_LAYER_TAR: &str = "application/vnd.oci.image.layer.v1.tar";
 /// Docker v2 schema 2 manifest.
@@ -362,6 +368,8 @@ pub enum Compression {
     None,
     /// gzip.
     Gzip,
+    /// zstd (one or more frames).
+    Zstd,
 }
 
 /// One layer of an image.
@@ -465,6 +473,18 @@ pub struct UnpackSummary {
     pub bytes: u64,
     /// Skipped entries (devices, FIFOs, ...), by path.
     pub skipped: Vec<PathBuf>,
+}
+
+/// The length of a layer blob once decompressed (tar, gzip or zstd, by
+/// its magic bytes).
+pub fn uncompressed_len(path: &Path) -> Result<u64, OciError> {
+    let c = blobs::sniff_compression(path, "layer")?;
+    let f = File::open(path).map_err(io_err(path))?;
+    io::copy(
+        &mut blobs::decompressed(c, io::BufReader::new(f)),
+        &mut io::sink(),
+    )
+    .map_err(io_err(path))
 }
 
 /// Opens an image with default options; see [`open_with`].

@@ -19,8 +19,11 @@ use tar::EntryType;
 
 use sha2::{Digest, Sha256};
 
-use super::blobs::{check_digest, check_size, hex};
-use super::{io_err, sandboxed, Layer, OciError, OciImage, ScratchDir, UnpackSummary, ZSTD_MAGIC};
+use super::blobs::{check_digest, check_size, decompressed, hex};
+use super::{
+    io_err, sandboxed, Compression, Layer, OciError, OciImage, ScratchDir, UnpackSummary,
+    ZSTD_MAGIC,
+};
 use crate::images::archive::{self, ArchiveError, ExtractLimits};
 use crate::images::volumes;
 
@@ -311,10 +314,13 @@ impl<'a> Applier<'a> {
             source,
         };
         let head = read_head(blob, ZSTD_MAGIC.len()).map_err(|e| lerr(ArchiveError::Read(e)))?;
-        if head == ZSTD_MAGIC {
-            return Err(OciError::Zstd(format!("layer {digest}")));
-        }
-        let gzip = head.starts_with(&[0x1f, 0x8b]);
+        let compression = if head == ZSTD_MAGIC {
+            Compression::Zstd
+        } else if head.starts_with(&[0x1f, 0x8b]) {
+            Compression::Gzip
+        } else {
+            Compression::None
+        };
         let stream = BufReader::new(io::Cursor::new(head).chain(blob));
         let cap = self
             .limits
@@ -325,11 +331,7 @@ impl<'a> Applier<'a> {
                     .saturating_mul(STREAM_OVERHEAD_PER_ENTRY),
             )
             .saturating_add(STREAM_OVERHEAD);
-        let reader: Box<dyn Read + '_> = if gzip {
-            Box::new(flate2::read::MultiGzDecoder::new(stream))
-        } else {
-            Box::new(stream)
-        };
+        let reader: Box<dyn Read + '_> = decompressed(compression, stream);
         let mut tar = tar::Archive::new(CappedReader {
             inner: reader,
             left: cap,

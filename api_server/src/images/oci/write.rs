@@ -14,10 +14,13 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use tar::EntryType;
 
-use super::blobs::{blob_path, hash_file, hash_reader, hex, read_json_file, sniff_compression};
+use super::blobs::{
+    blob_path, decompressed, hash_file, hash_reader, hex, read_json_file, sniff_compression,
+};
 use super::{
     io_err, Compression, ImageConfig, OciError, OciImage, ANNOTATION_REF_NAME, MEDIA_OCI_CONFIG,
-    MEDIA_OCI_INDEX, MEDIA_OCI_LAYER_GZIP, MEDIA_OCI_LAYER_TAR, MEDIA_OCI_MANIFEST,
+    MEDIA_OCI_INDEX, MEDIA_OCI_LAYER_GZIP, MEDIA_OCI_LAYER_TAR, MEDIA_OCI_LAYER_ZSTD,
+    MEDIA_OCI_MANIFEST,
 };
 
 /// A writer that hashes and counts what goes through it.
@@ -209,16 +212,15 @@ fn store_layer_file(dir: &Path, src: &Path) -> Result<NewLayer, OciError> {
     let blobs = blobs_dir(dir)?;
     let (digest, size) = hash_file(src)?;
     let f = File::open(src).map_err(io_err(src))?;
-    let (diff_id, _) = match sniff_compression(src, "layer")? {
-        Compression::Gzip => {
-            hash_reader(flate2::read::MultiGzDecoder::new(BufReader::new(f)), src)?
-        }
+    let compression = sniff_compression(src, "layer")?;
+    let (diff_id, _) = match compression {
         Compression::None => (digest.clone(), size),
+        c => hash_reader(decompressed(c, BufReader::new(f)), src)?,
     };
-    let media_type = if diff_id == digest {
-        MEDIA_OCI_LAYER_TAR
-    } else {
-        MEDIA_OCI_LAYER_GZIP
+    let media_type = match compression {
+        Compression::None => MEDIA_OCI_LAYER_TAR,
+        Compression::Gzip => MEDIA_OCI_LAYER_GZIP,
+        Compression::Zstd => MEDIA_OCI_LAYER_ZSTD,
     };
     let path = blob_path(dir, &digest)?;
     if !path.is_file() {

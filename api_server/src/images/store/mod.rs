@@ -76,7 +76,7 @@ use names::{commit_name, resolve};
 pub use records::{hyperd_list_entry, ImageConfigChanges, ImageRecord, RecordConfig};
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufReader, Read};
+use std::io;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -681,19 +681,7 @@ fn layout_virtual_size(layout: &Path, digest: &str) -> Result<u64> {
     {
         let d = l.get("digest").and_then(Value::as_str).unwrap_or_default();
         let p = blob(d)?;
-        let mut f = File::open(&p).map_err(internal(p.display()))?;
-        let mut magic = [0u8; 2];
-        let n = f.read(&mut magic).map_err(internal(p.display()))?;
-        let f = File::open(&p).map_err(internal(p.display()))?;
-        total += if n == 2 && magic == [0x1f, 0x8b] {
-            io::copy(
-                &mut flate2::read::MultiGzDecoder::new(BufReader::new(f)),
-                &mut io::sink(),
-            )
-            .map_err(internal(p.display()))?
-        } else {
-            f.metadata().map_err(internal(p.display()))?.len()
-        };
+        total += oci::uncompressed_len(&p).map_err(from_oci)?;
     }
     Ok(total)
 }
@@ -704,6 +692,7 @@ mod tests {
     use super::*;
     use serde_json::json;
     use std::collections::BTreeMap;
+    use std::io::Read;
 
     #[test]
     fn import_list_get_tag_remove() {
