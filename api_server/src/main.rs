@@ -336,6 +336,7 @@ fn main() {
             insecure: args.insecure_registry.clone(),
             limits: Default::default(),
         });
+    registry.clean_tmp();
     images.set_registry(registry.clone());
     sup.set_registry(registry);
     if args.pod_boot_args.contains('"') || args.pod_boot_args.chars().any(char::is_control) {

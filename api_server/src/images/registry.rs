@@ -741,11 +741,42 @@ impl Registry {
         Box::pin(self.resolve(client, auth, &child, depth + 1)).await
     }
 
-    /// Whether the cache holds `b` (by name and size; opening the layout
-    /// hashes it again).
+    /// Whether the cache holds `b`: a regular file of its size and
+    /// digest. A damaged entry is removed (and fetched again).
     fn have(&self, b: &Blob) -> Result<bool> {
         let p = self.blob_path(&b.digest)?;
-        Ok(fs::symlink_metadata(&p).is_ok_and(|m| m.is_file() && m.len() == b.size))
+        if !fs::symlink_metadata(&p).is_ok_and(|m| m.is_file() && m.len() == b.size) {
+            return Ok(false);
+        }
+        let mut f = File::open(&p).map_err(io_err(&p))?;
+        let mut h = Sha256::new();
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            let n = match f.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(io_err(&p)(e)),
+            };
+            h.update(buf.get(..n).unwrap_or(&[]));
+        }
+        let hex: String = h.finalize().iter().map(|x| format!("{x:02x}")).collect();
+        if format!("sha256:{hex}") == b.digest {
+            return Ok(true);
+        }
+        log::warn!("registry cache: {} is damaged; fetching it again", b.digest);
+        fs::remove_file(&p).map_err(io_err(&p))?;
+        Ok(false)
+    }
+
+    /// Removes temp files an earlier emberd left in the cache (call once at
+    /// start, before any pull).
+    pub fn clean_tmp(&self) {
+        if let Ok(rd) = fs::read_dir(self.cfg.cache_dir.join("tmp")) {
+            for e in rd.flatten() {
+                let _ = fs::remove_file(e.path());
+            }
+        }
     }
 
     /// Streams blob `d` into the cache; returns its length.
@@ -1119,6 +1150,35 @@ mod tests {
         ] {
             assert!(check_layer_type(bad, d).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_damaged_cache_entry_is_dropped() {
+        let dir = crate::sandbox::mkdtemp(&std::env::temp_dir(), "reg-cache").unwrap();
+        let reg = Registry::new(RegistryConfig {
+            cache_dir: dir.clone(),
+            auth_file: None,
+            insecure: vec![],
+            limits: ExtractLimits::default(),
+        });
+        let good = b"layer bytes";
+        let b = Blob {
+            digest: sha256(good),
+            size: good.len() as u64,
+        };
+        let p = reg.blob_path(&b.digest).unwrap();
+        fs::create_dir_all(p.parent().unwrap()).unwrap();
+        assert!(!reg.have(&b).unwrap());
+        fs::write(&p, good).unwrap();
+        assert!(reg.have(&b).unwrap());
+        fs::write(&p, b"LAYER BYTES").unwrap();
+        assert!(!reg.have(&b).unwrap());
+        assert!(!p.exists(), "the damaged entry is removed");
+        fs::create_dir_all(dir.join("tmp")).unwrap();
+        fs::write(dir.join("tmp").join("x.partial"), b"half").unwrap();
+        reg.clean_tmp();
+        assert_eq!(fs::read_dir(dir.join("tmp")).unwrap().count(), 0);
+        let _ = fs::remove_dir_all(&dir);
     }
 
     #[test]
