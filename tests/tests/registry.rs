@@ -371,12 +371,29 @@ fn push_then_anonymous_pull_round_trip_and_pull_by_digest() {
         "{t}"
     );
     assert!(t.contains("Already exists"), "{t}");
+    // ... and the stored image is the same one.
+    assert!(t.contains("Image is up to date"), "{t}");
+    let ids = |d: &Emberd| {
+        let mut v: Vec<String> = images(d)
+            .iter()
+            .map(|i| i.rsplitn(4, ':').nth(2).unwrap().to_string())
+            .collect();
+        v.sort();
+        v.dedup();
+        v
+    };
+    let before = ids(&d);
 
     // By digest.
     let by_digest = format!("{host}/team/app@{digest}");
     let (c, ls) = pull(&d, &by_digest);
     assert_eq!(c, 200, "{}", text(&ls));
     assert!(text(&ls).contains(&format!("Digest: {digest}")));
+    assert_eq!(
+        ids(&d),
+        before,
+        "a pull by digest of a stored image adds none"
+    );
     // A digest the registry does not have, and an unknown tag: 404.
     let (c, ls) = pull(&d, &format!("{host}/team/app@sha256:{}", "0".repeat(64)));
     assert_eq!(c, 404, "{}", text(&ls));

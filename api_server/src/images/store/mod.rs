@@ -275,11 +275,33 @@ impl ImageStore {
             Some((repo, _)) => (repo.to_string(), NONE.to_string()),
             None => parse_name(&pulled.name)?,
         };
+        // The same manifest pulled before: that image, (re)named.
+        let known = self.load()?.into_iter().find(|r| {
+            r.source_digest == pulled.digest && self.image_dir(r).join("index.json").is_file()
+        });
+        if let Some(rec) = known {
+            progress(
+                serde_json::json!({"status": format!("Status: Image is up to date for {}", pulled.name)}),
+            );
+            return if tag == NONE {
+                Ok(rec)
+            } else {
+                self.tag(&rec.id, &format!("{repo}:{tag}"))
+            };
+        }
         let img = oci::open_with(pulled.layout(), None, &self.open_config()).map_err(from_oci)?;
         let layout = tmp.path().join("layout");
         let digest = oci::write_layout_from(&layout, &img, &[], &img.config, LAYOUT_REF)
             .map_err(from_oci)?;
-        self.add_image(&layout, &digest, &repo, &tag, &img.config)
+        let mut rec = self.add_image(&layout, &digest, &repo, &tag, &img.config)?;
+        let _l = self.lock()?;
+        let mut records = self.load()?;
+        for r in records.iter_mut().filter(|r| r.id == rec.id) {
+            r.source_digest = pulled.digest.clone();
+        }
+        self.save(records)?;
+        rec.source_digest = pulled.digest.clone();
+        Ok(rec)
     }
 
     /// Pushes image `name_or_id` to the registry reference `target`
@@ -423,6 +445,7 @@ impl ImageStore {
             created: unix_now(),
             virtual_size,
             config: RecordConfig::from(config),
+            source_digest: String::new(),
         };
         let _l = self.lock()?;
         let dir = self.root.join(&id);

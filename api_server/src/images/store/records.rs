@@ -51,6 +51,10 @@ pub struct ImageRecord {
     pub virtual_size: u64,
     /// Runtime config.
     pub config: RecordConfig,
+    /// The registry manifest digest the image was pulled as (empty when it
+    /// was not pulled): a later pull of the same manifest reuses it.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub source_digest: String,
 }
 
 impl ImageRecord {
