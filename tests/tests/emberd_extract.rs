@@ -744,7 +744,7 @@ fn hyperd_container_root_disk_unpacks_in_a_sandbox_job() {
         &format!("/pod/create?podArgs={}", urlencode(&spec.to_string())),
         None,
     );
-    assert_eq!(c, 200, "{v}");
+    assert_eq!(c, 201, "{v}");
     let pod = v["ID"].as_str().unwrap().to_string();
     let w = Watcher::start_for(UNPACK);
     let (c, v) = d.req("POST", &format!("/pod/start?podId={pod}"), None);

@@ -34,7 +34,7 @@ fn pods_lists_and_envelopes() {
     }
     let spec = r#"{"id":"web","containers":[{"name":"nginx","image":"nginx:latest"},{"image":"busybox"}],"resource":{"vcpu":1,"memory":128}}"#;
     let (c, v) = d.req("POST", &format!("/pod/create?podArgs={}", enc(spec)), None);
-    assert_eq!(c, 200, "{v}");
+    assert_eq!(c, 201, "hyperd answers pod/create with 201: {v}");
     assert_eq!(
         (v["Code"].clone(), v["Cause"].clone()),
         (0.into(), "".into())
@@ -47,7 +47,7 @@ fn pods_lists_and_envelopes() {
         "/pod/create",
         Some(r#"{"id":"db","containers":[{"image":"redis"}]}"#),
     );
-    assert_eq!(c, 200, "{v}");
+    assert_eq!(c, 201, "{v}");
     let pod2 = v["ID"].as_str().unwrap().to_string();
     // Duplicates and bad specs.
     let (c, v) = d.req(
@@ -71,7 +71,7 @@ fn pods_lists_and_envelopes() {
     assert!(v["Cause"].as_str().unwrap().contains("no such"), "{v}");
 
     let (c, v) = d.req("GET", "/list?item=pod", None);
-    assert_eq!(c, 200);
+    assert_eq!(c, 201, "hyperd answers /list with 201");
     assert_eq!(v["item"], "pod");
     let pods: Vec<&str> = v["podData"]
         .as_array()
@@ -305,7 +305,7 @@ fn images_import_build_push_remove() {
         "/pod/create",
         Some(r#"{"id":"p","containers":[{"image":"base:1"}]}"#),
     );
-    assert_eq!(c, 200, "{v}");
+    assert_eq!(c, 201, "{v}");
     let (c, v) = d.req("DELETE", "/image?imageId=base:1", None);
     assert_eq!(c, 409, "{v}");
     let (c, _) = d.req("DELETE", "/pod?podId=p", None);

@@ -60,7 +60,7 @@ fn import_app(d: &Emberd, name: &str) {
 
 fn list(d: &Emberd, item: &str) -> Vec<String> {
     let (c, v) = d.req("GET", &format!("/list?item={item}"), None);
-    assert_eq!(c, 200, "{v}");
+    assert_eq!(c, 201, "{v}");
     let key = match item {
         "pod" => "podData",
         "vm" => "vmData",
@@ -103,7 +103,7 @@ fn create_pod(d: &Emberd, spec: Value) -> String {
         &format!("/pod/create?podArgs={}", urlencode(&spec.to_string())),
         None,
     );
-    assert_eq!(c, 200, "{v}");
+    assert_eq!(c, 201, "{v}");
     v["ID"].as_str().unwrap().to_string()
 }
 

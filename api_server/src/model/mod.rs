@@ -344,6 +344,9 @@ pub struct Pod {
     pub containers: Vec<PodContainer>,
     /// Why the last start failed.
     pub last_error: Option<String>,
+    /// Its VM's vCPUs are paused (hyperd's `/pod/pause`).
+    #[serde(default)]
+    pub paused: bool,
 }
 
 /// Everything emberd persists.

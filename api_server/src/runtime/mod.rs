@@ -5,3 +5,4 @@
 pub mod agent;
 pub mod netdev;
 pub mod process;
+pub mod vmm_api;

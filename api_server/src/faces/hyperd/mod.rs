@@ -9,6 +9,11 @@
 //! ext4 disk per container, the agent over vsock). Without a kernel for pod VMs,
 //! starting a pod or creating a VM answers a clear error.
 
+mod containers;
+mod images;
+mod pod_routes;
+mod system;
+
 use std::sync::Arc;
 
 use ember_http::{Method, Reply, Request, Response};
@@ -19,6 +24,10 @@ use crate::model::jobs::Jobs;
 use crate::model::pods::{self, ImageSource, PodError, Pods};
 use crate::model::supervisor::Supervisor;
 use crate::server::{Ctx, Face, Finish};
+
+/// The API version hyperd 1.1.0 reported (`utils.APIVERSION`, PodInfo's
+/// `apiVersion`).
+pub const API_VERSION: &str = "1.17";
 
 /// Errors from hyperd requests; the message decides the status.
 #[derive(Debug, thiserror::Error)]
@@ -75,7 +84,21 @@ pub fn status_for(msg: &str) -> u16 {
 
 /// `{"ID", "Code", "Cause"}` for success.
 pub fn ok(id: &str) -> Response {
-    Response::json(200, &json!({"ID": id, "Code": 0, "Cause": ""}))
+    ok_with(200, id)
+}
+
+/// The success envelope with another status (hyperd answered some
+/// commands 201).
+pub fn ok_with(status: u16, id: &str) -> Response {
+    Response::json(status, &json!({"ID": id, "Code": 0, "Cause": ""}))
+}
+
+/// 405 for a known path with another method.
+fn not_allowed(req: &Request) -> Reply {
+    Reply::Now(Response::json(
+        405,
+        &json!({"ID": "", "Code": 1, "Cause": format!("method {} is not allowed on {}", req.method, req.path)}),
+    ))
 }
 
 /// The envelope for an error.
@@ -207,13 +230,20 @@ impl Hyperd {
 
     fn image_remove(&self, ctx: &mut Ctx, req: &Request) -> Result<Response, HyperdError> {
         let id = required(req, "imageId")?;
-        self.pods
-            .remove_image(ctx.sup, id, req.query_param("force") == Some("yes"))?;
+        // hyperctl sends force=true|false (strconv.FormatBool).
+        let force = matches!(req.query_param("force"), Some("yes" | "true" | "1"));
+        self.pods.remove_image(ctx.sup, id, force)?;
         Ok(ok(id))
     }
 
     fn image_build(&self, ctx: &mut Ctx, req: &Request) -> Reply {
-        let tag = req.query_param("t").unwrap_or("").to_string();
+        // hyperctl 1.1.0 sends the tag as `name`; Docker's clients as `t`.
+        let tag = req
+            .query_param("name")
+            .filter(|n| !n.is_empty())
+            .or_else(|| req.query_param("t"))
+            .unwrap_or("")
+            .to_string();
         let dockerfile = req
             .query_param("dockerfile")
             .unwrap_or("Dockerfile")
@@ -301,7 +331,8 @@ impl Hyperd {
                 "podArgs (the pod JSON) is required".into(),
             ));
         }
-        Ok(ok(&self.pods.create_pod(ctx.sup, &text)?))
+        // hyperd answered 201 Created.
+        Ok(ok_with(201, &self.pods.create_pod(ctx.sup, &text)?))
     }
 
     fn pod_start(&mut self, ctx: &mut Ctx, req: &Request) -> Result<Reply, HyperdError> {
@@ -317,12 +348,17 @@ impl Hyperd {
 
     fn pod_stop(&mut self, ctx: &mut Ctx, req: &Request) -> Result<Reply, HyperdError> {
         let id = required(req, "podId")?;
-        let stop_vm = match req.query_param("stopVM").unwrap_or("yes") {
-            "yes" => true,
-            "no" => false,
+        // hyperctl 1.1.0 sends `stopVm`; `stopVM` is accepted too.
+        let stop_vm = match req
+            .query_param("stopVm")
+            .or_else(|| req.query_param("stopVM"))
+            .unwrap_or("yes")
+        {
+            "yes" | "true" | "" => true,
+            "no" | "false" => false,
             other => {
                 return Err(HyperdError::BadParameter(format!(
-                    "stopVM must be yes or no, not {other:?}"
+                    "stopVm must be yes or no, not {other:?}"
                 )))
             }
         };
@@ -351,47 +387,72 @@ impl Hyperd {
         Ok(ok(vm))
     }
 
+    /// `GET /list?item=pod|container|vm[&pod=][&vm=]`. As in hyperd, `pod`
+    /// keeps only that pod (by id or name) and `vm` only what runs in that
+    /// VM; both must agree. hyperd answered 201.
     fn list(&mut self, ctx: &mut Ctx, req: &Request) -> Response {
         let item = req.query_param("item").unwrap_or("");
+        let pod_filter = req.query_param("pod").filter(|p| !p.is_empty());
+        let vm_filter = req.query_param("vm").filter(|v| !v.is_empty());
         let sup = &ctx.sup;
+        let vm_of = |p: &crate::model::Pod| {
+            p.vm.as_ref()
+                .and_then(|v| pods::vm_id(sup, v))
+                .unwrap_or_default()
+        };
+        let selected: Vec<&crate::model::Pod> = sup
+            .state()
+            .pods
+            .values()
+            .filter(|p| pod_filter.is_none_or(|f| p.id == f || p.name == f))
+            .filter(|p| vm_filter.is_none_or(|v| vm_of(p) == v))
+            .collect();
         match item {
             "pod" => {
-                let data: Vec<String> = sup
-                    .state()
-                    .pods
-                    .values()
+                let data: Vec<String> = selected
+                    .iter()
                     .map(|p| {
-                        let vm =
-                            p.vm.as_ref()
-                                .and_then(|v| pods::vm_id(sup, v))
-                                .unwrap_or_default();
-                        format!("{}:{}:{}:{}", p.id, p.name, vm, p.state.as_str())
+                        let status = if p.paused { "paused" } else { p.state.as_str() };
+                        format!("{}:{}:{}:{}", p.id, p.name, vm_of(p), status)
                     })
                     .collect();
-                Response::json(200, &json!({"item": "pod", "podData": data}))
+                Response::json(201, &json!({"item": "pod", "podData": data}))
             }
             "container" => {
-                let data: Vec<String> = sup
-                    .state()
-                    .pods
-                    .values()
+                let data: Vec<String> = selected
+                    .iter()
                     .flat_map(|p| {
                         p.containers
                             .iter()
                             .map(move |c| format!("{}:{}:{}:{}", c.id, c.name, p.id, c.state))
                     })
                     .collect();
-                Response::json(200, &json!({"item": "container", "cData": data}))
+                Response::json(201, &json!({"item": "container", "cData": data}))
             }
             "vm" => {
+                let paused: Vec<&str> = selected
+                    .iter()
+                    .filter(|p| p.paused)
+                    .map(|p| p.id.as_str())
+                    .collect();
                 let data: Vec<String> = pods::vms(sup)
                     .into_iter()
+                    .filter(|(vm, pod)| {
+                        vm_filter.is_none_or(|f| vm == f)
+                            && pod_filter.is_none_or(|_| selected.iter().any(|p| &p.id == pod))
+                    })
                     .map(|(vm, pod)| {
-                        let status = if pod.is_empty() { "idle" } else { "associated" };
+                        let status = if pod.is_empty() {
+                            "idle"
+                        } else if paused.contains(&pod.as_str()) {
+                            "paused"
+                        } else {
+                            "associated"
+                        };
                         format!("{vm}:{pod}:{status}")
                     })
                     .collect();
-                Response::json(200, &json!({"item": "vm", "vmData": data}))
+                Response::json(201, &json!({"item": "vm", "vmData": data}))
             }
             other => Response::json(
                 400,
@@ -479,6 +540,21 @@ where
     })
 }
 
+/// Like [`answer_later`], with the success envelope's status chosen (hyperd
+/// answered some commands 201).
+fn answer_later_now<F>(ctx: &Ctx, what: &str, status: u16, work: F) -> Reply
+where
+    F: FnOnce() -> Result<String, PodError> + Send + 'static,
+{
+    ctx.spawn(what, move || {
+        let res = work();
+        Box::new(move |_: &mut Supervisor| match res {
+            Ok(id) => ok_with(status, &id),
+            Err(e) => fail(&e.into()),
+        }) as Finish
+    })
+}
+
 /// The answer of a route whose errors use the envelope.
 fn answer<T>(r: Result<T, HyperdError>, f: impl FnOnce(T) -> Reply) -> Reply {
     match r {
@@ -510,6 +586,9 @@ fn route_path(path: &str) -> &str {
 impl Face for Hyperd {
     fn handle(&mut self, ctx: &mut Ctx, req: &Request) -> Option<Reply> {
         let path = route_path(&req.path);
+        if let Some(r) = self.route_more(ctx, req, path) {
+            return Some(r);
+        }
         let now = |r: Result<Response, HyperdError>| answer(r, Reply::Now);
         let later = |r: Result<Reply, HyperdError>| answer(r, |r| r);
         let r = match (&req.method, path) {
@@ -533,10 +612,7 @@ impl Face for Hyperd {
                 "/info" | "/list" | "/pod/create" | "/pod/start" | "/pod/stop" | "/pod"
                 | "/vm/create" | "/vm" | "/auth" | "/images/get" | "/image/create" | "/image"
                 | "/image/build" | "/image/push" | "/container/commit",
-            ) => Reply::Now(Response::json(
-                405,
-                &json!({"ID": "", "Code": 1, "Cause": format!("method {} is not allowed on {}", req.method, req.path)}),
-            )),
+            ) => not_allowed(req),
             _ => return None,
         };
         Some(r)

@@ -20,10 +20,14 @@
 //! `/container/commit`, and so a restarted pod keeps its files) and removed
 //! with the pod.
 
+mod ops;
 mod plan;
 mod service;
 mod vm;
 
+pub use ops::{
+    find_container, ContainerStopJob, Kill, PauseJob, PortMapping, SignalJob, NO_POD_NETWORK,
+};
 pub use plan::{
     disk_device, parse_pod, resolve, rootfs_volume, ContainerPlan, ContainerSpec, EnvSpec, PodPlan,
     PodSpec, Resource,
@@ -321,6 +325,7 @@ fn vm_lost(sup: &mut Supervisor, inst: &str, why: &str) {
                 }
             }
             p.vm = None;
+            p.paused = false;
         });
     }
 }

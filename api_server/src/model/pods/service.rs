@@ -297,6 +297,13 @@ impl Pods {
         if pod.vm.is_none() {
             return Err(PodError::Conflict(format!("pod {} is not running", pod.id)));
         }
+        if pod.paused {
+            // Its agent cannot answer while the vCPUs are paused.
+            return Err(PodError::Conflict(format!(
+                "pod {} is paused; unpause it first",
+                pod.id
+            )));
+        }
         let pod_id = pod.id.clone();
         Ok(StopJob {
             _claim: self.claim(&pod_id)?,

@@ -538,6 +538,7 @@ impl Pods {
                     PodState::Succeeded
                 };
                 p.vm = None;
+                p.paused = false;
             })
         })
         .ok_or_else(loop_gone)?
