@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 
 pub use ember_guests::{BZIMAGE, LINUX64_ELF, PVH_ELF};
 
+pub mod hyperctl;
+
 /// The workspace root.
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

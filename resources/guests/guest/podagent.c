@@ -39,6 +39,7 @@
 #define CMD_KILLCONTAINER 18
 #define CMD_REMOVECONTAINER 22
 #define CMD_EVENT 23
+#define CMD_SIGNALPROCESS 24
 #define CMD_WAITPROCESS 64
 
 #define EXT4_SB_OFFSET 1024
@@ -324,6 +325,53 @@ static void kill_container(struct pod *pd, const char *p, size_t n)
 	send_frame(pd, CMD_ACK, "{\"id\":\"%s\",\"code\":%d}", id, c->code);
 }
 
+/* Signals whose default action does not end a process. */
+static bool signal_ends_process(uint32_t sig)
+{
+	switch (sig) {
+	case 17: /* SIGCHLD */
+	case 18: /* SIGCONT */
+	case 19: /* SIGSTOP */
+	case 20: /* SIGTSTP */
+	case 21: /* SIGTTIN */
+	case 22: /* SIGTTOU */
+	case 23: /* SIGURG */
+	case 28: /* SIGWINCH */
+		return false;
+	default:
+		return true;
+	}
+}
+
+/* SIGNALPROCESS: a container "process" ends with 128 + signal, as one
+ * without handlers would (after the ACK, like a real exit event). */
+static void signal_process(struct pod *pd, const char *p, size_t n)
+{
+	char id[PA_ID_MAX + 1];
+	struct json_span v;
+	uint32_t sig = 0;
+
+	if (!req_id(pd, p, n, "SIGNALPROCESS", id))
+		return;
+	if (!json_get(p, n, "signal", &v) || !json_uint(v, &sig) || sig < 1 || sig > 64) {
+		send_frame(pd, CMD_ERROR, ERR("bad SIGNALPROCESS payload: signal"));
+		return;
+	}
+	struct container *c = find(pd, id);
+	if (!c) {
+		send_frame(pd, CMD_ERROR, ERR("no such process %s"), id);
+		return;
+	}
+	guest_log("pod-agent signal %u to %s", sig, id);
+	send_frame(pd, CMD_ACK, "{}");
+	if (c->running && signal_ends_process(sig)) {
+		c->running = false;
+		c->code = 128 + (int)sig;
+		send_frame(pd, CMD_EVENT, "{\"event\":\"exited\",\"id\":\"%s\",\"code\":%d}", id,
+			   c->code);
+	}
+}
+
 static void wait_process(struct pod *pd, const char *p, size_t n)
 {
 	char id[PA_ID_MAX + 1];
@@ -371,6 +419,9 @@ static enum verdict handle(struct pod *pd, uint32_t cmd, const char *p, size_t n
 		break;
 	case CMD_REMOVECONTAINER:
 		remove_container(pd, p, n);
+		break;
+	case CMD_SIGNALPROCESS:
+		signal_process(pd, p, n);
 		break;
 	case CMD_DESTROYPOD:
 		send_frame(pd, CMD_ACK, "{}");
