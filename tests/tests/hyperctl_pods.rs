@@ -1,0 +1,341 @@
+//! hyperctl 1.1.0's pod and container commands replayed byte for byte
+//! against emberd with real pod VMs: `create`, `run -d`, `start`, `list`
+//! (with `-p`/`-m` filters), `pause`, `unpause`, `ports`, `kill` (container
+//! and `-p`), `stop`, `commit`, `rm`, `create -c` and the `/pod/info` and
+//! `/container/info` lookups `run` and `logs` make. Each step names the
+//! hyperctl function it mirrors and asserts on the fields hyperctl reads.
+//!
+//! As in tests/tests/hyperd_pods.rs, the pod kernel is ember's test guest
+//! in its `pod-agent` mode (this host's KVM cannot boot Linux): emberd,
+//! the jailer, ember-vmm, virtio-blk and virtio-vsock all run for real.
+
+use ember_tests::hyperctl::Hyperctl;
+use ember_tests::*;
+use serde_json::{json, Value};
+
+const UID: u32 = 10509;
+
+fn start(tag: &str) -> Emberd {
+    let agent = bin("ember-agent");
+    Emberd::start(
+        tag,
+        UID,
+        &[
+            "--pod-kernel",
+            PVH_ELF,
+            "--pod-boot-args",
+            "ember.test=pod-agent",
+            "--pod-agent",
+            agent.to_str().unwrap(),
+            "--pod-rootfs-mb",
+            "16",
+            "--pod-stop-timeout",
+            "1",
+        ],
+    )
+}
+
+fn body(r: &HttpResponse) -> String {
+    String::from_utf8_lossy(&r.body).to_string()
+}
+
+/// hyperctl's engine.Env decoding of a command reply: Code 0 and the ID.
+fn env_ok(r: &HttpResponse, status: u16) -> String {
+    assert_eq!(r.status, status, "{}", body(r));
+    let v = r.json();
+    assert_eq!(v["Code"], 0, "{v}");
+    v["ID"].as_str().unwrap().to_string()
+}
+
+/// client/api/list.go: (*Client).List(item, pod, vm); client/list.go
+/// splits each entry on ':'.
+fn list(h: &Hyperctl, item: &str, pod: &str, vm: &str) -> Vec<Vec<String>> {
+    let mut q = format!("item={item}");
+    if !pod.is_empty() {
+        q.push_str(&format!("&pod={}", urlencode(pod)));
+    }
+    if !vm.is_empty() {
+        q.push_str(&format!("&vm={}", urlencode(vm)));
+    }
+    let r = h.call("GET", &format!("/list?{q}"));
+    assert_eq!(
+        r.status,
+        201,
+        "hyperd answered /list with 201: {}",
+        body(&r)
+    );
+    let v = r.json();
+    assert_eq!(v["item"], item);
+    let key = match item {
+        "pod" => "podData",
+        "vm" => "vmData",
+        _ => "cData",
+    };
+    v[key]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e.as_str().unwrap().split(':').map(str::to_string).collect())
+        .collect()
+}
+
+fn pod_status(h: &Hyperctl, pod: &str) -> String {
+    list(h, "pod", pod, "")[0][3].clone()
+}
+
+/// client/api/info.go: (*Client).GetPodInfo(podName) — types.PodInfo.
+fn pod_info(h: &Hyperctl, pod: &str) -> Value {
+    let r = h.call("GET", &format!("/pod/info?podName={}", urlencode(pod)));
+    assert_eq!(r.status, 200, "{}", body(&r));
+    r.json()
+}
+
+/// client/api/info.go: (*Client).GetContainerInfo(container).
+fn container_info(h: &Hyperctl, c: &str) -> Value {
+    let r = h.call(
+        "GET",
+        &format!("/container/info?container={}", urlencode(c)),
+    );
+    assert_eq!(r.status, 200, "{}", body(&r));
+    r.json()
+}
+
+/// What client/common_options.go: JsonFromCmdline marshals for
+/// `hyperctl run -d busybox` (name "busybox-" + 10 digits; Go drops the
+/// empty fields).
+fn run_spec(name: &str) -> String {
+    format!(
+        r#"{{"id":"{name}","resource":{{"vcpu":1,"memory":128}},"log":{{}},"containers":[{{"name":"{name}","image":"busybox","restartPolicy":"never"}}]}}"#
+    )
+}
+
+fn wait_status(h: &Hyperctl, pod: &str, want: &str) {
+    wait_for(PATIENCE, || (pod_status(h, pod) == want).then_some(()))
+        .unwrap_or_else(|| panic!("pod {pod} never became {want}: {}", pod_status(h, pod)));
+}
+
+#[test]
+fn hyperctl_pod_commands() {
+    let d = start("hctl-pods");
+    let h = Hyperctl::new(&d.sock);
+    d.hyperd_import(
+        "busybox:latest",
+        json!({"layers": [{"dirs": ["bin"], "files": {"bin/sh": "#!stub\n"}}],
+               "config": {"Cmd": ["/bin/sh"], "Env": ["PATH=/bin"]}}),
+    );
+
+    // `hyperctl create busybox` — client/api/create.go: (*Client).CreatePod.
+    // hyperctl reads Code and ID; 404 makes it pull and retry.
+    let r = h.call_json("POST", "/pod/create", &run_spec("busybox-0000000001"));
+    let created = env_ok(&r, 201);
+    assert!(created.starts_with("pod-"), "{created}");
+    let r = h.call_json(
+        "POST",
+        "/pod/create",
+        r#"{"id":"nope-0000000002","resource":{"vcpu":1,"memory":128},"log":{},"containers":[{"name":"nope-0000000002","image":"nosuch","restartPolicy":"never"}]}"#,
+    );
+    assert_eq!(r.status, 404, "hyperctl pulls on 404: {}", body(&r));
+
+    // `hyperctl run -d busybox` — CreatePod, then client/api/start.go:
+    // (*Client).StartPod (podId only).
+    let pod = env_ok(
+        &h.call_json("POST", "/pod/create", &run_spec("busybox-0000000003")),
+        201,
+    );
+    let r = h.call("POST", &format!("/pod/start?podId={pod}"));
+    assert_eq!(r.status, 200, "{}", body(&r));
+
+    // `hyperctl list`, `list -p`, `list -m`, `list container`, `list vm`.
+    let all = list(&h, "pod", "", "");
+    assert_eq!(all.len(), 2, "{all:?}");
+    let me = list(&h, "pod", &pod, "");
+    assert_eq!(me.len(), 1);
+    assert_eq!(
+        (me[0][0].as_str(), me[0][1].as_str(), me[0][3].as_str()),
+        (pod.as_str(), "busybox-0000000003", "running")
+    );
+    let vm = me[0][2].clone();
+    assert!(vm.starts_with("vm-"), "{vm}");
+    assert_eq!(list(&h, "pod", "", &vm), me, "list -m {vm}");
+    assert!(
+        list(&h, "pod", &created, &vm).is_empty(),
+        "pod and vm disagree"
+    );
+    let cs = list(&h, "container", &pod, "");
+    assert_eq!(cs.len(), 1, "{cs:?}");
+    assert_eq!(
+        (cs[0][1].as_str(), cs[0][2].as_str(), cs[0][3].as_str()),
+        ("busybox-0000000003", pod.as_str(), "running")
+    );
+    let cid = cs[0][0].clone();
+    assert_eq!(
+        list(&h, "vm", "", ""),
+        [vec![vm.clone(), pod.clone(), "associated".into()]]
+    );
+    assert_eq!(list(&h, "vm", "", &vm).len(), 1);
+
+    // The lookups `run` (attached) and `logs` make before their streams.
+    let info = pod_info(&h, &pod);
+    assert_eq!(info["podID"], pod.as_str());
+    assert_eq!(info["podName"], "busybox-0000000003");
+    assert_eq!(info["vm"], vm.as_str());
+    assert_eq!(info["kind"], "Pod");
+    assert_eq!(info["status"]["phase"], "Running");
+    // client/run.go uses Spec.Containers[0].ContainerID for the tty size.
+    assert_eq!(info["spec"]["containers"][0]["containerID"], cid.as_str());
+    assert_eq!(info["spec"]["containers"][0]["image"], "busybox");
+    assert_eq!(info["spec"]["vcpu"], 1);
+    assert_eq!(info["spec"]["memory"], 128);
+    assert_eq!(info["status"]["containerStatus"][0]["phase"], "running");
+    let ci = container_info(&h, "busybox-0000000003");
+    assert_eq!(ci["podID"], pod.as_str());
+    assert_eq!(ci["container"]["containerID"], cid.as_str());
+    assert_eq!(ci["container"]["args"], json!(["/bin/sh"]));
+    // client/api/misc.go: GetExitCode(wait=false) reads Status.Phase and
+    // Status.Terminated.
+    assert_eq!(ci["status"]["phase"], "running");
+    assert!(ci["status"]["terminated"].is_object());
+    let r = h.call("GET", "/container/info?container=nosuch");
+    assert_eq!(r.status, 404);
+
+    // `hyperctl pause` / `unpause` — client/api/pause.go: PausePod,
+    // UnpausePod. hyperd answered 204 with no body.
+    let r = h.call("POST", &format!("/pod/pause?podId={pod}"));
+    assert_eq!((r.status, r.body.len()), (204, 0), "{}", body(&r));
+    assert_eq!(pod_status(&h, &pod), "paused");
+    assert_eq!(list(&h, "vm", "", &vm)[0][2], "paused");
+    assert_eq!(pod_info(&h, &pod)["status"]["phase"], "Paused");
+    let r = h.call("POST", &format!("/pod/pause?podId={pod}"));
+    assert_eq!(r.status, 409, "already paused: {}", body(&r));
+    // A paused pod's agent cannot answer: stop says so.
+    let r = h.call("POST", &format!("/pod/stop?podId={pod}&stopVm=yes"));
+    assert_eq!(r.status, 409, "{}", body(&r));
+    let r = h.call("POST", &format!("/pod/unpause?podId={pod}"));
+    assert_eq!((r.status, r.body.len()), (204, 0), "{}", body(&r));
+    assert_eq!(pod_status(&h, &pod), "running");
+
+    // `hyperctl ports ls|add|delete` — client/api/portmapping.go.
+    let r = h.call("GET", &format!("/pod/{pod}/portmappings"));
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json(), json!({"portMappings": []}));
+    let r = h.call("GET", "/pod/pod-nosuchpodx/portmappings");
+    assert_eq!(r.status, 404, "hyperctl: pod not found");
+    let rules = r#"[{"containerPort":"80","hostPort":"8080","protocol":"tcp"}]"#;
+    let r = h.call_json("PUT", &format!("/pod/{pod}/portmappings/add"), rules);
+    assert_eq!(r.status, 400, "{}", body(&r));
+    assert!(body(&r).contains("no network interface"), "{}", body(&r));
+    let r = h.call_json("PUT", &format!("/pod/{pod}/portmappings/delete"), rules);
+    assert_eq!(r.status, 204, "{}", body(&r));
+    let r = h.call_json("PUT", &format!("/pod/{pod}/portmappings/swap"), rules);
+    assert_eq!(r.status, 400);
+
+    // `hyperctl kill busybox-0000000003` — client/api/kill.go:
+    // KillContainer(container, 9): /container/kill answered 201.
+    let r = h.call(
+        "POST",
+        "/container/kill?container=busybox-0000000003&signal=9",
+    );
+    assert_eq!(r.status, 201, "{}", body(&r));
+    wait_status(&h, &pod, "failed");
+    let ci = container_info(&h, &cid);
+    assert_eq!(ci["status"]["phase"], "failed");
+    assert_eq!(ci["status"]["terminated"]["exitCode"], 137);
+    assert!(d
+        .logs(&vm)
+        .contains(&format!("pod-agent signal 9 to {cid}")));
+
+    // `hyperctl stop` — client/api/stop.go: StopPod(podId, "yes"); hyperctl
+    // reads Code and Cause.
+    let r = h.call("POST", &format!("/pod/stop?podId={pod}&stopVm=yes"));
+    assert_eq!(env_ok(&r, 200), pod);
+    assert_eq!(r.json()["Cause"], "");
+    assert!(list(&h, "vm", "", "").is_empty());
+
+    // `hyperctl commit <container> snap:1` — client/api/commit.go: Commit
+    // (author, change, message, pause, container, repo, tag).
+    let r = h.call(
+        "POST",
+        &format!("/container/commit?author=&change=null&container={cid}&message=&pause=no&repo=snap&tag=1"),
+    );
+    let img = env_ok(&r, 200);
+    assert!(!img.is_empty());
+    let r = h.call("GET", "/images/get?all=no&quiet=no");
+    assert!(body(&r).contains("\"snap:1:"), "{}", body(&r));
+
+    // `hyperctl create -c <pod> busybox` — client/api/create.go:
+    // CreateContainer: the UserContainer JSON, answered 201 {"ID"}.
+    let r = h.call_json(
+        "POST",
+        &format!("/container/create?podId={pod}"),
+        r#"{"name":"side-0000000004","image":"busybox","command":["/bin/sh","-c","true"],"restartPolicy":"never"}"#,
+    );
+    assert_eq!(r.status, 201, "{}", body(&r));
+    let side = r.json()["ID"].as_str().unwrap().to_string();
+    // server/router/container: postContainerRename (oldName, newName).
+    let r = h.call(
+        "POST",
+        "/container/rename?newName=side&oldName=side-0000000004",
+    );
+    assert_eq!(env_ok(&r, 200), "side");
+    // server/router/pod: postPodLabels (podId, labels, override) — 201.
+    let r = h.call(
+        "POST",
+        &format!(
+            "/pod/labels?labels={}&override=false&podId={pod}",
+            urlencode(r#"{"tier":"web"}"#)
+        ),
+    );
+    assert_eq!(env_ok(&r, 201), pod);
+    let r = h.call(
+        "POST",
+        &format!(
+            "/pod/labels?labels={}&override=false&podId={pod}",
+            urlencode(r#"{"tier":"db"}"#)
+        ),
+    );
+    assert_eq!(r.status, 409, "{}", body(&r));
+    assert_eq!(pod_info(&h, &pod)["spec"]["labels"], json!({"tier": "web"}));
+
+    // `hyperctl start <pod>` — both containers run in a new VM.
+    let r = h.call("POST", &format!("/pod/start?podId={pod}"));
+    assert_eq!(r.status, 200, "{}", body(&r));
+    let cs = list(&h, "container", &pod, "");
+    assert_eq!(cs.len(), 2, "{cs:?}");
+    assert_eq!(cs[1][0], side);
+    assert_eq!(cs[1][1], "side");
+    assert!(cs.iter().all(|c| c[3] == "running"), "{cs:?}");
+    let vm2 = list(&h, "pod", &pod, "")[0][2].clone();
+    // A running pod gets no new container.
+    let r = h.call_json(
+        "POST",
+        &format!("/container/create?podId={pod}"),
+        r#"{"name":"late","image":"busybox"}"#,
+    );
+    assert_eq!(r.status, 409, "{}", body(&r));
+
+    // `hyperctl kill -s TERM -p <pod>` — client/api/kill.go: KillPod
+    // (podName, signal): every container gets it.
+    let r = h.call("POST", &format!("/pod/kill?podName={pod}&signal=15"));
+    assert_eq!(r.status, 200, "{}", body(&r));
+    wait_status(&h, &pod, "failed");
+    assert!(
+        list(&h, "container", &pod, "")
+            .iter()
+            .all(|c| c[3] == "failed"),
+        "SIGTERM ends both"
+    );
+    // `hyperctl kill -p <pod>` (signal 9): the whole VM goes.
+    let r = h.call("POST", &format!("/pod/kill?podName={pod}&signal=9"));
+    assert_eq!(r.status, 200, "{}", body(&r));
+    assert!(list(&h, "vm", "", &vm2).is_empty());
+    assert_eq!(list(&h, "pod", &pod, "")[0][2], "", "no VM any more");
+
+    // `hyperctl rm <pod>` — client/api/rm.go: RmPod reads Code.
+    for p in [&pod, &created] {
+        let r = h.call("DELETE", &format!("/pod?podId={p}"));
+        assert_eq!(env_ok(&r, 200), *p);
+    }
+    assert!(list(&h, "pod", "", "").is_empty());
+    let r = h.call("DELETE", &format!("/pod?podId={pod}"));
+    assert_eq!(r.status, 404);
+}
