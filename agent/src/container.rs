@@ -27,7 +27,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use crate::protocol::{Event, Exec, Rootfs, StartContainer, MAX_FILE};
+use crate::b64;
+use crate::protocol::{ContainerFile, Event, Exec, Rootfs, StartContainer, VolumeMount, MAX_FILE};
 
 /// How long Remove/DestroyPod wait for SIGKILLed processes to be reaped.
 const KILL_WAIT: Duration = Duration::from_secs(10);
@@ -94,6 +95,8 @@ struct Container {
     root: PathBuf,
     /// The mount point, when the agent mounted the rootfs.
     mounted: Option<PathBuf>,
+    /// Volumes mounted inside the root, in mount order.
+    volumes: Vec<PathBuf>,
 }
 
 struct Proc {
@@ -456,6 +459,105 @@ fn open_in_root(root: &Path, path: &str, flags: i32, mode: u32) -> io::Result<Fi
     Ok(unsafe { File::from_raw_fd(fd as RawFd) })
 }
 
+/// Creates the directory `path` and its missing parents inside `root`
+/// (every step resolved inside it, symlinks included, `..` refused);
+/// returns an `O_PATH` descriptor of it.
+fn mkdir_in_root(root: &Path, path: &str) -> io::Result<File> {
+    let mut cur = String::from("/");
+    for comp in path.split('/').filter(|c| !c.is_empty() && *c != ".") {
+        if comp == ".." {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "'..' in a path inside the container",
+            ));
+        }
+        let parent = open_in_root(root, &cur, libc::O_PATH | libc::O_DIRECTORY, 0)?;
+        let name = CString::new(comp).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        // SAFETY: mkdirat(2) on our descriptor with a one-component name.
+        if unsafe { libc::mkdirat(parent.as_raw_fd(), name.as_ptr(), 0o755) } < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EEXIST) {
+                return Err(e);
+            }
+        }
+        cur.push_str(comp);
+        cur.push('/');
+    }
+    open_in_root(root, &cur, libc::O_PATH | libc::O_DIRECTORY, 0)
+}
+
+/// Mounts volume `m` inside `root`; returns the mount point as the agent
+/// sees it. The mount point is created inside the root and mounted through
+/// its descriptor, so a symlink in the image cannot redirect the mount.
+fn mount_volume(root: &Path, m: &VolumeMount) -> Result<PathBuf> {
+    let what = || format!("volume {} at {}", m.device, m.path);
+    if !m.path.starts_with('/') {
+        return Err(ContainerError::BadParameter(format!(
+            "volume mount point {:?} is not absolute",
+            m.path
+        )));
+    }
+    let dir = mkdir_in_root(root, &m.path).map_err(io_err(what()))?;
+    let via = PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd()));
+    let real = fs::read_link(&via).map_err(io_err(what()))?;
+    mount_block(&m.device, &m.fstype, m.readonly, &via).map_err(io_err(what()))?;
+    Ok(real)
+}
+
+/// Writes file `f` inside `root` (parents created), with its mode and owner.
+fn write_container_file(root: &Path, f: &ContainerFile) -> Result<()> {
+    let what = || format!("writing {}", f.path);
+    let data = b64::decode(&f.data)
+        .map_err(|e| ContainerError::BadParameter(format!("file {}: {e}", f.path)))?;
+    if data.len() > MAX_FILE {
+        return Err(ContainerError::BadParameter(format!(
+            "file {} of {} bytes is larger than {MAX_FILE}",
+            f.path,
+            data.len()
+        )));
+    }
+    let (parent, _) = f
+        .path
+        .trim_end_matches('/')
+        .rsplit_once('/')
+        .ok_or_else(|| {
+            ContainerError::BadParameter(format!("file path {:?} is not absolute", f.path))
+        })?;
+    if !f.path.starts_with('/') || f.path.ends_with('/') {
+        return Err(ContainerError::BadParameter(format!(
+            "file path {:?} is not an absolute file path",
+            f.path
+        )));
+    }
+    mkdir_in_root(root, parent).map_err(io_err(what()))?;
+    let mode = f.mode & 0o7777;
+    let mut file = open_in_root(
+        root,
+        &f.path,
+        libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | libc::O_NOCTTY | libc::O_NOFOLLOW,
+        mode,
+    )
+    .map_err(io_err(what()))?;
+    file.write_all(&data).map_err(io_err(what()))?;
+    // SAFETY: fchmod/fchown on our descriptor (open's mode is filtered by
+    // the umask; -1 keeps an id unchanged).
+    unsafe {
+        if libc::fchmod(file.as_raw_fd(), mode) < 0 {
+            return Err(io_err(what())(io::Error::last_os_error()));
+        }
+        if (f.uid.is_some() || f.gid.is_some())
+            && libc::fchown(
+                file.as_raw_fd(),
+                f.uid.unwrap_or(u32::MAX),
+                f.gid.unwrap_or(u32::MAX),
+            ) < 0
+        {
+            return Err(io_err(what())(io::Error::last_os_error()));
+        }
+    }
+    Ok(())
+}
+
 fn mount_block(dev: &str, fstype: &str, readonly: bool, target: &Path) -> io::Result<()> {
     let dev_c = CString::new(dev).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
     let fs_c = CString::new(fstype).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
@@ -560,6 +662,21 @@ impl Containers {
                 (target.clone(), Some(target))
             }
         };
+        // Volumes, then files, before the process exists.
+        let mut volumes = Vec::new();
+        let prepared = req
+            .mounts
+            .iter()
+            .try_for_each(|m| mount_volume(&root, m).map(|p| volumes.push(p)))
+            .and_then(|()| {
+                req.files
+                    .iter()
+                    .try_for_each(|f| write_container_file(&root, f))
+            });
+        if let Err(e) = prepared {
+            self.release(&req.id, mounted.as_deref(), &volumes);
+            return Err(e);
+        }
         let started = self.fresh_log(&req.id).and_then(|log| {
             let plan = SpawnPlan::new(
                 &req.id,
@@ -575,9 +692,7 @@ impl Containers {
         let (pid, log) = match started {
             Ok(v) => v,
             Err(e) => {
-                if let Some(m) = &mounted {
-                    self.release_mount(&req.id, m);
-                }
+                self.release(&req.id, mounted.as_deref(), &volumes);
                 return Err(e);
             }
         };
@@ -586,8 +701,14 @@ impl Containers {
             req.id,
             root.display()
         );
-        st.containers
-            .insert(req.id.clone(), Container { root, mounted });
+        st.containers.insert(
+            req.id.clone(),
+            Container {
+                root,
+                mounted,
+                volumes,
+            },
+        );
         st.procs.insert(
             req.id.clone(),
             Proc {
@@ -599,6 +720,18 @@ impl Containers {
         );
         st.by_pid.insert(pid, req.id.clone());
         Ok(pid as u32)
+    }
+
+    /// Unmounts a container's volumes (last first), then its root.
+    fn release(&self, id: &str, root_mount: Option<&Path>, volumes: &[PathBuf]) {
+        for v in volumes.iter().rev() {
+            if let Err(e) = unmount(v) {
+                log::warn!("unmounting volume {}: {e}", v.display());
+            }
+        }
+        if let Some(m) = root_mount {
+            self.release_mount(id, m);
+        }
     }
 
     fn release_mount(&self, id: &str, mountpoint: &Path) {
@@ -826,9 +959,7 @@ impl Containers {
             }
         }
         drop(st);
-        if let Some(m) = &c.mounted {
-            self.release_mount(id, m);
-        }
+        self.release(id, c.mounted.as_deref(), &c.volumes);
         log::info!("container {id} removed");
         Ok(())
     }
@@ -1023,6 +1154,7 @@ mod tests {
             Container {
                 root: root.clone(),
                 mounted: None,
+                volumes: Vec::new(),
             },
         );
         c.write_file("c", "/etc/hello", b"hi\n", 0o600).unwrap();

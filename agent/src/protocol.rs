@@ -250,6 +250,52 @@ pub struct StartContainer {
     /// Numeric `uid[:gid]`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
+    /// Volumes mounted inside the root before the process starts, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mounts: Vec<VolumeMount>,
+    /// Files written into the root (after the mounts) before the process
+    /// starts.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub files: Vec<ContainerFile>,
+}
+
+/// A block device mounted inside a container (a pod volume).
+///
+/// JSON: `{"device": "/dev/vdc", "path": "/data", "fstype": "ext4", "readonly": false}`.
+/// `path` is resolved inside the container's root (symlinks included) and
+/// created, with its parents, when missing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeMount {
+    /// Device node, e.g. `/dev/vdc`.
+    pub device: String,
+    /// Mount point inside the container.
+    pub path: String,
+    /// Filesystem type; `ext4` if absent.
+    #[serde(default = "default_fstype")]
+    pub fstype: String,
+    /// Mount read-only.
+    #[serde(default)]
+    pub readonly: bool,
+}
+
+/// A file written into a container's root before it starts (hyperd's pod
+/// `files`). `path` is resolved inside the root; missing parents are
+/// created (0755).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContainerFile {
+    /// Path inside the container.
+    pub path: String,
+    /// Contents, base64 (at most [`MAX_FILE`] bytes decoded).
+    pub data: String,
+    /// Permission bits; 0644 if absent.
+    #[serde(default = "default_file_mode")]
+    pub mode: u32,
+    /// Owner uid; unchanged (0) if absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<u32>,
+    /// Owner gid; unchanged (0) if absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gid: Option<u32>,
 }
 
 fn default_stop_signal() -> i32 {
@@ -570,6 +616,8 @@ mod tests {
             env: vec![("PATH".into(), "/bin".into())],
             workdir: Some("/tmp".into()),
             user: Some("1000:1000".into()),
+            mounts: Vec::new(),
+            files: Vec::new(),
         }
     }
 

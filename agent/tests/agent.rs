@@ -13,6 +13,7 @@ use std::time::Duration;
 use common::*;
 use ember_agent::client::ClientError;
 use ember_agent::protocol::{cmd, AgentMessage, MAX_PAYLOAD};
+use ember_agent::protocol::{ContainerFile, VolumeMount};
 use ember_agent::{Event, Exec, Rootfs, StartContainer};
 
 fn dir_start(id: &str, root: &std::path::Path, cmd: &[&str]) -> StartContainer {
@@ -25,6 +26,8 @@ fn dir_start(id: &str, root: &std::path::Path, cmd: &[&str]) -> StartContainer {
         env: vec![],
         workdir: None,
         user: None,
+        mounts: Vec::new(),
+        files: Vec::new(),
     }
 }
 
@@ -320,6 +323,8 @@ fn block_device_rootfs_is_mounted_and_unmounted() {
         env: vec![],
         workdir: Some("/work".into()),
         user: None,
+        mounts: Vec::new(),
+        files: Vec::new(),
     };
     c.start_container(start).unwrap();
     assert_eq!(c.wait("blk", None).unwrap(), 5);
@@ -353,6 +358,8 @@ fn block_device_rootfs_is_mounted_and_unmounted() {
         env: vec![],
         workdir: None,
         user: None,
+        mounts: Vec::new(),
+        files: Vec::new(),
     };
     match c.start_container(bad) {
         Err(ClientError::Agent(m)) => assert!(m.contains("mounting"), "{m}"),
@@ -376,6 +383,8 @@ fn block_device_rootfs_is_mounted_and_unmounted() {
         env: vec![],
         workdir: None,
         user: None,
+        mounts: Vec::new(),
+        files: Vec::new(),
     };
     c.start_container(ro).unwrap();
     // fopen on a read-only filesystem fails: exit 98.
@@ -384,6 +393,100 @@ fn block_device_rootfs_is_mounted_and_unmounted() {
     drop(c);
     drop(agent);
     assert!(mounts_under(tmp.path()).is_empty(), "DESTROYPOD unmounts");
+}
+
+#[test]
+fn volumes_and_files_are_set_up_inside_the_root_before_start() {
+    use std::os::unix::fs::MetadataExt;
+    let tmp = TempDir::new("vols");
+    let Some(root) = make_rootfs(tmp.path()) else {
+        return;
+    };
+    // The image may hold symlinks that point out of its root.
+    std::os::unix::fs::symlink("/", root.join("escape")).unwrap();
+    std::os::unix::fs::symlink("/etc/passwd", root.join("tmp/passwd")).unwrap();
+    let src = tmp.path().join("volsrc");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("hello.txt"), "from the volume\n").unwrap();
+    let image = tmp.path().join("vol.ext4");
+    let mkfs = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-d"])
+        .arg(&src)
+        .arg(&image)
+        .arg("8M")
+        .output();
+    if !mkfs.as_ref().is_ok_and(|o| o.status.success()) {
+        eprintln!("SKIP: mkfs.ext4 -d is not available: {mkfs:?}");
+        return;
+    }
+    let lo = match LoopDev::attach(&image) {
+        Ok(l) => l,
+        Err(why) => {
+            eprintln!("SKIP: loop devices are not available here: {why}");
+            return;
+        }
+    };
+    let agent = Agent::start(tmp.path());
+    let mut c = agent.client();
+    let file = |path: &str, data: &[u8], mode: u32| ContainerFile {
+        path: path.into(),
+        data: ember_agent::b64::encode(data),
+        mode,
+        uid: Some(1000),
+        gid: Some(1001),
+    };
+    let mut req = dir_start("v", &root, &["/bin/probe", "info", "0", "/tmp/out"]);
+    req.mounts = vec![VolumeMount {
+        device: lo.0.clone(),
+        path: "/escape/mnt/vol".into(),
+        fstype: "ext4".into(),
+        readonly: true,
+    }];
+    req.files = vec![file("/etc/app/config", b"k=v\n", 0o600)];
+    c.start_container(req).unwrap();
+    assert_eq!(c.wait("v", None).unwrap(), 0);
+    // The mount point and the file were made inside the root, through
+    // the image's symlink, never outside it.
+    assert_eq!(mounts_under(tmp.path()), vec![root.join("mnt/vol")]);
+    assert_eq!(
+        c.read_file("v", "/mnt/vol/hello.txt").unwrap(),
+        b"from the volume\n"
+    );
+    assert_eq!(c.read_file("v", "/etc/app/config").unwrap(), b"k=v\n");
+    let meta = std::fs::metadata(root.join("etc/app/config")).unwrap();
+    assert_eq!(
+        (meta.mode() & 0o7777, meta.uid(), meta.gid()),
+        (0o600, 1000, 1001)
+    );
+    c.remove_container("v").unwrap();
+    assert!(mounts_under(tmp.path()).is_empty(), "volumes unmounted");
+
+    // Bad paths are refused before anything runs, and nothing stays mounted.
+    let mut bad = dir_start("b1", &root, &["/bin/probe"]);
+    bad.mounts = vec![VolumeMount {
+        device: lo.0.clone(),
+        path: "/data/../../x".into(),
+        fstype: "ext4".into(),
+        readonly: true,
+    }];
+    expect_err(c.start_container(bad), "'..'");
+    let mut bad = dir_start("b2", &root, &["/bin/probe"]);
+    bad.mounts = vec![VolumeMount {
+        device: lo.0.clone(),
+        path: "/data/ok".into(),
+        fstype: "ext4".into(),
+        readonly: true,
+    }];
+    // The final component is a symlink: not followed.
+    bad.files = vec![file("/tmp/passwd", b"root::0:0::/:/bin/sh\n", 0o644)];
+    expect_err(c.start_container(bad), "writing /tmp/passwd");
+    assert!(
+        mounts_under(tmp.path()).is_empty(),
+        "the volume was released"
+    );
+    let mut bad = dir_start("b3", &root, &["/bin/probe"]);
+    bad.files = vec![file("relative", b"", 0o644)];
+    expect_err(c.start_container(bad), "bad parameter");
 }
 
 #[test]

@@ -145,6 +145,8 @@ fn start_req(id: &str, dev: &str, env: &[(&str, &str)]) -> StartContainer {
             .collect(),
         workdir: Some("/".into()),
         user: None,
+        mounts: Vec::new(),
+        files: Vec::new(),
     }
 }
 

@@ -319,6 +319,8 @@ pub fn resolve(
         env,
         workdir: (!workdir.is_empty()).then_some(workdir),
         user,
+        mounts: Vec::new(),
+        files: Vec::new(),
     })
 }
 
