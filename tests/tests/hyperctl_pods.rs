@@ -339,3 +339,142 @@ fn hyperctl_pod_commands() {
     let r = h.call("DELETE", &format!("/pod?podId={pod}"));
     assert_eq!(r.status, 404);
 }
+
+/// hyperctl's `-v` and a pod file's volumes and files, in a real pod VM:
+/// the guest checks every volume disk's ext4 superblock through
+/// virtio-blk and logs the files it was handed.
+#[test]
+fn hyperctl_run_with_volumes_and_files() {
+    let d = start("hctl-vols");
+    let h = Hyperctl::new(&d.sock);
+    d.hyperd_import(
+        "busybox:latest",
+        json!({"layers": [{"dirs": ["bin"], "files": {"bin/sh": "#!stub\n"}}],
+               "config": {"Cmd": ["/bin/sh"]}}),
+    );
+    // An ember volume (UniK's /volumes), empty ext4.
+    let (c, v) = d.json(&["-X", "POST", "http://localhost/volumes/shared?size=8"]);
+    assert_eq!(c, 201, "{v}");
+
+    // `hyperctl run -d -v /data busybox`: client/common_options.go
+    // parseVolume gives an inline volume without source (name + 5 digits).
+    let spec = r#"{"id":"busybox-0000000005","resource":{"vcpu":1,"memory":128},"log":{},"containers":[{"name":"busybox-0000000005","image":"busybox","restartPolicy":"never","volumes":[{"path":"/data","volume":"data12345","detail":{"name":"data12345"}}]}]}"#;
+    let pod = env_ok(&h.call_json("POST", "/pod/create", spec), 201);
+    let r = h.call("POST", &format!("/pod/start?podId={pod}"));
+    assert_eq!(r.status, 200, "{}", body(&r));
+    let vm = list(&h, "pod", &pod, "")[0][2].clone();
+    let cid = list(&h, "container", &pod, "")[0][0].clone();
+    let log = d.logs(&vm);
+    assert!(log.contains("pod-agent disks 2"), "{log}");
+    assert!(
+        log.contains(&format!(
+            "pod-agent container {cid} volume /dev/vdb at /data ext4 ok"
+        )),
+        "{log}"
+    );
+    let vols = || -> Vec<Value> {
+        let (c, v) = d.json(&["http://localhost/volumes"]);
+        assert_eq!(c, 200);
+        v.as_array().unwrap().clone()
+    };
+    let own = format!("{pod}-vol-data12345");
+    assert!(
+        vols().iter().any(|v| v["Name"] == own.as_str()),
+        "{:?}",
+        vols()
+    );
+    // /pod/info shows the volume and the mount.
+    let info = pod_info(&h, &pod);
+    assert_eq!(
+        info["spec"]["containers"][0]["volumeMounts"][0]["mountPath"],
+        "/data"
+    );
+
+    // `hyperctl run -p pod.json` (client/common_options.go JsonFromFile
+    // sends the file as it is): an ember volume read-only, and a file.
+    let podfile = json!({
+        "id": "files",
+        "containers": [{"name": "app", "image": "busybox",
+            "volumes": [{"volume": "shared", "path": "/srv/shared", "readOnly": true}],
+            "files": [{"filename": "motd", "path": "/etc/motd", "perm": "0600"}]}],
+        "volumes": [{"name": "shared", "source": "shared", "format": "ember"}],
+        "files": [{"name": "motd", "encoding": "raw", "content": "welcome\n"}]
+    });
+    let p2 = env_ok(
+        &h.call_json("POST", "/pod/create", &podfile.to_string()),
+        201,
+    );
+    let r = h.call("POST", &format!("/pod/start?podId={p2}"));
+    assert_eq!(r.status, 200, "{}", body(&r));
+    let vm2 = list(&h, "pod", &p2, "")[0][2].clone();
+    let c2 = list(&h, "container", &p2, "")[0][0].clone();
+    let log = d.logs(&vm2);
+    assert!(
+        log.contains(&format!(
+            "pod-agent container {c2} volume /dev/vdb at /srv/shared ext4 ok"
+        )),
+        "{log}"
+    );
+    // base64 of "welcome\n" is 12 characters; the content is not logged.
+    assert!(
+        log.contains(&format!(
+            "pod-agent container {c2} file /etc/motd mode 384 base64 12"
+        )),
+        "{log}"
+    );
+    assert!(!log.contains("welcome"), "{log}");
+    let shared = vols().into_iter().find(|v| v["Name"] == "shared").unwrap();
+    assert!(
+        shared["Attachment"].as_str().is_some_and(|a| !a.is_empty()),
+        "attached while the pod runs: {shared}"
+    );
+    // A second pod cannot take the same ember volume meanwhile.
+    let p3 = env_ok(
+        &h.call_json(
+            "POST",
+            "/pod/create",
+            &podfile.to_string().replace("\"files\"", "\"files3\""),
+        ),
+        201,
+    );
+    let r = h.call("POST", &format!("/pod/start?podId={p3}"));
+    assert!(r.status >= 400, "{}", body(&r));
+    assert!(body(&r).contains("shared"), "{}", body(&r));
+
+    // Refused with the reason: hyperctl -v /host/dir:/data (a host
+    // directory, vfs), a file from a uri.
+    let r = h.call_json(
+        "POST",
+        "/pod/create",
+        r#"{"id":"host-0000000006","containers":[{"name":"host-0000000006","image":"busybox","restartPolicy":"never","volumes":[{"path":"/data","volume":"dir12345","detail":{"name":"dir12345","source":"/home/alice/dir","format":"vfs"}}]}]}"#,
+    );
+    assert_eq!(r.status, 400, "{}", body(&r));
+    assert!(
+        body(&r).contains("shares no host directory"),
+        "{}",
+        body(&r)
+    );
+    let r = h.call_json(
+        "POST",
+        "/pod/create",
+        r#"{"id":"uri","containers":[{"image":"busybox","files":[{"filename":"f","path":"/f"}]}],"files":[{"name":"f","uri":"http://example.com/f"}]}"#,
+    );
+    assert_eq!(r.status, 400, "{}", body(&r));
+
+    // Stopped pods release the ember volume; removed pods take their own
+    // volumes with them.
+    for p in [&pod, &p2] {
+        let r = h.call("POST", &format!("/pod/stop?podId={p}&stopVm=yes"));
+        env_ok(&r, 200);
+    }
+    let shared = vols().into_iter().find(|v| v["Name"] == "shared").unwrap();
+    assert_eq!(shared["Attachment"], "", "{shared}");
+    for p in [&pod, &p2, &p3] {
+        env_ok(&h.call("DELETE", &format!("/pod?podId={p}")), 200);
+    }
+    let names: Vec<String> = vols()
+        .iter()
+        .map(|v| v["Name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names, ["shared"], "the pod's own volume went with it");
+}

@@ -245,6 +245,53 @@ static int stub_exit_code(const char *p, size_t n)
 	return -1;
 }
 
+/* Each of "mounts" ({device, path}) must be an ext4 disk; logs them. */
+static bool check_mounts(struct pod *pd, const char *id, const char *p, size_t n)
+{
+	struct json_span mounts, m, v;
+	char dev[PA_PATH_MAX + 1], at[PA_PATH_MAX + 1];
+	int status = 0;
+
+	if (!json_get(p, n, "mounts", &mounts))
+		return true;
+	for (size_t i = 0; json_index(mounts.p, mounts.len, i, &m); i++) {
+		if (!json_get(m.p, m.len, "device", &v) || !json_string(v, dev, sizeof(dev)) ||
+		    !printable(dev) || !json_get(m.p, m.len, "path", &v) ||
+		    !json_string(v, at, sizeof(at)) || !printable(at)) {
+			send_frame(pd, CMD_ERROR, ERR("bad NEWCONTAINER payload: mount %u"),
+				   (unsigned)i);
+			return false;
+		}
+		if (check_rootfs(pd->bi, dev, &status) != ROOTFS_EXT4) {
+			send_frame(pd, CMD_ERROR, ERR("volume %s is no ext4 disk"), dev);
+			return false;
+		}
+		guest_log("pod-agent container %s volume %s at %s ext4 ok", id, dev, at);
+	}
+	return true;
+}
+
+/* Logs each of "files" ({path, mode, data}): path, mode and data length. */
+static void log_files(const char *id, const char *p, size_t n)
+{
+	struct json_span files, f, v;
+	char path[PA_PATH_MAX + 1];
+	uint32_t mode = 0644;
+
+	if (!json_get(p, n, "files", &files))
+		return;
+	for (size_t i = 0; json_index(files.p, files.len, i, &f); i++) {
+		if (!json_get(f.p, f.len, "path", &v) || !json_string(v, path, sizeof(path)) ||
+		    !printable(path))
+			continue;
+		if (json_get(f.p, f.len, "mode", &v))
+			json_uint(v, &mode);
+		size_t b64 = json_get(f.p, f.len, "data", &v) ? v.len : 0;
+		guest_log("pod-agent container %s file %s mode %u base64 %u", id, path,
+			  (unsigned)mode, (unsigned)(b64 >= 2 ? b64 - 2 : 0));
+	}
+}
+
 static void new_container(struct pod *pd, const char *p, size_t n)
 {
 	char id[PA_ID_MAX + 1], path[PA_PATH_MAX + 1];
@@ -285,6 +332,9 @@ static void new_container(struct pod *pd, const char *p, size_t n)
 		break;
 	}
 	guest_log("pod-agent container %s rootfs %s ext4 ok", id, path);
+	if (!check_mounts(pd, id, p, n))
+		return;
+	log_files(id, p, n);
 	memset(c, 0, sizeof(*c));
 	c->used = true;
 	c->running = true;

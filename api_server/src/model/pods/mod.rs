@@ -23,6 +23,7 @@
 mod ops;
 mod plan;
 mod service;
+mod storage;
 mod vm;
 
 pub use ops::{
@@ -35,6 +36,7 @@ pub use plan::{
 pub use service::{
     vm_id, vms, CommitJob, ImageSource, ImportJob, Imported, PushJob, StartJob, StopJob, VmJob,
 };
+pub use storage::{pod_volume_name, PodVolume, VolumeKind};
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
@@ -357,8 +359,8 @@ pub fn find_vm(sup: &Supervisor, vm: &str) -> Option<String> {
         .map(|i| i.id.clone())
 }
 
-/// Removes root disks whose container no longer exists and that no VM
-/// holds.
+/// Removes root disks whose container no longer exists, and pod volumes
+/// whose pod no longer exists, that no VM holds.
 pub fn gc_rootfs(sup: &mut Supervisor) {
     let live: HashSet<String> = sup
         .state()
@@ -366,12 +368,22 @@ pub fn gc_rootfs(sup: &mut Supervisor) {
         .values()
         .flat_map(|p| p.containers.iter().map(|c| rootfs_volume(&c.id)))
         .collect();
+    // A pod's own (empty) volumes, `<pod id>-vol-<name>`, go with the pod.
+    let pod_of_volume = |name: &str| -> Option<String> {
+        let (pod, _) = name.split_once("-vol-")?;
+        pod.starts_with("pod-").then(|| pod.to_string())
+    };
     let dead: Vec<String> = sup
         .state()
         .volumes
         .values()
-        .filter(|v| v.name.starts_with("container-") && v.name.ends_with("-rootfs"))
-        .filter(|v| v.attachment.is_none() && !live.contains(&v.name))
+        .filter(|v| {
+            (v.name.starts_with("container-")
+                && v.name.ends_with("-rootfs")
+                && !live.contains(&v.name))
+                || pod_of_volume(&v.name).is_some_and(|p| !sup.state().pods.contains_key(&p))
+        })
+        .filter(|v| v.attachment.is_none())
         .map(|v| v.id.clone())
         .collect();
     for v in dead {

@@ -8,8 +8,21 @@ use ember_agent::protocol::{Rootfs, StartContainer};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use super::storage::{
+    container_files, container_mounts, pod_volumes, FileRef, FileSpec, PodVolume, VolumeRef,
+    VolumeSpec,
+};
 use super::{PodError, Result};
 use crate::model::Pod;
+
+/// `null` reads as the default (Go clients send `null` for nil slices).
+fn nullable<'de, D, T>(d: D) -> std::result::Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Default + Deserialize<'de>,
+{
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
+}
 
 /// `PATH` for containers whose image sets none.
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -26,8 +39,12 @@ pub struct PodSpec {
     pub containers: Vec<ContainerSpec>,
     #[serde(default)]
     pub resource: Option<Resource>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nullable")]
     pub labels: BTreeMap<String, String>,
+    #[serde(default, deserialize_with = "nullable")]
+    pub volumes: Vec<VolumeSpec>,
+    #[serde(default, deserialize_with = "nullable")]
+    pub files: Vec<FileSpec>,
 }
 
 /// A container in a pod spec.
@@ -43,8 +60,12 @@ pub struct ContainerSpec {
     pub entrypoint: Vec<String>,
     #[serde(default)]
     pub workdir: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nullable")]
     pub envs: Vec<EnvSpec>,
+    #[serde(default, deserialize_with = "nullable")]
+    pub volumes: Vec<VolumeRef>,
+    #[serde(default, deserialize_with = "nullable")]
+    pub files: Vec<FileRef>,
 }
 
 /// One `{"env": NAME, "value": VALUE}` of a container.
@@ -76,12 +97,15 @@ pub fn parse_pod(text: &str) -> Result<PodSpec> {
         v.get(key)
             .is_some_and(|x| !x.is_null() && x != &json!([]) && x != &json!({}))
     };
-    for key in ["volumes", "files", "interfaces", "portmappings", "services"] {
+    for key in ["interfaces", "services"] {
         if used(&raw, key) {
             return Err(PodError::Invalid(format!(
                 "pod {key} are not supported by emberd yet"
             )));
         }
+    }
+    if used(&raw, "portmappings") {
+        return Err(PodError::Invalid(super::NO_POD_NETWORK.into()));
     }
     for (i, c) in raw["containers"]
         .as_array()
@@ -89,12 +113,11 @@ pub fn parse_pod(text: &str) -> Result<PodSpec> {
         .flatten()
         .enumerate()
     {
-        for key in ["volumes", "files", "ports"] {
-            if used(c, key) {
-                return Err(PodError::Invalid(format!(
-                    "container {i}: {key} are not supported by emberd yet"
-                )));
-            }
+        if used(c, "ports") {
+            return Err(PodError::Invalid(format!(
+                "container {i}: ports: {}",
+                super::NO_POD_NETWORK
+            )));
         }
     }
     if spec.containers.is_empty() {
@@ -157,6 +180,8 @@ pub fn parse_pod(text: &str) -> Result<PodSpec> {
             spec.hostname
         )));
     }
+    // Volumes and files resolve now, so a bad one is refused at create.
+    storage_plan(&spec)?;
     for c in &spec.containers {
         for e in &c.envs {
             if e.env.is_empty() || e.env.contains('=') || e.env.chars().any(char::is_control) {
@@ -170,6 +195,39 @@ pub fn parse_pod(text: &str) -> Result<PodSpec> {
     Ok(spec)
 }
 
+/// The pod's volumes and each container's mounts and files (volume disks
+/// follow the containers' root disks; at most 26 disks in all).
+#[allow(clippy::type_complexity)]
+fn storage_plan(
+    spec: &PodSpec,
+) -> Result<(
+    Vec<PodVolume>,
+    Vec<(
+        Vec<ember_agent::protocol::VolumeMount>,
+        Vec<ember_agent::protocol::ContainerFile>,
+    )>,
+)> {
+    let refs: Vec<&[VolumeRef]> = spec.containers.iter().map(|c| &c.volumes[..]).collect();
+    let vols = pod_volumes(&spec.volumes, &refs)?;
+    let disks = spec.containers.len() + vols.len();
+    if disks > 26 {
+        return Err(PodError::Invalid(format!(
+            "a pod VM has at most 26 disks (one per container and one per volume), not {disks}"
+        )));
+    }
+    let per = spec
+        .containers
+        .iter()
+        .map(|c| {
+            Ok((
+                container_mounts(&c.name, &c.volumes, &vols, spec.containers.len())?,
+                container_files(&c.name, &c.files, &spec.files)?,
+            ))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok((vols, per))
+}
+
 /// The start plan of a pod: its stored spec with the model's container
 /// ids.
 pub fn plan(pod: &Pod) -> Result<PodPlan> {
@@ -180,6 +238,7 @@ pub fn plan(pod: &Pod) -> Result<PodPlan> {
             pod.id
         )));
     }
+    let (volumes, storage) = storage_plan(&spec)?;
     let (vcpu, memory) = spec
         .resource
         .as_ref()
@@ -194,11 +253,13 @@ pub fn plan(pod: &Pod) -> Result<PodPlan> {
         },
         vcpus: if vcpu == 0 { 1 } else { vcpu as u8 },
         memory_mb: if memory == 0 { 128 } else { memory },
+        volumes,
         containers: spec
             .containers
             .iter()
             .zip(&pod.containers)
-            .map(|(s, c)| ContainerPlan {
+            .zip(storage)
+            .map(|((s, c), (mounts, files))| ContainerPlan {
                 id: c.id.clone(),
                 name: c.name.clone(),
                 image: c.image.clone(),
@@ -210,6 +271,8 @@ pub fn plan(pod: &Pod) -> Result<PodPlan> {
                     .iter()
                     .map(|e| (e.env.clone(), e.value.clone()))
                     .collect(),
+                mounts,
+                files,
             })
             .collect(),
     })
@@ -231,6 +294,10 @@ pub struct ContainerPlan {
     pub workdir: String,
     /// Added to (and overriding) the image's `Env`.
     pub env: Vec<(String, String)>,
+    /// Pod volumes mounted in it (devices already assigned).
+    pub mounts: Vec<ember_agent::protocol::VolumeMount>,
+    /// Files written into it.
+    pub files: Vec<ember_agent::protocol::ContainerFile>,
 }
 
 /// A pod to start.
@@ -241,6 +308,8 @@ pub struct PodPlan {
     pub vcpus: u8,
     pub memory_mb: u32,
     pub containers: Vec<ContainerPlan>,
+    /// Its volumes: disks after the containers' root disks, in order.
+    pub volumes: Vec<PodVolume>,
 }
 
 /// The agent's view of a container: argv, environment, working directory
@@ -319,8 +388,8 @@ pub fn resolve(
         env,
         workdir: (!workdir.is_empty()).then_some(workdir),
         user,
-        mounts: Vec::new(),
-        files: Vec::new(),
+        mounts: plan.mounts.clone(),
+        files: plan.files.clone(),
     })
 }
 
@@ -468,12 +537,22 @@ mod tests {
         assert!(parse_pod("nope").is_err());
         assert!(parse_pod(r#"{"containers":[{"image":"a"}],"resource":{"vcpu":99}}"#).is_err());
         // Parts ember does not do are refused unless empty.
-        let e =
-            parse_pod(r#"{"containers":[{"image":"a"}],"volumes":[{"name":"v"}]}"#).unwrap_err();
+        let e = parse_pod(r#"{"containers":[{"image":"a"}],"interfaces":[{"bridge":"b"}]}"#)
+            .unwrap_err();
         assert_eq!(
             e.to_string(),
-            "bad parameter: pod volumes are not supported by emberd yet"
+            "bad parameter: pod interfaces are not supported by emberd yet"
         );
+        let e = parse_pod(
+            r#"{"containers":[{"image":"a"}],"volumes":[{"name":"v","source":"/srv","format":"vfs"}]}"#,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("shares no host directory"), "{e}");
+        let p = parse_pod(
+            r#"{"containers":[{"image":"a","volumes":[{"volume":"v","path":"/v"}]}],"volumes":[{"name":"v"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(p.volumes[0].name, "v");
         let e = parse_pod(r#"{"containers":[{"image":"a","ports":[{"containerPort":80}]}]}"#)
             .unwrap_err();
         assert!(e.to_string().contains("container 0: ports"), "{e}");

@@ -13,6 +13,7 @@ use ember_agent::protocol::{OkReply, Request, StopContainer, Wait};
 use ember_agent::AgentClient;
 
 use super::plan::{disk_device, resolve, rootfs_volume, PodPlan};
+use super::storage::{pod_volume_name, VolumeKind};
 use super::{
     container_exited, exited, failed, find_vm, gc_rootfs, loop_gone, post_events, session_ended,
     settle, vm_lost, PodError, Pods, Result, POD_ANN, POD_CMDLINE, POD_IMAGE, VM_ANN,
@@ -143,6 +144,62 @@ impl Pods {
             out.push((c.id.clone(), file));
         }
         Ok(out)
+    }
+
+    /// Worker side: the pod's volume disks, after the root disks. Empty pod
+    /// volumes that do not exist yet are made (returned as (volume name,
+    /// file) to install); ember volumes must exist. A disk is read-only
+    /// when every container mounts it read-only.
+    fn volume_disks(
+        &self,
+        jobs: &Jobs,
+        staging: &Path,
+        plan: &PodPlan,
+    ) -> Result<(Vec<(String, PathBuf)>, Vec<Disk>)> {
+        let first = plan.containers.len();
+        let mut wanted = Vec::new();
+        for (i, v) in plan.volumes.iter().enumerate() {
+            let dev = disk_device(first + i)?;
+            let mounts: Vec<bool> = plan
+                .containers
+                .iter()
+                .flat_map(|c| c.mounts.iter())
+                .filter(|m| m.device == dev)
+                .map(|m| m.readonly)
+                .collect();
+            let read_only = !mounts.is_empty() && mounts.iter().all(|r| *r);
+            let name = match &v.kind {
+                VolumeKind::Empty => pod_volume_name(&plan.pod_id, &v.name),
+                VolumeKind::Ember(n) => n.clone(),
+            };
+            wanted.push((name, v.kind == VolumeKind::Empty, read_only));
+        }
+        let w = wanted.clone();
+        // Which exist (by name), and their canonical names.
+        let found: Vec<Option<String>> = jobs
+            .call(move |sup, _| {
+                w.iter()
+                    .map(|(n, _, _)| sup.state().volume(n).map(|v| v.name.clone()))
+                    .collect()
+            })
+            .ok_or_else(loop_gone)?;
+        let mut files = Vec::new();
+        let mut disks = Vec::new();
+        for ((name, empty, read_only), have) in wanted.into_iter().zip(found) {
+            let volume = match (have, empty) {
+                (Some(n), _) => n,
+                (None, true) => {
+                    let file = staging.join(format!("{name}.img"));
+                    crate::images::volumes::create_empty_ext4(&file, self.cfg.rootfs_mb)
+                        .map_err(|e| failed(format!("pod volume {name}: {e}")))?;
+                    files.push((name.clone(), file));
+                    name
+                }
+                (None, false) => return Err(PodError::NoSuch(format!("volume {name}"))),
+            };
+            disks.push(Disk { volume, read_only });
+        }
+        Ok((files, disks))
     }
 
     /// Worker side: connects to a new VM's agent, waiting for it to boot;
@@ -356,6 +413,7 @@ impl Pods {
         let staging = crate::model::store::Scratch::create(staging_dir).map_err(failed)?;
         self.ensure_image(jobs, staging.path(), &kernel, &agent)?;
         let built = self.build_rootfs(jobs, staging.path(), plan)?;
+        let (vol_files, vol_disks) = self.volume_disks(jobs, staging.path(), plan)?;
         // Install the disks; the pod is pending until its containers run.
         let pod_id = plan.pod_id.clone();
         let ids: Vec<String> = plan.containers.iter().map(|c| c.id.clone()).collect();
@@ -363,6 +421,10 @@ impl Pods {
             .call(move |sup, _| {
                 for (cid, file) in &built {
                     sup.install_volume_file(&rootfs_volume(cid), file, VolumeFormat::Ext4)
+                        .map_err(failed)?;
+                }
+                for (name, file) in &vol_files {
+                    sup.install_volume_file(name, file, VolumeFormat::Ext4)
                         .map_err(failed)?;
                 }
                 sup.update_pod(&pod_id, |p| {
@@ -381,6 +443,7 @@ impl Pods {
                             volume: rootfs_volume(id),
                             read_only: false,
                         })
+                        .chain(vol_disks)
                         .collect::<Vec<_>>(),
                 )
             })
