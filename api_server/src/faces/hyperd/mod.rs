@@ -4,6 +4,13 @@
 //! follows its message: "no such" 404, "bad parameter" 400, "conflict" 409,
 //! anything else 500.
 //!
+//! Routes live by resource: this file has pods' create/start/stop/delete,
+//! `/list`, `/info`, `/auth`, VMs and the image import/build/push/remove and
+//! commit routes; `pod_routes.rs` pod info, stats, labels, kill, pause and
+//! port mappings; `containers.rs` the container routes (not their stdio);
+//! `images.rs` image load and save; `system.rs` `/version`, `/_ping`,
+//! services and the dispatch of those files.
+//!
 //! This face only translates: pods are model records, and their VMs are run
 //! by [`crate::model::pods`] (a Linux kernel with `ember-agent` as init, one
 //! ext4 disk per container, the agent over vsock). Without a kernel for pod VMs,
