@@ -195,18 +195,15 @@ pub fn parse_pod(text: &str) -> Result<PodSpec> {
     Ok(spec)
 }
 
+/// Each container's volume mounts and files.
+type ContainerStorage = (
+    Vec<ember_agent::protocol::VolumeMount>,
+    Vec<ember_agent::protocol::ContainerFile>,
+);
+
 /// The pod's volumes and each container's mounts and files (volume disks
 /// follow the containers' root disks; at most 26 disks in all).
-#[allow(clippy::type_complexity)]
-fn storage_plan(
-    spec: &PodSpec,
-) -> Result<(
-    Vec<PodVolume>,
-    Vec<(
-        Vec<ember_agent::protocol::VolumeMount>,
-        Vec<ember_agent::protocol::ContainerFile>,
-    )>,
-)> {
+fn storage_plan(spec: &PodSpec) -> Result<(Vec<PodVolume>, Vec<ContainerStorage>)> {
     let refs: Vec<&[VolumeRef]> = spec.containers.iter().map(|c| &c.volumes[..]).collect();
     let vols = pod_volumes(&spec.volumes, &refs)?;
     let disks = spec.containers.len() + vols.len();

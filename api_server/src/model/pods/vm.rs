@@ -25,6 +25,9 @@ use crate::model::{Disk, Image, InstanceState, PodState, VolumeFormat};
 use crate::runtime::agent::Session;
 use crate::runtime::process;
 
+/// Pod volume files to install (volume name, file) and the volume disks.
+type VolumeDisks = (Vec<(String, PathBuf)>, Vec<Disk>);
+
 impl Pods {
     /// Worker side: makes sure the pod VM image exists.
     fn ensure_image(&self, jobs: &Jobs, staging: &Path, kernel: &Path, agent: &Path) -> Result<()> {
@@ -150,12 +153,7 @@ impl Pods {
     /// volumes that do not exist yet are made (returned as (volume name,
     /// file) to install); ember volumes must exist. A disk is read-only
     /// when every container mounts it read-only.
-    fn volume_disks(
-        &self,
-        jobs: &Jobs,
-        staging: &Path,
-        plan: &PodPlan,
-    ) -> Result<(Vec<(String, PathBuf)>, Vec<Disk>)> {
+    fn volume_disks(&self, jobs: &Jobs, staging: &Path, plan: &PodPlan) -> Result<VolumeDisks> {
         let first = plan.containers.len();
         let mut wanted = Vec::new();
         for (i, v) in plan.volumes.iter().enumerate() {
