@@ -478,3 +478,99 @@ fn hyperctl_run_with_volumes_and_files() {
         .collect();
     assert_eq!(names, ["shared"], "the pod's own volume went with it");
 }
+
+/// Pod `interfaces` on TAPs: one virtio-net device per interface, backed
+/// by a persistent TAP owned by the VMM's uid, eth0's address as the
+/// kernel's `ip=`; gone with the VM.
+#[test]
+fn pod_interfaces_on_taps() {
+    let d = start("hctl-nics");
+    let h = Hyperctl::new(&d.sock);
+    d.hyperd_import(
+        "busybox:latest",
+        json!({"layers": [{"dirs": ["bin"], "files": {"bin/sh": "#!stub\n"}}],
+               "config": {"Cmd": ["/bin/sh"]}}),
+    );
+    // `hyperctl run -p pod.json` sends the pod file as it is.
+    let podfile = json!({
+        "id": "net", "hostname": "nethost",
+        "containers": [{"name": "app", "image": "busybox"}],
+        "interfaces": [
+            {"ip": "10.77.0.2/24", "gateway": "10.77.0.1", "mac": "02:00:00:00:77:02", "ifname": "eth0"},
+            {"mac": "02:00:00:00:77:03"}
+        ]
+    });
+    let pod = env_ok(
+        &h.call_json("POST", "/pod/create", &podfile.to_string()),
+        201,
+    );
+    let r = h.call("POST", &format!("/pod/start?podId={pod}"));
+    assert_eq!(r.status, 200, "{}", body(&r));
+    let vm = list(&h, "pod", &pod, "")[0][2].clone();
+    assert!(d.logs(&vm).contains("pod-agent nics 2"), "{}", d.logs(&vm));
+    let state: Value =
+        serde_json::from_slice(&std::fs::read(d.dir.join("state/state.json")).unwrap()).unwrap();
+    let inst = state["instances"]
+        .as_object()
+        .unwrap()
+        .values()
+        .find(|i| i["name"] == vm.as_str())
+        .unwrap()
+        .clone();
+    assert!(
+        inst["boot_args"]
+            .as_str()
+            .unwrap()
+            .contains("ip=10.77.0.2::10.77.0.1:255.255.255.0:nethost:eth0:off"),
+        "{inst}"
+    );
+    let taps: Vec<String> = inst["interfaces"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["host_dev_name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(taps.len(), 2);
+    assert_eq!(inst["interfaces"][0]["guest_mac"], "02:00:00:00:77:02");
+    let link = |tap: &str| {
+        std::process::Command::new("ip")
+            .args(["-o", "link", "show", tap])
+            .output()
+            .unwrap()
+    };
+    for t in &taps {
+        let o = link(t);
+        assert!(o.status.success(), "TAP {t} exists while the pod runs");
+    }
+    assert_eq!(pod_info(&h, &pod)["status"]["podIP"], json!(["10.77.0.2"]));
+
+    // A bridge that does not exist fails the start clearly.
+    let bridged = json!({"id": "bridged", "containers": [{"name": "app", "image": "busybox"}],
+                         "interfaces": [{"bridge": "embnosuchbr0"}]});
+    let p2 = env_ok(
+        &h.call_json("POST", "/pod/create", &bridged.to_string()),
+        201,
+    );
+    let r = h.call("POST", &format!("/pod/start?podId={p2}"));
+    assert_eq!(r.status, 404, "{}", body(&r));
+    assert!(body(&r).contains("bridge embnosuchbr0"), "{}", body(&r));
+    // Refused at create: what the guest could not apply.
+    let r = h.call_json(
+        "POST",
+        "/pod/create",
+        r#"{"id":"bad","containers":[{"image":"busybox"}],"interfaces":[{"ifname":"wlan0"}]}"#,
+    );
+    assert_eq!(r.status, 400, "{}", body(&r));
+
+    env_ok(
+        &h.call("POST", &format!("/pod/stop?podId={pod}&stopVm=yes")),
+        200,
+    );
+    for t in &taps {
+        let gone = wait_for(PATIENCE, || (!link(t).status.success()).then_some(()));
+        assert!(gone.is_some(), "TAP {t} is removed with the VM");
+    }
+    for p in [&pod, &p2] {
+        env_ok(&h.call("DELETE", &format!("/pod?podId={p}")), 200);
+    }
+}

@@ -232,6 +232,62 @@ pub fn delete_tap(name: &str, netns: Option<&Path>) -> Result<(), NetdevError> {
     in_netns(netns, move || delete_tap_here(&name))?
 }
 
+/// `SIOCBRADDIF` (linux/sockios.h): add a device to a bridge.
+const SIOCBRADDIF: libc::c_ulong = 0x89a2;
+
+/// `struct ifreq` with the `int ifr_ifindex` member of its union.
+#[repr(C)]
+struct IfReqIndex {
+    name: [u8; IFNAMSIZ],
+    index: i32,
+    _pad: [u8; 20],
+}
+
+/// Adds the device `dev` (a TAP) to the existing bridge `bridge`, in
+/// `netns` if given ([`NetdevError::NotFound`] when either is missing).
+pub fn add_to_bridge(dev: &str, bridge: &str, netns: Option<&Path>) -> Result<(), NetdevError> {
+    validate_ifname(dev)?;
+    validate_ifname(bridge)?;
+    let (dev, bridge) = (dev.to_string(), bridge.to_string());
+    in_netns(netns, move || add_to_bridge_here(&dev, &bridge))?
+}
+
+fn add_to_bridge_here(dev: &str, bridge: &str) -> Result<(), NetdevError> {
+    let index = ifindex(dev).ok_or_else(|| NetdevError::NotFound(dev.to_string()))?;
+    if ifindex(bridge).is_none() {
+        return Err(NetdevError::NotFound(bridge.to_string()));
+    }
+    // SAFETY: plain socket(2) call; the fd is owned right below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(os_error(
+            "socket(AF_INET)",
+            bridge,
+            io::Error::last_os_error(),
+        ));
+    }
+    // SAFETY: `fd` is a fresh descriptor nobody else owns.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut req = IfReqIndex {
+        name: [0; IFNAMSIZ],
+        index: index as i32,
+        _pad: [0; 20],
+    };
+    let b = bridge.as_bytes();
+    req.name[..b.len().min(MAX_IFNAME_LEN)].copy_from_slice(&b[..b.len().min(MAX_IFNAME_LEN)]);
+    // SAFETY: SIOCBRADDIF reads ifr_name and ifr_ifindex of a valid
+    // `struct ifreq` that outlives the call.
+    let r = unsafe { libc::ioctl(sock.as_raw_fd(), SIOCBRADDIF as _, &req) };
+    if r < 0 {
+        return Err(os_error(
+            "SIOCBRADDIF (add to bridge)",
+            bridge,
+            io::Error::last_os_error(),
+        ));
+    }
+    Ok(())
+}
+
 /// Whether a network device called `name` exists (in `netns` if given).
 /// Invalid names and unreadable namespaces answer `false`.
 pub fn tap_exists(name: &str, netns: Option<&Path>) -> bool {
@@ -610,6 +666,45 @@ mod tests {
         // The hash is pinned: names survive daemon rebuilds.
         assert_eq!(fnv1a(b""), 0xcbf2_9ce4_8422_2325);
         assert_eq!(fnv1a(b"a"), 0xaf63_dc4c_8601_ec8c);
+    }
+
+    /// Privileged: a TAP joins a bridge inside a network namespace this
+    /// test creates (skipped, with the reason, where that is not possible).
+    #[test]
+    fn taps_join_bridges_in_a_private_netns() {
+        use std::process::Command;
+        let ns = format!("ember-brtest{}", std::process::id());
+        let ip = |args: &[&str]| Command::new("ip").args(args).output();
+        match ip(&["netns", "add", &ns]) {
+            Ok(o) if o.status.success() => {}
+            other => {
+                eprintln!("SKIP: cannot create a network namespace here: {other:?}");
+                return;
+            }
+        }
+        struct Del(String);
+        impl Drop for Del {
+            fn drop(&mut self) {
+                let _ = std::process::Command::new("ip")
+                    .args(["netns", "del", &self.0])
+                    .output();
+            }
+        }
+        let _del = Del(ns.clone());
+        let path = PathBuf::from(format!("/var/run/netns/{ns}"));
+        let o = ip(&["-n", &ns, "link", "add", "embr0", "type", "bridge"]).unwrap();
+        assert!(o.status.success(), "{o:?}");
+        create_tap("embtap0", None, Some(&path)).unwrap();
+        add_to_bridge("embtap0", "embr0", Some(&path)).unwrap();
+        let o = ip(&["-n", &ns, "-o", "link", "show", "embtap0"]).unwrap();
+        let text = String::from_utf8_lossy(&o.stdout);
+        assert!(text.contains("master embr0"), "{text}");
+        assert!(matches!(
+            add_to_bridge("embtap0", "nosuchbr", Some(&path)),
+            Err(NetdevError::NotFound(b)) if b == "nosuchbr"
+        ));
+        assert!(add_to_bridge("nosuchtap", "embr0", Some(&path)).is_err());
+        delete_tap("embtap0", Some(&path)).unwrap();
     }
 
     #[test]

@@ -182,6 +182,17 @@ static int blk_count(const struct bootinfo *bi)
 	return k;
 }
 
+/* How many virtio-net devices the cmdline announces (pod interfaces). */
+static int net_count(const struct bootinfo *bi)
+{
+	struct virtio_mmio_info info[VIRTIO_MAX_DEVICES];
+	int n = virtio_parse_cmdline(bi->cmdline, info, VIRTIO_MAX_DEVICES), k = 0;
+
+	for (int i = 0; i < n; i++)
+		k += virtio_probe(&blk_dev, &info[i]) && blk_dev.device_id == VIRTIO_ID_NET;
+	return k;
+}
+
 /* The idx-th virtio-blk device in cmdline order, into blk_dev. */
 static bool blk_nth(const struct bootinfo *bi, int idx)
 {
@@ -599,6 +610,7 @@ void mode_pod_agent(const struct bootinfo *bi)
 	else
 		guest_log("pod-agent initrd none");
 	guest_log("pod-agent disks %d", blk_count(bi));
+	guest_log("pod-agent nics %d", net_count(bi));
 	if (!vsock_start(bi, &pd.vs))
 		return;
 	uint32_t port = vsock_cmdline_port(bi, "ember.vsock_listen", PA_DEFAULT_PORT);

@@ -162,10 +162,18 @@ fn pod_info(pods: &Pods, sup: &Supervisor, p: &Pod) -> Value {
         .flatten()
         .map(|v| json!({"name": v["name"], "source": v["source"], "driver": v["format"]}))
         .collect();
+    // The pod's address: eth0's static IPv4, while its VM runs.
+    let pod_ip: Vec<String> = spec["interfaces"][0]["ip"]
+        .as_str()
+        .filter(|_| p.vm.is_some())
+        .and_then(|ip| ip.split('/').next())
+        .filter(|ip| !ip.is_empty())
+        .map(|ip| vec![ip.to_string()])
+        .unwrap_or_default();
     let mut status = json!({
         "phase": pod_phase(p),
         "hostIP": "",
-        "podIP": [],
+        "podIP": pod_ip,
         "containerStatus": statuses,
     });
     if let Some(e) = &p.last_error {

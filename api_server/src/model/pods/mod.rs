@@ -20,12 +20,14 @@
 //! `/container/commit`, and so a restarted pod keeps its files) and removed
 //! with the pod.
 
+mod network;
 mod ops;
 mod plan;
 mod service;
 mod storage;
 mod vm;
 
+pub use network::PodInterface;
 pub use ops::{
     find_container, ContainerStopJob, Kill, PauseJob, PortMapping, SignalJob, NO_POD_NETWORK,
 };

@@ -8,6 +8,7 @@ use ember_agent::protocol::{Rootfs, StartContainer};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use super::network::{pod_interfaces, InterfaceSpec, PodInterface};
 use super::storage::{
     container_files, container_mounts, pod_volumes, FileRef, FileSpec, PodVolume, VolumeRef,
     VolumeSpec,
@@ -45,6 +46,8 @@ pub struct PodSpec {
     pub volumes: Vec<VolumeSpec>,
     #[serde(default, deserialize_with = "nullable")]
     pub files: Vec<FileSpec>,
+    #[serde(default, deserialize_with = "nullable")]
+    pub interfaces: Vec<InterfaceSpec>,
 }
 
 /// A container in a pod spec.
@@ -97,7 +100,7 @@ pub fn parse_pod(text: &str) -> Result<PodSpec> {
         v.get(key)
             .is_some_and(|x| !x.is_null() && x != &json!([]) && x != &json!({}))
     };
-    for key in ["interfaces", "services"] {
+    for key in ["services"] {
         if used(&raw, key) {
             return Err(PodError::Invalid(format!(
                 "pod {key} are not supported by emberd yet"
@@ -180,8 +183,10 @@ pub fn parse_pod(text: &str) -> Result<PodSpec> {
             spec.hostname
         )));
     }
-    // Volumes and files resolve now, so a bad one is refused at create.
+    // Volumes, files and interfaces resolve now, so a bad one is refused
+    // at create.
     storage_plan(&spec)?;
+    pod_interfaces(&spec.interfaces)?;
     for c in &spec.containers {
         for e in &c.envs {
             if e.env.is_empty() || e.env.contains('=') || e.env.chars().any(char::is_control) {
@@ -236,6 +241,7 @@ pub fn plan(pod: &Pod) -> Result<PodPlan> {
         )));
     }
     let (volumes, storage) = storage_plan(&spec)?;
+    let interfaces = pod_interfaces(&spec.interfaces)?;
     let (vcpu, memory) = spec
         .resource
         .as_ref()
@@ -251,6 +257,7 @@ pub fn plan(pod: &Pod) -> Result<PodPlan> {
         vcpus: if vcpu == 0 { 1 } else { vcpu as u8 },
         memory_mb: if memory == 0 { 128 } else { memory },
         volumes,
+        interfaces,
         containers: spec
             .containers
             .iter()
@@ -307,6 +314,8 @@ pub struct PodPlan {
     pub containers: Vec<ContainerPlan>,
     /// Its volumes: disks after the containers' root disks, in order.
     pub volumes: Vec<PodVolume>,
+    /// Its network interfaces (TAPs), eth0 first.
+    pub interfaces: Vec<PodInterface>,
 }
 
 /// The agent's view of a container: argv, environment, working directory
@@ -534,12 +543,15 @@ mod tests {
         assert!(parse_pod("nope").is_err());
         assert!(parse_pod(r#"{"containers":[{"image":"a"}],"resource":{"vcpu":99}}"#).is_err());
         // Parts ember does not do are refused unless empty.
-        let e = parse_pod(r#"{"containers":[{"image":"a"}],"interfaces":[{"bridge":"b"}]}"#)
+        let e = parse_pod(r#"{"containers":[{"image":"a"}],"services":[{"serviceIP":"b"}]}"#)
             .unwrap_err();
         assert_eq!(
             e.to_string(),
-            "bad parameter: pod interfaces are not supported by emberd yet"
+            "bad parameter: pod services are not supported by emberd yet"
         );
+        let e = parse_pod(r#"{"containers":[{"image":"a"}],"interfaces":[{"ifname":"x"}]}"#)
+            .unwrap_err();
+        assert!(e.to_string().contains("interface 0: ifname"), "{e}");
         let e = parse_pod(
             r#"{"containers":[{"image":"a"}],"volumes":[{"name":"v","source":"/srv","format":"vfs"}]}"#,
         )

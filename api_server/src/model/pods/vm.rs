@@ -21,8 +21,9 @@ use super::{
 use crate::images::store::{ImageConfigChanges, ImageStoreError};
 use crate::model::jobs::Jobs;
 use crate::model::supervisor::{RunRequest, Supervisor};
-use crate::model::{Disk, Image, InstanceState, PodState, VolumeFormat};
+use crate::model::{Disk, Image, InstanceState, NetInterface, PodState, VolumeFormat};
 use crate::runtime::agent::Session;
+use crate::runtime::netdev;
 use crate::runtime::process;
 
 /// Pod volume files to install (volume name, file) and the volume disks.
@@ -308,6 +309,36 @@ impl Pods {
         if !self.cfg.boot_args.is_empty() {
             boot_args = format!("{} {boot_args}", self.cfg.boot_args);
         }
+        // Pod interfaces: TAPs named from the VM id (the supervisor makes
+        // them, owned by the VMM's uid); eth0's address as the kernel's ip=.
+        let nics = pod.map(|p| p.interfaces.clone()).unwrap_or_default();
+        let interfaces: Vec<NetInterface> = nics
+            .iter()
+            .enumerate()
+            .map(|(i, n)| NetInterface {
+                host_dev_name: netdev::tap_name(vm_id, i),
+                guest_mac: n.mac.clone(),
+            })
+            .collect();
+        if let Some(addr) = nics.first().and_then(|n| n.address.as_ref()) {
+            let host = if netdev::validate_hostname(&hostname).is_ok() {
+                hostname.as_str()
+            } else {
+                ""
+            };
+            let ip = netdev::kernel_ip_param(addr, "eth0", host).map_err(failed)?;
+            boot_args = format!("{boot_args} {ip}");
+        }
+        for (n, tap) in nics.iter().zip(&interfaces) {
+            if let Some(b) = &n.bridge {
+                if !netdev::tap_exists(b, None) {
+                    return Err(PodError::NoSuch(format!(
+                        "bridge {b} (for the pod's TAP {})",
+                        tap.host_dev_name
+                    )));
+                }
+            }
+        }
         let mut annotations = BTreeMap::new();
         annotations.insert(VM_ANN.to_string(), vm_id.to_string());
         if let Some(p) = pod {
@@ -321,6 +352,7 @@ impl Pods {
             disks,
             annotations,
             boot_args,
+            interfaces: interfaces.clone(),
             vsock: true,
             ..Default::default()
         };
@@ -339,6 +371,19 @@ impl Pods {
                 Ok::<_, PodError>((inst.id.clone(), sup.launcher().vsock_uds(&inst.id)))
             })
             .ok_or_else(loop_gone)??;
+        // The TAPs exist now: they join their bridges before the guest is
+        // asked for anything.
+        for (n, tap) in nics.iter().zip(&interfaces) {
+            if let Some(b) = &n.bridge {
+                if let Err(e) = netdev::add_to_bridge(&tap.host_dev_name, b, None) {
+                    let id = inst.clone();
+                    jobs.post(move |sup| {
+                        let _ = sup.delete_instance(&id, true);
+                    });
+                    return Err(failed(format!("pod interface on bridge {b}: {e}")));
+                }
+            }
+        }
         match self.connect(jobs, &inst, &uds) {
             Ok(c) => {
                 self.open_session(jobs, &inst, c);
