@@ -114,6 +114,9 @@ struct Args {
     /// that does not fit gets a disk that just fits it.
     #[arg(long, default_value_t = 1024)]
     pod_rootfs_mb: u64,
+    /// hyperd: host address that pods' port mappings listen on.
+    #[arg(long, default_value = "0.0.0.0")]
+    pod_port_bind: std::net::IpAddr,
     /// uids (and gids) for sandboxed tool jobs (gcc, mkfs, debugfs), one
     /// per running job; they must own nothing on the host.
     #[arg(long, default_value = "20000-20999", value_parser = parse_uid_range)]
@@ -352,6 +355,7 @@ fn main() {
         agent_timeout: std::time::Duration::from_secs(args.pod_agent_timeout.max(1)),
         stop_timeout: std::time::Duration::from_secs(args.pod_stop_timeout),
         rootfs_mb: args.pod_rootfs_mb,
+        port_bind: args.pod_port_bind,
     };
     let pods = api_server::model::pods::Pods::new(pod_vms, std::sync::Arc::new(images));
     let hyperd = api_server::faces::hyperd::Hyperd::new(pods);

@@ -31,6 +31,9 @@ fn start(tag: &str) -> Emberd {
             "16",
             "--pod-stop-timeout",
             "1",
+            // Port mappings listen on loopback only in tests.
+            "--pod-port-bind",
+            "127.0.0.1",
         ],
     )
 }
@@ -223,7 +226,7 @@ fn hyperctl_pod_commands() {
     let rules = r#"[{"containerPort":"80","hostPort":"8080","protocol":"tcp"}]"#;
     let r = h.call_json("PUT", &format!("/pod/{pod}/portmappings/add"), rules);
     assert_eq!(r.status, 400, "{}", body(&r));
-    assert!(body(&r).contains("no network interface"), "{}", body(&r));
+    assert!(body(&r).contains("need the pod's address"), "{}", body(&r));
     let r = h.call_json("PUT", &format!("/pod/{pod}/portmappings/delete"), rules);
     assert_eq!(r.status, 204, "{}", body(&r));
     let r = h.call_json("PUT", &format!("/pod/{pod}/portmappings/swap"), rules);
@@ -491,6 +494,9 @@ fn pod_interfaces_on_taps() {
         json!({"layers": [{"dirs": ["bin"], "files": {"bin/sh": "#!stub\n"}}],
                "config": {"Cmd": ["/bin/sh"]}}),
     );
+    // Host ports for the mappings (loopback, as emberd's --pod-port-bind).
+    let base = 40000 + (std::process::id() % 5000) as u16 * 4;
+    let (tcp_port, udp_port, added) = (base, base + 1, base + 2);
     // `hyperctl run -p pod.json` sends the pod file as it is.
     let podfile = json!({
         "id": "net", "hostname": "nethost",
@@ -498,6 +504,10 @@ fn pod_interfaces_on_taps() {
         "interfaces": [
             {"ip": "10.77.0.2/24", "gateway": "10.77.0.1", "mac": "02:00:00:00:77:02", "ifname": "eth0"},
             {"mac": "02:00:00:00:77:03"}
+        ],
+        "portmappings": [
+            {"containerPort": "80", "hostPort": tcp_port.to_string(), "protocol": "tcp"},
+            {"containerPort": "53", "hostPort": udp_port.to_string(), "protocol": "udp"}
         ]
     });
     let pod = env_ok(
@@ -544,6 +554,29 @@ fn pod_interfaces_on_taps() {
     }
     assert_eq!(pod_info(&h, &pod)["status"]["podIP"], json!(["10.77.0.2"]));
 
+    // Port mappings: the host port listens while the pod runs (the
+    // forwarder's data path is runtime::portfwd's test, in a network
+    // namespace; this test guest has no TCP stack to answer).
+    let listening = |port: u16| std::net::TcpStream::connect(("127.0.0.1", port)).is_ok();
+    assert!(listening(tcp_port), "tcp {tcp_port} forwards to the pod");
+    // client/api/portmapping.go: ListPortMappings, AddPortMappings,
+    // DeletePortMappings on a running pod.
+    let r = h.call("GET", &format!("/pod/{pod}/portmappings"));
+    let pms = r.json()["portMappings"].clone();
+    assert_eq!(pms.as_array().unwrap().len(), 2, "{pms}");
+    assert_eq!(pms[0]["hostPort"], tcp_port.to_string());
+    assert_eq!(pms[1]["protocol"], "udp");
+    let rule = format!(r#"[{{"containerPort":"8080","hostPort":"{added}","protocol":"tcp"}}]"#);
+    let r = h.call_json("PUT", &format!("/pod/{pod}/portmappings/add"), &rule);
+    assert_eq!(r.status, 204, "{}", body(&r));
+    assert!(listening(added), "added at once");
+    let r = h.call_json("PUT", &format!("/pod/{pod}/portmappings/add"), &rule);
+    assert_eq!(r.status, 409, "the host port is taken: {}", body(&r));
+    let r = h.call_json("PUT", &format!("/pod/{pod}/portmappings/delete"), &rule);
+    assert_eq!(r.status, 204, "{}", body(&r));
+    assert!(!listening(added), "deleted at once");
+    assert!(listening(tcp_port), "the others stay");
+
     // A bridge that does not exist fails the start clearly.
     let bridged = json!({"id": "bridged", "containers": [{"name": "app", "image": "busybox"}],
                          "interfaces": [{"bridge": "embnosuchbr0"}]});
@@ -566,6 +599,7 @@ fn pod_interfaces_on_taps() {
         &h.call("POST", &format!("/pod/stop?podId={pod}&stopVm=yes")),
         200,
     );
+    assert!(!listening(tcp_port), "a stopped pod forwards nothing");
     for t in &taps {
         let gone = wait_for(PATIENCE, || (!link(t).status.success()).then_some(()));
         assert!(gone.is_some(), "TAP {t} is removed with the VM");

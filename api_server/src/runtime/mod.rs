@@ -4,5 +4,6 @@
 
 pub mod agent;
 pub mod netdev;
+pub mod portfwd;
 pub mod process;
 pub mod vmm_api;

@@ -296,8 +296,8 @@ impl Hyperd {
             .pod(id)
             .map_err(|_| HyperdError::NoSuch(format!("pod {id}")))?;
         match action {
-            "add" => Pods::add_port_mappings(ctx.sup, id, &req.body)?,
-            "delete" => Pods::delete_port_mappings(ctx.sup, id, &req.body)?,
+            "add" => self.pods.add_port_mappings(ctx.sup, id, &req.body)?,
+            "delete" => self.pods.delete_port_mappings(ctx.sup, id, &req.body)?,
             _ => {
                 return Err(HyperdError::BadParameter(
                     "Only add or delete operation are permitted".into(),

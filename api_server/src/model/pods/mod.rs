@@ -78,6 +78,8 @@ pub struct PodVmConfig {
     /// Size of a container's root disk in MB (sparse); an image that does
     /// not fit gets a disk sized to fit it.
     pub rootfs_mb: u64,
+    /// Host address port mappings listen on (`--pod-port-bind`).
+    pub port_bind: std::net::IpAddr,
 }
 
 impl Default for PodVmConfig {
@@ -89,6 +91,7 @@ impl Default for PodVmConfig {
             agent_timeout: Duration::from_secs(60),
             stop_timeout: Duration::from_secs(10),
             rootfs_mb: 1024,
+            port_bind: std::net::IpAddr::from([0, 0, 0, 0]),
         }
     }
 }
@@ -162,6 +165,8 @@ pub struct Pods {
     busy: Mutex<HashSet<String>>,
     /// Instances whose session is being re-established after a restart.
     reconnecting: Mutex<HashSet<String>>,
+    /// Instance id -> the port mappings forwarded to its pod.
+    forwarders: Mutex<HashMap<String, crate::runtime::portfwd::Forwarder>>,
 }
 
 /// Marks a pod or VM busy until dropped.
@@ -189,6 +194,7 @@ impl Pods {
             sessions: Mutex::new(HashMap::new()),
             busy: Mutex::new(HashSet::new()),
             reconnecting: Mutex::new(HashSet::new()),
+            forwarders: Mutex::new(HashMap::new()),
         })
     }
 
@@ -214,8 +220,10 @@ impl Pods {
             .cloned()
     }
 
-    /// Forgets an instance's session; it closes once its thread notices.
+    /// Forgets an instance's session (it closes once its thread notices)
+    /// and stops forwarding ports to it.
     fn drop_session(&self, inst: &str) {
+        self.stop_forwarding(inst);
         if let Some(s) = self
             .sessions
             .lock()

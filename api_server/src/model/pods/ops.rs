@@ -19,6 +19,7 @@ use crate::model::jobs::Jobs;
 use crate::model::supervisor::Supervisor;
 use crate::model::{hyper_id, Pod, PodContainer, PodState};
 use crate::runtime::agent::Session;
+use crate::runtime::portfwd::{Forwarder, Port, Proto};
 use crate::runtime::vmm_api::{self, VmState};
 
 /// One of hyperd's port mappings: ports are strings, a single port or a
@@ -105,8 +106,68 @@ impl PortMapping {
     }
 }
 
-/// Why port mappings are refused: pod VMs have no network yet.
-pub const NO_POD_NETWORK: &str = "port mappings are not supported by emberd yet: pod VMs have no network interface, so there is no pod address to forward host ports to";
+/// Why port mappings are refused without a pod address.
+pub const NO_POD_NETWORK: &str = "port mappings need the pod's address: give the pod an interface with an ip (e.g. \"interfaces\": [{\"ip\": \"10.0.0.2/24\"}])";
+
+/// The ports to forward for a pod spec's `portmappings`, to its first
+/// interface's address. Host and container ranges must have the same
+/// length; two mappings may not share a host port and protocol.
+pub fn forward_plan(spec: &Value) -> Result<Vec<Port>> {
+    let maps: Vec<PortMapping> = serde_json::from_value(spec["portmappings"].clone())
+        .map_err(|e| PodError::Invalid(format!("portmappings: {e}")))
+        .or_else(|e| {
+            if spec["portmappings"].is_null() {
+                Ok(Vec::new())
+            } else {
+                Err(e)
+            }
+        })?;
+    if maps.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ip: std::net::IpAddr = spec["interfaces"][0]["ip"]
+        .as_str()
+        .and_then(|ip| ip.split('/').next())
+        .and_then(|ip| ip.parse().ok())
+        .ok_or_else(|| PodError::Invalid(NO_POD_NETWORK.into()))?;
+    let mut out: Vec<Port> = Vec::new();
+    for m in &maps {
+        let m = m.formalize()?;
+        let (h, c) = (
+            port_range("hostPort", &m.host_port)?,
+            port_range("containerPort", &m.container_port)?,
+        );
+        if h.1 - h.0 != c.1 - c.0 {
+            return Err(PodError::Invalid(format!(
+                "port mapping {} -> {}: give one host port per container port",
+                m.host_port, m.container_port
+            )));
+        }
+        let proto = if m.protocol == "udp" {
+            Proto::Udp
+        } else {
+            Proto::Tcp
+        };
+        for k in 0..=(h.1 - h.0) {
+            let port = Port {
+                proto,
+                host: h.0 + k,
+                target: std::net::SocketAddr::new(ip, c.0 + k),
+            };
+            if out
+                .iter()
+                .any(|p| p.proto == port.proto && p.host == port.host)
+            {
+                return Err(PodError::Conflict(format!(
+                    "host port {} ({}) is mapped twice",
+                    port.host, m.protocol
+                )));
+            }
+            out.push(port);
+        }
+    }
+    Ok(out)
+}
 
 /// A signal for containers of a running pod; [`SignalJob::run`] sends it.
 pub struct SignalJob {
@@ -458,28 +519,80 @@ impl Pods {
         Ok(serde_json::from_value(spec["portmappings"].clone()).unwrap_or_default())
     }
 
-    /// `PUT /pod/{id}/portmappings/add`: checked, then refused, since pod VMs
-    /// have no network yet.
-    pub fn add_port_mappings(sup: &Supervisor, pod: &str, body: &[u8]) -> Result<()> {
-        sup.pod(pod)?;
-        for pm in parse_mappings(body)? {
-            pm.formalize()?;
+    /// Starts forwarding `ports` to the pod in VM `inst` (replacing what was
+    /// forwarded to it); nothing when there are none.
+    pub(super) fn forward_ports(&self, inst: &str, ports: &[Port]) -> Result<()> {
+        self.stop_forwarding(inst);
+        if ports.is_empty() {
+            return Ok(());
         }
-        Err(PodError::Invalid(NO_POD_NETWORK.into()))
+        let f = Forwarder::start(self.cfg.port_bind, ports)
+            .map_err(|e| PodError::Conflict(format!("port mappings: {e}")))?;
+        self.forwarders
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(inst.to_string(), f);
+        Ok(())
+    }
+
+    /// Stops forwarding ports to VM `inst`.
+    pub(super) fn stop_forwarding(&self, inst: &str) {
+        let f = self
+            .forwarders
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(inst);
+        if let Some(f) = f {
+            f.stop();
+        }
+    }
+
+    /// Replaces a pod's mappings with `next` (checked): in its spec, and
+    /// live when its VM runs (a failure to listen restores the old ones).
+    fn set_port_mappings(
+        &self,
+        sup: &mut Supervisor,
+        p: &Pod,
+        next: Vec<PortMapping>,
+    ) -> Result<()> {
+        let mut spec = spec_value(p)?;
+        let old_ports = forward_plan(&spec)?;
+        spec["portmappings"] = serde_json::to_value(&next).map_err(failed)?;
+        let ports = forward_plan(&spec)?;
+        if let Some(inst) = p.vm.as_deref() {
+            if let Err(e) = self.forward_ports(inst, &ports) {
+                let _ = self.forward_ports(inst, &old_ports);
+                return Err(e);
+            }
+        }
+        let text = spec.to_string();
+        sup.update_pod(&p.id, |p| p.spec = text)?;
+        Ok(())
+    }
+
+    /// `PUT /pod/{id}/portmappings/add`: more mappings, forwarded at once
+    /// when the pod runs.
+    pub fn add_port_mappings(&self, sup: &mut Supervisor, pod: &str, body: &[u8]) -> Result<()> {
+        let p = sup.pod(pod)?.clone();
+        let mut all: Vec<PortMapping> =
+            serde_json::from_value(spec_value(&p)?["portmappings"].clone()).unwrap_or_default();
+        for pm in parse_mappings(body)? {
+            all.push(pm.formalize()?);
+        }
+        self.set_port_mappings(sup, &p, all)
     }
 
     /// `PUT /pod/{id}/portmappings/delete`: removes the mappings with the
     /// same container port and protocol (hyperd's `SameDestWith`); ones the
     /// pod does not have are ignored, as in hyperd.
-    pub fn delete_port_mappings(sup: &mut Supervisor, pod: &str, body: &[u8]) -> Result<()> {
+    pub fn delete_port_mappings(&self, sup: &mut Supervisor, pod: &str, body: &[u8]) -> Result<()> {
         let p = sup.pod(pod)?.clone();
         let gone: Vec<PortMapping> = parse_mappings(body)?
             .iter()
             .map(PortMapping::formalize)
             .collect::<Result<_>>()?;
-        let mut spec = spec_value(&p)?;
         let have: Vec<PortMapping> =
-            serde_json::from_value(spec["portmappings"].clone()).unwrap_or_default();
+            serde_json::from_value(spec_value(&p)?["portmappings"].clone()).unwrap_or_default();
         let keep: Vec<PortMapping> = have
             .into_iter()
             .filter(|m| {
@@ -489,10 +602,7 @@ impl Pods {
                     .any(|g| g.container_port == m.container_port && g.protocol == m.protocol)
             })
             .collect();
-        spec["portmappings"] = serde_json::to_value(&keep).map_err(failed)?;
-        let text = spec.to_string();
-        sup.update_pod(&p.id, |p| p.spec = text)?;
-        Ok(())
+        self.set_port_mappings(sup, &p, keep)
     }
 
     /// `/container/create?podId=`: adds the container `text` (hyperd's

@@ -107,9 +107,8 @@ pub fn parse_pod(text: &str) -> Result<PodSpec> {
             )));
         }
     }
-    if used(&raw, "portmappings") {
-        return Err(PodError::Invalid(super::NO_POD_NETWORK.into()));
-    }
+    // Port mappings need the pod's address (its first interface's ip).
+    super::ops::forward_plan(&raw)?;
     for (i, c) in raw["containers"]
         .as_array()
         .into_iter()
@@ -118,8 +117,7 @@ pub fn parse_pod(text: &str) -> Result<PodSpec> {
     {
         if used(c, "ports") {
             return Err(PodError::Invalid(format!(
-                "container {i}: ports: {}",
-                super::NO_POD_NETWORK
+                "container {i}: ports are not supported; map ports with the pod's portmappings"
             )));
         }
     }
@@ -242,6 +240,7 @@ pub fn plan(pod: &Pod) -> Result<PodPlan> {
     }
     let (volumes, storage) = storage_plan(&spec)?;
     let interfaces = pod_interfaces(&spec.interfaces)?;
+    let ports = super::ops::forward_plan(&serde_json::from_str(&pod.spec).unwrap_or(Value::Null))?;
     let (vcpu, memory) = spec
         .resource
         .as_ref()
@@ -258,6 +257,7 @@ pub fn plan(pod: &Pod) -> Result<PodPlan> {
         memory_mb: if memory == 0 { 128 } else { memory },
         volumes,
         interfaces,
+        ports,
         containers: spec
             .containers
             .iter()
@@ -316,6 +316,8 @@ pub struct PodPlan {
     pub volumes: Vec<PodVolume>,
     /// Its network interfaces (TAPs), eth0 first.
     pub interfaces: Vec<PodInterface>,
+    /// Host ports forwarded to it.
+    pub ports: Vec<crate::runtime::portfwd::Port>,
 }
 
 /// The agent's view of a container: argv, environment, working directory

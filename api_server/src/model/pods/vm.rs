@@ -270,6 +270,7 @@ impl Pods {
                 }
                 drop(s);
                 if !session.is_closing() {
+                    me.stop_forwarding(&inst);
                     log::warn!("pod VM {inst}: agent session ended: {why}");
                     // The connection closes while the VMM exits: give the
                     // process a moment to be gone before judging the VM.
@@ -501,6 +502,8 @@ impl Pods {
         let session = self
             .session(&inst)
             .ok_or_else(|| failed("the agent session closed"))?;
+        // Host ports listen before the containers start.
+        self.forward_ports(&inst, &plan.ports)?;
         for s in starts {
             let name = s.id.clone();
             session
@@ -553,6 +556,9 @@ impl Pods {
             })
             .ok_or_else(loop_gone)?
             .map_err(|e| PodError::NoSuch(e.to_string().replace(" not found", "")))?;
+        if let Some(i) = inst.as_deref() {
+            self.stop_forwarding(i);
+        }
         let session = inst
             .as_deref()
             .and_then(|i| self.session_when_ready(i, Duration::from_secs(15)));
@@ -778,6 +784,15 @@ impl Pods {
                         .map(|c| c.id.clone())
                 })
                 .collect();
+            // Its pod's port mappings are forwarded again.
+            let ports: Vec<crate::runtime::portfwd::Port> = sup
+                .state()
+                .pods
+                .values()
+                .find(|p| p.vm.as_deref() == Some(&inst))
+                .and_then(|p| serde_json::from_str(&p.spec).ok())
+                .and_then(|v| super::ops::forward_plan(&v).ok())
+                .unwrap_or_default();
             let me = Arc::clone(self);
             let jobs2 = jobs.clone();
             self.reconnecting
@@ -797,6 +812,9 @@ impl Pods {
                     .remove(&inst);
                 match session {
                     Ok(Some(s)) => {
+                        if let Err(e) = me.forward_ports(&inst, &ports) {
+                            log::warn!("pod VM {inst}: port mappings after a restart: {e}");
+                        }
                         // Which containers exited while nobody listened
                         // (events sent meanwhile reach the loop by
                         // themselves).
