@@ -49,7 +49,8 @@ impl Hyperd {
             tag,
         )?;
         Ok(ctx.spawn("image-load", move || {
-            let res = job.run();
+            // A local archive has no progress to report.
+            let res = job.run(&mut |_| {});
             Box::new(move |_: &mut Supervisor| match res {
                 Ok(r) => lines(
                     200,
