@@ -552,6 +552,14 @@ fn pod_interfaces_on_taps() {
         let o = link(t);
         assert!(o.status.success(), "TAP {t} exists while the pod runs");
     }
+    // The unbridged eth0's TAP holds the gateway address: the host reaches
+    // the pod's subnet through it.
+    let addr = std::process::Command::new("ip")
+        .args(["-o", "-4", "addr", "show", &taps[0]])
+        .output()
+        .unwrap();
+    let addr = String::from_utf8_lossy(&addr.stdout).to_string();
+    assert!(addr.contains("10.77.0.1/24"), "{addr}");
     assert_eq!(pod_info(&h, &pod)["status"]["podIP"], json!(["10.77.0.2"]));
 
     // Port mappings: the host port listens while the pod runs (the

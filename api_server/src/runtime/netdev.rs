@@ -288,6 +288,72 @@ fn add_to_bridge_here(dev: &str, bridge: &str) -> Result<(), NetdevError> {
     Ok(())
 }
 
+/// `struct ifreq` with a `struct sockaddr_in` in its union.
+#[repr(C)]
+struct IfReqAddr {
+    name: [u8; IFNAMSIZ],
+    addr: libc::sockaddr_in,
+    _pad: [u8; 8],
+}
+
+/// Gives `dev` the IPv4 address `ip`/`prefix` (SIOCSIFADDR, then
+/// SIOCSIFNETMASK, which also adds the subnet's route), in `netns` if given.
+pub fn set_ipv4(
+    dev: &str,
+    ip: Ipv4Addr,
+    prefix: u8,
+    netns: Option<&Path>,
+) -> Result<(), NetdevError> {
+    validate_ifname(dev)?;
+    if prefix > 32 {
+        return Err(NetdevError::InvalidAddress(format!("prefix /{prefix}")));
+    }
+    let dev = dev.to_string();
+    in_netns(netns, move || set_ipv4_here(&dev, ip, prefix))?
+}
+
+fn set_ipv4_here(dev: &str, ip: Ipv4Addr, prefix: u8) -> Result<(), NetdevError> {
+    if ifindex(dev).is_none() {
+        return Err(NetdevError::NotFound(dev.to_string()));
+    }
+    // SAFETY: plain socket(2) call; the fd is owned right below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(os_error("socket(AF_INET)", dev, io::Error::last_os_error()));
+    }
+    // SAFETY: `fd` is a fresh descriptor nobody else owns.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    for (req, v, op) in [
+        (libc::SIOCSIFADDR, ip, "SIOCSIFADDR"),
+        (
+            libc::SIOCSIFNETMASK,
+            prefix_to_mask(prefix),
+            "SIOCSIFNETMASK",
+        ),
+    ] {
+        // SAFETY: sockaddr_in is plain data; all-zero is valid.
+        let mut addr: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+        addr.sin_family = libc::AF_INET as libc::sa_family_t;
+        addr.sin_addr = libc::in_addr {
+            s_addr: u32::from(v).to_be(),
+        };
+        let mut r = IfReqAddr {
+            name: [0; IFNAMSIZ],
+            addr,
+            _pad: [0; 8],
+        };
+        let b = dev.as_bytes();
+        let n = b.len().min(MAX_IFNAME_LEN);
+        r.name[..n].copy_from_slice(&b[..n]);
+        // SAFETY: these ioctls read ifr_name and ifr_addr of a valid
+        // `struct ifreq` that outlives the call.
+        if unsafe { libc::ioctl(sock.as_raw_fd(), req as _, &r) } < 0 {
+            return Err(os_error(op, dev, io::Error::last_os_error()));
+        }
+    }
+    Ok(())
+}
+
 /// Whether a network device called `name` exists (in `netns` if given).
 /// Invalid names and unreadable namespaces answer `false`.
 pub fn tap_exists(name: &str, netns: Option<&Path>) -> bool {
@@ -704,6 +770,11 @@ mod tests {
             Err(NetdevError::NotFound(b)) if b == "nosuchbr"
         ));
         assert!(add_to_bridge("nosuchtap", "embr0", Some(&path)).is_err());
+        set_ipv4("embr0", Ipv4Addr::new(10, 77, 0, 1), 24, Some(&path)).unwrap();
+        let o = ip(&["-n", &ns, "-o", "-4", "addr", "show", "embr0"]).unwrap();
+        let text = String::from_utf8_lossy(&o.stdout);
+        assert!(text.contains("10.77.0.1/24"), "{text}");
+        assert!(set_ipv4("nosuchdev", Ipv4Addr::new(10, 0, 0, 1), 24, Some(&path)).is_err());
         delete_tap("embtap0", Some(&path)).unwrap();
     }
 

@@ -45,6 +45,18 @@ pub struct PodInterface {
 }
 
 impl PodInterface {
+    /// The host side of an unbridged interface: its IPv4 gateway with the
+    /// address's prefix length.
+    pub fn host_address(&self) -> Option<(std::net::Ipv4Addr, u8)> {
+        let a = self.address.as_ref()?;
+        let gw = match a.gateway_ip().ok()?? {
+            std::net::IpAddr::V4(g) => g,
+            std::net::IpAddr::V6(_) => return None,
+        };
+        let (_, prefix) = a.ip_prefix().ok()?;
+        Some((gw, prefix))
+    }
+
     /// The address without its prefix length (hyperd's `podIP`).
     pub fn ip(&self) -> Option<String> {
         self.address

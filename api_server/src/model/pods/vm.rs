@@ -372,17 +372,29 @@ impl Pods {
                 Ok::<_, PodError>((inst.id.clone(), sup.launcher().vsock_uds(&inst.id)))
             })
             .ok_or_else(loop_gone)??;
-        // The TAPs exist now: they join their bridges before the guest is
-        // asked for anything.
+        // The TAPs exist now: they join their bridges, or an unbridged one
+        // takes the gateway address (so the host, and port mappings, reach
+        // the pod through it), before the guest is asked for anything.
         for (n, tap) in nics.iter().zip(&interfaces) {
-            if let Some(b) = &n.bridge {
-                if let Err(e) = netdev::add_to_bridge(&tap.host_dev_name, b, None) {
-                    let id = inst.clone();
-                    jobs.post(move |sup| {
-                        let _ = sup.delete_instance(&id, true);
-                    });
-                    return Err(failed(format!("pod interface on bridge {b}: {e}")));
+            let res = match (&n.bridge, n.host_address()) {
+                (Some(b), _) => netdev::add_to_bridge(&tap.host_dev_name, b, None)
+                    .map_err(|e| format!("pod interface on bridge {b}: {e}")),
+                (None, Some((gw, prefix))) => {
+                    netdev::set_ipv4(&tap.host_dev_name, gw, prefix, None).map_err(|e| {
+                        format!(
+                            "gateway address {gw}/{prefix} on {}: {e}",
+                            tap.host_dev_name
+                        )
+                    })
                 }
+                (None, None) => Ok(()),
+            };
+            if let Err(e) = res {
+                let id = inst.clone();
+                jobs.post(move |sup| {
+                    let _ = sup.delete_instance(&id, true);
+                });
+                return Err(failed(e));
             }
         }
         match self.connect(jobs, &inst, &uds) {
