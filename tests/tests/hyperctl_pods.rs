@@ -1,9 +1,11 @@
 //! hyperctl 1.1.0's pod and container commands replayed byte for byte
 //! against emberd with real pod VMs: `create`, `run -d`, `start`, `list`
 //! (with `-p`/`-m` filters), `pause`, `unpause`, `ports`, `kill` (container
-//! and `-p`), `stop`, `commit`, `rm`, `create -c` and the `/pod/info` and
-//! `/container/info` lookups `run` and `logs` make. Each step names the
-//! hyperctl function it mirrors and asserts on the fields hyperctl reads.
+//! and `-p`), `stop` (pod and `-c`), `start -c`, `commit`, `rm` (pod and
+//! `-c`), `create -c`, `run -v`, pod files, interfaces and port mappings,
+//! and the `/pod/info` and `/container/info` lookups `run` and `logs` make.
+//! Each step names the hyperctl function it mirrors and asserts on the
+//! fields hyperctl reads.
 //!
 //! As in tests/tests/hyperd_pods.rs, the pod kernel is ember's test guest
 //! in its `pod-agent` mode (this host's KVM cannot boot Linux): emberd,
@@ -316,6 +318,25 @@ fn hyperctl_pod_commands() {
     );
     assert_eq!(r.status, 409, "{}", body(&r));
 
+    // `hyperctl stop -c side` — client/api/stop.go: StopContainer; the
+    // pod and its VM stay up.
+    let r = h.call("POST", "/container/stop?container=side");
+    assert_eq!(env_ok(&r, 200), side);
+    let cs = list(&h, "container", &pod, "");
+    assert_eq!(
+        (cs[1][3].as_str(), cs[0][3].as_str()),
+        ("failed", "running")
+    );
+    assert_eq!(
+        container_info(&h, "side")["status"]["terminated"]["exitCode"],
+        143
+    );
+    // `hyperctl start -c` — client/api/start.go: StartContainer: a
+    // container starts with its pod; refused with the way to do it.
+    let r = h.call("POST", "/container/start?container=side");
+    assert_eq!(r.status, 409, "{}", body(&r));
+    assert!(body(&r).contains("pod/start"), "{}", body(&r));
+
     // `hyperctl kill -s TERM -p <pod>` — client/api/kill.go: KillPod
     // (podName, signal): every container gets it.
     let r = h.call("POST", &format!("/pod/kill?podName={pod}&signal=15"));
@@ -332,6 +353,11 @@ fn hyperctl_pod_commands() {
     assert_eq!(r.status, 200, "{}", body(&r));
     assert!(list(&h, "vm", "", &vm2).is_empty());
     assert_eq!(list(&h, "pod", &pod, "")[0][2], "", "no VM any more");
+
+    // `hyperctl rm -c side` — client/api/rm.go: RemoveContainer (204).
+    let r = h.call("POST", "/container/remove?container=side");
+    assert_eq!((r.status, r.body.len()), (204, 0), "{}", body(&r));
+    assert_eq!(list(&h, "container", &pod, "").len(), 1);
 
     // `hyperctl rm <pod>` — client/api/rm.go: RmPod reads Code.
     for p in [&pod, &created] {
@@ -487,7 +513,7 @@ fn hyperctl_run_with_volumes_and_files() {
 /// kernel's `ip=`; gone with the VM.
 #[test]
 fn pod_interfaces_on_taps() {
-    let d = start("hctl-nics");
+    let mut d = start("hctl-nics");
     let h = Hyperctl::new(&d.sock);
     d.hyperd_import(
         "busybox:latest",
@@ -584,6 +610,14 @@ fn pod_interfaces_on_taps() {
     assert_eq!(r.status, 204, "{}", body(&r));
     assert!(!listening(added), "deleted at once");
     assert!(listening(tcp_port), "the others stay");
+    // emberd dies hard and comes back: the pod VM lived on, and its ports
+    // are forwarded again once emberd has reconnected to its agent.
+    d.kill9();
+    assert!(!listening(tcp_port), "the forwarder died with emberd");
+    d.restart();
+    let back = wait_for(PATIENCE, || listening(tcp_port).then_some(()));
+    assert!(back.is_some(), "forwarded again after the restart");
+    let h = Hyperctl::new(&d.sock);
 
     // A bridge that does not exist fails the start clearly.
     let bridged = json!({"id": "bridged", "containers": [{"name": "app", "image": "busybox"}],
