@@ -280,8 +280,9 @@ pub struct VolumeMount {
 
 /// A file written into a container's root before it starts (hyperd's pod
 /// `files`). `path` is resolved inside the root; missing parents are
-/// created (0755).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// created (0755). Its `Debug` shows the size of `data`, never the bytes
+/// (requests are logged).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ContainerFile {
     /// Path inside the container.
     pub path: String,
@@ -296,6 +297,21 @@ pub struct ContainerFile {
     /// Owner gid; unchanged (0) if absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gid: Option<u32>,
+}
+
+impl std::fmt::Debug for ContainerFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ContainerFile")
+            .field("path", &self.path)
+            .field(
+                "data",
+                &format_args!("<{} base64 characters>", self.data.len()),
+            )
+            .field("mode", &format_args!("{:o}", self.mode))
+            .field("uid", &self.uid)
+            .field("gid", &self.gid)
+            .finish()
+    }
 }
 
 fn default_stop_signal() -> i32 {
@@ -678,6 +694,23 @@ mod tests {
             assert_eq!(Request::decode(&f).unwrap(), r);
         }
         assert!(matches!(read_frame(&mut cur), Err(ProtocolError::Closed)));
+    }
+
+    #[test]
+    fn file_contents_never_show_in_debug() {
+        let f = ContainerFile {
+            path: "/etc/secret".into(),
+            data: crate::b64::encode(b"hunter2"),
+            mode: 0o600,
+            uid: None,
+            gid: None,
+        };
+        let d = format!("{f:?}");
+        assert!(
+            d.contains("/etc/secret") && d.contains("<12 base64 characters>"),
+            "{d}"
+        );
+        assert!(!d.contains(&f.data), "{d}");
     }
 
     #[test]
