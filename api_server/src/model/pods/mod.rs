@@ -13,6 +13,14 @@
 //! the guest, talking to the agent) runs on worker threads; they change the
 //! model only through [`Jobs::call`] / [`Jobs::post`], on the loop thread.
 //!
+//! Files: `plan.rs` reads the pod spec and plans a start; `storage.rs` its
+//! volumes (more disks after the root disks) and files; `network.rs` its
+//! interfaces (TAPs); `vm.rs` boots VMs and starts and stops pods;
+//! `service.rs` and `ops.rs` are the operations the hyperd face calls
+//! (`ops.rs`: labels, signals, pause, port mappings forwarded by
+//! [`crate::runtime::portfwd`], containers added, renamed or removed, image
+//! save).
+//!
 //! The VM records are ordinary instances (named by their hyperd `vm-` id,
 //! annotated with it and with the pod they serve); the pod records are
 //! [`crate::model::Pod`]s; each container's root filesystem is a volume
