@@ -58,6 +58,10 @@ enum State {
     Idle,
     Waiting(WriteOpts),
     Streaming(WriteOpts, Framing),
+    /// The handler took the connection over ([`Reply::Upgrade`](crate::Reply::Upgrade)):
+    /// nothing more is read or dispatched; the server hands the socket over
+    /// on its next step.
+    Upgrading,
 }
 
 /// One accepted client connection.
@@ -157,7 +161,10 @@ impl Connection {
 
     /// Whether more input should be read now.
     pub(crate) fn wants_read(&self) -> bool {
-        !self.peer_eof && !self.close_after_flush && self.inbuf.len() < self.in_cap
+        self.state != State::Upgrading
+            && !self.peer_eof
+            && !self.close_after_flush
+            && self.inbuf.len() < self.in_cap
     }
 
     /// The epoll interest this connection needs.
@@ -269,6 +276,25 @@ impl Connection {
                 self.close_after_flush = true;
             }
         }
+    }
+
+    /// Queues the raw upgrade response head and stops reading and
+    /// dispatching: the connection is about to be handed over.
+    pub(crate) fn start_upgrade(&mut self, head: &[u8]) {
+        self.out.extend_from_slice(head);
+        self.state = State::Upgrading;
+    }
+
+    /// Whether [`Connection::start_upgrade`] was called.
+    pub(crate) fn is_upgrading(&self) -> bool {
+        self.state == State::Upgrading
+    }
+
+    /// The socket, its unsent output (earlier pipelined answers and the
+    /// upgrade head) and the input read past the upgraded request.
+    pub(crate) fn into_parts(mut self) -> (crate::stream::Stream, Vec<u8>, Vec<u8>) {
+        let out = self.out.split_off(self.out_pos);
+        (self.stream, out, self.inbuf)
     }
 
     /// Marks the current request as answered later.

@@ -54,7 +54,12 @@
 //! encoding; push chunks with [`Responder::send_chunk`] and end with
 //! [`Responder::finish`]. A client that closes its sending side while a
 //! stream is going has left (over TCP that EOF is all a closed peer shows
-//! until the next write): the connection is closed. [`Handler::closed`] tells you when a connection
+//! until the next write): the connection is closed. [`Reply::Upgrade`]
+//! hijacks the connection: the server sends the handler's raw response
+//! head (e.g. Docker's and hyperd's `HTTP/1.1 101 UPGRADED`), takes the
+//! socket out of the event loop and hands it, blocking, to the handler's
+//! callback, which gives it to a thread of its own; the loop never waits on
+//! it. [`Handler::closed`] tells you when a connection
 //! that carried requests goes away (e.g. a streaming client disconnected).
 //!
 //! # Example: wiring a handler into an `EventManager`
@@ -121,7 +126,7 @@ pub use request::{
 pub use response::{reason_phrase, Body, Response, ResponseError};
 pub use server::{
     default_max_connections_per_peer, ErrorResponseFn, Handler, HttpServer, PeerKey, Reply,
-    Responder, ServerConfig, ServerError, DEFAULT_BODY_RATE_GRACE, DEFAULT_HEADER_TIMEOUT,
-    DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_STREAM_BUFFER,
-    DEFAULT_MIN_BODY_RATE, DEFAULT_SPOOL_THRESHOLD,
+    Responder, ServerConfig, ServerError, Upgrade, Upgraded, DEFAULT_BODY_RATE_GRACE,
+    DEFAULT_HEADER_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_STREAM_BUFFER, DEFAULT_MIN_BODY_RATE, DEFAULT_SPOOL_THRESHOLD,
 };

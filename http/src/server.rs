@@ -101,6 +101,70 @@ pub enum Reply {
     /// [`HttpServer::respond`]). Until then the connection keeps buffering
     /// pipelined requests (bounded) but does not dispatch them.
     Later,
+    /// Take the connection over (connection hijacking, as Docker's and
+    /// hyperd's `attach` and `exec` do): see [`Upgrade`].
+    Upgrade(Upgrade),
+}
+
+/// A [`Reply::Upgrade`]: `head` is sent verbatim as the answer (e.g.
+/// `HTTP/1.1 101 UPGRADED\r\n...\r\n\r\n`), then the connection leaves the
+/// server: it is removed from the event loop (and from the connection and
+/// per-peer counts; [`Handler::closed`] is not called for it) and
+/// `take_over` is called, on the loop thread, with an [`Upgraded`]. The
+/// callback must not block: it hands the socket to a thread of its own
+/// (whose blocking reads and writes then give backpressure in both
+/// directions and bound its buffers) and returns. If the client is gone
+/// before the hand-over, `take_over` is dropped uncalled.
+pub struct Upgrade {
+    /// The raw response head.
+    pub head: Vec<u8>,
+    /// Receives the connection.
+    pub take_over: Box<dyn FnOnce(Upgraded) + Send>,
+}
+
+impl Upgrade {
+    /// An upgrade answering with `head`.
+    pub fn new(
+        head: impl Into<Vec<u8>>,
+        take_over: impl FnOnce(Upgraded) + Send + 'static,
+    ) -> Self {
+        Upgrade {
+            head: head.into(),
+            take_over: Box::new(take_over),
+        }
+    }
+}
+
+impl fmt::Debug for Upgrade {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Upgrade")
+            .field("head", &String::from_utf8_lossy(&self.head))
+            .finish_non_exhaustive()
+    }
+}
+
+/// A connection handed over by [`Reply::Upgrade`].
+#[derive(Debug)]
+pub struct Upgraded {
+    /// The socket, in blocking mode.
+    pub stream: UnixStream,
+    /// Output the server had not sent yet (answers to earlier pipelined
+    /// requests, then the upgrade head): write it first.
+    pub unsent: Vec<u8>,
+    /// Bytes the client sent after the upgraded request (already read from
+    /// the socket): they come before anything read from `stream`.
+    pub early_input: Vec<u8>,
+}
+
+impl Upgraded {
+    /// Writes [`Upgraded::unsent`] (blocking) and returns the socket and
+    /// the early input.
+    pub fn start(mut self) -> io::Result<(UnixStream, Vec<u8>)> {
+        use std::io::Write;
+        let unsent = std::mem::take(&mut self.unsent);
+        self.stream.write_all(&unsent)?;
+        Ok((self.stream, self.early_input))
+    }
 }
 
 impl From<Response> for Reply {
@@ -323,6 +387,9 @@ pub struct HttpServer<H: Handler> {
     config: ServerConfig,
     /// Ticks the idle sweep.
     sweep: vmm_sys_util::timerfd::TimerFd,
+    /// Connections whose handler answered [`Reply::Upgrade`], with the
+    /// callback that takes them over, until [`HttpServer::hand_over`].
+    upgrades: HashMap<ConnectionId, Box<dyn FnOnce(Upgraded) + Send>>,
     /// Shared by all connections' reads.
     scratch: Box<[u8]>,
     spool: Option<Arc<SpoolConfig>>,
@@ -421,6 +488,7 @@ impl<H: Handler> HttpServer<H> {
             handler,
             config,
             sweep,
+            upgrades: HashMap::new(),
             scratch: vec![0u8; READ_CHUNK].into_boxed_slice(),
             spool,
             per_peer: HashMap::new(),
@@ -696,6 +764,20 @@ impl<H: Handler> HttpServer<H> {
                     match self.handler.handle(id, req) {
                         Reply::Now(resp) => conn.start_response(&resp, opts),
                         Reply::Later => conn.wait(opts),
+                        Reply::Upgrade(_) if conn.stream.as_unix().is_none() => {
+                            // Hijacked streams are handed over as unix
+                            // sockets; over TCP the request is refused.
+                            let resp = (self.config.error_response)(
+                                501,
+                                "this request takes over the connection (a hijacked stream), which is served on the unix socket only",
+                            );
+                            conn.start_response(&resp, opts);
+                        }
+                        Reply::Upgrade(up) => {
+                            conn.start_upgrade(&up.head);
+                            self.upgrades.insert(id, up.take_over);
+                            return dispatched;
+                        }
                     }
                 }
                 Ok(None) => return dispatched,
@@ -708,10 +790,53 @@ impl<H: Handler> HttpServer<H> {
         }
     }
 
+    /// Takes an upgraded connection out of the server and gives it to its
+    /// handler's callback.
+    fn hand_over(&mut self, id: ConnectionId, ops: &mut EventOps) {
+        let Some(take_over) = self.upgrades.remove(&id) else {
+            return;
+        };
+        let Some(conn) = self.conns.remove(&id) else {
+            return;
+        };
+        self.by_fd.remove(&conn.stream.as_raw_fd());
+        self.forget_peer(conn.peer);
+        let _ = ops.remove(Events::empty(&conn.stream));
+        self.resume_listener(ops);
+        let (stream, unsent, early_input) = conn.into_parts();
+        // Only unix connections reach here (pump refuses TCP upgrades).
+        let crate::stream::Stream::Unix(stream) = stream else {
+            return;
+        };
+        if stream.set_nonblocking(false).is_err() {
+            return;
+        }
+        take_over(Upgraded {
+            stream,
+            unsent,
+            early_input,
+        });
+    }
+
+    fn forget_peer(&mut self, peer: Option<Peer>) {
+        if let Some(key) = peer {
+            if let std::collections::hash_map::Entry::Occupied(mut e) = self.per_peer.entry(key) {
+                *e.get_mut() -= 1;
+                if *e.get() == 0 {
+                    e.remove();
+                }
+            }
+        }
+    }
+
     /// Dispatch, write, and update epoll interest or close.
     fn progress(&mut self, id: ConnectionId, ops: &mut EventOps) {
         loop {
             let dispatched = self.pump(id);
+            if self.conns.get(&id).is_some_and(|c| c.is_upgrading()) {
+                self.hand_over(id, ops);
+                return;
+            }
             let Some(conn) = self.conns.get_mut(&id) else {
                 return;
             };
@@ -753,14 +878,8 @@ impl<H: Handler> HttpServer<H> {
             return;
         };
         self.by_fd.remove(&conn.stream.as_raw_fd());
-        if let Some(key) = conn.peer {
-            if let std::collections::hash_map::Entry::Occupied(mut e) = self.per_peer.entry(key) {
-                *e.get_mut() -= 1;
-                if *e.get() == 0 {
-                    e.remove();
-                }
-            }
-        }
+        self.upgrades.remove(&id);
+        self.forget_peer(conn.peer);
         // Must leave epoll (and the event manager's fd table) before the fd
         // is closed and possibly reused.
         let _ = ops.remove(Events::empty(&conn.stream));
@@ -1052,5 +1171,85 @@ mod tests {
         assert!(got.starts_with("HTTP/1.1 200 OK\r\n"), "{got}");
         drop(em.remove_subscriber(sid).unwrap());
         assert!(!path.exists());
+    }
+
+    /// An upgraded connection becomes a raw two-way stream served by its
+    /// own thread, while the loop keeps serving other clients; input the
+    /// client sent right after the request reaches the new owner first.
+    #[test]
+    fn upgrade_hands_the_socket_over_and_the_loop_goes_on() {
+        let path = temp_sock("upgrade");
+        let server = HttpServer::new(
+            &path,
+            |_: ConnectionId, req: Request| {
+                if !req.path.ends_with("/attach") {
+                    return Reply::Now(Response::text(200, req.path));
+                }
+                Reply::Upgrade(Upgrade::new(
+                    &b"HTTP/1.1 101 UPGRADED\r\nContent-Type: application/vnd.docker.raw-stream\r\nConnection: Upgrade\r\nUpgrade: tcp\r\n\r\n"[..],
+                    |up: Upgraded| {
+                        std::thread::spawn(move || {
+                            // Echo, upper-cased, until the client half-closes.
+                            let (mut s, early) = up.start().unwrap();
+                            s.write_all(&early.to_ascii_uppercase()).unwrap();
+                            let mut buf = [0u8; 64];
+                            loop {
+                                let n = s.read(&mut buf).unwrap();
+                                if n == 0 {
+                                    break;
+                                }
+                                s.write_all(&buf[..n].to_ascii_uppercase()).unwrap();
+                            }
+                            s.write_all(b"<eof>").unwrap();
+                        });
+                    },
+                ))
+            },
+            ServerConfig::default(),
+        )
+        .unwrap();
+        let mut em = EventManager::<HttpServer<_>>::new().unwrap();
+        let sid = em.add_subscriber(server);
+        let p = path.clone();
+        let hijacker = std::thread::spawn(move || {
+            let mut c = UnixStream::connect(&p).unwrap();
+            c.set_read_timeout(Some(std::time::Duration::from_secs(20)))
+                .unwrap();
+            // client/api/hijack.go: (*Client).hijack sends these headers,
+            // and stdin may follow the request at once.
+            c.write_all(b"POST /v1.1.0/attach?container=c HTTP/1.1\r\nHost: /var/run/hyper.sock\r\nUser-Agent: Hyper-Client/1.1.0\r\nContent-Length: 0\r\nContent-Type: text/plain\r\nConnection: Upgrade\r\nUpgrade: tcp\r\n\r\nearly ")
+                .unwrap();
+            let head = b"HTTP/1.1 101 UPGRADED\r\nContent-Type: application/vnd.docker.raw-stream\r\nConnection: Upgrade\r\nUpgrade: tcp\r\n\r\n";
+            let mut got = vec![0u8; head.len()];
+            c.read_exact(&mut got).unwrap();
+            assert_eq!(got, head);
+            c.write_all(b"bytes").unwrap();
+            c.shutdown(std::net::Shutdown::Write).unwrap();
+            let mut rest = Vec::new();
+            c.read_to_end(&mut rest).unwrap();
+            String::from_utf8(rest).unwrap()
+        });
+        // Meanwhile an ordinary client is served by the same loop.
+        let mut other = UnixStream::connect(&path).unwrap();
+        other
+            .write_all(b"GET /other HTTP/1.1\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        other.set_nonblocking(true).unwrap();
+        let mut out = Vec::new();
+        for _ in 0..200 {
+            em.run_with_timeout(50).unwrap();
+            let mut buf = [0u8; 512];
+            match other.read(&mut buf) {
+                Ok(0) if hijacker.is_finished() => break,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+                Err(_) => {}
+            }
+        }
+        assert!(String::from_utf8_lossy(&out).ends_with("/other"));
+        let echoed = hijacker.join().unwrap();
+        assert_eq!(echoed, "EARLY BYTES<eof>");
+        // The upgraded connection left the server.
+        assert_eq!(em.subscriber_mut(sid).unwrap().connection_count(), 0);
+        drop(em.remove_subscriber(sid).unwrap());
     }
 }
