@@ -27,8 +27,11 @@ use std::path::{Path, PathBuf};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use std::sync::Arc;
+
 use crate::b64;
 use crate::protocol::{ContainerFile, Event, Exec, Rootfs, StartContainer, VolumeMount, MAX_FILE};
+use crate::stdio::{self, ChildSide, Notify, Streams};
 
 /// How long Remove/DestroyPod wait for SIGKILLed processes to be reaped.
 const KILL_WAIT: Duration = Duration::from_secs(10);
@@ -51,6 +54,9 @@ pub enum ContainerError {
     /// The id is taken.
     #[error("conflict: id {0} is already in use")]
     Conflict(String),
+    /// A bounded queue is full; try again.
+    #[error("busy: {0}")]
+    Busy(String),
     /// A wait ran out of time.
     #[error("timeout waiting for {0}")]
     Timeout(String),
@@ -104,6 +110,8 @@ struct Proc {
     container: String,
     exit: Option<i32>,
     log: PathBuf,
+    /// Streamed stdio (`stdio` processes).
+    streams: Option<Arc<Streams>>,
 }
 
 #[derive(Default)]
@@ -121,7 +129,7 @@ pub struct Containers {
     paths: Paths,
     state: Mutex<State>,
     cond: Condvar,
-    notify: ExitNotifier,
+    notify: Notify,
 }
 
 /// Checks a container or process id: 1-64 of `[A-Za-z0-9_.-]`, not starting with `.`.
@@ -201,6 +209,8 @@ struct SpawnPlan {
     ids: Option<(libc::uid_t, libc::gid_t)>,
     log: File,
     null: Option<File>,
+    /// Streamed stdio instead of /dev/null and the log.
+    stdio: Option<ChildSide>,
 }
 
 const STAGES: [&str; 9] = [
@@ -225,6 +235,7 @@ impl SpawnPlan {
         workdir: Option<&str>,
         user: Option<&str>,
         log_path: &Path,
+        stdio: Option<ChildSide>,
     ) -> Result<SpawnPlan> {
         if cmd.is_empty() {
             return Err(ContainerError::BadParameter("empty cmd".into()));
@@ -270,6 +281,7 @@ impl SpawnPlan {
             ids,
             log,
             null,
+            stdio,
         })
     }
 
@@ -357,8 +369,19 @@ impl SpawnPlan {
         if libc::setsid() < 0 {
             fail(err_w, 1);
         }
+        if let Some(io) = &self.stdio {
+            for (target, fd) in io.fds.iter().enumerate() {
+                if libc::dup2(fd.as_raw_fd(), target as RawFd) < 0 {
+                    fail(err_w, 2);
+                }
+            }
+            if io.tty && libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+                fail(err_w, 2);
+            }
+        }
         let log = self.log.as_raw_fd();
         match &self.null {
+            _ if self.stdio.is_some() => {}
             Some(null) => {
                 if libc::dup2(null.as_raw_fd(), 0) < 0 {
                     fail(err_w, 2);
@@ -368,7 +391,7 @@ impl SpawnPlan {
                 libc::close(0);
             }
         }
-        if libc::dup2(log, 1) < 0 || libc::dup2(log, 2) < 0 {
+        if self.stdio.is_none() && (libc::dup2(log, 1) < 0 || libc::dup2(log, 2) < 0) {
             fail(err_w, 2);
         }
         if libc::chroot(self.root.as_ptr()) < 0 {
@@ -603,7 +626,7 @@ impl Containers {
             paths,
             state: Mutex::new(State::default()),
             cond: Condvar::new(),
-            notify,
+            notify: Arc::from(notify),
         })
     }
 
@@ -678,7 +701,7 @@ impl Containers {
             return Err(e);
         }
         let started = self.fresh_log(&req.id).and_then(|log| {
-            let plan = SpawnPlan::new(
+            let (pid, streams) = self.spawn_with_stdio(
                 &req.id,
                 &root,
                 &req.cmd,
@@ -686,10 +709,11 @@ impl Containers {
                 req.workdir.as_deref(),
                 req.user.as_deref(),
                 &log,
+                req.stdio.then_some(req.tty),
             )?;
-            plan.spawn().map(|pid| (pid, log))
+            Ok((pid, log, streams))
         });
-        let (pid, log) = match started {
+        let (pid, log, streams) = match started {
             Ok(v) => v,
             Err(e) => {
                 self.release(&req.id, mounted.as_deref(), &volumes);
@@ -716,6 +740,7 @@ impl Containers {
                 container: req.id.clone(),
                 exit: None,
                 log,
+                streams,
             },
         );
         st.by_pid.insert(pid, req.id.clone());
@@ -756,7 +781,7 @@ impl Containers {
             return Err(ContainerError::Conflict(req.id.clone()));
         }
         let log = self.fresh_log(&req.id)?;
-        let plan = SpawnPlan::new(
+        let (pid, streams) = self.spawn_with_stdio(
             &req.id,
             &root,
             &req.cmd,
@@ -764,8 +789,8 @@ impl Containers {
             req.workdir.as_deref(),
             req.user.as_deref(),
             &log,
+            req.stdio.then_some(req.tty),
         )?;
-        let pid = plan.spawn()?;
         log::info!(
             "process {} started as pid {pid} in container {}",
             req.id,
@@ -778,10 +803,89 @@ impl Containers {
                 container: req.container.clone(),
                 exit: None,
                 log,
+                streams,
             },
         );
         st.by_pid.insert(pid, req.id.clone());
         Ok(pid as u32)
+    }
+
+    /// Forks and execs one process; with `stdio` (`Some(tty)`) its stdio
+    /// is streamed. Must be called with the state lock held.
+    #[allow(clippy::too_many_arguments)]
+    fn spawn_with_stdio(
+        &self,
+        id: &str,
+        root: &Path,
+        cmd: &[String],
+        env: &[(String, String)],
+        workdir: Option<&str>,
+        user: Option<&str>,
+        log: &Path,
+        stdio: Option<bool>,
+    ) -> Result<(libc::pid_t, Option<Arc<Streams>>)> {
+        let (child, host) = match stdio {
+            Some(tty) => {
+                let (c, h) = stdio::open(tty).map_err(io_err(format!("stdio of {id}")))?;
+                (Some(c), Some(h))
+            }
+            None => (None, None),
+        };
+        let plan = SpawnPlan::new(id, root, cmd, env, workdir, user, log, child)?;
+        let pid = plan.spawn()?;
+        let log_file = plan.log.try_clone();
+        // The child's ends close here, so output ends when the process's do.
+        drop(plan);
+        let streams = match host {
+            Some(host) => {
+                let started =
+                    log_file.and_then(|log| Streams::start(id, host, &log, self.notify.clone()));
+                match started {
+                    Ok(s) => Some(Arc::new(s)),
+                    Err(e) => {
+                        let _ = kill_group(pid, libc::SIGKILL);
+                        return Err(io_err(format!("stdio threads of {id}"))(e));
+                    }
+                }
+            }
+            None => None,
+        };
+        Ok((pid, streams))
+    }
+
+    /// STDIN: queues bytes for a `stdio` process's stdin.
+    pub fn stdin(&self, id: &str, data: Vec<u8>, eof: bool) -> Result<()> {
+        let streams = self.streams_of(id)?;
+        match streams.feed(data, eof) {
+            Ok(()) => Ok(()),
+            Err(true) => Err(ContainerError::Busy(format!("stdin of {id} is full"))),
+            Err(false) => Err(ContainerError::BadParameter(format!(
+                "the stdin of {id} is closed"
+            ))),
+        }
+    }
+
+    /// RESIZE: sets a `tty` process's terminal size.
+    pub fn resize(&self, id: &str, rows: u16, cols: u16) -> Result<()> {
+        let streams = self.streams_of(id)?;
+        match streams.resize(rows, cols) {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(ContainerError::BadParameter(format!(
+                "{id} has no terminal"
+            ))),
+            Err(e) => Err(io_err(format!("resizing the terminal of {id}"))(e)),
+        }
+    }
+
+    fn streams_of(&self, id: &str) -> Result<Arc<Streams>> {
+        let st = self.lock();
+        let p = st
+            .procs
+            .get(id)
+            .ok_or_else(|| ContainerError::NoSuchProcess(id.to_string()))?;
+        p.streams
+            .clone()
+            .ok_or_else(|| ContainerError::BadParameter(format!("{id} was not started with stdio")))
     }
 
     /// Collects every exited child (call on SIGCHLD, and now and then).
@@ -801,6 +905,7 @@ impl Containers {
             return;
         }
         let mut events = Vec::new();
+        let mut gated = Vec::new();
         {
             let mut st = self.lock();
             for (pid, code) in exited {
@@ -811,13 +916,20 @@ impl Containers {
                 if let Some(p) = st.procs.get_mut(&id) {
                     p.exit = Some(code);
                     log::info!("process {id} (pid {pid}) exited with {code}");
-                    events.push(Event::Exited { id, code });
+                    match &p.streams {
+                        // After its last output.
+                        Some(s) => gated.push((s.clone(), code)),
+                        None => events.push(Event::Exited { id, code }),
+                    }
                 }
             }
         }
         self.cond.notify_all();
         for ev in events {
             (self.notify)(ev);
+        }
+        for (s, code) in gated {
+            s.exited(code);
         }
     }
 
@@ -1111,7 +1223,7 @@ mod tests {
         let cmd = vec!["x".to_string()];
         let plan =
             |cmd: &[String], env: &[(String, String)], wd: Option<&str>, user: Option<&str>| {
-                SpawnPlan::new("p", Path::new("/"), cmd, env, wd, user, &log)
+                SpawnPlan::new("p", Path::new("/"), cmd, env, wd, user, &log, None)
             };
         assert!(plan(&[], &[], None, None).is_err());
         assert!(plan(&cmd, &[], Some("rel"), None).is_err());

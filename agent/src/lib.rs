@@ -33,6 +33,7 @@ pub mod container;
 pub mod modules;
 pub mod protocol;
 pub mod server;
+pub mod stdio;
 pub mod transport;
 
 pub use client::{AgentClient, ClientError};

@@ -64,7 +64,15 @@ pub mod cmd {
     pub const WAITPROCESS: u32 = 64;
     /// host→agent: [`super::ReadLog`] (ember).
     pub const READLOG: u32 = 65;
+    /// host→agent: [`super::Stdin`] (ember).
+    pub const STDIN: u32 = 66;
+    /// host→agent: [`super::Resize`] (ember; hyperstart's WINSIZE).
+    pub const RESIZE: u32 = 67;
 }
+
+/// Largest stdin chunk a host should put in one [`Stdin`] frame (its
+/// base64 fits the test guest's 8 KiB frames, too).
+pub const STDIN_CHUNK: usize = 4096;
 
 /// A framing or decoding failure.
 #[derive(Debug, thiserror::Error)]
@@ -257,6 +265,16 @@ pub struct StartContainer {
     /// starts.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub files: Vec<ContainerFile>,
+    /// Stream the process's stdio (see [`Exec::stdio`]).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub stdio: bool,
+    /// With `stdio`, run the process on a pseudo-terminal.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub tty: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 /// A block device mounted inside a container (a pod volume).
@@ -354,6 +372,17 @@ pub struct Exec {
     /// Numeric `uid[:gid]`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
+    /// Stream the process's stdio: its stdin is a pipe fed by [`Stdin`]
+    /// requests, and what it writes to stdout and stderr is pushed to every
+    /// connection as [`Event::Output`] (and still appended to its log).
+    /// Without it stdin is `/dev/null` and output goes to the log only.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub stdio: bool,
+    /// With `stdio`, run the process on a pseudo-terminal (stdin, stdout
+    /// and stderr are its slave; all output is stream 1, `\n` becomes
+    /// `\r\n`); [`Resize`] sets its size.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub tty: bool,
 }
 
 /// WAITPROCESS: block until a process (container or exec id) has exited.
@@ -426,6 +455,36 @@ pub struct RemoveContainer {
     pub id: String,
 }
 
+/// STDIN: bytes for the stdin of a process started with `stdio`.
+///
+/// The agent queues at most a bounded amount per process; when that queue
+/// is full the request fails with a message starting `busy:` and the host
+/// sends it again later (so a process that does not read its stdin slows
+/// its writer down instead of growing the agent's memory). `eof` (after
+/// `data`) closes the process's stdin.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stdin {
+    /// Process id.
+    pub id: String,
+    /// Bytes, base64 (at most [`STDIN_CHUNK`] bytes decoded are expected).
+    #[serde(default)]
+    pub data: String,
+    /// Close stdin after `data`.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub eof: bool,
+}
+
+/// RESIZE: the terminal size of a process started with `tty`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resize {
+    /// Process id.
+    pub id: String,
+    /// Rows.
+    pub rows: u16,
+    /// Columns.
+    pub cols: u16,
+}
+
 /// A request from the host.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {
@@ -451,6 +510,10 @@ pub enum Request {
     RemoveContainer(RemoveContainer),
     /// DESTROYPOD.
     DestroyPod,
+    /// STDIN.
+    Stdin(Stdin),
+    /// RESIZE.
+    Resize(Resize),
 }
 
 #[derive(Serialize, Deserialize)]
@@ -471,6 +534,8 @@ impl Request {
             Request::Signal(_) => cmd::SIGNALPROCESS,
             Request::RemoveContainer(_) => cmd::REMOVECONTAINER,
             Request::DestroyPod => cmd::DESTROYPOD,
+            Request::Stdin(_) => cmd::STDIN,
+            Request::Resize(_) => cmd::RESIZE,
         }
     }
 
@@ -488,6 +553,8 @@ impl Request {
             Request::ReadLog(r) => Frame::json(c, r),
             Request::Signal(r) => Frame::json(c, r),
             Request::RemoveContainer(r) => Frame::json(c, r),
+            Request::Stdin(r) => Frame::json(c, r),
+            Request::Resize(r) => Frame::json(c, r),
         }
     }
 
@@ -511,6 +578,8 @@ impl Request {
             cmd::READLOG => Request::ReadLog(frame.parse()?),
             cmd::SIGNALPROCESS => Request::Signal(frame.parse()?),
             cmd::REMOVECONTAINER => Request::RemoveContainer(frame.parse()?),
+            cmd::STDIN => Request::Stdin(frame.parse()?),
+            cmd::RESIZE => Request::Resize(frame.parse()?),
             other => return Err(ProtocolError::UnknownCommand(other)),
         })
     }
@@ -569,6 +638,17 @@ pub enum Event {
         id: String,
         /// Exit status, or 128 + signal.
         code: i32,
+    },
+    /// Output of a process started with `stdio`:
+    /// `{"event": "output", "id": "c1", "stream": 1, "data": "aGkK"}`.
+    /// A process's output events all come before its `exited` event.
+    Output {
+        /// Process id.
+        id: String,
+        /// 1 stdout, 2 stderr (Docker's stream numbers).
+        stream: u8,
+        /// Bytes, base64.
+        data: String,
     },
 }
 
@@ -634,6 +714,8 @@ mod tests {
             user: Some("1000:1000".into()),
             mounts: Vec::new(),
             files: Vec::new(),
+            stdio: false,
+            tty: false,
         }
     }
 
@@ -653,6 +735,8 @@ mod tests {
                 env: vec![],
                 workdir: None,
                 user: None,
+                stdio: true,
+                tty: true,
             }),
             Request::Wait(Wait {
                 id: "c1".into(),
@@ -678,6 +762,16 @@ mod tests {
             }),
             Request::RemoveContainer(RemoveContainer { id: "c1".into() }),
             Request::DestroyPod,
+            Request::Stdin(Stdin {
+                id: "c1".into(),
+                data: "aGkK".into(),
+                eof: true,
+            }),
+            Request::Resize(Resize {
+                id: "c1".into(),
+                rows: 24,
+                cols: 80,
+            }),
         ]
     }
 
@@ -920,6 +1014,11 @@ mod tests {
             AgentMessage::Event(Event::Exited {
                 id: "e1".into(),
                 code: 137,
+            }),
+            AgentMessage::Event(Event::Output {
+                id: "e1".into(),
+                stream: 2,
+                data: "aGkK".into(),
             }),
         ];
         for m in msgs {

@@ -1,5 +1,6 @@
 //! The agent's request loop: one reader thread and one writer thread per
-//! connection, exit events broadcast to every connection, and the signal
+//! connection, events (exits, and the output of `stdio` processes)
+//! broadcast to every connection through bounded queues, and the signal
 //! loop that reaps children.
 //!
 //! Bad requests (unknown command, bad JSON, failing operations) get an
@@ -38,10 +39,14 @@ enum Out {
     Flush(mpsc::Sender<()>),
 }
 
+/// Frames queued per connection before pushing blocks (output events then
+/// wait for the host to read: backpressure down to the process's pipes).
+const CONN_QUEUE: usize = 256;
+
 #[derive(Default)]
 struct Registry {
     next: AtomicU64,
-    conns: Mutex<HashMap<u64, mpsc::Sender<Out>>>,
+    conns: Mutex<HashMap<u64, mpsc::SyncSender<Out>>>,
 }
 
 impl Registry {
@@ -53,8 +58,15 @@ impl Registry {
                 return;
             }
         };
-        let conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
-        for tx in conns.values() {
+        // Not under the lock: a send may wait for a slow connection.
+        let conns: Vec<mpsc::SyncSender<Out>> = self
+            .conns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        for tx in conns {
             let _ = tx.send(Out::Frame(frame.clone()));
         }
     }
@@ -124,7 +136,7 @@ impl Server {
                 return;
             }
         };
-        let (tx, rx) = mpsc::channel::<Out>();
+        let (tx, rx) = mpsc::sync_channel::<Out>(CONN_QUEUE);
         let writer_thread = thread::Builder::new()
             .name("conn-writer".into())
             .spawn(move || {
@@ -279,6 +291,16 @@ impl Server {
                 for e in c.remove_all() {
                     log::warn!("destroying the pod: {e}");
                 }
+                OkReply::default()
+            }
+            Request::Stdin(r) => {
+                let data = b64::decode(&r.data)
+                    .map_err(|e| ContainerError::BadParameter(format!("data: {e}")))?;
+                c.stdin(&r.id, data, r.eof)?;
+                OkReply::default()
+            }
+            Request::Resize(r) => {
+                c.resize(&r.id, r.rows, r.cols)?;
                 OkReply::default()
             }
         })

@@ -28,6 +28,8 @@ fn dir_start(id: &str, root: &std::path::Path, cmd: &[&str]) -> StartContainer {
         user: None,
         mounts: Vec::new(),
         files: Vec::new(),
+        stdio: false,
+        tty: false,
     }
 }
 
@@ -222,6 +224,8 @@ fn exec_joins_the_container_root() {
             env: vec![("PATH".into(), "/bin".into()), ("X".into(), "1".into())],
             workdir: Some("/data".into()),
             user: None,
+            stdio: false,
+            tty: false,
         })
         .unwrap();
     assert_ne!(epid, main_pid);
@@ -244,6 +248,8 @@ fn exec_joins_the_container_root() {
         env: vec![],
         workdir: None,
         user: None,
+        stdio: false,
+        tty: false,
     })
     .unwrap();
     assert_eq!(c.wait("e2", None).unwrap(), 0);
@@ -260,6 +266,8 @@ fn exec_joins_the_container_root() {
             env: vec![],
             workdir: None,
             user: None,
+            stdio: false,
+            tty: false,
         })
         .unwrap();
     c.remove_container("box").unwrap();
@@ -325,6 +333,8 @@ fn block_device_rootfs_is_mounted_and_unmounted() {
         user: None,
         mounts: Vec::new(),
         files: Vec::new(),
+        stdio: false,
+        tty: false,
     };
     c.start_container(start).unwrap();
     assert_eq!(c.wait("blk", None).unwrap(), 5);
@@ -360,6 +370,8 @@ fn block_device_rootfs_is_mounted_and_unmounted() {
         user: None,
         mounts: Vec::new(),
         files: Vec::new(),
+        stdio: false,
+        tty: false,
     };
     match c.start_container(bad) {
         Err(ClientError::Agent(m)) => assert!(m.contains("mounting"), "{m}"),
@@ -385,6 +397,8 @@ fn block_device_rootfs_is_mounted_and_unmounted() {
         user: None,
         mounts: Vec::new(),
         files: Vec::new(),
+        stdio: false,
+        tty: false,
     };
     c.start_container(ro).unwrap();
     // fopen on a read-only filesystem fails: exit 98.
@@ -527,6 +541,8 @@ fn bad_requests_get_error_replies_and_the_agent_keeps_serving() {
         env: vec![],
         workdir: None,
         user: None,
+        stdio: false,
+        tty: false,
     });
     expect_err(r, "no such container: ghost");
     let r = c.wait("ghost", None);
@@ -548,6 +564,8 @@ fn bad_requests_get_error_replies_and_the_agent_keeps_serving() {
         env: vec![],
         workdir: None,
         user: None,
+        stdio: false,
+        tty: false,
     });
     expect_err(r, "conflict");
     let r = c.stop_container("x", 0, Duration::from_secs(1));
@@ -760,4 +778,135 @@ fn as_pid1_it_serves_and_reaps_orphans() {
     }
     // Still serving.
     assert_eq!(c.ping().unwrap(), env!("CARGO_PKG_VERSION"));
+}
+
+/// Output events of `id` until its exit: (stdout, stderr, code).
+fn collect_stdio(
+    c: &mut ember_agent::AgentClient<std::os::unix::net::UnixStream>,
+    id: &str,
+) -> (String, String, i32) {
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    loop {
+        match c.next_event().unwrap() {
+            Event::Output {
+                id: i,
+                stream,
+                data,
+            } if i == id => {
+                let d = ember_agent::b64::decode(&data).unwrap();
+                if stream == 1 {
+                    out.extend(d)
+                } else {
+                    err.extend(d)
+                }
+            }
+            Event::Exited { id: i, code } if i == id => {
+                return (
+                    String::from_utf8_lossy(&out).into_owned(),
+                    String::from_utf8_lossy(&err).into_owned(),
+                    code,
+                )
+            }
+            _ => {}
+        }
+    }
+}
+
+#[test]
+fn stdio_streams_over_pipes_and_a_tty() {
+    use ember_agent::protocol::{Request, Resize, Stdin};
+    let tmp = TempDir::new("stdio");
+    let Some(root) = make_rootfs(tmp.path()) else {
+        return;
+    };
+    let agent = Agent::start(tmp.path());
+    let mut c = agent.client();
+    let mut start = dir_start("s1", &root, &["/bin/probe", "sleep"]);
+    start.stdio = true;
+    c.start_container(start).unwrap();
+
+    // Pipes: stdin in, stdout and stderr apart, exit after the output.
+    let exec = |id: &str, args: &[&str], tty: bool| Exec {
+        container: "s1".into(),
+        id: id.into(),
+        cmd: args.iter().map(|s| s.to_string()).collect(),
+        env: vec![],
+        workdir: None,
+        user: None,
+        stdio: true,
+        tty,
+    };
+    c.exec(exec("e1", &["/bin/probe", "echo", "4"], false))
+        .unwrap();
+    for (data, eof) in [("hello ", false), ("world\n", true)] {
+        c.request(&Request::Stdin(Stdin {
+            id: "e1".into(),
+            data: ember_agent::b64::encode(data.as_bytes()),
+            eof,
+        }))
+        .unwrap();
+    }
+    let (out, err, code) = collect_stdio(&mut c, "e1");
+    assert_eq!(out, "hello world\n");
+    assert_eq!(err, "echo ready\necho done\n");
+    assert_eq!(code, 4);
+    // And the log has it all.
+    let log = log_of(&mut c, "e1");
+    assert!(
+        log.contains("hello world") && log.contains("echo done"),
+        "{log}"
+    );
+    // Stdin of an exited process, resize without a terminal: clear errors.
+    expect_err(
+        c.request(&Request::Stdin(Stdin {
+            id: "e1".into(),
+            data: "eA==".into(),
+            eof: false,
+        })),
+        "closed",
+    );
+    expect_err(
+        c.request(&Request::Resize(Resize {
+            id: "e1".into(),
+            rows: 1,
+            cols: 1,
+        })),
+        "no terminal",
+    );
+
+    // A terminal: isatty, the size set by RESIZE, output on stream 1 only.
+    c.exec(exec("e2", &["/bin/probe", "tty"], true)).unwrap();
+    c.request(&Request::Resize(Resize {
+        id: "e2".into(),
+        rows: 33,
+        cols: 101,
+    }))
+    .unwrap();
+    c.request(&Request::Stdin(Stdin {
+        id: "e2".into(),
+        data: ember_agent::b64::encode(b"typed\n"),
+        eof: false,
+    }))
+    .unwrap();
+    let (out, err, code) = collect_stdio(&mut c, "e2");
+    assert_eq!(code, 5);
+    assert!(err.is_empty(), "{err:?}");
+    assert!(out.contains("isatty=1\r\n"), "{out:?}");
+    assert!(out.contains("size=33x101 got=typed\r\n"), "{out:?}");
+
+    // A process without stdio refuses STDIN.
+    c.exec(Exec {
+        stdio: false,
+        ..exec("e3", &["/bin/probe", "info"], false)
+    })
+    .unwrap();
+    expect_err(
+        c.request(&Request::Stdin(Stdin {
+            id: "e3".into(),
+            data: String::new(),
+            eof: true,
+        })),
+        "not started with stdio",
+    );
+    c.remove_container("s1").unwrap();
 }

@@ -92,6 +92,15 @@ pub struct Ctx<'a> {
     pub conn: ConnectionId,
     responder: Option<&'a Responder>,
     follow: &'a mut Option<(PathBuf, Option<String>)>,
+    stream_stop: &'a mut Option<Arc<AtomicBool>>,
+}
+
+/// A streamed response being fed from another thread: push chunks through
+/// `responder` for `conn`; `stop` turns true when the client has gone.
+pub struct StreamFeed {
+    pub responder: Responder,
+    pub conn: ConnectionId,
+    pub stop: Arc<AtomicBool>,
 }
 
 impl Ctx<'_> {
@@ -122,6 +131,20 @@ impl Ctx<'_> {
                 &serde_json::json!({"Error": format!("cannot start a worker thread: {e}")}),
             )),
         }
+    }
+
+    /// Answers with a streamed (chunked) response whose chunks another
+    /// thread sends through the returned feed; None if replies cannot be
+    /// sent yet.
+    pub fn stream(&mut self) -> Option<StreamFeed> {
+        let responder = self.responder.cloned()?;
+        let stop = Arc::new(AtomicBool::new(false));
+        *self.stream_stop = Some(stop.clone());
+        Some(StreamFeed {
+            responder,
+            conn: self.conn,
+            stop,
+        })
     }
 
     /// Streams `log` to this connection as it grows (chunked). With
@@ -192,6 +215,7 @@ fn follow(log: PathBuf, responder: Responder, conn: ConnectionId, stop: Arc<Atom
 impl Handler for Router {
     fn handle(&mut self, conn: ConnectionId, req: Request) -> Reply {
         let mut follow = None;
+        let mut stream_stop = None;
         let reply = {
             let mut sup = self.sup.lock().unwrap_or_else(|p| p.into_inner());
             let mut ctx = Ctx {
@@ -200,11 +224,21 @@ impl Handler for Router {
                 conn,
                 responder: self.responder.as_ref(),
                 follow: &mut follow,
+                stream_stop: &mut stream_stop,
             };
             self.faces.iter_mut().find_map(|f| f.handle(&mut ctx, &req))
         };
         if let Some((log, delete)) = follow {
             self.start_follower(conn, log, delete);
+        }
+        if let Some(stop) = stream_stop {
+            self.followers.insert(
+                conn,
+                Follower {
+                    stop,
+                    delete_on_close: None,
+                },
+            );
         }
         reply.unwrap_or_else(|| {
             Reply::Now(Response::json(

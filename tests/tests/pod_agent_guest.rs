@@ -147,6 +147,8 @@ fn start_req(id: &str, dev: &str, env: &[(&str, &str)]) -> StartContainer {
         user: None,
         mounts: Vec::new(),
         files: Vec::new(),
+        stdio: false,
+        tty: false,
     }
 }
 
@@ -263,6 +265,8 @@ fn pod_agent_guest_serves_containers_over_vsock() {
             env: vec![],
             workdir: None,
             user: None,
+            stdio: false,
+            tty: false,
         }),
         "unsupported command 6",
     );

@@ -27,6 +27,7 @@ pub const PROBE_C: &str = r#"
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
+#include <sys/ioctl.h>
 extern char **environ;
 int main(int argc, char **argv) {
     const char *mode = argc > 1 ? argv[1] : "info";
@@ -76,6 +77,25 @@ int main(int argc, char **argv) {
         int c;
         while ((c = fgetc(f)) != EOF) putchar(c);
         return 0;
+    }
+    if (!strcmp(mode, "echo")) {
+        char buf[4096];
+        ssize_t n;
+        fprintf(stderr, "echo ready\n");
+        while ((n = read(0, buf, sizeof buf)) > 0) write(1, buf, n);
+        fprintf(stderr, "echo done\n");
+        return argc > 2 ? atoi(argv[2]) : 0;
+    }
+    if (!strcmp(mode, "tty")) {
+        struct winsize ws = {0};
+        char line[256];
+        printf("isatty=%d\n", isatty(0));
+        fflush(stdout);
+        if (!fgets(line, sizeof line, stdin)) return 96;
+        ioctl(0, TIOCGWINSZ, &ws);
+        printf("size=%dx%d got=%s", ws.ws_row, ws.ws_col, line);
+        fflush(stdout);
+        return 5;
     }
     return 99;
 }

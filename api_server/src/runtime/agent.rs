@@ -44,6 +44,8 @@ pub struct Session {
     /// Set before an intended shutdown, so the connection's end is not
     /// reported as a failure.
     closing: Arc<AtomicBool>,
+    /// Set when the session thread has ended.
+    ended: Arc<AtomicBool>,
 }
 
 /// The thread side of a [`Session`], not yet started.
@@ -60,6 +62,7 @@ impl Session {
         let session = Session {
             tx,
             closing: Arc::new(AtomicBool::new(false)),
+            ended: Arc::new(AtomicBool::new(false)),
         };
         let runner = SessionRunner {
             rx,
@@ -99,6 +102,11 @@ impl Session {
         self.closing.load(Ordering::SeqCst)
     }
 
+    /// Whether the session has ended (the connection is gone).
+    pub fn has_ended(&self) -> bool {
+        self.ended.load(Ordering::SeqCst)
+    }
+
     /// Whether `other` is a handle of this same session.
     pub fn same(&self, other: &Session) -> bool {
         Arc::ptr_eq(&self.closing, &other.closing)
@@ -122,6 +130,7 @@ impl SessionRunner {
             .name("emberd-agent".into())
             .spawn(move || {
                 let why = run(client, &self.rx, &mut on_events);
+                self.session.ended.store(true, Ordering::SeqCst);
                 on_end(self.session, why);
             })
             .map(|_| ())

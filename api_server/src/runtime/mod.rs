@@ -1,9 +1,11 @@
 //! Running guests: launching jailed VMMs and watching them ([`process`]),
-//! TAP devices and guest network parameters ([`netdev`]), and the sessions
-//! with pod VMs' agents ([`agent`]).
+//! TAP devices and guest network parameters ([`netdev`]), the sessions
+//! with pod VMs' agents ([`agent`]) and the containers' streamed output
+//! ([`stdio`]).
 
 pub mod agent;
 pub mod netdev;
 pub mod portfwd;
 pub mod process;
 pub mod vmm_api;
+pub mod stdio;

@@ -27,6 +27,8 @@ use ember_http::{Method, Reply, Request, Response};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+mod stdio;
+
 use crate::model::jobs::Jobs;
 use crate::model::pods::{self, ImageSource, PodError, Pods};
 use crate::model::supervisor::Supervisor;
@@ -598,6 +600,9 @@ impl Face for Hyperd {
         }
         let now = |r: Result<Response, HyperdError>| answer(r, Reply::Now);
         let later = |r: Result<Reply, HyperdError>| answer(r, |r| r);
+        if let Some(r) = stdio::route(self, ctx, req, path) {
+            return Some(r);
+        }
         let r = match (&req.method, path) {
             (Method::Get, "/info") => Reply::Now(self.info(ctx)),
             (Method::Get, "/list") => Reply::Now(self.list(ctx, req)),

@@ -33,6 +33,7 @@ mod ops;
 mod plan;
 mod service;
 mod storage;
+pub mod stdio;
 mod vm;
 
 pub use network::PodInterface;
@@ -175,6 +176,12 @@ pub struct Pods {
     reconnecting: Mutex<HashSet<String>>,
     /// Instance id -> the port mappings forwarded to its pod.
     forwarders: Mutex<HashMap<String, crate::runtime::portfwd::Forwarder>>,
+    /// Where the agents' output goes (attach, exec, logs).
+    stdio: Arc<crate::runtime::stdio::StdioHub>,
+    /// hyperd's execs.
+    execs: stdio::Execs,
+    /// Hijacked connections being served.
+    bridges: stdio::BridgeCount,
 }
 
 /// Marks a pod or VM busy until dropped.
@@ -203,6 +210,9 @@ impl Pods {
             busy: Mutex::new(HashSet::new()),
             reconnecting: Mutex::new(HashSet::new()),
             forwarders: Mutex::new(HashMap::new()),
+            stdio: Arc::default(),
+            execs: Mutex::default(),
+            bridges: Default::default(),
         })
     }
 
@@ -282,7 +292,10 @@ impl Pods {
 /// What the agent pushed: container exits, applied on the loop.
 fn post_events(jobs: &Jobs, inst: &str, events: Vec<ember_agent::Event>) {
     for ev in events {
-        let ember_agent::Event::Exited { id, code } = ev;
+        // Output went to the stdio hub already.
+        let ember_agent::Event::Exited { id, code } = ev else {
+            continue;
+        };
         let inst = inst.to_string();
         jobs.post(move |sup| container_exited(sup, &inst, &id, code));
     }

@@ -48,6 +48,9 @@ pub struct PodSpec {
     pub files: Vec<FileSpec>,
     #[serde(default, deserialize_with = "nullable")]
     pub interfaces: Vec<InterfaceSpec>,
+    /// Every container gets a terminal.
+    #[serde(default)]
+    pub tty: bool,
 }
 
 /// A container in a pod spec.
@@ -69,6 +72,9 @@ pub struct ContainerSpec {
     pub volumes: Vec<VolumeRef>,
     #[serde(default, deserialize_with = "nullable")]
     pub files: Vec<FileRef>,
+    /// The container's process runs on a terminal.
+    #[serde(default)]
+    pub tty: bool,
 }
 
 /// One `{"env": NAME, "value": VALUE}` of a container.
@@ -277,6 +283,7 @@ pub fn plan(pod: &Pod) -> Result<PodPlan> {
                     .collect(),
                 mounts,
                 files,
+                tty: s.tty || spec.tty,
             })
             .collect(),
     })
@@ -302,6 +309,8 @@ pub struct ContainerPlan {
     pub mounts: Vec<ember_agent::protocol::VolumeMount>,
     /// Files written into it.
     pub files: Vec<ember_agent::protocol::ContainerFile>,
+    /// Runs on a terminal (the container's or the pod's `tty`).
+    pub tty: bool,
 }
 
 /// A pod to start.
@@ -398,6 +407,10 @@ pub fn resolve(
         user,
         mounts: plan.mounts.clone(),
         files: plan.files.clone(),
+        // hyperd's containers always have their stdio attached (hyperctl
+        // `run` and `attach` stream them).
+        stdio: true,
+        tty: plan.tty,
     })
 }
 

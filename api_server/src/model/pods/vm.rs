@@ -255,13 +255,19 @@ impl Pods {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(inst.to_string(), session);
-        let events = (jobs.clone(), inst.to_string());
+        let events = (jobs.clone(), inst.to_string(), Arc::clone(&self.stdio));
         let jobs = jobs.clone();
         let inst = inst.to_string();
         let me = Arc::clone(self);
         let started = runner.start(
             client,
-            move |evs| post_events(&events.0, &events.1, evs),
+            move |evs| {
+                // Output and exits reach attached clients first, in order.
+                for ev in &evs {
+                    events.2.event(ev);
+                }
+                post_events(&events.0, &events.1, evs)
+            },
             move |session: Session, why: String| {
                 // Only forget the session if it is still ours.
                 let mut s = me.sessions.lock().unwrap_or_else(|p| p.into_inner());
@@ -518,6 +524,7 @@ impl Pods {
         self.forward_ports(&inst, &plan.ports)?;
         for s in starts {
             let name = s.id.clone();
+            self.stdio.keep_logs(&name);
             session
                 .request(Request::StartContainer(s), Duration::from_secs(30))
                 .map_err(|e| failed(format!("container {name}: {e}")))?;
