@@ -6,6 +6,16 @@
  * length bytes of JSON`. Containers are only records (id, running or
  * exited, code); starting one checks that its rootfs block device holds
  * an ext4 superblock. The real agent (agent/) is tested on the host.
+ *
+ * Stdio stand-ins, for processes started with "stdio": true (containers
+ * and EXECCMD), chosen by cmd[0]:
+ * - "stub-echo" [code]: says "stub-echo <id> ready\n" on stdout and
+ *   "stub-echo <id> stderr\n" on stderr, echoes every STDIN chunk back on
+ *   stdout, and exits with code (default 0) at stdin's end;
+ * - "stub-exit" [code] (EXECCMD): says "stub-exit <id>\n" on stdout and
+ *   "bye\n" on stderr, then exits with code.
+ * Other commands run until killed (containers) or are refused (EXECCMD).
+ * RESIZE is logged as "pod-agent resize <id> <rows>x<cols>".
  */
 #include "bootinfo.h"
 #include "podjson.h"
@@ -20,7 +30,7 @@
 #define PA_MAX_PAYLOAD 8192
 /* A partial frame (< PA_HDR + PA_MAX_PAYLOAD) plus one packet always fits. */
 #define PA_IN_CAP (PA_HDR + PA_MAX_PAYLOAD + VSOCK_BUF)
-#define PA_OUT_CAP 512
+#define PA_OUT_CAP (PA_MAX_PAYLOAD + 256)
 #define PA_LOG_BYTES 400
 #define PA_MAX_CONTAINERS 8
 #define PA_ID_MAX 64
@@ -41,6 +51,9 @@
 #define CMD_EVENT 23
 #define CMD_SIGNALPROCESS 24
 #define CMD_WAITPROCESS 64
+#define CMD_EXECCMD 6
+#define CMD_STDIN 66
+#define CMD_RESIZE 67
 
 #define EXT4_SB_OFFSET 1024
 #define EXT4_SB_LEN 1024
@@ -53,11 +66,19 @@
 /* What the connection does after a batch of frames. */
 enum verdict { KEEP, CLOSE, DESTROY };
 
+enum stub { STUB_NONE, STUB_ECHO };
+
+/* A container's main process or an exec'd one. */
 struct container {
 	bool used;
 	bool running;
+	bool exec;
 	int code;
+	enum stub stub;
+	int eof_code;
 	char id[PA_ID_MAX + 1];
+	/* For an exec: its container. */
+	char parent[PA_ID_MAX + 1];
 };
 
 struct pod {
@@ -69,6 +90,8 @@ struct pod {
 };
 
 static uint8_t out_frame[PA_HDR + PA_OUT_CAP];
+/* STDIN data (base64, echoed as is). */
+static char stdin_b64[PA_MAX_PAYLOAD + 1];
 static uint8_t sb_buf[EXT4_SB_LEN] __attribute__((aligned(4096)));
 /* The rootfs device is probed while the vsock device keeps its queues. */
 static uint8_t blk_qmem[VIRTIO_MAX_QUEUES * VIRTQ_PAGE] __attribute__((aligned(VIRTQ_PAGE)));
@@ -164,6 +187,103 @@ static struct container *find(struct pod *pd, const char *id)
 			return &pd->ct[i];
 	}
 	return NULL;
+}
+
+static struct container *free_slot(struct pod *pd)
+{
+	for (int i = 0; i < PA_MAX_CONTAINERS; i++) {
+		if (!pd->ct[i].used)
+			return &pd->ct[i];
+	}
+	return NULL;
+}
+
+static const char b64_chars[] =
+	"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+/* Base64 of s (short texts only) into out. */
+static void b64_encode(const char *s, char *out, size_t cap)
+{
+	size_t n = strlen(s), o = 0;
+
+	for (size_t i = 0; i < n && o + 5 < cap; i += 3) {
+		uint32_t v = (uint32_t)(uint8_t)s[i] << 16;
+		if (i + 1 < n)
+			v |= (uint32_t)(uint8_t)s[i + 1] << 8;
+		if (i + 2 < n)
+			v |= (uint8_t)s[i + 2];
+		out[o++] = b64_chars[(v >> 18) & 63];
+		out[o++] = b64_chars[(v >> 12) & 63];
+		out[o++] = i + 1 < n ? b64_chars[(v >> 6) & 63] : '=';
+		out[o++] = i + 2 < n ? b64_chars[v & 63] : '=';
+	}
+	out[o] = '\0';
+}
+
+/* An output event whose data is already base64. */
+static void send_output_b64(struct pod *pd, const char *id, int stream, const char *b64)
+{
+	send_frame(pd, CMD_EVENT, "{\"event\":\"output\",\"id\":\"%s\",\"stream\":%d,\"data\":\"%s\"}",
+		   id, stream, b64);
+}
+
+static void send_output(struct pod *pd, const char *id, int stream, const char *text)
+{
+	char b64[256];
+
+	b64_encode(text, b64, sizeof(b64));
+	send_output_b64(pd, id, stream, b64);
+}
+
+static void send_exited(struct pod *pd, struct container *c, int code)
+{
+	c->running = false;
+	c->code = code;
+	send_frame(pd, CMD_EVENT, "{\"event\":\"exited\",\"id\":\"%s\",\"code\":%d}", c->id,
+		   code);
+}
+
+/* Whether the request asks for streamed stdio. */
+static bool wants_stdio(const char *p, size_t n)
+{
+	struct json_span v;
+
+	return json_get(p, n, "stdio", &v) && v.len == 4 && memcmp(v.p, "true", 4) == 0;
+}
+
+/* cmd[idx] into out; false if absent or not a plain string. */
+static bool cmd_arg(const char *p, size_t n, size_t idx, char *out, size_t size)
+{
+	struct json_span cmd, v;
+
+	return json_get(p, n, "cmd", &cmd) && json_index(cmd.p, cmd.len, idx, &v) &&
+	       json_string(v, out, size);
+}
+
+/* cmd[1] as an exit code 0..255, else 0. */
+static int cmd_code(const char *p, size_t n)
+{
+	char arg[8];
+	uint32_t code;
+
+	if (!cmd_arg(p, n, 1, arg, sizeof(arg)))
+		return 0;
+	struct json_span digits = { arg, strlen(arg) };
+	return json_uint(digits, &code) && code <= 255 ? (int)code : 0;
+}
+
+/* "stub-echo <id> ready" and the like, built without printf's sink. */
+static void say(struct pod *pd, const char *id, int stream, const char *a, const char *b)
+{
+	char text[PA_ID_MAX + 48];
+	size_t o = 0;
+
+	for (const char *parts[] = { a, id, b }, **q = parts; q < parts + 3; q++) {
+		for (const char *c = *q; *c && o + 1 < sizeof(text); c++)
+			text[o++] = *c;
+	}
+	text[o] = '\0';
+	send_output(pd, id, stream, text);
 }
 
 static bool is_blk(struct virtio_dev *d, const struct virtio_mmio_info *info)
@@ -351,13 +471,17 @@ static void new_container(struct pod *pd, const char *p, size_t n)
 	c->running = true;
 	memcpy(c->id, id, sizeof(id));
 	send_frame(pd, CMD_ACK, "{\"pid\":%d}", PA_PID_BASE + (int)(c - pd->ct));
-	int code = stub_exit_code(p, n);
-	if (code >= 0) {
-		c->running = false;
-		c->code = code;
-		send_frame(pd, CMD_EVENT, "{\"event\":\"exited\",\"id\":\"%s\",\"code\":%d}", id,
-			   code);
+	char cmd0[16];
+	if (wants_stdio(p, n) && cmd_arg(p, n, 0, cmd0, sizeof(cmd0)) &&
+	    strcmp(cmd0, "stub-echo") == 0) {
+		c->stub = STUB_ECHO;
+		c->eof_code = cmd_code(p, n);
+		say(pd, id, 1, "stub-echo ", " ready\n");
+		say(pd, id, 2, "stub-echo ", " stderr\n");
 	}
+	int code = stub_exit_code(p, n);
+	if (code >= 0)
+		send_exited(pd, c, code);
 }
 
 static void kill_container(struct pod *pd, const char *p, size_t n)
@@ -377,12 +501,14 @@ static void kill_container(struct pod *pd, const char *p, size_t n)
 		send_frame(pd, CMD_ERROR, ERR("no such container %s"), id);
 		return;
 	}
-	if (c->running) {
-		c->running = false;
-		c->code = 128 + (int)sig;
-		send_frame(pd, CMD_EVENT, "{\"event\":\"exited\",\"id\":\"%s\",\"code\":%d}", id,
-			   c->code);
+	/* Its execs end with it. */
+	for (int i = 0; i < PA_MAX_CONTAINERS; i++) {
+		struct container *e = &pd->ct[i];
+		if (e->used && e->exec && e->running && strcmp(e->parent, id) == 0)
+			send_exited(pd, e, 128 + (int)sig);
 	}
+	if (c->running)
+		send_exited(pd, c, 128 + (int)sig);
 	send_frame(pd, CMD_ACK, "{\"id\":\"%s\",\"code\":%d}", id, c->code);
 }
 
@@ -460,6 +586,115 @@ static void remove_container(struct pod *pd, const char *p, size_t n)
 		return;
 	}
 	c->used = false;
+	for (int i = 0; i < PA_MAX_CONTAINERS; i++) {
+		if (pd->ct[i].used && pd->ct[i].exec && strcmp(pd->ct[i].parent, id) == 0)
+			pd->ct[i].used = false;
+	}
+	send_frame(pd, CMD_ACK, "{}");
+}
+
+static void exec_cmd(struct pod *pd, const char *p, size_t n)
+{
+	char id[PA_ID_MAX + 1], parent[PA_ID_MAX + 1], cmd0[16];
+	struct json_span v;
+
+	if (!req_id(pd, p, n, "EXECCMD", id))
+		return;
+	if (!json_get(p, n, "container", &v) || !json_string(v, parent, sizeof(parent))) {
+		send_frame(pd, CMD_ERROR, ERR("bad EXECCMD payload: no container"));
+		return;
+	}
+	struct container *pc = find(pd, parent);
+	if (!pc || pc->exec) {
+		send_frame(pd, CMD_ERROR, ERR("no such container: %s"), parent);
+		return;
+	}
+	if (find(pd, id)) {
+		send_frame(pd, CMD_ERROR, ERR("conflict: id %s is already in use"), id);
+		return;
+	}
+	if (!cmd_arg(p, n, 0, cmd0, sizeof(cmd0)) ||
+	    (strcmp(cmd0, "stub-echo") != 0 && strcmp(cmd0, "stub-exit") != 0)) {
+		send_frame(pd, CMD_ERROR,
+			   ERR("starting %s: execve failed: the pod-agent guest runs only stub-echo and stub-exit"),
+			   id);
+		return;
+	}
+	struct container *c = free_slot(pd);
+	if (!c) {
+		send_frame(pd, CMD_ERROR, ERR("too many containers (%d)"), PA_MAX_CONTAINERS);
+		return;
+	}
+	memset(c, 0, sizeof(*c));
+	c->used = true;
+	c->running = true;
+	c->exec = true;
+	memcpy(c->id, id, sizeof(id));
+	memcpy(c->parent, parent, sizeof(parent));
+	guest_log("pod-agent exec %s in %s: %s", id, parent, cmd0);
+	send_frame(pd, CMD_ACK, "{\"id\":\"%s\",\"pid\":%d}", id, PA_PID_BASE + (int)(c - pd->ct));
+	if (!wants_stdio(p, n))
+		return;
+	if (strcmp(cmd0, "stub-echo") == 0) {
+		c->stub = STUB_ECHO;
+		c->eof_code = cmd_code(p, n);
+		say(pd, id, 1, "stub-echo ", " ready\n");
+		say(pd, id, 2, "stub-echo ", " stderr\n");
+	} else {
+		say(pd, id, 1, "stub-exit ", "\n");
+		send_output(pd, id, 2, "bye\n");
+		send_exited(pd, c, cmd_code(p, n));
+	}
+}
+
+static void stdin_cmd(struct pod *pd, const char *p, size_t n)
+{
+	char id[PA_ID_MAX + 1];
+	struct json_span v;
+
+	if (!req_id(pd, p, n, "STDIN", id))
+		return;
+	struct container *c = find(pd, id);
+	if (!c) {
+		send_frame(pd, CMD_ERROR, ERR("no such process: %s"), id);
+		return;
+	}
+	if (c->stub != STUB_ECHO || !c->running) {
+		send_frame(pd, CMD_ERROR, ERR("bad parameter: the stdin of %s is closed"), id);
+		return;
+	}
+	stdin_b64[0] = '\0';
+	if (json_get(p, n, "data", &v) && !json_string(v, stdin_b64, sizeof(stdin_b64))) {
+		send_frame(pd, CMD_ERROR, ERR("bad STDIN payload: data"));
+		return;
+	}
+	if (stdin_b64[0])
+		send_output_b64(pd, id, 1, stdin_b64);
+	if (json_get(p, n, "eof", &v) && v.len == 4 && memcmp(v.p, "true", 4) == 0) {
+		guest_log("pod-agent stdin of %s closed", id);
+		send_exited(pd, c, c->eof_code);
+	}
+	send_frame(pd, CMD_ACK, "{}");
+}
+
+static void resize_cmd(struct pod *pd, const char *p, size_t n)
+{
+	char id[PA_ID_MAX + 1];
+	struct json_span v;
+	uint32_t rows = 0, cols = 0;
+
+	if (!req_id(pd, p, n, "RESIZE", id))
+		return;
+	if (!json_get(p, n, "rows", &v) || !json_uint(v, &rows) || !json_get(p, n, "cols", &v) ||
+	    !json_uint(v, &cols)) {
+		send_frame(pd, CMD_ERROR, ERR("bad RESIZE payload"));
+		return;
+	}
+	if (!find(pd, id)) {
+		send_frame(pd, CMD_ERROR, ERR("no such process: %s"), id);
+		return;
+	}
+	guest_log("pod-agent resize %s %ux%u", id, rows, cols);
 	send_frame(pd, CMD_ACK, "{}");
 }
 
@@ -483,6 +718,15 @@ static enum verdict handle(struct pod *pd, uint32_t cmd, const char *p, size_t n
 		break;
 	case CMD_SIGNALPROCESS:
 		signal_process(pd, p, n);
+		break;
+	case CMD_EXECCMD:
+		exec_cmd(pd, p, n);
+		break;
+	case CMD_STDIN:
+		stdin_cmd(pd, p, n);
+		break;
+	case CMD_RESIZE:
+		resize_cmd(pd, p, n);
 		break;
 	case CMD_DESTROYPOD:
 		send_frame(pd, CMD_ACK, "{}");
