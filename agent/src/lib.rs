@@ -3,8 +3,10 @@
 //! It runs as PID 1 of the pod VM, listens on vsock port 2718 (hyperstart's
 //! control port) and speaks a small length-prefixed JSON protocol
 //! ([`protocol`]): start containers from a block device or a directory
-//! ([`container`]), stop them, exec more processes in them, wait for exit
-//! codes, read their logs, write and read small files, and shut the pod down.
+//! ([`container`]), stop them, exec more processes in them, stream their
+//! stdin, stdout and stderr with or without a terminal ([`stdio`]), wait for
+//! exit codes, read their logs, write and read small files, and shut the pod
+//! down.
 //! [`AgentClient`] is the host side, for emberd.
 //!
 //! On a host (not PID 1) the same binary serves on a unix socket

@@ -18,7 +18,9 @@
 //! with [`cmd::ACK`] ([`OkReply`]) or [`cmd::ERROR`] ([`ErrorReply`]). The
 //! agent sends [`cmd::READY`] ([`Ready`]) once when a connection opens, and
 //! pushes [`cmd::PROCESSASYNCEVENT`] ([`Event`]) frames whenever a process
-//! exits; events may arrive between a request and its reply.
+//! exits, and whenever a process started with `stdio` writes output (all of
+//! a process's output events come before its exit event); events may
+//! arrive between a request and its reply.
 
 use std::io::{self, Read, Write};
 

@@ -131,12 +131,33 @@
 //!   containers (8)`, `bad NEWCONTAINER payload: no valid rootfs path`. With
 //!   the env pair `["EMBER_STUB_EXIT","<0-255>"]` the container exits at
 //!   once: its exit event follows the ACK.
+//!   With `"stdio":true` and `cmd[0]` `stub-echo` (`cmd[1]` an optional
+//!   exit code, default 0), output events (23)
+//!   `{"event":"output","id":"<id>","stream":<1|2>,"data":"<base64>"}`
+//!   follow the ACK: `stub-echo <id> ready\n` (stream 1), `stub-echo <id>
+//!   stderr\n` (stream 2).
+//! - EXECCMD (6), `container` a container's id, `cmd[0]` `stub-echo` (as
+//!   above) or `stub-exit` [code]: `pod-agent exec <id> in <container>:
+//!   <cmd0>`, ACK `{"id":"<id>","pid":<100 + slot>}` (execs share the 8
+//!   slots); with `"stdio":true`, `stub-exit` then sends `stub-exit <id>\n`
+//!   (1), `bye\n` (2) and its exit event. Errors: `no such container:
+//!   <c>`, `conflict: id <id> is already in use`, `starting <id>: execve
+//!   failed: the pod-agent guest runs only stub-echo and stub-exit`.
+//! - STDIN (66) `{"id","data","eof"}` to a running `stub-echo`: `data`
+//!   (base64) comes back as is in a stream-1 output event; with `eof`
+//!   `pod-agent stdin of <id> closed` and its exit event (the code of
+//!   `cmd[1]`); then ACK `{}`. Else ERROR `bad parameter: the stdin of <id>
+//!   is closed` (or `no such process: <id>`).
+//! - RESIZE (67) `{"id","rows","cols"}`: `pod-agent resize <id>
+//!   <rows>x<cols>`, ACK `{}`.
 //! - KILLCONTAINER (18), `signal` 1..64 (default 15): a running container
-//!   exits with code 128 + signal: its exit event, then ACK
-//!   `{"id":"<id>","code":<c>}`; an exited one: the ACK with its code only.
+//!   (and each running exec in it, first) exits with code 128 + signal: its
+//!   exit event, then ACK `{"id":"<id>","code":<c>}`; an exited one: the
+//!   ACK with its code only.
 //! - WAITPROCESS (64): exited: ACK `{"id":"<id>","code":<c>}`; running:
 //!   ERROR `pod-agent guest cannot wait for a running process`.
-//! - REMOVECONTAINER (22): forgets the container (running or not), ACK `{}`.
+//! - REMOVECONTAINER (22): forgets the container (running or not) and its
+//!   execs, ACK `{}`.
 //! - DESTROYPOD (4): ACK `{}`, `pod-agent destroy`, a full SHUTDOWN (the
 //!   host answers RST once the ACK is written to its socket; the guest
 //!   sends RST after 2 s otherwise), then `done` and the reset.
