@@ -268,7 +268,7 @@ fn pod_agent_guest_serves_containers_over_vsock() {
             stdio: false,
             tty: false,
         }),
-        "the pod-agent guest runs only stub-echo and stub-exit",
+        "starting e1: execve failed: the pod-agent guest runs only stub-echo and stub-exit",
     );
 
     // A stub that exits at once: ACK, then the exit event.

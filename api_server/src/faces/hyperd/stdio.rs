@@ -11,6 +11,7 @@
 //! | `GET /exitcode?container&exec` | `GetExitCode` (wait) | 200, the code as a JSON number |
 //! | `GET /container/info?container` | `GetContainerInfo` | 200, hyperd's `ContainerInfo` |
 //! | `GET /pod/info?podName` | `GetPodInfo` | 200, hyperd's `PodInfo` |
+//! | `POST /execvm?pod&command` | `ExecVM` | 500, a clear refusal |
 //!
 //! A hijacked stream carries Docker's multiplexed frames (`stdcopy`: stream
 //! byte, three zero bytes, big-endian u32 length) when the process has no
@@ -43,7 +44,8 @@ use crate::server::{Ctx, Finish, StreamFeed};
 /// What hyperd wrote before the raw stream of attach and exec.
 pub const UPGRADED: &[u8] = b"HTTP/1.1 101 UPGRADED\r\nContent-Type: application/vnd.docker.raw-stream\r\nConnection: Upgrade\r\nUpgrade: tcp\r\n\r\n";
 
-const ROUTES: [&str; 8] = [
+const ROUTES: [&str; 9] = [
+    "/execvm",
     "/exec/create",
     "/exec/start",
     "/attach",
@@ -86,6 +88,10 @@ pub(super) fn route(h: &mut Hyperd, ctx: &mut Ctx, req: &Request, path: &str) ->
             exit_code(h, ctx, req).unwrap_or_else(|e| Reply::Now(fail(&e)))
         }
         (Method::Get, "/container/info") => now(container_info(ctx.sup, req)),
+        // client/api/exec.go: (*Client).ExecVM (hyperctl exec -m)
+        (Method::Post, "/execvm") => Reply::Now(fail(&HyperdError::Other(
+            "exec outside of any container (hyperctl exec -m) is not supported: ember's pod VMs run only the agent and the containers; exec in a container instead".into(),
+        ))),
         (Method::Get, "/pod/info") => now(pod_info(ctx.sup, req)),
         (_, p) if ROUTES.contains(&p) => Reply::Now(Response::json(
             405,

@@ -153,6 +153,18 @@ impl Pods {
         Ok(())
     }
 
+    /// Forgets the execs of a deleted pod.
+    pub(super) fn forget_execs(&self, pod: &str) {
+        let mut execs = self.execs.lock().unwrap_or_else(|p| p.into_inner());
+        execs.retain(|id, e| {
+            let keep = e.pod != pod;
+            if !keep {
+                self.stdio.forget(id);
+            }
+            keep
+        });
+    }
+
     /// `/exec/create`: records an exec of `command` (a JSON array, as
     /// hyperctl sends it) in a running container; returns its id.
     pub fn exec_create(

@@ -734,6 +734,10 @@ impl Pods {
             }
         }
         sup.remove_pod(&p.id).map_err(failed)?;
+        for c in &p.containers {
+            self.stdio.forget(&c.id);
+        }
+        self.forget_execs(&p.id);
         gc_rootfs(sup);
         Ok(())
     }
