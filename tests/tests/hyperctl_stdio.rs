@@ -167,7 +167,8 @@ fn hyperctl_run_exec_attach_and_logs() {
     // CreatePod, GetPodInfo, Attach to the first container by name, StartPod.
     let spec = json!({"id": "runner", "resource": {"vcpu": 1, "memory": 64},
         "containers": [{"name": "echo", "image": "app:1", "command": ["stub-echo", "7"]},
-                       {"name": "side", "image": "app:1", "command": ["stub-echo"]}]});
+                       {"name": "side", "image": "app:1", "command": ["stub-echo"]},
+                       {"name": "term", "image": "app:1", "command": ["stub-echo", "2"], "tty": true}]});
     // client/api/create.go: (*Client).CreatePod
     let r = call(&d, "POST", "/pod/create", Some(&spec));
     assert_eq!(r.status, 200, "{:?}", String::from_utf8_lossy(&r.body));
@@ -392,6 +393,39 @@ fn hyperctl_run_exec_attach_and_logs() {
             (1, "more\n".into()),
         ]
     );
+
+    // A container with a terminal: hyperctl attach TERM (raw bytes), then
+    // GetExitCode(wait=false) reads the container info; logs are raw too.
+    let term_id = info["spec"]["containers"][2]["containerID"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let r = call(&d, "GET", "/container/info?container=term", None);
+    assert_eq!(r.json()["container"]["tty"], json!(true));
+    let mut a = hijack(&d, "/attach?container=term");
+    a.write_all(b"raw\n").unwrap();
+    assert_eq!(read_until(&mut a, "raw\n"), "raw\n");
+    a.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut rest = Vec::new();
+    a.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty(), "{rest:?}");
+    let r = call(&d, "GET", "/container/info?container=term", None);
+    let ci = r.json();
+    assert_eq!(ci["status"]["phase"], "failed", "{ci}");
+    assert_eq!(ci["status"]["terminated"]["exitCode"], json!(2), "{ci}");
+    let r = call(
+        &d,
+        "GET",
+        &format!("/container/logs?container={term_id}&follow=false&since=&stderr=true&stdout=true&tail=&timestamps=false"),
+        None,
+    );
+    assert_eq!(
+        String::from_utf8(r.body).unwrap(),
+        format!("stub-echo {term_id} ready\nstub-echo {term_id} stderr\nraw\n")
+    );
+    // The pod has ended: every container exited, one with a failure.
+    let r = call(&d, "GET", &format!("/pod/info?podName={pod}"), None);
+    assert_eq!(r.json()["status"]["phase"], "failed");
 
     // Bad input: clear errors, hyperd's statuses, the JSON envelope.
     let r = call(
