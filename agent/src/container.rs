@@ -865,6 +865,11 @@ impl Containers {
         }
     }
 
+    /// LOGS: a `stdio` process's kept output.
+    pub fn logs(&self, id: &str) -> Result<Vec<crate::protocol::LogRecord>> {
+        Ok(self.streams_of(id)?.logs())
+    }
+
     /// RESIZE: sets a `tty` process's terminal size.
     pub fn resize(&self, id: &str, rows: u16, cols: u16) -> Result<()> {
         let streams = self.streams_of(id)?;

@@ -70,6 +70,8 @@ pub mod cmd {
     pub const STDIN: u32 = 66;
     /// host→agent: [`super::Resize`] (ember; hyperstart's WINSIZE).
     pub const RESIZE: u32 = 67;
+    /// host→agent: [`super::Logs`] (ember).
+    pub const LOGS: u32 = 68;
 }
 
 /// Largest stdin chunk a host should put in one [`Stdin`] frame (its
@@ -487,6 +489,32 @@ pub struct Resize {
     pub cols: u16,
 }
 
+/// LOGS: the recent output a `stdio` process wrote (the agent keeps the
+/// last [`LOG_RING_BYTES`] of it), as [`LogRecord`]s in the reply's
+/// `records`, oldest first.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Logs {
+    /// Process id.
+    pub id: String,
+}
+
+/// Output bytes the agent keeps per `stdio` process for [`Logs`].
+pub const LOG_RING_BYTES: usize = 256 * 1024;
+
+/// One piece of output, as [`Event::Output`] carried it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogRecord {
+    /// The output event's `seq`.
+    pub seq: u64,
+    /// 1 stdout, 2 stderr.
+    pub stream: u8,
+    /// When the agent read it: nanoseconds since the Unix epoch (the
+    /// guest's clock).
+    pub time_ns: u64,
+    /// Bytes, base64.
+    pub data: String,
+}
+
 /// A request from the host.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {
@@ -516,6 +544,8 @@ pub enum Request {
     Stdin(Stdin),
     /// RESIZE.
     Resize(Resize),
+    /// LOGS.
+    Logs(Logs),
 }
 
 #[derive(Serialize, Deserialize)]
@@ -538,6 +568,7 @@ impl Request {
             Request::DestroyPod => cmd::DESTROYPOD,
             Request::Stdin(_) => cmd::STDIN,
             Request::Resize(_) => cmd::RESIZE,
+            Request::Logs(_) => cmd::LOGS,
         }
     }
 
@@ -557,6 +588,7 @@ impl Request {
             Request::RemoveContainer(r) => Frame::json(c, r),
             Request::Stdin(r) => Frame::json(c, r),
             Request::Resize(r) => Frame::json(c, r),
+            Request::Logs(r) => Frame::json(c, r),
         }
     }
 
@@ -582,6 +614,7 @@ impl Request {
             cmd::REMOVECONTAINER => Request::RemoveContainer(frame.parse()?),
             cmd::STDIN => Request::Stdin(frame.parse()?),
             cmd::RESIZE => Request::Resize(frame.parse()?),
+            cmd::LOGS => Request::Logs(frame.parse()?),
             other => return Err(ProtocolError::UnknownCommand(other)),
         })
     }
@@ -621,6 +654,9 @@ pub struct OkReply {
     /// Agent version.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub version: Option<String>,
+    /// LOGS: the kept output.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub records: Option<Vec<LogRecord>>,
 }
 
 /// ERROR payload: `{"message": "..."}`.
@@ -651,7 +687,15 @@ pub enum Event {
         stream: u8,
         /// Bytes, base64.
         data: String,
+        /// This process's output counter (1, 2, ...), the `seq` of the
+        /// same bytes in [`Logs`] records; 0 from agents that keep no log.
+        #[serde(default, skip_serializing_if = "is_zero")]
+        seq: u64,
     },
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// A frame from the agent.
@@ -774,6 +818,7 @@ mod tests {
                 rows: 24,
                 cols: 80,
             }),
+            Request::Logs(Logs { id: "c1".into() }),
         ]
     }
 
@@ -1021,6 +1066,7 @@ mod tests {
                 id: "e1".into(),
                 stream: 2,
                 data: "aGkK".into(),
+                seq: 4,
             }),
         ];
         for m in msgs {

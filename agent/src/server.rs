@@ -303,6 +303,11 @@ impl Server {
                 c.resize(&r.id, r.rows, r.cols)?;
                 OkReply::default()
             }
+            Request::Logs(r) => OkReply {
+                records: Some(c.logs(&r.id)?),
+                id: Some(r.id),
+                ..Default::default()
+            },
         })
     }
 }

@@ -12,6 +12,9 @@
 //! - stdin is a queue of at most [`STDIN_QUEUE`] chunks per process, written
 //!   by a thread of its own; a full queue refuses more with a `busy:` error
 //!   rather than blocking the connection (the host retries);
+//! - the last [`LOG_RING_BYTES`] of each process's output are kept, with
+//!   their `seq` and the time they were read, for LOGS (an emberd that
+//!   reconnects after a restart gets the containers' recent output back);
 //! - a process's output ends at end-of-file on its pipes (EIO on a pty
 //!   master once the slave is closed), or, once the process has exited,
 //!   after [`DRAIN_IDLE`] without output: a background child that keeps the
@@ -25,8 +28,10 @@ use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use std::collections::VecDeque;
+
 use crate::b64;
-use crate::protocol::Event;
+use crate::protocol::{Event, LogRecord, LOG_RING_BYTES};
 
 /// Largest chunk of output in one event.
 pub const OUTPUT_CHUNK: usize = 16 * 1024;
@@ -117,6 +122,35 @@ pub fn open(tty: bool) -> io::Result<(ChildSide, HostSide)> {
     ))
 }
 
+/// A process's recent output, numbered.
+#[derive(Default)]
+struct Ring {
+    records: VecDeque<(u64, u8, u64, Vec<u8>)>,
+    bytes: usize,
+    next_seq: u64,
+}
+
+impl Ring {
+    /// Keeps a chunk; returns its seq.
+    fn push(&mut self, stream: u8, data: &[u8]) -> u64 {
+        self.next_seq += 1;
+        let time_ns = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        self.bytes += data.len();
+        self.records
+            .push_back((self.next_seq, stream, time_ns, data.to_vec()));
+        while self.bytes > LOG_RING_BYTES {
+            match self.records.pop_front() {
+                Some(old) => self.bytes -= old.3.len(),
+                None => break,
+            }
+        }
+        self.next_seq
+    }
+}
+
 /// Holds a process's `exited` event until its output has been pushed.
 struct ExitGate {
     /// Output pumps still running.
@@ -133,6 +167,7 @@ pub struct Streams {
     exited: Arc<AtomicBool>,
     gate: Arc<Mutex<ExitGate>>,
     notify: Notify,
+    ring: Arc<Mutex<Ring>>,
 }
 
 impl Streams {
@@ -144,6 +179,7 @@ impl Streams {
             open: host.outputs.len(),
             code: None,
         }));
+        let ring = Arc::new(Mutex::new(Ring::default()));
         let (tx, rx) = sync_channel::<Option<Vec<u8>>>(STDIN_QUEUE);
         let tty = host.master.is_some();
         let mut stdin = host.stdin;
@@ -165,10 +201,11 @@ impl Streams {
         for (stream, file) in host.outputs {
             let (id, log) = (id.to_string(), log.try_clone()?);
             let (exited, gate, notify) = (exited.clone(), gate.clone(), notify.clone());
+            let ring = ring.clone();
             std::thread::Builder::new()
                 .name(format!("out{stream}-{id}"))
                 .spawn(move || {
-                    pump(&id, stream, file, log, &exited, &notify);
+                    pump(&id, stream, file, log, &exited, &notify, &ring);
                     let done = {
                         let mut g = gate.lock().unwrap_or_else(|p| p.into_inner());
                         g.open -= 1;
@@ -190,7 +227,22 @@ impl Streams {
             exited,
             gate,
             notify,
+            ring,
         })
+    }
+
+    /// The kept output, oldest first.
+    pub fn logs(&self) -> Vec<LogRecord> {
+        let ring = self.ring.lock().unwrap_or_else(|p| p.into_inner());
+        ring.records
+            .iter()
+            .map(|(seq, stream, time_ns, data)| LogRecord {
+                seq: *seq,
+                stream: *stream,
+                time_ns: *time_ns,
+                data: b64::encode(data),
+            })
+            .collect()
     }
 
     /// The process was reaped with `code`: report it now if its output is
@@ -255,7 +307,15 @@ impl Streams {
 }
 
 /// Reads one output until it ends (see the module docs), pushing events.
-fn pump(id: &str, stream: u8, mut file: File, mut log: File, exited: &AtomicBool, notify: &Notify) {
+fn pump(
+    id: &str,
+    stream: u8,
+    mut file: File,
+    mut log: File,
+    exited: &AtomicBool,
+    notify: &Notify,
+    ring: &Mutex<Ring>,
+) {
     let mut buf = vec![0u8; OUTPUT_CHUNK];
     let tick = 50;
     let mut idle_after_exit = 0u32;
@@ -288,10 +348,17 @@ fn pump(id: &str, stream: u8, mut file: File, mut log: File, exited: &AtomicBool
             Ok(0) | Err(_) => return,
             Ok(k) => {
                 let _ = log.write_all(&buf[..k]);
+                // Kept before it is sent: a LOGS reply never misses what an
+                // earlier event carried (the seq tells duplicates apart).
+                let seq = ring
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(stream, &buf[..k]);
                 notify(Event::Output {
                     id: id.to_string(),
                     stream,
                     data: b64::encode(&buf[..k]),
+                    seq,
                 });
             }
         }
@@ -347,6 +414,16 @@ mod tests {
             }
         }
         assert_eq!(out, (b"hello world".to_vec(), b"bye".to_vec()));
+        let kept = s.logs();
+        let mut seqs: Vec<u64> = kept.iter().map(|r| r.seq).collect();
+        seqs.sort();
+        assert_eq!(seqs, (1..=kept.len() as u64).collect::<Vec<_>>());
+        let stdout: Vec<u8> = kept
+            .iter()
+            .filter(|r| r.stream == 1)
+            .flat_map(|r| b64::decode(&r.data).unwrap())
+            .collect();
+        assert_eq!(stdout, b"hello world");
         assert!(!s.resize(10, 10).unwrap(), "no terminal");
     }
 
@@ -367,6 +444,18 @@ mod tests {
         }
         assert!(busy);
         drop(child);
+    }
+
+    #[test]
+    fn the_ring_keeps_the_newest_output() {
+        let mut r = Ring::default();
+        let chunk = vec![b'x'; 64 * 1024];
+        for _ in 0..10 {
+            r.push(1, &chunk);
+        }
+        assert!(r.bytes <= LOG_RING_BYTES);
+        assert_eq!(r.records.len(), LOG_RING_BYTES / chunk.len());
+        assert_eq!(r.records.back().unwrap().0, 10);
     }
 
     fn tempfile_log() -> File {

@@ -792,6 +792,7 @@ fn collect_stdio(
                 id: i,
                 stream,
                 data,
+                ..
             } if i == id => {
                 let d = ember_agent::b64::decode(&data).unwrap();
                 if stream == 1 {
@@ -850,6 +851,26 @@ fn stdio_streams_over_pipes_and_a_tty() {
     assert_eq!(out, "hello world\n");
     assert_eq!(err, "echo ready\necho done\n");
     assert_eq!(code, 4);
+    // LOGS gives the same bytes back, numbered, with the stream.
+    use ember_agent::protocol::Logs;
+    let recs = c
+        .request(&Request::Logs(Logs { id: "e1".into() }))
+        .unwrap()
+        .records
+        .unwrap();
+    let text = |stream: u8| -> String {
+        recs.iter()
+            .filter(|r| r.stream == stream)
+            .map(|r| String::from_utf8(ember_agent::b64::decode(&r.data).unwrap()).unwrap())
+            .collect()
+    };
+    assert_eq!(text(1), "hello world\n");
+    assert_eq!(text(2), "echo ready\necho done\n");
+    assert!(recs.iter().all(|r| r.seq >= 1 && r.time_ns > 0), "{recs:?}");
+    expect_err(
+        c.request(&Request::Logs(Logs { id: "nope".into() })),
+        "no such process",
+    );
     // And the log has it all.
     let log = log_of(&mut c, "e1");
     assert!(

@@ -18,9 +18,11 @@
 //!   [`Chunk::Exit`].
 //!
 //! The hub never blocks: all its work is done under one short lock.
-//! Logs live in emberd's memory: they survive neither an emberd restart
-//! nor the removal of the container (the agent's own log file in the guest
-//! still has them).
+//! Logs live in emberd's memory. After an emberd restart, the session that
+//! reconnects to a pod VM seeds them from the agent's own log ring
+//! ([`StdioHub::seed`], the agent's LOGS request, with the guest's
+//! timestamps); output events that the seed already holds are recognised by
+//! their `seq` and dropped. They go with the container's pod.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
@@ -82,6 +84,8 @@ struct Hub {
     subs: HashMap<String, Vec<SyncSender<Chunk>>>,
     exits: HashMap<String, i32>,
     exit_order: VecDeque<String>,
+    /// Highest output `seq` a seed held, per process.
+    seeded: HashMap<String, u64>,
 }
 
 /// See the module docs.
@@ -115,6 +119,29 @@ impl StdioHub {
         h.logged.insert(id.to_string());
         h.logs.insert(id.to_string(), Ring::default());
         h.exits.remove(id);
+        h.seeded.remove(id);
+    }
+
+    /// Keeps `records` (an agent's LOGS reply) as the log of `id`; live
+    /// output they already hold (by `seq`) is ignored from now on.
+    pub fn seed(&self, id: &str, records: &[ember_agent::protocol::LogRecord]) {
+        let mut ring = Ring::default();
+        let mut max = 0;
+        for r in records {
+            let Ok(data) = ember_agent::b64::decode(&r.data) else {
+                continue;
+            };
+            max = max.max(r.seq);
+            ring.push(Record {
+                stream: r.stream,
+                time: SystemTime::UNIX_EPOCH + std::time::Duration::from_nanos(r.time_ns),
+                data,
+            });
+        }
+        let mut h = self.lock();
+        h.logged.insert(id.to_string());
+        h.logs.insert(id.to_string(), ring);
+        h.seeded.insert(id.to_string(), max);
     }
 
     /// Forgets everything about `id` (its container was removed); its
@@ -125,13 +152,22 @@ impl StdioHub {
         h.logs.remove(id);
         h.subs.remove(id);
         h.exits.remove(id);
+        h.seeded.remove(id);
     }
 
     /// An event from an agent session (see the module docs).
     pub fn event(&self, ev: &Event) {
         let mut h = self.lock();
         match ev {
-            Event::Output { id, stream, data } => {
+            Event::Output {
+                id,
+                stream,
+                data,
+                seq,
+            } => {
+                if *seq != 0 && h.seeded.get(id).is_some_and(|max| seq <= max) {
+                    return;
+                }
                 let data = match ember_agent::b64::decode(data) {
                     Ok(d) => d,
                     Err(e) => {
@@ -261,6 +297,7 @@ mod tests {
             id: id.into(),
             stream,
             data: ember_agent::b64::encode(s.as_bytes()),
+            seq: 0,
         }
     }
 
@@ -336,6 +373,41 @@ mod tests {
         assert_eq!(bytes, LOG_BYTES, "whole chunks, newest kept");
         // The slow one got SUB_QUEUE chunks, then the end without an exit.
         assert_eq!(slow.iter().count(), SUB_QUEUE);
+    }
+
+    #[test]
+    fn a_seed_from_the_agent_and_no_duplicates() {
+        use ember_agent::protocol::LogRecord;
+        let hub = StdioHub::default();
+        let rec = |seq: u64, s: &str| LogRecord {
+            seq,
+            stream: 1,
+            time_ns: 1_000_000_000 * seq,
+            data: ember_agent::b64::encode(s.as_bytes()),
+        };
+        hub.seed("c", &[rec(1, "one\n"), rec(2, "two\n")]);
+        // Seq 2 was in the seed (sent before the LOGS reply); 3 is new.
+        for (seq, s) in [(2, "two\n"), (3, "three\n")] {
+            hub.event(&Event::Output {
+                id: "c".into(),
+                stream: 1,
+                data: ember_agent::b64::encode(s.as_bytes()),
+                seq,
+            });
+        }
+        let (recs, _) = hub.logs("c", (true, true), None, false);
+        assert_eq!(
+            text(&recs),
+            [
+                (1, "one\n".into()),
+                (1, "two\n".into()),
+                (1, "three\n".into())
+            ]
+        );
+        assert_eq!(
+            recs[0].time,
+            SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1)
+        );
     }
 
     #[test]

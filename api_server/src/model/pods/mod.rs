@@ -290,13 +290,13 @@ impl Pods {
 }
 
 /// What the agent pushed: container exits, applied on the loop.
-fn post_events(jobs: &Jobs, inst: &str, events: Vec<ember_agent::Event>) {
+fn post_events(jobs: &Jobs, inst: &str, events: &[ember_agent::Event]) {
     for ev in events {
-        // Output went to the stdio hub already.
+        // Output is the stdio hub's alone.
         let ember_agent::Event::Exited { id, code } = ev else {
             continue;
         };
-        let inst = inst.to_string();
+        let (inst, id, code) = (inst.to_string(), id.clone(), *code);
         jobs.post(move |sup| container_exited(sup, &inst, &id, code));
     }
 }

@@ -153,6 +153,31 @@ impl Pods {
         Ok(())
     }
 
+    /// After an emberd restart, before the session starts: the containers'
+    /// recent output from the agent's log ring (an agent that keeps none
+    /// answers an error, and the log starts empty); events that arrived
+    /// meanwhile are then applied in order.
+    pub(super) fn seed_logs(
+        &self,
+        jobs: &Jobs,
+        inst: &str,
+        client: &mut ember_agent::AgentClient<UnixStream>,
+        containers: &[String],
+    ) {
+        for cid in containers {
+            let req = Request::Logs(ember_agent::protocol::Logs { id: cid.clone() });
+            match client.request(&req) {
+                Ok(ok) => self.stdio.seed(cid, ok.records.as_deref().unwrap_or(&[])),
+                Err(e) => log::info!("pod VM {inst}: no kept output for {cid}: {e}"),
+            }
+        }
+        let events = client.take_events();
+        super::post_events(jobs, inst, &events);
+        for ev in &events {
+            self.stdio.event(ev);
+        }
+    }
+
     /// Forgets the execs of a deleted pod.
     pub(super) fn forget_execs(&self, pod: &str) {
         let mut execs = self.execs.lock().unwrap_or_else(|p| p.into_inner());
@@ -506,6 +531,10 @@ impl Bridge {
             }
         }
         done.store(true, Ordering::SeqCst);
+        // The exit's model update was queued before the hub heard of it:
+        // once the loop has run this, the client's next request (hyperctl
+        // reads the exit code right after the stream ends) sees it.
+        let _ = self.jobs.call(|_, _| ());
         // Ends the client's read (EOF) and our stdin thread's.
         let _ = out.shutdown(std::net::Shutdown::Both);
     }

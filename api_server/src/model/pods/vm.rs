@@ -261,12 +261,14 @@ impl Pods {
         let me = Arc::clone(self);
         let started = runner.start(
             client,
-            move |evs| {
-                // Output and exits reach attached clients first, in order.
+            move |evs: Vec<ember_agent::Event>| {
+                // The model's update is queued before attached clients
+                // learn of an exit (a bridge waits for the queue before it
+                // closes, so a client's next request sees the exit).
+                post_events(&events.0, &events.1, &evs);
                 for ev in &evs {
                     events.2.event(ev);
                 }
-                post_events(&events.0, &events.1, evs)
             },
             move |session: Session, why: String| {
                 // Only forget the session if it is still ours.
@@ -816,6 +818,13 @@ impl Pods {
                 .and_then(|p| serde_json::from_str(&p.spec).ok())
                 .and_then(|v| super::ops::forward_plan(&v).ok())
                 .unwrap_or_default();
+            let all: Vec<String> = sup
+                .state()
+                .pods
+                .values()
+                .filter(|p| p.vm.as_deref() == Some(&inst))
+                .flat_map(|p| p.containers.iter().map(|c| c.id.clone()))
+                .collect();
             let me = Arc::clone(self);
             let jobs2 = jobs.clone();
             self.reconnecting
@@ -825,7 +834,8 @@ impl Pods {
             jobs.spawn_background("agent-resume", Duration::ZERO, move || {
                 // Retried like a fresh boot's: the agent may still be
                 // closing the old emberd's connection.
-                let session = me.connect(&jobs2, &inst, &uds).map(|c| {
+                let session = me.connect(&jobs2, &inst, &uds).map(|mut c| {
+                    me.seed_logs(&jobs2, &inst, &mut c, &all);
                     me.open_session(&jobs2, &inst, c);
                     me.session(&inst)
                 });
