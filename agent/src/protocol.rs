@@ -509,7 +509,7 @@ pub struct LogRecord {
     /// 1 stdout, 2 stderr.
     pub stream: u8,
     /// When the agent read it: nanoseconds since the Unix epoch (the
-    /// guest's clock).
+    /// guest's clock); 0 if the agent has no clock.
     pub time_ns: u64,
     /// Bytes, base64.
     pub data: String,

@@ -156,7 +156,7 @@ fn enc(s: &str) -> String {
 
 #[test]
 fn hyperctl_run_exec_attach_and_logs() {
-    let d = start("hstdio");
+    let mut d = start("hstdio");
     d.hyperd_import(
         "app:1",
         json!({"layers": [{"dirs": ["bin"], "files": {"bin/app": "#!/bin/sh\n"}}],
@@ -301,6 +301,19 @@ fn hyperctl_run_exec_attach_and_logs() {
     assert!(
         log.contains(&format!("pod-agent exec {texec} in {side_id}: stub-echo")),
         "{log}"
+    );
+
+    // emberd dies and comes back: it reconnects to the pod VM's agent and
+    // gets the containers' recent output back (LOGS, cmd 68) before it
+    // serves their streams again (then WAITPROCESS, cmd 64).
+    d.kill9();
+    d.restart();
+    d.wait_logs(&vm, "pod-agent recv cmd 64");
+    let log = d.logs(&vm);
+    assert_eq!(
+        log.matches("pod-agent recv cmd 68").count(),
+        3,
+        "one LOGS per container:\n{log}"
     );
 
     // client/logs.go: (*HyperClient).HyperCmdLogs: GetContainerInfo, then

@@ -132,9 +132,14 @@ impl StdioHub {
                 continue;
             };
             max = max.max(r.seq);
+            // 0: the agent has no clock; then the time of the seed.
+            let time = match r.time_ns {
+                0 => SystemTime::now(),
+                ns => SystemTime::UNIX_EPOCH + std::time::Duration::from_nanos(ns),
+            };
             ring.push(Record {
                 stream: r.stream,
-                time: SystemTime::UNIX_EPOCH + std::time::Duration::from_nanos(r.time_ns),
+                time,
                 data,
             });
         }

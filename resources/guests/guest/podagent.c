@@ -54,6 +54,10 @@
 #define CMD_EXECCMD 6
 #define CMD_STDIN 66
 #define CMD_RESIZE 67
+#define CMD_LOGS 68
+/* Output records kept per process for LOGS, and their largest base64. */
+#define PA_LOG_RECS 8
+#define PA_LOG_B64 768
 
 #define EXT4_SB_OFFSET 1024
 #define EXT4_SB_LEN 1024
@@ -68,6 +72,13 @@ enum verdict { KEEP, CLOSE, DESTROY };
 
 enum stub { STUB_NONE, STUB_ECHO };
 
+/* One kept piece of output (base64, as sent). */
+struct logrec {
+	uint32_t seq;
+	int stream;
+	char b64[PA_LOG_B64 + 1];
+};
+
 /* A container's main process or an exec'd one. */
 struct container {
 	bool used;
@@ -79,6 +90,9 @@ struct container {
 	char id[PA_ID_MAX + 1];
 	/* For an exec: its container. */
 	char parent[PA_ID_MAX + 1];
+	/* Output events sent; the last PA_LOG_RECS small ones are kept. */
+	uint32_t seq;
+	struct logrec log[PA_LOG_RECS];
 };
 
 struct pod {
@@ -122,6 +136,15 @@ static void sink_put(char c, void *ctx)
 	if (k->len < k->cap)
 		k->p[k->len] = (uint8_t)c;
 	k->len++;
+}
+
+static void __attribute__((format(printf, 2, 3))) sink_printf(struct sink *k, const char *fmt, ...)
+{
+	va_list ap;
+
+	va_start(ap, fmt);
+	fmt_vprintf(sink_put, k, fmt, ap);
+	va_end(ap);
 }
 
 /* Formats a JSON payload and sends it as one frame. */
@@ -220,19 +243,29 @@ static void b64_encode(const char *s, char *out, size_t cap)
 	out[o] = '\0';
 }
 
-/* An output event whose data is already base64. */
-static void send_output_b64(struct pod *pd, const char *id, int stream, const char *b64)
+/* An output event whose data is already base64; kept for LOGS if small. */
+static void send_output_b64(struct pod *pd, struct container *c, int stream, const char *b64)
 {
-	send_frame(pd, CMD_EVENT, "{\"event\":\"output\",\"id\":\"%s\",\"stream\":%d,\"data\":\"%s\"}",
-		   id, stream, b64);
+	size_t n = strlen(b64);
+
+	c->seq++;
+	if (n <= PA_LOG_B64) {
+		struct logrec *r = &c->log[(c->seq - 1) % PA_LOG_RECS];
+		r->seq = c->seq;
+		r->stream = stream;
+		memcpy(r->b64, b64, n + 1);
+	}
+	send_frame(pd, CMD_EVENT,
+		   "{\"event\":\"output\",\"id\":\"%s\",\"stream\":%d,\"data\":\"%s\",\"seq\":%u}",
+		   c->id, stream, b64, c->seq);
 }
 
-static void send_output(struct pod *pd, const char *id, int stream, const char *text)
+static void send_output(struct pod *pd, struct container *c, int stream, const char *text)
 {
 	char b64[256];
 
 	b64_encode(text, b64, sizeof(b64));
-	send_output_b64(pd, id, stream, b64);
+	send_output_b64(pd, c, stream, b64);
 }
 
 static void send_exited(struct pod *pd, struct container *c, int code)
@@ -273,8 +306,9 @@ static int cmd_code(const char *p, size_t n)
 }
 
 /* "stub-echo <id> ready" and the like, built without printf's sink. */
-static void say(struct pod *pd, const char *id, int stream, const char *a, const char *b)
+static void say(struct pod *pd, struct container *c, int stream, const char *a, const char *b)
 {
+	const char *id = c->id;
 	char text[PA_ID_MAX + 48];
 	size_t o = 0;
 
@@ -283,7 +317,7 @@ static void say(struct pod *pd, const char *id, int stream, const char *a, const
 			text[o++] = *c;
 	}
 	text[o] = '\0';
-	send_output(pd, id, stream, text);
+	send_output(pd, c, stream, text);
 }
 
 static bool is_blk(struct virtio_dev *d, const struct virtio_mmio_info *info)
@@ -476,8 +510,8 @@ static void new_container(struct pod *pd, const char *p, size_t n)
 	    strcmp(cmd0, "stub-echo") == 0) {
 		c->stub = STUB_ECHO;
 		c->eof_code = cmd_code(p, n);
-		say(pd, id, 1, "stub-echo ", " ready\n");
-		say(pd, id, 2, "stub-echo ", " stderr\n");
+		say(pd, c, 1, "stub-echo ", " ready\n");
+		say(pd, c, 2, "stub-echo ", " stderr\n");
 	}
 	int code = stub_exit_code(p, n);
 	if (code >= 0)
@@ -638,11 +672,11 @@ static void exec_cmd(struct pod *pd, const char *p, size_t n)
 	if (strcmp(cmd0, "stub-echo") == 0) {
 		c->stub = STUB_ECHO;
 		c->eof_code = cmd_code(p, n);
-		say(pd, id, 1, "stub-echo ", " ready\n");
-		say(pd, id, 2, "stub-echo ", " stderr\n");
+		say(pd, c, 1, "stub-echo ", " ready\n");
+		say(pd, c, 2, "stub-echo ", " stderr\n");
 	} else {
-		say(pd, id, 1, "stub-exit ", "\n");
-		send_output(pd, id, 2, "bye\n");
+		say(pd, c, 1, "stub-exit ", "\n");
+		send_output(pd, c, 2, "bye\n");
 		send_exited(pd, c, cmd_code(p, n));
 	}
 }
@@ -669,12 +703,42 @@ static void stdin_cmd(struct pod *pd, const char *p, size_t n)
 		return;
 	}
 	if (stdin_b64[0])
-		send_output_b64(pd, id, 1, stdin_b64);
+		send_output_b64(pd, c, 1, stdin_b64);
 	if (json_get(p, n, "eof", &v) && v.len == 4 && memcmp(v.p, "true", 4) == 0) {
 		guest_log("pod-agent stdin of %s closed", id);
 		send_exited(pd, c, c->eof_code);
 	}
 	send_frame(pd, CMD_ACK, "{}");
+}
+
+/* The kept records, oldest first (the guest has no clock: time_ns 0). */
+static void logs_cmd(struct pod *pd, const char *p, size_t n)
+{
+	static char body[PA_OUT_CAP];
+	char id[PA_ID_MAX + 1];
+	size_t o = 0;
+
+	if (!req_id(pd, p, n, "LOGS", id))
+		return;
+	struct container *c = find(pd, id);
+	if (!c) {
+		send_frame(pd, CMD_ERROR, ERR("no such process: %s"), id);
+		return;
+	}
+	uint32_t first = c->seq > PA_LOG_RECS ? c->seq - PA_LOG_RECS + 1 : 1;
+	for (uint32_t seq = first; seq <= c->seq; seq++) {
+		const struct logrec *r = &c->log[(seq - 1) % PA_LOG_RECS];
+		if (r->seq != seq)
+			continue; /* too big to keep */
+		struct sink k = { (uint8_t *)body + o, 0, (uint32_t)(sizeof(body) - o - 1) };
+		sink_printf(&k, "%s{\"seq\":%u,\"stream\":%d,\"time_ns\":0,\"data\":\"%s\"}",
+			      o ? "," : "", seq, r->stream, r->b64);
+		if (k.len > k.cap)
+			break;
+		o += k.len;
+	}
+	body[o] = '\0';
+	send_frame(pd, CMD_ACK, "{\"id\":\"%s\",\"records\":[%s]}", id, body);
 }
 
 static void resize_cmd(struct pod *pd, const char *p, size_t n)
@@ -727,6 +791,9 @@ static enum verdict handle(struct pod *pd, uint32_t cmd, const char *p, size_t n
 		break;
 	case CMD_RESIZE:
 		resize_cmd(pd, p, n);
+		break;
+	case CMD_LOGS:
+		logs_cmd(pd, p, n);
 		break;
 	case CMD_DESTROYPOD:
 		send_frame(pd, CMD_ACK, "{}");

@@ -133,7 +133,8 @@
 //!   once: its exit event follows the ACK.
 //!   With `"stdio":true` and `cmd[0]` `stub-echo` (`cmd[1]` an optional
 //!   exit code, default 0), output events (23)
-//!   `{"event":"output","id":"<id>","stream":<1|2>,"data":"<base64>"}`
+//!   `{"event":"output","id":"<id>","stream":<1|2>,"data":"<base64>","seq":<n>}`
+//!   (`seq` counts each process's output events from 1)
 //!   follow the ACK: `stub-echo <id> ready\n` (stream 1), `stub-echo <id>
 //!   stderr\n` (stream 2).
 //! - EXECCMD (6), `container` a container's id, `cmd[0]` `stub-echo` (as
@@ -150,6 +151,9 @@
 //!   is closed` (or `no such process: <id>`).
 //! - RESIZE (67) `{"id","rows","cols"}`: `pod-agent resize <id>
 //!   <rows>x<cols>`, ACK `{}`.
+//! - LOGS (68) `{"id"}`: ACK `{"id":"<id>","records":[{"seq","stream",
+//!   "time_ns":0,"data"}...]}`, the last 8 output events of the process
+//!   whose base64 is at most 768 bytes, oldest first.
 //! - KILLCONTAINER (18), `signal` 1..64 (default 15): a running container
 //!   (and each running exec in it, first) exits with code 128 + signal: its
 //!   exit event, then ACK `{"id":"<id>","code":<c>}`; an exited one: the
