@@ -7,5 +7,5 @@ pub mod agent;
 pub mod netdev;
 pub mod portfwd;
 pub mod process;
-pub mod vmm_api;
 pub mod stdio;
+pub mod vmm_api;

@@ -28,7 +28,13 @@ impl Hyperd {
         Ok(Response::json(
             200,
             &json!({
-                "container": container_json(&self.pods, c, &spec["containers"][i], cfg.as_ref()),
+                "container": container_json(
+                    &self.pods,
+                    c,
+                    &spec["containers"][i],
+                    spec["tty"].as_bool().unwrap_or(false),
+                    cfg.as_ref(),
+                ),
                 "createdAt": unix_time(&p.created),
                 "podID": p.id,
                 "status": container_status(c),

@@ -68,11 +68,13 @@ pub(super) fn container_status(c: &PodContainer) -> Value {
     s
 }
 
-/// hyperd's `types.Container` of a container record and its spec entry.
+/// hyperd's `types.Container` of a container record and its spec entry;
+/// `pod_tty` is the pod spec's own `tty` (every container gets a terminal).
 pub(super) fn container_json(
     pods: &Pods,
     c: &PodContainer,
     spec: &Value,
+    pod_tty: bool,
     config: Option<&ImageConfig>,
 ) -> Value {
     let strings = |v: &Value| -> Vec<String> {
@@ -117,7 +119,7 @@ pub(super) fn container_json(
         "image": c.image,
         "imageID": pods.image_id(&c.image).unwrap_or_default(),
         "workingDir": workdir,
-        "tty": spec["tty"].as_bool().unwrap_or(false),
+        "tty": pod_tty || spec["tty"].as_bool().unwrap_or(false),
         // hyperd: commands are the pod's command; args what the image adds.
         "commands": if entrypoint.is_empty() { command.clone() } else { entrypoint.into_iter().chain(command.clone()).collect() },
         "args": if command.is_empty() { config.map(|c| c.cmd.clone()).unwrap_or_default() } else { Vec::new() },
@@ -148,7 +150,13 @@ fn pod_info(pods: &Pods, sup: &Supervisor, p: &Pod) -> Value {
         .enumerate()
         .map(|(i, c)| {
             let cfg = pods.image_config(&c.image);
-            container_json(pods, c, &spec["containers"][i], cfg.as_ref())
+            container_json(
+                pods,
+                c,
+                &spec["containers"][i],
+                spec["tty"].as_bool().unwrap_or(false),
+                cfg.as_ref(),
+            )
         })
         .collect();
     let statuses: Vec<Value> = p.containers.iter().map(container_status).collect();

@@ -9,8 +9,6 @@
 //! | `GET /container/logs?container&stdout&stderr&since&timestamps&follow&tail` | `ContainerLogs` | 200, a chunked stream |
 //! | `POST /tty/resize?container&exec&h&w` | `WinResize` | 200, empty |
 //! | `GET /exitcode?container&exec` | `GetExitCode` (wait) | 200, the code as a JSON number |
-//! | `GET /container/info?container` | `GetContainerInfo` | 200, hyperd's `ContainerInfo` |
-//! | `GET /pod/info?podName` | `GetPodInfo` | 200, hyperd's `PodInfo` |
 //! | `POST /execvm?pod&command` | `ExecVM` | 500, a clear refusal |
 //!
 //! A hijacked stream carries Docker's multiplexed frames (`stdcopy`: stream
@@ -23,20 +21,17 @@
 //! timestamp when asked; with `follow` it ends when the container exits.
 //!
 //! hyperd 1.1.0 has no `/exec/inspect`: hyperctl reads exit codes from
-//! `/exitcode` (and `/container/info` for terminal sessions). The
-//! `/container/info` and `/pod/info` answers here carry the fields
-//! hyperctl reads (ids, names, `tty`, phase, exit code), not every field of
-//! hyperd's types.
+//! `/exitcode` (and `/container/info` for terminal sessions, answered with
+//! the other container routes in `containers.rs`).
 
 use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime};
 
 use ember_http::{Method, Reply, Request, Response, Upgrade, Upgraded};
-use serde_json::{json, Value};
+use serde_json::json;
 
 use super::{fail, required, Hyperd, HyperdError};
 use crate::model::pods::stdio::{find_container, ExitCode};
-use crate::model::pods::PodSpec;
 use crate::model::supervisor::Supervisor;
 use crate::runtime::stdio::{stdcopy_frame, timestamp, Chunk, Record};
 use crate::server::{Ctx, Finish, StreamFeed};
@@ -44,7 +39,7 @@ use crate::server::{Ctx, Finish, StreamFeed};
 /// What hyperd wrote before the raw stream of attach and exec.
 pub const UPGRADED: &[u8] = b"HTTP/1.1 101 UPGRADED\r\nContent-Type: application/vnd.docker.raw-stream\r\nConnection: Upgrade\r\nUpgrade: tcp\r\n\r\n";
 
-const ROUTES: [&str; 9] = [
+const ROUTES: [&str; 7] = [
     "/execvm",
     "/exec/create",
     "/exec/start",
@@ -52,8 +47,6 @@ const ROUTES: [&str; 9] = [
     "/container/logs",
     "/tty/resize",
     "/exitcode",
-    "/container/info",
-    "/pod/info",
 ];
 
 /// Docker's `httputils.BoolValue`: anything but empty, 0, no, false, none.
@@ -87,12 +80,10 @@ pub(super) fn route(h: &mut Hyperd, ctx: &mut Ctx, req: &Request, path: &str) ->
         (Method::Get, "/exitcode") => {
             exit_code(h, ctx, req).unwrap_or_else(|e| Reply::Now(fail(&e)))
         }
-        (Method::Get, "/container/info") => now(container_info(ctx.sup, req)),
         // client/api/exec.go: (*Client).ExecVM (hyperctl exec -m)
         (Method::Post, "/execvm") => Reply::Now(fail(&HyperdError::Other(
             "exec outside of any container (hyperctl exec -m) is not supported: ember's pod VMs run only the agent and the containers; exec in a container instead".into(),
         ))),
-        (Method::Get, "/pod/info") => now(pod_info(ctx.sup, req)),
         (_, p) if ROUTES.contains(&p) => Reply::Now(Response::json(
             405,
             &json!({"ID": "", "Code": 1, "Cause": format!("method {} is not allowed on {}", req.method, req.path)}),
@@ -291,86 +282,6 @@ fn logs(h: &Hyperd, ctx: &mut Ctx, req: &Request) -> Result<Reply, HyperdError> 
         })
         .map_err(|e| HyperdError::Other(format!("cannot start a log thread: {e}")))?;
     Ok(Reply::Now(Response::stream(200, content_type)))
-}
-
-fn container_json(
-    sup: &Supervisor,
-    pod: &crate::model::Pod,
-    c: &crate::model::PodContainer,
-) -> (Value, Value) {
-    let spec: PodSpec = serde_json::from_str(&pod.spec).unwrap_or_default();
-    let cs = spec.containers.iter().find(|s| s.name == c.name);
-    let tty = spec.tty || cs.is_some_and(|s| s.tty);
-    let _ = sup;
-    let container = json!({
-        "name": c.name,
-        "containerID": c.id,
-        "image": c.image,
-        "tty": tty,
-        "commands": cs.map(|s| s.command.clone()).unwrap_or_default(),
-        "workingDir": cs.map(|s| s.workdir.clone()).unwrap_or_default(),
-    });
-    let mut status = json!({
-        "name": c.name,
-        "containerID": c.id,
-        "phase": c.state,
-    });
-    if let Some(code) = c.exit_code {
-        status["terminated"] = json!({"exitCode": code});
-    } else if c.state == "running" {
-        status["running"] = json!({});
-    }
-    (container, status)
-}
-
-// client/api/info.go: (*Client).GetContainerInfo
-fn container_info(sup: &Supervisor, req: &Request) -> Result<Response, HyperdError> {
-    let name = required(req, "container")?;
-    let c = find_container(sup, name)?;
-    let pod = &sup.state().pods[&c.pod];
-    let pc = pod
-        .containers
-        .iter()
-        .find(|x| x.id == c.id)
-        .ok_or_else(|| HyperdError::NoSuch(format!("container {name}")))?;
-    let (container, status) = container_json(sup, pod, pc);
-    Ok(Response::json(
-        200,
-        &json!({"container": container, "podID": pod.id, "status": status}),
-    ))
-}
-
-// client/api/info.go: (*Client).GetPodInfo
-fn pod_info(sup: &Supervisor, req: &Request) -> Result<Response, HyperdError> {
-    let name = required(req, "podName")?;
-    let s = sup.state();
-    let pod = s
-        .pods
-        .get(name)
-        .or_else(|| s.pods.values().find(|p| p.name == name))
-        .ok_or_else(|| HyperdError::NoSuch(format!("pod {name}")))?;
-    let (containers, statuses): (Vec<Value>, Vec<Value>) = pod
-        .containers
-        .iter()
-        .map(|c| container_json(sup, pod, c))
-        .unzip();
-    let vm = pod
-        .vm
-        .as_ref()
-        .and_then(|v| crate::model::pods::vm_id(sup, v))
-        .unwrap_or_default();
-    Ok(Response::json(
-        200,
-        &json!({
-            "podID": pod.id,
-            "podName": pod.name,
-            "kind": "Pod",
-            "apiVersion": "v1",
-            "vm": vm,
-            "spec": {"containers": containers},
-            "status": {"phase": pod.state.as_str(), "containerStatus": statuses},
-        }),
-    ))
 }
 
 #[cfg(test)]

@@ -32,8 +32,8 @@ mod network;
 mod ops;
 mod plan;
 mod service;
-mod storage;
 pub mod stdio;
+mod storage;
 mod vm;
 
 pub use network::PodInterface;
