@@ -171,7 +171,7 @@ fn hyperctl_run_exec_attach_and_logs() {
                        {"name": "term", "image": "app:1", "command": ["stub-echo", "2"], "tty": true}]});
     // client/api/create.go: (*Client).CreatePod
     let r = call(&d, "POST", "/pod/create", Some(&spec));
-    assert_eq!(r.status, 200, "{:?}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.status, 201, "{:?}", String::from_utf8_lossy(&r.body));
     let pod = r.json()["ID"].as_str().unwrap().to_string();
     // client/api/info.go: (*Client).GetPodInfo
     let r = call(&d, "GET", &format!("/pod/info?podName={pod}"), None);
@@ -438,7 +438,7 @@ fn hyperctl_run_exec_attach_and_logs() {
     );
     // The pod has ended: every container exited, one with a failure.
     let r = call(&d, "GET", &format!("/pod/info?podName={pod}"), None);
-    assert_eq!(r.json()["status"]["phase"], "failed");
+    assert_eq!(r.json()["status"]["phase"], "Failed");
 
     // Bad input: clear errors, hyperd's statuses, the JSON envelope.
     let r = call(
