@@ -28,9 +28,17 @@ if ! cargo build --release -p vmm -p jailer -p api_server -p ember-agent -p embe
     echo "emberd.sh: building failed; benchmarking the binaries already in $target_dir/release (they may be stale)" >&2
 fi
 
+# emberd's jails run the static ember-vmm (nothing of the host's enters
+# them); the dynamic build only if the static one cannot be built.
+vmm="$target_dir/x86_64-unknown-linux-gnu/release/ember-vmm"
+if ! cargo static-vmm --release; then
+    vmm="$target_dir/release/ember-vmm"
+    echo "emberd.sh: cargo static-vmm failed; benchmarking the dynamically linked $vmm" >&2
+fi
+
 exec "$target_dir/release/emberd-bench" \
     --emberd "$target_dir/release/emberd" \
-    --vmm "$target_dir/release/ember-vmm" \
+    --vmm "$vmm" \
     --jailer "$target_dir/release/ember-jailer" \
     --pod-agent "$target_dir/release/ember-agent" \
     "$@"
