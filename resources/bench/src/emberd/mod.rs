@@ -956,6 +956,10 @@ fn start_emberd(g: &mut Guard, cfg: &EmberdBenchConfig) -> Result<()> {
         .arg(g.state_dir())
         .arg("--chroot-base-dir")
         .arg(g.jail_base())
+        // The pod phase imports an OCI layout it writes under the root;
+        // emberd reads host paths only from its import directory.
+        .arg("--import-dir")
+        .arg(g.root())
         .arg("--vmm")
         .arg(&cfg.vmm)
         .arg("--jailer")
@@ -1108,10 +1112,15 @@ fn jailer_once(
     let root = jail.join("root");
     let result = (|| {
         std::fs::create_dir_all(&root).map_err(io_err(format!("create {}", root.display())))?;
+        // emberd's installed kernels are root's (0600): like emberd, give
+        // the jail a read-only copy the VMM's user can read (a hard link
+        // would share, and so change, the original's owner and mode).
         let k = root.join("kernel");
-        if std::fs::hard_link(&s.kernel, &k).is_err() {
-            std::fs::copy(&s.kernel, &k).map_err(io_err("place the kernel"))?;
-        }
+        std::fs::copy(&s.kernel, &k).map_err(io_err("place the kernel"))?;
+        std::os::unix::fs::chown(&k, Some(cfg.uid), Some(cfg.gid))
+            .map_err(io_err("give the kernel to the VMM's user"))?;
+        std::fs::set_permissions(&k, std::os::unix::fs::PermissionsExt::from_mode(0o400))
+            .map_err(io_err("make the kernel read-only"))?;
         for lib in &s.libs {
             let dst = root.join(lib.strip_prefix("/").unwrap_or(lib));
             if let Some(d) = dst.parent() {
