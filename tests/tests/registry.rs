@@ -133,6 +133,11 @@ impl Drop for RegistryServer {
 /// `skopeo copy` (TLS off for the loopback registry); `all`: every image
 /// of an index.
 fn skopeo_copy(src: &str, dst: &str, creds: Option<&str>, all: bool) {
+    skopeo_copy_as(src, dst, creds, all, None)
+}
+
+/// [`skopeo_copy`] converting to `format` (`v2s2`: Docker schema 2).
+fn skopeo_copy_as(src: &str, dst: &str, creds: Option<&str>, all: bool, format: Option<&str>) {
     let mut c = Command::new("skopeo");
     c.args([
         "--insecure-policy",
@@ -145,6 +150,9 @@ fn skopeo_copy(src: &str, dst: &str, creds: Option<&str>, all: bool) {
     }
     if let Some(cr) = creds {
         c.arg(format!("--dest-creds={cr}"));
+    }
+    if let Some(f) = format {
+        c.arg(format!("--format={f}"));
     }
     let out = c.arg(src).arg(dst).output().expect("run skopeo");
     assert!(
@@ -456,11 +464,13 @@ fn htpasswd_registry_with_hyperd_auth_credentials() {
         &json!({"ref": "x", "layers": [{"files": {"f": "private\n"}}]}),
     );
     let target = format!("{host}/private/img:1");
-    skopeo_copy(
+    // As Docker schema 2 (skopeo converts), the other tests push OCI.
+    skopeo_copy_as(
         &format!("oci:{}:x", layout.display()),
         &format!("docker://{target}"),
         Some("ember:s3cret-pass"),
         false,
+        Some("v2s2"),
     );
     // Anonymous: refused, 401, nothing kept.
     let (c, ls) = pull(&d, &target);

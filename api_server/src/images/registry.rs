@@ -413,14 +413,21 @@ impl Registry {
         RegistryAuth::Anonymous
     }
 
-    fn client(&self, r: &Reference) -> Client {
-        let reg = r.resolve_registry().to_string();
-        let plain = is_loopback(&reg)
+    /// Whether `r`'s registry is spoken to over plain HTTP: loopback, or
+    /// named (host or host:port) with `--insecure-registry`.
+    fn plain_http(&self, r: &Reference) -> bool {
+        let reg = r.resolve_registry();
+        is_loopback(reg)
             || self
                 .cfg
                 .insecure
                 .iter()
-                .any(|h| h == &reg || h == r.registry() || reg.split(':').next() == Some(h));
+                .any(|h| h == reg || h == r.registry() || reg.split(':').next() == Some(h))
+    }
+
+    fn client(&self, r: &Reference) -> Client {
+        let reg = r.resolve_registry().to_string();
+        let plain = self.plain_http(r);
         let cfg = ClientConfig {
             protocol: if plain {
                 ClientProtocol::HttpsExcept(vec![reg])
@@ -1150,6 +1157,57 @@ mod tests {
         ] {
             assert!(check_layer_type(bad, d).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn plain_http_only_for_loopback_and_insecure_registries() {
+        let reg = Registry::new(RegistryConfig {
+            cache_dir: PathBuf::from("/nonexistent"),
+            auth_file: None,
+            insecure: vec!["registry.internal:5000".into(), "lab.example".into()],
+            limits: ExtractLimits::default(),
+        });
+        let plain = |s: &str| reg.plain_http(&parse_reference(s).unwrap());
+        assert!(plain("127.0.0.1:5000/a:1"));
+        assert!(plain("localhost:5000/a:1"));
+        assert!(plain("registry.internal:5000/team/app:1"));
+        assert!(plain("lab.example:8443/x:1"));
+        assert!(!plain("registry.internal:5001/team/app:1"));
+        assert!(!plain("busybox"));
+        assert!(!plain("ghcr.io/liquidmetal-dev/flintlock-kernel:5.10.77"));
+    }
+
+    #[test]
+    fn transport_errors_name_what_failed() {
+        let r = parse_reference("registry.internal:5000/a:1").unwrap();
+        let dns = io::Error::other(
+            "error sending request: dns error: failed to lookup address information",
+        );
+        assert!(matches!(
+            Registry::map_reqwest(&r, "manifest", &dns),
+            RegistryError::UnknownHost(h) if h == "registry.internal:5000"
+        ));
+        let refused = io::Error::new(io::ErrorKind::ConnectionRefused, "Connection refused");
+        let e = Registry::map_reqwest(&r, "manifest", &refused);
+        assert!(matches!(e, RegistryError::Unavailable { .. }), "{e}");
+        assert_eq!(e.kind(), RegistryErrorKind::BadGateway);
+        let e = Registry::map_err(
+            &r,
+            "manifest",
+            OciDistributionError::ServerError {
+                code: 404,
+                url: "u".into(),
+                message: "x".into(),
+            },
+        );
+        assert_eq!(e.kind(), RegistryErrorKind::NotFound, "{e}");
+        let e = Registry::map_err(
+            &r,
+            "manifest",
+            OciDistributionError::AuthenticationFailure("denied\nsecret-ish".into()),
+        );
+        assert_eq!(e.kind(), RegistryErrorKind::Unauthorized);
+        assert!(!e.to_string().contains('\n'), "one line: {e}");
     }
 
     #[test]
