@@ -447,6 +447,31 @@ fn push_then_anonymous_pull_round_trip_and_pull_by_digest() {
     ]);
     assert_eq!(c, 200, "{body}");
     assert!(body.contains("Successfully built"), "{body}");
+    // hyperctl push NAME:TAG (client.Push: remote = the repository, tag =
+    // the tag) pushes the stored image NAME:TAG.
+    let (c, body) = d.curl(&[
+        "-X",
+        "POST",
+        "--data-binary",
+        &format!("@{}", tar.display()),
+        &format!(
+            "http://localhost/image/build?t={}",
+            urlencode(&format!("{host}/team/built:2"))
+        ),
+    ]);
+    assert_eq!(c, 200, "{body}");
+    let r = http(
+        &d.sock,
+        "POST",
+        &format!(
+            "/image/push?remote={}&tag=2",
+            urlencode(&format!("{host}/team/built"))
+        ),
+        None,
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let built = skopeo_raw(&format!("{host}/team/built:2"), false);
+    assert_eq!(built["layers"].as_array().unwrap().len(), 1, "{built}");
     assert_no_leftovers(&d);
 }
 
@@ -472,6 +497,47 @@ fn htpasswd_registry_with_hyperd_auth_credentials() {
         false,
         Some("v2s2"),
     );
+    // hyperctl's pull carries the credentials itself (client.Pull:
+    // X-Registry-Auth, base64url of the AuthConfig JSON).
+    let header = |user: &str, pass: &str| {
+        let json = json!({"username": user, "password": pass, "serveraddress": host}).to_string();
+        let out = Command::new("base64")
+            .arg("-w0")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .and_then(|mut c| {
+                c.stdin.take().unwrap().write_all(json.as_bytes())?;
+                c.wait_with_output()
+            })
+            .unwrap();
+        let b64: String = String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .chars()
+            .map(|c| match c {
+                '+' => '-',
+                '/' => '_',
+                c => c,
+            })
+            .collect();
+        format!("X-Registry-Auth: {b64}")
+    };
+    let url = format!(
+        "http://localhost/image/create?imageName={}",
+        urlencode(&target)
+    );
+    let (c, body) = d.curl(&["-X", "POST", "-H", &header("ember", "not-it"), &url]);
+    assert_eq!(c, 401, "{body}");
+    let (c, body) = d.curl(&["-X", "POST", "-H", &header("ember", "s3cret-pass"), &url]);
+    assert_eq!(c, 200, "{body}");
+    let (c, v) = d.req(
+        "DELETE",
+        &format!("/image?imageId={}", urlencode(&target)),
+        None,
+    );
+    assert_eq!(c, 200, "{v}");
+    assert!(images(&d).is_empty());
+
     // Anonymous: refused, 401, nothing kept.
     let (c, ls) = pull(&d, &target);
     assert_eq!(c, 401, "{}", text(&ls));
@@ -493,7 +559,6 @@ fn htpasswd_registry_with_hyperd_auth_credentials() {
     assert_eq!(c, 401, "{}", text(&ls));
     assert!(!text(&ls).contains("wrong"), "a password in an error");
     assert!(images(&d).is_empty());
-    assert!(cache_blobs(&d).is_empty());
     // The right one.
     login("s3cret-pass");
     let (c, ls) = pull(&d, &target);

@@ -261,6 +261,56 @@ fn server_key(s: &str) -> String {
     }
 }
 
+/// Credentials given with one request (hyperd's `X-Registry-Auth`); they
+/// win over the stored ones. Never logged or echoed.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Credentials {
+    /// User name.
+    pub username: String,
+    /// Password (or token used as one).
+    pub password: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Credentials({}, <password>)", self.username)
+    }
+}
+
+impl Credentials {
+    /// Decodes Docker's `X-Registry-Auth` header: base64url (padded or
+    /// not) of an AuthConfig JSON, `{username, password}` or `{auth:
+    /// base64("user:pass")}`. Anything unreadable or without a user is
+    /// `None` (anonymous), as hyperd and Docker treated it for pulls.
+    pub fn from_header(h: &str) -> Option<Credentials> {
+        use base64::Engine;
+        let h = h.trim();
+        if h.is_empty() || h.len() > 16 * 1024 {
+            return None;
+        }
+        let raw = base64::engine::general_purpose::URL_SAFE
+            .decode(h)
+            .or_else(|_| {
+                base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(h.trim_end_matches('='))
+            })
+            .or_else(|_| base64::engine::general_purpose::STANDARD.decode(h))
+            .ok()?;
+        let v: Value = serde_json::from_slice(&raw).ok()?;
+        let s = |k: &str| v.get(k).and_then(Value::as_str).unwrap_or("").to_string();
+        let (mut username, mut password) = (s("username"), s("password"));
+        if username.is_empty() {
+            let auth = base64::engine::general_purpose::STANDARD
+                .decode(s("auth"))
+                .ok()
+                .and_then(|b| String::from_utf8(b).ok())?;
+            let (u, p) = auth.split_once(':')?;
+            username = u.to_string();
+            password = p.to_string();
+        }
+        (!username.is_empty()).then_some(Credentials { username, password })
+    }
+}
+
 /// Settings of a [`Registry`].
 #[derive(Debug, Clone)]
 pub struct RegistryConfig {
@@ -386,7 +436,10 @@ impl Registry {
             .join(hex_of(digest)?))
     }
 
-    fn credentials(&self, r: &Reference) -> RegistryAuth {
+    fn credentials(&self, r: &Reference, given: Option<&Credentials>) -> RegistryAuth {
+        if let Some(c) = given {
+            return RegistryAuth::Basic(c.username.clone(), c.password.clone());
+        }
         let Some(path) = &self.cfg.auth_file else {
             return RegistryAuth::Anonymous;
         };
@@ -547,6 +600,7 @@ impl Registry {
         &self,
         reference: &str,
         scratch_parent: &Path,
+        creds: Option<&Credentials>,
         progress: Progress<'_>,
     ) -> Result<Pulled> {
         let r = parse_reference(reference)?;
@@ -559,7 +613,7 @@ impl Registry {
         }
         mkdir_private(scratch_parent)?;
         let started = Instant::now();
-        let auth = self.credentials(&r);
+        let auth = self.credentials(&r, creds);
         let client = self.client(&r);
         let rt = Self::runtime()?;
         progress(json!({"status": format!("Pulling from {}", r.repository()),
@@ -936,6 +990,7 @@ impl Registry {
         layout: &Path,
         ref_name: &str,
         target: &str,
+        creds: Option<&Credentials>,
         progress: Progress<'_>,
     ) -> Result<String> {
         let r = parse_reference(target)?;
@@ -948,7 +1003,7 @@ impl Registry {
         let (manifest, media_type) = read_layout_manifest(layout, ref_name)?;
         let m: OciImageManifest = serde_json::from_slice(&manifest)
             .map_err(|e| RegistryError::BadImage(format!("stored manifest: {e}")))?;
-        let auth = self.credentials(&r);
+        let auth = self.credentials(&r, creds);
         let client = self.client(&r);
         let rt = Self::runtime()?;
         progress(
@@ -1240,6 +1295,23 @@ mod tests {
     }
 
     #[test]
+    fn registry_auth_header() {
+        use base64::Engine;
+        let enc = |v: &str| base64::engine::general_purpose::URL_SAFE.encode(v);
+        let c = Credentials::from_header(&enc(
+            r#"{"username":"u","password":"p?>","serveraddress":"127.0.0.1:5000"}"#,
+        ))
+        .unwrap();
+        assert_eq!((c.username.as_str(), c.password.as_str()), ("u", "p?>"));
+        let c = Credentials::from_header(&enc(r#"{"auth":"dTpwOnE="}"#)).unwrap();
+        assert_eq!((c.username.as_str(), c.password.as_str()), ("u", "p:q"));
+        // hyperctl without a login sends an empty AuthConfig.
+        assert!(Credentials::from_header(&enc(r#"{"username":"","password":""}"#)).is_none());
+        assert!(Credentials::from_header("!!not base64").is_none());
+        assert!(Credentials::from_header(&enc("not json")).is_none());
+    }
+
+    #[test]
     fn credentials_by_server() {
         let dir = crate::sandbox::mkdtemp(&std::env::temp_dir(), "reg-auth").unwrap();
         let auth = dir.join("auth.json");
@@ -1255,10 +1327,20 @@ mod tests {
             insecure: vec![],
             limits: ExtractLimits::default(),
         });
-        let c = |s: &str| format!("{:?}", reg.credentials(&parse_reference(s).unwrap()));
+        let c = |s: &str| format!("{:?}", reg.credentials(&parse_reference(s).unwrap(), None));
         assert!(c("127.0.0.1:5000/a:1").contains("Basic"));
         assert!(c("busybox").contains("Basic"));
         assert_eq!(c("127.0.0.1:5001/a:1"), "Anonymous");
+        let given = Credentials {
+            username: "x".into(),
+            password: "y".into(),
+        };
+        let r = parse_reference("127.0.0.1:5001/a:1").unwrap();
+        assert!(format!("{:?}", reg.credentials(&r, Some(&given))).contains("Basic"));
+        assert!(
+            !format!("{given:?}").contains('y'),
+            "Debug hides the password"
+        );
         let _ = fs::remove_dir_all(&dir);
     }
 }

@@ -650,7 +650,7 @@ fn build(
             err: "emberd has no registry access".into(),
         })?;
         let p = reg
-            .pull(src, &pulls, &mut |_| {})
+            .pull(src, &pulls, None, &mut |_| {})
             .map_err(|e| ReconcileError::Registry {
                 src: src.to_string(),
                 err: e.to_string(),

@@ -29,6 +29,7 @@ use serde_json::{json, Value};
 
 mod stdio;
 
+use crate::images::registry::Credentials;
 use crate::model::jobs::Jobs;
 use crate::model::pods::{self, ImageSource, PodError, Pods};
 use crate::model::supervisor::Supervisor;
@@ -170,6 +171,13 @@ pub struct Hyperd {
     pods: Arc<Pods>,
 }
 
+/// The credentials hyperctl sends with a pull or push (`X-Registry-Auth`,
+/// base64url JSON); none when absent, empty or unreadable, as hyperd did.
+fn registry_auth(req: &Request) -> Option<Credentials> {
+    req.header("X-Registry-Auth")
+        .and_then(Credentials::from_header)
+}
+
 /// A required query parameter.
 fn required<'a>(req: &'a Request, name: &str) -> Result<&'a str, HyperdError> {
     req.query_param(name)
@@ -208,10 +216,10 @@ impl Hyperd {
                 Some(t) if !name.contains('@') => format!("{name}:{t}"),
                 _ => name.clone(),
             };
-            (ImageSource::Registry(reference), None)
+            (ImageSource::Registry(reference, registry_auth(req)), None)
         };
         let source_kind = match &source {
-            ImageSource::Registry(_) => SourceKind::Registry,
+            ImageSource::Registry(..) => SourceKind::Registry,
             _ => SourceKind::Local,
         };
         let job = match self.pods.prepare_import(ctx.sup, source, tag) {
@@ -288,9 +296,9 @@ impl Hyperd {
 
     fn image_push(&self, ctx: &mut Ctx, req: &Request) -> Result<Reply, HyperdError> {
         let remote = required(req, "remote")?;
-        let job = self
-            .pods
-            .prepare_push(ctx.sup, req.query_param("tag"), remote)?;
+        let job =
+            self.pods
+                .prepare_push(ctx.sup, req.query_param("tag"), remote, registry_auth(req))?;
         Ok(ctx.spawn("image-push", move || {
             let mut progress =
                 vec![json!({"status": format!("Pushing {} to {}", job.name(), job.dest())})];

@@ -328,7 +328,9 @@ impl Builder<'_> {
                 if self.store.registry.is_some() && registry::is_reference(image) =>
             {
                 let lines = &mut self.pull_progress;
-                let rec = self.store.pull(image, &mut |v| lines.push(v.to_string()))?;
+                let rec = self
+                    .store
+                    .pull(image, None, &mut |v| lines.push(v.to_string()))?;
                 self.store.open_image(&rec.id)?
             }
             Err(ImageStoreError::NotFound(_)) => {

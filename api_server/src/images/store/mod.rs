@@ -89,7 +89,7 @@ use crate::fsutil::write_atomic;
 use crate::images::archive::ExtractLimits;
 use crate::images::ext4::{self, Ext4Error};
 use crate::images::oci::{self, ImageConfig, OciError, OciImage, OpenConfig};
-use crate::images::registry::{Progress, Registry, RegistryError, RegistryErrorKind};
+use crate::images::registry::{Credentials, Progress, Registry, RegistryError, RegistryErrorKind};
 
 /// `ref.name` of the one image in each stored layout.
 const LAYOUT_REF: &str = "image";
@@ -265,11 +265,16 @@ impl ImageStore {
     /// gets no name but keeps the digest in `repo@digest` form as the
     /// record's repo). `progress` gets Docker-style JSON lines. A failed
     /// pull leaves no image and no partial blob.
-    pub fn pull(&self, reference: &str, progress: Progress<'_>) -> Result<ImageRecord> {
+    pub fn pull(
+        &self,
+        reference: &str,
+        creds: Option<&Credentials>,
+        progress: Progress<'_>,
+    ) -> Result<ImageRecord> {
         let reg = self.registry()?;
         let tmp = self.temp_dir("pull")?;
         let pulled = reg
-            .pull(reference, tmp.path(), progress)
+            .pull(reference, tmp.path(), creds, progress)
             .map_err(from_registry)?;
         let (repo, tag) = match pulled.name.split_once('@') {
             Some((repo, _)) => (repo.to_string(), NONE.to_string()),
@@ -310,11 +315,12 @@ impl ImageStore {
         &self,
         name_or_id: &str,
         target: &str,
+        creds: Option<&Credentials>,
         progress: Progress<'_>,
     ) -> Result<String> {
         let reg = self.registry()?;
         let rec = self.get(name_or_id)?;
-        reg.push_layout(&self.image_dir(&rec), LAYOUT_REF, target, progress)
+        reg.push_layout(&self.image_dir(&rec), LAYOUT_REF, target, creds, progress)
             .map_err(from_registry)
     }
 

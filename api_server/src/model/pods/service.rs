@@ -9,7 +9,7 @@ use serde_json::Value;
 
 use super::plan::{parse_pod, plan, PodPlan};
 use super::{find_vm, BusyGuard, PodError, Pods, Result, POD_ANN, VM_ANN};
-use crate::images::registry;
+use crate::images::registry::{self, Credentials};
 use crate::images::store::{hyperd_list_entry, ImageConfigChanges};
 use crate::model::jobs::Jobs;
 use crate::model::supervisor::Supervisor;
@@ -98,8 +98,9 @@ pub enum ImageSource {
     /// A tarball uploaded with the request (its bytes, shared rather than
     /// copied: a large upload is a map of the HTTP layer's spool file).
     Upload(Upload),
-    /// An image reference, pulled from its registry.
-    Registry(String),
+    /// An image reference, pulled from its registry (with the request's
+    /// own credentials, if it carried any).
+    Registry(String, Option<Credentials>),
 }
 
 /// Uploaded bytes as a worker can hold them.
@@ -109,7 +110,7 @@ pub type Upload = Arc<dyn AsRef<[u8]> + Send + Sync>;
 enum Source {
     Path(PathBuf),
     Upload(Upload),
-    Registry(String),
+    Registry(String, Option<Credentials>),
 }
 
 /// An image import, ready for a worker; [`ImportJob::run`] does it.
@@ -124,8 +125,9 @@ pub struct ImportJob {
 enum PushDest {
     /// An OCI layout under the export directory.
     Layout(PathBuf),
-    /// A registry reference (`host[:port]/repo[:tag]`).
-    Registry(String),
+    /// A registry reference (`host[:port]/repo[:tag]`), with the
+    /// request's credentials.
+    Registry(String, Option<Credentials>),
 }
 
 /// An image push, its destination checked; [`PushJob::run`] does it.
@@ -145,7 +147,7 @@ impl PushJob {
     pub fn dest(&self) -> String {
         match &self.dest {
             PushDest::Layout(p) => p.display().to_string(),
-            PushDest::Registry(r) => r.clone(),
+            PushDest::Registry(r, _) => r.clone(),
         }
     }
 
@@ -155,7 +157,11 @@ impl PushJob {
     pub fn run(&self, progress: &mut dyn FnMut(Value)) -> Result<String> {
         Ok(match &self.dest {
             PushDest::Layout(p) => self.pods.images.push(&self.name, p, None)?,
-            PushDest::Registry(r) => self.pods.images.push_to_registry(&self.name, r, progress)?,
+            PushDest::Registry(r, creds) => {
+                self.pods
+                    .images
+                    .push_to_registry(&self.name, r, creds.as_ref(), progress)?
+            }
         })
     }
 }
@@ -172,8 +178,8 @@ impl ImportJob {
     pub fn run(self, progress: &mut dyn FnMut(Value)) -> Result<Imported> {
         let res = (|| {
             let src = match self.source {
-                Source::Registry(r) => {
-                    let rec = self.pods.images.pull(&r, progress)?;
+                Source::Registry(r, creds) => {
+                    let rec = self.pods.images.pull(&r, creds.as_ref(), progress)?;
                     return Ok(Imported {
                         short_id: rec.short_id().to_string(),
                         name: rec.name(),
@@ -395,7 +401,7 @@ impl Pods {
                     .map_err(|e| PodError::Invalid(e.to_string()))?,
             ),
             ImageSource::Upload(b) => Source::Upload(b),
-            ImageSource::Registry(r) => Source::Registry(r),
+            ImageSource::Registry(r, c) => Source::Registry(r, c),
         };
         Ok(ImportJob {
             pods: Arc::clone(self),
@@ -405,28 +411,56 @@ impl Pods {
         })
     }
 
-    /// Loop side of a push of image `name` to `remote`: an OCI layout
-    /// path, which must lie under the export directory, or a registry
-    /// reference (`host[:port]/repo[:tag]`, tag `latest` by default).
+    /// Loop side of a push. `remote` is an OCI layout path (under the
+    /// export directory) that image `tag` is written to, or a registry
+    /// repository. For a registry, as hyperctl sends it (`remote` the
+    /// repository, `tag` a plain tag or empty for `latest`), the stored
+    /// image `remote:tag` goes to `remote:tag`; otherwise `tag` names the
+    /// stored image and `remote` the full target reference.
     pub fn prepare_push(
         self: &Arc<Self>,
         sup: &Supervisor,
-        name: Option<&str>,
+        tag: Option<&str>,
         remote: &str,
+        creds: Option<Credentials>,
     ) -> Result<PushJob> {
-        let dest = if registry::is_reference(remote) {
+        let tag = tag.filter(|t| !t.is_empty());
+        if registry::is_reference(remote) {
             registry::parse_reference(remote).map_err(|e| PodError::Invalid(e.to_string()))?;
-            PushDest::Registry(remote.to_string())
-        } else {
-            PushDest::Layout(
-                sup.host_paths()
-                    .export("remote", remote)
-                    .map_err(|e| PodError::Invalid(e.to_string()))?,
-            )
-        };
-        let name = name
-            .filter(|n| !n.is_empty())
-            .ok_or_else(|| PodError::Invalid("tag (the image to push) is required".into()))?;
+            let plain_tag = tag.unwrap_or("latest");
+            let is_tag = plain_tag.len() <= 128
+                && !plain_tag.starts_with(['.', '-'])
+                && plain_tag
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
+            let bare =
+                !remote.contains('@') && !remote.rsplit('/').next().unwrap_or("").contains(':');
+            let hyperctl = format!("{remote}:{plain_tag}");
+            if bare && is_tag && self.images.get(&hyperctl).is_ok() {
+                return Ok(PushJob {
+                    pods: Arc::clone(self),
+                    name: hyperctl.clone(),
+                    dest: PushDest::Registry(hyperctl, creds),
+                });
+            }
+            let name = tag.ok_or_else(|| {
+                PodError::Invalid(format!(
+                    "no image {hyperctl} to push, and no tag naming the image to push to {remote}"
+                ))
+            })?;
+            return Ok(PushJob {
+                pods: Arc::clone(self),
+                name: name.to_string(),
+                dest: PushDest::Registry(remote.to_string(), creds),
+            });
+        }
+        let dest = PushDest::Layout(
+            sup.host_paths()
+                .export("remote", remote)
+                .map_err(|e| PodError::Invalid(e.to_string()))?,
+        );
+        let name =
+            tag.ok_or_else(|| PodError::Invalid("tag (the image to push) is required".into()))?;
         Ok(PushJob {
             pods: Arc::clone(self),
             name: name.to_string(),
