@@ -384,7 +384,7 @@ fn push_then_anonymous_pull_round_trip_and_pull_by_digest() {
     let ids = |d: &Emberd| {
         let mut v: Vec<String> = images(d)
             .iter()
-            .map(|i| i.rsplitn(4, ':').nth(2).unwrap().to_string())
+            .map(|i| i.rsplit(':').nth(2).unwrap().to_string())
             .collect();
         v.sort();
         v.dedup();
