@@ -33,9 +33,10 @@
 //! file in `<cache>/tmp` that is renamed into place only once its length
 //! and sha256 matched the descriptor; a blob that is there already is not
 //! fetched again (shared by all images). Sizes are bounded: manifests and
-//! configs 16 MiB, a layer blob the archive limit's byte budget
-//! ([`ExtractLimits::max_bytes`]), checked against the descriptor before
-//! anything is fetched and while it streams. A manifest fetched by digest
+//! configs 16 MiB, at most [`MAX_LAYERS`] layers, a layer blob and all of
+//! them together the archive limit's byte budget
+//! ([`ExtractLimits::max_bytes`]), checked on the manifest before anything
+//! is fetched and while each blob streams. A manifest fetched by digest
 //! must hash to it. On any failure the temp file goes and no blob, layout
 //! or image is left. The result ([`Pulled`]) is a private OCI layout in a
 //! scratch directory (blobs hard-linked from the cache), which
@@ -626,6 +627,7 @@ impl Registry {
                 short(&e.to_string())
             ))
         })?;
+        check_sizes(&manifest, &self.cfg.limits)?;
         let mut blobs = vec![&manifest.config];
         blobs.extend(manifest.layers.iter());
         let (mut fetched, mut cached, mut bytes) = (0u32, 0u32, 0u64);
@@ -1066,6 +1068,48 @@ fn reqwest_header(media_type: &str) -> Result<http_types::HeaderValue> {
         .map_err(|_| RegistryError::BadImage(format!("media type {:?}", short(media_type))))
 }
 
+/// Most layers an image may have (Docker's overlay limit is 127).
+pub const MAX_LAYERS: usize = 256;
+
+/// Checks a manifest's declared sizes before anything is fetched: the
+/// config at most [`MAX_JSON`], at most [`MAX_LAYERS`] layers, each layer
+/// and all of them together at most the byte budget of `limits`.
+fn check_sizes(m: &OciImageManifest, limits: &ExtractLimits) -> Result<()> {
+    let size = |d: &OciDescriptor| u64::try_from(d.size).unwrap_or(u64::MAX);
+    if size(&m.config) > MAX_JSON {
+        return Err(RegistryError::TooLarge {
+            what: format!("config {}", m.config.digest),
+            size: size(&m.config),
+            limit: MAX_JSON,
+        });
+    }
+    if m.layers.len() > MAX_LAYERS {
+        return Err(RegistryError::BadImage(format!(
+            "{} layers (at most {MAX_LAYERS})",
+            m.layers.len()
+        )));
+    }
+    let mut total = 0u64;
+    for d in &m.layers {
+        total = total.saturating_add(size(d));
+        if size(d) > limits.max_bytes {
+            return Err(RegistryError::TooLarge {
+                what: format!("layer {}", d.digest),
+                size: size(d),
+                limit: limits.max_bytes,
+            });
+        }
+    }
+    if total > limits.max_bytes {
+        return Err(RegistryError::TooLarge {
+            what: "the image's layers".into(),
+            size: total,
+            limit: limits.max_bytes,
+        });
+    }
+    Ok(())
+}
+
 /// Layer media types this module pulls: tar, gzip and zstd of OCI and
 /// Docker; foreign layers and others are refused before any fetch.
 fn check_layer_type(m: &str, digest: &str) -> Result<()> {
@@ -1192,6 +1236,39 @@ mod tests {
             server_key("Registry.Internal:5000/v2/"),
             "registry.internal:5000"
         );
+    }
+
+    #[test]
+    fn declared_sizes_are_bounded_before_any_fetch() {
+        let desc = |size: i64| OciDescriptor {
+            media_type: "application/vnd.oci.image.layer.v1.tar+gzip".into(),
+            digest: format!("sha256:{}", "a".repeat(64)),
+            size,
+            ..Default::default()
+        };
+        let limits = ExtractLimits {
+            max_entries: 10,
+            max_bytes: 1000,
+        };
+        let m = |config: i64, layers: Vec<i64>| OciImageManifest {
+            config: desc(config),
+            layers: layers.into_iter().map(desc).collect(),
+            ..Default::default()
+        };
+        assert!(check_sizes(&m(10, vec![500, 500]), &limits).is_ok());
+        for (bad, what) in [
+            (m(10, vec![1001]), "layer"),
+            (m(10, vec![600, 600]), "the image's layers"),
+            (m(MAX_JSON as i64 + 1, vec![]), "config"),
+            (m(10, vec![-1]), "layer"),
+        ] {
+            let e = check_sizes(&bad, &limits).unwrap_err();
+            assert!(matches!(e, RegistryError::TooLarge { .. }), "{e}");
+            assert!(e.to_string().contains(what), "{e}");
+            assert_eq!(e.kind(), RegistryErrorKind::Invalid);
+        }
+        let many = m(10, vec![1; MAX_LAYERS + 1]);
+        assert!(check_sizes(&many, &limits).is_err());
     }
 
     #[test]
