@@ -479,6 +479,17 @@ fn hyperctl_run_exec_attach_and_logs() {
     assert_eq!(r.status, 400);
     let r = call(&d, "GET", "/exitcode?container=nothere&exec=", None);
     assert_eq!(r.status, 404);
+    // client/api/exec.go: (*Client).ExecVM (hyperctl exec -m) is refused
+    // before any hijack.
+    let (c, v) = hijack_refused(
+        &d,
+        &format!("/execvm?command={}&pod={pod}", enc(r#"["ls"]"#)),
+    );
+    assert_eq!(c, 500, "{v}");
+    assert!(
+        v["Cause"].as_str().unwrap().contains("not supported"),
+        "{v}"
+    );
     // The pod has ended (both containers exited): no more execs.
     let r = call(
         &d,
