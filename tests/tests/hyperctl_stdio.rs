@@ -364,6 +364,14 @@ fn hyperctl_run_exec_attach_and_logs() {
         vec![(2, format!("stub-echo {echo_id} stderr\n"))]
     );
 
+    // Stalled clients hold only their own connections: one sends half a
+    // request head and stops, one attaches to SIDE and reads nothing yet.
+    let mut stalled = UnixStream::connect(&d.sock).unwrap();
+    stalled
+        .write_all(b"GET /v1.1.0/info HTTP/1.1\r\nHost: /var/run/hyper.sock\r\n")
+        .unwrap();
+    let mut idle_attach = hijack(&d, &format!("/attach?container={side_id}"));
+
     // hyperctl logs -f SIDE while hyperctl attach SIDE types into it.
     let mut follow = UnixStream::connect(&d.sock).unwrap();
     follow.set_read_timeout(Some(PATIENCE)).unwrap();
@@ -395,6 +403,9 @@ fn hyperctl_run_exec_attach_and_logs() {
         None,
     );
     assert_eq!((r.status, r.json()), (200, json!(0)));
+    // The idle attach got the same output, then the end.
+    assert_eq!(frames(&mut idle_attach), vec![(1, "more\n".into())]);
+    drop(stalled);
     // The follower saw the history, then the new line, then the end.
     let r = read_response(&mut follow).unwrap();
     assert_eq!(r.status, 200);
