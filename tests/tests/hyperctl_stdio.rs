@@ -167,7 +167,8 @@ fn hyperctl_run_exec_attach_and_logs() {
     // CreatePod, GetPodInfo, Attach to the first container by name, StartPod.
     let spec = json!({"id": "runner", "resource": {"vcpu": 1, "memory": 64},
         "containers": [{"name": "echo", "image": "app:1", "command": ["stub-echo", "7"]},
-                       {"name": "side", "image": "app:1", "command": ["stub-echo"]},
+                       {"name": "side", "image": "app:1", "command": ["stub-echo"],
+                        "envs": [{"env": "B", "value": "2"}], "workdir": "/w"},
                        {"name": "term", "image": "app:1", "command": ["stub-echo", "2"], "tty": true}]});
     // client/api/create.go: (*Client).CreatePod
     let r = call(&d, "POST", "/pod/create", Some(&spec));
@@ -300,6 +301,15 @@ fn hyperctl_run_exec_attach_and_logs() {
     let log = d.wait_logs(&vm, &format!("pod-agent resize {texec} 40x120"));
     assert!(
         log.contains(&format!("pod-agent exec {texec} in {side_id}: stub-echo")),
+        "{log}"
+    );
+    // Execs run with the container's environment and working directory.
+    assert!(
+        log.contains(r#""cmd":["stub-echo","5"],"env":[["B","2"],["PATH","/usr/local/sbin:"#),
+        "{log}"
+    );
+    assert!(
+        log.contains(r#"/sbin:/bin"]],"workdir":"/w","stdio":true,"tty":true}"#),
         "{log}"
     );
 

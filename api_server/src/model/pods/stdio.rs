@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use ember_agent::protocol::{Exec, Request, Resize, Stdin, STDIN_CHUNK};
 
-use super::{PodError, PodSpec, Pods, Result};
+use super::{disk_device, resolve, ContainerPlan, PodError, PodSpec, Pods, Result};
 use crate::model::jobs::Jobs;
 use crate::model::supervisor::Supervisor;
 use crate::runtime::agent::Session;
@@ -109,8 +109,14 @@ pub fn find_container(sup: &Supervisor, name_or_id: &str) -> Result<ContainerRef
 
 /// What a bridge serves.
 enum Target {
-    /// Run this exec, then stream it.
-    Exec { req: Exec, session: Session },
+    /// Run this exec, then stream it (with the environment, working
+    /// directory and user of the container, resolved from its plan and
+    /// image on the bridge's thread, as hyperd gave them).
+    Exec {
+        req: Exec,
+        session: Session,
+        plan: Option<(ContainerPlan, usize)>,
+    },
     /// Stream a container's main process.
     Attach { pod: String },
 }
@@ -266,6 +272,17 @@ impl Pods {
                 .ok_or_else(|| {
                     PodError::Conflict(format!("container {} is not running ({})", c.id, c.state))
                 })?;
+        let plan = sup
+            .pod(&c.pod)
+            .ok()
+            .and_then(|p| super::plan::plan(p).ok())
+            .and_then(|p| {
+                p.containers
+                    .into_iter()
+                    .enumerate()
+                    .find(|(_, x)| x.id == c.id)
+                    .map(|(i, x)| (x, i))
+            });
         self.take_bridge_slot()?;
         e.started = true;
         let req = Exec {
@@ -283,7 +300,7 @@ impl Pods {
             jobs: jobs.clone(),
             proc_id: exec_id.to_string(),
             tty: e.tty,
-            target: Target::Exec { req, session },
+            target: Target::Exec { req, session, plan },
             sub: self.stdio.subscribe(exec_id),
         })
     }
@@ -466,8 +483,23 @@ impl Bridge {
         };
         // Start the exec (a failure is told on the stream, as stderr).
         let session = match &self.target {
-            Target::Exec { req, session } => {
-                match session.request(Request::Exec(req.clone()), Duration::from_secs(30)) {
+            Target::Exec { req, session, plan } => {
+                let mut req = req.clone();
+                if let Some((cp, i)) = plan {
+                    let start = self
+                        .pods
+                        .images
+                        .open_image(&cp.image)
+                        .ok()
+                        .zip(disk_device(*i).ok())
+                        .and_then(|(img, dev)| resolve(cp, &img.config, &dev).ok());
+                    if let Some(start) = start {
+                        req.env = start.env;
+                        req.workdir = start.workdir;
+                        req.user = start.user;
+                    }
+                }
+                match session.request(Request::Exec(req), Duration::from_secs(30)) {
                     Ok(_) => Some(session.clone()),
                     Err(e) => {
                         // The exec never ran: its exit code says so.
