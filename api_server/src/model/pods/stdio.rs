@@ -118,7 +118,7 @@ enum Target {
         plan: Option<(ContainerPlan, usize)>,
     },
     /// Stream a container's main process.
-    Attach { pod: String },
+    Attach,
 }
 
 /// A hijacked connection's work, prepared on the loop thread; run it with
@@ -320,7 +320,7 @@ impl Pods {
             jobs: jobs.clone(),
             proc_id: c.id.clone(),
             tty: c.tty,
-            target: Target::Attach { pod: c.pod },
+            target: Target::Attach,
             sub: self.stdio.subscribe(&c.id),
         })
     }
@@ -513,7 +513,7 @@ impl Bridge {
                     }
                 }
             }
-            Target::Attach { .. } => None,
+            Target::Attach => None,
         };
         let stdin = {
             let (pods, jobs, id, done) = (
@@ -522,19 +522,13 @@ impl Bridge {
                 self.proc_id.clone(),
                 done.clone(),
             );
-            let pod = match &self.target {
-                Target::Attach { pod } => Some(pod.clone()),
-                Target::Exec { .. } => None,
-            };
             let session = session.clone();
             std::thread::Builder::new()
                 .name("emberd-stdin".into())
                 .spawn(move || {
                     let session = match session {
                         Some(s) => Some(s),
-                        None => {
-                            wait_running(&pods, &jobs, pod.as_deref().unwrap_or(""), &id, &done)
-                        }
+                        None => wait_running(&pods, &jobs, &id, &done),
                     };
                     if let Some(s) = session {
                         feed_stdin(&s, &id, stream, early, &done);
@@ -579,7 +573,7 @@ impl Bridge {
         }
         match &self.target {
             Target::Exec { session, .. } => session.has_ended(),
-            Target::Attach { .. } => {
+            Target::Attach => {
                 let id = self.proc_id.clone();
                 self.jobs
                     .call(move |sup, _| match find_container(sup, &id) {
@@ -594,13 +588,7 @@ impl Bridge {
 
 /// Waits until container `id` runs and returns its pod VM's session;
 /// None if the bridge ended first or the container ended.
-fn wait_running(
-    pods: &Arc<Pods>,
-    jobs: &Jobs,
-    _pod: &str,
-    id: &str,
-    done: &AtomicBool,
-) -> Option<Session> {
+fn wait_running(pods: &Arc<Pods>, jobs: &Jobs, id: &str, done: &AtomicBool) -> Option<Session> {
     while !done.load(Ordering::SeqCst) {
         let cid = id.to_string();
         let c = jobs.call(move |sup, _| find_container(sup, &cid).ok())??;
