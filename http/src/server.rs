@@ -1265,4 +1265,57 @@ mod tests {
         assert_eq!(em.subscriber_mut(sid).unwrap().connection_count(), 0);
         drop(em.remove_subscriber(sid).unwrap());
     }
+
+    /// A pipelined request before the upgraded one is answered first, and
+    /// its answer reaches the client before the upgrade head even when the
+    /// new owner writes it.
+    #[test]
+    fn upgrade_after_a_pipelined_request_keeps_the_order() {
+        let path = temp_sock("upgrade-order");
+        let server = HttpServer::new(
+            &path,
+            |_: ConnectionId, req: Request| {
+                if req.path != "/attach" {
+                    return Reply::Now(Response::text(200, req.path));
+                }
+                Reply::Upgrade(Upgrade::new(
+                    &b"HTTP/1.1 101 UPGRADED\r\n\r\n"[..],
+                    |up: Upgraded| {
+                        std::thread::spawn(move || {
+                            let (mut s, _) = up.start().unwrap();
+                            s.write_all(b"raw").unwrap();
+                        });
+                    },
+                ))
+            },
+            ServerConfig::default(),
+        )
+        .unwrap();
+        let mut em = EventManager::<HttpServer<_>>::new().unwrap();
+        let sid = em.add_subscriber(server);
+        let mut c = UnixStream::connect(&path).unwrap();
+        c.write_all(
+            b"GET /first HTTP/1.1\r\n\r\nPOST /attach HTTP/1.1\r\nContent-Length: 0\r\n\r\n",
+        )
+        .unwrap();
+        c.set_nonblocking(true).unwrap();
+        let mut out = Vec::new();
+        for _ in 0..200 {
+            em.run_with_timeout(20).unwrap();
+            let mut buf = [0u8; 512];
+            match c.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+                Err(_) => {}
+            }
+        }
+        let s = String::from_utf8(out).unwrap();
+        assert!(s.starts_with("HTTP/1.1 200 OK\r\n"), "{s}");
+        assert!(
+            s.ends_with("\r\n\r\n/firstHTTP/1.1 101 UPGRADED\r\n\r\nraw"),
+            "{s}"
+        );
+        assert_eq!(em.subscriber_mut(sid).unwrap().connection_count(), 0);
+        drop(em.remove_subscriber(sid).unwrap());
+    }
 }
