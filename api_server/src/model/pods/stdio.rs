@@ -73,22 +73,13 @@ pub struct ContainerRef {
     pub tty: bool,
 }
 
-/// Finds a container by id, or by name (the first pod that has one of that
-/// name, as hyperd's `GetByContainerIdOrName`).
+/// The container with this id, or else this name (the pod lookup every
+/// hyperd container route uses, [`super::find_container`]), as the stdio
+/// routes see it.
 pub fn find_container(sup: &Supervisor, name_or_id: &str) -> Result<ContainerRef> {
-    let s = sup.state();
-    let found = s
-        .pods
-        .values()
-        .find_map(|p| Some((p, p.containers.iter().find(|c| c.id == name_or_id)?)))
-        .or_else(|| {
-            s.pods
-                .values()
-                .find_map(|p| Some((p, p.containers.iter().find(|c| c.name == name_or_id)?)))
-        });
-    let Some((p, c)) = found else {
-        return Err(PodError::NoSuch(format!("container {name_or_id}")));
-    };
+    let (p, i) = super::find_container(sup, name_or_id)
+        .ok_or_else(|| PodError::NoSuch(format!("container {name_or_id}")))?;
+    let c = &p.containers[i];
     let spec: PodSpec = serde_json::from_str(&p.spec).unwrap_or_default();
     let tty = spec.tty
         || spec
