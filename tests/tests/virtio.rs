@@ -91,13 +91,27 @@ fn devices_are_announced_on_the_cmdline() {
 
 #[test]
 fn block_read_write_flush_and_odd_sizes() {
+    block_guest_io(None);
+}
+
+/// The same guest I/O with Firecracker's `io_engine: "Async"` (io_uring).
+#[test]
+fn block_io_through_the_async_engine() {
+    block_guest_io(Some("Async"));
+}
+
+fn block_guest_io(io_engine: Option<&str>) {
     let dir = TempDir::new("blk");
     // Not a multiple of 512: the last sector is partial.
     let data = pattern(64 * 1024 + 300);
     let disk = dir.join("disk.img");
     std::fs::write(&disk, &data).unwrap();
     let mut cfg = base_cfg("ember.test=blk ember.blk_write=1");
-    cfg["drives"] = json!([drive("data0", &disk, false)]);
+    let mut d = drive("data0", &disk, false);
+    if let Some(e) = io_engine {
+        d["io_engine"] = json!(e);
+    }
+    cfg["drives"] = json!([d]);
     let out = run_ok(&mut spawn_vm(&dir, cfg, None));
     let sectors = data.len().div_ceil(512);
     assert!(

@@ -195,6 +195,7 @@ fn attach_virtio(
             path: PathBuf::from(&d.path_on_host),
             read_only: d.is_read_only,
             rate_limiter: d.rate_limiter,
+            io_engine: d.engine(),
         })
         .map_err(|err| BuildError::Block {
             id: d.drive_id.clone(),

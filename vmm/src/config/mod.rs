@@ -104,9 +104,6 @@ pub enum ConfigError {
     /// A vhost-user drive (`socket`) was configured.
     #[error("Drive {0}: vhost-user block devices (\"socket\") are not supported by ember; give path_on_host for a virtio-blk drive instead.")]
     VhostUser(String),
-    /// `io_engine: "Async"` was asked for.
-    #[error("Drive {0}: io_engine \"Async\" (io_uring) is not implemented by ember's virtio-blk yet; use \"Sync\" (the default).")]
-    AsyncIoEngine(String),
     /// An MTU outside 68..=65535.
     #[error("Invalid mtu {0}: it must be between 68 and 65535.")]
     Mtu(u16),
@@ -535,18 +532,23 @@ impl DriveConfig {
             }
         }
         if let Some(e) = &self.io_engine {
-            if e == "Async" {
-                return Err(ConfigError::AsyncIoEngine(self.drive_id.clone()));
-            }
-            if e != "Sync" {
+            if e != "Sync" && e != "Async" {
                 return Err(ConfigError::Unsupported {
                     what: "io_engine",
                     value: e.clone(),
-                    supported: "\"Sync\" (\"Async\" is not implemented yet)",
+                    supported: "\"Sync\" and \"Async\"",
                 });
             }
         }
         Ok(())
+    }
+
+    /// The engine the device runs (`Sync` unless `Async` was asked for).
+    pub fn engine(&self) -> devices::virtio::block::IoEngine {
+        match self.io_engine.as_deref() {
+            Some("Async") => devices::virtio::block::IoEngine::Async,
+            _ => devices::virtio::block::IoEngine::Sync,
+        }
     }
 }
 
@@ -728,9 +730,14 @@ mod tests {
         ));
         let mut engine = d("e", false);
         engine.io_engine = Some("Async".into());
+        assert_eq!(engine.engine(), devices::virtio::block::IoEngine::Async);
+        engine.io_engine = Some("Turbo".into());
         assert!(matches!(
             c.upsert_drive(engine),
-            Err(ConfigError::AsyncIoEngine(_))
+            Err(ConfigError::Unsupported {
+                what: "io_engine",
+                ..
+            })
         ));
         let mut vhost = d("v", false);
         vhost.socket = Some("/run/vhost.sock".into());

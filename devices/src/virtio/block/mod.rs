@@ -30,6 +30,12 @@
 //!   goes; it is on the inode, so hard links into different jails conflict
 //!   too. The lock is advisory: it keeps out other ember-vmm processes and
 //!   programs that take OFD or POSIX locks, not plain readers and writers.
+//! - Two I/O engines, as Firecracker's `io_engine`: `Sync` (the default)
+//!   does each request on the VMM thread; `Async` hands reads, writes and
+//!   flushes to the kernel through io_uring ([`io_uring`]) and completes
+//!   them when the ring says so, possibly out of order, as virtio allows.
+
+pub mod io_uring;
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, MetadataExt};
@@ -101,6 +107,7 @@ pub const PASS_REQUESTS: u32 = 64;
 use crate::virtio::{TOKEN_ACTIVATE, TOKEN_QUEUE_BASE};
 const TOKEN_QUEUE: u32 = TOKEN_QUEUE_BASE;
 const TOKEN_LIMITER: u32 = 2;
+const TOKEN_AIO: u32 = 3;
 
 /// Errors of the block device.
 #[derive(Debug, thiserror::Error)]
@@ -130,6 +137,11 @@ pub enum BlockError {
     /// An eventfd could not be created.
     #[error("eventfd: {0}")]
     EventFd(std::io::Error),
+    /// The `Async` engine needs io_uring, which this host does not give.
+    #[error(
+        "io_engine \"Async\" needs io_uring, which this host's kernel refused ({0}); use \"Sync\""
+    )]
+    AsyncUnavailable(std::io::Error),
     /// The rate limiter could not be set up.
     #[error("rate limiter: {0}")]
     RateLimiter(#[from] RateLimiterError),
@@ -146,6 +158,29 @@ pub struct BlockConfig {
     pub read_only: bool,
     /// Limits on bandwidth and operations.
     pub rate_limiter: Option<RateLimiterConfig>,
+    /// How requests reach the file.
+    pub io_engine: IoEngine,
+}
+
+/// Firecracker's `io_engine`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum IoEngine {
+    /// Each request on the VMM thread.
+    #[default]
+    Sync,
+    /// io_uring.
+    Async,
+}
+
+/// What an `Async` request carries until it completes: its head, its
+/// chain, and the data length the guest gets back.
+type AioTag = (u16, ParsedChain, u32);
+
+/// A request as the `Async` engine runs it.
+enum AioRequest {
+    Read { off: u64, len: u64 },
+    Write { off: u64, buf: Vec<u8> },
+    Flush,
 }
 
 #[derive(Debug)]
@@ -276,6 +311,48 @@ impl Disk {
         }
     }
 
+    /// The `Async` form of a request, or the answer when there is nothing
+    /// to hand to the kernel (GET_ID, unsupported types, bad ranges).
+    fn plan_async(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        c: &ParsedChain,
+        data_out: u64,
+    ) -> Result<AioRequest, (u8, u32)> {
+        let mut hdr = [0u8; 16];
+        if c.read_at(mem, 0, &mut hdr).is_err() {
+            return Err((VIRTIO_BLK_S_IOERR, 0));
+        }
+        let rtype = u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
+        let sector = u64::from_le_bytes([
+            hdr[8], hdr[9], hdr[10], hdr[11], hdr[12], hdr[13], hdr[14], hdr[15],
+        ]);
+        let data_in = c.writable_len() - 1;
+        match rtype {
+            VIRTIO_BLK_T_IN => match self.range(sector, data_in) {
+                Some(off) => Ok(AioRequest::Read { off, len: data_in }),
+                None => Err((VIRTIO_BLK_S_IOERR, 0)),
+            },
+            VIRTIO_BLK_T_OUT => {
+                if self.read_only {
+                    return Err((VIRTIO_BLK_S_IOERR, 0));
+                }
+                match self.range(sector, data_out) {
+                    Some(off) if off + data_out <= self.size => {
+                        let mut buf = vec![0u8; data_out as usize];
+                        match c.read_at(mem, 16, &mut buf) {
+                            Ok(()) => Ok(AioRequest::Write { off, buf }),
+                            Err(_) => Err((VIRTIO_BLK_S_IOERR, 0)),
+                        }
+                    }
+                    _ => Err((VIRTIO_BLK_S_IOERR, 0)),
+                }
+            }
+            VIRTIO_BLK_T_FLUSH => Ok(AioRequest::Flush),
+            _ => Err(self.execute(mem, c, data_out)),
+        }
+    }
+
     /// Byte offset of a `len`-byte transfer at `sector` if it is
     /// sector-sized and within capacity.
     fn range(&self, sector: u64, len: u64) -> Option<u64> {
@@ -344,6 +421,8 @@ pub struct Block {
     config: BlockConfig,
     disk: Disk,
     limiter: RateLimiter,
+    /// The `Async` engine's ring, if that is the engine.
+    aio: Option<io_uring::AsyncIo<AioTag>>,
 }
 
 fn id_bytes(drive_id: &str) -> [u8; ID_LEN] {
@@ -363,12 +442,19 @@ impl Block {
             features |= VIRTIO_BLK_F_RO;
         }
         let limiter = RateLimiter::new(&config.rate_limiter.unwrap_or_default())?;
+        let aio = match config.io_engine {
+            IoEngine::Sync => None,
+            IoEngine::Async => {
+                Some(io_uring::AsyncIo::new().map_err(BlockError::AsyncUnavailable)?)
+            }
+        };
         Ok(Self {
             base: DeviceBase::new("virtio-blk", features, &[QUEUE_SIZE])
                 .map_err(BlockError::EventFd)?,
             config,
             disk,
             limiter,
+            aio,
         })
     }
 
@@ -447,12 +533,24 @@ impl Block {
                 );
                 (VIRTIO_BLK_S_IOERR, 0)
             } else {
+                if self.aio.as_ref().is_some_and(|a| !a.has_room(bytes)) {
+                    // Resumed when completions free room.
+                    self.base.queues[0].go_to_previous_position();
+                    break;
+                }
                 if !self.limiter.consume(bytes) {
                     self.base.queues[0].go_to_previous_position();
                     break;
                 }
                 done += bytes;
-                self.disk.execute(&mem, &c, data_out)
+                if self.aio.is_some() {
+                    match self.submit_async(&mem, head, &c, data_out) {
+                        Ok(()) => continue,
+                        Err(answer) => answer,
+                    }
+                } else {
+                    self.disk.execute(&mem, &c, data_out)
+                }
             };
             let status_off = c.writable_len() - 1;
             let len = match c.write_at(&mem, status_off, &[status]) {
@@ -463,6 +561,78 @@ impl Block {
             used = true;
         }
         used && self.base.notify_used(0)
+    }
+
+    /// Hands a request to the `Async` engine; `Err` is an answer to give
+    /// at once.
+    fn submit_async(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        head: u16,
+        c: &ParsedChain,
+        data_out: u64,
+    ) -> Result<(), (u8, u32)> {
+        let fd = self.disk.file.as_raw_fd();
+        let size = self.disk.size;
+        let plan = self.disk.plan_async(mem, c, data_out)?;
+        let Some(aio) = self.aio.as_mut() else {
+            return Err((VIRTIO_BLK_S_IOERR, 0));
+        };
+        let submitted = match plan {
+            AioRequest::Read { off, len } => aio.submit(
+                fd,
+                io_uring::Op::Read { off, len, size },
+                vec![0u8; len as usize],
+                (head, c.clone(), len as u32),
+            ),
+            AioRequest::Write { off, buf } => aio.submit_write(fd, off, buf, (head, c.clone(), 0)),
+            AioRequest::Flush => {
+                aio.submit(fd, io_uring::Op::Flush, Vec::new(), (head, c.clone(), 0))
+            }
+        };
+        submitted.map_err(|e| {
+            log::warn!("virtio-blk: io_uring: {e}");
+            (VIRTIO_BLK_S_IOERR, 0)
+        })
+    }
+
+    /// Completes what the `Async` engine finished, then serves the queue
+    /// again (completions free room).
+    pub fn process_completions(&mut self) {
+        let (Some(mem), Some(aio)) = (self.base.mem.clone(), self.aio.as_mut()) else {
+            return;
+        };
+        let done = aio.reap();
+        let mut used = false;
+        for d in done {
+            let (head, c, data_len) = d.tag;
+            let mut len = 0;
+            let status = if d.ok {
+                match d.op {
+                    io_uring::Op::Read { .. } => match c.write_at(&mem, 0, &d.buf) {
+                        Ok(()) => {
+                            len = data_len;
+                            VIRTIO_BLK_S_OK
+                        }
+                        Err(_) => VIRTIO_BLK_S_IOERR,
+                    },
+                    _ => VIRTIO_BLK_S_OK,
+                }
+            } else {
+                VIRTIO_BLK_S_IOERR
+            };
+            let status_off = c.writable_len() - 1;
+            let used_len = match c.write_at(&mem, status_off, &[status]) {
+                Ok(()) => len + 1,
+                Err(_) => 0,
+            };
+            self.base.add_used(0, head, used_len);
+            used = true;
+        }
+        if used {
+            self.base.notify_used(0);
+        }
+        self.process_queue();
     }
 
     fn register(&mut self, ops: &mut EventOps) {
@@ -476,6 +646,11 @@ impl Block {
         )) {
             log::error!("virtio-blk: registering events: {e:?}");
         }
+        if let Some(aio) = &self.aio {
+            if let Err(e) = ops.add(Events::with_data(aio.eventfd(), TOKEN_AIO, EventSet::IN)) {
+                log::error!("virtio-blk: registering the io_uring eventfd: {e:?}");
+            }
+        }
     }
 }
 
@@ -488,6 +663,12 @@ impl VirtioDevice for Block {
     }
     fn device_type(&self) -> u32 {
         TYPE_BLOCK
+    }
+    fn on_reset(&mut self) {
+        // No buffer may be freed while the kernel can still write it.
+        if let Some(aio) = &mut self.aio {
+            aio.drain();
+        }
     }
     fn config_bytes(&self) -> Vec<u8> {
         // struct virtio_blk_config { le64 capacity; le32 size_max;
@@ -524,6 +705,7 @@ impl MutEventSubscriber for Block {
                 }
                 self.process_queue();
             }
+            TOKEN_AIO => self.process_completions(),
             t => log::warn!("virtio-blk: unexpected event {t}"),
         }
     }
@@ -547,6 +729,10 @@ mod tests {
     }
 
     fn env(content: &[u8], read_only: bool) -> Env {
+        env_with(content, read_only, IoEngine::Sync)
+    }
+
+    fn env_with(content: &[u8], read_only: bool, io_engine: IoEngine) -> Env {
         let file = TempFile::new().unwrap();
         file.as_file().write_all_at(content, 0).unwrap();
         let m = mem(0x40000);
@@ -556,6 +742,7 @@ mod tests {
             path: file.as_path().to_path_buf(),
             read_only,
             rate_limiter: None,
+            io_engine,
         })
         .unwrap();
         blk.activate(m.clone(), vec![q.queue()]).unwrap();
@@ -565,6 +752,23 @@ mod tests {
             q,
             blk,
         }
+    }
+
+    /// Serves the queue and, with the `Async` engine, waits for and
+    /// completes everything in flight (the wait is only a safety net).
+    fn serve(e: &mut Env) -> bool {
+        let notified = e.blk.process_queue();
+        while e.blk.aio.as_ref().is_some_and(|a| a.inflight() > 0) {
+            let mut pfd = libc::pollfd {
+                fd: e.blk.aio.as_ref().unwrap().eventfd().as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd.
+            assert_eq!(unsafe { libc::poll(&mut pfd, 1, 10_000) }, 1);
+            e.blk.process_completions();
+        }
+        notified || e.blk.interrupt().status() & INT_VRING != 0
     }
 
     fn hdr(m: &GuestMemoryMmap, at: u64, t: u32, sector: u64) {
@@ -592,6 +796,7 @@ mod tests {
             path: file.as_path().to_path_buf(),
             read_only: true,
             rate_limiter: None,
+            io_engine: IoEngine::Sync,
         })
         .unwrap();
         blk.activate(m.clone(), vec![q.queue()]).unwrap();
@@ -715,9 +920,22 @@ mod tests {
 
     #[test]
     fn read_write_flush_getid() {
+        read_write_flush_getid_with(IoEngine::Sync);
+    }
+
+    #[test]
+    fn read_write_flush_getid_async() {
+        if io_uring::AsyncIo::<()>::new().is_err() {
+            println!("SKIP: io_uring is not available here");
+            return;
+        }
+        read_write_flush_getid_with(IoEngine::Async);
+    }
+
+    fn read_write_flush_getid_with(engine: IoEngine) {
         let mut content = vec![0u8; 4096];
         content[512..1024].fill(0xab);
-        let mut e = env(&content, false);
+        let mut e = env_with(&content, false, engine);
         assert_eq!(e.blk.capacity(), 8);
         let mut cap = [0u8; 8];
         e.blk.read_config(0, &mut cap);
@@ -727,7 +945,7 @@ mod tests {
         // IN sector 1
         hdr(&e.m, H, VIRTIO_BLK_T_IN, 1);
         e.q.add_chain(&[(H, 16, false), (D, 512, true), (S, 1, true)]);
-        assert!(e.blk.process_queue());
+        assert!(serve(&mut e));
         assert_eq!(e.q.used_idx(), 1);
         assert_eq!(e.q.used_elem(0), (0, 513));
         assert_eq!(status(&e.m, S), VIRTIO_BLK_S_OK);
@@ -745,7 +963,7 @@ mod tests {
             (D + 256, 256, false),
             (S, 1, true),
         ]);
-        e.blk.process_queue();
+        serve(&mut e);
         assert_eq!(e.q.used_elem(1).1, 1);
         assert_eq!(status(&e.m, S), VIRTIO_BLK_S_OK);
         let mut f = vec![0u8; 512];
@@ -755,13 +973,13 @@ mod tests {
         // FLUSH
         hdr(&e.m, H, VIRTIO_BLK_T_FLUSH, 0);
         e.q.add_chain(&[(H, 16, false), (S, 1, true)]);
-        e.blk.process_queue();
+        serve(&mut e);
         assert_eq!(status(&e.m, S), VIRTIO_BLK_S_OK);
 
         // GET_ID
         hdr(&e.m, H, VIRTIO_BLK_T_GET_ID, 0);
         e.q.add_chain(&[(H, 16, false), (D, 20, true), (S, 1, true)]);
-        e.blk.process_queue();
+        serve(&mut e);
         assert_eq!(status(&e.m, S), VIRTIO_BLK_S_OK);
         let mut id = [0u8; 20];
         e.m.read_slice(&mut id, GuestAddress(D)).unwrap();
@@ -771,21 +989,21 @@ mod tests {
         // unsupported
         hdr(&e.m, H, 11, 0);
         e.q.add_chain(&[(H, 16, false), (S, 1, true)]);
-        e.blk.process_queue();
+        serve(&mut e);
         assert_eq!(status(&e.m, S), VIRTIO_BLK_S_UNSUPP);
 
         // out of range and unaligned lengths
         hdr(&e.m, H, VIRTIO_BLK_T_IN, 7);
         e.q.add_chain(&[(H, 16, false), (D, 1024, true), (S, 1, true)]);
-        e.blk.process_queue();
+        serve(&mut e);
         assert_eq!(status(&e.m, S), VIRTIO_BLK_S_IOERR);
         hdr(&e.m, H, VIRTIO_BLK_T_IN, u64::MAX);
         e.q.add_chain(&[(H, 16, false), (D, 512, true), (S, 1, true)]);
-        e.blk.process_queue();
+        serve(&mut e);
         assert_eq!(status(&e.m, S), VIRTIO_BLK_S_IOERR);
         hdr(&e.m, H, VIRTIO_BLK_T_IN, 0);
         e.q.add_chain(&[(H, 16, false), (D, 100, true), (S, 1, true)]);
-        e.blk.process_queue();
+        serve(&mut e);
         assert_eq!(status(&e.m, S), VIRTIO_BLK_S_IOERR);
         assert_eq!(e.q.used_idx(), 8);
     }
@@ -805,12 +1023,25 @@ mod tests {
 
     #[test]
     fn partial_last_sector() {
-        let mut e = env(&[7u8; 1000], false);
+        partial_last_sector_with(IoEngine::Sync);
+    }
+
+    #[test]
+    fn partial_last_sector_async() {
+        if io_uring::AsyncIo::<()>::new().is_err() {
+            println!("SKIP: io_uring is not available here");
+            return;
+        }
+        partial_last_sector_with(IoEngine::Async);
+    }
+
+    fn partial_last_sector_with(engine: IoEngine) {
+        let mut e = env_with(&[7u8; 1000], false, engine);
         assert_eq!(e.blk.capacity(), 2); // rounded up
         e.m.write_slice(&[0xff; 512], GuestAddress(D)).unwrap();
         hdr(&e.m, H, VIRTIO_BLK_T_IN, 1);
         e.q.add_chain(&[(H, 16, false), (D, 512, true), (S, 1, true)]);
-        e.blk.process_queue();
+        serve(&mut e);
         assert_eq!(status(&e.m, S), VIRTIO_BLK_S_OK);
         let mut b = vec![0u8; 512];
         e.m.read_slice(&mut b, GuestAddress(D)).unwrap();
@@ -819,13 +1050,13 @@ mod tests {
         // a write covering bytes past EOF is refused, the file is not grown
         hdr(&e.m, H, VIRTIO_BLK_T_OUT, 1);
         e.q.add_chain(&[(H, 16, false), (D, 512, false), (S, 1, true)]);
-        e.blk.process_queue();
+        serve(&mut e);
         assert_eq!(status(&e.m, S), VIRTIO_BLK_S_IOERR);
         assert_eq!(e._file.as_file().metadata().unwrap().len(), 1000);
         // sector 0 is writable
         hdr(&e.m, H, VIRTIO_BLK_T_OUT, 0);
         e.q.add_chain(&[(H, 16, false), (D, 512, false), (S, 1, true)]);
-        e.blk.process_queue();
+        serve(&mut e);
         assert_eq!(status(&e.m, S), VIRTIO_BLK_S_OK);
     }
 
@@ -884,6 +1115,7 @@ mod tests {
             path: path.to_path_buf(),
             read_only,
             rate_limiter: None,
+            io_engine: IoEngine::Sync,
         })
     }
 
