@@ -136,6 +136,12 @@ pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Optio
 /// instead of hanging CI. Not a performance assertion.
 pub const PATIENCE: Duration = Duration::from_secs(60);
 
+/// The safety net for one answer of emberd's that does heavy work before
+/// it answers (unpacking archives of tens of thousands of entries in
+/// sandbox jobs): generous, since a loaded 2-core CI machine is slow, and
+/// only ever reached when something is wrong.
+pub const SLOW_PATIENCE: Duration = Duration::from_secs(300);
+
 /// A child process killed (and reaped) on drop, with stdout/stderr in files.
 pub struct Proc {
     pub child: Child,
@@ -350,7 +356,7 @@ pub fn write_request(
 pub fn http(sock: &Path, method: &str, path: &str, body: Option<&str>) -> HttpResponse {
     let mut s =
         UnixStream::connect(sock).unwrap_or_else(|e| panic!("connect {}: {e}", sock.display()));
-    s.set_read_timeout(Some(PATIENCE)).unwrap();
+    s.set_read_timeout(Some(SLOW_PATIENCE)).unwrap();
     write_request(&mut s, method, path, body).expect("write request");
     read_response(&mut s).expect("read response")
 }
@@ -866,7 +872,7 @@ impl Emberd {
         let n = self.seen.borrow().len();
         let headers = self.dir.join(&format!("headers-{n}"));
         let out = Command::new("curl")
-            .args(["-s", "-S", "--max-time", "120", "--unix-socket"])
+            .args(["-s", "-S", "--max-time", "300", "--unix-socket"])
             .arg(&self.sock)
             .arg("-D")
             .arg(&headers)

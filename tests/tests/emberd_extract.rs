@@ -668,7 +668,7 @@ fn flintlock_kernel_and_volume_unpack_in_a_sandbox_job() {
     let (c, v) = d.req("POST", "/v1alpha1/microvm", Some(&spec.to_string()));
     assert_eq!(c, 200, "{v}");
     let uid = v["microvm"]["spec"]["uid"].as_str().unwrap().to_string();
-    let state = wait_for(PATIENCE, || {
+    let state = wait_for(SLOW_PATIENCE, || {
         let (_, v) = d.req("GET", &format!("/v1alpha1/microvm/{uid}"), None);
         let s = v["microvm"]["status"]["state"]
             .as_str()
