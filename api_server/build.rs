@@ -10,6 +10,12 @@
 //!
 //! `EMBER_RUNTIME_CC`, `EMBER_RUNTIME_OBJCOPY` and `EMBER_RUNTIME_AR`
 //! override the tools.
+//!
+//! It also compiles ember's Flintlock `.proto` files (`proto/`, wire-identical
+//! to Flintlock's published contract) into the gRPC face's messages and
+//! service (tonic/prost), plus the descriptor set server reflection serves.
+//! protoc comes from the `protoc-bin-vendored` crate, so a clean clone needs
+//! no system protoc; `PROTOC` overrides it.
 
 use std::env;
 use std::fmt::Write as _;
@@ -70,6 +76,7 @@ fn main() {
     let resources = manifest.join("../resources");
     let guest = resources.join("guests/guest");
     let rt = resources.join("unikernel");
+    compile_protos(&manifest, &out);
     let cc = env::var("EMBER_RUNTIME_CC").unwrap_or_else(|_| "gcc".into());
     let objcopy = env::var("EMBER_RUNTIME_OBJCOPY").unwrap_or_else(|_| "objcopy".into());
     let ar = env::var("EMBER_RUNTIME_AR").unwrap_or_else(|_| "ar".into());
@@ -199,6 +206,31 @@ fn main() {
         .args(["-static", "-Os", "-s", "-Wall", "-Werror", "-o"])
         .arg(out.join("modload"))
         .arg(&modload));
+}
+
+/// The Flintlock gRPC contract: `flintlock_grpc.bin` (descriptor set) and
+/// the prost/tonic modules in OUT_DIR.
+fn compile_protos(manifest: &Path, out: &Path) {
+    let dir = manifest.join("proto");
+    let files = [
+        dir.join("types/microvm.proto"),
+        dir.join("services/microvm/v1alpha1/microvms.proto"),
+    ];
+    for f in &files {
+        println!("cargo:rerun-if-changed={}", f.display());
+    }
+    println!("cargo:rerun-if-env-changed=PROTOC");
+    if env::var_os("PROTOC").is_none() {
+        let protoc = protoc_bin_vendored::protoc_bin_path().expect("vendored protoc");
+        // Read by prost-build; this build script is single-threaded.
+        env::set_var("PROTOC", protoc);
+    }
+    let well_known = protoc_bin_vendored::include_path().expect("vendored protoc includes");
+    tonic_build::configure()
+        .build_client(false)
+        .file_descriptor_set_path(out.join("flintlock_grpc.bin"))
+        .compile_protos(&files, &[dir, well_known])
+        .expect("compile the Flintlock .proto files");
 }
 
 fn obj_path(dir: &Path, tag: &str, src: &str) -> PathBuf {

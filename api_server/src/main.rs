@@ -93,6 +93,30 @@ struct Args {
     /// Flintlock: back-off unit in milliseconds (retry n waits n units).
     #[arg(long, default_value_t = 2000)]
     flintlock_backoff_ms: u64,
+    /// Flintlock gRPC: serve `microvm.services.api.v1alpha1.MicroVM` on this
+    /// `host:port` (flintlockd's flag; off unless given; `:port` binds
+    /// 127.0.0.1; port 0 picks one, printed at start).
+    #[arg(long)]
+    grpc_endpoint: Option<String>,
+    /// Flintlock gRPC: every call must carry `authorization: basic
+    /// <base64(token)>`, as flintlock's clients send it.
+    #[arg(long)]
+    basic_auth_token: Option<String>,
+    /// Flintlock gRPC: plain text instead of TLS (not recommended).
+    #[arg(long)]
+    insecure: bool,
+    /// Flintlock gRPC: server certificate (PEM).
+    #[arg(long)]
+    tls_cert: Option<PathBuf>,
+    /// Flintlock gRPC: server key (PEM).
+    #[arg(long)]
+    tls_key: Option<PathBuf>,
+    /// Flintlock gRPC: require a client certificate signed by --tls-client-ca.
+    #[arg(long)]
+    tls_client_validate: bool,
+    /// Flintlock gRPC: CA (PEM) for client certificates.
+    #[arg(long)]
+    tls_client_ca: Option<PathBuf>,
     /// hyperd: kernel for pod VMs (default: the `linux` base's kernel,
     /// $EMBER_LINUX_KERNEL, /var/lib/ember/kernels/vmlinuz or /boot).
     #[arg(long)]
@@ -322,12 +346,11 @@ fn main() {
             die(format!("cannot create {}: {e}", dir.display()));
         }
     }
-    let flintlock = api_server::faces::flintlock::Flintlock {
-        policy: api_server::model::microvms::RetryPolicy {
-            max_retries: args.flintlock_max_retries.max(1),
-            backoff: std::time::Duration::from_millis(args.flintlock_backoff_ms),
-        },
+    let policy = api_server::model::microvms::RetryPolicy {
+        max_retries: args.flintlock_max_retries.max(1),
+        backoff: std::time::Duration::from_millis(args.flintlock_backoff_ms),
     };
+    let flintlock = api_server::faces::flintlock::Flintlock { policy };
     let mut images =
         api_server::images::store::ImageStore::open(&args.state_dir.join("container-images"))
             .unwrap_or_else(|e| die(format!("container image store: {e}")));
@@ -386,6 +409,31 @@ fn main() {
     let tcp_addr = tcp.as_ref().and_then(|t| t.listener.local_addr().ok());
     let mut daemon = Daemon::new(&args.socket, socket_group, sup, faces, limits, tcp)
         .unwrap_or_else(|e| die(format!("cannot serve {}: {e}", args.socket.display())));
+    if let Some(endpoint) = &args.grpc_endpoint {
+        use api_server::faces::flintlock::grpc;
+        let cfg = grpc::GrpcConfig {
+            endpoint: endpoint.clone(),
+            basic_auth_token: args.basic_auth_token.clone(),
+            insecure: args.insecure,
+            tls_cert: args.tls_cert.clone(),
+            tls_key: args.tls_key.clone(),
+            tls_client_validate: args.tls_client_validate,
+            tls_client_ca: args.tls_client_ca.clone(),
+        };
+        let tls = if args.insecure { "plain text" } else { "TLS" };
+        match grpc::start(cfg, daemon.jobs(), policy) {
+            Ok(addr) => eprintln!("emberd: Flintlock gRPC on {addr} ({tls})"),
+            Err(e) => die(e),
+        }
+    } else if args.basic_auth_token.is_some()
+        || args.insecure
+        || args.tls_cert.is_some()
+        || args.tls_key.is_some()
+        || args.tls_client_ca.is_some()
+        || args.tls_client_validate
+    {
+        die("--basic-auth-token, --insecure and --tls-* configure the gRPC endpoint: give --grpc-endpoint too");
+    }
     for sig in [libc::SIGTERM, libc::SIGINT] {
         let _ = vmm_sys_util::signal::register_signal_handler(sig, on_signal);
     }

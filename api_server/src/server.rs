@@ -308,6 +308,7 @@ fn bind_private(
 /// The running daemon's event loop.
 pub struct Daemon {
     em: event_manager::EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>,
+    jobs: Jobs,
 }
 
 /// Errors starting the daemon.
@@ -437,7 +438,13 @@ impl Daemon {
             watched: HashMap::new(),
             sup,
         })));
-        Ok(Daemon { em })
+        Ok(Daemon { em, jobs })
+    }
+
+    /// The loop's work queue, for servers on other threads (the gRPC face)
+    /// to run model calls on the loop thread ([`Jobs::call`]).
+    pub fn jobs(&self) -> Jobs {
+        self.jobs.clone()
     }
 
     /// Runs until `stop` is set (checked after every round of events).

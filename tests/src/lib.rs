@@ -645,6 +645,32 @@ pub fn ensure_moto() {
     }
 }
 
+/// Makes sure the Python gRPC tools (PyPI grpcio, grpcio-tools,
+/// grpcio-health-checking, grpcio-reflection) are importable, installing
+/// them once with resources/ci/install-grpcio.sh if not. Panics with a
+/// clear message if that does not work.
+pub fn ensure_grpcio() {
+    static READY: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    let r = READY.get_or_init(|| {
+        let out = Command::new("bash")
+            .arg(workspace_root().join("resources/ci/install-grpcio.sh"))
+            .stdin(Stdio::null())
+            .output();
+        match out {
+            Ok(o) if o.status.success() => Ok(()),
+            Ok(o) => Err(format!(
+                "install-grpcio.sh failed ({}): {}",
+                o.status,
+                String::from_utf8_lossy(&o.stderr)
+            )),
+            Err(e) => Err(format!("cannot run bash: {e}")),
+        }
+    });
+    if let Err(e) = r {
+        panic!("these tests need the Python gRPC tools (resources/ci/install-grpcio.sh): {e}");
+    }
+}
+
 /// moto's S3-protocol server on 127.0.0.1 with a port the kernel picks;
 /// killed (and reaped) on drop. Its output is drained in the background.
 pub struct MotoServer {

@@ -177,8 +177,9 @@ fn create_reconciles_to_created_and_delete_removes_everything() {
     // Delete: the VM, TAP, volumes and image go.
     let (c, _) = d.req("DELETE", &format!("/v1alpha1/microvm/{uid}"), None);
     assert_eq!(c, 200);
-    let (_, l) = d.req("GET", &format!("/v1alpha1/microvm/{uid}"), None);
-    assert_eq!(l["microvm"].as_array().map(|a| a.len()), Some(0), "{l}");
+    // A deleted uid is NOT_FOUND (an error object, not an empty list).
+    let (c, e) = d.req("GET", &format!("/v1alpha1/microvm/{uid}"), None);
+    assert_eq!((c, e["code"].clone()), (404, json!(5)), "{e}");
     let gone = wait_for(PATIENCE, || {
         (!Path::new(&format!("/sys/class/net/{tap}")).exists()).then_some(())
     });

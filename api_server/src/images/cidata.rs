@@ -53,6 +53,9 @@ pub enum CidataError {
     /// meta-data that cannot be extended with the instance id.
     #[error("meta-data: {0}")]
     MetaData(String),
+    /// vendor-data that cannot be extended with volume mounts.
+    #[error("vendor-data: {0}")]
+    VendorData(String),
     /// The instance id is empty or has control characters.
     #[error("invalid instance id {0:?}")]
     InstanceId(String),
@@ -302,6 +305,50 @@ fn complete_meta_data(
     Ok(out.into_bytes())
 }
 
+/// Adds cloud-init `mounts` for `(device, mount point)` pairs to
+/// vendor-data, as Flintlock mounts additional volumes: a `#cloud-config`
+/// vendor-data is created when there is none; an existing one (block YAML)
+/// gets `mounts:` (and `mount_default_fields:`) appended unless it already
+/// has that key, in which case the user's mounts stand. Mount points must
+/// already be checked (`validate_mount_point`); they are written quoted.
+pub fn add_mounts(files: &mut CidataFiles, mounts: &[(String, String)]) -> Result<(), CidataError> {
+    if mounts.is_empty() {
+        return Ok(());
+    }
+    let mut text = match &files.vendor_data {
+        None => "#cloud-config\n".to_string(),
+        Some(v) => {
+            let t = std::str::from_utf8(v)
+                .map_err(|_| CidataError::VendorData("not UTF-8 text".into()))?;
+            let first = t.lines().next().unwrap_or("").trim_end();
+            if first != "#cloud-config" && first != "## template: jinja" {
+                return Err(CidataError::VendorData(
+                    "volumes with a mountPoint need #cloud-config vendor-data (or none)".into(),
+                ));
+            }
+            if has_top_level_key(t, "mounts") {
+                return Ok(());
+            }
+            t.to_string()
+        }
+    };
+    if !text.ends_with('\n') {
+        text.push('\n');
+    }
+    text.push_str("mounts:\n");
+    for (dev, point) in mounts {
+        let q = |s: &str| serde_json::to_string(s).unwrap_or_default();
+        text.push_str(&format!("- [{}, {}]\n", q(dev), q(point)));
+    }
+    if !has_top_level_key(&text, "mount_default_fields") {
+        text.push_str(
+            "mount_default_fields: [None, None, \"auto\", \"defaults,nofail\", \"0\", \"2\"]\n",
+        );
+    }
+    files.vendor_data = Some(text.into_bytes());
+    Ok(())
+}
+
 /// Whether block YAML `text` has `key` as a top-level mapping key (plain,
 /// single- or double-quoted).
 fn has_top_level_key(text: &str, key: &str) -> bool {
@@ -326,6 +373,34 @@ fn has_top_level_key(text: &str, key: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mounts_go_into_vendor_data() {
+        let m = vec![("vdb".to_string(), "/mnt/data".to_string())];
+        let mut f = CidataFiles::default();
+        add_mounts(&mut f, &m).unwrap();
+        let v = String::from_utf8(f.vendor_data.clone().unwrap()).unwrap();
+        assert!(v.starts_with("#cloud-config\n"), "{v}");
+        assert!(v.contains("- [\"vdb\", \"/mnt/data\"]"), "{v}");
+        let mut f = CidataFiles {
+            vendor_data: Some(b"#cloud-config\nruncmd: [ls]".to_vec()),
+            ..Default::default()
+        };
+        add_mounts(&mut f, &m).unwrap();
+        let v = String::from_utf8(f.vendor_data.clone().unwrap()).unwrap();
+        assert!(v.contains("runcmd: [ls]\nmounts:\n"), "{v}");
+        let mut f = CidataFiles {
+            vendor_data: Some(b"#!/bin/sh\necho".to_vec()),
+            ..Default::default()
+        };
+        assert!(add_mounts(&mut f, &m).is_err());
+        let mut f = CidataFiles {
+            vendor_data: Some(b"#cloud-config\nmounts: []\n".to_vec()),
+            ..Default::default()
+        };
+        add_mounts(&mut f, &m).unwrap();
+        assert_eq!(f.vendor_data.unwrap(), b"#cloud-config\nmounts: []\n");
+    }
 
     #[test]
     fn top_level_keys() {

@@ -128,7 +128,7 @@ pub struct Kernel {
     pub cmdline: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub filename: Option<String>,
-    #[serde(default)]
+    #[serde(default, alias = "add_network_config")]
     pub add_network_config: bool,
 }
 
@@ -144,9 +144,17 @@ pub struct Initrd {
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct VolumeSource {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        alias = "container_source",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub container_source: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        alias = "virtiofs_source",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub virtiofs_source: Option<Value>,
 }
 
@@ -155,15 +163,28 @@ pub struct VolumeSource {
 pub struct VolumeSpec {
     #[serde(default)]
     pub id: String,
-    #[serde(default)]
+    #[serde(default, alias = "is_read_only")]
     pub is_read_only: bool,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        alias = "mount_point",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub mount_point: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<VolumeSource>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        alias = "partition_id",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub partition_id: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        alias = "size_in_mb",
+        deserialize_with = "opt_int",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub size_in_mb: Option<u64>,
 }
 
@@ -181,11 +202,16 @@ pub struct StaticAddress {
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Interface {
-    #[serde(default)]
+    #[serde(default, alias = "device_id")]
     pub device_id: String,
-    #[serde(rename = "type", default = "tap_type")]
+    /// `IfaceType` by name; protojson's default (absent) is MACVTAP (0).
+    #[serde(
+        rename = "type",
+        default = "macvtap_type",
+        deserialize_with = "iface_type"
+    )]
     pub kind: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, alias = "guest_mac", skip_serializing_if = "Option::is_none")]
     pub guest_mac: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub address: Option<StaticAddress>,
@@ -193,8 +219,52 @@ pub struct Interface {
     pub overrides: Option<Value>,
 }
 
-fn tap_type() -> String {
-    "TAP".into()
+fn macvtap_type() -> String {
+    "MACVTAP".into()
+}
+
+/// `NetworkInterface.IfaceType` as protojson reads it: by name or number.
+fn iface_type<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    use serde::de::Error;
+    match Value::deserialize(d)? {
+        Value::Null => Ok(macvtap_type()),
+        Value::String(s) if s == "MACVTAP" || s == "TAP" => Ok(s),
+        Value::Number(n) if n.as_u64() == Some(0) => Ok("MACVTAP".into()),
+        Value::Number(n) if n.as_u64() == Some(1) => Ok("TAP".into()),
+        other => Err(D::Error::custom(format!(
+            "invalid value {other} for enum IfaceType (MACVTAP or TAP, 0 or 1)"
+        ))),
+    }
+}
+
+/// An integer as protojson reads one: a JSON number or a decimal string.
+fn int_value<E: serde::de::Error>(v: &Value) -> Result<Option<i64>, E> {
+    match v {
+        Value::Null => Ok(None),
+        Value::Number(n) => n
+            .as_i64()
+            .map(Some)
+            .ok_or_else(|| E::custom(format!("{n} is not an integer"))),
+        Value::String(s) => s
+            .parse()
+            .map(Some)
+            .map_err(|_| E::custom(format!("{s:?} is not an integer"))),
+        other => Err(E::custom(format!("{other} is not an integer"))),
+    }
+}
+
+fn int<'de, D: serde::Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
+    Ok(int_value::<D::Error>(&Value::deserialize(d)?)?.unwrap_or(0))
+}
+
+fn opt_int<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    use serde::de::Error;
+    match int_value::<D::Error>(&Value::deserialize(d)?)? {
+        None => Ok(None),
+        Some(v) => u64::try_from(v)
+            .map(Some)
+            .map_err(|_| D::Error::custom(format!("{v} is negative"))),
+    }
 }
 
 /// `types.MicroVMSpec`.
@@ -207,32 +277,35 @@ pub struct MicroVmSpec {
     pub namespace: String,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "int")]
     pub vcpu: i64,
-    #[serde(default)]
+    #[serde(default, alias = "memory_in_mb", deserialize_with = "int")]
     pub memory_in_mb: i64,
     #[serde(default)]
     pub kernel: Option<Kernel>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub initrd: Option<Initrd>,
-    #[serde(default)]
+    #[serde(default, alias = "root_volume")]
     pub root_volume: Option<VolumeSpec>,
-    #[serde(default)]
+    #[serde(default, alias = "additional_volumes")]
     pub additional_volumes: Vec<VolumeSpec>,
     #[serde(default)]
     pub interfaces: Vec<Interface>,
     #[serde(default)]
     pub metadata: BTreeMap<String, String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, alias = "created_at", skip_serializing_if = "Option::is_none")]
     pub created_at: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, alias = "updated_at", skip_serializing_if = "Option::is_none")]
     pub updated_at: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, alias = "deleted_at", skip_serializing_if = "Option::is_none")]
     pub deleted_at: Option<String>,
     #[serde(default)]
     pub uid: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub provider: Option<String>,
+    /// A vsock for Flintlock's guest agent: refused (not supported).
+    #[serde(default, alias = "allow_guest_agent")]
+    pub allow_guest_agent: bool,
 }
 
 fn invalid(m: impl Into<String>) -> MicroVmError {
@@ -243,7 +316,9 @@ fn invalid(m: impl Into<String>) -> MicroVmError {
 /// "default", 2 vCPUs, 1024 MB; ember's VMM has at most 32 vCPUs).
 pub fn validate(spec: &mut MicroVmSpec) -> Result<(), MicroVmError> {
     if spec.id.is_empty() {
-        return Err(invalid("id (the MicroVM name) is required"));
+        // As Flintlock: "If this empty at creation time a ID will be
+        // automatically generated" (a ULID, like its generated names).
+        spec.id = ulid::Ulid::new().to_string();
     }
     super::validate_name("microvm", &spec.id).map_err(|e| invalid(e.to_string()))?;
     if spec.namespace.is_empty() {
@@ -311,10 +386,25 @@ pub fn validate(spec: &mut MicroVmSpec) -> Result<(), MicroVmError> {
         }
         super::validate_name("volume", &v.id).map_err(|e| invalid(e.to_string()))?;
     }
+    if spec.allow_guest_agent {
+        return Err(invalid(
+            "allowGuestAgent is not supported by ember (no guest-agent vsock)",
+        ));
+    }
+    for v in &spec.additional_volumes {
+        if let Some(m) = &v.mount_point {
+            super::validate_mount_point(m)
+                .map_err(|e| invalid(format!("volume {:?} mountPoint: {e}", v.id)))?;
+        }
+    }
+    if spec.additional_volumes.len() > 24 {
+        return Err(invalid("at most 24 additionalVolumes (vdb..vdy)"));
+    }
     for (i, n) in spec.interfaces.iter().enumerate() {
         if n.kind != "TAP" {
             return Err(invalid(format!(
-                "interface {i}: type {} is not supported by ember (use TAP)",
+                "interface {i}: type {} is not supported by ember (use TAP); \
+                 MACVTAP (the protobuf default when type is unset) needs a macvtap backend ember-vmm does not have",
                 n.kind
             )));
         }
@@ -328,9 +418,25 @@ pub fn validate(spec: &mut MicroVmSpec) -> Result<(), MicroVmError> {
                 .map_err(|e| invalid(format!("interface {i}: {e}")))?;
         }
     }
-    cidata::from_flintlock_metadata(&spec.metadata, "validate", &spec.id)
+    let mut files = cidata::from_flintlock_metadata(&spec.metadata, "validate", &spec.id)
+        .map_err(|e| invalid(format!("metadata: {e}")))?;
+    cidata::add_mounts(&mut files, &volume_mounts(spec))
         .map_err(|e| invalid(format!("metadata: {e}")))?;
     Ok(())
+}
+
+/// `(guest device, mount point)` of the additional volumes that have a
+/// mount point: vdb, vdc, ... in list order (the root disk is vda), as
+/// Flintlock numbers them.
+fn volume_mounts(spec: &MicroVmSpec) -> Vec<(String, String)> {
+    spec.additional_volumes
+        .iter()
+        .enumerate()
+        .filter_map(|(i, v)| {
+            let dev = format!("vd{}", (b'b' + i as u8) as char);
+            v.mount_point.clone().map(|m| (dev, m))
+        })
+        .collect()
 }
 
 /// Six hex octets separated by ':'.
@@ -343,12 +449,27 @@ fn is_mac(s: &str) -> bool {
 }
 
 /// Whether `s` has the shape of a MicroVM uid (a ULID).
+/// Also true for lowercase and for the UniK instance name `fl-<uid>`.
 pub fn is_uid(s: &str) -> bool {
-    s.len() == 26 && ulid::Ulid::from_string(s).is_ok()
+    let s = s.strip_prefix("fl-").unwrap_or(s);
+    s.len() == 26 && ulid::Ulid::from_string(&s.to_ascii_uppercase()).is_ok()
 }
 
+/// The ember instance of MicroVM `uid`: `fl-<uid in lowercase>` (the name
+/// the UniK face shows).
 fn instance_name(uid: &str) -> String {
     format!("fl-{}", uid.to_lowercase())
+}
+
+/// The ember volume of spec volume `id`; [`view`] maps it back.
+fn volume_name(uid: &str, id: &str) -> String {
+    format!("fl-{}-{id}", uid.to_lowercase())
+}
+
+/// The ember volume of the cidata disk: a volume id cannot start with '-'
+/// (`validate_name`), so this never meets a [`volume_name`].
+fn cidata_name(uid: &str) -> String {
+    format!("fl-{}--cidata", uid.to_lowercase())
 }
 
 fn records(sup: &Supervisor) -> impl Iterator<Item = &Instance> {
@@ -358,8 +479,16 @@ fn records(sup: &Supervisor) -> impl Iterator<Item = &Instance> {
         .filter(|i| i.annotations.contains_key(ANN_UID))
 }
 
+/// The record of `uid`. ULIDs are case-insensitive (Crockford base32), so
+/// the lowercase uid in the UniK face's instance name finds it too, and so
+/// does that whole instance name (`fl-<uid>`).
 fn record<'a>(sup: &'a Supervisor, uid: &str) -> Option<&'a Instance> {
-    records(sup).find(|i| i.annotations.get(ANN_UID).map(String::as_str) == Some(uid))
+    let uid = uid.strip_prefix("fl-").unwrap_or(uid);
+    records(sup).find(|i| {
+        i.annotations
+            .get(ANN_UID)
+            .is_some_and(|u| u.eq_ignore_ascii_case(uid))
+    })
 }
 
 /// A network interface of a MicroVM as its status reports it.
@@ -442,11 +571,22 @@ fn view(sup: &Supervisor, inst: &Instance) -> MicroVm {
             },
         );
     }
+    // Keyed by the spec's volume id, as Flintlock's status is; the cidata
+    // disk is ember's own and not listed.
+    let uid = inst.annotations.get(ANN_UID).cloned().unwrap_or_default();
+    let prefix = volume_name(&uid, "");
     let mut vols = BTreeMap::new();
     for d in inst.root_volume.iter().chain(inst.disks.iter()) {
+        let Some(id) = d
+            .volume
+            .strip_prefix(&prefix)
+            .filter(|id| !id.starts_with('-'))
+        else {
+            continue;
+        };
         if let Ok(v) = sup.volume(&d.volume) {
             vols.insert(
-                d.volume.clone(),
+                id.to_string(),
                 VolumeStatus {
                     mount: VolumeMount {
                         kind: "DEV",
@@ -474,10 +614,11 @@ pub fn get(sup: &Supervisor, uid: &str) -> Option<MicroVm> {
     record(sup, uid).map(|i| view(sup, i))
 }
 
-/// The MicroVMs of namespace `ns` (named `name`, if given).
+/// The MicroVMs of namespace `ns` (every namespace when empty), named
+/// `name` if given.
 pub fn list(sup: &Supervisor, ns: &str, name: Option<&str>) -> Vec<MicroVm> {
     records(sup)
-        .filter(|i| i.annotations.get(ANN_NS).map(String::as_str) == Some(ns))
+        .filter(|i| ns.is_empty() || i.annotations.get(ANN_NS).map(String::as_str) == Some(ns))
         .filter(|i| name.is_none_or(|n| i.annotations.get(ANN_NAME).map(String::as_str) == Some(n)))
         .map(|i| view(sup, i))
         .collect()
@@ -704,8 +845,10 @@ fn build(
             })?;
         volumes.push((v.id.clone(), out, v.is_read_only));
     }
-    let files = cidata::from_flintlock_metadata(&spec.metadata, uid, &spec.id)
+    let mut files = cidata::from_flintlock_metadata(&spec.metadata, uid, &spec.id)
         .map_err(ReconcileError::Metadata)?;
+    // Additional volumes with a mount point are mounted by cloud-init.
+    cidata::add_mounts(&mut files, &volume_mounts(spec)).map_err(ReconcileError::Metadata)?;
     let cid = staging.join("cidata.img");
     cidata::build_cidata(&cid, &files).map_err(ReconcileError::Cidata)?;
     Ok(Artifacts {
@@ -777,7 +920,7 @@ fn install_and_start(
     let mut root = None;
     let mut disks = Vec::new();
     for (i, (id, file, ro)) in a.volumes.iter().enumerate() {
-        let v = sup.install_volume_file(&format!("fl-{low}-{id}"), file, VolumeFormat::Ext4)?;
+        let v = sup.install_volume_file(&volume_name(uid, id), file, VolumeFormat::Ext4)?;
         let d = Disk {
             volume: v.name,
             read_only: *ro,
@@ -789,7 +932,7 @@ fn install_and_start(
         }
     }
     if let Some(c) = &a.cidata {
-        let v = sup.install_volume_file(&format!("fl-{low}-cidata"), c, VolumeFormat::Raw)?;
+        let v = sup.install_volume_file(&cidata_name(uid), c, VolumeFormat::Raw)?;
         disks.push(Disk {
             volume: v.name,
             read_only: true,
@@ -943,7 +1086,69 @@ mod tests {
             s.metadata.insert("bogus".into(), "eA==".into());
         })
         .contains("metadata"));
-        assert!(bad(&|s| s.id = String::new()).contains("id"));
+        assert!(bad(&|s| s.allow_guest_agent = true).contains("allowGuestAgent"));
+        assert!(bad(&|s| {
+            s.additional_volumes.push(VolumeSpec {
+                id: "d".into(),
+                mount_point: Some("/mnt/../etc".into()),
+                source: s.root_volume.clone().unwrap().source,
+                ..Default::default()
+            })
+        })
+        .contains("mountPoint"));
+        // No id: a generated one, as the swagger documents.
+        let mut s = good();
+        s.id = String::new();
+        validate(&mut s).unwrap();
+        assert!(is_uid(&s.id), "{}", s.id);
+    }
+
+    #[test]
+    fn protojson_spellings_and_enums() {
+        let snake: MicroVmSpec = serde_json::from_value(json!({
+            "id": "vm1", "memory_in_mb": "2048", "vcpu": 3,
+            "kernel": {"image": "/k", "filename": "f", "add_network_config": true},
+            "root_volume": {"id": "root", "is_read_only": true, "source": {"container_source": "/r"}},
+            "additional_volumes": [{"id": "d", "mount_point": "/mnt", "size_in_mb": "5",
+                                    "source": {"container_source": "/d"}}],
+            "interfaces": [{"device_id": "eth0", "type": 1, "guest_mac": "06:00:00:00:00:01"},
+                           {"device_id": "eth1"}, {"device_id": "eth2", "type": 0}],
+            "allow_guest_agent": false
+        }))
+        .unwrap();
+        assert_eq!(snake.memory_in_mb, 2048);
+        assert!(snake.kernel.as_ref().unwrap().add_network_config);
+        let root = snake.root_volume.as_ref().unwrap();
+        assert!(root.is_read_only);
+        assert_eq!(
+            root.source.as_ref().unwrap().container_source.as_deref(),
+            Some("/r")
+        );
+        assert_eq!(snake.additional_volumes[0].size_in_mb, Some(5));
+        assert_eq!(
+            snake.additional_volumes[0].mount_point.as_deref(),
+            Some("/mnt")
+        );
+        let kinds: Vec<&str> = snake.interfaces.iter().map(|i| i.kind.as_str()).collect();
+        assert_eq!(kinds, ["TAP", "MACVTAP", "MACVTAP"]);
+        assert_eq!(snake.interfaces[0].device_id, "eth0");
+        for bad in [
+            json!({"type": 2}),
+            json!({"type": "tap"}),
+            json!({"type": true}),
+        ] {
+            assert!(serde_json::from_value::<Interface>(bad).is_err());
+        }
+        assert!(serde_json::from_value::<MicroVmSpec>(json!({"vcpu": "x"})).is_err());
+        assert!(serde_json::from_value::<MicroVmSpec>(json!({"vcpu": 1.5})).is_err());
+    }
+
+    #[test]
+    fn uids_match_in_any_case_and_as_instance_names() {
+        let u = ulid::Ulid::new().to_string();
+        assert!(is_uid(&u.to_lowercase()));
+        assert!(is_uid(&format!("fl-{}", u.to_lowercase())));
+        assert!(!is_uid("fl-default"));
     }
 
     #[test]

@@ -4,9 +4,19 @@
 //! MicroVMs and their reconcile live in [`crate::model::microvms`]; this
 //! face only translates.
 //!
-//! Routing: `GET /v1alpha1/microvm/{x}` is a Get when `x` is the uid of an
-//! existing MicroVM, otherwise a List of namespace `x` (the original's two
-//! routes shared one template and List shadowed Get).
+//! Routing: `GET /v1alpha1/microvm/{x}` is a Get when `x` has the shape of
+//! a uid (a ULID, any case, or the UniK instance name `fl-<uid>`), answering
+//! 404 with code 5 when no MicroVM has it; anything else is a List of
+//! namespace `x` (the original's two routes shared one template and List
+//! shadowed Get).
+//!
+//! Bodies are read as grpc-gateway reads protojson: lowerCamelCase or proto
+//! field names, enums by name or number, 64/32-bit integers as numbers or
+//! strings ([`MicroVmSpec`]'s serde attributes).
+//!
+//! The gRPC face ([`grpc`]) serves the same MicroVMs through the same model.
+
+pub mod grpc;
 
 use ember_http::{Method, Reply, Request, Response};
 use serde_json::{json, Value};
@@ -84,19 +94,18 @@ impl Face for Flintlock {
         let seg: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
         let r = match (&req.method, seg.as_slice()) {
             (Method::Post, []) => self.create(ctx, req),
-            (Method::Get, [x]) => match microvms::is_uid(x)
-                .then(|| microvms::get(ctx.sup, x))
-                .flatten()
-            {
+            (Method::Get, [x]) if microvms::is_uid(x) => match microvms::get(ctx.sup, x) {
                 Some(vm) => Response::json(200, &json!({"microvm": microvm_json(&vm)})),
-                None => {
-                    let list: Vec<Value> = microvms::list(ctx.sup, x, req.query_param("name"))
-                        .iter()
-                        .map(microvm_json)
-                        .collect();
-                    Response::json(200, &json!({"microvm": list}))
-                }
+                None => FlintlockError(MicroVmError::NotFound(format!("microvm {x} not found")))
+                    .response(),
             },
+            (Method::Get, [x]) => {
+                let list: Vec<Value> = microvms::list(ctx.sup, x, req.query_param("name"))
+                    .iter()
+                    .map(microvm_json)
+                    .collect();
+                Response::json(200, &json!({"microvm": list}))
+            }
             (Method::Delete, [uid]) => match microvms::delete(ctx.sup, uid) {
                 Ok(()) => Response::json(200, &json!({})),
                 Err(e) => FlintlockError(e).response(),

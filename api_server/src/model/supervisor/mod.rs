@@ -560,7 +560,11 @@ impl Supervisor {
             ..Default::default()
         };
         self.state.instances.insert(inst.id.clone(), inst.clone());
-        self.save()?;
+        if let Err(e) = self.save() {
+            // Not recorded on disk: not reserved at all.
+            self.state.instances.remove(&inst.id);
+            return Err(e);
+        }
         Ok(inst)
     }
 
