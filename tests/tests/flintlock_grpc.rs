@@ -159,7 +159,7 @@ fn capmvm_spec(kernel: &Path, root: &Path, data: &Path, name: &str) -> Value {
         "id": name, "namespace": "capmvm", "labels": {"cluster.x-k8s.io/cluster-name": "c1"},
         "vcpu": 1, "memory_in_mb": 1024,
         "kernel": {"image": kernel, "filename": "boot/vmlinux", "add_network_config": true,
-                   "cmdline": {"ember.test": "idle", "console": "ttyS0"}},
+                   "cmdline": {"ember.test": "cmdline", "console": "ttyS0"}},
         "root_volume": {"id": "root", "is_read_only": false, "source": {"container_source": root}},
         "additional_volumes": [{"id": "data", "is_read_only": true, "mount_point": "/mnt/data",
                                 "source": {"container_source": data}}],
@@ -243,21 +243,22 @@ fn capmvm_spec_over_grpc_create_list_stream_get_delete() {
     assert_eq!(m["spec"]["interfaces"][0]["type"], "TAP");
     assert_eq!(m["spec"]["additionalVolumes"][0]["mountPoint"], "/mnt/data");
 
-    // The guest got the cmdline map and the network config, and runs.
+    // The guest booted with the cmdline map and the network config (its
+    // `cmdline` mode prints its command line).
     let name = format!("fl-{}", uid.to_lowercase());
     let logs = wait_for(PATIENCE, || {
         let l = String::from_utf8_lossy(
             &http(&d.sock, "GET", &format!("/instances/{name}/logs"), None).body,
         )
         .to_string();
-        l.contains("ember-guest: idle").then_some(l)
+        l.contains("cmdline:").then_some(l)
     })
     .expect("guest booted");
     let cmdline = logs
         .lines()
         .find(|l| l.contains("cmdline:"))
         .unwrap_or_default();
-    assert!(cmdline.contains("ember.test=idle"), "{cmdline}");
+    assert!(cmdline.contains("ember.test=cmdline"), "{cmdline}");
     assert!(cmdline.contains("console=ttyS0"), "{cmdline}");
     assert!(
         cmdline.contains("ip=10.77.0.2::10.77.0.1:255.255.255.0:"),
