@@ -13,8 +13,9 @@
 //! gRPC face share one record and one reconcile. A slow gRPC client holds
 //! only its own stream.
 //!
-//! Security, as flintlockd's flags: TLS (rustls, TLS 1.3 as flintlockd
-//! requires) unless `--insecure`; `--tls-client-validate` requires a client
+//! Security, as flintlockd's flags: TLS (rustls; TLS 1.2 and 1.3, where
+//! flintlockd requires 1.3: tonic's TLS settings have no minimum version)
+//! unless `--insecure`; `--tls-client-validate` requires a client
 //! certificate signed by `--tls-client-ca`; `--basic-auth-token` makes every
 //! call (health and reflection too, as flintlockd's interceptors do) carry
 //! `authorization: basic <base64(token)>`, else UNAUTHENTICATED. The
@@ -262,7 +263,12 @@ pub fn start(cfg: GrpcConfig, jobs: Jobs, policy: RetryPolicy) -> Result<SocketA
         .build()
         .map_err(GrpcError::Start)?;
     // Built here so TLS errors show at start-up, not on the thread.
-    let mut builder = Server::builder();
+    // Dead peers are dropped; handshakes run in their own tasks (tonic), so
+    // a stalled client delays no other.
+    let mut builder = Server::builder()
+        .tcp_keepalive(Some(std::time::Duration::from_secs(60)))
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(60)))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)));
     if let Some(tls) = tls {
         builder = builder
             .tls_config(tls)
