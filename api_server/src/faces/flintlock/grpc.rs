@@ -25,6 +25,9 @@
 //! Status codes as Flintlock's: INVALID_ARGUMENT (bad spec, missing uid),
 //! NOT_FOUND, ALREADY_EXISTS, INTERNAL, UNAUTHENTICATED.
 
+// tonic's interceptors and streams are typed `Result<_, tonic::Status>`.
+#![allow(clippy::result_large_err)]
+
 use std::collections::{BTreeMap, HashMap};
 use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
 use std::path::PathBuf;
@@ -229,6 +232,12 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     diff == 0
 }
 
+/// Whether an endpoint is open to anyone who reaches it: plain text, no
+/// token, not loopback.
+fn needs_warning(addr: &SocketAddr, tls: bool, token: bool) -> bool {
+    !tls && !token && !addr.ip().is_loopback()
+}
+
 /// Validates `cfg`, binds the endpoint and serves on a new thread. Returns
 /// the bound address (port 0 picks a free port).
 pub fn start(cfg: GrpcConfig, jobs: Jobs, policy: RetryPolicy) -> Result<SocketAddr, GrpcError> {
@@ -239,7 +248,7 @@ pub fn start(cfg: GrpcConfig, jobs: Jobs, policy: RetryPolicy) -> Result<SocketA
         .as_deref()
         .filter(|t| !t.is_empty())
         .map(|t| base64::Engine::encode(&base64::engine::general_purpose::STANDARD, t));
-    if tls.is_none() && token.is_none() && !addr.ip().is_loopback() {
+    if needs_warning(&addr, tls.is_some(), token.is_some()) {
         log::warn!(
             "!!! the Flintlock gRPC endpoint {addr} is PLAIN TEXT WITHOUT A TOKEN on a non-loopback \
              address: anyone who reaches it can create and delete MicroVMs. Use --tls-cert/--tls-key \
@@ -706,6 +715,16 @@ mod tests {
         assert!(resolve("localhost:9090").unwrap().ip().is_loopback());
         assert_eq!(resolve("[::1]:9").unwrap().to_string(), "[::1]:9");
         assert!(resolve("localhost:x").is_err());
+    }
+
+    #[test]
+    fn plain_text_open_to_the_network_is_warned_about() {
+        let any: SocketAddr = "0.0.0.0:9090".parse().unwrap();
+        let lo: SocketAddr = "127.0.0.1:9090".parse().unwrap();
+        assert!(needs_warning(&any, false, false));
+        assert!(!needs_warning(&any, true, false));
+        assert!(!needs_warning(&any, false, true));
+        assert!(!needs_warning(&lo, false, false));
     }
 
     #[test]
