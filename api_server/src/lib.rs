@@ -2,9 +2,11 @@
 //!
 //! The source tree is the architecture; imports point down only:
 //!
-//! - [`faces`]: the three REST APIs (UniK, hyperd, Flintlock). Each decodes
-//!   HTTP, makes one call into [`model`], and encodes its own wire JSON. No
-//!   face imports another, and none reaches below [`model`].
+//! - [`faces`]: the three REST APIs (UniK, hyperd, Flintlock), and
+//!   Flintlock's gRPC API on its own threads. Each decodes its wire format,
+//!   makes one call into [`model`] (the gRPC face through the loop's
+//!   [`model::jobs::Jobs::call`]), and encodes its own reply. No face
+//!   imports another, and none reaches below [`model`].
 //! - [`model`]: one domain model of images, instances, volumes and pods;
 //!   the [`model::supervisor::Supervisor`] that owns it, the [`model::store`]
 //!   that persists it, the loop's work queue ([`model::jobs`]), the Flintlock

@@ -519,6 +519,9 @@ fn tls_with_client_validation() {
         target: addr.clone(),
         opts,
     };
+    // A client that connects and stalls in the handshake delays no one.
+    let mut stalled = std::net::TcpStream::connect(&addr).unwrap();
+    std::io::Write::write_all(&mut stalled, b"\x16\x03\x01").unwrap();
     // A client certificate from the CA: served.
     let good = client(json!({"ca": p("ca.crt"), "cert": p("client.crt"), "key": p("client.key")}));
     assert_eq!(
@@ -540,6 +543,9 @@ fn tls_with_client_validation() {
         rogue.code("ListMicroVMs", json!({"namespace": "x"})),
         "UNAVAILABLE"
     );
+    // The HTTP face (same loop) answers meanwhile too.
+    assert_eq!(d.req("GET", "/v1alpha1/microvm/x", None).0, 200);
+    drop(stalled);
     // Plain text to a TLS endpoint: no answer either.
     let plain = client(json!({}));
     assert_eq!(
