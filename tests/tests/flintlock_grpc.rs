@@ -251,7 +251,8 @@ fn capmvm_spec_over_grpc_create_list_stream_get_delete() {
             &http(&d.sock, "GET", &format!("/instances/{name}/logs"), None).body,
         )
         .to_string();
-        l.contains("cmdline:").then_some(l)
+        // "done" follows the whole cmdline line.
+        l.contains("ember-guest: done").then_some(l)
     })
     .expect("guest booted");
     let cmdline = logs

@@ -242,6 +242,10 @@ fn needs_warning(addr: &SocketAddr, tls: bool, token: bool) -> bool {
 /// the bound address (port 0 picks a free port).
 pub fn start(cfg: GrpcConfig, jobs: Jobs, policy: RetryPolicy) -> Result<SocketAddr, GrpcError> {
     let addr = resolve(&cfg.endpoint)?;
+    // rustls is built with both ring (tonic) and aws-lc-rs (the registry
+    // client) here, so it has no implied process default: tonic's acceptor
+    // needs one. ring, unless something installed one first.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let tls = tls_config(&cfg)?;
     let token = cfg
         .basic_auth_token
