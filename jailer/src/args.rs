@@ -58,8 +58,9 @@ pub struct Args {
     pub daemonize: bool,
     /// `--new-pid-ns`.
     pub new_pid_ns: bool,
-    /// `--cgroup-version` (1 or 2).
-    pub cgroup_version: u8,
+    /// `--cgroup-version` (1 or 2); `None`: Firecracker's default, v1, or the
+    /// only hierarchy mounted.
+    pub cgroup_version: Option<u8>,
     /// `--cgroup FILE=VALUE`, in order.
     pub cgroups: Vec<String>,
     /// `--parent-cgroup`.
@@ -87,7 +88,9 @@ Usage: ember-jailer --id ID --exec-file PATH --uid UID --gid GID [OPTIONS] [-- V
 
 Puts one VMM process in a chroot jail (pivot_root in a new mount namespace),
 optionally in a network namespace, a new PID namespace and cgroups, drops to
-UID:GID with no capabilities and execs it as /<exec-file name>.
+UID:GID with no capabilities and execs it as /<exec-file name> with
+Firecracker's jailer arguments first: --id ID --start-time-us T
+--start-time-cpu-us C --parent-cpu-time-us P, then VMM_ARGS.
 
 Options:
   --id ID                      jail id: 1-64 ASCII letters, digits or '-'
@@ -101,7 +104,8 @@ Options:
   --new-pid-ns                 run the VMM as pid 1 of a new PID namespace
   --cgroup FILE=VALUE          write VALUE to FILE of the VMM's cgroup (repeatable),
                                e.g. cpu.max=50000 100000, memory.max=1G, cpuset.cpus=0
-  --cgroup-version 1|2         cgroup hierarchy to use [default: 2]
+  --cgroup-version 1|2         cgroup hierarchy to use [default: 1, as Firecracker's
+                               jailer; 2 when the unified hierarchy is the only one]
   --parent-cgroup PATH         cgroup parent, relative to the hierarchy root [default: ember]
   --resource-limit NAME=VALUE  no-file=N or fsize=N (repeatable) [default: no-file=2048]
   -h, --help                   print this help
@@ -222,12 +226,12 @@ where
         .unwrap_or_else(|| PathBuf::from(DEFAULT_CHROOT_BASE_DIR));
     let netns = single("netns").map(PathBuf::from);
     let cgroup_version = match single("cgroup-version") {
-        None => 2,
+        None => None,
         Some(v) => {
             let v = to_string("cgroup-version", v)?;
             match v.as_str() {
-                "1" => 1,
-                "2" => 2,
+                "1" => Some(1),
+                "2" => Some(2),
                 _ => return Err(ArgsError::BadCgroupVersion(v)),
             }
         }
@@ -294,7 +298,7 @@ mod tests {
         assert_eq!(a.exec_file, PathBuf::from("/bin/true"));
         assert_eq!((a.uid, a.gid), (123, 456));
         assert_eq!(a.chroot_base_dir, PathBuf::from("/srv/jailer"));
-        assert_eq!(a.cgroup_version, 2);
+        assert_eq!(a.cgroup_version, None);
         assert!(!a.daemonize && !a.new_pid_ns);
         assert!(a.netns.is_none() && a.parent_cgroup.is_none());
         assert!(a.cgroups.is_empty() && a.resource_limits.is_empty() && a.vmm_args.is_empty());
@@ -329,7 +333,7 @@ mod tests {
         assert_eq!(a.netns, Some(PathBuf::from("/var/run/netns/x")));
         assert!(a.daemonize && a.new_pid_ns);
         assert_eq!(a.cgroups, vec!["cpu.max=50000 100000", "memory.max=1G"]);
-        assert_eq!(a.cgroup_version, 1);
+        assert_eq!(a.cgroup_version, Some(1));
         assert_eq!(a.parent_cgroup.as_deref(), Some("a/b"));
         assert_eq!(a.resource_limits, vec!["no-file=10", "fsize=4096"]);
         assert_eq!(

@@ -173,6 +173,21 @@ pub fn v1_root<'a>(mounts: &'a [CgroupMount], controller: &str) -> Option<&'a Pa
         .map(|m| m.mount_point.as_path())
 }
 
+/// The hierarchy to use: `requested` (`--cgroup-version`) if given; else
+/// Firecracker's jailer default, v1, when a v1 hierarchy is mounted, or v2
+/// when the unified hierarchy is the only one (a cgroup2-only host).
+pub fn resolve_version(requested: Option<CgroupVersion>, mounts: &[CgroupMount]) -> CgroupVersion {
+    if let Some(v) = requested {
+        return v;
+    }
+    let has_v1 = mounts.iter().any(|m| m.fstype == "cgroup");
+    if !has_v1 && v2_root(mounts).is_some() {
+        CgroupVersion::V2
+    } else {
+        CgroupVersion::V1
+    }
+}
+
 /// One cgroup directory the VMM goes into.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CgroupDir {
@@ -406,6 +421,25 @@ cgroup2 /sys/fs/cgroup/unified cgroup2 rw,relatime 0 0
         );
         assert_eq!(v1_root(&m, "devices"), None);
         assert_eq!(v2_root(&parse_mounts("proc /proc proc rw 0 0\n")), None);
+    }
+
+    #[test]
+    fn version_defaults_to_v1_unless_only_v2_is_mounted() {
+        let hybrid = parse_mounts(MOUNTS);
+        assert_eq!(resolve_version(None, &hybrid), CgroupVersion::V1);
+        assert_eq!(
+            resolve_version(Some(CgroupVersion::V2), &hybrid),
+            CgroupVersion::V2
+        );
+        let unified = parse_mounts("cgroup2 /sys/fs/cgroup cgroup2 rw,nosuid 0 0\n");
+        assert_eq!(resolve_version(None, &unified), CgroupVersion::V2);
+        assert_eq!(
+            resolve_version(Some(CgroupVersion::V1), &unified),
+            CgroupVersion::V1
+        );
+        let v1_only = parse_mounts("cgroup /sys/fs/cgroup/cpu cgroup rw,cpu,cpuacct 0 0\n");
+        assert_eq!(resolve_version(None, &v1_only), CgroupVersion::V1);
+        assert_eq!(resolve_version(None, &[]), CgroupVersion::V1);
     }
 
     #[test]

@@ -97,8 +97,13 @@ pub struct Config {
     pub new_pid_ns: bool,
     /// cgroup settings (empty: cgroups untouched).
     pub cgroup_settings: Vec<CgroupSetting>,
-    /// cgroup version.
-    pub cgroup_version: CgroupVersion,
+    /// cgroup version asked for (`None`: see [`cgroup::resolve_version`]).
+    pub cgroup_version: Option<CgroupVersion>,
+    /// When the jailer started: CLOCK_MONOTONIC and process CPU time, µs
+    /// (passed to the VMM as Firecracker's jailer does).
+    pub start_time_us: u64,
+    /// Process CPU time at start, µs.
+    pub start_time_cpu_us: u64,
     /// Parent cgroup, relative to the hierarchy root.
     pub parent_cgroup: PathBuf,
     /// Resource limits.
@@ -137,11 +142,15 @@ impl Config {
             daemonize: a.daemonize,
             new_pid_ns: a.new_pid_ns,
             cgroup_settings,
-            cgroup_version: if a.cgroup_version == 1 {
-                CgroupVersion::V1
-            } else {
-                CgroupVersion::V2
-            },
+            cgroup_version: a.cgroup_version.map(|v| {
+                if v == 1 {
+                    CgroupVersion::V1
+                } else {
+                    CgroupVersion::V2
+                }
+            }),
+            start_time_us: clock_us(libc::CLOCK_MONOTONIC),
+            start_time_cpu_us: clock_us(libc::CLOCK_PROCESS_CPUTIME_ID),
             parent_cgroup,
             resource_limits,
             vmm_args: a.vmm_args,
@@ -158,7 +167,7 @@ impl Config {
             .map_err(|e| cgroup::CgroupError::Mounts(cgroup::PROC_MOUNTS, e))?;
         let mounts = cgroup::parse_mounts(&text);
         Ok(Some(cgroup::plan(
-            self.cgroup_version,
+            cgroup::resolve_version(self.cgroup_version, &mounts),
             &mounts,
             &self.parent_cgroup,
             &self.id,
@@ -221,7 +230,43 @@ pub fn run(cfg: &Config) -> Result<Infallible, Error> {
 
     privileges::drop_privileges(cfg.uid, cfg.gid)?;
     let exec_path = PathBuf::from("/").join(&cfg.exec_name);
-    Err(process::exec(&exec_path, &cfg.vmm_args).into())
+    Err(process::exec(&exec_path, &cfg.exec_args()).into())
+}
+
+/// `clock`'s time in microseconds.
+pub fn clock_us(clock: libc::clockid_t) -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid out-pointer for the call.
+    unsafe { libc::clock_gettime(clock, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1000
+}
+
+impl Config {
+    /// The VMM's arguments, as Firecracker's jailer builds them: `--id`,
+    /// `--start-time-us` (the jailer's start), `--start-time-cpu-us` (this
+    /// process's CPU time now) and `--parent-cpu-time-us` (CPU time the
+    /// jailer used), then the arguments after `--`.
+    pub fn exec_args(&self) -> Vec<OsString> {
+        let cpu_now = clock_us(libc::CLOCK_PROCESS_CPUTIME_ID);
+        let mut a: Vec<OsString> = vec![
+            "--id".into(),
+            self.id.clone().into(),
+            "--start-time-us".into(),
+            self.start_time_us.to_string().into(),
+            "--start-time-cpu-us".into(),
+            cpu_now.to_string().into(),
+            "--parent-cpu-time-us".into(),
+            cpu_now
+                .saturating_sub(self.start_time_cpu_us)
+                .to_string()
+                .into(),
+        ];
+        a.extend(self.vmm_args.iter().cloned());
+        a
+    }
 }
 
 #[cfg(test)]
@@ -239,7 +284,7 @@ mod tests {
             netns: None,
             daemonize: false,
             new_pid_ns: false,
-            cgroup_version: 2,
+            cgroup_version: None,
             cgroups: vec![],
             parent_cgroup: None,
             resource_limits: vec![],
@@ -255,6 +300,15 @@ mod tests {
         assert_eq!(c.parent_cgroup, PathBuf::from("ember"));
         assert_eq!(c.resource_limits.no_file, 2048);
         assert!(c.cgroup_plan().unwrap().is_none());
+        let mut a = args("vm-1", "Cargo.toml");
+        a.vmm_args = vec!["--api-sock".into(), "/run/s".into()];
+        let e = Config::from_args(a).unwrap().exec_args();
+        let e: Vec<String> = e.iter().map(|s| s.to_string_lossy().into()).collect();
+        assert_eq!(&e[..2], ["--id", "vm-1"]);
+        assert_eq!(e[2], "--start-time-us");
+        assert_eq!(e[4], "--start-time-cpu-us");
+        assert_eq!(e[6], "--parent-cpu-time-us");
+        assert_eq!(&e[8..], ["--api-sock", "/run/s"]);
     }
 
     #[test]

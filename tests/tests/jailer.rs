@@ -193,6 +193,8 @@ fn the_guest_boots_in_the_jail_as_an_unprivileged_user() {
         let parent = format!("ember-tests-{}", j.id);
         j.cgroups = vec![v2.join(&parent).join(&j.id), v2.join(&parent)];
         jailer_args.extend([
+            "--cgroup-version".into(),
+            "2".into(),
             "--parent-cgroup".into(),
             parent,
             "--cgroup".into(),
@@ -249,6 +251,55 @@ fn the_guest_boots_in_the_jail_as_an_unprivileged_user() {
             ""
         );
     }
+    j.remove();
+}
+
+/// The v1 hierarchy of `controller`, if mounted.
+fn cgroup1_root(controller: &str) -> Option<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/mounts").ok()?;
+    mounts
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|f| f.len() > 3 && f[2] == "cgroup" && f[3].split(',').any(|o| o == controller))
+        .map(|f| PathBuf::from(f[1]))
+}
+
+/// firecracker-go-sdk's default jailer command (`jailer.go`,
+/// `JailerCommandBuilder.Args`) passes no `--cgroup-version`; Firecracker's
+/// jailer then uses v1, and so does ember-jailer where v1 controllers are
+/// mounted. (On a cgroup2-only host it falls back to v2: see
+/// `cgroup::resolve_version`'s unit test.)
+#[test]
+fn without_cgroup_version_the_jailer_uses_v1_like_firecrackers() {
+    let Some(pids) = cgroup1_root("pids") else {
+        eprintln!("no cgroup v1 pids hierarchy mounted: nothing to check here");
+        return;
+    };
+    let mut j = Jail::new("cg1");
+    j.place_guest("ember.test=hello");
+    let parent = format!("ember-tests-{}", j.id);
+    j.cgroups = vec![pids.join(&parent).join(&j.id), pids.join(&parent)];
+    let logs = TempDir::new("jail-logs");
+    let args = [
+        "--parent-cgroup",
+        parent.as_str(),
+        "--cgroup",
+        "pids.max=64",
+    ];
+    let mut p = j.spawn_no_api(&args, &[], &logs);
+    let st = p.wait();
+    assert_eq!(st.code(), Some(0), "{st:?}\n{}", p.err());
+    assert!(
+        p.out().contains("ember-guest: hello from pvh boot"),
+        "{}",
+        p.out()
+    );
+    assert_eq!(
+        std::fs::read_to_string(pids.join(&parent).join(&j.id).join("pids.max"))
+            .unwrap()
+            .trim(),
+        "64"
+    );
     j.remove();
 }
 

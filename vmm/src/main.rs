@@ -24,7 +24,10 @@ const DEFAULT_API_SOCK: &str = "/run/firecracker.socket";
 #[command(
     name = "ember-vmm",
     about = "ember microVM monitor: one KVM guest per process, Firecracker's API and command line",
-    disable_version_flag = true
+    disable_version_flag = true,
+    // A later occurrence wins: ember-jailer (like Firecracker's jailer)
+    // passes --id first, and callers may repeat it after `--`.
+    args_override_self = true
 )]
 struct Args {
     /// Path to unix domain socket used by the API.

@@ -129,19 +129,35 @@ impl Metrics {
 
     /// Counts one API request and whether it failed.
     pub fn count_api(&mut self, a: &VmmAction, ok: bool) {
-        self.count(api_counter(a), ok)
+        let key = api_counter(a);
+        self.count_request(key);
+        if !ok {
+            self.count_failure(key);
+        }
     }
 
-    /// Counts one API request under `key` (from [`api_counter`]).
-    pub fn count(&mut self, key: (&'static str, &'static str), ok: bool) {
+    /// Counts a request under `key` (from [`api_counter`]) as it arrives,
+    /// as Firecracker's parsers do, so a line written while handling it
+    /// (InstanceStart's) includes it.
+    pub fn count_request(&mut self, key: (&'static str, &'static str)) {
         let (group, name) = key;
         let g = self.counters.entry(group).or_default();
         *g.entry(format!("{name}_count")).or_default() += 1;
         if group != "get_api_requests" {
-            let fails = g.entry(format!("{name}_fails")).or_default();
-            if !ok {
-                *fails += 1;
-            }
+            g.entry(format!("{name}_fails")).or_default();
+        }
+    }
+
+    /// Counts a failed request under `key`.
+    pub fn count_failure(&mut self, key: (&'static str, &'static str)) {
+        let (group, name) = key;
+        if group != "get_api_requests" {
+            *self
+                .counters
+                .entry(group)
+                .or_default()
+                .entry(format!("{name}_fails"))
+                .or_default() += 1;
         }
     }
 

@@ -658,12 +658,19 @@ impl MicroVm {
             if let Some(api) = api {
                 while let Ok(ApiRequest { action, conn }) = api.requests.try_recv() {
                     let key = crate::metrics::api_counter(&action);
-                    let result = controller.handle(action, em);
                     controller
                         .metrics()
                         .lock()
                         .expect("metrics poisoned")
-                        .count(key, result.is_ok());
+                        .count_request(key);
+                    let result = controller.handle(action, em);
+                    if result.is_err() {
+                        controller
+                            .metrics()
+                            .lock()
+                            .expect("metrics poisoned")
+                            .count_failure(key);
+                    }
                     let (status, body) = crate::api::reply(result);
                     api.answer(conn, status, body);
                 }
