@@ -105,6 +105,61 @@ fn compiled_filter_file(dir: &TempDir) -> std::path::PathBuf {
     p
 }
 
+/// `--seccomp-filter FILE` (what `seccompArgs` passes for
+/// `Seccomp{Enabled: true, Filter: FILE}`) replaces the built-in filters:
+/// with ember's own programs the API thread's forbidden `socket(AF_INET)`
+/// kills the process by SIGSYS; with a file whose `api` program is a single
+/// "allow" instruction, the same call succeeds. A file in neither of
+/// Firecracker's formats is refused before anything runs.
+#[test]
+fn seccomp_filter_file_is_what_the_threads_install() {
+    use std::os::unix::process::ExitStatusExt;
+    let dir = TempDir::new("sdkseccomp");
+    let file = compiled_filter_file(&dir);
+    let run = |filter: &Path, tag: &str| {
+        let sock = dir.join(&format!("{tag}.sock"));
+        let mut cmd = Command::new(bin("ember-vmm"));
+        cmd.arg("--api-sock")
+            .arg(&sock)
+            .arg("--seccomp-filter")
+            .arg(filter)
+            .args(["--seccomp-test-trigger", "api"]);
+        Proc::spawn(cmd, dir.path(), tag)
+    };
+    let mut p = run(&file, "strict");
+    let st = p.wait();
+    assert_eq!(st.signal(), Some(libc::SIGSYS), "{st:?} {}", p.err());
+
+    // The same map with `api` = [BPF_RET | BPF_K SECCOMP_RET_ALLOW].
+    let bytes = std::fs::read(&file).unwrap();
+    let mut map: HashMap<String, Vec<u64>> = bitcode::deserialize(&bytes).unwrap();
+    map.insert("api".into(), vec![0x06 | (0x7fff_0000u64 << 32)]);
+    let lax = dir.join("lax.bpf");
+    std::fs::write(&lax, bitcode::serialize(&map).unwrap()).unwrap();
+    let mut p = run(&lax, "lax");
+    let sock = dir.join("lax.sock");
+    wait_for_socket(&sock);
+    assert!(
+        wait_for(PATIENCE, || p
+            .err()
+            .contains("the api thread survived (socket created)")
+            .then_some(()))
+        .is_some(),
+        "{}",
+        p.err()
+    );
+    // SIGTERM ends it (Firecracker's SDK StopVMM).
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(p.pid() as i32, libc::SIGTERM) };
+    assert_eq!(p.wait().code(), Some(143));
+
+    let junk = dir.join("junk.bpf");
+    std::fs::write(&junk, b"not a filter").unwrap();
+    let mut p = run(&junk, "junk");
+    assert_eq!(p.wait().code(), Some(152));
+    assert!(p.err().contains("not a compiled filter map"), "{}", p.err());
+}
+
 /// `Machine.Start` with logging and metrics FIFOs, machine config with
 /// `smt`, boot source, two drives, a TAP interface allowed to reach MMDS,
 /// vsock and seccomp from a filter file; then firectl's `SetMetadata`, an
