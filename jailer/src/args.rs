@@ -106,7 +106,9 @@ Options:
                                e.g. cpu.max=50000 100000, memory.max=1G, cpuset.cpus=0
   --cgroup-version 1|2         cgroup hierarchy to use [default: 1, as Firecracker's
                                jailer; 2 when the unified hierarchy is the only one]
-  --parent-cgroup PATH         cgroup parent, relative to the hierarchy root [default: ember]
+  --parent-cgroup PATH         cgroup parent, relative to the hierarchy root [default: the
+                               exec file's name, as Firecracker's jailer]; with cgroup v2 and
+                               no --cgroup, an existing parent is joined as is
   --resource-limit NAME=VALUE  no-file=N or fsize=N (repeatable) [default: no-file=2048]
   -h, --help                   print this help
   -V, --version                print the version

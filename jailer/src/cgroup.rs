@@ -11,9 +11,6 @@ use std::fs::OpenOptions;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
-/// Default parent cgroup (relative to the hierarchy root).
-pub const DEFAULT_PARENT: &str = "ember";
-
 /// Where mounts are read from.
 pub const PROC_MOUNTS: &str = "/proc/mounts";
 
@@ -345,6 +342,11 @@ pub fn create(plan: &CgroupPlan) -> Result<(), CgroupError> {
         }
     }
     Ok(())
+}
+
+/// Moves this process into the existing cgroup `dir` (v2).
+pub fn join(dir: &Path) -> Result<(), CgroupError> {
+    write_file(&dir.join("cgroup.procs"), &std::process::id().to_string())
 }
 
 /// Creates the cgroup directories, writes the settings and moves the

@@ -123,7 +123,8 @@ impl Config {
             validate::refuse_parent_dir("--netns", ns)?;
         }
         let parent_cgroup = validate::validate_parent_cgroup(
-            a.parent_cgroup.as_deref().unwrap_or(cgroup::DEFAULT_PARENT),
+            // Firecracker's default: the exec file's name.
+            a.parent_cgroup.as_deref().unwrap_or(&exec_name),
         )?;
         let cgroup_settings = a
             .cgroups
@@ -163,9 +164,7 @@ impl Config {
         if self.cgroup_settings.is_empty() {
             return Ok(None);
         }
-        let text = std::fs::read_to_string(cgroup::PROC_MOUNTS)
-            .map_err(|e| cgroup::CgroupError::Mounts(cgroup::PROC_MOUNTS, e))?;
-        let mounts = cgroup::parse_mounts(&text);
+        let mounts = Self::mounts()?;
         Ok(Some(cgroup::plan(
             cgroup::resolve_version(self.cgroup_version, &mounts),
             &mounts,
@@ -173,6 +172,29 @@ impl Config {
             &self.id,
             &self.cgroup_settings,
         )?))
+    }
+}
+
+impl Config {
+    fn mounts() -> Result<Vec<cgroup::CgroupMount>, Error> {
+        let text = std::fs::read_to_string(cgroup::PROC_MOUNTS)
+            .map_err(|e| cgroup::CgroupError::Mounts(cgroup::PROC_MOUNTS, e))?;
+        Ok(cgroup::parse_mounts(&text))
+    }
+
+    /// Firecracker's jailer rule: with cgroup v2 and no `--cgroup`
+    /// settings, an existing `<v2 root>/<parent cgroup>` is joined as is.
+    pub fn v2_parent_to_join(&self) -> Result<Option<PathBuf>, Error> {
+        if !self.cgroup_settings.is_empty() {
+            return Ok(None);
+        }
+        let mounts = Self::mounts()?;
+        if cgroup::resolve_version(self.cgroup_version, &mounts) != CgroupVersion::V2 {
+            return Ok(None);
+        }
+        Ok(cgroup::v2_root(&mounts)
+            .map(|r| r.join(&self.parent_cgroup))
+            .filter(|p| p.is_dir()))
     }
 }
 
@@ -184,6 +206,9 @@ impl Config {
 pub fn run(cfg: &Config) -> Result<Infallible, Error> {
     // Everything that needs the host's view happens before pivot_root.
     let cgroup_plan = cfg.cgroup_plan()?;
+    if let Some(parent) = cfg.v2_parent_to_join()? {
+        cgroup::join(&parent)?;
+    }
     jail::create_root(&cfg.jail_root)?;
     jail::install_exec(&cfg.exec_file, &cfg.jail_root, &cfg.exec_name)?;
     if let Some(ns) = &cfg.netns {
@@ -297,7 +322,7 @@ mod tests {
         let c = Config::from_args(args("vm-1", "Cargo.toml")).unwrap();
         assert_eq!(c.exec_name, "Cargo.toml");
         assert!(c.jail_root.ends_with("Cargo.toml/vm-1/root"));
-        assert_eq!(c.parent_cgroup, PathBuf::from("ember"));
+        assert_eq!(c.parent_cgroup, PathBuf::from("Cargo.toml"));
         assert_eq!(c.resource_limits.no_file, 2048);
         assert!(c.cgroup_plan().unwrap().is_none());
         let mut a = args("vm-1", "Cargo.toml");
