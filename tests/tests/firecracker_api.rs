@@ -467,6 +467,9 @@ fn every_operation_before_and_after_boot() {
     assert_eq!(lines[0]["put_api_requests"]["drive_count"], 3);
     assert_eq!(lines[0]["put_api_requests"]["drive_fails"], 2);
     assert_eq!(lines[1]["patch_api_requests"]["drive_count"], 1);
+    // Device counters, per drive and summed.
+    assert!(lines[0]["block_d0"]["read_count"].is_u64(), "{:?}", lines[0]);
+    assert!(lines[0]["block"]["write_bytes"].is_u64(), "{:?}", lines[0]);
     // The log file has Firecracker's line format with level and origin.
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(

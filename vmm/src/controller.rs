@@ -463,6 +463,14 @@ impl Controller {
                 self.running = Some(vm);
                 let configured = {
                     let mut m = self.metrics.lock().expect("metrics poisoned");
+                    if let Some(vm) = &self.running {
+                        for (id, b) in &vm.blocks {
+                            m.add_block(id, b.lock().expect("block poisoned").metrics());
+                        }
+                        for (id, n) in &vm.nets {
+                            m.add_net(id, n.lock().expect("net poisoned").metrics());
+                        }
+                    }
                     if let Err(e) = m.write() {
                         log::warn!("metrics: {e}");
                     }

@@ -6,13 +6,18 @@
 //! As in Firecracker, counters are deltas: each line holds what happened
 //! since the previous line, and the counter restarts at zero.
 //!
-//! What ember counts today: every API request by resource and method,
-//! under Firecracker's names (`get_api_requests`, `put_api_requests`,
-//! `patch_api_requests`, each with `<resource>_count` and, for PUT/PATCH,
-//! `<resource>_fails`), and the process start-up time derived from
-//! `--start-time-us`/`--start-time-cpu-us` (`api_server`). Device counters
-//! (block, net, vsock, i8042, uart) are not yet counted by ember's devices
-//! and are absent rather than reported as zero.
+//! What ember counts today, under Firecracker's names:
+//! - every API request by resource and method (`get_api_requests`,
+//!   `put_api_requests`, `patch_api_requests`, each with `<resource>_count`
+//!   and, for PUT/PATCH, `<resource>_fails`);
+//! - virtio-blk and virtio-net devices ([`devices::virtio::metrics`]), per
+//!   device (`block_<drive_id>`, `net_<iface_id>`) and summed (`block`,
+//!   `net`): requests, bytes, frames, failures, rate-limiter holds;
+//! - the process start-up time derived from `--start-time-us` and
+//!   `--start-time-cpu-us` (`api_server`).
+//!
+//! Not counted yet, and absent rather than reported as zero: vsock, i8042,
+//! uart, vCPU exits, seccomp and signals.
 //!
 //! The file is opened like the log file ([`crate::logger::open_nonblocking`]):
 //! a reader that stalls makes ember drop lines, never wait.
@@ -27,6 +32,8 @@ use event_manager::{EventOps, Events, MutEventSubscriber};
 use serde_json::{json, Map, Value};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::timerfd::TimerFd;
+
+use devices::virtio::metrics::{BlockMetrics, NetMetrics};
 
 use crate::actions::VmmAction;
 use crate::config::metrics::MetricsConfig;
@@ -63,6 +70,27 @@ pub struct Metrics {
     instance_id: String,
     counters: BTreeMap<&'static str, BTreeMap<String, u64>>,
     gauges: BTreeMap<&'static str, BTreeMap<&'static str, u64>>,
+    blocks: Vec<(String, Arc<BlockMetrics>)>,
+    nets: Vec<(String, Arc<NetMetrics>)>,
+}
+
+/// Adds one device's taken counters as `<group>_<id>` and into the
+/// `<group>` sum, as Firecracker reports per-device and aggregate groups.
+fn add_device(m: &mut Map<String, Value>, group: &str, id: &str, taken: Vec<(&str, u64)>) {
+    let mut own = Map::new();
+    for (k, v) in &taken {
+        own.insert(k.to_string(), json!(v));
+    }
+    m.insert(format!("{group}_{id}"), Value::Object(own));
+    let sum = m
+        .entry(group.to_string())
+        .or_insert_with(|| Value::Object(Map::new()));
+    if let Value::Object(o) = sum {
+        for (k, v) in taken {
+            let cur = o.get(k).and_then(Value::as_u64).unwrap_or(0);
+            o.insert(k.to_string(), json!(cur + v));
+        }
+    }
 }
 
 /// The metrics group and name prefix an API action is counted under.
@@ -161,6 +189,16 @@ impl Metrics {
         }
     }
 
+    /// Reports a virtio-blk device's counters from now on.
+    pub fn add_block(&mut self, id: &str, m: Arc<BlockMetrics>) {
+        self.blocks.push((id.to_string(), m));
+    }
+
+    /// Reports a virtio-net device's counters from now on.
+    pub fn add_net(&mut self, id: &str, m: Arc<NetMetrics>) {
+        self.nets.push((id.to_string(), m));
+    }
+
     /// Records a value that is reported on every line (not a delta).
     pub fn set_gauge(&mut self, group: &'static str, name: &'static str, v: u64) {
         self.gauges.entry(group).or_default().insert(name, v);
@@ -193,6 +231,12 @@ impl Metrics {
         for (g, c) in std::mem::take(&mut self.counters) {
             let fields: Map<String, Value> = c.into_iter().map(|(k, v)| (k, json!(v))).collect();
             m.insert(g.into(), Value::Object(fields));
+        }
+        for (id, b) in &self.blocks {
+            add_device(&mut m, "block", id, b.take());
+        }
+        for (id, n) in &self.nets {
+            add_device(&mut m, "net", id, n.take());
         }
         for (g, c) in &self.gauges {
             let e = m
@@ -282,8 +326,15 @@ mod tests {
         assert_eq!(s["get_api_requests"]["instance_info_count"], 1);
         assert_eq!(s["api_server"]["process_startup_time_us"], 7);
         assert!(s["utc_timestamp_ms"].as_u64().unwrap() > 0);
+        let b = Arc::new(BlockMetrics::default());
+        m.add_block("rootfs", b.clone());
+        m.add_block("data", Arc::new(BlockMetrics::default()));
+        b.read_count.add(3);
         let again = m.snapshot();
         assert!(again.get("put_api_requests").is_none());
+        assert_eq!(again["block_rootfs"]["read_count"], 3);
+        assert_eq!(again["block_data"]["read_count"], 0);
+        assert_eq!(again["block"]["read_count"], 3);
         assert_eq!(again["api_server"]["process_startup_time_us"], 7);
     }
 

@@ -27,6 +27,7 @@
 pub mod balloon;
 pub mod block;
 pub mod desc;
+pub mod metrics;
 pub mod mmio;
 pub mod net;
 /// Limits on bandwidth and operations.

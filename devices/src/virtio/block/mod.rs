@@ -41,12 +41,14 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use virtio_queue::QueueOwnedT;
 use vm_memory::GuestMemoryMmap;
 
 use super::desc::ParsedChain;
+use super::metrics::BlockMetrics;
 use super::rate_limiter::{RateLimiter, RateLimiterConfig, RateLimiterError};
 use super::{drain_evt, DeviceBase, VirtioDevice, TYPE_BLOCK};
 
@@ -262,7 +264,27 @@ impl Disk {
     }
 
     /// Executes a request; returns (status, bytes written to the data part).
-    fn execute(&mut self, mem: &GuestMemoryMmap, c: &ParsedChain, data_out: u64) -> (u8, u32) {
+    fn execute(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        c: &ParsedChain,
+        data_out: u64,
+        m: &BlockMetrics,
+    ) -> (u8, u32) {
+        let r = self.execute_inner(mem, c, data_out, m);
+        if r.0 == VIRTIO_BLK_S_IOERR {
+            m.execute_fails.inc();
+        }
+        r
+    }
+
+    fn execute_inner(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        c: &ParsedChain,
+        data_out: u64,
+        m: &BlockMetrics,
+    ) -> (u8, u32) {
         let mut hdr = [0u8; 16];
         if c.read_at(mem, 0, &mut hdr).is_err() {
             return (VIRTIO_BLK_S_IOERR, 0);
@@ -276,7 +298,11 @@ impl Disk {
         match rtype {
             VIRTIO_BLK_T_IN => match self.range(sector, data_in) {
                 Some(off) => match self.read_to_guest(mem, c, off, data_in) {
-                    Ok(()) => (VIRTIO_BLK_S_OK, data_in as u32),
+                    Ok(()) => {
+                        m.read_count.inc();
+                        m.read_bytes.add(data_in);
+                        (VIRTIO_BLK_S_OK, data_in as u32)
+                    }
                     Err(_) => (VIRTIO_BLK_S_IOERR, 0),
                 },
                 None => (VIRTIO_BLK_S_IOERR, 0),
@@ -289,14 +315,21 @@ impl Disk {
                     // never write past the end of the file
                     Some(off) if off + data_out <= self.size => {
                         match self.write_from_guest(mem, c, off, data_out) {
-                            Ok(()) => (VIRTIO_BLK_S_OK, 0),
+                            Ok(()) => {
+                                m.write_count.inc();
+                                m.write_bytes.add(data_out);
+                                (VIRTIO_BLK_S_OK, 0)
+                            }
                             Err(_) => (VIRTIO_BLK_S_IOERR, 0),
                         }
                     }
                     _ => (VIRTIO_BLK_S_IOERR, 0),
                 }
             }
-            VIRTIO_BLK_T_FLUSH => match self.file.sync_all() {
+            VIRTIO_BLK_T_FLUSH => match {
+                m.flush_count.inc();
+                self.file.sync_all()
+            } {
                 Ok(()) => (VIRTIO_BLK_S_OK, 0),
                 Err(_) => (VIRTIO_BLK_S_IOERR, 0),
             },
@@ -318,6 +351,7 @@ impl Disk {
         mem: &GuestMemoryMmap,
         c: &ParsedChain,
         data_out: u64,
+        m: &BlockMetrics,
     ) -> Result<AioRequest, (u8, u32)> {
         let mut hdr = [0u8; 16];
         if c.read_at(mem, 0, &mut hdr).is_err() {
@@ -349,7 +383,7 @@ impl Disk {
                 }
             }
             VIRTIO_BLK_T_FLUSH => Ok(AioRequest::Flush),
-            _ => Err(self.execute(mem, c, data_out)),
+            _ => Err(self.execute(mem, c, data_out, m)),
         }
     }
 
@@ -423,6 +457,7 @@ pub struct Block {
     limiter: RateLimiter,
     /// The `Async` engine's ring, if that is the engine.
     aio: Option<io_uring::AsyncIo<AioTag>>,
+    metrics: Arc<BlockMetrics>,
 }
 
 fn id_bytes(drive_id: &str) -> [u8; ID_LEN] {
@@ -455,7 +490,13 @@ impl Block {
             disk,
             limiter,
             aio,
+            metrics: Arc::default(),
         })
+    }
+
+    /// The device's counters (shared with the metrics writer).
+    pub fn metrics(&self) -> Arc<BlockMetrics> {
+        self.metrics.clone()
     }
 
     /// The drive's configuration.
@@ -518,6 +559,7 @@ impl Block {
                 Ok(c) if c.writable_len() > 0 => c,
                 Ok(_) | Err(_) => {
                     log::warn!("virtio-blk: dropping malformed request {head}: {parsed:?}");
+                    self.metrics.invalid_reqs_count.inc();
                     self.base.add_used(0, head, 0);
                     used = true;
                     continue;
@@ -531,6 +573,7 @@ impl Block {
                     "virtio-blk: request {head} too large ({descriptors} descriptors, {bytes} bytes; at most {} and {MAX_REQUEST}): IOERR",
                     SEG_MAX + 2
                 );
+                self.metrics.invalid_reqs_count.inc();
                 (VIRTIO_BLK_S_IOERR, 0)
             } else {
                 if self.aio.as_ref().is_some_and(|a| !a.has_room(bytes)) {
@@ -539,6 +582,7 @@ impl Block {
                     break;
                 }
                 if !self.limiter.consume(bytes) {
+                    self.metrics.rate_limiter_throttled_events.inc();
                     self.base.queues[0].go_to_previous_position();
                     break;
                 }
@@ -549,7 +593,7 @@ impl Block {
                         Err(answer) => answer,
                     }
                 } else {
-                    self.disk.execute(&mem, &c, data_out)
+                    self.disk.execute(&mem, &c, data_out, &self.metrics)
                 }
             };
             let status_off = c.writable_len() - 1;
@@ -574,7 +618,7 @@ impl Block {
     ) -> Result<(), (u8, u32)> {
         let fd = self.disk.file.as_raw_fd();
         let size = self.disk.size;
-        let plan = self.disk.plan_async(mem, c, data_out)?;
+        let plan = self.disk.plan_async(mem, c, data_out, &self.metrics)?;
         let Some(aio) = self.aio.as_mut() else {
             return Err((VIRTIO_BLK_S_IOERR, 0));
         };
@@ -607,20 +651,34 @@ impl Block {
         for d in done {
             let (head, c, data_len) = d.tag;
             let mut len = 0;
+            let m = &self.metrics;
             let status = if d.ok {
                 match d.op {
                     io_uring::Op::Read { .. } => match c.write_at(&mem, 0, &d.buf) {
                         Ok(()) => {
                             len = data_len;
+                            m.read_count.inc();
+                            m.read_bytes.add(u64::from(data_len));
                             VIRTIO_BLK_S_OK
                         }
                         Err(_) => VIRTIO_BLK_S_IOERR,
                     },
-                    _ => VIRTIO_BLK_S_OK,
+                    io_uring::Op::Write => {
+                        m.write_count.inc();
+                        m.write_bytes.add(d.buf.len() as u64);
+                        VIRTIO_BLK_S_OK
+                    }
+                    io_uring::Op::Flush => {
+                        m.flush_count.inc();
+                        VIRTIO_BLK_S_OK
+                    }
                 }
             } else {
                 VIRTIO_BLK_S_IOERR
             };
+            if status == VIRTIO_BLK_S_IOERR {
+                m.execute_fails.inc();
+            }
             let status_off = c.writable_len() - 1;
             let used_len = match c.write_at(&mem, status_off, &[status]) {
                 Ok(()) => len + 1,
@@ -697,6 +755,7 @@ impl MutEventSubscriber for Block {
             }
             TOKEN_QUEUE => {
                 drain_evt(&self.base.queue_evts[0]);
+                self.metrics.queue_event_count.inc();
                 self.process_queue();
             }
             TOKEN_LIMITER => {
@@ -1006,6 +1065,13 @@ mod tests {
         serve(&mut e);
         assert_eq!(status(&e.m, S), VIRTIO_BLK_S_IOERR);
         assert_eq!(e.q.used_idx(), 8);
+
+        // What the metrics writer sees.
+        let m: std::collections::HashMap<_, _> = e.blk.metrics().take().into_iter().collect();
+        assert_eq!((m["read_count"], m["read_bytes"]), (1, 512));
+        assert_eq!((m["write_count"], m["write_bytes"]), (1, 512));
+        assert_eq!(m["flush_count"], 1);
+        assert_eq!(m["execute_fails"], 3);
     }
 
     #[test]

@@ -30,6 +30,7 @@ mod tap;
 
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::os::unix::net::UnixDatagram;
+use std::sync::Arc;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use virtio_queue::QueueOwnedT;
@@ -38,6 +39,7 @@ pub use tap::Tap;
 
 use crate::mmds::stack::MmdsStack;
 
+use super::metrics::NetMetrics;
 use super::rate_limiter::{RateLimiter, RateLimiterConfig, RateLimiterError};
 use super::{drain_evt, DeviceBase, VirtioDevice, TYPE_NET};
 
@@ -165,6 +167,7 @@ pub struct Net {
     rx_pending: Option<usize>,
     tx_buf: Vec<u8>,
     mmds: Option<MmdsStack>,
+    metrics: Arc<NetMetrics>,
 }
 
 impl Net {
@@ -194,6 +197,7 @@ impl Net {
             rx_pending: None,
             tx_buf: vec![0; MAX_FRAME],
             mmds: None,
+            metrics: Arc::default(),
         })
     }
 
@@ -218,6 +222,11 @@ impl Net {
         self.rx_buf[..VNET_HDR_LEN].fill(0);
         self.rx_buf[VNET_HDR_LEN..n].copy_from_slice(&f);
         Some(n)
+    }
+
+    /// The device's counters (shared with the metrics writer).
+    pub fn metrics(&self) -> Arc<NetMetrics> {
+        self.metrics.clone()
     }
 
     /// The interface's configuration.
@@ -274,6 +283,7 @@ impl Net {
                         Ok(n) if n >= VNET_HDR_LEN => {
                             // charge the frame now; it is kept until delivered
                             if !self.rx_limiter.consume((n - VNET_HDR_LEN) as u64) {
+                                self.metrics.rx_rate_limiter_throttled.inc();
                                 self.rx_pending = Some(n);
                                 break;
                             }
@@ -305,12 +315,14 @@ impl Net {
                 Ok(c) => c,
                 Err(e) => {
                     log::warn!("virtio-net: bad rx chain {head}: {e}");
+                    self.metrics.rx_fails.inc();
                     self.base.add_used(RX, head, 0);
                     continue;
                 }
             };
             if c.writable_len() < len as u64 {
                 log::warn!("virtio-net: {len}-byte frame does not fit rx buffer, dropped");
+                self.metrics.rx_fails.inc();
                 self.base.add_used(RX, head, 0);
                 self.rx_pending = None;
                 continue;
@@ -318,8 +330,15 @@ impl Net {
             // num_buffers = 1 (no mergeable rx buffers)
             self.rx_buf[10..12].copy_from_slice(&1u16.to_le_bytes());
             let written = match c.write_at(&mem, 0, &self.rx_buf[..len]) {
-                Ok(()) => len as u32,
-                Err(_) => 0,
+                Ok(()) => {
+                    self.metrics.rx_packets_count.inc();
+                    self.metrics.rx_bytes_count.add((len - VNET_HDR_LEN) as u64);
+                    len as u32
+                }
+                Err(_) => {
+                    self.metrics.rx_fails.inc();
+                    0
+                }
             };
             self.base.add_used(RX, head, written);
             self.rx_pending = None;
@@ -349,6 +368,8 @@ impl Net {
                 Ok(c) => c,
                 Err(e) => {
                     log::warn!("virtio-net: bad tx chain {head}: {e}");
+                    self.metrics.tx_malformed_frames.inc();
+                    self.metrics.tx_fails.inc();
                     self.base.add_used(TX, head, 0);
                     used = true;
                     continue;
@@ -357,11 +378,14 @@ impl Net {
             let len = c.readable_len();
             if len < VNET_HDR_LEN as u64 || len > MAX_FRAME as u64 {
                 log::warn!("virtio-net: tx frame of {len} bytes dropped");
+                self.metrics.tx_malformed_frames.inc();
+                self.metrics.tx_fails.inc();
                 self.base.add_used(TX, head, 0);
                 used = true;
                 continue;
             }
             if !self.tx_limiter.consume(len - VNET_HDR_LEN as u64) {
+                self.metrics.tx_rate_limiter_throttled.inc();
                 self.base.queues[TX].go_to_previous_position();
                 break;
             }
@@ -374,9 +398,16 @@ impl Net {
                         continue;
                     }
                 }
-                if let Err(e) = self.backend.write_frame(buf) {
-                    // a full tap queue drops the frame, like a NIC would
-                    log::debug!("virtio-net: backend write: {e}");
+                match self.backend.write_frame(buf) {
+                    Ok(_) => {
+                        self.metrics.tx_packets_count.inc();
+                        self.metrics.tx_bytes_count.add(len - VNET_HDR_LEN as u64);
+                    }
+                    Err(e) => {
+                        // a full tap queue drops the frame, like a NIC would
+                        log::debug!("virtio-net: backend write: {e}");
+                        self.metrics.tx_fails.inc();
+                    }
                 }
             }
             self.base.add_used(TX, head, 0);
@@ -464,10 +495,12 @@ impl MutEventSubscriber for Net {
             }
             TOKEN_RX_QUEUE => {
                 drain_evt(&self.base.queue_evts[RX]);
+                self.metrics.rx_queue_event_count.inc();
                 self.process_rx();
             }
             TOKEN_TX_QUEUE => {
                 drain_evt(&self.base.queue_evts[TX]);
+                self.metrics.tx_queue_event_count.inc();
                 self.process_tx();
             }
             TOKEN_BACKEND => {
@@ -612,6 +645,9 @@ mod tests {
         let n = e.peer.recv(&mut got).unwrap();
         assert_eq!(&got[..n], &f[..]);
         assert!(e.peer.recv(&mut got).is_err()); // nothing else sent
+        let m: std::collections::HashMap<_, _> = e.net.metrics().take().into_iter().collect();
+        assert_eq!((m["tx_packets_count"], m["tx_bytes_count"]), (1, 100));
+        assert_eq!(m["tx_malformed_frames"], 2);
     }
 
     #[test]
