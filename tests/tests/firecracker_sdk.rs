@@ -349,7 +349,10 @@ fn sdk_machine_start_then_pause_resume_shutdown_wait() {
     assert_eq!(first["put_api_requests"]["drive_count"], 2, "{metrics}");
     assert_eq!(first["put_api_requests"]["actions_count"], 1, "{metrics}");
     assert!(first["net_1"]["tx_packets_count"].is_u64(), "{metrics}");
-    assert!(first["block_root_drive"]["read_count"].is_u64(), "{metrics}");
+    assert!(
+        first["block_root_drive"]["read_count"].is_u64(),
+        "{metrics}"
+    );
 
     // Shutdown (sendCtrlAltDel), then Wait: the process exits 0.
     go_no_content(

@@ -5,9 +5,15 @@ use std::fmt;
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 
+use std::sync::Arc;
+use std::time::Instant;
+
 use devices::legacy::serial::{NonBlockingOut, SerialOut};
+use devices::virtio::metrics::Counter;
+use devices::virtio::rate_limiter::{TokenBucket, TokenBucketConfig};
 
 use crate::actions::ActionError;
 
@@ -79,6 +85,7 @@ impl Serial {
             Serial::File(p) => OpenOptions::new()
                 .create(true)
                 .append(true)
+                .mode(0o600)
                 .open(&p)
                 .map(|f| Box::new(NonBlockingOut::new(f)) as SerialOut)
                 .map_err(|err| ActionError::SerialOut {
@@ -103,5 +110,86 @@ impl Serial {
             Serial::Fd(fd) => Ok(Box::new(NonBlockingOut::new(std::fs::File::from(fd)))),
             Serial::Discard => Ok(Box::new(std::io::sink())),
         }
+    }
+}
+
+/// `PUT /serial`'s `rate_limiter`: guest output beyond the bucket is
+/// dropped (a UART write is never held back) and counted, as in
+/// Firecracker (`uart.rate_limiter_dropped_bytes`).
+pub(crate) struct RateLimitedOut {
+    inner: SerialOut,
+    bucket: TokenBucket,
+    dropped: Arc<Counter>,
+}
+
+impl RateLimitedOut {
+    /// Wraps `inner`; `None` when the bucket is unlimited (size or refill
+    /// time 0).
+    pub fn wrap(inner: SerialOut, cfg: &TokenBucketConfig, dropped: Arc<Counter>) -> SerialOut {
+        match TokenBucket::new(cfg) {
+            Some(bucket) => Box::new(RateLimitedOut {
+                inner,
+                bucket,
+                dropped,
+            }),
+            None => inner,
+        }
+    }
+}
+
+impl Write for RateLimitedOut {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.bucket.try_consume(buf.len() as u64, Instant::now()) {
+            self.inner.write_all(buf)?;
+        } else {
+            self.dropped.add(buf.len() as u64);
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Clone, Default)]
+    struct Sink(Arc<std::sync::Mutex<Vec<u8>>>);
+    impl Write for Sink {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn output_beyond_the_bucket_is_dropped_and_counted() {
+        let sink = Sink::default();
+        let dropped = Arc::new(Counter::default());
+        let cfg = TokenBucketConfig {
+            size: 10,
+            one_time_burst: 0,
+            refill_time: 1_000_000,
+        };
+        let mut out = RateLimitedOut::wrap(Box::new(sink.clone()), &cfg, dropped.clone());
+        for _ in 0..25 {
+            assert_eq!(out.write(b"x").unwrap(), 1);
+        }
+        assert_eq!(sink.0.lock().unwrap().len(), 10);
+        assert_eq!(dropped.take(), 15);
+        let unlimited = TokenBucketConfig {
+            size: 0,
+            one_time_burst: 0,
+            refill_time: 0,
+        };
+        let mut out = RateLimitedOut::wrap(Box::new(sink.clone()), &unlimited, dropped.clone());
+        out.write_all(&[b'y'; 100]).unwrap();
+        assert_eq!(dropped.take(), 0);
     }
 }

@@ -174,7 +174,20 @@ impl Controller {
                 None => Serial::Stdout,
             },
         };
-        serial.into_writer()
+        let out = serial.into_writer()?;
+        Ok(
+            match self.config.serial.as_ref().and_then(|s| s.rate_limiter) {
+                Some(cfg) => {
+                    let dropped = self
+                        .metrics
+                        .lock()
+                        .expect("metrics poisoned")
+                        .uart_dropped();
+                    crate::console::RateLimitedOut::wrap(out, &cfg, dropped)
+                }
+                None => out,
+            },
+        )
     }
 
     /// Replaces the whole configuration (from `--config-file`).

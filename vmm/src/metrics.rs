@@ -13,11 +13,13 @@
 //! - virtio-blk and virtio-net devices ([`devices::virtio::metrics`]), per
 //!   device (`block_<drive_id>`, `net_<iface_id>`) and summed (`block`,
 //!   `net`): requests, bytes, frames, failures, rate-limiter holds;
+//! - serial output bytes dropped by `PUT /serial`'s rate limiter
+//!   (`uart.rate_limiter_dropped_bytes`);
 //! - the process start-up time derived from `--start-time-us` and
 //!   `--start-time-cpu-us` (`api_server`).
 //!
 //! Not counted yet, and absent rather than reported as zero: vsock, i8042,
-//! uart, vCPU exits, seccomp and signals.
+//! the rest of uart, vCPU exits, seccomp and signals.
 //!
 //! The file is opened like the log file ([`crate::logger::open_nonblocking`]):
 //! a reader that stalls makes ember drop lines, never wait.
@@ -33,7 +35,7 @@ use serde_json::{json, Map, Value};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::timerfd::TimerFd;
 
-use devices::virtio::metrics::{BlockMetrics, NetMetrics};
+use devices::virtio::metrics::{BlockMetrics, Counter, NetMetrics};
 
 use crate::actions::VmmAction;
 use crate::config::metrics::MetricsConfig;
@@ -72,6 +74,7 @@ pub struct Metrics {
     gauges: BTreeMap<&'static str, BTreeMap<&'static str, u64>>,
     blocks: Vec<(String, Arc<BlockMetrics>)>,
     nets: Vec<(String, Arc<NetMetrics>)>,
+    uart_dropped: Option<Arc<Counter>>,
 }
 
 /// Adds one device's taken counters as `<group>_<id>` and into the
@@ -189,6 +192,12 @@ impl Metrics {
         }
     }
 
+    /// The counter of serial output bytes dropped by `PUT /serial`'s
+    /// rate limiter (`uart.rate_limiter_dropped_bytes`).
+    pub fn uart_dropped(&mut self) -> Arc<Counter> {
+        self.uart_dropped.get_or_insert_with(Arc::default).clone()
+    }
+
     /// Reports a virtio-blk device's counters from now on.
     pub fn add_block(&mut self, id: &str, m: Arc<BlockMetrics>) {
         self.blocks.push((id.to_string(), m));
@@ -234,6 +243,12 @@ impl Metrics {
         }
         for (id, b) in &self.blocks {
             add_device(&mut m, "block", id, b.take());
+        }
+        if let Some(d) = &self.uart_dropped {
+            m.insert(
+                "uart".into(),
+                json!({ "rate_limiter_dropped_bytes": d.take() }),
+            );
         }
         for (id, n) in &self.nets {
             add_device(&mut m, "net", id, n.take());

@@ -107,9 +107,6 @@ pub enum ConfigError {
     /// An MTU outside 68..=65535.
     #[error("Invalid mtu {0}: it must be between 68 and 65535.")]
     Mtu(u16),
-    /// The serial console rate limiter was asked for.
-    #[error("The serial rate_limiter is not implemented by ember: guest output is never dropped. Leave it out.")]
-    SerialRateLimiter,
     /// A resource in the config file has no device behind it yet.
     #[error("{0}")]
     NotImplemented(&'static str),
@@ -208,18 +205,15 @@ pub struct SerialConfig {
     /// File or named pipe that receives COM1 output (appended); stdout when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub serial_out_path: Option<String>,
-    /// Firecracker's output limiter; refused (see
-    /// [`ConfigError::SerialRateLimiter`]).
+    /// A token bucket on output bytes: what exceeds it is dropped and
+    /// counted (`uart.rate_limiter_dropped_bytes`), as in Firecracker.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limiter: Option<devices::virtio::rate_limiter::TokenBucketConfig>,
 }
 
 impl SerialConfig {
-    /// Refuses the rate limiter.
+    /// Nothing to check beyond the shape (the file is opened at boot).
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.rate_limiter.is_some() {
-            return Err(ConfigError::SerialRateLimiter);
-        }
         Ok(())
     }
 }
