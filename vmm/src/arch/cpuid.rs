@@ -168,7 +168,7 @@ mod tests {
                 },
             )],
         };
-        apply_template(&mut c, &[m.clone()]).unwrap();
+        apply_template(&mut c, std::slice::from_ref(&m)).unwrap();
         assert_eq!(c.as_slice()[0].ecx, 0xfd);
         let missing = CpuidModifier {
             leaf: 0x4000_0000,

@@ -126,7 +126,11 @@ impl MachineConfig {
         if v == 0 || v > MAX_VCPUS || (self.smt && v > 1 && v % 2 == 1) {
             return Err(MachineConfigError::InvalidVcpuCount);
         }
-        if self.mem_size_mib == 0 || self.mem_size_mib % self.huge_pages.page_mib_divisor() != 0 {
+        if self.mem_size_mib == 0
+            || !self
+                .mem_size_mib
+                .is_multiple_of(self.huge_pages.page_mib_divisor())
+        {
             return Err(MachineConfigError::InvalidMemorySize);
         }
         if self.mem_size_mib > MAX_MEM_MIB {

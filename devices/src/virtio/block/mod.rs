@@ -326,13 +326,13 @@ impl Disk {
                     _ => (VIRTIO_BLK_S_IOERR, 0),
                 }
             }
-            VIRTIO_BLK_T_FLUSH => match {
+            VIRTIO_BLK_T_FLUSH => {
                 m.flush_count.inc();
-                self.file.sync_all()
-            } {
-                Ok(()) => (VIRTIO_BLK_S_OK, 0),
-                Err(_) => (VIRTIO_BLK_S_IOERR, 0),
-            },
+                match self.file.sync_all() {
+                    Ok(()) => (VIRTIO_BLK_S_OK, 0),
+                    Err(_) => (VIRTIO_BLK_S_IOERR, 0),
+                }
+            }
             VIRTIO_BLK_T_GET_ID => {
                 let n = (ID_LEN as u64).min(data_in) as usize;
                 match c.write_at(mem, 0, &self.id[..n]) {
