@@ -77,6 +77,20 @@ static void __attribute__((noreturn)) mode_ticker(const struct bootinfo *bi)
 	}
 }
 
+/* Firecracker's boot timer (ember-vmm --boot-timer): a byte 123 written at
+ * the first page of the MMIO gap says "booted". */
+#define BOOT_TIMER_ADDR 0xd0000000UL
+#define BOOT_TIMER_MAGIC 123
+
+static void mode_boot_timer(const struct bootinfo *bi)
+{
+	(void)bi;
+	uint8_t v = BOOT_TIMER_MAGIC;
+
+	__asm__ volatile("movb %0, (%1)" : : "q"(v), "r"((uintptr_t)BOOT_TIMER_ADDR) : "memory");
+	guest_log("boot-timer signalled");
+}
+
 static void mode_wait_ctrlaltdel(const struct bootinfo *bi)
 {
 	static const uint8_t seq[] = { 0x14, 0x11, 0xe0, 0x71 };
@@ -119,6 +133,7 @@ static const struct test_mode modes[] = {
 	{ "idle", mode_idle },
 	{ "ticker", mode_ticker },
 	{ "wait-ctrlaltdel", mode_wait_ctrlaltdel },
+	{ "boot-timer", mode_boot_timer },
 	{ "triple-fault", mode_triple_fault },
 	{ "virtio-probe", mode_virtio_probe },
 	{ "blk", mode_blk },
