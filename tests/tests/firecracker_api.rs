@@ -276,15 +276,26 @@ fn every_operation_before_and_after_boot() {
         "is empty",
     );
 
-    // Devices ember does not have: refused by name.
-    v.refused("PUT", "/entropy", Some(json!({})), "virtio-rng");
+    // putEntropyDevice; putBalloon and describeBalloonConfig (the devices'
+    // guest side is tests/tests/rng_balloon.rs).
+    v.ok("PUT", "/entropy", json!({}));
+    v.refused("GET", "/balloon", None, "No balloon device found.");
     v.refused(
         "PUT",
         "/balloon",
-        Some(json!({"amount_mib": 1, "deflate_on_oom": true})),
-        "virtio-balloon",
+        Some(json!({"amount_mib": 1024, "deflate_on_oom": true})),
+        "Amount of pages requested is too large",
     );
-    v.refused("GET", "/balloon", None, "virtio-balloon");
+    v.ok(
+        "PUT",
+        "/balloon",
+        json!({"amount_mib": 1, "deflate_on_oom": true, "stats_polling_interval_s": 1}),
+    );
+    let b = v.get("/balloon");
+    assert_eq!(
+        (b["amount_mib"].clone(), b["deflate_on_oom"].clone()),
+        (json!(1), json!(true))
+    );
     v.refused("PATCH", "/balloon", Some(json!({"amount_mib": 2})), BEFORE);
     v.refused("GET", "/balloon/statistics", None, BEFORE);
     v.refused(
@@ -425,8 +436,14 @@ fn every_operation_before_and_after_boot() {
     );
     assert_eq!(v.get("/mmds")["latest"]["meta-data"]["hostname"], "h2");
     v.ok("PUT", "/actions", json!({"action_type": "FlushMetrics"}));
-    v.refused("GET", "/balloon/statistics", None, "virtio-balloon");
-    v.refused("PATCH", "/balloon/hinting/stop", None, "virtio-balloon");
+    // The balloon after boot: the target can move; the statistics answer
+    // Firecracker's BalloonStats shape.
+    v.ok("PATCH", "/balloon", json!({"amount_mib": 2}));
+    assert_eq!(v.get("/balloon")["amount_mib"], 2);
+    let st = v.get("/balloon/statistics");
+    for k in ["target_pages", "actual_pages", "target_mib", "actual_mib"] {
+        assert!(st[k].is_u64(), "{k} missing from {st}");
+    }
     v.refused("GET", "/hotplug/memory", None, "virtio-mem");
     v.refused(
         "PATCH",
