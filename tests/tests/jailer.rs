@@ -569,3 +569,88 @@ fn an_unprivileged_jailed_vmm_uses_a_tap_prepared_for_it() {
     assert_eq!(echo.join().unwrap(), 3);
     j.remove();
 }
+
+/// firecracker-go-sdk v1.0.0 with a `JailerCfg` (firectl `--jailer`, whose
+/// `--node` defaults to 0): `jail()` builds the command with
+/// `JailerCommandBuilder.Args()` (`--id`, `--uid`, `--gid`, `--exec-file`,
+/// then `--cgroup cpuset.mems=0 --cgroup cpuset.cpus=<node0 cpulist>` from
+/// `getNumaCpuset`, no `--cgroup-version`, `--chroot-base-dir`, then `--` and
+/// `seccompArgs` (`--no-seccomp`, Seccomp.Enabled being false by default)
+/// and `--api-sock /run/firecracker.socket`); `LinkFilesHandler` links the
+/// kernel into the jail root under its base name. The cpuset lands in the v1
+/// hierarchy under the exec file's name, as with Firecracker's jailer.
+#[test]
+fn sdk_jailer_command_boots_in_a_v1_cpuset() {
+    let cpus = std::fs::read_to_string("/sys/devices/system/node/node0/cpulist")
+        .ok()
+        .map(|s| s.trim_end_matches('\n').to_string())
+        .filter(|s| !s.is_empty());
+    let mut j = Jail::new("sdkjail");
+    j.place("/ember-guest-pvh.elf", &std::fs::read(PVH_ELF).unwrap());
+    let mut c = Command::new(bin("ember-jailer"));
+    c.args(["--id", &j.id])
+        .args(["--uid", &UID.to_string(), "--gid", &GID.to_string()])
+        .arg("--exec-file")
+        .arg(&j.vmm);
+    let exec_name = j.vmm.file_name().unwrap().to_string_lossy().into_owned();
+    let cpuset = cgroup1_root("cpuset");
+    if let Some(cpus) = &cpus {
+        c.args(["--cgroup", "cpuset.mems=0", "--cgroup"])
+            .arg(format!("cpuset.cpus={cpus}"));
+        if let Some(root) = &cpuset {
+            j.cgroups = vec![root.join(&exec_name).join(&j.id), root.join(&exec_name)];
+        }
+    }
+    c.arg("--chroot-base-dir").arg(j.base.path()).args([
+        "--",
+        "--no-seccomp",
+        "--api-sock",
+        "/run/firecracker.socket",
+    ]);
+    let logs = TempDir::new("jail-logs");
+    let mut p = Proc::spawn(c, logs.path(), "sdkjailed");
+    let sock = j.host("/run/firecracker.socket");
+    wait_for_socket(&sock);
+
+    // Machine.Start's handlers, jail paths.
+    api_put(
+        &sock,
+        "/machine-config",
+        serde_json::json!({"mem_size_mib": 32, "smt": false, "vcpu_count": 1}),
+    );
+    api_put(
+        &sock,
+        "/boot-source",
+        serde_json::json!({"boot_args": "console=ttyS0 ember.test=wait-ctrlaltdel",
+                           "kernel_image_path": "/ember-guest-pvh.elf"}),
+    );
+    api_put(
+        &sock,
+        "/actions",
+        serde_json::json!({"action_type": "InstanceStart"}),
+    );
+    p.expect_out("waiting for ctrl-alt-del");
+    // The jailer passed Firecracker's arguments first; the id is the jail's.
+    assert_eq!(http(&sock, "GET", "/", None).json()["id"], j.id.as_str());
+    if let (Some(cpus), Some(root)) = (&cpus, &cpuset) {
+        let leaf = root.join(&exec_name).join(&j.id);
+        assert_eq!(
+            std::fs::read_to_string(leaf.join("cpuset.cpus"))
+                .unwrap()
+                .trim(),
+            cpus.as_str()
+        );
+        let procs = std::fs::read_to_string(leaf.join("cgroup.procs")).unwrap();
+        assert!(procs.lines().any(|l| l == p.pid().to_string()), "{procs:?}");
+    } else {
+        eprintln!("no NUMA node 0 cpulist or no v1 cpuset: the SDK passes no --cgroup");
+    }
+    // Shutdown (SendCtrlAltDel), Wait.
+    api_put(
+        &sock,
+        "/actions",
+        serde_json::json!({"action_type": "SendCtrlAltDel"}),
+    );
+    assert_eq!(p.wait().code(), Some(0), "{}", p.err());
+    j.remove();
+}
