@@ -490,6 +490,11 @@ fn every_operation_before_and_after_boot() {
     );
     assert!(lines[0]["block"]["write_bytes"].is_u64(), "{:?}", lines[0]);
     assert!(
+        lines[0]["entropy"]["entropy_bytes"].is_u64(),
+        "{:?}",
+        lines[0]
+    );
+    assert!(
         lines[0]["uart"]["rate_limiter_dropped_bytes"].is_u64(),
         "{:?}",
         lines[0]

@@ -483,6 +483,9 @@ impl Controller {
                         for (id, n) in &vm.nets {
                             m.add_net(id, n.lock().expect("net poisoned").metrics());
                         }
+                        if let Some(r) = &vm.rng {
+                            m.set_entropy(r.clone());
+                        }
                     }
                     if let Err(e) = m.write() {
                         log::warn!("metrics: {e}");

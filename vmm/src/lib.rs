@@ -52,6 +52,7 @@
 //!
 //! The stable embedding API is: [`MicroVm`], [`MicroVmBuilder`],
 //! [`MicroVmHandle`], [`Serial`], [`ConsoleCallback`], [`SeccompLevel`],
+//! [`StartTimes`],
 //! [`ExitReason`], [`MicroVmError`], [`ExitCode`], the configuration
 //! structs in [`config`], [`VcpuExitReason`],
 //! [`seccomp::configure_allocator`] and [`logger`]. Everything else

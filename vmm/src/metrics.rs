@@ -13,6 +13,7 @@
 //! - virtio-blk and virtio-net devices ([`devices::virtio::metrics`]), per
 //!   device (`block_<drive_id>`, `net_<iface_id>`) and summed (`block`,
 //!   `net`): requests, bytes, frames, failures, rate-limiter holds;
+//! - the entropy device (`entropy`: `entropy_bytes`, `host_rng_fails`);
 //! - serial output bytes dropped by `PUT /serial`'s rate limiter
 //!   (`uart.rate_limiter_dropped_bytes`);
 //! - the process start-up time derived from `--start-time-us` and
@@ -36,6 +37,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::timerfd::TimerFd;
 
 use devices::virtio::metrics::{BlockMetrics, Counter, NetMetrics};
+use devices::virtio::rng::Rng;
 
 use crate::actions::VmmAction;
 use crate::config::metrics::MetricsConfig;
@@ -75,6 +77,8 @@ pub struct Metrics {
     blocks: Vec<(String, Arc<BlockMetrics>)>,
     nets: Vec<(String, Arc<NetMetrics>)>,
     uart_dropped: Option<Arc<Counter>>,
+    /// The entropy device and its totals at the previous line.
+    entropy: Option<(Arc<Mutex<Rng>>, u64, u64)>,
 }
 
 /// Adds one device's taken counters as `<group>_<id>` and into the
@@ -198,6 +202,12 @@ impl Metrics {
         self.uart_dropped.get_or_insert_with(Arc::default).clone()
     }
 
+    /// Reports the entropy device's counters from now on (its totals are
+    /// turned into deltas here).
+    pub fn set_entropy(&mut self, rng: Arc<Mutex<Rng>>) {
+        self.entropy = Some((rng, 0, 0));
+    }
+
     /// Reports a virtio-blk device's counters from now on.
     pub fn add_block(&mut self, id: &str, m: Arc<BlockMetrics>) {
         self.blocks.push((id.to_string(), m));
@@ -243,6 +253,21 @@ impl Metrics {
         }
         for (id, b) in &self.blocks {
             add_device(&mut m, "block", id, b.take());
+        }
+        if let Some((rng, bytes, fails)) = &mut self.entropy {
+            let (b, f) = {
+                let r = rng.lock().expect("rng poisoned");
+                (r.bytes_served, r.failures)
+            };
+            m.insert(
+                "entropy".into(),
+                json!({
+                    "entropy_bytes": b.saturating_sub(*bytes),
+                    "host_rng_fails": f.saturating_sub(*fails),
+                }),
+            );
+            *bytes = b;
+            *fails = f;
         }
         if let Some(d) = &self.uart_dropped {
             m.insert(
