@@ -202,8 +202,9 @@ fn every_operation_before_and_after_boot() {
         }),
     );
 
-    // putGuestBootSource, putGuestDriveByID (vhost-user and io_uring
-    // refused by name), patchGuestDriveByID before boot.
+    // putGuestBootSource, putGuestDriveByID (vhost-user refused by name,
+    // an unknown io_engine refused, "Async" taken), patchGuestDriveByID
+    // before boot.
     v.ok(
         "PUT",
         "/boot-source",
@@ -218,13 +219,21 @@ fn every_operation_before_and_after_boot() {
     v.refused(
         "PUT",
         "/drives/aio",
-        Some(json!({"drive_id": "aio", "is_root_device": false, "path_on_host": disk, "io_engine": "Async"})),
-        "io_engine \"Async\" (io_uring) is not implemented",
+        Some(json!({"drive_id": "aio", "is_root_device": false, "path_on_host": disk, "io_engine": "Turbo"})),
+        "Unsupported io_engine",
     );
     v.ok(
         "PUT",
         "/drives/d0",
         json!({"drive_id": "d0", "is_root_device": false, "is_read_only": false, "path_on_host": disk}),
+    );
+    // A second drive on the io_uring engine (booted with the others).
+    let aio_disk = v.dir.join("aio.img");
+    std::fs::write(&aio_disk, vec![0u8; 1 << 20]).unwrap();
+    v.ok(
+        "PUT",
+        "/drives/aio",
+        json!({"drive_id": "aio", "is_root_device": false, "is_read_only": false, "path_on_host": aio_disk, "io_engine": "Async"}),
     );
     v.refused(
         "PATCH",
@@ -476,10 +485,10 @@ fn every_operation_before_and_after_boot() {
         .collect();
     assert!(lines.len() >= 2, "{lines:?}");
     // Three actions before it: FlushMetrics and SendCtrlAltDel (refused
-    // before boot) and InstanceStart; three drive PUTs, two refused.
+    // before boot) and InstanceStart; four drive PUTs, two refused.
     assert_eq!(lines[0]["put_api_requests"]["actions_count"], 3);
     assert_eq!(lines[0]["put_api_requests"]["actions_fails"], 2);
-    assert_eq!(lines[0]["put_api_requests"]["drive_count"], 3);
+    assert_eq!(lines[0]["put_api_requests"]["drive_count"], 4);
     assert_eq!(lines[0]["put_api_requests"]["drive_fails"], 2);
     assert_eq!(lines[1]["patch_api_requests"]["drive_count"], 1);
     // Device counters, per drive and summed.
@@ -489,6 +498,12 @@ fn every_operation_before_and_after_boot() {
         lines[0]
     );
     assert!(lines[0]["block"]["write_bytes"].is_u64(), "{:?}", lines[0]);
+    // The io_uring drive has its own counters too.
+    assert!(
+        lines[0]["block_aio"]["read_count"].is_u64(),
+        "{:?}",
+        lines[0]
+    );
     assert!(
         lines[0]["entropy"]["entropy_bytes"].is_u64(),
         "{:?}",
