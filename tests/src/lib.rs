@@ -1126,3 +1126,34 @@ pub fn api_put(sock: &Path, path: &str, body: serde_json::Value) {
         String::from_utf8_lossy(&r.body)
     );
 }
+
+/// Debian's kernel package as `.ci/run` unpacks it (resources/ci/fetch-kernel.sh):
+/// `(bzImage, unpacked package root)`; None (with a message) outside CI when
+/// it is missing.
+pub fn debian_kernel_package() -> Option<(std::path::PathBuf, std::path::PathBuf)> {
+    let root = std::path::PathBuf::from(
+        std::env::var_os("EMBER_KERNEL_CACHE").unwrap_or("/var/cache/ember/kernel".into()),
+    )
+    .join("root");
+    let image = std::fs::read_dir(root.join("boot"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-"))
+        });
+    assert!(
+        image.is_some() || std::env::var_os("CI").is_none(),
+        "CI is set but there is no kernel package under {}: .ci/run runs resources/ci/fetch-kernel.sh",
+        root.display()
+    );
+    if image.is_none() {
+        println!(
+            "SKIP: no Debian kernel package under {} (run resources/ci/fetch-kernel.sh)",
+            root.display()
+        );
+    }
+    image.map(|i| (i, root))
+}

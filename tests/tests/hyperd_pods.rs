@@ -786,25 +786,7 @@ fn pod_vm_failures_are_clear() {
 /// pod that waits for an agent that can never see its vsock device.
 #[test]
 fn a_modular_pod_kernel_without_its_modules_is_refused() {
-    let root = std::path::PathBuf::from(
-        std::env::var_os("EMBER_KERNEL_CACHE").unwrap_or("/var/cache/ember/kernel".into()),
-    )
-    .join("root");
-    let kernel = std::fs::read_dir(root.join("boot"))
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| {
-            p.file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-"))
-        });
-    let Some(kernel) = kernel else {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI is set but .ci/run fetched no kernel package"
-        );
-        println!("SKIP: no Debian kernel package (run resources/ci/fetch-kernel.sh)");
+    let Some((kernel, _root)) = debian_kernel_package() else {
         return;
     };
     let mut d = Emberd::start(
