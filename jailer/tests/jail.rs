@@ -312,7 +312,14 @@ fn jails_vmm_as_unprivileged_user_without_host_view() {
     assert_eq!(r["fds"], "");
     assert_eq!(r["nofile"], "2048");
     assert_eq!(r["argv0"], format!("/{EXEC_NAME}"));
-    assert_eq!(r["args"], "--foo|bar baz|--id");
+    // Firecracker's jailer arguments first (--id and the start times),
+    // then the VMM arguments as given.
+    let args = &r["args"];
+    assert!(args.starts_with("--id|"), "{args}");
+    assert!(args.contains("|--start-time-us|"), "{args}");
+    assert!(args.contains("|--start-time-cpu-us|"), "{args}");
+    assert!(args.contains("|--parent-cpu-time-us|"), "{args}");
+    assert!(args.ends_with("|--foo|bar baz|--id"), "{args}");
     assert_eq!(r["cwd"], "/");
     // Without --new-pid-ns the VMM is the jailer process itself.
     assert_eq!(r["pid"], jailer_pid.to_string());
@@ -377,7 +384,20 @@ fn cgroup_v2_holds_vmm_while_it_runs() {
         j.cgroups.push(parent.clone());
     }
     let mut child = j
-        .command(&["--cgroup", "cgroup.max.descendants=3"], &["--probe-wait"])
+        // v2 named explicitly: with no --cgroup-version the jailer uses v1,
+        // as Firecracker's does, unless v2 is the only hierarchy mounted;
+        // the parent named too (its default is the exec file's name).
+        .command(
+            &[
+                "--cgroup-version",
+                "2",
+                "--parent-cgroup",
+                "ember",
+                "--cgroup",
+                "cgroup.max.descendants=3",
+            ],
+            &["--probe-wait"],
+        )
         .stdin(Stdio::piped())
         .spawn()
         .unwrap();
@@ -436,6 +456,8 @@ fn cgroup_v2_enables_controller_in_parents() {
     j.cgroups.extend([leaf.clone(), parent.clone()]);
     let (out, _) = j.run(
         &[
+            "--cgroup-version",
+            "2",
             "--cgroup",
             &setting,
             "--parent-cgroup",

@@ -383,7 +383,8 @@ impl Disk {
                 }
             }
             VIRTIO_BLK_T_FLUSH => Ok(AioRequest::Flush),
-            _ => Err(self.execute(mem, c, data_out, m)),
+            // Counted as failures by the caller, like every Err here.
+            _ => Err(self.execute_inner(mem, c, data_out, m)),
         }
     }
 
@@ -590,7 +591,12 @@ impl Block {
                 if self.aio.is_some() {
                     match self.submit_async(&mem, head, &c, data_out) {
                         Ok(()) => continue,
-                        Err(answer) => answer,
+                        Err(answer) => {
+                            if answer.0 == VIRTIO_BLK_S_IOERR {
+                                self.metrics.execute_fails.inc();
+                            }
+                            answer
+                        }
                     }
                 } else {
                     self.disk.execute(&mem, &c, data_out, &self.metrics)
