@@ -67,6 +67,8 @@ pub struct Args {
     pub parent_cgroup: Option<String>,
     /// `--resource-limit NAME=VALUE`, in order.
     pub resource_limits: Vec<String>,
+    /// `--macvtap NAME=MAJOR:MINOR`, in order (unvalidated).
+    pub macvtaps: Vec<String>,
     /// Everything after `--`.
     pub vmm_args: Vec<OsString>,
 }
@@ -110,6 +112,9 @@ Options:
                                exec file's name, as Firecracker's jailer]; with cgroup v2 and
                                no --cgroup, an existing parent is joined as is
   --resource-limit NAME=VALUE  no-file=N or fsize=N (repeatable) [default: no-file=2048]
+  --macvtap NAME=MAJOR:MINOR   create the character device /dev/macvtap/NAME (mode 0600,
+                               owned by UID:GID) in the jail for the macvtap link NAME
+                               (repeatable); ember-vmm opens it for host_dev_name NAME
   -h, --help                   print this help
   -V, --version                print the version
 ";
@@ -125,9 +130,10 @@ const VALUE_OPTIONS: &[&str] = &[
     "cgroup-version",
     "parent-cgroup",
     "resource-limit",
+    "macvtap",
 ];
 const FLAG_OPTIONS: &[&str] = &["daemonize", "new-pid-ns"];
-const REPEATABLE: &[&str] = &["cgroup", "resource-limit"];
+const REPEATABLE: &[&str] = &["cgroup", "resource-limit", "macvtap"];
 
 fn to_string(name: &str, v: OsString) -> Result<String, ArgsError> {
     v.into_string()
@@ -249,6 +255,10 @@ where
         .into_iter()
         .map(|v| to_string("resource-limit", v))
         .collect::<Result<Vec<_>, _>>()?;
+    let macvtaps = multi("macvtap")
+        .into_iter()
+        .map(|v| to_string("macvtap", v))
+        .collect::<Result<Vec<_>, _>>()?;
 
     Ok(Command::Run(Box::new(Args {
         id,
@@ -263,6 +273,7 @@ where
         cgroups,
         parent_cgroup,
         resource_limits,
+        macvtaps,
         vmm_args,
     })))
 }
@@ -304,6 +315,7 @@ mod tests {
         assert!(!a.daemonize && !a.new_pid_ns);
         assert!(a.netns.is_none() && a.parent_cgroup.is_none());
         assert!(a.cgroups.is_empty() && a.resource_limits.is_empty() && a.vmm_args.is_empty());
+        assert!(a.macvtaps.is_empty());
     }
 
     #[test]
@@ -325,6 +337,8 @@ mod tests {
             "--resource-limit",
             "no-file=10",
             "--resource-limit=fsize=4096",
+            "--macvtap",
+            "emb0abc12340=246:1",
             "--",
             "--api-sock",
             "/run/api.sock",
@@ -338,6 +352,7 @@ mod tests {
         assert_eq!(a.cgroup_version, Some(1));
         assert_eq!(a.parent_cgroup.as_deref(), Some("a/b"));
         assert_eq!(a.resource_limits, vec!["no-file=10", "fsize=4096"]);
+        assert_eq!(a.macvtaps, vec!["emb0abc12340=246:1"]);
         assert_eq!(
             a.vmm_args,
             vec![

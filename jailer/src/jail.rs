@@ -310,6 +310,46 @@ pub fn populate(uid: u32, gid: u32) -> Result<Vec<String>, JailError> {
     Ok(warnings)
 }
 
+/// Directory of the macvtap nodes in the jail (`--macvtap`).
+pub const MACVTAP_DIR: &str = "/dev/macvtap";
+
+/// Inside the jail (after [`populate`]): creates `/dev/macvtap` (mode
+/// 0700) and one character device `/dev/macvtap/<name>` per entry (mode
+/// 0600), all owned by uid:gid. Nothing is created when `devs` is empty.
+pub fn populate_macvtaps(
+    devs: &[crate::validate::MacvtapDev],
+    uid: u32,
+    gid: u32,
+) -> Result<(), JailError> {
+    if devs.is_empty() {
+        return Ok(());
+    }
+    fs::create_dir_all(MACVTAP_DIR)
+        .map_err(|e| JailError::CreateDir(PathBuf::from(MACVTAP_DIR), e))?;
+    fs::set_permissions(MACVTAP_DIR, fs::Permissions::from_mode(DIR_MODE))
+        .map_err(|e| JailError::Own(MACVTAP_DIR.to_string(), e))?;
+    chown(MACVTAP_DIR, &cstr(Path::new(MACVTAP_DIR))?, uid, gid)?;
+    for d in devs {
+        // parse_macvtap keeps the name to one plain path component.
+        let path = format!("{MACVTAP_DIR}/{}", d.name);
+        let c = cstr(Path::new(&path))?;
+        // SAFETY: `c` is a valid path; mknod creates a node, nothing else.
+        check(unsafe {
+            libc::mknod(
+                c.as_ptr(),
+                libc::S_IFCHR | DEV_MODE,
+                libc::makedev(d.major, d.minor),
+            )
+        })
+        .map_err(|e| JailError::Mknod(path.clone(), e))?;
+        // mknod honours the umask: set the mode explicitly.
+        fs::set_permissions(&path, fs::Permissions::from_mode(DEV_MODE))
+            .map_err(|e| JailError::Own(path.clone(), e))?;
+        chown(&path, &c, uid, gid)?;
+    }
+    Ok(())
+}
+
 /// Writes `pid` to `/<exec_name>.pid` (inside the jail, after [`enter`]).
 pub fn write_pid_file(exec_name: &str, pid: u32) -> Result<(), JailError> {
     let path = pid_file_path(exec_name);

@@ -6,7 +6,8 @@
 //! 3. create `<base>/<exec name>/<id>/root` and put the VMM binary in it;
 //! 4. join `--netns`, install resource limits, set up cgroups;
 //! 5. new mount namespace, `pivot_root` into the jail, create `/dev/kvm`,
-//!    `/dev/net/tun`, `/dev/urandom` owned by uid:gid ([`jail`]);
+//!    `/dev/net/tun`, `/dev/urandom` and any `--macvtap` nodes
+//!    (`/dev/macvtap/<name>`) owned by uid:gid ([`jail`]);
 //! 6. `--daemonize`, `--new-pid-ns` ([`process`]), write `/<exec name>.pid`;
 //! 7. drop to uid:gid with no capabilities ([`privileges`]) and exec
 //!    `/<exec name>` with the arguments after `--`.
@@ -108,6 +109,8 @@ pub struct Config {
     pub parent_cgroup: PathBuf,
     /// Resource limits.
     pub resource_limits: ResourceLimits,
+    /// `/dev/macvtap/<name>` nodes to create in the jail (`--macvtap`).
+    pub macvtaps: Vec<validate::MacvtapDev>,
     /// Arguments for the VMM.
     pub vmm_args: Vec<OsString>,
 }
@@ -132,6 +135,11 @@ impl Config {
             .map(|s| CgroupSetting::parse(s))
             .collect::<Result<Vec<_>, _>>()?;
         let resource_limits = ResourceLimits::parse(&a.resource_limits)?;
+        let macvtaps = a
+            .macvtaps
+            .iter()
+            .map(|v| validate::parse_macvtap(v))
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(Config {
             jail_root: jail::jail_root(&base, &exec_name, &a.id),
             id: a.id,
@@ -154,6 +162,7 @@ impl Config {
             start_time_cpu_us: clock_us(libc::CLOCK_PROCESS_CPUTIME_ID),
             parent_cgroup,
             resource_limits,
+            macvtaps,
             vmm_args: a.vmm_args,
         })
     }
@@ -228,6 +237,7 @@ pub fn run(cfg: &Config) -> Result<Infallible, Error> {
     for w in jail::populate(cfg.uid, cfg.gid)? {
         eprintln!("ember-jailer: warning: {w}");
     }
+    jail::populate_macvtaps(&cfg.macvtaps, cfg.uid, cfg.gid)?;
 
     if let Some(null) = &dev_null {
         process::daemonize(null)?;
@@ -313,6 +323,7 @@ mod tests {
             cgroups: vec![],
             parent_cgroup: None,
             resource_limits: vec![],
+            macvtaps: vec![],
             vmm_args: vec![],
         }
     }

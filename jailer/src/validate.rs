@@ -41,6 +41,61 @@ pub enum ValidateError {
         "invalid --parent-cgroup '{0}': must be a relative path without '.' or '..' components"
     )]
     ParentCgroup(String),
+    /// A `--macvtap` value is not `NAME=MAJOR:MINOR` with a plain
+    /// interface name and decimal device numbers.
+    #[error("invalid --macvtap '{0}': {1}")]
+    Macvtap(String, &'static str),
+}
+
+/// A macvtap character device to create in the jail (`--macvtap`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MacvtapDev {
+    /// Interface name: the node is `/dev/macvtap/<name>`.
+    pub name: String,
+    /// Device major number.
+    pub major: u32,
+    /// Device minor number.
+    pub minor: u32,
+}
+
+/// Parses `NAME=MAJOR:MINOR`: NAME is 1..=15 bytes of ASCII letters,
+/// digits, '-', '_' or '.' (not `.`/`..`), so it is one path component;
+/// MAJOR and MINOR are decimal numbers (MAJOR below 4096, MINOR below
+/// 2^20, the kernel's limits).
+pub fn parse_macvtap(v: &str) -> Result<MacvtapDev, ValidateError> {
+    let bad = |why| ValidateError::Macvtap(v.to_string(), why);
+    let (name, nums) = v
+        .split_once('=')
+        .ok_or_else(|| bad("expected NAME=MAJOR:MINOR"))?;
+    if name.is_empty() || name.len() > 15 {
+        return Err(bad("NAME must be 1 to 15 bytes"));
+    }
+    if name == "."
+        || name == ".."
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+    {
+        return Err(bad(
+            "NAME may hold only ASCII letters, digits, '-', '_', '.'",
+        ));
+    }
+    let (major, minor) = nums
+        .split_once(':')
+        .ok_or_else(|| bad("expected NAME=MAJOR:MINOR"))?;
+    let num = |s: &str, max: u32| -> Option<u32> {
+        if s.is_empty() || s.len() > 7 || !s.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        s.parse::<u32>().ok().filter(|n| *n < max)
+    };
+    let major = num(major, 1 << 12).ok_or_else(|| bad("MAJOR must be a decimal below 4096"))?;
+    let minor = num(minor, 1 << 20).ok_or_else(|| bad("MINOR must be a decimal below 1048576"))?;
+    Ok(MacvtapDev {
+        name: name.to_string(),
+        major,
+        minor,
+    })
 }
 
 /// Checks a jail id: 1..=64 ASCII alphanumerics or '-'.
@@ -189,6 +244,36 @@ mod tests {
             validate_chroot_base(&dir.as_path().join("a/../b")),
             Err(ValidateError::ParentDir(_, _))
         ));
+    }
+
+    #[test]
+    fn macvtap_values() {
+        assert_eq!(
+            parse_macvtap("emb0abc12340=246:1").unwrap(),
+            MacvtapDev {
+                name: "emb0abc12340".into(),
+                major: 246,
+                minor: 1
+            }
+        );
+        for bad in [
+            "",
+            "x",
+            "x=1",
+            "=1:2",
+            "a/b=1:2",
+            "..=1:2",
+            "0123456789abcdef=1:2",
+            "x=1:",
+            "x=:1",
+            "x=-1:2",
+            "x=4096:0",
+            "x=1:1048576",
+            "x=1:2:3",
+            "x y=1:2",
+        ] {
+            assert!(parse_macvtap(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]
