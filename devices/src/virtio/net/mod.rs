@@ -73,9 +73,9 @@ pub enum NetError {
     /// The TAP name is empty, too long or has bad characters.
     #[error("invalid tap name {0:?}")]
     BadTapName(String),
-    /// `/dev/net/tun` cannot be opened.
-    #[error("opening /dev/net/tun: {0}")]
-    TapOpen(std::io::Error),
+    /// `/dev/net/tun` (or `/dev/macvtap/<name>`) cannot be opened.
+    #[error("opening {0}: {1}")]
+    TapOpen(std::path::PathBuf, std::io::Error),
     /// Attaching to the TAP (TUNSETIFF and offload settings) failed.
     #[error("configuring tap: {0}")]
     TapSetup(std::io::Error),

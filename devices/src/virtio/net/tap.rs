@@ -1,5 +1,14 @@
 //! TAP backend: /dev/net/tun with IFF_TAP | IFF_NO_PI | IFF_VNET_HDR, a
 //! 12-byte vnet header (virtio_net_hdr_v1) and non-blocking I/O.
+//!
+//! macvtap (an ember extension): when the character device
+//! `/dev/macvtap/<name>` exists, it is opened instead of `/dev/net/tun`
+//! and given the same flags and header size (the macvtap driver ignores
+//! the name in TUNSETIFF and accepts exactly these flags). The node is the
+//! macvtap link's `/dev/tapN` (major:minor from
+//! `/sys/class/net/<name>/macvtap/tap<ifindex>/dev`); ember-jailer makes it
+//! with `--macvtap NAME=MAJOR:MINOR`, and an unjailed ember-vmm user can
+//! `mknod` it there themselves.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
@@ -15,6 +24,8 @@ const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
 /// IFNAMSIZ.
 pub const IFNAMSIZ: usize = 16;
+/// Directory where a macvtap link's character device is looked up.
+pub const MACVTAP_DIR: &str = "/dev/macvtap";
 
 #[repr(C)]
 struct IfReq {
@@ -31,18 +42,31 @@ pub struct Tap {
 }
 
 impl Tap {
-    /// Opens (or creates) the TAP interface `name`.
+    /// Opens (or creates) the TAP interface `name`; a macvtap link when
+    /// `/dev/macvtap/<name>` exists.
     pub fn open(name: &str) -> Result<Self, NetError> {
         let bytes = name.as_bytes();
-        if bytes.is_empty() || bytes.len() >= IFNAMSIZ || bytes.contains(&0) {
+        if bytes.is_empty()
+            || bytes.len() >= IFNAMSIZ
+            || bytes.contains(&0)
+            || bytes.contains(&b'/')
+            || name == "."
+            || name == ".."
+        {
             return Err(NetError::BadTapName(name.to_string()));
         }
+        let macvtap = std::path::Path::new(MACVTAP_DIR).join(name);
+        let dev = if macvtap.exists() {
+            macvtap.as_path()
+        } else {
+            std::path::Path::new("/dev/net/tun")
+        };
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
-            .open("/dev/net/tun")
-            .map_err(NetError::TapOpen)?;
+            .open(dev)
+            .map_err(|e| NetError::TapOpen(dev.to_path_buf(), e))?;
         let mut req = IfReq {
             name: [0; IFNAMSIZ],
             flags: IFF_TAP | IFF_NO_PI | IFF_VNET_HDR,
