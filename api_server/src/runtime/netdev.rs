@@ -8,11 +8,19 @@
 //!   VMM can attach to it without `CAP_NET_ADMIN`, brings it up, and can do
 //!   all of that inside another network namespace. [`delete_tap`] and
 //!   [`tap_exists`] complete the lifecycle.
+//! * [`create_macvtap`] makes a macvtap link (mode bridge, the guest's MAC,
+//!   up) on a parent link, as flintlockd does for `MACVTAP` interfaces;
+//!   [`macvtap_dev`] reads the major:minor of its character device (which
+//!   the jailer recreates as `/dev/macvtap/<name>` for the VMM) and
+//!   [`delete_macvtap`] removes it. These run iproute2's `ip` (every name
+//!   and MAC is validated first, none may start with '-') in emberd's own
+//!   network namespace; sysfs must be that namespace's (as under
+//!   `ip netns exec`).
 //! * [`StaticAddress`] validates a Flintlock static address (CIDR, optional
 //!   gateway, nameservers) and [`kernel_ip_param`] turns it into the Linux
 //!   `ip=` boot parameter so a Linux guest configures the interface itself.
 //!
-//! Everything here uses plain ioctls (no netlink, no external commands).
+//! Everything else uses plain ioctls (no netlink, no external commands).
 //! Namespace switches happen on a short-lived dedicated thread: `setns`
 //! with `CLONE_NEWNET` only affects the calling thread, so the caller's
 //! threads never change namespace.
@@ -72,6 +80,22 @@ pub enum NetdevError {
     /// A static address, gateway or nameserver is malformed.
     #[error("invalid static address: {0}")]
     InvalidAddress(String),
+    /// A MAC address is malformed, multicast or all zeros.
+    #[error("invalid MAC address {0:?}: six ':'-separated hex pairs, unicast, not all zeros")]
+    InvalidMac(String),
+    /// The `ip` command failed (its stderr, at most 300 bytes).
+    #[error("ip {op} for {name:?} failed: {stderr}")]
+    IpCommand {
+        op: &'static str,
+        name: String,
+        stderr: String,
+    },
+    /// A device exists under this name but is not a macvtap link.
+    #[error("network device {0:?} exists but is not a macvtap link")]
+    NotAMacvtap(String),
+    /// The macvtap's character device could not be read from sysfs.
+    #[error("cannot read the character device of macvtap {name:?} from sysfs: {reason}")]
+    MacvtapDev { name: String, reason: String },
     /// A hostname cannot be used in the kernel `ip=` parameter.
     #[error("invalid hostname {0:?}: letters, digits, '-' and '.' only, at most 64 bytes")]
     InvalidHostname(String),
@@ -538,6 +562,163 @@ fn set_up(name: &str) -> Result<(), NetdevError> {
     Ok(())
 }
 
+/// Checks a MAC address: `xx:xx:xx:xx:xx:xx` in hex, unicast (low bit of
+/// the first octet clear) and not all zeros; returns it lowercased.
+pub fn validate_mac(mac: &str) -> Result<String, NetdevError> {
+    let bad = || NetdevError::InvalidMac(mac.to_string());
+    let parts: Vec<&str> = mac.split(':').collect();
+    if parts.len() != 6
+        || parts
+            .iter()
+            .any(|p| p.len() != 2 || !p.bytes().all(|b| b.is_ascii_hexdigit()))
+    {
+        return Err(bad());
+    }
+    let octets: Vec<u8> = parts
+        .iter()
+        .map(|p| u8::from_str_radix(p, 16).map_err(|_| bad()))
+        .collect::<Result<_, _>>()?;
+    if octets[0] & 1 == 1 || octets.iter().all(|&o| o == 0) {
+        return Err(bad());
+    }
+    Ok(mac.to_ascii_lowercase())
+}
+
+/// A stable, locally administered unicast MAC for the link `name`
+/// (`02:` + five bytes of its FNV-1a hash), for interfaces given none.
+pub fn generated_mac(name: &str) -> String {
+    let h = fnv1a(name.as_bytes()).to_be_bytes();
+    format!(
+        "02:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+        h[3], h[4], h[5], h[6], h[7]
+    )
+}
+
+/// [`validate_ifname`], and no leading '-' (names go to `ip` as arguments).
+fn validate_ip_arg_name(name: &str) -> Result<(), NetdevError> {
+    validate_ifname(name)?;
+    if name.starts_with('-') {
+        return Err(NetdevError::InvalidName {
+            name: name.to_string(),
+            reason: "starts with '-'",
+        });
+    }
+    Ok(())
+}
+
+/// Runs `ip args...`; its stderr (trimmed to 300 bytes) becomes the error.
+fn run_ip(op: &'static str, name: &str, args: &[&str]) -> Result<(), NetdevError> {
+    let out = std::process::Command::new("ip")
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| NetdevError::IpCommand {
+            op,
+            name: name.to_string(),
+            stderr: format!("cannot run ip (is iproute2 installed?): {e}"),
+        })?;
+    if out.status.success() {
+        return Ok(());
+    }
+    let mut stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    if stderr.len() > 300 {
+        let mut cut = 300;
+        while !stderr.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        stderr.truncate(cut);
+    }
+    Err(NetdevError::IpCommand {
+        op,
+        name: name.to_string(),
+        stderr,
+    })
+}
+
+/// Whether `name` exists and is a macvtap link (its sysfs `macvtap` dir).
+pub fn is_macvtap(name: &str) -> bool {
+    validate_ifname(name).is_ok()
+        && Path::new("/sys/class/net")
+            .join(name)
+            .join("macvtap")
+            .is_dir()
+}
+
+/// Creates the macvtap link `name` on `parent` in mode bridge with MAC
+/// `mac`, and brings it up, as flintlockd does:
+/// `ip link add link PARENT name NAME address MAC type macvtap mode bridge`.
+///
+/// Fails with [`NetdevError::AlreadyExists`] when a device called `name`
+/// exists and [`NetdevError::NotFound`] when `parent` does not. A link that
+/// cannot be brought up is removed again.
+pub fn create_macvtap(name: &str, parent: &str, mac: &str) -> Result<(), NetdevError> {
+    validate_ip_arg_name(name)?;
+    validate_ip_arg_name(parent)?;
+    let mac = validate_mac(mac)?;
+    if ifindex(name).is_some() {
+        return Err(NetdevError::AlreadyExists(name.to_string()));
+    }
+    if ifindex(parent).is_none() {
+        return Err(NetdevError::NotFound(parent.to_string()));
+    }
+    run_ip(
+        "link add (macvtap)",
+        name,
+        &[
+            "link", "add", "link", parent, "name", name, "address", &mac, "type", "macvtap",
+            "mode", "bridge",
+        ],
+    )?;
+    if let Err(e) = set_up(name) {
+        let _ = run_ip("link del", name, &["link", "del", "dev", name]);
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// Deletes the macvtap link `name`; refuses ([`NetdevError::NotAMacvtap`])
+/// to delete a device of any other kind.
+pub fn delete_macvtap(name: &str) -> Result<(), NetdevError> {
+    validate_ip_arg_name(name)?;
+    if ifindex(name).is_none() {
+        return Err(NetdevError::NotFound(name.to_string()));
+    }
+    if !is_macvtap(name) {
+        return Err(NetdevError::NotAMacvtap(name.to_string()));
+    }
+    run_ip("link del", name, &["link", "del", "dev", name])
+}
+
+/// The (major, minor) of the macvtap link `name`'s character device, read
+/// from `/sys/class/net/<name>/macvtap/tap<ifindex>/dev`.
+pub fn macvtap_dev(name: &str) -> Result<(u32, u32), NetdevError> {
+    validate_ifname(name)?;
+    let bad = |reason: String| NetdevError::MacvtapDev {
+        name: name.to_string(),
+        reason,
+    };
+    let idx = ifindex(name).ok_or_else(|| NetdevError::NotFound(name.to_string()))?;
+    let path = Path::new("/sys/class/net")
+        .join(name)
+        .join("macvtap")
+        .join(format!("tap{idx}"))
+        .join("dev");
+    let text =
+        std::fs::read_to_string(&path).map_err(|e| bad(format!("{}: {e}", path.display())))?;
+    parse_dev_numbers(text.trim())
+        .ok_or_else(|| bad(format!("{}: not MAJOR:MINOR", path.display())))
+}
+
+fn parse_dev_numbers(s: &str) -> Option<(u32, u32)> {
+    let (a, b) = s.split_once(':')?;
+    let num = |x: &str| {
+        (!x.is_empty() && x.len() <= 7 && x.bytes().all(|c| c.is_ascii_digit()))
+            .then(|| x.parse::<u32>().ok())
+            .flatten()
+    };
+    Some((num(a)?, num(b)?))
+}
+
 /// A Flintlock static address: `cidr` such as `192.168.10.5/24` (IPv4) or
 /// `fd00::5/64` (IPv6), an optional gateway of the same family, and
 /// nameservers (any family).
@@ -776,6 +957,52 @@ mod tests {
         assert!(text.contains("10.77.0.1/24"), "{text}");
         assert!(set_ipv4("nosuchdev", Ipv4Addr::new(10, 0, 0, 1), 24, Some(&path)).is_err());
         delete_tap("embtap0", Some(&path)).unwrap();
+    }
+
+    #[test]
+    fn macs_and_dev_numbers() {
+        assert_eq!(
+            validate_mac("02:AB:cd:00:11:22").unwrap(),
+            "02:ab:cd:00:11:22"
+        );
+        for bad in [
+            "",
+            "02:ab:cd:00:11",
+            "02:ab:cd:00:11:22:33",
+            "01:00:5e:00:00:01",
+            "00:00:00:00:00:00",
+            "02-ab-cd-00-11-22",
+            "2:ab:cd:00:11:22",
+            "0g:ab:cd:00:11:22",
+            "-2:ab:cd:00:11:22",
+        ] {
+            assert!(validate_mac(bad).is_err(), "{bad}");
+        }
+        let m = generated_mac("emb0k3x9a7b0");
+        assert_eq!(m, generated_mac("emb0k3x9a7b0"));
+        assert_ne!(m, generated_mac("emb0k3x9a7b1"));
+        assert!(m.starts_with("02:"));
+        validate_mac(&m).unwrap();
+        assert_eq!(parse_dev_numbers("246:1"), Some((246, 1)));
+        for bad in [
+            "",
+            "246",
+            ":1",
+            "246:",
+            "a:1",
+            "1:2:3",
+            "-1:2",
+            "99999999:1",
+        ] {
+            assert_eq!(parse_dev_numbers(bad), None, "{bad}");
+        }
+        assert!(validate_ip_arg_name("-x").is_err());
+        assert!(create_macvtap("-x", "p0", "02:00:00:00:00:01").is_err());
+        assert!(create_macvtap("x", "--help", "02:00:00:00:00:01").is_err());
+        assert!(matches!(
+            create_macvtap("x", "p0", "ff:ff:ff:ff:ff:ff"),
+            Err(NetdevError::InvalidMac(_))
+        ));
     }
 
     #[test]
