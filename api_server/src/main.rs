@@ -93,6 +93,10 @@ struct Args {
     /// Flintlock: back-off unit in milliseconds (retry n waits n units).
     #[arg(long, default_value_t = 2000)]
     flintlock_backoff_ms: u64,
+    /// Flintlock: the host link MACVTAP interfaces are created on
+    /// (flintlockd's flag); without it MACVTAP interfaces are refused.
+    #[arg(long, value_name = "NAME")]
+    parent_iface: Option<String>,
     /// Flintlock gRPC: serve `microvm.services.api.v1alpha1.MicroVM` on this
     /// `host:port` (flintlockd's flag; off unless given; `:port` binds
     /// 127.0.0.1; port 0 picks one, printed at start).
@@ -365,6 +369,13 @@ fn main() {
     registry.clean_tmp();
     images.set_registry(registry.clone());
     sup.set_registry(registry);
+    if let Some(p) = &args.parent_iface {
+        sup.set_parent_iface(p)
+            .unwrap_or_else(|e| die(format!("--parent-iface: {e}")));
+        if !sup.jailed() {
+            eprintln!("emberd: warning: --parent-iface is set but MACVTAP interfaces need the jailer (--no-jailer refuses them)");
+        }
+    }
     if args.pod_boot_args.contains('"') || args.pod_boot_args.chars().any(char::is_control) {
         die("--pod-boot-args may not contain double quotes or control characters");
     }

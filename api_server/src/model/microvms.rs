@@ -401,16 +401,20 @@ pub fn validate(spec: &mut MicroVmSpec) -> Result<(), MicroVmError> {
         return Err(invalid("at most 24 additionalVolumes (vdb..vdy)"));
     }
     for (i, n) in spec.interfaces.iter().enumerate() {
-        if n.kind != "TAP" {
+        if n.kind != "TAP" && n.kind != "MACVTAP" {
             return Err(invalid(format!(
-                "interface {i}: type {} is not supported by ember (use TAP); \
-                 MACVTAP (the protobuf default when type is unset) needs a macvtap backend ember-vmm does not have",
+                "interface {i}: type {} is not supported by ember (TAP or MACVTAP)",
                 n.kind
             )));
         }
         if let Some(m) = &n.guest_mac {
             if !is_mac(m) {
                 return Err(invalid(format!("interface {i}: guestMac {m:?} is invalid")));
+            }
+            // A macvtap link carries the guest's MAC: it must be unicast.
+            if n.kind == "MACVTAP" {
+                netdev::validate_mac(m)
+                    .map_err(|e| invalid(format!("interface {i}: guestMac: {e}")))?;
             }
         }
         if let Some(a) = &n.address {
@@ -678,6 +682,25 @@ fn check_references(spec: &MicroVmSpec) -> Result<(), MicroVmError> {
     Ok(())
 }
 
+/// MACVTAP interfaces need a parent link (`--parent-iface`) and the jailer.
+fn check_macvtap_host(sup: &Supervisor, spec: &MicroVmSpec) -> Result<(), MicroVmError> {
+    let Some(i) = spec.interfaces.iter().position(|n| n.kind == "MACVTAP") else {
+        return Ok(());
+    };
+    if sup.parent_iface().is_none() {
+        return Err(invalid(format!(
+            "interface {i}: type MACVTAP (the protobuf default when type is unset) needs emberd's \
+             --parent-iface (the host link macvtaps are created on); use type TAP otherwise"
+        )));
+    }
+    if !sup.jailed() {
+        return Err(invalid(format!(
+            "interface {i}: type MACVTAP needs the jailer (emberd runs with --no-jailer)"
+        )));
+    }
+    Ok(())
+}
+
 /// Checks `spec`, records the MicroVM (PENDING) and schedules its first
 /// reconcile attempt.
 pub fn create(
@@ -687,6 +710,7 @@ pub fn create(
     policy: RetryPolicy,
 ) -> Result<MicroVm, MicroVmError> {
     validate(&mut spec)?;
+    check_macvtap_host(sup, &spec)?;
     check_references(&spec)?;
     // Outside the import directory is refused now; a source that does not
     // exist yet fails its reconcile attempts (and may appear meanwhile).
@@ -944,9 +968,29 @@ fn install_and_start(
     let mut interfaces = Vec::new();
     let mut ip_args = String::new();
     for (i, n) in spec.interfaces.iter().enumerate() {
-        interfaces.push(NetInterface {
-            host_dev_name: netdev::tap_name(&inst_id, i),
-            guest_mac: n.guest_mac.clone(),
+        let host_dev_name = netdev::tap_name(&inst_id, i);
+        interfaces.push(if n.kind == "MACVTAP" {
+            let parent = sup.parent_iface().ok_or_else(|| {
+                SupervisorError::Invalid(format!(
+                    "interface {i}: type MACVTAP needs emberd's --parent-iface"
+                ))
+            })?;
+            // The link and the guest share one MAC, generated if none given.
+            let mac = match &n.guest_mac {
+                Some(m) => netdev::validate_mac(m).map_err(ReconcileError::Network)?,
+                None => netdev::generated_mac(&host_dev_name),
+            };
+            NetInterface {
+                host_dev_name,
+                guest_mac: Some(mac),
+                macvtap_parent: Some(parent.to_string()),
+            }
+        } else {
+            NetInterface {
+                host_dev_name,
+                guest_mac: n.guest_mac.clone(),
+                macvtap_parent: None,
+            }
         });
         if i == 0 && spec.kernel.as_ref().is_some_and(|k| k.add_network_config) {
             if let Some(addr) = &n.address {
@@ -1037,6 +1081,10 @@ fn schedule(sup: &Supervisor, jobs: &Jobs, uid: &str, delay: Duration, policy: R
                             a.insert(ANN_STATE.into(), "FAILED".into());
                         }
                     });
+                    if retry >= policy.max_retries {
+                        // FAILED: its VM is not running; no macvtap stays.
+                        sup.release_macvtaps(&name);
+                    }
                     if retry < policy.max_retries {
                         schedule(sup, jobs, &uid, policy.backoff * retry, policy);
                     }
@@ -1080,7 +1128,15 @@ mod tests {
         assert!(bad(&|s| s.kernel = None).contains("kernel is required"));
         assert!(bad(&|s| s.kernel.as_mut().unwrap().filename = None).contains("filename"));
         assert!(bad(&|s| s.root_volume = None).contains("rootVolume"));
-        assert!(bad(&|s| s.interfaces[0].kind = "MACVTAP".into()).contains("MACVTAP"));
+        assert!(bad(&|s| s.interfaces[0].kind = "VETH".into()).contains("TAP or MACVTAP"));
+        assert!(bad(&|s| {
+            s.interfaces[0].kind = "MACVTAP".into();
+            s.interfaces[0].guest_mac = Some("01:00:5e:00:00:01".into());
+        })
+        .contains("guestMac"));
+        let mut mac = good();
+        mac.interfaces[0].kind = "MACVTAP".into();
+        validate(&mut mac).unwrap();
         assert!(bad(&|s| s.interfaces[0].guest_mac = Some("zz".into())).contains("guestMac"));
         assert!(bad(&|s| {
             s.metadata.insert("bogus".into(), "eA==".into());
@@ -1101,6 +1157,49 @@ mod tests {
         s.id = String::new();
         validate(&mut s).unwrap();
         assert!(is_uid(&s.id), "{}", s.id);
+    }
+
+    /// MACVTAP needs `--parent-iface` (refused, naming the flag, without
+    /// it) and the jailer; TAP needs neither.
+    #[test]
+    fn macvtap_needs_parent_iface_and_jailer() {
+        use crate::model::store::Store;
+        use crate::runtime::process::Launcher;
+        let root = std::env::temp_dir().join(format!("emberd-mvt-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let launcher = |jailer: Option<PathBuf>| Launcher {
+            vmm_bin: "/nonexistent/ember-vmm".into(),
+            jailer_bin: jailer,
+            chroot_base: root.join("jail"),
+            uid: 1,
+            gid: 1,
+            ids: 8,
+            libs: vec![],
+        };
+        let store = Store::open(&root.join("state")).unwrap();
+        let mut sup = Supervisor::new(
+            store,
+            launcher(Some("/nonexistent/ember-jailer".into())),
+            crate::build::Registry::new(),
+        )
+        .unwrap();
+        let mut spec = good();
+        spec.interfaces[0].kind = "MACVTAP".into();
+        let e = check_macvtap_host(&sup, &spec).unwrap_err();
+        assert!(matches!(e, MicroVmError::Invalid(_)));
+        assert!(e.to_string().contains("--parent-iface"), "{e}");
+        check_macvtap_host(&sup, &good()).unwrap();
+        assert!(sup.set_parent_iface("-p0").is_err());
+        assert!(sup.set_parent_iface("a/b").is_err());
+        sup.set_parent_iface("p0").unwrap();
+        check_macvtap_host(&sup, &spec).unwrap();
+        let store = Store::open(&root.join("state2")).unwrap();
+        let mut unjailed =
+            Supervisor::new(store, launcher(None), crate::build::Registry::new()).unwrap();
+        unjailed.set_parent_iface("p0").unwrap();
+        let e = check_macvtap_host(&unjailed, &spec).unwrap_err();
+        assert!(e.to_string().contains("jailer"), "{e}");
+        let _ = std::fs::remove_dir_all(&root);
     }
 
     #[test]

@@ -191,12 +191,16 @@ pub struct Disk {
     pub read_only: bool,
 }
 
-/// A network interface: a host TAP device and the guest's MAC. The guest
-/// sees them as eth0, eth1, ... in order.
+/// A network interface: a host TAP device (or macvtap link) and the
+/// guest's MAC. The guest sees them as eth0, eth1, ... in order.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct NetInterface {
     pub host_dev_name: String,
     pub guest_mac: Option<String>,
+    /// A macvtap link on this parent link instead of a TAP (Flintlock's
+    /// MACVTAP interfaces); `guest_mac` is then the link's MAC too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub macvtap_parent: Option<String>,
 }
 
 /// A running or stopped microVM made from an image.

@@ -41,6 +41,8 @@ pub enum ProcessError {
     Spawn { bin: PathBuf, err: std::io::Error },
     #[error("{bin} is not a usable x86_64 ELF executable: {why}")]
     Elf { bin: PathBuf, why: String },
+    #[error("{0}")]
+    Unsupported(String),
 }
 
 /// How a VMM binary is linked.
@@ -188,6 +190,9 @@ pub struct LaunchSpec {
     /// ember-vmm config (Firecracker JSON) with jail-relative paths.
     pub vm_config: serde_json::Value,
     pub log_path: PathBuf,
+    /// macvtap links (name, major, minor) whose character devices the
+    /// jailer creates as `/dev/macvtap/<name>` (`--macvtap`).
+    pub macvtaps: Vec<(String, u32, u32)>,
 }
 
 /// A started VMM.
@@ -378,12 +383,20 @@ impl Launcher {
                     .arg("--gid")
                     .arg(spec.gid.to_string())
                     .arg("--chroot-base-dir")
-                    .arg(&self.chroot_base)
-                    .arg("--")
+                    .arg(&self.chroot_base);
+                for (name, major, minor) in &spec.macvtaps {
+                    cmd.arg("--macvtap").arg(format!("{name}={major}:{minor}"));
+                }
+                cmd.arg("--")
                     .args(["--api-sock", "/run/api.sock", "--config-file", "/vm.json"])
                     .args(["--id", &spec.id]);
             }
             None => {
+                if let Some((name, _, _)) = spec.macvtaps.first() {
+                    return Err(ProcessError::Unsupported(format!(
+                        "macvtap {name}: macvtap interfaces need the jailer (emberd runs with --no-jailer)"
+                    )));
+                }
                 let run = root.join("run");
                 fs::create_dir_all(&run).map_err(jail_err(&run))?;
                 cmd = Command::new(&self.vmm_bin);

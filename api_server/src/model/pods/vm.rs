@@ -327,6 +327,7 @@ impl Pods {
             .map(|(i, n)| NetInterface {
                 host_dev_name: netdev::tap_name(vm_id, i),
                 guest_mac: n.mac.clone(),
+                macvtap_parent: None,
             })
             .collect();
         if let Some(addr) = nics.first().and_then(|n| n.address.as_ref()) {

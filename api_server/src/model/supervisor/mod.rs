@@ -178,6 +178,7 @@ pub struct Supervisor {
     watch: Option<WatchSender>,
     host_paths: HostPaths,
     registry: Option<Registry>,
+    parent_iface: Option<String>,
 }
 
 impl Supervisor {
@@ -203,6 +204,7 @@ impl Supervisor {
             watch: None,
             host_paths,
             registry: None,
+            parent_iface: None,
         };
         let mut changed = false;
         let mut strays = s.launcher.find_vmms();
@@ -300,6 +302,52 @@ impl Supervisor {
     /// Gives the supervisor a registry client.
     pub fn set_registry(&mut self, r: Registry) {
         self.registry = Some(r);
+    }
+
+    /// The host link macvtap interfaces are created on (emberd
+    /// `--parent-iface`; none: macvtap interfaces are refused).
+    pub fn parent_iface(&self) -> Option<&str> {
+        self.parent_iface.as_deref()
+    }
+
+    /// Sets the macvtap parent link (checked by [`netdev::validate_ifname`]
+    /// here and for existence when a link is made).
+    ///
+    /// [`netdev::validate_ifname`]: crate::runtime::netdev::validate_ifname
+    pub fn set_parent_iface(&mut self, name: &str) -> Result<()> {
+        crate::runtime::netdev::validate_ifname(name)
+            .map_err(|e| SupervisorError::Invalid(e.to_string()))?;
+        if name.starts_with('-') {
+            return Err(SupervisorError::Invalid(format!(
+                "interface name {name:?} starts with '-'"
+            )));
+        }
+        self.parent_iface = Some(name.to_string());
+        Ok(())
+    }
+
+    /// Whether VMMs run under the jailer (macvtap interfaces need it).
+    pub fn jailed(&self) -> bool {
+        self.launcher.jailer_bin.is_some()
+    }
+
+    /// Deletes the macvtap links of instance `key` (its VMM must be gone);
+    /// failures are logged. Links of other kinds are never touched.
+    pub fn release_macvtaps(&self, key: &str) {
+        let Ok(inst) = self.instance(key) else {
+            return;
+        };
+        for n in inst
+            .interfaces
+            .iter()
+            .filter(|n| n.macvtap_parent.is_some())
+        {
+            if crate::runtime::netdev::is_macvtap(&n.host_dev_name) {
+                if let Err(e) = crate::runtime::netdev::delete_macvtap(&n.host_dev_name) {
+                    log::warn!("cannot delete macvtap {}: {e}", n.host_dev_name);
+                }
+            }
+        }
     }
 
     /// Uses other import and export directories.
@@ -868,6 +916,7 @@ impl Supervisor {
             files,
             vm_config: cfg,
             log_path: self.store.log_path(&inst.id),
+            macvtaps: Vec::new(),
         })
     }
 
@@ -917,10 +966,35 @@ impl Supervisor {
             )));
         }
         let inst = self.assign_identity(&inst.id)?;
-        let spec = self.launch_spec(&inst)?;
+        let mut spec = self.launch_spec(&inst)?;
+        // macvtap links stay until the instance is deleted; the jailer gives
+        // the VMM their character devices as /dev/macvtap/<name>.
+        for n in &inst.interfaces {
+            let Some(parent) = &n.macvtap_parent else {
+                continue;
+            };
+            let err = |e: crate::runtime::netdev::NetdevError| {
+                SupervisorError::Internal(format!("macvtap {}: {e}", n.host_dev_name))
+            };
+            if !crate::runtime::netdev::is_macvtap(&n.host_dev_name) {
+                let mac = n
+                    .guest_mac
+                    .clone()
+                    .unwrap_or_else(|| crate::runtime::netdev::generated_mac(&n.host_dev_name));
+                crate::runtime::netdev::create_macvtap(&n.host_dev_name, parent, &mac)
+                    .map_err(err)?;
+            }
+            let (major, minor) =
+                crate::runtime::netdev::macvtap_dev(&n.host_dev_name).map_err(err)?;
+            spec.macvtaps.push((n.host_dev_name.clone(), major, minor));
+        }
         // TAPs are persistent and owned by the VMMs' user, so the jailed VMM
         // (no capabilities) can attach to them.
-        for n in &inst.interfaces {
+        for n in inst
+            .interfaces
+            .iter()
+            .filter(|n| n.macvtap_parent.is_none())
+        {
             if !crate::runtime::netdev::tap_exists(&n.host_dev_name, None) {
                 crate::runtime::netdev::create_tap(
                     &n.host_dev_name,
@@ -967,6 +1041,7 @@ impl Supervisor {
                 entry.last_error = Some(e.to_string());
                 self.save()?;
                 self.launcher.cleanup(&inst.id);
+                self.release_macvtaps(&inst.id);
                 Err(e.into())
             }
         }
@@ -1009,7 +1084,12 @@ impl Supervisor {
             )));
         }
         self.stop_instance(&inst.id)?;
-        for n in &inst.interfaces {
+        self.release_macvtaps(&inst.id);
+        for n in inst
+            .interfaces
+            .iter()
+            .filter(|n| n.macvtap_parent.is_none())
+        {
             // The killed VMM's file descriptors may still be closing: a busy
             // TAP gets a few short retries.
             for attempt in 0..20 {
@@ -1197,6 +1277,7 @@ mod tests {
                 interfaces: vec![NetInterface {
                     host_dev_name: "tap0".into(),
                     guest_mac: Some("06:00:00:00:00:01".into()),
+                    macvtap_parent: None,
                 }],
                 boot_args: "ip=10.0.0.2::10.0.0.1:255.255.255.0::eth0:off".into(),
                 create_only: true,
