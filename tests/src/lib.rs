@@ -383,6 +383,32 @@ pub struct NetNs {
 }
 
 impl NetNs {
+    /// A namespace `ember-<tag><pid>` with only `lo` (up); build on it
+    /// with [`NetNs::ip`].
+    pub fn bare(tag: &str) -> Self {
+        let ns = NetNs {
+            name: format!("ember-{tag}{}", std::process::id()),
+        };
+        let st = Command::new("ip")
+            .args(["netns", "add", &ns.name])
+            .status()
+            .expect("run ip");
+        assert!(st.success(), "ip netns add {} failed", ns.name);
+        ns.ip(&["link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// Runs `ip -n <name> args...`, which must succeed; its stdout.
+    pub fn ip(&self, args: &[&str]) -> String {
+        let out = Command::new("ip")
+            .args(["-n", &self.name])
+            .args(args)
+            .output()
+            .expect("run ip");
+        assert!(out.status.success(), "ip {args:?}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// Creates it; `owner` (uid, gid), if any, owns the TAP so an
     /// unprivileged VMM can open it.
     pub fn new(tag: &str, tap: &str, host_ip: &str, owner: Option<(u32, u32)>) -> Self {
@@ -810,6 +836,9 @@ pub struct Emberd {
     pub env: Vec<(String, String)>,
     /// umask for the next (re)start (None: inherited).
     pub umask: Option<u32>,
+    /// Network namespace emberd runs in (`ip netns exec NAME emberd ...`,
+    /// which also mounts that namespace's /sys); None: the test's own.
+    pub netns: Option<String>,
     args: Vec<String>,
     seen: std::cell::RefCell<Vec<String>>,
 }
@@ -819,6 +848,16 @@ impl Emberd {
     /// `extra` are more emberd flags. Its VMM is the static build
     /// ([`static_vmm`]) unless `extra` names one with `--vmm`.
     pub fn start(tag: &str, uid: u32, extra: &[&str]) -> Self {
+        Self::start_in(tag, uid, extra, None)
+    }
+
+    /// [`Emberd::start`] inside the network namespace `netns` (a name under
+    /// /var/run/netns, e.g. [`NetNs::name`]).
+    pub fn start_in_netns(tag: &str, uid: u32, extra: &[&str], netns: &str) -> Self {
+        Self::start_in(tag, uid, extra, Some(netns.to_string()))
+    }
+
+    fn start_in(tag: &str, uid: u32, extra: &[&str], netns: Option<String>) -> Self {
         let dir = TempDir::new(tag);
         let sock = dir.join("ember.sock");
         let mut args: Vec<String> = vec![
@@ -849,6 +888,7 @@ impl Emberd {
             dir,
             env: Vec::new(),
             umask: None,
+            netns,
             args,
             seen: std::cell::RefCell::new(Vec::new()),
         };
@@ -858,7 +898,15 @@ impl Emberd {
 
     /// Starts emberd again on the same state (after [`Emberd::kill9`]).
     pub fn restart(&mut self) {
-        let mut cmd = Command::new(bin("emberd"));
+        let mut cmd = match &self.netns {
+            None => Command::new(bin("emberd")),
+            Some(ns) => {
+                // `ip netns exec` execs emberd: the child's pid is emberd's.
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(bin("emberd"));
+                c
+            }
+        };
         cmd.args(&self.args).env("RUST_LOG", "trace");
         cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         if let Some(mask) = self.umask {
