@@ -147,6 +147,28 @@ fn macvtap_interface_on_parent_link_carries_guest_traffic_and_is_removed() {
         "{link} leaked into the test's netns"
     );
 
+    // The jailer made its character device for the VMM: /dev/macvtap/<link>
+    // in the jail, a char device with sysfs's numbers, 0600, the VMM's
+    // uid:gid (this emberd's first VMM identity).
+    let node = jail_node(&d.dir.join("jail"), &link).expect("/dev/macvtap node in the jail");
+    let m = std::fs::metadata(&node).unwrap();
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    assert!(m.file_type().is_char_device(), "{node:?}");
+    assert_eq!(m.mode() & 0o7777, 0o600, "{node:?}");
+    assert_eq!((m.uid(), m.gid()), (10590, 10590), "{node:?}");
+    let sys = Command::new("ip")
+        .args(["netns", "exec", &ns.name, "sh", "-c"])
+        .arg(format!(
+            "cat /sys/class/net/{link}/macvtap/tap$(cat /sys/class/net/{link}/ifindex)/dev"
+        ))
+        .output()
+        .unwrap();
+    let sys = String::from_utf8_lossy(&sys.stdout).trim().to_string();
+    let rdev = m.rdev();
+    // SAFETY: major/minor only decode a dev_t.
+    let (maj, min) = unsafe { (libc::major(rdev), libc::minor(rdev)) };
+    assert_eq!(sys, format!("{maj}:{min}"));
+
     // The guest sees its NIC with that MAC and exchanges frames through the
     // macvtap with p0's far end (ARP, then three UDP echoes).
     let name = format!("fl-{}", uid.to_lowercase());
@@ -184,6 +206,20 @@ fn macvtap_interface_on_parent_link_carries_guest_traffic_and_is_removed() {
     });
     assert!(gone.is_some(), "macvtap {link} left behind");
     ns.ip(&["link", "show", "dev", "p0"]);
+}
+
+/// `<jail base>/<exec name>/<id>/root/dev/macvtap/<link>`, whatever the
+/// exec name and jail id.
+fn jail_node(base: &Path, link: &str) -> Option<PathBuf> {
+    for exec in std::fs::read_dir(base).ok()?.flatten() {
+        for id in std::fs::read_dir(exec.path()).ok()?.flatten() {
+            let p = id.path().join("root/dev/macvtap").join(link);
+            if p.exists() {
+                return Some(p);
+            }
+        }
+    }
+    None
 }
 
 /// A generated MAC when the spec gives none: the link and the guest share it.
