@@ -165,8 +165,7 @@ fn macvtap_interface_on_parent_link_carries_guest_traffic_and_is_removed() {
         .unwrap();
     let sys = String::from_utf8_lossy(&sys.stdout).trim().to_string();
     let rdev = m.rdev();
-    // SAFETY: major/minor only decode a dev_t.
-    let (maj, min) = unsafe { (libc::major(rdev), libc::minor(rdev)) };
+    let (maj, min) = (libc::major(rdev), libc::minor(rdev));
     assert_eq!(sys, format!("{maj}:{min}"));
 
     // The guest sees its NIC with that MAC and exchanges frames through the
