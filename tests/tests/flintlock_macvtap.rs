@@ -288,3 +288,38 @@ fn macvtap_without_parent_iface_is_refused() {
     let (_, l) = d.req("GET", "/v1alpha1/microvm/ns1", None);
     assert_eq!(l["microvm"].as_array().unwrap().len(), 0, "{l}");
 }
+
+/// A parent link that does not exist fails the reconcile (FAILED, the
+/// error names the link) and leaves no macvtap behind.
+#[test]
+fn macvtap_on_a_missing_parent_reconciles_to_failed() {
+    let ns = NetNs::bare("mvtfail");
+    let d = Emberd::start_in_netns(
+        "flintlock-mvt-fail",
+        10593,
+        &[
+            "--parent-iface",
+            "nosuch0",
+            "--flintlock-max-retries",
+            "2",
+            "--flintlock-backoff-ms",
+            "50",
+        ],
+        &ns.name,
+    );
+    let (kernel, root) = images(d.dir.path());
+    let (c, v) = d.req(
+        "POST",
+        "/v1alpha1/microvm",
+        Some(&spec(&kernel, &root, "mvt4").to_string()),
+    );
+    assert_eq!(c, 200, "{v}");
+    let uid = v["microvm"]["spec"]["uid"].as_str().unwrap().to_string();
+    let v = wait_state(&d, &uid, "FAILED");
+    let err = v["microvm"]["status"]["error"].as_str().unwrap_or("");
+    assert!(err.contains("nosuch0"), "{v}");
+    let links = ns.ip(&["-o", "link", "show"]);
+    assert!(!links.contains("emb"), "{links}");
+    let (c, _) = d.req("DELETE", &format!("/v1alpha1/microvm/{uid}"), None);
+    assert_eq!(c, 200);
+}

@@ -1005,7 +1005,7 @@ fn install_and_start(
             }
         }
     }
-    sup.configure_instance(
+    let configured = sup.configure_instance(
         &name,
         RunRequest {
             name: name.clone(),
@@ -1019,7 +1019,16 @@ fn install_and_start(
             boot_args: ip_args,
             ..Default::default()
         },
-    )?;
+    );
+    if let Err(e) = configured {
+        // Configured but not started (a TAP or macvtap that could not be
+        // made, a VMM that would not start): back to reserved, so the next
+        // attempt starts afresh and a FAILED MicroVM holds no links.
+        if let Err(u) = sup.unconfigure_instance(&name) {
+            log::warn!("microvm {uid}: cannot reset after a failed start: {u}");
+        }
+        return Err(e.into());
+    }
     Ok(())
 }
 

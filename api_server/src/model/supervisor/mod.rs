@@ -1084,6 +1084,44 @@ impl Supervisor {
             )));
         }
         self.stop_instance(&inst.id)?;
+        self.release_interfaces(&inst);
+        self.detach_all(&inst.id);
+        self.state.instances.remove(&inst.id);
+        self.save()?;
+        let _ = std::fs::remove_file(self.store.log_path(&inst.id));
+        Ok(())
+    }
+
+    /// Turns a configured instance that failed to start back into a
+    /// reserved one (as [`Supervisor::reserve_instance`] made it: same id,
+    /// name, labels and annotations), so a later attempt can configure it
+    /// again: its VMM is stopped, its TAPs and macvtap links deleted and
+    /// its volumes detached. A no-op for an instance not configured yet.
+    pub fn unconfigure_instance(&mut self, key: &str) -> Result<Instance> {
+        let inst = self.instance(key)?.clone();
+        if inst.image_id.is_empty() {
+            return Ok(inst);
+        }
+        self.stop_instance(&inst.id)?;
+        self.release_interfaces(&inst);
+        self.detach_all(&inst.id);
+        let fresh = Instance {
+            id: inst.id.clone(),
+            name: inst.name.clone(),
+            state: InstanceState::Pending,
+            created: inst.created.clone(),
+            labels: inst.labels.clone(),
+            annotations: inst.annotations.clone(),
+            vcpus: 1,
+            ..Default::default()
+        };
+        self.state.instances.insert(inst.id.clone(), fresh.clone());
+        self.save()?;
+        Ok(fresh)
+    }
+
+    /// Deletes the TAPs and macvtap links of `inst` (its VMM must be gone).
+    fn release_interfaces(&self, inst: &Instance) {
         self.release_macvtaps(&inst.id);
         for n in inst
             .interfaces
@@ -1105,16 +1143,16 @@ impl Supervisor {
                 }
             }
         }
+    }
+
+    /// Detaches every volume attached to instance `id`.
+    fn detach_all(&mut self, id: &str) {
         for v in self.state.volumes.values_mut() {
-            if v.attachment.as_deref() == Some(&inst.id) {
+            if v.attachment.as_deref() == Some(id) {
                 v.attachment = None;
                 v.mount_point = None;
             }
         }
-        self.state.instances.remove(&inst.id);
-        self.save()?;
-        let _ = std::fs::remove_file(self.store.log_path(&inst.id));
-        Ok(())
     }
 
     /// Called by the exit watcher when a VMM process is gone.
@@ -1317,6 +1355,37 @@ mod tests {
         // Deleting frees them.
         s.delete_instance("vm1", false).unwrap();
         assert!(s.state.volumes.values().all(|v| v.attachment.is_none()));
+
+        // A reserved instance, configured, then unconfigured (a failed
+        // start): reserved again with its annotations, volumes free, and
+        // it can be configured anew.
+        let mut ann = BTreeMap::new();
+        ann.insert("k".to_string(), "v".to_string());
+        let r = s.reserve_instance("vm3", BTreeMap::new(), ann).unwrap();
+        let req = || RunRequest {
+            name: "vm3".into(),
+            image: "t".into(),
+            mounts: [("/data".to_string(), "data".to_string())].into(),
+            root_volume: Some(Disk {
+                volume: "rootfs".into(),
+                read_only: false,
+            }),
+            create_only: true,
+            ..Default::default()
+        };
+        s.configure_instance("vm3", req()).unwrap();
+        assert!(s.state.volumes.values().any(|v| v.attachment.is_some()));
+        let back = s.unconfigure_instance("vm3").unwrap();
+        assert_eq!(
+            (back.id.as_str(), back.name.as_str()),
+            (r.id.as_str(), "vm3")
+        );
+        assert!(back.image_id.is_empty() && back.root_volume.is_none());
+        assert_eq!(back.annotations.get("k").map(String::as_str), Some("v"));
+        assert!(s.state.volumes.values().all(|v| v.attachment.is_none()));
+        assert_eq!(s.unconfigure_instance("vm3").unwrap(), back);
+        s.configure_instance("vm3", req()).unwrap();
+        s.delete_instance("vm3", false).unwrap();
         let _ = std::fs::remove_dir_all(root);
     }
 
