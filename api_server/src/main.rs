@@ -372,6 +372,9 @@ fn main() {
     if let Some(p) = &args.parent_iface {
         sup.set_parent_iface(p)
             .unwrap_or_else(|e| die(format!("--parent-iface: {e}")));
+        if !api_server::runtime::netdev::tap_exists(p, None) {
+            eprintln!("emberd: warning: --parent-iface {p}: no such link in emberd's network namespace (yet): MACVTAP interfaces fail until it exists");
+        }
         if !sup.jailed() {
             eprintln!("emberd: warning: --parent-iface is set but MACVTAP interfaces need the jailer (--no-jailer refuses them)");
         }

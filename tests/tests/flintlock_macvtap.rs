@@ -320,6 +320,12 @@ fn macvtap_on_a_missing_parent_reconciles_to_failed() {
     assert!(err.contains("nosuch0"), "{v}");
     let links = ns.ip(&["-o", "link", "show"]);
     assert!(!links.contains("emb"), "{links}");
+    // emberd said so at start.
+    assert!(
+        d.err().contains("--parent-iface nosuch0: no such link"),
+        "{}",
+        d.err()
+    );
     let (c, _) = d.req("DELETE", &format!("/v1alpha1/microvm/{uid}"), None);
     assert_eq!(c, 200);
 }
