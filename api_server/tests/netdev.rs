@@ -4,7 +4,7 @@
 
 use std::fs::File;
 use std::os::unix::io::AsRawFd;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -151,6 +151,21 @@ fn attach_as(tun: &File, name: &str, uid: u32, gid: u32) -> i32 {
     libc::WEXITSTATUS(status)
 }
 
+/// Waits until `name` is gone from the namespace. A TAP goes when its last
+/// descriptor closes: a process another test forks at that moment holds a
+/// copy until it execs, so the end is waited for (a safety net of 10 s,
+/// never a timing check), not expected on the first look.
+fn gone(name: &str, ns: &Path) -> bool {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while tap_exists(name, Some(ns)) {
+        if std::time::Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    true
+}
+
 #[test]
 fn persistent_tap_owned_by_the_vmm_user_in_a_netns() {
     let ns = NetNs::new();
@@ -230,7 +245,7 @@ fn persistent_tap_owned_by_the_vmm_user_in_a_netns() {
     }
 
     delete_tap(&name, Some(&ns.path())).expect("delete_tap");
-    assert!(!tap_exists(&name, Some(&ns.path())));
+    assert!(gone(&name, &ns.path()));
     let (ok, _) = ns.ip(&["link", "show", &name]);
     assert!(!ok, "{name} still listed");
     match delete_tap(&name, Some(&ns.path())) {
@@ -262,7 +277,7 @@ fn tap_without_owner_and_several_indexes() {
     assert_eq!(attach_as(&ns.open_tun(), &names[1], 123, 456), 0);
     for n in &names {
         delete_tap(n, Some(&ns.path())).expect("delete_tap");
-        assert!(!tap_exists(n, Some(&ns.path())));
+        assert!(gone(n, &ns.path()));
     }
 }
 
