@@ -34,7 +34,7 @@
 use std::os::unix::io::AsRawFd;
 use std::time::Duration;
 
-use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use event_manager::{EventOps, Events, MutEventSubscriber};
 use serde::Serialize;
 use virtio_queue::QueueOwnedT;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
@@ -618,13 +618,7 @@ impl Balloon {
             return;
         }
         if self.queues.stats.is_some() {
-            if let Err(e) = ops.add(Events::with_data_raw(
-                self.timer.as_raw_fd(),
-                TOKEN_TIMER,
-                EventSet::IN,
-            )) {
-                log::error!("virtio-balloon: registering the stats timer: {e:?}");
-            }
+            self.base.watch_fd(ops, self.timer.as_raw_fd(), TOKEN_TIMER);
             self.arm_timer();
         }
     }

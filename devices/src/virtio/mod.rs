@@ -354,6 +354,14 @@ impl DeviceBase {
     /// parses it: its head index and the chain, or why it is malformed.
     /// `None` when inactive, when the queue is empty and while the device
     /// needs a reset.
+    /// Watches one more descriptor of the device's (a backend, a rate
+    /// limiter's timer, a completion eventfd) for input under `token`.
+    pub(crate) fn watch_fd(&self, ops: &mut EventOps, fd: std::os::unix::io::RawFd, token: u32) {
+        if let Err(e) = ops.add(Events::with_data_raw(fd, token, EventSet::IN)) {
+            log::error!("{}: registering events: {e:?}", self.name);
+        }
+    }
+
     pub(crate) fn pop_parsed(&mut self, q: usize) -> Option<(u16, Result<ParsedChain, DescError>)> {
         let mem = self.mem.as_ref()?;
         let queue = self.queues.get_mut(q)?;

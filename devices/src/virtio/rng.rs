@@ -16,7 +16,7 @@
 
 use std::os::unix::io::AsRawFd;
 
-use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use event_manager::{EventOps, Events, MutEventSubscriber};
 
 use virtio_queue::QueueOwnedT;
 
@@ -173,13 +173,8 @@ impl Rng {
         if !self.base.register_queue_events(ops) {
             return;
         }
-        if let Err(e) = ops.add(Events::with_data_raw(
-            self.limiter.as_raw_fd(),
-            TOKEN_LIMITER,
-            EventSet::IN,
-        )) {
-            log::error!("virtio-rng: registering events: {e:?}");
-        }
+        self.base
+            .watch_fd(ops, self.limiter.as_raw_fd(), TOKEN_LIMITER);
     }
 }
 

@@ -43,7 +43,7 @@ use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use event_manager::{EventOps, Events, MutEventSubscriber};
 use virtio_queue::QueueOwnedT;
 use vm_memory::GuestMemoryMmap;
 
@@ -703,17 +703,11 @@ impl Block {
         if !self.base.register_queue_events(ops) {
             return;
         }
-        if let Err(e) = ops.add(Events::with_data_raw(
-            self.limiter.as_raw_fd(),
-            TOKEN_LIMITER,
-            EventSet::IN,
-        )) {
-            log::error!("virtio-blk: registering events: {e:?}");
-        }
+        self.base
+            .watch_fd(ops, self.limiter.as_raw_fd(), TOKEN_LIMITER);
         if let Some(aio) = &self.aio {
-            if let Err(e) = ops.add(Events::with_data(aio.eventfd(), TOKEN_AIO, EventSet::IN)) {
-                log::error!("virtio-blk: registering the io_uring eventfd: {e:?}");
-            }
+            self.base
+                .watch_fd(ops, aio.eventfd().as_raw_fd(), TOKEN_AIO);
         }
     }
 }

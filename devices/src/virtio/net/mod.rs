@@ -425,28 +425,18 @@ impl Net {
             return;
         }
         let fd: RawFd = self.backend.as_raw_fd();
-        let res = [
-            ops.add(Events::with_data_raw(
-                fd,
-                TOKEN_BACKEND,
-                EventSet::IN | EventSet::EDGE_TRIGGERED,
-            )),
-            ops.add(Events::with_data_raw(
-                self.rx_limiter.as_raw_fd(),
-                TOKEN_RX_LIMITER,
-                EventSet::IN,
-            )),
-            ops.add(Events::with_data_raw(
-                self.tx_limiter.as_raw_fd(),
-                TOKEN_TX_LIMITER,
-                EventSet::IN,
-            )),
-        ];
-        for r in res {
-            if let Err(e) = r {
-                log::error!("virtio-net: registering events: {e:?}");
-            }
+        // The backend is edge-triggered (see the module docs).
+        if let Err(e) = ops.add(Events::with_data_raw(
+            fd,
+            TOKEN_BACKEND,
+            EventSet::IN | EventSet::EDGE_TRIGGERED,
+        )) {
+            log::error!("virtio-net: registering events: {e:?}");
         }
+        self.base
+            .watch_fd(ops, self.rx_limiter.as_raw_fd(), TOKEN_RX_LIMITER);
+        self.base
+            .watch_fd(ops, self.tx_limiter.as_raw_fd(), TOKEN_TX_LIMITER);
     }
 }
 
