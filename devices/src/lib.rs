@@ -8,6 +8,14 @@
 
 #![warn(missing_docs)]
 
+/// Guest memory as every device and the VMM see it: mmap-backed regions
+/// with a dirty bitmap that vm-memory sets on each write the VMM makes (a
+/// device filling a buffer, a used ring), so a diff snapshot can include
+/// the pages the VMM wrote next to those KVM's dirty log reports.
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;
+/// One region of [`GuestMemoryMmap`].
+pub type GuestRegionMmap = vm_memory::GuestRegionMmap<vm_memory::bitmap::AtomicBitmap>;
+
 pub mod bus;
 pub mod legacy;
 pub mod mmds;

@@ -37,7 +37,8 @@ use std::time::Duration;
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use serde::Serialize;
 use virtio_queue::QueueOwnedT;
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{GuestAddress, GuestMemoryBackend};
+use crate::GuestMemoryMmap;
 use vmm_sys_util::timerfd::TimerFd;
 
 use super::desc::ParsedChain;

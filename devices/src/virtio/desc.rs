@@ -7,7 +7,8 @@
 //! Devices then copy data with [`ParsedChain::read_at`] /
 //! [`ParsedChain::write_at`], which only touch the validated segments.
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+use crate::GuestMemoryMmap;
 
 /// Descriptor flag: another descriptor follows.
 pub const VIRTQ_DESC_F_NEXT: u16 = 1;

@@ -9,7 +9,7 @@
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestMemoryMmap;
+use crate::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{IrqTrigger, VirtioDevice, INT_CONFIG, VIRTIO_F_VERSION_1};

@@ -44,7 +44,8 @@ use std::sync::Arc;
 
 use event_manager::{EventOps, EventSet, Events};
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::GuestAddress;
+use crate::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use desc::{parse_chain, DescError, ParsedChain};

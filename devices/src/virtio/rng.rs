@@ -228,7 +228,8 @@ mod tests {
     use super::*;
     use crate::virtio::rate_limiter::TokenBucketConfig;
     use crate::virtio::test_utils::{mem, TestQueue};
-    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+    use vm_memory::{Bytes, GuestAddress};
+use crate::GuestMemoryMmap;
 
     fn env(cfg: RngConfig) -> (GuestMemoryMmap, TestQueue, Rng) {
         let m = mem(0x80000);

@@ -1,7 +1,8 @@
 //! Helpers for tests: small guest memory and hand-built split virtqueues.
 
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
+use crate::GuestMemoryMmap;
 
 /// Guest memory of `size` bytes at address 0.
 pub fn mem(size: usize) -> GuestMemoryMmap {

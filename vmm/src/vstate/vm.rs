@@ -4,11 +4,10 @@ use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Kvm, VmFd};
+use vm_memory::bitmap::{AtomicBitmap, NewBitmap};
 use vm_memory::mmap::MmapRegionBuilder;
-use vm_memory::{
-    Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
-    MemoryRegionAddress,
-};
+use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
+use devices::{GuestMemoryMmap, GuestRegionMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::boot::arch_memory_regions;
@@ -68,7 +67,7 @@ pub fn create_guest_memory(size_mib: u64, huge: HugePages) -> Result<GuestMemory
         } else {
             flags |= libc::MAP_NORESERVE;
         }
-        let map = MmapRegionBuilder::new(len)
+        let map = MmapRegionBuilder::new_with_bitmap(len, AtomicBitmap::with_len(len))
             .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
             .with_mmap_flags(flags)
             .build()
@@ -223,6 +222,21 @@ mod tests {
         assert_eq!(m.iter().map(|r| r.len()).sum::<u64>(), 16 << 20);
         let t = create_guest_memory(16, HugePages::Transparent).unwrap();
         assert_eq!(t.iter().map(|r| r.len()).sum::<u64>(), 16 << 20);
+    }
+
+    /// Writes the VMM makes to guest memory set the regions' dirty bitmaps
+    /// (what diff snapshots add to KVM's dirty log), whatever the backing.
+    #[test]
+    fn vmm_writes_mark_pages_dirty() {
+        use vm_memory::bitmap::Bitmap;
+        use vm_memory::{Bytes, GuestAddress};
+        for huge in [HugePages::None, HugePages::Transparent] {
+            let m = create_guest_memory(16, huge).unwrap();
+            m.write_obj(7u32, GuestAddress(0x5000)).unwrap();
+            let r = m.iter().next().unwrap();
+            assert!(r.bitmap().dirty_at(0x5000), "{huge:?}");
+            assert!(!r.bitmap().dirty_at(0x6000), "{huge:?}");
+        }
     }
 
     /// 2 MiB pages come from the host's reserved pool: with none reserved

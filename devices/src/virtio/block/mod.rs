@@ -45,7 +45,7 @@ use std::sync::Arc;
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use virtio_queue::QueueOwnedT;
-use vm_memory::GuestMemoryMmap;
+use crate::GuestMemoryMmap;
 
 use super::desc::ParsedChain;
 use super::metrics::BlockMetrics;

@@ -532,7 +532,8 @@ mod tests {
     use crate::virtio::INT_VRING;
     use event_manager::{EventManager, SubscriberOps};
     use std::sync::{Arc, Mutex};
-    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+    use vm_memory::{Bytes, GuestAddress};
+use crate::GuestMemoryMmap;
 
     const MAC: [u8; 6] = [0x06, 0, 0xac, 0x10, 0, 2];
 
