@@ -80,6 +80,14 @@ pub mod metrics;
 pub mod microvm;
 pub mod mmds;
 pub mod seccomp;
+// snap-mem: until snap-core's snapshot/mod.rs lands.
+#[path = "snapshot/dirty.rs"]
+pub(crate) mod dirty;
+#[path = "snapshot/uffd.rs"]
+pub(crate) mod uffd;
+#[cfg(test)]
+#[path = "snapshot/rebase.rs"]
+pub(crate) mod rebase;
 pub(crate) mod stdin;
 pub(crate) mod term;
 pub(crate) mod vstate;
