@@ -370,7 +370,7 @@ fn uffd_backend_serves_the_restored_guest() {
     assert_continues(&mut f, last);
     drop(f);
 
-    let hsock = dir.join("uffd.sock");
+    let hsock = dir.join("pf-handler.sock");
     let mut h = Proc::spawn(
         {
             let mut c = Command::new(bin("ember-uffd-handler"));

@@ -238,6 +238,33 @@ pub fn write_diff(
     Ok(stats)
 }
 
+/// A Diff snapshot's memory: takes the dirty pages of `mem` (whose slots
+/// were registered with the dirty log on) and writes them to `path`, created
+/// (or truncated) with mode 0600, in the Full layout. Returns the layout,
+/// the bytes of page data written and the pages taken: if the snapshot fails
+/// after this, [`DirtyPages::give_back`] them. If this fails, they are
+/// given back here.
+pub fn save_diff(
+    vm: &VmFd,
+    mem: &GuestMemoryMmap,
+    path: &str,
+) -> Result<(Vec<super::MemoryRegionState>, u64, DirtyPages), super::SnapshotError> {
+    let dirty = take_dirty(vm, mem, true)?;
+    log::debug!("diff snapshot: {} dirty pages", dirty.count());
+    let layout = super::memory::describe(mem);
+    let offsets: Vec<u64> = layout.iter().map(|r| r.offset).collect();
+    let written = super::format::create_private(path).and_then(|f| {
+        write_diff(&f, mem, &dirty, Some(&offsets)).map_err(super::SnapshotError::from)
+    });
+    match written {
+        Ok(st) => Ok((layout, st.data_bytes, dirty)),
+        Err(e) => {
+            dirty.give_back(mem);
+            Err(e)
+        }
+    }
+}
+
 /// `pwrite`s `len` bytes from `src` at `offset`, retrying short writes and
 /// EINTR. Guest memory is read through a raw pointer (the guest is paused,
 /// but the bytes are never borrowed as a Rust slice).

@@ -449,7 +449,14 @@ pub fn recv_handshake(
     let (mut len, fd) = sock.recv_with_fd(&mut buf).map_err(|e| {
         UffdError::Receive(std::io::Error::from_raw_os_error(e.errno()).to_string())
     })?;
-    let fd = fd.ok_or_else(|| UffdError::BadHandshake("no userfaultfd attached".into()))?;
+    if len == 0 {
+        return Err(UffdError::BadHandshake(
+            "the peer closed the connection before sending its handshake".into(),
+        ));
+    }
+    let fd = fd.ok_or_else(|| {
+        UffdError::BadHandshake("no userfaultfd attached to the first message".into())
+    })?;
     // The JSON may come in pieces on a stream: read until it parses.
     loop {
         match serde_json::from_slice::<Vec<UffdMapping>>(&buf[..len]) {
