@@ -450,3 +450,42 @@ fn ticker_continues_in_another_jail() {
     let Vmm { mut p, .. } = v;
     assert_continues(&before, &mut p);
 }
+
+/// The legacy devices come back: a guest restored while polling the i8042
+/// gets the Ctrl-Alt-Del the new VMM injects (Machine.Shutdown's
+/// `PUT /actions SendCtrlAltDel`), and the VMM exits cleanly.
+#[test]
+fn ctrl_alt_del_reaches_a_restored_guest() {
+    let dir = TempDir::new("snap-cad");
+    let v = start_vmm(dir.path(), "src");
+    v.ok(
+        "PUT",
+        "/boot-source",
+        json!({"kernel_image_path": LINUX64_ELF, "boot_args": "ember.test=wait-ctrlaltdel"}),
+    );
+    v.ok(
+        "PUT",
+        "/machine-config",
+        json!({"vcpu_count": 1, "mem_size_mib": 32}),
+    );
+    v.ok("PUT", "/actions", json!({"action_type": "InstanceStart"}));
+    let Vmm { mut p, sock } = v;
+    p.expect_out("waiting for ctrl-alt-del");
+    let v = Vmm { p, sock };
+    v.ok("PATCH", "/vm", json!({"state": "Paused"}));
+    v.ok(
+        "PUT",
+        "/snapshot/create",
+        json!({"snapshot_path": dir.join("state"), "mem_file_path": dir.join("mem")}),
+    );
+    let Vmm { mut p, .. } = v;
+    let _ = p.child.kill();
+    p.wait();
+
+    let v = start_vmm(dir.path(), "dst");
+    load(&v, &dir.join("state"), &dir.join("mem"));
+    v.ok("PUT", "/actions", json!({"action_type": "SendCtrlAltDel"}));
+    let Vmm { mut p, .. } = v;
+    assert_eq!(p.wait().code(), Some(0), "{}", p.err());
+    assert!(p.out().contains("ember-guest: ctrl-alt-del"), "{}", p.out());
+}

@@ -598,6 +598,8 @@ impl Controller {
             vcpus.push(v.save_state(VCPU_ACK_TIMEOUT)?);
         }
         let vm_state = vm.vm.save_state()?;
+        let serial = vm.serial.lock().expect("serial poisoned").save();
+        let i8042 = vm.i8042.lock().expect("i8042 poisoned").save();
         let t_state = t0.elapsed();
         let (memory, written) = memory::save_full(&vm.mem, &p.mem_file_path)?;
         let t_mem = t0.elapsed();
@@ -607,6 +609,8 @@ impl Controller {
             memory,
             vm: vm_state,
             vcpus,
+            serial,
+            i8042,
             devices,
         };
         let len = format::write_state(&p.snapshot_path, &state)?;
