@@ -75,6 +75,10 @@ fn ticks(out: &str) -> Vec<u64> {
 /// Boots the ticker, waits for a few ticks, pauses and snapshots it into
 /// `dir/{state,mem}`; returns the console output up to the snapshot.
 fn ticker_snapshot(dir: &Path) -> String {
+    ticker_snapshot_with(dir, 1)
+}
+
+fn ticker_snapshot_with(dir: &Path, vcpus: u8) -> String {
     let v = start_vmm(dir, "src");
     // firecracker-go-sdk: PUT /boot-source, /machine-config, /actions.
     v.ok(
@@ -85,7 +89,7 @@ fn ticker_snapshot(dir: &Path) -> String {
     v.ok(
         "PUT",
         "/machine-config",
-        json!({"vcpu_count": 1, "mem_size_mib": 32}),
+        json!({"vcpu_count": vcpus, "mem_size_mib": 32}),
     );
     v.ok("PUT", "/actions", json!({"action_type": "InstanceStart"}));
     let Vmm { mut p, sock } = v;
@@ -192,9 +196,45 @@ fn ticker_continues_in_a_new_process() {
         .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "v1.0.0")
         .unwrap());
 
+    // firecracker-go-sdk with WithSnapshot: BootstrapLoggingHandler
+    // (PutLogger, PutMetrics) still runs, the machine handlers do not, then
+    // LoadSnapshotHandler (the exact body the SDK marshals).
     let v = start_vmm(dir.path(), "dst");
-    load(&v, &dir.join("state"), &dir.join("mem"));
+    std::fs::write(dir.join("dst.log"), b"").unwrap();
+    v.ok(
+        "PUT",
+        "/logger",
+        json!({"level": "Debug", "log_path": dir.join("dst.log"), "show_level": true, "show_log_origin": false}),
+    );
+    std::fs::write(dir.join("dst.metrics"), b"").unwrap();
+    v.ok(
+        "PUT",
+        "/metrics",
+        json!({"metrics_path": dir.join("dst.metrics")}),
+    );
+    let t = Instant::now();
+    let r = http(
+        &v.sock,
+        "PUT",
+        "/snapshot/load",
+        Some(&format!(
+            r#"{{"mem_backend":{{"backend_path":{},"backend_type":"File"}},"resume_vm":true,"snapshot_path":{}}}"#,
+            json!(dir.join("mem")),
+            json!(dir.join("state"))
+        )),
+    );
+    assert_eq!(r.status, 204, "{}", String::from_utf8_lossy(&r.body));
+    eprintln!(
+        "snapshot load: {} us (API round trip)",
+        t.elapsed().as_micros()
+    );
     assert_eq!(v.get("/")["state"], "Running");
+    // The VMM's own logger stays, and it got the load's timing line.
+    let log = std::fs::read_to_string(dir.join("dst.log")).unwrap();
+    assert!(log.contains("snapshot loaded in"), "{log}");
+    assert!(!std::fs::read_to_string(dir.join("dst.metrics"))
+        .unwrap()
+        .is_empty());
     // GET /vm/config shows the restored machine.
     let cfg = v.get("/vm/config");
     assert_eq!(cfg["machine-config"]["vcpu_count"], 1, "{cfg}");
@@ -215,9 +255,9 @@ fn ticker_continues_in_a_new_process() {
 }
 
 #[test]
-fn load_paused_then_resume() {
+fn load_paused_then_resume_with_two_vcpus() {
     let dir = TempDir::new("snap-paused");
-    let before = ticker_snapshot(dir.path());
+    let before = ticker_snapshot_with(dir.path(), 2);
     let v = start_vmm(dir.path(), "dst");
     v.ok(
         "PUT",
@@ -225,6 +265,7 @@ fn load_paused_then_resume() {
         json!({"snapshot_path": dir.join("state"), "mem_file_path": dir.join("mem")}),
     );
     assert_eq!(v.get("/")["state"], "Paused");
+    assert_eq!(v.get("/vm/config")["machine-config"]["vcpu_count"], 2);
     // A paused restored VM can be snapshotted again at once.
     v.ok(
         "PUT",
