@@ -684,13 +684,15 @@ impl Controller {
             &self.mmds_service,
             em,
         )?;
+        let t_build = t0.elapsed();
         self.boot_timer = state.boot_timer;
         self.config = cfg;
         self.started(vm, em);
         log::info!(
-            "snapshot loaded in {} us (state file and memory mapping {} us), {}",
+            "snapshot loaded in {} us (state file and memory mapping {} us, KVM VM, devices and vCPUs {} us), {}",
             t0.elapsed().as_micros(),
             t_read.as_micros(),
+            (t_build - t_read).as_micros(),
             if p.resume_vm { "running" } else { "paused" }
         );
         Ok(VmmData::Empty)
