@@ -104,6 +104,12 @@ fn ticker_snapshot_with(dir: &Path, vcpus: u8) -> String {
     assert!(msg.contains("not paused"), "{msg}");
     // Machine.PauseVM: PATCH /vm {"state": "Paused"}.
     v.ok("PATCH", "/vm", json!({"state": "Paused"}));
+    let msg = v.fault(
+        "PUT",
+        "/snapshot/create",
+        json!({"snapshot_path": dir.join("same"), "mem_file_path": dir.join("same")}),
+    );
+    assert!(msg.contains("different files"), "{msg}");
     // Machine.CreateSnapshot: PUT /snapshot/create.
     let t = Instant::now();
     v.ok(

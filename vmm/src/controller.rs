@@ -580,6 +580,9 @@ impl Controller {
         if p.mem_file_path.is_empty() {
             return Err(SnapshotConfigError::EmptyPath("mem_file_path").into());
         }
+        if p.mem_file_path == p.snapshot_path {
+            return Err(SnapshotConfigError::SamePath.into());
+        }
         let config = self.config.clone();
         let boot_timer = self.boot_timer;
         let vm = self.running()?;
@@ -614,6 +617,11 @@ impl Controller {
             devices,
         };
         let len = format::write_state(&p.snapshot_path, &state)?;
+        self.metrics.lock().expect("metrics poisoned").set_gauge(
+            "latencies_us",
+            "full_create_snapshot",
+            t0.elapsed().as_micros() as u64,
+        );
         log::info!(
             "snapshot created in {} us (vCPU and VM state {} us, memory {} us: {} KiB written of {} MiB; state file {len} bytes)",
             t0.elapsed().as_micros(),
@@ -685,6 +693,11 @@ impl Controller {
             em,
         )?;
         let t_build = t0.elapsed();
+        self.metrics.lock().expect("metrics poisoned").set_gauge(
+            "latencies_us",
+            "load_snapshot",
+            t_build.as_micros() as u64,
+        );
         self.boot_timer = state.boot_timer;
         self.config = cfg;
         self.started(vm, em);
