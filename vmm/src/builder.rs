@@ -7,7 +7,9 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use devices::bus::Bus;
+use devices::legacy::i8042::I8042State;
 use devices::legacy::serial::SerialOut;
+use devices::legacy::serial::SerialState;
 use devices::legacy::{I8042Device, SerialDevice};
 use devices::mmds::stack::MmdsStack;
 use devices::mmds::SharedMmds;
@@ -15,6 +17,7 @@ use devices::virtio::balloon::{Balloon, BalloonError};
 use devices::virtio::block::{Block, BlockConfig, BlockError};
 use devices::virtio::mmio::MmioError;
 use devices::virtio::net::{Net, NetConfig, NetError};
+use devices::virtio::persist::VirtioDeviceState;
 use devices::virtio::rng::{Rng, RngConfig, RngError};
 use devices::virtio::vsock::{Vsock, VsockConfig, VsockError};
 use devices::virtio::{cmdline_param, MmioTransport, VirtioDevice, MMIO_LEN, NOTIFY_REG_OFFSET};
@@ -301,17 +304,28 @@ fn attach_legacy(
     serial_out: SerialOut,
     exits: &ExitSignals,
     boot_timer: bool,
+    saved: Option<(&SerialState, &I8042State)>,
 ) -> Result<Legacy, BuildError> {
     let mut pio = Bus::new();
     let mut mmio = Bus::new();
     let serial_irq = evt()?;
     vm.register_irqfd(&serial_irq, SERIAL_IRQ)?;
-    let serial = Arc::new(Mutex::new(SerialDevice::new(serial_irq, serial_out)));
+    let serial = match saved {
+        Some((s, _)) => SerialDevice::restore(serial_irq, serial_out, s)
+            .map_err(|e| SnapshotError::Invalid(e.to_string()))?,
+        None => SerialDevice::new(serial_irq, serial_out),
+    };
+    let serial = Arc::new(Mutex::new(serial));
     pio.insert(serial.clone(), SERIAL_PORT_BASE, 8)?;
     let kbd_irq = evt()?;
     vm.register_irqfd(&kbd_irq, I8042_KBD_IRQ)?;
     let reset = exits.reset_evt.try_clone().map_err(BuildError::EventFd)?;
-    let i8042 = Arc::new(Mutex::new(I8042Device::new(reset, kbd_irq)));
+    let i8042 = match saved {
+        Some((_, k)) => I8042Device::restore(reset, kbd_irq, k)
+            .map_err(|e| SnapshotError::Invalid(e.to_string()))?,
+        None => I8042Device::new(reset, kbd_irq),
+    };
+    let i8042 = Arc::new(Mutex::new(i8042));
     pio.insert(i8042.clone(), I8042_PORT_BASE, 5)?;
     if boot_timer {
         mmio.insert(
@@ -364,7 +378,7 @@ pub struct RestoreOptions {
 
 /// The virtio devices' snapshot state, in MMIO slot order. Device state is
 /// not saved yet: a microVM with virtio devices is refused.
-pub(crate) fn save_virtio(vm: &RunningVm) -> Result<Vec<serde_json::Value>, SnapshotError> {
+pub(crate) fn save_virtio(vm: &RunningVm) -> Result<Vec<VirtioDeviceState>, SnapshotError> {
     let mut kinds = Vec::new();
     if !vm.blocks.is_empty() {
         kinds.push("block");
@@ -446,7 +460,13 @@ pub fn build_from_snapshot(
         mmio,
         serial,
         i8042,
-    } = attach_legacy(&vm, serial_out, exits, state.boot_timer)?;
+    } = attach_legacy(
+        &vm,
+        serial_out,
+        exits,
+        state.boot_timer,
+        Some((&state.serial, &state.i8042)),
+    )?;
     let devices = restore_virtio(state)?;
 
     crate::vstate::vcpu::register_kick_handler()?;
@@ -524,7 +544,7 @@ pub fn build_and_boot(
         mut mmio,
         serial,
         i8042,
-    } = attach_legacy(&vm, serial_out, exits, boot_timer)?;
+    } = attach_legacy(&vm, serial_out, exits, boot_timer, None)?;
 
     // virtio devices, announced on the command line.
     let mut attacher = VirtioAttacher {

@@ -586,6 +586,9 @@ impl Controller {
         if p.mem_file_path.is_empty() {
             return Err(SnapshotConfigError::EmptyPath("mem_file_path").into());
         }
+        if p.mem_file_path == p.snapshot_path {
+            return Err(SnapshotConfigError::SamePath.into());
+        }
         let config = self.config.clone();
         let boot_timer = self.boot_timer;
         let vm = self.running()?;
@@ -603,6 +606,8 @@ impl Controller {
             vcpus.push(v.save_state(VCPU_ACK_TIMEOUT)?);
         }
         let vm_state = vm.vm.save_state()?;
+        let serial = vm.serial.lock().expect("serial poisoned").save();
+        let i8042 = vm.i8042.lock().expect("i8042 poisoned").save();
         let t_state = t0.elapsed();
         // A Diff holds the pages dirtied since the last snapshot; every
         // snapshot starts a new interval (the dirty state is cleared).
@@ -621,6 +626,8 @@ impl Controller {
             memory,
             vm: vm_state,
             vcpus,
+            serial,
+            i8042,
             devices,
         };
         let len = match format::write_state(&p.snapshot_path, &state) {
@@ -633,6 +640,15 @@ impl Controller {
                 return Err(e.into());
             }
         };
+        self.metrics.lock().expect("metrics poisoned").set_gauge(
+            "latencies_us",
+            if diff {
+                "diff_create_snapshot"
+            } else {
+                "full_create_snapshot"
+            },
+            t0.elapsed().as_micros() as u64,
+        );
         log::info!(
             "{} snapshot created in {} us (vCPU and VM state {} us, memory {} us: {} KiB written of {} MiB; state file {len} bytes)",
             if diff { "Diff" } else { "Full" },
@@ -714,14 +730,21 @@ impl Controller {
             &self.mmds_service,
             em,
         )?;
+        let t_build = t0.elapsed();
+        self.metrics.lock().expect("metrics poisoned").set_gauge(
+            "latencies_us",
+            "load_snapshot",
+            t_build.as_micros() as u64,
+        );
         self.boot_timer = state.boot_timer;
         self.config = cfg;
         self.uffd = uffd;
         self.started(vm, em);
         log::info!(
-            "snapshot loaded in {} us (state file and memory mapping {} us), {}",
+            "snapshot loaded in {} us (state file and memory mapping {} us, KVM VM, devices and vCPUs {} us), {}",
             t0.elapsed().as_micros(),
             t_read.as_micros(),
+            (t_build - t_read).as_micros(),
             if p.resume_vm { "running" } else { "paused" }
         );
         Ok(VmmData::Empty)
