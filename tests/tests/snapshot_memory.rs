@@ -21,6 +21,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
+use ember_guests::MEMPATTERN_PREFIX;
 use ember_tests::*;
 
 /// A VMM with its API socket in its own directory.
@@ -121,7 +122,7 @@ impl Vmm {
 
 fn rounds(out: &str) -> Vec<(u64, u64)> {
     out.lines()
-        .filter_map(|l| l.strip_prefix("ember-guest: mempattern "))
+        .filter_map(|l| l.strip_prefix(MEMPATTERN_PREFIX))
         .filter_map(|l| {
             let mut w = l.split(' ');
             let n = w.next()?.parse().ok()?;
