@@ -447,3 +447,144 @@ fn uffd_load_without_a_handler_is_refused() {
     );
     assert_continues(&mut w, last);
 }
+
+const JAIL_UID: u32 = 123;
+const JAIL_GID: u32 = 456;
+
+/// A jail for the dynamically linked ember-vmm (its libraries copied in),
+/// under its own chroot base, as tests/tests/snapshot.rs makes them.
+struct Jail {
+    base: TempDir,
+    id: String,
+}
+
+impl Jail {
+    fn new(tag: &str) -> Self {
+        let j = Jail {
+            base: TempDir::new(&format!("snapmem-jail-{tag}")),
+            id: format!("snapmem-{tag}-{}", std::process::id()),
+        };
+        std::fs::create_dir_all(j.host("/")).unwrap();
+        let out = Command::new("ldd").arg(bin("ember-vmm")).output().unwrap();
+        for lib in String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .filter(|w| w.starts_with('/'))
+        {
+            let dst = j.host(lib);
+            std::fs::create_dir_all(dst.parent().unwrap()).unwrap();
+            std::fs::copy(lib, &dst).unwrap();
+        }
+        j
+    }
+    fn host(&self, inside: &str) -> PathBuf {
+        self.base
+            .path()
+            .join("ember-vmm")
+            .join(&self.id)
+            .join("root")
+            .join(inside.trim_start_matches('/'))
+    }
+    /// Copies `src` into the jail, owned by the VMM's user.
+    fn place(&self, inside: &str, src: &Path) {
+        let dst = self.host(inside);
+        std::fs::copy(src, &dst).unwrap();
+        std::os::unix::fs::chown(&dst, Some(JAIL_UID), Some(JAIL_GID)).unwrap();
+    }
+    /// ember-jailer running ember-vmm unprivileged with its API at /api.sock.
+    fn spawn(&self, jailer_args: &[&str], logs: &Path) -> Vmm {
+        let mut c = Command::new(bin("ember-jailer"));
+        c.arg("--id")
+            .arg(&self.id)
+            .arg("--exec-file")
+            .arg(bin("ember-vmm"))
+            .args(["--uid", &JAIL_UID.to_string()])
+            .args(["--gid", &JAIL_GID.to_string()])
+            .arg("--chroot-base-dir")
+            .arg(self.base.path())
+            .args(jailer_args)
+            .args(["--", "--api-sock", "/api.sock", "--id", "jailed"]);
+        let p = Proc::spawn(c, logs, &self.id);
+        let sock = self.host("/api.sock");
+        wait_for_socket(&sock);
+        Vmm { p, sock }
+    }
+}
+
+/// The Uffd backend from a jail, as Firecracker documents it: the VMM
+/// unprivileged under seccomp, the handler as the same user with its socket
+/// and the memory file inside the jail. Without `--userfaultfd` the jailed
+/// VMM has no userfaultfd and the load is refused naming what to grant.
+#[test]
+fn uffd_backend_in_a_jail_needs_the_jailers_userfaultfd_flag() {
+    if let Some(why) = uffd_unavailable() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    if !Path::new("/dev/userfaultfd").exists() {
+        eprintln!("skipped: no /dev/userfaultfd on this host (Linux < 6.1)");
+        return;
+    }
+    let dir = TempDir::new("snapmem-jailuffd");
+    let mut v = start_vmm(dir.path(), "src");
+    v.boot_mempattern(false);
+    v.wait_round_above(1);
+    let last = v.snapshot("Full", &dir.join("s.state"), &dir.join("s.mem"));
+    drop(v);
+
+    let strict = std::fs::read_to_string("/proc/sys/vm/unprivileged_userfaultfd")
+        .map(|s| s.trim() == "0")
+        .unwrap_or(false);
+    if strict {
+        let c = Jail::new("nouffd");
+        c.place("/restore.state", &dir.join("s.state"));
+        let w = c.spawn(&[], dir.path());
+        let (st, msg) = w.put_status(
+            "/snapshot/load",
+            serde_json::json!({
+                "snapshot_path": "/restore.state",
+                "mem_backend": {"backend_type": "Uffd", "backend_path": "/pf.sock"},
+                "resume_vm": true
+            }),
+        );
+        assert_eq!(st, 400, "{msg}");
+        assert!(msg.contains("userfaultfd is not available"), "{msg}");
+    }
+
+    let b = Jail::new("uffd");
+    b.place("/restore.state", &dir.join("s.state"));
+    b.place("/restore.mem", &dir.join("s.mem"));
+    let mut w = b.spawn(&["--userfaultfd"], dir.path());
+    let dev = std::fs::metadata(b.host("/dev/userfaultfd")).unwrap();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&dev.permissions()) & 0o777,
+        0o600
+    );
+    assert_eq!(std::os::unix::fs::MetadataExt::uid(&dev), JAIL_UID);
+    let mut h = Proc::spawn(
+        {
+            use std::os::unix::process::CommandExt;
+            let mut c = Command::new(bin("ember-uffd-handler"));
+            c.arg("--socket")
+                .arg(b.host("/pf.sock"))
+                .arg("--mem-file")
+                .arg(b.host("/restore.mem"))
+                .uid(JAIL_UID)
+                .gid(JAIL_GID);
+            c
+        },
+        dir.path(),
+        "handler",
+    );
+    h.expect_out("listening on");
+    w.put(
+        "/snapshot/load",
+        serde_json::json!({
+            "snapshot_path": "/restore.state",
+            "mem_backend": {"backend_type": "Uffd", "backend_path": "/pf.sock"},
+            "resume_vm": true
+        }),
+    );
+    assert_continues(&mut w, last);
+    drop(w);
+    assert!(h.wait().success(), "handler: {}", h.err());
+}
