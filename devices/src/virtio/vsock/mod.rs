@@ -1113,6 +1113,9 @@ impl MutEventSubscriber for Vsock {
                 if self.base.on_activation() {
                     self.register(ops);
                     self.send_transport_reset();
+                    // A restored device may find packets the guest queued
+                    // before the snapshot.
+                    self.process_tx();
                 }
             }
             TOKEN_RXQ => drain_evt(&self.base.queue_evts[RXQ]),
