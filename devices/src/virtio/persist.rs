@@ -697,17 +697,12 @@ mod tests {
         // new socket path and CID, as a load's vsock_override gives
         let r = Vsock::restore(vsock_cfg(&dir, "b.sock", 7), &st, &m).unwrap();
         assert!(dir.as_path().join("b.sock").exists());
-        assert_eq!(evq.used_idx(), 1, "exactly one event");
-        assert_eq!(evq.used_elem(0), (0, 4));
-        assert_eq!(
-            m.read_obj::<u32>(GuestAddress(EVQ_BUF)).unwrap(),
-            VIRTIO_VSOCK_EVENT_TRANSPORT_RESET
-        );
-        assert_eq!(r.interrupt().status() & INT_VRING, INT_VRING);
         assert_eq!(r.config_bytes(), 7u64.to_le_bytes().to_vec());
         assert_eq!(r.config_generation(), gen.wrapping_add(1));
-        // nothing more comes on later event-queue kicks
-        r.queue_events()[2].write(1).unwrap();
+        // the event goes out when the event loop takes the device in
+        assert_eq!(evq.used_idx(), 0);
+        assert_eq!(r.interrupt().status(), 0);
+        let irq = r.interrupt();
         let mut em = event_manager::EventManager::<
             Arc<Mutex<dyn event_manager::MutEventSubscriber + Send>>,
         >::new()
@@ -715,10 +710,19 @@ mod tests {
         let r = Arc::new(Mutex::new(r));
         em.add_subscriber(r.clone());
         em.run_with_timeout(50).unwrap();
+        assert_eq!(evq.used_idx(), 1, "exactly one event");
+        assert_eq!(evq.used_elem(0), (0, 4));
+        assert_eq!(
+            m.read_obj::<u32>(GuestAddress(EVQ_BUF)).unwrap(),
+            VIRTIO_VSOCK_EVENT_TRANSPORT_RESET
+        );
+        assert_eq!(irq.status() & INT_VRING, INT_VRING);
+        assert!(irq.eventfd().read().unwrap() >= 1, "interrupt raised");
+        // nothing more comes on later event-queue kicks
+        r.lock().unwrap().queue_events()[2].write(1).unwrap();
+        em.run_with_timeout(50).unwrap();
         em.run_with_timeout(0).unwrap();
         assert_eq!(evq.used_idx(), 1);
-        drop(em);
-        let _ = r;
     }
 
     #[test]
@@ -792,6 +796,8 @@ mod tests {
         assert_eq!(&r.config_bytes()[..6], &[6, 0, 0, 0, 0, 2]);
         assert_eq!(r.config_generation(), st.base.config_generation + 1);
         assert_eq!(r.interrupt().status() & INT_CONFIG, INT_CONFIG);
+        // signalled once the event loop takes the device in
+        assert!(r.interrupt().eventfd().read().is_err());
         // and it keeps sending what the guest queues
         m.write_slice(&[0u8; 12 + 60], GuestAddress(0x20000))
             .unwrap();
