@@ -18,9 +18,9 @@ use devices::virtio::net::{Net, NetConfig, NetError};
 use devices::virtio::rng::{Rng, RngConfig, RngError};
 use devices::virtio::vsock::{Vsock, VsockConfig, VsockError};
 use devices::virtio::{cmdline_param, MmioTransport, VirtioDevice, MMIO_LEN, NOTIFY_REG_OFFSET};
+use devices::GuestMemoryMmap;
 use event_manager::{MutEventSubscriber, SubscriberOps};
 use kvm_ioctls::IoEventAddress;
-use devices::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::arch::acpi::{self, AcpiError, VirtioMmioDesc};
@@ -72,6 +72,8 @@ pub enum BuildError {
     Mmio(#[from] MmioError),
     #[error("KVM_IOEVENTFD failed: {0}")]
     Ioevent(kvm_ioctls::Error),
+    #[error(transparent)]
+    VirtioRestore(#[from] virtio_persist::VirtioRestoreError),
 }
 
 /// How vCPUs and devices tell the VMM thread that the guest is done.
@@ -108,6 +110,10 @@ pub(crate) struct RunningVm {
     pub rng: Option<Arc<Mutex<Rng>>>,
     /// The balloon, if any.
     pub balloon: Option<Arc<Mutex<Balloon>>>,
+    /// Every virtio device's transport, in MMIO slot order (what a
+    /// snapshot saves).
+    #[allow(dead_code)] // until the snapshot create path reads it
+    pub virtio_slots: Vec<(VirtioSlot, Arc<Mutex<MmioTransport>>)>,
 }
 
 impl RunningVm {
@@ -118,6 +124,11 @@ impl RunningVm {
         }
     }
 }
+
+#[allow(dead_code)] // until the snapshot create/load path calls it
+mod virtio_persist;
+#[allow(unused_imports)] // until the snapshot create path calls it
+pub(crate) use virtio_persist::save_virtio;
 
 fn evt() -> Result<EventFd, BuildError> {
     EventFd::new(EFD_NONBLOCK).map_err(BuildError::EventFd)
@@ -138,7 +149,20 @@ struct VirtioAttacher<'a> {
 }
 
 impl VirtioAttacher<'_> {
-    fn attach<D>(&mut self, dev: Arc<Mutex<D>>) -> Result<(), BuildError>
+    fn attach<D>(&mut self, dev: Arc<Mutex<D>>) -> Result<Arc<Mutex<MmioTransport>>, BuildError>
+    where
+        D: VirtioDevice + MutEventSubscriber + Send + 'static,
+    {
+        self.attach_with(dev, None)
+    }
+
+    /// [`attach`](Self::attach), with the transport in a snapshot's
+    /// `state` when given (the device itself is restored already).
+    fn attach_with<D>(
+        &mut self,
+        dev: Arc<Mutex<D>>,
+        state: Option<&devices::virtio::persist::MmioTransportState>,
+    ) -> Result<Arc<Mutex<MmioTransport>>, BuildError>
     where
         D: VirtioDevice + MutEventSubscriber + Send + 'static,
     {
@@ -154,9 +178,12 @@ impl VirtioAttacher<'_> {
             }
             self.vm.register_irqfd(d.interrupt().eventfd(), irq)?;
         }
-        let transport = MmioTransport::new(self.mem.clone(), dev.clone())?;
-        self.mmio
-            .insert(Arc::new(Mutex::new(transport)), base, MMIO_LEN)?;
+        let transport = match state {
+            Some(st) => MmioTransport::restore(self.mem.clone(), dev.clone(), st)?,
+            None => MmioTransport::new(self.mem.clone(), dev.clone())?,
+        };
+        let transport = Arc::new(Mutex::new(transport));
+        self.mmio.insert(transport.clone(), base, MMIO_LEN)?;
         self.cmdline.push(cmdline_param(base, irq));
         self.acpi.push(VirtioMmioDesc {
             base,
@@ -165,17 +192,69 @@ impl VirtioAttacher<'_> {
         });
         self.em.add_subscriber(dev);
         self.slot += 1;
-        Ok(())
+        Ok(transport)
     }
 }
 
-/// The virtio devices of a microVM, by kind.
+/// The virtio devices of a microVM, by kind, and their transports in MMIO
+/// slot order.
 struct Devices {
+    slots: Vec<(VirtioSlot, Arc<Mutex<MmioTransport>>)>,
     blocks: BTreeMap<String, Arc<Mutex<Block>>>,
     nets: BTreeMap<String, Arc<Mutex<Net>>>,
     vsock: Option<Arc<Mutex<Vsock>>>,
     rng: Option<Arc<Mutex<Rng>>>,
     balloon: Option<Arc<Mutex<Balloon>>>,
+}
+
+/// Which device sits in a virtio-mmio slot (what a snapshot names).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum VirtioSlot {
+    Block(String),
+    Net(String),
+    Vsock,
+    Rng,
+    Balloon,
+}
+
+/// The device-side configuration of a drive.
+fn block_config(d: &crate::config::DriveConfig) -> BlockConfig {
+    BlockConfig {
+        drive_id: d.drive_id.clone(),
+        path: PathBuf::from(&d.path_on_host),
+        read_only: d.is_read_only,
+        rate_limiter: d.rate_limiter,
+        io_engine: d.engine(),
+    }
+}
+
+/// The device-side configuration of a network interface.
+fn net_config(n: &crate::config::NetworkInterfaceConfig) -> NetConfig {
+    NetConfig {
+        iface_id: n.iface_id.clone(),
+        host_dev_name: n.host_dev_name.clone(),
+        guest_mac: n.mac(),
+        rx_rate_limiter: n.rx_rate_limiter,
+        tx_rate_limiter: n.tx_rate_limiter,
+        mtu: n.mtu,
+    }
+}
+
+/// The device-side configuration of the vsock device.
+fn vsock_config(v: &crate::config::VsockDeviceConfig) -> VsockConfig {
+    VsockConfig {
+        vsock_id: v.vsock_id.clone().unwrap_or_else(|| "vsock".into()),
+        guest_cid: v.guest_cid,
+        uds_path: PathBuf::from(&v.uds_path),
+    }
+}
+
+/// The MMDS stack of interface `iface_id`, if `cfg` puts MMDS on it.
+fn mmds_stack(cfg: &VmConfig, mmds: &SharedMmds, iface_id: &str) -> Option<MmdsStack> {
+    cfg.mmds_config
+        .as_ref()
+        .filter(|m| m.network_interfaces.iter().any(|i| i == iface_id))
+        .map(|m| MmdsStack::new(m.address(), mmds.clone()))
 }
 
 /// Creates the configured virtio devices: the root drive first (so it is
@@ -186,23 +265,20 @@ fn attach_virtio(
     mmds: &SharedMmds,
     a: &mut VirtioAttacher,
 ) -> Result<Devices, BuildError> {
+    let mut slots = Vec::new();
     let mut blocks = BTreeMap::new();
     let mut drives: Vec<_> = cfg.drives.iter().collect();
     drives.sort_by_key(|d| !d.is_root_device);
     for d in drives {
-        let blk = Block::new(BlockConfig {
-            drive_id: d.drive_id.clone(),
-            path: PathBuf::from(&d.path_on_host),
-            read_only: d.is_read_only,
-            rate_limiter: d.rate_limiter,
-            io_engine: d.engine(),
-        })
-        .map_err(|err| BuildError::Block {
+        let blk = Block::new(block_config(d)).map_err(|err| BuildError::Block {
             id: d.drive_id.clone(),
             err,
         })?;
         let blk = Arc::new(Mutex::new(blk));
-        a.attach(blk.clone())?;
+        slots.push((
+            VirtioSlot::Block(d.drive_id.clone()),
+            a.attach(blk.clone())?,
+        ));
         if d.is_root_device {
             let root = match &d.partuuid {
                 Some(u) => format!("root=PARTUUID={u}"),
@@ -216,39 +292,22 @@ fn attach_virtio(
     }
     let mut nets = BTreeMap::new();
     for n in &cfg.network_interfaces {
-        let mut net = Net::new(NetConfig {
-            iface_id: n.iface_id.clone(),
-            host_dev_name: n.host_dev_name.clone(),
-            guest_mac: n.mac(),
-            rx_rate_limiter: n.rx_rate_limiter,
-            tx_rate_limiter: n.tx_rate_limiter,
-            mtu: n.mtu,
-        })
-        .map_err(|err| BuildError::Net {
+        let mut net = Net::new(net_config(n)).map_err(|err| BuildError::Net {
             id: n.iface_id.clone(),
             err,
         })?;
-        if let Some(m) = cfg
-            .mmds_config
-            .as_ref()
-            .filter(|m| m.network_interfaces.contains(&n.iface_id))
-        {
-            net.set_mmds(MmdsStack::new(m.address(), mmds.clone()));
+        if let Some(stack) = mmds_stack(cfg, mmds, &n.iface_id) {
+            net.set_mmds(stack);
         }
         let net = Arc::new(Mutex::new(net));
-        a.attach(net.clone())?;
+        slots.push((VirtioSlot::Net(n.iface_id.clone()), a.attach(net.clone())?));
         nets.insert(n.iface_id.clone(), net);
     }
     let vsock = match &cfg.vsock {
         Some(v) => {
-            let dev = Vsock::new(VsockConfig {
-                vsock_id: v.vsock_id.clone().unwrap_or_else(|| "vsock".into()),
-                guest_cid: v.guest_cid,
-                uds_path: PathBuf::from(&v.uds_path),
-            })
-            .map_err(BuildError::Vsock)?;
+            let dev = Vsock::new(vsock_config(v)).map_err(BuildError::Vsock)?;
             let dev = Arc::new(Mutex::new(dev));
-            a.attach(dev.clone())?;
+            slots.push((VirtioSlot::Vsock, a.attach(dev.clone())?));
             Some(dev)
         }
         None => None,
@@ -260,7 +319,7 @@ fn attach_virtio(
             })
             .map_err(BuildError::Rng)?;
             let dev = Arc::new(Mutex::new(dev));
-            a.attach(dev.clone())?;
+            slots.push((VirtioSlot::Rng, a.attach(dev.clone())?));
             Some(dev)
         }
         None => None,
@@ -269,12 +328,13 @@ fn attach_virtio(
         Some(b) => {
             let dev = Balloon::new(b.device_config()).map_err(BuildError::Balloon)?;
             let dev = Arc::new(Mutex::new(dev));
-            a.attach(dev.clone())?;
+            slots.push((VirtioSlot::Balloon, a.attach(dev.clone())?));
             Some(dev)
         }
         None => None,
     };
     Ok(Devices {
+        slots,
         blocks,
         nets,
         vsock,
@@ -431,5 +491,6 @@ pub fn build_and_boot(
         vsock: devices.vsock,
         rng: devices.rng,
         balloon: devices.balloon,
+        virtio_slots: devices.slots,
     })
 }
