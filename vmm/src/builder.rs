@@ -7,7 +7,8 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use devices::bus::Bus;
-use devices::legacy::serial::SerialOut;
+use devices::legacy::i8042::I8042State;
+use devices::legacy::serial::{SerialOut, SerialState};
 use devices::legacy::{I8042Device, SerialDevice};
 use devices::mmds::stack::MmdsStack;
 use devices::mmds::SharedMmds;
@@ -31,6 +32,7 @@ use crate::arch::regs::BootProtocol;
 use crate::arch::{cpuid, cpuid::CpuidError};
 use crate::config::{ConfigError, VmConfig};
 use crate::loader::{self, LoaderError};
+use crate::snapshot::{MicroVmState, SnapshotError};
 use crate::vstate::vcpu::{Vcpu, VcpuError, VcpuEvent, VcpuHandle};
 use crate::vstate::vm::{create_guest_memory, Vm, VmError};
 use crate::EventManager;
@@ -74,6 +76,8 @@ pub enum BuildError {
     Ioevent(kvm_ioctls::Error),
     #[error(transparent)]
     VirtioRestore(#[from] virtio_persist::VirtioRestoreError),
+    #[error("snapshot: {0}")]
+    Snapshot(#[from] SnapshotError),
 }
 
 /// How vCPUs and devices tell the VMM thread that the guest is done.
@@ -112,7 +116,6 @@ pub(crate) struct RunningVm {
     pub balloon: Option<Arc<Mutex<Balloon>>>,
     /// Every virtio device's transport, in MMIO slot order (what a
     /// snapshot saves).
-    #[allow(dead_code)] // until the snapshot create path reads it
     pub virtio_slots: Vec<(VirtioSlot, Arc<Mutex<MmioTransport>>)>,
 }
 
@@ -125,9 +128,7 @@ impl RunningVm {
     }
 }
 
-#[allow(dead_code)] // until the snapshot create/load path calls it
 mod virtio_persist;
-#[allow(unused_imports)] // until the snapshot create path calls it
 pub(crate) use virtio_persist::save_virtio;
 
 fn evt() -> Result<EventFd, BuildError> {
@@ -343,6 +344,171 @@ fn attach_virtio(
     })
 }
 
+/// The port-I/O devices and the MMIO bus before the virtio devices.
+struct Legacy {
+    pio: Bus,
+    mmio: Bus,
+    serial: Arc<Mutex<SerialDevice>>,
+    i8042: Arc<Mutex<I8042Device>>,
+}
+
+/// COM1 and the i8042 on the port-I/O bus (in a snapshot's saved state
+/// when given), and with `boot_timer` Firecracker's boot-time probe on the
+/// first MMIO page.
+fn attach_legacy(
+    vm: &Vm,
+    serial_out: SerialOut,
+    exits: &ExitSignals,
+    boot_timer: bool,
+    serial_state: Option<&SerialState>,
+    i8042_state: Option<&I8042State>,
+) -> Result<Legacy, BuildError> {
+    let mut pio = Bus::new();
+    let mut mmio = Bus::new();
+    let serial_irq = evt()?;
+    vm.register_irqfd(&serial_irq, SERIAL_IRQ)?;
+    let serial = match serial_state {
+        Some(st) => SerialDevice::restore(serial_irq, serial_out, st)
+            .map_err(|e| SnapshotError::Invalid(e.to_string()))?,
+        None => SerialDevice::new(serial_irq, serial_out),
+    };
+    let serial = Arc::new(Mutex::new(serial));
+    pio.insert(serial.clone(), SERIAL_PORT_BASE, 8)?;
+    let kbd_irq = evt()?;
+    vm.register_irqfd(&kbd_irq, I8042_KBD_IRQ)?;
+    let reset = exits.reset_evt.try_clone().map_err(BuildError::EventFd)?;
+    let i8042 = match i8042_state {
+        Some(st) => I8042Device::restore(reset, kbd_irq, st)
+            .map_err(|e| SnapshotError::Invalid(e.to_string()))?,
+        None => I8042Device::new(reset, kbd_irq),
+    };
+    let i8042 = Arc::new(Mutex::new(i8042));
+    pio.insert(i8042.clone(), I8042_PORT_BASE, 5)?;
+    if boot_timer {
+        mmio.insert(
+            Arc::new(Mutex::new(crate::boot_timer::BootTimer::new())),
+            MMIO_MEM_START,
+            MMIO_DEVICE_SIZE,
+        )?;
+    }
+    Ok(Legacy {
+        pio,
+        mmio,
+        serial,
+        i8042,
+    })
+}
+
+/// Starts the vCPU threads (all configured first), running or paused.
+fn start_vcpus(
+    vcpus: Vec<Vcpu>,
+    exits: &ExitSignals,
+    hook: &Option<Arc<dyn Fn() + Send + Sync>>,
+    paused: bool,
+) -> Result<Vec<VcpuHandle>, BuildError> {
+    let mut handles = Vec::with_capacity(vcpus.len());
+    for v in vcpus {
+        let hook = hook.clone();
+        let exit_evt = exits
+            .vcpu_exit_evt
+            .try_clone()
+            .map_err(BuildError::EventFd)?;
+        handles.push(v.start(
+            exits.vcpu_events.clone(),
+            exit_evt,
+            hook.map(|h| Box::new(move || h()) as Box<dyn FnOnce() + Send>),
+            paused,
+        )?);
+    }
+    Ok(handles)
+}
+
+/// How a snapshot is restored (from `PUT /snapshot/load`).
+pub struct RestoreOptions {
+    /// KVM's dirty page log on the restored memory (`track_dirty_pages`).
+    pub track_dirty_pages: bool,
+    /// Advance the KVM clock by the time spent saved (`clock_realtime`).
+    pub clock_realtime: bool,
+    /// Start the vCPUs running (`resume_vm`); otherwise paused.
+    pub resume: bool,
+}
+
+/// Rebuilds a microVM from a snapshot `state` over `mem` (the snapshot's
+/// memory, already mapped), beside [`build_and_boot`]: the VM and its
+/// memory slots, the irqchip, the legacy devices, the virtio devices, then
+/// the vCPUs with their saved state and the VM state (irqchip, PIT, clock)
+/// over them. The vCPU threads start paused unless `opts.resume`.
+#[allow(clippy::too_many_arguments)]
+pub fn build_from_snapshot(
+    state: &MicroVmState,
+    mem: GuestMemoryMmap,
+    opts: &RestoreOptions,
+    serial_out: SerialOut,
+    exits: &ExitSignals,
+    vcpu_start_hook: Option<Arc<dyn Fn() + Send + Sync>>,
+    mmds: &SharedMmds,
+    em: &mut EventManager,
+) -> Result<RunningVm, BuildError> {
+    let mc = &state.config.machine_config;
+    let vm = Vm::new()?;
+    if let Some(c) = &state.config.cpu_config {
+        vm.require_caps(&c.template().map_err(ConfigError::from)?.add_caps)?;
+    }
+    vm.register_memory(&mem, opts.track_dirty_pages)?;
+    vm.setup_irqchip()?;
+    let Legacy {
+        pio,
+        mut mmio,
+        serial,
+        i8042,
+    } = attach_legacy(
+        &vm,
+        serial_out,
+        exits,
+        state.boot_timer,
+        state.serial.as_ref(),
+        state.i8042.as_ref(),
+    )?;
+    // The same slots, windows and IRQs as the cold boot (the boot timer's
+    // page first if it had one).
+    let mut attacher = VirtioAttacher {
+        vm: &vm,
+        mem: &mem,
+        mmio: &mut mmio,
+        em,
+        cmdline: Vec::new(),
+        acpi: Vec::new(),
+        slot: 0,
+        first_page: u64::from(state.boot_timer),
+    };
+    let devices =
+        virtio_persist::restore_virtio(&state.config, &state.devices, mmds, &mut attacher)?;
+
+    crate::vstate::vcpu::register_kick_handler()?;
+    let mut vcpus = Vec::with_capacity(mc.vcpu_count as usize);
+    for s in &state.vcpus {
+        let v = Vcpu::new(&vm, s.id, pio.clone(), mmio.clone())?;
+        v.restore_state(s)?;
+        vcpus.push(v);
+    }
+    vm.restore_state(&state.vm, opts.clock_realtime)?;
+    let handles = start_vcpus(vcpus, exits, &vcpu_start_hook, !opts.resume)?;
+    Ok(RunningVm {
+        vm,
+        mem,
+        vcpus: handles,
+        serial,
+        i8042,
+        paused: !opts.resume,
+        blocks: devices.blocks,
+        nets: devices.nets,
+        vsock: devices.vsock,
+        rng: devices.rng,
+        balloon: devices.balloon,
+        virtio_slots: devices.slots,
+    })
+}
+
 /// Builds and starts the microVM described by `cfg`. `vcpu_start_hook`
 /// runs first thing on every vCPU thread (seccomp goes there). `mmds` is
 /// the metadata service the interfaces named in `cfg.mmds_config` answer
@@ -389,27 +555,12 @@ pub fn build_and_boot(
         None => None,
     };
 
-    // Legacy devices.
-    let mut pio = Bus::new();
-    let mut mmio = Bus::new();
-    let serial_irq = evt()?;
-    vm.register_irqfd(&serial_irq, SERIAL_IRQ)?;
-    let serial = Arc::new(Mutex::new(SerialDevice::new(serial_irq, serial_out)));
-    pio.insert(serial.clone(), SERIAL_PORT_BASE, 8)?;
-    let kbd_irq = evt()?;
-    vm.register_irqfd(&kbd_irq, I8042_KBD_IRQ)?;
-    let reset = exits.reset_evt.try_clone().map_err(BuildError::EventFd)?;
-    let i8042 = Arc::new(Mutex::new(I8042Device::new(reset, kbd_irq)));
-    pio.insert(i8042.clone(), I8042_PORT_BASE, 5)?;
-
-    // Firecracker's boot-time probe takes the first MMIO page.
-    if boot_timer {
-        mmio.insert(
-            Arc::new(Mutex::new(crate::boot_timer::BootTimer::new())),
-            MMIO_MEM_START,
-            MMIO_DEVICE_SIZE,
-        )?;
-    }
+    let Legacy {
+        pio,
+        mut mmio,
+        serial,
+        i8042,
+    } = attach_legacy(&vm, serial_out, exits, boot_timer, None, None)?;
 
     // virtio devices, announced on the command line.
     let mut attacher = VirtioAttacher {
@@ -465,19 +616,7 @@ pub fn build_and_boot(
         )?;
         vcpus.push(v);
     }
-    let mut handles = Vec::with_capacity(vcpus.len());
-    for v in vcpus {
-        let hook = vcpu_start_hook.clone();
-        let exit_evt = exits
-            .vcpu_exit_evt
-            .try_clone()
-            .map_err(BuildError::EventFd)?;
-        handles.push(v.start(
-            exits.vcpu_events.clone(),
-            exit_evt,
-            hook.map(|h| Box::new(move || h()) as Box<dyn FnOnce() + Send>),
-        )?);
-    }
+    let handles = start_vcpus(vcpus, exits, &vcpu_start_hook, false)?;
 
     Ok(RunningVm {
         vm,
