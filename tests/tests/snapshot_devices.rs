@@ -215,3 +215,102 @@ fn snap_io_rounds_succeed_on_a_cold_boot() {
         disk_round(&disk)
     );
 }
+
+fn call(sock: &Path, method: &str, path: &str, body: serde_json::Value) -> (u16, String) {
+    let r = http(sock, method, path, Some(&body.to_string()));
+    (r.status, String::from_utf8_lossy(&r.body).into_owned())
+}
+
+/// Mirrors firecracker-go-sdk's `PauseVM` + `CreateSnapshot` and then, on a
+/// fresh process, `LoadSnapshot` with `WithNetworkOverrides` (plus ember's
+/// `guest_mac`, `vsock_override` and `drive_overrides`) and `resume_vm`.
+#[test]
+fn block_net_and_vsock_keep_working_after_a_restore_with_overrides() {
+    let ns1 = NetNs::new("sioa", "embsio0", "10.0.0.1", None);
+    let ns2 = NetNs::new("siob", "embsio1", "10.0.0.1", None);
+    let dir = TempDir::new("snap-dev");
+    let disk = dir.join("disk.img");
+    std::fs::write(&disk, vec![0u8; 64 << 10]).unwrap();
+    let uds1 = dir.join("v1.sock");
+    let uds2 = dir.join("v2.sock");
+    let mut peers = Peers::new();
+    peers.udp_echo(&ns1, "10.0.0.1:7");
+    peers.udp_echo(&ns2, "10.0.0.1:7");
+    peers.vsock_echo(&uds1);
+    peers.vsock_echo(&uds2);
+
+    let cfg = snap_io_config(&disk, "embsio0", "06:00:0a:00:00:02", &uds1, 3);
+    let (mut a, sock_a) = spawn_vmm(&dir, "vmm-a", &ns1, Some(&cfg));
+    wait_round(&mut a, 1, Round::all_ok);
+
+    // firecracker-go-sdk PauseVM: PATCH /vm {"state": "Paused"}.
+    let (st, body) = call(&sock_a, "PATCH", "/vm", json!({"state": "Paused"}));
+    assert_eq!(st, 204, "pause: {body}");
+    let state = dir.join("snap.state");
+    let memf = dir.join("snap.mem");
+    let (st, body) = call(
+        &sock_a,
+        "PUT",
+        "/snapshot/create",
+        json!({"snapshot_type": "Full", "snapshot_path": state, "mem_file_path": memf}),
+    );
+    assert_eq!(st, 204, "create: {body}\nstderr:\n{}", a.err());
+    let before = rounds(&a.out()).last().map_or(0, |r| r.n);
+    drop(a); // killed: the snapshot is all that is left
+
+    // The disk moves to another directory (another jail's path).
+    let moved_dir = dir.join("moved");
+    std::fs::create_dir(&moved_dir).unwrap();
+    let moved = moved_dir.join("disk.img");
+    std::fs::copy(&disk, &moved).unwrap();
+    let original_round = disk_round(&disk);
+
+    let (mut b, sock_b) = spawn_vmm(&dir, "vmm-b", &ns2, None);
+    let (st, body) = call(
+        &sock_b,
+        "PUT",
+        "/snapshot/load",
+        json!({
+            "snapshot_path": state,
+            "mem_backend": {"backend_type": "File", "backend_path": memf},
+            "resume_vm": true,
+            "network_overrides": [{"iface_id": "eth0", "host_dev_name": "embsio1",
+                                   "guest_mac": "06:00:0a:00:00:09"}],
+            "vsock_override": {"uds_path": uds2, "guest_cid": 7},
+            "drive_overrides": [{"drive_id": "data", "path_on_host": moved}]
+        }),
+    );
+    assert_eq!(st, 204, "load: {body}\nstderr:\n{}", b.err());
+
+    // The rounds go on in the new process, on every device, with the new
+    // MAC and CID; the vsock connection open at the snapshot was reset.
+    let r = wait_round(&mut b, before + 1, |r| {
+        r.all_ok() && r.mac == "06:00:0a:00:00:09"
+    });
+    assert_eq!(r.cid, 7, "{r:?}");
+    assert!(r.resets >= 1, "no transport reset seen: {r:?}");
+    let later = wait_round(&mut b, r.n, Round::all_ok);
+
+    // The restored configuration shows the overrides.
+    let c = http(&sock_b, "GET", "/vm/config", None).json();
+    assert_eq!(c["drives"][0]["path_on_host"], json!(moved), "{c}");
+    assert_eq!(
+        c["network-interfaces"][0]["host_dev_name"], "embsio1",
+        "{c}"
+    );
+    assert_eq!(
+        c["network-interfaces"][0]["guest_mac"], "06:00:0a:00:00:09",
+        "{c}"
+    );
+    assert_eq!(c["vsock"]["guest_cid"], 7, "{c}");
+    assert_eq!(c["vsock"]["uds_path"], json!(uds2), "{c}");
+
+    // Writes after the restore went to the moved copy only.
+    assert!(
+        disk_round(&moved).is_some_and(|n| n >= later.n),
+        "moved copy at {:?}, round {}",
+        disk_round(&moved),
+        later.n
+    );
+    assert_eq!(disk_round(&disk), original_round);
+}
