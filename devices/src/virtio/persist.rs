@@ -268,6 +268,10 @@ pub struct MmioTransportState {
 pub struct BlockState {
     /// Shared device state.
     pub base: DeviceBaseState,
+    /// The capacity (sectors) the guest saw; a restored file of another
+    /// size bumps the config generation and raises a configuration
+    /// interrupt, as a resize does.
+    pub capacity: u64,
 }
 
 /// virtio-net's state.
@@ -661,6 +665,28 @@ mod tests {
         // and the good one still goes
         assert!(MmioTransport::restore(m.clone(), ok, &good_tr).is_ok());
         let _ = STATUS_DRIVER_OK;
+    }
+
+    #[test]
+    fn a_drive_restored_on_a_file_of_another_size_tells_the_guest() {
+        let file = TempFile::new().unwrap();
+        file.as_file().set_len(8 * 512).unwrap();
+        let m = mem(0x40000);
+        let blk = Arc::new(Mutex::new(Block::new(block_cfg(file.as_path())).unwrap()));
+        let mut t = MmioTransport::new(m.clone(), blk.clone()).unwrap();
+        bring_up(&mut t, &[0x1000], 16);
+        let st = blk.lock().unwrap().save();
+        assert_eq!(st.capacity, 8);
+        drop(t);
+        drop(blk);
+        let same = Block::restore(block_cfg(file.as_path()), &st, &m).unwrap();
+        assert_eq!(same.interrupt().status(), 0);
+        drop(same);
+        file.as_file().set_len(16 * 512).unwrap();
+        let grown = Block::restore(block_cfg(file.as_path()), &st, &m).unwrap();
+        assert_eq!(grown.capacity(), 16);
+        assert_eq!(grown.config_generation(), st.base.config_generation + 1);
+        assert_eq!(grown.interrupt().status() & INT_CONFIG, INT_CONFIG);
     }
 
     const EVQ_BUF: u64 = 0x30000;
