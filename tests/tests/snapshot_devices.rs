@@ -221,14 +221,50 @@ fn call(sock: &Path, method: &str, path: &str, body: serde_json::Value) -> (u16,
     (r.status, String::from_utf8_lossy(&r.body).into_owned())
 }
 
-/// Mirrors firecracker-go-sdk's `PauseVM` + `CreateSnapshot` and then, on a
-/// fresh process, `LoadSnapshot` with `WithNetworkOverrides` (plus ember's
-/// `guest_mac`, `vsock_override` and `drive_overrides`) and `resume_vm`.
-#[test]
-fn block_net_and_vsock_keep_working_after_a_restore_with_overrides() {
-    let ns1 = NetNs::new("sioa", "embsio0", "10.0.0.1", None);
-    let ns2 = NetNs::new("siob", "embsio1", "10.0.0.1", None);
-    let dir = TempDir::new("snap-dev");
+/// Boots `cfg` (snap-io) in `ns`, waits for a good round, pauses and takes
+/// a Full snapshot (`<dir>/snap.state`, `<dir>/snap.mem`), then kills the
+/// VMM. Returns the last round number printed. Mirrors
+/// firecracker-go-sdk's `PauseVM` then `CreateSnapshot`.
+fn boot_and_snapshot(dir: &TempDir, ns: &NetNs, cfg: &serde_json::Value) -> u64 {
+    let (mut a, sock_a) = spawn_vmm(dir, "vmm-a", ns, Some(cfg));
+    wait_round(&mut a, 1, Round::all_ok);
+    let (st, body) = call(&sock_a, "PATCH", "/vm", json!({"state": "Paused"}));
+    assert_eq!(st, 204, "pause: {body}");
+    let (st, body) = call(
+        &sock_a,
+        "PUT",
+        "/snapshot/create",
+        json!({"snapshot_type": "Full", "snapshot_path": dir.join("snap.state"),
+               "mem_file_path": dir.join("snap.mem")}),
+    );
+    assert_eq!(st, 204, "create: {body}\nstderr:\n{}", a.err());
+    rounds(&a.out()).last().map_or(0, |r| r.n)
+    // `a` is killed here: the snapshot is all that is left
+}
+
+/// The `PUT /snapshot/load` body of firecracker-go-sdk's `LoadSnapshot`
+/// (File backend, `resume_vm`), plus `extra` fields.
+fn load_body(dir: &TempDir, state: &Path, extra: serde_json::Value) -> serde_json::Value {
+    let mut b = json!({
+        "snapshot_path": state,
+        "mem_backend": {"backend_type": "File", "backend_path": dir.join("snap.mem")},
+        "resume_vm": true
+    });
+    for (k, v) in extra.as_object().unwrap() {
+        b[k] = v.clone();
+    }
+    b
+}
+
+/// A snap-io VM with `io_engine` on its drive (and, with `extras`, an
+/// entropy device and a balloon the guest never activates) is snapshotted
+/// and loaded in a new ember-vmm, in another network namespace, with
+/// `network_overrides` (firecracker-go-sdk's `WithNetworkOverrides`) plus
+/// ember's `guest_mac`, `vsock_override` and `drive_overrides`.
+fn restore_with_overrides(tag: &str, io_engine: &str, extras: bool) {
+    let ns1 = NetNs::new(&format!("{tag}a"), "embsio0", "10.0.0.1", None);
+    let ns2 = NetNs::new(&format!("{tag}b"), "embsio1", "10.0.0.1", None);
+    let dir = TempDir::new(tag);
     let disk = dir.join("disk.img");
     std::fs::write(&disk, vec![0u8; 64 << 10]).unwrap();
     let uds1 = dir.join("v1.sock");
@@ -239,24 +275,14 @@ fn block_net_and_vsock_keep_working_after_a_restore_with_overrides() {
     peers.vsock_echo(&uds1);
     peers.vsock_echo(&uds2);
 
-    let cfg = snap_io_config(&disk, "embsio0", "06:00:0a:00:00:02", &uds1, 3);
-    let (mut a, sock_a) = spawn_vmm(&dir, "vmm-a", &ns1, Some(&cfg));
-    wait_round(&mut a, 1, Round::all_ok);
-
-    // firecracker-go-sdk PauseVM: PATCH /vm {"state": "Paused"}.
-    let (st, body) = call(&sock_a, "PATCH", "/vm", json!({"state": "Paused"}));
-    assert_eq!(st, 204, "pause: {body}");
-    let state = dir.join("snap.state");
-    let memf = dir.join("snap.mem");
-    let (st, body) = call(
-        &sock_a,
-        "PUT",
-        "/snapshot/create",
-        json!({"snapshot_type": "Full", "snapshot_path": state, "mem_file_path": memf}),
-    );
-    assert_eq!(st, 204, "create: {body}\nstderr:\n{}", a.err());
-    let before = rounds(&a.out()).last().map_or(0, |r| r.n);
-    drop(a); // killed: the snapshot is all that is left
+    let mut cfg = snap_io_config(&disk, "embsio0", "06:00:0a:00:00:02", &uds1, 3);
+    cfg["drives"][0]["io_engine"] = json!(io_engine);
+    if extras {
+        cfg["entropy"] = json!({});
+        cfg["balloon"] = json!({"amount_mib": 0, "deflate_on_oom": false,
+                                "stats_polling_interval_s": 1});
+    }
+    let before = boot_and_snapshot(&dir, &ns1, &cfg);
 
     // The disk moves to another directory (another jail's path).
     let moved_dir = dir.join("moved");
@@ -266,20 +292,17 @@ fn block_net_and_vsock_keep_working_after_a_restore_with_overrides() {
     let original_round = disk_round(&disk);
 
     let (mut b, sock_b) = spawn_vmm(&dir, "vmm-b", &ns2, None);
-    let (st, body) = call(
-        &sock_b,
-        "PUT",
-        "/snapshot/load",
+    let body = load_body(
+        &dir,
+        &dir.join("snap.state"),
         json!({
-            "snapshot_path": state,
-            "mem_backend": {"backend_type": "File", "backend_path": memf},
-            "resume_vm": true,
             "network_overrides": [{"iface_id": "eth0", "host_dev_name": "embsio1",
                                    "guest_mac": "06:00:0a:00:00:09"}],
             "vsock_override": {"uds_path": uds2, "guest_cid": 7},
             "drive_overrides": [{"drive_id": "data", "path_on_host": moved}]
         }),
     );
+    let (st, body) = call(&sock_b, "PUT", "/snapshot/load", body);
     assert_eq!(st, 204, "load: {body}\nstderr:\n{}", b.err());
 
     // The rounds go on in the new process, on every device, with the new
@@ -294,6 +317,7 @@ fn block_net_and_vsock_keep_working_after_a_restore_with_overrides() {
     // The restored configuration shows the overrides.
     let c = http(&sock_b, "GET", "/vm/config", None).json();
     assert_eq!(c["drives"][0]["path_on_host"], json!(moved), "{c}");
+    assert_eq!(c["drives"][0]["io_engine"], io_engine, "{c}");
     assert_eq!(
         c["network-interfaces"][0]["host_dev_name"], "embsio1",
         "{c}"
@@ -304,6 +328,9 @@ fn block_net_and_vsock_keep_working_after_a_restore_with_overrides() {
     );
     assert_eq!(c["vsock"]["guest_cid"], 7, "{c}");
     assert_eq!(c["vsock"]["uds_path"], json!(uds2), "{c}");
+    if extras {
+        assert!(c["entropy"].is_object() && c["balloon"].is_object(), "{c}");
+    }
 
     // Writes after the restore went to the moved copy only.
     assert!(
@@ -313,4 +340,116 @@ fn block_net_and_vsock_keep_working_after_a_restore_with_overrides() {
         later.n
     );
     assert_eq!(disk_round(&disk), original_round);
+}
+
+#[test]
+fn block_net_and_vsock_keep_working_after_a_restore_with_overrides() {
+    restore_with_overrides("siod", "Sync", true);
+}
+
+#[test]
+fn an_async_drive_keeps_working_after_a_restore() {
+    restore_with_overrides("sioq", "Async", false);
+}
+
+/// The state file with its JSON payload changed by `f` and the header's
+/// length and CRC32 made to match (snapshot/format.rs's layout): only the
+/// device state is wrong.
+fn edited_state(state: &[u8], f: impl FnOnce(&mut serde_json::Value)) -> Vec<u8> {
+    let mut v: serde_json::Value = serde_json::from_slice(&state[24..]).unwrap();
+    f(&mut v);
+    let payload = serde_json::to_vec(&v).unwrap();
+    let mut out = state[..12].to_vec();
+    out.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
+    out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+    out.extend_from_slice(&payload);
+    out
+}
+
+#[test]
+fn bad_device_states_are_refused_and_the_vmm_still_loads_a_good_one() {
+    let ns = NetNs::new("siox", "embsio0", "10.0.0.1", None);
+    let dir = TempDir::new("snap-baddev");
+    let disk = dir.join("disk.img");
+    std::fs::write(&disk, vec![0u8; 64 << 10]).unwrap();
+    let uds = dir.join("v.sock");
+    let mut peers = Peers::new();
+    peers.udp_echo(&ns, "10.0.0.1:7");
+    peers.vsock_echo(&uds);
+    let cfg = snap_io_config(&disk, "embsio0", "06:00:0a:00:00:02", &uds, 3);
+    let before = boot_and_snapshot(&dir, &ns, &cfg);
+    // ember-vmm was killed: its socket file stays, as a user would find it.
+    std::fs::remove_file(&uds).unwrap();
+    let good = std::fs::read(dir.join("snap.state")).unwrap();
+
+    let (mut b, sock) = spawn_vmm(&dir, "vmm-b", &ns, None);
+    let try_load = |name: &str, bytes: Vec<u8>| -> String {
+        let p = dir.join(name);
+        std::fs::write(&p, bytes).unwrap();
+        let (st, body) = call(
+            &sock,
+            "PUT",
+            "/snapshot/load",
+            load_body(&dir, &p, json!({})),
+        );
+        assert_eq!(st, 400, "{name}: {body}");
+        serde_json::from_str::<serde_json::Value>(&body).unwrap()["fault_message"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    // The devices are in slot order: the drive, the interface, vsock.
+    let msg = try_load(
+        "queue-size",
+        edited_state(&good, |v| {
+            v["devices"][0]["Block"]["device"]["base"]["queues"][0]["size"] = json!(3)
+        }),
+    );
+    assert!(
+        msg.contains("queue 0") && msg.contains("power of two"),
+        "{msg}"
+    );
+    let msg = try_load(
+        "ring-outside",
+        edited_state(&good, |v| {
+            v["devices"][1]["Net"]["device"]["base"]["queues"][1]["used_ring"] =
+                json!(0x7fff_0000_0000u64)
+        }),
+    );
+    assert!(msg.contains("not inside guest memory"), "{msg}");
+    let msg = try_load(
+        "status",
+        edited_state(&good, |v| {
+            v["devices"][2]["Vsock"]["transport"]["status"] = json!(5)
+        }),
+    );
+    assert!(msg.contains("status 0x5"), "{msg}");
+    let msg = try_load(
+        "unknown-drive",
+        edited_state(&good, |v| {
+            v["devices"][0]["Block"]["drive_id"] = json!("other")
+        }),
+    );
+    assert!(msg.contains("block \"other\""), "{msg}");
+    let msg = try_load(
+        "twice",
+        edited_state(&good, |v| {
+            let d = v["devices"][1].clone();
+            v["devices"].as_array_mut().unwrap().push(d);
+        }),
+    );
+    assert!(msg.contains("twice"), "{msg}");
+    assert_eq!(http(&sock, "GET", "/", None).json()["state"], "Not started");
+
+    // Nothing was left holding the TAP, the drive's lock or the vsock
+    // socket: the good state loads and the rounds go on.
+    let (st, body) = call(
+        &sock,
+        "PUT",
+        "/snapshot/load",
+        load_body(&dir, &dir.join("snap.state"), json!({})),
+    );
+    assert_eq!(st, 204, "load: {body}\nstderr:\n{}", b.err());
+    let r = wait_round(&mut b, before + 1, Round::all_ok);
+    assert_eq!((r.cid, r.resets), (3, 1), "{r:?}");
 }

@@ -140,7 +140,10 @@ struct VirtioAttacher<'a> {
     vm: &'a Vm,
     mem: &'a GuestMemoryMmap,
     mmio: &'a mut Bus,
-    em: &'a mut EventManager,
+    /// The devices for the event loop, added by the caller once the whole
+    /// VM is built (a build that fails leaves nothing registered: a VMM
+    /// whose snapshot load failed can load another).
+    subscribers: Vec<Arc<Mutex<dyn MutEventSubscriber + Send>>>,
     cmdline: Vec<String>,
     /// What the DSDT describes.
     acpi: Vec<VirtioMmioDesc>,
@@ -154,15 +157,16 @@ impl VirtioAttacher<'_> {
     where
         D: VirtioDevice + MutEventSubscriber + Send + 'static,
     {
-        self.attach_with(dev, None)
+        let transport = MmioTransport::new(self.mem.clone(), dev.clone())?;
+        self.place(dev, transport)
     }
 
-    /// [`attach`](Self::attach), with the transport in a snapshot's
-    /// `state` when given (the device itself is restored already).
-    fn attach_with<D>(
+    /// Puts `dev` with its `transport` (new, or restored from a snapshot)
+    /// in the next slot.
+    fn place<D>(
         &mut self,
         dev: Arc<Mutex<D>>,
-        state: Option<&devices::virtio::persist::MmioTransportState>,
+        transport: MmioTransport,
     ) -> Result<Arc<Mutex<MmioTransport>>, BuildError>
     where
         D: VirtioDevice + MutEventSubscriber + Send + 'static,
@@ -179,10 +183,6 @@ impl VirtioAttacher<'_> {
             }
             self.vm.register_irqfd(d.interrupt().eventfd(), irq)?;
         }
-        let transport = match state {
-            Some(st) => MmioTransport::restore(self.mem.clone(), dev.clone(), st)?,
-            None => MmioTransport::new(self.mem.clone(), dev.clone())?,
-        };
         let transport = Arc::new(Mutex::new(transport));
         self.mmio.insert(transport.clone(), base, MMIO_LEN)?;
         self.cmdline.push(cmdline_param(base, irq));
@@ -191,7 +191,7 @@ impl VirtioAttacher<'_> {
             size: MMIO_DEVICE_SIZE,
             irq,
         });
-        self.em.add_subscriber(dev);
+        self.subscribers.push(dev);
         self.slot += 1;
         Ok(transport)
     }
@@ -475,7 +475,7 @@ pub fn build_from_snapshot(
         vm: &vm,
         mem: &mem,
         mmio: &mut mmio,
-        em,
+        subscribers: Vec::new(),
         cmdline: Vec::new(),
         acpi: Vec::new(),
         slot: 0,
@@ -483,6 +483,7 @@ pub fn build_from_snapshot(
     };
     let devices =
         virtio_persist::restore_virtio(&state.config, &state.devices, mmds, &mut attacher)?;
+    let subscribers = std::mem::take(&mut attacher.subscribers);
 
     crate::vstate::vcpu::register_kick_handler()?;
     let mut vcpus = Vec::with_capacity(mc.vcpu_count as usize);
@@ -493,6 +494,11 @@ pub fn build_from_snapshot(
     }
     vm.restore_state(&state.vm, opts.clock_realtime)?;
     let handles = start_vcpus(vcpus, exits, &vcpu_start_hook, !opts.resume)?;
+    // Only now, with everything restored, do the devices join the event
+    // loop (which raises their pending interrupts and the vsock reset).
+    for s in subscribers {
+        em.add_subscriber(s);
+    }
     Ok(RunningVm {
         vm,
         mem,
@@ -567,13 +573,14 @@ pub fn build_and_boot(
         vm: &vm,
         mem: &mem,
         mmio: &mut mmio,
-        em,
+        subscribers: Vec::new(),
         cmdline: Vec::new(),
         acpi: Vec::new(),
         slot: 0,
         first_page: u64::from(boot_timer),
     };
     let devices = attach_virtio(cfg, mmds, &mut attacher)?;
+    let subscribers = std::mem::take(&mut attacher.subscribers);
     let extra = std::mem::take(&mut attacher.cmdline);
     let virtio_acpi = std::mem::take(&mut attacher.acpi);
 
@@ -615,6 +622,9 @@ pub fn build_and_boot(
             kernel.protocol,
         )?;
         vcpus.push(v);
+    }
+    for s in subscribers {
+        em.add_subscriber(s);
     }
     let handles = start_vcpus(vcpus, exits, &vcpu_start_hook, false)?;
 

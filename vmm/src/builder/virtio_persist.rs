@@ -19,6 +19,7 @@ use devices::virtio::net::Net;
 use devices::virtio::persist::{Persist, VirtioDeviceState};
 use devices::virtio::rng::{Rng, RngConfig};
 use devices::virtio::vsock::Vsock;
+use devices::virtio::MmioTransport;
 
 use super::{
     block_config, mmds_stack, net_config, vsock_config, BuildError, Devices, RunningVm,
@@ -38,6 +39,9 @@ pub enum VirtioRestoreError {
     /// The same device twice in the snapshot.
     #[error("the snapshot has {0} twice")]
     Duplicate(String),
+    /// A device's transport state is refused.
+    #[error("{0}: {1}")]
+    Transport(String, devices::virtio::mmio::MmioError),
 }
 
 fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -110,34 +114,44 @@ pub(crate) fn save_virtio(vm: &RunningVm) -> Vec<VirtioDeviceState> {
     out
 }
 
+/// A device rebuilt from its state with its transport, not yet placed.
+enum Restored {
+    Block(String, Arc<Mutex<Block>>, MmioTransport),
+    Net(String, Arc<Mutex<Net>>, MmioTransport),
+    Vsock(Arc<Mutex<Vsock>>, MmioTransport),
+    Rng(Arc<Mutex<Rng>>, MmioTransport),
+    Balloon(Arc<Mutex<Balloon>>, MmioTransport),
+}
+
 /// Restores `states` (slot order) onto the VM `a` builds, each device from
 /// its configuration in `cfg`; `mmds` serves the interfaces `cfg` puts
-/// MMDS on. Devices restored active are registered with the event loop,
-/// which raises their pending interrupts (and the vsock transport reset)
-/// when it handles their activation.
+/// MMDS on. Every device and transport is rebuilt and checked before any
+/// is placed on the bus; a refused state leaves nothing behind but closed
+/// files (the VMM can load another snapshot). Devices restored active join
+/// the event loop when the caller adds `a.subscribers`; the loop then
+/// raises their pending interrupts (and the vsock transport reset).
 pub(super) fn restore_virtio(
     cfg: &VmConfig,
     states: &[VirtioDeviceState],
     mmds: &SharedMmds,
     a: &mut VirtioAttacher,
 ) -> Result<Devices, BuildError> {
-    let mut slots = Vec::with_capacity(states.len());
-    let mut blocks = BTreeMap::new();
-    let mut nets = BTreeMap::new();
-    let (mut vsock, mut rng, mut balloon) = (None, None, None);
-    let mut seen = BTreeSet::new();
     let mem = a.mem.clone();
+    let mut seen = BTreeSet::new();
+    let mut restored = Vec::with_capacity(states.len());
     for st in states {
         let what = st.describe();
         if !seen.insert(what.clone()) {
             return Err(VirtioRestoreError::Duplicate(what).into());
         }
         let missing = || BuildError::from(VirtioRestoreError::NotConfigured(what.clone()));
-        match st {
+        let transport = |dev: Arc<Mutex<dyn devices::virtio::VirtioDevice>>| {
+            MmioTransport::restore(mem.clone(), dev, st.transport())
+                .map_err(|e| VirtioRestoreError::Transport(what.clone(), e))
+        };
+        restored.push(match st {
             VirtioDeviceState::Block {
-                drive_id,
-                transport,
-                device,
+                drive_id, device, ..
             } => {
                 let d = cfg
                     .drives
@@ -151,14 +165,11 @@ pub(super) fn restore_virtio(
                     }
                 })?;
                 let blk = Arc::new(Mutex::new(blk));
-                let t = a.attach_with(blk.clone(), Some(transport))?;
-                slots.push((VirtioSlot::Block(drive_id.clone()), t));
-                blocks.insert(drive_id.clone(), blk);
+                let t = transport(blk.clone())?;
+                Restored::Block(drive_id.clone(), blk, t)
             }
             VirtioDeviceState::Net {
-                iface_id,
-                transport,
-                device,
+                iface_id, device, ..
             } => {
                 let n = cfg
                     .network_interfaces
@@ -174,62 +185,86 @@ pub(super) fn restore_virtio(
                     net.set_mmds(stack);
                 }
                 let net = Arc::new(Mutex::new(net));
-                let t = a.attach_with(net.clone(), Some(transport))?;
-                slots.push((VirtioSlot::Net(iface_id.clone()), t));
-                nets.insert(iface_id.clone(), net);
+                let t = transport(net.clone())?;
+                Restored::Net(iface_id.clone(), net, t)
             }
-            VirtioDeviceState::Vsock {
-                transport, device, ..
-            } => {
+            VirtioDeviceState::Vsock { device, .. } => {
                 let v = cfg.vsock.as_ref().ok_or_else(missing)?;
                 let dev =
                     Vsock::restore(vsock_config(v), device, &mem).map_err(BuildError::Vsock)?;
                 let dev = Arc::new(Mutex::new(dev));
-                let t = a.attach_with(dev.clone(), Some(transport))?;
-                slots.push((VirtioSlot::Vsock, t));
-                vsock = Some(dev);
+                let t = transport(dev.clone())?;
+                Restored::Vsock(dev, t)
             }
-            VirtioDeviceState::Rng { transport, device } => {
+            VirtioDeviceState::Rng { device, .. } => {
                 let e = cfg.entropy.as_ref().ok_or_else(missing)?;
                 let config = RngConfig {
                     rate_limiter: e.rate_limiter,
                 };
                 let dev = Rng::restore(config, device, &mem).map_err(BuildError::Rng)?;
                 let dev = Arc::new(Mutex::new(dev));
-                let t = a.attach_with(dev.clone(), Some(transport))?;
-                slots.push((VirtioSlot::Rng, t));
-                rng = Some(dev);
+                let t = transport(dev.clone())?;
+                Restored::Rng(dev, t)
             }
-            VirtioDeviceState::Balloon { transport, device } => {
+            VirtioDeviceState::Balloon { device, .. } => {
                 let b = cfg.balloon.as_ref().ok_or_else(missing)?;
                 let dev = Balloon::restore(b.device_config(), device, &mem)
                     .map_err(BuildError::Balloon)?;
                 let dev = Arc::new(Mutex::new(dev));
-                let t = a.attach_with(dev.clone(), Some(transport))?;
-                slots.push((VirtioSlot::Balloon, t));
-                balloon = Some(dev);
+                let t = transport(dev.clone())?;
+                Restored::Balloon(dev, t)
             }
-        }
+        });
     }
     let absent = |what: String| Err(VirtioRestoreError::NotInSnapshot(what).into());
     for d in &cfg.drives {
-        if !blocks.contains_key(&d.drive_id) {
+        if !seen.contains(&format!("block {:?}", d.drive_id)) {
             return absent(format!("block {:?}", d.drive_id));
         }
     }
     for n in &cfg.network_interfaces {
-        if !nets.contains_key(&n.iface_id) {
+        if !seen.contains(&format!("net {:?}", n.iface_id)) {
             return absent(format!("net {:?}", n.iface_id));
         }
     }
-    if cfg.vsock.is_some() && vsock.is_none() {
+    let has = |kind: &str| seen.iter().any(|w| w.starts_with(kind));
+    if cfg.vsock.is_some() && !has("vsock") {
         return absent("the vsock device".into());
     }
-    if cfg.entropy.is_some() && rng.is_none() {
+    if cfg.entropy.is_some() && !has("entropy") {
         return absent("the entropy device".into());
     }
-    if cfg.balloon.is_some() && balloon.is_none() {
+    if cfg.balloon.is_some() && !has("balloon") {
         return absent("the balloon".into());
+    }
+
+    let mut slots = Vec::with_capacity(restored.len());
+    let mut blocks = BTreeMap::new();
+    let mut nets = BTreeMap::new();
+    let (mut vsock, mut rng, mut balloon) = (None, None, None);
+    for r in restored {
+        match r {
+            Restored::Block(id, dev, t) => {
+                slots.push((VirtioSlot::Block(id.clone()), a.place(dev.clone(), t)?));
+                blocks.insert(id, dev);
+            }
+            Restored::Net(id, dev, t) => {
+                slots.push((VirtioSlot::Net(id.clone()), a.place(dev.clone(), t)?));
+                nets.insert(id, dev);
+            }
+            Restored::Vsock(dev, t) => {
+                slots.push((VirtioSlot::Vsock, a.place(dev.clone(), t)?));
+                vsock = Some(dev);
+            }
+            Restored::Rng(dev, t) => {
+                slots.push((VirtioSlot::Rng, a.place(dev.clone(), t)?));
+                rng = Some(dev);
+            }
+            Restored::Balloon(dev, t) => {
+                slots.push((VirtioSlot::Balloon, a.place(dev.clone(), t)?));
+                balloon = Some(dev);
+            }
+        }
     }
     Ok(Devices {
         slots,
