@@ -8,7 +8,8 @@ use std::path::PathBuf;
 
 use devices::bus::Bus;
 use devices::legacy::i8042::I8042State;
-use devices::legacy::serial::{SerialOut, SerialState};
+use devices::legacy::serial::SerialOut;
+use devices::legacy::serial::SerialState;
 use devices::legacy::{I8042Device, SerialDevice};
 use devices::mmds::stack::MmdsStack;
 use devices::mmds::SharedMmds;
@@ -360,15 +361,14 @@ fn attach_legacy(
     serial_out: SerialOut,
     exits: &ExitSignals,
     boot_timer: bool,
-    serial_state: Option<&SerialState>,
-    i8042_state: Option<&I8042State>,
+    saved: Option<(&SerialState, &I8042State)>,
 ) -> Result<Legacy, BuildError> {
     let mut pio = Bus::new();
     let mut mmio = Bus::new();
     let serial_irq = evt()?;
     vm.register_irqfd(&serial_irq, SERIAL_IRQ)?;
-    let serial = match serial_state {
-        Some(st) => SerialDevice::restore(serial_irq, serial_out, st)
+    let serial = match saved {
+        Some((s, _)) => SerialDevice::restore(serial_irq, serial_out, s)
             .map_err(|e| SnapshotError::Invalid(e.to_string()))?,
         None => SerialDevice::new(serial_irq, serial_out),
     };
@@ -377,8 +377,8 @@ fn attach_legacy(
     let kbd_irq = evt()?;
     vm.register_irqfd(&kbd_irq, I8042_KBD_IRQ)?;
     let reset = exits.reset_evt.try_clone().map_err(BuildError::EventFd)?;
-    let i8042 = match i8042_state {
-        Some(st) => I8042Device::restore(reset, kbd_irq, st)
+    let i8042 = match saved {
+        Some((_, k)) => I8042Device::restore(reset, kbd_irq, k)
             .map_err(|e| SnapshotError::Invalid(e.to_string()))?,
         None => I8042Device::new(reset, kbd_irq),
     };
@@ -466,8 +466,7 @@ pub fn build_from_snapshot(
         serial_out,
         exits,
         state.boot_timer,
-        state.serial.as_ref(),
-        state.i8042.as_ref(),
+        Some((&state.serial, &state.i8042)),
     )?;
     // The same slots, windows and IRQs as the cold boot (the boot timer's
     // page first if it had one).
@@ -566,7 +565,7 @@ pub fn build_and_boot(
         mut mmio,
         serial,
         i8042,
-    } = attach_legacy(&vm, serial_out, exits, boot_timer, None, None)?;
+    } = attach_legacy(&vm, serial_out, exits, boot_timer, None)?;
 
     // virtio devices, announced on the command line.
     let mut attacher = VirtioAttacher {

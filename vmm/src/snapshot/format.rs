@@ -219,8 +219,8 @@ mod tests {
             memory,
             vm: VmState::default(),
             vcpus: Vec::new(),
-            serial: None,
-            i8042: None,
+            serial: Default::default(),
+            i8042: Default::default(),
             devices: Vec::new(),
         }
     }

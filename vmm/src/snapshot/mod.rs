@@ -13,6 +13,9 @@
 pub mod format;
 pub mod memory;
 
+use devices::legacy::i8042::I8042State;
+use devices::legacy::serial::SerialState;
+use devices::virtio::persist::VirtioDeviceState;
 use serde::{Deserialize, Serialize};
 
 use crate::arch::boot::arch_memory_regions;
@@ -147,16 +150,12 @@ pub struct MicroVmState {
     pub vm: VmState,
     /// Each vCPU, by id.
     pub vcpus: Vec<VcpuState>,
-    /// COM1's registers and pending input.
-    #[serde(default)]
-    pub serial: Option<devices::legacy::serial::SerialState>,
-    /// The i8042's registers and output buffer.
-    #[serde(default)]
-    pub i8042: Option<devices::legacy::i8042::I8042State>,
-    /// The virtio devices in MMIO slot order, each with its transport
-    /// (checked when restored: `devices::virtio::persist`).
-    #[serde(default)]
-    pub devices: Vec<devices::virtio::persist::VirtioDeviceState>,
+    /// COM1.
+    pub serial: SerialState,
+    /// The i8042 controller.
+    pub i8042: I8042State,
+    /// The virtio devices in MMIO slot order.
+    pub devices: Vec<VirtioDeviceState>,
 }
 
 impl MicroVmState {
