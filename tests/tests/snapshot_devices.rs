@@ -183,7 +183,9 @@ fn spawn_vmm(
     let sock = dir.join(&format!("{tag}.sock"));
     let mut cmd = Command::new("ip");
     cmd.args(["netns", "exec", &ns.name]).arg(bin("ember-vmm"));
-    cmd.arg("--api-sock").arg(&sock).args(["--id", tag]);
+    cmd.arg("--api-sock")
+        .arg(&sock)
+        .args(["--id", tag, "--log-level", "info"]);
     if let Some(cfg) = cfg {
         let p = dir.join(&format!("{tag}.json"));
         std::fs::write(&p, cfg.to_string()).unwrap();
@@ -313,6 +315,19 @@ fn restore_with_overrides(tag: &str, io_engine: &str, extras: bool) {
     assert_eq!(r.cid, 7, "{r:?}");
     assert!(r.resets >= 1, "no transport reset seen: {r:?}");
     let later = wait_round(&mut b, r.n, Round::all_ok);
+    // ember-vmm's own timings, for the record.
+    for l in std::fs::read_to_string(dir.join("vmm-a.stderr"))
+        .unwrap_or_default()
+        .lines()
+        .chain(b.err().lines())
+        .filter(|l| {
+            l.contains("snapshot created in")
+                || l.contains("snapshot loaded in")
+                || l.contains("restored in")
+        })
+    {
+        println!("{io_engine}: {l}");
+    }
 
     // The restored configuration shows the overrides.
     let c = http(&sock_b, "GET", "/vm/config", None).json();
