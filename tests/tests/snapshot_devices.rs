@@ -224,9 +224,11 @@ fn call(sock: &Path, method: &str, path: &str, body: serde_json::Value) -> (u16,
 }
 
 /// Boots `cfg` (snap-io) in `ns`, waits for a good round, pauses and takes
-/// a Full snapshot (`<dir>/snap.state`, `<dir>/snap.mem`), then kills the
-/// VMM. Returns the last round number printed. Mirrors
-/// firecracker-go-sdk's `PauseVM` then `CreateSnapshot`.
+/// a Full snapshot (`<dir>/snap.state`, `<dir>/snap.mem`), resumes the
+/// original (whose devices must be unharmed by the save: it goes on with
+/// a good round), then kills it. Returns the last round printed before the
+/// snapshot. Mirrors firecracker-go-sdk's `PauseVM`, `CreateSnapshot`,
+/// `ResumeVM`.
 fn boot_and_snapshot(dir: &TempDir, ns: &NetNs, cfg: &serde_json::Value) -> u64 {
     let (mut a, sock_a) = spawn_vmm(dir, "vmm-a", ns, Some(cfg));
     wait_round(&mut a, 1, Round::all_ok);
@@ -240,7 +242,12 @@ fn boot_and_snapshot(dir: &TempDir, ns: &NetNs, cfg: &serde_json::Value) -> u64 
                "mem_file_path": dir.join("snap.mem")}),
     );
     assert_eq!(st, 204, "create: {body}\nstderr:\n{}", a.err());
-    rounds(&a.out()).last().map_or(0, |r| r.n)
+    let before = rounds(&a.out()).last().map_or(0, |r| r.n);
+    let (st, body) = call(&sock_a, "PATCH", "/vm", json!({"state": "Resumed"}));
+    assert_eq!(st, 204, "resume: {body}");
+    let r = wait_round(&mut a, before + 1, Round::all_ok);
+    assert_eq!(r.resets, 0, "the original saw a transport reset: {r:?}");
+    before
     // `a` is killed here: the snapshot is all that is left
 }
 
