@@ -461,10 +461,13 @@ fn every_operation_before_and_after_boot() {
         Some(json!({"id": "p0"})),
         "virtio-pmem",
     );
+    // Snapshot files go to the test's directory (a create that succeeds
+    // writes them).
+    let (snap_mem, snap_state) = (v.dir.join("snap.mem"), v.dir.join("snap.state"));
     v.refused(
         "PUT",
         "/snapshot/create",
-        Some(json!({"mem_file_path": "/m", "snapshot_path": "/s"})),
+        Some(json!({"mem_file_path": snap_mem, "snapshot_path": snap_state})),
         "not paused",
     );
     v.ok("PATCH", "/vm", json!({"state": "Paused"}));
@@ -472,7 +475,7 @@ fn every_operation_before_and_after_boot() {
     v.refused(
         "PUT",
         "/snapshot/create",
-        Some(json!({"mem_file_path": "/m", "snapshot_path": "/s", "snapshot_type": "Full"})),
+        Some(json!({"mem_file_path": snap_mem, "snapshot_path": snap_state, "snapshot_type": "Full"})),
         "virtio devices",
     );
     v.ok("PATCH", "/vm", json!({"state": "Resumed"}));
