@@ -461,17 +461,19 @@ fn every_operation_before_and_after_boot() {
         Some(json!({"id": "p0"})),
         "virtio-pmem",
     );
+    // Snapshot files go to the test's directory (a create that succeeds
+    // writes them).
+    let (snap_mem, snap_state) = (v.dir.join("snap.mem"), v.dir.join("snap.state"));
     v.refused(
         "PUT",
         "/snapshot/create",
-        Some(json!({"mem_file_path": "/m", "snapshot_path": "/s"})),
+        Some(json!({"mem_file_path": snap_mem, "snapshot_path": snap_state})),
         "not paused",
     );
     v.ok("PATCH", "/vm", json!({"state": "Paused"}));
     assert_eq!(v.get("/")["state"], "Paused");
     // Every device of this VM is saved with it (snapshot_devices.rs loads
     // such snapshots back).
-    let (snap_mem, snap_state) = (v.dir.join("snap.mem"), v.dir.join("snap.state"));
     v.ok(
         "PUT",
         "/snapshot/create",
