@@ -600,12 +600,15 @@ impl Controller {
         if diff && !tracking {
             return Err(SnapshotError::from(DirtyError::NotTracking).into());
         }
-        let devices = save_virtio(vm)?;
         let mut vcpus = Vec::with_capacity(vm.vcpus.len());
         for v in &vm.vcpus {
             vcpus.push(v.save_state(VCPU_ACK_TIMEOUT)?);
         }
         let vm_state = vm.vm.save_state()?;
+        // Devices once the vCPUs are saved (a last KVM_RUN may complete an
+        // access) and before memory: an `Async` drive completes its
+        // requests in flight, which writes guest memory.
+        let devices = save_virtio(vm);
         let serial = vm.serial.lock().expect("serial poisoned").save();
         let i8042 = vm.i8042.lock().expect("i8042 poisoned").save();
         let t_state = t0.elapsed();
