@@ -64,3 +64,50 @@ void mode_mempattern(const struct bootinfo *bi)
 		busy_delay(MP_DELAY);
 	}
 }
+
+/*
+ * ember.test=mempattern-rng: like mempattern's check, for a page only the
+ * VMM writes. Each round the guest checks that a page virtio-rng filled in
+ * the previous round still hashes as it did, then asks the device to fill
+ * it again and records the new hash. The guest only reads that page, so
+ * KVM's dirty log never sees it change: a Diff snapshot has it only through
+ * the VMM's own dirty bitmap. Prints "mempattern-rng <round> bad <0|1>".
+ */
+#include "virtio.h"
+
+#define MP_RNG_TIMEOUT_MS 5000
+
+static uint8_t mp_rng_page[4096] __attribute__((aligned(4096)));
+static uint32_t mp_rng_hash;
+
+void mode_mempattern_rng(const struct bootinfo *bi)
+{
+	struct virtio_dev d;
+
+	if (!virtio_find(bi, 4, &d)) {
+		guest_log("mempattern-rng needs an entropy device");
+		return;
+	}
+	if (!virtio_init(&d, 0, "rng"))
+		return;
+	for (uint64_t round = 1;; round++) {
+		struct virtq *vq = &d.vq[0];
+		struct vbuf b = { mp_rng_page, sizeof(mp_rng_page), true };
+		uint32_t got = 0;
+		uint64_t bad = 0;
+
+		if (round > 1 && fnv1a32(mp_rng_page, sizeof(mp_rng_page)) != mp_rng_hash)
+			bad++;
+		if (virtq_add(vq, &b, 1) < 0)
+			return;
+		virtq_kick(&d, vq);
+		if (virtq_wait(&d, vq, &got, MP_RNG_TIMEOUT_MS) < 0 || got != sizeof(mp_rng_page)) {
+			guest_log("mempattern-rng request failed");
+			return;
+		}
+		mp_rng_hash = fnv1a32(mp_rng_page, sizeof(mp_rng_page));
+		guest_log("mempattern-rng %llu bad %llu", (unsigned long long)round,
+			  (unsigned long long)bad);
+		busy_delay(MP_DELAY);
+	}
+}

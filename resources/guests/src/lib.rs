@@ -271,6 +271,7 @@ pub const MODES: &[&str] = &[
     "idle",
     "ticker",
     "mempattern",
+    "mempattern-rng",
     "wait-ctrlaltdel",
     "triple-fault",
     "virtio-probe",
