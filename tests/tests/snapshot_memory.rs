@@ -33,7 +33,7 @@ struct Vmm {
 }
 
 fn start_vmm(dir: &Path, tag: &str) -> Vmm {
-    let sock = dir.join(&format!("{tag}.sock"));
+    let sock = dir.join(format!("{tag}.sock"));
     let mut cmd = Command::new(bin("ember-vmm"));
     cmd.arg("--api-sock").arg(&sock).args(["--id", tag]);
     let p = Proc::spawn(cmd, dir, tag);

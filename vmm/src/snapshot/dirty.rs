@@ -454,6 +454,7 @@ mod tests {
         }
         // Only the written pages hold data (SEEK_DATA finds nothing past page 79's start
         // but page 79, nothing before page 3).
+        // SAFETY: lseek on an open file; no memory is passed.
         let data_at = |off: i64| unsafe { libc::lseek64(f.as_raw_fd(), off, libc::SEEK_DATA) };
         assert_eq!(data_at(0), 3 * DIRTY_PAGE_SIZE as i64);
         assert_eq!(

@@ -779,7 +779,10 @@ mod tests {
                 ..ok.clone()
             },
         ] {
-            assert!(check_mappings(&[bad.clone()], u64::MAX).is_err(), "{bad:?}");
+            assert!(
+                check_mappings(std::slice::from_ref(&bad), u64::MAX).is_err(),
+                "{bad:?}"
+            );
         }
         assert!(check_mappings(&[], 1 << 30).is_err());
         assert!(check_mappings(&vec![ok; MAX_REGIONS + 1], 1 << 30).is_err());
