@@ -35,7 +35,9 @@ struct Vmm {
 fn start_vmm(dir: &Path, tag: &str) -> Vmm {
     let sock = dir.join(format!("{tag}.sock"));
     let mut cmd = Command::new(bin("ember-vmm"));
-    cmd.arg("--api-sock").arg(&sock).args(["--id", tag]);
+    cmd.arg("--api-sock")
+        .arg(&sock)
+        .args(["--id", tag, "--level", "Info"]);
     let p = Proc::spawn(cmd, dir, tag);
     wait_for_socket(&sock);
     Vmm {
@@ -378,6 +380,7 @@ fn uffd_backend_serves_the_restored_guest() {
         false,
     );
     assert_continues(&mut f, last);
+    let f_log = f.p.err();
     drop(f);
 
     let hsock = dir.join("pf-handler.sock");
@@ -411,6 +414,12 @@ fn uffd_backend_serves_the_restored_guest() {
     );
     let uffd_us = t.elapsed().as_micros();
     println!("snapshot load (PUT /snapshot/load, 32 MiB guest): File backend {file_us} us, Uffd backend {uffd_us} us");
+    // ember-vmm's own account of each load.
+    for (backend, log) in [("File", f_log), ("Uffd", w.p.err())] {
+        for l in log.lines().filter(|l| l.contains("snapshot loaded in")) {
+            println!("{backend}: {l}");
+        }
+    }
     assert_continues(&mut w, last);
     drop(w);
     assert!(h.wait().success(), "handler: {}", h.err());
