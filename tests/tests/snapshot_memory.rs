@@ -812,3 +812,26 @@ fn a_diff_holds_the_pages_only_the_vmm_wrote() {
     w.prefix = RNG_PREFIX;
     assert_continues(&mut w, last);
 }
+
+/// As Firecracker documents, the first Diff of a booted VM resumes as it is
+/// (no base): it holds every page written since boot (KVM's log since the
+/// slots were registered, and the VMM's writes since memory was made: the
+/// kernel image, boot parameters, page tables), and the holes read as the
+/// zeros they were.
+#[test]
+fn the_first_diff_of_a_booted_vm_loads_without_a_base() {
+    let dir = TempDir::new("snapmem-firstdiff");
+    let mut v = start_vmm(dir.path(), "src");
+    v.boot_mempattern(true);
+    v.wait_round_above(1);
+    let last = v.snapshot("Diff", &dir.join("d.state"), &dir.join("d.mem"));
+    drop(v);
+    let (mut w, _) = load_file(
+        dir.path(),
+        "restored",
+        &dir.join("d.state"),
+        &dir.join("d.mem"),
+        false,
+    );
+    assert_continues(&mut w, last);
+}
