@@ -619,7 +619,6 @@ impl Controller {
             (layout, written, Some(taken))
         } else {
             let (layout, written) = memory::save_full(&vm.mem, &p.mem_file_path)?;
-            dirty::reset_dirty(vm.vm.fd(), &vm.mem, tracking).map_err(SnapshotError::from)?;
             (layout, written, None)
         };
         let t_mem = t0.elapsed();
@@ -643,6 +642,10 @@ impl Controller {
                 return Err(e.into());
             }
         };
+        if !diff {
+            // Only a complete Full snapshot becomes the next Diff's base.
+            dirty::reset_dirty(vm.vm.fd(), &vm.mem, tracking).map_err(SnapshotError::from)?;
+        }
         self.metrics.lock().expect("metrics poisoned").set_gauge(
             "latencies_us",
             if diff {
