@@ -12,6 +12,9 @@
 //! since. If writing the snapshot then fails, [`DirtyPages::give_back`] marks
 //! the pages dirty again in vm-memory's bitmaps, so no change is lost.
 //!
+//! Pages a balloon discards (`MADV_DONTNEED`) are not writes and are not
+//! marked: a Diff leaves the base's bytes there, which the guest gave up.
+//!
 //! [`write_diff`] writes a Diff memory file in the Full layout (the regions
 //! back to back, each at its `offset`): the dirty pages at their offsets and
 //! holes elsewhere, with the file's size set to the full size. Its data can
