@@ -610,7 +610,7 @@ pub fn build_and_boot(
     let base_cpuid = cpuid::supported(vm.kvm())?;
     let mut vcpus = Vec::with_capacity(mc.vcpu_count as usize);
     for id in 0..mc.vcpu_count {
-        let v = Vcpu::new(&vm, id, pio.clone(), mmio.clone())?;
+        let mut v = Vcpu::new(&vm, id, pio.clone(), mmio.clone())?;
         v.configure(
             &base_cpuid,
             mc.vcpu_count,

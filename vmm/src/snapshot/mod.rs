@@ -335,8 +335,10 @@ mod tests {
 
     #[test]
     fn pod_blobs_check_their_size() {
-        let mut r = kvm_bindings::kvm_regs::default();
-        r.rip = 0x1234;
+        let r = kvm_bindings::kvm_regs {
+            rip: 0x1234,
+            ..Default::default()
+        };
         let b = to_blob(&r);
         let back: kvm_bindings::kvm_regs = from_blob(&b, "regs").unwrap();
         assert_eq!(back.rip, 0x1234);
