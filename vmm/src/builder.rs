@@ -492,6 +492,10 @@ pub fn build_from_snapshot(
         vcpus.push(v);
     }
     vm.restore_state(&state.vm, opts.clock_realtime)?;
+    // Pulses the legacy devices sent when restored came before the
+    // irqchip state above: send what is pending again.
+    serial.lock().expect("serial poisoned").raise_pending();
+    i8042.lock().expect("i8042 poisoned").raise_pending();
     let handles = start_vcpus(vcpus, exits, &vcpu_start_hook, !opts.resume)?;
     // Only now, with everything restored, do the devices join the event
     // loop (which raises their pending interrupts and the vsock reset).
