@@ -332,7 +332,8 @@ impl RestoreConfig {
             if ended {
                 return Err(bad(n, "after `end`"));
             }
-            let (word, rest) = line.split_once(' ').unwrap_or((line, ""));
+            // Every line but `end` is `<word> <value>` (the value may be empty).
+            let (word, rest) = line.split_once(' ').unwrap_or((line, "\0"));
             match word {
                 "end" if line == "end" => {
                     if !seed {
@@ -561,9 +562,10 @@ fn bind_private(path: &Path, uid: u32, gid: u32) -> Result<UnixListener, Restore
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(sock_err(path, "look at")(e)),
     }
-    let mut tag = [0u8; 6];
-    tag.copy_from_slice(&fresh_seed()?[..6]);
-    let mut tmp_name = String::from(".rc-");
+    // Short: a unix socket path has at most 107 bytes.
+    let mut tag = [0u8; 4];
+    tag.copy_from_slice(&fresh_seed()?[..4]);
+    let mut tmp_name = String::from(".rc");
     push_hex(&mut tmp_name, &tag);
     let tmp = dir.join(tmp_name);
     let listener = UnixListener::bind(&tmp).map_err(sock_err(&tmp, "bind"))?;
@@ -775,6 +777,7 @@ mod tests {
             (good.replace(":31\n", ":123\n"), "device index"),
             (good.replace("env 4752", "env 2e2e"), "'='"),
             (good.replace("\nend\n", "\nend \n"), "unknown line"),
+            (good.replace("arg 68656c6c6f\n", "arg\n"), "hex digit"),
         ];
         for (text, want) in cases {
             let e = RestoreConfig::decode(text.as_bytes())
