@@ -7,7 +7,8 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use devices::bus::Bus;
-use devices::legacy::serial::SerialOut;
+use devices::legacy::i8042::I8042State;
+use devices::legacy::serial::{SerialOut, SerialState};
 use devices::legacy::{I8042Device, SerialDevice};
 use devices::mmds::stack::MmdsStack;
 use devices::mmds::SharedMmds;
@@ -18,9 +19,9 @@ use devices::virtio::net::{Net, NetConfig, NetError};
 use devices::virtio::rng::{Rng, RngConfig, RngError};
 use devices::virtio::vsock::{Vsock, VsockConfig, VsockError};
 use devices::virtio::{cmdline_param, MmioTransport, VirtioDevice, MMIO_LEN, NOTIFY_REG_OFFSET};
+use devices::GuestMemoryMmap;
 use event_manager::{MutEventSubscriber, SubscriberOps};
 use kvm_ioctls::IoEventAddress;
-use devices::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::arch::acpi::{self, AcpiError, VirtioMmioDesc};
@@ -31,6 +32,7 @@ use crate::arch::regs::BootProtocol;
 use crate::arch::{cpuid, cpuid::CpuidError};
 use crate::config::{ConfigError, VmConfig};
 use crate::loader::{self, LoaderError};
+use crate::snapshot::{MicroVmState, SnapshotError};
 use crate::vstate::vcpu::{Vcpu, VcpuError, VcpuEvent, VcpuHandle};
 use crate::vstate::vm::{create_guest_memory, Vm, VmError};
 use crate::EventManager;
@@ -72,6 +74,10 @@ pub enum BuildError {
     Mmio(#[from] MmioError),
     #[error("KVM_IOEVENTFD failed: {0}")]
     Ioevent(kvm_ioctls::Error),
+    #[error(transparent)]
+    VirtioRestore(#[from] virtio_persist::VirtioRestoreError),
+    #[error("snapshot: {0}")]
+    Snapshot(#[from] SnapshotError),
 }
 
 /// How vCPUs and devices tell the VMM thread that the guest is done.
@@ -108,6 +114,9 @@ pub(crate) struct RunningVm {
     pub rng: Option<Arc<Mutex<Rng>>>,
     /// The balloon, if any.
     pub balloon: Option<Arc<Mutex<Balloon>>>,
+    /// Every virtio device's transport, in MMIO slot order (what a
+    /// snapshot saves).
+    pub virtio_slots: Vec<(VirtioSlot, Arc<Mutex<MmioTransport>>)>,
 }
 
 impl RunningVm {
@@ -118,6 +127,9 @@ impl RunningVm {
         }
     }
 }
+
+mod virtio_persist;
+pub(crate) use virtio_persist::save_virtio;
 
 fn evt() -> Result<EventFd, BuildError> {
     EventFd::new(EFD_NONBLOCK).map_err(BuildError::EventFd)
@@ -138,7 +150,20 @@ struct VirtioAttacher<'a> {
 }
 
 impl VirtioAttacher<'_> {
-    fn attach<D>(&mut self, dev: Arc<Mutex<D>>) -> Result<(), BuildError>
+    fn attach<D>(&mut self, dev: Arc<Mutex<D>>) -> Result<Arc<Mutex<MmioTransport>>, BuildError>
+    where
+        D: VirtioDevice + MutEventSubscriber + Send + 'static,
+    {
+        self.attach_with(dev, None)
+    }
+
+    /// [`attach`](Self::attach), with the transport in a snapshot's
+    /// `state` when given (the device itself is restored already).
+    fn attach_with<D>(
+        &mut self,
+        dev: Arc<Mutex<D>>,
+        state: Option<&devices::virtio::persist::MmioTransportState>,
+    ) -> Result<Arc<Mutex<MmioTransport>>, BuildError>
     where
         D: VirtioDevice + MutEventSubscriber + Send + 'static,
     {
@@ -154,9 +179,12 @@ impl VirtioAttacher<'_> {
             }
             self.vm.register_irqfd(d.interrupt().eventfd(), irq)?;
         }
-        let transport = MmioTransport::new(self.mem.clone(), dev.clone())?;
-        self.mmio
-            .insert(Arc::new(Mutex::new(transport)), base, MMIO_LEN)?;
+        let transport = match state {
+            Some(st) => MmioTransport::restore(self.mem.clone(), dev.clone(), st)?,
+            None => MmioTransport::new(self.mem.clone(), dev.clone())?,
+        };
+        let transport = Arc::new(Mutex::new(transport));
+        self.mmio.insert(transport.clone(), base, MMIO_LEN)?;
         self.cmdline.push(cmdline_param(base, irq));
         self.acpi.push(VirtioMmioDesc {
             base,
@@ -165,17 +193,69 @@ impl VirtioAttacher<'_> {
         });
         self.em.add_subscriber(dev);
         self.slot += 1;
-        Ok(())
+        Ok(transport)
     }
 }
 
-/// The virtio devices of a microVM, by kind.
+/// The virtio devices of a microVM, by kind, and their transports in MMIO
+/// slot order.
 struct Devices {
+    slots: Vec<(VirtioSlot, Arc<Mutex<MmioTransport>>)>,
     blocks: BTreeMap<String, Arc<Mutex<Block>>>,
     nets: BTreeMap<String, Arc<Mutex<Net>>>,
     vsock: Option<Arc<Mutex<Vsock>>>,
     rng: Option<Arc<Mutex<Rng>>>,
     balloon: Option<Arc<Mutex<Balloon>>>,
+}
+
+/// Which device sits in a virtio-mmio slot (what a snapshot names).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum VirtioSlot {
+    Block(String),
+    Net(String),
+    Vsock,
+    Rng,
+    Balloon,
+}
+
+/// The device-side configuration of a drive.
+fn block_config(d: &crate::config::DriveConfig) -> BlockConfig {
+    BlockConfig {
+        drive_id: d.drive_id.clone(),
+        path: PathBuf::from(&d.path_on_host),
+        read_only: d.is_read_only,
+        rate_limiter: d.rate_limiter,
+        io_engine: d.engine(),
+    }
+}
+
+/// The device-side configuration of a network interface.
+fn net_config(n: &crate::config::NetworkInterfaceConfig) -> NetConfig {
+    NetConfig {
+        iface_id: n.iface_id.clone(),
+        host_dev_name: n.host_dev_name.clone(),
+        guest_mac: n.mac(),
+        rx_rate_limiter: n.rx_rate_limiter,
+        tx_rate_limiter: n.tx_rate_limiter,
+        mtu: n.mtu,
+    }
+}
+
+/// The device-side configuration of the vsock device.
+fn vsock_config(v: &crate::config::VsockDeviceConfig) -> VsockConfig {
+    VsockConfig {
+        vsock_id: v.vsock_id.clone().unwrap_or_else(|| "vsock".into()),
+        guest_cid: v.guest_cid,
+        uds_path: PathBuf::from(&v.uds_path),
+    }
+}
+
+/// The MMDS stack of interface `iface_id`, if `cfg` puts MMDS on it.
+fn mmds_stack(cfg: &VmConfig, mmds: &SharedMmds, iface_id: &str) -> Option<MmdsStack> {
+    cfg.mmds_config
+        .as_ref()
+        .filter(|m| m.network_interfaces.iter().any(|i| i == iface_id))
+        .map(|m| MmdsStack::new(m.address(), mmds.clone()))
 }
 
 /// Creates the configured virtio devices: the root drive first (so it is
@@ -186,23 +266,20 @@ fn attach_virtio(
     mmds: &SharedMmds,
     a: &mut VirtioAttacher,
 ) -> Result<Devices, BuildError> {
+    let mut slots = Vec::new();
     let mut blocks = BTreeMap::new();
     let mut drives: Vec<_> = cfg.drives.iter().collect();
     drives.sort_by_key(|d| !d.is_root_device);
     for d in drives {
-        let blk = Block::new(BlockConfig {
-            drive_id: d.drive_id.clone(),
-            path: PathBuf::from(&d.path_on_host),
-            read_only: d.is_read_only,
-            rate_limiter: d.rate_limiter,
-            io_engine: d.engine(),
-        })
-        .map_err(|err| BuildError::Block {
+        let blk = Block::new(block_config(d)).map_err(|err| BuildError::Block {
             id: d.drive_id.clone(),
             err,
         })?;
         let blk = Arc::new(Mutex::new(blk));
-        a.attach(blk.clone())?;
+        slots.push((
+            VirtioSlot::Block(d.drive_id.clone()),
+            a.attach(blk.clone())?,
+        ));
         if d.is_root_device {
             let root = match &d.partuuid {
                 Some(u) => format!("root=PARTUUID={u}"),
@@ -216,39 +293,22 @@ fn attach_virtio(
     }
     let mut nets = BTreeMap::new();
     for n in &cfg.network_interfaces {
-        let mut net = Net::new(NetConfig {
-            iface_id: n.iface_id.clone(),
-            host_dev_name: n.host_dev_name.clone(),
-            guest_mac: n.mac(),
-            rx_rate_limiter: n.rx_rate_limiter,
-            tx_rate_limiter: n.tx_rate_limiter,
-            mtu: n.mtu,
-        })
-        .map_err(|err| BuildError::Net {
+        let mut net = Net::new(net_config(n)).map_err(|err| BuildError::Net {
             id: n.iface_id.clone(),
             err,
         })?;
-        if let Some(m) = cfg
-            .mmds_config
-            .as_ref()
-            .filter(|m| m.network_interfaces.contains(&n.iface_id))
-        {
-            net.set_mmds(MmdsStack::new(m.address(), mmds.clone()));
+        if let Some(stack) = mmds_stack(cfg, mmds, &n.iface_id) {
+            net.set_mmds(stack);
         }
         let net = Arc::new(Mutex::new(net));
-        a.attach(net.clone())?;
+        slots.push((VirtioSlot::Net(n.iface_id.clone()), a.attach(net.clone())?));
         nets.insert(n.iface_id.clone(), net);
     }
     let vsock = match &cfg.vsock {
         Some(v) => {
-            let dev = Vsock::new(VsockConfig {
-                vsock_id: v.vsock_id.clone().unwrap_or_else(|| "vsock".into()),
-                guest_cid: v.guest_cid,
-                uds_path: PathBuf::from(&v.uds_path),
-            })
-            .map_err(BuildError::Vsock)?;
+            let dev = Vsock::new(vsock_config(v)).map_err(BuildError::Vsock)?;
             let dev = Arc::new(Mutex::new(dev));
-            a.attach(dev.clone())?;
+            slots.push((VirtioSlot::Vsock, a.attach(dev.clone())?));
             Some(dev)
         }
         None => None,
@@ -260,7 +320,7 @@ fn attach_virtio(
             })
             .map_err(BuildError::Rng)?;
             let dev = Arc::new(Mutex::new(dev));
-            a.attach(dev.clone())?;
+            slots.push((VirtioSlot::Rng, a.attach(dev.clone())?));
             Some(dev)
         }
         None => None,
@@ -269,17 +329,183 @@ fn attach_virtio(
         Some(b) => {
             let dev = Balloon::new(b.device_config()).map_err(BuildError::Balloon)?;
             let dev = Arc::new(Mutex::new(dev));
-            a.attach(dev.clone())?;
+            slots.push((VirtioSlot::Balloon, a.attach(dev.clone())?));
             Some(dev)
         }
         None => None,
     };
     Ok(Devices {
+        slots,
         blocks,
         nets,
         vsock,
         rng,
         balloon,
+    })
+}
+
+/// The port-I/O devices and the MMIO bus before the virtio devices.
+struct Legacy {
+    pio: Bus,
+    mmio: Bus,
+    serial: Arc<Mutex<SerialDevice>>,
+    i8042: Arc<Mutex<I8042Device>>,
+}
+
+/// COM1 and the i8042 on the port-I/O bus (in a snapshot's saved state
+/// when given), and with `boot_timer` Firecracker's boot-time probe on the
+/// first MMIO page.
+fn attach_legacy(
+    vm: &Vm,
+    serial_out: SerialOut,
+    exits: &ExitSignals,
+    boot_timer: bool,
+    serial_state: Option<&SerialState>,
+    i8042_state: Option<&I8042State>,
+) -> Result<Legacy, BuildError> {
+    let mut pio = Bus::new();
+    let mut mmio = Bus::new();
+    let serial_irq = evt()?;
+    vm.register_irqfd(&serial_irq, SERIAL_IRQ)?;
+    let serial = match serial_state {
+        Some(st) => SerialDevice::restore(serial_irq, serial_out, st)
+            .map_err(|e| SnapshotError::Invalid(e.to_string()))?,
+        None => SerialDevice::new(serial_irq, serial_out),
+    };
+    let serial = Arc::new(Mutex::new(serial));
+    pio.insert(serial.clone(), SERIAL_PORT_BASE, 8)?;
+    let kbd_irq = evt()?;
+    vm.register_irqfd(&kbd_irq, I8042_KBD_IRQ)?;
+    let reset = exits.reset_evt.try_clone().map_err(BuildError::EventFd)?;
+    let i8042 = match i8042_state {
+        Some(st) => I8042Device::restore(reset, kbd_irq, st)
+            .map_err(|e| SnapshotError::Invalid(e.to_string()))?,
+        None => I8042Device::new(reset, kbd_irq),
+    };
+    let i8042 = Arc::new(Mutex::new(i8042));
+    pio.insert(i8042.clone(), I8042_PORT_BASE, 5)?;
+    if boot_timer {
+        mmio.insert(
+            Arc::new(Mutex::new(crate::boot_timer::BootTimer::new())),
+            MMIO_MEM_START,
+            MMIO_DEVICE_SIZE,
+        )?;
+    }
+    Ok(Legacy {
+        pio,
+        mmio,
+        serial,
+        i8042,
+    })
+}
+
+/// Starts the vCPU threads (all configured first), running or paused.
+fn start_vcpus(
+    vcpus: Vec<Vcpu>,
+    exits: &ExitSignals,
+    hook: &Option<Arc<dyn Fn() + Send + Sync>>,
+    paused: bool,
+) -> Result<Vec<VcpuHandle>, BuildError> {
+    let mut handles = Vec::with_capacity(vcpus.len());
+    for v in vcpus {
+        let hook = hook.clone();
+        let exit_evt = exits
+            .vcpu_exit_evt
+            .try_clone()
+            .map_err(BuildError::EventFd)?;
+        handles.push(v.start(
+            exits.vcpu_events.clone(),
+            exit_evt,
+            hook.map(|h| Box::new(move || h()) as Box<dyn FnOnce() + Send>),
+            paused,
+        )?);
+    }
+    Ok(handles)
+}
+
+/// How a snapshot is restored (from `PUT /snapshot/load`).
+pub struct RestoreOptions {
+    /// KVM's dirty page log on the restored memory (`track_dirty_pages`).
+    pub track_dirty_pages: bool,
+    /// Advance the KVM clock by the time spent saved (`clock_realtime`).
+    pub clock_realtime: bool,
+    /// Start the vCPUs running (`resume_vm`); otherwise paused.
+    pub resume: bool,
+}
+
+/// Rebuilds a microVM from a snapshot `state` over `mem` (the snapshot's
+/// memory, already mapped), beside [`build_and_boot`]: the VM and its
+/// memory slots, the irqchip, the legacy devices, the virtio devices, then
+/// the vCPUs with their saved state and the VM state (irqchip, PIT, clock)
+/// over them. The vCPU threads start paused unless `opts.resume`.
+#[allow(clippy::too_many_arguments)]
+pub fn build_from_snapshot(
+    state: &MicroVmState,
+    mem: GuestMemoryMmap,
+    opts: &RestoreOptions,
+    serial_out: SerialOut,
+    exits: &ExitSignals,
+    vcpu_start_hook: Option<Arc<dyn Fn() + Send + Sync>>,
+    mmds: &SharedMmds,
+    em: &mut EventManager,
+) -> Result<RunningVm, BuildError> {
+    let mc = &state.config.machine_config;
+    let vm = Vm::new()?;
+    if let Some(c) = &state.config.cpu_config {
+        vm.require_caps(&c.template().map_err(ConfigError::from)?.add_caps)?;
+    }
+    vm.register_memory(&mem, opts.track_dirty_pages)?;
+    vm.setup_irqchip()?;
+    let Legacy {
+        pio,
+        mut mmio,
+        serial,
+        i8042,
+    } = attach_legacy(
+        &vm,
+        serial_out,
+        exits,
+        state.boot_timer,
+        state.serial.as_ref(),
+        state.i8042.as_ref(),
+    )?;
+    // The same slots, windows and IRQs as the cold boot (the boot timer's
+    // page first if it had one).
+    let mut attacher = VirtioAttacher {
+        vm: &vm,
+        mem: &mem,
+        mmio: &mut mmio,
+        em,
+        cmdline: Vec::new(),
+        acpi: Vec::new(),
+        slot: 0,
+        first_page: u64::from(state.boot_timer),
+    };
+    let devices =
+        virtio_persist::restore_virtio(&state.config, &state.devices, mmds, &mut attacher)?;
+
+    crate::vstate::vcpu::register_kick_handler()?;
+    let mut vcpus = Vec::with_capacity(mc.vcpu_count as usize);
+    for s in &state.vcpus {
+        let v = Vcpu::new(&vm, s.id, pio.clone(), mmio.clone())?;
+        v.restore_state(s)?;
+        vcpus.push(v);
+    }
+    vm.restore_state(&state.vm, opts.clock_realtime)?;
+    let handles = start_vcpus(vcpus, exits, &vcpu_start_hook, !opts.resume)?;
+    Ok(RunningVm {
+        vm,
+        mem,
+        vcpus: handles,
+        serial,
+        i8042,
+        paused: !opts.resume,
+        blocks: devices.blocks,
+        nets: devices.nets,
+        vsock: devices.vsock,
+        rng: devices.rng,
+        balloon: devices.balloon,
+        virtio_slots: devices.slots,
     })
 }
 
@@ -329,27 +555,12 @@ pub fn build_and_boot(
         None => None,
     };
 
-    // Legacy devices.
-    let mut pio = Bus::new();
-    let mut mmio = Bus::new();
-    let serial_irq = evt()?;
-    vm.register_irqfd(&serial_irq, SERIAL_IRQ)?;
-    let serial = Arc::new(Mutex::new(SerialDevice::new(serial_irq, serial_out)));
-    pio.insert(serial.clone(), SERIAL_PORT_BASE, 8)?;
-    let kbd_irq = evt()?;
-    vm.register_irqfd(&kbd_irq, I8042_KBD_IRQ)?;
-    let reset = exits.reset_evt.try_clone().map_err(BuildError::EventFd)?;
-    let i8042 = Arc::new(Mutex::new(I8042Device::new(reset, kbd_irq)));
-    pio.insert(i8042.clone(), I8042_PORT_BASE, 5)?;
-
-    // Firecracker's boot-time probe takes the first MMIO page.
-    if boot_timer {
-        mmio.insert(
-            Arc::new(Mutex::new(crate::boot_timer::BootTimer::new())),
-            MMIO_MEM_START,
-            MMIO_DEVICE_SIZE,
-        )?;
-    }
+    let Legacy {
+        pio,
+        mut mmio,
+        serial,
+        i8042,
+    } = attach_legacy(&vm, serial_out, exits, boot_timer, None, None)?;
 
     // virtio devices, announced on the command line.
     let mut attacher = VirtioAttacher {
@@ -405,19 +616,7 @@ pub fn build_and_boot(
         )?;
         vcpus.push(v);
     }
-    let mut handles = Vec::with_capacity(vcpus.len());
-    for v in vcpus {
-        let hook = vcpu_start_hook.clone();
-        let exit_evt = exits
-            .vcpu_exit_evt
-            .try_clone()
-            .map_err(BuildError::EventFd)?;
-        handles.push(v.start(
-            exits.vcpu_events.clone(),
-            exit_evt,
-            hook.map(|h| Box::new(move || h()) as Box<dyn FnOnce() + Send>),
-        )?);
-    }
+    let handles = start_vcpus(vcpus, exits, &vcpu_start_hook, false)?;
 
     Ok(RunningVm {
         vm,
@@ -431,5 +630,6 @@ pub fn build_and_boot(
         vsock: devices.vsock,
         rng: devices.rng,
         balloon: devices.balloon,
+        virtio_slots: devices.slots,
     })
 }

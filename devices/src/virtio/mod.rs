@@ -30,6 +30,7 @@ pub mod desc;
 pub mod metrics;
 pub mod mmio;
 pub mod net;
+pub mod persist;
 /// Limits on bandwidth and operations.
 pub mod rate_limiter;
 pub mod rng;
@@ -42,10 +43,10 @@ use std::io;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
+use crate::GuestMemoryMmap;
 use event_manager::{EventOps, EventSet, Events};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestAddress;
-use crate::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use desc::{parse_chain, DescError, ParsedChain};
@@ -141,6 +142,25 @@ impl IrqTrigger {
         self.status.fetch_or(bits, Ordering::SeqCst);
         if let Err(e) = self.evt.write(1) {
             log::error!("virtio: failed to signal irqfd: {e}");
+        }
+    }
+
+    /// Restores InterruptStatus bits (added to any already set) and the
+    /// needs-reset flag of a snapshot, without signalling: the VMM's
+    /// interrupt controller state may not be restored yet. The event loop
+    /// raises what is pending when the device's activation is handled
+    /// ([`pulse_if_pending`](Self::pulse_if_pending)).
+    pub fn restore(&self, bits: u32, needs_reset: bool) {
+        self.broken.store(needs_reset, Ordering::SeqCst);
+        self.status.fetch_or(bits, Ordering::SeqCst);
+    }
+
+    /// Signals the irqfd if any InterruptStatus bit is set.
+    pub fn pulse_if_pending(&self) {
+        if self.status() != 0 {
+            if let Err(e) = self.evt.write(1) {
+                log::error!("virtio: failed to signal irqfd: {e}");
+            }
         }
     }
 
@@ -313,6 +333,72 @@ impl DeviceBase {
         let _ = self.activate_evt.write(1);
     }
 
+    /// The state to save (see [`persist`]).
+    pub fn save(&self) -> persist::DeviceBaseState {
+        persist::DeviceBaseState {
+            acked_features: self.acked_features,
+            config_generation: self.config_generation,
+            activated: self.is_active(),
+            queues: self.queues.iter().map(persist::QueueState::of).collect(),
+            needs_reset: self.irq.needs_reset(),
+        }
+    }
+
+    /// Puts a fresh base back in the saved `state`: features (a subset of
+    /// what the device offers now), generation, the needs-reset flag and,
+    /// if it was active, its checked queues over `mem` (activating it, so
+    /// the event loop registers its descriptors when the device is added).
+    pub fn restore(
+        &mut self,
+        state: &persist::DeviceBaseState,
+        mem: &GuestMemoryMmap,
+    ) -> Result<(), persist::PersistError> {
+        use persist::PersistError;
+        if state.acked_features & !self.avail_features != 0 {
+            return Err(PersistError::Features {
+                device: self.name,
+                acked: state.acked_features,
+                avail: self.avail_features,
+            });
+        }
+        if state.activated && state.acked_features & VIRTIO_F_VERSION_1 == 0 {
+            return Err(PersistError::Field {
+                device: self.name,
+                what: "active without VIRTIO_F_VERSION_1".into(),
+            });
+        }
+        let expected = if state.activated {
+            self.queue_max_sizes.len()
+        } else {
+            0
+        };
+        if state.queues.len() != expected {
+            return Err(PersistError::QueueCount {
+                device: self.name,
+                expected,
+                got: state.queues.len(),
+            });
+        }
+        let queues = state
+            .queues
+            .iter()
+            .zip(&self.queue_max_sizes)
+            .enumerate()
+            .map(|(i, (q, &max))| q.to_queue(i, max, mem, true))
+            .collect::<Result<Vec<_>, _>>()?;
+        self.acked_features = state.acked_features;
+        self.config_generation = state.config_generation;
+        if state.activated {
+            self.activate(mem.clone(), queues)
+                .map_err(|e| PersistError::Activate {
+                    device: self.name,
+                    err: e.to_string(),
+                })?;
+        }
+        self.irq.restore(0, state.needs_reset);
+        Ok(())
+    }
+
     /// Whether activated.
     pub fn is_active(&self) -> bool {
         self.mem.is_some()
@@ -400,6 +486,11 @@ impl DeviceBase {
     /// is now active (the caller then registers its fds).
     pub(crate) fn on_activation(&self) -> bool {
         drain_evt(&self.activate_evt);
+        if self.is_active() {
+            // A restored device's pending interrupt (a fresh activation
+            // has none).
+            self.irq.pulse_if_pending();
+        }
         self.is_active()
     }
 
