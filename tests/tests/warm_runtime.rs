@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use api_server::build::ember::EmberC;
 use api_server::build::{CompileInput, Compiler};
@@ -208,6 +208,7 @@ fn restore(
     let api_sock = rdir.join("api.sock");
     let mut p = spawn_vmm(&rdir, tag, None, Some(&api_sock));
     wait_for_socket(&api_sock);
+    let t0 = Instant::now();
     api(
         &api_sock,
         "PUT",
@@ -220,6 +221,15 @@ fn restore(
             "drive_overrides": [{"drive_id": "data", "path_on_host": disk}],
         }),
     );
+    let loaded = t0.elapsed();
+    // Measured, not asserted: the load call, and the load until main's
+    // first line (config fetched over vsock and applied), polled every 200 us.
+    let first = wait_for(PATIENCE, || {
+        std::thread::sleep(Duration::from_micros(200));
+        let out = p.out();
+        (out.contains("argv[0]") || out.contains("ember: exit")).then(|| t0.elapsed())
+    });
+    eprintln!("{tag}: PUT /snapshot/load {loaded:?}, load to the first line of main {first:?}");
     p.expect_out("ember: exit ");
     (p, server)
 }
@@ -228,9 +238,6 @@ fn restore(
 /// argv, environment and volume, and draw different random numbers; a bad
 /// config ends the guest with `ember: bad restore config`.
 #[test]
-#[ignore = "needs ember-vmm's PUT /snapshot/create and /snapshot/load with the vsock \
-            TRANSPORT_RESET event and vsock_override/drive_overrides (branches snap-core, \
-            snap-dev), not merged yet"]
 fn restored_guests_read_their_own_args_env_volume_and_seed() {
     let dir = TempDir::new("warm-rt-restore");
     let kernel = compile(&dir);
@@ -286,6 +293,7 @@ fn restored_guests_read_their_own_args_env_volume_and_seed() {
         for w in want {
             assert!(out.contains(&format!("{w}\n")), "{w:?} missing:\n{out}");
         }
+        eprintln!("{tag} console:\n{out}");
         let outcome = server.unwrap().wait();
         assert!(
             matches!(outcome, ServeOutcome::Fetched { .. }),
