@@ -178,23 +178,34 @@ fn api(sock: &Path, method: &str, path: &str, body: serde_json::Value) {
     );
 }
 
+/// What answers at `<uds_path>_1024` for a restored guest.
+enum Channel<'a> {
+    /// emberd's server with this config.
+    Server(&'a RestoreConfig),
+    /// A plain listener writing these bytes.
+    Raw(&'static [u8]),
+    /// Nothing listens.
+    Nobody,
+}
+
 /// A fresh VMM that loads the snapshot with its own vsock socket, CID and
-/// volume, served `cfg` (None: a server that writes `raw` instead).
+/// volume, and `channel` for its config.
 fn restore(
     dir: &TempDir,
     tag: &str,
     snap: &(PathBuf, PathBuf),
     cid: u32,
     disk: &Path,
-    cfg: Result<&RestoreConfig, &'static [u8]>,
+    channel: Channel,
 ) -> (Proc, Option<ConfigServer>) {
     let rdir = dir.join(tag);
     std::fs::create_dir_all(&rdir).unwrap();
     let uds = rdir.join("v.sock");
     let cfg_sock = rdir.join("v.sock_1024");
-    let server = match cfg {
-        Ok(cfg) => Some(ConfigServer::listen(&cfg_sock, None, cfg).unwrap()),
-        Err(raw) => {
+    let server = match channel {
+        Channel::Nobody => None,
+        Channel::Server(cfg) => Some(ConfigServer::listen(&cfg_sock, None, cfg).unwrap()),
+        Channel::Raw(raw) => {
             let l = UnixListener::bind(&cfg_sock).unwrap();
             std::thread::spawn(move || {
                 use std::io::Write;
@@ -236,7 +247,8 @@ fn restore(
 
 /// Two guests restored from one template's snapshot each read their own
 /// argv, environment and volume, and draw different random numbers; a bad
-/// config ends the guest with `ember: bad restore config`.
+/// config ends the guest with `ember: bad restore config`, none with
+/// `ember: no restore config`.
 #[test]
 fn restored_guests_read_their_own_args_env_volume_and_seed() {
     let dir = TempDir::new("warm-rt-restore");
@@ -274,7 +286,7 @@ fn restored_guests_read_their_own_args_env_volume_and_seed() {
         let mut env = BTreeMap::new();
         env.insert("WHO".to_string(), who.to_string());
         let cfg = RestoreConfig::from_instance(&[("/data".into(), 0)], &env, args).unwrap();
-        let (mut p, server) = restore(&dir, tag, &snap, cid, &disk, Ok(&cfg));
+        let (mut p, server) = restore(&dir, tag, &snap, cid, &disk, Channel::Server(&cfg));
         assert_eq!(p.wait().code(), Some(0), "{}", p.err());
         let out = p.out();
         assert!(
@@ -307,11 +319,28 @@ fn restored_guests_read_their_own_args_env_volume_and_seed() {
 
     // A malformed config: the guest refuses it and exits 1.
     let disk = volume(&dir, "bad", "unused");
-    let (mut p, _) = restore(&dir, "bad", &snap, 9, &disk, Err(b"ember-config 2\nend\n"));
+    let (mut p, _) = restore(
+        &dir,
+        "bad",
+        &snap,
+        9,
+        &disk,
+        Channel::Raw(b"ember-config 2\nend\n"),
+    );
     p.wait();
     let out = p.out();
     assert!(
         out.contains("ember: bad restore config\nember: exit 1\n"),
+        "{out}"
+    );
+    assert!(!out.contains("argv["), "{out}");
+
+    // Nobody serves a config: the guest gives up after its 10 s and exits 1.
+    let (mut p, _) = restore(&dir, "none", &snap, 10, &disk, Channel::Nobody);
+    p.wait();
+    let out = p.out();
+    assert!(
+        out.contains("ember: no restore config\nember: exit 1\n"),
         "{out}"
     );
     assert!(!out.contains("argv["), "{out}");
