@@ -389,7 +389,7 @@ fn push_hex(out: &mut String, bytes: &[u8]) {
 
 fn unhex(s: &str) -> Result<Vec<u8>, &'static str> {
     let s = s.as_bytes();
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return Err("odd number of hex digits");
     }
     let digit = |c: u8| match c {
