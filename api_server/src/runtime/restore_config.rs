@@ -885,6 +885,30 @@ mod tests {
     }
 
     #[test]
+    fn the_socket_belongs_to_the_vmm_uid() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: chown to another uid needs root");
+            return;
+        }
+        let d = tmpdir("owner");
+        let path = d.join("v.sock_1024");
+        let srv = ConfigServer::listen(&path, Some((4242, 4243)), &sample()).unwrap();
+        let m = fs::symlink_metadata(&path).unwrap();
+        assert_eq!((m.uid(), m.gid(), m.mode() & 0o7777), (4242, 4243, 0o600));
+        // root may connect too (peer uid 0).
+        assert_eq!(RestoreConfig::decode(&fetch(&path)).unwrap(), sample());
+        assert!(matches!(srv.wait(), ServeOutcome::Fetched { .. }));
+        // A socket of another owner is not ours to replace.
+        drop(UnixListener::bind(&path).unwrap());
+        let e = ConfigServer::listen(&path, Some((4242, 4243)), &sample())
+            .err()
+            .unwrap();
+        assert!(matches!(e, RestoreConfigError::Exists { .. }), "{e}");
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
     fn times_out_and_stops_without_a_client() {
         let d = tmpdir("timeout");
         let path = d.join("s");
