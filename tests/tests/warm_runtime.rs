@@ -127,7 +127,16 @@ fn cold_runs_unchanged_and_a_warm_template_stops_at_the_snapshot_point() {
         &disk,
         None,
     );
+    bin("ember-vmm"); // built before the clock starts
+    let t0 = Instant::now();
     let mut p = spawn_vmm(dir.path(), "cold", Some(&cfg), None);
+    // Measured, not asserted (compare the restores' load-to-main times).
+    let first = wait_for(PATIENCE, || {
+        std::thread::sleep(Duration::from_micros(200));
+        let out = p.out();
+        (out.contains("argv[0]") || out.contains("ember: exit")).then(|| t0.elapsed())
+    });
+    eprintln!("cold: spawn of ember-vmm to the first line of main {first:?}");
     assert_eq!(p.wait().code(), Some(0), "{}", p.err());
     let out = p.out();
     for want in [
