@@ -153,7 +153,23 @@ struct VirtioAttacher<'a> {
     first_page: u64,
 }
 
-impl VirtioAttacher<'_> {
+impl<'a> VirtioAttacher<'a> {
+    /// An attacher placing devices from the first MMIO slot on, after the
+    /// boot timer's page when there is one: a restore gets the same slots,
+    /// windows and IRQs as the cold boot.
+    fn new(vm: &'a Vm, mem: &'a GuestMemoryMmap, mmio: &'a mut Bus, boot_timer: bool) -> Self {
+        VirtioAttacher {
+            vm,
+            mem,
+            mmio,
+            subscribers: Vec::new(),
+            cmdline: Vec::new(),
+            acpi: Vec::new(),
+            slot: 0,
+            first_page: u64::from(boot_timer),
+        }
+    }
+
     fn attach<D>(&mut self, dev: Arc<Mutex<D>>) -> Result<Arc<Mutex<MmioTransport>>, BuildError>
     where
         D: VirtioDevice + MutEventSubscriber + Send + 'static,
@@ -468,18 +484,7 @@ pub fn build_from_snapshot(
         state.boot_timer,
         Some((&state.serial, &state.i8042)),
     )?;
-    // The same slots, windows and IRQs as the cold boot (the boot timer's
-    // page first if it had one).
-    let mut attacher = VirtioAttacher {
-        vm: &vm,
-        mem: &mem,
-        mmio: &mut mmio,
-        subscribers: Vec::new(),
-        cmdline: Vec::new(),
-        acpi: Vec::new(),
-        slot: 0,
-        first_page: u64::from(state.boot_timer),
-    };
+    let mut attacher = VirtioAttacher::new(&vm, &mem, &mut mmio, state.boot_timer);
     let devices =
         virtio_persist::restore_virtio(&state.config, &state.devices, mmds, &mut attacher)?;
     let subscribers = std::mem::take(&mut attacher.subscribers);
@@ -572,16 +577,7 @@ pub fn build_and_boot(
     } = attach_legacy(&vm, serial_out, exits, boot_timer, None)?;
 
     // virtio devices, announced on the command line.
-    let mut attacher = VirtioAttacher {
-        vm: &vm,
-        mem: &mem,
-        mmio: &mut mmio,
-        subscribers: Vec::new(),
-        cmdline: Vec::new(),
-        acpi: Vec::new(),
-        slot: 0,
-        first_page: u64::from(boot_timer),
-    };
+    let mut attacher = VirtioAttacher::new(&vm, &mem, &mut mmio, boot_timer);
     let devices = attach_virtio(cfg, mmds, &mut attacher)?;
     let subscribers = std::mem::take(&mut attacher.subscribers);
     let extra = std::mem::take(&mut attacher.cmdline);
