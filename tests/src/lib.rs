@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 pub use ember_guests::{BZIMAGE, LINUX64_ELF, PVH_ELF};
 
 pub mod hyperctl;
+pub mod snapvmm;
 
 /// The workspace root.
 pub fn workspace_root() -> PathBuf {

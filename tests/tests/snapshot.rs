@@ -4,64 +4,14 @@
 //! ticker keeps counting in a new process; bad state files are refused
 //! with 400 and a JSON `fault_message` while the VMM keeps serving.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
 
 use serde_json::json;
 
+use ember_tests::snapvmm::{print_vmm_times, ApiVmm as Vmm, VmmJail as Jail, JAIL_GID, JAIL_UID};
 use ember_tests::*;
-
-struct Vmm {
-    p: Proc,
-    sock: PathBuf,
-}
-
-fn start_vmm(dir: &Path, tag: &str) -> Vmm {
-    let sock = dir.join(format!("{tag}.sock"));
-    let mut cmd = Command::new(bin("ember-vmm"));
-    cmd.arg("--api-sock")
-        .arg(&sock)
-        .args(["--id", tag, "--level", "Info"]);
-    let p = Proc::spawn(cmd, dir, tag);
-    wait_for_socket(&sock);
-    Vmm { p, sock }
-}
-
-impl Vmm {
-    fn req(&self, method: &str, path: &str, body: serde_json::Value) -> HttpResponse {
-        http(&self.sock, method, path, Some(&body.to_string()))
-    }
-    /// 204, as the SDK's operations expect.
-    fn ok(&self, method: &str, path: &str, body: serde_json::Value) {
-        let r = self.req(method, path, body);
-        assert_eq!(
-            r.status,
-            204,
-            "{method} {path}: {}\nstderr:\n{}",
-            String::from_utf8_lossy(&r.body),
-            self.p.err()
-        );
-    }
-    /// 400 with a JSON fault_message, and the VMM still answers.
-    fn fault(&self, method: &str, path: &str, body: serde_json::Value) -> String {
-        let r = self.req(method, path, body);
-        assert_eq!(r.status, 400, "{method} {path} should fail");
-        assert_eq!(r.header("content-type"), Some("application/json"));
-        let msg = r.json()["fault_message"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string();
-        assert!(!msg.is_empty());
-        assert_eq!(http(&self.sock, "GET", "/", None).status, 200);
-        msg
-    }
-    fn get(&self, path: &str) -> serde_json::Value {
-        let r = http(&self.sock, "GET", path, None);
-        assert_eq!(r.status, 200);
-        r.json()
-    }
-}
 
 /// The tick numbers of the complete `ember-guest: tick N` lines in `out`.
 fn ticks(out: &str) -> Vec<u64> {
@@ -79,7 +29,7 @@ fn ticker_snapshot(dir: &Path) -> String {
 }
 
 fn ticker_snapshot_with(dir: &Path, vcpus: u8) -> String {
-    let v = start_vmm(dir, "src");
+    let v = Vmm::start(dir, "src");
     // firecracker-go-sdk: PUT /boot-source, /machine-config, /actions.
     v.ok(
         "PUT",
@@ -166,14 +116,6 @@ fn load(v: &Vmm, state: &Path, mem: &Path) {
     );
 }
 
-/// The VMM's own "snapshot created/loaded in N us" log lines (measured
-/// inside ember-vmm; printed, not asserted).
-fn print_vmm_times(p: &Proc) {
-    for l in p.err().lines().filter(|l| l.contains("snapshot ")) {
-        eprintln!("{l}");
-    }
-}
-
 /// The restored guest's output continues the old: the ticks of both, joined,
 /// count up by one with no restart.
 fn assert_continues(before: &str, after: &mut Proc) {
@@ -213,7 +155,7 @@ fn ticker_continues_in_a_new_process() {
     // firecracker-go-sdk with WithSnapshot: BootstrapLoggingHandler
     // (PutLogger, PutMetrics) still runs, the machine handlers do not, then
     // LoadSnapshotHandler (the exact body the SDK marshals).
-    let v = start_vmm(dir.path(), "dst");
+    let v = Vmm::start(dir.path(), "dst");
     std::fs::write(dir.join("dst.log"), b"").unwrap();
     v.ok(
         "PUT",
@@ -272,7 +214,7 @@ fn ticker_continues_in_a_new_process() {
 fn load_paused_then_resume_with_two_vcpus() {
     let dir = TempDir::new("snap-paused");
     let before = ticker_snapshot_with(dir.path(), 2);
-    let v = start_vmm(dir.path(), "dst");
+    let v = Vmm::start(dir.path(), "dst");
     v.ok(
         "PUT",
         "/snapshot/load",
@@ -291,7 +233,7 @@ fn load_paused_then_resume_with_two_vcpus() {
     assert_continues(&before, &mut p);
     drop(p);
     // ...and that second snapshot continues too.
-    let v = start_vmm(dir.path(), "dst2");
+    let v = Vmm::start(dir.path(), "dst2");
     load(&v, &dir.join("state2"), &dir.join("mem2"));
     let Vmm { mut p, .. } = v;
     assert_continues(&before, &mut p);
@@ -302,7 +244,7 @@ fn bad_state_files_are_refused_and_a_good_one_still_loads() {
     let dir = TempDir::new("snap-bad");
     let before = ticker_snapshot(dir.path());
     let good = std::fs::read(dir.join("state")).unwrap();
-    let v = start_vmm(dir.path(), "dst");
+    let v = Vmm::start(dir.path(), "dst");
     let try_load = |name: &str, bytes: &[u8]| -> String {
         let p = dir.join(name);
         std::fs::write(&p, bytes).unwrap();
@@ -366,7 +308,7 @@ fn bad_state_files_are_refused_and_a_good_one_still_loads() {
 #[test]
 fn load_is_refused_once_the_machine_is_configured() {
     let dir = TempDir::new("snap-cfg");
-    let v = start_vmm(dir.path(), "vmm");
+    let v = Vmm::start(dir.path(), "vmm");
     v.ok(
         "PUT",
         "/machine-config",
@@ -395,75 +337,6 @@ fn snapshot_version_flag() {
     assert!(!o.status.success());
 }
 
-/// A jail for the dynamically linked ember-vmm (its libraries copied in,
-/// as tests/tests/jailer.rs does), under its own chroot base.
-struct Jail {
-    base: TempDir,
-    id: String,
-}
-
-const JAIL_UID: u32 = 123;
-const JAIL_GID: u32 = 456;
-
-impl Jail {
-    fn new(tag: &str) -> Self {
-        let j = Jail {
-            base: TempDir::new(&format!("snap-jail-{tag}")),
-            id: format!("snap-{tag}-{}", std::process::id()),
-        };
-        std::fs::create_dir_all(j.root()).unwrap();
-        let out = Command::new("ldd").arg(bin("ember-vmm")).output().unwrap();
-        for lib in String::from_utf8_lossy(&out.stdout)
-            .split_whitespace()
-            .filter(|w| w.starts_with('/'))
-        {
-            let dst = j.host(lib);
-            std::fs::create_dir_all(dst.parent().unwrap()).unwrap();
-            std::fs::copy(lib, &dst).unwrap();
-        }
-        j
-    }
-    fn root(&self) -> PathBuf {
-        self.base
-            .path()
-            .join("ember-vmm")
-            .join(&self.id)
-            .join("root")
-    }
-    fn host(&self, inside: &str) -> PathBuf {
-        self.root().join(inside.trim_start_matches('/'))
-    }
-    /// Hard-links (or copies) `src` into the jail, owned by the VMM's user.
-    fn place(&self, inside: &str, src: &Path) {
-        let dst = self.host(inside);
-        if std::fs::hard_link(src, &dst).is_err() {
-            std::fs::copy(src, &dst).unwrap();
-        }
-        std::os::unix::fs::chown(&dst, Some(JAIL_UID), Some(JAIL_GID)).unwrap();
-    }
-    /// ember-jailer running ember-vmm with its API at /api.sock.
-    fn spawn(&self, logs: &Path) -> Vmm {
-        let mut c = Command::new(bin("ember-jailer"));
-        c.arg("--id")
-            .arg(&self.id)
-            .arg("--exec-file")
-            .arg(bin("ember-vmm"))
-            .args(["--uid", &JAIL_UID.to_string()])
-            .args(["--gid", &JAIL_GID.to_string()])
-            .arg("--chroot-base-dir")
-            .arg(self.base.path())
-            .args(["--", "--api-sock", "/api.sock", "--id", "jailed"])
-            .args(["--level", "Info"]);
-        let p = Proc::spawn(c, logs, &self.id);
-        let sock = self.host("/api.sock");
-        wait_for_socket(&sock);
-        Vmm { p, sock }
-    }
-}
-
-/// The snapshot is taken in one jail and loaded in another (another chroot
-/// base and id), both VMMs unprivileged and under seccomp; the files are
-/// linked into the second jail at other paths.
 #[test]
 fn ticker_continues_in_another_jail() {
     let logs = TempDir::new("snap-jail-logs");
@@ -471,7 +344,7 @@ fn ticker_continues_in_another_jail() {
     a.place("/kernel.elf", Path::new(LINUX64_ELF));
     std::fs::create_dir_all(a.host("/snap")).unwrap();
     std::os::unix::fs::chown(a.host("/snap"), Some(JAIL_UID), Some(JAIL_GID)).unwrap();
-    let v = a.spawn(logs.path());
+    let v = a.spawn(&[], logs.path());
     v.ok(
         "PUT",
         "/boot-source",
@@ -500,7 +373,7 @@ fn ticker_continues_in_another_jail() {
     let b = Jail::new("b");
     b.place("/restore.state", &a.host("/snap/vm.state"));
     b.place("/restore.mem", &a.host("/snap/vm.mem"));
-    let v = b.spawn(logs.path());
+    let v = b.spawn(&[], logs.path());
     load(&v, Path::new("/restore.state"), Path::new("/restore.mem"));
     let Vmm { mut p, .. } = v;
     assert_continues(&before, &mut p);
@@ -512,7 +385,7 @@ fn ticker_continues_in_another_jail() {
 #[test]
 fn ctrl_alt_del_reaches_a_restored_guest() {
     let dir = TempDir::new("snap-cad");
-    let v = start_vmm(dir.path(), "src");
+    let v = Vmm::start(dir.path(), "src");
     v.ok(
         "PUT",
         "/boot-source",
@@ -537,7 +410,7 @@ fn ctrl_alt_del_reaches_a_restored_guest() {
     let _ = p.child.kill();
     p.wait();
 
-    let v = start_vmm(dir.path(), "dst");
+    let v = Vmm::start(dir.path(), "dst");
     load(&v, &dir.join("state"), &dir.join("mem"));
     v.ok("PUT", "/actions", json!({"action_type": "SendCtrlAltDel"}));
     let Vmm { mut p, .. } = v;

@@ -20,6 +20,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use ember_tests::snapvmm::spawn_uffd_handler;
 use ember_tests::*;
 use serde_json::json;
 
@@ -579,19 +580,7 @@ fn devices_keep_working_over_the_uffd_backend() {
     let before = boot_and_snapshot(&dir, &ns, &cfg);
 
     let hsock = dir.join("pf-handler.sock");
-    let mut h = Proc::spawn(
-        {
-            let mut c = Command::new(bin("ember-uffd-handler"));
-            c.arg("--socket")
-                .arg(&hsock)
-                .arg("--mem-file")
-                .arg(dir.join("snap.mem"));
-            c
-        },
-        dir.path(),
-        "handler",
-    );
-    h.expect_out("listening on");
+    let mut h = spawn_uffd_handler(dir.path(), &hsock, &dir.join("snap.mem"));
     let (mut b, sock_b) = spawn_vmm(&dir, "vmm-b", &ns, None);
     let body = json!({
         "snapshot_path": dir.join("snap.state"),

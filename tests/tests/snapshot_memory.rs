@@ -17,66 +17,51 @@
 //! `ember-uffd-handler` does.
 
 use std::os::fd::AsRawFd;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
 
 use ember_guests::MEMPATTERN_PREFIX;
+use ember_tests::snapvmm::{spawn_uffd_handler, ApiVmm, VmmJail as Jail, JAIL_GID, JAIL_UID};
 use ember_tests::*;
 
-/// A VMM with its API socket in its own directory.
+/// A VMM with its API socket in its own directory, and the prefix of its
+/// guest's round lines.
 struct Vmm {
-    p: Proc,
-    sock: PathBuf,
+    api: ApiVmm,
     /// The guest's round lines: [`MEMPATTERN_PREFIX`] or [`RNG_PREFIX`].
     prefix: &'static str,
 }
 
-fn start_vmm(dir: &Path, tag: &str) -> Vmm {
-    let sock = dir.join(format!("{tag}.sock"));
-    let mut cmd = Command::new(bin("ember-vmm"));
-    cmd.arg("--api-sock")
-        .arg(&sock)
-        .args(["--id", tag, "--level", "Info"]);
-    let p = Proc::spawn(cmd, dir, tag);
-    wait_for_socket(&sock);
-    Vmm {
-        p,
-        sock,
-        prefix: MEMPATTERN_PREFIX,
+impl From<ApiVmm> for Vmm {
+    fn from(api: ApiVmm) -> Self {
+        Vmm {
+            api,
+            prefix: MEMPATTERN_PREFIX,
+        }
     }
+}
+
+impl std::ops::Deref for Vmm {
+    type Target = ApiVmm;
+    fn deref(&self) -> &ApiVmm {
+        &self.api
+    }
+}
+
+impl std::ops::DerefMut for Vmm {
+    fn deref_mut(&mut self) -> &mut ApiVmm {
+        &mut self.api
+    }
+}
+
+fn start_vmm(dir: &Path, tag: &str) -> Vmm {
+    ApiVmm::start(dir, tag).into()
 }
 
 impl Vmm {
     fn put(&self, path: &str, body: serde_json::Value) {
         api_put(&self.sock, path, body)
-    }
-    fn put_status(&self, path: &str, body: serde_json::Value) -> (u16, String) {
-        let r = http(&self.sock, "PUT", path, Some(&body.to_string()));
-        let msg = if r.body.is_empty() {
-            String::new()
-        } else {
-            r.json()["fault_message"]
-                .as_str()
-                .unwrap_or_default()
-                .to_string()
-        };
-        (r.status, msg)
-    }
-    /// `Machine.PauseVM` / `Machine.ResumeVM`.
-    fn set_state(&self, state: &str) {
-        let r = http(
-            &self.sock,
-            "PATCH",
-            "/vm",
-            Some(&serde_json::json!({ "state": state }).to_string()),
-        );
-        assert_eq!(
-            r.status,
-            204,
-            "PATCH /vm {state}: {:?}",
-            String::from_utf8_lossy(&r.body)
-        );
     }
     /// Boots the mempattern guest (32 MiB, one vCPU).
     fn boot_mempattern(&self, track_dirty_pages: bool) {
@@ -384,19 +369,7 @@ fn uffd_backend_serves_the_restored_guest() {
     drop(f);
 
     let hsock = dir.join("pf-handler.sock");
-    let mut h = Proc::spawn(
-        {
-            let mut c = Command::new(bin("ember-uffd-handler"));
-            c.arg("--socket")
-                .arg(&hsock)
-                .arg("--mem-file")
-                .arg(dir.join("s.mem"));
-            c
-        },
-        dir.path(),
-        "handler",
-    );
-    h.expect_out("listening on");
+    let mut h = spawn_uffd_handler(dir.path(), &hsock, &dir.join("s.mem"));
     let mode = std::fs::metadata(&hsock).unwrap();
     assert_eq!(
         std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777,
@@ -466,72 +439,6 @@ fn uffd_load_without_a_handler_is_refused() {
     assert_continues(&mut w, last);
 }
 
-const JAIL_UID: u32 = 123;
-const JAIL_GID: u32 = 456;
-
-/// A jail for the dynamically linked ember-vmm (its libraries copied in),
-/// under its own chroot base, as tests/tests/snapshot.rs makes them.
-struct Jail {
-    base: TempDir,
-    id: String,
-}
-
-impl Jail {
-    fn new(tag: &str) -> Self {
-        let j = Jail {
-            base: TempDir::new(&format!("snapmem-jail-{tag}")),
-            id: format!("snapmem-{tag}-{}", std::process::id()),
-        };
-        std::fs::create_dir_all(j.host("/")).unwrap();
-        let out = Command::new("ldd").arg(bin("ember-vmm")).output().unwrap();
-        for lib in String::from_utf8_lossy(&out.stdout)
-            .split_whitespace()
-            .filter(|w| w.starts_with('/'))
-        {
-            let dst = j.host(lib);
-            std::fs::create_dir_all(dst.parent().unwrap()).unwrap();
-            std::fs::copy(lib, &dst).unwrap();
-        }
-        j
-    }
-    fn host(&self, inside: &str) -> PathBuf {
-        self.base
-            .path()
-            .join("ember-vmm")
-            .join(&self.id)
-            .join("root")
-            .join(inside.trim_start_matches('/'))
-    }
-    /// Copies `src` into the jail, owned by the VMM's user.
-    fn place(&self, inside: &str, src: &Path) {
-        let dst = self.host(inside);
-        std::fs::copy(src, &dst).unwrap();
-        std::os::unix::fs::chown(&dst, Some(JAIL_UID), Some(JAIL_GID)).unwrap();
-    }
-    /// ember-jailer running ember-vmm unprivileged with its API at /api.sock.
-    fn spawn(&self, jailer_args: &[&str], logs: &Path) -> Vmm {
-        let mut c = Command::new(bin("ember-jailer"));
-        c.arg("--id")
-            .arg(&self.id)
-            .arg("--exec-file")
-            .arg(bin("ember-vmm"))
-            .args(["--uid", &JAIL_UID.to_string()])
-            .args(["--gid", &JAIL_GID.to_string()])
-            .arg("--chroot-base-dir")
-            .arg(self.base.path())
-            .args(jailer_args)
-            .args(["--", "--api-sock", "/api.sock", "--id", "jailed"]);
-        let p = Proc::spawn(c, logs, &self.id);
-        let sock = self.host("/api.sock");
-        wait_for_socket(&sock);
-        Vmm {
-            p,
-            sock,
-            prefix: MEMPATTERN_PREFIX,
-        }
-    }
-}
-
 /// The Uffd backend from a jail, as Firecracker documents it: the VMM
 /// unprivileged under seccomp, the handler as the same user with its socket
 /// and the memory file inside the jail. Without `--userfaultfd` the jailed
@@ -559,7 +466,7 @@ fn uffd_backend_in_a_jail_needs_the_jailers_userfaultfd_flag() {
     if strict {
         let c = Jail::new("nouffd");
         c.place("/restore.state", &dir.join("s.state"));
-        let w = c.spawn(&[], dir.path());
+        let w: Vmm = c.spawn(&[], dir.path()).into();
         let (st, msg) = w.put_status(
             "/snapshot/load",
             serde_json::json!({
@@ -575,7 +482,7 @@ fn uffd_backend_in_a_jail_needs_the_jailers_userfaultfd_flag() {
     let b = Jail::new("uffd");
     b.place("/restore.state", &dir.join("s.state"));
     b.place("/restore.mem", &dir.join("s.mem"));
-    let mut w = b.spawn(&["--userfaultfd"], dir.path());
+    let mut w: Vmm = b.spawn(&["--userfaultfd"], dir.path()).into();
     let dev = std::fs::metadata(b.host("/dev/userfaultfd")).unwrap();
     assert_eq!(
         std::os::unix::fs::PermissionsExt::mode(&dev.permissions()) & 0o777,
@@ -711,11 +618,7 @@ fn a_diff_taken_during_device_io_restores_with_working_devices() {
         }
         let p = Proc::spawn(cmd, dir.path(), tag);
         wait_for_socket(&sock);
-        Vmm {
-            p,
-            sock,
-            prefix: MEMPATTERN_PREFIX,
-        }
+        Vmm::from(ApiVmm { p, sock })
     };
     let cfg = serde_json::json!({
         "boot-source": {
