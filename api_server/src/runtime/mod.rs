@@ -1,7 +1,7 @@
 //! Running guests: launching jailed VMMs and watching them ([`process`]),
 //! TAP devices and guest network parameters ([`netdev`]), the sessions
 //! with pod VMs' agents ([`agent`]) and the containers' streamed output
-//! ([`stdio`]).
+//! ([`stdio`]), and instant starts from snapshots ([`warm`]).
 
 pub mod agent;
 pub mod netdev;
@@ -9,3 +9,4 @@ pub mod portfwd;
 pub mod process;
 pub mod stdio;
 pub mod vmm_api;
+pub mod warm;
