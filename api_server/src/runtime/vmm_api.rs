@@ -62,7 +62,11 @@ pub fn set_vm_state(sock: &Path, state: VmState) -> Result<(), VmmApiError> {
 /// `PUT /snapshot/create` (Firecracker's body: `snapshot_type`,
 /// `snapshot_path`, `mem_file_path`; paths as the VMM sees them) on a
 /// paused VM.
-pub fn snapshot_create(sock: &Path, snapshot_path: &str, mem_file_path: &str) -> Result<(), VmmApiError> {
+pub fn snapshot_create(
+    sock: &Path,
+    snapshot_path: &str,
+    mem_file_path: &str,
+) -> Result<(), VmmApiError> {
     let body = serde_json::json!({
         "snapshot_type": "Full",
         "snapshot_path": snapshot_path,

@@ -68,10 +68,7 @@ pub enum WarmError {
     #[error("the guest did not print {SNAPSHOT_POINT:?} within {0:?} (its runtime has no snapshot point?)")]
     NoSnapshotPoint(Duration),
     #[error("snapshot files: {what}: {err}")]
-    Files {
-        what: String,
-        err: std::io::Error,
-    },
+    Files { what: String, err: std::io::Error },
     #[error("the restore config channel: {0}")]
     Channel(String),
 }
@@ -292,13 +289,7 @@ pub fn random_seed() -> std::io::Result<[u8; 32]> {
     let mut got = 0;
     while got < seed.len() {
         // SAFETY: getrandom writes at most the given length into the buffer.
-        let n = unsafe {
-            libc::getrandom(
-                seed[got..].as_mut_ptr().cast(),
-                seed.len() - got,
-                0,
-            )
-        };
+        let n = unsafe { libc::getrandom(seed[got..].as_mut_ptr().cast(), seed.len() - got, 0) };
         if n < 0 {
             let e = std::io::Error::last_os_error();
             if e.kind() != std::io::ErrorKind::Interrupted {
