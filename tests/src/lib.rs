@@ -1020,7 +1020,29 @@ impl Drop for Emberd {
                 }
             }
         }
+        // VMMs on no record: the idle pooled VMMs of `--snapshot-starts`
+        // and template VMMs, found by their root inside this emberd's jails.
+        for pid in jailed_processes(&self.dir.join("jail")) {
+            // SAFETY: kill(2) on a process chrooted in this test's jail base.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
     }
+}
+
+/// Live processes whose root directory (`/proc/PID/root`) is inside
+/// `base`: jailed VMMs of an emberd whose chroot base is `base`.
+pub fn jailed_processes(base: &Path) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+                .filter(|pid| {
+                    std::fs::read_link(format!("/proc/{pid}/root"))
+                        .is_ok_and(|r| r.starts_with(base))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// Percent-encodes `s` for a query string.
