@@ -36,6 +36,7 @@ const GUEST_C: &[&str] = &[
     "virtio/mmio.c",
     "virtio/parse.c",
     "virtio/blkdev.c",
+    "virtio/vsockdev.c",
 ];
 const GUEST_ASM: &[&str] = &["arch/entry64.S", "arch/pvh.S"];
 const GUEST_OTHER: &[&str] = &[
@@ -44,6 +45,7 @@ const GUEST_OTHER: &[&str] = &[
     "include/bootinfo.h",
     "include/ember.h",
     "include/virtio.h",
+    "include/vsock.h",
 ];
 /// Runtime files (relative to resources/unikernel).
 const RT_C: &[&str] = &[
@@ -52,6 +54,8 @@ const RT_C: &[&str] = &[
     "src/stdio.c",
     "src/volume.c",
     "src/ext4.c",
+    "src/warm.c",
+    "src/random.c",
 ];
 const RT_ASM: &[&str] = &["src/traps.S"];
 const RT_OTHER: &[&str] = &["src/rt.h", "exports.txt"];

@@ -362,6 +362,11 @@ offset, buf, len), ember_file_size(path),
 ember_list_dir(\"/data\", callback, ctx). Errors are negative EMBER_E*
 values; ember_strerror(err) names them.
 
+Randomness: ember_random(buf, n) fills buf with n bytes of a ChaCha20
+stream seeded from RDRAND (when the CPU has it) and the TSC; an instance
+restored from a snapshot (warm start) is reseeded by emberd, so no two
+instances share a stream.
+
 Exit: returning from main or calling exit(n) flushes written volumes,
 prints `ember: exit <n>` on the console and resets the VM, which stops the
 instance (the status is in its console log). A CPU fault (division by zero,

@@ -13,6 +13,16 @@
  * announced virtio block device, `:1` the second, and so on. Double quotes
  * group words with spaces ("a b" or KEY="a b"); the quotes are removed.
  *
+ * Warm starts: with `ember.warm=1` on the command line the runtime stops
+ * before main at a snapshot point (it prints `ember: snapshot point`); a
+ * guest restored from that snapshot fetches its own argv, environment,
+ * mounts and random seed from the host over vsock (port 1024), adds them
+ * after the command line's as if they had been written there, and runs
+ * main. It prints `ember: no restore config` or `ember: bad restore config`
+ * and exits with status 1 when that fails. A program cannot tell a warm
+ * start from a cold one, except that block devices and the clock were
+ * first touched after the restore.
+ *
  * Returning from main or calling exit(n) prints `ember: exit <n>` on the
  * console and resets the machine (the VMM then exits 0). A CPU exception
  * prints `ember: fault vector <v> (<name>) error .. rip .. rsp ..` and
@@ -153,6 +163,16 @@ long ember_file_size(const char *path);
  */
 int ember_list_dir(const char *path, void (*cb)(const char *name, int is_dir, void *ctx),
 		   void *ctx);
+
+/* ---- randomness ---- */
+/*
+ * Fills buf with n random bytes from a ChaCha20 generator (never fails,
+ * never blocks). Seeded on first use from RDRAND (when the CPU has it) and
+ * the TSC; a guest restored from a snapshot is reseeded with 32 bytes the
+ * host drew from its own getrandom, so restored copies of one snapshot
+ * never share a stream.
+ */
+void ember_random(void *buf, size_t n);
 
 #ifdef __cplusplus
 }

@@ -44,9 +44,26 @@ struct rt_volume {
 /* start.c */
 extern struct bootinfo rt_bootinfo;
 void *rt_alloc_aligned(size_t size, size_t align);
+/*
+ * The command line's words and the restore config's entries go through
+ * these (the strings must live for the whole run). Each returns false when
+ * the entry is refused: over MAX_ARGS / MAX_ENV / RT_MAX_MOUNTS, an
+ * environment word that is not KEY=VALUE with a dot-free KEY, or a mount
+ * that is not `<mount point>:<n>` with n < VIRTIO_MAX_DEVICES (logged).
+ */
+bool rt_add_arg(const char *w);
+bool rt_add_env(char *w);
+bool rt_add_mount_word(char *val);
+
+/* warm.c: the `ember.warm=1` snapshot point and restore protocol. */
+void rt_warm_start(void);
+
+/* random.c: reseeds ember_random's generator with 32 bytes (plus RDRAND). */
+void rt_random_seed(const uint8_t seed[32]);
 
 /* volume.c */
-void rt_add_mount(const char *mount, int index);
+/* False (logged) when RT_MAX_MOUNTS mount points are already known. */
+bool rt_add_mount(const char *mount, int index);
 /* The volume of this exact mount point, opened; NULL and *err if not usable. */
 struct rt_volume *rt_volume_get(const char *mount, long *err);
 /* The volume whose mount point is the longest prefix of path; *rest = the rest. */

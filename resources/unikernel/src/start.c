@@ -4,6 +4,12 @@
  *
  * arch/entry64.S (PVH via arch/pvh.S) calls ember_main(proto, info_paddr)
  * on the runtime's own page tables and stack with .bss cleared.
+ *
+ * With `ember.warm=1` on the command line, ember_main hands over to
+ * rt_warm_start (warm.c) before main: the per-instance argv, environment
+ * and mounts then come from the host after a snapshot restore, and are
+ * added through the same rt_add_arg / rt_add_env / rt_add_mount_word as
+ * the command line's words.
  */
 #include "rt.h"
 
@@ -23,6 +29,8 @@ static char cmd_copy[CMDLINE_MAX + 1];
 static char *words[MAX_WORDS];
 static char *argv_tab[MAX_ARGS + 2];
 static char *env_tab[MAX_ENV + 1];
+static int argc_n, envc_n;
+static bool warm_boot;
 
 static uintptr_t heap_next, heap_end, heap_last;
 
@@ -70,23 +78,26 @@ static bool starts_with(const char *s, const char *prefix)
 	return strncmp(s, prefix, strlen(prefix)) == 0;
 }
 
-/* `ember.mount=<mount point>:<n>`: split at the last ':'. */
-static void add_mount_word(char *val)
+/*
+ * `<mount point>:<n>` (the value of an `ember.mount=` word): split at the
+ * last ':'. False (and a log line) when malformed.
+ */
+bool rt_add_mount_word(char *val)
 {
 	char *colon = strrchr(val, ':');
 	char *end;
 
 	if (!colon || colon == val || colon[1] == '\0') {
 		kprintf("ember: ignoring bad ember.mount=%s\n", val);
-		return;
+		return false;
 	}
 	*colon = '\0';
 	long n = strtol(colon + 1, &end, 10);
 	if (*end || n < 0 || n >= VIRTIO_MAX_DEVICES) {
 		kprintf("ember: ignoring bad ember.mount=%s:%s\n", val, colon + 1);
-		return;
+		return false;
 	}
-	rt_add_mount(val, (int)n);
+	return rt_add_mount(val, (int)n);
 }
 
 /* An environment word: KEY=VALUE with a non-empty KEY without dots. */
@@ -102,37 +113,54 @@ static bool is_env_word(const char *w)
 	return true;
 }
 
-static int parse_cmdline(const char *cmdline)
+bool rt_add_arg(const char *w)
 {
-	int argc = 0, envc = 0;
+	if (argc_n >= MAX_ARGS)
+		return false;
+	argv_tab[argc_n++] = (char *)w;
+	argv_tab[argc_n] = NULL;
+	return true;
+}
+
+bool rt_add_env(char *w)
+{
+	if (!is_env_word(w) || envc_n >= MAX_ENV)
+		return false;
+	env_tab[envc_n++] = w;
+	env_tab[envc_n] = NULL;
+	return true;
+}
+
+static void parse_cmdline(const char *cmdline)
+{
 	bool after_dashes = false;
 
 	strncpy(cmd_copy, cmdline, CMDLINE_MAX);
 	cmd_copy[CMDLINE_MAX] = '\0';
 	int n = split_words(cmd_copy, words, MAX_WORDS);
 
-	argv_tab[argc++] = "ember";
+	argc_n = envc_n = 0;
+	argv_tab[0] = NULL;
+	env_tab[0] = NULL;
+	environ = env_tab;
+	rt_add_arg("ember");
 	for (int i = 0; i < n; i++) {
 		char *w = words[i];
 		/* The VMM appends its device words after the user's command line. */
 		if (starts_with(w, "virtio_mmio.device="))
 			continue;
 		if (after_dashes) {
-			if (argc < MAX_ARGS)
-				argv_tab[argc++] = w;
+			rt_add_arg(w);
 		} else if (strcmp(w, "--") == 0) {
 			after_dashes = true;
 		} else if (starts_with(w, "ember.mount=")) {
-			add_mount_word(w + strlen("ember.mount="));
+			rt_add_mount_word(w + strlen("ember.mount="));
+		} else if (strcmp(w, "ember.warm=1") == 0) {
+			warm_boot = true;
 		} else if (is_env_word(w)) {
-			if (envc < MAX_ENV)
-				env_tab[envc++] = w;
+			rt_add_env(w);
 		}
 	}
-	argv_tab[argc] = NULL;
-	env_tab[envc] = NULL;
-	environ = env_tab;
-	return argc;
 }
 
 /* The heap: the RAM region holding the end of the image, up to its end. */
@@ -337,6 +365,8 @@ void ember_main(uint32_t proto, uint64_t info_paddr)
 	if (!rt_bootinfo.info_valid)
 		serial_puts("ember: warning: no valid boot information\n");
 	heap_init(&rt_bootinfo);
-	int argc = parse_cmdline(rt_bootinfo.cmdline);
-	exit(main(argc, argv_tab));
+	parse_cmdline(rt_bootinfo.cmdline);
+	if (warm_boot)
+		rt_warm_start(); /* returns with the host's argv, env and mounts added */
+	exit(main(argc_n, argv_tab));
 }

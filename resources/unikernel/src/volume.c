@@ -12,21 +12,22 @@ static struct rt_volume volumes[RT_MAX_MOUNTS];
 static int nr_volumes;
 static uint8_t bounce[SECTOR] __attribute__((aligned(SECTOR)));
 
-void rt_add_mount(const char *mount, int index)
+bool rt_add_mount(const char *mount, int index)
 {
 	for (int i = 0; i < nr_volumes; i++) {
 		if (strcmp(volumes[i].mount, mount) == 0) {
 			volumes[i].index = index; /* the last word wins */
-			return;
+			return true;
 		}
 	}
 	if (nr_volumes == RT_MAX_MOUNTS) {
 		kprintf("ember: too many mounts, ignoring %s\n", mount);
-		return;
+		return false;
 	}
 	volumes[nr_volumes].mount = mount;
 	volumes[nr_volumes].index = index;
 	nr_volumes++;
+	return true;
 }
 
 static bool find_device(int index, struct virtio_dev *d)
