@@ -272,6 +272,15 @@ pub enum ActionError {
     /// `PUT /snapshot/create` on a running (not paused) microVM.
     #[error("Cannot create a snapshot: the microVM is not paused.")]
     SnapshotNotPaused,
+    /// `PUT /snapshot/load` after the machine was configured.
+    #[error("Loading a snapshot is not allowed after configuring the microVM (boot source, machine config or devices): the snapshot brings its own.")]
+    LoadAfterConfig,
+    /// Invalid snapshot parameters.
+    #[error(transparent)]
+    SnapshotConfig(#[from] crate::config::snapshot::SnapshotConfigError),
+    /// Creating or loading a snapshot failed.
+    #[error("Snapshot: {0}")]
+    Snapshot(#[from] crate::snapshot::SnapshotError),
 }
 
 impl ActionError {

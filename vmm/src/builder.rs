@@ -18,9 +18,9 @@ use devices::virtio::net::{Net, NetConfig, NetError};
 use devices::virtio::rng::{Rng, RngConfig, RngError};
 use devices::virtio::vsock::{Vsock, VsockConfig, VsockError};
 use devices::virtio::{cmdline_param, MmioTransport, VirtioDevice, MMIO_LEN, NOTIFY_REG_OFFSET};
+use devices::GuestMemoryMmap;
 use event_manager::{MutEventSubscriber, SubscriberOps};
 use kvm_ioctls::IoEventAddress;
-use devices::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::arch::acpi::{self, AcpiError, VirtioMmioDesc};
@@ -31,6 +31,7 @@ use crate::arch::regs::BootProtocol;
 use crate::arch::{cpuid, cpuid::CpuidError};
 use crate::config::{ConfigError, VmConfig};
 use crate::loader::{self, LoaderError};
+use crate::snapshot::{MicroVmState, SnapshotError};
 use crate::vstate::vcpu::{Vcpu, VcpuError, VcpuEvent, VcpuHandle};
 use crate::vstate::vm::{create_guest_memory, Vm, VmError};
 use crate::EventManager;
@@ -72,6 +73,8 @@ pub enum BuildError {
     Mmio(#[from] MmioError),
     #[error("KVM_IOEVENTFD failed: {0}")]
     Ioevent(kvm_ioctls::Error),
+    #[error("snapshot: {0}")]
+    Snapshot(#[from] SnapshotError),
 }
 
 /// How vCPUs and devices tell the VMM thread that the guest is done.
@@ -283,6 +286,193 @@ fn attach_virtio(
     })
 }
 
+/// The port-I/O devices and the MMIO bus before the virtio devices.
+struct Legacy {
+    pio: Bus,
+    mmio: Bus,
+    serial: Arc<Mutex<SerialDevice>>,
+    i8042: Arc<Mutex<I8042Device>>,
+}
+
+/// COM1 and the i8042 on the port-I/O bus, and with `boot_timer`
+/// Firecracker's boot-time probe on the first MMIO page.
+fn attach_legacy(
+    vm: &Vm,
+    serial_out: SerialOut,
+    exits: &ExitSignals,
+    boot_timer: bool,
+) -> Result<Legacy, BuildError> {
+    let mut pio = Bus::new();
+    let mut mmio = Bus::new();
+    let serial_irq = evt()?;
+    vm.register_irqfd(&serial_irq, SERIAL_IRQ)?;
+    let serial = Arc::new(Mutex::new(SerialDevice::new(serial_irq, serial_out)));
+    pio.insert(serial.clone(), SERIAL_PORT_BASE, 8)?;
+    let kbd_irq = evt()?;
+    vm.register_irqfd(&kbd_irq, I8042_KBD_IRQ)?;
+    let reset = exits.reset_evt.try_clone().map_err(BuildError::EventFd)?;
+    let i8042 = Arc::new(Mutex::new(I8042Device::new(reset, kbd_irq)));
+    pio.insert(i8042.clone(), I8042_PORT_BASE, 5)?;
+    if boot_timer {
+        mmio.insert(
+            Arc::new(Mutex::new(crate::boot_timer::BootTimer::new())),
+            MMIO_MEM_START,
+            MMIO_DEVICE_SIZE,
+        )?;
+    }
+    Ok(Legacy {
+        pio,
+        mmio,
+        serial,
+        i8042,
+    })
+}
+
+/// Starts the vCPU threads (all configured first), running or paused.
+fn start_vcpus(
+    vcpus: Vec<Vcpu>,
+    exits: &ExitSignals,
+    hook: &Option<Arc<dyn Fn() + Send + Sync>>,
+    paused: bool,
+) -> Result<Vec<VcpuHandle>, BuildError> {
+    let mut handles = Vec::with_capacity(vcpus.len());
+    for v in vcpus {
+        let hook = hook.clone();
+        let exit_evt = exits
+            .vcpu_exit_evt
+            .try_clone()
+            .map_err(BuildError::EventFd)?;
+        handles.push(v.start(
+            exits.vcpu_events.clone(),
+            exit_evt,
+            hook.map(|h| Box::new(move || h()) as Box<dyn FnOnce() + Send>),
+            paused,
+        )?);
+    }
+    Ok(handles)
+}
+
+/// How a snapshot is restored (from `PUT /snapshot/load`).
+pub struct RestoreOptions {
+    /// KVM's dirty page log on the restored memory (`track_dirty_pages`).
+    pub track_dirty_pages: bool,
+    /// Advance the KVM clock by the time spent saved (`clock_realtime`).
+    pub clock_realtime: bool,
+    /// Start the vCPUs running (`resume_vm`); otherwise paused.
+    pub resume: bool,
+}
+
+/// The virtio devices' snapshot state, in MMIO slot order. Device state is
+/// not saved yet: a microVM with virtio devices is refused.
+pub(crate) fn save_virtio(vm: &RunningVm) -> Result<Vec<serde_json::Value>, SnapshotError> {
+    let mut kinds = Vec::new();
+    if !vm.blocks.is_empty() {
+        kinds.push("block");
+    }
+    if !vm.nets.is_empty() {
+        kinds.push("net");
+    }
+    if vm.vsock.is_some() {
+        kinds.push("vsock");
+    }
+    if vm.rng.is_some() {
+        kinds.push("entropy");
+    }
+    if vm.balloon.is_some() {
+        kinds.push("balloon");
+    }
+    if kinds.is_empty() {
+        Ok(Vec::new())
+    } else {
+        Err(SnapshotError::Unsupported(format!(
+            "virtio devices: snapshots of {} devices are not supported yet",
+            kinds.join(", ")
+        )))
+    }
+}
+
+/// Restores the virtio devices of `state` (with the overrides already in
+/// `state.config`) onto the MMIO bus. Not supported yet: a state with
+/// virtio devices is refused.
+fn restore_virtio(state: &MicroVmState) -> Result<Devices, BuildError> {
+    let c = &state.config;
+    if !state.devices.is_empty()
+        || !c.drives.is_empty()
+        || !c.network_interfaces.is_empty()
+        || c.vsock.is_some()
+        || c.entropy.is_some()
+        || c.balloon.is_some()
+    {
+        return Err(SnapshotError::Unsupported(
+            "virtio devices: restoring block, net, vsock, entropy or balloon devices is not supported yet"
+                .into(),
+        )
+        .into());
+    }
+    Ok(Devices {
+        blocks: BTreeMap::new(),
+        nets: BTreeMap::new(),
+        vsock: None,
+        rng: None,
+        balloon: None,
+    })
+}
+
+/// Rebuilds a microVM from a snapshot `state` over `mem` (the snapshot's
+/// memory, already mapped), beside [`build_and_boot`]: the VM and its
+/// memory slots, the irqchip, the legacy devices, the virtio devices, then
+/// the vCPUs with their saved state and the VM state (irqchip, PIT, clock)
+/// over them. The vCPU threads start paused unless `opts.resume`.
+#[allow(clippy::too_many_arguments)]
+pub fn build_from_snapshot(
+    state: &MicroVmState,
+    mem: GuestMemoryMmap,
+    opts: &RestoreOptions,
+    serial_out: SerialOut,
+    exits: &ExitSignals,
+    vcpu_start_hook: Option<Arc<dyn Fn() + Send + Sync>>,
+    _mmds: &SharedMmds,
+    _em: &mut EventManager,
+) -> Result<RunningVm, BuildError> {
+    let mc = &state.config.machine_config;
+    let vm = Vm::new()?;
+    if let Some(c) = &state.config.cpu_config {
+        vm.require_caps(&c.template().map_err(ConfigError::from)?.add_caps)?;
+    }
+    vm.register_memory(&mem, opts.track_dirty_pages)?;
+    vm.setup_irqchip()?;
+    let Legacy {
+        pio,
+        mmio,
+        serial,
+        i8042,
+    } = attach_legacy(&vm, serial_out, exits, state.boot_timer)?;
+    let devices = restore_virtio(state)?;
+
+    crate::vstate::vcpu::register_kick_handler()?;
+    let mut vcpus = Vec::with_capacity(mc.vcpu_count as usize);
+    for s in &state.vcpus {
+        let v = Vcpu::new(&vm, s.id, pio.clone(), mmio.clone())?;
+        v.restore_state(s)?;
+        vcpus.push(v);
+    }
+    vm.restore_state(&state.vm, opts.clock_realtime)?;
+    let handles = start_vcpus(vcpus, exits, &vcpu_start_hook, !opts.resume)?;
+    Ok(RunningVm {
+        vm,
+        mem,
+        vcpus: handles,
+        serial,
+        i8042,
+        paused: !opts.resume,
+        blocks: devices.blocks,
+        nets: devices.nets,
+        vsock: devices.vsock,
+        rng: devices.rng,
+        balloon: devices.balloon,
+    })
+}
+
 /// Builds and starts the microVM described by `cfg`. `vcpu_start_hook`
 /// runs first thing on every vCPU thread (seccomp goes there). `mmds` is
 /// the metadata service the interfaces named in `cfg.mmds_config` answer
@@ -329,27 +519,12 @@ pub fn build_and_boot(
         None => None,
     };
 
-    // Legacy devices.
-    let mut pio = Bus::new();
-    let mut mmio = Bus::new();
-    let serial_irq = evt()?;
-    vm.register_irqfd(&serial_irq, SERIAL_IRQ)?;
-    let serial = Arc::new(Mutex::new(SerialDevice::new(serial_irq, serial_out)));
-    pio.insert(serial.clone(), SERIAL_PORT_BASE, 8)?;
-    let kbd_irq = evt()?;
-    vm.register_irqfd(&kbd_irq, I8042_KBD_IRQ)?;
-    let reset = exits.reset_evt.try_clone().map_err(BuildError::EventFd)?;
-    let i8042 = Arc::new(Mutex::new(I8042Device::new(reset, kbd_irq)));
-    pio.insert(i8042.clone(), I8042_PORT_BASE, 5)?;
-
-    // Firecracker's boot-time probe takes the first MMIO page.
-    if boot_timer {
-        mmio.insert(
-            Arc::new(Mutex::new(crate::boot_timer::BootTimer::new())),
-            MMIO_MEM_START,
-            MMIO_DEVICE_SIZE,
-        )?;
-    }
+    let Legacy {
+        pio,
+        mut mmio,
+        serial,
+        i8042,
+    } = attach_legacy(&vm, serial_out, exits, boot_timer)?;
 
     // virtio devices, announced on the command line.
     let mut attacher = VirtioAttacher {
@@ -405,19 +580,7 @@ pub fn build_and_boot(
         )?;
         vcpus.push(v);
     }
-    let mut handles = Vec::with_capacity(vcpus.len());
-    for v in vcpus {
-        let hook = vcpu_start_hook.clone();
-        let exit_evt = exits
-            .vcpu_exit_evt
-            .try_clone()
-            .map_err(BuildError::EventFd)?;
-        handles.push(v.start(
-            exits.vcpu_events.clone(),
-            exit_evt,
-            hook.map(|h| Box::new(move || h()) as Box<dyn FnOnce() + Send>),
-        )?);
-    }
+    let handles = start_vcpus(vcpus, exits, &vcpu_start_hook, false)?;
 
     Ok(RunningVm {
         vm,

@@ -4,7 +4,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use devices::legacy::serial::SerialOut;
 use event_manager::{EventOps, Events, MutEventSubscriber, SubscriberOps};
@@ -12,12 +12,18 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::actions::{ActionError, Allowed, InstanceInfo, InstanceState, VmmAction, VmmData};
-use crate::builder::{build_and_boot, ExitSignals, RunningVm};
+use crate::builder::{
+    build_and_boot, build_from_snapshot, save_virtio, ExitSignals, RestoreOptions, RunningVm,
+};
+use crate::config::snapshot::{
+    MemorySource, SnapshotConfigError, SnapshotCreateParams, SnapshotLoadParams, SnapshotType,
+};
 use crate::config::{check_path_id, refusals, ConfigError};
 use crate::console::Serial;
 use crate::exit::ExitReason;
 use crate::metrics::{Metrics, PeriodicMetrics};
 use crate::mmds::MmdsStore;
+use crate::snapshot::{format, memory, MicroVmState, SnapshotError};
 use crate::stdin::SerialStdin;
 use crate::vstate::vcpu::{VcpuCommand, VcpuEvent, VcpuResponse};
 use crate::EventManager;
@@ -442,13 +448,8 @@ impl Controller {
             VmmAction::PutMemoryHotplug(_)
             | VmmAction::PatchMemoryHotplug(_)
             | VmmAction::GetMemoryHotplug => Err(ActionError::NotImplemented(refusals::HOTPLUG)),
-            VmmAction::CreateSnapshot(_) => {
-                if !self.running()?.paused {
-                    return Err(ActionError::SnapshotNotPaused);
-                }
-                Err(ActionError::NotImplemented(refusals::SNAPSHOT))
-            }
-            VmmAction::LoadSnapshot(_) => Err(ActionError::NotImplemented(refusals::SNAPSHOT)),
+            VmmAction::CreateSnapshot(p) => self.create_snapshot(&p),
+            VmmAction::LoadSnapshot(p) => self.load_snapshot(&p, em),
             VmmAction::InstanceStart => {
                 self.config.validate()?;
                 let out = self.serial_out()?;
@@ -470,36 +471,7 @@ impl Controller {
                     self.boot_timer,
                     em,
                 )?;
-                if self.stdin {
-                    em.add_subscriber(Arc::new(Mutex::new(SerialStdin::new(vm.serial.clone()))));
-                }
-                self.running = Some(vm);
-                let configured = {
-                    let mut m = self.metrics.lock().expect("metrics poisoned");
-                    if let Some(vm) = &self.running {
-                        for (id, b) in &vm.blocks {
-                            m.add_block(id, b.lock().expect("block poisoned").metrics());
-                        }
-                        for (id, n) in &vm.nets {
-                            m.add_net(id, n.lock().expect("net poisoned").metrics());
-                        }
-                        if let Some(r) = &vm.rng {
-                            m.set_entropy(r.clone());
-                        }
-                    }
-                    if let Err(e) = m.write() {
-                        log::warn!("metrics: {e}");
-                    }
-                    m.configured()
-                };
-                if configured {
-                    match PeriodicMetrics::new(self.metrics.clone()) {
-                        Ok(p) => {
-                            em.add_subscriber(Arc::new(Mutex::new(p)));
-                        }
-                        Err(e) => log::warn!("metrics: {e}"),
-                    }
-                }
+                self.started(vm, em);
                 Ok(VmmData::Empty)
             }
             VmmAction::SendCtrlAltDel => {
@@ -542,6 +514,182 @@ impl Controller {
                 Ok(VmmData::Empty)
             }
         }
+    }
+
+    /// Takes over a started (booted or restored) microVM: stdin, metrics.
+    fn started(&mut self, vm: RunningVm, em: &mut EventManager) {
+        if self.stdin {
+            em.add_subscriber(Arc::new(Mutex::new(SerialStdin::new(vm.serial.clone()))));
+        }
+        self.running = Some(vm);
+        let configured = {
+            let mut m = self.metrics.lock().expect("metrics poisoned");
+            if let Some(vm) = &self.running {
+                for (id, b) in &vm.blocks {
+                    m.add_block(id, b.lock().expect("block poisoned").metrics());
+                }
+                for (id, n) in &vm.nets {
+                    m.add_net(id, n.lock().expect("net poisoned").metrics());
+                }
+                if let Some(r) = &vm.rng {
+                    m.set_entropy(r.clone());
+                }
+            }
+            if let Err(e) = m.write() {
+                log::warn!("metrics: {e}");
+            }
+            m.configured()
+        };
+        if configured {
+            match PeriodicMetrics::new(self.metrics.clone()) {
+                Ok(p) => {
+                    em.add_subscriber(Arc::new(Mutex::new(p)));
+                }
+                Err(e) => log::warn!("metrics: {e}"),
+            }
+        }
+    }
+
+    /// Whether anything that shapes the machine was configured (Firecracker
+    /// refuses a load then: the snapshot brings its own machine).
+    fn machine_configured(&self) -> bool {
+        let c = &self.config;
+        c.boot_source.is_some()
+            || c.machine_config != Default::default()
+            || !c.drives.is_empty()
+            || !c.network_interfaces.is_empty()
+            || c.vsock.is_some()
+            || c.entropy.is_some()
+            || c.balloon.is_some()
+            || c.cpu_config.is_some()
+            || c.mmds_config.is_some()
+    }
+
+    /// `PUT /snapshot/create`: a paused microVM's state file and memory file.
+    fn create_snapshot(&mut self, p: &SnapshotCreateParams) -> Result<VmmData, ActionError> {
+        let t0 = Instant::now();
+        if let Some(v) = &p.version {
+            let ours = format::version_string(format::SNAPSHOT_VERSION);
+            if v.trim_start_matches('v') != ours.trim_start_matches('v') {
+                return Err(SnapshotConfigError::Version(v.clone(), ours).into());
+            }
+        }
+        if p.snapshot_path.is_empty() {
+            return Err(SnapshotConfigError::EmptyPath("snapshot_path").into());
+        }
+        if p.mem_file_path.is_empty() {
+            return Err(SnapshotConfigError::EmptyPath("mem_file_path").into());
+        }
+        let config = self.config.clone();
+        let boot_timer = self.boot_timer;
+        let vm = self.running()?;
+        if !vm.paused {
+            return Err(ActionError::SnapshotNotPaused);
+        }
+        if p.snapshot_type == Some(SnapshotType::Diff) {
+            return Err(SnapshotError::Unsupported(
+                "Diff snapshots are not supported yet; take a Full snapshot".into(),
+            )
+            .into());
+        }
+        let devices = save_virtio(vm)?;
+        let mut vcpus = Vec::with_capacity(vm.vcpus.len());
+        for v in &vm.vcpus {
+            vcpus.push(v.save_state(VCPU_ACK_TIMEOUT)?);
+        }
+        let vm_state = vm.vm.save_state()?;
+        let t_state = t0.elapsed();
+        let (memory, written) = memory::save_full(&vm.mem, &p.mem_file_path)?;
+        let t_mem = t0.elapsed();
+        let state = MicroVmState {
+            config,
+            boot_timer,
+            memory,
+            vm: vm_state,
+            vcpus,
+            devices,
+        };
+        let len = format::write_state(&p.snapshot_path, &state)?;
+        log::info!(
+            "snapshot created in {} us (vCPU and VM state {} us, memory {} us: {} KiB written of {} MiB; state file {len} bytes)",
+            t0.elapsed().as_micros(),
+            t_state.as_micros(),
+            (t_mem - t_state).as_micros(),
+            written >> 10,
+            state.config.machine_config.mem_size_mib
+        );
+        Ok(VmmData::Empty)
+    }
+
+    /// `PUT /snapshot/load`: rebuilds the microVM from a state file and its
+    /// memory, on a VMM that has not booted and has no machine configured.
+    fn load_snapshot(
+        &mut self,
+        p: &SnapshotLoadParams,
+        em: &mut EventManager,
+    ) -> Result<VmmData, ActionError> {
+        let t0 = Instant::now();
+        if self.machine_configured() {
+            return Err(ActionError::LoadAfterConfig);
+        }
+        let src = p.memory_source()?;
+        let mem_path = match src {
+            MemorySource::File(f) => f,
+            MemorySource::Uffd(_) => {
+                return Err(SnapshotError::Unsupported(
+                    "the Uffd memory backend is not supported yet; use backend_type File".into(),
+                )
+                .into())
+            }
+        };
+        let mut state = format::read_state(&p.snapshot_path)?;
+        if state.config.machine_config.huge_pages == crate::config::HugePages::Hugetlbfs2M {
+            return Err(SnapshotError::Unsupported(
+                "a snapshot of a hugetlbfs-backed microVM cannot be loaded from a File backend (MAP_PRIVATE file pages are 4 KiB)".into(),
+            )
+            .into());
+        }
+        p.apply_overrides(&mut state.config)?;
+        let mem_file = std::fs::File::open(&mem_path).map_err(|err| SnapshotError::Io {
+            path: mem_path.clone(),
+            err,
+        })?;
+        let mem = memory::load_file(&mem_file, &mem_path, &state.memory)?;
+        let t_read = t0.elapsed();
+        // The snapshot's machine, with this VMM's own logger, metrics and
+        // serial output.
+        let mut cfg = state.config.clone();
+        cfg.logger = self.config.logger.clone();
+        cfg.metrics = self.config.metrics.clone();
+        cfg.serial = self.config.serial.clone();
+        cfg.machine_config.track_dirty_pages = p.track_dirty_pages || p.enable_diff_snapshots;
+        state.config = cfg.clone();
+        let out = self.serial_out()?;
+        let opts = RestoreOptions {
+            track_dirty_pages: cfg.machine_config.track_dirty_pages,
+            clock_realtime: p.clock_realtime,
+            resume: p.resume_vm,
+        };
+        let vm = build_from_snapshot(
+            &state,
+            mem,
+            &opts,
+            out,
+            &self.signals,
+            self.vcpu_start_hook.clone(),
+            &self.mmds_service,
+            em,
+        )?;
+        self.boot_timer = state.boot_timer;
+        self.config = cfg;
+        self.started(vm, em);
+        log::info!(
+            "snapshot loaded in {} us (state file and memory mapping {} us), {}",
+            t0.elapsed().as_micros(),
+            t_read.as_micros(),
+            if p.resume_vm { "running" } else { "paused" }
+        );
+        Ok(VmmData::Empty)
     }
 
     /// After each round of events: has the guest ended?

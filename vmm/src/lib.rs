@@ -80,6 +80,7 @@ pub mod metrics;
 pub mod microvm;
 pub mod mmds;
 pub mod seccomp;
+pub(crate) mod snapshot;
 pub(crate) mod stdin;
 pub(crate) mod term;
 pub(crate) mod vstate;
@@ -89,6 +90,20 @@ pub use microvm::{
     SeccompLevel, Serial, StartTimes,
 };
 pub use vstate::vcpu::VcpuExitReason;
+
+/// The snapshot state file format version this ember-vmm writes and reads,
+/// as `ember-vmm --snapshot-version` prints it (`v1.0.0`).
+pub fn snapshot_version() -> String {
+    snapshot::format::version_string(snapshot::format::SNAPSHOT_VERSION)
+}
+
+/// The format version of the snapshot state file at `path`, printed the
+/// same way (`ember-vmm --describe-snapshot`); only its header is read.
+pub fn describe_snapshot(path: &str) -> Result<String, String> {
+    snapshot::format::describe(path)
+        .map(snapshot::format::version_string)
+        .map_err(|e| e.to_string())
+}
 
 /// The VMM thread's event loop.
 pub(crate) type EventManager =

@@ -4,9 +4,9 @@
 //!
 //! The command line is Firecracker's (`firecracker --help`), with the same
 //! meanings, plus a few ember flags (`--serial-out`, `--log-level`, the
-//! hidden `--seccomp-test-trigger`). Differences: `--describe-snapshot` and
-//! `--snapshot-version` fail (ember has no snapshots yet) and
-//! `--enable-pci` is refused (ember is virtio-mmio only).
+//! hidden `--seccomp-test-trigger`). Differences: `--enable-pci` is refused
+//! (ember is virtio-mmio only); `--snapshot-version` and
+//! `--describe-snapshot` print ember's own state file format version.
 
 use std::process;
 use std::sync::Arc;
@@ -147,11 +147,18 @@ fn main() {
         println!("ember-vmm v{}\n", env!("CARGO_PKG_VERSION"));
         return;
     }
-    if args.snapshot_version || args.describe_snapshot.is_some() {
-        die(
-            ExitCode::GenericError,
-            "snapshots are not yet supported by ember-vmm: there is no snapshot data format to print",
-        );
+    if args.snapshot_version {
+        println!("{}", vmm::snapshot_version());
+        return;
+    }
+    if let Some(p) = &args.describe_snapshot {
+        match vmm::describe_snapshot(p) {
+            Ok(v) => {
+                println!("{v}");
+                return;
+            }
+            Err(e) => die(ExitCode::GenericError, e),
+        }
     }
     if args.enable_pci {
         die(

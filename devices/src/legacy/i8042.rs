@@ -16,6 +16,24 @@ pub enum I8042Error {
     /// Raising the keyboard interrupt failed.
     #[error("failed to raise the keyboard interrupt: {0}")]
     Interrupt(std::io::Error),
+    /// A saved state cannot be restored.
+    #[error("i8042 state: {0}")]
+    State(String),
+}
+
+/// The controller's registers and output buffer, for a snapshot.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct I8042State {
+    /// Status register.
+    pub status: u8,
+    /// Controller configuration byte.
+    pub control: u8,
+    /// Output port.
+    pub outp: u8,
+    /// A command waiting for its data byte.
+    pub pending_cmd: Option<u8>,
+    /// Bytes the guest has not read (at most 16).
+    pub buf: Vec<u8>,
 }
 
 const OFS_DATA: u64 = 0;
@@ -75,6 +93,53 @@ impl I8042Device {
             pending_cmd: None,
             buf: VecDeque::with_capacity(BUF_SIZE),
         }
+    }
+
+    /// The registers and output buffer.
+    pub fn save(&self) -> I8042State {
+        I8042State {
+            status: self.status,
+            control: self.control,
+            outp: self.outp,
+            pending_cmd: self.pending_cmd,
+            buf: self.buf.iter().copied().collect(),
+        }
+    }
+
+    /// A controller in the saved `state`. A buffer over 16 bytes, or a
+    /// pending command that takes no data byte, is refused; a non-empty
+    /// buffer raises the keyboard interrupt again (if enabled).
+    pub fn restore(
+        reset_evt: EventFd,
+        kbd_irq: EventFd,
+        state: &I8042State,
+    ) -> Result<Self, I8042Error> {
+        if state.buf.len() > BUF_SIZE {
+            return Err(I8042Error::State(format!(
+                "{} buffered bytes, at most {BUF_SIZE}",
+                state.buf.len()
+            )));
+        }
+        if let Some(c) = state.pending_cmd {
+            if ![CMD_WRITE_CTR, CMD_WRITE_OUTP, CMD_WRITE_KBD_OUT].contains(&c) {
+                return Err(I8042Error::State(format!(
+                    "pending command {c:#x} takes no data"
+                )));
+            }
+        }
+        let mut d = Self::new(reset_evt, kbd_irq);
+        d.status = state.status;
+        d.control = state.control;
+        d.outp = state.outp;
+        d.pending_cmd = state.pending_cmd;
+        d.buf = state.buf.iter().copied().collect();
+        if d.buf.is_empty() {
+            d.status &= !SB_OUT_FULL;
+        } else {
+            d.status |= SB_OUT_FULL;
+            d.raise_kbd_irq()?;
+        }
+        Ok(d)
     }
 
     /// Queues Ctrl-Alt-Del key presses and raises the keyboard interrupt.
@@ -246,6 +311,44 @@ mod tests {
         d.write(0x60, 0, &[0xff]);
         assert_eq!(rd(&mut d, 0), KBD_ACK);
         assert_eq!(rd(&mut d, 0), KBD_SELF_TEST_OK);
+    }
+
+    #[test]
+    fn state_round_trips_and_bad_state_is_refused() {
+        let mut d = dev();
+        d.write(0x60, 4, &[CMD_WRITE_CTR]);
+        d.write(0x60, 0, &[0x47]);
+        d.write(0x60, 4, &[CMD_WRITE_OUTP]);
+        d.trigger_ctrl_alt_del().unwrap();
+        let st = d.save();
+        assert_eq!(st.pending_cmd, Some(CMD_WRITE_OUTP));
+        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+        let mut r = I8042Device::restore(
+            EventFd::new(EFD_NONBLOCK).unwrap(),
+            irq.try_clone().unwrap(),
+            &st,
+        )
+        .unwrap();
+        assert_eq!(r.save(), st);
+        assert_eq!(irq.read().unwrap(), 1);
+        assert_eq!(rd(&mut r, 0), CTRL_ALT_DEL_SCANCODES[0]);
+        for bad in [
+            I8042State {
+                buf: vec![0; 17],
+                ..st.clone()
+            },
+            I8042State {
+                pending_cmd: Some(CMD_SELF_TEST),
+                ..st.clone()
+            },
+        ] {
+            let e = I8042Device::restore(
+                EventFd::new(EFD_NONBLOCK).unwrap(),
+                EventFd::new(EFD_NONBLOCK).unwrap(),
+                &bad,
+            );
+            assert!(matches!(e, Err(I8042Error::State(_))));
+        }
     }
 
     #[test]

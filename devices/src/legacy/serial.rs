@@ -16,6 +16,35 @@ pub enum SerialError {
     /// Queuing input for the guest failed.
     #[error("serial input: {0}")]
     Input(String),
+    /// A saved state cannot be restored.
+    #[error("serial state: {0}")]
+    State(String),
+}
+
+/// The UART's registers and pending input, for a snapshot (vm-superio's
+/// `SerialState`, with serde).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SerialState {
+    /// Divisor latch, low byte.
+    pub baud_divisor_low: u8,
+    /// Divisor latch, high byte.
+    pub baud_divisor_high: u8,
+    /// Interrupt Enable Register.
+    pub interrupt_enable: u8,
+    /// Interrupt Identification Register.
+    pub interrupt_identification: u8,
+    /// Line Control Register.
+    pub line_control: u8,
+    /// Line Status Register.
+    pub line_status: u8,
+    /// Modem Control Register.
+    pub modem_control: u8,
+    /// Modem Status Register.
+    pub modem_status: u8,
+    /// Scratch Register.
+    pub scratch: u8,
+    /// Input the guest has not read yet (at most the 64-byte FIFO).
+    pub in_buffer: Vec<u8>,
 }
 
 /// An EventFd that vm-superio can trigger.
@@ -124,6 +153,45 @@ impl SerialDevice {
         self.serial.fifo_capacity()
     }
 
+    /// The registers and pending input.
+    pub fn save(&self) -> SerialState {
+        let s = self.serial.state();
+        SerialState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+
+    /// A UART in the saved `state`, raising `irq` and writing to `out`. An
+    /// interrupt the state has pending is raised again. More input than
+    /// the FIFO holds is refused.
+    pub fn restore(irq: EventFd, out: SerialOut, state: &SerialState) -> Result<Self, SerialError> {
+        let s = vm_superio::serial::SerialState {
+            baud_divisor_low: state.baud_divisor_low,
+            baud_divisor_high: state.baud_divisor_high,
+            interrupt_enable: state.interrupt_enable,
+            interrupt_identification: state.interrupt_identification,
+            line_control: state.line_control,
+            line_status: state.line_status,
+            modem_control: state.modem_control,
+            modem_status: state.modem_status,
+            scratch: state.scratch,
+            in_buffer: state.in_buffer.clone(),
+        };
+        let serial = Serial::from_state(&s, EventFdTrigger(irq), NoEvents, out).map_err(|e| {
+            SerialError::State(format!("{e} ({} input bytes saved)", state.in_buffer.len()))
+        })?;
+        Ok(SerialDevice { serial })
+    }
+
     /// Flushes the output writer.
     pub fn flush(&mut self) {
         let _ = self.serial.writer_mut().flush();
@@ -165,6 +233,38 @@ mod tests {
         fn flush(&mut self) -> std::io::Result<()> {
             Ok(())
         }
+    }
+
+    #[test]
+    fn state_round_trips_and_an_overfull_fifo_is_refused() {
+        let out = Shared::default();
+        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+        let mut s = SerialDevice::new(irq.try_clone().unwrap(), Box::new(out.clone()));
+        s.write(0x3f8, 3, &[0x80]); // DLAB
+        s.write(0x3f8, 0, &[0x0c]);
+        s.write(0x3f8, 3, &[0x03]);
+        s.write(0x3f8, 7, &[0x5a]);
+        s.write(0x3f8, 1, &[0x01]);
+        s.enqueue_input(b"ab").unwrap();
+        let st = s.save();
+        assert_eq!(st.in_buffer, b"ab");
+        let irq2 = EventFd::new(EFD_NONBLOCK).unwrap();
+        let mut r =
+            SerialDevice::restore(irq2.try_clone().unwrap(), Box::new(out.clone()), &st).unwrap();
+        assert_eq!(r.save(), st);
+        // the pending "data available" interrupt is raised again
+        assert!(irq2.read().unwrap() >= 1);
+        let mut b = [0u8];
+        r.read(0x3f8, 7, &mut b);
+        assert_eq!(b[0], 0x5a);
+        r.read(0x3f8, 0, &mut b);
+        assert_eq!(b[0], b'a');
+        let big = SerialState {
+            in_buffer: vec![0; 65],
+            ..st
+        };
+        let irq3 = EventFd::new(EFD_NONBLOCK).unwrap();
+        assert!(SerialDevice::restore(irq3, Box::new(out), &big).is_err());
     }
 
     #[test]

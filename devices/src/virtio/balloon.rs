@@ -34,14 +34,15 @@
 use std::os::unix::io::AsRawFd;
 use std::time::Duration;
 
+use crate::GuestMemoryMmap;
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use serde::Serialize;
 use virtio_queue::QueueOwnedT;
 use vm_memory::{GuestAddress, GuestMemoryBackend};
-use crate::GuestMemoryMmap;
 use vmm_sys_util::timerfd::TimerFd;
 
 use super::desc::ParsedChain;
+use super::persist::{BalloonState, Persist, PersistError};
 use super::{drain_evt, DeviceBase, VirtioDevice, TOKEN_ACTIVATE, TOKEN_QUEUE_BASE};
 
 /// Device type of virtio-balloon.
@@ -105,6 +106,9 @@ pub enum BalloonError {
     /// The driver has not activated the device yet.
     #[error("the balloon device has not been activated by the guest driver")]
     NotActivated,
+    /// A saved state cannot be restored.
+    #[error("restoring balloon state: {0}")]
+    Restore(#[from] PersistError),
 }
 
 /// The balloon's configuration (`PUT /balloon`).
@@ -185,6 +189,32 @@ pub struct BalloonStats {
 }
 
 impl BalloonStats {
+    /// The values the guest sent, as (virtio tag, value) pairs.
+    fn tagged(&self) -> Vec<(u16, u64)> {
+        [
+            self.swap_in,
+            self.swap_out,
+            self.major_faults,
+            self.minor_faults,
+            self.free_memory,
+            self.total_memory,
+            self.available_memory,
+            self.disk_caches,
+            self.hugetlb_allocations,
+            self.hugetlb_failures,
+            self.oom_kill,
+            self.alloc_stall,
+            self.async_scan,
+            self.direct_scan,
+            self.async_reclaim,
+            self.direct_reclaim,
+        ]
+        .iter()
+        .enumerate()
+        .filter_map(|(tag, v)| v.map(|v| (tag as u16, v)))
+        .collect()
+    }
+
     fn set(&mut self, tag: u16, val: u64) {
         let slot = match tag {
             0 => &mut self.swap_in,
@@ -696,6 +726,80 @@ impl VirtioDevice for Balloon {
         self.actual_pages = 0;
         self.stats_head = None;
         self.guest_cmd = None;
+    }
+}
+
+impl Persist for Balloon {
+    type Config = BalloonConfig;
+    type State = BalloonState;
+    type Error = BalloonError;
+
+    fn save(&self) -> BalloonState {
+        BalloonState {
+            base: self.base.save(),
+            num_pages: self.num_pages,
+            actual_pages: self.actual_pages,
+            stats_polling_interval_s: self.config.stats_polling_interval_s,
+            stats_head: self.stats_head,
+            stats: self.stats.tagged(),
+            hint_cmd: self.hint_cmd,
+            last_run: self.last_run,
+            guest_cmd: self.guest_cmd,
+            ack_on_stop: self.ack_on_stop,
+        }
+    }
+
+    /// The queues and features follow `config` (they must match the
+    /// saved ones); the target and statistics interval are the saved ones
+    /// (the API may have changed them after boot).
+    fn restore(
+        config: BalloonConfig,
+        state: &BalloonState,
+        mem: &GuestMemoryMmap,
+    ) -> Result<Self, BalloonError> {
+        let field = |what: String| PersistError::Field {
+            device: "virtio-balloon",
+            what,
+        };
+        let mut b = Balloon::new(config)?;
+        if (state.stats_polling_interval_s == 0) != b.queues.stats.is_none() {
+            return Err(field(format!(
+                "statistics interval {} does not match the configuration's statistics queue",
+                state.stats_polling_interval_s
+            ))
+            .into());
+        }
+        if let Some(head) = state.stats_head {
+            let live = b.queues.stats.and_then(|q| state.base.queues.get(q));
+            if live.is_none_or(|q| head >= q.size) {
+                return Err(field(format!(
+                    "held statistics buffer {head} is not on the statistics queue"
+                ))
+                .into());
+            }
+        }
+        let mem_pages = mem.last_addr().0 / PAGE_SIZE + 1;
+        if u64::from(state.num_pages) > mem_pages {
+            return Err(field(format!(
+                "target of {} pages is larger than guest memory ({mem_pages} pages)",
+                state.num_pages
+            ))
+            .into());
+        }
+        b.base.restore(&state.base, mem)?;
+        b.num_pages = state.num_pages;
+        b.config.amount_mib = state.num_pages / PAGES_PER_MIB as u32;
+        b.config.stats_polling_interval_s = state.stats_polling_interval_s;
+        b.actual_pages = state.actual_pages;
+        b.stats_head = state.stats_head;
+        for &(tag, v) in &state.stats {
+            b.stats.set(tag, v);
+        }
+        b.hint_cmd = state.hint_cmd;
+        b.last_run = state.last_run;
+        b.guest_cmd = state.guest_cmd;
+        b.ack_on_stop = state.ack_on_stop;
+        Ok(b)
     }
 }
 

@@ -8,11 +8,12 @@
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use virtio_queue::{Queue, QueueT};
 use crate::GuestMemoryMmap;
+use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{IrqTrigger, VirtioDevice, INT_CONFIG, VIRTIO_F_VERSION_1};
+use super::persist::{MmioTransportState, PersistError, QueueState};
+use super::{IrqTrigger, VirtioDevice, INT_CONFIG, INT_VRING, VIRTIO_F_VERSION_1};
 use crate::bus::BusDevice;
 
 /// Size of one device's MMIO window.
@@ -52,6 +53,9 @@ pub enum MmioError {
     /// An eventfd could not be created.
     #[error("cloning a queue eventfd: {0}")]
     EventFd(std::io::Error),
+    /// A saved transport state is not one this device can be in.
+    #[error("virtio-mmio state: {0}")]
+    State(#[from] PersistError),
 }
 
 /// The virtio-mmio transport of one device.
@@ -129,6 +133,116 @@ impl MmioTransport {
             queue_sel: 0,
             status: 0,
         })
+    }
+
+    /// The registers and the driver's queue setup, for a snapshot. The
+    /// device's own state is saved apart (its `Persist::save`), and before
+    /// guest memory is written, as saving may complete requests.
+    pub fn save(&self) -> MmioTransportState {
+        MmioTransportState {
+            status: self.status & !STATUS_NEEDS_RESET,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            driver_features: self.driver_features,
+            queue_sel: self.queue_sel,
+            queues: self.queues.iter().map(QueueState::of).collect(),
+            queue_bad: self.queue_bad.clone(),
+            interrupt_status: self.irq.status(),
+        }
+    }
+
+    /// A transport for an already restored `device`, in the saved `state`.
+    ///
+    /// Checked: the queue count and each queue's maximum against the
+    /// device, sizes and alignment ([`QueueState::to_queue`]), a status the
+    /// driver can reach (0, ACKNOWLEDGE, +DRIVER, +FEATURES_OK,
+    /// +DRIVER_OK, each optionally with FAILED), DRIVER_OK exactly when the
+    /// device is active, driver features within the offered ones once
+    /// FEATURES_OK is set, and only known interrupt bits. A pending
+    /// interrupt is raised again on the device's irqfd.
+    pub fn restore(
+        mem: GuestMemoryMmap,
+        device: Arc<Mutex<dyn VirtioDevice>>,
+        state: &MmioTransportState,
+    ) -> Result<Self, MmioError> {
+        let field = |what: String| PersistError::Field {
+            device: "virtio-mmio",
+            what,
+        };
+        let mut t = Self::new(mem, device)?;
+        let (maxes, active, avail) = {
+            let d = lock(&t.device);
+            (
+                d.queue_max_sizes().to_vec(),
+                d.is_activated(),
+                d.avail_features(),
+            )
+        };
+        if state.queues.len() != maxes.len() || state.queue_bad.len() != maxes.len() {
+            return Err(PersistError::QueueCount {
+                device: "virtio-mmio",
+                expected: maxes.len(),
+                got: state.queues.len().max(state.queue_bad.len()),
+            }
+            .into());
+        }
+        let queues = state
+            .queues
+            .iter()
+            .zip(&maxes)
+            .enumerate()
+            .map(|(i, (q, &max))| q.to_queue(i, max, &t.mem, false))
+            .collect::<Result<Vec<_>, _>>()?;
+        let status = state.status & !STATUS_FAILED;
+        let reachable = [
+            0,
+            STATUS_ACKNOWLEDGE,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK,
+        ];
+        if !reachable.contains(&status) {
+            return Err(field(format!(
+                "status {:#x} is not one a driver reaches",
+                state.status
+            ))
+            .into());
+        }
+        if (status & STATUS_DRIVER_OK != 0) != active {
+            return Err(field(format!(
+                "status {:#x} but the device is {}",
+                state.status,
+                if active { "active" } else { "not active" }
+            ))
+            .into());
+        }
+        if status & STATUS_FEATURES_OK != 0
+            && (state.driver_features & !avail != 0
+                || state.driver_features & VIRTIO_F_VERSION_1 == 0)
+        {
+            return Err(field(format!(
+                "driver features {:#x} were accepted but the device offers {avail:#x}",
+                state.driver_features
+            ))
+            .into());
+        }
+        if state.interrupt_status & !(INT_VRING | INT_CONFIG) != 0 {
+            return Err(field(format!(
+                "interrupt status {:#x} has unknown bits",
+                state.interrupt_status
+            ))
+            .into());
+        }
+        t.queues = queues;
+        t.queue_bad = state.queue_bad.clone();
+        t.status = state.status;
+        t.device_features_sel = state.device_features_sel;
+        t.driver_features_sel = state.driver_features_sel;
+        t.driver_features = state.driver_features;
+        t.queue_sel = state.queue_sel;
+        let needs_reset = t.irq.needs_reset();
+        t.irq.restore(state.interrupt_status, needs_reset);
+        Ok(t)
     }
 
     /// The wrapped device.

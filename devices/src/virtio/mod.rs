@@ -30,6 +30,7 @@ pub mod desc;
 pub mod metrics;
 pub mod mmio;
 pub mod net;
+pub mod persist;
 /// Limits on bandwidth and operations.
 pub mod rate_limiter;
 pub mod rng;
@@ -42,10 +43,10 @@ use std::io;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
+use crate::GuestMemoryMmap;
 use event_manager::{EventOps, EventSet, Events};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestAddress;
-use crate::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use desc::{parse_chain, DescError, ParsedChain};
@@ -141,6 +142,17 @@ impl IrqTrigger {
         self.status.fetch_or(bits, Ordering::SeqCst);
         if let Err(e) = self.evt.write(1) {
             log::error!("virtio: failed to signal irqfd: {e}");
+        }
+    }
+
+    /// Restores the InterruptStatus bits (added to any already set) and
+    /// the needs-reset flag of a snapshot. When bits are set the irqfd is
+    /// pulsed, so the guest sees the interrupt it had pending (KVM takes a
+    /// count already in the eventfd when the irqfd is registered).
+    pub fn restore(&self, bits: u32, needs_reset: bool) {
+        self.broken.store(needs_reset, Ordering::SeqCst);
+        if bits != 0 {
+            self.trigger(bits);
         }
     }
 
@@ -311,6 +323,72 @@ impl DeviceBase {
         self.acked_features = 0;
         self.irq.clear();
         let _ = self.activate_evt.write(1);
+    }
+
+    /// The state to save (see [`persist`]).
+    pub fn save(&self) -> persist::DeviceBaseState {
+        persist::DeviceBaseState {
+            acked_features: self.acked_features,
+            config_generation: self.config_generation,
+            activated: self.is_active(),
+            queues: self.queues.iter().map(persist::QueueState::of).collect(),
+            needs_reset: self.irq.needs_reset(),
+        }
+    }
+
+    /// Puts a fresh base back in the saved `state`: features (a subset of
+    /// what the device offers now), generation, the needs-reset flag and,
+    /// if it was active, its checked queues over `mem` (activating it, so
+    /// the event loop registers its descriptors when the device is added).
+    pub fn restore(
+        &mut self,
+        state: &persist::DeviceBaseState,
+        mem: &GuestMemoryMmap,
+    ) -> Result<(), persist::PersistError> {
+        use persist::PersistError;
+        if state.acked_features & !self.avail_features != 0 {
+            return Err(PersistError::Features {
+                device: self.name,
+                acked: state.acked_features,
+                avail: self.avail_features,
+            });
+        }
+        if state.activated && state.acked_features & VIRTIO_F_VERSION_1 == 0 {
+            return Err(PersistError::Field {
+                device: self.name,
+                what: "active without VIRTIO_F_VERSION_1".into(),
+            });
+        }
+        let expected = if state.activated {
+            self.queue_max_sizes.len()
+        } else {
+            0
+        };
+        if state.queues.len() != expected {
+            return Err(PersistError::QueueCount {
+                device: self.name,
+                expected,
+                got: state.queues.len(),
+            });
+        }
+        let queues = state
+            .queues
+            .iter()
+            .zip(&self.queue_max_sizes)
+            .enumerate()
+            .map(|(i, (q, &max))| q.to_queue(i, max, mem, true))
+            .collect::<Result<Vec<_>, _>>()?;
+        self.acked_features = state.acked_features;
+        self.config_generation = state.config_generation;
+        if state.activated {
+            self.activate(mem.clone(), queues)
+                .map_err(|e| PersistError::Activate {
+                    device: self.name,
+                    err: e.to_string(),
+                })?;
+        }
+        self.irq.restore(0, state.needs_reset);
+        Ok(())
     }
 
     /// Whether activated.

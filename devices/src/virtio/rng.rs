@@ -20,6 +20,7 @@ use event_manager::{EventOps, Events, MutEventSubscriber};
 
 use virtio_queue::QueueOwnedT;
 
+use super::persist::{Persist, PersistError, RngState};
 use super::rate_limiter::{RateLimiter, RateLimiterConfig, RateLimiterError};
 use super::{drain_evt, DeviceBase, VirtioDevice, TOKEN_ACTIVATE, TOKEN_QUEUE_BASE};
 
@@ -44,6 +45,9 @@ pub enum RngError {
     /// The rate limiter could not be created.
     #[error("rate limiter: {0}")]
     RateLimiter(#[from] RateLimiterError),
+    /// A saved state cannot be restored.
+    #[error("restoring entropy device state: {0}")]
+    Restore(#[from] PersistError),
 }
 
 /// Configuration of the entropy device (`PUT /entropy`).
@@ -193,6 +197,28 @@ impl VirtioDevice for Rng {
     }
 }
 
+impl Persist for Rng {
+    type Config = RngConfig;
+    type State = RngState;
+    type Error = RngError;
+
+    fn save(&self) -> RngState {
+        RngState {
+            base: self.base.save(),
+        }
+    }
+
+    fn restore(
+        config: RngConfig,
+        state: &RngState,
+        mem: &crate::GuestMemoryMmap,
+    ) -> Result<Self, RngError> {
+        let mut rng = Rng::new(config)?;
+        rng.base.restore(&state.base, mem)?;
+        Ok(rng)
+    }
+}
+
 impl MutEventSubscriber for Rng {
     fn init(&mut self, ops: &mut EventOps) {
         if self.base.watch_activation(ops) {
@@ -228,8 +254,8 @@ mod tests {
     use super::*;
     use crate::virtio::rate_limiter::TokenBucketConfig;
     use crate::virtio::test_utils::{mem, TestQueue};
+    use crate::GuestMemoryMmap;
     use vm_memory::{Bytes, GuestAddress};
-use crate::GuestMemoryMmap;
 
     fn env(cfg: RngConfig) -> (GuestMemoryMmap, TestQueue, Rng) {
         let m = mem(0x80000);

@@ -1,8 +1,8 @@
 //! Helpers for tests: small guest memory and hand-built split virtqueues.
 
+use crate::GuestMemoryMmap;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
-use crate::GuestMemoryMmap;
 
 /// Guest memory of `size` bytes at address 0.
 pub fn mem(size: usize) -> GuestMemoryMmap {
@@ -55,7 +55,13 @@ impl TestQueue {
 
     /// A ready `Queue` configured for this layout.
     pub fn queue(&self) -> Queue {
-        let mut q = Queue::new(self.size).unwrap();
+        self.queue_of_max(self.size)
+    }
+
+    /// [`queue`](Self::queue) as a transport builds it for a device whose
+    /// queue holds at most `max` entries.
+    pub fn queue_of_max(&self, max: u16) -> Queue {
+        let mut q = Queue::new(max).unwrap();
         q.set_size(self.size);
         q.set_desc_table_address(Some(self.desc.0 as u32), Some((self.desc.0 >> 32) as u32));
         q.set_avail_ring_address(Some(self.avail.0 as u32), Some((self.avail.0 >> 32) as u32));

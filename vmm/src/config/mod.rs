@@ -224,8 +224,6 @@ pub mod refusals {
     pub const PMEM: &str = "Persistent memory devices (virtio-pmem) are not supported by ember; use a drive (PUT /drives/{id}) instead.";
     /// `/hotplug/memory`.
     pub const HOTPLUG: &str = "Memory hotplug (virtio-mem) is not supported by ember; size guest memory with mem_size_mib in /machine-config.";
-    /// `/snapshot/*`.
-    pub const SNAPSHOT: &str = "Snapshots are not yet supported by ember: /snapshot/create and /snapshot/load will come with snapshot support.";
 }
 
 /// The whole VM: `--config-file` input and `GET /vm/config` output.

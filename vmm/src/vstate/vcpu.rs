@@ -12,9 +12,10 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use devices::bus::Bus;
-use kvm_bindings::{kvm_run, CpuId};
-use kvm_ioctls::{VcpuExit, VcpuFd};
 use devices::GuestMemoryMmap;
+use kvm_bindings::{kvm_run, CpuId};
+use kvm_ioctls::{Cap, VcpuExit, VcpuFd};
+use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
@@ -22,6 +23,7 @@ use super::vm::Vm;
 use crate::arch::regs::BootProtocol;
 use crate::arch::{cpuid, interrupts, msr, regs};
 use crate::config::cpu_config::CpuTemplate;
+use crate::snapshot::{from_blob, to_blob, Blob, SnapshotError};
 
 /// Errors creating, configuring or driving vCPUs.
 #[derive(Debug, thiserror::Error)]
@@ -54,13 +56,74 @@ pub enum VcpuCommand {
     Pause,
     Resume,
     Exit,
+    /// Answered with [`VcpuResponse::State`]; only while paused.
+    SaveState,
 }
 
 /// What a vCPU answers.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum VcpuResponse {
     Paused,
     Resumed,
+    /// The vCPU's snapshot state (or why it could not be read).
+    State(Box<Result<VcpuState, SnapshotError>>),
+    /// `SaveState` while running.
+    NotPaused,
+}
+
+impl VcpuResponse {
+    fn same_kind(&self, other: &VcpuResponse) -> bool {
+        std::mem::discriminant(self) == std::mem::discriminant(other)
+    }
+}
+
+/// A vCPU's state in a snapshot: raw KVM structures, and which optional
+/// parts this host could save (nested hosts may lack XSAVE, XCRs or debug
+/// registers; a state that needs a part the loading host lacks is refused).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct VcpuState {
+    /// The vCPU id (its index).
+    pub id: u8,
+    /// CPUID entries (`kvm_cpuid_entry2` each) as set on the vCPU.
+    pub cpuid: Vec<Blob>,
+    /// MSRs (index, value), in the order saved.
+    pub msrs: Vec<(u32, u64)>,
+    /// `kvm_regs`.
+    pub regs: Blob,
+    /// `kvm_sregs`.
+    pub sregs: Blob,
+    /// `kvm_xsave`, when the host has KVM_CAP_XSAVE.
+    pub xsave: Option<Blob>,
+    /// `kvm_fpu`, when there is no XSAVE.
+    pub fpu: Option<Blob>,
+    /// `kvm_xcrs`, when the host has KVM_CAP_XCRS.
+    pub xcrs: Option<Blob>,
+    /// `kvm_debugregs`, when the host has KVM_CAP_DEBUGREGS.
+    pub debugregs: Option<Blob>,
+    /// `kvm_lapic_state`.
+    pub lapic: Blob,
+    /// `kvm_mp_state`.
+    pub mp_state: Blob,
+    /// `kvm_vcpu_events`.
+    pub vcpu_events: Blob,
+    /// The guest's TSC frequency, when the host tells it.
+    pub tsc_khz: Option<u32>,
+}
+
+/// The optional vCPU state parts this host's KVM has.
+#[derive(Clone, Copy, Debug, Default)]
+struct VcpuCaps {
+    xsave: bool,
+    xcrs: bool,
+    debugregs: bool,
+    tsc_khz: bool,
+    tsc_control: bool,
+}
+
+/// TSC frequencies within 250 ppm are the same clock (calibration noise).
+fn tsc_differs(a: u32, b: u32) -> bool {
+    (i64::from(a) - i64::from(b)).abs() > i64::from(b) * 250 / 1_000_000
 }
 
 /// Why a vCPU stopped running the guest.
@@ -167,6 +230,8 @@ pub struct Vcpu {
     fd: VcpuFd,
     pio: Bus,
     mmio: Bus,
+    msrs_to_save: Vec<u32>,
+    caps: VcpuCaps,
 }
 
 impl Vcpu {
@@ -176,7 +241,210 @@ impl Vcpu {
             .fd()
             .create_vcpu(u64::from(id))
             .map_err(|err| VcpuError::Create { id, err })?;
-        Ok(Vcpu { id, fd, pio, mmio })
+        let k = vm.kvm();
+        let caps = VcpuCaps {
+            xsave: k.check_extension(Cap::Xsave),
+            xcrs: k.check_extension(Cap::Xcrs),
+            debugregs: k.check_extension(Cap::Debugregs),
+            tsc_khz: k.check_extension(Cap::GetTscKhz),
+            tsc_control: k.check_extension(Cap::TscControl),
+        };
+        Ok(Vcpu {
+            id,
+            fd,
+            pio,
+            mmio,
+            msrs_to_save: vm.msrs_to_save().to_vec(),
+            caps,
+        })
+    }
+
+    /// Saves this vCPU's state. Runs on the vCPU's thread while paused. A
+    /// last KVM_RUN with `immediate_exit` set first completes an I/O exit
+    /// the guest is waiting on (the value of an `in` lands in RAX only on
+    /// the next entry), without running guest code.
+    fn save_state(&mut self) -> Result<VcpuState, SnapshotError> {
+        let kvm = |what| move |err| SnapshotError::Kvm { what, err };
+        self.fd.set_kvm_immediate_exit(1);
+        let _ = self.fd.run();
+        self.fd.set_kvm_immediate_exit(0);
+        let id = self.id;
+        // KVM_GET_MP_STATE first: it may change LAPIC state; events last.
+        let mp_state = self.fd.get_mp_state().map_err(kvm("KVM_GET_MP_STATE"))?;
+        let regs = self.fd.get_regs().map_err(kvm("KVM_GET_REGS"))?;
+        let sregs = self.fd.get_sregs().map_err(kvm("KVM_GET_SREGS"))?;
+        let optional = |on: bool, what: &str, r: Result<Blob, kvm_ioctls::Error>| -> Option<Blob> {
+            if !on {
+                return None;
+            }
+            r.map_err(|e| log::warn!("snapshot: vCPU {id}: {what} failed ({e}); not saved"))
+                .ok()
+        };
+        let xsave = optional(
+            self.caps.xsave,
+            "KVM_GET_XSAVE",
+            self.fd.get_xsave().map(|x| to_blob(&x)),
+        );
+        let fpu = if xsave.is_none() {
+            Some(to_blob(&self.fd.get_fpu().map_err(kvm("KVM_GET_FPU"))?))
+        } else {
+            None
+        };
+        let xcrs = optional(
+            self.caps.xcrs,
+            "KVM_GET_XCRS",
+            self.fd.get_xcrs().map(|x| to_blob(&x)),
+        );
+        let debugregs = optional(
+            self.caps.debugregs,
+            "KVM_GET_DEBUGREGS",
+            self.fd.get_debug_regs().map(|x| to_blob(&x)),
+        );
+        let lapic = self.fd.get_lapic().map_err(kvm("KVM_GET_LAPIC"))?;
+        let tsc_khz = if self.caps.tsc_khz {
+            self.fd.get_tsc_khz().ok()
+        } else {
+            None
+        };
+        let cpuid = self
+            .fd
+            .get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm("KVM_GET_CPUID2"))?;
+        let msrs = msr::get_msrs(&self.fd, &self.msrs_to_save)
+            .map_err(|e| SnapshotError::Unsupported(format!("vCPU {id} MSRs: {e}")))?;
+        let events = self
+            .fd
+            .get_vcpu_events()
+            .map_err(kvm("KVM_GET_VCPU_EVENTS"))?;
+        Ok(VcpuState {
+            id,
+            cpuid: cpuid.as_slice().iter().map(to_blob).collect(),
+            msrs,
+            regs: to_blob(&regs),
+            sregs: to_blob(&sregs),
+            xsave,
+            fpu,
+            xcrs,
+            debugregs,
+            lapic: to_blob(&lapic),
+            mp_state: to_blob(&mp_state),
+            vcpu_events: to_blob(&events),
+            tsc_khz,
+        })
+    }
+
+    /// Loads `s` into this (new, not yet running) vCPU, in the order KVM
+    /// needs: CPUID, MP state, registers, special registers (they restore
+    /// the APIC base), FPU/XSAVE, XCRs, debug registers, LAPIC (before the
+    /// MSRs: the TSC deadline needs it), MSRs, then events (SET_REGS clears
+    /// pending exceptions, which the events restore).
+    pub fn restore_state(&self, s: &VcpuState) -> Result<(), SnapshotError> {
+        let kvm = |what| move |err| SnapshotError::Kvm { what, err };
+        let id = self.id;
+        let need = |present: bool, on: bool, part: &str, cap: &str| {
+            if present && !on {
+                Err(SnapshotError::Unsupported(format!(
+                    "vcpus[{id}].{part}: this host's KVM has no {cap}"
+                )))
+            } else {
+                Ok(())
+            }
+        };
+        need(s.xsave.is_some(), self.caps.xsave, "xsave", "KVM_CAP_XSAVE")?;
+        need(s.xcrs.is_some(), self.caps.xcrs, "xcrs", "KVM_CAP_XCRS")?;
+        need(
+            s.debugregs.is_some(),
+            self.caps.debugregs,
+            "debugregs",
+            "KVM_CAP_DEBUGREGS",
+        )?;
+        if s.xsave.is_none() && s.fpu.is_none() {
+            return Err(SnapshotError::Invalid(format!(
+                "vcpus[{id}]: neither xsave nor fpu"
+            )));
+        }
+        if s.cpuid.is_empty() || s.cpuid.len() > kvm_bindings::KVM_MAX_CPUID_ENTRIES {
+            return Err(SnapshotError::Invalid(format!(
+                "vcpus[{id}].cpuid: {} entries",
+                s.cpuid.len()
+            )));
+        }
+        if let Some(want) = s.tsc_khz {
+            let have = if self.caps.tsc_khz {
+                self.fd.get_tsc_khz().ok()
+            } else {
+                None
+            };
+            match have {
+                Some(h) if !tsc_differs(h, want) => {}
+                _ if self.caps.tsc_control => {
+                    self.fd.set_tsc_khz(want).map_err(kvm("KVM_SET_TSC_KHZ"))?
+                }
+                Some(h) => {
+                    return Err(SnapshotError::Unsupported(format!(
+                        "vcpus[{id}]: TSC of {want} kHz saved, this host runs {h} kHz and cannot scale it (no KVM_CAP_TSC_CONTROL)"
+                    )))
+                }
+                None => log::warn!(
+                    "snapshot: vCPU {id}: the host does not tell its TSC frequency; assuming {want} kHz"
+                ),
+            }
+        }
+        let mut entries = Vec::with_capacity(s.cpuid.len());
+        for (i, b) in s.cpuid.iter().enumerate() {
+            entries.push(from_blob::<kvm_bindings::kvm_cpuid_entry2>(
+                b,
+                &format!("vcpus[{id}].cpuid[{i}]"),
+            )?);
+        }
+        let cpuid = CpuId::from_entries(&entries)
+            .map_err(|e| SnapshotError::Invalid(format!("vcpus[{id}].cpuid: {e:?}")))?;
+        self.fd.set_cpuid2(&cpuid).map_err(kvm("KVM_SET_CPUID2"))?;
+        let field = |f: &str| format!("vcpus[{id}].{f}");
+        self.fd
+            .set_mp_state(from_blob(&s.mp_state, &field("mp_state"))?)
+            .map_err(kvm("KVM_SET_MP_STATE"))?;
+        self.fd
+            .set_regs(&from_blob(&s.regs, &field("regs"))?)
+            .map_err(kvm("KVM_SET_REGS"))?;
+        self.fd
+            .set_sregs(&from_blob(&s.sregs, &field("sregs"))?)
+            .map_err(kvm("KVM_SET_SREGS"))?;
+        match (&s.xsave, &s.fpu) {
+            (Some(x), _) => {
+                let x: kvm_bindings::kvm_xsave = from_blob(x, &field("xsave"))?;
+                // SAFETY: `x` is a whole kvm_xsave (4 KiB); KVM reads no
+                // more than that for a guest without extended (AMX) state.
+                unsafe { self.fd.set_xsave(&x) }.map_err(kvm("KVM_SET_XSAVE"))?;
+            }
+            (None, Some(f)) => self
+                .fd
+                .set_fpu(&from_blob(f, &field("fpu"))?)
+                .map_err(kvm("KVM_SET_FPU"))?,
+            (None, None) => unreachable!("checked above"),
+        }
+        if let Some(x) = &s.xcrs {
+            self.fd
+                .set_xcrs(&from_blob(x, &field("xcrs"))?)
+                .map_err(kvm("KVM_SET_XCRS"))?;
+        }
+        if let Some(d) = &s.debugregs {
+            self.fd
+                .set_debug_regs(&from_blob(d, &field("debugregs"))?)
+                .map_err(kvm("KVM_SET_DEBUGREGS"))?;
+        }
+        self.fd
+            .set_lapic(&from_blob(&s.lapic, &field("lapic"))?)
+            .map_err(kvm("KVM_SET_LAPIC"))?;
+        msr::set_msrs(&self.fd, &s.msrs)
+            .map_err(|e| SnapshotError::Unsupported(format!("vcpus[{id}].msrs: {e}")))?;
+        self.fd
+            .set_vcpu_events(&from_blob(&s.vcpu_events, &field("vcpu_events"))?)
+            .map_err(kvm("KVM_SET_VCPU_EVENTS"))?;
+        // Tells a kvmclock guest it was stopped (no soft-lockup warnings);
+        // EINVAL when the guest does not use kvmclock, which is fine.
+        let _ = self.fd.kvmclock_ctrl();
+        Ok(())
     }
 
     /// Sets CPUID, MSRs, registers and the LAPIC for booting at `entry`.
@@ -210,11 +478,14 @@ impl Vcpu {
 
     /// Starts the vCPU thread. Its last act is sending a [`VcpuEvent`] on
     /// `events` and writing `exit_evt`.
+    /// With `paused` the thread pauses before it first enters the guest
+    /// (its `Paused` answer is queued for the VMM).
     pub fn start(
         self,
         events: Sender<VcpuEvent>,
         exit_evt: EventFd,
         on_start: Option<Box<dyn FnOnce() + Send>>,
+        paused: bool,
     ) -> Result<VcpuHandle, VcpuError> {
         let id = self.id;
         let (cmd_tx, cmd_rx) = channel();
@@ -226,7 +497,14 @@ impl Vcpu {
                     f();
                 }
                 let mut me = self;
-                let reason = me.run_loop(&cmd_rx, &resp_tx);
+                let reason = match paused {
+                    true => me.handle_command(VcpuCommand::Pause, &cmd_rx, &resp_tx),
+                    false => None,
+                };
+                let reason = match reason {
+                    Some(r) => r,
+                    None => me.run_loop(&cmd_rx, &resp_tx),
+                };
                 KVM_RUN.with(|r| r.set(std::ptr::null_mut()));
                 let _ = events.send(VcpuEvent { id, reason });
                 let _ = exit_evt.write(1);
@@ -253,6 +531,10 @@ impl Vcpu {
                 let _ = resp.send(VcpuResponse::Resumed);
                 None
             }
+            VcpuCommand::SaveState => {
+                let _ = resp.send(VcpuResponse::NotPaused);
+                None
+            }
             VcpuCommand::Pause => {
                 let _ = resp.send(VcpuResponse::Paused);
                 loop {
@@ -263,6 +545,10 @@ impl Vcpu {
                         }
                         Ok(VcpuCommand::Pause) => {
                             let _ = resp.send(VcpuResponse::Paused);
+                        }
+                        Ok(VcpuCommand::SaveState) => {
+                            let st = self.save_state();
+                            let _ = resp.send(VcpuResponse::State(Box::new(st)));
                         }
                         Ok(VcpuCommand::Exit) | Err(_) => return Some(VcpuExitReason::Requested),
                     }
@@ -372,11 +658,36 @@ impl VcpuHandle {
         Ok(())
     }
 
+    /// Asks the paused vCPU for its snapshot state.
+    pub fn save_state(&self, timeout: Duration) -> Result<VcpuState, SnapshotError> {
+        let gone = |e: VcpuError| SnapshotError::Unsupported(format!("vCPU {}: {e}", self.id));
+        self.send(VcpuCommand::SaveState).map_err(gone)?;
+        loop {
+            match self.resp_rx.recv_timeout(timeout) {
+                Ok(VcpuResponse::State(s)) => return *s,
+                Ok(VcpuResponse::NotPaused) => {
+                    return Err(SnapshotError::Unsupported(format!(
+                        "vCPU {} is not paused",
+                        self.id
+                    )))
+                }
+                Ok(_) => continue,
+                Err(RecvTimeoutError::Timeout) => {
+                    return Err(gone(VcpuError::NoResponse {
+                        id: self.id,
+                        ms: timeout.as_millis(),
+                    }))
+                }
+                Err(RecvTimeoutError::Disconnected) => return Err(gone(VcpuError::Gone(self.id))),
+            }
+        }
+    }
+
     /// Waits for the vCPU's answer.
     pub fn expect(&self, want: VcpuResponse, timeout: Duration) -> Result<(), VcpuError> {
         loop {
             match self.resp_rx.recv_timeout(timeout) {
-                Ok(r) if r == want => return Ok(()),
+                Ok(r) if r.same_kind(&want) => return Ok(()),
                 Ok(_) => continue,
                 Err(RecvTimeoutError::Timeout) => {
                     return Err(VcpuError::NoResponse {

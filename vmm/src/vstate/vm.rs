@@ -1,18 +1,39 @@
 //! The KVM VM: guest memory slots, in-kernel irqchip and PIT.
 
+use devices::{GuestMemoryMmap, GuestRegionMmap};
 use kvm_bindings::{
-    kvm_pit_config, kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY,
+    kvm_clock_data, kvm_irqchip, kvm_pit_config, kvm_userspace_memory_region, KVM_CLOCK_REALTIME,
+    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MEM_LOG_DIRTY_PAGES,
+    KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Kvm, VmFd};
+use serde::{Deserialize, Serialize};
 use vm_memory::bitmap::{AtomicBitmap, NewBitmap};
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
-use devices::{GuestMemoryMmap, GuestRegionMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::boot::arch_memory_regions;
 use crate::arch::layout::{KVM_IDENTITY_MAP_ADDRESS, KVM_TSS_ADDRESS};
 use crate::config::HugePages;
+use crate::snapshot::{from_blob, to_blob, Blob, SnapshotError};
+
+/// The KVM VM's state in a snapshot: the in-kernel PIC pair and IOAPIC,
+/// the PIT and the KVM clock (raw KVM structures).
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmState {
+    /// `kvm_irqchip` of the master PIC.
+    pub pic_master: Blob,
+    /// `kvm_irqchip` of the slave PIC.
+    pub pic_slave: Blob,
+    /// `kvm_irqchip` of the IOAPIC.
+    pub ioapic: Blob,
+    /// `kvm_pit_state2`.
+    pub pit: Blob,
+    /// `kvm_clock_data`.
+    pub clock: Blob,
+}
 
 /// Errors setting up the VM.
 #[derive(Debug, thiserror::Error)]
@@ -110,6 +131,8 @@ pub fn create_guest_memory(size_mib: u64, huge: HugePages) -> Result<GuestMemory
 pub struct Vm {
     kvm: Kvm,
     fd: VmFd,
+    /// MSRs a snapshot saves (KVM's list, filtered).
+    msrs_to_save: Vec<u32>,
 }
 
 impl Vm {
@@ -143,7 +166,89 @@ impl Vm {
             .map_err(VmError::SetTss)?;
         fd.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
             .map_err(VmError::SetIdentityMap)?;
-        Ok(Vm { kvm, fd })
+        let msrs_to_save = match kvm.get_msr_index_list() {
+            Ok(l) => l
+                .as_slice()
+                .iter()
+                .copied()
+                .filter(|&i| crate::arch::msr::should_save(i))
+                .collect(),
+            Err(e) => {
+                log::warn!("KVM_GET_MSR_INDEX_LIST failed ({e}): snapshots will save no MSRs");
+                Vec::new()
+            }
+        };
+        Ok(Vm {
+            kvm,
+            fd,
+            msrs_to_save,
+        })
+    }
+
+    /// The MSRs a vCPU's snapshot state holds.
+    pub fn msrs_to_save(&self) -> &[u32] {
+        &self.msrs_to_save
+    }
+
+    fn get_chip(&self, id: u32) -> Result<kvm_irqchip, SnapshotError> {
+        let mut c = kvm_irqchip {
+            chip_id: id,
+            ..Default::default()
+        };
+        self.fd
+            .get_irqchip(&mut c)
+            .map_err(|err| SnapshotError::Kvm {
+                what: "KVM_GET_IRQCHIP",
+                err,
+            })?;
+        Ok(c)
+    }
+
+    /// Saves the irqchip, PIT and clock (the vCPUs are paused).
+    pub fn save_state(&self) -> Result<VmState, SnapshotError> {
+        let kvm = |what| move |err| SnapshotError::Kvm { what, err };
+        let pit = self.fd.get_pit2().map_err(kvm("KVM_GET_PIT2"))?;
+        let clock = self.fd.get_clock().map_err(kvm("KVM_GET_CLOCK"))?;
+        Ok(VmState {
+            pic_master: to_blob(&self.get_chip(KVM_IRQCHIP_PIC_MASTER)?),
+            pic_slave: to_blob(&self.get_chip(KVM_IRQCHIP_PIC_SLAVE)?),
+            ioapic: to_blob(&self.get_chip(KVM_IRQCHIP_IOAPIC)?),
+            pit: to_blob(&pit),
+            clock: to_blob(&clock),
+        })
+    }
+
+    /// Restores what [`Vm::save_state`] saved, after the vCPUs' state (the
+    /// IOAPIC and PICs go after the LAPICs). With `clock_realtime` the clock
+    /// is advanced by the time since the save when the state and host
+    /// support it (`KVM_CLOCK_REALTIME`); otherwise it continues from the
+    /// saved value.
+    pub fn restore_state(&self, s: &VmState, clock_realtime: bool) -> Result<(), SnapshotError> {
+        let kvm = |what| move |err| SnapshotError::Kvm { what, err };
+        let pit: kvm_bindings::kvm_pit_state2 = from_blob(&s.pit, "vm.pit")?;
+        self.fd.set_pit2(&pit).map_err(kvm("KVM_SET_PIT2"))?;
+        let mut clock: kvm_clock_data = from_blob(&s.clock, "vm.clock")?;
+        let realtime = clock_realtime && clock.flags & KVM_CLOCK_REALTIME != 0;
+        if clock_realtime && !realtime {
+            log::info!("snapshot: clock_realtime ignored: the saved clock has no realtime stamp (host without KVM_CLOCK_REALTIME)");
+        }
+        clock.flags = if realtime { KVM_CLOCK_REALTIME } else { 0 };
+        self.fd.set_clock(&clock).map_err(kvm("KVM_SET_CLOCK"))?;
+        for (blob, id, what) in [
+            (&s.pic_master, KVM_IRQCHIP_PIC_MASTER, "vm.pic_master"),
+            (&s.pic_slave, KVM_IRQCHIP_PIC_SLAVE, "vm.pic_slave"),
+            (&s.ioapic, KVM_IRQCHIP_IOAPIC, "vm.ioapic"),
+        ] {
+            let c: kvm_irqchip = from_blob(blob, what)?;
+            if c.chip_id != id {
+                return Err(SnapshotError::Invalid(format!(
+                    "{what}: chip id {} (want {id})",
+                    c.chip_id
+                )));
+            }
+            self.fd.set_irqchip(&c).map_err(kvm("KVM_SET_IRQCHIP"))?;
+        }
+        Ok(())
     }
 
     /// Creates the in-kernel PIC/IOAPIC/LAPICs and the PIT.

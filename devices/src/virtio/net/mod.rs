@@ -40,6 +40,7 @@ pub use tap::Tap;
 use crate::mmds::stack::MmdsStack;
 
 use super::metrics::NetMetrics;
+use super::persist::{NetState, Persist, PersistError};
 use super::rate_limiter::{RateLimiter, RateLimiterConfig, RateLimiterError};
 use super::{drain_evt, DeviceBase, VirtioDevice, TYPE_NET};
 
@@ -88,6 +89,9 @@ pub enum NetError {
     /// The rate limiter could not be set up.
     #[error("rate limiter: {0}")]
     RateLimiter(#[from] RateLimiterError),
+    /// A saved state cannot be restored.
+    #[error("restoring interface state: {0}")]
+    Restore(#[from] PersistError),
 }
 
 /// How the VMM describes an interface.
@@ -467,6 +471,58 @@ impl VirtioDevice for Net {
     }
 }
 
+impl Net {
+    /// [`Persist::restore`] over another backend than a TAP (tests, or a
+    /// userspace switch).
+    pub fn restore_with_backend(
+        config: NetConfig,
+        state: &NetState,
+        mem: &crate::GuestMemoryMmap,
+        backend: Box<dyn NetBackend>,
+    ) -> Result<Self, NetError> {
+        let mut net = Net::with_backend(config, backend)?;
+        net.base.restore(&state.base, mem)?;
+        if net.config.guest_mac != state.mac {
+            // ember's `guest_mac` load override: the driver rereads the
+            // MAC on the configuration interrupt.
+            if net.config.guest_mac.is_none() {
+                return Err(PersistError::Field {
+                    device: "virtio-net",
+                    what: "a MAC was offered before the snapshot; the restored interface must have one".into(),
+                }
+                .into());
+            }
+            net.base.config_changed();
+        }
+        Ok(net)
+    }
+}
+
+impl Persist for Net {
+    type Config = NetConfig;
+    type State = NetState;
+    type Error = NetError;
+
+    fn save(&self) -> NetState {
+        NetState {
+            base: self.base.save(),
+            mac: self.config.guest_mac,
+        }
+    }
+
+    /// Opens the TAP `config.host_dev_name` (a load may have overridden
+    /// it). A MAC other than the saved one bumps the configuration
+    /// generation and raises a configuration interrupt.
+    fn restore(
+        config: NetConfig,
+        state: &NetState,
+        mem: &crate::GuestMemoryMmap,
+    ) -> Result<Self, NetError> {
+        let tap = Tap::open(&config.host_dev_name)?;
+        Self::restore_with_backend(config, state, mem, Box::new(tap))
+    }
+}
+
 impl MutEventSubscriber for Net {
     fn init(&mut self, ops: &mut EventOps) {
         if self.base.watch_activation(ops) {
@@ -530,10 +586,10 @@ mod tests {
     use super::*;
     use crate::virtio::test_utils::{mem, TestQueue};
     use crate::virtio::INT_VRING;
+    use crate::GuestMemoryMmap;
     use event_manager::{EventManager, SubscriberOps};
     use std::sync::{Arc, Mutex};
     use vm_memory::{Bytes, GuestAddress};
-use crate::GuestMemoryMmap;
 
     const MAC: [u8; 6] = [0x06, 0, 0xac, 0x10, 0, 2];
 

@@ -14,7 +14,8 @@
 //!   after pending data is written; full SHUTDOWN -> flush, then OP_RST.
 //!   OP_RST from the guest drops the connection.
 //!
-//! Queues: rx 0, tx 1, event 2 (the event queue is never used).
+//! Queues: rx 0, tx 1, event 2. The event queue carries one event, the
+//! transport reset a restored device sends (see below).
 //!
 //! A hostile guest can neither freeze nor exhaust the VMM through this
 //! device:
@@ -44,7 +45,13 @@
 //! `max_conns` streams plus its listener and a timer, far below the
 //! jailer's default of 2048 descriptors, whatever the guest does.
 //!
-//! Not done: the TRANSPORT_RESET event (only needed for snapshots).
+//! Snapshots ([`Persist`]): connections are not saved. A device restored
+//! active binds its (possibly new) `uds_path`, takes its (possibly new)
+//! `guest_cid` (bumping the config generation when it changed) and puts
+//! one `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET` in the first buffer of the
+//! event queue, with an interrupt; if the driver had no event buffer
+//! posted, the event waits for the next one it posts. The driver then
+//! drops its connections and rereads `guest_cid` (virtio 1.2, 5.10.6.6).
 
 pub mod packet;
 pub mod unix;
@@ -57,20 +64,23 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use crate::GuestMemoryMmap;
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use virtio_queue::QueueOwnedT;
-use crate::GuestMemoryMmap;
 use vmm_sys_util::timerfd::TimerFd;
 
 use self::packet::*;
 use self::unix::{connect_nonblocking, is_fd_exhaustion, Refusals};
 use super::desc::{DescError, ParsedChain};
+use super::persist::{Persist, PersistError, VsockState};
 use super::{drain_evt, DeviceBase, VirtioDevice, TYPE_VSOCK};
 
 /// The host's CID.
 pub const HOST_CID: u64 = 2;
 /// Receive buffer we advertise per connection.
 pub const CONN_BUF_SIZE: u32 = 256 * 1024;
+/// `virtio_vsock_event.id` of a transport reset.
+pub const VIRTIO_VSOCK_EVENT_TRANSPORT_RESET: u32 = 0;
 /// Largest payload we accept or send in one packet.
 pub const MAX_PAYLOAD: usize = 64 * 1024;
 /// Queue size of the three queues.
@@ -128,6 +138,9 @@ pub enum VsockError {
     /// A timerfd could not be created or armed.
     #[error("timerfd: {0}")]
     Timer(std::io::Error),
+    /// A saved state cannot be restored.
+    #[error("restoring vsock state: {0}")]
+    Restore(#[from] PersistError),
 }
 
 /// What one vsock device may hold, whatever the guest does.
@@ -306,6 +319,8 @@ pub struct Vsock {
     /// The listener's registration must change to match `listener_paused`.
     listener_update: bool,
     refusals: RefusalLog,
+    /// A transport reset event waits for an event-queue buffer.
+    pending_reset: bool,
 }
 
 impl Vsock {
@@ -352,7 +367,43 @@ impl Vsock {
             listener_paused: false,
             listener_update: false,
             refusals: RefusalLog::new(),
+            pending_reset: false,
         })
+    }
+
+    /// Puts the pending transport reset event in the next event-queue
+    /// buffer and interrupts the guest; if there is no buffer, it stays
+    /// pending until the driver posts one. Returns whether it was sent.
+    fn send_transport_reset(&mut self) -> bool {
+        if !self.pending_reset {
+            return false;
+        }
+        let Some(mem) = self.base.mem.clone() else {
+            return false;
+        };
+        let Some((head, parsed)) = self.base.pop_parsed(EVQ) else {
+            return false;
+        };
+        let id = VIRTIO_VSOCK_EVENT_TRANSPORT_RESET.to_le_bytes();
+        let len = match parsed {
+            Ok(c) if c.writable_len() >= id.len() as u64 => match c.write_at(&mem, 0, &id) {
+                Ok(()) => {
+                    self.pending_reset = false;
+                    id.len() as u32
+                }
+                Err(e) => {
+                    log::warn!("virtio-vsock: writing the reset event: {e}");
+                    0
+                }
+            },
+            _ => {
+                log::warn!("virtio-vsock: bad event buffer {head}");
+                0
+            }
+        };
+        self.base.add_used(EVQ, head, len);
+        self.base.notify_used(EVQ);
+        !self.pending_reset
     }
 
     /// Host descriptors in use for connections (limited by `max_conns`).
@@ -992,6 +1043,60 @@ impl VirtioDevice for Vsock {
         }
         self.fd_keys.clear();
         self.ctrl.clear();
+        self.pending_reset = false;
+    }
+}
+
+impl Persist for Vsock {
+    type Config = VsockConfig;
+    type State = VsockState;
+    type Error = VsockError;
+
+    fn save(&self) -> VsockState {
+        VsockState {
+            base: self.base.save(),
+            cid: self.cid(),
+        }
+    }
+
+    /// Binds `config.uds_path` and uses `config.guest_cid` (a load may have
+    /// overridden both); sends the transport reset if the device was
+    /// active.
+    fn restore(
+        config: VsockConfig,
+        state: &VsockState,
+        mem: &GuestMemoryMmap,
+    ) -> Result<Self, VsockError> {
+        Self::restore_with_limits(config, state, mem, VsockLimits::default())
+    }
+}
+
+impl Vsock {
+    /// [`Persist::restore`] with other limits.
+    pub fn restore_with_limits(
+        config: VsockConfig,
+        state: &VsockState,
+        mem: &GuestMemoryMmap,
+        limits: VsockLimits,
+    ) -> Result<Self, VsockError> {
+        if state.cid < 3 || state.cid > u64::from(u32::MAX) {
+            return Err(PersistError::Field {
+                device: "virtio-vsock",
+                what: format!("saved guest CID {} is out of range", state.cid),
+            }
+            .into());
+        }
+        let mut v = Self::with_limits(config, limits)?;
+        v.base.restore(&state.base, mem)?;
+        if v.cid() != state.cid {
+            // Reread by the driver after the reset; no interrupt of its own.
+            v.base.config_generation = v.base.config_generation.wrapping_add(1);
+        }
+        if v.base.is_active() {
+            v.pending_reset = true;
+            v.send_transport_reset();
+        }
+        Ok(v)
     }
 }
 
@@ -1007,6 +1112,7 @@ impl MutEventSubscriber for Vsock {
             TOKEN_ACTIVATE => {
                 if self.base.on_activation() {
                     self.register(ops);
+                    self.send_transport_reset();
                 }
             }
             TOKEN_RXQ => drain_evt(&self.base.queue_evts[RXQ]),
@@ -1014,7 +1120,10 @@ impl MutEventSubscriber for Vsock {
                 drain_evt(&self.base.queue_evts[TXQ]);
                 self.process_tx();
             }
-            TOKEN_EVQ => drain_evt(&self.base.queue_evts[EVQ]),
+            TOKEN_EVQ => {
+                drain_evt(&self.base.queue_evts[EVQ]);
+                self.send_transport_reset();
+            }
             TOKEN_LISTENER => self.accept_all(),
             TOKEN_TIMER => self.on_tick(),
             t if t >= TOKEN_FD_BASE => {

@@ -1,0 +1,452 @@
+//! ember-vmm snapshots through the per-VM API, as Firecracker's clients
+//! drive them (firecracker-go-sdk `Machine.PauseVM` + `CreateSnapshot`,
+//! then `WithSnapshot` + `LoadSnapshot` on a fresh VMM): the test guest's
+//! ticker keeps counting in a new process; bad state files are refused
+//! with 400 and a JSON `fault_message` while the VMM keeps serving.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use serde_json::json;
+
+use ember_tests::*;
+
+struct Vmm {
+    p: Proc,
+    sock: PathBuf,
+}
+
+fn start_vmm(dir: &Path, tag: &str) -> Vmm {
+    let sock = dir.join(format!("{tag}.sock"));
+    let mut cmd = Command::new(bin("ember-vmm"));
+    cmd.arg("--api-sock")
+        .arg(&sock)
+        .args(["--id", tag, "--level", "Info"]);
+    let p = Proc::spawn(cmd, dir, tag);
+    wait_for_socket(&sock);
+    Vmm { p, sock }
+}
+
+impl Vmm {
+    fn req(&self, method: &str, path: &str, body: serde_json::Value) -> HttpResponse {
+        http(&self.sock, method, path, Some(&body.to_string()))
+    }
+    /// 204, as the SDK's operations expect.
+    fn ok(&self, method: &str, path: &str, body: serde_json::Value) {
+        let r = self.req(method, path, body);
+        assert_eq!(
+            r.status,
+            204,
+            "{method} {path}: {}\nstderr:\n{}",
+            String::from_utf8_lossy(&r.body),
+            self.p.err()
+        );
+    }
+    /// 400 with a JSON fault_message, and the VMM still answers.
+    fn fault(&self, method: &str, path: &str, body: serde_json::Value) -> String {
+        let r = self.req(method, path, body);
+        assert_eq!(r.status, 400, "{method} {path} should fail");
+        assert_eq!(r.header("content-type"), Some("application/json"));
+        let msg = r.json()["fault_message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        assert!(!msg.is_empty());
+        assert_eq!(http(&self.sock, "GET", "/", None).status, 200);
+        msg
+    }
+    fn get(&self, path: &str) -> serde_json::Value {
+        let r = http(&self.sock, "GET", path, None);
+        assert_eq!(r.status, 200);
+        r.json()
+    }
+}
+
+/// The tick numbers of the complete `ember-guest: tick N` lines in `out`.
+fn ticks(out: &str) -> Vec<u64> {
+    out.split_inclusive('\n')
+        .filter(|l| l.ends_with('\n'))
+        .filter_map(|l| l.trim_end().strip_prefix("ember-guest: tick "))
+        .filter_map(|n| n.parse().ok())
+        .collect()
+}
+
+/// Boots the ticker, waits for a few ticks, pauses and snapshots it into
+/// `dir/{state,mem}`; returns the console output up to the snapshot.
+fn ticker_snapshot(dir: &Path) -> String {
+    let v = start_vmm(dir, "src");
+    // firecracker-go-sdk: PUT /boot-source, /machine-config, /actions.
+    v.ok(
+        "PUT",
+        "/boot-source",
+        json!({"kernel_image_path": LINUX64_ELF, "boot_args": "ember.test=ticker"}),
+    );
+    v.ok(
+        "PUT",
+        "/machine-config",
+        json!({"vcpu_count": 1, "mem_size_mib": 32}),
+    );
+    v.ok("PUT", "/actions", json!({"action_type": "InstanceStart"}));
+    let Vmm { mut p, sock } = v;
+    p.expect_out("tick 3");
+    let v = Vmm { p, sock };
+    // A running VM cannot be snapshotted.
+    let msg = v.fault(
+        "PUT",
+        "/snapshot/create",
+        json!({"snapshot_path": dir.join("state"), "mem_file_path": dir.join("mem")}),
+    );
+    assert!(msg.contains("not paused"), "{msg}");
+    // Machine.PauseVM: PATCH /vm {"state": "Paused"}.
+    v.ok("PATCH", "/vm", json!({"state": "Paused"}));
+    // Machine.CreateSnapshot: PUT /snapshot/create.
+    let t = Instant::now();
+    v.ok(
+        "PUT",
+        "/snapshot/create",
+        json!({
+            "mem_file_path": dir.join("mem"),
+            "snapshot_path": dir.join("state"),
+            "snapshot_type": "Full"
+        }),
+    );
+    eprintln!(
+        "snapshot create: {} us (API round trip)",
+        t.elapsed().as_micros()
+    );
+    let out = v.p.out();
+    print_vmm_times(&v.p);
+    let Vmm { mut p, .. } = v;
+    let _ = p.child.kill();
+    p.wait();
+    for f in ["state", "mem"] {
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(dir.join(f)).unwrap().permissions(),
+        );
+        assert_eq!(mode & 0o777, 0o600, "{f}");
+    }
+    out
+}
+
+/// Loads `dir/{state,mem}` into a fresh ember-vmm and resumes it.
+fn load(v: &Vmm, state: &Path, mem: &Path) {
+    // Machine.LoadSnapshot via WithSnapshot: PUT /snapshot/load.
+    let t = Instant::now();
+    v.ok(
+        "PUT",
+        "/snapshot/load",
+        json!({
+            "snapshot_path": state,
+            "mem_backend": {"backend_type": "File", "backend_path": mem},
+            "resume_vm": true
+        }),
+    );
+    eprintln!(
+        "snapshot load: {} us (API round trip)",
+        t.elapsed().as_micros()
+    );
+}
+
+/// The VMM's own "snapshot created/loaded in N us" log lines (measured
+/// inside ember-vmm; printed, not asserted).
+fn print_vmm_times(p: &Proc) {
+    for l in p.err().lines().filter(|l| l.contains("snapshot ")) {
+        eprintln!("{l}");
+    }
+}
+
+/// The restored guest's output continues the old: the ticks of both, joined,
+/// count up by one with no restart.
+fn assert_continues(before: &str, after: &mut Proc) {
+    let last = *ticks(before).last().expect("ticks before the snapshot");
+    let want = format!("ember-guest: tick {}\n", last + 3);
+    let got = wait_for(PATIENCE, || after.out().contains(&want).then_some(()));
+    assert!(
+        got.is_some(),
+        "restored guest did not reach tick {}\nbefore:\n{before}\nafter:\n{}\nstderr:\n{}",
+        last + 3,
+        after.out(),
+        after.err()
+    );
+    print_vmm_times(after);
+    let joined = format!("{before}{}", after.out());
+    let all = ticks(&joined);
+    for w in all.windows(2) {
+        assert_eq!(w[1], w[0] + 1, "ticks jump or restart: {all:?}");
+    }
+    assert!(
+        !ticks(&after.out()).contains(&0),
+        "the guest booted again instead of continuing"
+    );
+}
+
+#[test]
+fn ticker_continues_in_a_new_process() {
+    let dir = TempDir::new("snap-ticker");
+    let before = ticker_snapshot(dir.path());
+    assert!(Command::new(bin("ember-vmm"))
+        .args(["--describe-snapshot"])
+        .arg(dir.join("state"))
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "v1.0.0")
+        .unwrap());
+
+    let v = start_vmm(dir.path(), "dst");
+    load(&v, &dir.join("state"), &dir.join("mem"));
+    assert_eq!(v.get("/")["state"], "Running");
+    // GET /vm/config shows the restored machine.
+    let cfg = v.get("/vm/config");
+    assert_eq!(cfg["machine-config"]["vcpu_count"], 1, "{cfg}");
+    assert_eq!(cfg["machine-config"]["mem_size_mib"], 32, "{cfg}");
+    assert_eq!(
+        cfg["boot-source"]["kernel_image_path"], LINUX64_ELF,
+        "{cfg}"
+    );
+    // Loading is once only, and only before boot.
+    let msg = v.fault(
+        "PUT",
+        "/snapshot/load",
+        json!({"snapshot_path": dir.join("state"), "mem_file_path": dir.join("mem")}),
+    );
+    assert!(msg.contains("not supported after starting"), "{msg}");
+    let Vmm { mut p, .. } = v;
+    assert_continues(&before, &mut p);
+}
+
+#[test]
+fn load_paused_then_resume() {
+    let dir = TempDir::new("snap-paused");
+    let before = ticker_snapshot(dir.path());
+    let v = start_vmm(dir.path(), "dst");
+    v.ok(
+        "PUT",
+        "/snapshot/load",
+        json!({"snapshot_path": dir.join("state"), "mem_file_path": dir.join("mem")}),
+    );
+    assert_eq!(v.get("/")["state"], "Paused");
+    // A paused restored VM can be snapshotted again at once.
+    v.ok(
+        "PUT",
+        "/snapshot/create",
+        json!({"snapshot_path": dir.join("state2"), "mem_file_path": dir.join("mem2")}),
+    );
+    v.ok("PATCH", "/vm", json!({"state": "Resumed"}));
+    let Vmm { mut p, .. } = v;
+    assert_continues(&before, &mut p);
+    drop(p);
+    // ...and that second snapshot continues too.
+    let v = start_vmm(dir.path(), "dst2");
+    load(&v, &dir.join("state2"), &dir.join("mem2"));
+    let Vmm { mut p, .. } = v;
+    assert_continues(&before, &mut p);
+}
+
+#[test]
+fn bad_state_files_are_refused_and_a_good_one_still_loads() {
+    let dir = TempDir::new("snap-bad");
+    let before = ticker_snapshot(dir.path());
+    let good = std::fs::read(dir.join("state")).unwrap();
+    let v = start_vmm(dir.path(), "dst");
+    let try_load = |name: &str, bytes: &[u8]| -> String {
+        let p = dir.join(name);
+        std::fs::write(&p, bytes).unwrap();
+        v.fault(
+            "PUT",
+            "/snapshot/load",
+            json!({
+                "snapshot_path": p,
+                "mem_backend": {"backend_type": "File", "backend_path": dir.join("mem")},
+                "resume_vm": true
+            }),
+        )
+    };
+    let mut corrupt = good.clone();
+    let mid = corrupt.len() / 2;
+    corrupt[mid] ^= 0x01;
+    let msg = try_load("corrupt", &corrupt);
+    assert!(msg.contains("corrupt") && msg.contains("CRC32"), "{msg}");
+    let msg = try_load("truncated", &good[..good.len() - 100]);
+    assert!(msg.contains("truncated"), "{msg}");
+    let msg = try_load("short", &good[..10]);
+    assert!(msg.contains("truncated"), "{msg}");
+    let mut other = good.clone();
+    other[8] = 2;
+    let msg = try_load("version", &other);
+    assert!(
+        msg.contains("snapshot format version 2, this ember-vmm reads version 1"),
+        "{msg}"
+    );
+    let msg = try_load("magic", b"not a snapshot at all, just some text");
+    assert!(msg.contains("bad magic"), "{msg}");
+    // A memory file shorter than the layout.
+    std::fs::write(dir.join("shortmem"), [0u8; 4096]).unwrap();
+    let msg = v.fault(
+        "PUT",
+        "/snapshot/load",
+        json!({"snapshot_path": dir.join("state"), "mem_file_path": dir.join("shortmem")}),
+    );
+    assert!(msg.contains("memory file"), "{msg}");
+    // Unknown override targets, the Uffd backend (not yet), no memory.
+    let msg = v.fault(
+        "PUT",
+        "/snapshot/load",
+        json!({"snapshot_path": dir.join("state"), "mem_file_path": dir.join("mem"),
+               "network_overrides": [{"iface_id": "eth9", "host_dev_name": "tap9"}]}),
+    );
+    assert!(msg.contains("eth9"), "{msg}");
+    let msg = v.fault(
+        "PUT",
+        "/snapshot/load",
+        json!({"snapshot_path": dir.join("state")}),
+    );
+    assert!(msg.contains("mem_backend"), "{msg}");
+    assert_eq!(v.get("/")["state"], "Not started");
+    // The VMM is intact: the good file loads.
+    load(&v, &dir.join("state"), &dir.join("mem"));
+    let Vmm { mut p, .. } = v;
+    assert_continues(&before, &mut p);
+}
+
+#[test]
+fn load_is_refused_once_the_machine_is_configured() {
+    let dir = TempDir::new("snap-cfg");
+    let v = start_vmm(dir.path(), "vmm");
+    v.ok(
+        "PUT",
+        "/machine-config",
+        json!({"vcpu_count": 1, "mem_size_mib": 32}),
+    );
+    let msg = v.fault(
+        "PUT",
+        "/snapshot/load",
+        json!({"snapshot_path": dir.join("state"), "mem_file_path": dir.join("mem")}),
+    );
+    assert!(msg.contains("after configuring"), "{msg}");
+}
+
+#[test]
+fn snapshot_version_flag() {
+    let o = Command::new(bin("ember-vmm"))
+        .arg("--snapshot-version")
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "v1.0.0");
+    let o = Command::new(bin("ember-vmm"))
+        .args(["--describe-snapshot", "/nonexistent/state"])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+}
+
+/// A jail for the dynamically linked ember-vmm (its libraries copied in,
+/// as tests/tests/jailer.rs does), under its own chroot base.
+struct Jail {
+    base: TempDir,
+    id: String,
+}
+
+const JAIL_UID: u32 = 123;
+const JAIL_GID: u32 = 456;
+
+impl Jail {
+    fn new(tag: &str) -> Self {
+        let j = Jail {
+            base: TempDir::new(&format!("snap-jail-{tag}")),
+            id: format!("snap-{tag}-{}", std::process::id()),
+        };
+        std::fs::create_dir_all(j.root()).unwrap();
+        let out = Command::new("ldd").arg(bin("ember-vmm")).output().unwrap();
+        for lib in String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .filter(|w| w.starts_with('/'))
+        {
+            let dst = j.host(lib);
+            std::fs::create_dir_all(dst.parent().unwrap()).unwrap();
+            std::fs::copy(lib, &dst).unwrap();
+        }
+        j
+    }
+    fn root(&self) -> PathBuf {
+        self.base
+            .path()
+            .join("ember-vmm")
+            .join(&self.id)
+            .join("root")
+    }
+    fn host(&self, inside: &str) -> PathBuf {
+        self.root().join(inside.trim_start_matches('/'))
+    }
+    /// Hard-links (or copies) `src` into the jail, owned by the VMM's user.
+    fn place(&self, inside: &str, src: &Path) {
+        let dst = self.host(inside);
+        if std::fs::hard_link(src, &dst).is_err() {
+            std::fs::copy(src, &dst).unwrap();
+        }
+        std::os::unix::fs::chown(&dst, Some(JAIL_UID), Some(JAIL_GID)).unwrap();
+    }
+    /// ember-jailer running ember-vmm with its API at /api.sock.
+    fn spawn(&self, logs: &Path) -> Vmm {
+        let mut c = Command::new(bin("ember-jailer"));
+        c.arg("--id")
+            .arg(&self.id)
+            .arg("--exec-file")
+            .arg(bin("ember-vmm"))
+            .args(["--uid", &JAIL_UID.to_string()])
+            .args(["--gid", &JAIL_GID.to_string()])
+            .arg("--chroot-base-dir")
+            .arg(self.base.path())
+            .args(["--", "--api-sock", "/api.sock", "--id", "jailed"])
+            .args(["--level", "Info"]);
+        let p = Proc::spawn(c, logs, &self.id);
+        let sock = self.host("/api.sock");
+        wait_for_socket(&sock);
+        Vmm { p, sock }
+    }
+}
+
+/// The snapshot is taken in one jail and loaded in another (another chroot
+/// base and id), both VMMs unprivileged and under seccomp; the files are
+/// linked into the second jail at other paths.
+#[test]
+fn ticker_continues_in_another_jail() {
+    let logs = TempDir::new("snap-jail-logs");
+    let a = Jail::new("a");
+    a.place("/kernel.elf", Path::new(LINUX64_ELF));
+    std::fs::create_dir_all(a.host("/snap")).unwrap();
+    std::os::unix::fs::chown(a.host("/snap"), Some(JAIL_UID), Some(JAIL_GID)).unwrap();
+    let v = a.spawn(logs.path());
+    v.ok(
+        "PUT",
+        "/boot-source",
+        json!({"kernel_image_path": "/kernel.elf", "boot_args": "ember.test=ticker"}),
+    );
+    v.ok(
+        "PUT",
+        "/machine-config",
+        json!({"vcpu_count": 1, "mem_size_mib": 32}),
+    );
+    v.ok("PUT", "/actions", json!({"action_type": "InstanceStart"}));
+    let Vmm { mut p, sock } = v;
+    p.expect_out("tick 3");
+    let v = Vmm { p, sock };
+    v.ok("PATCH", "/vm", json!({"state": "Paused"}));
+    v.ok(
+        "PUT",
+        "/snapshot/create",
+        json!({"snapshot_path": "/snap/vm.state", "mem_file_path": "/snap/vm.mem", "snapshot_type": "Full"}),
+    );
+    let before = v.p.out();
+    let Vmm { mut p, .. } = v;
+    let _ = p.child.kill();
+    p.wait();
+
+    let b = Jail::new("b");
+    b.place("/restore.state", &a.host("/snap/vm.state"));
+    b.place("/restore.mem", &a.host("/snap/vm.mem"));
+    let v = b.spawn(logs.path());
+    load(&v, Path::new("/restore.state"), Path::new("/restore.mem"));
+    let Vmm { mut p, .. } = v;
+    assert_continues(&before, &mut p);
+}
