@@ -29,6 +29,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use super::process::{self, JailFile, LaunchSpec, Launcher, ProcessError, VmmProcess};
+use super::restore_config::{ConfigServer, RestoreConfig, ServeOutcome, EMBER_CONFIG_PORT};
 use super::vmm_api::{self, VmmApiError};
 
 /// The line the C unikernel runtime prints, booted with [`WARM_ARG`], when
@@ -37,8 +38,6 @@ pub const SNAPSHOT_POINT: &str = "ember: snapshot point";
 /// The kernel argument that makes the C unikernel runtime stop at its
 /// snapshot point instead of running `main`.
 pub const WARM_ARG: &str = "ember.warm=1";
-/// The vsock port the restored guest connects to for its config.
-pub const CONFIG_PORT: u32 = 1024;
 /// The template's state file, in its directory and in a restoring jail.
 pub const STATE_FILE: &str = "snapshot.state";
 /// The template's memory file, in its directory and in a restoring jail.
@@ -270,38 +269,6 @@ pub fn template_ready(dir: &Path) -> bool {
         .all(|f| fs::symlink_metadata(dir.join(f)).is_ok_and(|m| m.file_type().is_file()))
 }
 
-/// What a restored guest reads on its config channel: what the cold
-/// command line would have carried.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct InstanceWords {
-    pub args: Vec<String>,
-    /// `KEY=VALUE`.
-    pub env: Vec<String>,
-    /// (mount point, block device index).
-    pub mounts: Vec<(String, usize)>,
-    /// Fresh randomness for the guest to reseed from.
-    pub seed: [u8; 32],
-}
-
-/// 32 bytes from the kernel's random source.
-pub fn random_seed() -> std::io::Result<[u8; 32]> {
-    let mut seed = [0u8; 32];
-    let mut got = 0;
-    while got < seed.len() {
-        // SAFETY: getrandom writes at most the given length into the buffer.
-        let n = unsafe { libc::getrandom(seed[got..].as_mut_ptr().cast(), seed.len() - got, 0) };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() != std::io::ErrorKind::Interrupted {
-                return Err(e);
-            }
-            continue;
-        }
-        got += n as usize;
-    }
-    Ok(seed)
-}
-
 /// One restore of a template into a pooled VMM that an instance took.
 pub struct Restore {
     /// The VMM's API socket, from the host.
@@ -317,7 +284,8 @@ pub struct Restore {
     /// The vsock device's unix socket in the jail, and the guest's CID.
     pub vsock_uds: String,
     pub guest_cid: u32,
-    pub words: InstanceWords,
+    /// What the guest fetches after the load (env, args, mounts, seed).
+    pub config: RestoreConfig,
 }
 
 impl Restore {
@@ -338,8 +306,9 @@ impl Restore {
         })
     }
 
-    /// Links the template into the jail, opens the config channel and
-    /// loads the snapshot. Returns how long the load call took.
+    /// Links the template into the jail, opens the config channel, loads
+    /// the snapshot and waits until the guest has fetched its config.
+    /// Returns how long the load call took.
     pub fn run(self) -> Result<Duration, WarmError> {
         for name in [STATE_FILE, MEM_FILE] {
             let dst = self.jail_root.join(name);
@@ -348,25 +317,17 @@ impl Restore {
         }
         let channel = self
             .jail_root
-            .join(format!("{}_{CONFIG_PORT}", self.vsock_uds));
-        serve_config(&channel, self.owner, &self.words)?;
+            .join(format!("{}_{EMBER_CONFIG_PORT}", self.vsock_uds));
+        let server = ConfigServer::listen(&channel, Some(self.owner), &self.config)
+            .map_err(|e| WarmError::Channel(e.to_string()))?;
         let t = Instant::now();
         vmm_api::snapshot_load(&self.api_sock, &self.load_body())?;
-        Ok(t.elapsed())
+        let took = t.elapsed();
+        match server.wait() {
+            ServeOutcome::Fetched { .. } => Ok(took),
+            other => Err(WarmError::Channel(other.to_string())),
+        }
     }
-}
-
-/// Serves `words` once on the unix socket `path` (owned by `owner`, mode
-/// 0600), in the background, for the restored guest's first connection.
-///
-/// The message and its server belong to the C unikernel runtime's restore
-/// protocol (`runtime::restore_config`); until that is in this tree, the
-/// channel is refused here and the instance boots cold.
-fn serve_config(path: &Path, owner: (u32, u32), words: &InstanceWords) -> Result<(), WarmError> {
-    let _ = (path, owner, words);
-    Err(WarmError::Channel(
-        "emberd has no restore config server yet (runtime::restore_config)".into(),
-    ))
 }
 
 /// The files of an instance's volumes for its jail (as a cold start
@@ -395,7 +356,7 @@ mod tests {
             drives: vec![("drive0".into(), "vol-1.img".into())],
             vsock_uds: "run/vsock.sock".into(),
             guest_cid: 77,
-            words: InstanceWords::default(),
+            config: RestoreConfig::new(vec![], vec![], vec![]).unwrap(),
         };
         let b = r.load_body();
         assert_eq!(b["snapshot_path"], STATE_FILE);
@@ -405,11 +366,6 @@ mod tests {
         assert_eq!(b["drive_overrides"][0]["drive_id"], "drive0");
         assert_eq!(b["drive_overrides"][0]["path_on_host"], "vol-1.img");
         assert_eq!(b["vsock_override"]["guest_cid"], 77);
-    }
-
-    #[test]
-    fn seeds_differ() {
-        assert_ne!(random_seed().unwrap(), random_seed().unwrap());
     }
 
     #[test]

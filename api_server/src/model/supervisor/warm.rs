@@ -17,7 +17,8 @@ use std::collections::{HashMap, HashSet};
 
 use super::*;
 use crate::model::jobs::Jobs;
-use crate::runtime::warm::{self, IdleVmm, InstanceWords, Restore, TemplateBuild, WarmError};
+use crate::runtime::restore_config::RestoreConfig;
+use crate::runtime::warm::{self, IdleVmm, Restore, TemplateBuild, WarmError};
 
 /// emberd's instant-start settings.
 #[derive(Clone, Debug, Default)]
@@ -311,13 +312,18 @@ impl Supervisor {
             self.launcher.cleanup(&inst.id);
             return Ok(None);
         }
-        let seed = warm::random_seed()
-            .map_err(|e| SupervisorError::Internal(format!("no random seed: {e}")))?;
-        let words = InstanceWords {
-            args: img.args.split_whitespace().map(str::to_string).collect(),
-            env: inst.env.iter().map(|(k, v)| format!("{k}={v}")).collect(),
-            mounts,
-            seed,
+        // What the cold command line would carry, checked the same way.
+        let config = match RestoreConfig::from_instance(&mounts, &inst.env, &img.args) {
+            Ok(c) => c,
+            Err(e) => {
+                process::log_note(
+                    &log_path,
+                    &format!("snapshot start failed ({e}); booting cold"),
+                );
+                process::kill_and_wait(&idle.process, Duration::from_secs(10));
+                self.launcher.cleanup(&inst.id);
+                return Ok(None);
+            }
         };
         // A CID of its own, from its identity (unique among live VMMs).
         let guest_cid = 1000 + owner.0.wrapping_sub(self.launcher.uid);
@@ -329,7 +335,7 @@ impl Supervisor {
             drives,
             vsock_uds: VSOCK_UDS.to_string(),
             guest_cid,
-            words,
+            config,
         };
         process::log_note(
             &log_path,
