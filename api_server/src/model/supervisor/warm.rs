@@ -103,6 +103,11 @@ impl Supervisor {
         self.store.root().join("snapshots")
     }
 
+    /// `<snapshots>/<key>.error`: why the template `key` could not be made.
+    fn template_error_path(&self, key: &str) -> PathBuf {
+        self.snapshots_dir().join(format!("{key}.error"))
+    }
+
     /// Idle VMMs left by an earlier emberd (not taken by an instance on
     /// record) are killed and their jails removed.
     pub(super) fn reap_idle_vmms(&mut self) {
@@ -499,6 +504,7 @@ impl Supervisor {
             dest: self.snapshots_dir().join(key),
         };
         self.warm.building.insert(key.to_string());
+        let _ = std::fs::remove_file(self.template_error_path(key));
         log::info!("snapshot template {key}: building");
         let key = key.to_string();
         let image_id = img.id.clone();
@@ -532,6 +538,10 @@ impl Supervisor {
             ),
             Err(e) => {
                 log::warn!("snapshot template {key}: {e}; its instances boot cold");
+                // For the administrator: why this image and size boot cold.
+                let note = format!("{}: {e}\n", now_rfc3339());
+                let _ =
+                    crate::fsutil::write_atomic(&self.template_error_path(key), note.as_bytes());
                 self.warm.failed.insert(key.to_string(), e.to_string());
             }
         }
