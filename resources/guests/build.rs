@@ -49,6 +49,7 @@ const C_SOURCES: &[&str] = &[
     "virtio/parse.c",
     "virtio/rng.c",
     "virtio/probe.c",
+    "virtio/snapio.c",
     "virtio/vsock.c",
     "virtio/vsockdev.c",
 ];

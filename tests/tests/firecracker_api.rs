@@ -337,7 +337,8 @@ fn every_operation_before_and_after_boot() {
     );
     v.refused("GET", "/hotplug/memory", None, BEFORE);
 
-    // Snapshots: create needs a started microVM; load needs its memory.
+    // Snapshots: create needs a started microVM; load is refused once the
+    // machine is configured (Firecracker's boot-specific resources rule).
     v.refused(
         "PUT",
         "/snapshot/create",
@@ -347,8 +348,8 @@ fn every_operation_before_and_after_boot() {
     v.refused(
         "PUT",
         "/snapshot/load",
-        Some(json!({"snapshot_path": "/s"})),
-        "Exactly one of mem_backend and mem_file_path",
+        Some(json!({"snapshot_path": "/s", "mem_file_path": "/m"})),
+        "not allowed after configuring",
     );
 
     // Actions and state that need a running VM.

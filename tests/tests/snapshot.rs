@@ -75,6 +75,10 @@ fn ticks(out: &str) -> Vec<u64> {
 /// Boots the ticker, waits for a few ticks, pauses and snapshots it into
 /// `dir/{state,mem}`; returns the console output up to the snapshot.
 fn ticker_snapshot(dir: &Path) -> String {
+    ticker_snapshot_with(dir, 1)
+}
+
+fn ticker_snapshot_with(dir: &Path, vcpus: u8) -> String {
     let v = start_vmm(dir, "src");
     // firecracker-go-sdk: PUT /boot-source, /machine-config, /actions.
     v.ok(
@@ -85,7 +89,7 @@ fn ticker_snapshot(dir: &Path) -> String {
     v.ok(
         "PUT",
         "/machine-config",
-        json!({"vcpu_count": 1, "mem_size_mib": 32}),
+        json!({"vcpu_count": vcpus, "mem_size_mib": 32}),
     );
     v.ok("PUT", "/actions", json!({"action_type": "InstanceStart"}));
     let Vmm { mut p, sock } = v;
@@ -100,6 +104,12 @@ fn ticker_snapshot(dir: &Path) -> String {
     assert!(msg.contains("not paused"), "{msg}");
     // Machine.PauseVM: PATCH /vm {"state": "Paused"}.
     v.ok("PATCH", "/vm", json!({"state": "Paused"}));
+    let msg = v.fault(
+        "PUT",
+        "/snapshot/create",
+        json!({"snapshot_path": dir.join("same"), "mem_file_path": dir.join("same")}),
+    );
+    assert!(msg.contains("different files"), "{msg}");
     // Machine.CreateSnapshot: PUT /snapshot/create.
     let t = Instant::now();
     v.ok(
@@ -192,9 +202,45 @@ fn ticker_continues_in_a_new_process() {
         .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "v1.0.0")
         .unwrap());
 
+    // firecracker-go-sdk with WithSnapshot: BootstrapLoggingHandler
+    // (PutLogger, PutMetrics) still runs, the machine handlers do not, then
+    // LoadSnapshotHandler (the exact body the SDK marshals).
     let v = start_vmm(dir.path(), "dst");
-    load(&v, &dir.join("state"), &dir.join("mem"));
+    std::fs::write(dir.join("dst.log"), b"").unwrap();
+    v.ok(
+        "PUT",
+        "/logger",
+        json!({"level": "Debug", "log_path": dir.join("dst.log"), "show_level": true, "show_log_origin": false}),
+    );
+    std::fs::write(dir.join("dst.metrics"), b"").unwrap();
+    v.ok(
+        "PUT",
+        "/metrics",
+        json!({"metrics_path": dir.join("dst.metrics")}),
+    );
+    let t = Instant::now();
+    let r = http(
+        &v.sock,
+        "PUT",
+        "/snapshot/load",
+        Some(&format!(
+            r#"{{"mem_backend":{{"backend_path":{},"backend_type":"File"}},"resume_vm":true,"snapshot_path":{}}}"#,
+            json!(dir.join("mem")),
+            json!(dir.join("state"))
+        )),
+    );
+    assert_eq!(r.status, 204, "{}", String::from_utf8_lossy(&r.body));
+    eprintln!(
+        "snapshot load: {} us (API round trip)",
+        t.elapsed().as_micros()
+    );
     assert_eq!(v.get("/")["state"], "Running");
+    // The VMM's own logger stays, and it got the load's timing line.
+    let log = std::fs::read_to_string(dir.join("dst.log")).unwrap();
+    assert!(log.contains("snapshot loaded in"), "{log}");
+    assert!(!std::fs::read_to_string(dir.join("dst.metrics"))
+        .unwrap()
+        .is_empty());
     // GET /vm/config shows the restored machine.
     let cfg = v.get("/vm/config");
     assert_eq!(cfg["machine-config"]["vcpu_count"], 1, "{cfg}");
@@ -215,9 +261,9 @@ fn ticker_continues_in_a_new_process() {
 }
 
 #[test]
-fn load_paused_then_resume() {
+fn load_paused_then_resume_with_two_vcpus() {
     let dir = TempDir::new("snap-paused");
-    let before = ticker_snapshot(dir.path());
+    let before = ticker_snapshot_with(dir.path(), 2);
     let v = start_vmm(dir.path(), "dst");
     v.ok(
         "PUT",
@@ -225,6 +271,7 @@ fn load_paused_then_resume() {
         json!({"snapshot_path": dir.join("state"), "mem_file_path": dir.join("mem")}),
     );
     assert_eq!(v.get("/")["state"], "Paused");
+    assert_eq!(v.get("/vm/config")["machine-config"]["vcpu_count"], 2);
     // A paused restored VM can be snapshotted again at once.
     v.ok(
         "PUT",
@@ -449,4 +496,43 @@ fn ticker_continues_in_another_jail() {
     load(&v, Path::new("/restore.state"), Path::new("/restore.mem"));
     let Vmm { mut p, .. } = v;
     assert_continues(&before, &mut p);
+}
+
+/// The legacy devices come back: a guest restored while polling the i8042
+/// gets the Ctrl-Alt-Del the new VMM injects (Machine.Shutdown's
+/// `PUT /actions SendCtrlAltDel`), and the VMM exits cleanly.
+#[test]
+fn ctrl_alt_del_reaches_a_restored_guest() {
+    let dir = TempDir::new("snap-cad");
+    let v = start_vmm(dir.path(), "src");
+    v.ok(
+        "PUT",
+        "/boot-source",
+        json!({"kernel_image_path": LINUX64_ELF, "boot_args": "ember.test=wait-ctrlaltdel"}),
+    );
+    v.ok(
+        "PUT",
+        "/machine-config",
+        json!({"vcpu_count": 1, "mem_size_mib": 32}),
+    );
+    v.ok("PUT", "/actions", json!({"action_type": "InstanceStart"}));
+    let Vmm { mut p, sock } = v;
+    p.expect_out("waiting for ctrl-alt-del");
+    let v = Vmm { p, sock };
+    v.ok("PATCH", "/vm", json!({"state": "Paused"}));
+    v.ok(
+        "PUT",
+        "/snapshot/create",
+        json!({"snapshot_path": dir.join("state"), "mem_file_path": dir.join("mem")}),
+    );
+    let Vmm { mut p, .. } = v;
+    let _ = p.child.kill();
+    p.wait();
+
+    let v = start_vmm(dir.path(), "dst");
+    load(&v, &dir.join("state"), &dir.join("mem"));
+    v.ok("PUT", "/actions", json!({"action_type": "SendCtrlAltDel"}));
+    let Vmm { mut p, .. } = v;
+    assert_eq!(p.wait().code(), Some(0), "{}", p.err());
+    assert!(p.out().contains("ember-guest: ctrl-alt-del"), "{}", p.out());
 }

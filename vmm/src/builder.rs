@@ -7,7 +7,9 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use devices::bus::Bus;
+use devices::legacy::i8042::I8042State;
 use devices::legacy::serial::SerialOut;
+use devices::legacy::serial::SerialState;
 use devices::legacy::{I8042Device, SerialDevice};
 use devices::mmds::stack::MmdsStack;
 use devices::mmds::SharedMmds;
@@ -73,6 +75,8 @@ pub enum BuildError {
     Mmio(#[from] MmioError),
     #[error("KVM_IOEVENTFD failed: {0}")]
     Ioevent(kvm_ioctls::Error),
+    #[error(transparent)]
+    VirtioRestore(#[from] virtio_persist::VirtioRestoreError),
     #[error("snapshot: {0}")]
     Snapshot(#[from] SnapshotError),
 }
@@ -111,6 +115,9 @@ pub(crate) struct RunningVm {
     pub rng: Option<Arc<Mutex<Rng>>>,
     /// The balloon, if any.
     pub balloon: Option<Arc<Mutex<Balloon>>>,
+    /// Every virtio device's transport, in MMIO slot order (what a
+    /// snapshot saves).
+    pub virtio_slots: Vec<(VirtioSlot, Arc<Mutex<MmioTransport>>)>,
 }
 
 impl RunningVm {
@@ -122,6 +129,9 @@ impl RunningVm {
     }
 }
 
+mod virtio_persist;
+pub(crate) use virtio_persist::save_virtio;
+
 fn evt() -> Result<EventFd, BuildError> {
     EventFd::new(EFD_NONBLOCK).map_err(BuildError::EventFd)
 }
@@ -131,7 +141,10 @@ struct VirtioAttacher<'a> {
     vm: &'a Vm,
     mem: &'a GuestMemoryMmap,
     mmio: &'a mut Bus,
-    em: &'a mut EventManager,
+    /// The devices for the event loop, added by the caller once the whole
+    /// VM is built (a build that fails leaves nothing registered: a VMM
+    /// whose snapshot load failed can load another).
+    subscribers: Vec<Arc<Mutex<dyn MutEventSubscriber + Send>>>,
     cmdline: Vec<String>,
     /// What the DSDT describes.
     acpi: Vec<VirtioMmioDesc>,
@@ -141,7 +154,21 @@ struct VirtioAttacher<'a> {
 }
 
 impl VirtioAttacher<'_> {
-    fn attach<D>(&mut self, dev: Arc<Mutex<D>>) -> Result<(), BuildError>
+    fn attach<D>(&mut self, dev: Arc<Mutex<D>>) -> Result<Arc<Mutex<MmioTransport>>, BuildError>
+    where
+        D: VirtioDevice + MutEventSubscriber + Send + 'static,
+    {
+        let transport = MmioTransport::new(self.mem.clone(), dev.clone())?;
+        self.place(dev, transport)
+    }
+
+    /// Puts `dev` with its `transport` (new, or restored from a snapshot)
+    /// in the next slot.
+    fn place<D>(
+        &mut self,
+        dev: Arc<Mutex<D>>,
+        transport: MmioTransport,
+    ) -> Result<Arc<Mutex<MmioTransport>>, BuildError>
     where
         D: VirtioDevice + MutEventSubscriber + Send + 'static,
     {
@@ -157,28 +184,79 @@ impl VirtioAttacher<'_> {
             }
             self.vm.register_irqfd(d.interrupt().eventfd(), irq)?;
         }
-        let transport = MmioTransport::new(self.mem.clone(), dev.clone())?;
-        self.mmio
-            .insert(Arc::new(Mutex::new(transport)), base, MMIO_LEN)?;
+        let transport = Arc::new(Mutex::new(transport));
+        self.mmio.insert(transport.clone(), base, MMIO_LEN)?;
         self.cmdline.push(cmdline_param(base, irq));
         self.acpi.push(VirtioMmioDesc {
             base,
             size: MMIO_DEVICE_SIZE,
             irq,
         });
-        self.em.add_subscriber(dev);
+        self.subscribers.push(dev);
         self.slot += 1;
-        Ok(())
+        Ok(transport)
     }
 }
 
-/// The virtio devices of a microVM, by kind.
+/// The virtio devices of a microVM, by kind, and their transports in MMIO
+/// slot order.
 struct Devices {
+    slots: Vec<(VirtioSlot, Arc<Mutex<MmioTransport>>)>,
     blocks: BTreeMap<String, Arc<Mutex<Block>>>,
     nets: BTreeMap<String, Arc<Mutex<Net>>>,
     vsock: Option<Arc<Mutex<Vsock>>>,
     rng: Option<Arc<Mutex<Rng>>>,
     balloon: Option<Arc<Mutex<Balloon>>>,
+}
+
+/// Which device sits in a virtio-mmio slot (what a snapshot names).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum VirtioSlot {
+    Block(String),
+    Net(String),
+    Vsock,
+    Rng,
+    Balloon,
+}
+
+/// The device-side configuration of a drive.
+fn block_config(d: &crate::config::DriveConfig) -> BlockConfig {
+    BlockConfig {
+        drive_id: d.drive_id.clone(),
+        path: PathBuf::from(&d.path_on_host),
+        read_only: d.is_read_only,
+        rate_limiter: d.rate_limiter,
+        io_engine: d.engine(),
+    }
+}
+
+/// The device-side configuration of a network interface.
+fn net_config(n: &crate::config::NetworkInterfaceConfig) -> NetConfig {
+    NetConfig {
+        iface_id: n.iface_id.clone(),
+        host_dev_name: n.host_dev_name.clone(),
+        guest_mac: n.mac(),
+        rx_rate_limiter: n.rx_rate_limiter,
+        tx_rate_limiter: n.tx_rate_limiter,
+        mtu: n.mtu,
+    }
+}
+
+/// The device-side configuration of the vsock device.
+fn vsock_config(v: &crate::config::VsockDeviceConfig) -> VsockConfig {
+    VsockConfig {
+        vsock_id: v.vsock_id.clone().unwrap_or_else(|| "vsock".into()),
+        guest_cid: v.guest_cid,
+        uds_path: PathBuf::from(&v.uds_path),
+    }
+}
+
+/// The MMDS stack of interface `iface_id`, if `cfg` puts MMDS on it.
+fn mmds_stack(cfg: &VmConfig, mmds: &SharedMmds, iface_id: &str) -> Option<MmdsStack> {
+    cfg.mmds_config
+        .as_ref()
+        .filter(|m| m.network_interfaces.iter().any(|i| i == iface_id))
+        .map(|m| MmdsStack::new(m.address(), mmds.clone()))
 }
 
 /// Creates the configured virtio devices: the root drive first (so it is
@@ -189,23 +267,20 @@ fn attach_virtio(
     mmds: &SharedMmds,
     a: &mut VirtioAttacher,
 ) -> Result<Devices, BuildError> {
+    let mut slots = Vec::new();
     let mut blocks = BTreeMap::new();
     let mut drives: Vec<_> = cfg.drives.iter().collect();
     drives.sort_by_key(|d| !d.is_root_device);
     for d in drives {
-        let blk = Block::new(BlockConfig {
-            drive_id: d.drive_id.clone(),
-            path: PathBuf::from(&d.path_on_host),
-            read_only: d.is_read_only,
-            rate_limiter: d.rate_limiter,
-            io_engine: d.engine(),
-        })
-        .map_err(|err| BuildError::Block {
+        let blk = Block::new(block_config(d)).map_err(|err| BuildError::Block {
             id: d.drive_id.clone(),
             err,
         })?;
         let blk = Arc::new(Mutex::new(blk));
-        a.attach(blk.clone())?;
+        slots.push((
+            VirtioSlot::Block(d.drive_id.clone()),
+            a.attach(blk.clone())?,
+        ));
         if d.is_root_device {
             let root = match &d.partuuid {
                 Some(u) => format!("root=PARTUUID={u}"),
@@ -219,39 +294,22 @@ fn attach_virtio(
     }
     let mut nets = BTreeMap::new();
     for n in &cfg.network_interfaces {
-        let mut net = Net::new(NetConfig {
-            iface_id: n.iface_id.clone(),
-            host_dev_name: n.host_dev_name.clone(),
-            guest_mac: n.mac(),
-            rx_rate_limiter: n.rx_rate_limiter,
-            tx_rate_limiter: n.tx_rate_limiter,
-            mtu: n.mtu,
-        })
-        .map_err(|err| BuildError::Net {
+        let mut net = Net::new(net_config(n)).map_err(|err| BuildError::Net {
             id: n.iface_id.clone(),
             err,
         })?;
-        if let Some(m) = cfg
-            .mmds_config
-            .as_ref()
-            .filter(|m| m.network_interfaces.contains(&n.iface_id))
-        {
-            net.set_mmds(MmdsStack::new(m.address(), mmds.clone()));
+        if let Some(stack) = mmds_stack(cfg, mmds, &n.iface_id) {
+            net.set_mmds(stack);
         }
         let net = Arc::new(Mutex::new(net));
-        a.attach(net.clone())?;
+        slots.push((VirtioSlot::Net(n.iface_id.clone()), a.attach(net.clone())?));
         nets.insert(n.iface_id.clone(), net);
     }
     let vsock = match &cfg.vsock {
         Some(v) => {
-            let dev = Vsock::new(VsockConfig {
-                vsock_id: v.vsock_id.clone().unwrap_or_else(|| "vsock".into()),
-                guest_cid: v.guest_cid,
-                uds_path: PathBuf::from(&v.uds_path),
-            })
-            .map_err(BuildError::Vsock)?;
+            let dev = Vsock::new(vsock_config(v)).map_err(BuildError::Vsock)?;
             let dev = Arc::new(Mutex::new(dev));
-            a.attach(dev.clone())?;
+            slots.push((VirtioSlot::Vsock, a.attach(dev.clone())?));
             Some(dev)
         }
         None => None,
@@ -263,7 +321,7 @@ fn attach_virtio(
             })
             .map_err(BuildError::Rng)?;
             let dev = Arc::new(Mutex::new(dev));
-            a.attach(dev.clone())?;
+            slots.push((VirtioSlot::Rng, a.attach(dev.clone())?));
             Some(dev)
         }
         None => None,
@@ -272,12 +330,13 @@ fn attach_virtio(
         Some(b) => {
             let dev = Balloon::new(b.device_config()).map_err(BuildError::Balloon)?;
             let dev = Arc::new(Mutex::new(dev));
-            a.attach(dev.clone())?;
+            slots.push((VirtioSlot::Balloon, a.attach(dev.clone())?));
             Some(dev)
         }
         None => None,
     };
     Ok(Devices {
+        slots,
         blocks,
         nets,
         vsock,
@@ -294,24 +353,36 @@ struct Legacy {
     i8042: Arc<Mutex<I8042Device>>,
 }
 
-/// COM1 and the i8042 on the port-I/O bus, and with `boot_timer`
-/// Firecracker's boot-time probe on the first MMIO page.
+/// COM1 and the i8042 on the port-I/O bus (in a snapshot's saved state
+/// when given), and with `boot_timer` Firecracker's boot-time probe on the
+/// first MMIO page.
 fn attach_legacy(
     vm: &Vm,
     serial_out: SerialOut,
     exits: &ExitSignals,
     boot_timer: bool,
+    saved: Option<(&SerialState, &I8042State)>,
 ) -> Result<Legacy, BuildError> {
     let mut pio = Bus::new();
     let mut mmio = Bus::new();
     let serial_irq = evt()?;
     vm.register_irqfd(&serial_irq, SERIAL_IRQ)?;
-    let serial = Arc::new(Mutex::new(SerialDevice::new(serial_irq, serial_out)));
+    let serial = match saved {
+        Some((s, _)) => SerialDevice::restore(serial_irq, serial_out, s)
+            .map_err(|e| SnapshotError::Invalid(e.to_string()))?,
+        None => SerialDevice::new(serial_irq, serial_out),
+    };
+    let serial = Arc::new(Mutex::new(serial));
     pio.insert(serial.clone(), SERIAL_PORT_BASE, 8)?;
     let kbd_irq = evt()?;
     vm.register_irqfd(&kbd_irq, I8042_KBD_IRQ)?;
     let reset = exits.reset_evt.try_clone().map_err(BuildError::EventFd)?;
-    let i8042 = Arc::new(Mutex::new(I8042Device::new(reset, kbd_irq)));
+    let i8042 = match saved {
+        Some((_, k)) => I8042Device::restore(reset, kbd_irq, k)
+            .map_err(|e| SnapshotError::Invalid(e.to_string()))?,
+        None => I8042Device::new(reset, kbd_irq),
+    };
+    let i8042 = Arc::new(Mutex::new(i8042));
     pio.insert(i8042.clone(), I8042_PORT_BASE, 5)?;
     if boot_timer {
         mmio.insert(
@@ -362,62 +433,6 @@ pub struct RestoreOptions {
     pub resume: bool,
 }
 
-/// The virtio devices' snapshot state, in MMIO slot order. Device state is
-/// not saved yet: a microVM with virtio devices is refused.
-pub(crate) fn save_virtio(vm: &RunningVm) -> Result<Vec<serde_json::Value>, SnapshotError> {
-    let mut kinds = Vec::new();
-    if !vm.blocks.is_empty() {
-        kinds.push("block");
-    }
-    if !vm.nets.is_empty() {
-        kinds.push("net");
-    }
-    if vm.vsock.is_some() {
-        kinds.push("vsock");
-    }
-    if vm.rng.is_some() {
-        kinds.push("entropy");
-    }
-    if vm.balloon.is_some() {
-        kinds.push("balloon");
-    }
-    if kinds.is_empty() {
-        Ok(Vec::new())
-    } else {
-        Err(SnapshotError::Unsupported(format!(
-            "virtio devices: snapshots of {} devices are not supported yet",
-            kinds.join(", ")
-        )))
-    }
-}
-
-/// Restores the virtio devices of `state` (with the overrides already in
-/// `state.config`) onto the MMIO bus. Not supported yet: a state with
-/// virtio devices is refused.
-fn restore_virtio(state: &MicroVmState) -> Result<Devices, BuildError> {
-    let c = &state.config;
-    if !state.devices.is_empty()
-        || !c.drives.is_empty()
-        || !c.network_interfaces.is_empty()
-        || c.vsock.is_some()
-        || c.entropy.is_some()
-        || c.balloon.is_some()
-    {
-        return Err(SnapshotError::Unsupported(
-            "virtio devices: restoring block, net, vsock, entropy or balloon devices is not supported yet"
-                .into(),
-        )
-        .into());
-    }
-    Ok(Devices {
-        blocks: BTreeMap::new(),
-        nets: BTreeMap::new(),
-        vsock: None,
-        rng: None,
-        balloon: None,
-    })
-}
-
 /// Rebuilds a microVM from a snapshot `state` over `mem` (the snapshot's
 /// memory, already mapped), beside [`build_and_boot`]: the VM and its
 /// memory slots, the irqchip, the legacy devices, the virtio devices, then
@@ -431,8 +446,8 @@ pub fn build_from_snapshot(
     serial_out: SerialOut,
     exits: &ExitSignals,
     vcpu_start_hook: Option<Arc<dyn Fn() + Send + Sync>>,
-    _mmds: &SharedMmds,
-    _em: &mut EventManager,
+    mmds: &SharedMmds,
+    em: &mut EventManager,
 ) -> Result<RunningVm, BuildError> {
     let mc = &state.config.machine_config;
     let vm = Vm::new()?;
@@ -443,11 +458,31 @@ pub fn build_from_snapshot(
     vm.setup_irqchip()?;
     let Legacy {
         pio,
-        mmio,
+        mut mmio,
         serial,
         i8042,
-    } = attach_legacy(&vm, serial_out, exits, state.boot_timer)?;
-    let devices = restore_virtio(state)?;
+    } = attach_legacy(
+        &vm,
+        serial_out,
+        exits,
+        state.boot_timer,
+        Some((&state.serial, &state.i8042)),
+    )?;
+    // The same slots, windows and IRQs as the cold boot (the boot timer's
+    // page first if it had one).
+    let mut attacher = VirtioAttacher {
+        vm: &vm,
+        mem: &mem,
+        mmio: &mut mmio,
+        subscribers: Vec::new(),
+        cmdline: Vec::new(),
+        acpi: Vec::new(),
+        slot: 0,
+        first_page: u64::from(state.boot_timer),
+    };
+    let devices =
+        virtio_persist::restore_virtio(&state.config, &state.devices, mmds, &mut attacher)?;
+    let subscribers = std::mem::take(&mut attacher.subscribers);
 
     crate::vstate::vcpu::register_kick_handler()?;
     let mut vcpus = Vec::with_capacity(mc.vcpu_count as usize);
@@ -458,6 +493,11 @@ pub fn build_from_snapshot(
     }
     vm.restore_state(&state.vm, opts.clock_realtime)?;
     let handles = start_vcpus(vcpus, exits, &vcpu_start_hook, !opts.resume)?;
+    // Only now, with everything restored, do the devices join the event
+    // loop (which raises their pending interrupts and the vsock reset).
+    for s in subscribers {
+        em.add_subscriber(s);
+    }
     Ok(RunningVm {
         vm,
         mem,
@@ -470,6 +510,7 @@ pub fn build_from_snapshot(
         vsock: devices.vsock,
         rng: devices.rng,
         balloon: devices.balloon,
+        virtio_slots: devices.slots,
     })
 }
 
@@ -524,20 +565,21 @@ pub fn build_and_boot(
         mut mmio,
         serial,
         i8042,
-    } = attach_legacy(&vm, serial_out, exits, boot_timer)?;
+    } = attach_legacy(&vm, serial_out, exits, boot_timer, None)?;
 
     // virtio devices, announced on the command line.
     let mut attacher = VirtioAttacher {
         vm: &vm,
         mem: &mem,
         mmio: &mut mmio,
-        em,
+        subscribers: Vec::new(),
         cmdline: Vec::new(),
         acpi: Vec::new(),
         slot: 0,
         first_page: u64::from(boot_timer),
     };
     let devices = attach_virtio(cfg, mmds, &mut attacher)?;
+    let subscribers = std::mem::take(&mut attacher.subscribers);
     let extra = std::mem::take(&mut attacher.cmdline);
     let virtio_acpi = std::mem::take(&mut attacher.acpi);
 
@@ -580,6 +622,9 @@ pub fn build_and_boot(
         )?;
         vcpus.push(v);
     }
+    for s in subscribers {
+        em.add_subscriber(s);
+    }
     let handles = start_vcpus(vcpus, exits, &vcpu_start_hook, false)?;
 
     Ok(RunningVm {
@@ -594,5 +639,6 @@ pub fn build_and_boot(
         vsock: devices.vsock,
         rng: devices.rng,
         balloon: devices.balloon,
+        virtio_slots: devices.slots,
     })
 }

@@ -580,6 +580,9 @@ impl Controller {
         if p.mem_file_path.is_empty() {
             return Err(SnapshotConfigError::EmptyPath("mem_file_path").into());
         }
+        if p.mem_file_path == p.snapshot_path {
+            return Err(SnapshotConfigError::SamePath.into());
+        }
         let config = self.config.clone();
         let boot_timer = self.boot_timer;
         let vm = self.running()?;
@@ -592,12 +595,17 @@ impl Controller {
             )
             .into());
         }
-        let devices = save_virtio(vm)?;
         let mut vcpus = Vec::with_capacity(vm.vcpus.len());
         for v in &vm.vcpus {
             vcpus.push(v.save_state(VCPU_ACK_TIMEOUT)?);
         }
         let vm_state = vm.vm.save_state()?;
+        // Devices once the vCPUs are saved (a last KVM_RUN may complete an
+        // access) and before memory: an `Async` drive completes its
+        // requests in flight, which writes guest memory.
+        let devices = save_virtio(vm);
+        let serial = vm.serial.lock().expect("serial poisoned").save();
+        let i8042 = vm.i8042.lock().expect("i8042 poisoned").save();
         let t_state = t0.elapsed();
         let (memory, written) = memory::save_full(&vm.mem, &p.mem_file_path)?;
         let t_mem = t0.elapsed();
@@ -607,9 +615,16 @@ impl Controller {
             memory,
             vm: vm_state,
             vcpus,
+            serial,
+            i8042,
             devices,
         };
         let len = format::write_state(&p.snapshot_path, &state)?;
+        self.metrics.lock().expect("metrics poisoned").set_gauge(
+            "latencies_us",
+            "full_create_snapshot",
+            t0.elapsed().as_micros() as u64,
+        );
         log::info!(
             "snapshot created in {} us (vCPU and VM state {} us, memory {} us: {} KiB written of {} MiB; state file {len} bytes)",
             t0.elapsed().as_micros(),
@@ -680,13 +695,20 @@ impl Controller {
             &self.mmds_service,
             em,
         )?;
+        let t_build = t0.elapsed();
+        self.metrics.lock().expect("metrics poisoned").set_gauge(
+            "latencies_us",
+            "load_snapshot",
+            t_build.as_micros() as u64,
+        );
         self.boot_timer = state.boot_timer;
         self.config = cfg;
         self.started(vm, em);
         log::info!(
-            "snapshot loaded in {} us (state file and memory mapping {} us), {}",
+            "snapshot loaded in {} us (state file and memory mapping {} us, KVM VM, devices and vCPUs {} us), {}",
             t0.elapsed().as_micros(),
             t_read.as_micros(),
+            (t_build - t_read).as_micros(),
             if p.resume_vm { "running" } else { "paused" }
         );
         Ok(VmmData::Empty)

@@ -167,6 +167,7 @@ pub struct MicroVmBuilder {
     metrics: Option<crate::config::metrics::MetricsConfig>,
     boot_timer: bool,
     start_times: StartTimes,
+    restore: Option<crate::config::snapshot::SnapshotLoadParams>,
 }
 
 /// Firecracker's `--start-time-us`, `--start-time-cpu-us` and
@@ -362,8 +363,31 @@ impl MicroVmBuilder {
         self
     }
 
-    /// Checks the configuration. Without a config file or an API socket, a
-    /// kernel is required.
+    /// Starts from a snapshot instead of booting: the VMM loads it as
+    /// `PUT /snapshot/load` with these parameters would (the state file,
+    /// the memory backend, `resume_vm`, the overrides). Kernel, machine and
+    /// device settings must be left unset: the snapshot brings its own.
+    ///
+    /// ```no_run
+    /// use vmm::config::snapshot::{MemoryBackend, SnapshotLoadParams};
+    /// # fn main() -> Result<(), vmm::MicroVmError> {
+    /// let p: SnapshotLoadParams = serde_json::from_value(serde_json::json!({
+    ///     "snapshot_path": "vm.state",
+    ///     "mem_backend": {"backend_type": "File", "backend_path": "vm.mem"},
+    ///     "resume_vm": true
+    /// })).expect("valid parameters");
+    /// let mut vm = vmm::MicroVm::builder().restore(p).build()?.start()?;
+    /// vm.wait()?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn restore(mut self, params: crate::config::snapshot::SnapshotLoadParams) -> Self {
+        self.restore = Some(params);
+        self
+    }
+
+    /// Checks the configuration. Without a config file, an API socket or a
+    /// snapshot to restore, a kernel is required.
     pub fn build(mut self) -> Result<MicroVm, MicroVmError> {
         for d in std::mem::take(&mut self.drives) {
             self.config.upsert_drive(d)?;
@@ -371,7 +395,11 @@ impl MicroVmBuilder {
         for n in std::mem::take(&mut self.nets) {
             self.config.upsert_net(n)?;
         }
-        if self.config_file.is_none() {
+        if self.restore.is_some() {
+            if self.config_file.is_some() || self.config.boot_source.is_some() {
+                return Err(MicroVmError::Action(ActionError::LoadAfterConfig));
+            }
+        } else if self.config_file.is_none() {
             if self.api_socket.is_none() || self.config.boot_source.is_some() {
                 self.config.validate()?;
             } else {
@@ -578,6 +606,7 @@ impl MicroVm {
         let result = Self::serve(
             b.config,
             b.config_file,
+            b.restore,
             &mut controller,
             &mut em,
             api.as_ref(),
@@ -600,6 +629,7 @@ impl MicroVm {
     fn serve(
         config: VmConfig,
         config_file: Option<PathBuf>,
+        restore: Option<crate::config::snapshot::SnapshotLoadParams>,
         controller: &mut Controller,
         em: &mut EventManager,
         api: Option<&ApiThread>,
@@ -637,7 +667,11 @@ impl MicroVm {
             None => {
                 let boot = config.boot_source.is_some();
                 controller.set_config(config).map_err(MicroVmError::Start)?;
-                if boot {
+                if let Some(p) = restore {
+                    controller
+                        .handle(VmmAction::LoadSnapshot(p), em)
+                        .map_err(MicroVmError::Start)?;
+                } else if boot {
                     controller
                         .handle(VmmAction::InstanceStart, em)
                         .map_err(MicroVmError::Start)?;
@@ -759,6 +793,16 @@ impl MicroVmHandle {
             VmmData::InstanceInfo(i) => Ok(i.state == InstanceState::Paused),
             _ => Ok(false),
         }
+    }
+
+    /// Writes a snapshot of the paused microVM, as `PUT /snapshot/create`
+    /// does: its state file and (`Full`) all of guest memory. Load it with
+    /// [`MicroVmBuilder::restore`] or `PUT /snapshot/load` in another VMM.
+    pub fn create_snapshot(
+        &self,
+        params: crate::config::snapshot::SnapshotCreateParams,
+    ) -> Result<(), MicroVmError> {
+        self.request(VmmAction::CreateSnapshot(params)).map(|_| ())
     }
 
     /// Sends Ctrl-Alt-Del through the i8042 keyboard: a guest that acts on

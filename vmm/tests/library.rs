@@ -184,3 +184,74 @@ fn console_through_a_pipe() {
     reader.read_to_string(&mut out).unwrap();
     assert!(out.contains("ember-guest: hello from pvh boot"), "{out}");
 }
+
+/// Snapshots through the library: `MicroVmHandle::create_snapshot` on a
+/// paused ticker, then `MicroVmBuilder::restore` in a new microVM whose
+/// console continues the count.
+#[test]
+fn snapshot_and_restore_through_the_library() {
+    use vmm::config::snapshot::{SnapshotCreateParams, SnapshotLoadParams, SnapshotType};
+    if !kvm() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("ember-libsnap-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let state = dir.join("state").to_string_lossy().into_owned();
+    let mem = dir.join("mem").to_string_lossy().into_owned();
+    let (b, console) = guest("ticker");
+    let vm = b.build().unwrap().start().unwrap();
+    wait_for_console(&console, "tick 2\n");
+    vm.pause().unwrap();
+    vm.create_snapshot(SnapshotCreateParams {
+        mem_file_path: mem.clone(),
+        snapshot_path: state.clone(),
+        snapshot_type: Some(SnapshotType::Full),
+        version: None,
+    })
+    .unwrap();
+    let before = console.lock().unwrap().clone();
+    drop(vm);
+    let last: u64 = before
+        .lines()
+        .filter_map(|l| l.strip_prefix("ember-guest: tick "))
+        .filter_map(|n| n.parse().ok())
+        .last()
+        .unwrap();
+
+    let after = Arc::new(Mutex::new(String::new()));
+    let sink = after.clone();
+    let p: SnapshotLoadParams = serde_json::from_value(serde_json::json!({
+        "snapshot_path": state,
+        "mem_backend": {"backend_type": "File", "backend_path": mem},
+        "resume_vm": true
+    }))
+    .unwrap();
+    let vm = MicroVm::builder()
+        .restore(p)
+        .serial(Serial::Callback(Box::new(move |bytes| {
+            sink.lock()
+                .unwrap()
+                .push_str(&String::from_utf8_lossy(bytes));
+        })))
+        .build()
+        .unwrap()
+        .start()
+        .unwrap();
+    wait_for_console(&after, &format!("ember-guest: tick {}\n", last + 2));
+    assert!(
+        !after.lock().unwrap().contains("ember-guest: tick 0\n"),
+        "the guest booted again"
+    );
+    drop(vm);
+    // Machine settings and a restore do not mix.
+    let p: SnapshotLoadParams =
+        serde_json::from_value(serde_json::json!({"snapshot_path": "s", "mem_file_path": "m"}))
+            .unwrap();
+    let e = MicroVm::builder()
+        .kernel(PVH_ELF)
+        .restore(p)
+        .build()
+        .unwrap_err();
+    assert!(e.to_string().contains("snapshot"), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

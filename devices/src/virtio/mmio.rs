@@ -159,7 +159,8 @@ impl MmioTransport {
     /// +DRIVER_OK, each optionally with FAILED), DRIVER_OK exactly when the
     /// device is active, driver features within the offered ones once
     /// FEATURES_OK is set, and only known interrupt bits. A pending
-    /// interrupt is raised again on the device's irqfd.
+    /// interrupt is raised again by the event loop when it handles the
+    /// device's activation.
     pub fn restore(
         mem: GuestMemoryMmap,
         device: Arc<Mutex<dyn VirtioDevice>>,

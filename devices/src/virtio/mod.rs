@@ -145,14 +145,22 @@ impl IrqTrigger {
         }
     }
 
-    /// Restores the InterruptStatus bits (added to any already set) and
-    /// the needs-reset flag of a snapshot. When bits are set the irqfd is
-    /// pulsed, so the guest sees the interrupt it had pending (KVM takes a
-    /// count already in the eventfd when the irqfd is registered).
+    /// Restores InterruptStatus bits (added to any already set) and the
+    /// needs-reset flag of a snapshot, without signalling: the VMM's
+    /// interrupt controller state may not be restored yet. The event loop
+    /// raises what is pending when the device's activation is handled
+    /// ([`pulse_if_pending`](Self::pulse_if_pending)).
     pub fn restore(&self, bits: u32, needs_reset: bool) {
         self.broken.store(needs_reset, Ordering::SeqCst);
-        if bits != 0 {
-            self.trigger(bits);
+        self.status.fetch_or(bits, Ordering::SeqCst);
+    }
+
+    /// Signals the irqfd if any InterruptStatus bit is set.
+    pub fn pulse_if_pending(&self) {
+        if self.status() != 0 {
+            if let Err(e) = self.evt.write(1) {
+                log::error!("virtio: failed to signal irqfd: {e}");
+            }
         }
     }
 
@@ -478,6 +486,11 @@ impl DeviceBase {
     /// is now active (the caller then registers its fds).
     pub(crate) fn on_activation(&self) -> bool {
         drain_evt(&self.activate_evt);
+        if self.is_active() {
+            // A restored device's pending interrupt (a fresh activation
+            // has none).
+            self.irq.pulse_if_pending();
+        }
         self.is_active()
     }
 

@@ -268,6 +268,10 @@ pub struct MmioTransportState {
 pub struct BlockState {
     /// Shared device state.
     pub base: DeviceBaseState,
+    /// The capacity (sectors) the guest saw; a restored file of another
+    /// size bumps the config generation and raises a configuration
+    /// interrupt, as a resize does.
+    pub capacity: u64,
 }
 
 /// virtio-net's state.
@@ -663,6 +667,28 @@ mod tests {
         let _ = STATUS_DRIVER_OK;
     }
 
+    #[test]
+    fn a_drive_restored_on_a_file_of_another_size_tells_the_guest() {
+        let file = TempFile::new().unwrap();
+        file.as_file().set_len(8 * 512).unwrap();
+        let m = mem(0x40000);
+        let blk = Arc::new(Mutex::new(Block::new(block_cfg(file.as_path())).unwrap()));
+        let mut t = MmioTransport::new(m.clone(), blk.clone()).unwrap();
+        bring_up(&mut t, &[0x1000], 16);
+        let st = blk.lock().unwrap().save();
+        assert_eq!(st.capacity, 8);
+        drop(t);
+        drop(blk);
+        let same = Block::restore(block_cfg(file.as_path()), &st, &m).unwrap();
+        assert_eq!(same.interrupt().status(), 0);
+        drop(same);
+        file.as_file().set_len(16 * 512).unwrap();
+        let grown = Block::restore(block_cfg(file.as_path()), &st, &m).unwrap();
+        assert_eq!(grown.capacity(), 16);
+        assert_eq!(grown.config_generation(), st.base.config_generation + 1);
+        assert_eq!(grown.interrupt().status() & INT_CONFIG, INT_CONFIG);
+    }
+
     const EVQ_BUF: u64 = 0x30000;
 
     fn vsock_cfg(dir: &TempDir, name: &str, cid: u64) -> VsockConfig {
@@ -697,17 +723,12 @@ mod tests {
         // new socket path and CID, as a load's vsock_override gives
         let r = Vsock::restore(vsock_cfg(&dir, "b.sock", 7), &st, &m).unwrap();
         assert!(dir.as_path().join("b.sock").exists());
-        assert_eq!(evq.used_idx(), 1, "exactly one event");
-        assert_eq!(evq.used_elem(0), (0, 4));
-        assert_eq!(
-            m.read_obj::<u32>(GuestAddress(EVQ_BUF)).unwrap(),
-            VIRTIO_VSOCK_EVENT_TRANSPORT_RESET
-        );
-        assert_eq!(r.interrupt().status() & INT_VRING, INT_VRING);
         assert_eq!(r.config_bytes(), 7u64.to_le_bytes().to_vec());
         assert_eq!(r.config_generation(), gen.wrapping_add(1));
-        // nothing more comes on later event-queue kicks
-        r.queue_events()[2].write(1).unwrap();
+        // the event goes out when the event loop takes the device in
+        assert_eq!(evq.used_idx(), 0);
+        assert_eq!(r.interrupt().status(), 0);
+        let irq = r.interrupt();
         let mut em = event_manager::EventManager::<
             Arc<Mutex<dyn event_manager::MutEventSubscriber + Send>>,
         >::new()
@@ -715,10 +736,19 @@ mod tests {
         let r = Arc::new(Mutex::new(r));
         em.add_subscriber(r.clone());
         em.run_with_timeout(50).unwrap();
+        assert_eq!(evq.used_idx(), 1, "exactly one event");
+        assert_eq!(evq.used_elem(0), (0, 4));
+        assert_eq!(
+            m.read_obj::<u32>(GuestAddress(EVQ_BUF)).unwrap(),
+            VIRTIO_VSOCK_EVENT_TRANSPORT_RESET
+        );
+        assert_eq!(irq.status() & INT_VRING, INT_VRING);
+        assert!(irq.eventfd().read().unwrap() >= 1, "interrupt raised");
+        // nothing more comes on later event-queue kicks
+        r.lock().unwrap().queue_events()[2].write(1).unwrap();
+        em.run_with_timeout(50).unwrap();
         em.run_with_timeout(0).unwrap();
         assert_eq!(evq.used_idx(), 1);
-        drop(em);
-        let _ = r;
     }
 
     #[test]
@@ -792,6 +822,8 @@ mod tests {
         assert_eq!(&r.config_bytes()[..6], &[6, 0, 0, 0, 0, 2]);
         assert_eq!(r.config_generation(), st.base.config_generation + 1);
         assert_eq!(r.interrupt().status() & INT_CONFIG, INT_CONFIG);
+        // signalled once the event loop takes the device in
+        assert!(r.interrupt().eventfd().read().is_err());
         // and it keeps sending what the guest queues
         m.write_slice(&[0u8; 12 + 60], GuestAddress(0x20000))
             .unwrap();

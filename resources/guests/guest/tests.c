@@ -153,6 +153,7 @@ static const struct test_mode modes[] = {
 	{ "evil-blk-flood", mode_evil_blk_flood },
 	{ "bench-blk", mode_bench_blk },
 	{ "bench-net", mode_bench_net },
+	{ "snap-io", mode_snap_io },
 };
 
 void run_test(const struct bootinfo *bi)

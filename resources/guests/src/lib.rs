@@ -90,7 +90,24 @@
 //! In both vsock modes (`vsock`, `pod-agent`) the guest advertises
 //! buf_alloc 65536 and counts consumed bytes in fwd_cnt (credit update
 //! after 32 KiB), answers CREDIT_REQUEST, and sends within the host's
-//! credit. Packets for unknown connections get an RST.
+//! credit. Packets for unknown connections get an RST. A
+//! `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET` on the event queue (a VMM restored
+//! from a snapshot sends it) drops the open connection and rereads the
+//! guest CID.
+//!
+//! ## `snap-io` (options: `ember.ip`, `ember.peer` as for `net`,
+//! `ember.vsock_port=<p>` default 52)
+//! Sets up the first block, net and vsock devices together (a missing one
+//! reports `none`), prints `snap-io ready`, then loops forever, every
+//! 100 ms: writes `ember-snap-io round <n>\n` (zero-padded) to sector 1,
+//! flushes and reads it back; rereads the MAC, ARPs for the peer and
+//! exchanges one UDP echo (`snap-io <n>`) on port 7; connects over vsock to
+//! host CID 2 port `<p>`, sends `snap-io <n>\n`, reads it back and shuts
+//! down; then prints
+//! `round <n> blk <r> net <r> vsock <r> mac <mac> cid <cid> resets <k>`
+//! with each `<r>` `ok`, `fail` or `none` and `<k>` the transport resets
+//! seen. Made for snapshots: a restored guest keeps counting, and shows a
+//! new MAC, CID or disk as soon as the next round.
 //!
 //! ## `pod-agent` (options: `ember.vsock_listen=<p>` default 2718)
 //! Plays the in-guest agent's wire protocol (`agent/src/protocol.rs`) over

@@ -135,6 +135,9 @@ pub enum SnapshotConfigError {
     /// An override's value is invalid.
     #[error("Invalid override: {0}")]
     BadOverride(String),
+    /// The state and memory files are one file.
+    #[error("snapshot_path and mem_file_path must be different files.")]
+    SamePath,
     /// `version` of another snapshot format.
     #[error("Cannot create a snapshot of format version {0}: this ember-vmm writes {1}.")]
     Version(String, String),

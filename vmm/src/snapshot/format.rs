@@ -219,6 +219,8 @@ mod tests {
             memory,
             vm: VmState::default(),
             vcpus: Vec::new(),
+            serial: Default::default(),
+            i8042: Default::default(),
             devices: Vec::new(),
         }
     }

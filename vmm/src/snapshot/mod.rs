@@ -13,6 +13,9 @@
 pub mod format;
 pub mod memory;
 
+use devices::legacy::i8042::I8042State;
+use devices::legacy::serial::SerialState;
+use devices::virtio::persist::VirtioDeviceState;
 use serde::{Deserialize, Serialize};
 
 use crate::arch::boot::arch_memory_regions;
@@ -147,10 +150,12 @@ pub struct MicroVmState {
     pub vm: VmState,
     /// Each vCPU, by id.
     pub vcpus: Vec<VcpuState>,
-    /// The virtio devices in MMIO slot order (device state is the devices
-    /// crate's; empty until device snapshots are wired in).
-    #[serde(default)]
-    pub devices: Vec<serde_json::Value>,
+    /// COM1.
+    pub serial: SerialState,
+    /// The i8042 controller.
+    pub i8042: I8042State,
+    /// The virtio devices in MMIO slot order.
+    pub devices: Vec<VirtioDeviceState>,
 }
 
 impl MicroVmState {

@@ -111,6 +111,9 @@ pub struct VcpuState {
     pub tsc_khz: Option<u32>,
 }
 
+/// More MSRs than a state holds (KVM lists a few hundred at most).
+const MAX_SAVED_MSRS: usize = 2048;
+
 /// The optional vCPU state parts this host's KVM has.
 #[derive(Clone, Copy, Debug, Default)]
 struct VcpuCaps {
@@ -361,6 +364,12 @@ impl Vcpu {
         if s.xsave.is_none() && s.fpu.is_none() {
             return Err(SnapshotError::Invalid(format!(
                 "vcpus[{id}]: neither xsave nor fpu"
+            )));
+        }
+        if s.msrs.len() > MAX_SAVED_MSRS {
+            return Err(SnapshotError::Invalid(format!(
+                "vcpus[{id}].msrs: {} entries, at most {MAX_SAVED_MSRS}",
+                s.msrs.len()
             )));
         }
         if s.cpuid.is_empty() || s.cpuid.len() > kvm_bindings::KVM_MAX_CPUID_ENTRIES {

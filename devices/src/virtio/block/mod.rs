@@ -782,12 +782,13 @@ impl Persist for Block {
         }
         BlockState {
             base: self.base.save(),
+            capacity: self.capacity(),
         }
     }
 
     /// Opens `config.path` (which a load may have moved) and locks it like
-    /// [`Block::new`]; the capacity is the file's now, so a guest that
-    /// reads it again sees the restored file.
+    /// [`Block::new`]; the capacity is the file's now, and when it differs
+    /// from the saved one the guest gets a configuration change.
     fn restore(
         config: BlockConfig,
         state: &BlockState,
@@ -795,6 +796,14 @@ impl Persist for Block {
     ) -> Result<Self, BlockError> {
         let mut blk = Block::new(config)?;
         blk.base.restore(&state.base, mem)?;
+        if blk.capacity() != state.capacity {
+            // Raised when the event loop handles the activation.
+            blk.base.config_generation = blk.base.config_generation.wrapping_add(1);
+            if blk.base.is_active() {
+                let nr = blk.base.irq.needs_reset();
+                blk.base.irq.restore(crate::virtio::INT_CONFIG, nr);
+            }
+        }
         Ok(blk)
     }
 }

@@ -492,7 +492,13 @@ impl Net {
                 }
                 .into());
             }
-            net.base.config_changed();
+            // Raised when the event loop handles the activation.
+            net.base.config_generation = net.base.config_generation.wrapping_add(1);
+            if net.base.is_active() {
+                net.base
+                    .irq
+                    .restore(crate::virtio::INT_CONFIG, net.base.irq.needs_reset());
+            }
         }
         Ok(net)
     }

@@ -49,8 +49,9 @@
 //! active binds its (possibly new) `uds_path`, takes its (possibly new)
 //! `guest_cid` (bumping the config generation when it changed) and puts
 //! one `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET` in the first buffer of the
-//! event queue, with an interrupt; if the driver had no event buffer
-//! posted, the event waits for the next one it posts. The driver then
+//! event queue, with an interrupt, when the event loop first runs it; if
+//! the driver had no event buffer posted, the event waits for the next one
+//! it posts. The driver then
 //! drops its connections and rereads `guest_cid` (virtio 1.2, 5.10.6.6).
 
 pub mod packet;
@@ -1092,10 +1093,9 @@ impl Vsock {
             // Reread by the driver after the reset; no interrupt of its own.
             v.base.config_generation = v.base.config_generation.wrapping_add(1);
         }
-        if v.base.is_active() {
-            v.pending_reset = true;
-            v.send_transport_reset();
-        }
+        // Sent from the event loop when it handles the activation, once
+        // the whole VM (its interrupt controller included) is restored.
+        v.pending_reset = v.base.is_active();
         Ok(v)
     }
 }
@@ -1113,6 +1113,9 @@ impl MutEventSubscriber for Vsock {
                 if self.base.on_activation() {
                     self.register(ops);
                     self.send_transport_reset();
+                    // A restored device may find packets the guest queued
+                    // before the snapshot.
+                    self.process_tx();
                 }
             }
             TOKEN_RXQ => drain_evt(&self.base.queue_evts[RXQ]),

@@ -222,6 +222,11 @@ void mode_blk(const struct bootinfo *bi);
 void mode_bench_blk(const struct bootinfo *bi);
 void mode_net(const struct bootinfo *bi);
 void mode_bench_net(const struct bootinfo *bi);
+void mode_snap_io(const struct bootinfo *bi);
+/* net.c, for snap-io: the first interface with its own queue memory; one
+ * round (MAC reread into mac_out "xx:xx:xx:xx:xx:xx", ARP, UDP echo). */
+bool net_io_start(const struct bootinfo *bi);
+bool net_io_round(uint64_t n, char *mac_out);
 void mode_vsock(const struct bootinfo *bi);
 void mode_rng(const struct bootinfo *bi);
 void mode_balloon(const struct bootinfo *bi);

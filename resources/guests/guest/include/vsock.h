@@ -57,6 +57,7 @@ struct vsock_state {
 	uint8_t data[VSOCK_BUF];
 	uint32_t len;
 	bool pending; /* hdr/data hold a packet not yet returned */
+	uint32_t resets; /* VIRTIO_VSOCK_EVENT_TRANSPORT_RESET events seen */
 };
 
 /*
@@ -67,6 +68,13 @@ struct vsock_state {
 bool vsock_start(const struct bootinfo *bi, struct vsock_state *s);
 /* Resets the device. */
 void vsock_stop(struct vsock_state *s);
+/*
+ * Looks at the event queue. A transport reset (sent by a VMM restored from
+ * a snapshot, virtio 1.2 5.10.6.6) forgets the connection, rereads the
+ * guest CID and counts in s->resets; the buffer is posted again. Returns
+ * whether a reset was seen. vsock_next calls it while it waits.
+ */
+bool vsock_check_events(struct vsock_state *s);
 /* A port number from the cmdline word `key=<p>`, or def. */
 uint32_t vsock_cmdline_port(const struct bootinfo *bi, const char *key, uint32_t def);
 
@@ -74,7 +82,8 @@ uint32_t vsock_cmdline_port(const struct bootinfo *bi, const char *key, uint32_t
  * Next packet the caller must look at: one for the connection, or a
  * REQUEST (hdr.dst_port tells which port). Credit packets are handled
  * here, strays get an RST. Returns the op or -1 on timeout. An OP_RW
- * payload (s->data, s->len) counts as consumed at once.
+ * payload (s->data, s->len) counts as consumed at once. A transport reset
+ * while a connection is open ends it: VSOCK_OP_RST is returned.
  */
 int vsock_next(struct vsock_state *s, uint32_t timeout_ms);
 

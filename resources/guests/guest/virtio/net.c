@@ -350,7 +350,8 @@ static bool cmdline_ip(const struct bootinfo *bi, const char *key, const char *d
 	return true;
 }
 
-static bool net_setup(struct net_state *s, const struct bootinfo *bi)
+/* qmem: the device's own queue memory (2 pages), or NULL for the shared pages. */
+static bool net_setup(struct net_state *s, const struct bootinfo *bi, uint8_t *qmem)
 {
 	char mac[18];
 
@@ -359,6 +360,7 @@ static bool net_setup(struct net_state *s, const struct bootinfo *bi)
 		guest_log("net none");
 		return false;
 	}
+	s->dev.qmem = qmem; /* after virtio_probe, which clears it */
 	if (!cmdline_ip(bi, "ember.ip", "10.0.0.2", &s->ip) ||
 	    !cmdline_ip(bi, "ember.peer", "10.0.0.1", &s->peer_ip))
 		return false;
@@ -384,7 +386,7 @@ static bool net_setup(struct net_state *s, const struct bootinfo *bi)
 	return true;
 }
 
-static bool net_resolve_peer(struct net_state *s)
+static bool net_resolve_peer(struct net_state *s, bool quiet)
 {
 	static const uint8_t zero[6];
 	char mac[18];
@@ -395,11 +397,13 @@ static bool net_resolve_peer(struct net_state *s)
 		net_poll(s, &s->have_peer_mac, WAIT_MS);
 	}
 	if (!s->have_peer_mac) {
-		guest_log("net timeout waiting for arp reply");
+		if (!quiet)
+			guest_log("net timeout waiting for arp reply");
 		return false;
 	}
 	fmt_mac(mac, s->peer_mac);
-	guest_log("net arp %s", mac);
+	if (!quiet)
+		guest_log("net arp %s", mac);
 	return true;
 }
 
@@ -408,9 +412,9 @@ void mode_net(const struct bootinfo *bi)
 	static struct net_state s;
 	char payload[24];
 
-	if (!net_setup(&s, bi))
+	if (!net_setup(&s, bi, NULL))
 		goto out;
-	if (!net_resolve_peer(&s))
+	if (!net_resolve_peer(&s, false))
 		goto out;
 	for (int n = 1; n <= PINGS; n++) {
 		memcpy(payload, "ember-ping ", 11);
@@ -440,9 +444,9 @@ void mode_bench_net(const struct bootinfo *bi)
 	static char payload[BENCH_PAYLOAD];
 	uint64_t bytes = 0;
 
-	if (!net_setup(&s, bi))
+	if (!net_setup(&s, bi, NULL))
 		goto out;
-	if (!net_resolve_peer(&s))
+	if (!net_resolve_peer(&s, false))
 		goto out;
 	memset(payload, 'x', sizeof(payload));
 	for (int i = 0; i < BENCH_FRAMES; i++) {
@@ -569,13 +573,13 @@ void mode_mmds(const struct bootinfo *bi)
 	const char *body;
 	int status;
 
-	if (!net_setup(&s, bi))
+	if (!net_setup(&s, bi, NULL))
 		goto out;
 	if (!cmdline_ip(bi, "ember.mmds", "169.254.169.254", &s.peer_ip))
 		goto out;
 	if (!cmdline_param(bi->cmdline, "ember.mmds-path", path, sizeof(path)))
 		memcpy(path, "/latest/meta-data/", sizeof("/latest/meta-data/"));
-	if (!net_resolve_peer(&s))
+	if (!net_resolve_peer(&s, false))
 		goto out;
 	token[0] = 0;
 	if (cmdline_param(bi->cmdline, "ember.mmds-v2", v2, sizeof(v2)) && v2[0] == '1') {
@@ -600,4 +604,52 @@ void mode_mmds(const struct bootinfo *bi)
 out:
 	if (s.dev.base)
 		virtio_reset(&s.dev);
+}
+
+/*
+ * The snap-io mode's interface (snapio.c): set up once with its own queue
+ * memory; each round rereads the MAC (a snapshot load may have changed it:
+ * the config generation moves), resolves the peer again (the TAP may be a
+ * new one with another MAC) and exchanges one UDP echo.
+ */
+static struct net_state io_net;
+static uint8_t io_net_qmem[2 * VIRTQ_PAGE] __attribute__((aligned(VIRTQ_PAGE)));
+
+bool net_io_start(const struct bootinfo *bi)
+{
+	if (!net_setup(&io_net, bi, io_net_qmem))
+		return false;
+	/* the peer is resolved each round */
+	return true;
+}
+
+bool net_io_round(uint64_t n, char *mac_out)
+{
+	static char payload[32];
+	struct net_state *s = &io_net;
+	uint32_t gen;
+
+	if (s->dev.driver_features & VIRTIO_NET_F_MAC) {
+		do {
+			gen = vreg_read(&s->dev, VIRTIO_MMIO_CONFIG_GENERATION);
+			for (int i = 0; i < 6; i++)
+				s->mac[i] = virtio_cfg_read8(&s->dev, (uint32_t)i);
+		} while (gen != vreg_read(&s->dev, VIRTIO_MMIO_CONFIG_GENERATION));
+	}
+	fmt_mac(mac_out, s->mac);
+	s->have_peer_mac = false;
+	if (!net_resolve_peer(s, true))
+		return false;
+	format(payload, sizeof(payload), "snap-io %llu", (unsigned long long)n);
+	s->want_payload = payload;
+	s->want_len = strlen(payload);
+	s->got_payload = false;
+	for (int t = 0; t < TRIES && !s->got_payload; t++) {
+		if (!send_udp(s, LOCAL_PORT, ECHO_PORT, payload, s->want_len,
+			      (uint16_t)(n * 8 + (uint64_t)t)))
+			return false;
+		net_poll(s, &s->got_payload, WAIT_MS);
+	}
+	s->want_payload = NULL;
+	return s->got_payload;
 }

@@ -11,6 +11,7 @@
 #define EVQ 2
 #define VSOCK_RX_BUFS 4
 #define VSOCK_F_STREAM (1ull << 0)
+#define VIRTIO_VSOCK_EVENT_TRANSPORT_RESET 0
 #define TYPE_STREAM 1
 
 #define DATA_TIMEOUT_MS 10000
@@ -114,6 +115,40 @@ bool vsock_recv_raw(struct vsock_state *s)
 	return ok;
 }
 
+static void post_event(struct vsock_state *s)
+{
+	struct vbuf ev = { ev_buf, sizeof(ev_buf), true };
+
+	memset(ev_buf, 0xff, sizeof(ev_buf));
+	virtq_add(&s->dev.vq[EVQ], &ev, 1);
+	virtq_kick(&s->dev, &s->dev.vq[EVQ]);
+}
+
+bool vsock_check_events(struct vsock_state *s)
+{
+	uint32_t len;
+	bool reset = false;
+
+	while (virtq_get_used(&s->dev.vq[EVQ], &len) >= 0) {
+		uint32_t id = (uint32_t)ev_buf[0] | (uint32_t)ev_buf[1] << 8 |
+			      (uint32_t)ev_buf[2] << 16 | (uint32_t)ev_buf[3] << 24;
+		if (len >= 4 && id == VIRTIO_VSOCK_EVENT_TRANSPORT_RESET) {
+			reset = true;
+			s->resets++;
+			s->c.active = false;
+			s->pending = false;
+			s->cid = virtio_cfg_read64(&s->dev, 0);
+		}
+		post_event(s);
+	}
+	if (reset) {
+		uint32_t isr = vreg_read(&s->dev, VIRTIO_MMIO_INTERRUPT_STATUS);
+		if (isr)
+			vreg_write(&s->dev, VIRTIO_MMIO_INTERRUPT_ACK, isr);
+	}
+	return reset;
+}
+
 int vsock_next(struct vsock_state *s, uint32_t timeout_ms)
 {
 	uint64_t deadline = timer_ms() + timeout_ms;
@@ -123,6 +158,9 @@ int vsock_next(struct vsock_state *s, uint32_t timeout_ms)
 		if (s->pending) {
 			s->pending = false;
 		} else if (!vsock_recv_raw(s)) {
+			bool was_active = c->active;
+			if (vsock_check_events(s) && was_active)
+				return VSOCK_OP_RST;
 			if (timer_ms() >= deadline)
 				return -1;
 			busy_delay(50);
@@ -254,9 +292,7 @@ bool vsock_start(const struct bootinfo *bi, struct vsock_state *s)
 	for (int i = 0; i < VSOCK_RX_BUFS; i++)
 		post_rx(s, i);
 	virtq_kick(&s->dev, &s->dev.vq[RXQ]);
-	struct vbuf ev = { ev_buf, sizeof(ev_buf), true };
-	virtq_add(&s->dev.vq[EVQ], &ev, 1);
-	virtq_kick(&s->dev, &s->dev.vq[EVQ]);
+	post_event(s);
 	return true;
 }
 
