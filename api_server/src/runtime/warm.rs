@@ -248,8 +248,25 @@ fn install_template(snap: &Path, dest: &Path) -> Result<u64, WarmError> {
         }
         let dst = tmp.join(name);
         fs::rename(&src, &dst).map_err(files_err(name))?;
-        std::os::unix::fs::lchown(&dst, Some(0), Some(0)).map_err(files_err(name))?;
-        fs::set_permissions(&dst, fs::Permissions::from_mode(0o644)).map_err(files_err(name))?;
+        // Owner and mode through a descriptor of what was moved, never
+        // through a path a link could redirect.
+        let f = {
+            use std::os::unix::fs::OpenOptionsExt;
+            fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(&dst)
+                .map_err(files_err(name))?
+        };
+        if !f.metadata().map_err(files_err(name))?.file_type().is_file() {
+            return Err(WarmError::Files {
+                what: name.to_string(),
+                err: std::io::Error::other("not a plain file"),
+            });
+        }
+        std::os::unix::fs::fchown(&f, Some(0), Some(0)).map_err(files_err(name))?;
+        f.set_permissions(fs::Permissions::from_mode(0o644))
+            .map_err(files_err(name))?;
         if name == MEM_FILE {
             mem_size = meta.len();
         }
