@@ -348,4 +348,51 @@ fn restored_instances_read_their_own_env_args_and_volume() {
         randoms[0], randoms[1],
         "restored copies drew the same random number"
     );
+
+    // Identity: two restored copies of a guest that stays up each have a
+    // vsock CID of their own (ember-vmm's GET /vm/config shows the
+    // restored machine, overrides applied).
+    let idle = d.c_image("idler", IDLE_C, &[]);
+    let idle_id = idle["Id"].as_str().unwrap().to_string();
+    run(
+        &d,
+        json!({"InstanceName": "idle0", "ImageName": "idler", "MemoryMb": 32}),
+    );
+    d.wait_logs("idle0", "idle instance up");
+    let tpl = d
+        .dir
+        .join("state")
+        .join("snapshots")
+        .join(format!("{idle_id}-32m-1c-0d"));
+    wait_for(PATIENCE, || tpl.join("ready").exists().then_some(()))
+        .unwrap_or_else(|| panic!("no template for the idle image"));
+    wait_pool(&d, 2);
+    let mut cids = Vec::new();
+    for name in ["idle1", "idle2"] {
+        let inst = run(
+            &d,
+            json!({"InstanceName": name, "ImageName": "idler", "MemoryMb": 32}),
+        );
+        assert_eq!(inst["StartedFrom"], "snapshot", "{inst}");
+        d.wait_logs(name, "restored from snapshot");
+        let id = inst["Id"].as_str().unwrap();
+        let sock = d
+            .dir
+            .join("jail")
+            .join("ember-vmm")
+            .join(id)
+            .join("root/run/api.sock");
+        let r = http(&sock, "GET", "/vm/config", None);
+        assert_eq!(r.status, 200);
+        cids.push(r.json()["vsock"]["guest_cid"].clone());
+    }
+    assert_ne!(cids[0], cids[1], "{cids:?}");
+    assert!(
+        cids.iter().all(|c| c.as_u64().is_some_and(|c| c != 3)),
+        "{cids:?}"
+    );
+    for name in ["idle0", "idle1", "idle2"] {
+        let u = format!("http://localhost/instances/{name}?force=true");
+        assert_eq!(d.curl(&["-X", "DELETE", &u]).0, 204);
+    }
 }

@@ -547,3 +547,112 @@ impl Supervisor {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sup(tag: &str) -> (Supervisor, PathBuf) {
+        let root = std::env::temp_dir().join(format!("emberd-warm-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let store = Store::open(&root.join("state")).unwrap();
+        let launcher = Launcher {
+            vmm_bin: "/nonexistent/ember-vmm".into(),
+            jailer_bin: None,
+            chroot_base: root.join("jail"),
+            uid: 1,
+            gid: 1,
+            ids: 4,
+            libs: vec![],
+        };
+        (
+            Supervisor::new(store, launcher, Compilers::new()).unwrap(),
+            root,
+        )
+    }
+
+    fn image(base: &str, switch: Option<bool>) -> Image {
+        Image {
+            id: format!("img-{base}"),
+            name: base.into(),
+            provider: "ember".into(),
+            base: base.into(),
+            lang: "c".into(),
+            created: now_rfc3339(),
+            size_mb: 1,
+            kernel: "kernel.elf".into(),
+            initrd: None,
+            boot_args: String::new(),
+            args: String::new(),
+            mounts: vec![],
+            default_memory_mb: 32,
+            format: "elf-pvh".into(),
+            snapshot_starts: switch,
+        }
+    }
+
+    #[test]
+    fn only_restorable_images_under_the_flag_start_from_snapshots() {
+        let (mut s, root) = sup("gate");
+        let ember = image("ember", None);
+        assert!(!s.snapshot_starts(&ember), "off without --snapshot-starts");
+        s.set_snapshot_starts(WarmConfig {
+            enabled: true,
+            pool: 0,
+        })
+        .unwrap();
+        assert!(s.snapshot_starts(&ember));
+        assert!(!s.snapshot_starts(&image("ember", Some(false))));
+        assert!(!s.snapshot_starts(&image("linux", Some(true))));
+        // The snapshots directory is root's alone.
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(s.snapshots_dir())
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o700);
+        let _ = std::fs::remove_dir_all(root);
+    }
+
+    #[test]
+    fn instances_with_what_a_restore_cannot_give_boot_cold() {
+        let (mut s, root) = sup("plan");
+        s.set_snapshot_starts(WarmConfig {
+            enabled: true,
+            pool: 0,
+        })
+        .unwrap();
+        let img = image("ember", None);
+        s.state.images.insert(img.id.clone(), img.clone());
+        let inst = Instance {
+            id: "inst-1".into(),
+            name: "i1".into(),
+            image_id: img.id.clone(),
+            memory_mb: 32,
+            vcpus: 2,
+            ..Default::default()
+        };
+        let (_, key) = s.warm_plan(&inst).unwrap();
+        assert_eq!(key, "img-ember-32m-2c-0d");
+        for bad in [
+            Instance {
+                boot_args: "quiet".into(),
+                ..inst.clone()
+            },
+            Instance {
+                interfaces: vec![NetInterface::default()],
+                ..inst.clone()
+            },
+            Instance {
+                vmm_uid: Some((1, 1)),
+                ..inst.clone()
+            },
+        ] {
+            assert!(s.warm_plan(&bad).is_err(), "{bad:?}");
+        }
+        // Without a template nothing is restored (and with no work queue
+        // nothing is built): a cold start.
+        assert!(s.try_warm_start(&inst).unwrap().is_none());
+        let _ = std::fs::remove_dir_all(root);
+    }
+}
