@@ -160,6 +160,13 @@ impl Supervisor {
         Some(free)
     }
 
+    /// An identity taken from the pool is no longer reserved (an instance
+    /// holds it, or nobody does); the pool is refilled.
+    fn release_identity(&mut self, owner: (u32, u32)) {
+        self.warm.reserved.remove(&owner);
+        self.refill_pool();
+    }
+
     /// Starts idle VMMs in the background up to the pool size.
     fn refill_pool(&mut self) {
         if !self.warm.cfg.enabled {
@@ -253,6 +260,29 @@ impl Supervisor {
         if self.warm.failed.contains_key(&key) {
             return Ok(None);
         }
+        let mut files = Vec::new();
+        let mut drives = Vec::new();
+        let mut mounts = Vec::new();
+        for (i, (mount, vname, _)) in inst.volumes_in_order().into_iter().enumerate() {
+            let vol = self
+                .state
+                .volume(vname)
+                .ok_or_else(|| not_found("volume", vname))?;
+            let file = format!("{}.img", vol.id);
+            files.push((self.store.volume_path(&vol.id), file.clone()));
+            drives.push((format!("drive{i}"), file));
+            if let Some(m) = mount {
+                mounts.push((m.to_string(), i));
+            }
+        }
+        // What the cold command line would carry, checked the same way.
+        let config = match RestoreConfig::from_instance(&mounts, &inst.env, &img.args) {
+            Ok(c) => c,
+            Err(e) => {
+                log::info!("instance {}: cold start: {e}", inst.name);
+                return Ok(None);
+            }
+        };
         let idle = loop {
             match self.warm.idle.pop() {
                 Some(i) if process::is_alive(&i.process) => break i,
@@ -270,9 +300,9 @@ impl Supervisor {
                 }
             }
         };
+        // The identity stays reserved until the instance holds it; the pool
+        // is refilled after that (or after a failure here).
         let owner = (idle.uid, idle.gid);
-        self.warm.reserved.remove(&owner);
-        self.refill_pool();
         // The pooled VMM's jail and log become the instance's.
         self.launcher.cleanup(&inst.id);
         let log_path = self.store.log_path(&inst.id);
@@ -288,22 +318,8 @@ impl Supervisor {
             );
             warm::discard(&self.launcher, &idle);
             self.launcher.cleanup(&inst.id);
+            self.release_identity(owner);
             return Ok(None);
-        }
-        let mut files = Vec::new();
-        let mut drives = Vec::new();
-        let mut mounts = Vec::new();
-        for (i, (mount, vname, _)) in inst.volumes_in_order().into_iter().enumerate() {
-            let vol = self
-                .state
-                .volume(vname)
-                .ok_or_else(|| not_found("volume", vname))?;
-            let file = format!("{}.img", vol.id);
-            files.push((self.store.volume_path(&vol.id), file.clone()));
-            drives.push((format!("drive{i}"), file));
-            if let Some(m) = mount {
-                mounts.push((m.to_string(), i));
-            }
         }
         if let Err(e) = self
             .launcher
@@ -315,21 +331,9 @@ impl Supervisor {
             );
             process::kill_and_wait(&idle.process, Duration::from_secs(10));
             self.launcher.cleanup(&inst.id);
+            self.release_identity(owner);
             return Ok(None);
         }
-        // What the cold command line would carry, checked the same way.
-        let config = match RestoreConfig::from_instance(&mounts, &inst.env, &img.args) {
-            Ok(c) => c,
-            Err(e) => {
-                process::log_note(
-                    &log_path,
-                    &format!("snapshot start failed ({e}); booting cold"),
-                );
-                process::kill_and_wait(&idle.process, Duration::from_secs(10));
-                self.launcher.cleanup(&inst.id);
-                return Ok(None);
-            }
-        };
         // A CID of its own, from its identity (unique among live VMMs).
         let guest_cid = 1000 + owner.0.wrapping_sub(self.launcher.uid);
         let restore = Restore {
@@ -361,6 +365,7 @@ impl Supervisor {
         if let Some(w) = &self.watch {
             w.send(inst.id.clone(), idle.process.clone());
         }
+        self.release_identity(owner);
         self.save()?;
         let id = inst.id.clone();
         let p = idle.process.clone();
