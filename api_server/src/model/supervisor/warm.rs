@@ -365,7 +365,10 @@ impl Supervisor {
         if let Some(w) = &self.watch {
             w.send(inst.id.clone(), idle.process.clone());
         }
-        self.release_identity(owner);
+        // The instance holds the identity now. The pool is refilled once
+        // the restore is done: a VMM starting meanwhile would compete with
+        // it for the CPU.
+        self.warm.reserved.remove(&owner);
         self.save()?;
         let id = inst.id.clone();
         let p = idle.process.clone();
@@ -397,6 +400,7 @@ impl Supervisor {
         key: &str,
         r: std::result::Result<Duration, WarmError>,
     ) {
+        self.refill_pool();
         let Some(inst) = self.state.instances.get(id) else {
             return;
         };
