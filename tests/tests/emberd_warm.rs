@@ -100,6 +100,14 @@ fn instance(d: &Emberd, name: &str) -> Value {
     d.json(&[&format!("http://localhost/instances/{name}")]).1
 }
 
+/// Waits until `name` reads `stopped` (its VMM is gone).
+fn wait_stopped(d: &Emberd, name: &str) {
+    wait_for(PATIENCE, || {
+        (instance(d, name)["State"] == "stopped").then_some(())
+    })
+    .unwrap_or_else(|| panic!("{name} never stopped: {}", instance(d, name)));
+}
+
 fn jail_entries(d: &Emberd) -> Vec<String> {
     std::fs::read_dir(d.dir.join("jail").join("ember-vmm"))
         .map(|rd| {
@@ -152,6 +160,7 @@ fn a_broken_template_falls_back_to_a_cold_boot() {
     assert!(l.contains("volume says: volume one"), "{l}");
     assert!(l.contains("ember: exit 0"), "{l}");
     assert_eq!(instance(&d, "i1")["StartedFrom"], "cold");
+    wait_stopped(&d, "i1");
     // The instance took one pooled VMM, which is gone; the pool refills.
     let refilled = wait_pool(&d, 2);
     assert!(
@@ -323,8 +332,9 @@ fn restored_instances_read_their_own_env_args_and_volume() {
                    "Env": {"GREETING": greeting}, "Mounts": {"/data": vol}}),
         );
         assert_eq!(inst["StartedFrom"], "snapshot", "{inst}");
-        let l = d.wait_logs(name, "ember: exit");
-        assert!(l.contains("restored from snapshot"), "{l}");
+        d.wait_logs(name, "ember: exit");
+        wait_stopped(&d, name);
+        let l = d.wait_logs(name, "restored from snapshot");
         assert!(!l.contains("booting cold"), "{l}");
         assert!(l.contains("arg 1: a1") && l.contains("arg 2: a2"), "{l}");
         assert!(l.contains(&format!("GREETING={greeting}")), "{l}");

@@ -404,11 +404,14 @@ impl Supervisor {
         let Some(inst) = self.state.instances.get(id) else {
             return;
         };
-        if inst.process.as_ref() != Some(p) {
-            return; // stopped or deleted meanwhile
-        }
         let log_path = self.store.log_path(id);
         let name = inst.name.clone();
+        // A short program may have ended (its exit handled) before this
+        // runs: the note is still its own. A failure is acted on only while
+        // the VMM is the instance's.
+        if inst.process.as_ref() != Some(p) && (r.is_err() || inst.process.is_some()) {
+            return; // stopped, restarted or deleted meanwhile
+        }
         match r {
             Ok(d) => {
                 process::log_note(
