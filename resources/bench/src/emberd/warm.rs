@@ -153,3 +153,17 @@ pub(super) fn round(
     let warm = measured_start(c, g, &format!("warm-{i}"), WARM_IMAGE, cfg, warm_mem)?;
     Ok((cold, warm))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_load_time_is_read_from_emberds_note() {
+        let log = "emberd: starting instance w1 from its image's snapshot\nhi\n\
+                   emberd: restored from snapshot (snapshot load: 1302 us)\nember: exit 0\n";
+        assert_eq!(load_us(log), Some(1302));
+        assert_eq!(load_us("emberd: starting instance w1\nhi\n"), None);
+        assert_eq!(load_us("snapshot load: lots us"), None);
+    }
+}
