@@ -8,7 +8,6 @@
 //! /instances/NAME` (`client.Instances().Delete`).
 
 use std::path::PathBuf;
-use std::process::Command;
 
 use ember_tests::*;
 use serde_json::{json, Value};
@@ -250,15 +249,6 @@ fn without_the_flag_nothing_is_pooled() {
     );
 }
 
-/// Whether this tree's ember-vmm takes snapshots (`--snapshot-version`
-/// exits 0 once it does).
-fn vmm_has_snapshots() -> bool {
-    Command::new(static_vmm())
-        .arg("--snapshot-version")
-        .output()
-        .is_ok_and(|o| o.status.success())
-}
-
 /// Prints its arguments, an env var, its volume's file and a random number.
 const RESTORED_C: &str = r#"#include <stdio.h>
 #include <stdlib.h>
@@ -287,10 +277,6 @@ fn line_after<'a>(log: &'a str, prefix: &str) -> &'a str {
 
 #[test]
 fn restored_instances_read_their_own_env_args_and_volume() {
-    if !vmm_has_snapshots() {
-        eprintln!("skipped: this ember-vmm takes no snapshots (--snapshot-version fails)");
-        return;
-    }
     let d = Emberd::start("warm-restore", 10650, &flags("2"));
     let img = d.c_image("warm", RESTORED_C, &["mounts=/data", "args=a1 a2"]);
     let id = img["Id"].as_str().unwrap().to_string();
@@ -316,11 +302,6 @@ fn restored_instances_read_their_own_env_args_and_volume() {
     })
     .unwrap_or_else(|| panic!("no template: {}", d.err()));
     if let Ok(why) = std::fs::read_to_string(&error) {
-        // snap-core's explicit refusal until the virtio devices are saved.
-        if why.contains("devices are not supported yet") {
-            eprintln!("skipped: ember-vmm snapshots no virtio devices yet: {why}");
-            return;
-        }
         panic!("the template failed: {why}");
     }
     wait_pool(&d, 2);
