@@ -58,6 +58,8 @@ pub struct Args {
     pub daemonize: bool,
     /// `--new-pid-ns`.
     pub new_pid_ns: bool,
+    /// `--userfaultfd`.
+    pub userfaultfd: bool,
     /// `--cgroup-version` (1 or 2); `None`: Firecracker's default, v1, or the
     /// only hierarchy mounted.
     pub cgroup_version: Option<u8>,
@@ -104,6 +106,9 @@ Options:
   --netns PATH                 join the network namespace at PATH (e.g. /var/run/netns/NAME)
   --daemonize                  detach (setsid, stdio to /dev/null)
   --new-pid-ns                 run the VMM as pid 1 of a new PID namespace
+  --userfaultfd                recreate the host's /dev/userfaultfd in the jail (mode 0600,
+                               owned by UID:GID) for the Uffd snapshot memory backend;
+                               an error when the host has none
   --cgroup FILE=VALUE          write VALUE to FILE of the VMM's cgroup (repeatable),
                                e.g. cpu.max=50000 100000, memory.max=1G, cpuset.cpus=0
   --cgroup-version 1|2         cgroup hierarchy to use [default: 1, as Firecracker's
@@ -132,7 +137,7 @@ const VALUE_OPTIONS: &[&str] = &[
     "resource-limit",
     "macvtap",
 ];
-const FLAG_OPTIONS: &[&str] = &["daemonize", "new-pid-ns"];
+const FLAG_OPTIONS: &[&str] = &["daemonize", "new-pid-ns", "userfaultfd"];
 const REPEATABLE: &[&str] = &["cgroup", "resource-limit", "macvtap"];
 
 fn to_string(name: &str, v: OsString) -> Result<String, ArgsError> {
@@ -269,6 +274,7 @@ where
         netns,
         daemonize: flags.iter().any(|f| f == "daemonize"),
         new_pid_ns: flags.iter().any(|f| f == "new-pid-ns"),
+        userfaultfd: flags.iter().any(|f| f == "userfaultfd"),
         cgroup_version,
         cgroups,
         parent_cgroup,
@@ -312,7 +318,7 @@ mod tests {
         assert_eq!((a.uid, a.gid), (123, 456));
         assert_eq!(a.chroot_base_dir, PathBuf::from("/srv/jailer"));
         assert_eq!(a.cgroup_version, None);
-        assert!(!a.daemonize && !a.new_pid_ns);
+        assert!(!a.daemonize && !a.new_pid_ns && !a.userfaultfd);
         assert!(a.netns.is_none() && a.parent_cgroup.is_none());
         assert!(a.cgroups.is_empty() && a.resource_limits.is_empty() && a.vmm_args.is_empty());
         assert!(a.macvtaps.is_empty());
@@ -327,6 +333,7 @@ mod tests {
             "/var/run/netns/x",
             "--daemonize",
             "--new-pid-ns",
+            "--userfaultfd",
             "--cgroup",
             "cpu.max=50000 100000",
             "--cgroup=memory.max=1G",
@@ -347,7 +354,7 @@ mod tests {
         let a = run(&v);
         assert_eq!(a.chroot_base_dir, PathBuf::from("/tmp/j"));
         assert_eq!(a.netns, Some(PathBuf::from("/var/run/netns/x")));
-        assert!(a.daemonize && a.new_pid_ns);
+        assert!(a.daemonize && a.new_pid_ns && a.userfaultfd);
         assert_eq!(a.cgroups, vec!["cpu.max=50000 100000", "memory.max=1G"]);
         assert_eq!(a.cgroup_version, Some(1));
         assert_eq!(a.parent_cgroup.as_deref(), Some("a/b"));

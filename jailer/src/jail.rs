@@ -72,6 +72,9 @@ pub enum JailError {
     /// Writing the pid file failed.
     #[error("cannot write pid file {0} in the jail: {1}")]
     PidFile(PathBuf, #[source] io::Error),
+    /// `--userfaultfd` on a host without a usable `/dev/userfaultfd`.
+    #[error("--userfaultfd: the host's /dev/userfaultfd: {0} (it needs Linux 6.1 or later)")]
+    NoUserfaultfd(String),
 }
 
 fn cstr(path: &Path) -> Result<CString, JailError> {
@@ -310,6 +313,46 @@ pub fn populate(uid: u32, gid: u32) -> Result<Vec<String>, JailError> {
     Ok(warnings)
 }
 
+/// The userfaultfd device (`--userfaultfd`; the Uffd snapshot memory backend).
+pub const USERFAULTFD: &str = "/dev/userfaultfd";
+
+/// Before [`enter`]: the host's `/dev/userfaultfd` as (major, minor). Its
+/// minor is dynamic, so it is read from the host rather than assumed.
+pub fn host_userfaultfd() -> Result<(u32, u32), JailError> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let md = fs::metadata(USERFAULTFD).map_err(|e| JailError::NoUserfaultfd(e.to_string()))?;
+    if !md.file_type().is_char_device() {
+        return Err(JailError::NoUserfaultfd("is not a character device".into()));
+    }
+    let rdev = md.rdev();
+    Ok((libc::major(rdev), libc::minor(rdev)))
+}
+
+/// Inside the jail (after [`enter`]): creates the character device `path`
+/// (mode 0600, owned by uid:gid).
+pub fn populate_device(
+    path: &str,
+    major: u32,
+    minor: u32,
+    uid: u32,
+    gid: u32,
+) -> Result<(), JailError> {
+    let c = cstr(Path::new(path))?;
+    // SAFETY: `c` is a valid path; mknod creates a node, nothing else.
+    check(unsafe {
+        libc::mknod(
+            c.as_ptr(),
+            libc::S_IFCHR | DEV_MODE,
+            libc::makedev(major, minor),
+        )
+    })
+    .map_err(|e| JailError::Mknod(path.to_string(), e))?;
+    // mknod honours the umask: set the mode explicitly.
+    fs::set_permissions(path, fs::Permissions::from_mode(DEV_MODE))
+        .map_err(|e| JailError::Own(path.to_string(), e))?;
+    chown(path, &c, uid, gid)
+}
+
 /// Directory of the macvtap nodes in the jail (`--macvtap`).
 pub const MACVTAP_DIR: &str = "/dev/macvtap";
 
@@ -372,6 +415,16 @@ pub fn pid_file_path(exec_name: &str) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The host's device is found when it exists (Linux 6.1+), with a
+    /// clear error naming it otherwise.
+    #[test]
+    fn host_userfaultfd_is_read_or_named() {
+        match host_userfaultfd() {
+            Ok((major, _)) => assert_eq!(major, 10, "a misc device"),
+            Err(e) => assert!(e.to_string().contains("/dev/userfaultfd"), "{e}"),
+        }
+    }
 
     #[test]
     fn paths() {

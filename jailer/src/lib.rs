@@ -7,7 +7,8 @@
 //! 4. join `--netns`, install resource limits, set up cgroups;
 //! 5. new mount namespace, `pivot_root` into the jail, create `/dev/kvm`,
 //!    `/dev/net/tun`, `/dev/urandom` and any `--macvtap` nodes
-//!    (`/dev/macvtap/<name>`) owned by uid:gid ([`jail`]);
+//!    (`/dev/macvtap/<name>`), and with `--userfaultfd` `/dev/userfaultfd`,
+//!    owned by uid:gid ([`jail`]);
 //! 6. `--daemonize`, `--new-pid-ns` ([`process`]), write `/<exec name>.pid`;
 //! 7. drop to uid:gid with no capabilities ([`privileges`]) and exec
 //!    `/<exec name>` with the arguments after `--`.
@@ -96,6 +97,8 @@ pub struct Config {
     pub daemonize: bool,
     /// Run the VMM as pid 1 of a new PID namespace.
     pub new_pid_ns: bool,
+    /// Recreate the host's `/dev/userfaultfd` in the jail (`--userfaultfd`).
+    pub userfaultfd: bool,
     /// cgroup settings (empty: cgroups untouched).
     pub cgroup_settings: Vec<CgroupSetting>,
     /// cgroup version asked for (`None`: see [`cgroup::resolve_version`]).
@@ -150,6 +153,7 @@ impl Config {
             netns: a.netns,
             daemonize: a.daemonize,
             new_pid_ns: a.new_pid_ns,
+            userfaultfd: a.userfaultfd,
             cgroup_settings,
             cgroup_version: a.cgroup_version.map(|v| {
                 if v == 1 {
@@ -233,11 +237,20 @@ pub fn run(cfg: &Config) -> Result<Infallible, Error> {
         None
     };
 
+    // The device's minor is dynamic: read it while the host's /dev is seen.
+    let uffd_dev = if cfg.userfaultfd {
+        Some(jail::host_userfaultfd()?)
+    } else {
+        None
+    };
     jail::enter(&cfg.jail_root)?;
     for w in jail::populate(cfg.uid, cfg.gid)? {
         eprintln!("ember-jailer: warning: {w}");
     }
     jail::populate_macvtaps(&cfg.macvtaps, cfg.uid, cfg.gid)?;
+    if let Some((major, minor)) = uffd_dev {
+        jail::populate_device(jail::USERFAULTFD, major, minor, cfg.uid, cfg.gid)?;
+    }
 
     if let Some(null) = &dev_null {
         process::daemonize(null)?;
@@ -319,6 +332,7 @@ mod tests {
             netns: None,
             daemonize: false,
             new_pid_ns: false,
+            userfaultfd: false,
             cgroup_version: None,
             cgroups: vec![],
             parent_cgroup: None,

@@ -28,6 +28,7 @@ fn cflags() -> Vec<&'static str> {
 
 const C_SOURCES: &[&str] = &[
     "main.c",
+    "mempattern.c",
     "bootinfo.c",
     "cpu.c",
     "format.c",

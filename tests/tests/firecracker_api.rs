@@ -461,20 +461,25 @@ fn every_operation_before_and_after_boot() {
         Some(json!({"id": "p0"})),
         "virtio-pmem",
     );
+    // Snapshot files go to the test's directory (a create that succeeds
+    // writes them).
+    let (snap_mem, snap_state) = (v.dir.join("snap.mem"), v.dir.join("snap.state"));
     v.refused(
         "PUT",
         "/snapshot/create",
-        Some(json!({"mem_file_path": "/m", "snapshot_path": "/s"})),
+        Some(json!({"mem_file_path": snap_mem, "snapshot_path": snap_state})),
         "not paused",
     );
     v.ok("PATCH", "/vm", json!({"state": "Paused"}));
     assert_eq!(v.get("/")["state"], "Paused");
-    v.refused(
+    // Every device of this VM is saved with it (snapshot_devices.rs loads
+    // such snapshots back).
+    v.ok(
         "PUT",
         "/snapshot/create",
-        Some(json!({"mem_file_path": "/m", "snapshot_path": "/s", "snapshot_type": "Full"})),
-        "virtio devices",
+        json!({"mem_file_path": snap_mem, "snapshot_path": snap_state, "snapshot_type": "Full"}),
     );
+    assert!(snap_mem.exists() && snap_state.exists());
     v.ok("PATCH", "/vm", json!({"state": "Resumed"}));
 
     // The metrics file has Firecracker-shaped lines: one at boot, one per

@@ -110,6 +110,14 @@ fn ticker_snapshot_with(dir: &Path, vcpus: u8) -> String {
         json!({"snapshot_path": dir.join("same"), "mem_file_path": dir.join("same")}),
     );
     assert!(msg.contains("different files"), "{msg}");
+    // firecracker-go-sdk's SnapshotCreateParams may carry Firecracker's old
+    // target `version`: only this ember-vmm's own format is accepted.
+    let msg = v.fault(
+        "PUT",
+        "/snapshot/create",
+        json!({"snapshot_path": dir.join("state"), "mem_file_path": dir.join("mem"), "version": "0.23.0"}),
+    );
+    assert!(msg.contains("format version 0.23.0"), "{msg}");
     // Machine.CreateSnapshot: PUT /snapshot/create.
     let t = Instant::now();
     v.ok(

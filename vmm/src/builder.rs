@@ -153,7 +153,23 @@ struct VirtioAttacher<'a> {
     first_page: u64,
 }
 
-impl VirtioAttacher<'_> {
+impl<'a> VirtioAttacher<'a> {
+    /// An attacher placing devices from the first MMIO slot on, after the
+    /// boot timer's page when there is one: a restore gets the same slots,
+    /// windows and IRQs as the cold boot.
+    fn new(vm: &'a Vm, mem: &'a GuestMemoryMmap, mmio: &'a mut Bus, boot_timer: bool) -> Self {
+        VirtioAttacher {
+            vm,
+            mem,
+            mmio,
+            subscribers: Vec::new(),
+            cmdline: Vec::new(),
+            acpi: Vec::new(),
+            slot: 0,
+            first_page: u64::from(boot_timer),
+        }
+    }
+
     fn attach<D>(&mut self, dev: Arc<Mutex<D>>) -> Result<Arc<Mutex<MmioTransport>>, BuildError>
     where
         D: VirtioDevice + MutEventSubscriber + Send + 'static,
@@ -468,18 +484,7 @@ pub fn build_from_snapshot(
         state.boot_timer,
         Some((&state.serial, &state.i8042)),
     )?;
-    // The same slots, windows and IRQs as the cold boot (the boot timer's
-    // page first if it had one).
-    let mut attacher = VirtioAttacher {
-        vm: &vm,
-        mem: &mem,
-        mmio: &mut mmio,
-        subscribers: Vec::new(),
-        cmdline: Vec::new(),
-        acpi: Vec::new(),
-        slot: 0,
-        first_page: u64::from(state.boot_timer),
-    };
+    let mut attacher = VirtioAttacher::new(&vm, &mem, &mut mmio, state.boot_timer);
     let devices =
         virtio_persist::restore_virtio(&state.config, &state.devices, mmds, &mut attacher)?;
     let subscribers = std::mem::take(&mut attacher.subscribers);
@@ -492,6 +497,10 @@ pub fn build_from_snapshot(
         vcpus.push(v);
     }
     vm.restore_state(&state.vm, opts.clock_realtime)?;
+    // Pulses the legacy devices sent when restored came before the
+    // irqchip state above: send what is pending again.
+    serial.lock().expect("serial poisoned").raise_pending();
+    i8042.lock().expect("i8042 poisoned").raise_pending();
     let handles = start_vcpus(vcpus, exits, &vcpu_start_hook, !opts.resume)?;
     // Only now, with everything restored, do the devices join the event
     // loop (which raises their pending interrupts and the vsock reset).
@@ -568,16 +577,7 @@ pub fn build_and_boot(
     } = attach_legacy(&vm, serial_out, exits, boot_timer, None)?;
 
     // virtio devices, announced on the command line.
-    let mut attacher = VirtioAttacher {
-        vm: &vm,
-        mem: &mem,
-        mmio: &mut mmio,
-        subscribers: Vec::new(),
-        cmdline: Vec::new(),
-        acpi: Vec::new(),
-        slot: 0,
-        first_page: u64::from(boot_timer),
-    };
+    let mut attacher = VirtioAttacher::new(&vm, &mem, &mut mmio, boot_timer);
     let devices = attach_virtio(cfg, mmds, &mut attacher)?;
     let subscribers = std::mem::take(&mut attacher.subscribers);
     let extra = std::mem::take(&mut attacher.cmdline);
@@ -610,7 +610,7 @@ pub fn build_and_boot(
     let base_cpuid = cpuid::supported(vm.kvm())?;
     let mut vcpus = Vec::with_capacity(mc.vcpu_count as usize);
     for id in 0..mc.vcpu_count {
-        let v = Vcpu::new(&vm, id, pio.clone(), mmio.clone())?;
+        let mut v = Vcpu::new(&vm, id, pio.clone(), mmio.clone())?;
         v.configure(
             &base_cpuid,
             mc.vcpu_count,

@@ -23,6 +23,8 @@ use crate::console::Serial;
 use crate::exit::ExitReason;
 use crate::metrics::{Metrics, PeriodicMetrics};
 use crate::mmds::MmdsStore;
+use crate::snapshot::dirty::{self, DirtyError};
+use crate::snapshot::uffd::{self, UffdBackend};
 use crate::snapshot::{format, memory, MicroVmState, SnapshotError};
 use crate::stdin::SerialStdin;
 use crate::vstate::vcpu::{VcpuCommand, VcpuEvent, VcpuResponse};
@@ -77,6 +79,9 @@ pub(crate) struct Controller {
     mmds_service: devices::mmds::SharedMmds,
     /// `--boot-timer`.
     pub boot_timer: bool,
+    /// The page-fault handler's connection and the userfaultfd of guest
+    /// memory loaded with the Uffd backend, held for the VM's life.
+    uffd: Option<UffdBackend>,
 }
 
 impl Controller {
@@ -110,6 +115,7 @@ impl Controller {
             mmds: MmdsStore::new(mmds_size_limit),
             mmds_service: Default::default(),
             boot_timer: false,
+            uffd: None,
             id,
             config: Default::default(),
             serial,
@@ -589,11 +595,10 @@ impl Controller {
         if !vm.paused {
             return Err(ActionError::SnapshotNotPaused);
         }
-        if p.snapshot_type == Some(SnapshotType::Diff) {
-            return Err(SnapshotError::Unsupported(
-                "Diff snapshots are not supported yet; take a Full snapshot".into(),
-            )
-            .into());
+        let diff = p.snapshot_type == Some(SnapshotType::Diff);
+        let tracking = config.machine_config.track_dirty_pages;
+        if diff && !tracking {
+            return Err(SnapshotError::from(DirtyError::NotTracking).into());
         }
         let mut vcpus = Vec::with_capacity(vm.vcpus.len());
         for v in &vm.vcpus {
@@ -607,7 +612,15 @@ impl Controller {
         let serial = vm.serial.lock().expect("serial poisoned").save();
         let i8042 = vm.i8042.lock().expect("i8042 poisoned").save();
         let t_state = t0.elapsed();
-        let (memory, written) = memory::save_full(&vm.mem, &p.mem_file_path)?;
+        // A Diff holds the pages dirtied since the last snapshot; every
+        // snapshot starts a new interval (the dirty state is cleared).
+        let (memory, written, taken) = if diff {
+            let (layout, written, taken) = dirty::save_diff(vm.vm.fd(), &vm.mem, &p.mem_file_path)?;
+            (layout, written, Some(taken))
+        } else {
+            let (layout, written) = memory::save_full(&vm.mem, &p.mem_file_path)?;
+            (layout, written, None)
+        };
         let t_mem = t0.elapsed();
         let state = MicroVmState {
             config,
@@ -619,14 +632,32 @@ impl Controller {
             i8042,
             devices,
         };
-        let len = format::write_state(&p.snapshot_path, &state)?;
+        let len = match format::write_state(&p.snapshot_path, &state) {
+            Ok(len) => len,
+            Err(e) => {
+                // The next Diff must still hold this one's pages.
+                if let Some(t) = &taken {
+                    t.give_back(&vm.mem);
+                }
+                return Err(e.into());
+            }
+        };
+        if !diff {
+            // Only a complete Full snapshot becomes the next Diff's base.
+            dirty::reset_dirty(vm.vm.fd(), &vm.mem, tracking).map_err(SnapshotError::from)?;
+        }
         self.metrics.lock().expect("metrics poisoned").set_gauge(
             "latencies_us",
-            "full_create_snapshot",
+            if diff {
+                "diff_create_snapshot"
+            } else {
+                "full_create_snapshot"
+            },
             t0.elapsed().as_micros() as u64,
         );
         log::info!(
-            "snapshot created in {} us (vCPU and VM state {} us, memory {} us: {} KiB written of {} MiB; state file {len} bytes)",
+            "{} snapshot created in {} us (vCPU and VM state {} us, memory {} us: {} KiB written of {} MiB; state file {len} bytes)",
+            if diff { "Diff" } else { "Full" },
             t0.elapsed().as_micros(),
             t_state.as_micros(),
             (t_mem - t_state).as_micros(),
@@ -648,28 +679,38 @@ impl Controller {
             return Err(ActionError::LoadAfterConfig);
         }
         let src = p.memory_source()?;
-        let mem_path = match src {
-            MemorySource::File(f) => f,
-            MemorySource::Uffd(_) => {
-                return Err(SnapshotError::Unsupported(
-                    "the Uffd memory backend is not supported yet; use backend_type File".into(),
-                )
-                .into())
-            }
-        };
         let mut state = format::read_state(&p.snapshot_path)?;
-        if state.config.machine_config.huge_pages == crate::config::HugePages::Hugetlbfs2M {
+        if state.config.machine_config.huge_pages == crate::config::HugePages::Hugetlbfs2M
+            && matches!(src, MemorySource::File(_))
+        {
             return Err(SnapshotError::Unsupported(
                 "a snapshot of a hugetlbfs-backed microVM cannot be loaded from a File backend (MAP_PRIVATE file pages are 4 KiB)".into(),
             )
             .into());
         }
         p.apply_overrides(&mut state.config)?;
-        let mem_file = std::fs::File::open(&mem_path).map_err(|err| SnapshotError::Io {
-            path: mem_path.clone(),
-            err,
-        })?;
-        let mem = memory::load_file(&mem_file, &mem_path, &state.memory)?;
+        let (mem, uffd) = match &src {
+            MemorySource::File(mem_path) => {
+                let mem_file = std::fs::File::open(mem_path).map_err(|err| SnapshotError::Io {
+                    path: mem_path.clone(),
+                    err,
+                })?;
+                (memory::load_file(&mem_file, mem_path, &state.memory)?, None)
+            }
+            // Anonymous 4 KiB pages, filled by the handler on first touch
+            // (a hugetlbfs snapshot loads too, into 4 KiB pages).
+            MemorySource::Uffd(sock) => {
+                let regions: Vec<(u64, u64, u64)> = state
+                    .memory
+                    .iter()
+                    .map(|r| (r.base_address, r.size, r.offset))
+                    .collect();
+                let (mem, backend) =
+                    uffd::guest_memory_from_uffd(&regions, std::path::Path::new(sock))
+                        .map_err(SnapshotError::from)?;
+                (mem, Some(backend))
+            }
+        };
         let t_read = t0.elapsed();
         // The snapshot's machine, with this VMM's own logger, metrics and
         // serial output.
@@ -703,6 +744,7 @@ impl Controller {
         );
         self.boot_timer = state.boot_timer;
         self.config = cfg;
+        self.uffd = uffd;
         self.started(vm, em);
         log::info!(
             "snapshot loaded in {} us (state file and memory mapping {} us, KVM VM, devices and vCPUs {} us), {}",

@@ -215,7 +215,7 @@ fn snapshot_and_restore_through_the_library() {
         .lines()
         .filter_map(|l| l.strip_prefix("ember-guest: tick "))
         .filter_map(|n| n.parse().ok())
-        .last()
+        .next_back()
         .unwrap();
 
     let after = Arc::new(Mutex::new(String::new()));

@@ -33,12 +33,16 @@
 //!
 //! # The server
 //!
-//! [`ConfigServer::listen`] binds a fresh socket under a temporary name in
-//! the target's directory, sets its mode to 0600 and its owner to the VMM's
-//! uid:gid (so the umask never matters), then hard-links it to its final
-//! name, which fails if anything (a file, a symlink, a socket) is already
-//! there: nothing is ever followed or replaced. A socket left there by an
-//! earlier server of ours (same owner, a socket) is removed first.
+//! [`ConfigServer::listen`] binds a fresh socket in a private directory it
+//! makes (0700, ours) inside the target's directory, sets the socket's mode
+//! to 0600 and its owner to the VMM's uid:gid there (so neither the umask
+//! nor a VMM that can write the target's directory can interfere: every
+//! step goes through directory descriptors), then hard-links it to its
+//! final name, which fails if anything (a file, a symlink, a socket) is
+//! already there: nothing is ever followed or replaced. A socket left there
+//! by an earlier server of ours (a socket with the same owner) is removed
+//! first. The bind goes through `/proc/self/fd`, so the target's path may
+//! be longer than a unix socket address.
 //!
 //! It serves from its own short-lived thread, never from emberd's event
 //! loop: `poll(2)` on the listener and a stop eventfd until the deadline,
@@ -54,7 +58,7 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::{self, Write};
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -332,7 +336,8 @@ impl RestoreConfig {
             if ended {
                 return Err(bad(n, "after `end`"));
             }
-            let (word, rest) = line.split_once(' ').unwrap_or((line, ""));
+            // Every line but `end` is `<word> <value>` (the value may be empty).
+            let (word, rest) = line.split_once(' ').unwrap_or((line, "\0"));
             match word {
                 "end" if line == "end" => {
                     if !seed {
@@ -388,7 +393,7 @@ fn push_hex(out: &mut String, bytes: &[u8]) {
 
 fn unhex(s: &str) -> Result<Vec<u8>, &'static str> {
     let s = s.as_bytes();
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return Err("odd number of hex digits");
     }
     let digit = |c: u8| match c {
@@ -561,25 +566,102 @@ fn bind_private(path: &Path, uid: u32, gid: u32) -> Result<UnixListener, Restore
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(sock_err(path, "look at")(e)),
     }
+    // The socket is made in a private directory of ours (0700, so nobody
+    // can swap what we chmod and chown there), reached through descriptors
+    // only, then linked to its name: the target's directory may be
+    // writable by the VMM's uid.
+    let name = path.file_name().expect("checked above");
+    let parent = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC)
+        .open(dir)
+        .map_err(sock_err(dir, "open its directory"))?;
     let mut tag = [0u8; 6];
     tag.copy_from_slice(&fresh_seed()?[..6]);
-    let mut tmp_name = String::from(".rc-");
+    let mut tmp_name = String::from(".rc");
     push_hex(&mut tmp_name, &tag);
-    let tmp = dir.join(tmp_name);
-    let listener = UnixListener::bind(&tmp).map_err(sock_err(&tmp, "bind"))?;
+    let tmp = dir.join(&tmp_name);
+    let c_tmp = cstr(tmp_name.as_bytes());
+    // SAFETY: `parent` is an open directory and `c_tmp` a NUL-terminated name.
+    if unsafe { libc::mkdirat(parent.as_raw_fd(), c_tmp.as_ptr(), 0o700) } != 0 {
+        return Err(sock_err(&tmp, "mkdir")(io::Error::last_os_error()));
+    }
+    let r = bind_in_private_dir(&parent, &c_tmp, &tmp, name, path, uid, gid);
+    // SAFETY: as above; removes the (by now empty) private directory.
+    unsafe { libc::unlinkat(parent.as_raw_fd(), c_tmp.as_ptr(), libc::AT_REMOVEDIR) };
+    r
+}
+
+fn cstr(b: &[u8]) -> std::ffi::CString {
+    // Names built here or taken from a Path: never an inner NUL.
+    std::ffi::CString::new(b).unwrap_or_default()
+}
+
+/// Binds `<private dir>/s` through /proc/self/fd, sets its mode and owner
+/// there, and links it to `name` in `parent`; the private entry is removed
+/// whatever happens.
+fn bind_in_private_dir(
+    parent: &fs::File,
+    c_tmp: &std::ffi::CStr,
+    tmp: &Path,
+    name: &std::ffi::OsStr,
+    path: &Path,
+    uid: u32,
+    gid: u32,
+) -> Result<UnixListener, RestoreConfigError> {
+    use std::os::unix::ffi::OsStrExt;
+    // SAFETY: `parent` is an open directory, `c_tmp` a NUL-terminated name;
+    // O_NOFOLLOW: a symlink put there in the meantime is refused.
+    let fd = unsafe {
+        libc::openat(
+            parent.as_raw_fd(),
+            c_tmp.as_ptr(),
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(sock_err(tmp, "open")(io::Error::last_os_error()));
+    }
+    // SAFETY: `fd` was just opened and is owned by nothing else.
+    let private = unsafe { <fs::File as std::os::unix::io::FromRawFd>::from_raw_fd(fd) };
+    let m = private.metadata().map_err(sock_err(tmp, "stat"))?;
+    // SAFETY: geteuid has no preconditions.
+    if m.uid() != unsafe { libc::geteuid() } || m.mode() & 0o7777 != 0o700 {
+        return Err(RestoreConfigError::Exists {
+            path: tmp.display().to_string(),
+        });
+    }
+    let dfd = private.as_raw_fd();
+    let sock = c"s";
+    let listener =
+        UnixListener::bind(format!("/proc/self/fd/{dfd}/s")).map_err(sock_err(tmp, "bind"))?;
     let finish = || -> Result<(), RestoreConfigError> {
-        fs::set_permissions(&tmp, fs::Permissions::from_mode(0o600))
-            .map_err(sock_err(&tmp, "chmod 0600"))?;
-        std::os::unix::fs::lchown(&tmp, Some(uid), Some(gid)).map_err(sock_err(&tmp, "chown"))?;
-        fs::hard_link(&tmp, path).map_err(|e| match e.kind() {
-            io::ErrorKind::AlreadyExists => RestoreConfigError::Exists {
-                path: path.display().to_string(),
-            },
-            _ => sock_err(path, "link")(e),
-        })
+        // SAFETY: `dfd` is our private directory, `sock` a NUL-terminated name.
+        if unsafe { libc::fchmodat(dfd, sock.as_ptr(), 0o600, 0) } != 0 {
+            return Err(sock_err(tmp, "chmod 0600")(io::Error::last_os_error()));
+        }
+        // SAFETY: as above.
+        if unsafe { libc::fchownat(dfd, sock.as_ptr(), uid, gid, libc::AT_SYMLINK_NOFOLLOW) } != 0 {
+            return Err(sock_err(tmp, "chown")(io::Error::last_os_error()));
+        }
+        let c_name = cstr(name.as_bytes());
+        // SAFETY: both directories are open, both names NUL-terminated;
+        // linkat never follows the source (flags 0) and never replaces.
+        if unsafe { libc::linkat(dfd, sock.as_ptr(), parent.as_raw_fd(), c_name.as_ptr(), 0) } != 0
+        {
+            let e = io::Error::last_os_error();
+            return Err(match e.kind() {
+                io::ErrorKind::AlreadyExists => RestoreConfigError::Exists {
+                    path: path.display().to_string(),
+                },
+                _ => sock_err(path, "link")(e),
+            });
+        }
+        Ok(())
     };
     let r = finish();
-    let _ = fs::remove_file(&tmp);
+    // SAFETY: as above.
+    unsafe { libc::unlinkat(dfd, sock.as_ptr(), 0) };
     r.map(|()| listener)
 }
 
@@ -775,6 +857,7 @@ mod tests {
             (good.replace(":31\n", ":123\n"), "device index"),
             (good.replace("env 4752", "env 2e2e"), "'='"),
             (good.replace("\nend\n", "\nend \n"), "unknown line"),
+            (good.replace("arg 68656c6c6f\n", "arg\n"), "hex digit"),
         ];
         for (text, want) in cases {
             let e = RestoreConfig::decode(text.as_bytes())
@@ -855,6 +938,22 @@ mod tests {
     }
 
     #[test]
+    fn a_path_longer_than_a_socket_address_works() {
+        let d = tmpdir("long");
+        let deep = d.join("d".repeat(120));
+        fs::create_dir_all(&deep).unwrap();
+        let path = deep.join("v.sock_1024");
+        assert!(path.as_os_str().len() > 108);
+        let srv = ConfigServer::listen(&path, None, &sample()).unwrap();
+        // A client (like a jailed VMM) reaches it by a shorter way.
+        let dir = fs::File::open(&deep).unwrap();
+        let short = PathBuf::from(format!("/proc/self/fd/{}/v.sock_1024", dir.as_raw_fd()));
+        assert_eq!(RestoreConfig::decode(&fetch(&short)).unwrap(), sample());
+        assert!(matches!(srv.wait(), ServeOutcome::Fetched { .. }));
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
     fn refuses_to_replace_or_follow() {
         let d = tmpdir("exists");
         let file = d.join("file");
@@ -878,6 +977,30 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names.len(), 2, "{names:?}");
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn the_socket_belongs_to_the_vmm_uid() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: chown to another uid needs root");
+            return;
+        }
+        let d = tmpdir("owner");
+        let path = d.join("v.sock_1024");
+        let srv = ConfigServer::listen(&path, Some((4242, 4243)), &sample()).unwrap();
+        let m = fs::symlink_metadata(&path).unwrap();
+        assert_eq!((m.uid(), m.gid(), m.mode() & 0o7777), (4242, 4243, 0o600));
+        // root may connect too (peer uid 0).
+        assert_eq!(RestoreConfig::decode(&fetch(&path)).unwrap(), sample());
+        assert!(matches!(srv.wait(), ServeOutcome::Fetched { .. }));
+        // A socket of another owner is not ours to replace.
+        drop(UnixListener::bind(&path).unwrap());
+        let e = ConfigServer::listen(&path, Some((4242, 4243)), &sample())
+            .err()
+            .unwrap();
+        assert!(matches!(e, RestoreConfigError::Exists { .. }), "{e}");
         fs::remove_dir_all(&d).unwrap();
     }
 

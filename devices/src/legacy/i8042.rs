@@ -142,6 +142,17 @@ impl I8042Device {
         Ok(d)
     }
 
+    /// Raises the keyboard interrupt again if bytes wait for the guest
+    /// (after a restore, once the interrupt controller has its saved
+    /// state).
+    pub fn raise_pending(&self) {
+        if !self.buf.is_empty() {
+            if let Err(e) = self.raise_kbd_irq() {
+                log::error!("i8042: {e}");
+            }
+        }
+    }
+
     /// Queues Ctrl-Alt-Del key presses and raises the keyboard interrupt.
     pub fn trigger_ctrl_alt_del(&mut self) -> Result<(), I8042Error> {
         if self.buf.len() + CTRL_ALT_DEL_SCANCODES.len() > BUF_SIZE {
@@ -330,6 +341,8 @@ mod tests {
         )
         .unwrap();
         assert_eq!(r.save(), st);
+        assert_eq!(irq.read().unwrap(), 1);
+        r.raise_pending();
         assert_eq!(irq.read().unwrap(), 1);
         assert_eq!(rd(&mut r, 0), CTRL_ALT_DEL_SCANCODES[0]);
         for bad in [

@@ -23,6 +23,12 @@
 //! device stores memory and queues and signals its activate eventfd, which
 //! the subscriber (event-loop thread) handles by registering its queue
 //! eventfds and backend fds.
+//!
+//! Snapshots ([`persist`]): each device saves and restores plain state
+//! ([`persist::Persist`]), the transport its registers
+//! ([`MmioTransport::save`], [`MmioTransport::restore`]). A device restored
+//! active activates itself with its checked queues, so the same activate
+//! event registers it; that event also raises what it had pending.
 
 pub mod balloon;
 pub mod block;

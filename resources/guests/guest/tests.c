@@ -6,6 +6,9 @@
 #include "bootinfo.h"
 #include "virtio.h"
 
+void mode_mempattern(const struct bootinfo *bi); /* mempattern.c */
+void mode_mempattern_rng(const struct bootinfo *bi); /* mempattern.c */
+
 #define DEFAULT_MODE "hello"
 #define MODE_MAX 64
 
@@ -132,6 +135,8 @@ static const struct test_mode modes[] = {
 	{ "initrd", mode_initrd },
 	{ "idle", mode_idle },
 	{ "ticker", mode_ticker },
+	{ "mempattern", mode_mempattern },
+	{ "mempattern-rng", mode_mempattern_rng },
 	{ "wait-ctrlaltdel", mode_wait_ctrlaltdel },
 	{ "boot-timer", mode_boot_timer },
 	{ "triple-fault", mode_triple_fault },

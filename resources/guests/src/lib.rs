@@ -270,6 +270,8 @@ pub const MODES: &[&str] = &[
     "initrd",
     "idle",
     "ticker",
+    "mempattern",
+    "mempattern-rng",
     "wait-ctrlaltdel",
     "triple-fault",
     "virtio-probe",
@@ -288,6 +290,11 @@ pub const MODES: &[&str] = &[
     "bench-blk",
     "bench-net",
 ];
+
+/// `mempattern` prints `ember-guest: mempattern <round> bad <count>` each
+/// round; `bad` counts the words of its memory that did not hold what it
+/// wrote (0 unless a snapshot restore gave it wrong memory).
+pub const MEMPATTERN_PREFIX: &str = "ember-guest: mempattern ";
 
 /// Output line of `virtio-probe` when no device is announced.
 pub const VIRTIO_NONE_LINE: &str = "ember-guest: virtio none";

@@ -7,8 +7,8 @@
  * - cold: on first use, from RDRAND when CPUID says the CPU has it, mixed
  *   with RDTSC samples (the only source every vCPU has);
  * - after a snapshot restore: rt_random_seed() with the host's 32-byte
- *   `seed` (warm.c), mixed with RDRAND when present, so guests restored
- *   from one snapshot never share a stream.
+ *   `seed` (warm.c) and the TSC, so guests restored from one snapshot never
+ *   share a stream.
  */
 #include "rt.h"
 
@@ -145,7 +145,14 @@ void rt_random_seed(const uint8_t seed[32])
 	for (int i = 0; i < 8; i++)
 		key[i] = (uint32_t)seed[4 * i] | (uint32_t)seed[4 * i + 1] << 8 |
 			 (uint32_t)seed[4 * i + 2] << 16 | (uint32_t)seed[4 * i + 3] << 24;
-	mix_cpu_entropy();
+	/*
+	 * The host's seed is already 32 bytes of getrandom: only the TSC is
+	 * mixed in. CPUID and RDRAND can cost a VM exit each (over a
+	 * millisecond together on a nested host), on the warm start's path.
+	 */
+	uint64_t t = rdtsc();
+	key[6] ^= (uint32_t)t;
+	key[7] ^= (uint32_t)(t >> 32);
 	counter = 0;
 	rekey();
 	seeded = true;

@@ -58,7 +58,7 @@ bool rt_add_mount_word(char *val);
 /* warm.c: the `ember.warm=1` snapshot point and restore protocol. */
 void rt_warm_start(void);
 
-/* random.c: reseeds ember_random's generator with 32 bytes (plus RDRAND). */
+/* random.c: reseeds ember_random's generator with 32 bytes (and the TSC). */
 void rt_random_seed(const uint8_t seed[32]);
 
 /* volume.c */

@@ -59,8 +59,8 @@ static void cpu_relax(void)
 
 /*
  * Polls the event queue until a TRANSPORT_RESET event arrives; other events
- * are consumed. Each used buffer is posted again (its descriptor still
- * holds the address and length we gave).
+ * are consumed. Nothing is posted again: the device is reset once the
+ * config is in. Guest memory only, no register access (no VM exits).
  */
 static void wait_transport_reset(void)
 {
@@ -73,20 +73,47 @@ static void wait_transport_reset(void)
 			cpu_relax();
 			continue;
 		}
-		uint8_t *buf = (uint8_t *)(uintptr_t)evq->desc[head].addr;
-		uint32_t blen = evq->desc[head].len;
-		uint32_t id = 0xffffffffu;
-		if (len >= 4 && blen >= 4)
-			id = (uint32_t)buf[0] | (uint32_t)buf[1] << 8 | (uint32_t)buf[2] << 16 |
-			     (uint32_t)buf[3] << 24;
-		struct vbuf b = { buf, blen, true };
-		virtq_add(evq, &b, 1);
-		virtq_kick(&vs.dev, evq);
-		uint32_t isr = vreg_read(&vs.dev, VIRTIO_MMIO_INTERRUPT_STATUS);
-		if (isr)
-			vreg_write(&vs.dev, VIRTIO_MMIO_INTERRUPT_ACK, isr);
-		if (id == VIRTIO_VSOCK_EVENT_TRANSPORT_RESET)
+		const volatile uint8_t *buf =
+			(const volatile uint8_t *)(uintptr_t)evq->desc[head].addr;
+		if (len >= 4 && evq->desc[head].len >= 4 &&
+		    ((uint32_t)buf[0] | (uint32_t)buf[1] << 8 | (uint32_t)buf[2] << 16 |
+		     (uint32_t)buf[3] << 24) == VIRTIO_VSOCK_EVENT_TRANSPORT_RESET)
 			return;
+	}
+}
+
+/*
+ * Waits, reading guest memory only, until the rx queue holds a packet
+ * (true) or the deadline passes (false); the clock (port I/O, so VM exits)
+ * is read only every POLL_SPINS rounds.
+ */
+#define POLL_SPINS 2048
+static bool wait_rx(uint64_t deadline)
+{
+	const struct virtq *rx = &vs.dev.vq[0];
+
+	for (;;) {
+		for (int i = 0; i < POLL_SPINS; i++) {
+			if (vs.pending || rx->used->idx != rx->last_used)
+				return true;
+			cpu_relax();
+		}
+		if (timer_ms() >= deadline)
+			return false;
+	}
+}
+
+/* The next packet for us (vsock_next's op), or -1 once the deadline passed. */
+static int next_packet(uint64_t deadline)
+{
+	for (;;) {
+		if (!wait_rx(deadline))
+			return -1;
+		/* Something is there: vsock_next returns at once, or -1 if it was
+		 * only a credit packet (consumed). */
+		int op = vsock_next(&vs, 0);
+		if (op >= 0)
+			return op;
 	}
 }
 
@@ -104,8 +131,7 @@ static int connect_host(uint32_t local_port, uint64_t deadline)
 	if (!vsock_send(&vs, VSOCK_OP_REQUEST, 0, NULL, 0))
 		return -1;
 	for (;;) {
-		uint32_t left = remaining(deadline);
-		int op = left ? vsock_next(&vs, left) : -1;
+		int op = next_packet(deadline);
 		if (op < 0)
 			return 0;
 		if (op == VSOCK_OP_RESPONSE)
@@ -143,8 +169,7 @@ static bool fetch_config(void)
 	if (r == 0)
 		return false;
 	for (;;) {
-		uint32_t left = remaining(deadline);
-		int op = left ? vsock_next(&vs, left) : -1;
+		int op = next_packet(deadline);
 		if (op < 0) {
 			/* Stalled half way: as good as nothing. */
 			vsock_send(&vs, VSOCK_OP_RST, 0, NULL, 0);
@@ -293,6 +318,7 @@ void rt_warm_start(void)
 		;
 	if (!fetch_config())
 		fail("ember: no restore config\n");
+
 	if (!apply_config())
 		fail("ember: bad restore config\n");
 	vsock_stop(&vs);

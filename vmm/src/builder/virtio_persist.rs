@@ -136,6 +136,7 @@ pub(super) fn restore_virtio(
     mmds: &SharedMmds,
     a: &mut VirtioAttacher,
 ) -> Result<Devices, BuildError> {
+    let t0 = std::time::Instant::now();
     let mem = a.mem.clone();
     let mut seen = BTreeSet::new();
     let mut restored = Vec::with_capacity(states.len());
@@ -266,6 +267,11 @@ pub(super) fn restore_virtio(
             }
         }
     }
+    log::info!(
+        "{} virtio device(s) restored in {} us",
+        slots.len(),
+        t0.elapsed().as_micros()
+    );
     Ok(Devices {
         slots,
         blocks,

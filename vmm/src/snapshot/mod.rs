@@ -10,8 +10,12 @@
 //!   [`crate::vstate::vcpu::VcpuState`], the devices) and validated before
 //!   use: a state file is hostile input.
 
+pub mod dirty;
 pub mod format;
 pub mod memory;
+#[cfg(test)]
+pub mod rebase;
+pub mod uffd;
 
 use devices::legacy::i8042::I8042State;
 use devices::legacy::serial::SerialState;
@@ -112,6 +116,12 @@ pub enum SnapshotError {
     /// A part of the state this ember-vmm or host cannot save or restore.
     #[error("not supported: {0}")]
     Unsupported(String),
+    /// Collecting dirty pages or writing a Diff memory file failed.
+    #[error("{0}")]
+    Dirty(#[from] dirty::DirtyError),
+    /// The Uffd memory backend could not be set up.
+    #[error("{0}")]
+    Uffd(#[from] uffd::UffdError),
     /// A KVM ioctl failed while saving or restoring.
     #[error("{what} failed: {err}")]
     Kvm {
@@ -325,8 +335,10 @@ mod tests {
 
     #[test]
     fn pod_blobs_check_their_size() {
-        let mut r = kvm_bindings::kvm_regs::default();
-        r.rip = 0x1234;
+        let r = kvm_bindings::kvm_regs {
+            rip: 0x1234,
+            ..Default::default()
+        };
         let b = to_blob(&r);
         let back: kvm_bindings::kvm_regs = from_blob(&b, "regs").unwrap();
         assert_eq!(back.rip, 0x1234);

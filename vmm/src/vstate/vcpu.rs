@@ -459,7 +459,7 @@ impl Vcpu {
     /// Sets CPUID, MSRs, registers and the LAPIC for booting at `entry`.
     #[allow(clippy::too_many_arguments)]
     pub fn configure(
-        &self,
+        &mut self,
         base_cpuid: &CpuId,
         count: u8,
         smt: bool,
@@ -477,6 +477,12 @@ impl Vcpu {
         msr::setup_msrs(&self.fd)?;
         if let Some(t) = template {
             msr::apply_template(&self.fd, &t.msrs)?;
+            // A template's MSRs are part of the vCPU a snapshot keeps.
+            for m in &t.msrs {
+                if !self.msrs_to_save.contains(&m.addr) {
+                    self.msrs_to_save.push(m.addr);
+                }
+            }
         }
         regs::setup_regs(&self.fd, entry, proto)?;
         regs::setup_fpu(&self.fd)?;

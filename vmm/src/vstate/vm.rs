@@ -166,7 +166,9 @@ impl Vm {
             .map_err(VmError::SetTss)?;
         fd.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
             .map_err(VmError::SetIdentityMap)?;
-        let msrs_to_save = match kvm.get_msr_index_list() {
+        // KVM's list, filtered, plus the MSRs ember sets at boot (KVM does
+        // not list some, MTRR_DEF_TYPE for one), as Firecracker does.
+        let mut msrs_to_save: Vec<u32> = match kvm.get_msr_index_list() {
             Ok(l) => l
                 .as_slice()
                 .iter()
@@ -174,10 +176,17 @@ impl Vm {
                 .filter(|&i| crate::arch::msr::should_save(i))
                 .collect(),
             Err(e) => {
-                log::warn!("KVM_GET_MSR_INDEX_LIST failed ({e}): snapshots will save no MSRs");
+                log::warn!(
+                    "KVM_GET_MSR_INDEX_LIST failed ({e}): snapshots save only the boot MSRs"
+                );
                 Vec::new()
             }
         };
+        for e in crate::arch::msr::boot_msr_entries() {
+            if !msrs_to_save.contains(&e.index) {
+                msrs_to_save.push(e.index);
+            }
+        }
         Ok(Vm {
             kvm,
             fd,

@@ -1053,6 +1053,34 @@ mod tests {
     }
 
     #[test]
+    fn quiesce_completes_async_requests_before_a_save() {
+        if io_uring::AsyncIo::<()>::new().is_err() {
+            println!("SKIP: io_uring is not available here");
+            return;
+        }
+        let mut e = env_with(&[7u8; 4096], false, IoEngine::Async);
+        for i in 0..3u64 {
+            hdr(&e.m, H + i * 16, VIRTIO_BLK_T_IN, i);
+            e.q.add_chain(&[
+                (H + i * 16, 16, false),
+                (D + i * 512, 512, true),
+                (S + i, 1, true),
+            ]);
+        }
+        e.blk.process_queue();
+        assert_eq!(e.blk.aio.as_ref().unwrap().inflight(), 3);
+        e.blk.quiesce();
+        assert_eq!(e.blk.aio.as_ref().unwrap().inflight(), 0);
+        assert_eq!(e.q.used_idx(), 3);
+        for i in 0..3 {
+            assert_eq!(status(&e.m, S + i), VIRTIO_BLK_S_OK);
+        }
+        let st = e.blk.save();
+        assert_eq!(st.base.queues[0].next_used, 3);
+        assert_eq!(st.base.queues[0].next_avail, 3);
+    }
+
+    #[test]
     fn read_write_flush_getid_async() {
         if io_uring::AsyncIo::<()>::new().is_err() {
             println!("SKIP: io_uring is not available here");
