@@ -152,6 +152,15 @@ struct Args {
     /// Memory limit of one sandboxed job, in MiB.
     #[arg(long, default_value_t = 1024)]
     job_memory_mb: u64,
+    /// Instant starts: instances of images whose runtime supports it (the
+    /// `ember` C unikernel base) are restored from a snapshot of the
+    /// image's booted guest instead of booting cold, unless the image's
+    /// own `snapshot_starts` is false. See README "Instant starts".
+    #[arg(long)]
+    snapshot_starts: bool,
+    /// Instant starts: idle jailed VMMs kept ready to load a snapshot.
+    #[arg(long, default_value_t = 2)]
+    snapshot_pool: usize,
     /// Wall-clock limit of one sandboxed job, in seconds.
     #[arg(long, default_value_t = 120)]
     job_timeout_secs: u64,
@@ -332,6 +341,14 @@ fn main() {
     api_server::sandbox::configure(sandbox);
     let mut sup =
         Supervisor::new(store, launcher, compilers::registry()).unwrap_or_else(|e| die(e));
+    if args.snapshot_pool > 64 {
+        die("--snapshot-pool must be at most 64");
+    }
+    sup.set_snapshot_starts(api_server::model::supervisor::WarmConfig {
+        enabled: args.snapshot_starts,
+        pool: args.snapshot_pool,
+    })
+    .unwrap_or_else(|e| die(format!("--snapshot-starts: {e}")));
     if args.import_dir.is_some() || args.export_dir.is_some() {
         let import = args
             .import_dir
@@ -466,6 +483,7 @@ fn main() {
     if let Err(e) = daemon.run(&STOP) {
         die(e);
     }
+    daemon.shutdown();
     drop(daemon);
     let _ = std::fs::remove_file(Path::new(&args.socket));
     eprintln!("emberd: stopped (instances keep running)");

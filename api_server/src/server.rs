@@ -309,6 +309,7 @@ fn bind_private(
 pub struct Daemon {
     em: event_manager::EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>,
     jobs: Jobs,
+    sup: Shared,
 }
 
 /// Errors starting the daemon.
@@ -429,16 +430,28 @@ impl Daemon {
         em.add_subscriber(Arc::new(Mutex::new(queue)));
         let (wtx, wrx) = channel();
         let wwake = EventFd::new(EFD_NONBLOCK)?;
-        sup.lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .set_watcher(WatchSender::new(wtx, wwake.try_clone()?));
+        {
+            let mut s = sup.lock().unwrap_or_else(|p| p.into_inner());
+            s.set_watcher(WatchSender::new(wtx, wwake.try_clone()?));
+            // Instant starts' pool and templates are made by workers.
+            s.start_background(jobs.clone());
+        }
         em.add_subscriber(Arc::new(Mutex::new(ExitWatcher {
             rx: wrx,
             wake: wwake,
             watched: HashMap::new(),
-            sup,
+            sup: sup.clone(),
         })));
-        Ok(Daemon { em, jobs })
+        Ok(Daemon { em, jobs, sup })
+    }
+
+    /// Stops what emberd itself keeps running (the idle pooled VMMs);
+    /// instances keep running.
+    pub fn shutdown(&mut self) {
+        self.sup
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .shutdown();
     }
 
     /// The loop's work queue, for servers on other threads (the gRPC face)

@@ -1021,7 +1021,41 @@ impl Drop for Emberd {
                 }
             }
         }
+        // VMMs on no record: the idle pooled VMMs of `--snapshot-starts`
+        // and template VMMs, found by the pid files of this emberd's jails.
+        for pid in jailed_processes(&self.dir.join("jail")) {
+            // SAFETY: kill(2) on a VMM jailed in this test's jail base.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
     }
+}
+
+/// Live jailed processes of an emberd whose chroot base is `base`: the
+/// pids in the jails' pid files (`<base>/ember-vmm/<id>/root/ember-vmm.pid`,
+/// written by ember-jailer; the VMM's own mount namespace hides its root
+/// from /proc) whose command line names the jail (`--id <id>`). A jail an
+/// instance took from the pool is not found here (its VMM is on record).
+pub fn jailed_processes(base: &Path) -> Vec<u32> {
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir(base.join("ember-vmm")) else {
+        return out;
+    };
+    for e in rd.flatten() {
+        let Some(pid) = std::fs::read_to_string(e.path().join("root").join("ember-vmm.pid"))
+            .ok()
+            .and_then(|s| s.trim().parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let name = e.file_name().to_string_lossy().into_owned();
+        let is_vmm = std::fs::read(format!("/proc/{pid}/cmdline"))
+            .map(|c| String::from_utf8_lossy(&c).split('\0').any(|a| a == name))
+            .unwrap_or(false);
+        if is_vmm {
+            out.push(pid);
+        }
+    }
+    out
 }
 
 /// Percent-encodes `s` for a query string.

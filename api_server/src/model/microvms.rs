@@ -939,6 +939,7 @@ fn install_and_start(
         mounts: vec![],
         default_memory_mb: spec.memory_in_mb as u32,
         format: "oci-kernel".into(),
+        snapshot_starts: None,
     };
     let img = sup.install_image(img, &a.kernel_dir, true)?;
     let mut root = None;

@@ -115,6 +115,12 @@ pub struct Image {
     pub default_memory_mb: u32,
     /// e.g. "elf" or "bzimage+initramfs".
     pub format: String,
+    /// Instant starts for this image (restored from a snapshot of its
+    /// booted guest, see `runtime::warm`): None follows emberd's
+    /// `--snapshot-starts`; Some(false) keeps it booting cold. Only images
+    /// whose runtime has a restore channel use it ([`Image::restorable`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_starts: Option<bool>,
 }
 
 /// Checks that `name` is a plain file name (no directories) of a regular
@@ -145,6 +151,14 @@ impl Image {
             check_image_file(dir, i)?;
         }
         Ok(())
+    }
+
+    /// Whether its guest runtime can be restored from a snapshot: it stops
+    /// at a snapshot point and reads its per-instance config after
+    /// restore. Only the C unikernel runtime (`ember` base) does; Linux
+    /// guests (Flintlock kernels, hyperd pod VMs) have no such channel.
+    pub fn restorable(&self) -> bool {
+        self.base == "ember" && self.lang == "c" && self.initrd.is_none()
     }
 
     /// `base-lang-provider`, the UniK compiler name.
@@ -244,6 +258,10 @@ pub struct Instance {
     /// Kernel arguments of this instance, after the image's.
     #[serde(default)]
     pub boot_args: String,
+    /// How its VMM last started: restored from its image's snapshot
+    /// (`Some(Snapshot)`) or booted cold.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_from: Option<StartMode>,
     /// A virtio-vsock device (guest CID 3) whose host side is the hybrid
     /// unix socket `run/vsock.sock` in the instance's jail.
     #[serde(default)]
@@ -269,6 +287,26 @@ impl Instance {
             v.push((None, d.volume.as_str(), d.read_only));
         }
         v
+    }
+}
+
+/// How an instance's VMM was started.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum StartMode {
+    /// Booted from the kernel.
+    Cold,
+    /// Restored from its image's template snapshot.
+    Snapshot,
+}
+
+impl StartMode {
+    /// Lower-case name as the APIs show it.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            StartMode::Cold => "cold",
+            StartMode::Snapshot => "snapshot",
+        }
     }
 }
 

@@ -245,6 +245,21 @@ impl Launcher {
         (n < self.ids).then(|| (self.uid + n, self.gid + n))
     }
 
+    /// Places `files` in the existing jail of `id` (a pooled VMM's, whose
+    /// process already runs), as [`Launcher::launch`] places them.
+    pub fn place_files(
+        &self,
+        id: &str,
+        files: &[JailFile],
+        owner: (u32, u32),
+    ) -> Result<(), ProcessError> {
+        let root = self.jail_root(id);
+        for f in files {
+            self.place(f, &root, owner)?;
+        }
+        Ok(())
+    }
+
     fn place(&self, f: &JailFile, root: &Path, owner: (u32, u32)) -> Result<(), ProcessError> {
         let dst = root.join(&f.name);
         let err = |err| ProcessError::Place {
@@ -287,6 +302,17 @@ impl Launcher {
     /// file, and that is in this launcher's jails (its jailer's
     /// `--chroot-base-dir`, the jail's pid file, or its working directory).
     pub fn find_vmms(&self) -> std::collections::HashMap<String, VmmProcess> {
+        self.scan(true)
+    }
+
+    /// Idle VMMs of this launcher (started with no config file, as the
+    /// snapshot pool starts them), by their `--id`, found as
+    /// [`Launcher::find_vmms`] finds configured ones.
+    pub fn find_idle_vmms(&self) -> std::collections::HashMap<String, VmmProcess> {
+        self.scan(false)
+    }
+
+    fn scan(&self, configured: bool) -> std::collections::HashMap<String, VmmProcess> {
         let mut out = std::collections::HashMap::new();
         let Ok(rd) = fs::read_dir("/proc") else {
             return out;
@@ -313,7 +339,8 @@ impl Launcher {
             let Some(id) = after(b"--id").and_then(|i| std::str::from_utf8(i).ok()) else {
                 continue;
             };
-            if id.is_empty() || id.contains('/') || !args.iter().any(|a| *a == b"--config-file") {
+            let has_config = args.iter().any(|a| *a == b"--config-file");
+            if id.is_empty() || id.contains('/') || has_config != configured {
                 continue;
             }
             let root = self.jail_root(id);
@@ -363,8 +390,18 @@ impl Launcher {
                 }
             }
         }
-        let cfg_path = root.join("vm.json");
-        fs::write(&cfg_path, spec.vm_config.to_string()).map_err(jail_err(&cfg_path))?;
+        // A null config starts an idle VMM: its API socket only, waiting for
+        // `PUT /snapshot/load` (a pooled VMM, see `runtime::warm`).
+        let with_config = !spec.vm_config.is_null();
+        if with_config {
+            let cfg_path = root.join("vm.json");
+            fs::write(&cfg_path, spec.vm_config.to_string()).map_err(jail_err(&cfg_path))?;
+        }
+        let config_args: &[&str] = if with_config {
+            &["--config-file", "/vm.json"]
+        } else {
+            &[]
+        };
 
         let log = open_log(&spec.log_path).map_err(|err| ProcessError::Log {
             path: spec.log_path.clone(),
@@ -388,7 +425,8 @@ impl Launcher {
                     cmd.arg("--macvtap").arg(format!("{name}={major}:{minor}"));
                 }
                 cmd.arg("--")
-                    .args(["--api-sock", "/run/api.sock", "--config-file", "/vm.json"])
+                    .args(["--api-sock", "/run/api.sock"])
+                    .args(config_args)
                     .args(["--id", &spec.id]);
             }
             None => {
@@ -403,7 +441,8 @@ impl Launcher {
                 cmd.current_dir(&root)
                     .arg("--api-sock")
                     .arg(run.join("api.sock"))
-                    .args(["--config-file", "vm.json", "--id", &spec.id]);
+                    .args(config_args.iter().map(|a| a.trim_start_matches('/')))
+                    .args(["--id", &spec.id]);
             }
         }
         let log2 = log.try_clone().map_err(|err| ProcessError::Log {

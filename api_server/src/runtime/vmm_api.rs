@@ -1,6 +1,7 @@
 //! A small blocking client for a running VMM's own API socket (ember-vmm's
 //! Firecracker-shaped API), for the few calls emberd makes on a live VM:
-//! pausing and resuming it (`PATCH /vm {"state": "Paused"|"Resumed"}`).
+//! pausing and resuming it (`PATCH /vm {"state": "Paused"|"Resumed"}`),
+//! and taking and loading snapshots (`PUT /snapshot/create|load`).
 //!
 //! Worker threads only: every call connects, sends one request and waits
 //! (at most [`TIMEOUT`]) for the status line. The VMM's answer body is
@@ -49,6 +50,45 @@ pub fn set_vm_state(sock: &Path, state: VmState) -> Result<(), VmmApiError> {
     };
     let status_and_body = call(sock, what, "PATCH", "/vm", body)?;
     match status_and_body {
+        (s, _) if (200..300).contains(&s) => Ok(()),
+        (status, body) => Err(VmmApiError::Refused {
+            what,
+            status,
+            message: fault_message(&body),
+        }),
+    }
+}
+
+/// `PUT /snapshot/create` (Firecracker's body: `snapshot_type`,
+/// `snapshot_path`, `mem_file_path`; paths as the VMM sees them) on a
+/// paused VM.
+pub fn snapshot_create(
+    sock: &Path,
+    snapshot_path: &str,
+    mem_file_path: &str,
+) -> Result<(), VmmApiError> {
+    let body = serde_json::json!({
+        "snapshot_type": "Full",
+        "snapshot_path": snapshot_path,
+        "mem_file_path": mem_file_path,
+    });
+    put(sock, "snapshot create", "/snapshot/create", &body)
+}
+
+/// `PUT /snapshot/load` with `body` (Firecracker's fields plus ember's
+/// overrides, built by the caller) on a VMM that has not booted.
+pub fn snapshot_load(sock: &Path, body: &serde_json::Value) -> Result<(), VmmApiError> {
+    put(sock, "snapshot load", "/snapshot/load", body)
+}
+
+/// `PUT path` with a JSON body; any 2xx is success.
+fn put(
+    sock: &Path,
+    what: &'static str,
+    path: &str,
+    body: &serde_json::Value,
+) -> Result<(), VmmApiError> {
+    match call(sock, what, "PUT", path, &body.to_string())? {
         (s, _) if (200..300).contains(&s) => Ok(()),
         (status, body) => Err(VmmApiError::Refused {
             what,

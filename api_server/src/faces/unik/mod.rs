@@ -61,7 +61,10 @@ pub fn image_json(i: &Image) -> Value {
             "StorageDriver": "VIRTIO",
             "VsphereNetworkType": "",
             "Compiler": i.compiler(),
-        }
+        },
+        // ember's: the image's instant-start switch (null: emberd's
+        // --snapshot-starts decides).
+        "SnapshotStarts": i.snapshot_starts,
     })
 }
 
@@ -75,6 +78,8 @@ pub fn instance_json(i: &Instance) -> Value {
         "ImageId": i.image_id,
         "Infrastructure": INFRASTRUCTURE,
         "Created": i.created,
+        // ember's: "snapshot" (restored from its image's snapshot) or "cold".
+        "StartedFrom": i.started_from.map(|m| m.as_str()),
     })
 }
 
@@ -342,13 +347,36 @@ fn create_image(ctx: &mut Ctx, req: &Request, name: &str) -> Reply {
         .unwrap_or_default();
     let args = get("args").unwrap_or_default();
     let force = truthy(get("force").as_deref());
-    let job = match ctx
+    // ember's: snapshot_starts=true|false (absent: emberd's default).
+    let snapshot_starts = match get("snapshot_starts").as_deref().map(str::trim) {
+        None | Some("") => None,
+        Some(v) if truthy(Some(v)) => Some(true),
+        Some(v)
+            if matches!(
+                v.to_ascii_lowercase().as_str(),
+                "false" | "0" | "no" | "off"
+            ) =>
+        {
+            Some(false)
+        }
+        Some(v) => {
+            return Reply::Now(error(
+                400,
+                UnikError::BadParam {
+                    what: "snapshot_starts",
+                    value: v.to_string(),
+                },
+            ))
+        }
+    };
+    let mut job = match ctx
         .sup
         .prepare_image(name, &provider, &base, &lang, force, &args, &mounts)
     {
         Ok(j) => j,
         Err(e) => return Reply::Now(sup_error(&e)),
     };
+    job.snapshot_starts = snapshot_starts;
     ctx.spawn("compile", move || {
         let built = job.build(&tar);
         Box::new(
@@ -580,6 +608,7 @@ mod tests {
             mounts: vec!["/data".into(), "/logs".into()],
             default_memory_mb: 64,
             format: "elf-pvh".into(),
+            snapshot_starts: None,
         }
     }
 

@@ -91,6 +91,7 @@ impl Pods {
             mounts: vec![],
             default_memory_mb: 128,
             format: "pod-vm".into(),
+            snapshot_starts: None,
         };
         jobs.call(move |sup, _| {
             if sup.state().image(POD_IMAGE).is_some() {

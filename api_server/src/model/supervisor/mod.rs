@@ -19,6 +19,9 @@ use crate::runtime::process::{self, JailFile, LaunchSpec, Launcher};
 
 mod pods;
 mod volumes;
+mod warm;
+
+pub use warm::WarmConfig;
 
 /// How a failed request should be reported.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -125,6 +128,8 @@ pub struct ImageJob {
     pub compiler: std::sync::Arc<dyn compilers::Compiler>,
     /// Scratch directory for this job, removed when the job is dropped.
     pub staging: Scratch,
+    /// The image's instant-start switch ([`Image::snapshot_starts`]).
+    pub snapshot_starts: Option<bool>,
 }
 
 impl ImageJob {
@@ -179,6 +184,7 @@ pub struct Supervisor {
     host_paths: HostPaths,
     registry: Option<Registry>,
     parent_iface: Option<String>,
+    warm: warm::Warm,
 }
 
 impl Supervisor {
@@ -205,6 +211,7 @@ impl Supervisor {
             host_paths,
             registry: None,
             parent_iface: None,
+            warm: Default::default(),
         };
         let mut changed = false;
         let mut strays = s.launcher.find_vmms();
@@ -266,6 +273,8 @@ impl Supervisor {
                 s.launcher.cleanup(&id);
             }
         }
+        // Pooled VMMs of an earlier run that no instance took.
+        s.reap_idle_vmms();
         // Leftover scratch space from builds interrupted by a restart.
         if let Ok(rd) = std::fs::read_dir(s.store.staging_dir()) {
             for e in rd.flatten() {
@@ -434,6 +443,7 @@ impl Supervisor {
             force,
             compiler,
             staging,
+            snapshot_starts: None,
         })
     }
 
@@ -483,10 +493,12 @@ impl Supervisor {
             mounts: job.mounts.clone(),
             default_memory_mb: out.default_memory_mb,
             format: out.format,
+            snapshot_starts: job.snapshot_starts,
         };
         if let Some(old) = existing {
             self.state.images.remove(&old);
             let _ = std::fs::remove_dir_all(self.store.image_dir(&old));
+            self.drop_templates(&old);
         }
         self.state.images.insert(img.id.clone(), img.clone());
         self.save()?;
@@ -514,6 +526,7 @@ impl Supervisor {
             }
             self.state.images.remove(&old);
             let _ = std::fs::remove_dir_all(self.store.image_dir(&old));
+            self.drop_templates(&old);
         }
         img.id = new_id("img");
         let dest = self.store.image_dir(&img.id);
@@ -555,6 +568,7 @@ impl Supervisor {
         self.state.images.remove(&img.id);
         self.save()?;
         let _ = std::fs::remove_dir_all(self.store.image_dir(&img.id));
+        self.drop_templates(&img.id);
         Ok(())
     }
 
@@ -932,6 +946,7 @@ impl Supervisor {
             .instances
             .values()
             .filter_map(|i| i.vmm_uid)
+            .chain(self.warm.reserved().copied())
             .collect();
         let free = (0..self.launcher.ids)
             .filter_map(|n| self.launcher.identity(n))
@@ -964,6 +979,9 @@ impl Supervisor {
                 "instance {} is not ready yet (its image and volumes are being built)",
                 inst.name
             )));
+        }
+        if let Some(started) = self.try_warm_start(&inst)? {
+            return Ok(started);
         }
         let inst = self.assign_identity(&inst.id)?;
         let mut spec = self.launch_spec(&inst)?;
@@ -1026,6 +1044,7 @@ impl Supervisor {
             Ok(l) => {
                 entry.state = InstanceState::Running;
                 entry.process = Some(l.process.clone());
+                entry.started_from = Some(StartMode::Cold);
                 entry.last_error = None;
                 entry.last_exit = None;
                 if let Some(w) = &self.watch {
@@ -1288,6 +1307,7 @@ mod tests {
             mounts: vec!["/data".into()],
             default_memory_mb: 64,
             format: "elf-pvh".into(),
+            snapshot_starts: None,
         };
         let dir = s.store.image_dir(&img.id);
         std::fs::create_dir_all(&dir).unwrap();

@@ -8,13 +8,15 @@
 //! Usage: emberd-bench [--runs N] [--burst K] [--burst-rounds R]
 //!                     [--idle-runs N] [--requests M] [--api-path PATH] [--poll-ms MS]
 //!                     [--pod-runs N] [--pod-kernel PATH] [--pod-boot-args ARGS]
-//!                     [--pod-agent PATH] [--pod-rootfs-mb MB]
+//!                     [--pod-agent PATH] [--pod-rootfs-mb MB] [--warm-runs N]
 //!                     [--no-jailer] [--emberd PATH] [--vmm PATH]
 //!                     [--jailer PATH] [--uid UID] [--gid GID]
 //!
 //! Defaults: 20 runs, 3 bursts of 5, 5 starts of a guest that stays up, 2000 requests of GET /instances, 2 ms
 //! status polls, 10 pod runs with the test guest as pod kernel
-//! (`ember.test=pod-agent`) and 16 MB root disks, uid/gid 10502, emberd /
+//! (`ember.test=pod-agent`) and 16 MB root disks, 20 rounds of a cold and a
+//! snapshot start (emberd `--snapshot-starts`) timed to the guest's first
+//! line, uid/gid 10502, emberd /
 //! ember-vmm / ember-jailer / ember-agent next to this binary. Needs root
 //! (emberd runs the jailer).
 
@@ -28,7 +30,7 @@ use ember_bench::throughput::vmrun;
 const USAGE: &str =
     "usage: emberd-bench [--runs N] [--burst K] [--burst-rounds R] [--idle-runs N] [--requests M] \
 [--api-path PATH] [--poll-ms MS] [--pod-runs N] [--pod-kernel PATH] [--pod-boot-args ARGS] \
-[--pod-agent PATH] [--pod-rootfs-mb MB] [--no-jailer] [--emberd PATH] [--vmm PATH] [--jailer PATH] \
+[--pod-agent PATH] [--pod-rootfs-mb MB] [--warm-runs N] [--no-jailer] [--emberd PATH] [--vmm PATH] [--jailer PATH] \
 [--uid UID] [--gid GID]";
 
 fn parse_args(args: &[String]) -> Result<EmberdBenchConfig, String> {
@@ -52,6 +54,7 @@ fn parse_args(args: &[String]) -> Result<EmberdBenchConfig, String> {
         pod_boot_args: "ember.test=pod-agent".into(),
         pod_agent: bin_dir.join("ember-agent"),
         pod_rootfs_mb: 16,
+        warm_runs: 20,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -69,6 +72,7 @@ fn parse_args(args: &[String]) -> Result<EmberdBenchConfig, String> {
             "--idle-runs" => cfg.idle_runs = num(value()?)?,
             "--api-path" => cfg.api_path = value()?,
             "--pod-runs" => cfg.pod_runs = num(value()?)?,
+            "--warm-runs" => cfg.warm_runs = num(value()?)?,
             "--pod-kernel" => cfg.pod_kernel = value()?.into(),
             "--pod-boot-args" => cfg.pod_boot_args = value()?,
             "--pod-agent" => cfg.pod_agent = value()?.into(),
@@ -95,6 +99,7 @@ fn parse_args(args: &[String]) -> Result<EmberdBenchConfig, String> {
         || cfg.burst_rounds > 1000
         || cfg.idle_runs > 10_000
         || cfg.pod_runs > 10_000
+        || cfg.warm_runs > 10_000
         || cfg.requests > 10_000_000
     {
         return Err("refusing absurd counts (runs <= 10000, burst <= 100, rounds <= 1000)".into());

@@ -154,6 +154,14 @@ impl Guard {
     pub fn kill_all(&mut self) -> Vec<i32> {
         self.remove_through_api();
         if let Some(mut c) = self.emberd.take() {
+            // SIGTERM first: emberd then kills the idle VMMs it pools for
+            // snapshot starts (on no record); SIGKILL if it does not end.
+            // SAFETY: kill(2) on the emberd child this guard started.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + KILL_WAIT;
+            while matches!(c.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
             let _ = c.kill();
             let _ = c.wait();
         }
@@ -165,6 +173,7 @@ impl Guard {
             .map(|(pid, _)| pid)
             .collect();
         pids.extend(processes_naming(&self.ids));
+        pids.extend(jailed_vmms(&self.jail_base()));
         pids.sort_unstable();
         pids.dedup();
         for &pid in &pids {
@@ -177,6 +186,30 @@ impl Guard {
         }
         pids
     }
+}
+
+/// VMMs still running in the jails under `base` (ember-jailer's pid file
+/// `<base>/ember-vmm/<id>/root/ember-vmm.pid`, the pid's command line
+/// naming `<id>`): pooled or template VMMs emberd had on no record.
+fn jailed_vmms(base: &Path) -> Vec<i32> {
+    let Ok(rd) = fs::read_dir(base.join("ember-vmm")) else {
+        return Vec::new();
+    };
+    rd.flatten()
+        .filter_map(|e| {
+            let pid: i32 = fs::read_to_string(e.path().join("root").join("ember-vmm.pid"))
+                .ok()?
+                .trim()
+                .parse()
+                .ok()?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            let cmdline = fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+            String::from_utf8_lossy(&cmdline)
+                .split('\0')
+                .any(|a| a == name)
+                .then_some(pid)
+        })
+        .collect()
 }
 
 impl Drop for Guard {

@@ -14,10 +14,15 @@
 //! round adds a hyperd pod round trip and an idle VM create + delete
 //! ([`pods`]); their medians are set against the API start's and the bare
 //! VMM spawn's from the same rounds.
+//!
+//! With `warm_runs` > 0, emberd runs with `--snapshot-starts` and each of
+//! that many rounds adds a cold and an instant (snapshot) start of the same
+//! program, timed to the guest's first line ([`warm`]).
 
 pub mod guard;
 pub mod http;
 pub mod pods;
+pub mod warm;
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -157,6 +162,9 @@ pub struct EmberdBenchConfig {
     pub pod_agent: PathBuf,
     /// emberd's `--pod-rootfs-mb` (size of each container's root disk).
     pub pod_rootfs_mb: u64,
+    /// Rounds of one cold and one snapshot start, timed to the first line
+    /// (0: skip, and emberd runs without `--snapshot-starts`).
+    pub warm_runs: usize,
 }
 
 /// One sequential API start.
@@ -214,6 +222,12 @@ pub struct Report {
     pub vms: Vec<pods::VmRound>,
     /// Pods and VMs the final cleanup had to remove (none after a clean run).
     pub pods_removed: Vec<String>,
+    /// Cold starts timed to the first line, beside [`Report::warm`].
+    pub cold_first: Vec<warm::Measured>,
+    /// Snapshot starts (or their cold fall-backs) timed to the first line.
+    pub warm: Vec<warm::Measured>,
+    /// Why there are no snapshot starts, when there are none.
+    pub warm_note: Option<String>,
 }
 
 /// Formats one table row: name, count, rate, samples.
@@ -296,6 +310,84 @@ impl Report {
                 ],
             );
         }
+        s
+    }
+
+    /// Cold and snapshot starts side by side, with ratios.
+    fn render_warm(&self, row: &RowFn<'_>) -> String {
+        let mut s = String::new();
+        if let Some(why) = &self.warm_note {
+            s += &format!("snapshot starts: none ({why})\n");
+        }
+        if self.warm.is_empty() {
+            return s;
+        }
+        let rate_of = |v: &[warm::Measured]| {
+            let t: Vec<Duration> = v.iter().map(|m| m.total).collect();
+            rate(t.len(), sum(&t))
+        };
+        s += "cold and snapshot starts of the same program, same rounds:\n";
+        for (what, v) in [("cold", &self.cold_first), ("snapshot", &self.warm)] {
+            s += &rows(
+                row,
+                v,
+                (&format!("{what}: run, first line, stopped, delete"), |m| {
+                    m.total
+                }),
+                &[
+                    ("  POST /instances/run answered", |m| m.post),
+                    ("  run sent -> first line in the log", |m| m.first_line),
+                    ("  run sent -> stopped observed", |m| m.stopped),
+                ],
+            );
+        }
+        let restored = self.warm.iter().filter(|m| m.restored).count();
+        let loads: Vec<Duration> = self
+            .warm
+            .iter()
+            .filter_map(|m| m.load_us)
+            .map(Duration::from_micros)
+            .collect();
+        s += &row(
+            "  PUT /snapshot/load (ember-vmm)",
+            loads.len().to_string(),
+            None,
+            &loads,
+        );
+        s += &format!(
+            "snapshot starts restored: {restored} of {} (the others fell back to cold)\n",
+            self.warm.len()
+        );
+        let med = |v: &[warm::Measured], f: fn(&warm::Measured) -> Duration| {
+            median(&v.iter().map(f).collect::<Vec<_>>())
+        };
+        let ratio = |a: Option<Duration>, b: Option<Duration>| match (a, b) {
+            (Some(a), Some(b)) if !b.is_zero() => {
+                format!("{:.3}", a.as_secs_f64() / b.as_secs_f64())
+            }
+            _ => "-".into(),
+        };
+        s += &format!(
+            "  snapshot / cold, median run -> first line   {}\n",
+            ratio(
+                med(&self.warm, |m| m.first_line),
+                med(&self.cold_first, |m| m.first_line)
+            )
+        );
+        s += &format!(
+            "  snapshot / cold, median whole start         {}\n",
+            ratio(
+                med(&self.warm, |m| m.total),
+                med(&self.cold_first, |m| m.total)
+            )
+        );
+        s += &format!(
+            "  snapshot / cold, sequential starts per s    {}\n",
+            match (rate_of(&self.warm), rate_of(&self.cold_first)) {
+                (Some(a), Some(b)) if b > 0.0 => format!("{:.3}", a / b),
+                _ => "-".into(),
+            }
+        );
         s
     }
 
@@ -484,6 +576,7 @@ impl Report {
             );
         }
         s += &self.render_pod_ratios();
+        s += &self.render_warm(&row);
         if !self.pods_removed.is_empty() {
             s += &format!(
                 "cleanup: removed leftover pods / VMs {:?}\n",
@@ -648,19 +741,35 @@ impl Client {
         }
     }
 
-    /// Builds an image from one C file; returns its id, default memory and
-    /// the build time.
+    /// Builds an image from one C file, booting cold
+    /// (`snapshot_starts=false`); returns its id, default memory and the
+    /// build time.
     fn create_image(
         &mut self,
         dir: &Path,
         name: &str,
         source: &str,
     ) -> Result<(String, u64, Duration)> {
+        self.create_image_with(dir, name, source, &[("snapshot_starts", "false")])
+    }
+
+    /// [`Client::create_image`] with these form fields.
+    fn create_image_with(
+        &mut self,
+        dir: &Path,
+        name: &str,
+        source: &str,
+        fields: &[(&str, &str)],
+    ) -> Result<(String, u64, Duration)> {
         let tgz = c_tarball(dir, name, source)?;
-        let (ct, body) = Multipart::new("emberdbenchboundary7d1f")
+        let mut form = Multipart::new("emberdbenchboundary7d1f")
             .text("provider", "ember")
             .text("base", "ember")
-            .text("lang", "c")
+            .text("lang", "c");
+        for (k, v) in fields {
+            form = form.text(k, v);
+        }
+        let (ct, body) = form
             .file(
                 "tarfile",
                 &format!("{name}.tar.gz"),
@@ -966,6 +1075,11 @@ fn start_emberd(g: &mut Guard, cfg: &EmberdBenchConfig) -> Result<()> {
         .arg(&cfg.jailer)
         .args(["--uid", &cfg.uid.to_string(), "--gid", &cfg.gid.to_string()])
         .args(pod_flags(cfg))
+        .args(if cfg.warm_runs > 0 {
+            &["--snapshot-starts"][..]
+        } else {
+            &[]
+        })
         .stdin(Stdio::null())
         .stdout(log)
         .stderr(log2)
@@ -1287,6 +1401,29 @@ fn run_in(
         cfg.runs, cfg.pod_runs
     ));
 
+    if cfg.warm_runs > 0 {
+        match warm::prepare(&mut c, g, cfg)? {
+            Ok(warm_mem) => {
+                for i in 1..=cfg.warm_runs {
+                    if interrupted() {
+                        return Err(EmberdBenchError::Interrupted);
+                    }
+                    let (cold, w) = warm::round(&mut c, g, i, cfg, mem, warm_mem)?;
+                    report.cold_first.push(cold);
+                    report.warm.push(w);
+                }
+                progress(&format!(
+                    "{} rounds of a cold and a snapshot start done",
+                    cfg.warm_runs
+                ));
+            }
+            Err(why) => {
+                progress(&format!("no snapshot starts: {why}"));
+                report.warm_note = Some(why);
+            }
+        }
+    }
+
     if cfg.burst > 0 {
         for round in 1..=cfg.burst_rounds {
             report.bursts.push(burst(&mut c, g, round, cfg, mem)?);
@@ -1319,13 +1456,14 @@ fn run_in(
 
     // Everything was deleted: emberd should list no instance (pod VMs are
     // instances too), pod, VM or volume (container root disks).
-    for (path, key) in [
-        ("/instances", ""),
-        ("/list?item=pod", "podData"),
-        ("/list?item=vm", "vmData"),
-        ("/volumes", ""),
+    // hyperd answers its lists with 201, as hyperd 1.1.0 does.
+    for (path, key, status) in [
+        ("/instances", "", 200),
+        ("/list?item=pod", "podData", 201),
+        ("/list?item=vm", "vmData", 201),
+        ("/volumes", "", 200),
     ] {
-        let v = c.expect("GET", path, None, 200)?.json();
+        let v = c.expect("GET", path, None, status)?.json();
         let list = if key.is_empty() { &v } else { &v[key] };
         if list.as_array().is_none_or(|a| !a.is_empty()) {
             return Err(EmberdBenchError::Unexpected {
@@ -1500,6 +1638,7 @@ mod tests {
             pod_boot_args: "ember.test=pod-agent".into(),
             pod_agent: "/a".into(),
             pod_rootfs_mb: 16,
+            warm_runs: 0,
         };
         assert!(pod_flags(&cfg).is_empty());
         cfg.pod_runs = 2;
@@ -1538,6 +1677,7 @@ mod tests {
             pod_boot_args: "ember.test=pod-agent".into(),
             pod_agent: "/nonexistent/ember-agent".into(),
             pod_rootfs_mb: 16,
+            warm_runs: 0,
         };
         let e = run(&cfg, &mut |_| {})
             .err()
