@@ -234,6 +234,15 @@ fn install_template(snap: &Path, dest: &Path) -> Result<u64, WarmError> {
         ".building-{}",
         dest.file_name().unwrap_or_default().to_string_lossy()
     ));
+    // The directory itself was the VMM's to change while it ran: it must
+    // still be a directory, not a link to elsewhere.
+    let d = fs::symlink_metadata(snap).map_err(files_err("snap directory"))?;
+    if !d.file_type().is_dir() {
+        return Err(WarmError::Files {
+            what: "snap directory".into(),
+            err: std::io::Error::other("not a directory"),
+        });
+    }
     let _ = fs::remove_dir_all(&tmp);
     fs::create_dir_all(&tmp).map_err(files_err("template directory"))?;
     let mut mem_size = 0;
@@ -404,6 +413,18 @@ mod tests {
         assert!(template_ready(&dest));
         let m = fs::metadata(dest.join(MEM_FILE)).unwrap();
         assert_eq!(m.permissions().mode() & 0o777, 0o644);
+        // A snap directory the VMM replaced by a link is refused.
+        let other = d.join("elsewhere");
+        fs::create_dir_all(&other).unwrap();
+        fs::write(other.join(STATE_FILE), b"s").unwrap();
+        fs::write(other.join(MEM_FILE), b"m").unwrap();
+        let linked = d.join("snap2");
+        std::os::unix::fs::symlink(&other, &linked).unwrap();
+        let e = install_template(&linked, &d.join("t2"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("snap directory"), "{e}");
+        assert!(other.join(STATE_FILE).exists(), "nothing moved");
         let _ = fs::remove_dir_all(&d);
     }
 }
