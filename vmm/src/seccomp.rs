@@ -53,7 +53,7 @@
 //!
 //! | filter | allocator syscalls allowed | and why |
 //! |---|---|---|
-//! | `vmm` (VMM thread; inherited by vCPU threads) | `brk`, `mmap` and `mprotect` without `PROT_EXEC`, `munmap`, `mremap` (`MREMAP_MAYMOVE` only), `madvise` (`MADV_DONTNEED` only) | all of malloc's; `mprotect` because this thread creates the vCPU threads (`pthread_create` maps their stacks and guard pages, and a new thread maps the guard page of its signal stack before it installs its own filter) |
+//! | `vmm` (VMM thread; inherited by vCPU threads) | `brk`, `mmap` and `mprotect` without `PROT_EXEC`, `munmap`, `mremap` (`MREMAP_MAYMOVE` only), `madvise` (`MADV_DONTNEED`; `MADV_POPULATE_WRITE` for the snapshot load's prefault) | all of malloc's; `mprotect` because this thread creates the vCPU threads (`pthread_create` maps their stacks and guard pages, and a new thread maps the guard page of its signal stack before it installs its own filter) |
 //! | `api` (API thread) | `brk`, `mmap` without `PROT_EXEC`, `munmap`, `mremap` (`MREMAP_MAYMOVE` only), `madvise` (`MADV_DONTNEED` only) | malloc's; no `mprotect` (only a second arena needed it) |
 //! | `vcpu` (stacked on `vmm`) | the same as `api` | malloc's; a vCPU thread frees device state (`Vsock::reset` from a status write) and may trim the heap |
 //!

@@ -4,11 +4,24 @@
 /* The host tests (-DHOST_TEST) take these from the C library. */
 #ifndef HOST_TEST
 
+/*
+ * memcpy and memset move eight bytes per step where the alignment allows:
+ * on a nested host every guest instruction is emulated (~0.3 us each), and
+ * the vsock driver copies every packet.
+ */
+typedef uint64_t __attribute__((may_alias)) word_t;
+
 void *memcpy(void *dst, const void *src, size_t n)
 {
 	uint8_t *d = dst;
 	const uint8_t *s = src;
 
+	if ((((uintptr_t)d ^ (uintptr_t)s) & 7) == 0) {
+		for (; n && ((uintptr_t)d & 7); n--)
+			*d++ = *s++;
+		for (; n >= 8; n -= 8, d += 8, s += 8)
+			*(word_t *)d = *(const word_t *)s;
+	}
 	while (n--)
 		*d++ = *s++;
 	return dst;
@@ -32,7 +45,12 @@ void *memmove(void *dst, const void *src, size_t n)
 void *memset(void *dst, int c, size_t n)
 {
 	uint8_t *d = dst;
+	word_t w = (uint8_t)c * 0x0101010101010101ull;
 
+	for (; n && ((uintptr_t)d & 7); n--)
+		*d++ = (uint8_t)c;
+	for (; n >= 8; n -= 8, d += 8)
+		*(word_t *)d = w;
 	while (n--)
 		*d++ = (uint8_t)c;
 	return dst;

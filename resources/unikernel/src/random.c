@@ -17,6 +17,8 @@ static uint64_t counter;
 static uint8_t block[64];
 static unsigned block_pos = sizeof(block); /* bytes of block already used */
 static bool seeded;
+/* rt_random_seed's key not yet erased by a rekey: done on first use. */
+static bool rekey_pending;
 
 static uint32_t rotl(uint32_t v, int n)
 {
@@ -154,7 +156,12 @@ void rt_random_seed(const uint8_t seed[32])
 	key[6] ^= (uint32_t)t;
 	key[7] ^= (uint32_t)(t >> 32);
 	counter = 0;
-	rekey();
+	/*
+	 * The rekey (one ChaCha20 block, a few thousand instructions, which a
+	 * nested host emulates at ~0.3 us each) waits for the first
+	 * ember_random call instead of delaying main.
+	 */
+	rekey_pending = true;
 	seeded = true;
 }
 
@@ -164,6 +171,10 @@ void ember_random(void *buf, size_t n)
 
 	if (!seeded)
 		cold_seed();
+	if (rekey_pending) {
+		rekey_pending = false;
+		rekey();
+	}
 	while (n) {
 		if (block_pos == sizeof(block)) {
 			chacha_block(block);
