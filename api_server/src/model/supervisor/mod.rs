@@ -1257,7 +1257,13 @@ mod tests {
     use super::*;
 
     fn sup(tag: &str) -> (Supervisor, PathBuf) {
-        let root = std::env::temp_dir().join(format!("emberd-sup-{tag}-{}", std::process::id()));
+        test_supervisor(&format!("sup-{tag}"))
+    }
+
+    /// A supervisor over a fresh state directory (returned, for cleanup)
+    /// whose VMM binary does not exist: for the model's own tests.
+    pub(super) fn test_supervisor(tag: &str) -> (Supervisor, PathBuf) {
+        let root = std::env::temp_dir().join(format!("emberd-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
         let store = Store::open(&root.join("state")).unwrap();
         let launcher = Launcher {

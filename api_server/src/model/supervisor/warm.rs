@@ -565,22 +565,7 @@ mod tests {
     use super::*;
 
     fn sup(tag: &str) -> (Supervisor, PathBuf) {
-        let root = std::env::temp_dir().join(format!("emberd-warm-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&root);
-        let store = Store::open(&root.join("state")).unwrap();
-        let launcher = Launcher {
-            vmm_bin: "/nonexistent/ember-vmm".into(),
-            jailer_bin: None,
-            chroot_base: root.join("jail"),
-            uid: 1,
-            gid: 1,
-            ids: 4,
-            libs: vec![],
-        };
-        (
-            Supervisor::new(store, launcher, Compilers::new()).unwrap(),
-            root,
-        )
+        super::super::tests::test_supervisor(&format!("warm-{tag}"))
     }
 
     fn image(base: &str, switch: Option<bool>) -> Image {
