@@ -972,6 +972,20 @@ impl Emberd {
         )
     }
 
+    /// UniK's `POST /instances/run` with `body` (as the unik CLI sends it
+    /// through curl here); asserts 201 and returns the instance's JSON.
+    pub fn run_instance(&self, body: &serde_json::Value) -> serde_json::Value {
+        let (c, v) = self.json(&[
+            "-X",
+            "POST",
+            "-d",
+            &body.to_string(),
+            "http://localhost/instances/run",
+        ]);
+        assert_eq!(c, 201, "run: {v}");
+        v
+    }
+
     /// One raw HTTP request (our own client, not curl).
     pub fn req(&self, method: &str, path: &str, body: Option<&str>) -> (u16, serde_json::Value) {
         let r = http(&self.sock, method, path, body);

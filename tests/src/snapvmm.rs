@@ -85,6 +85,23 @@ impl ApiVmm {
         r.json()
     }
 
+    /// Boots `kernel` with `boot_args` and `machine_config` the way
+    /// firecracker-go-sdk's `Machine.Start` does: `PUT /boot-source`,
+    /// `PUT /machine-config`, `PUT /actions {"action_type": "InstanceStart"}`.
+    pub fn boot(&self, kernel: &str, boot_args: &str, machine_config: serde_json::Value) {
+        self.ok(
+            "PUT",
+            "/boot-source",
+            serde_json::json!({"kernel_image_path": kernel, "boot_args": boot_args}),
+        );
+        self.ok("PUT", "/machine-config", machine_config);
+        self.ok(
+            "PUT",
+            "/actions",
+            serde_json::json!({"action_type": "InstanceStart"}),
+        );
+    }
+
     /// `Machine.PauseVM` / `Machine.ResumeVM`: `PATCH /vm {"state": ...}`.
     pub fn set_state(&self, state: &str) {
         self.ok("PATCH", "/vm", serde_json::json!({ "state": state }));

@@ -7,7 +7,6 @@ use std::path::Path;
 use std::process::Command;
 
 use ember_tests::*;
-use serde_json::Value;
 
 fn start() -> Emberd {
     Emberd::start("emberd", 10501, &[])
@@ -361,18 +360,6 @@ fn api_has_kernel(d: &Emberd) -> bool {
             .unwrap_or(false)
 }
 
-fn run_instance(d: &Emberd, body: Value) -> Value {
-    let (c, v) = d.json(&[
-        "-X",
-        "POST",
-        "-d",
-        &body.to_string(),
-        "http://localhost/instances/run",
-    ]);
-    assert_eq!(c, 201, "run: {v}");
-    v
-}
-
 fn instance_state(d: &Emberd, name: &str) -> String {
     d.json(&[&format!("http://localhost/instances/{name}")]).1["State"]
         .as_str()
@@ -405,9 +392,8 @@ fn hello_unikernel_compiles_runs_logs_and_is_cleaned_up() {
     let d = start();
     let img = d.c_image("hello", HELLO_C, &["args=one two"]);
     assert_eq!(img["RunSpec"]["Compiler"], "ember-c-ember");
-    let inst = run_instance(
-        &d,
-        serde_json::json!({"InstanceName": "hello-1", "ImageName": "hello",
+    let inst = d.run_instance(
+        &serde_json::json!({"InstanceName": "hello-1", "ImageName": "hello",
                            "Env": {"GREETING": "hi there"}, "MemoryMb": 32}),
     );
     assert_eq!(inst["Name"], "hello-1");
@@ -450,10 +436,7 @@ fn hello_unikernel_compiles_runs_logs_and_is_cleaned_up() {
 fn running_instance_survives_emberd_kill_9_and_stops_cleanly() {
     let mut d = start();
     d.c_image("idle", IDLE_C, &[]);
-    let inst = run_instance(
-        &d,
-        serde_json::json!({"InstanceName": "idle-1", "ImageName": "idle"}),
-    );
+    let inst = d.run_instance(&serde_json::json!({"InstanceName": "idle-1", "ImageName": "idle"}));
     let id = inst["Id"].as_str().unwrap().to_string();
     d.wait_logs("idle-1", "idle instance up");
     assert_eq!(instance_state(&d, "idle-1"), "running");
@@ -497,10 +480,7 @@ fn running_instance_survives_emberd_kill_9_and_stops_cleanly() {
 fn logs_follow_streams_and_delete_on_disconnect() {
     let d = start();
     d.c_image("idle", IDLE_C, &[]);
-    let inst = run_instance(
-        &d,
-        serde_json::json!({"InstanceName": "f1", "ImageName": "idle"}),
-    );
+    let inst = d.run_instance(&serde_json::json!({"InstanceName": "f1", "ImageName": "idle"}));
     let id = inst["Id"].as_str().unwrap().to_string();
     let mut s = UnixStream::connect(&d.sock).unwrap();
     s.set_read_timeout(Some(PATIENCE)).unwrap();
@@ -570,9 +550,7 @@ int main(void) {
         "http://localhost/instances/run",
     ]);
     assert_eq!(c, 400, "{v}");
-    run_instance(
-        &d,
-        serde_json::json!({"InstanceName": "r1", "ImageName": "reader", "Mounts": {"/data": "greet"}}),
+    d.run_instance(&serde_json::json!({"InstanceName": "r1", "ImageName": "reader", "Mounts": {"/data": "greet"}}),
     );
     let l = d.wait_logs("r1", "ember: exit");
     assert!(l.contains("volume says: hello from a tar volume"), "{l}");
@@ -845,9 +823,8 @@ fn linux_image_boots_where_kvm_runs_linux() {
         "http://localhost/images/lx/create",
     ]);
     assert_eq!(c, 201, "{v}");
-    run_instance(
-        &d,
-        serde_json::json!({"InstanceName": "lx-1", "ImageName": "lx", "MemoryMb": 256}),
+    d.run_instance(
+        &serde_json::json!({"InstanceName": "lx-1", "ImageName": "lx", "MemoryMb": 256}),
     );
     let l = d.wait_logs("lx-1", "linux init says hello");
     assert!(l.contains("argc=3"), "{l}");
@@ -968,10 +945,7 @@ fn a_static_vmm_enters_its_jail_alone_and_a_dynamic_one_brings_its_libraries() {
         let d = Emberd::start("emberd-linkage", 10501, &args);
         assert!(d.err().contains(linkage), "{}", d.err());
         d.c_image("idle", IDLE_C, &[]);
-        let inst = run_instance(
-            &d,
-            serde_json::json!({"InstanceName": "l1", "ImageName": "idle"}),
-        );
+        let inst = d.run_instance(&serde_json::json!({"InstanceName": "l1", "ImageName": "idle"}));
         d.wait_logs("l1", "idle instance up");
         let id = inst["Id"].as_str().unwrap();
         let entries = jail_root_entries(&d, id);

@@ -83,18 +83,6 @@ fn volume(d: &Emberd, name: &str, text: &str) {
     assert_eq!(c, 201, "{v}");
 }
 
-fn run(d: &Emberd, body: Value) -> Value {
-    let (c, v) = d.json(&[
-        "-X",
-        "POST",
-        "-d",
-        &body.to_string(),
-        "http://localhost/instances/run",
-    ]);
-    assert_eq!(c, 201, "run: {v}");
-    v
-}
-
 fn instance(d: &Emberd, name: &str) -> Value {
     d.json(&[&format!("http://localhost/instances/{name}")]).1
 }
@@ -145,9 +133,8 @@ fn a_broken_template_falls_back_to_a_cold_boot() {
     std::fs::write(tpl.join("snapshot.state"), b"EMBERSNP but not really").unwrap();
     std::fs::write(tpl.join("snapshot.mem"), vec![0u8; 4096]).unwrap();
     std::fs::write(tpl.join("ready"), b"1\n").unwrap();
-    let inst = run(
-        &d,
-        json!({"InstanceName": "i1", "ImageName": "warm", "MemoryMb": 32,
+    let inst = d.run_instance(
+        &json!({"InstanceName": "i1", "ImageName": "warm", "MemoryMb": 32,
                "Env": {"GREETING": "hello one"}, "Mounts": {"/data": "v1"}}),
     );
     let iid = inst["Id"].as_str().unwrap().to_string();
@@ -209,10 +196,7 @@ fn without_the_flag_nothing_is_pooled() {
     let d = Emberd::start("warm-off", 10640, &["--vmm-ids", "16"]);
     let img = d.c_image("plain", IDLE_C, &[]);
     assert_eq!(img["SnapshotStarts"], Value::Null);
-    run(
-        &d,
-        json!({"InstanceName": "p1", "ImageName": "plain", "MemoryMb": 32}),
-    );
+    d.run_instance(&json!({"InstanceName": "p1", "ImageName": "plain", "MemoryMb": 32}));
     d.wait_logs("p1", "idle instance up");
     assert_eq!(instance(&d, "p1")["StartedFrom"], "cold");
     assert!(pool_vmms(&d).is_empty());
@@ -284,9 +268,8 @@ fn restored_instances_read_their_own_env_args_and_volume() {
         volume(&d, v, &format!("volume {v}"));
     }
     // The first run boots cold and makes the template in the background.
-    run(
-        &d,
-        json!({"InstanceName": "first", "ImageName": "warm", "MemoryMb": 32,
+    d.run_instance(
+        &json!({"InstanceName": "first", "ImageName": "warm", "MemoryMb": 32,
                "Mounts": {"/data": "v0"}}),
     );
     d.wait_logs("first", "ember: exit 0");
@@ -307,9 +290,8 @@ fn restored_instances_read_their_own_env_args_and_volume() {
     wait_pool(&d, 2);
     let mut randoms = Vec::new();
     for (name, vol, greeting) in [("r1", "v1", "one"), ("r2", "v2", "two")] {
-        let inst = run(
-            &d,
-            json!({"InstanceName": name, "ImageName": "warm", "MemoryMb": 32,
+        let inst = d.run_instance(
+            &json!({"InstanceName": name, "ImageName": "warm", "MemoryMb": 32,
                    "Env": {"GREETING": greeting}, "Mounts": {"/data": vol}}),
         );
         assert_eq!(inst["StartedFrom"], "snapshot", "{inst}");
@@ -345,10 +327,7 @@ fn restored_instances_read_their_own_env_args_and_volume() {
     // restored machine, overrides applied).
     let idle = d.c_image("idler", IDLE_C, &[]);
     let idle_id = idle["Id"].as_str().unwrap().to_string();
-    run(
-        &d,
-        json!({"InstanceName": "idle0", "ImageName": "idler", "MemoryMb": 32}),
-    );
+    d.run_instance(&json!({"InstanceName": "idle0", "ImageName": "idler", "MemoryMb": 32}));
     d.wait_logs("idle0", "idle instance up");
     let tpl = d
         .dir
@@ -360,10 +339,8 @@ fn restored_instances_read_their_own_env_args_and_volume() {
     wait_pool(&d, 2);
     let mut cids = Vec::new();
     for name in ["idle1", "idle2"] {
-        let inst = run(
-            &d,
-            json!({"InstanceName": name, "ImageName": "idler", "MemoryMb": 32}),
-        );
+        let inst =
+            d.run_instance(&json!({"InstanceName": name, "ImageName": "idler", "MemoryMb": 32}));
         assert_eq!(inst["StartedFrom"], "snapshot", "{inst}");
         d.wait_logs(name, "restored from snapshot");
         let id = inst["Id"].as_str().unwrap();

@@ -29,22 +29,14 @@ fn ticker_snapshot(dir: &Path) -> String {
 }
 
 fn ticker_snapshot_with(dir: &Path, vcpus: u8) -> String {
-    let v = Vmm::start(dir, "src");
+    let mut v = Vmm::start(dir, "src");
     // firecracker-go-sdk: PUT /boot-source, /machine-config, /actions.
-    v.ok(
-        "PUT",
-        "/boot-source",
-        json!({"kernel_image_path": LINUX64_ELF, "boot_args": "ember.test=ticker"}),
-    );
-    v.ok(
-        "PUT",
-        "/machine-config",
+    v.boot(
+        LINUX64_ELF,
+        "ember.test=ticker",
         json!({"vcpu_count": vcpus, "mem_size_mib": 32}),
     );
-    v.ok("PUT", "/actions", json!({"action_type": "InstanceStart"}));
-    let Vmm { mut p, sock } = v;
-    p.expect_out("tick 3");
-    let v = Vmm { p, sock };
+    v.p.expect_out("tick 3");
     // A running VM cannot be snapshotted.
     let msg = v.fault(
         "PUT",
@@ -344,21 +336,13 @@ fn ticker_continues_in_another_jail() {
     a.place("/kernel.elf", Path::new(LINUX64_ELF));
     std::fs::create_dir_all(a.host("/snap")).unwrap();
     std::os::unix::fs::chown(a.host("/snap"), Some(JAIL_UID), Some(JAIL_GID)).unwrap();
-    let v = a.spawn(&[], logs.path());
-    v.ok(
-        "PUT",
-        "/boot-source",
-        json!({"kernel_image_path": "/kernel.elf", "boot_args": "ember.test=ticker"}),
-    );
-    v.ok(
-        "PUT",
-        "/machine-config",
+    let mut v = a.spawn(&[], logs.path());
+    v.boot(
+        "/kernel.elf",
+        "ember.test=ticker",
         json!({"vcpu_count": 1, "mem_size_mib": 32}),
     );
-    v.ok("PUT", "/actions", json!({"action_type": "InstanceStart"}));
-    let Vmm { mut p, sock } = v;
-    p.expect_out("tick 3");
-    let v = Vmm { p, sock };
+    v.p.expect_out("tick 3");
     v.ok("PATCH", "/vm", json!({"state": "Paused"}));
     v.ok(
         "PUT",
@@ -385,21 +369,13 @@ fn ticker_continues_in_another_jail() {
 #[test]
 fn ctrl_alt_del_reaches_a_restored_guest() {
     let dir = TempDir::new("snap-cad");
-    let v = Vmm::start(dir.path(), "src");
-    v.ok(
-        "PUT",
-        "/boot-source",
-        json!({"kernel_image_path": LINUX64_ELF, "boot_args": "ember.test=wait-ctrlaltdel"}),
-    );
-    v.ok(
-        "PUT",
-        "/machine-config",
+    let mut v = Vmm::start(dir.path(), "src");
+    v.boot(
+        LINUX64_ELF,
+        "ember.test=wait-ctrlaltdel",
         json!({"vcpu_count": 1, "mem_size_mib": 32}),
     );
-    v.ok("PUT", "/actions", json!({"action_type": "InstanceStart"}));
-    let Vmm { mut p, sock } = v;
-    p.expect_out("waiting for ctrl-alt-del");
-    let v = Vmm { p, sock };
+    v.p.expect_out("waiting for ctrl-alt-del");
     v.ok("PATCH", "/vm", json!({"state": "Paused"}));
     v.ok(
         "PUT",

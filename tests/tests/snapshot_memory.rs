@@ -65,17 +65,10 @@ impl Vmm {
     }
     /// Boots the mempattern guest (32 MiB, one vCPU).
     fn boot_mempattern(&self, track_dirty_pages: bool) {
-        self.put(
-            "/boot-source",
-            serde_json::json!({"kernel_image_path": LINUX64_ELF, "boot_args": "console=ttyS0 ember.test=mempattern"}),
-        );
-        self.put(
-            "/machine-config",
+        self.boot(
+            LINUX64_ELF,
+            "console=ttyS0 ember.test=mempattern",
             serde_json::json!({"vcpu_count": 1, "mem_size_mib": 32, "track_dirty_pages": track_dirty_pages}),
-        );
-        self.put(
-            "/actions",
-            serde_json::json!({"action_type": "InstanceStart"}),
         );
     }
     /// `(round, bad)` of every complete mempattern line so far.

@@ -7,8 +7,8 @@
 //! Devices then copy data with [`ParsedChain::read_at`] /
 //! [`ParsedChain::write_at`], which only touch the validated segments.
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use crate::GuestMemoryMmap;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 /// Descriptor flag: another descriptor follows.
 pub const VIRTQ_DESC_F_NEXT: u16 = 1;

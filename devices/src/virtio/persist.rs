@@ -699,17 +699,24 @@ mod tests {
         }
     }
 
+    /// A vsock device on `dir/a.sock` with CID `cid`, activated by a driver
+    /// on three queues in `m`.
+    fn active_vsock(dir: &TempDir, m: &GuestMemoryMmap, cid: u64) -> Vsock {
+        let qs: Vec<TestQueue> = (0..3)
+            .map(|i| TestQueue::new(m, 0x1000 + i * 0x4000, 16))
+            .collect();
+        let mut v = Vsock::new(vsock_cfg(dir, "a.sock", cid)).unwrap();
+        v.ack_features(v.avail_features());
+        v.activate(m.clone(), qs.iter().map(|q| q.queue_of_max(256)).collect())
+            .unwrap();
+        v
+    }
+
     #[test]
     fn a_restored_vsock_sends_exactly_one_transport_reset() {
         let dir = TempDir::new().unwrap();
         let m = mem(0x40000);
-        let qs: Vec<TestQueue> = (0..3)
-            .map(|i| TestQueue::new(&m, 0x1000 + i * 0x4000, 16))
-            .collect();
-        let mut v = Vsock::new(vsock_cfg(&dir, "a.sock", 3)).unwrap();
-        v.ack_features(v.avail_features());
-        v.activate(m.clone(), qs.iter().map(|q| q.queue_of_max(256)).collect())
-            .unwrap();
+        let v = active_vsock(&dir, &m, 3);
         let mut evq = TestQueue::new(&m, 0x9000, 16);
         // the driver posted two event buffers
         evq.add_chain(&[(EVQ_BUF, 4, true)]);
@@ -755,13 +762,7 @@ mod tests {
     fn a_vsock_reset_waits_for_an_event_buffer() {
         let dir = TempDir::new().unwrap();
         let m = mem(0x40000);
-        let qs: Vec<TestQueue> = (0..3)
-            .map(|i| TestQueue::new(&m, 0x1000 + i * 0x4000, 16))
-            .collect();
-        let mut v = Vsock::new(vsock_cfg(&dir, "a.sock", 9)).unwrap();
-        v.ack_features(v.avail_features());
-        v.activate(m.clone(), qs.iter().map(|q| q.queue_of_max(256)).collect())
-            .unwrap();
+        let v = active_vsock(&dir, &m, 9);
         let st = v.save();
         drop(v);
         let r = Vsock::restore(vsock_cfg(&dir, "a.sock", 9), &st, &m).unwrap();

@@ -1,11 +1,11 @@
 use super::*;
 use crate::virtio::test_utils::{mem, TestQueue};
+use crate::GuestMemoryMmap;
 use event_manager::{EventManager, SubscriberOps};
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use vm_memory::{Bytes, GuestAddress};
-use crate::GuestMemoryMmap;
 use vmm_sys_util::tempdir::TempDir;
 
 const CID: u64 = 52;
