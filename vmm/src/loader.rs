@@ -2,13 +2,13 @@
 
 use std::fs::File;
 
+use devices::GuestMemoryMmap;
 use linux_loader::bootparam::setup_header;
 use linux_loader::cmdline::Cmdline;
 use linux_loader::loader::bzimage::BzImage;
 use linux_loader::loader::elf::{Elf, PvhBootCapability};
 use linux_loader::loader::{self, KernelLoader};
 use vm_memory::{Address, GuestAddress};
-use devices::GuestMemoryMmap;
 
 use crate::arch::boot::{initrd_load_addr, InitrdInfo};
 use crate::arch::layout::{CMDLINE_MAX_SIZE, CMDLINE_START, HIMEM_START};

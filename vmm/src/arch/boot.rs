@@ -1,6 +1,7 @@
 //! Boot information handed to the guest: memory map, zero page (Linux boot
 //! protocol) and `hvm_start_info` (PVH).
 
+use devices::GuestMemoryMmap;
 use linux_loader::bootparam::{boot_e820_entry, boot_params, setup_header};
 use linux_loader::configurator::linux::LinuxBootConfigurator;
 use linux_loader::configurator::pvh::PvhBootConfigurator;
@@ -9,7 +10,6 @@ use linux_loader::loader::elf::start_info::{
     hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info,
 };
 use vm_memory::GuestAddress;
-use devices::GuestMemoryMmap;
 
 use super::layout::*;
 

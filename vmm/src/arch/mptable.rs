@@ -1,8 +1,8 @@
 //! Intel MultiProcessor Specification 1.4 tables: how guests find their CPUs,
 //! the IOAPIC and the ISA interrupt routing.
 
-use vm_memory::{Bytes, GuestAddress};
 use devices::GuestMemoryMmap;
+use vm_memory::{Bytes, GuestAddress};
 
 use super::layout::{APIC_DEFAULT_PHYS_BASE, IO_APIC_DEFAULT_PHYS_BASE, IRQ_MAX, MAX_VCPUS};
 

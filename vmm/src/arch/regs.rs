@@ -1,9 +1,9 @@
 //! Initial vCPU register state for each boot protocol.
 
+use devices::GuestMemoryMmap;
 use kvm_bindings::{kvm_fpu, kvm_regs, kvm_sregs};
 use kvm_ioctls::VcpuFd;
 use vm_memory::{Bytes, GuestAddress};
-use devices::GuestMemoryMmap;
 
 use super::gdt::{kvm_segment_from_gdt, long_mode_gdt, pvh_gdt};
 use super::layout::*;

@@ -14,6 +14,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+#[path = "../snapshot/extents.rs"]
+mod extents;
 #[path = "../snapshot/rebase.rs"]
 mod rebase;
 

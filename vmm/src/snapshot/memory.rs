@@ -150,24 +150,11 @@ const MADV_POPULATE_WRITE: libc::c_int = 23;
 /// the file's data pages are private copies from the start. Best effort: an
 /// older kernel or a failure leaves the pages to load on first touch.
 fn prefault(file: &File, offset: u64, host: *mut u8, len: usize) {
-    use std::os::fd::AsRawFd;
-    let fd = file.as_raw_fd();
-    let end = offset + len as u64;
-    let mut at = offset;
-    while at < end {
-        // SAFETY: lseek on an open descriptor; no memory is passed.
-        let data = unsafe { libc::lseek(fd, at as libc::off_t, libc::SEEK_DATA) };
-        if data < 0 || data as u64 >= end {
+    for extent in super::extents::data_extents(file, offset, offset + len as u64) {
+        let Ok((data, stop)) = extent else {
             return;
-        }
-        // SAFETY: as above.
-        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
-        let stop = if hole < 0 {
-            end
-        } else {
-            (hole as u64).min(end)
         };
-        let start = (data as u64 & !(PAGE as u64 - 1)).max(offset);
+        let start = (data & !(PAGE as u64 - 1)).max(offset);
         // SAFETY: [start, stop) lies inside this region's mapping of `len`
         // bytes at `host` (offsets relative to `offset`); populating only
         // faults pages in, it changes no contents.
@@ -181,7 +168,6 @@ fn prefault(file: &File, offset: u64, host: *mut u8, len: usize) {
         if r != 0 {
             return;
         }
-        at = stop;
     }
 }
 

@@ -11,6 +11,7 @@
 //!   use: a state file is hostile input.
 
 pub mod dirty;
+pub(crate) mod extents;
 pub mod format;
 pub mod memory;
 #[cfg(test)]

@@ -18,7 +18,6 @@
 //! tests, into the vmm library.
 
 use std::fs::{File, OpenOptions};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 
@@ -139,14 +138,8 @@ pub fn rebase_files(base: &File, diff: &File) -> Result<RebaseStats, RebaseError
     let size = dm.len();
     let mut stats = RebaseStats::default();
     let mut buf = vec![0u8; CHUNK];
-    let mut off = 0u64;
-    while off < size {
-        let Some(start) = seek(diff, off, libc::SEEK_DATA)? else {
-            break;
-        };
-        let end = seek(diff, start, libc::SEEK_HOLE)?
-            .unwrap_or(size)
-            .min(size);
+    for extent in super::extents::data_extents(diff, 0, size) {
+        let (start, end) = extent.map_err(|(offset, err)| RebaseError::Seek { offset, err })?;
         stats.extents += 1;
         let mut at = start;
         while at < end {
@@ -158,25 +151,10 @@ pub fn rebase_files(base: &File, diff: &File) -> Result<RebaseStats, RebaseError
             at += n as u64;
         }
         stats.bytes += end - start;
-        off = end;
     }
     base.sync_data()
         .map_err(|err| RebaseError::Copy { offset: size, err })?;
     Ok(stats)
-}
-
-/// `lseek(fd, off, whence)`; `None` when there is no more data (ENXIO).
-fn seek(f: &File, off: u64, whence: libc::c_int) -> Result<Option<u64>, RebaseError> {
-    // SAFETY: lseek on an owned descriptor; no memory is passed.
-    let r = unsafe { libc::lseek64(f.as_raw_fd(), off as libc::off64_t, whence) };
-    if r < 0 {
-        let err = std::io::Error::last_os_error();
-        if err.raw_os_error() == Some(libc::ENXIO) {
-            return Ok(None);
-        }
-        return Err(RebaseError::Seek { offset: off, err });
-    }
-    Ok(Some(r as u64))
 }
 
 #[cfg(test)]
